@@ -1,0 +1,291 @@
+/* bench_matmul.c - times kern_matmul on the matrix shapes of TinyLlama-1.1B (dim 2048, ffn 5632,
+ * 4 KV heads of 64, vocab 32000) for each weight type, token count, thread count and ISA, and
+ * prints GFLOP/s and weight bytes read per second. A benchmark, not a test.
+ *
+ *   bench_matmul [-t TYPE[,TYPE..]] [-n NTOK[,..]] [-j THREADS[,..]] [-i ISA[,..]] [-s SECONDS]
+ *                [-m] [-r]
+ *
+ * Each shape rotates over enough copies of its weights (>= 160 MB) that decode reads them from
+ * memory, as a real model does, not from the 32 MB L3. -m also runs one "model step": the 7
+ * matmuls of a layer on distinct weights for every layer of TinyLlama (22) plus the output
+ * matrix, and reports the matmul-only tokens per second (an upper bound for the engine).
+ * -r uses a single copy of each matrix (cache-resident where it fits: measures compute). */
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#include "core/fp16.h"
+#include "cpu/kernels.h"
+#include "forge_gguf.h"
+
+typedef struct shape {
+    const char *name;
+    int64_t n_out, n_in;
+} shape;
+
+static const shape SHAPES[] = {
+    {"attn_q/o 2048->2048", 2048, 2048}, {"attn_k/v 2048->256", 256, 2048},
+    {"ffn_gate/up 2048->5632", 5632, 2048}, {"ffn_down 5632->2048", 2048, 5632},
+    {"output 2048->32000", 32000, 2048},
+};
+
+static double now_s(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + ts.tv_nsec * 1e-9;
+}
+
+/* CPU time of the whole process: on a shared machine, wall time / (cpu time / threads) shows how
+ * much of the wall time other processes took. */
+static double cpu_s(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &ts);
+    return (double)ts.tv_sec + ts.tv_nsec * 1e-9;
+}
+
+static uint64_t rng = 0x1234567887654321ull;
+static float frand(void)
+{
+    rng ^= rng << 13;
+    rng ^= rng >> 7;
+    rng ^= rng << 17;
+    return (float)((rng >> 40) * (1.0 / 16777216.0)) * 2.0f - 1.0f;
+}
+
+static size_t row_bytes(int type, int64_t n)
+{
+    return ggml_row_size(type, n);
+}
+
+/* Fill one weight matrix of the given type with random values. */
+static void fill_weights(int type, uint8_t *w, int64_t n_out, int64_t n_in)
+{
+    float *row = malloc((size_t)n_in * sizeof *row);
+    size_t rb = row_bytes(type, n_in);
+    if (!row) exit(1);
+    for (int64_t o = 0; o < n_out; o++) {
+        uint8_t *dst = w + (size_t)o * rb;
+        for (int64_t i = 0; i < n_in; i++) row[i] = frand() * 0.05f;
+        switch (type) {
+        case GGML_TYPE_F32: memcpy(dst, row, rb); break;
+        case GGML_TYPE_F16:
+            for (int64_t i = 0; i < n_in; i++) {
+                uint16_t h = forge_f32_to_fp16(row[i]);
+                memcpy(dst + 2 * i, &h, 2);
+            }
+            break;
+        case GGML_TYPE_BF16:
+            for (int64_t i = 0; i < n_in; i++) {
+                uint16_t h = forge_f32_to_bf16(row[i]);
+                memcpy(dst + 2 * i, &h, 2);
+            }
+            break;
+        case GGML_TYPE_Q8_0: kern_quantize_row_q8_0(row, dst, n_in); break;
+        case GGML_TYPE_Q4_0: kern_quantize_row_q4_0(row, dst, n_in); break;
+        default: break;
+        }
+    }
+    free(row);
+}
+
+/* Up to 16 comma-separated values of a list argument. */
+static int parse_list(const char *s, const char *items[], int max)
+{
+    static char buf[1024];
+    int n = 0;
+    snprintf(buf, sizeof buf, "%s", s);
+    for (char *tok = strtok(buf, ","); tok && n < max; tok = strtok(NULL, ",")) items[n++] = tok;
+    return n;
+}
+
+int main(int argc, char **argv)
+{
+    int types[8] = {GGML_TYPE_Q4_0, GGML_TYPE_Q8_0, GGML_TYPE_F16, GGML_TYPE_BF16, GGML_TYPE_F32};
+    int n_types = 5;
+    int64_t ntoks[8] = {1, 64};
+    int n_ntok = 2;
+    int threads[8] = {1, 2};
+    int n_threads = 2;
+    kern_isa isas[4];
+    int n_isa = 0;
+    double seconds = 0.3;
+    int model = 0, resident = 0;
+    const char *items[16];
+
+    for (int i = KERN_ISA_SCALAR; i <= KERN_ISA_NEON; i++)
+        if (kern_set_isa((kern_isa)i, NULL) == FORGE_OK && i != KERN_ISA_SCALAR)
+            isas[n_isa++] = (kern_isa)i;
+    for (int i = 1; i < argc; i++) {
+        const char *v = i + 1 < argc ? argv[i + 1] : "";
+        if (strcmp(argv[i], "-t") == 0) {
+            int n = parse_list(v, items, 8);
+            n_types = 0;
+            for (int k = 0; k < n; k++) {
+                int t = ggml_type_from_name(items[k]);
+                if (t < 0 || !kern_matmul_supported(t)) {
+                    fprintf(stderr, "unknown or unsupported type %s\n", items[k]);
+                    return 2;
+                }
+                types[n_types++] = t;
+            }
+            i++;
+        } else if (strcmp(argv[i], "-n") == 0) {
+            n_ntok = parse_list(v, items, 8);
+            for (int k = 0; k < n_ntok; k++) ntoks[k] = atoll(items[k]);
+            i++;
+        } else if (strcmp(argv[i], "-j") == 0) {
+            n_threads = parse_list(v, items, 8);
+            for (int k = 0; k < n_threads; k++) threads[k] = atoi(items[k]);
+            i++;
+        } else if (strcmp(argv[i], "-i") == 0) {
+            int n = parse_list(v, items, 4);
+            n_isa = 0;
+            for (int k = 0; k < n; k++)
+                for (int j = KERN_ISA_SCALAR; j <= KERN_ISA_NEON; j++)
+                    if (strcmp(items[k], kern_isa_name((kern_isa)j)) == 0) {
+                        if (kern_set_isa((kern_isa)j, NULL) != FORGE_OK) {
+                            fprintf(stderr, "ISA %s not available\n", items[k]);
+                            return 2;
+                        }
+                        isas[n_isa++] = (kern_isa)j;
+                    }
+            i++;
+        } else if (strcmp(argv[i], "-s") == 0) {
+            seconds = atof(v);
+            i++;
+        } else if (strcmp(argv[i], "-m") == 0) {
+            model = 1;
+        } else if (strcmp(argv[i], "-r") == 0) {
+            resident = 1; /* one copy of the weights: cache-resident where they fit */
+        } else {
+            fprintf(stderr, "usage: %s [-t TYPES] [-n NTOKS] [-j THREADS] [-i ISAS] [-s SECONDS] [-m]\n",
+                    argv[0]);
+            return 2;
+        }
+    }
+    printf("physical cores %d, best ISA %s\n", kern_physical_cores(), kern_isa_name(kern_isa_best()));
+
+    int64_t max_tok = 1;
+    for (int k = 0; k < n_ntok; k++)
+        if (ntoks[k] > max_tok) max_tok = ntoks[k];
+    float *X = malloc((size_t)(max_tok * 5632) * sizeof *X);
+    float *Y = malloc((size_t)(max_tok * 32000) * sizeof *Y);
+    if (!X || !Y) return 1;
+    for (int64_t i = 0; i < max_tok * 5632; i++) X[i] = frand();
+
+    for (int ti = 0; ti < n_types; ti++) {
+        int type = types[ti];
+        for (size_t si = 0; si < sizeof SHAPES / sizeof SHAPES[0]; si++) {
+            const shape *sh = &SHAPES[si];
+            size_t mat_bytes = row_bytes(type, sh->n_in) * (size_t)sh->n_out;
+            int copies = resident ? 1 : (int)((160u << 20) / mat_bytes) + 1;
+            uint8_t *W = malloc(mat_bytes * (size_t)copies);
+            if (!W) return 1;
+            fill_weights(type, W, sh->n_out, sh->n_in);
+            for (int c = 1; c < copies; c++) memcpy(W + (size_t)c * mat_bytes, W, mat_bytes);
+            for (int ii = 0; ii < n_isa; ii++) {
+                kern_set_isa(isas[ii], NULL);
+                for (int ji = 0; ji < n_threads; ji++) {
+                    kern_pool *pool = NULL;
+                    if (kern_pool_create(threads[ji], &pool, NULL) != FORGE_OK) return 1;
+                    for (int ni = 0; ni < n_ntok; ni++) {
+                        int64_t nt = ntoks[ni];
+                        forge_err err = {0};
+                        int iters = 0, c = 0;
+                        /* warm up: page in every copy once */
+                        for (int k = 0; k < copies; k++)
+                            kern_matmul(pool, type, W + (size_t)k * mat_bytes, sh->n_out, sh->n_in, X,
+                                        1, Y, &err);
+                        double t0 = now_s(), t1, c0 = cpu_s();
+                        do {
+                            if (kern_matmul(pool, type, W + (size_t)c * mat_bytes, sh->n_out, sh->n_in,
+                                            X, nt, Y, &err) != FORGE_OK) {
+                                fprintf(stderr, "matmul: %s\n", err.msg);
+                                return 1;
+                            }
+                            c = (c + 1) % copies;
+                            iters++;
+                            t1 = now_s();
+                        } while (t1 - t0 < seconds);
+                        double per = (t1 - t0) / iters;
+                        double cpu_per = (cpu_s() - c0) / iters / threads[ji];
+                        double flops = 2.0 * (double)sh->n_out * (double)sh->n_in * (double)nt;
+                        printf("%-5s %-6s j%d n%-3lld %-24s %9.1f us %8.1f GFLOP/s %6.1f GB/s"
+                               "  (cpu/thread %7.1f us)\n",
+                               ggml_type_name(type), kern_isa_name(isas[ii]), threads[ji],
+                               (long long)nt, sh->name, per * 1e6, flops / per * 1e-9,
+                               (double)mat_bytes / per * 1e-9, cpu_per * 1e6);
+                        fflush(stdout);
+                    }
+                    kern_pool_free(pool);
+                }
+            }
+            free(W);
+        }
+    }
+
+    if (model) {
+        /* one TinyLlama step: 22 layers x (q, k, v, o, gate, up, down) + output, all distinct */
+        const int n_layer = 22;
+        const shape layer[7] = {{"q", 2048, 2048}, {"k", 256, 2048},  {"v", 256, 2048},
+                                {"o", 2048, 2048}, {"g", 5632, 2048}, {"u", 5632, 2048},
+                                {"d", 2048, 5632}};
+        for (int ti = 0; ti < n_types; ti++) {
+            int type = types[ti];
+            size_t layer_bytes = 0, off = 0;
+            for (int k = 0; k < 7; k++) layer_bytes += row_bytes(type, layer[k].n_in) * (size_t)layer[k].n_out;
+            size_t out_bytes = row_bytes(type, 2048) * 32000;
+            size_t total = layer_bytes * (size_t)n_layer + out_bytes;
+            uint8_t *W = malloc(total);
+            if (!W) {
+                fprintf(stderr, "model: cannot allocate %zu MB for %s\n", total >> 20,
+                        ggml_type_name(type));
+                continue;
+            }
+            for (int k = 0; k < 7; k++) {
+                fill_weights(type, W + off, layer[k].n_out, layer[k].n_in);
+                off += row_bytes(type, layer[k].n_in) * (size_t)layer[k].n_out;
+            }
+            for (int l = 1; l < n_layer; l++) memcpy(W + (size_t)l * layer_bytes, W, layer_bytes);
+            fill_weights(type, W + (size_t)n_layer * layer_bytes, 32000, 2048);
+            for (int ii = 0; ii < n_isa; ii++) {
+                kern_set_isa(isas[ii], NULL);
+                for (int ji = 0; ji < n_threads; ji++) {
+                    kern_pool *pool = NULL;
+                    if (kern_pool_create(threads[ji], &pool, NULL) != FORGE_OK) return 1;
+                    for (int ni = 0; ni < n_ntok; ni++) {
+                        int64_t nt = ntoks[ni];
+                        int steps = 0;
+                        double t0 = now_s(), t1;
+                        do {
+                            size_t p = 0;
+                            for (int l = 0; l < n_layer; l++)
+                                for (int k = 0; k < 7; k++) {
+                                    kern_matmul(pool, type, W + p, layer[k].n_out, layer[k].n_in, X, nt, Y,
+                                                NULL);
+                                    p += row_bytes(type, layer[k].n_in) * (size_t)layer[k].n_out;
+                                }
+                            /* llama.cpp computes the output row only for the last token */
+                            kern_matmul(pool, type, W + p, 32000, 2048, X, 1, Y, NULL);
+                            steps++;
+                            t1 = now_s();
+                        } while (t1 - t0 < seconds * 5 || steps < 2);
+                        double per = (t1 - t0) / steps;
+                        printf("model %-5s %-6s j%d n%-3lld  %8.2f ms/step  %7.1f tok/s  %6.1f GB/s\n",
+                               ggml_type_name(type), kern_isa_name(isas[ii]), threads[ji],
+                               (long long)nt, per * 1e3, (double)nt / per, (double)total / per * 1e-9);
+                        fflush(stdout);
+                    }
+                    kern_pool_free(pool);
+                }
+            }
+            free(W);
+        }
+    }
+    free(X);
+    free(Y);
+    return 0;
+}

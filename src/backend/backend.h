@@ -1,0 +1,111 @@
+/* backend.h - the compute backend interface the architectures are written against.
+ *
+ * A backend is a struct of function pointers behind an opaque handle. The forward pass of each
+ * architecture (src/model/arch_llama.c) calls only these ops, on buffers the backend owns
+ * (be_buf: activations, be_kv: the KV cache); it never touches activation memory itself, so the
+ * same code runs on the CPU backend (src/cpu/backend_cpu.c) and on a GPU backend.
+ *
+ * Conventions: activations are float32, row-major [n_tok][row_len]; every op returns FORGE_OK
+ * or a negative status with a message in err. Ops may run asynchronously on a device: only
+ * buf_read waits for results. Weights are be_weight views of tensors in the GGUF mapping; a
+ * backend may keep its own copy in `dev` (set by weight_prepare).
+ */
+#ifndef FORGE_BACKEND_H
+#define FORGE_BACKEND_H
+
+#include <stdbool.h>
+#include <stdint.h>
+
+#include "forge.h"
+
+typedef struct be_buf be_buf;   /* activation buffer of n floats, backend-owned */
+typedef struct be_kv be_kv;     /* KV cache of all layers, backend-owned */
+typedef struct backend backend; /* an instance; starts with `const be_ops *ops` */
+
+/* A weight tensor as stored in the file: ne0 = row length (inputs), ne1 = rows (outputs). */
+typedef struct be_weight {
+    const char *name; /* tensor name (owned by the GGUF ctx) */
+    int type;         /* ggml_type */
+    int64_t ne0, ne1;
+    uint64_t n_bytes;
+    const void *data; /* host view into the mapping */
+    void *dev;        /* backend's own copy, or NULL */
+} be_weight;
+
+typedef enum be_rope_mode {
+    BE_ROPE_NORM = 0, /* rotate adjacent pairs (x[2i], x[2i+1]) (llama) */
+    BE_ROPE_NEOX = 2  /* rotate halves (x[i], x[i + n_rot/2]) (qwen2, qwen3) */
+} be_rope_mode;
+
+typedef struct be_rope {
+    be_rope_mode mode;
+    int n_rot; /* rotated dims per head (<= head_dim), even */
+    float freq_base;
+    float freq_scale;              /* 1 / linear scaling factor */
+    const be_weight *freq_factors; /* rope_freqs.weight (F32, n_rot/2) or NULL (llama3) */
+} be_rope;
+
+typedef struct be_attn {
+    int layer;
+    int pos0; /* position of the first of the n_tok tokens */
+    int n_tok;
+    int n_head, n_head_kv, head_dim;
+    float scale; /* usually 1/sqrt(head_dim) */
+} be_attn;
+
+typedef struct be_ops {
+    const char *name;
+    void (*destroy)(backend *be);
+
+    int (*buf_create)(backend *be, int64_t n_floats, be_buf **out, forge_err *err);
+    void (*buf_free)(backend *be, be_buf *buf);
+    /* Copy n floats starting at float offset off of src to host memory (waits for the device). */
+    int (*buf_read)(backend *be, const be_buf *src, int64_t off, int64_t n, float *dst,
+                    forge_err *err);
+
+    /* Make a weight usable by the backend (upload to a device); CPU: nothing. */
+    int (*weight_prepare)(backend *be, be_weight *w, forge_err *err);
+
+    int (*kv_create)(backend *be, int n_layer, int n_ctx, int kv_dim, int kv_type, be_kv **out,
+                     forge_err *err);
+    void (*kv_free)(backend *be, be_kv *kv);
+
+    /* out[t] = row ids[t] of table (any supported type), converted to float. */
+    int (*get_rows)(backend *be, be_buf *out, const be_weight *table, const int32_t *ids, int n,
+                    forge_err *err);
+    /* out[r] = x[r] / rms(x[r]) * w for n_rows rows of dim floats (w: F32 [dim]). out may be x.
+     * With dim = head_dim and n_rows = n_tok * n_head it is the per-head Q/K norm. */
+    int (*rms_norm)(backend *be, be_buf *out, const be_buf *x, const be_weight *w, int64_t n_rows,
+                    int64_t dim, float eps, forge_err *err);
+    /* y[t] = W x[t] for n_tok rows; W of any supported type. */
+    int (*matmul)(backend *be, be_buf *y, const be_weight *w, const be_buf *x, int n_tok,
+                  forge_err *err);
+    /* y[t] += b for n_tok rows of b->ne0 floats (b: F32). */
+    int (*add_bias)(backend *be, be_buf *y, const be_weight *b, int n_tok, forge_err *err);
+    /* Rotary embedding in place, x = [n_tok][n_head][head_dim], token t at position pos0 + t. */
+    int (*rope)(backend *be, be_buf *x, int n_tok, int n_head, int head_dim, int pos0,
+                const be_rope *rope, forge_err *err);
+    /* Store k, v ([n_tok][n_head_kv*head_dim]) in the cache at pos0.., then causal attention of
+     * q ([n_tok][n_head*head_dim]) over positions 0..pos0+t; out like q. Softmax in float with
+     * max subtraction, GQA: query head h reads KV head h / (n_head / n_head_kv). */
+    int (*attention)(backend *be, be_buf *out, const be_buf *q, const be_buf *k, const be_buf *v,
+                     be_kv *kv, const be_attn *a, forge_err *err);
+    /* out[i] = silu(gate[i]) * up[i], silu(x) = x / (1 + exp(-x)). out may be gate. */
+    int (*swiglu)(backend *be, be_buf *out, const be_buf *gate, const be_buf *up, int64_t n,
+                  forge_err *err);
+    /* x[i] += y[i] */
+    int (*add)(backend *be, be_buf *x, const be_buf *y, int64_t n, forge_err *err);
+    /* dst[0 .. n_rows*row_len) = src rows src_row .. src_row+n_rows-1 */
+    int (*copy_rows)(backend *be, be_buf *dst, const be_buf *src, int64_t src_row, int64_t n_rows,
+                     int64_t row_len, forge_err *err);
+} be_ops;
+
+struct backend {
+    const be_ops *ops;
+};
+
+/* The CPU backend: n_threads >= 1 (a persistent pool). f32_math: multiply by F32 copies of the
+ * weight rows instead of ggml's mixed-precision kernels. Owned by the caller (ops->destroy). */
+int backend_cpu_create(int n_threads, bool f32_math, backend **out, forge_err *err);
+
+#endif /* FORGE_BACKEND_H */

@@ -1,0 +1,559 @@
+/* backend_cpu.c - the CPU implementation of the backend interface (src/backend/backend.h).
+ * Owns activation buffers (plain malloc'd floats), the KV cache (F32 or F16) and a persistent
+ * thread pool. Matmuls by weights go to kern_matmul (src/cpu/kernels.h); attention is threaded
+ * over (token, head) pairs. Numerics follow ggml's CPU backend so results track llama.cpp:
+ * RMSNorm sums squares in double, RoPE builds theta like ggml_rope_cache_init, softmax is in
+ * float with max subtraction and a double sum, and with an F16 cache the query and the softmax
+ * probabilities are rounded to fp16 before their dot products (ggml converts src1 to the F16
+ * vec_dot type). This file must not know about model architectures. */
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "backend/backend.h"
+#include "core/fp16.h"
+#include "core/util.h"
+#include "cpu/kernels.h"
+
+struct be_buf {
+    float *data;
+    int64_t n;
+};
+
+struct be_kv {
+    int n_layer, n_ctx, kv_dim, type; /* type: FORGE_KV_F32 / FORGE_KV_F16 */
+    void *k, *v;                      /* [n_layer][n_ctx][kv_dim] */
+};
+
+typedef struct cpu_backend {
+    backend base;
+    kern_pool *pool;
+    int n_threads;
+    bool f32_math;
+    float *scratch; /* per-thread scratch for attention / f32 matmul */
+    size_t scratch_per_thread;
+    float *xround; /* activations rounded to the weight's type (fallback matmul) */
+    size_t xround_n;
+} cpu_backend;
+
+/* Below this many multiply-adds an op runs on the calling thread: waking the pool costs more. */
+#define CPU_MIN_PARALLEL_WORK (1 << 16)
+
+static cpu_backend *cpu(backend *be)
+{
+    return (cpu_backend *)be;
+}
+
+/* Grow the per-thread scratch to at least n floats per thread. */
+static int scratch_reserve(cpu_backend *c, size_t n, forge_err *err)
+{
+    if (n <= c->scratch_per_thread) return FORGE_OK;
+    float *p = realloc(c->scratch, n * (size_t)c->n_threads * sizeof(float));
+    if (!p) return forge_err_set(err, FORGE_E_NOMEM, "cpu backend: out of memory for scratch");
+    c->scratch = p;
+    c->scratch_per_thread = n;
+    return FORGE_OK;
+}
+
+static int check_buf(const be_buf *b, int64_t need, const char *what, forge_err *err)
+{
+    if (!b || need < 0 || b->n < need)
+        return forge_err_set(err, FORGE_E_INTERNAL,
+                             "cpu backend: %s buffer holds %lld floats, op needs %lld", what,
+                             b ? (long long)b->n : -1LL, (long long)need);
+    return FORGE_OK;
+}
+
+/* ---- buffers ---------------------------------------------------------------------------- */
+
+static int cpu_buf_create(backend *be, int64_t n, be_buf **out, forge_err *err)
+{
+    (void)be;
+    *out = NULL;
+    be_buf *b = calloc(1, sizeof *b);
+    if (!b || n < 0) goto nomem;
+    b->data = calloc((size_t)(n > 0 ? n : 1), sizeof(float));
+    if (!b->data) goto nomem;
+    b->n = n;
+    *out = b;
+    return FORGE_OK;
+nomem:
+    free(b);
+    return forge_err_set(err, FORGE_E_NOMEM, "cpu backend: cannot allocate %lld floats",
+                         (long long)n);
+}
+
+static void cpu_buf_free(backend *be, be_buf *b)
+{
+    (void)be;
+    if (!b) return;
+    free(b->data);
+    free(b);
+}
+
+static int cpu_buf_read(backend *be, const be_buf *src, int64_t off, int64_t n, float *dst,
+                        forge_err *err)
+{
+    (void)be;
+    if (off < 0 || check_buf(src, off + n, "read", err)) return FORGE_E_INTERNAL;
+    memcpy(dst, src->data + off, (size_t)n * sizeof(float));
+    return FORGE_OK;
+}
+
+static int cpu_weight_prepare(backend *be, be_weight *w, forge_err *err)
+{
+    (void)be;
+    (void)w;
+    (void)err;
+    return FORGE_OK;
+}
+
+/* ---- KV cache --------------------------------------------------------------------------- */
+
+static int cpu_kv_create(backend *be, int n_layer, int n_ctx, int kv_dim, int kv_type, be_kv **out,
+                         forge_err *err)
+{
+    (void)be;
+    *out = NULL;
+    size_t elt = kv_type == FORGE_KV_F16 ? 2 : 4;
+    uint64_t n;
+    if (kv_type != FORGE_KV_F32 && kv_type != FORGE_KV_F16)
+        return forge_err_set(err, FORGE_E_INVALID, "KV cache type %d is not f32 (0) or f16 (1)",
+                             kv_type);
+    if (n_layer <= 0 || n_ctx <= 0 || kv_dim <= 0 ||
+        !forge_mul_u64((uint64_t)n_layer * (uint64_t)n_ctx, (uint64_t)kv_dim * elt, &n) ||
+        n > SIZE_MAX)
+        return forge_err_set(err, FORGE_E_INVALID,
+                             "KV cache of %d layers x %d positions x %d is too large", n_layer,
+                             n_ctx, kv_dim);
+    be_kv *kv = calloc(1, sizeof *kv);
+    if (!kv) goto nomem;
+    kv->n_layer = n_layer;
+    kv->n_ctx = n_ctx;
+    kv->kv_dim = kv_dim;
+    kv->type = kv_type;
+    kv->k = calloc(1, (size_t)n);
+    kv->v = calloc(1, (size_t)n);
+    if (!kv->k || !kv->v) goto nomem;
+    *out = kv;
+    return FORGE_OK;
+nomem:
+    if (kv) {
+        free(kv->k);
+        free(kv->v);
+        free(kv);
+    }
+    return forge_err_set(err, FORGE_E_NOMEM, "cannot allocate a KV cache of 2 x %llu bytes",
+                         (unsigned long long)n);
+}
+
+static void cpu_kv_free(backend *be, be_kv *kv)
+{
+    (void)be;
+    if (!kv) return;
+    free(kv->k);
+    free(kv->v);
+    free(kv);
+}
+
+/* ---- elementwise ops -------------------------------------------------------------------- */
+
+static int cpu_get_rows(backend *be, be_buf *out, const be_weight *table, const int32_t *ids, int n,
+                        forge_err *err)
+{
+    (void)be;
+    size_t row_bytes = ggml_row_size(table->type, table->ne0);
+    if (check_buf(out, (int64_t)n * table->ne0, "get_rows", err)) return FORGE_E_INTERNAL;
+    for (int t = 0; t < n; t++) {
+        if (ids[t] < 0 || ids[t] >= table->ne1)
+            return forge_err_set(err, FORGE_E_RANGE, "token id %d is outside %s (%lld rows)",
+                                 ids[t], table->name, (long long)table->ne1);
+        const uint8_t *row = (const uint8_t *)table->data + (size_t)ids[t] * row_bytes;
+        int rc = forge_dequantize(table->type, row, out->data + (int64_t)t * table->ne0, table->ne0,
+                                  err);
+        if (rc) return rc;
+    }
+    return FORGE_OK;
+}
+
+static int cpu_rms_norm(backend *be, be_buf *out, const be_buf *x, const be_weight *w,
+                        int64_t n_rows, int64_t dim, float eps, forge_err *err)
+{
+    (void)be;
+    if (check_buf(x, n_rows * dim, "rms_norm in", err) ||
+        check_buf(out, n_rows * dim, "rms_norm out", err))
+        return FORGE_E_INTERNAL;
+    if (w->type != GGML_TYPE_F32 || w->ne0 != dim)
+        return forge_err_set(err, FORGE_E_INTERNAL, "rms_norm: weight %s is not F32[%lld]", w->name,
+                             (long long)dim);
+    const float *wd = w->data;
+    for (int64_t r = 0; r < n_rows; r++) {
+        const float *xr = x->data + r * dim;
+        float *yr = out->data + r * dim;
+        double sum = 0.0;
+        for (int64_t i = 0; i < dim; i++)
+            sum += (double)(xr[i] * xr[i]);
+        double mean = sum / (double)dim;
+        const float scale = 1.0f / sqrtf((float)(mean + (double)eps));
+        for (int64_t i = 0; i < dim; i++)
+            yr[i] = xr[i] * scale;
+        for (int64_t i = 0; i < dim; i++)
+            yr[i] = yr[i] * wd[i];
+    }
+    return FORGE_OK;
+}
+
+static int cpu_add_bias(backend *be, be_buf *y, const be_weight *b, int n_tok, forge_err *err)
+{
+    (void)be;
+    int64_t dim = b->ne0;
+    if (b->type != GGML_TYPE_F32)
+        return forge_err_set(err, FORGE_E_INTERNAL, "add_bias: %s is not F32", b->name);
+    if (check_buf(y, n_tok * dim, "add_bias", err)) return FORGE_E_INTERNAL;
+    const float *bd = b->data;
+    for (int t = 0; t < n_tok; t++)
+        for (int64_t i = 0; i < dim; i++)
+            y->data[t * dim + i] += bd[i];
+    return FORGE_OK;
+}
+
+static int cpu_swiglu(backend *be, be_buf *out, const be_buf *gate, const be_buf *up, int64_t n,
+                      forge_err *err)
+{
+    (void)be;
+    if (check_buf(out, n, "swiglu", err) || check_buf(gate, n, "swiglu", err) ||
+        check_buf(up, n, "swiglu", err))
+        return FORGE_E_INTERNAL;
+    for (int64_t i = 0; i < n; i++) {
+        float g = gate->data[i];
+        out->data[i] = g / (1.0f + expf(-g)) * up->data[i];
+    }
+    return FORGE_OK;
+}
+
+static int cpu_add(backend *be, be_buf *x, const be_buf *y, int64_t n, forge_err *err)
+{
+    (void)be;
+    if (check_buf(x, n, "add", err) || check_buf(y, n, "add", err)) return FORGE_E_INTERNAL;
+    for (int64_t i = 0; i < n; i++)
+        x->data[i] = y->data[i] + x->data[i];
+    return FORGE_OK;
+}
+
+static int cpu_copy_rows(backend *be, be_buf *dst, const be_buf *src, int64_t src_row,
+                         int64_t n_rows, int64_t row_len, forge_err *err)
+{
+    (void)be;
+    if (check_buf(src, (src_row + n_rows) * row_len, "copy_rows src", err) ||
+        check_buf(dst, n_rows * row_len, "copy_rows dst", err))
+        return FORGE_E_INTERNAL;
+    memmove(dst->data, src->data + src_row * row_len, (size_t)(n_rows * row_len) * sizeof(float));
+    return FORGE_OK;
+}
+
+/* ---- RoPE ------------------------------------------------------------------------------- */
+
+static int cpu_rope(backend *be, be_buf *x, int n_tok, int n_head, int head_dim, int pos0,
+                    const be_rope *rp, forge_err *err)
+{
+    cpu_backend *c = cpu(be);
+    int n_rot = rp->n_rot;
+    if (check_buf(x, (int64_t)n_tok * n_head * head_dim, "rope", err)) return FORGE_E_INTERNAL;
+    if (n_rot <= 0 || n_rot > head_dim || n_rot % 2)
+        return forge_err_set(err, FORGE_E_INTERNAL, "rope: n_rot %d with head_dim %d", n_rot,
+                             head_dim);
+    if (scratch_reserve(c, (size_t)n_rot, err)) return FORGE_E_NOMEM;
+    const float *ff = rp->freq_factors ? rp->freq_factors->data : NULL;
+    float *cache = c->scratch; /* cos, sin pairs for one position */
+    const float theta_scale = powf(rp->freq_base, -2.0f / (float)n_rot);
+    for (int t = 0; t < n_tok; t++) {
+        float theta = (float)(pos0 + t);
+        for (int i0 = 0; i0 < n_rot; i0 += 2) {
+            float f = ff ? ff[i0 / 2] : 1.0f;
+            float th = rp->freq_scale * (theta / f);
+            cache[i0] = cosf(th);
+            cache[i0 + 1] = sinf(th);
+            theta *= theta_scale;
+        }
+        for (int h = 0; h < n_head; h++) {
+            float *v = x->data + ((int64_t)t * n_head + h) * head_dim;
+            for (int i0 = 0; i0 < n_rot; i0 += 2) {
+                int a = rp->mode == BE_ROPE_NEOX ? i0 / 2 : i0;
+                int b = rp->mode == BE_ROPE_NEOX ? i0 / 2 + n_rot / 2 : i0 + 1;
+                float x0 = v[a], x1 = v[b], cs = cache[i0], sn = cache[i0 + 1];
+                v[a] = x0 * cs - x1 * sn;
+                v[b] = x0 * sn + x1 * cs;
+            }
+        }
+    }
+    return FORGE_OK;
+}
+
+/* ---- attention -------------------------------------------------------------------------- */
+
+struct attn_job {
+    cpu_backend *c;
+    float *out;
+    const float *q;
+    const be_kv *kv;
+    const be_attn *a;
+};
+
+/* Dot product of a cached row (F32 or F16) with a float vector; four partial sums, as SIMD
+ * code would keep them. */
+static float dot_row(const void *row, bool f16, const float *x, int n)
+{
+    float s0 = 0.0f, s1 = 0.0f, s2 = 0.0f, s3 = 0.0f;
+    int i = 0;
+    if (f16) {
+        const uint16_t *h = row;
+        for (; i + 4 <= n; i += 4) {
+            s0 += forge_fp16_to_f32(h[i]) * x[i];
+            s1 += forge_fp16_to_f32(h[i + 1]) * x[i + 1];
+            s2 += forge_fp16_to_f32(h[i + 2]) * x[i + 2];
+            s3 += forge_fp16_to_f32(h[i + 3]) * x[i + 3];
+        }
+        for (; i < n; i++)
+            s0 += forge_fp16_to_f32(h[i]) * x[i];
+    } else {
+        const float *f = row;
+        for (; i + 4 <= n; i += 4) {
+            s0 += f[i] * x[i];
+            s1 += f[i + 1] * x[i + 1];
+            s2 += f[i + 2] * x[i + 2];
+            s3 += f[i + 3] * x[i + 3];
+        }
+        for (; i < n; i++)
+            s0 += f[i] * x[i];
+    }
+    return (s0 + s1) + (s2 + s3);
+}
+
+/* y += w * row (F32 or F16) */
+static void axpy_row(float *y, float w, const void *row, bool f16, int n)
+{
+    if (f16) {
+        const uint16_t *h = row;
+        for (int i = 0; i < n; i++)
+            y[i] += w * forge_fp16_to_f32(h[i]);
+    } else {
+        const float *f = row;
+        for (int i = 0; i < n; i++)
+            y[i] += w * f[i];
+    }
+}
+
+static void attn_worker(void *arg, int ith, int nth)
+{
+    struct attn_job *j = arg;
+    const be_attn *a = j->a;
+    const be_kv *kv = j->kv;
+    const int hd = a->head_dim, kv_dim = kv->kv_dim, gqa = a->n_head / a->n_head_kv;
+    const bool f16 = kv->type == FORGE_KV_F16;
+    const size_t elt = f16 ? 2 : 4;
+    const int64_t items = (int64_t)a->n_tok * a->n_head;
+    const int64_t per = (items + nth - 1) / nth;
+    const int64_t i_start = per * ith, i_end = i_start + per < items ? i_start + per : items;
+    float *scores = j->c->scratch + (size_t)ith * j->c->scratch_per_thread;
+    float *qh16 = scores + kv->n_ctx;
+    const uint8_t *kbase = (const uint8_t *)kv->k + (size_t)a->layer * kv->n_ctx * kv_dim * elt;
+    const uint8_t *vbase = (const uint8_t *)kv->v + (size_t)a->layer * kv->n_ctx * kv_dim * elt;
+
+    for (int64_t it = i_start; it < i_end; it++) {
+        int t = (int)(it / a->n_head), h = (int)(it % a->n_head);
+        int kvh = h / gqa;
+        int n_kv = a->pos0 + t + 1;
+        const float *qh = j->q + ((int64_t)t * a->n_head + h) * hd;
+        const size_t head_off = (size_t)kvh * hd * elt, row_bytes = (size_t)kv_dim * elt;
+        if (f16) { /* ggml rounds the query to the cache's vec_dot type */
+            for (int d = 0; d < hd; d++)
+                qh16[d] = forge_fp16_to_f32(forge_f32_to_fp16(qh[d]));
+            qh = qh16;
+        }
+        float max = -INFINITY;
+        for (int p = 0; p < n_kv; p++) {
+            float s = dot_row(kbase + (size_t)p * row_bytes + head_off, f16, qh, hd) * a->scale;
+            scores[p] = s;
+            if (s > max) max = s;
+        }
+        double sum = 0.0;
+        for (int p = 0; p < n_kv; p++) {
+            float e = expf(scores[p] - max);
+            sum += (double)e;
+            scores[p] = e;
+        }
+        const float inv = (float)(1.0 / sum);
+        for (int p = 0; p < n_kv; p++) {
+            scores[p] *= inv;
+            if (f16) scores[p] = forge_fp16_to_f32(forge_f32_to_fp16(scores[p]));
+        }
+        float *o = j->out + ((int64_t)t * a->n_head + h) * hd;
+        memset(o, 0, (size_t)hd * sizeof *o);
+        for (int p = 0; p < n_kv; p++)
+            axpy_row(o, scores[p], vbase + (size_t)p * row_bytes + head_off, f16, hd);
+    }
+}
+
+static int cpu_attention(backend *be, be_buf *out, const be_buf *q, const be_buf *k,
+                         const be_buf *v, be_kv *kv, const be_attn *a, forge_err *err)
+{
+    cpu_backend *c = cpu(be);
+    const int hd = a->head_dim, kv_dim = a->n_head_kv * a->head_dim;
+    const int64_t q_n = (int64_t)a->n_tok * a->n_head * hd;
+    if (check_buf(q, q_n, "attention q", err) || check_buf(out, q_n, "attention out", err) ||
+        check_buf(k, (int64_t)a->n_tok * kv_dim, "attention k", err) ||
+        check_buf(v, (int64_t)a->n_tok * kv_dim, "attention v", err))
+        return FORGE_E_INTERNAL;
+    if (kv_dim != kv->kv_dim || a->layer < 0 || a->layer >= kv->n_layer || a->pos0 < 0 ||
+        a->pos0 + a->n_tok > kv->n_ctx || a->n_head_kv <= 0 || a->n_head % a->n_head_kv)
+        return forge_err_set(err, FORGE_E_INTERNAL,
+                             "attention: layer %d pos %d+%d does not fit the cache", a->layer,
+                             a->pos0, a->n_tok);
+    /* store K and V */
+    size_t base = ((size_t)a->layer * kv->n_ctx + (size_t)a->pos0) * kv_dim;
+    int64_t n = (int64_t)a->n_tok * kv_dim;
+    if (kv->type == FORGE_KV_F16) {
+        uint16_t *kd = (uint16_t *)kv->k + base, *vd = (uint16_t *)kv->v + base;
+        for (int64_t i = 0; i < n; i++) {
+            kd[i] = forge_f32_to_fp16(k->data[i]);
+            vd[i] = forge_f32_to_fp16(v->data[i]);
+        }
+    } else {
+        memcpy((float *)kv->k + base, k->data, (size_t)n * sizeof(float));
+        memcpy((float *)kv->v + base, v->data, (size_t)n * sizeof(float));
+    }
+    if (scratch_reserve(c, (size_t)kv->n_ctx + (size_t)hd, err)) return FORGE_E_NOMEM;
+    struct attn_job job = {c, out->data, q->data, kv, a};
+    int64_t work = (int64_t)a->n_tok * a->n_head * (a->pos0 + a->n_tok) * hd * 2;
+    kern_pool_run(work < CPU_MIN_PARALLEL_WORK ? NULL : c->pool, attn_worker, &job);
+    return FORGE_OK;
+}
+
+/* ---- matmul ----------------------------------------------------------------------------- */
+
+struct f32mm_job {
+    cpu_backend *c;
+    const be_weight *w;
+    const float *x;
+    float *y;
+    int n_tok;
+    int rc;
+};
+
+/* f32_math: each output row of W is converted to float and dotted with every token in double.
+ * Slow; used to check arithmetic against float32/float64 references. */
+static void f32mm_worker(void *arg, int ith, int nth)
+{
+    struct f32mm_job *j = arg;
+    const be_weight *w = j->w;
+    const int64_t per = (w->ne1 + nth - 1) / nth;
+    const int64_t r0 = per * ith, r1 = r0 + per < w->ne1 ? r0 + per : w->ne1;
+    const size_t row_bytes = ggml_row_size(w->type, w->ne0);
+    float *row = j->c->scratch + (size_t)ith * j->c->scratch_per_thread;
+    for (int64_t r = r0; r < r1; r++) {
+        if (forge_dequantize(w->type, (const uint8_t *)w->data + (size_t)r * row_bytes, row, w->ne0,
+                             NULL)) {
+            j->rc = FORGE_E_UNSUPPORTED;
+            return;
+        }
+        for (int t = 0; t < j->n_tok; t++) {
+            const float *xt = j->x + (int64_t)t * w->ne0;
+            double s = 0.0;
+            for (int64_t i = 0; i < w->ne0; i++)
+                s += (double)row[i] * (double)xt[i];
+            j->y[(int64_t)t * w->ne1 + r] = (float)s;
+        }
+    }
+}
+
+/* kern_matmul takes rows whose length is a multiple of 32; other rows (stories260K's
+ * ffn_down has 172) and f32_math go through f32mm_worker. Without f32_math the activations are
+ * first rounded like ggml does for F16/BF16 weights, so the numerics stay those of ggml. */
+static int cpu_matmul(backend *be, be_buf *y, const be_weight *w, const be_buf *x, int n_tok,
+                      forge_err *err)
+{
+    cpu_backend *c = cpu(be);
+    if (check_buf(x, (int64_t)n_tok * w->ne0, "matmul x", err) ||
+        check_buf(y, (int64_t)n_tok * w->ne1, "matmul y", err))
+        return FORGE_E_INTERNAL;
+    if (!c->f32_math && w->ne0 % 32 == 0)
+        return kern_matmul(w->ne0 * w->ne1 * n_tok < CPU_MIN_PARALLEL_WORK ? NULL : c->pool,
+                           w->type, w->data, w->ne1, w->ne0, x->data, n_tok, y->data, err);
+    if (scratch_reserve(c, (size_t)w->ne0, err)) return FORGE_E_NOMEM;
+    const float *xs = x->data;
+    if (!c->f32_math && (w->type == GGML_TYPE_F16 || w->type == GGML_TYPE_BF16)) {
+        size_t n = (size_t)n_tok * (size_t)w->ne0;
+        if (n > c->xround_n) {
+            float *p = realloc(c->xround, n * sizeof(float));
+            if (!p) return forge_err_set(err, FORGE_E_NOMEM, "cpu backend: out of memory");
+            c->xround = p;
+            c->xround_n = n;
+        }
+        for (size_t i = 0; i < n; i++)
+            c->xround[i] = w->type == GGML_TYPE_F16 ? forge_fp16_to_f32(forge_f32_to_fp16(xs[i]))
+                                                    : forge_bf16_to_f32(forge_f32_to_bf16(xs[i]));
+        xs = c->xround;
+    } else if (!c->f32_math && w->type != GGML_TYPE_F32) {
+        return forge_err_set(err, FORGE_E_UNSUPPORTED,
+                             "matmul: %s has type %s and rows of %lld (not a multiple of 32)",
+                             w->name, ggml_type_name(w->type), (long long)w->ne0);
+    }
+    struct f32mm_job job = {c, w, xs, y->data, n_tok, FORGE_OK};
+    kern_pool_run(c->pool, f32mm_worker, &job);
+    if (job.rc)
+        return forge_err_set(err, job.rc, "matmul: cannot convert %s (type %s) to float", w->name,
+                             ggml_type_name(w->type));
+    return FORGE_OK;
+}
+
+/* ---- lifetime --------------------------------------------------------------------------- */
+
+static void cpu_destroy(backend *be)
+{
+    cpu_backend *c = cpu(be);
+    if (!c) return;
+    kern_pool_free(c->pool);
+    free(c->scratch);
+    free(c->xround);
+    free(c);
+}
+
+static const be_ops cpu_ops = {
+    .name = "CPU",
+    .destroy = cpu_destroy,
+    .buf_create = cpu_buf_create,
+    .buf_free = cpu_buf_free,
+    .buf_read = cpu_buf_read,
+    .weight_prepare = cpu_weight_prepare,
+    .kv_create = cpu_kv_create,
+    .kv_free = cpu_kv_free,
+    .get_rows = cpu_get_rows,
+    .rms_norm = cpu_rms_norm,
+    .matmul = cpu_matmul,
+    .add_bias = cpu_add_bias,
+    .rope = cpu_rope,
+    .attention = cpu_attention,
+    .swiglu = cpu_swiglu,
+    .add = cpu_add,
+    .copy_rows = cpu_copy_rows,
+};
+
+int backend_cpu_create(int n_threads, bool f32_math, backend **out, forge_err *err)
+{
+    *out = NULL;
+    if (n_threads < 1)
+        return forge_err_set(err, FORGE_E_INVALID, "cpu backend: %d threads (need >= 1)",
+                             n_threads);
+    cpu_backend *c = calloc(1, sizeof *c);
+    if (!c) return forge_err_set(err, FORGE_E_NOMEM, "cpu backend: out of memory");
+    c->base.ops = &cpu_ops;
+    c->n_threads = n_threads;
+    c->f32_math = f32_math;
+    int rc = kern_pool_create(n_threads, &c->pool, err);
+    if (rc) {
+        free(c);
+        return rc;
+    }
+    *out = &c->base;
+    return FORGE_OK;
+}

@@ -1,0 +1,101 @@
+/* kern_impl.h - internals shared by the files of the CPU kernel module (pool.c, cpu_features.c,
+ * quantize.c, matmul*.c): the per-ISA kernel tables and the pool's scratch buffer. Not part of
+ * any public API; only src/cpu/ includes it. */
+#ifndef FORGE_CPU_KERN_IMPL_H
+#define FORGE_CPU_KERN_IMPL_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "cpu/kernels.h"
+
+/* One matmul call, as the row kernels see it. Xc holds the activations converted to the weight
+ * type's dot-product type (Q8_0 blocks, F16 or BF16), one row of xc_row_bytes per token; for F32
+ * weights Xc is NULL and X is used directly. */
+typedef struct kern_mm_args {
+    const uint8_t *W;
+    size_t w_row_bytes;
+    int64_t n_out, n_in, n_tok;
+    const float *X;
+    const uint8_t *Xc;
+    size_t xc_row_bytes;
+    float *Y;
+} kern_mm_args;
+
+/* Compute Y[t][o] for every token t and rows o in [r0, r1). work: this thread's scratch of
+ * work_bytes_per_32 * n_in / 32 bytes (64-byte aligned), if the kernel asked for any. */
+typedef void (*kern_mm_fn)(const kern_mm_args *a, int64_t r0, int64_t r1, void *work);
+/* Convert one activation row of n floats (n a multiple of 32) to the dot-product type. */
+typedef void (*kern_cvt_fn)(const float *x, void *dst, int64_t n);
+
+typedef struct kern_mm_kernel {
+    kern_mm_fn mm;   /* NULL: this ISA has no kernel for the type */
+    kern_cvt_fn cvt; /* NULL for F32 weights */
+    size_t xc_row_bytes_per_32; /* bytes of converted activations per 32 inputs */
+    size_t work_bytes_per_32;   /* per-thread scratch per 32 inputs (0: none) */
+} kern_mm_kernel;
+
+/* Per-ISA lookup; returns a kernel with mm == NULL if the type is not handled. */
+kern_mm_kernel kern_mm_lookup_scalar(int wtype);
+kern_mm_kernel kern_mm_lookup_avx2(int wtype);
+kern_mm_kernel kern_mm_lookup_avx512(int wtype);
+kern_mm_kernel kern_mm_lookup_neon(int wtype);
+
+/* Whether the build has kernels for an ISA at all (x86 files compile to stubs elsewhere). */
+int kern_build_has_isa(kern_isa isa);
+
+/* Converted activations, one row per token (n = n_in, nb = n / 32). Layouts are private to this
+ * module and chosen for the SIMD kernels:
+ *   for Q8_0 / Q4_0 weights (40 bytes per 32 inputs):
+ *     int8_t  qs[n]      values quantized as ggml's CPU backend quantizes activations to Q8_0
+ *     float   d[nb]      block scales, already rounded through fp16 (as ggml stores them)
+ *     int32_t ncorr[nb]  -C * (sum of the block's qs), C = 8 for Q4_0 weights (the SIMD kernels
+ *                        use nibbles unsigned, value + 8) and C = 128 for Q8_0 weights (they use
+ *                        w ^ 0x80 = w + 128 as the unsigned operand of u8 x s8 dot products)
+ *   for F16 weights: float[n], each value rounded to fp16 (128 bytes per 32)
+ *   for BF16 weights: uint16_t bf16[n] (64 bytes per 32)
+ * The scalar converters below are the reference; the SIMD converters must match bit for bit. */
+#define KERN_XQ_BYTES_PER_32 40
+void kern_cvt_q8_for_q4_0_scalar(const float *x, void *dst, int64_t n);
+void kern_cvt_q8_for_q8_0_scalar(const float *x, void *dst, int64_t n);
+void kern_cvt_f16_scalar(const float *x, void *dst, int64_t n);
+void kern_cvt_bf16_scalar(const float *x, void *dst, int64_t n);
+
+/* Pointers into a Q8 activation row of n inputs. */
+static inline const float *kern_xq_d(const uint8_t *row, int64_t n)
+{
+    return (const float *)(const void *)(row + n);
+}
+static inline const int32_t *kern_xq_ncorr(const uint8_t *row, int64_t n)
+{
+    return (const int32_t *)(const void *)(row + n + n / 8);
+}
+
+
+/* CPU sub-features that the AVX-512 kernels use when present. */
+int kern_cpu_has_avx512vnni(void);
+int kern_cpu_has_avx512bf16(void);
+int kern_cpu_has_avx512vbmi(void);
+int kern_cpu_has_gfni(void);
+
+/* The pool's scratch buffer, at least `bytes` long and 64-byte aligned; NULL if allocation fails.
+ * Valid until the next call or kern_pool_free. pool must not be NULL. */
+void *kern_pool_scratch(kern_pool *pool, size_t bytes);
+
+/* Block layouts, as stored in GGUF files. */
+#define KERN_QK 32
+#define KERN_Q8_0_BYTES 34 /* fp16 d, 32 x int8 */
+#define KERN_Q4_0_BYTES 18 /* fp16 d, 16 bytes of nibbles */
+
+static inline uint16_t kern_load_u16(const uint8_t *p)
+{
+    return (uint16_t)(p[0] | (p[1] << 8));
+}
+
+static inline void kern_store_u16(uint8_t *p, uint16_t v)
+{
+    p[0] = (uint8_t)(v & 0xff);
+    p[1] = (uint8_t)(v >> 8);
+}
+
+#endif /* FORGE_CPU_KERN_IMPL_H */

@@ -1,0 +1,62 @@
+/* kernels.h - CPU compute kernels: the thread pool and matrix multiplication by a weight of any
+ * supported type. Each kernel has a scalar reference (the specification) and SIMD variants
+ * (AVX2, AVX-512 incl. VNNI/BF16, NEON) chosen at run time; tests compare them by NMSE.
+ * This module knows nothing about models; the CPU backend (src/cpu/backend_cpu.c) uses it. */
+#ifndef FORGE_CPU_KERNELS_H
+#define FORGE_CPU_KERNELS_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#include "forge.h"
+
+/* ---- thread pool: created once, threads sleep between jobs ------------------------------- */
+typedef struct kern_pool kern_pool;
+
+/* n_threads >= 1 (the calling thread counts as one). Owned by the caller. */
+int kern_pool_create(int n_threads, kern_pool **out, forge_err *err);
+void kern_pool_free(kern_pool *pool);
+int kern_pool_size(const kern_pool *pool);
+/* Run fn(arg, ith, nth) for ith = 0..nth-1, one call per pool thread (the caller runs ith 0),
+ * and return when every call has returned. pool may be NULL: fn(arg, 0, 1). Not reentrant. */
+void kern_pool_run(kern_pool *pool, void (*fn)(void *arg, int ith, int nth), void *arg);
+/* Number of physical cores (default for -t). */
+int kern_physical_cores(void);
+
+/* ---- instruction-set selection --------------------------------------------------------- */
+typedef enum kern_isa {
+    KERN_ISA_SCALAR = 0,
+    KERN_ISA_AVX2 = 1,   /* AVX2 + FMA + F16C */
+    KERN_ISA_AVX512 = 2, /* AVX-512 F/BW/VL (+VNNI, +BF16 where present) */
+    KERN_ISA_NEON = 3
+} kern_isa;
+
+kern_isa kern_isa_best(void);          /* the best this CPU supports */
+kern_isa kern_isa_current(void);       /* the one in use (default: best) */
+/* Select an ISA (tests use it to compare against scalar). FORGE_E_UNSUPPORTED if the CPU or the
+ * build lacks it. Process-wide; not to be changed while kernels run. */
+int kern_set_isa(kern_isa isa, forge_err *err);
+const char *kern_isa_name(kern_isa isa);
+
+/* ---- matrix multiplication ------------------------------------------------------------- */
+/* True when kern_matmul handles weights of this type (F32, F16, BF16, Q8_0, Q4_0 for now). */
+bool kern_matmul_supported(int wtype);
+
+/* Y[t * n_out + o] = sum_i W[o][i] * X[t * n_in + i]   for t < n_tok, o < n_out.
+ * W: n_out rows of n_in elements of type wtype, rows contiguous (ggml_row_size bytes each), as
+ * stored in a GGUF file. n_in must be a multiple of the type's block size.
+ * Numerics follow ggml's CPU backend, so results track llama.cpp: for Q8_0/Q4_0 weights the
+ * activations are first quantized to Q8_0 blocks and each block's dot product is an integer
+ * sum; for F16 weights activations are rounded to F16; for BF16 to BF16; F32 is plain float.
+ * Work is split over the pool's threads by output rows. The pool owns a scratch buffer, so calls
+ * on one pool must not overlap. */
+int kern_matmul(kern_pool *pool, int wtype, const void *W, int64_t n_out, int64_t n_in,
+                const float *X, int64_t n_tok, float *Y, forge_err *err);
+
+/* Reference quantizers (ggml's reference rounding), used by `forge synth` and the tests:
+ * n a multiple of 32. */
+void kern_quantize_row_q8_0(const float *x, void *dst, int64_t n);
+void kern_quantize_row_q4_0(const float *x, void *dst, int64_t n);
+
+#endif /* FORGE_CPU_KERNELS_H */

@@ -1,0 +1,287 @@
+/* matmul.c - kern_matmul: argument checks, activation conversion, the split of output rows over
+ * the pool's threads, dispatch to the selected ISA's row kernels, and the scalar row kernels
+ * (the specification every SIMD kernel is tested against). Per-ISA kernels live in
+ * matmul_avx2.c, matmul_avx512.c and matmul_neon.c. */
+#include <stdlib.h>
+#include <string.h>
+
+#include "core/fp16.h"
+#include "core/util.h"
+#include "cpu/kern_impl.h"
+
+bool kern_matmul_supported(int wtype)
+{
+    switch (wtype) {
+    case GGML_TYPE_F32:
+    case GGML_TYPE_F16:
+    case GGML_TYPE_BF16:
+    case GGML_TYPE_Q8_0:
+    case GGML_TYPE_Q4_0: return true;
+    default: return false;
+    }
+}
+
+/* Bytes of a weight row, computed here so the kernels do not depend on the GGUF module. */
+static size_t weight_row_bytes(int wtype, int64_t n_in)
+{
+    switch (wtype) {
+    case GGML_TYPE_F32: return (size_t)n_in * 4;
+    case GGML_TYPE_F16:
+    case GGML_TYPE_BF16: return (size_t)n_in * 2;
+    case GGML_TYPE_Q8_0: return (size_t)(n_in / KERN_QK) * KERN_Q8_0_BYTES;
+    case GGML_TYPE_Q4_0: return (size_t)(n_in / KERN_QK) * KERN_Q4_0_BYTES;
+    default: return 0;
+    }
+}
+
+/* ---- scalar row kernels ---------------------------------------------------------------- */
+
+static void mm_f32_scalar(const kern_mm_args *a, int64_t r0, int64_t r1, void *work)
+{
+    for (int64_t t = 0; t < a->n_tok; t++) {
+        const float *x = a->X + t * a->n_in;
+        for (int64_t o = r0; o < r1; o++) {
+            const uint8_t *w = a->W + (size_t)o * a->w_row_bytes;
+            float sum = 0.0f;
+            for (int64_t i = 0; i < a->n_in; i++) {
+                float wi;
+                memcpy(&wi, w + 4 * i, 4); /* W may be unaligned */
+                sum += wi * x[i];
+            }
+            a->Y[t * a->n_out + o] = sum;
+        }
+    }
+}
+
+static void mm_f16_scalar(const kern_mm_args *a, int64_t r0, int64_t r1, void *work)
+{
+    for (int64_t t = 0; t < a->n_tok; t++) {
+        const float *x = (const float *)(const void *)(a->Xc + (size_t)t * a->xc_row_bytes);
+        for (int64_t o = r0; o < r1; o++) {
+            const uint8_t *w = a->W + (size_t)o * a->w_row_bytes;
+            float sum = 0.0f;
+            for (int64_t i = 0; i < a->n_in; i++)
+                sum += forge_fp16_to_f32(kern_load_u16(w + 2 * i)) * x[i];
+            a->Y[t * a->n_out + o] = sum;
+        }
+    }
+}
+
+static void mm_bf16_scalar(const kern_mm_args *a, int64_t r0, int64_t r1, void *work)
+{
+    for (int64_t t = 0; t < a->n_tok; t++) {
+        const uint8_t *x = a->Xc + (size_t)t * a->xc_row_bytes;
+        for (int64_t o = r0; o < r1; o++) {
+            const uint8_t *w = a->W + (size_t)o * a->w_row_bytes;
+            float sum = 0.0f;
+            for (int64_t i = 0; i < a->n_in; i++)
+                sum += forge_bf16_to_f32(kern_load_u16(w + 2 * i)) *
+                       forge_bf16_to_f32(kern_load_u16(x + 2 * i));
+            a->Y[t * a->n_out + o] = sum;
+        }
+    }
+}
+
+/* Each block: an exact integer dot product, scaled by d_w * d_x and summed in float, as ggml. */
+static void mm_q8_0_scalar(const kern_mm_args *a, int64_t r0, int64_t r1, void *work)
+{
+    int64_t nb = a->n_in / KERN_QK;
+    for (int64_t t = 0; t < a->n_tok; t++) {
+        const uint8_t *xrow = a->Xc + (size_t)t * a->xc_row_bytes;
+        const int8_t *xq = (const int8_t *)xrow;
+        const float *xd = kern_xq_d(xrow, a->n_in);
+        for (int64_t o = r0; o < r1; o++) {
+            const uint8_t *w = a->W + (size_t)o * a->w_row_bytes;
+            float sum = 0.0f;
+            for (int64_t b = 0; b < nb; b++) {
+                const uint8_t *wb = w + b * KERN_Q8_0_BYTES;
+                int sumi = 0;
+                for (int j = 0; j < KERN_QK; j++) sumi += (int8_t)wb[2 + j] * xq[b * KERN_QK + j];
+                sum += (float)sumi * (forge_fp16_to_f32(kern_load_u16(wb)) * xd[b]);
+            }
+            a->Y[t * a->n_out + o] = sum;
+        }
+    }
+}
+
+static void mm_q4_0_scalar(const kern_mm_args *a, int64_t r0, int64_t r1, void *work)
+{
+    int64_t nb = a->n_in / KERN_QK;
+    for (int64_t t = 0; t < a->n_tok; t++) {
+        const uint8_t *xrow = a->Xc + (size_t)t * a->xc_row_bytes;
+        const int8_t *xq = (const int8_t *)xrow;
+        const float *xd = kern_xq_d(xrow, a->n_in);
+        for (int64_t o = r0; o < r1; o++) {
+            const uint8_t *w = a->W + (size_t)o * a->w_row_bytes;
+            float sum = 0.0f;
+            for (int64_t b = 0; b < nb; b++) {
+                const uint8_t *wb = w + b * KERN_Q4_0_BYTES;
+                const int8_t *xb = xq + b * KERN_QK;
+                int sumi = 0;
+                for (int j = 0; j < KERN_QK / 2; j++) {
+                    sumi += ((wb[2 + j] & 0x0f) - 8) * xb[j];
+                    sumi += ((wb[2 + j] >> 4) - 8) * xb[j + KERN_QK / 2];
+                }
+                sum += (float)sumi * (forge_fp16_to_f32(kern_load_u16(wb)) * xd[b]);
+            }
+            a->Y[t * a->n_out + o] = sum;
+        }
+    }
+}
+
+kern_mm_kernel kern_mm_lookup_scalar(int wtype)
+{
+    kern_mm_kernel k = {0};
+    switch (wtype) {
+    case GGML_TYPE_F32: k.mm = mm_f32_scalar; break;
+    case GGML_TYPE_F16:
+        k.mm = mm_f16_scalar;
+        k.cvt = kern_cvt_f16_scalar;
+        k.xc_row_bytes_per_32 = 128;
+        break;
+    case GGML_TYPE_BF16:
+        k.mm = mm_bf16_scalar;
+        k.cvt = kern_cvt_bf16_scalar;
+        k.xc_row_bytes_per_32 = 64;
+        break;
+    case GGML_TYPE_Q8_0:
+        k.mm = mm_q8_0_scalar;
+        k.cvt = kern_cvt_q8_for_q8_0_scalar;
+        k.xc_row_bytes_per_32 = KERN_XQ_BYTES_PER_32;
+        break;
+    case GGML_TYPE_Q4_0:
+        k.mm = mm_q4_0_scalar;
+        k.cvt = kern_cvt_q8_for_q4_0_scalar;
+        k.xc_row_bytes_per_32 = KERN_XQ_BYTES_PER_32;
+        break;
+    default: break;
+    }
+    return k;
+}
+
+/* ---- dispatch ---------------------------------------------------------------------------- */
+
+int kern_build_has_isa(kern_isa isa)
+{
+    switch (isa) {
+    case KERN_ISA_SCALAR: return 1;
+    case KERN_ISA_AVX2: return kern_mm_lookup_avx2(GGML_TYPE_F32).mm != NULL;
+    case KERN_ISA_AVX512: return kern_mm_lookup_avx512(GGML_TYPE_F32).mm != NULL;
+    case KERN_ISA_NEON: return kern_mm_lookup_neon(GGML_TYPE_F32).mm != NULL;
+    }
+    return 0;
+}
+
+/* The kernel for a type on an ISA, falling back to a lesser ISA where a type has no kernel. */
+static kern_mm_kernel lookup_kernel(kern_isa isa, int wtype)
+{
+    kern_mm_kernel k = {0};
+    if (isa == KERN_ISA_AVX512) k = kern_mm_lookup_avx512(wtype);
+    if (!k.mm && (isa == KERN_ISA_AVX512 || isa == KERN_ISA_AVX2)) k = kern_mm_lookup_avx2(wtype);
+    if (!k.mm && isa == KERN_ISA_NEON) k = kern_mm_lookup_neon(wtype);
+    if (!k.mm) k = kern_mm_lookup_scalar(wtype);
+    return k;
+}
+
+typedef struct mm_job {
+    kern_mm_args args;
+    kern_mm_kernel kernel;
+    uint8_t *xc;   /* converted activations being written */
+    uint8_t *work; /* per-thread kernel scratch, work_stride bytes each */
+    size_t work_stride;
+} mm_job;
+
+/* Rows are split in contiguous chunks, a multiple of 16 rows each so that register tiles and
+ * cache lines of Y stay within one thread. */
+static void split_rows(int64_t n, int ith, int nth, int64_t *r0, int64_t *r1)
+{
+    int64_t chunk = (n + nth - 1) / nth;
+    chunk = (chunk + 15) & ~(int64_t)15;
+    *r0 = chunk * ith < n ? chunk * ith : n;
+    *r1 = *r0 + chunk < n ? *r0 + chunk : n;
+}
+
+static void convert_task(void *p, int ith, int nth)
+{
+    mm_job *job = p;
+    const kern_mm_args *a = &job->args;
+    int64_t per = (a->n_tok + nth - 1) / nth;
+    for (int64_t t = per * ith; t < a->n_tok && t < per * (ith + 1); t++)
+        job->kernel.cvt(a->X + t * a->n_in, job->xc + (size_t)t * a->xc_row_bytes, a->n_in);
+}
+
+static void matmul_task(void *p, int ith, int nth)
+{
+    mm_job *job = p;
+    int64_t r0, r1;
+    split_rows(job->args.n_out, ith, nth, &r0, &r1);
+    if (r0 < r1)
+        job->kernel.mm(&job->args, r0, r1, job->work ? job->work + (size_t)ith * job->work_stride : NULL);
+}
+
+int kern_matmul(kern_pool *pool, int wtype, const void *W, int64_t n_out, int64_t n_in,
+                const float *X, int64_t n_tok, float *Y, forge_err *err)
+{
+    mm_job job;
+    uint8_t *own_scratch = NULL;
+    int rc = FORGE_OK;
+
+    if (!kern_matmul_supported(wtype))
+        return forge_err_set(err, FORGE_E_UNSUPPORTED, "matmul: weight type %s (%d) is not supported",
+                             ggml_type_name(wtype), wtype);
+    if (n_out < 0 || n_tok < 0 || n_in <= 0 || n_in % KERN_QK != 0 || n_in > ((int64_t)1 << 40))
+        return forge_err_set(err, FORGE_E_INVALID,
+                             "matmul: bad shape n_out %lld n_in %lld n_tok %lld (n_in must be a "
+                             "positive multiple of 32)",
+                             (long long)n_out, (long long)n_in, (long long)n_tok);
+    if (n_out == 0 || n_tok == 0) return FORGE_OK;
+    if (!W || !X || !Y) return forge_err_set(err, FORGE_E_INVALID, "matmul: NULL pointer argument");
+
+    memset(&job, 0, sizeof job);
+    job.kernel = lookup_kernel(kern_isa_current(), wtype);
+    job.args.W = W;
+    job.args.w_row_bytes = weight_row_bytes(wtype, n_in);
+    job.args.n_out = n_out;
+    job.args.n_in = n_in;
+    job.args.n_tok = n_tok;
+    job.args.X = X;
+    job.args.Y = Y;
+    /* scratch: converted activations, then one kernel work area per thread */
+    uint64_t xc_bytes = 0, work_bytes = 0, total;
+    int nth = kern_pool_size(pool);
+    if (job.kernel.cvt) job.args.xc_row_bytes = (size_t)(n_in / KERN_QK) * job.kernel.xc_row_bytes_per_32;
+    job.work_stride = ((size_t)(n_in / KERN_QK) * job.kernel.work_bytes_per_32 + 63) & ~(size_t)63;
+    if (!forge_mul_u64((uint64_t)n_tok, job.args.xc_row_bytes, &xc_bytes) ||
+        !forge_mul_u64((uint64_t)nth, job.work_stride, &work_bytes) ||
+        !forge_add_u64((xc_bytes + 63) & ~(uint64_t)63, work_bytes, &total) || total > SIZE_MAX / 2)
+        return forge_err_set(err, FORGE_E_INVALID, "matmul: %lld tokens x %lld inputs overflow",
+                             (long long)n_tok, (long long)n_in);
+    if (total > 0) {
+        uint8_t *scratch;
+        if (pool) {
+            scratch = kern_pool_scratch(pool, (size_t)total);
+        } else {
+            own_scratch = aligned_alloc(64, ((size_t)total + 63) & ~(size_t)63);
+            scratch = own_scratch;
+        }
+        if (!scratch) {
+            rc = forge_err_set(err, FORGE_E_NOMEM, "matmul: out of memory for %llu bytes of scratch",
+                               (unsigned long long)total);
+            goto done;
+        }
+        job.xc = scratch;
+        if (job.work_stride) job.work = scratch + ((xc_bytes + 63) & ~(uint64_t)63);
+    }
+    if (job.kernel.cvt) {
+        /* one token is converted faster than threads are woken */
+        if (n_tok == 1)
+            convert_task(&job, 0, 1);
+        else
+            kern_pool_run(pool, convert_task, &job);
+        job.args.Xc = job.xc;
+    }
+    kern_pool_run(pool, matmul_task, &job);
+done:
+    free(own_scratch);
+    return rc;
+}

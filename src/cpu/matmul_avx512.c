@@ -1,0 +1,664 @@
+/* matmul_avx512.c - AVX-512 row kernels for kern_matmul (x86-64 only; compiled with target
+ * attributes so the build needs no -march flag; used only when cpu_features.c finds the CPU
+ * support). Integer kernels need VNNI, VBMI and GFNI, the BF16 kernel AVX512_BF16; without them the
+ * lookup returns no kernel and matmul.c falls back to the AVX2 kernels.
+ *
+ * Q8_0/Q4_0, one token (decode, memory-bound): four weight rows at a time, two blocks per
+ * 512-bit step; the weight bytes are the unsigned operand of vpdpbusd (Q4_0 nibbles as 0..15,
+ * Q8_0 as w ^ 0x80 = w + 128) and the activation row's ncorr (-8 or -128 times the block sum)
+ * seeds the integer sum, so each block's sum is ggml's exact integer dot product; it is then
+ * scaled by d_w * d_x and accumulated in float.
+ * Q8_0/Q4_0, several tokens (prompt, compute-bound): 16 rows are repacked per call into a
+ * per-thread buffer with row r in 32-bit lane r (4 bytes of the block per lane per vector), so
+ * that one vpdpbusd with a broadcast of 4 activation bytes advances 16 rows of one token; a
+ * register tile of 16 rows x 8 tokens reuses each repacked vector 8 times.
+ * F32/F16/BF16: register tiles of 4 rows x 6 tokens, f32 accumulation (BF16 by vdpbf16ps, as
+ * ggml does on such CPUs). */
+#include <string.h>
+
+#include "core/fp16.h"
+#include "cpu/kern_impl.h"
+
+#if defined(__x86_64__)
+#include <immintrin.h>
+
+#define TGT_F __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")))
+#define TGT_I                                                                                  \
+    __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,avx512vbmi,gfni,avx2,"  \
+                          "fma,f16c")))
+#define TGT_BF __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,avx2,fma,f16c")))
+#define INLINE static inline __attribute__((always_inline))
+
+/* ---- activation converter (bit-identical to kern_cvt_q8_for_*_scalar) ------------------- */
+
+TGT_F static void cvt_q8_avx512(const float *x, void *dst, int64_t n, int32_t corr_mul)
+{
+    uint8_t *qs = dst;
+    float *dv = (float *)(void *)(qs + n);
+    int32_t *ncorr = (int32_t *)(void *)(qs + n + n / 8);
+    const __m512 sign = _mm512_set1_ps(-0.0f);
+    for (int64_t b = 0; b < n / KERN_QK; b++, x += KERN_QK) {
+        __m512 v0 = _mm512_loadu_ps(x), v1 = _mm512_loadu_ps(x + 16);
+        __m512 a = _mm512_max_ps(_mm512_andnot_ps(sign, v0), _mm512_andnot_ps(sign, v1));
+        float amax = _mm512_reduce_max_ps(a);
+        float d = amax / 127.0f;
+        float id = amax != 0.0f ? 127.0f / amax : 0.0f;
+        __m512 m = _mm512_set1_ps(id);
+        /* cvtps rounds to nearest even under the default MXCSR, like nearbyintf */
+        __m512i i0 = _mm512_cvtps_epi32(_mm512_mul_ps(v0, m));
+        __m512i i1 = _mm512_cvtps_epi32(_mm512_mul_ps(v1, m));
+        _mm_storeu_si128((__m128i *)(void *)(qs + b * KERN_QK), _mm512_cvtepi32_epi8(i0));
+        _mm_storeu_si128((__m128i *)(void *)(qs + b * KERN_QK + 16), _mm512_cvtepi32_epi8(i1));
+        int32_t sum = _mm512_reduce_add_epi32(_mm512_add_epi32(i0, i1));
+        dv[b] = _cvtsh_ss(_cvtss_sh(d, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+        ncorr[b] = -corr_mul * sum;
+    }
+}
+
+static void cvt_q8_for_q4_0_avx512(const float *x, void *dst, int64_t n)
+{
+    cvt_q8_avx512(x, dst, n, 8);
+}
+
+static void cvt_q8_for_q8_0_avx512(const float *x, void *dst, int64_t n)
+{
+    cvt_q8_avx512(x, dst, n, 128);
+}
+
+TGT_F static void cvt_f16_avx512(const float *x, void *dst, int64_t n)
+{
+    float *y = dst;
+    for (int64_t i = 0; i < n; i += 16) {
+        __m256i h = _mm512_cvtps_ph(_mm512_loadu_ps(x + i), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+        _mm512_storeu_ps(y + i, _mm512_cvtph_ps(h));
+    }
+}
+
+TGT_BF static void cvt_bf16_avx512(const float *x, void *dst, int64_t n)
+{
+    uint8_t *y = dst;
+    for (int64_t i = 0; i < n; i += 32) {
+        /* cvtne2ps2bf16 rounds to nearest even; NaNs stay NaNs (quiet), like forge_f32_to_bf16 */
+        __m512bh h = _mm512_cvtne2ps_pbh(_mm512_loadu_ps(x + i + 16), _mm512_loadu_ps(x + i));
+        _mm512_storeu_si512((void *)(y + 2 * i), (__m512i)h);
+    }
+}
+
+/* ---- Q8_0 / Q4_0: one token ------------------------------------------------------------ */
+
+/* Constants of the two-block step, built once per call. */
+typedef struct q_consts {
+    __m512i nib_idx;   /* Q4_0: bytes 2..17 twice, then 20..35 twice */
+    __m512i nib_gf;    /* Q4_0: GF(2) bit matrices taking the low nibble (qwords 0, 1, 4, 5) or
+                        * the high nibble (qwords 2, 3, 6, 7) of each byte */
+    __m512i q8_idx;    /* Q8_0: bytes 2..33 of the first load, 32..63 of the second */
+    __m512i d4_idx;    /* words 0 and 9 (Q4_0 block scales), 8 times each */
+    __m512i d8_idx;    /* words 0 and 17 (Q8_0 block scales), 8 times each */
+    __m512i x80;
+} q_consts;
+
+TGT_I static q_consts make_q_consts(void)
+{
+    q_consts c;
+    uint8_t nib[64], q8[64];
+    uint16_t d4[32], d8[32];
+    /* gf2p8affineqb: result bit i of a byte = parity(matrix byte 7-i AND source byte) */
+    const long long lo_nib = 0x0102040800000000LL, hi_nib = 0x1020408000000000LL;
+    for (int i = 0; i < 64; i++) {
+        nib[i] = (uint8_t)(i < 32 ? 2 + (i & 15) : 20 + (i & 15));
+        q8[i] = (uint8_t)(i < 32 ? 2 + i : 64 + i); /* second source: index 64 + byte */
+    }
+    for (int i = 0; i < 32; i++) {
+        d4[i] = (uint16_t)(i < 8 ? 0 : i < 16 ? 9 : 0);
+        d8[i] = (uint16_t)(i < 8 ? 0 : i < 16 ? 17 : 0);
+    }
+    c.nib_idx = _mm512_loadu_si512(nib);
+    c.q8_idx = _mm512_loadu_si512(q8);
+    c.nib_gf = _mm512_set_epi64(hi_nib, hi_nib, lo_nib, lo_nib, hi_nib, hi_nib, lo_nib, lo_nib);
+    c.d4_idx = _mm512_loadu_si512(d4);
+    c.d8_idx = _mm512_loadu_si512(d8);
+    c.x80 = _mm512_set1_epi8((char)0x80);
+    return c;
+}
+
+/* Activation side of two blocks (or one, nblk == 1): values, scales, integer correction. */
+typedef struct q_xstep {
+    __m512i xv;
+    __m512 xs;
+    __m512i nc;
+} q_xstep;
+
+TGT_I INLINE q_xstep load_xstep(const int8_t *xq, const float *xd, const int32_t *nc, int64_t b,
+                                int nblk)
+{
+    q_xstep s;
+    const __m512i lane_blk = _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0);
+    if (nblk == 2) {
+        s.xv = _mm512_loadu_si512((const void *)(xq + b * KERN_QK));
+        s.xs = _mm512_permutexvar_ps(lane_blk, _mm512_maskz_loadu_ps(3, xd + b));
+        s.nc = _mm512_maskz_permutexvar_epi32(0x0101, lane_blk, _mm512_maskz_loadu_epi32(3, nc + b));
+    } else {
+        s.xv = _mm512_maskz_loadu_epi8(0xffffffffULL, xq + b * KERN_QK);
+        s.xs = _mm512_permutexvar_ps(lane_blk, _mm512_maskz_loadu_ps(1, xd + b));
+        s.nc = _mm512_maskz_permutexvar_epi32(0x0001, lane_blk, _mm512_maskz_loadu_epi32(1, nc + b));
+    }
+    return s;
+}
+
+/* One row, blocks b and b+1 (nblk 2) or b alone (nblk 1), Q4_0. */
+TGT_I INLINE __m512 q4_0_step(const q_consts *c, const uint8_t *w, int nblk, const q_xstep *x,
+                              __m512 acc)
+{
+    __m512i raw = nblk == 2 ? _mm512_maskz_loadu_epi8((1ULL << 36) - 1, w)
+                            : _mm512_maskz_loadu_epi8((1ULL << 18) - 1, w);
+    __m512i nib = _mm512_permutexvar_epi8(c->nib_idx, raw);
+    nib = _mm512_gf2p8affine_epi64_epi8(nib, c->nib_gf, 0);
+    __m512i isum = _mm512_dpbusd_epi32(x->nc, nib, x->xv);
+    __m512 dw = _mm512_cvtph_ps(_mm512_castsi512_si256(_mm512_permutexvar_epi16(c->d4_idx, raw)));
+    return _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum), _mm512_mul_ps(dw, x->xs), acc);
+}
+
+/* One row, Q8_0: two overlapping loads cover the 68 bytes of two blocks without reading past
+ * them. */
+TGT_I INLINE __m512 q8_0_step(const q_consts *c, const uint8_t *w, int nblk, const q_xstep *x,
+                              __m512 acc)
+{
+    __m512i a, b;
+    if (nblk == 2) {
+        a = _mm512_loadu_si512((const void *)w);
+        b = _mm512_loadu_si512((const void *)(w + 4));
+    } else {
+        a = _mm512_maskz_loadu_epi8((1ULL << 34) - 1, w);
+        b = _mm512_setzero_si512();
+    }
+    __m512i q = _mm512_xor_si512(_mm512_permutex2var_epi8(a, c->q8_idx, b), c->x80);
+    __m512i isum = _mm512_dpbusd_epi32(x->nc, q, x->xv);
+    __m512 dw = _mm512_cvtph_ps(_mm512_castsi512_si256(_mm512_permutexvar_epi16(c->d8_idx, a)));
+    return _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum), _mm512_mul_ps(dw, x->xs), acc);
+}
+
+/* Software prefetch distance in bytes along each weight row (decode streams rows from memory). */
+#ifndef Q_PREFETCH
+#define Q_PREFETCH 512
+#endif
+
+/* Integer sums of one row for blocks b, b+1 (lanes 0-7 and 8-15, seeded with ncorr); *raw
+ * receives the loaded bytes the block scales are taken from. */
+TGT_I INLINE __m512i q_isum(const q_consts *c, const uint8_t *w, int nblk, const q_xstep *x,
+                            __m512i *raw, int is_q4)
+{
+    if (is_q4) {
+        __m512i r = nblk == 2 ? _mm512_maskz_loadu_epi8((1ULL << 36) - 1, w)
+                              : _mm512_maskz_loadu_epi8((1ULL << 18) - 1, w);
+        __m512i nib = _mm512_gf2p8affine_epi64_epi8(_mm512_permutexvar_epi8(c->nib_idx, r), c->nib_gf, 0);
+        *raw = r;
+        return _mm512_dpbusd_epi32(x->nc, nib, x->xv);
+    }
+    __m512i q;
+    if (nblk == 2) {
+        __m256i q0 = _mm256_loadu_si256((const __m256i *)(const void *)(w + 2));
+        __m256i q1 = _mm256_loadu_si256((const __m256i *)(const void *)(w + 2 + KERN_Q8_0_BYTES));
+        q = _mm512_inserti64x4(_mm512_castsi256_si512(q0), q1, 1);
+        /* the two scales: words 0 and 17 of the 36 bytes from w */
+        *raw = _mm512_maskz_loadu_epi16(1u | (1u << 17), w);
+    } else {
+        q = _mm512_maskz_loadu_epi8(0xffffffffULL, w + 2);
+        *raw = _mm512_maskz_loadu_epi16(1u, w);
+    }
+    return _mm512_dpbusd_epi32(x->nc, _mm512_xor_si512(q, c->x80), x->xv);
+}
+
+/* Sum of the 8 lanes of each block of each of 8 rows: returns lanes [rows 0-3 block b,
+ * rows 0-3 block b+1, rows 4-7 block b, rows 4-7 block b+1]. */
+TGT_I INLINE __m512i reduce8x2(const __m512i s[8])
+{
+    __m512i p[4], q[2];
+#pragma GCC unroll 4
+    for (int k = 0; k < 4; k++)
+        p[k] = _mm512_add_epi32(_mm512_unpacklo_epi32(s[2 * k], s[2 * k + 1]),
+                                _mm512_unpackhi_epi32(s[2 * k], s[2 * k + 1]));
+#pragma GCC unroll 2
+    for (int k = 0; k < 2; k++)
+        q[k] = _mm512_add_epi32(_mm512_unpacklo_epi64(p[2 * k], p[2 * k + 1]),
+                                _mm512_unpackhi_epi64(p[2 * k], p[2 * k + 1]));
+    return _mm512_add_epi32(_mm512_shuffle_i64x2(q[0], q[1], _MM_SHUFFLE(2, 0, 2, 0)),
+                            _mm512_shuffle_i64x2(q[0], q[1], _MM_SHUFFLE(3, 1, 3, 1)));
+}
+
+/* The fp16 block scales of 8 rows in the lane order of reduce8x2, as floats. */
+TGT_I INLINE __m512 scales8x2(const __m512i raw[8], int is_q4)
+{
+    /* word positions of the two block scales in the loaded bytes */
+    const int p1 = is_q4 ? 9 : 17;
+    const __m512i i1 = _mm512_set_epi16(0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
+                                        0, 0, 0, 0, 0, 0, 0, 0, (short)(32 + p1), (short)p1, 32, 0);
+    const __m512i i2 = _mm512_set_epi16(0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
+                                        0, 0, 0, 0, 35, 34, 3, 2, 33, 32, 1, 0);
+    __m512i v[4], u[2];
+#pragma GCC unroll 4
+    for (int k = 0; k < 4; k++) v[k] = _mm512_permutex2var_epi16(raw[2 * k], i1, raw[2 * k + 1]);
+#pragma GCC unroll 2
+    for (int k = 0; k < 2; k++) u[k] = _mm512_permutex2var_epi16(v[2 * k], i2, v[2 * k + 1]);
+    __m256i h = _mm256_inserti128_si256(_mm512_castsi512_si256(u[0]), _mm512_castsi512_si128(u[1]), 1);
+    return _mm512_cvtph_ps(h);
+}
+
+/* One step (blocks b, b+1, or b alone when nblk == 1) of 8 rows. */
+TGT_I INLINE __m512 q_rows8_step(const q_consts *c, const uint8_t *const w[8], const int8_t *xq,
+                                 const float *xd, const int32_t *nc, int64_t b, int nblk,
+                                 size_t bb, __m512 acc, int is_q4)
+{
+    const __m512i dx_idx = _mm512_set_epi32(1, 1, 1, 1, 0, 0, 0, 0, 1, 1, 1, 1, 0, 0, 0, 0);
+    q_xstep xs = load_xstep(xq, xd, nc, b, nblk);
+    __m512 dx = _mm512_permutexvar_ps(dx_idx, _mm512_maskz_loadu_ps(nblk == 2 ? 3 : 1, xd + b));
+    size_t off = (size_t)b * bb;
+    __m512i isum[8], raw[8];
+#pragma GCC unroll 8
+    for (int r = 0; r < 8; r++) {
+        _mm_prefetch((const char *)(w[r] + off + Q_PREFETCH), _MM_HINT_T0);
+        isum[r] = q_isum(c, w[r] + off, nblk, &xs, &raw[r], is_q4);
+    }
+    __m512 scale = _mm512_mul_ps(scales8x2(raw, is_q4), dx);
+    return _mm512_fmadd_ps(_mm512_cvtepi32_ps(reduce8x2(isum)), scale, acc);
+}
+
+/* 8 rows starting at o, one token: the integer sums of 8 rows are reduced together, so the
+ * conversion and scaling of block sums is shared by 8 rows. */
+TGT_I INLINE void q_rows8_1tok(const kern_mm_args *a, const q_consts *c, int64_t o, int64_t t,
+                               int is_q4)
+{
+    const uint8_t *xrow = a->Xc + (size_t)t * a->xc_row_bytes;
+    const int8_t *xq = (const int8_t *)xrow;
+    const float *xd = kern_xq_d(xrow, a->n_in);
+    const int32_t *nc = kern_xq_ncorr(xrow, a->n_in);
+    const int64_t nb = a->n_in / KERN_QK;
+    const size_t bb = is_q4 ? KERN_Q4_0_BYTES : KERN_Q8_0_BYTES;
+    const uint8_t *w[8];
+    __m512 acc = _mm512_setzero_ps();
+#pragma GCC unroll 8
+    for (int r = 0; r < 8; r++) w[r] = a->W + (size_t)(o + r) * a->w_row_bytes;
+    int64_t b = 0;
+    for (; b + 2 <= nb; b += 2) acc = q_rows8_step(c, w, xq, xd, nc, b, 2, bb, acc, is_q4);
+    if (b < nb) acc = q_rows8_step(c, w, xq, xd, nc, b, 1, bb, acc, is_q4);
+    __m256 lo = _mm512_castps512_ps256(acc), hi = _mm512_extractf32x8_ps(acc, 1);
+    float *y = a->Y + t * a->n_out + o;
+    _mm_storeu_ps(y, _mm_add_ps(_mm256_castps256_ps128(lo), _mm256_extractf128_ps(lo, 1)));
+    _mm_storeu_ps(y + 4, _mm_add_ps(_mm256_castps256_ps128(hi), _mm256_extractf128_ps(hi, 1)));
+}
+
+/* One row (the remainder of a tile), one token. */
+TGT_I INLINE void q_row_1tok(const kern_mm_args *a, const q_consts *c, int64_t o, int64_t t,
+                             int is_q4)
+{
+    const uint8_t *xrow = a->Xc + (size_t)t * a->xc_row_bytes;
+    const int8_t *xq = (const int8_t *)xrow;
+    const float *xd = kern_xq_d(xrow, a->n_in);
+    const int32_t *nc = kern_xq_ncorr(xrow, a->n_in);
+    const int64_t nb = a->n_in / KERN_QK;
+    const size_t bb = is_q4 ? KERN_Q4_0_BYTES : KERN_Q8_0_BYTES;
+    const uint8_t *w = a->W + (size_t)o * a->w_row_bytes;
+    __m512 acc = _mm512_setzero_ps();
+    int64_t b = 0;
+    for (; b + 2 <= nb; b += 2) {
+        q_xstep xs = load_xstep(xq, xd, nc, b, 2);
+        acc = is_q4 ? q4_0_step(c, w + (size_t)b * bb, 2, &xs, acc)
+                    : q8_0_step(c, w + (size_t)b * bb, 2, &xs, acc);
+    }
+    if (b < nb) {
+        q_xstep xs = load_xstep(xq, xd, nc, b, 1);
+        acc = is_q4 ? q4_0_step(c, w + (size_t)b * bb, 1, &xs, acc)
+                    : q8_0_step(c, w + (size_t)b * bb, 1, &xs, acc);
+    }
+    a->Y[t * a->n_out + o] = _mm512_reduce_add_ps(acc);
+}
+
+TGT_I INLINE void q_rows_1tok(const kern_mm_args *a, int64_t r0, int64_t r1, int64_t t, int is_q4)
+{
+    const q_consts c = make_q_consts();
+    int64_t o = r0;
+    for (; o + 8 <= r1; o += 8) q_rows8_1tok(a, &c, o, t, is_q4);
+    for (; o < r1; o++) q_row_1tok(a, &c, o, t, is_q4);
+}
+
+/* ---- Q8_0 / Q4_0: several tokens ------------------------------------------------------- */
+
+#define RP_ROWS 16
+#define RP_BLOCK_BYTES (8 * 64 + 64) /* 8 vectors of 16 rows x 4 bytes, then 16 float d_w */
+#define TOK_TILE 8
+
+/* Repack rows [o, o + rows) (rows <= 16; missing rows are zero) of all blocks into rep. */
+TGT_I INLINE void q_repack(const kern_mm_args *a, int64_t o, int rows, uint8_t *rep, int is_q4)
+{
+    const int64_t nb = a->n_in / KERN_QK;
+    const size_t bb = is_q4 ? KERN_Q4_0_BYTES : KERN_Q8_0_BYTES;
+    _Alignas(64) uint8_t stage[RP_ROWS * 32];
+    _Alignas(32) uint16_t dstage[RP_ROWS];
+    const __m512i row_idx = _mm512_set_epi32(15 * 8, 14 * 8, 13 * 8, 12 * 8, 11 * 8, 10 * 8, 9 * 8,
+                                             8 * 8, 7 * 8, 6 * 8, 5 * 8, 4 * 8, 3 * 8, 2 * 8, 8, 0);
+    const __m128i lo4 = _mm_set1_epi8(0x0f);
+    const __m256i x80 = _mm256_set1_epi8((char)0x80);
+    memset(stage, 0, sizeof stage);
+    memset(dstage, 0, sizeof dstage);
+    for (int64_t b = 0; b < nb; b++) {
+        uint8_t *rb = rep + (size_t)b * RP_BLOCK_BYTES;
+        for (int r = 0; r < rows; r++) {
+            const uint8_t *wb = a->W + (size_t)(o + r) * a->w_row_bytes + (size_t)b * bb;
+            __m256i u;
+            if (is_q4) {
+                __m128i q = _mm_loadu_si128((const __m128i *)(const void *)(wb + 2));
+                __m128i lo = _mm_and_si128(q, lo4), hi = _mm_and_si128(_mm_srli_epi16(q, 4), lo4);
+                u = _mm256_inserti128_si256(_mm256_castsi128_si256(lo), hi, 1);
+            } else {
+                u = _mm256_xor_si256(_mm256_loadu_si256((const __m256i *)(const void *)(wb + 2)), x80);
+            }
+            _mm256_store_si256((__m256i *)(void *)(stage + r * 32), u);
+            dstage[r] = kern_load_u16(wb);
+        }
+        for (int g = 0; g < 8; g++) {
+            __m512i v = _mm512_i32gather_epi32(row_idx, (const void *)(stage + 4 * g), 4);
+            _mm512_store_si512((void *)(rb + 64 * g), v);
+        }
+        _mm512_store_ps((float *)(void *)(rb + 512),
+                        _mm512_cvtph_ps(_mm256_load_si256((const __m256i *)(const void *)dstage)));
+    }
+}
+
+/* 16 repacked rows x T tokens, all blocks; stores the valid rows of each token. */
+TGT_I INLINE void q_tile(const kern_mm_args *a, const uint8_t *rep, int64_t o, __mmask16 rmask,
+                         int64_t t0, int T)
+{
+    const int64_t nb = a->n_in / KERN_QK;
+    const int8_t *xq[TOK_TILE];
+    const float *xd[TOK_TILE];
+    const int32_t *nc[TOK_TILE];
+    __m512 acc[TOK_TILE];
+#pragma GCC unroll 8
+    for (int t = 0; t < T; t++) {
+        const uint8_t *xrow = a->Xc + (size_t)(t0 + t) * a->xc_row_bytes;
+        xq[t] = (const int8_t *)xrow;
+        xd[t] = kern_xq_d(xrow, a->n_in);
+        nc[t] = kern_xq_ncorr(xrow, a->n_in);
+        acc[t] = _mm512_setzero_ps();
+    }
+    for (int64_t b = 0; b < nb; b++) {
+        const uint8_t *rb = rep + (size_t)b * RP_BLOCK_BYTES;
+        __m512i is[TOK_TILE];
+#pragma GCC unroll 8
+        for (int t = 0; t < T; t++) is[t] = _mm512_set1_epi32(nc[t][b]);
+#pragma GCC unroll 8
+        for (int g = 0; g < 8; g++) {
+            __m512i w = _mm512_load_si512((const void *)(rb + 64 * g));
+#pragma GCC unroll 8
+            for (int t = 0; t < T; t++) {
+                int32_t x4;
+                memcpy(&x4, xq[t] + b * KERN_QK + 4 * g, 4);
+                is[t] = _mm512_dpbusd_epi32(is[t], w, _mm512_set1_epi32(x4));
+            }
+        }
+        __m512 dw = _mm512_load_ps((const float *)(const void *)(rb + 512));
+#pragma GCC unroll 8
+        for (int t = 0; t < T; t++)
+            acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(is[t]),
+                                     _mm512_mul_ps(dw, _mm512_set1_ps(xd[t][b])), acc[t]);
+    }
+#pragma GCC unroll 8
+    for (int t = 0; t < T; t++) _mm512_mask_storeu_ps(a->Y + (t0 + t) * a->n_out + o, rmask, acc[t]);
+}
+
+TGT_I INLINE void q_rows_ntok(const kern_mm_args *a, int64_t r0, int64_t r1, void *work, int is_q4)
+{
+    uint8_t *rep = work;
+    for (int64_t o = r0; o < r1; o += RP_ROWS) {
+        int rows = r1 - o < RP_ROWS ? (int)(r1 - o) : RP_ROWS;
+        __mmask16 rmask = (__mmask16)((1u << rows) - 1);
+        q_repack(a, o, rows, rep, is_q4);
+        int64_t t = 0;
+        for (; t + TOK_TILE <= a->n_tok; t += TOK_TILE) q_tile(a, rep, o, rmask, t, TOK_TILE);
+        switch (a->n_tok - t) {
+        case 7: q_tile(a, rep, o, rmask, t, 7); break;
+        case 6: q_tile(a, rep, o, rmask, t, 6); break;
+        case 5: q_tile(a, rep, o, rmask, t, 5); break;
+        case 4: q_tile(a, rep, o, rmask, t, 4); break;
+        case 3: q_tile(a, rep, o, rmask, t, 3); break;
+        case 2: q_tile(a, rep, o, rmask, t, 2); break;
+        case 1: q_tile(a, rep, o, rmask, t, 1); break;
+        default: break;
+        }
+    }
+}
+
+/* Below this many tokens the repack costs more than it saves. */
+#define Q_REPACK_MIN_TOK 4
+
+TGT_I static void mm_q4_0_avx512(const kern_mm_args *a, int64_t r0, int64_t r1, void *work)
+{
+    if (a->n_tok >= Q_REPACK_MIN_TOK) {
+        q_rows_ntok(a, r0, r1, work, 1);
+        return;
+    }
+    for (int64_t t = 0; t < a->n_tok; t++) q_rows_1tok(a, r0, r1, t, 1);
+}
+
+TGT_I static void mm_q8_0_avx512(const kern_mm_args *a, int64_t r0, int64_t r1, void *work)
+{
+    if (a->n_tok >= Q_REPACK_MIN_TOK) {
+        q_rows_ntok(a, r0, r1, work, 0);
+        return;
+    }
+    for (int64_t t = 0; t < a->n_tok; t++) q_rows_1tok(a, r0, r1, t, 0);
+}
+
+/* ---- F32 / F16 / BF16: register tiles of R rows x T tokens ----------------------------- */
+
+enum { WK_F32, WK_F16 };
+
+/* Software prefetch distance in bytes along each weight row for one-token F32/F16 (0: off). */
+#ifndef F_PREFETCH
+#define F_PREFETCH 1024
+#endif
+
+/* 16 weights of row w at element i as floats. */
+TGT_F INLINE __m512 load_w16(const uint8_t *w, int64_t i, int kind)
+{
+    if (kind == WK_F16)
+        return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(const void *)(w + 2 * i)));
+    return _mm512_loadu_ps((const float *)(const void *)(w + 4 * i));
+}
+
+/* Y for rows o..o+R-1 and tokens t0..t0+T-1; x rows are floats (F32: X, F16: Xc). */
+TGT_F INLINE void f_tile(const kern_mm_args *a, int64_t o, int R, int64_t t0, int T, int kind)
+{
+    const float *x[6];
+    const uint8_t *w[4];
+    __m512 acc[4][6];
+    size_t xstride = kind == WK_F32 ? (size_t)a->n_in * 4 : a->xc_row_bytes;
+    const uint8_t *xbase = kind == WK_F32 ? (const uint8_t *)a->X : a->Xc;
+#pragma GCC unroll 6
+    for (int t = 0; t < T; t++) x[t] = (const float *)(const void *)(xbase + (size_t)(t0 + t) * xstride);
+#pragma GCC unroll 4
+    for (int r = 0; r < R; r++) {
+        w[r] = a->W + (size_t)(o + r) * a->w_row_bytes;
+#pragma GCC unroll 6
+        for (int t = 0; t < T; t++) acc[r][t] = _mm512_setzero_ps();
+    }
+    for (int64_t i = 0; i < a->n_in; i += 16) {
+        __m512 wv[4];
+#pragma GCC unroll 4
+        for (int r = 0; r < R; r++) wv[r] = load_w16(w[r], i, kind);
+#pragma GCC unroll 6
+        for (int t = 0; t < T; t++) {
+            __m512 xv = _mm512_loadu_ps(x[t] + i);
+#pragma GCC unroll 4
+            for (int r = 0; r < R; r++) acc[r][t] = _mm512_fmadd_ps(wv[r], xv, acc[r][t]);
+        }
+    }
+#pragma GCC unroll 4
+    for (int r = 0; r < R; r++)
+#pragma GCC unroll 6
+        for (int t = 0; t < T; t++) a->Y[(t0 + t) * a->n_out + o + r] = _mm512_reduce_add_ps(acc[r][t]);
+}
+
+/* One token: 4 rows with two accumulators each, to keep more loads in flight. */
+TGT_F INLINE void f_rows_1tok(const kern_mm_args *a, int64_t r0, int64_t r1, int64_t t, int kind)
+{
+    size_t xstride = kind == WK_F32 ? (size_t)a->n_in * 4 : a->xc_row_bytes;
+    const uint8_t *xbase = kind == WK_F32 ? (const uint8_t *)a->X : a->Xc;
+    const float *x = (const float *)(const void *)(xbase + (size_t)t * xstride);
+    int64_t o = r0;
+    for (; o + 4 <= r1; o += 4) {
+        const uint8_t *w[4];
+        __m512 acc[4][2];
+#pragma GCC unroll 4
+        for (int r = 0; r < 4; r++) {
+            w[r] = a->W + (size_t)(o + r) * a->w_row_bytes;
+            acc[r][0] = acc[r][1] = _mm512_setzero_ps();
+        }
+        for (int64_t i = 0; i < a->n_in; i += 32) {
+            __m512 x0 = _mm512_loadu_ps(x + i), x1 = _mm512_loadu_ps(x + i + 16);
+#pragma GCC unroll 4
+            for (int r = 0; r < 4; r++) {
+                if (F_PREFETCH > 0)
+                    _mm_prefetch((const char *)(w[r] + (kind == WK_F16 ? 2 : 4) * i + F_PREFETCH),
+                                 _MM_HINT_T0);
+                acc[r][0] = _mm512_fmadd_ps(load_w16(w[r], i, kind), x0, acc[r][0]);
+                acc[r][1] = _mm512_fmadd_ps(load_w16(w[r], i + 16, kind), x1, acc[r][1]);
+            }
+        }
+#pragma GCC unroll 4
+        for (int r = 0; r < 4; r++)
+            a->Y[t * a->n_out + o + r] = _mm512_reduce_add_ps(_mm512_add_ps(acc[r][0], acc[r][1]));
+    }
+    for (; o < r1; o++) f_tile(a, o, 1, t, 1, kind);
+}
+
+TGT_F INLINE void f_rows(const kern_mm_args *a, int64_t r0, int64_t r1, int kind)
+{
+    if (a->n_tok < 3) {
+        for (int64_t t = 0; t < a->n_tok; t++) f_rows_1tok(a, r0, r1, t, kind);
+        return;
+    }
+    int64_t o = r0;
+    for (; o + 4 <= r1; o += 4) {
+        int64_t t = 0;
+        for (; t + 6 <= a->n_tok; t += 6) f_tile(a, o, 4, t, 6, kind);
+        switch (a->n_tok - t) {
+        case 5: f_tile(a, o, 4, t, 5, kind); break;
+        case 4: f_tile(a, o, 4, t, 4, kind); break;
+        case 3: f_tile(a, o, 4, t, 3, kind); break;
+        case 2: f_tile(a, o, 4, t, 2, kind); break;
+        case 1: f_tile(a, o, 4, t, 1, kind); break;
+        default: break;
+        }
+    }
+    for (; o < r1; o++) {
+        int64_t t = 0;
+        for (; t + 6 <= a->n_tok; t += 6) f_tile(a, o, 1, t, 6, kind);
+        for (; t < a->n_tok; t++) f_tile(a, o, 1, t, 1, kind);
+    }
+}
+
+TGT_F static void mm_f32_avx512(const kern_mm_args *a, int64_t r0, int64_t r1, void *work)
+{
+    f_rows(a, r0, r1, WK_F32);
+}
+
+TGT_F static void mm_f16_avx512(const kern_mm_args *a, int64_t r0, int64_t r1, void *work)
+{
+    f_rows(a, r0, r1, WK_F16);
+}
+
+/* BF16 by vdpbf16ps: 32 products per instruction, pairs summed into 16 f32 lanes. */
+TGT_BF INLINE void bf_tile(const kern_mm_args *a, int64_t o, int R, int64_t t0, int T)
+{
+    const uint8_t *x[6], *w[4];
+    __m512 acc[4][6];
+#pragma GCC unroll 6
+    for (int t = 0; t < T; t++) x[t] = a->Xc + (size_t)(t0 + t) * a->xc_row_bytes;
+#pragma GCC unroll 4
+    for (int r = 0; r < R; r++) {
+        w[r] = a->W + (size_t)(o + r) * a->w_row_bytes;
+#pragma GCC unroll 6
+        for (int t = 0; t < T; t++) acc[r][t] = _mm512_setzero_ps();
+    }
+    for (int64_t i = 0; i < a->n_in; i += 32) {
+        __m512bh wv[4];
+#pragma GCC unroll 4
+        for (int r = 0; r < R; r++) wv[r] = (__m512bh)_mm512_loadu_si512((const void *)(w[r] + 2 * i));
+#pragma GCC unroll 6
+        for (int t = 0; t < T; t++) {
+            __m512bh xv = (__m512bh)_mm512_loadu_si512((const void *)(x[t] + 2 * i));
+#pragma GCC unroll 4
+            for (int r = 0; r < R; r++) acc[r][t] = _mm512_dpbf16_ps(acc[r][t], wv[r], xv);
+        }
+    }
+#pragma GCC unroll 4
+    for (int r = 0; r < R; r++)
+#pragma GCC unroll 6
+        for (int t = 0; t < T; t++) a->Y[(t0 + t) * a->n_out + o + r] = _mm512_reduce_add_ps(acc[r][t]);
+}
+
+TGT_BF static void mm_bf16_avx512(const kern_mm_args *a, int64_t r0, int64_t r1, void *work)
+{
+    int64_t o = r0;
+    for (; o + 4 <= r1; o += 4) {
+        int64_t t = 0;
+        for (; t + 6 <= a->n_tok; t += 6) bf_tile(a, o, 4, t, 6);
+        switch (a->n_tok - t) {
+        case 5: bf_tile(a, o, 4, t, 5); break;
+        case 4: bf_tile(a, o, 4, t, 4); break;
+        case 3: bf_tile(a, o, 4, t, 3); break;
+        case 2: bf_tile(a, o, 4, t, 2); break;
+        case 1: bf_tile(a, o, 4, t, 1); break;
+        default: break;
+        }
+    }
+    for (; o < r1; o++)
+        for (int64_t t = 0; t < a->n_tok; t++) bf_tile(a, o, 1, t, 1);
+}
+
+kern_mm_kernel kern_mm_lookup_avx512(int wtype)
+{
+    kern_mm_kernel k = {0};
+    int ints = kern_cpu_has_avx512vnni() && kern_cpu_has_avx512vbmi() && kern_cpu_has_gfni();
+    switch (wtype) {
+    case GGML_TYPE_F32: k.mm = mm_f32_avx512; break;
+    case GGML_TYPE_F16:
+        k.mm = mm_f16_avx512;
+        k.cvt = cvt_f16_avx512;
+        k.xc_row_bytes_per_32 = 128;
+        break;
+    case GGML_TYPE_BF16:
+        if (!kern_cpu_has_avx512bf16()) break;
+        k.mm = mm_bf16_avx512;
+        k.cvt = cvt_bf16_avx512;
+        k.xc_row_bytes_per_32 = 64;
+        break;
+    case GGML_TYPE_Q8_0:
+        if (!ints) break;
+        k.mm = mm_q8_0_avx512;
+        k.cvt = cvt_q8_for_q8_0_avx512;
+        k.xc_row_bytes_per_32 = KERN_XQ_BYTES_PER_32;
+        k.work_bytes_per_32 = RP_BLOCK_BYTES;
+        break;
+    case GGML_TYPE_Q4_0:
+        if (!ints) break;
+        k.mm = mm_q4_0_avx512;
+        k.cvt = cvt_q8_for_q4_0_avx512;
+        k.xc_row_bytes_per_32 = KERN_XQ_BYTES_PER_32;
+        k.work_bytes_per_32 = RP_BLOCK_BYTES;
+        break;
+    default: break;
+    }
+    return k;
+}
+
+#else /* not x86-64 */
+
+kern_mm_kernel kern_mm_lookup_avx512(int wtype)
+{
+    kern_mm_kernel k = {0};
+    (void)wtype;
+    return k;
+}
+
+#endif

@@ -1,0 +1,512 @@
+/* gpu_matvec.cu - decode matrix-vector products (one token) for F32, F16, BF16, Q8_0 and Q4_0
+ * weights, the activation quantizer they use for Q8_0/Q4_0, the weight re-packing into the device
+ * layout (gpu_ops.h) and embedding-row lookup from that layout.
+ *
+ * Matvec design: one 32-lane segment per output row; each lane streams 16-byte chunks of the row
+ * (MV_UNROLL chunks in flight before the first use) and the segment reduces with shuffles. The
+ * weights are read exactly once. Activations (16 KB for n_in = 4096) are re-read by every row and
+ * stay in L1/L2. Numerics: float activations with fp32 accumulation for F32/F16/BF16; for
+ * Q8_0/Q4_0 the activations are quantized to Q8_0 blocks once (gpu_act_quantize, the rounding of
+ * the CPU's kern_cvt_q8_0_scalar on x86) and each block's dot product is an integer dp4a sum,
+ * scaled by d_w * d_x, as ggml's CPU kernels do. */
+#include "gpu/gpu_ops.h"
+#include "gpu/gpu_common.cuh"
+#include "gpu/gpu_vendor.h"
+
+#define MV_THREADS 256
+#define MV_ROWS_PER_BLOCK (MV_THREADS / GPU_SEG)
+#define MV_UNROLL 4
+#define MV_WARPS_PER_SM 40 /* resident at <= 48 registers, 256 threads per block */
+#define QK 32
+
+static int is_quant(int t)
+{
+    return t == GGML_TYPE_Q8_0 || t == GGML_TYPE_Q4_0;
+}
+
+/* Bytes per row of the quants plane (Q types) or of the matrix (plain types); 0 if bad. */
+static size_t plane_row_bytes(int t, int64_t n_in)
+{
+    switch (t) {
+    case GGML_TYPE_F32: return (size_t)n_in * 4;
+    case GGML_TYPE_F16:
+    case GGML_TYPE_BF16: return (size_t)n_in * 2;
+    case GGML_TYPE_Q8_0: return n_in % QK ? 0 : (size_t)n_in;
+    case GGML_TYPE_Q4_0: return n_in % QK ? 0 : (size_t)n_in / 2;
+    default: return 0;
+    }
+}
+
+GPU_API int gpu_matvec_supported(int wtype)
+{
+    return plane_row_bytes(wtype, QK) != 0;
+}
+
+GPU_API size_t gpu_weight_scales_offset(int wtype, int64_t n_rows, int64_t n_in)
+{
+    if (!is_quant(wtype) || n_rows <= 0 || n_in <= 0) return 0;
+    return gpu_round_up((size_t)n_rows * plane_row_bytes(wtype, n_in), 256);
+}
+
+GPU_API size_t gpu_weight_bytes(int wtype, int64_t n_rows, int64_t n_in)
+{
+    size_t rb = plane_row_bytes(wtype, n_in);
+    if (rb == 0 || n_rows <= 0 || n_in <= 0) return 0;
+    if (!is_quant(wtype)) return (size_t)n_rows * rb;
+    return gpu_weight_scales_offset(wtype, n_rows, n_in) + (size_t)n_rows * (n_in / QK) * 2;
+}
+
+/* Activation scratch: int8 quants [n_in] | float d [n_in/32] | int sum(q) [n_in/32]. */
+static size_t act_d_offset(int64_t n_in)
+{
+    return gpu_round_up((size_t)n_in, 16);
+}
+static size_t act_s_offset(int64_t n_in)
+{
+    return act_d_offset(n_in) + gpu_round_up((size_t)(n_in / QK) * 4, 16);
+}
+
+GPU_API size_t gpu_act_q8_bytes(int64_t n_in)
+{
+    if (n_in <= 0 || n_in % QK) return 0;
+    return act_s_offset(n_in) + gpu_round_up((size_t)(n_in / QK) * 4, 16);
+}
+
+/* ---- kernels ---------------------------------------------------------------------------------- */
+
+/* GGUF blocks -> planes. One thread per block. */
+template <int BLOCK_BYTES, int QUANT_BYTES>
+__global__ void k_weight_convert(const uint8_t *__restrict__ src, uint8_t *__restrict__ dst_q,
+                                 unsigned short *__restrict__ dst_d, int64_t n_blocks)
+{
+    int64_t b = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (b >= n_blocks) return;
+    const uint8_t *blk = src + b * BLOCK_BYTES;
+    dst_d[b] = (unsigned short)(blk[0] | (blk[1] << 8));
+    uint8_t *q = dst_q + b * QUANT_BYTES;
+#pragma unroll
+    for (int i = 0; i < QUANT_BYTES; i++) q[i] = blk[2 + i];
+}
+
+/* One segment per block of 32 activations. */
+__global__ void k_act_quantize(const float *__restrict__ x, int8_t *__restrict__ xq,
+                               float *__restrict__ xd, int *__restrict__ xs, int n_blocks)
+{
+    int b = blockIdx.x * (blockDim.x / GPU_SEG) + threadIdx.x / GPU_SEG;
+    int lane = threadIdx.x % GPU_SEG;
+    if (b >= n_blocks) return;
+    float v = x[(int64_t)b * QK + lane];
+    float amax = gpu_seg_max(fabsf(v));
+    float d = amax / 127.0f;
+    float id = amax != 0.0f ? 127.0f / amax : 0.0f;
+    int q = (int)rintf(v * id);
+    xq[(int64_t)b * QK + lane] = (int8_t)q;
+    int sum = q;
+#pragma unroll
+    for (int m = GPU_SEG / 2; m > 0; m >>= 1) sum += gpu_shfl_xor_int(sum, m, GPU_SEG);
+    if (lane == 0) {
+        xd[b] = gpu_fp16_to_f32(gpu_f32_to_fp16(d));
+        xs[b] = sum;
+    }
+}
+
+struct mv_args {
+    const uint8_t *w;             /* matrix or quants plane */
+    const unsigned short *scales; /* Q types: fp16 block scales plane */
+    const float *x;
+    const int8_t *xq;
+    const float *xd;
+    const int *xs;
+    float *y;
+    int n_out, n_in;
+    size_t row_bytes;
+};
+
+/* Dot product of one 16-byte chunk c of row `row` with the matching activations. */
+template <int WT>
+GPU_DEVT float mv_chunk(const mv_args &a, uint4 w, float dw, int c);
+
+template <>
+GPU_DEVT float mv_chunk<GGML_TYPE_F32>(const mv_args &a, uint4 w, float dw, int c)
+{
+    float4 x = ((const float4 *)a.x)[c];
+    return __uint_as_float(w.x) * x.x + __uint_as_float(w.y) * x.y + __uint_as_float(w.z) * x.z +
+           __uint_as_float(w.w) * x.w;
+}
+
+GPU_DEV float f16x2_dot(unsigned v, float x0, float x1)
+{
+    return gpu_fp16_to_f32((unsigned short)(v & 0xffffu)) * x0 +
+           gpu_fp16_to_f32((unsigned short)(v >> 16)) * x1;
+}
+
+GPU_DEV float bf16x2_dot(unsigned v, float x0, float x1)
+{
+    return __uint_as_float(v << 16) * x0 + __uint_as_float(v & 0xffff0000u) * x1;
+}
+
+template <>
+GPU_DEVT float mv_chunk<GGML_TYPE_F16>(const mv_args &a, uint4 w, float dw, int c)
+{
+    float4 xa = ((const float4 *)a.x)[2 * c], xb = ((const float4 *)a.x)[2 * c + 1];
+    return f16x2_dot(w.x, xa.x, xa.y) + f16x2_dot(w.y, xa.z, xa.w) + f16x2_dot(w.z, xb.x, xb.y) +
+           f16x2_dot(w.w, xb.z, xb.w);
+}
+
+template <>
+GPU_DEVT float mv_chunk<GGML_TYPE_BF16>(const mv_args &a, uint4 w, float dw, int c)
+{
+    float4 xa = ((const float4 *)a.x)[2 * c], xb = ((const float4 *)a.x)[2 * c + 1];
+    return bf16x2_dot(w.x, xa.x, xa.y) + bf16x2_dot(w.y, xa.z, xa.w) +
+           bf16x2_dot(w.z, xb.x, xb.y) + bf16x2_dot(w.w, xb.z, xb.w);
+}
+
+/* Q8_0: a chunk is half a block (16 quants); scale of block c/2. */
+template <>
+GPU_DEVT float mv_chunk<GGML_TYPE_Q8_0>(const mv_args &a, uint4 w, float dw, int c)
+{
+    int4 x = ((const int4 *)a.xq)[c];
+    int s = gpu_dp4a((int)w.x, x.x, 0);
+    s = gpu_dp4a((int)w.y, x.y, s);
+    s = gpu_dp4a((int)w.z, x.z, s);
+    s = gpu_dp4a((int)w.w, x.w, s);
+    return (float)s * (dw * a.xd[c >> 1]);
+}
+
+/* Q4_0: a chunk is one block; byte j holds element j (low nibble) and j + 16 (high nibble).
+ * sum (nib - 8) * q = sum nib * q - 8 * sum q, with sum q precomputed per activation block. */
+template <>
+GPU_DEVT float mv_chunk<GGML_TYPE_Q4_0>(const mv_args &a, uint4 w, float dw, int c)
+{
+    int4 xlo = ((const int4 *)a.xq)[2 * c], xhi = ((const int4 *)a.xq)[2 * c + 1];
+    const unsigned m = 0x0f0f0f0fu;
+    int s = gpu_dp4a((int)(w.x & m), xlo.x, 0);
+    s = gpu_dp4a((int)(w.y & m), xlo.y, s);
+    s = gpu_dp4a((int)(w.z & m), xlo.z, s);
+    s = gpu_dp4a((int)(w.w & m), xlo.w, s);
+    s = gpu_dp4a((int)((w.x >> 4) & m), xhi.x, s);
+    s = gpu_dp4a((int)((w.y >> 4) & m), xhi.y, s);
+    s = gpu_dp4a((int)((w.z >> 4) & m), xhi.z, s);
+    s = gpu_dp4a((int)((w.w >> 4) & m), xhi.w, s);
+    return (float)(s - 8 * a.xs[c]) * (dw * a.xd[c]);
+}
+
+/* Which block scale chunk c uses (Q types); plain types have none. */
+template <int WT>
+GPU_DEVT int mv_scale_index(int c)
+{
+    return WT == GGML_TYPE_Q8_0 ? c >> 1 : c;
+}
+
+/* SPR segments share a row (for matrices with few, long rows: more warps, more loads in
+ * flight); their partial sums meet in shared memory. */
+template <int WT, int SPR>
+__global__ void __launch_bounds__(MV_THREADS) k_matvec(const mv_args a)
+{
+    __shared__ float part[MV_THREADS / GPU_SEG];
+    const int lane = threadIdx.x % GPU_SEG, seg = threadIdx.x / GPU_SEG;
+    const int row = blockIdx.x * (MV_ROWS_PER_BLOCK / SPR) + seg / SPR;
+    const int sub = seg % SPR;
+    const bool valid = row < a.n_out; /* no early return: SPR > 1 meets at a barrier */
+    const bool quant = WT == GGML_TYPE_Q8_0 || WT == GGML_TYPE_Q4_0;
+    float acc = 0.0f;
+    if (valid) {
+        const uint4 *wrow = (const uint4 *)(a.w + (size_t)row * a.row_bytes);
+        const unsigned short *srow = quant ? a.scales + (size_t)row * (a.n_in / QK) : NULL;
+        const int n_chunks = (int)(a.row_bytes / 16);
+        const int step = GPU_SEG * SPR;
+        for (int c0 = sub * GPU_SEG + lane; c0 < n_chunks; c0 += step * MV_UNROLL) {
+            uint4 w[MV_UNROLL];
+            unsigned short d[MV_UNROLL];
+#pragma unroll
+            for (int u = 0; u < MV_UNROLL; u++) {
+                int c = c0 + u * step;
+                if (c < n_chunks) {
+                    w[u] = gpu_ld_stream16(wrow + c);
+                    d[u] = quant ? srow[mv_scale_index<WT>(c)] : 0;
+                }
+            }
+#pragma unroll
+            for (int u = 0; u < MV_UNROLL; u++) {
+                int c = c0 + u * step;
+                if (c < n_chunks)
+                    acc += mv_chunk<WT>(a, w[u], quant ? gpu_fp16_to_f32(d[u]) : 0.0f, c);
+            }
+        }
+    }
+    acc = gpu_seg_sum(acc);
+    if (SPR == 1) {
+        if (valid && lane == 0) a.y[row] = acc;
+    } else {
+        if (lane == 0) part[seg] = acc;
+        __syncthreads();
+        if (valid && sub == 0 && lane == 0) {
+            float sum = 0.0f;
+#pragma unroll
+            for (int i = 0; i < SPR; i++) sum += part[seg + i];
+            a.y[row] = sum;
+        }
+    }
+}
+
+template <int WT>
+static int launch_matvec(const mv_args &a, cudaStream_t st, const char *name, forge_err *err)
+{
+    int rc = FORGE_OK;
+    int n_chunks = (int)(a.row_bytes / 16), spr = 1;
+    /* Few long rows: share rows between segments, as long as the grid stays one wave (about
+     * MV_WARPS_PER_SM resident warps per multiprocessor; a second partial wave costs more than
+     * it gains, measured on H200) and every lane keeps a chunk. */
+    int64_t max_warps = (int64_t)(gpu_sm_count() > 0 ? gpu_sm_count() : 64) * MV_WARPS_PER_SM;
+    while (spr < 8 && (int64_t)a.n_out * spr * 2 <= max_warps && n_chunks >= 64 * spr) spr *= 2;
+    unsigned rows_per_block = MV_ROWS_PER_BLOCK / spr;
+    unsigned grid = (unsigned)((a.n_out + rows_per_block - 1) / rows_per_block);
+    switch (spr) {
+    case 1: k_matvec<WT, 1><<<grid, MV_THREADS, 0, st>>>(a); break;
+    case 2: k_matvec<WT, 2><<<grid, MV_THREADS, 0, st>>>(a); break;
+    case 4: k_matvec<WT, 4><<<grid, MV_THREADS, 0, st>>>(a); break;
+    default: k_matvec<WT, 8><<<grid, MV_THREADS, 0, st>>>(a); break;
+    }
+    GPU_LAUNCH_CHECK(name, st);
+    return FORGE_OK;
+fail:
+    return rc;
+}
+
+/* Any alignment, any n_in: plain types only, one element per lane step. */
+template <int WT>
+__global__ void __launch_bounds__(MV_THREADS) k_matvec_scalar(const mv_args a)
+{
+    const int lane = threadIdx.x % GPU_SEG;
+    const int row = blockIdx.x * MV_ROWS_PER_BLOCK + threadIdx.x / GPU_SEG;
+    if (row >= a.n_out) return;
+    const uint8_t *wrow = a.w + (size_t)row * a.row_bytes;
+    float acc = 0.0f;
+    for (int i = lane; i < a.n_in; i += GPU_SEG) {
+        float w;
+        if (WT == GGML_TYPE_F32)
+            w = ((const float *)wrow)[i];
+        else if (WT == GGML_TYPE_F16)
+            w = gpu_fp16_to_f32(((const unsigned short *)wrow)[i]);
+        else
+            w = gpu_bf16_to_f32(((const unsigned short *)wrow)[i]);
+        acc += w * a.x[i];
+    }
+    acc = gpu_seg_sum(acc);
+    if (lane == 0) a.y[row] = acc;
+}
+
+/* ---- embedding rows --------------------------------------------------------------------------- */
+template <int WT>
+GPU_DEVT float embed_elem(const uint8_t *table, const unsigned short *scales, int64_t row,
+                         int64_t n_embd, int64_t i)
+{
+    if (WT == GGML_TYPE_F32) return ((const float *)table)[row * n_embd + i];
+    if (WT == GGML_TYPE_F16) return gpu_fp16_to_f32(((const unsigned short *)table)[row * n_embd + i]);
+    if (WT == GGML_TYPE_BF16)
+        return gpu_bf16_to_f32(((const unsigned short *)table)[row * n_embd + i]);
+    int64_t blk = row * (n_embd / QK) + i / QK;
+    float d = gpu_fp16_to_f32(scales[blk]);
+    if (WT == GGML_TYPE_Q8_0) return d * (float)((const int8_t *)table)[row * n_embd + i];
+    int j = (int)(i % QK);
+    uint8_t byte = table[blk * 16 + (j & 15)];
+    int nib = j < 16 ? (byte & 15) : (byte >> 4);
+    return d * (float)(nib - 8);
+}
+
+/* grid (ceil(n_embd / threads), n_tokens) */
+template <int WT>
+__global__ void k_embed(const uint8_t *__restrict__ table, const unsigned short *__restrict__ scales,
+                        int64_t n_vocab, int64_t n_embd, const int32_t *__restrict__ ids,
+                        float *__restrict__ out)
+{
+    int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
+    int64_t t = blockIdx.y;
+    if (i >= n_embd) return;
+    int32_t id = ids[t];
+    float v;
+    if (id < 0 || id >= n_vocab)
+        v = __int_as_float(0x7fc00000); /* NaN: the caller passed a bad id */
+    else
+        v = embed_elem<WT>(table, scales, id, n_embd, i);
+    out[t * n_embd + i] = v;
+}
+
+/* ---- launchers -------------------------------------------------------------------------------- */
+GPU_API int gpu_weight_convert(int wtype, const void *d_src, void *d_dst, int64_t n_rows,
+                               int64_t n_in, gpu_stream *s, forge_err *err)
+{
+    int rc = FORGE_OK;
+    cudaStream_t st = GPU_STREAM(s);
+    size_t bytes = gpu_weight_bytes(wtype, n_rows, n_in);
+    if (bytes == 0)
+        return gpu_err_set(err, FORGE_E_UNSUPPORTED,
+                           "gpu_weight_convert: type %s with %lld x %lld is not supported",
+                           gpu_type_name(wtype), (long long)n_rows, (long long)n_in);
+    if (!d_src || !d_dst || !gpu_is_aligned(d_src, 2) || !gpu_is_aligned(d_dst, 16))
+        return gpu_err_set(err, FORGE_E_INVALID,
+                           "gpu_weight_convert: NULL or misaligned buffer (src %p, dst %p)", d_src,
+                           d_dst);
+    if (!is_quant(wtype)) {
+        GPU_CHECK(cudaMemcpyAsync(d_dst, d_src, bytes, cudaMemcpyDeviceToDevice, st));
+        return FORGE_OK;
+    }
+    {
+        int64_t n_blocks = n_rows * (n_in / QK);
+        uint8_t *q = (uint8_t *)d_dst;
+        unsigned short *d =
+            (unsigned short *)(q + gpu_weight_scales_offset(wtype, n_rows, n_in));
+        unsigned grid = (unsigned)((n_blocks + 255) / 256);
+        if (wtype == GGML_TYPE_Q8_0) {
+            k_weight_convert<34, 32><<<grid, 256, 0, st>>>((const uint8_t *)d_src, q, d, n_blocks);
+            GPU_LAUNCH_CHECK("k_weight_convert<Q8_0>", st);
+        } else {
+            k_weight_convert<18, 16><<<grid, 256, 0, st>>>((const uint8_t *)d_src, q, d, n_blocks);
+            GPU_LAUNCH_CHECK("k_weight_convert<Q4_0>", st);
+        }
+    }
+    return FORGE_OK;
+fail:
+    return rc;
+}
+
+GPU_API int gpu_act_quantize(const float *d_x, int64_t n_in, void *d_xq, gpu_stream *s,
+                             forge_err *err)
+{
+    int rc = FORGE_OK;
+    cudaStream_t st = GPU_STREAM(s);
+    if (n_in <= 0 || n_in % QK || n_in > INT32_MAX)
+        return gpu_err_set(err, FORGE_E_INVALID,
+                           "gpu_act_quantize: n_in %lld is not a positive multiple of 32",
+                           (long long)n_in);
+    if (!d_x || !d_xq || !gpu_is_aligned(d_xq, 16))
+        return gpu_err_set(err, FORGE_E_INVALID, "gpu_act_quantize: NULL or misaligned buffer");
+    {
+        int n_blocks = (int)(n_in / QK);
+        uint8_t *base = (uint8_t *)d_xq;
+        int per_cta = 256 / GPU_SEG;
+        k_act_quantize<<<(n_blocks + per_cta - 1) / per_cta, 256, 0, st>>>(
+            d_x, (int8_t *)base, (float *)(base + act_d_offset(n_in)),
+            (int *)(base + act_s_offset(n_in)), n_blocks);
+        GPU_LAUNCH_CHECK("k_act_quantize", st);
+    }
+    return FORGE_OK;
+fail:
+    return rc;
+}
+
+GPU_API int gpu_matvec(int wtype, const void *d_w, int64_t n_out, int64_t n_in, const float *d_x,
+                       const void *d_xq, float *d_y, gpu_stream *s, forge_err *err)
+{
+    int rc = FORGE_OK;
+    cudaStream_t st = GPU_STREAM(s);
+    mv_args a;
+    size_t rb = plane_row_bytes(wtype, n_in);
+    if (rb == 0)
+        return gpu_err_set(err, FORGE_E_UNSUPPORTED,
+                           "gpu_matvec: weight type %s with n_in %lld is not supported "
+                           "(F32, F16, BF16; Q8_0/Q4_0 need n_in %% 32 == 0)",
+                           gpu_type_name(wtype), (long long)n_in);
+    if (n_out <= 0 || n_in <= 0 || n_out > INT32_MAX || n_in > INT32_MAX)
+        return gpu_err_set(err, FORGE_E_INVALID, "gpu_matvec: bad shape %lld x %lld",
+                           (long long)n_out, (long long)n_in);
+    if (!d_w || !d_y || (is_quant(wtype) ? !d_xq : !d_x))
+        return gpu_err_set(err, FORGE_E_INVALID, "gpu_matvec: NULL buffer");
+    if (is_quant(wtype) && (!gpu_is_aligned(d_w, 16) || !gpu_is_aligned(d_xq, 16)))
+        return gpu_err_set(err, FORGE_E_INVALID,
+                           "gpu_matvec: %s weights and quantized activations must be 16-byte "
+                           "aligned (w %p, xq %p)",
+                           gpu_type_name(wtype), d_w, d_xq);
+    a.w = (const uint8_t *)d_w;
+    a.scales = is_quant(wtype)
+                   ? (const unsigned short *)(a.w + gpu_weight_scales_offset(wtype, n_out, n_in))
+                   : NULL;
+    a.x = d_x;
+    a.xq = (const int8_t *)d_xq;
+    a.xd = d_xq ? (const float *)((const uint8_t *)d_xq + act_d_offset(n_in)) : NULL;
+    a.xs = d_xq ? (const int *)((const uint8_t *)d_xq + act_s_offset(n_in)) : NULL;
+    a.y = d_y;
+    a.n_out = (int)n_out;
+    a.n_in = (int)n_in;
+    a.row_bytes = rb;
+    {
+        unsigned grid = (unsigned)((n_out + MV_ROWS_PER_BLOCK - 1) / MV_ROWS_PER_BLOCK);
+        bool vec = rb % 16 == 0 && gpu_is_aligned(d_w, 16) && (!d_x || gpu_is_aligned(d_x, 16));
+        switch (wtype) {
+        case GGML_TYPE_Q8_0: rc = launch_matvec<GGML_TYPE_Q8_0>(a, st, "k_matvec<Q8_0>", err); break;
+        case GGML_TYPE_Q4_0: rc = launch_matvec<GGML_TYPE_Q4_0>(a, st, "k_matvec<Q4_0>", err); break;
+        case GGML_TYPE_F32:
+            if (vec) {
+                rc = launch_matvec<GGML_TYPE_F32>(a, st, "k_matvec<F32>", err);
+            } else {
+                k_matvec_scalar<GGML_TYPE_F32><<<grid, MV_THREADS, 0, st>>>(a);
+                GPU_LAUNCH_CHECK("k_matvec_scalar<F32>", st);
+            }
+            break;
+        case GGML_TYPE_F16:
+            if (vec) {
+                rc = launch_matvec<GGML_TYPE_F16>(a, st, "k_matvec<F16>", err);
+            } else {
+                k_matvec_scalar<GGML_TYPE_F16><<<grid, MV_THREADS, 0, st>>>(a);
+                GPU_LAUNCH_CHECK("k_matvec_scalar<F16>", st);
+            }
+            break;
+        default: /* BF16 */
+            if (vec) {
+                rc = launch_matvec<GGML_TYPE_BF16>(a, st, "k_matvec<BF16>", err);
+            } else {
+                k_matvec_scalar<GGML_TYPE_BF16><<<grid, MV_THREADS, 0, st>>>(a);
+                GPU_LAUNCH_CHECK("k_matvec_scalar<BF16>", st);
+            }
+            break;
+        }
+        if (rc) goto fail;
+    }
+    return FORGE_OK;
+fail:
+    return rc;
+}
+
+GPU_API int gpu_embed(int wtype, const void *d_table, int64_t n_vocab, int64_t n_embd,
+                      const int32_t *d_ids, int64_t n_tokens, float *d_out, gpu_stream *s,
+                      forge_err *err)
+{
+    int rc = FORGE_OK;
+    cudaStream_t st = GPU_STREAM(s);
+    const uint8_t *t = (const uint8_t *)d_table;
+    const unsigned short *sc = NULL;
+    if (gpu_weight_bytes(wtype, n_vocab, n_embd) == 0)
+        return gpu_err_set(err, FORGE_E_UNSUPPORTED,
+                           "gpu_embed: table type %s with %lld x %lld is not supported",
+                           gpu_type_name(wtype), (long long)n_vocab, (long long)n_embd);
+    if (!d_table || !d_ids || !d_out || n_tokens <= 0 || n_tokens > 65535)
+        return gpu_err_set(err, FORGE_E_INVALID,
+                           "gpu_embed: NULL buffer or n_tokens %lld outside 1..65535",
+                           (long long)n_tokens);
+    if (is_quant(wtype))
+        sc = (const unsigned short *)(t + gpu_weight_scales_offset(wtype, n_vocab, n_embd));
+    {
+        dim3 grid((unsigned)((n_embd + 255) / 256), (unsigned)n_tokens);
+        switch (wtype) {
+        case GGML_TYPE_F32:
+            k_embed<GGML_TYPE_F32><<<grid, 256, 0, st>>>(t, sc, n_vocab, n_embd, d_ids, d_out);
+            break;
+        case GGML_TYPE_F16:
+            k_embed<GGML_TYPE_F16><<<grid, 256, 0, st>>>(t, sc, n_vocab, n_embd, d_ids, d_out);
+            break;
+        case GGML_TYPE_BF16:
+            k_embed<GGML_TYPE_BF16><<<grid, 256, 0, st>>>(t, sc, n_vocab, n_embd, d_ids, d_out);
+            break;
+        case GGML_TYPE_Q8_0:
+            k_embed<GGML_TYPE_Q8_0><<<grid, 256, 0, st>>>(t, sc, n_vocab, n_embd, d_ids, d_out);
+            break;
+        default:
+            k_embed<GGML_TYPE_Q4_0><<<grid, 256, 0, st>>>(t, sc, n_vocab, n_embd, d_ids, d_out);
+            break;
+        }
+        GPU_LAUNCH_CHECK("k_embed", st);
+    }
+    return FORGE_OK;
+fail:
+    return rc;
+}

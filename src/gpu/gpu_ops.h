@@ -1,0 +1,274 @@
+/* gpu_ops.h - the C interface of libforge_cuda.so (CUDA, or HIP through gpu_vendor.h): device
+ * memory, streams, events, graphs, and the decode kernels with thin launchers. Plain C: no CUDA
+ * or HIP header is needed to include it, so .c code (the GPU backend, tests, benchmarks) uses it
+ * and the CPU-only forge binary never links a GPU runtime; the engine dlopens the library and
+ * looks up forge_gpu_get_api() (gpu_api below), tests may link it directly.
+ *
+ * Conventions:
+ *   - Every function returning int returns FORGE_OK or a negative FORGE_E_* code and writes a
+ *     message to err (may be NULL). GPU runtime failures are FORGE_E_DEVICE (FORGE_E_NOMEM for
+ *     out-of-memory); bad arguments FORGE_E_INVALID; types a kernel lacks FORGE_E_UNSUPPORTED.
+ *   - Launchers only enqueue work on the caller's stream and return; nothing waits unless the
+ *     environment variable FORGE_GPU_SYNC=1 is set, which synchronises and checks after every
+ *     launch so that an execution error is reported against the kernel that caused it.
+ *   - Pointers named d_* are device memory owned by the caller; the launchers never keep them.
+ *     A buffer may be freed only in stream order (gpu_free_async on the stream that used it) or
+ *     after the work that uses it is known to be done (stream/event synchronisation).
+ *   - Weight types are ggml type ids (include/forge_gguf.h): F32, F16, BF16, Q8_0, Q4_0.
+ *
+ * Device weight layout. F32/F16/BF16 matrices are stored as in GGUF (rows contiguous). Q8_0 and
+ * Q4_0 matrices are re-packed on the device by gpu_weight_convert() from the GGUF block layout
+ * (block = fp16 d + quants) into two planes, so that every quant load is 16 bytes and aligned:
+ *     quants plane:  n_rows * n_in bytes (Q8_0, int8) or n_rows * n_in/2 bytes (Q4_0, the 16
+ *                    nibble bytes of each block in GGUF order: low nibbles = elements 0..15,
+ *                    high nibbles = 16..31, value = nibble - 8)
+ *     scales plane:  at gpu_weight_scales_offset(), n_rows * n_in/32 fp16 block scales
+ * The total size is gpu_weight_bytes(). Matvec and embedding lookup read this layout. */
+#ifndef FORGE_GPU_OPS_H
+#define FORGE_GPU_OPS_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "forge.h"
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+typedef struct gpu_stream gpu_stream; /* a cudaStream_t / hipStream_t; NULL = legacy default */
+typedef struct gpu_event gpu_event;   /* a cudaEvent_t / hipEvent_t */
+typedef struct gpu_graph gpu_graph;   /* an instantiated graph (cudaGraphExec_t) */
+typedef struct gpu_blas gpu_blas;     /* a BLAS handle (cuBLAS); unavailable in HIP builds */
+
+/* ---- devices -------------------------------------------------------------------------------- */
+typedef struct gpu_device_info {
+    char name[256];
+    int vendor_amd;       /* 0 NVIDIA (CUDA build), 1 AMD (HIP build) */
+    int cc_major, cc_minor; /* compute capability (CUDA); gfx major/minor (HIP) */
+    int sm_count;         /* multiprocessors / compute units */
+    int warp_size;        /* 32, or 64 on CDNA */
+    size_t total_mem;     /* bytes */
+    size_t l2_bytes;
+    double mem_bw_peak;   /* bytes/s from clock and bus width; 0 when the runtime does not say */
+} gpu_device_info;
+
+int gpu_device_count(int *n, forge_err *err);
+int gpu_device_info_get(int dev, gpu_device_info *out, forge_err *err);
+int gpu_set_device(int dev, forge_err *err);
+/* Waits for all work on the device; for tests and shutdown, never in the decode loop. */
+int gpu_device_sync(forge_err *err);
+/* Name of the backend this library was built for: "CUDA" or "HIP". */
+const char *gpu_backend_name(void);
+
+/* ---- memory --------------------------------------------------------------------------------- */
+int gpu_malloc(void **d_out, size_t bytes, forge_err *err);
+void gpu_free(void *d_ptr); /* synchronous (waits for the device); NULL allowed */
+/* Stream-ordered allocation and release (memory pools): the memory may be reused by work
+ * enqueued after the free, never by work before it. */
+int gpu_malloc_async(void **d_out, size_t bytes, gpu_stream *s, forge_err *err);
+int gpu_free_async(void *d_ptr, gpu_stream *s, forge_err *err); /* NULL d_ptr allowed */
+int gpu_host_alloc(void **h_out, size_t bytes, forge_err *err); /* pinned host memory */
+void gpu_host_free(void *h_ptr);
+int gpu_memcpy_h2d(void *d_dst, const void *h_src, size_t bytes, gpu_stream *s, forge_err *err);
+int gpu_memcpy_d2h(void *h_dst, const void *d_src, size_t bytes, gpu_stream *s, forge_err *err);
+int gpu_memcpy_d2d(void *d_dst, const void *d_src, size_t bytes, gpu_stream *s, forge_err *err);
+int gpu_memset(void *d_dst, int byte, size_t bytes, gpu_stream *s, forge_err *err);
+
+/* Device-to-device copy by a kernel (16-byte accesses when both ends and the size allow it,
+ * else the runtime's copy). Buffers must not overlap. */
+int gpu_copy(void *d_dst, const void *d_src, size_t bytes, gpu_stream *s, forge_err *err);
+
+/* ---- streams, events, graphs ----------------------------------------------------------------- */
+int gpu_stream_create(gpu_stream **out, forge_err *err); /* non-blocking stream */
+/* Returns at once; work already enqueued still completes (runtime semantics). NULL allowed. */
+void gpu_stream_destroy(gpu_stream *s);
+int gpu_stream_sync(gpu_stream *s, forge_err *err);
+int gpu_event_create(gpu_event **out, int timing, forge_err *err);
+void gpu_event_destroy(gpu_event *e);
+int gpu_event_record(gpu_event *e, gpu_stream *s, forge_err *err);
+int gpu_event_sync(gpu_event *e, forge_err *err);
+int gpu_stream_wait_event(gpu_stream *s, gpu_event *e, forge_err *err);
+int gpu_event_elapsed_ms(gpu_event *start, gpu_event *stop, float *ms, forge_err *err);
+/* Capture everything enqueued on s between begin and end into a graph; replay with launch. */
+int gpu_graph_begin(gpu_stream *s, forge_err *err);
+int gpu_graph_end(gpu_stream *s, gpu_graph **out, forge_err *err);
+int gpu_graph_launch(gpu_graph *g, gpu_stream *s, forge_err *err);
+void gpu_graph_free(gpu_graph *g);
+
+/* ---- weights --------------------------------------------------------------------------------- */
+/* True when gpu_matvec handles this weight type. */
+int gpu_matvec_supported(int wtype);
+/* Device bytes of an n_rows x n_in matrix in the device layout (0: bad type or shape). */
+size_t gpu_weight_bytes(int wtype, int64_t n_rows, int64_t n_in);
+/* Byte offset of the scales plane of a Q8_0/Q4_0 matrix (0 for plain types). */
+size_t gpu_weight_scales_offset(int wtype, int64_t n_rows, int64_t n_in);
+/* Convert a matrix already copied to the device in GGUF layout (d_src, ggml_row_size(wtype,n_in)
+ * bytes per row) into the device layout at d_dst (gpu_weight_bytes). For F32/F16/BF16 this is a
+ * copy. d_src and d_dst must not overlap. */
+int gpu_weight_convert(int wtype, const void *d_src, void *d_dst, int64_t n_rows, int64_t n_in,
+                       gpu_stream *s, forge_err *err);
+
+/* ---- decode kernels -------------------------------------------------------------------------- */
+/* Activations quantized for the Q8_0/Q4_0 matvec (ggml's Q8_0 numerics, as the CPU's
+ * kern_matmul): gpu_act_q8_bytes(n_in) bytes of scratch; one quantization serves every matvec
+ * that reads the same x (Q/K/V, gate/up). n_in a multiple of 32. */
+size_t gpu_act_q8_bytes(int64_t n_in);
+int gpu_act_quantize(const float *d_x, int64_t n_in, void *d_xq, gpu_stream *s, forge_err *err);
+
+/* d_y[o] = sum_i W[o][i] * x[i], o < n_out. W in the device layout. F32/F16/BF16 weights use the
+ * float activations d_x (fp32 accumulation); Q8_0/Q4_0 weights use d_xq, the result of
+ * gpu_act_quantize(d_x) (integer dot products per block, like the CPU), and ignore d_x.
+ * d_y must not overlap the inputs. */
+int gpu_matvec(int wtype, const void *d_w, int64_t n_out, int64_t n_in, const float *d_x,
+               const void *d_xq, float *d_y, gpu_stream *s, forge_err *err);
+
+/* y[r][i] = x[r][i] / sqrt(mean_i(x[r][i]^2) + eps) * w[i], for n_rows rows of n. In place
+ * (d_y == d_x) allowed. */
+int gpu_rmsnorm(const float *d_x, const float *d_w, float *d_y, int64_t n, int64_t n_rows,
+                float eps, gpu_stream *s, forge_err *err);
+
+/* Rotary embedding in place on d_x = [n_tok][n_heads][head_dim] floats; token t is at position
+ * d_pos[t] (device int32, so that a captured graph reads the current positions). Rotates the
+ * first n_dims (even, <= head_dim) dims of each head; NORM rotates adjacent pairs (2i, 2i+1), NEOX
+ * the halves (i, i + n_dims/2). Angle of pair i, as ggml: freq_scale * pos * theta_scale^i /
+ * d_freq_factors[i] (the division only when non-NULL), theta_scale = powf(base, -2/n_dims). */
+enum { GPU_ROPE_NORM = 0, GPU_ROPE_NEOX = 2 };
+int gpu_rope(float *d_x, int64_t n_tok, int64_t n_heads, int64_t head_dim, int64_t n_dims,
+             int mode, const int32_t *d_pos, float freq_base, float freq_scale,
+             const float *d_freq_factors, gpu_stream *s, forge_err *err);
+
+/* d_out[i] = silu(gate[i]) * up[i]; silu(g) = g / (1 + exp(-g)). d_out may alias gate or up. */
+int gpu_swiglu(const float *d_gate, const float *d_up, float *d_out, int64_t n, gpu_stream *s,
+               forge_err *err);
+/* d_out[i] = a[i] + b[i]; d_out may alias a or b. */
+int gpu_add(const float *d_a, const float *d_b, float *d_out, int64_t n, gpu_stream *s,
+            forge_err *err);
+
+/* d_out[t][:] = row d_ids[t] of the n_vocab x n_embd table (device layout, F32/F16/BF16/Q8_0/
+ * Q4_0) as floats, for t < n_tokens. An id outside [0, n_vocab) gives a row of NaN (the caller
+ * validates ids; NaN makes a slip visible). */
+int gpu_embed(int wtype, const void *d_table, int64_t n_vocab, int64_t n_embd,
+              const int32_t *d_ids, int64_t n_tokens, float *d_out, gpu_stream *s,
+              forge_err *err);
+
+/* *d_idx = the smallest i with d_x[i] maximal (greedy sampling); NaN entries never win; all-NaN
+ * gives 0. */
+int gpu_argmax(const float *d_x, int64_t n, int32_t *d_idx, gpu_stream *s, forge_err *err);
+
+/* Attention for one query token over a KV cache (flash decoding, split over positions).
+ *   d_q:   n_head x head_dim floats;  d_out: n_head x head_dim floats.
+ *   K/V:   element type kv_type (F32 or F16); element (pos, kv_head, d) at
+ *          base + pos * pos_stride + kv_head * head_stride + d (strides in elements), so both
+ *          [pos][head][d] and [head][pos][d] caches work.
+ *   n_kv = *d_pos + 1 positions are attended (device int32, like gpu_rope); max_kv bounds n_kv
+ *   and sizes the launch (a captured graph stays valid as the position grows).
+ *   GQA: query head h reads kv head h / (n_head / n_kv_head).
+ *   scores = scale * q.k; softmax over positions; out = sum softmax * v.
+ *   d_scratch: gpu_attn_scratch_bytes(n_head, head_dim, max_kv) bytes. head_dim <= 256. */
+size_t gpu_attn_scratch_bytes(int64_t n_head, int64_t head_dim, int64_t max_kv);
+typedef struct gpu_attn_args {
+    const float *d_q;
+    const void *d_k, *d_v;
+    int kv_type;
+    int64_t pos_stride, head_stride;
+    int64_t n_head, n_kv_head, head_dim;
+    const int32_t *d_pos;
+    int64_t max_kv;
+    float scale;
+    void *d_scratch;
+    float *d_out;
+} gpu_attn_args;
+int gpu_attention(const gpu_attn_args *a, gpu_stream *s, forge_err *err);
+
+/* ---- batched matrix product (prefill) -------------------------------------------------------- */
+/* Y[t][o] = sum_i W[o][i] * X[t][i] for t < n_tok, through cuBLAS with fp32 accumulation.
+ * W: F32, F16 or BF16 (device layout); X, Y: fp32. d_xc: scratch of n_tok * n_in * 2 bytes
+ * (activations converted to F16/BF16; unused for F32). HIP builds return FORGE_E_UNSUPPORTED:
+ * hipBLAS is not packaged in Debian 12. */
+int gpu_blas_create(gpu_blas **out, forge_err *err);
+void gpu_blas_free(gpu_blas *b);
+int gpu_gemm(gpu_blas *b, int wtype, const void *d_w, int64_t n_out, int64_t n_in,
+             const float *d_x, int64_t n_tok, void *d_xc, float *d_y, gpu_stream *s,
+             forge_err *err);
+
+/* ---- a context: one stream and its scratch, for the backend --------------------------------- */
+typedef struct gpu_ctx gpu_ctx;
+/* Creates a stream on the current device. */
+int gpu_ctx_create(gpu_ctx **out, forge_err *err);
+/* Safe with work still queued: waits for the context's stream, then releases everything.
+ * NULL allowed. */
+void gpu_ctx_free(gpu_ctx *c);
+gpu_stream *gpu_ctx_stream(gpu_ctx *c);
+/* Scratch of at least `bytes`, owned by the context, valid until the next call with a larger
+ * size (growth is stream-ordered, so work already enqueued keeps its old buffer alive). */
+int gpu_ctx_scratch(gpu_ctx *c, size_t bytes, void **d_out, forge_err *err);
+
+/* ---- the table the engine dlopens -------------------------------------------------------------- */
+#define GPU_API_VERSION 1
+typedef struct gpu_api {
+    int version; /* GPU_API_VERSION */
+    const char *(*backend_name)(void);
+    int (*device_count)(int *n, forge_err *err);
+    int (*device_info_get)(int dev, gpu_device_info *out, forge_err *err);
+    int (*set_device)(int dev, forge_err *err);
+    int (*device_sync)(forge_err *err);
+    int (*malloc)(void **d_out, size_t bytes, forge_err *err);
+    void (*free)(void *d_ptr);
+    int (*malloc_async)(void **d_out, size_t bytes, gpu_stream *s, forge_err *err);
+    int (*free_async)(void *d_ptr, gpu_stream *s, forge_err *err);
+    int (*memcpy_h2d)(void *d_dst, const void *h_src, size_t bytes, gpu_stream *s, forge_err *err);
+    int (*memcpy_d2h)(void *h_dst, const void *d_src, size_t bytes, gpu_stream *s, forge_err *err);
+    int (*memcpy_d2d)(void *d_dst, const void *d_src, size_t bytes, gpu_stream *s, forge_err *err);
+    int (*memset)(void *d_dst, int byte, size_t bytes, gpu_stream *s, forge_err *err);
+    int (*ctx_create)(gpu_ctx **out, forge_err *err);
+    void (*ctx_free)(gpu_ctx *c);
+    gpu_stream *(*ctx_stream)(gpu_ctx *c);
+    int (*ctx_scratch)(gpu_ctx *c, size_t bytes, void **d_out, forge_err *err);
+    int (*stream_sync)(gpu_stream *s, forge_err *err);
+    int (*graph_begin)(gpu_stream *s, forge_err *err);
+    int (*graph_end)(gpu_stream *s, gpu_graph **out, forge_err *err);
+    int (*graph_launch)(gpu_graph *g, gpu_stream *s, forge_err *err);
+    void (*graph_free)(gpu_graph *g);
+    int (*matvec_supported)(int wtype);
+    size_t (*weight_bytes)(int wtype, int64_t n_rows, int64_t n_in);
+    int (*weight_convert)(int wtype, const void *d_src, void *d_dst, int64_t n_rows,
+                          int64_t n_in, gpu_stream *s, forge_err *err);
+    size_t (*act_q8_bytes)(int64_t n_in);
+    int (*act_quantize)(const float *d_x, int64_t n_in, void *d_xq, gpu_stream *s,
+                        forge_err *err);
+    int (*matvec)(int wtype, const void *d_w, int64_t n_out, int64_t n_in, const float *d_x,
+                  const void *d_xq, float *d_y, gpu_stream *s, forge_err *err);
+    int (*rmsnorm)(const float *d_x, const float *d_w, float *d_y, int64_t n, int64_t n_rows,
+                   float eps, gpu_stream *s, forge_err *err);
+    int (*rope)(float *d_x, int64_t n_tok, int64_t n_heads, int64_t head_dim, int64_t n_dims,
+                int mode, const int32_t *d_pos, float freq_base, float freq_scale,
+                const float *d_freq_factors, gpu_stream *s, forge_err *err);
+    int (*swiglu)(const float *d_gate, const float *d_up, float *d_out, int64_t n,
+                  gpu_stream *s, forge_err *err);
+    int (*add)(const float *d_a, const float *d_b, float *d_out, int64_t n, gpu_stream *s,
+               forge_err *err);
+    int (*embed)(int wtype, const void *d_table, int64_t n_vocab, int64_t n_embd,
+                 const int32_t *d_ids, int64_t n_tokens, float *d_out, gpu_stream *s,
+                 forge_err *err);
+    int (*argmax)(const float *d_x, int64_t n, int32_t *d_idx, gpu_stream *s, forge_err *err);
+    size_t (*attn_scratch_bytes)(int64_t n_head, int64_t head_dim, int64_t max_kv);
+    int (*attention)(const gpu_attn_args *a, gpu_stream *s, forge_err *err);
+    int (*blas_create)(gpu_blas **out, forge_err *err);
+    void (*blas_free)(gpu_blas *b);
+    int (*gemm)(gpu_blas *b, int wtype, const void *d_w, int64_t n_out, int64_t n_in,
+                const float *d_x, int64_t n_tok, void *d_xc, float *d_y, gpu_stream *s,
+                forge_err *err);
+    int (*copy)(void *d_dst, const void *d_src, size_t bytes, gpu_stream *s, forge_err *err);
+} gpu_api;
+
+/* The one symbol the engine looks up after dlopen("libforge_cuda.so"). NULL if `version` is not
+ * one this library provides. */
+const gpu_api *forge_gpu_get_api(int version);
+typedef const gpu_api *(*forge_gpu_get_api_fn)(int version);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif /* FORGE_GPU_OPS_H */

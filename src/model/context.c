@@ -1,0 +1,237 @@
+/* context.c - inference contexts: the backend instance, the KV cache, activation buffers for a
+ * batch of n_batch tokens, the position, and the host copy of the logits. Owns forge_context_*,
+ * forge_decode, forge_get_logits and forge_kv_truncate of include/forge_model.h. The forward
+ * pass itself lives in the architecture files. */
+#include <stdlib.h>
+#include <string.h>
+
+#include "core/util.h"
+#include "cpu/kernels.h"
+#include "model/model.h"
+
+forge_context_params forge_context_default_params(void)
+{
+    forge_context_params p = {0};
+    p.n_ctx = 0;
+    p.n_batch = 512;
+    p.n_threads = 0;
+    p.kv_type = FORGE_KV_F32;
+    p.f32_math = false;
+    return p;
+}
+
+static void free_bufs(forge_context *ctx)
+{
+    be_buf **all[] = {&ctx->b.x, &ctx->b.xn,   &ctx->b.q,  &ctx->b.k,    &ctx->b.v,     &ctx->b.att,
+                      &ctx->b.o, &ctx->b.gate, &ctx->b.up, &ctx->b.last, &ctx->b.logits};
+    for (size_t i = 0; i < FORGE_ARRAY_LEN(all); i++) {
+        if (*all[i]) ctx->be->ops->buf_free(ctx->be, *all[i]);
+        *all[i] = NULL;
+    }
+}
+
+static int alloc_bufs(forge_context *ctx, forge_err *err)
+{
+    const forge_model_info *hp = &ctx->model->info;
+    const int64_t nb = ctx->n_batch, E = hp->n_embd;
+    const int64_t QD = (int64_t)hp->n_head * hp->head_dim,
+                  KD = (int64_t)hp->n_head_kv * hp->head_dim;
+    struct {
+        be_buf **buf;
+        int64_t n;
+    } want[] = {
+        {&ctx->b.x, nb * E},
+        {&ctx->b.xn, nb * E},
+        {&ctx->b.q, nb * QD},
+        {&ctx->b.k, nb * KD},
+        {&ctx->b.v, nb * KD},
+        {&ctx->b.att, nb * QD},
+        {&ctx->b.o, nb * (E > QD ? E : QD)},
+        {&ctx->b.gate, nb * hp->n_ff},
+        {&ctx->b.up, nb * hp->n_ff},
+        {&ctx->b.last, E},
+        {&ctx->b.logits, hp->n_vocab},
+    };
+    for (size_t i = 0; i < FORGE_ARRAY_LEN(want); i++) {
+        int rc = ctx->be->ops->buf_create(ctx->be, want[i].n, want[i].buf, err);
+        if (rc) return rc;
+    }
+    ctx->b.logits_rows = 1;
+    return FORGE_OK;
+}
+
+int forge_context_create(forge_model *model, const forge_context_params *params,
+                         forge_context **out, forge_err *err)
+{
+    forge_context *ctx = NULL;
+    int rc;
+    if (!out || !model)
+        return forge_err_set(err, FORGE_E_INVALID, "forge_context_create: NULL argument");
+    *out = NULL;
+    forge_context_params p = params ? *params : forge_context_default_params();
+    const forge_model_info *hp = &model->info;
+    if (p.n_ctx < 0 || p.n_batch < 0 || p.n_threads < 0 ||
+        (p.kv_type != FORGE_KV_F32 && p.kv_type != FORGE_KV_F16))
+        return forge_err_set(err, FORGE_E_INVALID,
+                             "bad context parameters: n_ctx %d, n_batch %d, threads %d, kv type %d",
+                             p.n_ctx, p.n_batch, p.n_threads, (int)p.kv_type);
+    ctx = calloc(1, sizeof *ctx);
+    if (!ctx) return forge_err_set(err, FORGE_E_NOMEM, "out of memory");
+    ctx->model = model;
+    ctx->n_ctx = p.n_ctx ? p.n_ctx : hp->n_ctx_train;
+    ctx->n_batch = p.n_batch ? p.n_batch : 512;
+    if (ctx->n_batch > ctx->n_ctx) ctx->n_batch = ctx->n_ctx;
+    ctx->n_threads = p.n_threads ? p.n_threads : kern_physical_cores();
+    if (ctx->n_threads < 1) ctx->n_threads = 1;
+    ctx->kv_type = p.kv_type;
+    if ((rc = backend_cpu_create(ctx->n_threads, p.f32_math, &ctx->be, err))) goto fail;
+    /* weights: let the backend prepare them (a GPU backend uploads here) */
+    be_weight *globals[] = {&model->tok_embd, &model->output_norm, &model->output,
+                            &model->rope_freqs};
+    for (size_t i = 0; i < FORGE_ARRAY_LEN(globals); i++)
+        if (globals[i]->data && (rc = ctx->be->ops->weight_prepare(ctx->be, globals[i], err)))
+            goto fail;
+    for (int il = 0; il < hp->n_layer; il++) {
+        /* layer_weights is a struct of be_weight only */
+        be_weight *lw = (be_weight *)&model->layers[il];
+        for (size_t i = 0; i < sizeof(layer_weights) / sizeof(be_weight); i++)
+            if (lw[i].data && (rc = ctx->be->ops->weight_prepare(ctx->be, &lw[i], err))) goto fail;
+    }
+    if ((rc = ctx->be->ops->kv_create(ctx->be, hp->n_layer, ctx->n_ctx, model->n_embd_k_gqa,
+                                      (int)p.kv_type, &ctx->kv, err)))
+        goto fail;
+    if ((rc = alloc_bufs(ctx, err))) goto fail;
+    *out = ctx;
+    return FORGE_OK;
+fail:
+    forge_context_free(ctx);
+    return rc;
+}
+
+void forge_context_free(forge_context *ctx)
+{
+    if (!ctx) return;
+    if (ctx->be) {
+        free_bufs(ctx);
+        ctx->be->ops->kv_free(ctx->be, ctx->kv);
+        ctx->be->ops->destroy(ctx->be);
+    }
+    free(ctx->logits);
+    free(ctx);
+}
+
+int32_t forge_context_n_ctx(const forge_context *ctx)
+{
+    return ctx->n_ctx;
+}
+
+int32_t forge_context_n_threads(const forge_context *ctx)
+{
+    return ctx->n_threads;
+}
+
+int32_t forge_context_pos(const forge_context *ctx)
+{
+    return ctx->pos;
+}
+
+const forge_model *forge_context_model(const forge_context *ctx)
+{
+    return ctx->model;
+}
+
+void forge_context_set_abort_flag(forge_context *ctx, const volatile sig_atomic_t *flag)
+{
+    ctx->abort_flag = flag;
+}
+
+/* Make room for rows logit rows in the backend buffer and in the host array. */
+static int reserve_logits(forge_context *ctx, int64_t chunk_rows, int64_t host_rows, forge_err *err)
+{
+    const int64_t V = ctx->model->info.n_vocab;
+    if (chunk_rows > ctx->b.logits_rows) {
+        ctx->be->ops->buf_free(ctx->be, ctx->b.logits);
+        ctx->b.logits = NULL;
+        ctx->b.logits_rows = 0;
+        int rc = ctx->be->ops->buf_create(ctx->be, chunk_rows * V, &ctx->b.logits, err);
+        if (rc) return rc;
+        ctx->b.logits_rows = chunk_rows;
+    }
+    if (host_rows > ctx->logits_cap) {
+        float *p = realloc(ctx->logits, (size_t)(host_rows * V) * sizeof(float));
+        if (!p)
+            return forge_err_set(err, FORGE_E_NOMEM, "out of memory for %lld rows of logits",
+                                 (long long)host_rows);
+        ctx->logits = p;
+        ctx->logits_cap = host_rows;
+    }
+    return FORGE_OK;
+}
+
+int forge_decode(forge_context *ctx, const int32_t *ids, int32_t n, bool all_logits, forge_err *err)
+{
+    if (!ctx || (!ids && n > 0) || n <= 0)
+        return forge_err_set(err, FORGE_E_INVALID, "forge_decode: %d tokens (need >= 1)", n);
+    const int32_t V = ctx->model->info.n_vocab;
+    const int32_t pos_start = ctx->pos;
+    int rc;
+    if ((int64_t)ctx->pos + n > ctx->n_ctx)
+        return forge_err_set(err, FORGE_E_RANGE,
+                             "%d tokens at position %d do not fit the context of %d tokens", n,
+                             ctx->pos, ctx->n_ctx);
+    for (int32_t i = 0; i < n; i++)
+        if (ids[i] < 0 || ids[i] >= V)
+            return forge_err_set(err, FORGE_E_RANGE,
+                                 "token id %d at index %d is outside the vocabulary (%d)", ids[i],
+                                 i, V);
+    ctx->n_logits = 0;
+    if ((rc = reserve_logits(ctx, all_logits ? (n < ctx->n_batch ? n : ctx->n_batch) : 1,
+                             all_logits ? n : 1, err)))
+        goto fail;
+    for (int32_t done = 0; done < n;) {
+        int32_t chunk = n - done < ctx->n_batch ? n - done : ctx->n_batch;
+        bool last_chunk = done + chunk == n;
+        int rows = 0;
+        if ((rc = arch_llama_forward(ctx, ids + done, chunk, all_logits || last_chunk, all_logits,
+                                     &rows, err)))
+            goto fail;
+        ctx->pos += chunk;
+        if (all_logits || last_chunk) {
+            float *dst = ctx->logits + (int64_t)(all_logits ? done : 0) * V;
+            if ((rc = ctx->be->ops->buf_read(ctx->be, ctx->b.logits, 0, (int64_t)rows * V, dst,
+                                             err)))
+                goto fail;
+        }
+        done += chunk;
+    }
+    ctx->n_logits = all_logits ? n : 1;
+    return FORGE_OK;
+fail:
+    ctx->pos = pos_start;
+    ctx->n_logits = 0;
+    return rc;
+}
+
+const float *forge_get_logits(const forge_context *ctx, int32_t i)
+{
+    if (!ctx || ctx->n_logits == 0) return NULL;
+    if (i == -1) i = ctx->n_logits - 1;
+    if (i < 0 || i >= ctx->n_logits) return NULL;
+    return ctx->logits + (int64_t)i * ctx->model->info.n_vocab;
+}
+
+int32_t forge_n_logits(const forge_context *ctx)
+{
+    return ctx ? ctx->n_logits : 0;
+}
+
+int forge_kv_truncate(forge_context *ctx, int32_t pos, forge_err *err)
+{
+    if (!ctx || pos < 0 || pos > ctx->pos)
+        return forge_err_set(err, FORGE_E_RANGE,
+                             "cannot truncate the KV cache to %d (it holds %d tokens)", pos,
+                             ctx ? ctx->pos : 0);
+    ctx->pos = pos;
+    ctx->n_logits = 0;
+    return FORGE_OK;
+}

@@ -1,0 +1,390 @@
+/* model.c - loading a model from GGUF: architecture, hyperparameters (with llama.cpp's defaults
+ * for absent keys), the tokenizer, and every weight tensor checked against the hyperparameters
+ * before any compute. Weights are be_weight views into the read-only mapping (never copied).
+ * Owns forge_model_load/free and the model accessors of include/forge_model.h. */
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "core/util.h"
+#include "cpu/kernels.h"
+#include "model/model.h"
+
+static const char *arch_names[] = {"llama", "qwen2", "qwen3"};
+
+/* Types a weight matrix may have. */
+static bool matrix_type_ok(int t)
+{
+    return (t == GGML_TYPE_F32 || t == GGML_TYPE_F16 || t == GGML_TYPE_BF16 ||
+            t == GGML_TYPE_Q8_0 || t == GGML_TYPE_Q4_0) &&
+           kern_matmul_supported(t);
+}
+
+typedef struct loader {
+    forge_model *m;
+    const char *path;
+    const char *arch;
+    uint64_t bytes_by_type[GGML_TYPE_COUNT];
+} loader;
+
+/* ---- metadata --------------------------------------------------------------------------- */
+
+static void arch_key(char *buf, size_t n, const char *arch, const char *suffix)
+{
+    snprintf(buf, n, "%s.%s", arch, suffix);
+}
+
+/* A u32 hyperparameter. Absent: *out = def when !required. An array (per-layer values, as some
+ * converters write feed_forward_length / head_count) is accepted when all entries are equal. */
+static int get_hparam(loader *L, const char *suffix, bool required, uint32_t def, uint32_t *out,
+                      forge_err *err)
+{
+    char key[160];
+    arch_key(key, sizeof key, L->arch, suffix);
+    const gguf_ctx *g = L->m->gguf;
+    int64_t idx = gguf_find_key(g, key);
+    if (idx < 0) {
+        if (required)
+            return forge_err_set(err, FORGE_E_NOTFOUND, "%s: required key '%s' not found", L->path,
+                                 key);
+        *out = def;
+        return FORGE_OK;
+    }
+    if (gguf_kv_type(g, idx) == GGUF_TYPE_ARRAY) {
+        gguf_type et;
+        uint64_t n;
+        int rc = gguf_get_arr(g, key, &et, &n, err);
+        if (rc) return rc;
+        if (n == 0 || n > FORGE_MAX_LAYERS)
+            return forge_err_set(err, FORGE_E_FORMAT, "%s: key '%s' is an array of %llu values",
+                                 L->path, key, (unsigned long long)n);
+        int32_t vals[FORGE_MAX_LAYERS];
+        rc = gguf_copy_arr_i32(g, key, vals, n, err);
+        if (rc) return rc;
+        for (uint64_t i = 1; i < n; i++)
+            if (vals[i] != vals[0])
+                return forge_err_set(err, FORGE_E_UNSUPPORTED,
+                                     "%s: key '%s' differs between layers (%d vs %d)", L->path, key,
+                                     vals[0], vals[i]);
+        if (vals[0] < 0)
+            return forge_err_set(err, FORGE_E_FORMAT, "%s: key '%s' is negative (%d)", L->path, key,
+                                 vals[0]);
+        *out = (uint32_t)vals[0];
+        return FORGE_OK;
+    }
+    return gguf_get_u32(g, key, out, err);
+}
+
+static int get_f32_opt(loader *L, const char *suffix, float def, float *out, forge_err *err)
+{
+    char key[160];
+    arch_key(key, sizeof key, L->arch, suffix);
+    if (gguf_find_key(L->m->gguf, key) < 0) {
+        *out = def;
+        return FORGE_OK;
+    }
+    return gguf_get_f32(L->m->gguf, key, out, err);
+}
+
+/* ---- tensors ---------------------------------------------------------------------------- */
+
+typedef enum wkind { W_MATRIX, W_VECTOR } wkind;
+
+/* Bind tensor `name` into *w, checking its shape [ne0, ne1] (ne1 = 1 for vectors) and type. */
+static int bind(loader *L, be_weight *w, const char *name, wkind kind, int64_t ne0, int64_t ne1,
+                bool required, forge_err *err)
+{
+    const gguf_tensor_info *ti = gguf_find_tensor(L->m->gguf, name);
+    memset(w, 0, sizeof *w);
+    if (!ti) {
+        if (!required) return FORGE_OK;
+        return forge_err_set(err, FORGE_E_NOTFOUND, "%s: required tensor '%s' not found", L->path,
+                             name);
+    }
+    bool shape_ok = ti->ne[0] == ne0 && ti->ne[1] == ne1 && ti->ne[2] == 1 && ti->ne[3] == 1 &&
+                    (kind == W_MATRIX ? ti->n_dims <= 2 : ti->n_dims == 1);
+    if (!shape_ok) {
+        if (kind == W_VECTOR)
+            return forge_err_set(err, FORGE_E_FORMAT,
+                                 "%s: tensor '%s' has shape [%lld, %lld, %lld, %lld], expected "
+                                 "[%lld] from the hyperparameters",
+                                 L->path, name, (long long)ti->ne[0], (long long)ti->ne[1],
+                                 (long long)ti->ne[2], (long long)ti->ne[3], (long long)ne0);
+        return forge_err_set(err, FORGE_E_FORMAT,
+                             "%s: tensor '%s' has shape [%lld, %lld, %lld, %lld], expected [%lld, "
+                             "%lld] from the hyperparameters",
+                             L->path, name, (long long)ti->ne[0], (long long)ti->ne[1],
+                             (long long)ti->ne[2], (long long)ti->ne[3], (long long)ne0,
+                             (long long)ne1);
+    }
+    if (kind == W_VECTOR && ti->type != GGML_TYPE_F32)
+        return forge_err_set(err, FORGE_E_UNSUPPORTED,
+                             "%s: tensor '%s' has type %s; norms and biases must be F32", L->path,
+                             name, ggml_type_name(ti->type));
+    if (kind == W_MATRIX && !matrix_type_ok(ti->type))
+        return forge_err_set(err, FORGE_E_UNSUPPORTED,
+                             "%s: tensor '%s' has weight type %s, which is not supported (F32, "
+                             "F16, BF16, Q8_0, Q4_0)",
+                             L->path, name, ggml_type_name(ti->type));
+    if (ggml_row_size(ti->type, ne0) == 0 ||
+        ti->n_bytes < ggml_row_size(ti->type, ne0) * (uint64_t)ne1)
+        return forge_err_set(err, FORGE_E_FORMAT,
+                             "%s: tensor '%s' (%s) rows of %lld do not fit its %llu bytes", L->path,
+                             name, ggml_type_name(ti->type), (long long)ne0,
+                             (unsigned long long)ti->n_bytes);
+    w->name = ti->name;
+    w->type = ti->type;
+    w->ne0 = ne0;
+    w->ne1 = ne1;
+    w->n_bytes = ti->n_bytes;
+    w->data = ti->data;
+    L->bytes_by_type[ti->type] += ti->n_bytes;
+    L->m->info.n_params += (uint64_t)ti->n_elements;
+    L->m->info.weight_bytes += ti->n_bytes;
+    return FORGE_OK;
+}
+
+static int bind_layer(loader *L, int il, be_weight *w, const char *what, wkind kind, int64_t ne0,
+                      int64_t ne1, bool required, forge_err *err)
+{
+    char name[96];
+    snprintf(name, sizeof name, "blk.%d.%s", il, what);
+    return bind(L, w, name, kind, ne0, ne1, required, err);
+}
+
+static void make_type_summary(loader *L)
+{
+    forge_model *m = L->m;
+    int order[GGML_TYPE_COUNT], n = 0;
+    for (int t = 0; t < GGML_TYPE_COUNT; t++)
+        if (L->bytes_by_type[t]) order[n++] = t;
+    for (int i = 1; i < n; i++) /* insertion sort by bytes, descending */
+        for (int j = i; j > 0 && L->bytes_by_type[order[j]] > L->bytes_by_type[order[j - 1]]; j--) {
+            int tmp = order[j];
+            order[j] = order[j - 1];
+            order[j - 1] = tmp;
+        }
+    size_t off = 0;
+    m->type_summary[0] = '\0';
+    for (int i = 0; i < n && off < sizeof m->type_summary; i++) {
+        const char *sep = i == 0 ? "" : i == 1 ? " (+" : ", ";
+        off += (size_t)snprintf(m->type_summary + off, sizeof m->type_summary - off, "%s%s", sep,
+                                ggml_type_name(order[i]));
+    }
+    if (n > 1 && off < sizeof m->type_summary)
+        snprintf(m->type_summary + off, sizeof m->type_summary - off, ")");
+}
+
+/* ---- load ------------------------------------------------------------------------------- */
+
+static int load_hparams(loader *L, forge_err *err)
+{
+    forge_model *m = L->m;
+    forge_model_info *hp = &m->info;
+    uint32_t n_ctx, n_embd, n_layer, n_ff, n_head, n_head_kv, head_dim, head_dim_v, n_rot, n_expert;
+    int rc;
+    if ((rc = get_hparam(L, "context_length", true, 0, &n_ctx, err)) ||
+        (rc = get_hparam(L, "embedding_length", true, 0, &n_embd, err)) ||
+        (rc = get_hparam(L, "block_count", true, 0, &n_layer, err)) ||
+        (rc = get_hparam(L, "feed_forward_length", true, 0, &n_ff, err)) ||
+        (rc = get_hparam(L, "attention.head_count", true, 0, &n_head, err)) ||
+        (rc = get_hparam(L, "expert_count", false, 0, &n_expert, err)))
+        return rc;
+    if (n_expert > 0)
+        return forge_err_set(
+            err, FORGE_E_UNSUPPORTED,
+            "%s: mixture-of-experts models (%s.expert_count = %u) are not supported", L->path,
+            L->arch, n_expert);
+    if (n_embd == 0 || n_embd > (1u << 20) || n_layer == 0 || n_layer > FORGE_MAX_LAYERS ||
+        n_ff == 0 || n_ff > (1u << 22) || n_head == 0 || n_head > 4096 || n_ctx == 0 ||
+        n_ctx > (1u << 24))
+        return forge_err_set(err, FORGE_E_FORMAT,
+                             "%s: implausible hyperparameters: context_length %u, embedding_length "
+                             "%u, block_count %u, feed_forward_length %u, head_count %u",
+                             L->path, n_ctx, n_embd, n_layer, n_ff, n_head);
+    if ((rc = get_hparam(L, "attention.head_count_kv", false, n_head, &n_head_kv, err)) ||
+        (rc = get_hparam(L, "attention.key_length", false, n_embd / n_head, &head_dim, err)) ||
+        (rc = get_hparam(L, "attention.value_length", false, head_dim, &head_dim_v, err)) ||
+        (rc = get_hparam(L, "rope.dimension_count", false, head_dim, &n_rot, err)))
+        return rc;
+    if (n_head_kv == 0 || n_head % n_head_kv != 0)
+        return forge_err_set(err, FORGE_E_FORMAT,
+                             "%s: %s.attention.head_count %u is not a multiple of head_count_kv %u",
+                             L->path, L->arch, n_head, n_head_kv);
+    if (head_dim == 0 || head_dim > 4096 || head_dim_v != head_dim)
+        return forge_err_set(err, FORGE_E_UNSUPPORTED,
+                             "%s: head dimensions key %u / value %u are not supported", L->path,
+                             head_dim, head_dim_v);
+    if (n_rot == 0 || n_rot > head_dim || n_rot % 2)
+        return forge_err_set(err, FORGE_E_FORMAT,
+                             "%s: %s.rope.dimension_count %u does not fit head dimension %u",
+                             L->path, L->arch, n_rot, head_dim);
+    if ((rc = get_f32_opt(L, "attention.layer_norm_rms_epsilon", NAN, &hp->rms_eps, err)) ||
+        (rc = get_f32_opt(L, "rope.freq_base", 10000.0f, &hp->rope_freq_base, err)))
+        return rc;
+    if (isnan(hp->rms_eps)) {
+        char key[160];
+        arch_key(key, sizeof key, L->arch, "attention.layer_norm_rms_epsilon");
+        return forge_err_set(err, FORGE_E_NOTFOUND, "%s: required key '%s' not found", L->path,
+                             key);
+    }
+    if (!(hp->rms_eps > 0 && hp->rms_eps < 1) || !(hp->rope_freq_base > 0))
+        return forge_err_set(err, FORGE_E_FORMAT, "%s: bad rms epsilon %g or rope base %g", L->path,
+                             (double)hp->rms_eps, (double)hp->rope_freq_base);
+    /* rope scaling: llama.cpp reads the factor whatever the type says; YaRN/LongRoPE not here. */
+    char key[160];
+    arch_key(key, sizeof key, L->arch, "rope.scaling.type");
+    if (gguf_find_key(m->gguf, key) >= 0) {
+        gguf_str s;
+        if ((rc = gguf_get_str(m->gguf, key, &s, err))) return rc;
+        if (!(s.len == 4 && !memcmp(s.data, "none", 4)) &&
+            !(s.len == 6 && !memcmp(s.data, "linear", 6)))
+            return forge_err_set(err, FORGE_E_UNSUPPORTED,
+                                 "%s: rope scaling type '%.*s' is not supported (none, linear)",
+                                 L->path, (int)(s.len > 32 ? 32 : s.len), s.data);
+    }
+    float factor;
+    if ((rc = get_f32_opt(L, "rope.scaling.factor", 0.0f, &factor, err))) return rc;
+    if (factor == 0.0f && (rc = get_f32_opt(L, "rope.scale_linear", 0.0f, &factor, err))) return rc;
+    if (factor < 0 || isnan(factor))
+        return forge_err_set(err, FORGE_E_FORMAT, "%s: bad rope scaling factor %g", L->path,
+                             (double)factor);
+    hp->rope_freq_scale = factor == 0.0f ? 1.0f : 1.0f / factor;
+
+    hp->n_ctx_train = (int32_t)n_ctx;
+    hp->n_embd = (int32_t)n_embd;
+    hp->n_layer = (int32_t)n_layer;
+    hp->n_ff = (int32_t)n_ff;
+    hp->n_head = (int32_t)n_head;
+    hp->n_head_kv = (int32_t)n_head_kv;
+    hp->head_dim = (int32_t)head_dim;
+    hp->n_rot = (int32_t)n_rot;
+    m->n_embd_k_gqa = (int32_t)(n_head_kv * head_dim);
+    return FORGE_OK;
+}
+
+static int load_tensors(loader *L, forge_err *err)
+{
+    forge_model *m = L->m;
+    const forge_model_info *hp = &m->info;
+    const int64_t E = hp->n_embd, V = hp->n_vocab, F = hp->n_ff, HD = hp->head_dim;
+    const int64_t QD = (int64_t)hp->n_head * HD, KD = (int64_t)hp->n_head_kv * HD;
+    const bool qkv_bias = m->arch == ARCH_QWEN2, qk_norm = m->arch == ARCH_QWEN3;
+    int rc;
+
+    if ((rc = bind(L, &m->tok_embd, "token_embd.weight", W_MATRIX, E, V, true, err)) ||
+        (rc = bind(L, &m->output_norm, "output_norm.weight", W_VECTOR, E, 1, true, err)) ||
+        (rc = bind(L, &m->output, "output.weight", W_MATRIX, E, V, false, err)) ||
+        (rc = bind(L, &m->rope_freqs, "rope_freqs.weight", W_VECTOR, hp->n_rot / 2, 1, false, err)))
+        return rc;
+    if (!m->output.data) {
+        m->output = m->tok_embd;
+        m->info.tied_output = true;
+    }
+    m->layers = calloc((size_t)hp->n_layer, sizeof *m->layers);
+    if (!m->layers) return forge_err_set(err, FORGE_E_NOMEM, "out of memory");
+    for (int il = 0; il < hp->n_layer; il++) {
+        layer_weights *l = &m->layers[il];
+        if ((rc =
+                 bind_layer(L, il, &l->attn_norm, "attn_norm.weight", W_VECTOR, E, 1, true, err)) ||
+            (rc = bind_layer(L, il, &l->wq, "attn_q.weight", W_MATRIX, E, QD, true, err)) ||
+            (rc = bind_layer(L, il, &l->wk, "attn_k.weight", W_MATRIX, E, KD, true, err)) ||
+            (rc = bind_layer(L, il, &l->wv, "attn_v.weight", W_MATRIX, E, KD, true, err)) ||
+            (rc = bind_layer(L, il, &l->wo, "attn_output.weight", W_MATRIX, QD, E, true, err)) ||
+            (rc = bind_layer(L, il, &l->bq, "attn_q.bias", W_VECTOR, QD, 1, qkv_bias, err)) ||
+            (rc = bind_layer(L, il, &l->bk, "attn_k.bias", W_VECTOR, KD, 1, qkv_bias, err)) ||
+            (rc = bind_layer(L, il, &l->bv, "attn_v.bias", W_VECTOR, KD, 1, qkv_bias, err)) ||
+            (rc = bind_layer(L, il, &l->bo, "attn_output.bias", W_VECTOR, E, 1, false, err)) ||
+            (rc = bind_layer(L, il, &l->q_norm, "attn_q_norm.weight", W_VECTOR, HD, 1, qk_norm,
+                             err)) ||
+            (rc = bind_layer(L, il, &l->k_norm, "attn_k_norm.weight", W_VECTOR, HD, 1, qk_norm,
+                             err)) ||
+            (rc = bind_layer(L, il, &l->ffn_norm, "ffn_norm.weight", W_VECTOR, E, 1, true, err)) ||
+            (rc = bind_layer(L, il, &l->ffn_gate, "ffn_gate.weight", W_MATRIX, E, F, true, err)) ||
+            (rc = bind_layer(L, il, &l->ffn_up, "ffn_up.weight", W_MATRIX, E, F, true, err)) ||
+            (rc = bind_layer(L, il, &l->ffn_down, "ffn_down.weight", W_MATRIX, F, E, true, err)))
+            return rc;
+    }
+    /* bytes one decoded token reads: everything but the embedding table, plus one of its rows */
+    uint64_t embd_row = ggml_row_size(m->tok_embd.type, E);
+    m->info.bytes_per_token = m->info.weight_bytes - m->tok_embd.n_bytes + embd_row;
+    if (m->info.tied_output) m->info.bytes_per_token += m->tok_embd.n_bytes;
+    make_type_summary(L);
+    return FORGE_OK;
+}
+
+int forge_model_load(const char *path, forge_model **out, forge_err *err)
+{
+    forge_model *m = NULL;
+    int rc;
+    if (!out || !path)
+        return forge_err_set(err, FORGE_E_INVALID, "forge_model_load: NULL argument");
+    *out = NULL;
+    m = calloc(1, sizeof *m);
+    if (!m) return forge_err_set(err, FORGE_E_NOMEM, "out of memory");
+    loader L = {.m = m, .path = path};
+    if ((rc = gguf_open(path, &m->gguf, err))) goto fail;
+
+    gguf_str arch;
+    if ((rc = gguf_get_str(m->gguf, "general.architecture", &arch, err))) goto fail;
+    int a = -1;
+    for (int i = 0; i < (int)FORGE_ARRAY_LEN(arch_names); i++)
+        if (arch.len == strlen(arch_names[i]) && !memcmp(arch.data, arch_names[i], arch.len)) a = i;
+    if (a < 0) {
+        rc = forge_err_set(
+            err, FORGE_E_UNSUPPORTED,
+            "%s: architecture '%.*s' is not supported (supported: llama, qwen2, qwen3)", path,
+            (int)(arch.len > 64 ? 64 : arch.len), arch.data);
+        goto fail;
+    }
+    m->arch = (model_arch)a;
+    m->rope_mode = m->arch == ARCH_LLAMA ? BE_ROPE_NORM : BE_ROPE_NEOX;
+    L.arch = arch_names[a];
+    m->info.arch = arch_names[a];
+    gguf_str name;
+    if (gguf_find_key(m->gguf, "general.name") >= 0 &&
+        gguf_get_str(m->gguf, "general.name", &name, NULL) == 0)
+        snprintf(m->name, sizeof m->name, "%.*s", (int)(name.len > 127 ? 127 : name.len),
+                 name.data);
+    m->info.name = m->name;
+    m->info.type_summary = m->type_summary;
+
+    if ((rc = load_hparams(&L, err))) goto fail;
+    if ((rc = forge_tok_load(m->gguf, &m->tok, err))) goto fail;
+    m->info.n_vocab = forge_tok_n_vocab(m->tok);
+    if (m->info.n_vocab <= 0) {
+        rc = forge_err_set(err, FORGE_E_FORMAT, "%s: the vocabulary is empty", path);
+        goto fail;
+    }
+    if ((rc = load_tensors(&L, err))) goto fail;
+    *out = m;
+    return FORGE_OK;
+fail:
+    forge_model_free(m);
+    return rc;
+}
+
+void forge_model_free(forge_model *m)
+{
+    if (!m) return;
+    free(m->layers);
+    forge_tok_free(m->tok);
+    gguf_close(m->gguf);
+    free(m);
+}
+
+const forge_model_info *forge_model_info_get(const forge_model *m)
+{
+    return m ? &m->info : NULL;
+}
+
+const forge_tok *forge_model_tok(const forge_model *m)
+{
+    return m ? m->tok : NULL;
+}
+
+const gguf_ctx *forge_model_gguf(const forge_model *m)
+{
+    return m ? m->gguf : NULL;
+}

@@ -1,0 +1,144 @@
+/* gpu_test_util.h - helpers shared by the GPU test programs (the .c files of tests/gpu): random numbers,
+ * device buffers with sentinel guard bytes, NMSE, and result lines. Header-only (static), since
+ * each test program is one .c file. These programs need a GPU; they are built by `make gpu` and
+ * run on the device machine (scripts/gpu-run.sh), never by the CPU test runner. */
+#ifndef FORGE_GPU_TEST_UTIL_H
+#define FORGE_GPU_TEST_UTIL_H
+
+#include <math.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "forge.h"
+#include "gpu/gpu_ops.h"
+
+#define GT_LEN(a) (sizeof(a) / sizeof((a)[0]))
+#define GT_GUARD_BYTES 256
+#define GT_GUARD_BYTE 0xA5
+#define GT_POISON_BYTE 0xFF /* 0xFFFFFFFF is a NaN: an unwritten output cannot pass */
+
+static int gt_pass, gt_fail;
+
+/* Stop the program on an API failure: a test that cannot set up has nothing to report. */
+static inline void gt_ok(int rc, const forge_err *e, const char *what)
+{
+    if (rc != FORGE_OK) {
+        fprintf(stderr, "FATAL: %s: %s (%s)\n", what, e ? e->msg : "", forge_status_name(rc));
+        exit(2);
+    }
+}
+#define GT_OK(call)                                                                                \
+    do {                                                                                           \
+        forge_err gt_e_ = {0};                                                                     \
+        forge_err *err = &gt_e_;                                                                  \
+        int gt_rc_ = (call);                                                                       \
+        gt_ok(gt_rc_, err, #call);                                                                 \
+    } while (0)
+
+static inline void gt_check(int cond, const char *fmt, ...)
+{
+    va_list ap;
+    va_start(ap, fmt);
+    if (cond) {
+        gt_pass++;
+    } else {
+        gt_fail++;
+        printf("FAIL ");
+        vprintf(fmt, ap);
+        printf("\n");
+    }
+    va_end(ap);
+}
+
+/* xorshift64* */
+static inline uint64_t gt_rand_u64(uint64_t *s)
+{
+    uint64_t x = *s;
+    x ^= x >> 12;
+    x ^= x << 25;
+    x ^= x >> 27;
+    *s = x;
+    return x * 0x2545F4914F6CDD1DULL;
+}
+static inline float gt_uniform(uint64_t *s) /* [-1, 1) */
+{
+    return (float)((gt_rand_u64(s) >> 40) * (1.0 / 8388608.0) - 1.0);
+}
+static inline void gt_fill(float *x, int64_t n, float scale, uint64_t *s)
+{
+    for (int64_t i = 0; i < n; i++) x[i] = scale * gt_uniform(s);
+}
+
+static inline void *gt_xmalloc(size_t n)
+{
+    void *p = malloc(n ? n : 1);
+    if (!p) {
+        fprintf(stderr, "FATAL: out of host memory (%zu bytes)\n", n);
+        exit(2);
+    }
+    return p;
+}
+
+static inline void *gt_upload(const void *h, size_t bytes, gpu_stream *s)
+{
+    void *d = NULL;
+    GT_OK(gpu_malloc(&d, bytes, err));
+    GT_OK(gpu_memcpy_h2d(d, h, bytes, s, err));
+    return d;
+}
+
+/* Output buffer of `bytes` followed by GT_GUARD_BYTES of sentinel. */
+static inline void *gt_out_alloc(size_t bytes)
+{
+    void *d = NULL;
+    GT_OK(gpu_malloc(&d, bytes + GT_GUARD_BYTES, err));
+    return d;
+}
+
+/* Poison the output and set the guard; call before every run of the op. */
+static inline void gt_out_prepare(void *d, size_t bytes, gpu_stream *s)
+{
+    GT_OK(gpu_memset(d, GT_POISON_BYTE, bytes, s, err));
+    GT_OK(gpu_memset((char *)d + bytes, GT_GUARD_BYTE, GT_GUARD_BYTES, s, err));
+}
+
+/* Copy the output back (waits); returns 1 when the guard bytes are intact. */
+static inline int gt_out_fetch(const void *d, size_t bytes, void *h, gpu_stream *s)
+{
+    unsigned char *tmp = (unsigned char *)gt_xmalloc(bytes + GT_GUARD_BYTES);
+    int ok = 1;
+    GT_OK(gpu_memcpy_d2h(tmp, d, bytes + GT_GUARD_BYTES, s, err));
+    GT_OK(gpu_stream_sync(s, err));
+    for (size_t i = 0; i < GT_GUARD_BYTES; i++) ok &= tmp[bytes + i] == GT_GUARD_BYTE;
+    memcpy(h, tmp, bytes);
+    free(tmp);
+    return ok;
+}
+
+/* sum (out - ref)^2 / sum ref^2; INFINITY when any output is not finite (unwritten: NaN). */
+static inline double gt_nmse(const float *out, const double *ref, int64_t n)
+{
+    double num = 0, den = 0;
+    for (int64_t i = 0; i < n; i++) {
+        if (!isfinite(out[i])) return INFINITY;
+        double d = (double)out[i] - ref[i];
+        num += d * d;
+        den += ref[i] * ref[i];
+    }
+    return den > 0 ? num / den : num;
+}
+
+static inline void gt_report(const char *op, const char *what, double nmse, double thr, int guard_ok)
+{
+    int ok = nmse <= thr && guard_ok;
+    printf("%-9s %-46s nmse %9.2e (<= %.0e)%s  %s\n", op, what, nmse, thr,
+           guard_ok ? "" : " GUARD BYTES OVERWRITTEN", ok ? "ok" : "FAIL");
+    if (ok)
+        gt_pass++;
+    else
+        gt_fail++;
+}
+
+#endif /* FORGE_GPU_TEST_UTIL_H */

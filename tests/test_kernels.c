@@ -1,0 +1,525 @@
+/* test_kernels.c - the CPU kernels (src/cpu/kernels.h): thread pool, ISA selection, reference
+ * quantizers, and kern_matmul for every weight type on every ISA this CPU has, against the
+ * scalar kernels and a double-precision dequantize-then-dot reference.
+ *
+ * NMSE thresholds (SIMD vs scalar, and scalar vs the double reference on the same rounded
+ * inputs) are 1e-9 for every type: all paths compute exactly the same products (integer block
+ * sums for Q8_0/Q4_0) and differ only in the order of float additions, which for these sizes
+ * gives ~1e-13. Against the original unrounded floats, the thresholds are per type (F32 1e-10,
+ * F16 1e-6, BF16 1e-4, Q8_0 2e-4, Q4_0 2e-2; summed over all shapes). */
+#include <math.h>
+#include <stdatomic.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "testutil.h"
+#include "core/fp16.h"
+#include "core/util.h"
+#include "cpu/kern_impl.h"
+#include "cpu/kernels.h"
+#include "forge_gguf.h"
+
+#define SENTINEL_N 16
+#define SENTINEL_V 12345.0f
+
+/* ---- thread pool --------------------------------------------------------------------- */
+
+typedef struct pool_probe {
+    atomic_int calls[8];
+    atomic_int wrong_nth;
+    int nth_expected;
+    int job;
+} pool_probe;
+
+static void probe_fn(void *arg, int ith, int nth)
+{
+    pool_probe *p = arg;
+    if (nth != p->nth_expected || ith < 0 || ith >= nth) {
+        atomic_fetch_add(&p->wrong_nth, 1);
+        return;
+    }
+    /* make some threads slow so that an early return of kern_pool_run would show */
+    if ((p->job + ith) % 7 == 0) {
+        volatile double s = 0;
+        for (int i = 0; i < 20000; i++) s += i;
+    }
+    atomic_fetch_add(&p->calls[ith], 1);
+}
+
+static void test_pool_runs_each_ith_once(void **state)
+{
+    (void)state;
+    const int sizes[] = {1, 2, 3, 5};
+    for (size_t s = 0; s < FORGE_ARRAY_LEN(sizes); s++) {
+        kern_pool *pool = NULL;
+        forge_err err = {0};
+        int n = sizes[s];
+        assert_int_equal(kern_pool_create(n, &pool, &err), FORGE_OK);
+        assert_int_equal(kern_pool_size(pool), n);
+        pool_probe p;
+        memset(&p, 0, sizeof p);
+        p.nth_expected = n;
+        for (int job = 0; job < 500; job++) {
+            p.job = job;
+            kern_pool_run(pool, probe_fn, &p);
+            /* every call has returned before kern_pool_run does */
+            for (int i = 0; i < n; i++) assert_int_equal(atomic_load(&p.calls[i]), job + 1);
+        }
+        assert_int_equal(atomic_load(&p.wrong_nth), 0);
+        kern_pool_free(pool);
+    }
+    /* NULL pool: one call with ith 0 of 1 */
+    pool_probe p;
+    memset(&p, 0, sizeof p);
+    p.nth_expected = 1;
+    kern_pool_run(NULL, probe_fn, &p);
+    assert_int_equal(atomic_load(&p.calls[0]), 1);
+    kern_pool_free(NULL);
+}
+
+static void test_pool_rejects_bad_size(void **state)
+{
+    (void)state;
+    kern_pool *pool = (kern_pool *)&pool;
+    forge_err err = {0};
+    assert_int_equal(kern_pool_create(0, &pool, &err), FORGE_E_INVALID);
+    assert_null(pool);
+    assert_true(err.msg[0] != '\0');
+}
+
+static void test_physical_cores(void **state)
+{
+    (void)state;
+    int n = kern_physical_cores();
+    assert_true(n >= 1 && n <= 4096);
+}
+
+/* ---- ISA selection ------------------------------------------------------------------- */
+
+static void test_isa_selection(void **state)
+{
+    (void)state;
+    forge_err err = {0};
+    kern_isa best = kern_isa_best();
+    print_message("best ISA: %s\n", kern_isa_name(best));
+    assert_int_equal(kern_set_isa(KERN_ISA_SCALAR, &err), FORGE_OK);
+    assert_int_equal(kern_isa_current(), KERN_ISA_SCALAR);
+    assert_int_equal(kern_set_isa(best, &err), FORGE_OK);
+    assert_int_equal(kern_isa_current(), best);
+    assert_int_equal(kern_set_isa((kern_isa)99, &err), FORGE_E_INVALID);
+#if defined(__x86_64__)
+    assert_int_equal(kern_set_isa(KERN_ISA_NEON, &err), FORGE_E_UNSUPPORTED);
+#else
+    assert_int_equal(kern_set_isa(KERN_ISA_AVX2, &err), FORGE_E_UNSUPPORTED);
+#endif
+    assert_int_equal(kern_isa_current(), best);
+    assert_string_equal(kern_isa_name(KERN_ISA_AVX512), "avx512");
+}
+
+/* The ISAs this CPU and build support, scalar first. */
+static int usable_isas(kern_isa *out)
+{
+    int n = 0;
+    for (int i = KERN_ISA_SCALAR; i <= KERN_ISA_NEON; i++)
+        if (kern_set_isa((kern_isa)i, NULL) == FORGE_OK) out[n++] = (kern_isa)i;
+    kern_set_isa(kern_isa_best(), NULL);
+    return n;
+}
+
+/* ---- quantizers ---------------------------------------------------------------------- */
+
+static void test_quantize_q8_0_hand_blocks(void **state)
+{
+    (void)state;
+    float x[96];
+    uint8_t q[3 * KERN_Q8_0_BYTES];
+    /* block 0: all equal 0.5 -> d = 0.5/127, every q = 127 */
+    for (int j = 0; j < 32; j++) x[j] = 0.5f;
+    /* block 1: zeros -> d = 0, q = 0 */
+    for (int j = 0; j < 32; j++) x[32 + j] = 0.0f;
+    /* block 2: one max 2.54 at 7, -1 at 3 -> d = 0.02, q[7] = 127, q[3] = -50 */
+    for (int j = 0; j < 32; j++) x[64 + j] = 0.0f;
+    x[64 + 7] = 2.54f;
+    x[64 + 3] = -1.0f;
+    kern_quantize_row_q8_0(x, q, 96);
+    assert_int_equal(kern_load_u16(q), forge_f32_to_fp16(0.5f / 127.0f));
+    for (int j = 0; j < 32; j++) assert_int_equal((int8_t)q[2 + j], 127);
+    assert_int_equal(kern_load_u16(q + 34), 0);
+    for (int j = 0; j < 32; j++) assert_int_equal(q[34 + 2 + j], 0);
+    assert_int_equal(kern_load_u16(q + 68), forge_f32_to_fp16(2.54f / 127.0f));
+    for (int j = 0; j < 32; j++) {
+        int want = j == 7 ? 127 : j == 3 ? -50 : 0;
+        assert_int_equal((int8_t)q[68 + 2 + j], want);
+    }
+}
+
+static void test_quantize_q4_0_hand_blocks(void **state)
+{
+    (void)state;
+    float x[96];
+    uint8_t q[3 * KERN_Q4_0_BYTES];
+    /* block 0: all 1.0 -> max 1, d = -1/8, q = trunc(-8 + 8.5) = 0 */
+    for (int j = 0; j < 32; j++) x[j] = 1.0f;
+    /* block 1: zeros -> d = 0, q = 8 */
+    for (int j = 0; j < 32; j++) x[32 + j] = 0.0f;
+    /* block 2: max -4 (negative) -> d = 0.5, id = 2: -4 -> 0, 4 -> 16 -> 15, 1 -> 10,
+     * -1.2 -> 6, 0 -> 8 */
+    for (int j = 0; j < 32; j++) x[64 + j] = 0.0f;
+    x[64 + 0] = -4.0f;
+    x[64 + 20] = 4.0f;
+    x[64 + 5] = 1.0f;
+    x[64 + 17] = -1.2f;
+    kern_quantize_row_q4_0(x, q, 96);
+    assert_int_equal(kern_load_u16(q), forge_f32_to_fp16(-0.125f));
+    for (int j = 0; j < 16; j++) assert_int_equal(q[2 + j], 0x00);
+    assert_int_equal(kern_load_u16(q + 18), 0x8000); /* d = 0 / -8 = -0 */
+    for (int j = 0; j < 16; j++) assert_int_equal(q[18 + 2 + j], 0x88);
+    const uint8_t *b = q + 36;
+    assert_int_equal(kern_load_u16(b), forge_f32_to_fp16(0.5f));
+    int want[32];
+    for (int j = 0; j < 32; j++) want[j] = 8;
+    want[0] = 0;
+    want[20] = 15;
+    want[5] = 10;
+    want[17] = 6;
+    for (int j = 0; j < 16; j++) {
+        assert_int_equal(b[2 + j] & 0x0f, want[j]);
+        assert_int_equal(b[2 + j] >> 4, want[j + 16]);
+    }
+}
+
+static void round_trip(int type, float scale, uint64_t seed)
+{
+    enum { N = 32 * 64 };
+    float *x = malloc(N * sizeof *x), *y = malloc(N * sizeof *y);
+    uint8_t *q = malloc(64 * KERN_Q8_0_BYTES);
+    forge_err err = {0};
+    assert_non_null(x);
+    assert_non_null(y);
+    assert_non_null(q);
+    for (int i = 0; i < N; i++) x[i] = tu_rand_uniform(&seed) * scale * (1 + i % 5);
+    size_t bb = type == GGML_TYPE_Q8_0 ? KERN_Q8_0_BYTES : KERN_Q4_0_BYTES;
+    if (type == GGML_TYPE_Q8_0)
+        kern_quantize_row_q8_0(x, q, N);
+    else
+        kern_quantize_row_q4_0(x, q, N);
+    assert_int_equal(forge_dequantize(type, q, y, N, &err), FORGE_OK);
+    /* Per element: q8: |err| <= d/2 + 127*|d - fp16(d)| < 0.6 |d|; q4: the clamp of +8 to 7 makes
+     * the worst case |d| (+ fp16 rounding of d). */
+    double bound_mul = type == GGML_TYPE_Q8_0 ? 0.6 : 1.01;
+    for (int b = 0; b < N / 32; b++) {
+        float d = fabsf(forge_fp16_to_f32(kern_load_u16(q + b * bb)));
+        for (int j = 0; j < 32; j++) {
+            double e = fabs((double)x[b * 32 + j] - (double)y[b * 32 + j]);
+            if (e > bound_mul * d + 1e-30)
+                fail_msg("type %d block %d elem %d: x %g dequant %g d %g", type, b, j,
+                         (double)x[b * 32 + j], (double)y[b * 32 + j], (double)d);
+        }
+    }
+    double nmse = tu_nmse(y, x, N);
+    print_message("%s round trip NMSE %.3g\n", type == GGML_TYPE_Q8_0 ? "Q8_0" : "Q4_0", nmse);
+    assert_true(nmse < (type == GGML_TYPE_Q8_0 ? 1e-4 : 2e-2));
+    free(x);
+    free(y);
+    free(q);
+}
+
+static void test_quantize_round_trip(void **state)
+{
+    (void)state;
+    round_trip(GGML_TYPE_Q8_0, 1.0f, 11);
+    round_trip(GGML_TYPE_Q8_0, 1e-3f, 12);
+    round_trip(GGML_TYPE_Q4_0, 1.0f, 13);
+    round_trip(GGML_TYPE_Q4_0, 30.0f, 14);
+}
+
+/* ---- activation converters: every ISA must produce the scalar bytes exactly ------------- */
+
+static kern_mm_kernel lookup_for(kern_isa isa, int type)
+{
+    switch (isa) {
+    case KERN_ISA_AVX2: return kern_mm_lookup_avx2(type);
+    case KERN_ISA_AVX512: return kern_mm_lookup_avx512(type);
+    case KERN_ISA_NEON: return kern_mm_lookup_neon(type);
+    default: return kern_mm_lookup_scalar(type);
+    }
+}
+
+static void test_converters_exact(void **state)
+{
+    (void)state;
+    enum { N = 32 * 40 };
+    kern_isa isas[4];
+    int n_isa = usable_isas(isas);
+    const int types[] = {GGML_TYPE_F16, GGML_TYPE_BF16, GGML_TYPE_Q8_0, GGML_TYPE_Q4_0};
+    float *x = malloc(N * sizeof *x);
+    uint8_t *a = malloc(N * 4), *b = malloc(N * 4);
+    uint64_t seed = 99;
+    assert_non_null(x);
+    assert_non_null(a);
+    assert_non_null(b);
+    for (int i = 0; i < N; i++) x[i] = tu_rand_uniform(&seed) * (float)(1 << (i % 20)) * 1e-3f;
+    /* edge cases: an all-zero block, exact halves after scaling, tiny and huge values */
+    for (int j = 0; j < 32; j++) x[32 + j] = 0.0f;
+    for (int j = 0; j < 32; j++) x[64 + j] = (float)(j - 16) * 0.5f;
+    x[100] = 1e-30f;
+    x[101] = -7e4f;
+    for (size_t t = 0; t < FORGE_ARRAY_LEN(types); t++) {
+        kern_mm_kernel ref = kern_mm_lookup_scalar(types[t]);
+        size_t bytes = (size_t)(N / 32) * ref.xc_row_bytes_per_32;
+        ref.cvt(x, a, N);
+        for (int k = 1; k < n_isa; k++) {
+            kern_mm_kernel kk = lookup_for(isas[k], types[t]);
+            if (!kk.mm) continue; /* falls back to a lesser ISA */
+            assert_int_equal(kk.xc_row_bytes_per_32, ref.xc_row_bytes_per_32);
+            memset(b, 0xa5, bytes);
+            kk.cvt(x, b, N);
+            if (memcmp(a, b, bytes) != 0)
+                fail_msg("%s converter for type %s differs from scalar", kern_isa_name(isas[k]),
+                         ggml_type_name(types[t]));
+        }
+    }
+    free(x);
+    free(a);
+    free(b);
+}
+
+/* ---- matmul -------------------------------------------------------------------------- */
+
+static size_t row_bytes(int type, int64_t n)
+{
+    switch (type) {
+    case GGML_TYPE_F32: return (size_t)n * 4;
+    case GGML_TYPE_F16:
+    case GGML_TYPE_BF16: return (size_t)n * 2;
+    case GGML_TYPE_Q8_0: return (size_t)n / 32 * KERN_Q8_0_BYTES;
+    default: return (size_t)n / 32 * KERN_Q4_0_BYTES;
+    }
+}
+
+static void encode_row(int type, const float *x, uint8_t *dst, int64_t n)
+{
+    switch (type) {
+    case GGML_TYPE_F32: memcpy(dst, x, (size_t)n * 4); break;
+    case GGML_TYPE_F16:
+        for (int64_t i = 0; i < n; i++) kern_store_u16(dst + 2 * i, forge_f32_to_fp16(x[i]));
+        break;
+    case GGML_TYPE_BF16:
+        for (int64_t i = 0; i < n; i++) kern_store_u16(dst + 2 * i, forge_f32_to_bf16(x[i]));
+        break;
+    case GGML_TYPE_Q8_0: kern_quantize_row_q8_0(x, dst, n); break;
+    default: kern_quantize_row_q4_0(x, dst, n); break;
+    }
+}
+
+/* X as the kernel sees it: rounded to the weight type's dot-product type, back to float. */
+static void round_activations(int type, const float *x, float *out, int64_t n)
+{
+    uint8_t *tmp = malloc((size_t)n * 4);
+    assert_non_null(tmp);
+    switch (type) {
+    case GGML_TYPE_F32: memcpy(out, x, (size_t)n * 4); break;
+    case GGML_TYPE_F16:
+        for (int64_t i = 0; i < n; i++) out[i] = forge_fp16_to_f32(forge_f32_to_fp16(x[i]));
+        break;
+    case GGML_TYPE_BF16:
+        for (int64_t i = 0; i < n; i++) out[i] = forge_bf16_to_f32(forge_f32_to_bf16(x[i]));
+        break;
+    default: {
+        /* the activation layout: qs[n], then fp16-rounded block scales as floats */
+        kern_cvt_q8_for_q8_0_scalar(x, tmp, n);
+        const float *d = kern_xq_d(tmp, n);
+        for (int64_t i = 0; i < n; i++) out[i] = (float)(int8_t)tmp[i] * d[i / 32];
+        break;
+    }
+    }
+    free(tmp);
+}
+
+static double max_abs_diff(const float *a, const float *b, size_t n)
+{
+    double m = 0;
+    for (size_t i = 0; i < n; i++) m = fmax(m, fabs((double)a[i] - (double)b[i]));
+    return m;
+}
+
+typedef struct mm_stats {
+    double worst_simd[4];  /* per ISA, vs scalar */
+    double worst_ref;      /* scalar vs double reference on rounded inputs */
+    double orig_num, orig_den; /* scalar vs double reference on the original floats, over all
+                                * shapes (one short dot product alone may cancel badly) */
+} mm_stats;
+
+static void check_matmul_type(int type, double orig_threshold)
+{
+    const int64_t n_outs[] = {1, 3, 17, 67};
+    const int64_t n_ins[] = {32, 64, 96, 4096 + 32};
+    const int64_t n_toks[] = {1, 2, 5, 17};
+    const int threads[] = {1, 3};
+    kern_isa isas[4];
+    int n_isa = usable_isas(isas);
+    kern_pool *pools[2] = {NULL, NULL};
+    mm_stats st;
+    uint64_t seed = 1234 + (uint64_t)type;
+    memset(&st, 0, sizeof st);
+    for (int p = 0; p < 2; p++) assert_int_equal(kern_pool_create(threads[p], &pools[p], NULL), 0);
+
+    for (size_t io = 0; io < FORGE_ARRAY_LEN(n_outs); io++)
+        for (size_t ii = 0; ii < FORGE_ARRAY_LEN(n_ins); ii++)
+            for (size_t it = 0; it < FORGE_ARRAY_LEN(n_toks); it++) {
+                int64_t n_out = n_outs[io], n_in = n_ins[ii], n_tok = n_toks[it];
+                size_t rb = row_bytes(type, n_in);
+                float *wf = malloc((size_t)(n_out * n_in) * sizeof(float));
+                float *wd = malloc((size_t)(n_out * n_in) * sizeof(float));
+                uint8_t *wbuf = malloc(rb * (size_t)n_out + 1);
+                float *xbuf = malloc((size_t)(n_tok * n_in + 1) * sizeof(float));
+                float *xr = malloc((size_t)(n_tok * n_in) * sizeof(float));
+                size_t ny = (size_t)(n_tok * n_out);
+                float *yref = malloc(ny * sizeof(float)), *yorig = malloc(ny * sizeof(float));
+                float *yscalar = malloc(ny * sizeof(float));
+                float *y = malloc((ny + SENTINEL_N) * sizeof(float));
+                assert_true(wf && wd && wbuf && xbuf && xr && yref && yorig && yscalar && y);
+                uint8_t *w = wbuf + 1;  /* deliberately unaligned */
+                float *x = xbuf + 1;    /* not 8/16/32/64-byte aligned */
+                for (int64_t i = 0; i < n_out * n_in; i++) wf[i] = tu_rand_uniform(&seed);
+                for (int64_t i = 0; i < n_tok * n_in; i++) x[i] = tu_rand_uniform(&seed) * 2.0f;
+                for (int64_t o = 0; o < n_out; o++) encode_row(type, wf + o * n_in, w + o * rb, n_in);
+                assert_int_equal(forge_dequantize(type, w, wd, n_out * n_in, NULL), FORGE_OK);
+                for (int64_t t = 0; t < n_tok; t++)
+                    round_activations(type, x + t * n_in, xr + t * n_in, n_in);
+                for (int64_t t = 0; t < n_tok; t++)
+                    for (int64_t o = 0; o < n_out; o++) {
+                        double s = 0, so = 0;
+                        for (int64_t i = 0; i < n_in; i++) {
+                            s += (double)wd[o * n_in + i] * xr[t * n_in + i];
+                            so += (double)wf[o * n_in + i] * x[t * n_in + i];
+                        }
+                        yref[t * n_out + o] = (float)s;
+                        yorig[t * n_out + o] = (float)so;
+                    }
+                for (int k = 0; k < n_isa; k++) {
+                    assert_int_equal(kern_set_isa(isas[k], NULL), FORGE_OK);
+                    for (int p = 0; p < 2; p++) {
+                        forge_err err = {0};
+                        for (size_t i = 0; i < ny + (size_t)SENTINEL_N; i++) y[i] = SENTINEL_V;
+                        int rc = kern_matmul(pools[p], type, w, n_out, n_in, x, n_tok, y, &err);
+                        if (rc != FORGE_OK) fail_msg("kern_matmul: %s", err.msg);
+                        for (int i = 0; i < SENTINEL_N; i++)
+                            if (y[ny + i] != SENTINEL_V)
+                                fail_msg("%s %s: write past Y (n_out %lld n_tok %lld)",
+                                         kern_isa_name(isas[k]), ggml_type_name(type),
+                                         (long long)n_out, (long long)n_tok);
+                        for (size_t i = 0; i < ny; i++)
+                            if (!isfinite(y[i]) || y[i] == SENTINEL_V)
+                                fail_msg("%s %s: Y[%zu] not written", kern_isa_name(isas[k]),
+                                         ggml_type_name(type), i);
+                        if (k == 0 && p == 0) {
+                            memcpy(yscalar, y, ny * sizeof(float));
+                            continue;
+                        }
+                        double e = tu_nmse(y, yscalar, ny);
+                        if (e > st.worst_simd[k]) st.worst_simd[k] = e;
+                        if (e > 1e-9)
+                            fail_msg("%s %s %d threads n_out %lld n_in %lld n_tok %lld: NMSE %g "
+                                     "vs scalar (max diff %g)",
+                                     kern_isa_name(isas[k]), ggml_type_name(type), threads[p],
+                                     (long long)n_out, (long long)n_in, (long long)n_tok, e,
+                                     max_abs_diff(y, yscalar, ny));
+                    }
+                }
+                double e = tu_nmse(yscalar, yref, ny);
+                if (e > st.worst_ref) st.worst_ref = e;
+                if (e > 1e-9)
+                    fail_msg("scalar %s n_out %lld n_in %lld n_tok %lld: NMSE %g vs double ref",
+                             ggml_type_name(type), (long long)n_out, (long long)n_in,
+                             (long long)n_tok, e);
+                for (size_t i = 0; i < ny; i++) {
+                    double d = (double)yscalar[i] - yorig[i];
+                    st.orig_num += d * d;
+                    st.orig_den += (double)yorig[i] * yorig[i];
+                }
+                free(wf);
+                free(wd);
+                free(wbuf);
+                free(xbuf);
+                free(xr);
+                free(yref);
+                free(yorig);
+                free(yscalar);
+                free(y);
+            }
+    kern_set_isa(kern_isa_best(), NULL);
+    double orig = st.orig_num / st.orig_den;
+    print_message("%s: worst NMSE scalar vs double ref %.2g, vs unrounded %.2g", ggml_type_name(type),
+                  st.worst_ref, orig);
+    for (int k = 0; k < n_isa; k++)
+        print_message(", %s vs scalar %.2g", kern_isa_name(isas[k]), st.worst_simd[k]);
+    print_message("\n");
+    for (int p = 0; p < 2; p++) kern_pool_free(pools[p]);
+    assert_true(orig < orig_threshold);
+}
+
+static void test_matmul_f32(void **state)
+{
+    (void)state;
+    check_matmul_type(GGML_TYPE_F32, 1e-10);
+}
+static void test_matmul_f16(void **state)
+{
+    (void)state;
+    check_matmul_type(GGML_TYPE_F16, 1e-6);
+}
+static void test_matmul_bf16(void **state)
+{
+    (void)state;
+    check_matmul_type(GGML_TYPE_BF16, 1e-4);
+}
+static void test_matmul_q8_0(void **state)
+{
+    (void)state;
+    check_matmul_type(GGML_TYPE_Q8_0, 2e-4);
+}
+static void test_matmul_q4_0(void **state)
+{
+    (void)state;
+    check_matmul_type(GGML_TYPE_Q4_0, 2e-2);
+}
+
+static void test_matmul_rejects_bad_args(void **state)
+{
+    (void)state;
+    float x[64] = {0}, y[4] = {0};
+    uint8_t w[256] = {0};
+    forge_err err = {0};
+    assert_int_equal(kern_matmul(NULL, GGML_TYPE_Q4_K, w, 1, 256, x, 1, y, &err),
+                     FORGE_E_UNSUPPORTED);
+    assert_false(kern_matmul_supported(GGML_TYPE_Q4_K));
+    assert_true(kern_matmul_supported(GGML_TYPE_Q4_0));
+    assert_int_equal(kern_matmul(NULL, GGML_TYPE_F32, w, 1, 33, x, 1, y, &err), FORGE_E_INVALID);
+    assert_true(strstr(err.msg, "33") != NULL);
+    assert_int_equal(kern_matmul(NULL, GGML_TYPE_F32, w, 1, 32, NULL, 1, y, &err),
+                     FORGE_E_INVALID);
+    assert_int_equal(kern_matmul(NULL, GGML_TYPE_F32, w, 0, 32, x, 1, y, &err), FORGE_OK);
+}
+
+int main(void)
+{
+    const struct CMUnitTest tests[] = {
+        cmocka_unit_test(test_pool_runs_each_ith_once),
+        cmocka_unit_test(test_pool_rejects_bad_size),
+        cmocka_unit_test(test_physical_cores),
+        cmocka_unit_test(test_isa_selection),
+        cmocka_unit_test(test_quantize_q8_0_hand_blocks),
+        cmocka_unit_test(test_quantize_q4_0_hand_blocks),
+        cmocka_unit_test(test_quantize_round_trip),
+        cmocka_unit_test(test_converters_exact),
+        cmocka_unit_test(test_matmul_f32),
+        cmocka_unit_test(test_matmul_f16),
+        cmocka_unit_test(test_matmul_bf16),
+        cmocka_unit_test(test_matmul_q8_0),
+        cmocka_unit_test(test_matmul_q4_0),
+        cmocka_unit_test(test_matmul_rejects_bad_args),
+    };
+    return cmocka_run_group_tests(tests, NULL, NULL);
+}

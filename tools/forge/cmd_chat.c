@@ -1,0 +1,536 @@
+/* cmd_chat.c - `forge chat`: multi-turn chat in the terminal. Each turn renders the whole
+ * conversation with the chat template (the model's, a built-in or --chat-template), tokenizes it,
+ * keeps the tokens that match what the KV cache already holds and decodes only the rest, then
+ * streams the answer. Ctrl-C stops the answer (not the program). Lines starting with '/' are
+ * commands. Reads stdin line by line, so messages can be piped in as well. */
+#include <errno.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+#include <unistd.h>
+
+#include <cjson/cJSON.h>
+
+#include "commands.h"
+#include "engine_opts.h"
+
+static volatile sig_atomic_t g_interrupted = 0;
+
+static void on_sigint(int sig)
+{
+    (void)sig;
+    g_interrupted = 1;
+}
+
+static void usage(FILE *f)
+{
+    fprintf(f,
+            "usage: forge chat -m MODEL [options]\n"
+            "  --chat-template NAME|FILE  built-in (chatml, llama2, llama3, gemma, mistral) or a\n"
+            "                       Jinja file (default: the model's template, else a built-in)\n"
+            "  --system TEXT        system prompt\n"
+            "  -n, --n-predict N    most tokens per answer (default 512; -1 = until the context)\n"
+            "  --temp T, --top-k K, --top-p P, --min-p P, --repeat-penalty R, --seed S\n"
+            "  --vars JSON          extra template variables, e.g. '{\"enable_thinking\": false}'\n"
+            "  --stats              after each answer, print token counts to stderr\n"
+            "  --show-prompt        print each rendered prompt to stderr\n"
+            "%s"
+            "In the chat: /reset  /system TEXT  /save FILE  /load FILE  /exit  /help\n"
+            "Ctrl-C interrupts an answer; Ctrl-D or /exit quits.\n",
+            engine_opts_help);
+}
+
+typedef struct chat {
+    forge_model *model;
+    forge_context *ctx;
+    const forge_tok *tok;
+    forge_template *tmpl;
+    forge_template_model tm;
+    forge_sampler *smp;
+    cJSON *messages; /* the conversation, including the system message if any */
+    char *system;    /* system prompt (malloc'd) or NULL */
+    int32_t *cache;  /* ids held in the KV cache, in order */
+    int32_t n_cache;
+    int32_t n_ctx;
+    long n_predict;
+    const char *vars_json;
+    bool stats, show_prompt, interactive;
+} chat;
+
+static void set_system(chat *c, const char *text)
+{
+    free(c->system);
+    c->system = text && *text ? strdup(text) : NULL;
+    /* replace or insert the first message */
+    cJSON *first = cJSON_GetArrayItem(c->messages, 0);
+    const cJSON *role = first ? cJSON_GetObjectItemCaseSensitive(first, "role") : NULL;
+    bool has_sys = cJSON_IsString(role) && !strcmp(role->valuestring, "system");
+    if (has_sys) cJSON_DeleteItemFromArray(c->messages, 0);
+    if (c->system) {
+        cJSON *m = cJSON_CreateObject();
+        cJSON_AddStringToObject(m, "role", "system");
+        cJSON_AddStringToObject(m, "content", c->system);
+        cJSON_InsertItemInArray(c->messages, 0, m);
+    }
+}
+
+static void add_message(chat *c, const char *role, const char *content)
+{
+    cJSON *m = cJSON_CreateObject();
+    cJSON_AddStringToObject(m, "role", role);
+    cJSON_AddStringToObject(m, "content", content);
+    cJSON_AddItemToArray(c->messages, m);
+}
+
+static void drop_last_message(chat *c)
+{
+    int n = cJSON_GetArraySize(c->messages);
+    if (n > 0) cJSON_DeleteItemFromArray(c->messages, n - 1);
+}
+
+/* Render the conversation + generation prompt and tokenize it. */
+static int render_prompt(chat *c, int32_t **ids, size_t *n_ids, forge_err *err)
+{
+    char *mj = cJSON_PrintUnformatted(c->messages);
+    char *prompt = NULL;
+    size_t len = 0;
+    int rc = FORGE_E_NOMEM;
+    if (!mj) {
+        snprintf(err->msg, sizeof err->msg, "out of memory");
+        return err->code = FORGE_E_NOMEM;
+    }
+    forge_template_vars v = {0};
+    v.messages_json = mj;
+    v.add_generation_prompt = true;
+    v.bos_token = c->tm.bos_token;
+    v.eos_token = c->tm.eos_token;
+    v.extra_json = c->vars_json;
+    rc = forge_template_render(c->tmpl, &v, &prompt, &len, NULL, err);
+    if (rc == FORGE_OK) {
+        if (c->show_prompt) fprintf(stderr, "--- prompt ---\n%s\n--- end ---\n", prompt);
+        /* the template writes BOS itself when it wants it; add it only if it did not and the
+         * vocabulary asks for one */
+        bool add_special = forge_tok_adds_bos(c->tok) &&
+                           !(c->tm.bos_token && *c->tm.bos_token &&
+                             !strncmp(prompt, c->tm.bos_token, strlen(c->tm.bos_token)));
+        rc = forge_tok_encode(c->tok, prompt, len, add_special, true, ids, n_ids, err);
+    }
+    free(prompt);
+    cJSON_free(mj);
+    return rc;
+}
+
+static int cache_push(chat *c, const int32_t *ids, int32_t n)
+{
+    int32_t *nc = realloc(c->cache, (size_t)(c->n_cache + n + 1) * sizeof *nc);
+    if (!nc) return FORGE_E_NOMEM;
+    memcpy(nc + c->n_cache, ids, (size_t)n * sizeof *ids);
+    c->cache = nc;
+    c->n_cache += n;
+    return FORGE_OK;
+}
+
+/* One turn: the user message is already in c->messages. Returns 0, or 1 on a hard error.
+ * A turn that cannot run (context full, interrupted prompt) removes the user message. */
+static int run_turn(chat *c)
+{
+    forge_err err = {0};
+    int32_t *ids = NULL;
+    size_t n_ids = 0;
+    int32_t *gen = NULL;
+    int32_t n_gen = 0;
+    forge_detok_stream *ds = NULL;
+    int status = 0;
+
+    if (render_prompt(c, &ids, &n_ids, &err) != FORGE_OK) {
+        fprintf(stderr, "forge chat: %s\n", err.msg);
+        drop_last_message(c);
+        goto done;
+    }
+    if ((int64_t)n_ids >= c->n_ctx) {
+        fprintf(stderr,
+                "forge chat: the conversation is %zu tokens, it does not fit the context of %d "
+                "tokens: /reset, or start with a larger -c\n",
+                n_ids, c->n_ctx);
+        drop_last_message(c);
+        goto done;
+    }
+    /* reuse the cached prefix; at least one token must be decoded to get logits */
+    int32_t keep = 0;
+    while (keep < c->n_cache && (size_t)keep < n_ids && c->cache[keep] == ids[keep]) keep++;
+    if ((size_t)keep == n_ids) keep--;
+    if (forge_kv_truncate(c->ctx, keep, &err) != FORGE_OK) {
+        fprintf(stderr, "forge chat: %s\n", err.msg);
+        status = 1;
+        goto done;
+    }
+    c->n_cache = keep;
+    int32_t n_new = (int32_t)n_ids - keep;
+    g_interrupted = 0;
+    int rc = forge_decode(c->ctx, ids + keep, n_new, false, &err);
+    if (rc == FORGE_E_INTERRUPTED) {
+        fprintf(stderr, "\nforge chat: interrupted while reading the prompt; message dropped\n");
+        drop_last_message(c);
+        goto done;
+    }
+    if (rc != FORGE_OK) {
+        fprintf(stderr, "forge chat: %s\n", err.msg);
+        drop_last_message(c);
+        goto done;
+    }
+    if (cache_push(c, ids + keep, n_new)) {
+        status = 1;
+        goto done;
+    }
+    for (size_t i = 0; i < n_ids; i++) forge_sampler_accept(c->smp, ids[i]);
+
+    if (forge_detok_stream_create(c->tok, false, &ds, &err) != FORGE_OK) {
+        fprintf(stderr, "forge chat: %s\n", err.msg);
+        status = 1;
+        goto done;
+    }
+    int64_t room = c->n_ctx - c->n_cache + 1;
+    int64_t want = c->n_predict < 0 || c->n_predict > room ? room : c->n_predict;
+    gen = malloc((size_t)(want > 0 ? want : 1) * sizeof *gen);
+    if (!gen) {
+        status = 1;
+        goto done;
+    }
+    const char *stop = "limit";
+    while (n_gen < want) {
+        if (g_interrupted) {
+            stop = "interrupted";
+            break;
+        }
+        int32_t id = forge_sampler_sample(c->smp, forge_get_logits(c->ctx, -1));
+        forge_sampler_accept(c->smp, id);
+        if (forge_tok_is_eog(c->tok, id)) {
+            stop = "end";
+            break;
+        }
+        gen[n_gen++] = id;
+        size_t len;
+        const char *piece = forge_detok_stream_push(ds, id, &len);
+        if (len) {
+            fwrite(piece, 1, len, stdout);
+            fflush(stdout);
+        }
+        if (n_gen == want) break;
+        if (forge_context_pos(c->ctx) >= c->n_ctx) {
+            stop = "context full";
+            break;
+        }
+        rc = forge_decode(c->ctx, &id, 1, false, &err);
+        if (rc == FORGE_E_INTERRUPTED) {
+            stop = "interrupted";
+            break;
+        }
+        if (rc != FORGE_OK) {
+            fprintf(stderr, "\nforge chat: %s\n", err.msg);
+            stop = "error";
+            break;
+        }
+        if (cache_push(c, &id, 1)) {
+            status = 1;
+            goto done;
+        }
+    }
+    size_t len;
+    const char *rest = forge_detok_stream_flush(ds, &len);
+    if (len) fwrite(rest, 1, len, stdout);
+    printf("\n");
+    fflush(stdout);
+    if (!strcmp(stop, "interrupted")) fprintf(stderr, "[interrupted]\n");
+    if (!strcmp(stop, "context full"))
+        fprintf(stderr, "[the context of %d tokens is full: /reset to start over]\n", c->n_ctx);
+    g_interrupted = 0;
+
+    /* the answer (even a partial one) joins the history */
+    char *text = NULL;
+    size_t tl = 0;
+    if (forge_tok_decode(c->tok, gen, (size_t)n_gen, false, true, &text, &tl, &err) != FORGE_OK) {
+        fprintf(stderr, "forge chat: %s\n", err.msg);
+        status = 1;
+        goto done;
+    }
+    add_message(c, "assistant", text);
+    free(text);
+    if (c->stats)
+        fprintf(stderr, "[turn: prompt %zu tokens, %d reused from the cache, %d decoded; answer %d tokens (%s)]\n",
+                n_ids, keep, n_new, n_gen, stop);
+done:
+    forge_detok_stream_free(ds);
+    free(gen);
+    free(ids);
+    return status;
+}
+
+static char *read_file_text(const char *path)
+{
+    FILE *f = fopen(path, "rb");
+    if (!f) return NULL;
+    size_t cap = 4096, n = 0;
+    char *buf = malloc(cap);
+    while (buf) {
+        if (n + 1 >= cap) {
+            char *nb = realloc(buf, cap * 2);
+            if (!nb) {
+                free(buf);
+                buf = NULL;
+                break;
+            }
+            buf = nb;
+            cap *= 2;
+        }
+        size_t got = fread(buf + n, 1, cap - n - 1, f);
+        if (got == 0) break;
+        n += got;
+    }
+    fclose(f);
+    if (buf) buf[n] = 0;
+    return buf;
+}
+
+static void cmd_save(chat *c, const char *path)
+{
+    char *s = cJSON_Print(c->messages);
+    FILE *f = s ? fopen(path, "wb") : NULL;
+    if (!f || fputs(s, f) < 0 || fputc('\n', f) < 0 || fclose(f) != 0) {
+        fprintf(stderr, "forge chat: cannot write '%s': %s\n", path, strerror(errno));
+        if (f) (void)fclose(f);
+    } else {
+        fprintf(stderr, "[saved %d messages to %s]\n", cJSON_GetArraySize(c->messages), path);
+    }
+    cJSON_free(s);
+}
+
+static void cmd_load(chat *c, const char *path)
+{
+    forge_err err = {0};
+    char *s = read_file_text(path);
+    if (!s) {
+        fprintf(stderr, "forge chat: cannot read '%s': %s\n", path, strerror(errno));
+        return;
+    }
+    if (forge_template_check_messages(s, &err) != FORGE_OK) {
+        fprintf(stderr, "forge chat: %s: %s\n", path, err.msg);
+        free(s);
+        return;
+    }
+    cJSON *m = cJSON_Parse(s);
+    free(s);
+    if (!m) {
+        fprintf(stderr, "forge chat: %s: not valid JSON\n", path);
+        return;
+    }
+    cJSON_Delete(c->messages);
+    c->messages = m;
+    cJSON *first = cJSON_GetArrayItem(m, 0);
+    const cJSON *role = first ? cJSON_GetObjectItemCaseSensitive(first, "role") : NULL;
+    const cJSON *content = first ? cJSON_GetObjectItemCaseSensitive(first, "content") : NULL;
+    free(c->system);
+    c->system = NULL;
+    if (cJSON_IsString(role) && !strcmp(role->valuestring, "system") && cJSON_IsString(content))
+        c->system = strdup(content->valuestring);
+    fprintf(stderr, "[loaded %d messages from %s]\n", cJSON_GetArraySize(m), path);
+    /* the next turn re-renders everything and reuses whatever prefix still matches the cache */
+}
+
+static const char *arg_of(const char *line, const char *cmd)
+{
+    size_t n = strlen(cmd);
+    if (strncmp(line, cmd, n)) return NULL;
+    if (line[n] == 0) return "";
+    if (line[n] != ' ' && line[n] != '\t') return NULL;
+    line += n;
+    while (*line == ' ' || *line == '\t') line++;
+    return line;
+}
+
+/* Returns 1 to quit, 0 to go on. */
+static int handle_command(chat *c, const char *line)
+{
+    const char *a;
+    if (arg_of(line, "/exit") || arg_of(line, "/quit")) return 1;
+    if (arg_of(line, "/help")) {
+        fprintf(stderr, "/reset  forget the conversation (keeps the system prompt)\n"
+                        "/system TEXT  set the system prompt (empty: none)\n"
+                        "/save FILE  write the conversation as JSON messages\n"
+                        "/load FILE  read a conversation written by /save\n"
+                        "/exit  quit\n");
+    } else if (arg_of(line, "/reset")) {
+        cJSON_Delete(c->messages);
+        c->messages = cJSON_CreateArray();
+        set_system(c, c->system ? strdup(c->system) : NULL);
+        forge_sampler_reset(c->smp);
+        fprintf(stderr, "[conversation reset]\n");
+    } else if ((a = arg_of(line, "/system"))) {
+        char *copy = strdup(a);
+        set_system(c, copy);
+        free(copy);
+        fprintf(stderr, c->system ? "[system prompt set]\n" : "[system prompt removed]\n");
+    } else if ((a = arg_of(line, "/save"))) {
+        if (!*a)
+            fprintf(stderr, "usage: /save FILE\n");
+        else
+            cmd_save(c, a);
+    } else if ((a = arg_of(line, "/load"))) {
+        if (!*a)
+            fprintf(stderr, "usage: /load FILE\n");
+        else
+            cmd_load(c, a);
+    } else {
+        fprintf(stderr, "unknown command '%s' (/help lists them)\n", line);
+    }
+    return 0;
+}
+
+int cmd_chat(int argc, char **argv)
+{
+    engine_opts o;
+    forge_sampler_params sp = forge_sampler_default_params();
+    const char *choice = NULL, *system = NULL;
+    bool seed_set = false;
+    chat c = {0};
+    forge_err err = {0};
+    int status = 1;
+    char *line = NULL;
+    size_t line_cap = 0;
+    struct sigaction old_sa, sa;
+    bool sa_set = false;
+    long v;
+
+    c.n_predict = 512;
+    engine_opts_init(&o);
+    for (int i = 1; i < argc; i++) {
+        int r = engine_opts_parse(&o, "chat", argc, argv, &i);
+        if (r < 0) return 2;
+        if (r > 0) continue;
+        const char *a = argv[i];
+        const char *val = i + 1 < argc ? argv[i + 1] : NULL;
+        float *fdst = NULL;
+        if (!strcmp(a, "--temp")) fdst = &sp.temperature;
+        else if (!strcmp(a, "--top-p")) fdst = &sp.top_p;
+        else if (!strcmp(a, "--min-p")) fdst = &sp.min_p;
+        else if (!strcmp(a, "--repeat-penalty")) fdst = &sp.repeat_penalty;
+        if (fdst) {
+            i++;
+            if (!cli_parse_float("chat", a, val, fdst)) return 2;
+        } else if (!strcmp(a, "-h") || !strcmp(a, "--help")) {
+            usage(stdout);
+            return 0;
+        } else if (!strcmp(a, "--top-k")) {
+            i++;
+            if (!cli_parse_int("chat", a, val, -1, 1 << 30, &v)) return 2;
+            sp.top_k = (int32_t)v;
+        } else if (!strcmp(a, "--seed") || !strcmp(a, "-s")) {
+            i++;
+            if (!cli_parse_int("chat", a, val, 0, 0x7fffffffL, &v)) return 2;
+            sp.seed = (uint64_t)v;
+            seed_set = true;
+        } else if (!strcmp(a, "-n") || !strcmp(a, "--n-predict")) {
+            i++;
+            if (!cli_parse_int("chat", a, val, -1, 1L << 30, &c.n_predict)) return 2;
+        } else if (!strcmp(a, "--chat-template") && val) {
+            choice = argv[++i];
+        } else if (!strcmp(a, "--system") && val) {
+            system = argv[++i];
+        } else if (!strcmp(a, "--vars") && val) {
+            c.vars_json = argv[++i];
+        } else if (!strcmp(a, "--stats")) {
+            c.stats = true;
+        } else if (!strcmp(a, "--show-prompt")) {
+            c.show_prompt = true;
+        } else {
+            fprintf(stderr, "forge chat: unknown option or missing value '%s'\n", a);
+            usage(stderr);
+            return 2;
+        }
+    }
+    if (!seed_set) sp.seed = (uint64_t)time(NULL);
+    c.interactive = isatty(STDIN_FILENO);
+
+    if ((status = engine_load(&o, "chat", &c.model, &c.ctx))) goto done;
+    status = 1;
+    c.tok = forge_model_tok(c.model);
+    c.n_ctx = forge_context_n_ctx(c.ctx);
+    if (forge_template_model_read(forge_model_gguf(c.model), &c.tm, &err) != FORGE_OK) goto fail;
+    char warning[FORGE_ERR_MSG_MAX + 128];
+    const char *desc = NULL;
+    if (forge_template_select(&c.tm, choice, &c.tmpl, &desc, warning, sizeof warning, &err))
+        goto fail;
+    if (warning[0]) fprintf(stderr, "forge chat: warning: %s\n", warning);
+    if (forge_sampler_create(&sp, forge_model_info_get(c.model)->n_vocab, &c.smp, &err)) goto fail;
+    c.messages = cJSON_CreateArray();
+    if (!c.messages) goto done;
+    set_system(&c, system);
+    /* a template that rejects even a plain conversation is better reported now */
+    {
+        add_message(&c, "user", "hello");
+        int32_t *ids = NULL;
+        size_t n = 0;
+        if (render_prompt(&c, &ids, &n, &err) != FORGE_OK)
+            fprintf(stderr, "forge chat: warning: the chat template fails on a plain conversation: %s\n",
+                    err.msg);
+        free(ids);
+        drop_last_message(&c);
+    }
+    fprintf(stderr, "forge chat: %s, template: %s, context %d tokens%s\n", o.model_path,
+            !strcmp(desc, "model") ? "the model's" : !strcmp(desc, "file") ? choice : desc, c.n_ctx,
+            c.interactive ? "; /help for commands, Ctrl-C stops an answer, Ctrl-D quits" : "");
+
+    memset(&sa, 0, sizeof sa);
+    sa.sa_handler = on_sigint;
+    sigemptyset(&sa.sa_mask);
+    sa.sa_flags = 0; /* no SA_RESTART: Ctrl-C at the prompt returns from getline */
+    if (sigaction(SIGINT, &sa, &old_sa) == 0) sa_set = true;
+    forge_context_set_abort_flag(c.ctx, &g_interrupted);
+
+    status = 0;
+    for (;;) {
+        if (c.interactive) {
+            fputs("> ", stdout);
+            fflush(stdout);
+        }
+        errno = 0;
+        ssize_t n = getline(&line, &line_cap, stdin);
+        if (n < 0) {
+            if (errno == EINTR && g_interrupted) { /* Ctrl-C at the prompt: keep going */
+                g_interrupted = 0;
+                clearerr(stdin);
+                fputs("\n(Ctrl-D or /exit quits)\n", stderr);
+                continue;
+            }
+            if (c.interactive) fputs("\n", stdout);
+            break;
+        }
+        while (n > 0 && (line[n - 1] == '\n' || line[n - 1] == '\r')) line[--n] = 0;
+        if (n == 0) continue;
+        if (line[0] == '/') {
+            if (handle_command(&c, line)) break;
+            continue;
+        }
+        add_message(&c, "user", line);
+        if (run_turn(&c)) {
+            status = 1;
+            break;
+        }
+    }
+    goto done;
+fail:
+    fprintf(stderr, "forge chat: %s\n", err.msg);
+done:
+    if (sa_set) sigaction(SIGINT, &old_sa, NULL);
+    free(line);
+    free(c.cache);
+    free(c.system);
+    cJSON_Delete(c.messages);
+    forge_sampler_free(c.smp);
+    forge_template_free(c.tmpl);
+    forge_template_model_clear(&c.tm);
+    forge_context_free(c.ctx);
+    forge_model_free(c.model);
+    return status;
+}

@@ -1,0 +1,155 @@
+/* cmd_template.c - `forge template`: render a chat template for a list of messages and print the
+ * prompt byte-exact (no trailing newline added), for tests and for debugging prompts. */
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "forge.h"
+#include "commands.h"
+
+static void usage(FILE *out)
+{
+    fprintf(out,
+            "usage: forge template (--template FILE | --model MODEL.gguf | --chat-template NAME|FILE)\n"
+            "                      --messages FILE.json [options]\n"
+            "  --template FILE          Jinja chat template file\n"
+            "  --model MODEL.gguf       use the model's tokenizer.chat_template and BOS/EOS texts\n"
+            "                           (a template that does not parse falls back to a built-in)\n"
+            "  --chat-template NAME|FILE  a built-in (chatml, llama2, llama3, gemma, mistral) or a\n"
+            "                           file; overrides the model's template\n"
+            "  --messages FILE          JSON array of {\"role\", \"content\"} ('-' = stdin)\n"
+            "  --add-generation-prompt  end with the assistant header\n"
+            "  --bos TEXT, --eos TEXT   bos_token / eos_token (default: the model's; else undefined)\n"
+            "  --vars JSON              extra variables, e.g. '{\"enable_thinking\": false}'\n"
+            "  --now SECONDS            fixed time (UTC) for strftime_now\n"
+            "  --list                   print the built-in template names\n"
+            "  --print-source NAME      print a built-in template's source\n");
+}
+
+static char *read_all(const char *path, size_t *len)
+{
+    FILE *f = strcmp(path, "-") ? fopen(path, "rb") : stdin;
+    if (!f) return NULL;
+    size_t cap = 4096, n = 0;
+    char *buf = malloc(cap);
+    while (buf) {
+        if (n + 1 >= cap) {
+            char *nb = realloc(buf, cap * 2);
+            if (!nb) {
+                free(buf);
+                buf = NULL;
+                break;
+            }
+            buf = nb;
+            cap *= 2;
+        }
+        size_t got = fread(buf + n, 1, cap - n - 1, f);
+        n += got;
+        if (got == 0) break;
+    }
+    if (f != stdin) fclose(f);
+    if (!buf) return NULL;
+    buf[n] = 0;
+    if (len) *len = n;
+    return buf;
+}
+
+int cmd_template(int argc, char **argv)
+{
+    const char *tmpl_path = NULL, *model_path = NULL, *choice = NULL, *msg_path = NULL;
+    const char *bos = NULL, *eos = NULL, *vars_json = NULL;
+    bool add_gen = false;
+    int64_t now = 0;
+    int status = 1;
+    char *src = NULL, *messages = NULL, *out = NULL;
+    forge_template *t = NULL;
+    gguf_ctx *g = NULL;
+    forge_template_model tm = {0};
+    forge_err err = {0};
+
+    for (int i = 1; i < argc; i++) {
+        const char *a = argv[i];
+        bool has_val = i + 1 < argc;
+        if (!strcmp(a, "--help") || !strcmp(a, "-h")) {
+            usage(stdout);
+            return 0;
+        } else if (!strcmp(a, "--list")) {
+            for (const char *const *n = forge_template_builtin_names(); *n; n++) printf("%s\n", *n);
+            return 0;
+        } else if (!strcmp(a, "--print-source") && has_val) {
+            const char *s = forge_template_builtin_source(argv[++i]);
+            if (!s) {
+                fprintf(stderr, "forge template: no built-in template '%s'\n", argv[i]);
+                return 1;
+            }
+            fputs(s, stdout);
+            return 0;
+        } else if (!strcmp(a, "--template") && has_val) {
+            tmpl_path = argv[++i];
+        } else if ((!strcmp(a, "--model") || !strcmp(a, "-m")) && has_val) {
+            model_path = argv[++i];
+        } else if (!strcmp(a, "--chat-template") && has_val) {
+            choice = argv[++i];
+        } else if (!strcmp(a, "--messages") && has_val) {
+            msg_path = argv[++i];
+        } else if (!strcmp(a, "--add-generation-prompt")) {
+            add_gen = true;
+        } else if (!strcmp(a, "--bos") && has_val) {
+            bos = argv[++i];
+        } else if (!strcmp(a, "--eos") && has_val) {
+            eos = argv[++i];
+        } else if (!strcmp(a, "--vars") && has_val) {
+            vars_json = argv[++i];
+        } else if (!strcmp(a, "--now") && has_val) {
+            now = strtoll(argv[++i], NULL, 10);
+        } else {
+            fprintf(stderr, "forge template: unknown or incomplete option '%s'\n", a);
+            usage(stderr);
+            return 2;
+        }
+    }
+    if (!msg_path || (!tmpl_path && !model_path && !choice)) {
+        usage(stderr);
+        return 2;
+    }
+    if (tmpl_path && !choice) choice = tmpl_path;
+
+    if (model_path) {
+        if (gguf_open(model_path, &g, &err) != FORGE_OK) goto fail;
+        if (forge_template_model_read(g, &tm, &err) != FORGE_OK) goto fail;
+    }
+    char warning[FORGE_ERR_MSG_MAX + 128];
+    if (forge_template_select(model_path ? &tm : NULL, choice, &t, NULL, warning, sizeof warning,
+                              &err) != FORGE_OK)
+        goto fail;
+    if (warning[0]) fprintf(stderr, "forge template: warning: %s\n", warning);
+
+    messages = read_all(msg_path, NULL);
+    if (!messages) {
+        fprintf(stderr, "forge template: cannot read messages from '%s'\n", msg_path);
+        goto done;
+    }
+    forge_template_vars v = {0};
+    v.messages_json = messages;
+    v.add_generation_prompt = add_gen;
+    v.bos_token = bos ? bos : tm.bos_token;
+    v.eos_token = eos ? eos : tm.eos_token;
+    v.extra_json = vars_json;
+    v.now = now;
+    size_t n = 0;
+    if (forge_template_render(t, &v, &out, &n, NULL, &err) != FORGE_OK) goto fail;
+    fwrite(out, 1, n, stdout);
+    fflush(stdout);
+    status = 0;
+    goto done;
+fail:
+    fprintf(stderr, "forge template: %s\n", err.msg);
+done:
+    free(out);
+    free(messages);
+    free(src);
+    forge_template_free(t);
+    forge_template_model_clear(&tm);
+    gguf_close(g);
+    return status;
+}

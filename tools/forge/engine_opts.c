@@ -1,0 +1,137 @@
+/* engine_opts.c - see engine_opts.h. */
+#include <errno.h>
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#include "engine_opts.h"
+
+#define ENGINE_MAX_DEFAULT_CTX 8192
+
+const char *engine_opts_help =
+    "  -m, --model FILE     GGUF model (required)\n"
+    "  -t, --threads N      threads (default: physical cores)\n"
+    "  -c, --ctx-size N     context length (default: the model's, at most 8192)\n"
+    "  -b, --batch-size N   most tokens per forward pass (default 512)\n"
+    "  --kv-type f32|f16    KV cache type (default f32)\n"
+    "  --f32-math           multiply by F32 copies of the weights (slow; for checking "
+    "arithmetic)\n";
+
+void engine_opts_init(engine_opts *o)
+{
+    memset(o, 0, sizeof *o);
+    o->cp = forge_context_default_params();
+}
+
+bool cli_parse_int(const char *cmd, const char *opt, const char *val, long min, long max, long *out)
+{
+    char *end;
+    errno = 0;
+    long v = val ? strtol(val, &end, 10) : 0;
+    if (!val || errno || end == val || *end || v < min || v > max) {
+        fprintf(stderr, "forge %s: bad value for %s: '%s' (expected an integer in %ld..%ld)\n", cmd,
+                opt, val ? val : "", min, max);
+        return false;
+    }
+    *out = v;
+    return true;
+}
+
+bool cli_parse_float(const char *cmd, const char *opt, const char *val, float *out)
+{
+    char *end;
+    errno = 0;
+    float v = val ? strtof(val, &end) : 0;
+    if (!val || errno || end == val || *end || isnan(v)) {
+        fprintf(stderr, "forge %s: bad value for %s: '%s' (expected a number)\n", cmd, opt,
+                val ? val : "");
+        return false;
+    }
+    *out = v;
+    return true;
+}
+
+int engine_opts_parse(engine_opts *o, const char *cmd, int argc, char **argv, int *i)
+{
+    const char *a = argv[*i];
+    const char *val = *i + 1 < argc ? argv[*i + 1] : NULL;
+    long v;
+    if (!strcmp(a, "--f32-math")) {
+        o->cp.f32_math = true;
+        return 1;
+    }
+    bool is_m = !strcmp(a, "-m") || !strcmp(a, "--model");
+    bool is_t = !strcmp(a, "-t") || !strcmp(a, "--threads");
+    bool is_c = !strcmp(a, "-c") || !strcmp(a, "--ctx-size");
+    bool is_b = !strcmp(a, "-b") || !strcmp(a, "--batch-size");
+    bool is_kv = !strcmp(a, "--kv-type");
+    if (!is_m && !is_t && !is_c && !is_b && !is_kv) return 0;
+    if (!val) {
+        fprintf(stderr, "forge %s: %s needs a value\n", cmd, a);
+        return -1;
+    }
+    (*i)++;
+    if (is_m) {
+        o->model_path = val;
+    } else if (is_t) {
+        if (!cli_parse_int(cmd, a, val, 1, 1024, &v)) return -1;
+        o->cp.n_threads = (int32_t)v;
+    } else if (is_c) {
+        if (!cli_parse_int(cmd, a, val, 1, 1 << 24, &v)) return -1;
+        o->cp.n_ctx = (int32_t)v;
+    } else if (is_b) {
+        if (!cli_parse_int(cmd, a, val, 1, 1 << 20, &v)) return -1;
+        o->cp.n_batch = (int32_t)v;
+    } else {
+        if (!strcmp(val, "f32"))
+            o->cp.kv_type = FORGE_KV_F32;
+        else if (!strcmp(val, "f16"))
+            o->cp.kv_type = FORGE_KV_F16;
+        else {
+            fprintf(stderr, "forge %s: --kv-type must be f32 or f16, not '%s'\n", cmd, val);
+            return -1;
+        }
+    }
+    return 1;
+}
+
+int engine_load(const engine_opts *o, const char *cmd, forge_model **model, forge_context **ctx)
+{
+    forge_err err = {0};
+    *model = NULL;
+    *ctx = NULL;
+    if (!o->model_path) {
+        fprintf(stderr, "forge %s: -m MODEL is required\n", cmd);
+        return 2;
+    }
+    if (forge_model_load(o->model_path, model, &err)) {
+        fprintf(stderr, "forge %s: %s\n", cmd, err.msg);
+        return 1;
+    }
+    const char *warn = forge_tok_warning(forge_model_tok(*model));
+    if (warn) fprintf(stderr, "forge %s: warning: %s\n", cmd, warn);
+    forge_context_params cp = o->cp;
+    const int32_t n_train = forge_model_info_get(*model)->n_ctx_train;
+    if (cp.n_ctx == 0 && n_train > ENGINE_MAX_DEFAULT_CTX) {
+        /* a 128k-token cache would take tens of GB: the default stops at 8192 */
+        cp.n_ctx = ENGINE_MAX_DEFAULT_CTX;
+        fprintf(stderr, "forge %s: context %d (the model allows %d; use -c for more)\n", cmd,
+                cp.n_ctx, n_train);
+    }
+    if (forge_context_create(*model, &cp, ctx, &err)) {
+        fprintf(stderr, "forge %s: %s\n", cmd, err.msg);
+        forge_model_free(*model);
+        *model = NULL;
+        return 1;
+    }
+    return 0;
+}
+
+double cli_now(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
+}

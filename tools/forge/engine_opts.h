@@ -1,0 +1,37 @@
+/* engine_opts.h - options shared by the engine subcommands (run, eval, perplexity, bench):
+ * -m MODEL, -t N, -c CTX, -b N, --kv-type f32|f16, --f32-math, and loading the model + context
+ * through the public API. Used only by the CLI. */
+#ifndef FORGE_CLI_ENGINE_OPTS_H
+#define FORGE_CLI_ENGINE_OPTS_H
+
+#include <stdbool.h>
+#include <stdint.h>
+
+#include "forge.h"
+
+typedef struct engine_opts {
+    const char *model_path;
+    forge_context_params cp;
+} engine_opts;
+
+void engine_opts_init(engine_opts *o);
+
+/* If argv[*i] is a shared option, consume it (and its value), return 1; 0 if not one of ours;
+ * -1 on a bad value (message printed to stderr, prefixed with cmd). */
+int engine_opts_parse(engine_opts *o, const char *cmd, int argc, char **argv, int *i);
+
+/* Help lines for the shared options. */
+extern const char *engine_opts_help;
+
+/* Parse helpers: print "cmd: bad value for OPT: VAL" and return false on error. */
+bool cli_parse_int(const char *cmd, const char *opt, const char *val, long min, long max,
+                   long *out);
+bool cli_parse_float(const char *cmd, const char *opt, const char *val, float *out);
+
+/* Load the model and create a context; prints the error and returns non-zero on failure. */
+int engine_load(const engine_opts *o, const char *cmd, forge_model **model, forge_context **ctx);
+
+/* Monotonic seconds. */
+double cli_now(void);
+
+#endif
