@@ -25,7 +25,7 @@ typedef struct shape {
 } shape;
 
 static const shape SHAPES[] = {
-    {"attn_q/o 2048->2048", 2048, 2048}, {"attn_k/v 2048->256", 256, 2048},
+    {"attn_q/o 2048->2048", 2048, 2048},    {"attn_k/v 2048->256", 256, 2048},
     {"ffn_gate/up 2048->5632", 5632, 2048}, {"ffn_down 5632->2048", 2048, 5632},
     {"output 2048->32000", 32000, 2048},
 };
@@ -68,9 +68,12 @@ static void fill_weights(int type, uint8_t *w, int64_t n_out, int64_t n_in)
     if (!row) exit(1);
     for (int64_t o = 0; o < n_out; o++) {
         uint8_t *dst = w + (size_t)o * rb;
-        for (int64_t i = 0; i < n_in; i++) row[i] = frand() * 0.05f;
+        for (int64_t i = 0; i < n_in; i++)
+            row[i] = frand() * 0.05f;
         switch (type) {
-        case GGML_TYPE_F32: memcpy(dst, row, rb); break;
+        case GGML_TYPE_F32:
+            memcpy(dst, row, rb);
+            break;
         case GGML_TYPE_F16:
             for (int64_t i = 0; i < n_in; i++) {
                 uint16_t h = forge_f32_to_fp16(row[i]);
@@ -83,9 +86,14 @@ static void fill_weights(int type, uint8_t *w, int64_t n_out, int64_t n_in)
                 memcpy(dst + 2 * i, &h, 2);
             }
             break;
-        case GGML_TYPE_Q8_0: kern_quantize_row_q8_0(row, dst, n_in); break;
-        case GGML_TYPE_Q4_0: kern_quantize_row_q4_0(row, dst, n_in); break;
-        default: break;
+        case GGML_TYPE_Q8_0:
+            kern_quantize_row_q8_0(row, dst, n_in);
+            break;
+        case GGML_TYPE_Q4_0:
+            kern_quantize_row_q4_0(row, dst, n_in);
+            break;
+        default:
+            break;
         }
     }
     free(row);
@@ -97,7 +105,8 @@ static int parse_list(const char *s, const char *items[], int max)
     static char buf[1024];
     int n = 0;
     snprintf(buf, sizeof buf, "%s", s);
-    for (char *tok = strtok(buf, ","); tok && n < max; tok = strtok(NULL, ",")) items[n++] = tok;
+    for (char *tok = strtok(buf, ","); tok && n < max; tok = strtok(NULL, ","))
+        items[n++] = tok;
     return n;
 }
 
@@ -134,11 +143,13 @@ int main(int argc, char **argv)
             i++;
         } else if (strcmp(argv[i], "-n") == 0) {
             n_ntok = parse_list(v, items, 8);
-            for (int k = 0; k < n_ntok; k++) ntoks[k] = atoll(items[k]);
+            for (int k = 0; k < n_ntok; k++)
+                ntoks[k] = atoll(items[k]);
             i++;
         } else if (strcmp(argv[i], "-j") == 0) {
             n_threads = parse_list(v, items, 8);
-            for (int k = 0; k < n_threads; k++) threads[k] = atoi(items[k]);
+            for (int k = 0; k < n_threads; k++)
+                threads[k] = atoi(items[k]);
             i++;
         } else if (strcmp(argv[i], "-i") == 0) {
             int n = parse_list(v, items, 4);
@@ -161,12 +172,14 @@ int main(int argc, char **argv)
         } else if (strcmp(argv[i], "-r") == 0) {
             resident = 1; /* one copy of the weights: cache-resident where they fit */
         } else {
-            fprintf(stderr, "usage: %s [-t TYPES] [-n NTOKS] [-j THREADS] [-i ISAS] [-s SECONDS] [-m]\n",
+            fprintf(stderr,
+                    "usage: %s [-t TYPES] [-n NTOKS] [-j THREADS] [-i ISAS] [-s SECONDS] [-m]\n",
                     argv[0]);
             return 2;
         }
     }
-    printf("physical cores %d, best ISA %s\n", kern_physical_cores(), kern_isa_name(kern_isa_best()));
+    printf("physical cores %d, best ISA %s\n", kern_physical_cores(),
+           kern_isa_name(kern_isa_best()));
 
     int64_t max_tok = 1;
     for (int k = 0; k < n_ntok; k++)
@@ -174,7 +187,8 @@ int main(int argc, char **argv)
     float *X = malloc((size_t)(max_tok * 5632) * sizeof *X);
     float *Y = malloc((size_t)(max_tok * 32000) * sizeof *Y);
     if (!X || !Y) return 1;
-    for (int64_t i = 0; i < max_tok * 5632; i++) X[i] = frand();
+    for (int64_t i = 0; i < max_tok * 5632; i++)
+        X[i] = frand();
 
     for (int ti = 0; ti < n_types; ti++) {
         int type = types[ti];
@@ -185,7 +199,8 @@ int main(int argc, char **argv)
             uint8_t *W = malloc(mat_bytes * (size_t)copies);
             if (!W) return 1;
             fill_weights(type, W, sh->n_out, sh->n_in);
-            for (int c = 1; c < copies; c++) memcpy(W + (size_t)c * mat_bytes, W, mat_bytes);
+            for (int c = 1; c < copies; c++)
+                memcpy(W + (size_t)c * mat_bytes, W, mat_bytes);
             for (int ii = 0; ii < n_isa; ii++) {
                 kern_set_isa(isas[ii], NULL);
                 for (int ji = 0; ji < n_threads; ji++) {
@@ -197,12 +212,12 @@ int main(int argc, char **argv)
                         int iters = 0, c = 0;
                         /* warm up: page in every copy once */
                         for (int k = 0; k < copies; k++)
-                            kern_matmul(pool, type, W + (size_t)k * mat_bytes, sh->n_out, sh->n_in, X,
-                                        1, Y, &err);
+                            kern_matmul(pool, type, W + (size_t)k * mat_bytes, sh->n_out, sh->n_in,
+                                        X, 1, Y, &err);
                         double t0 = now_s(), t1, c0 = cpu_s();
                         do {
-                            if (kern_matmul(pool, type, W + (size_t)c * mat_bytes, sh->n_out, sh->n_in,
-                                            X, nt, Y, &err) != FORGE_OK) {
+                            if (kern_matmul(pool, type, W + (size_t)c * mat_bytes, sh->n_out,
+                                            sh->n_in, X, nt, Y, &err) != FORGE_OK) {
                                 fprintf(stderr, "matmul: %s\n", err.msg);
                                 return 1;
                             }
@@ -236,7 +251,8 @@ int main(int argc, char **argv)
         for (int ti = 0; ti < n_types; ti++) {
             int type = types[ti];
             size_t layer_bytes = 0, off = 0;
-            for (int k = 0; k < 7; k++) layer_bytes += row_bytes(type, layer[k].n_in) * (size_t)layer[k].n_out;
+            for (int k = 0; k < 7; k++)
+                layer_bytes += row_bytes(type, layer[k].n_in) * (size_t)layer[k].n_out;
             size_t out_bytes = row_bytes(type, 2048) * 32000;
             size_t total = layer_bytes * (size_t)n_layer + out_bytes;
             uint8_t *W = malloc(total);
@@ -249,7 +265,8 @@ int main(int argc, char **argv)
                 fill_weights(type, W + off, layer[k].n_out, layer[k].n_in);
                 off += row_bytes(type, layer[k].n_in) * (size_t)layer[k].n_out;
             }
-            for (int l = 1; l < n_layer; l++) memcpy(W + (size_t)l * layer_bytes, W, layer_bytes);
+            for (int l = 1; l < n_layer; l++)
+                memcpy(W + (size_t)l * layer_bytes, W, layer_bytes);
             fill_weights(type, W + (size_t)n_layer * layer_bytes, 32000, 2048);
             for (int ii = 0; ii < n_isa; ii++) {
                 kern_set_isa(isas[ii], NULL);
@@ -264,8 +281,8 @@ int main(int argc, char **argv)
                             size_t p = 0;
                             for (int l = 0; l < n_layer; l++)
                                 for (int k = 0; k < 7; k++) {
-                                    kern_matmul(pool, type, W + p, layer[k].n_out, layer[k].n_in, X, nt, Y,
-                                                NULL);
+                                    kern_matmul(pool, type, W + p, layer[k].n_out, layer[k].n_in, X,
+                                                nt, Y, NULL);
                                     p += row_bytes(type, layer[k].n_in) * (size_t)layer[k].n_out;
                                 }
                             /* llama.cpp computes the output row only for the last token */
@@ -274,9 +291,10 @@ int main(int argc, char **argv)
                             t1 = now_s();
                         } while (t1 - t0 < seconds * 5 || steps < 2);
                         double per = (t1 - t0) / steps;
-                        printf("model %-5s %-6s j%d n%-3lld  %8.2f ms/step  %7.1f tok/s  %6.1f GB/s\n",
-                               ggml_type_name(type), kern_isa_name(isas[ii]), threads[ji],
-                               (long long)nt, per * 1e3, (double)nt / per, (double)total / per * 1e-9);
+                        printf(
+                            "model %-5s %-6s j%d n%-3lld  %8.2f ms/step  %7.1f tok/s  %6.1f GB/s\n",
+                            ggml_type_name(type), kern_isa_name(isas[ii]), threads[ji],
+                            (long long)nt, per * 1e3, (double)nt / per, (double)total / per * 1e-9);
                         fflush(stdout);
                     }
                     kern_pool_free(pool);

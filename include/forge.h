@@ -14,6 +14,7 @@
  *   forge_tok.h   tokenizers (SentencePiece, byte-level BPE, WordPiece) and detokenization.
  *   forge_model.h models, inference contexts (KV cache), decoding, logits, sampling.
  *   forge_template.h chat templates (Jinja subset) and chat message rendering.
+ *   forge_synth.h random-weight models of real shapes, for benchmarks.
  */
 #ifndef FORGE_H
 #define FORGE_H
@@ -69,5 +70,6 @@ const char *forge_version(void);
 #include "forge_tok.h"
 #include "forge_model.h"
 #include "forge_template.h"
+#include "forge_synth.h"
 
 #endif /* FORGE_H */

@@ -71,10 +71,11 @@ typedef struct forge_model_info {
 } forge_model_info;
 
 /* Load a GGUF model (architectures llama, qwen2, qwen3; weight types F32, F16, BF16, Q8_0,
- * Q4_0, mixed per tensor). Everything is checked before any compute: a missing key or tensor, a
- * shape that contradicts the hyperparameters, an unsupported architecture or weight type is an
- * error naming the file and the tensor/key (FORGE_E_FORMAT, FORGE_E_NOTFOUND,
- * FORGE_E_UNSUPPORTED). *out is owned by the caller (forge_model_free). */
+ * Q4_0, mixed per tensor; RoPE scaling none, linear, yarn, and llama3's rope_freqs tensor;
+ * absent keys take llama.cpp's defaults, e.g. rope base 10000). Everything is checked before any
+ * compute: a missing key or tensor, a shape that contradicts the hyperparameters, an unsupported
+ * architecture or weight type is an error naming the file and the tensor/key (FORGE_E_FORMAT,
+ * FORGE_E_NOTFOUND, FORGE_E_UNSUPPORTED). *out is owned by the caller (forge_model_free). */
 int forge_model_load(const char *path, forge_model **out, struct forge_err *err);
 void forge_model_free(forge_model *model);
 

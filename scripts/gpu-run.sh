@@ -48,7 +48,10 @@ for s in $steps; do
         run "test_gpu_stress" stress.log 240 "$B/tests/gpu/test_gpu_stress"
         cat "$OUT/stress.log" ;;
     bench)
-        run "bench_gpu_matvec" bench.log 240 "$B/bench/gpu/bench_gpu_matvec" ;;
+        run "bench_gpu_matvec" bench.log 240 "$B/bench/gpu/bench_gpu_matvec"
+        echo "### FORGE_GPU_MATVEC2=0 (one row per segment everywhere)" >>"$OUT/bench1.log"
+        run "bench_gpu_matvec, FORGE_GPU_MATVEC2=0" bench1.log 240 \
+            env FORGE_GPU_MATVEC2=0 "$B/bench/gpu/bench_gpu_matvec" --tall ;;
     san)
         CS=compute-sanitizer
         command -v $CS >/dev/null || CS=/usr/local/cuda/bin/compute-sanitizer
@@ -57,7 +60,7 @@ for s in $steps; do
             [ $tool = memcheck ] && extra="--leak-check full"
             for prog in test_gpu_ops test_gpu_stress; do
                 echo "### $tool $prog --quick" >>"$OUT/san.log"
-                run "$tool $prog --quick" san.log 150 \
+                run "$tool $prog --quick" san.log 150 env FORGE_GPU_TEST_UNDER_SANITIZER=1 \
                     $CS --tool $tool $extra --error-exitcode 3 "$B/tests/gpu/$prog" --quick
                 grep -E "ERROR SUMMARY|RACECHECK SUMMARY|LEAK SUMMARY|passed," "$OUT/san.log" | tail -2
             done
@@ -65,6 +68,7 @@ for s in $steps; do
     esac
 done
 [ -f "$OUT/bench.log" ] && cat "$OUT/bench.log"
+[ -f "$OUT/bench1.log" ] && grep -E "^(###|matvec)" "$OUT/bench1.log"
 echo
 printf '%s\n' "${summary[@]}"
 exit $status

@@ -3,7 +3,7 @@
 # machine lacks. Idempotent and quick when everything is there. Needs root (or sudo) to install.
 set -euo pipefail
 pkgs=(build-essential pkg-config clang libclang-rt-14-dev
-      libpcre2-dev libcjson-dev libutf8proc-dev libcmocka-dev hipcc libamdhip64-dev rocm-device-libs clang-15)
+      libpcre2-dev libcjson-dev libutf8proc-dev libcmocka-dev hipcc libamdhip64-dev rocm-device-libs clang-15 jq bsdutils)
 missing=()
 for p in "${pkgs[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

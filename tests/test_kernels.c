@@ -12,6 +12,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
 #include "testutil.h"
 #include "core/fp16.h"
@@ -42,7 +43,9 @@ static void probe_fn(void *arg, int ith, int nth)
     /* make some threads slow so that an early return of kern_pool_run would show */
     if ((p->job + ith) % 7 == 0) {
         volatile double s = 0;
-        for (int i = 0; i < 20000; i++) s += i;
+        for (int i = 0; i < 20000; i++)
+            s += i;
+        if (s < 0) atomic_fetch_add(&p->wrong_nth, 1); /* never: keeps the loop */
     }
     atomic_fetch_add(&p->calls[ith], 1);
 }
@@ -64,7 +67,8 @@ static void test_pool_runs_each_ith_once(void **state)
             p.job = job;
             kern_pool_run(pool, probe_fn, &p);
             /* every call has returned before kern_pool_run does */
-            for (int i = 0; i < n; i++) assert_int_equal(atomic_load(&p.calls[i]), job + 1);
+            for (int i = 0; i < n; i++)
+                assert_int_equal(atomic_load(&p.calls[i]), job + 1);
         }
         assert_int_equal(atomic_load(&p.wrong_nth), 0);
         kern_pool_free(pool);
@@ -76,6 +80,35 @@ static void test_pool_runs_each_ith_once(void **state)
     kern_pool_run(NULL, probe_fn, &p);
     assert_int_equal(atomic_load(&p.calls[0]), 1);
     kern_pool_free(NULL);
+}
+
+/* With no spinning every job wakes sleeping threads through the condition variable; with
+ * pauses between jobs the spinning threads fall asleep too. Both paths must run every ith. */
+static void test_pool_sleep_and_wake(void **state)
+{
+    (void)state;
+    const char *spins[] = {"0", "50"};
+    for (size_t k = 0; k < FORGE_ARRAY_LEN(spins); k++) {
+        kern_pool *pool = NULL;
+        pool_probe p;
+        setenv("FORGE_SPIN_US", spins[k], 1);
+        assert_int_equal(kern_pool_create(3, &pool, NULL), FORGE_OK);
+        unsetenv("FORGE_SPIN_US");
+        memset(&p, 0, sizeof p);
+        p.nth_expected = 3;
+        for (int job = 0; job < 60; job++) {
+            p.job = job;
+            if (job % 10 == 0) {
+                struct timespec ts = {0, 300000}; /* 0.3 ms: longer than the 50 us spin */
+                nanosleep(&ts, NULL);
+            }
+            kern_pool_run(pool, probe_fn, &p);
+            for (int i = 0; i < 3; i++)
+                assert_int_equal(atomic_load(&p.calls[i]), job + 1);
+        }
+        assert_int_equal(atomic_load(&p.wrong_nth), 0);
+        kern_pool_free(pool);
+    }
 }
 
 static void test_pool_rejects_bad_size(void **state)
@@ -135,18 +168,23 @@ static void test_quantize_q8_0_hand_blocks(void **state)
     float x[96];
     uint8_t q[3 * KERN_Q8_0_BYTES];
     /* block 0: all equal 0.5 -> d = 0.5/127, every q = 127 */
-    for (int j = 0; j < 32; j++) x[j] = 0.5f;
+    for (int j = 0; j < 32; j++)
+        x[j] = 0.5f;
     /* block 1: zeros -> d = 0, q = 0 */
-    for (int j = 0; j < 32; j++) x[32 + j] = 0.0f;
+    for (int j = 0; j < 32; j++)
+        x[32 + j] = 0.0f;
     /* block 2: one max 2.54 at 7, -1 at 3 -> d = 0.02, q[7] = 127, q[3] = -50 */
-    for (int j = 0; j < 32; j++) x[64 + j] = 0.0f;
+    for (int j = 0; j < 32; j++)
+        x[64 + j] = 0.0f;
     x[64 + 7] = 2.54f;
     x[64 + 3] = -1.0f;
     kern_quantize_row_q8_0(x, q, 96);
     assert_int_equal(kern_load_u16(q), forge_f32_to_fp16(0.5f / 127.0f));
-    for (int j = 0; j < 32; j++) assert_int_equal((int8_t)q[2 + j], 127);
+    for (int j = 0; j < 32; j++)
+        assert_int_equal((int8_t)q[2 + j], 127);
     assert_int_equal(kern_load_u16(q + 34), 0);
-    for (int j = 0; j < 32; j++) assert_int_equal(q[34 + 2 + j], 0);
+    for (int j = 0; j < 32; j++)
+        assert_int_equal(q[34 + 2 + j], 0);
     assert_int_equal(kern_load_u16(q + 68), forge_f32_to_fp16(2.54f / 127.0f));
     for (int j = 0; j < 32; j++) {
         int want = j == 7 ? 127 : j == 3 ? -50 : 0;
@@ -160,25 +198,31 @@ static void test_quantize_q4_0_hand_blocks(void **state)
     float x[96];
     uint8_t q[3 * KERN_Q4_0_BYTES];
     /* block 0: all 1.0 -> max 1, d = -1/8, q = trunc(-8 + 8.5) = 0 */
-    for (int j = 0; j < 32; j++) x[j] = 1.0f;
+    for (int j = 0; j < 32; j++)
+        x[j] = 1.0f;
     /* block 1: zeros -> d = 0, q = 8 */
-    for (int j = 0; j < 32; j++) x[32 + j] = 0.0f;
+    for (int j = 0; j < 32; j++)
+        x[32 + j] = 0.0f;
     /* block 2: max -4 (negative) -> d = 0.5, id = 2: -4 -> 0, 4 -> 16 -> 15, 1 -> 10,
      * -1.2 -> 6, 0 -> 8 */
-    for (int j = 0; j < 32; j++) x[64 + j] = 0.0f;
+    for (int j = 0; j < 32; j++)
+        x[64 + j] = 0.0f;
     x[64 + 0] = -4.0f;
     x[64 + 20] = 4.0f;
     x[64 + 5] = 1.0f;
     x[64 + 17] = -1.2f;
     kern_quantize_row_q4_0(x, q, 96);
     assert_int_equal(kern_load_u16(q), forge_f32_to_fp16(-0.125f));
-    for (int j = 0; j < 16; j++) assert_int_equal(q[2 + j], 0x00);
+    for (int j = 0; j < 16; j++)
+        assert_int_equal(q[2 + j], 0x00);
     assert_int_equal(kern_load_u16(q + 18), 0x8000); /* d = 0 / -8 = -0 */
-    for (int j = 0; j < 16; j++) assert_int_equal(q[18 + 2 + j], 0x88);
+    for (int j = 0; j < 16; j++)
+        assert_int_equal(q[18 + 2 + j], 0x88);
     const uint8_t *b = q + 36;
     assert_int_equal(kern_load_u16(b), forge_f32_to_fp16(0.5f));
     int want[32];
-    for (int j = 0; j < 32; j++) want[j] = 8;
+    for (int j = 0; j < 32; j++)
+        want[j] = 8;
     want[0] = 0;
     want[20] = 15;
     want[5] = 10;
@@ -198,7 +242,8 @@ static void round_trip(int type, float scale, uint64_t seed)
     assert_non_null(x);
     assert_non_null(y);
     assert_non_null(q);
-    for (int i = 0; i < N; i++) x[i] = tu_rand_uniform(&seed) * scale * (1 + i % 5);
+    for (int i = 0; i < N; i++)
+        x[i] = tu_rand_uniform(&seed) * scale * (1 + i % 5);
     size_t bb = type == GGML_TYPE_Q8_0 ? KERN_Q8_0_BYTES : KERN_Q4_0_BYTES;
     if (type == GGML_TYPE_Q8_0)
         kern_quantize_row_q8_0(x, q, N);
@@ -239,10 +284,14 @@ static void test_quantize_round_trip(void **state)
 static kern_mm_kernel lookup_for(kern_isa isa, int type)
 {
     switch (isa) {
-    case KERN_ISA_AVX2: return kern_mm_lookup_avx2(type);
-    case KERN_ISA_AVX512: return kern_mm_lookup_avx512(type);
-    case KERN_ISA_NEON: return kern_mm_lookup_neon(type);
-    default: return kern_mm_lookup_scalar(type);
+    case KERN_ISA_AVX2:
+        return kern_mm_lookup_avx2(type);
+    case KERN_ISA_AVX512:
+        return kern_mm_lookup_avx512(type);
+    case KERN_ISA_NEON:
+        return kern_mm_lookup_neon(type);
+    default:
+        return kern_mm_lookup_scalar(type);
     }
 }
 
@@ -259,10 +308,14 @@ static void test_converters_exact(void **state)
     assert_non_null(x);
     assert_non_null(a);
     assert_non_null(b);
-    for (int i = 0; i < N; i++) x[i] = tu_rand_uniform(&seed) * (float)(1 << (i % 20)) * 1e-3f;
-    /* edge cases: an all-zero block, exact halves after scaling, tiny and huge values */
-    for (int j = 0; j < 32; j++) x[32 + j] = 0.0f;
-    for (int j = 0; j < 32; j++) x[64 + j] = (float)(j - 16) * 0.5f;
+    for (int i = 0; i < N; i++)
+        x[i] = tu_rand_uniform(&seed) * (float)(1 << (i % 20)) * 1e-3f;
+    /* edge cases: an all-zero block, exact halves after scaling, tiny (but normal: the
+     * AVX512_BF16 converter flushes subnormals) and huge values */
+    for (int j = 0; j < 32; j++)
+        x[32 + j] = 0.0f;
+    for (int j = 0; j < 32; j++)
+        x[64 + j] = (float)(j - 16) * 0.5f;
     x[100] = 1e-30f;
     x[101] = -7e4f;
     for (size_t t = 0; t < FORGE_ARRAY_LEN(types); t++) {
@@ -290,26 +343,38 @@ static void test_converters_exact(void **state)
 static size_t row_bytes(int type, int64_t n)
 {
     switch (type) {
-    case GGML_TYPE_F32: return (size_t)n * 4;
+    case GGML_TYPE_F32:
+        return (size_t)n * 4;
     case GGML_TYPE_F16:
-    case GGML_TYPE_BF16: return (size_t)n * 2;
-    case GGML_TYPE_Q8_0: return (size_t)n / 32 * KERN_Q8_0_BYTES;
-    default: return (size_t)n / 32 * KERN_Q4_0_BYTES;
+    case GGML_TYPE_BF16:
+        return (size_t)n * 2;
+    case GGML_TYPE_Q8_0:
+        return (size_t)n / 32 * KERN_Q8_0_BYTES;
+    default:
+        return (size_t)n / 32 * KERN_Q4_0_BYTES;
     }
 }
 
 static void encode_row(int type, const float *x, uint8_t *dst, int64_t n)
 {
     switch (type) {
-    case GGML_TYPE_F32: memcpy(dst, x, (size_t)n * 4); break;
+    case GGML_TYPE_F32:
+        memcpy(dst, x, (size_t)n * 4);
+        break;
     case GGML_TYPE_F16:
-        for (int64_t i = 0; i < n; i++) kern_store_u16(dst + 2 * i, forge_f32_to_fp16(x[i]));
+        for (int64_t i = 0; i < n; i++)
+            kern_store_u16(dst + 2 * i, forge_f32_to_fp16(x[i]));
         break;
     case GGML_TYPE_BF16:
-        for (int64_t i = 0; i < n; i++) kern_store_u16(dst + 2 * i, forge_f32_to_bf16(x[i]));
+        for (int64_t i = 0; i < n; i++)
+            kern_store_u16(dst + 2 * i, forge_f32_to_bf16(x[i]));
         break;
-    case GGML_TYPE_Q8_0: kern_quantize_row_q8_0(x, dst, n); break;
-    default: kern_quantize_row_q4_0(x, dst, n); break;
+    case GGML_TYPE_Q8_0:
+        kern_quantize_row_q8_0(x, dst, n);
+        break;
+    default:
+        kern_quantize_row_q4_0(x, dst, n);
+        break;
     }
 }
 
@@ -319,18 +384,23 @@ static void round_activations(int type, const float *x, float *out, int64_t n)
     uint8_t *tmp = malloc((size_t)n * 4);
     assert_non_null(tmp);
     switch (type) {
-    case GGML_TYPE_F32: memcpy(out, x, (size_t)n * 4); break;
+    case GGML_TYPE_F32:
+        memcpy(out, x, (size_t)n * 4);
+        break;
     case GGML_TYPE_F16:
-        for (int64_t i = 0; i < n; i++) out[i] = forge_fp16_to_f32(forge_f32_to_fp16(x[i]));
+        for (int64_t i = 0; i < n; i++)
+            out[i] = forge_fp16_to_f32(forge_f32_to_fp16(x[i]));
         break;
     case GGML_TYPE_BF16:
-        for (int64_t i = 0; i < n; i++) out[i] = forge_bf16_to_f32(forge_f32_to_bf16(x[i]));
+        for (int64_t i = 0; i < n; i++)
+            out[i] = forge_bf16_to_f32(forge_f32_to_bf16(x[i]));
         break;
     default: {
         /* the activation layout: qs[n], then fp16-rounded block scales as floats */
         kern_cvt_q8_for_q8_0_scalar(x, tmp, n);
         const float *d = kern_xq_d(tmp, n);
-        for (int64_t i = 0; i < n; i++) out[i] = (float)(int8_t)tmp[i] * d[i / 32];
+        for (int64_t i = 0; i < n; i++)
+            out[i] = (float)(int8_t)tmp[i] * d[i / 32];
         break;
     }
     }
@@ -340,13 +410,14 @@ static void round_activations(int type, const float *x, float *out, int64_t n)
 static double max_abs_diff(const float *a, const float *b, size_t n)
 {
     double m = 0;
-    for (size_t i = 0; i < n; i++) m = fmax(m, fabs((double)a[i] - (double)b[i]));
+    for (size_t i = 0; i < n; i++)
+        m = fmax(m, fabs((double)a[i] - (double)b[i]));
     return m;
 }
 
 typedef struct mm_stats {
-    double worst_simd[4];  /* per ISA, vs scalar */
-    double worst_ref;      /* scalar vs double reference on rounded inputs */
+    double worst_simd[4];      /* per ISA, vs scalar */
+    double worst_ref;          /* scalar vs double reference on rounded inputs */
     double orig_num, orig_den; /* scalar vs double reference on the original floats, over all
                                 * shapes (one short dot product alone may cancel badly) */
 } mm_stats;
@@ -363,7 +434,8 @@ static void check_matmul_type(int type, double orig_threshold)
     mm_stats st;
     uint64_t seed = 1234 + (uint64_t)type;
     memset(&st, 0, sizeof st);
-    for (int p = 0; p < 2; p++) assert_int_equal(kern_pool_create(threads[p], &pools[p], NULL), 0);
+    for (int p = 0; p < 2; p++)
+        assert_int_equal(kern_pool_create(threads[p], &pools[p], NULL), 0);
 
     for (size_t io = 0; io < FORGE_ARRAY_LEN(n_outs); io++)
         for (size_t ii = 0; ii < FORGE_ARRAY_LEN(n_ins); ii++)
@@ -380,11 +452,14 @@ static void check_matmul_type(int type, double orig_threshold)
                 float *yscalar = malloc(ny * sizeof(float));
                 float *y = malloc((ny + SENTINEL_N) * sizeof(float));
                 assert_true(wf && wd && wbuf && xbuf && xr && yref && yorig && yscalar && y);
-                uint8_t *w = wbuf + 1;  /* deliberately unaligned */
-                float *x = xbuf + 1;    /* not 8/16/32/64-byte aligned */
-                for (int64_t i = 0; i < n_out * n_in; i++) wf[i] = tu_rand_uniform(&seed);
-                for (int64_t i = 0; i < n_tok * n_in; i++) x[i] = tu_rand_uniform(&seed) * 2.0f;
-                for (int64_t o = 0; o < n_out; o++) encode_row(type, wf + o * n_in, w + o * rb, n_in);
+                uint8_t *w = wbuf + 1; /* deliberately unaligned */
+                float *x = xbuf + 1;   /* not 8/16/32/64-byte aligned */
+                for (int64_t i = 0; i < n_out * n_in; i++)
+                    wf[i] = tu_rand_uniform(&seed);
+                for (int64_t i = 0; i < n_tok * n_in; i++)
+                    x[i] = tu_rand_uniform(&seed) * 2.0f;
+                for (int64_t o = 0; o < n_out; o++)
+                    encode_row(type, wf + o * n_in, w + o * rb, n_in);
                 assert_int_equal(forge_dequantize(type, w, wd, n_out * n_in, NULL), FORGE_OK);
                 for (int64_t t = 0; t < n_tok; t++)
                     round_activations(type, x + t * n_in, xr + t * n_in, n_in);
@@ -402,7 +477,8 @@ static void check_matmul_type(int type, double orig_threshold)
                     assert_int_equal(kern_set_isa(isas[k], NULL), FORGE_OK);
                     for (int p = 0; p < 2; p++) {
                         forge_err err = {0};
-                        for (size_t i = 0; i < ny + (size_t)SENTINEL_N; i++) y[i] = SENTINEL_V;
+                        for (size_t i = 0; i < ny + (size_t)SENTINEL_N; i++)
+                            y[i] = SENTINEL_V;
                         int rc = kern_matmul(pools[p], type, w, n_out, n_in, x, n_tok, y, &err);
                         if (rc != FORGE_OK) fail_msg("kern_matmul: %s", err.msg);
                         for (int i = 0; i < SENTINEL_N; i++)
@@ -451,12 +527,14 @@ static void check_matmul_type(int type, double orig_threshold)
             }
     kern_set_isa(kern_isa_best(), NULL);
     double orig = st.orig_num / st.orig_den;
-    print_message("%s: worst NMSE scalar vs double ref %.2g, vs unrounded %.2g", ggml_type_name(type),
-                  st.worst_ref, orig);
+    print_message("%s: worst NMSE scalar vs double ref %.2g, vs unrounded %.2g",
+                  ggml_type_name(type), st.worst_ref, orig);
     for (int k = 0; k < n_isa; k++)
-        print_message(", %s vs scalar %.2g", kern_isa_name(isas[k]), st.worst_simd[k]);
+        print_message(", %s%s vs scalar %.2g", kern_isa_name(isas[k]), k == 0 ? " 3 threads" : "",
+                      st.worst_simd[k]);
     print_message("\n");
-    for (int p = 0; p < 2; p++) kern_pool_free(pools[p]);
+    for (int p = 0; p < 2; p++)
+        kern_pool_free(pools[p]);
     assert_true(orig < orig_threshold);
 }
 
@@ -498,8 +576,7 @@ static void test_matmul_rejects_bad_args(void **state)
     assert_true(kern_matmul_supported(GGML_TYPE_Q4_0));
     assert_int_equal(kern_matmul(NULL, GGML_TYPE_F32, w, 1, 33, x, 1, y, &err), FORGE_E_INVALID);
     assert_true(strstr(err.msg, "33") != NULL);
-    assert_int_equal(kern_matmul(NULL, GGML_TYPE_F32, w, 1, 32, NULL, 1, y, &err),
-                     FORGE_E_INVALID);
+    assert_int_equal(kern_matmul(NULL, GGML_TYPE_F32, w, 1, 32, NULL, 1, y, &err), FORGE_E_INVALID);
     assert_int_equal(kern_matmul(NULL, GGML_TYPE_F32, w, 0, 32, x, 1, y, &err), FORGE_OK);
 }
 
@@ -507,6 +584,7 @@ int main(void)
 {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_pool_runs_each_ith_once),
+        cmocka_unit_test(test_pool_sleep_and_wake),
         cmocka_unit_test(test_pool_rejects_bad_size),
         cmocka_unit_test(test_physical_cores),
         cmocka_unit_test(test_isa_selection),

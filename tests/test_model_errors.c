@@ -267,6 +267,27 @@ static void test_tied_and_defaults(void **state)
     free(l);
     free(l_ff);
     free(p);
+    /* YaRN without a factor changes nothing; with factor 2 the logits move */
+    variant v8 = {.str_key = "llama.rope.scaling.type", .str_val = "yarn"};
+    p = write_variant(g_src, g_dir, "yarn1.gguf", &v8);
+    l = logits_of(p, NULL);
+    assert_memory_equal(l, ref, 512 * sizeof *l);
+    free(l);
+    free(p);
+    variant v9 = {.str_key = "llama.rope.scaling.type",
+                  .str_val = "yarn",
+                  .f32_key = "llama.rope.scaling.factor",
+                  .f32_val = 2.0f};
+    p = write_variant(g_src, g_dir, "yarn2.gguf", &v9);
+    l = logits_of(p, NULL);
+    assert_true(tu_nmse(l, ref, 512) > 1e-8);
+    free(l);
+    free(p);
+    variant v10 = {.str_key = "llama.rope.scaling.type", .str_val = "longrope"};
+    p = write_variant(g_src, g_dir, "longrope.gguf", &v10);
+    expect_load_error(p, FORGE_E_UNSUPPORTED, "longrope", "not supported");
+    free(p);
+
     variant v7 = {.add_tensor = "rope_freqs.weight", .add_n = 3, .add_val = 1.0f};
     p = write_variant(g_src, g_dir, "freqs3.gguf", &v7);
     expect_load_error(p, FORGE_E_FORMAT, "rope_freqs.weight", "expected [4]");

@@ -67,7 +67,8 @@ static void test_shared_cases(void **state)
     int n_files = 0, n_cases = 0, n_fail = 0;
     while ((e = readdir(d))) {
         size_t nl = strlen(e->d_name);
-        if (nl < 6 || strcmp(e->d_name + nl - 5, ".json") || !strcmp(e->d_name, "conversations.json"))
+        if (nl < 6 || strcmp(e->d_name + nl - 5, ".json") ||
+            !strcmp(e->d_name, "conversations.json"))
             continue;
         char path[1024];
         snprintf(path, sizeof path, "%s/%s", dir, e->d_name);
@@ -127,9 +128,10 @@ static void test_shared_cases(void **state)
                     n_fail++;
                 } else if (out_len != wl || memcmp(out, want->valuestring, wl)) {
                     size_t i = 0;
-                    while (i < out_len && i < wl && out[i] == want->valuestring[i]) i++;
-                    print_message("FAIL %s %s: output differs at byte %zu\n", tf->valuestring,
-                                  name, i);
+                    while (i < out_len && i < wl && out[i] == want->valuestring[i])
+                        i++;
+                    print_message("FAIL %s %s: output differs at byte %zu\n", tf->valuestring, name,
+                                  i);
                     n_fail++;
                 }
             } else if (cJSON_IsString(want_err)) {
@@ -138,8 +140,8 @@ static void test_shared_cases(void **state)
                                   name, want_err->valuestring);
                     n_fail++;
                 } else if (strcmp(det.message, want_err->valuestring)) {
-                    print_message("FAIL %s %s: error '%s', expected '%s'\n", tf->valuestring,
-                                  name, det.message, want_err->valuestring);
+                    print_message("FAIL %s %s: error '%s', expected '%s'\n", tf->valuestring, name,
+                                  det.message, want_err->valuestring);
                     n_fail++;
                 } else if (det.line <= 0 || !strstr(rerr.msg, "line")) {
                     print_message("FAIL %s %s: error without a template line: %s\n",
@@ -166,11 +168,11 @@ static void test_shared_cases(void **state)
 static void test_whitespace(void **state)
 {
     (void)state;
-    expect("a\n{% if true %}\nb\n{% endif %}\nc", "a\nb\nc");          /* trim_blocks */
-    expect("a\n    {% if true %}\nb\n    {% endif %}\nc", "a\nb\nc");  /* lstrip_blocks */
+    expect("a\n{% if true %}\nb\n{% endif %}\nc", "a\nb\nc");         /* trim_blocks */
+    expect("a\n    {% if true %}\nb\n    {% endif %}\nc", "a\nb\nc"); /* lstrip_blocks */
     expect("a  {%- if true -%}  b  {%- endif -%}  c", "abc");
     expect("x {{- ' y ' -}} z", "x y z");
-    expect("  {{ 'v' }}\n", "  v");          /* one trailing newline dropped; vars not lstripped */
+    expect("  {{ 'v' }}\n", "  v"); /* one trailing newline dropped; vars not lstripped */
     expect("a\n\n", "a\n");
     expect("{# c #}\nx", "x");
     expect("  {%+ if true %}y{% endif %}", "  y");
@@ -198,7 +200,8 @@ static void test_expressions(void **state)
     expect("{{ x is defined }} {{ none is none }} {{ 'a' is string }} {{ {} is mapping }} "
            "{{ [] is iterable }} {{ 3 is odd }} {{ 1 is equalto 1 }} {{ 'x' is in 'xy' }}",
            "False True True True True True True True");
-    expect("{{ '\\u00e9\\x41\\t|' }}", "\xc3\xa9" "A\t|");
+    expect("{{ '\\u00e9\\x41\\t|' }}", "\xc3\xa9"
+                                       "A\t|");
 }
 
 static void test_statements(void **state)
@@ -210,7 +213,8 @@ static void test_statements(void **state)
     expect("{% for x in [] %}a{% else %}empty{% endfor %}", "empty");
     expect("{% for x in range(10) if x is even %}{{ x }}{% endfor %}", "02468");
     expect("{% for k, v in {'a': 1, 'b': 2}.items() %}{{ k }}={{ v }};{% endfor %}", "a=1;b=2;");
-    expect("{% for x in range(5) %}{% if x == 3 %}{% break %}{% endif %}{{ x }}{% endfor %}", "012");
+    expect("{% for x in range(5) %}{% if x == 3 %}{% break %}{% endif %}{{ x }}{% endfor %}",
+           "012");
     expect("{% for x in range(4) %}{% if x is odd %}{% continue %}{% endif %}{{ x }}{% endfor %}",
            "02");
     expect("{% set x = 1 %}{% for i in range(2) %}{% set x = 5 %}{% endfor %}{{ x }}", "1");
@@ -230,16 +234,16 @@ static void test_statements(void **state)
 static void test_filters_methods(void **state)
 {
     (void)state;
-    expect("{{ '  a b  ' | trim }}|{{ 'ab' | upper }}|{{ 'AB' | lower }}|{{ 'hello world' | title }}"
-           "|{{ 'hELLO' | capitalize }}",
-           "a b|AB|ab|Hello World|Hello");
+    expect(
+        "{{ '  a b  ' | trim }}|{{ 'ab' | upper }}|{{ 'AB' | lower }}|{{ 'hello world' | title }}"
+        "|{{ 'hELLO' | capitalize }}",
+        "a b|AB|ab|Hello World|Hello");
     expect("{{ [1,2,3] | length }} {{ 'héllo' | length }} {{ [1,2] | first }} {{ [1,2] | last }} "
            "{{ [1,2] | join(', ') }} {{ 'aXa' | replace('a', 'b') }}",
            "3 5 1 2 1, 2 bXb");
     expect("{{ {'a': [1, 2.5, 'é\"'], 'b': none, 'c': true} | tojson }}",
            "{\"a\": [1, 2.5, \"é\\\"\"], \"b\": null, \"c\": true}");
-    expect("{{ {'a': [1, {}]} | tojson(indent=2) }}",
-           "{\n  \"a\": [\n    1,\n    {}\n  ]\n}");
+    expect("{{ {'a': [1, {}]} | tojson(indent=2) }}", "{\n  \"a\": [\n    1,\n    {}\n  ]\n}");
     expect("{{ x | default('d') }} {{ '' | default('e', true) }} {{ '3' | int + 1 }} "
            "{{ 'x' | int }} {{ 1 | string ~ 2 }} {{ 2.7 | int }}",
            "d e 4 0 12 2");
@@ -280,9 +284,18 @@ static void test_errors(void **state)
     /* syntax errors: a message with the line, never a crash */
     forge_template *t = NULL;
     int line = 0;
-    const char *bad[] = {"a\n{% if x %}", "{{ 1 + }}", "{% for %}", "{{ x", "{% endfor %}",
-                         "{% unknown %}", "{{ 'abc }}", "{# open", "{{ (1 }}", "{{ a.}}",
-                         "{% macro m( %}{% endmacro %}", "\n\n{{ ) }}"};
+    const char *bad[] = {"a\n{% if x %}",
+                         "{{ 1 + }}",
+                         "{% for %}",
+                         "{{ x",
+                         "{% endfor %}",
+                         "{% unknown %}",
+                         "{{ 'abc }}",
+                         "{# open",
+                         "{{ (1 }}",
+                         "{{ a.}}",
+                         "{% macro m( %}{% endmacro %}",
+                         "\n\n{{ ) }}"};
     for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++) {
         memset(&err, 0, sizeof err);
         int rc = forge_template_parse(bad[i], strlen(bad[i]), &t, &line, &err);
@@ -304,7 +317,8 @@ static void test_errors(void **state)
     expect_error("{{ none | length }}", "TypeError", NULL);
     expect_error("{% set x = 1 %}{% set x.y = 2 %}", NULL, "namespace");
     /* undefined is lenient where Jinja is */
-    expect("{{ x }}|{{ x | length }}|{{ x is none }}|{% for i in x %}a{% endfor %}|{{ {}.a is defined }}",
+    expect("{{ x }}|{{ x | length }}|{{ x is none }}|{% for i in x %}a{% endfor %}|{{ {}.a is "
+           "defined }}",
            "|0|False||False");
     expect_error("{{ m.a is defined }}", "UndefinedError", "'m' is undefined");
 }
@@ -351,15 +365,18 @@ static void test_limits(void **state)
     /* deep nesting is a parse error, not a stack overflow */
     static char deep[8192];
     size_t n = (size_t)sprintf(deep, "{{ ");
-    for (int i = 0; i < 1000; i++) deep[n++] = '(';
+    for (int i = 0; i < 1000; i++)
+        deep[n++] = '(';
     deep[n++] = '1';
-    for (int i = 0; i < 1000; i++) deep[n++] = ')';
+    for (int i = 0; i < 1000; i++)
+        deep[n++] = ')';
     n += (size_t)sprintf(deep + n, " }}");
     forge_template *t = NULL;
     forge_err err = {0};
     assert_int_not_equal(forge_template_parse(deep, n, &t, NULL, &err), FORGE_OK);
     n = 0;
-    for (int i = 0; i < 500; i++) n += (size_t)sprintf(deep + n, "{%% if 1 %%}");
+    for (int i = 0; i < 500; i++)
+        n += (size_t)sprintf(deep + n, "{%% if 1 %%}");
     assert_int_not_equal(forge_template_parse(deep, n, &t, NULL, &err), FORGE_OK);
     assert_null(t);
 }
@@ -391,8 +408,10 @@ static void test_builtins(void **state)
         forge_template *t = NULL;
         forge_err err = {0};
         assert_int_equal(forge_template_builtin(cases[i].name, &t, &err), FORGE_OK);
-        forge_template_vars v = {.messages_json = msgs, .add_generation_prompt = true,
-                                 .bos_token = "<s>", .eos_token = "</s>"};
+        forge_template_vars v = {.messages_json = msgs,
+                                 .add_generation_prompt = true,
+                                 .bos_token = "<s>",
+                                 .eos_token = "</s>"};
         char *out = NULL;
         assert_int_equal(forge_template_render(t, &v, &out, NULL, NULL, &err), FORGE_OK);
         if (strcmp(out, cases[i].want))
@@ -417,11 +436,13 @@ static void test_builtins(void **state)
     assert_non_null(strstr(warn, "cannot be used"));
     forge_template_free(t);
     /* an explicit choice wins */
-    assert_int_equal(forge_template_select(&m, "chatml", &t, &desc, warn, sizeof warn, &err), FORGE_OK);
+    assert_int_equal(forge_template_select(&m, "chatml", &t, &desc, warn, sizeof warn, &err),
+                     FORGE_OK);
     assert_string_equal(desc, "chatml");
     forge_template_free(t);
-    assert_int_equal(forge_template_select(&m, "/nonexistent/x.jinja", &t, &desc, warn, sizeof warn, &err),
-                     FORGE_E_NOTFOUND);
+    assert_int_equal(
+        forge_template_select(&m, "/nonexistent/x.jinja", &t, &desc, warn, sizeof warn, &err),
+        FORGE_E_NOTFOUND);
 }
 
 static void test_model_file(void **state)
@@ -446,14 +467,97 @@ static void test_model_file(void **state)
     free(path);
 }
 
+/* a copy of stories260K.gguf with tokenizer.chat_template set to tmpl */
+static int copy_fill(void *user, int64_t index, const gguf_tensor_info *info, int64_t row0,
+                     int64_t n_rows, void *dst, forge_err *err)
+{
+    (void)index;
+    const gguf_tensor_info *src = gguf_find_tensor((const gguf_ctx *)user, info->name);
+    if (!src) return FORGE_E_NOTFOUND;
+    size_t row = ggml_row_size(info->type, info->ne[0]);
+    memcpy(dst, (const char *)src->data + (size_t)row0 * row, (size_t)n_rows * row);
+    (void)err;
+    return FORGE_OK;
+}
+
+static char *model_with_template(const char *dir, const char *src_path, const char *tmpl)
+{
+    gguf_ctx *g = NULL;
+    gguf_writer *w = NULL;
+    forge_err err = {0};
+    char *out = malloc(strlen(dir) + 32);
+    sprintf(out, "%s/with_template.gguf", dir);
+    assert_int_equal(gguf_open(src_path, &g, &err), FORGE_OK);
+    assert_int_equal(gguf_writer_create(&w, &err), FORGE_OK);
+    assert_int_equal(gguf_writer_copy_kvs(w, g, "", NULL, &err), FORGE_OK);
+    assert_int_equal(gguf_writer_set_str(w, "tokenizer.chat_template", tmpl, &err), FORGE_OK);
+    for (int64_t i = 0; i < gguf_tensor_count(g); i++) {
+        const gguf_tensor_info *t = gguf_tensor(g, i);
+        assert_int_equal(gguf_writer_add_tensor(w, t->name, t->type, t->n_dims, t->ne, &err),
+                         FORGE_OK);
+    }
+    if (gguf_writer_write(w, out, copy_fill, g, 0, &err) != FORGE_OK) fail_msg("%s", err.msg);
+    gguf_writer_free(w);
+    gguf_close(g);
+    return out;
+}
+
+/* A model whose template does not parse still loads; the built-in fallback is used with a
+ * warning. A model whose template parses gets it. */
+static void test_model_templates(void **state)
+{
+    (void)state;
+    char *src = tu_require_shared("testdata/models/stories260K.gguf");
+    char *dir = tu_mkdtemp();
+    const char *cases[][2] = {
+        {"{% for m in messages %}{{ m.content }", NULL},
+        {"{% for m in messages %}[{{ m.role }}]{{ m.content }}{% endfor %}", "[user]hi"}};
+    for (int k = 0; k < 2; k++) {
+        char *path = model_with_template(dir, src, cases[k][0]);
+        forge_model *m = NULL;
+        forge_err err = {0};
+        if (forge_model_load(path, &m, &err) != FORGE_OK) fail_msg("model load: %s", err.msg);
+        forge_template_model tm = {0};
+        assert_int_equal(forge_template_model_read(forge_model_gguf(m), &tm, &err), FORGE_OK);
+        assert_string_equal(tm.chat_template, cases[k][0]);
+        forge_template *t = NULL;
+        const char *desc = NULL;
+        char warn[700];
+        assert_int_equal(forge_template_select(&tm, NULL, &t, &desc, warn, sizeof warn, &err),
+                         FORGE_OK);
+        forge_template_vars v = {.messages_json = "[{\"role\": \"user\", \"content\": \"hi\"}]"};
+        char *out = NULL;
+        assert_int_equal(forge_template_render(t, &v, &out, NULL, NULL, &err), FORGE_OK);
+        if (cases[k][1]) {
+            assert_string_equal(desc, "model");
+            assert_string_equal(warn, "");
+            assert_string_equal(out, cases[k][1]);
+        } else {
+            assert_string_equal(desc, "llama2");
+            assert_non_null(strstr(warn, "template line 1"));
+            assert_non_null(strstr(out, "[INST] hi [/INST]"));
+        }
+        free(out);
+        forge_template_free(t);
+        forge_template_model_clear(&tm);
+        forge_model_free(m);
+        remove(path);
+        free(path);
+    }
+    tu_rmtree(dir);
+    free(dir);
+    free(src);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
-        cmocka_unit_test(test_shared_cases),   cmocka_unit_test(test_whitespace),
-        cmocka_unit_test(test_expressions),    cmocka_unit_test(test_statements),
+        cmocka_unit_test(test_shared_cases),    cmocka_unit_test(test_whitespace),
+        cmocka_unit_test(test_expressions),     cmocka_unit_test(test_statements),
         cmocka_unit_test(test_filters_methods), cmocka_unit_test(test_errors),
-        cmocka_unit_test(test_bad_messages),   cmocka_unit_test(test_limits),
-        cmocka_unit_test(test_builtins),       cmocka_unit_test(test_model_file),
+        cmocka_unit_test(test_bad_messages),    cmocka_unit_test(test_limits),
+        cmocka_unit_test(test_builtins),        cmocka_unit_test(test_model_file),
+        cmocka_unit_test(test_model_templates),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

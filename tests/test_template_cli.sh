@@ -70,7 +70,7 @@ dir=$shared/testdata/chat-templates
 if [ -d "$dir" ] && command -v jq >/dev/null; then
     pass=0 fail=0
     for j in "$dir"/*.json; do
-        tf=$(jq -r '.template_file // empty' "$j") || continue
+        tf=$(jq -r 'if type == "object" then .template_file // empty else empty end' "$j") || continue
         [ -n "$tf" ] || continue
         n=$(jq '.cases | length' "$j")
         for ((k = 0; k < n; k++)); do

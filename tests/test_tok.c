@@ -687,6 +687,36 @@ static void test_spm_split(void **state)
     }
 }
 
+/* BPE: the per-call word cache changes nothing (a long text of repeated words) */
+static void test_bpe_cache(void **state)
+{
+    require_data();
+    size_t cap = 0, len = 0;
+    for (size_t c = 0; c < suites[0].n_cases; c++) cap += suites[0].len[c] + 1;
+    char *text = malloc(cap * 4);
+    for (int rep = 0; rep < 4; rep++)
+        for (size_t c = 0; c < suites[0].n_cases; c++) {
+            memcpy(text + len, suites[0].text[c], suites[0].len[c]);
+            len += suites[0].len[c];
+            text[len++] = rep & 1 ? '\n' : ' ';
+        }
+    for (size_t v = 1; v < N_VOCABS; v++) {
+        forge_tok *tok = suites[v].tok;
+        int32_t *a = NULL, *b = NULL;
+        size_t na = 0, nb = 0;
+        assert_true(tok->bpe_cache);
+        assert_int_equal(forge_tok_encode(tok, text, len, false, false, &a, &na, NULL), 0);
+        tok->bpe_cache = false;
+        assert_int_equal(forge_tok_encode(tok, text, len, false, false, &b, &nb, NULL), 0);
+        tok->bpe_cache = true;
+        assert_true(na > 256);
+        assert_true(ids_equal(a, na, b, nb));
+        free(a);
+        free(b);
+    }
+    free(text);
+}
+
 /* Every pre-tokenizer name GGUF files carry loads without a warning, and its split loses or
  * duplicates no byte: with a vocabulary holding all 256 byte symbols, each suite text
  * round-trips. */
@@ -790,6 +820,7 @@ int main(void)
         cmocka_unit_test(test_bad_metadata),
         cmocka_unit_test(test_wordpiece),
         cmocka_unit_test(test_spm_split),
+        cmocka_unit_test(test_bpe_cache),
         cmocka_unit_test(test_pre_tokenizers),
         cmocka_unit_test(test_threads),
     };

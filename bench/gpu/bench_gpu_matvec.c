@@ -4,7 +4,7 @@
  * timed with events over several replays (median). Bytes counted: the weights (plus the tiny
  * activation and output vectors). Also: attention over an F16 KV cache, argmax over a vocabulary
  * and the activation quantizer.
- *   bench_gpu_matvec [--quick]
+ *   bench_gpu_matvec [--tall]     --tall: only the matvec shapes with >= 8192 rows
  * Prints one table; needs a GPU (scripts/gpu-run.sh). Speed is measured here, never asserted. */
 #include <stdio.h>
 #include <stdlib.h>
@@ -13,15 +13,15 @@
 #include "forge.h"
 #include "gpu/gpu_ops.h"
 
-#define CHECK(call)                                                                    \
-    do {                                                                               \
-        forge_err e_ = {0};                                                            \
-        forge_err *err = &e_;                                                          \
-        if ((call) != FORGE_OK) {                                                      \
-            fprintf(stderr, "FATAL: %s: %s\n", #call, e_.msg);                         \
-            exit(2);                                                                   \
-        }                                                                              \
-        (void)err;                                                                     \
+#define CHECK(call)                                                                                \
+    do {                                                                                           \
+        forge_err e_ = {0};                                                                        \
+        forge_err *err = &e_;                                                                      \
+        if ((call) != FORGE_OK) {                                                                  \
+            fprintf(stderr, "FATAL: %s: %s\n", #call, e_.msg);                                     \
+            exit(2);                                                                               \
+        }                                                                                          \
+        (void)err;                                                                                 \
     } while (0)
 
 static gpu_stream *S;
@@ -126,7 +126,8 @@ static void bench_matvec(int t, int64_t n_out, int64_t n_in, const char *label)
     gpu_graph *g = NULL;
     float *x = (float *)malloc((size_t)n_in * 4);
     uint64_t seed = 5;
-    for (int64_t i = 0; i < n_in; i++) x[i] = (float)((rnd(&seed) >> 40) * (1.0 / 8388608.0) - 1.0);
+    for (int64_t i = 0; i < n_in; i++)
+        x[i] = (float)((rnd(&seed) >> 40) * (1.0 / 8388608.0) - 1.0);
     for (int c = 0; c < copies; c++) {
         CHECK(gpu_malloc(&d_w[c], wbytes, err));
         fill_device(d_w[c], wbytes);
@@ -139,7 +140,8 @@ static void bench_matvec(int t, int64_t n_out, int64_t n_in, const char *label)
         CHECK(gpu_act_quantize(d_x, n_in, d_xq, S, err));
     }
     int launches = copies;
-    while (launches < 64) launches += copies;
+    while (launches < 64)
+        launches += copies;
     CHECK(gpu_graph_begin(S, err));
     for (int i = 0; i < launches; i++)
         CHECK(gpu_matvec(t, d_w[i % copies], n_out, n_in, d_x, d_xq, d_y, S, err));
@@ -150,7 +152,8 @@ static void bench_matvec(int t, int64_t n_out, int64_t n_in, const char *label)
     printf("matvec %-5s %-22s %6.1f MB %9.2f us %8.1f GB/s %5.1f%%\n", ggml_type_name(t), label,
            wbytes / 1e6, ms * 1e3, bw / 1e9, 100.0 * bw / g_copy_bw);
     gpu_graph_free(g);
-    for (int c = 0; c < copies; c++) gpu_free(d_w[c]);
+    for (int c = 0; c < copies; c++)
+        gpu_free(d_w[c]);
     free(d_w);
     gpu_free(d_x);
     gpu_free(d_y);
@@ -163,7 +166,8 @@ static void bench_attention(int64_t n_head, int64_t n_kv_head, int64_t hd, int64
     size_t cache = (size_t)(n_kv * n_kv_head * hd) * 2; /* F16 */
     int copies = (int)((512u << 20) / (2 * cache)) + 1;
     if (copies > 32) copies = 32;
-    void **d_k = (void **)calloc((size_t)copies, sizeof *d_k), **d_v = (void **)calloc((size_t)copies, sizeof *d_v);
+    void **d_k = (void **)calloc((size_t)copies, sizeof *d_k),
+         **d_v = (void **)calloc((size_t)copies, sizeof *d_v);
     float *d_q = NULL, *d_out = NULL;
     int32_t *d_pos = NULL, pos = (int32_t)(n_kv - 1);
     void *d_scr = NULL;
@@ -182,11 +186,24 @@ static void bench_attention(int64_t n_head, int64_t n_kv_head, int64_t hd, int64
     CHECK(gpu_memcpy_h2d(d_pos, &pos, 4, S, err));
     CHECK(gpu_malloc(&d_scr, gpu_attn_scratch_bytes(n_head, hd, n_kv), err));
     int launches = copies;
-    while (launches < 32) launches += copies;
+    while (launches < 32)
+        launches += copies;
     CHECK(gpu_graph_begin(S, err));
     for (int i = 0; i < launches; i++) {
-        gpu_attn_args a = {d_q, d_k[i % copies], d_v[i % copies], GGML_TYPE_F16, n_kv_head * hd,
-                           hd, n_head, n_kv_head, hd, d_pos, n_kv, 0.088f, d_scr, d_out};
+        gpu_attn_args a = {d_q,
+                           d_k[i % copies],
+                           d_v[i % copies],
+                           GGML_TYPE_F16,
+                           n_kv_head * hd,
+                           hd,
+                           n_head,
+                           n_kv_head,
+                           hd,
+                           d_pos,
+                           n_kv,
+                           0.088f,
+                           d_scr,
+                           d_out};
         CHECK(gpu_attention(&a, S, err));
     }
     CHECK(gpu_graph_end(S, &g, err));
@@ -220,15 +237,18 @@ static void bench_small(int64_t n_vocab, int64_t n_in)
     CHECK(gpu_malloc((void **)&d_i, 4, err));
     CHECK(gpu_malloc(&d_xq, gpu_act_q8_bytes(n_in), err));
     CHECK(gpu_graph_begin(S, err));
-    for (int i = 0; i < n; i++) CHECK(gpu_argmax(d_x, n_vocab, d_i, S, err));
+    for (int i = 0; i < n; i++)
+        CHECK(gpu_argmax(d_x, n_vocab, d_i, S, err));
     CHECK(gpu_graph_end(S, &g, err));
     printf("argmax n %lld                  %9.2f us\n", (long long)n_vocab,
            time_graph(g, 7) / n * 1e3);
     gpu_graph_free(g);
     CHECK(gpu_graph_begin(S, err));
-    for (int i = 0; i < n; i++) CHECK(gpu_act_quantize(d_x, n_in, d_xq, S, err));
+    for (int i = 0; i < n; i++)
+        CHECK(gpu_act_quantize(d_x, n_in, d_xq, S, err));
     CHECK(gpu_graph_end(S, &g, err));
-    printf("act_quantize n %lld              %9.2f us\n", (long long)n_in, time_graph(g, 7) / n * 1e3);
+    printf("act_quantize n %lld              %9.2f us\n", (long long)n_in,
+           time_graph(g, 7) / n * 1e3);
     gpu_graph_free(g);
     gpu_free(d_x);
     gpu_free(d_i);
@@ -237,7 +257,7 @@ static void bench_small(int64_t n_vocab, int64_t n_in)
 
 int main(int argc, char **argv)
 {
-    int quick = argc > 1 && !strcmp(argv[1], "--quick");
+    int tall = argc > 1 && !strcmp(argv[1], "--tall");
     gpu_device_info info;
     CHECK(gpu_device_info_get(0, &info, err));
     g_l2 = info.l2_bytes;
@@ -263,10 +283,14 @@ int main(int argc, char **argv)
         int64_t n_out, n_in;
         const char *label;
     } shapes[] = {
-        {4096, 4096, "4096x4096"},         {11008, 4096, "11008x4096 (up)"},
-        {4096, 11008, "4096x11008 (down)"}, {32000, 4096, "32000x4096 (out)"},
-        {2048, 2048, "1b 2048x2048 (q,o)"}, {512, 2048, "1b 512x2048 (k,v)"},
-        {8192, 2048, "1b 8192x2048 (up)"},  {2048, 8192, "1b 2048x8192 (down)"},
+        {4096, 4096, "4096x4096"},
+        {11008, 4096, "11008x4096 (up)"},
+        {4096, 11008, "4096x11008 (down)"},
+        {32000, 4096, "32000x4096 (out)"},
+        {2048, 2048, "1b 2048x2048 (q,o)"},
+        {512, 2048, "1b 512x2048 (k,v)"},
+        {8192, 2048, "1b 8192x2048 (up)"},
+        {2048, 8192, "1b 2048x8192 (down)"},
         {128256, 2048, "1b 128256x2048 (out)"},
     };
     static const int types[] = {GGML_TYPE_F32, GGML_TYPE_F16, GGML_TYPE_BF16, GGML_TYPE_Q8_0,
@@ -275,14 +299,16 @@ int main(int argc, char **argv)
            "time", "bandwidth", "%copy");
     for (size_t t = 0; t < sizeof types / sizeof types[0]; t++)
         for (size_t s = 0; s < sizeof shapes / sizeof shapes[0]; s++) {
-            if (quick && s > 1) break;
+            if (tall && shapes[s].n_out < 8192) continue;
             bench_matvec(types[t], shapes[s].n_out, shapes[s].n_in, shapes[s].label);
         }
+    if (tall) goto done;
     printf("\n");
     bench_attention(32, 8, 128, 4096);
     bench_attention(32, 8, 128, 32768);
     bench_attention(32, 8, 64, 8192);
     bench_small(128256, 4096);
+done:
     gpu_event_destroy(E0);
     gpu_event_destroy(E1);
     gpu_stream_destroy(S);

@@ -43,6 +43,12 @@ typedef struct be_rope {
     float freq_base;
     float freq_scale;              /* 1 / linear scaling factor */
     const be_weight *freq_factors; /* rope_freqs.weight (F32, n_rot/2) or NULL (llama3) */
+    /* YaRN (ggml's rope_yarn): ext_factor 0 = off. With it, dims between corr_dims[0] and
+     * corr_dims[1] ramp from extrapolated to interpolated theta and cos/sin are scaled by
+     * attn_factor * (1 + 0.1 ln(1/freq_scale)); otherwise by attn_factor (1). */
+    float ext_factor;
+    float attn_factor;
+    float corr_dims[2];
 } be_rope;
 
 typedef struct be_attn {
@@ -63,8 +69,12 @@ typedef struct be_ops {
     int (*buf_read)(backend *be, const be_buf *src, int64_t off, int64_t n, float *dst,
                     forge_err *err);
 
-    /* Make a weight usable by the backend (upload to a device); CPU: nothing. */
+    /* Make a weight usable by the backend (upload to a device, set w->dev); CPU: nothing.
+     * weight_release undoes it (the context calls it for every weight when it is freed). The
+     * be_weight structs belong to the model, so only one context at a time may keep device
+     * copies in w->dev. */
     int (*weight_prepare)(backend *be, be_weight *w, forge_err *err);
+    void (*weight_release)(backend *be, be_weight *w);
 
     int (*kv_create)(backend *be, int n_layer, int n_ctx, int kv_dim, int kv_type, be_kv **out,
                      forge_err *err);

@@ -108,6 +108,12 @@ static int cpu_weight_prepare(backend *be, be_weight *w, forge_err *err)
     return FORGE_OK;
 }
 
+static void cpu_weight_release(backend *be, be_weight *w)
+{
+    (void)be;
+    (void)w;
+}
+
 /* ---- KV cache --------------------------------------------------------------------------- */
 
 static int cpu_kv_create(backend *be, int n_layer, int n_ctx, int kv_dim, int kv_type, be_kv **out,
@@ -266,13 +272,21 @@ static int cpu_rope(backend *be, be_buf *x, int n_tok, int n_head, int head_dim,
     const float *ff = rp->freq_factors ? rp->freq_factors->data : NULL;
     float *cache = c->scratch; /* cos, sin pairs for one position */
     const float theta_scale = powf(rp->freq_base, -2.0f / (float)n_rot);
+    float mscale = rp->attn_factor;
+    if (rp->ext_factor != 0.0f) mscale *= 1.0f + 0.1f * logf(1.0f / rp->freq_scale);
     for (int t = 0; t < n_tok; t++) {
         float theta = (float)(pos0 + t);
         for (int i0 = 0; i0 < n_rot; i0 += 2) {
             float f = ff ? ff[i0 / 2] : 1.0f;
-            float th = rp->freq_scale * (theta / f);
-            cache[i0] = cosf(th);
-            cache[i0 + 1] = sinf(th);
+            float extrap = theta / f, th = rp->freq_scale * extrap;
+            if (rp->ext_factor != 0.0f) { /* ggml's rope_yarn_ramp */
+                float y = ((float)(i0 / 2) - rp->corr_dims[0]) /
+                          fmaxf(0.001f, rp->corr_dims[1] - rp->corr_dims[0]);
+                float ramp = (1.0f - fminf(1.0f, fmaxf(0.0f, y))) * rp->ext_factor;
+                th = th * (1.0f - ramp) + extrap * ramp;
+            }
+            cache[i0] = cosf(th) * mscale;
+            cache[i0 + 1] = sinf(th) * mscale;
             theta *= theta_scale;
         }
         for (int h = 0; h < n_head; h++) {
@@ -525,6 +539,7 @@ static const be_ops cpu_ops = {
     .buf_free = cpu_buf_free,
     .buf_read = cpu_buf_read,
     .weight_prepare = cpu_weight_prepare,
+    .weight_release = cpu_weight_release,
     .kv_create = cpu_kv_create,
     .kv_free = cpu_kv_free,
     .get_rows = cpu_get_rows,

@@ -29,8 +29,8 @@ typedef void (*kern_mm_fn)(const kern_mm_args *a, int64_t r0, int64_t r1, void *
 typedef void (*kern_cvt_fn)(const float *x, void *dst, int64_t n);
 
 typedef struct kern_mm_kernel {
-    kern_mm_fn mm;   /* NULL: this ISA has no kernel for the type */
-    kern_cvt_fn cvt; /* NULL for F32 weights */
+    kern_mm_fn mm;              /* NULL: this ISA has no kernel for the type */
+    kern_cvt_fn cvt;            /* NULL for F32 weights */
     size_t xc_row_bytes_per_32; /* bytes of converted activations per 32 inputs */
     size_t work_bytes_per_32;   /* per-thread scratch per 32 inputs (0: none) */
 } kern_mm_kernel;
@@ -70,7 +70,6 @@ static inline const int32_t *kern_xq_ncorr(const uint8_t *row, int64_t n)
 {
     return (const int32_t *)(const void *)(row + n + n / 8);
 }
-
 
 /* CPU sub-features that the AVX-512 kernels use when present. */
 int kern_cpu_has_avx512vnni(void);

@@ -2,6 +2,7 @@
  * the pool's threads, dispatch to the selected ISA's row kernels, and the scalar row kernels
  * (the specification every SIMD kernel is tested against). Per-ISA kernels live in
  * matmul_avx2.c, matmul_avx512.c and matmul_neon.c. */
+#include <stdatomic.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -16,8 +17,10 @@ bool kern_matmul_supported(int wtype)
     case GGML_TYPE_F16:
     case GGML_TYPE_BF16:
     case GGML_TYPE_Q8_0:
-    case GGML_TYPE_Q4_0: return true;
-    default: return false;
+    case GGML_TYPE_Q4_0:
+        return true;
+    default:
+        return false;
     }
 }
 
@@ -25,12 +28,17 @@ bool kern_matmul_supported(int wtype)
 static size_t weight_row_bytes(int wtype, int64_t n_in)
 {
     switch (wtype) {
-    case GGML_TYPE_F32: return (size_t)n_in * 4;
+    case GGML_TYPE_F32:
+        return (size_t)n_in * 4;
     case GGML_TYPE_F16:
-    case GGML_TYPE_BF16: return (size_t)n_in * 2;
-    case GGML_TYPE_Q8_0: return (size_t)(n_in / KERN_QK) * KERN_Q8_0_BYTES;
-    case GGML_TYPE_Q4_0: return (size_t)(n_in / KERN_QK) * KERN_Q4_0_BYTES;
-    default: return 0;
+    case GGML_TYPE_BF16:
+        return (size_t)n_in * 2;
+    case GGML_TYPE_Q8_0:
+        return (size_t)(n_in / KERN_QK) * KERN_Q8_0_BYTES;
+    case GGML_TYPE_Q4_0:
+        return (size_t)(n_in / KERN_QK) * KERN_Q4_0_BYTES;
+    default:
+        return 0;
     }
 }
 
@@ -96,7 +104,8 @@ static void mm_q8_0_scalar(const kern_mm_args *a, int64_t r0, int64_t r1, void *
             for (int64_t b = 0; b < nb; b++) {
                 const uint8_t *wb = w + b * KERN_Q8_0_BYTES;
                 int sumi = 0;
-                for (int j = 0; j < KERN_QK; j++) sumi += (int8_t)wb[2 + j] * xq[b * KERN_QK + j];
+                for (int j = 0; j < KERN_QK; j++)
+                    sumi += (int8_t)wb[2 + j] * xq[b * KERN_QK + j];
                 sum += (float)sumi * (forge_fp16_to_f32(kern_load_u16(wb)) * xd[b]);
             }
             a->Y[t * a->n_out + o] = sum;
@@ -133,7 +142,9 @@ kern_mm_kernel kern_mm_lookup_scalar(int wtype)
 {
     kern_mm_kernel k = {0};
     switch (wtype) {
-    case GGML_TYPE_F32: k.mm = mm_f32_scalar; break;
+    case GGML_TYPE_F32:
+        k.mm = mm_f32_scalar;
+        break;
     case GGML_TYPE_F16:
         k.mm = mm_f16_scalar;
         k.cvt = kern_cvt_f16_scalar;
@@ -154,7 +165,8 @@ kern_mm_kernel kern_mm_lookup_scalar(int wtype)
         k.cvt = kern_cvt_q8_for_q4_0_scalar;
         k.xc_row_bytes_per_32 = KERN_XQ_BYTES_PER_32;
         break;
-    default: break;
+    default:
+        break;
     }
     return k;
 }
@@ -164,10 +176,14 @@ kern_mm_kernel kern_mm_lookup_scalar(int wtype)
 int kern_build_has_isa(kern_isa isa)
 {
     switch (isa) {
-    case KERN_ISA_SCALAR: return 1;
-    case KERN_ISA_AVX2: return kern_mm_lookup_avx2(GGML_TYPE_F32).mm != NULL;
-    case KERN_ISA_AVX512: return kern_mm_lookup_avx512(GGML_TYPE_F32).mm != NULL;
-    case KERN_ISA_NEON: return kern_mm_lookup_neon(GGML_TYPE_F32).mm != NULL;
+    case KERN_ISA_SCALAR:
+        return 1;
+    case KERN_ISA_AVX2:
+        return kern_mm_lookup_avx2(GGML_TYPE_F32).mm != NULL;
+    case KERN_ISA_AVX512:
+        return kern_mm_lookup_avx512(GGML_TYPE_F32).mm != NULL;
+    case KERN_ISA_NEON:
+        return kern_mm_lookup_neon(GGML_TYPE_F32).mm != NULL;
     }
     return 0;
 }
@@ -189,16 +205,19 @@ typedef struct mm_job {
     uint8_t *xc;   /* converted activations being written */
     uint8_t *work; /* per-thread kernel scratch, work_stride bytes each */
     size_t work_stride;
+    int64_t chunk_rows;      /* rows per chunk of work, a multiple of 16 */
+    atomic_llong next_chunk; /* the next chunk nobody has taken */
 } mm_job;
 
-/* Rows are split in contiguous chunks, a multiple of 16 rows each so that register tiles and
- * cache lines of Y stay within one thread. */
-static void split_rows(int64_t n, int ith, int nth, int64_t *r0, int64_t *r1)
+/* Rows are split in contiguous chunks (a multiple of 16 rows, so that register tiles and cache
+ * lines of Y stay within one thread), about 4 per thread, taken from a shared counter: on a
+ * shared machine a thread that loses its core for a while does not hold up the others. */
+static int64_t chunk_rows_for(int64_t n_out, int nth)
 {
-    int64_t chunk = (n + nth - 1) / nth;
-    chunk = (chunk + 15) & ~(int64_t)15;
-    *r0 = chunk * ith < n ? chunk * ith : n;
-    *r1 = *r0 + chunk < n ? *r0 + chunk : n;
+    if (nth == 1) return (n_out + 15) & ~(int64_t)15;
+    int64_t chunk = (n_out + 4 * nth - 1) / (4 * nth);
+    if (chunk < 16) chunk = 16;
+    return (chunk + 15) & ~(int64_t)15;
 }
 
 static void convert_task(void *p, int ith, int nth)
@@ -213,10 +232,15 @@ static void convert_task(void *p, int ith, int nth)
 static void matmul_task(void *p, int ith, int nth)
 {
     mm_job *job = p;
-    int64_t r0, r1;
-    split_rows(job->args.n_out, ith, nth, &r0, &r1);
-    if (r0 < r1)
-        job->kernel.mm(&job->args, r0, r1, job->work ? job->work + (size_t)ith * job->work_stride : NULL);
+    void *work = job->work ? job->work + (size_t)ith * job->work_stride : NULL;
+    (void)nth;
+    for (;;) {
+        int64_t c = atomic_fetch_add_explicit(&job->next_chunk, 1, memory_order_relaxed);
+        int64_t r0 = c * job->chunk_rows;
+        if (r0 >= job->args.n_out) break;
+        int64_t r1 = r0 + job->chunk_rows < job->args.n_out ? r0 + job->chunk_rows : job->args.n_out;
+        job->kernel.mm(&job->args, r0, r1, work);
+    }
 }
 
 int kern_matmul(kern_pool *pool, int wtype, const void *W, int64_t n_out, int64_t n_in,
@@ -227,8 +251,9 @@ int kern_matmul(kern_pool *pool, int wtype, const void *W, int64_t n_out, int64_
     int rc = FORGE_OK;
 
     if (!kern_matmul_supported(wtype))
-        return forge_err_set(err, FORGE_E_UNSUPPORTED, "matmul: weight type %s (%d) is not supported",
-                             ggml_type_name(wtype), wtype);
+        return forge_err_set(err, FORGE_E_UNSUPPORTED,
+                             "matmul: weight type %s (%d) is not supported", ggml_type_name(wtype),
+                             wtype);
     if (n_out < 0 || n_tok < 0 || n_in <= 0 || n_in % KERN_QK != 0 || n_in > ((int64_t)1 << 40))
         return forge_err_set(err, FORGE_E_INVALID,
                              "matmul: bad shape n_out %lld n_in %lld n_tok %lld (n_in must be a "
@@ -249,7 +274,8 @@ int kern_matmul(kern_pool *pool, int wtype, const void *W, int64_t n_out, int64_
     /* scratch: converted activations, then one kernel work area per thread */
     uint64_t xc_bytes = 0, work_bytes = 0, total;
     int nth = kern_pool_size(pool);
-    if (job.kernel.cvt) job.args.xc_row_bytes = (size_t)(n_in / KERN_QK) * job.kernel.xc_row_bytes_per_32;
+    if (job.kernel.cvt)
+        job.args.xc_row_bytes = (size_t)(n_in / KERN_QK) * job.kernel.xc_row_bytes_per_32;
     job.work_stride = ((size_t)(n_in / KERN_QK) * job.kernel.work_bytes_per_32 + 63) & ~(size_t)63;
     if (!forge_mul_u64((uint64_t)n_tok, job.args.xc_row_bytes, &xc_bytes) ||
         !forge_mul_u64((uint64_t)nth, job.work_stride, &work_bytes) ||
@@ -265,8 +291,9 @@ int kern_matmul(kern_pool *pool, int wtype, const void *W, int64_t n_out, int64_
             scratch = own_scratch;
         }
         if (!scratch) {
-            rc = forge_err_set(err, FORGE_E_NOMEM, "matmul: out of memory for %llu bytes of scratch",
-                               (unsigned long long)total);
+            rc =
+                forge_err_set(err, FORGE_E_NOMEM, "matmul: out of memory for %llu bytes of scratch",
+                              (unsigned long long)total);
             goto done;
         }
         job.xc = scratch;
@@ -280,6 +307,8 @@ int kern_matmul(kern_pool *pool, int wtype, const void *W, int64_t n_out, int64_
             kern_pool_run(pool, convert_task, &job);
         job.args.Xc = job.xc;
     }
+    job.chunk_rows = chunk_rows_for(n_out, nth);
+    atomic_init(&job.next_chunk, 0);
     kern_pool_run(pool, matmul_task, &job);
 done:
     free(own_scratch);

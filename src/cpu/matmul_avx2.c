@@ -68,7 +68,8 @@ TGT static void cvt_q8_avx2(const float *x, void *dst, int64_t n, int32_t corr_m
         float id = amax != 0.0f ? 127.0f / amax : 0.0f;
         __m256 mul = _mm256_set1_ps(id);
         __m256i i[4];
-        for (int k = 0; k < 4; k++) i[k] = _mm256_cvtps_epi32(_mm256_mul_ps(v[k], mul)); /* RNE */
+        for (int k = 0; k < 4; k++)
+            i[k] = _mm256_cvtps_epi32(_mm256_mul_ps(v[k], mul)); /* RNE */
         __m256i sum = _mm256_add_epi32(_mm256_add_epi32(i[0], i[1]), _mm256_add_epi32(i[2], i[3]));
         __m256i p01 = _mm256_packs_epi32(i[0], i[1]), p23 = _mm256_packs_epi32(i[2], i[3]);
         __m256i q = _mm256_permutevar8x32_epi32(_mm256_packs_epi16(p01, p23), perm);
@@ -92,7 +93,8 @@ TGT static void cvt_f16_avx2(const float *x, void *dst, int64_t n)
 {
     float *y = dst;
     for (int64_t i = 0; i < n; i += 8) {
-        __m128i h = _mm256_cvtps_ph(_mm256_loadu_ps(x + i), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+        __m128i h =
+            _mm256_cvtps_ph(_mm256_loadu_ps(x + i), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
         _mm256_storeu_ps(y + i, _mm256_cvtph_ps(h));
     }
 }
@@ -110,7 +112,8 @@ TGT static void cvt_bf16_avx2(const float *x, void *dst, int64_t n)
             __m256i u = _mm256_castps_si256(_mm256_loadu_ps(x + i + 8 * k));
             __m256i isnan = _mm256_cmpgt_epi32(_mm256_and_si256(u, absmask), inf);
             __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), one);
-            __m256i rounded = _mm256_srli_epi32(_mm256_add_epi32(u, _mm256_add_epi32(bias, lsb)), 16);
+            __m256i rounded =
+                _mm256_srli_epi32(_mm256_add_epi32(u, _mm256_add_epi32(bias, lsb)), 16);
             __m256i nanv = _mm256_or_si256(_mm256_srli_epi32(u, 16), qbit);
             r[k] = _mm256_blendv_epi8(rounded, nanv, isnan);
         }
@@ -164,15 +167,18 @@ TGT INLINE void q_tile(const kern_mm_args *a, int64_t o, int R, int64_t t, int i
         }
     }
 #pragma GCC unroll 4
-    for (int r = 0; r < R; r++) a->Y[t * a->n_out + o + r] = hsum8(acc[r]);
+    for (int r = 0; r < R; r++)
+        a->Y[t * a->n_out + o + r] = hsum8(acc[r]);
 }
 
 TGT INLINE void q_rows(const kern_mm_args *a, int64_t r0, int64_t r1, int is_q4)
 {
     for (int64_t t = 0; t < a->n_tok; t++) {
         int64_t o = r0;
-        for (; o + Q_ROWS <= r1; o += Q_ROWS) q_tile(a, o, Q_ROWS, t, is_q4);
-        for (; o < r1; o++) q_tile(a, o, 1, t, is_q4);
+        for (; o + Q_ROWS <= r1; o += Q_ROWS)
+            q_tile(a, o, Q_ROWS, t, is_q4);
+        for (; o < r1; o++)
+            q_tile(a, o, 1, t, is_q4);
     }
 }
 
@@ -196,7 +202,8 @@ TGT INLINE __m256 load_w8(const uint8_t *w, int64_t i, int kind)
         return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(const void *)(w + 2 * i)));
     if (kind == WK_BF16)
         return _mm256_castsi256_ps(_mm256_slli_epi32(
-            _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)(const void *)(w + 2 * i))), 16));
+            _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)(const void *)(w + 2 * i))),
+            16));
     return _mm256_loadu_ps((const float *)(const void *)(w + 4 * i));
 }
 
@@ -215,28 +222,33 @@ TGT INLINE void f_tile(const kern_mm_args *a, int64_t o, int R, int64_t t0, int 
     size_t xstride = kind == WK_F32 ? (size_t)a->n_in * 4 : a->xc_row_bytes;
     const uint8_t *xbase = kind == WK_F32 ? (const uint8_t *)a->X : a->Xc;
 #pragma GCC unroll 2
-    for (int t = 0; t < T; t++) x[t] = xbase + (size_t)(t0 + t) * xstride;
+    for (int t = 0; t < T; t++)
+        x[t] = xbase + (size_t)(t0 + t) * xstride;
 #pragma GCC unroll 4
     for (int r = 0; r < R; r++) {
         w[r] = a->W + (size_t)(o + r) * a->w_row_bytes;
 #pragma GCC unroll 2
-        for (int t = 0; t < T; t++) acc[r][t] = _mm256_setzero_ps();
+        for (int t = 0; t < T; t++)
+            acc[r][t] = _mm256_setzero_ps();
     }
     for (int64_t i = 0; i < a->n_in; i += 8) {
         __m256 wv[4];
 #pragma GCC unroll 4
-        for (int r = 0; r < R; r++) wv[r] = load_w8(w[r], i, kind);
+        for (int r = 0; r < R; r++)
+            wv[r] = load_w8(w[r], i, kind);
 #pragma GCC unroll 2
         for (int t = 0; t < T; t++) {
             __m256 xv = load_x8(x[t], i, kind);
 #pragma GCC unroll 4
-            for (int r = 0; r < R; r++) acc[r][t] = _mm256_fmadd_ps(wv[r], xv, acc[r][t]);
+            for (int r = 0; r < R; r++)
+                acc[r][t] = _mm256_fmadd_ps(wv[r], xv, acc[r][t]);
         }
     }
 #pragma GCC unroll 4
     for (int r = 0; r < R; r++)
 #pragma GCC unroll 2
-        for (int t = 0; t < T; t++) a->Y[(t0 + t) * a->n_out + o + r] = hsum8(acc[r][t]);
+        for (int t = 0; t < T; t++)
+            a->Y[(t0 + t) * a->n_out + o + r] = hsum8(acc[r][t]);
 }
 
 TGT INLINE void f_rows(const kern_mm_args *a, int64_t r0, int64_t r1, int kind)
@@ -244,11 +256,13 @@ TGT INLINE void f_rows(const kern_mm_args *a, int64_t r0, int64_t r1, int kind)
     int64_t o = r0;
     for (; o + 4 <= r1; o += 4) {
         int64_t t = 0;
-        for (; t + 2 <= a->n_tok; t += 2) f_tile(a, o, 4, t, 2, kind);
+        for (; t + 2 <= a->n_tok; t += 2)
+            f_tile(a, o, 4, t, 2, kind);
         if (t < a->n_tok) f_tile(a, o, 4, t, 1, kind);
     }
     for (; o < r1; o++)
-        for (int64_t t = 0; t < a->n_tok; t++) f_tile(a, o, 1, t, 1, kind);
+        for (int64_t t = 0; t < a->n_tok; t++)
+            f_tile(a, o, 1, t, 1, kind);
 }
 
 TGT static void mm_f32_avx2(const kern_mm_args *a, int64_t r0, int64_t r1, void *work)
@@ -270,7 +284,9 @@ kern_mm_kernel kern_mm_lookup_avx2(int wtype)
 {
     kern_mm_kernel k = {0};
     switch (wtype) {
-    case GGML_TYPE_F32: k.mm = mm_f32_avx2; break;
+    case GGML_TYPE_F32:
+        k.mm = mm_f32_avx2;
+        break;
     case GGML_TYPE_F16:
         k.mm = mm_f16_avx2;
         k.cvt = cvt_f16_avx2;
@@ -291,7 +307,8 @@ kern_mm_kernel kern_mm_lookup_avx2(int wtype)
         k.cvt = cvt_q8_for_q4_0_avx2;
         k.xc_row_bytes_per_32 = KERN_XQ_BYTES_PER_32;
         break;
-    default: break;
+    default:
+        break;
     }
     return k;
 }

@@ -1,19 +1,22 @@
 /* matmul_avx512.c - AVX-512 row kernels for kern_matmul (x86-64 only; compiled with target
  * attributes so the build needs no -march flag; used only when cpu_features.c finds the CPU
- * support). Integer kernels need VNNI, VBMI and GFNI, the BF16 kernel AVX512_BF16; without them the
- * lookup returns no kernel and matmul.c falls back to the AVX2 kernels.
+ * support). Integer kernels need VNNI, VBMI and GFNI, the BF16 kernel AVX512_BF16; without them
+ * the lookup returns no kernel and matmul.c falls back to the AVX2 kernels.
  *
- * Q8_0/Q4_0, one token (decode, memory-bound): four weight rows at a time, two blocks per
- * 512-bit step; the weight bytes are the unsigned operand of vpdpbusd (Q4_0 nibbles as 0..15,
- * Q8_0 as w ^ 0x80 = w + 128) and the activation row's ncorr (-8 or -128 times the block sum)
- * seeds the integer sum, so each block's sum is ggml's exact integer dot product; it is then
- * scaled by d_w * d_x and accumulated in float.
- * Q8_0/Q4_0, several tokens (prompt, compute-bound): 16 rows are repacked per call into a
- * per-thread buffer with row r in 32-bit lane r (4 bytes of the block per lane per vector), so
- * that one vpdpbusd with a broadcast of 4 activation bytes advances 16 rows of one token; a
- * register tile of 16 rows x 8 tokens reuses each repacked vector 8 times.
+ * Q8_0/Q4_0, fewer than 4 tokens (decode, memory-bound): eight weight rows at a time, two blocks
+ * per 512-bit step; the weight bytes are the unsigned operand of vpdpbusd (Q4_0 nibbles as
+ * 0..15, Q8_0 as w ^ 0x80 = w + 128) and the activation row's ncorr (-8 or -128 times the block
+ * sum) seeds the integer sum, so each block's sum is ggml's exact integer dot product. The
+ * 8 rows x 2 blocks sums are reduced together into one vector, which is converted, scaled by
+ * d_w * d_x and accumulated in float once for all 8 rows (the per-block scaling was ~45% of
+ * the time when done per row).
+ * Q8_0/Q4_0, 4 or more tokens (prompt, compute-bound): 16 rows are repacked per call into a
+ * per-thread buffer with row r in 32-bit lane r (4 bytes of the block per lane per vector; a
+ * 16x8 dword transpose by vpermt2d), so that one vpdpbusd with a broadcast of 4 activation bytes
+ * advances 16 rows of one token; a register tile of 16 rows x 8 tokens reuses each repacked
+ * vector 8 times.
  * F32/F16/BF16: register tiles of 4 rows x 6 tokens, f32 accumulation (BF16 by vdpbf16ps, as
- * ggml does on such CPUs). */
+ * ggml does on such CPUs; it flushes bf16 subnormals to zero, which the scalar code does not). */
 #include <string.h>
 
 #include "core/fp16.h"
@@ -23,10 +26,11 @@
 #include <immintrin.h>
 
 #define TGT_F __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")))
-#define TGT_I                                                                                  \
-    __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,avx512vbmi,gfni,avx2,"  \
+#define TGT_I                                                                                      \
+    __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,avx512vbmi,gfni,avx2,"    \
                           "fma,f16c")))
-#define TGT_BF __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,avx2,fma,f16c")))
+#define TGT_BF                                                                                     \
+    __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,avx2,fma,f16c")))
 #define INLINE static inline __attribute__((always_inline))
 
 /* ---- activation converter (bit-identical to kern_cvt_q8_for_*_scalar) ------------------- */
@@ -69,7 +73,8 @@ TGT_F static void cvt_f16_avx512(const float *x, void *dst, int64_t n)
 {
     float *y = dst;
     for (int64_t i = 0; i < n; i += 16) {
-        __m256i h = _mm512_cvtps_ph(_mm512_loadu_ps(x + i), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+        __m256i h =
+            _mm512_cvtps_ph(_mm512_loadu_ps(x + i), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
         _mm512_storeu_ps(y + i, _mm512_cvtph_ps(h));
     }
 }
@@ -78,7 +83,8 @@ TGT_BF static void cvt_bf16_avx512(const float *x, void *dst, int64_t n)
 {
     uint8_t *y = dst;
     for (int64_t i = 0; i < n; i += 32) {
-        /* cvtne2ps2bf16 rounds to nearest even; NaNs stay NaNs (quiet), like forge_f32_to_bf16 */
+        /* cvtne2ps2bf16 rounds to nearest even and quiets NaNs like forge_f32_to_bf16, but
+         * flushes subnormal inputs to zero (as ggml's AVX512_BF16 path does) */
         __m512bh h = _mm512_cvtne2ps_pbh(_mm512_loadu_ps(x + i + 16), _mm512_loadu_ps(x + i));
         _mm512_storeu_si512((void *)(y + 2 * i), (__m512i)h);
     }
@@ -88,12 +94,12 @@ TGT_BF static void cvt_bf16_avx512(const float *x, void *dst, int64_t n)
 
 /* Constants of the two-block step, built once per call. */
 typedef struct q_consts {
-    __m512i nib_idx;   /* Q4_0: bytes 2..17 twice, then 20..35 twice */
-    __m512i nib_gf;    /* Q4_0: GF(2) bit matrices taking the low nibble (qwords 0, 1, 4, 5) or
-                        * the high nibble (qwords 2, 3, 6, 7) of each byte */
-    __m512i q8_idx;    /* Q8_0: bytes 2..33 of the first load, 32..63 of the second */
-    __m512i d4_idx;    /* words 0 and 9 (Q4_0 block scales), 8 times each */
-    __m512i d8_idx;    /* words 0 and 17 (Q8_0 block scales), 8 times each */
+    __m512i nib_idx; /* Q4_0: bytes 2..17 twice, then 20..35 twice */
+    __m512i nib_gf;  /* Q4_0: GF(2) bit matrices taking the low nibble (qwords 0, 1, 4, 5) or
+                      * the high nibble (qwords 2, 3, 6, 7) of each byte */
+    __m512i q8_idx;  /* Q8_0: bytes 2..33 of the first load, 32..63 of the second */
+    __m512i d4_idx;  /* words 0 and 9 (Q4_0 block scales), 8 times each */
+    __m512i d8_idx;  /* words 0 and 17 (Q8_0 block scales), 8 times each */
     __m512i x80;
 } q_consts;
 
@@ -136,11 +142,13 @@ TGT_I INLINE q_xstep load_xstep(const int8_t *xq, const float *xd, const int32_t
     if (nblk == 2) {
         s.xv = _mm512_loadu_si512((const void *)(xq + b * KERN_QK));
         s.xs = _mm512_permutexvar_ps(lane_blk, _mm512_maskz_loadu_ps(3, xd + b));
-        s.nc = _mm512_maskz_permutexvar_epi32(0x0101, lane_blk, _mm512_maskz_loadu_epi32(3, nc + b));
+        s.nc =
+            _mm512_maskz_permutexvar_epi32(0x0101, lane_blk, _mm512_maskz_loadu_epi32(3, nc + b));
     } else {
         s.xv = _mm512_maskz_loadu_epi8(0xffffffffULL, xq + b * KERN_QK);
         s.xs = _mm512_permutexvar_ps(lane_blk, _mm512_maskz_loadu_ps(1, xd + b));
-        s.nc = _mm512_maskz_permutexvar_epi32(0x0001, lane_blk, _mm512_maskz_loadu_epi32(1, nc + b));
+        s.nc =
+            _mm512_maskz_permutexvar_epi32(0x0001, lane_blk, _mm512_maskz_loadu_epi32(1, nc + b));
     }
     return s;
 }
@@ -190,7 +198,8 @@ TGT_I INLINE __m512i q_isum(const q_consts *c, const uint8_t *w, int nblk, const
     if (is_q4) {
         __m512i r = nblk == 2 ? _mm512_maskz_loadu_epi8((1ULL << 36) - 1, w)
                               : _mm512_maskz_loadu_epi8((1ULL << 18) - 1, w);
-        __m512i nib = _mm512_gf2p8affine_epi64_epi8(_mm512_permutexvar_epi8(c->nib_idx, r), c->nib_gf, 0);
+        __m512i nib =
+            _mm512_gf2p8affine_epi64_epi8(_mm512_permutexvar_epi8(c->nib_idx, r), c->nib_gf, 0);
         *raw = r;
         return _mm512_dpbusd_epi32(x->nc, nib, x->xv);
     }
@@ -236,17 +245,20 @@ TGT_I INLINE __m512 scales8x2(const __m512i raw[8], int is_q4)
                                         0, 0, 0, 0, 35, 34, 3, 2, 33, 32, 1, 0);
     __m512i v[4], u[2];
 #pragma GCC unroll 4
-    for (int k = 0; k < 4; k++) v[k] = _mm512_permutex2var_epi16(raw[2 * k], i1, raw[2 * k + 1]);
+    for (int k = 0; k < 4; k++)
+        v[k] = _mm512_permutex2var_epi16(raw[2 * k], i1, raw[2 * k + 1]);
 #pragma GCC unroll 2
-    for (int k = 0; k < 2; k++) u[k] = _mm512_permutex2var_epi16(v[2 * k], i2, v[2 * k + 1]);
-    __m256i h = _mm256_inserti128_si256(_mm512_castsi512_si256(u[0]), _mm512_castsi512_si128(u[1]), 1);
+    for (int k = 0; k < 2; k++)
+        u[k] = _mm512_permutex2var_epi16(v[2 * k], i2, v[2 * k + 1]);
+    __m256i h =
+        _mm256_inserti128_si256(_mm512_castsi512_si256(u[0]), _mm512_castsi512_si128(u[1]), 1);
     return _mm512_cvtph_ps(h);
 }
 
 /* One step (blocks b, b+1, or b alone when nblk == 1) of 8 rows. */
 TGT_I INLINE __m512 q_rows8_step(const q_consts *c, const uint8_t *const w[8], const int8_t *xq,
-                                 const float *xd, const int32_t *nc, int64_t b, int nblk,
-                                 size_t bb, __m512 acc, int is_q4)
+                                 const float *xd, const int32_t *nc, int64_t b, int nblk, size_t bb,
+                                 __m512 acc, int is_q4)
 {
     const __m512i dx_idx = _mm512_set_epi32(1, 1, 1, 1, 0, 0, 0, 0, 1, 1, 1, 1, 0, 0, 0, 0);
     q_xstep xs = load_xstep(xq, xd, nc, b, nblk);
@@ -276,9 +288,11 @@ TGT_I INLINE void q_rows8_1tok(const kern_mm_args *a, const q_consts *c, int64_t
     const uint8_t *w[8];
     __m512 acc = _mm512_setzero_ps();
 #pragma GCC unroll 8
-    for (int r = 0; r < 8; r++) w[r] = a->W + (size_t)(o + r) * a->w_row_bytes;
+    for (int r = 0; r < 8; r++)
+        w[r] = a->W + (size_t)(o + r) * a->w_row_bytes;
     int64_t b = 0;
-    for (; b + 2 <= nb; b += 2) acc = q_rows8_step(c, w, xq, xd, nc, b, 2, bb, acc, is_q4);
+    for (; b + 2 <= nb; b += 2)
+        acc = q_rows8_step(c, w, xq, xd, nc, b, 2, bb, acc, is_q4);
     if (b < nb) acc = q_rows8_step(c, w, xq, xd, nc, b, 1, bb, acc, is_q4);
     __m256 lo = _mm512_castps512_ps256(acc), hi = _mm512_extractf32x8_ps(acc, 1);
     float *y = a->Y + t * a->n_out + o;
@@ -316,8 +330,10 @@ TGT_I INLINE void q_rows_1tok(const kern_mm_args *a, int64_t r0, int64_t r1, int
 {
     const q_consts c = make_q_consts();
     int64_t o = r0;
-    for (; o + 8 <= r1; o += 8) q_rows8_1tok(a, &c, o, t, is_q4);
-    for (; o < r1; o++) q_row_1tok(a, &c, o, t, is_q4);
+    for (; o + 8 <= r1; o += 8)
+        q_rows8_1tok(a, &c, o, t, is_q4);
+    for (; o < r1; o++)
+        q_row_1tok(a, &c, o, t, is_q4);
 }
 
 /* ---- Q8_0 / Q4_0: several tokens ------------------------------------------------------- */
@@ -326,38 +342,102 @@ TGT_I INLINE void q_rows_1tok(const kern_mm_args *a, int64_t r0, int64_t r1, int
 #define RP_BLOCK_BYTES (8 * 64 + 64) /* 8 vectors of 16 rows x 4 bytes, then 16 float d_w */
 #define TOK_TILE 8
 
-/* Repack rows [o, o + rows) (rows <= 16; missing rows are zero) of all blocks into rep. */
-TGT_I INLINE void q_repack(const kern_mm_args *a, int64_t o, int rows, uint8_t *rep, int is_q4)
+/* Index vectors of the 16x8 dword transpose in q_repack (see there). */
+typedef struct rp_idx {
+    __m512i l1[2], l2[2], l3[2];
+} rp_idx;
+
+TGT_I static void make_rp_idx(rp_idx *ix)
+{
+    int32_t v[16];
+    for (int h = 0; h < 2; h++) {
+        /* level 1: X = rows 0-1 (lane = row * 8 + g), Y = rows 2-3; out lane = gl * 4 + r,
+         * g = 4h + gl */
+        for (int m = 0; m < 16; m++) {
+            int gl = m / 4, r = m % 4, g = 4 * h + gl;
+            v[m] = r < 2 ? r * 8 + g : 16 + (r - 2) * 8 + g;
+        }
+        ix->l1[h] = _mm512_loadu_si512(v);
+        /* level 2: X = rows 0-3 (lane = gl * 4 + r), Y = rows 4-7; out lane = gl2 * 8 + r,
+         * gl = 2h + gl2 */
+        for (int m = 0; m < 16; m++) {
+            int gl = 2 * h + m / 8, r = m % 8;
+            v[m] = r < 4 ? gl * 4 + r : 16 + gl * 4 + (r - 4);
+        }
+        ix->l2[h] = _mm512_loadu_si512(v);
+        /* level 3: X = rows 0-7 (lane = gl * 8 + r), Y = rows 8-15; out lane = r, gl = h */
+        for (int m = 0; m < 16; m++)
+            v[m] = m < 8 ? h * 8 + m : 16 + h * 8 + (m - 8);
+        ix->l3[h] = _mm512_loadu_si512(v);
+    }
+}
+
+/* Repack rows [o, o + rows) (rows <= 16; missing rows are zero) of all blocks into rep: per
+ * block, vector g holds in dword lane r the bytes 4g..4g+3 of row r's 32 unsigned values, then
+ * 16 float scales. The 16 rows x 8 dwords are transposed by three levels of two-source dword
+ * permutes (24 vpermt2d per block). */
+TGT_I INLINE void q_repack(const kern_mm_args *a, const rp_idx *ix, int64_t o, int rows,
+                           uint8_t *rep, int is_q4)
 {
     const int64_t nb = a->n_in / KERN_QK;
     const size_t bb = is_q4 ? KERN_Q4_0_BYTES : KERN_Q8_0_BYTES;
-    _Alignas(64) uint8_t stage[RP_ROWS * 32];
     _Alignas(32) uint16_t dstage[RP_ROWS];
-    const __m512i row_idx = _mm512_set_epi32(15 * 8, 14 * 8, 13 * 8, 12 * 8, 11 * 8, 10 * 8, 9 * 8,
-                                             8 * 8, 7 * 8, 6 * 8, 5 * 8, 4 * 8, 3 * 8, 2 * 8, 8, 0);
-    const __m128i lo4 = _mm_set1_epi8(0x0f);
-    const __m256i x80 = _mm256_set1_epi8((char)0x80);
-    memset(stage, 0, sizeof stage);
+    const __m256i lo4 = _mm256_set1_epi8(0x0f);
+    const __m512i x80 = _mm512_set1_epi8((char)0x80);
     memset(dstage, 0, sizeof dstage);
     for (int64_t b = 0; b < nb; b++) {
         uint8_t *rb = rep + (size_t)b * RP_BLOCK_BYTES;
-        for (int r = 0; r < rows; r++) {
-            const uint8_t *wb = a->W + (size_t)(o + r) * a->w_row_bytes + (size_t)b * bb;
-            __m256i u;
-            if (is_q4) {
-                __m128i q = _mm_loadu_si128((const __m128i *)(const void *)(wb + 2));
-                __m128i lo = _mm_and_si128(q, lo4), hi = _mm_and_si128(_mm_srli_epi16(q, 4), lo4);
-                u = _mm256_inserti128_si256(_mm256_castsi128_si256(lo), hi, 1);
-            } else {
-                u = _mm256_xor_si256(_mm256_loadu_si256((const __m256i *)(const void *)(wb + 2)), x80);
+        __m512i z[8], A[4][2], B[2][2][2];
+#pragma GCC unroll 8
+        for (int k = 0; k < 8; k++) {
+            /* rows 2k and 2k+1, 32 unsigned bytes each */
+            int r0 = 2 * k, r1 = 2 * k + 1;
+            const uint8_t *w0 = a->W + (size_t)(o + r0) * a->w_row_bytes + (size_t)b * bb;
+            const uint8_t *w1 = a->W + (size_t)(o + r1) * a->w_row_bytes + (size_t)b * bb;
+            if (r0 >= rows) {
+                z[k] = _mm512_setzero_si512();
+                continue;
             }
-            _mm256_store_si256((__m256i *)(void *)(stage + r * 32), u);
-            dstage[r] = kern_load_u16(wb);
+            if (is_q4) {
+                __m128i q0 = _mm_loadu_si128((const __m128i *)(const void *)(w0 + 2));
+                __m128i q1 = r1 < rows ? _mm_loadu_si128((const __m128i *)(const void *)(w1 + 2))
+                                       : _mm_setzero_si128();
+                __m256i q = _mm256_inserti128_si256(_mm256_castsi128_si256(q0), q1, 1);
+                __m256i lo = _mm256_and_si256(q, lo4),
+                        hi = _mm256_and_si256(_mm256_srli_epi16(q, 4), lo4);
+                __m512i v = _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1);
+                z[k] = _mm512_shuffle_i64x2(v, v, _MM_SHUFFLE(3, 1, 2, 0));
+            } else {
+                __m256i q0 = _mm256_loadu_si256((const __m256i *)(const void *)(w0 + 2));
+                __m256i q1 = r1 < rows ? _mm256_loadu_si256((const __m256i *)(const void *)(w1 + 2))
+                                       : _mm256_setzero_si256();
+                z[k] = _mm512_xor_si512(_mm512_inserti64x4(_mm512_castsi256_si512(q0), q1, 1), x80);
+            }
+            dstage[r0] = kern_load_u16(w0);
+            if (r1 < rows) dstage[r1] = kern_load_u16(w1);
         }
-        for (int g = 0; g < 8; g++) {
-            __m512i v = _mm512_i32gather_epi32(row_idx, (const void *)(stage + 4 * g), 4);
-            _mm512_store_si512((void *)(rb + 64 * g), v);
-        }
+#pragma GCC unroll 4
+        for (int k = 0; k < 4; k++)
+#pragma GCC unroll 2
+            for (int h = 0; h < 2; h++)
+                A[k][h] = _mm512_permutex2var_epi32(z[2 * k], ix->l1[h], z[2 * k + 1]);
+#pragma GCC unroll 2
+        for (int j = 0; j < 2; j++)
+#pragma GCC unroll 2
+            for (int h = 0; h < 2; h++)
+#pragma GCC unroll 2
+                for (int h2 = 0; h2 < 2; h2++)
+                    B[j][h][h2] =
+                        _mm512_permutex2var_epi32(A[2 * j][h], ix->l2[h2], A[2 * j + 1][h]);
+#pragma GCC unroll 2
+        for (int h = 0; h < 2; h++)
+#pragma GCC unroll 2
+            for (int h2 = 0; h2 < 2; h2++)
+#pragma GCC unroll 2
+                for (int h3 = 0; h3 < 2; h3++)
+                    _mm512_store_si512(
+                        (void *)(rb + 64 * (4 * h + 2 * h2 + h3)),
+                        _mm512_permutex2var_epi32(B[0][h][h2], ix->l3[h3], B[1][h][h2]));
         _mm512_store_ps((float *)(void *)(rb + 512),
                         _mm512_cvtph_ps(_mm256_load_si256((const __m256i *)(const void *)dstage)));
     }
@@ -384,7 +464,8 @@ TGT_I INLINE void q_tile(const kern_mm_args *a, const uint8_t *rep, int64_t o, _
         const uint8_t *rb = rep + (size_t)b * RP_BLOCK_BYTES;
         __m512i is[TOK_TILE];
 #pragma GCC unroll 8
-        for (int t = 0; t < T; t++) is[t] = _mm512_set1_epi32(nc[t][b]);
+        for (int t = 0; t < T; t++)
+            is[t] = _mm512_set1_epi32(nc[t][b]);
 #pragma GCC unroll 8
         for (int g = 0; g < 8; g++) {
             __m512i w = _mm512_load_si512((const void *)(rb + 64 * g));
@@ -402,27 +483,46 @@ TGT_I INLINE void q_tile(const kern_mm_args *a, const uint8_t *rep, int64_t o, _
                                      _mm512_mul_ps(dw, _mm512_set1_ps(xd[t][b])), acc[t]);
     }
 #pragma GCC unroll 8
-    for (int t = 0; t < T; t++) _mm512_mask_storeu_ps(a->Y + (t0 + t) * a->n_out + o, rmask, acc[t]);
+    for (int t = 0; t < T; t++)
+        _mm512_mask_storeu_ps(a->Y + (t0 + t) * a->n_out + o, rmask, acc[t]);
 }
 
 TGT_I INLINE void q_rows_ntok(const kern_mm_args *a, int64_t r0, int64_t r1, void *work, int is_q4)
 {
     uint8_t *rep = work;
+    rp_idx ix;
+    make_rp_idx(&ix);
     for (int64_t o = r0; o < r1; o += RP_ROWS) {
         int rows = r1 - o < RP_ROWS ? (int)(r1 - o) : RP_ROWS;
         __mmask16 rmask = (__mmask16)((1u << rows) - 1);
-        q_repack(a, o, rows, rep, is_q4);
+        q_repack(a, &ix, o, rows, rep, is_q4);
         int64_t t = 0;
-        for (; t + TOK_TILE <= a->n_tok; t += TOK_TILE) q_tile(a, rep, o, rmask, t, TOK_TILE);
+        for (; t + TOK_TILE <= a->n_tok; t += TOK_TILE)
+            q_tile(a, rep, o, rmask, t, TOK_TILE);
         switch (a->n_tok - t) {
-        case 7: q_tile(a, rep, o, rmask, t, 7); break;
-        case 6: q_tile(a, rep, o, rmask, t, 6); break;
-        case 5: q_tile(a, rep, o, rmask, t, 5); break;
-        case 4: q_tile(a, rep, o, rmask, t, 4); break;
-        case 3: q_tile(a, rep, o, rmask, t, 3); break;
-        case 2: q_tile(a, rep, o, rmask, t, 2); break;
-        case 1: q_tile(a, rep, o, rmask, t, 1); break;
-        default: break;
+        case 7:
+            q_tile(a, rep, o, rmask, t, 7);
+            break;
+        case 6:
+            q_tile(a, rep, o, rmask, t, 6);
+            break;
+        case 5:
+            q_tile(a, rep, o, rmask, t, 5);
+            break;
+        case 4:
+            q_tile(a, rep, o, rmask, t, 4);
+            break;
+        case 3:
+            q_tile(a, rep, o, rmask, t, 3);
+            break;
+        case 2:
+            q_tile(a, rep, o, rmask, t, 2);
+            break;
+        case 1:
+            q_tile(a, rep, o, rmask, t, 1);
+            break;
+        default:
+            break;
         }
     }
 }
@@ -436,7 +536,8 @@ TGT_I static void mm_q4_0_avx512(const kern_mm_args *a, int64_t r0, int64_t r1, 
         q_rows_ntok(a, r0, r1, work, 1);
         return;
     }
-    for (int64_t t = 0; t < a->n_tok; t++) q_rows_1tok(a, r0, r1, t, 1);
+    for (int64_t t = 0; t < a->n_tok; t++)
+        q_rows_1tok(a, r0, r1, t, 1);
 }
 
 TGT_I static void mm_q8_0_avx512(const kern_mm_args *a, int64_t r0, int64_t r1, void *work)
@@ -445,7 +546,8 @@ TGT_I static void mm_q8_0_avx512(const kern_mm_args *a, int64_t r0, int64_t r1, 
         q_rows_ntok(a, r0, r1, work, 0);
         return;
     }
-    for (int64_t t = 0; t < a->n_tok; t++) q_rows_1tok(a, r0, r1, t, 0);
+    for (int64_t t = 0; t < a->n_tok; t++)
+        q_rows_1tok(a, r0, r1, t, 0);
 }
 
 /* ---- F32 / F16 / BF16: register tiles of R rows x T tokens ----------------------------- */
@@ -474,28 +576,33 @@ TGT_F INLINE void f_tile(const kern_mm_args *a, int64_t o, int R, int64_t t0, in
     size_t xstride = kind == WK_F32 ? (size_t)a->n_in * 4 : a->xc_row_bytes;
     const uint8_t *xbase = kind == WK_F32 ? (const uint8_t *)a->X : a->Xc;
 #pragma GCC unroll 6
-    for (int t = 0; t < T; t++) x[t] = (const float *)(const void *)(xbase + (size_t)(t0 + t) * xstride);
+    for (int t = 0; t < T; t++)
+        x[t] = (const float *)(const void *)(xbase + (size_t)(t0 + t) * xstride);
 #pragma GCC unroll 4
     for (int r = 0; r < R; r++) {
         w[r] = a->W + (size_t)(o + r) * a->w_row_bytes;
 #pragma GCC unroll 6
-        for (int t = 0; t < T; t++) acc[r][t] = _mm512_setzero_ps();
+        for (int t = 0; t < T; t++)
+            acc[r][t] = _mm512_setzero_ps();
     }
     for (int64_t i = 0; i < a->n_in; i += 16) {
         __m512 wv[4];
 #pragma GCC unroll 4
-        for (int r = 0; r < R; r++) wv[r] = load_w16(w[r], i, kind);
+        for (int r = 0; r < R; r++)
+            wv[r] = load_w16(w[r], i, kind);
 #pragma GCC unroll 6
         for (int t = 0; t < T; t++) {
             __m512 xv = _mm512_loadu_ps(x[t] + i);
 #pragma GCC unroll 4
-            for (int r = 0; r < R; r++) acc[r][t] = _mm512_fmadd_ps(wv[r], xv, acc[r][t]);
+            for (int r = 0; r < R; r++)
+                acc[r][t] = _mm512_fmadd_ps(wv[r], xv, acc[r][t]);
         }
     }
 #pragma GCC unroll 4
     for (int r = 0; r < R; r++)
 #pragma GCC unroll 6
-        for (int t = 0; t < T; t++) a->Y[(t0 + t) * a->n_out + o + r] = _mm512_reduce_add_ps(acc[r][t]);
+        for (int t = 0; t < T; t++)
+            a->Y[(t0 + t) * a->n_out + o + r] = _mm512_reduce_add_ps(acc[r][t]);
 }
 
 /* One token: 4 rows with two accumulators each, to keep more loads in flight. */
@@ -528,32 +635,48 @@ TGT_F INLINE void f_rows_1tok(const kern_mm_args *a, int64_t r0, int64_t r1, int
         for (int r = 0; r < 4; r++)
             a->Y[t * a->n_out + o + r] = _mm512_reduce_add_ps(_mm512_add_ps(acc[r][0], acc[r][1]));
     }
-    for (; o < r1; o++) f_tile(a, o, 1, t, 1, kind);
+    for (; o < r1; o++)
+        f_tile(a, o, 1, t, 1, kind);
 }
 
 TGT_F INLINE void f_rows(const kern_mm_args *a, int64_t r0, int64_t r1, int kind)
 {
     if (a->n_tok < 3) {
-        for (int64_t t = 0; t < a->n_tok; t++) f_rows_1tok(a, r0, r1, t, kind);
+        for (int64_t t = 0; t < a->n_tok; t++)
+            f_rows_1tok(a, r0, r1, t, kind);
         return;
     }
     int64_t o = r0;
     for (; o + 4 <= r1; o += 4) {
         int64_t t = 0;
-        for (; t + 6 <= a->n_tok; t += 6) f_tile(a, o, 4, t, 6, kind);
+        for (; t + 6 <= a->n_tok; t += 6)
+            f_tile(a, o, 4, t, 6, kind);
         switch (a->n_tok - t) {
-        case 5: f_tile(a, o, 4, t, 5, kind); break;
-        case 4: f_tile(a, o, 4, t, 4, kind); break;
-        case 3: f_tile(a, o, 4, t, 3, kind); break;
-        case 2: f_tile(a, o, 4, t, 2, kind); break;
-        case 1: f_tile(a, o, 4, t, 1, kind); break;
-        default: break;
+        case 5:
+            f_tile(a, o, 4, t, 5, kind);
+            break;
+        case 4:
+            f_tile(a, o, 4, t, 4, kind);
+            break;
+        case 3:
+            f_tile(a, o, 4, t, 3, kind);
+            break;
+        case 2:
+            f_tile(a, o, 4, t, 2, kind);
+            break;
+        case 1:
+            f_tile(a, o, 4, t, 1, kind);
+            break;
+        default:
+            break;
         }
     }
     for (; o < r1; o++) {
         int64_t t = 0;
-        for (; t + 6 <= a->n_tok; t += 6) f_tile(a, o, 1, t, 6, kind);
-        for (; t < a->n_tok; t++) f_tile(a, o, 1, t, 1, kind);
+        for (; t + 6 <= a->n_tok; t += 6)
+            f_tile(a, o, 1, t, 6, kind);
+        for (; t < a->n_tok; t++)
+            f_tile(a, o, 1, t, 1, kind);
     }
 }
 
@@ -573,28 +696,33 @@ TGT_BF INLINE void bf_tile(const kern_mm_args *a, int64_t o, int R, int64_t t0, 
     const uint8_t *x[6], *w[4];
     __m512 acc[4][6];
 #pragma GCC unroll 6
-    for (int t = 0; t < T; t++) x[t] = a->Xc + (size_t)(t0 + t) * a->xc_row_bytes;
+    for (int t = 0; t < T; t++)
+        x[t] = a->Xc + (size_t)(t0 + t) * a->xc_row_bytes;
 #pragma GCC unroll 4
     for (int r = 0; r < R; r++) {
         w[r] = a->W + (size_t)(o + r) * a->w_row_bytes;
 #pragma GCC unroll 6
-        for (int t = 0; t < T; t++) acc[r][t] = _mm512_setzero_ps();
+        for (int t = 0; t < T; t++)
+            acc[r][t] = _mm512_setzero_ps();
     }
     for (int64_t i = 0; i < a->n_in; i += 32) {
         __m512bh wv[4];
 #pragma GCC unroll 4
-        for (int r = 0; r < R; r++) wv[r] = (__m512bh)_mm512_loadu_si512((const void *)(w[r] + 2 * i));
+        for (int r = 0; r < R; r++)
+            wv[r] = (__m512bh)_mm512_loadu_si512((const void *)(w[r] + 2 * i));
 #pragma GCC unroll 6
         for (int t = 0; t < T; t++) {
             __m512bh xv = (__m512bh)_mm512_loadu_si512((const void *)(x[t] + 2 * i));
 #pragma GCC unroll 4
-            for (int r = 0; r < R; r++) acc[r][t] = _mm512_dpbf16_ps(acc[r][t], wv[r], xv);
+            for (int r = 0; r < R; r++)
+                acc[r][t] = _mm512_dpbf16_ps(acc[r][t], wv[r], xv);
         }
     }
 #pragma GCC unroll 4
     for (int r = 0; r < R; r++)
 #pragma GCC unroll 6
-        for (int t = 0; t < T; t++) a->Y[(t0 + t) * a->n_out + o + r] = _mm512_reduce_add_ps(acc[r][t]);
+        for (int t = 0; t < T; t++)
+            a->Y[(t0 + t) * a->n_out + o + r] = _mm512_reduce_add_ps(acc[r][t]);
 }
 
 TGT_BF static void mm_bf16_avx512(const kern_mm_args *a, int64_t r0, int64_t r1, void *work)
@@ -602,18 +730,31 @@ TGT_BF static void mm_bf16_avx512(const kern_mm_args *a, int64_t r0, int64_t r1,
     int64_t o = r0;
     for (; o + 4 <= r1; o += 4) {
         int64_t t = 0;
-        for (; t + 6 <= a->n_tok; t += 6) bf_tile(a, o, 4, t, 6);
+        for (; t + 6 <= a->n_tok; t += 6)
+            bf_tile(a, o, 4, t, 6);
         switch (a->n_tok - t) {
-        case 5: bf_tile(a, o, 4, t, 5); break;
-        case 4: bf_tile(a, o, 4, t, 4); break;
-        case 3: bf_tile(a, o, 4, t, 3); break;
-        case 2: bf_tile(a, o, 4, t, 2); break;
-        case 1: bf_tile(a, o, 4, t, 1); break;
-        default: break;
+        case 5:
+            bf_tile(a, o, 4, t, 5);
+            break;
+        case 4:
+            bf_tile(a, o, 4, t, 4);
+            break;
+        case 3:
+            bf_tile(a, o, 4, t, 3);
+            break;
+        case 2:
+            bf_tile(a, o, 4, t, 2);
+            break;
+        case 1:
+            bf_tile(a, o, 4, t, 1);
+            break;
+        default:
+            break;
         }
     }
     for (; o < r1; o++)
-        for (int64_t t = 0; t < a->n_tok; t++) bf_tile(a, o, 1, t, 1);
+        for (int64_t t = 0; t < a->n_tok; t++)
+            bf_tile(a, o, 1, t, 1);
 }
 
 kern_mm_kernel kern_mm_lookup_avx512(int wtype)
@@ -621,7 +762,9 @@ kern_mm_kernel kern_mm_lookup_avx512(int wtype)
     kern_mm_kernel k = {0};
     int ints = kern_cpu_has_avx512vnni() && kern_cpu_has_avx512vbmi() && kern_cpu_has_gfni();
     switch (wtype) {
-    case GGML_TYPE_F32: k.mm = mm_f32_avx512; break;
+    case GGML_TYPE_F32:
+        k.mm = mm_f32_avx512;
+        break;
     case GGML_TYPE_F16:
         k.mm = mm_f16_avx512;
         k.cvt = cvt_f16_avx512;
@@ -647,7 +790,8 @@ kern_mm_kernel kern_mm_lookup_avx512(int wtype)
         k.xc_row_bytes_per_32 = KERN_XQ_BYTES_PER_32;
         k.work_bytes_per_32 = RP_BLOCK_BYTES;
         break;
-    default: break;
+    default:
+        break;
     }
     return k;
 }

@@ -112,15 +112,18 @@ INLINE void q_tile(const kern_mm_args *a, int64_t o, int R, int64_t t, int is_q4
             acc[r] += (float)sumi * (forge_fp16_to_f32(kern_load_u16(wb)) * dx);
         }
     }
-    for (int r = 0; r < R; r++) a->Y[t * a->n_out + o + r] = acc[r];
+    for (int r = 0; r < R; r++)
+        a->Y[t * a->n_out + o + r] = acc[r];
 }
 
 INLINE void q_rows(const kern_mm_args *a, int64_t r0, int64_t r1, int is_q4)
 {
     for (int64_t t = 0; t < a->n_tok; t++) {
         int64_t o = r0;
-        for (; o + Q_ROWS <= r1; o += Q_ROWS) q_tile(a, o, Q_ROWS, t, is_q4);
-        for (; o < r1; o++) q_tile(a, o, 1, t, is_q4);
+        for (; o + Q_ROWS <= r1; o += Q_ROWS)
+            q_tile(a, o, Q_ROWS, t, is_q4);
+        for (; o < r1; o++)
+            q_tile(a, o, 1, t, is_q4);
     }
 }
 
@@ -176,15 +179,18 @@ INLINE void f_tile(const kern_mm_args *a, int64_t o, int R, int64_t t, int kind)
             acc[r][1] = vfmaq_f32(acc[r][1], load_w4(w[r], i + 4, kind), x1);
         }
     }
-    for (int r = 0; r < R; r++) a->Y[t * a->n_out + o + r] = vaddvq_f32(vaddq_f32(acc[r][0], acc[r][1]));
+    for (int r = 0; r < R; r++)
+        a->Y[t * a->n_out + o + r] = vaddvq_f32(vaddq_f32(acc[r][0], acc[r][1]));
 }
 
 INLINE void f_rows(const kern_mm_args *a, int64_t r0, int64_t r1, int kind)
 {
     for (int64_t t = 0; t < a->n_tok; t++) {
         int64_t o = r0;
-        for (; o + 4 <= r1; o += 4) f_tile(a, o, 4, t, kind);
-        for (; o < r1; o++) f_tile(a, o, 1, t, kind);
+        for (; o + 4 <= r1; o += 4)
+            f_tile(a, o, 4, t, kind);
+        for (; o < r1; o++)
+            f_tile(a, o, 1, t, kind);
     }
 }
 
@@ -210,7 +216,9 @@ kern_mm_kernel kern_mm_lookup_neon(int wtype)
 {
     kern_mm_kernel k = {0};
     switch (wtype) {
-    case GGML_TYPE_F32: k.mm = mm_f32_neon; break;
+    case GGML_TYPE_F32:
+        k.mm = mm_f32_neon;
+        break;
     case GGML_TYPE_F16:
         k.mm = mm_f16_neon;
         k.cvt = cvt_f16_neon;
@@ -231,7 +239,8 @@ kern_mm_kernel kern_mm_lookup_neon(int wtype)
         k.cvt = cvt_q8_for_q4_0_neon;
         k.xc_row_bytes_per_32 = KERN_XQ_BYTES_PER_32;
         break;
-    default: break;
+    default:
+        break;
     }
     return k;
 }

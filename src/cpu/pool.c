@@ -164,7 +164,8 @@ void kern_pool_free(kern_pool *pool)
     atomic_store(&pool->quit, true);
     pthread_cond_broadcast(&pool->cv_work);
     pthread_mutex_unlock(&pool->mu);
-    for (int i = 0; i < pool->n_started; i++) pthread_join(pool->threads[i], NULL);
+    for (int i = 0; i < pool->n_started; i++)
+        pthread_join(pool->threads[i], NULL);
     pthread_cond_destroy(&pool->cv_work);
     pthread_cond_destroy(&pool->cv_done);
     pthread_mutex_destroy(&pool->mu);
@@ -249,12 +250,13 @@ static int cores_from_sysfs(void)
         if (have_set && !CPU_ISSET(cpu, &set)) continue;
         snprintf(path, sizeof path, "/sys/devices/system/cpu/cpu%d/topology/core_id", cpu);
         if (!read_int_file(path, &core)) continue;
-        snprintf(path, sizeof path,
-                 "/sys/devices/system/cpu/cpu%d/topology/physical_package_id", cpu);
+        snprintf(path, sizeof path, "/sys/devices/system/cpu/cpu%d/topology/physical_package_id",
+                 cpu);
         if (!read_int_file(path, &pkg)) pkg = 0;
         long long key = ((long long)pkg << 32) | (unsigned)core;
         bool seen = false;
-        for (int i = 0; i < n_pairs && !seen; i++) seen = pairs[i] == key;
+        for (int i = 0; i < n_pairs && !seen; i++)
+            seen = pairs[i] == key;
         if (!seen && n_pairs < MAX_PAIRS) pairs[n_pairs++] = key;
     }
     return n_pairs;

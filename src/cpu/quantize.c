@@ -12,11 +12,13 @@ void kern_quantize_row_q8_0(const float *x, void *dst, int64_t n)
     uint8_t *y = dst;
     for (int64_t b = 0; b < n / KERN_QK; b++, x += KERN_QK, y += KERN_Q8_0_BYTES) {
         float amax = 0.0f;
-        for (int j = 0; j < KERN_QK; j++) amax = fmaxf(amax, fabsf(x[j]));
+        for (int j = 0; j < KERN_QK; j++)
+            amax = fmaxf(amax, fabsf(x[j]));
         float d = amax / 127.0f;
         float id = d != 0.0f ? 1.0f / d : 0.0f;
         kern_store_u16(y, forge_f32_to_fp16(d));
-        for (int j = 0; j < KERN_QK; j++) y[2 + j] = (uint8_t)(int8_t)roundf(x[j] * id);
+        for (int j = 0; j < KERN_QK; j++)
+            y[2 + j] = (uint8_t)(int8_t)roundf(x[j] * id);
     }
 }
 
@@ -56,7 +58,8 @@ static void cvt_q8(const float *x, void *dst, int64_t n, int32_t corr_mul)
     int32_t *ncorr = (int32_t *)(void *)(qs + n + n / 8);
     for (int64_t b = 0; b < n / KERN_QK; b++, x += KERN_QK) {
         float amax = 0.0f;
-        for (int j = 0; j < KERN_QK; j++) amax = fmaxf(amax, fabsf(x[j]));
+        for (int j = 0; j < KERN_QK; j++)
+            amax = fmaxf(amax, fabsf(x[j]));
         float d = amax / 127.0f;
 #if defined(__aarch64__)
         float id = d != 0.0f ? 1.0f / d : 0.0f;
@@ -87,11 +90,13 @@ void kern_cvt_q8_for_q8_0_scalar(const float *x, void *dst, int64_t n)
 void kern_cvt_f16_scalar(const float *x, void *dst, int64_t n)
 {
     float *y = dst;
-    for (int64_t i = 0; i < n; i++) y[i] = forge_fp16_to_f32(forge_f32_to_fp16(x[i]));
+    for (int64_t i = 0; i < n; i++)
+        y[i] = forge_fp16_to_f32(forge_f32_to_fp16(x[i]));
 }
 
 void kern_cvt_bf16_scalar(const float *x, void *dst, int64_t n)
 {
     uint8_t *y = dst;
-    for (int64_t i = 0; i < n; i++) kern_store_u16(y + 2 * i, forge_f32_to_bf16(x[i]));
+    for (int64_t i = 0; i < n; i++)
+        kern_store_u16(y + 2 * i, forge_f32_to_bf16(x[i]));
 }

@@ -22,12 +22,18 @@ static inline int gpu_is_aligned(const void *p, size_t a)
 static inline const char *gpu_type_name(int t)
 {
     switch (t) {
-    case GGML_TYPE_F32: return "F32";
-    case GGML_TYPE_F16: return "F16";
-    case GGML_TYPE_BF16: return "BF16";
-    case GGML_TYPE_Q8_0: return "Q8_0";
-    case GGML_TYPE_Q4_0: return "Q4_0";
-    default: return "(unsupported type)";
+    case GGML_TYPE_F32:
+        return "F32";
+    case GGML_TYPE_F16:
+        return "F16";
+    case GGML_TYPE_BF16:
+        return "BF16";
+    case GGML_TYPE_Q8_0:
+        return "Q8_0";
+    case GGML_TYPE_Q4_0:
+        return "Q4_0";
+    default:
+        return "(unsupported type)";
     }
 }
 

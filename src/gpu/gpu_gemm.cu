@@ -20,25 +20,32 @@ struct gpu_blas {
 static const char *blas_status_name(cublasStatus_t s)
 {
     switch (s) {
-    case CUBLAS_STATUS_NOT_INITIALIZED: return "CUBLAS_STATUS_NOT_INITIALIZED";
-    case CUBLAS_STATUS_ALLOC_FAILED: return "CUBLAS_STATUS_ALLOC_FAILED";
-    case CUBLAS_STATUS_INVALID_VALUE: return "CUBLAS_STATUS_INVALID_VALUE";
-    case CUBLAS_STATUS_ARCH_MISMATCH: return "CUBLAS_STATUS_ARCH_MISMATCH";
-    case CUBLAS_STATUS_EXECUTION_FAILED: return "CUBLAS_STATUS_EXECUTION_FAILED";
-    case CUBLAS_STATUS_NOT_SUPPORTED: return "CUBLAS_STATUS_NOT_SUPPORTED";
-    default: return "CUBLAS_STATUS_(other)";
+    case CUBLAS_STATUS_NOT_INITIALIZED:
+        return "CUBLAS_STATUS_NOT_INITIALIZED";
+    case CUBLAS_STATUS_ALLOC_FAILED:
+        return "CUBLAS_STATUS_ALLOC_FAILED";
+    case CUBLAS_STATUS_INVALID_VALUE:
+        return "CUBLAS_STATUS_INVALID_VALUE";
+    case CUBLAS_STATUS_ARCH_MISMATCH:
+        return "CUBLAS_STATUS_ARCH_MISMATCH";
+    case CUBLAS_STATUS_EXECUTION_FAILED:
+        return "CUBLAS_STATUS_EXECUTION_FAILED";
+    case CUBLAS_STATUS_NOT_SUPPORTED:
+        return "CUBLAS_STATUS_NOT_SUPPORTED";
+    default:
+        return "CUBLAS_STATUS_(other)";
     }
 }
 
-#define BLAS_CHECK(call)                                                                     \
-    do {                                                                                     \
-        cublasStatus_t bs_ = (call);                                                         \
-        if (bs_ != CUBLAS_STATUS_SUCCESS) {                                                  \
-            rc = gpu_err_set(err,                                                            \
-                             bs_ == CUBLAS_STATUS_ALLOC_FAILED ? FORGE_E_NOMEM : FORGE_E_DEVICE, \
-                             "%s:%d: %s: %s", __FILE__, __LINE__, #call, blas_status_name(bs_)); \
-            goto fail;                                                                       \
-        }                                                                                    \
+#define BLAS_CHECK(call)                                                                           \
+    do {                                                                                           \
+        cublasStatus_t bs_ = (call);                                                               \
+        if (bs_ != CUBLAS_STATUS_SUCCESS) {                                                        \
+            rc = gpu_err_set(err,                                                                  \
+                             bs_ == CUBLAS_STATUS_ALLOC_FAILED ? FORGE_E_NOMEM : FORGE_E_DEVICE,   \
+                             "%s:%d: %s: %s", __FILE__, __LINE__, #call, blas_status_name(bs_));   \
+            goto fail;                                                                             \
+        }                                                                                          \
     } while (0)
 
 /* float -> fp16 / bf16 bits, round to nearest even. */
@@ -89,24 +96,25 @@ GPU_API int gpu_gemm(gpu_blas *b, int wtype, const void *d_w, int64_t n_out, int
     const float one = 1.0f, zero = 0.0f;
     cudaDataType_t ab_type;
     const void *bmat = d_x;
-    if (!b || !d_w || !d_x || !d_y || n_out <= 0 || n_in <= 0 || n_tok <= 0 ||
-        n_out > INT32_MAX || n_in > INT32_MAX || n_tok > INT32_MAX)
+    if (!b || !d_w || !d_x || !d_y || n_out <= 0 || n_in <= 0 || n_tok <= 0 || n_out > INT32_MAX ||
+        n_in > INT32_MAX || n_tok > INT32_MAX)
         return gpu_err_set(err, FORGE_E_INVALID, "gpu_gemm: NULL argument or bad shape");
     if (wtype == GGML_TYPE_F32) {
         ab_type = CUDA_R_32F;
     } else if (wtype == GGML_TYPE_F16 || wtype == GGML_TYPE_BF16) {
         int64_t n = n_tok * n_in;
         int64_t g = (n + 255) / 256;
-        if (!d_xc) return gpu_err_set(err, FORGE_E_INVALID, "gpu_gemm: %s weights need d_xc",
-                                      gpu_type_name(wtype));
+        if (!d_xc)
+            return gpu_err_set(err, FORGE_E_INVALID, "gpu_gemm: %s weights need d_xc",
+                               gpu_type_name(wtype));
         ab_type = wtype == GGML_TYPE_F16 ? CUDA_R_16F : CUDA_R_16BF;
         if (wtype == GGML_TYPE_F16) {
-            k_cvt_act<0><<<(unsigned)(g > 65536 ? 65536 : g), 256, 0, st>>>(
-                d_x, (unsigned short *)d_xc, n);
+            k_cvt_act<0>
+                <<<(unsigned)(g > 65536 ? 65536 : g), 256, 0, st>>>(d_x, (unsigned short *)d_xc, n);
             GPU_LAUNCH_CHECK("k_cvt_act<F16>", st);
         } else {
-            k_cvt_act<1><<<(unsigned)(g > 65536 ? 65536 : g), 256, 0, st>>>(
-                d_x, (unsigned short *)d_xc, n);
+            k_cvt_act<1>
+                <<<(unsigned)(g > 65536 ? 65536 : g), 256, 0, st>>>(d_x, (unsigned short *)d_xc, n);
             GPU_LAUNCH_CHECK("k_cvt_act<BF16>", st);
         }
         bmat = d_xc;

@@ -29,10 +29,12 @@ __global__ void k_rmsnorm(const float *x, const float *__restrict__ w, float *y,
     const float *xr = x + (int64_t)blockIdx.x * n;
     float *yr = y + (int64_t)blockIdx.x * n;
     float ss = 0.0f;
-    for (int64_t i = threadIdx.x; i < n; i += blockDim.x) ss += xr[i] * xr[i];
+    for (int64_t i = threadIdx.x; i < n; i += blockDim.x)
+        ss += xr[i] * xr[i];
     ss = block_sum(ss, sh);
     float scale = 1.0f / sqrtf(ss / (float)n + eps);
-    for (int64_t i = threadIdx.x; i < n; i += blockDim.x) yr[i] = xr[i] * scale * w[i];
+    for (int64_t i = threadIdx.x; i < n; i += blockDim.x)
+        yr[i] = xr[i] * scale * w[i];
 }
 
 /* One thread per rotated pair. x: [n_tok][n_heads][head_dim]. */
@@ -87,8 +89,8 @@ GPU_DEV void argmax_merge(float &av, int &ai, float bv, int bi)
 
 #define ARGMAX_THREADS 1024
 
-__global__ void __launch_bounds__(ARGMAX_THREADS) k_argmax(const float *__restrict__ x, int n,
-                                                           int32_t *idx_out)
+__global__ void __launch_bounds__(ARGMAX_THREADS)
+    k_argmax(const float *__restrict__ x, int n, int32_t *idx_out)
 {
     __shared__ float sv[32];
     __shared__ int si[32];
@@ -140,10 +142,12 @@ __global__ void k_copy16(const uint4 *__restrict__ src, uint4 *__restrict__ dst,
         dst[i + 2 * stride] = c;
         dst[i + 3 * stride] = d;
     }
-    for (; i < n; i += stride) dst[i] = src[i];
+    for (; i < n; i += stride)
+        dst[i] = src[i];
 }
 
-/* ---- launchers -------------------------------------------------------------------------------- */
+/* ---- launchers --------------------------------------------------------------------------------
+ */
 static unsigned elementwise_grid(int64_t n)
 {
     int64_t g = (n + 255) / 256;
@@ -156,8 +160,9 @@ GPU_API int gpu_rmsnorm(const float *d_x, const float *d_w, float *d_y, int64_t 
     int rc = FORGE_OK;
     cudaStream_t st = GPU_STREAM(s);
     if (!d_x || !d_w || !d_y || n <= 0 || n_rows <= 0 || n_rows > INT32_MAX)
-        return gpu_err_set(err, FORGE_E_INVALID, "gpu_rmsnorm: NULL buffer or bad shape %lld x %lld",
-                           (long long)n_rows, (long long)n);
+        return gpu_err_set(err, FORGE_E_INVALID,
+                           "gpu_rmsnorm: NULL buffer or bad shape %lld x %lld", (long long)n_rows,
+                           (long long)n);
     k_rmsnorm<<<(unsigned)n_rows, n >= 1024 ? 1024 : 256, 0, st>>>(d_x, d_w, d_y, n, eps);
     GPU_LAUNCH_CHECK("k_rmsnorm", st);
     return FORGE_OK;
@@ -179,14 +184,14 @@ GPU_API int gpu_rope(float *d_x, int64_t n_tok, int64_t n_heads, int64_t head_di
                            (long long)n_tok, (long long)n_heads, (long long)head_dim,
                            (long long)n_dims);
     if (mode != GPU_ROPE_NORM && mode != GPU_ROPE_NEOX)
-        return gpu_err_set(err, FORGE_E_UNSUPPORTED, "gpu_rope: mode %d is not NORM (0) or NEOX (2)",
-                           mode);
+        return gpu_err_set(err, FORGE_E_UNSUPPORTED,
+                           "gpu_rope: mode %d is not NORM (0) or NEOX (2)", mode);
     {
         float theta_scale = powf(freq_base, -2.0f / (float)n_dims);
         int64_t pairs = n_tok * n_heads * (n_dims / 2);
         k_rope<<<(unsigned)((pairs + 255) / 256), 256, 0, st>>>(
-            d_x, (int)n_tok, (int)n_heads, (int)head_dim, (int)n_dims, mode == GPU_ROPE_NEOX,
-            d_pos, theta_scale, freq_scale, d_freq_factors);
+            d_x, (int)n_tok, (int)n_heads, (int)head_dim, (int)n_dims, mode == GPU_ROPE_NEOX, d_pos,
+            theta_scale, freq_scale, d_freq_factors);
         GPU_LAUNCH_CHECK("k_rope", st);
     }
     return FORGE_OK;
@@ -240,8 +245,7 @@ GPU_API int gpu_copy(void *d_dst, const void *d_src, size_t bytes, gpu_stream *s
     int rc = FORGE_OK;
     cudaStream_t st = GPU_STREAM(s);
     if (bytes == 0) return FORGE_OK;
-    if (!d_dst || !d_src)
-        return gpu_err_set(err, FORGE_E_INVALID, "gpu_copy: NULL buffer");
+    if (!d_dst || !d_src) return gpu_err_set(err, FORGE_E_INVALID, "gpu_copy: NULL buffer");
     if (bytes % 16 || !gpu_is_aligned(d_dst, 16) || !gpu_is_aligned(d_src, 16)) {
         GPU_CHECK(cudaMemcpyAsync(d_dst, d_src, bytes, cudaMemcpyDeviceToDevice, st));
         return FORGE_OK;

@@ -44,13 +44,13 @@ typedef struct gpu_blas gpu_blas;     /* a BLAS handle (cuBLAS); unavailable in 
 /* ---- devices -------------------------------------------------------------------------------- */
 typedef struct gpu_device_info {
     char name[256];
-    int vendor_amd;       /* 0 NVIDIA (CUDA build), 1 AMD (HIP build) */
+    int vendor_amd;         /* 0 NVIDIA (CUDA build), 1 AMD (HIP build) */
     int cc_major, cc_minor; /* compute capability (CUDA); gfx major/minor (HIP) */
-    int sm_count;         /* multiprocessors / compute units */
-    int warp_size;        /* 32, or 64 on CDNA */
-    size_t total_mem;     /* bytes */
+    int sm_count;           /* multiprocessors / compute units */
+    int warp_size;          /* 32, or 64 on CDNA */
+    size_t total_mem;       /* bytes */
     size_t l2_bytes;
-    double mem_bw_peak;   /* bytes/s from clock and bus width; 0 when the runtime does not say */
+    double mem_bw_peak; /* bytes/s from clock and bus width; 0 when the runtime does not say */
 } gpu_device_info;
 
 int gpu_device_count(int *n, forge_err *err);
@@ -134,9 +134,9 @@ int gpu_rmsnorm(const float *d_x, const float *d_w, float *d_y, int64_t n, int64
  * the halves (i, i + n_dims/2). Angle of pair i, as ggml: freq_scale * pos * theta_scale^i /
  * d_freq_factors[i] (the division only when non-NULL), theta_scale = powf(base, -2/n_dims). */
 enum { GPU_ROPE_NORM = 0, GPU_ROPE_NEOX = 2 };
-int gpu_rope(float *d_x, int64_t n_tok, int64_t n_heads, int64_t head_dim, int64_t n_dims,
-             int mode, const int32_t *d_pos, float freq_base, float freq_scale,
-             const float *d_freq_factors, gpu_stream *s, forge_err *err);
+int gpu_rope(float *d_x, int64_t n_tok, int64_t n_heads, int64_t head_dim, int64_t n_dims, int mode,
+             const int32_t *d_pos, float freq_base, float freq_scale, const float *d_freq_factors,
+             gpu_stream *s, forge_err *err);
 
 /* d_out[i] = silu(gate[i]) * up[i]; silu(g) = g / (1 + exp(-g)). d_out may alias gate or up. */
 int gpu_swiglu(const float *d_gate, const float *d_up, float *d_out, int64_t n, gpu_stream *s,
@@ -148,9 +148,8 @@ int gpu_add(const float *d_a, const float *d_b, float *d_out, int64_t n, gpu_str
 /* d_out[t][:] = row d_ids[t] of the n_vocab x n_embd table (device layout, F32/F16/BF16/Q8_0/
  * Q4_0) as floats, for t < n_tokens. An id outside [0, n_vocab) gives a row of NaN (the caller
  * validates ids; NaN makes a slip visible). */
-int gpu_embed(int wtype, const void *d_table, int64_t n_vocab, int64_t n_embd,
-              const int32_t *d_ids, int64_t n_tokens, float *d_out, gpu_stream *s,
-              forge_err *err);
+int gpu_embed(int wtype, const void *d_table, int64_t n_vocab, int64_t n_embd, const int32_t *d_ids,
+              int64_t n_tokens, float *d_out, gpu_stream *s, forge_err *err);
 
 /* *d_idx = the smallest i with d_x[i] maximal (greedy sampling); NaN entries never win; all-NaN
  * gives 0. */
@@ -188,9 +187,8 @@ int gpu_attention(const gpu_attn_args *a, gpu_stream *s, forge_err *err);
  * hipBLAS is not packaged in Debian 12. */
 int gpu_blas_create(gpu_blas **out, forge_err *err);
 void gpu_blas_free(gpu_blas *b);
-int gpu_gemm(gpu_blas *b, int wtype, const void *d_w, int64_t n_out, int64_t n_in,
-             const float *d_x, int64_t n_tok, void *d_xc, float *d_y, gpu_stream *s,
-             forge_err *err);
+int gpu_gemm(gpu_blas *b, int wtype, const void *d_w, int64_t n_out, int64_t n_in, const float *d_x,
+             int64_t n_tok, void *d_xc, float *d_y, gpu_stream *s, forge_err *err);
 
 /* ---- a context: one stream and its scratch, for the backend --------------------------------- */
 typedef struct gpu_ctx gpu_ctx;
@@ -204,7 +202,8 @@ gpu_stream *gpu_ctx_stream(gpu_ctx *c);
  * size (growth is stream-ordered, so work already enqueued keeps its old buffer alive). */
 int gpu_ctx_scratch(gpu_ctx *c, size_t bytes, void **d_out, forge_err *err);
 
-/* ---- the table the engine dlopens -------------------------------------------------------------- */
+/* ---- the table the engine dlopens --------------------------------------------------------------
+ */
 #define GPU_API_VERSION 1
 typedef struct gpu_api {
     int version; /* GPU_API_VERSION */
@@ -232,11 +231,10 @@ typedef struct gpu_api {
     void (*graph_free)(gpu_graph *g);
     int (*matvec_supported)(int wtype);
     size_t (*weight_bytes)(int wtype, int64_t n_rows, int64_t n_in);
-    int (*weight_convert)(int wtype, const void *d_src, void *d_dst, int64_t n_rows,
-                          int64_t n_in, gpu_stream *s, forge_err *err);
+    int (*weight_convert)(int wtype, const void *d_src, void *d_dst, int64_t n_rows, int64_t n_in,
+                          gpu_stream *s, forge_err *err);
     size_t (*act_q8_bytes)(int64_t n_in);
-    int (*act_quantize)(const float *d_x, int64_t n_in, void *d_xq, gpu_stream *s,
-                        forge_err *err);
+    int (*act_quantize)(const float *d_x, int64_t n_in, void *d_xq, gpu_stream *s, forge_err *err);
     int (*matvec)(int wtype, const void *d_w, int64_t n_out, int64_t n_in, const float *d_x,
                   const void *d_xq, float *d_y, gpu_stream *s, forge_err *err);
     int (*rmsnorm)(const float *d_x, const float *d_w, float *d_y, int64_t n, int64_t n_rows,
@@ -244,8 +242,8 @@ typedef struct gpu_api {
     int (*rope)(float *d_x, int64_t n_tok, int64_t n_heads, int64_t head_dim, int64_t n_dims,
                 int mode, const int32_t *d_pos, float freq_base, float freq_scale,
                 const float *d_freq_factors, gpu_stream *s, forge_err *err);
-    int (*swiglu)(const float *d_gate, const float *d_up, float *d_out, int64_t n,
-                  gpu_stream *s, forge_err *err);
+    int (*swiglu)(const float *d_gate, const float *d_up, float *d_out, int64_t n, gpu_stream *s,
+                  forge_err *err);
     int (*add)(const float *d_a, const float *d_b, float *d_out, int64_t n, gpu_stream *s,
                forge_err *err);
     int (*embed)(int wtype, const void *d_table, int64_t n_vocab, int64_t n_embd,

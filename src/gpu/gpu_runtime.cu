@@ -59,7 +59,8 @@ GPU_API const char *gpu_backend_name(void)
     return FORGE_GPU_HIP ? "HIP" : "CUDA";
 }
 
-/* ---- devices ---------------------------------------------------------------------------------- */
+/* ---- devices ----------------------------------------------------------------------------------
+ */
 GPU_API int gpu_device_count(int *n, forge_err *err)
 {
     int rc = FORGE_OK;
@@ -120,7 +121,8 @@ fail:
     return rc;
 }
 
-/* ---- memory ----------------------------------------------------------------------------------- */
+/* ---- memory -----------------------------------------------------------------------------------
+ */
 GPU_API int gpu_malloc(void **d_out, size_t bytes, forge_err *err)
 {
     int rc = FORGE_OK;
@@ -213,7 +215,8 @@ fail:
     return rc;
 }
 
-/* ---- streams, events, graphs ------------------------------------------------------------------- */
+/* ---- streams, events, graphs -------------------------------------------------------------------
+ */
 GPU_API int gpu_stream_create(gpu_stream **out, forge_err *err)
 {
     int rc = FORGE_OK;
@@ -333,7 +336,8 @@ GPU_API void gpu_graph_free(gpu_graph *g)
     if (g) (void)cudaGraphExecDestroy((cudaGraphExec_t)g);
 }
 
-/* ---- context ---------------------------------------------------------------------------------- */
+/* ---- context ----------------------------------------------------------------------------------
+ */
 struct gpu_ctx {
     gpu_stream *stream;
     void *scratch;
@@ -393,48 +397,19 @@ fail:
     return rc;
 }
 
-/* ---- the dlopen table ------------------------------------------------------------------------- */
+/* ---- the dlopen table -------------------------------------------------------------------------
+ */
 static const gpu_api g_api_v1 = {
-    GPU_API_VERSION,
-    gpu_backend_name,
-    gpu_device_count,
-    gpu_device_info_get,
-    gpu_set_device,
-    gpu_device_sync,
-    gpu_malloc,
-    gpu_free,
-    gpu_malloc_async,
-    gpu_free_async,
-    gpu_memcpy_h2d,
-    gpu_memcpy_d2h,
-    gpu_memcpy_d2d,
-    gpu_memset,
-    gpu_ctx_create,
-    gpu_ctx_free,
-    gpu_ctx_stream,
-    gpu_ctx_scratch,
-    gpu_stream_sync,
-    gpu_graph_begin,
-    gpu_graph_end,
-    gpu_graph_launch,
-    gpu_graph_free,
-    gpu_matvec_supported,
-    gpu_weight_bytes,
-    gpu_weight_convert,
-    gpu_act_q8_bytes,
-    gpu_act_quantize,
-    gpu_matvec,
-    gpu_rmsnorm,
-    gpu_rope,
-    gpu_swiglu,
-    gpu_add,
-    gpu_embed,
-    gpu_argmax,
-    gpu_attn_scratch_bytes,
-    gpu_attention,
-    gpu_blas_create,
-    gpu_blas_free,
-    gpu_gemm,
+    GPU_API_VERSION,  gpu_backend_name,   gpu_device_count, gpu_device_info_get,
+    gpu_set_device,   gpu_device_sync,    gpu_malloc,       gpu_free,
+    gpu_malloc_async, gpu_free_async,     gpu_memcpy_h2d,   gpu_memcpy_d2h,
+    gpu_memcpy_d2d,   gpu_memset,         gpu_ctx_create,   gpu_ctx_free,
+    gpu_ctx_stream,   gpu_ctx_scratch,    gpu_stream_sync,  gpu_graph_begin,
+    gpu_graph_end,    gpu_graph_launch,   gpu_graph_free,   gpu_matvec_supported,
+    gpu_weight_bytes, gpu_weight_convert, gpu_act_q8_bytes, gpu_act_quantize,
+    gpu_matvec,       gpu_rmsnorm,        gpu_rope,         gpu_swiglu,
+    gpu_add,          gpu_embed,          gpu_argmax,       gpu_attn_scratch_bytes,
+    gpu_attention,    gpu_blas_create,    gpu_blas_free,    gpu_gemm,
     gpu_copy,
 };
 

@@ -1,8 +1,8 @@
 /* gpu_vendor.h - the one place where CUDA and HIP differ. Kernels and launchers in the .cu files
- * of src/gpu are written in CUDA spelling; when compiled as HIP (clang -x hip, which defines __HIP__) this
- * header maps every runtime name they use to its hip* twin, and supplies portable device helpers:
- * warp shuffles with an explicit width, the wavefront size, fp16 conversion and dp4a.
- * It also holds the one check macro for runtime calls and the launch check used after every
+ * of src/gpu are written in CUDA spelling; when compiled as HIP (clang -x hip, which defines
+ * __HIP__) this header maps every runtime name they use to its hip* twin, and supplies portable
+ * device helpers: warp shuffles with an explicit width, the wavefront size, fp16 conversion and
+ * dp4a. It also holds the one check macro for runtime calls and the launch check used after every
  * kernel. Only .cu files include it: .c files never see CUDA or HIP headers. */
 #ifndef FORGE_GPU_VENDOR_H
 #define FORGE_GPU_VENDOR_H
@@ -155,14 +155,16 @@ GPU_DEV int gpu_shfl_xor_int(int v, int lane_mask, int width)
 GPU_DEV float gpu_seg_sum(float v)
 {
 #pragma unroll
-    for (int m = GPU_SEG / 2; m > 0; m >>= 1) v += gpu_shfl_xor(v, m, GPU_SEG);
+    for (int m = GPU_SEG / 2; m > 0; m >>= 1)
+        v += gpu_shfl_xor(v, m, GPU_SEG);
     return v;
 }
 
 GPU_DEV float gpu_seg_max(float v)
 {
 #pragma unroll
-    for (int m = GPU_SEG / 2; m > 0; m >>= 1) v = fmaxf(v, gpu_shfl_xor(v, m, GPU_SEG));
+    for (int m = GPU_SEG / 2; m > 0; m >>= 1)
+        v = fmaxf(v, gpu_shfl_xor(v, m, GPU_SEG));
     return v;
 }
 
@@ -197,8 +199,8 @@ GPU_DEV int gpu_dp4a(int a, int b, int c)
 {
 #if !FORGE_GPU_HIP
     return __dp4a(a, b, c);
-#elif defined(__gfx90a__) || defined(__gfx940__) || defined(__gfx941__) || \
-    defined(__gfx942__) || defined(__gfx1030__)
+#elif defined(__gfx90a__) || defined(__gfx940__) || defined(__gfx941__) || defined(__gfx942__) ||  \
+    defined(__gfx1030__)
     return __builtin_amdgcn_sdot4(a, b, c, false);
 #elif defined(__gfx1100__) || defined(__gfx1101__) || defined(__gfx1102__)
     return __builtin_amdgcn_sudot4(true, a, true, b, c, false);
@@ -224,39 +226,39 @@ int gpu_sync_debug(void);
 
 /* Every runtime call: on failure, set rc and err and jump to the function's `fail` label.
  * Needs `int rc` and `forge_err *err` in scope. */
-#define GPU_CHECK(call)                                                                    \
-    do {                                                                                   \
-        cudaError_t gpu_e_ = (call);                                                       \
-        if (gpu_e_ != cudaSuccess) {                                                       \
-            (void)cudaGetLastError(); /* clear it, or the next launch check reports it */  \
-            rc = gpu_err_set(err, gpu_status_from(gpu_e_), "%s:%d: %s: %s (%s)", __FILE__, \
-                             __LINE__, #call, cudaGetErrorString(gpu_e_),                  \
-                             cudaGetErrorName(gpu_e_));                                    \
-            goto fail;                                                                     \
-        }                                                                                  \
+#define GPU_CHECK(call)                                                                            \
+    do {                                                                                           \
+        cudaError_t gpu_e_ = (call);                                                               \
+        if (gpu_e_ != cudaSuccess) {                                                               \
+            (void)cudaGetLastError(); /* clear it, or the next launch check reports it */          \
+            rc = gpu_err_set(err, gpu_status_from(gpu_e_), "%s:%d: %s: %s (%s)", __FILE__,         \
+                             __LINE__, #call, cudaGetErrorString(gpu_e_),                          \
+                             cudaGetErrorName(gpu_e_));                                            \
+            goto fail;                                                                             \
+        }                                                                                          \
     } while (0)
 
 /* After every kernel launch: the launch error, and with FORGE_GPU_SYNC=1 a synchronisation of
  * the stream so that an execution error is reported against this kernel. */
-#define GPU_LAUNCH_CHECK(kernel_name, stream)                                                   \
-    do {                                                                                        \
-        cudaError_t gpu_e_ = cudaGetLastError();                                                \
-        if (gpu_e_ != cudaSuccess) {                                                            \
-            rc = gpu_err_set(err, gpu_status_from(gpu_e_), "launch of kernel %s failed: %s (%s)", \
-                             kernel_name, cudaGetErrorString(gpu_e_), cudaGetErrorName(gpu_e_)); \
-            goto fail;                                                                          \
-        }                                                                                       \
-        if (gpu_sync_debug()) {                                                                 \
-            gpu_e_ = cudaStreamSynchronize(stream);                                             \
-            if (gpu_e_ == cudaSuccess) gpu_e_ = cudaGetLastError();                             \
-            if (gpu_e_ != cudaSuccess) {                                                        \
-                rc = gpu_err_set(err, gpu_status_from(gpu_e_),                                  \
-                                 "kernel %s failed while running (FORGE_GPU_SYNC=1): %s (%s)",  \
-                                 kernel_name, cudaGetErrorString(gpu_e_),                       \
-                                 cudaGetErrorName(gpu_e_));                                     \
-                goto fail;                                                                      \
-            }                                                                                   \
-        }                                                                                       \
+#define GPU_LAUNCH_CHECK(kernel_name, stream)                                                      \
+    do {                                                                                           \
+        cudaError_t gpu_e_ = cudaGetLastError();                                                   \
+        if (gpu_e_ != cudaSuccess) {                                                               \
+            rc = gpu_err_set(err, gpu_status_from(gpu_e_), "launch of kernel %s failed: %s (%s)",  \
+                             kernel_name, cudaGetErrorString(gpu_e_), cudaGetErrorName(gpu_e_));   \
+            goto fail;                                                                             \
+        }                                                                                          \
+        if (gpu_sync_debug()) {                                                                    \
+            gpu_e_ = cudaStreamSynchronize(stream);                                                \
+            if (gpu_e_ == cudaSuccess) gpu_e_ = cudaGetLastError();                                \
+            if (gpu_e_ != cudaSuccess) {                                                           \
+                rc = gpu_err_set(err, gpu_status_from(gpu_e_),                                     \
+                                 "kernel %s failed while running (FORGE_GPU_SYNC=1): %s (%s)",     \
+                                 kernel_name, cudaGetErrorString(gpu_e_),                          \
+                                 cudaGetErrorName(gpu_e_));                                        \
+                goto fail;                                                                         \
+            }                                                                                      \
+        }                                                                                          \
     } while (0)
 
 #define GPU_STREAM(s) ((cudaStream_t)(s))

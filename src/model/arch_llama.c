@@ -31,8 +31,14 @@ int arch_llama_forward(forge_context *ctx, const int32_t *ids, int n, bool want_
     const be_ops *op = be->ops;
     ctx_bufs *b = &ctx->b;
     const int64_t E = hp->n_embd, F = hp->n_ff, HD = hp->head_dim;
-    const be_rope rope = {m->rope_mode, hp->n_rot, hp->rope_freq_base, hp->rope_freq_scale,
-                          m->rope_freqs.data ? &m->rope_freqs : NULL};
+    const be_rope rope = {m->rope_mode,
+                          hp->n_rot,
+                          hp->rope_freq_base,
+                          hp->rope_freq_scale,
+                          m->rope_freqs.data ? &m->rope_freqs : NULL,
+                          m->rope_ext_factor,
+                          1.0f,
+                          {m->rope_corr_dims[0], m->rope_corr_dims[1]}};
     int rc = FORGE_OK;
 
     TRY(op->get_rows(be, b->x, &m->tok_embd, ids, n, err));
@@ -85,7 +91,9 @@ int arch_llama_forward(forge_context *ctx, const int32_t *ids, int n, bool want_
         rows = 1;
     }
     TRY(op->rms_norm(be, b->xn, src, &m->output_norm, rows, E, hp->rms_eps, err));
-    TRY(op->matmul(be, b->logits, &m->output, b->xn, rows, err));
+    /* tied: the embedding table itself (its device copy, if any, lives there) */
+    const be_weight *out_w = m->info.tied_output ? &m->tok_embd : &m->output;
+    TRY(op->matmul(be, b->logits, out_w, b->xn, rows, err));
     *n_out = rows;
 done:
     return rc;

@@ -20,6 +20,34 @@ forge_context_params forge_context_default_params(void)
     return p;
 }
 
+/* weight_prepare (prepare) or weight_release every weight of the model on ctx's backend. */
+static int for_each_weight(forge_context *ctx, bool prepare, forge_err *err)
+{
+    forge_model *m = ctx->model;
+    const be_ops *op = ctx->be->ops;
+    int rc;
+    be_weight *globals[] = {&m->tok_embd, &m->output_norm, &m->output, &m->rope_freqs};
+    for (size_t i = 0; i < FORGE_ARRAY_LEN(globals); i++) {
+        if (!globals[i]->data || (i == 2 && m->info.tied_output)) continue; /* output = tok_embd */
+        if (!prepare)
+            op->weight_release(ctx->be, globals[i]);
+        else if ((rc = op->weight_prepare(ctx->be, globals[i], err)))
+            return rc;
+    }
+    for (int il = 0; il < m->info.n_layer; il++) {
+        /* layer_weights is a struct of be_weight only */
+        be_weight *lw = (be_weight *)&m->layers[il];
+        for (size_t i = 0; i < sizeof(layer_weights) / sizeof(be_weight); i++) {
+            if (!lw[i].data) continue;
+            if (!prepare)
+                op->weight_release(ctx->be, &lw[i]);
+            else if ((rc = op->weight_prepare(ctx->be, &lw[i], err)))
+                return rc;
+        }
+    }
+    return FORGE_OK;
+}
+
 static void free_bufs(forge_context *ctx)
 {
     be_buf **all[] = {&ctx->b.x, &ctx->b.xn,   &ctx->b.q,  &ctx->b.k,    &ctx->b.v,     &ctx->b.att,
@@ -86,17 +114,7 @@ int forge_context_create(forge_model *model, const forge_context_params *params,
     ctx->kv_type = p.kv_type;
     if ((rc = backend_cpu_create(ctx->n_threads, p.f32_math, &ctx->be, err))) goto fail;
     /* weights: let the backend prepare them (a GPU backend uploads here) */
-    be_weight *globals[] = {&model->tok_embd, &model->output_norm, &model->output,
-                            &model->rope_freqs};
-    for (size_t i = 0; i < FORGE_ARRAY_LEN(globals); i++)
-        if (globals[i]->data && (rc = ctx->be->ops->weight_prepare(ctx->be, globals[i], err)))
-            goto fail;
-    for (int il = 0; il < hp->n_layer; il++) {
-        /* layer_weights is a struct of be_weight only */
-        be_weight *lw = (be_weight *)&model->layers[il];
-        for (size_t i = 0; i < sizeof(layer_weights) / sizeof(be_weight); i++)
-            if (lw[i].data && (rc = ctx->be->ops->weight_prepare(ctx->be, &lw[i], err))) goto fail;
-    }
+    if ((rc = for_each_weight(ctx, true, err))) goto fail;
     if ((rc = ctx->be->ops->kv_create(ctx->be, hp->n_layer, ctx->n_ctx, model->n_embd_k_gqa,
                                       (int)p.kv_type, &ctx->kv, err)))
         goto fail;
@@ -113,6 +131,7 @@ void forge_context_free(forge_context *ctx)
     if (!ctx) return;
     if (ctx->be) {
         free_bufs(ctx);
+        (void)for_each_weight(ctx, false, NULL);
         ctx->be->ops->kv_free(ctx->be, ctx->kv);
         ctx->be->ops->destroy(ctx->be);
     }

@@ -235,14 +235,17 @@ static int load_hparams(loader *L, forge_err *err)
     /* rope scaling: llama.cpp reads the factor whatever the type says; YaRN/LongRoPE not here. */
     char key[160];
     arch_key(key, sizeof key, L->arch, "rope.scaling.type");
+    bool yarn = false;
     if (gguf_find_key(m->gguf, key) >= 0) {
         gguf_str s;
         if ((rc = gguf_get_str(m->gguf, key, &s, err))) return rc;
+        yarn = s.len == 4 && !memcmp(s.data, "yarn", 4);
         if (!(s.len == 4 && !memcmp(s.data, "none", 4)) &&
-            !(s.len == 6 && !memcmp(s.data, "linear", 6)))
-            return forge_err_set(err, FORGE_E_UNSUPPORTED,
-                                 "%s: rope scaling type '%.*s' is not supported (none, linear)",
-                                 L->path, (int)(s.len > 32 ? 32 : s.len), s.data);
+            !(s.len == 6 && !memcmp(s.data, "linear", 6)) && !yarn)
+            return forge_err_set(
+                err, FORGE_E_UNSUPPORTED,
+                "%s: rope scaling type '%.*s' is not supported (none, linear, yarn)", L->path,
+                (int)(s.len > 32 ? 32 : s.len), s.data);
     }
     float factor;
     if ((rc = get_f32_opt(L, "rope.scaling.factor", 0.0f, &factor, err))) return rc;
@@ -251,6 +254,22 @@ static int load_hparams(loader *L, forge_err *err)
         return forge_err_set(err, FORGE_E_FORMAT, "%s: bad rope scaling factor %g", L->path,
                              (double)factor);
     hp->rope_freq_scale = factor == 0.0f ? 1.0f : 1.0f / factor;
+    /* YaRN as llama.cpp sets it up: ext_factor 1, beta_fast 32, beta_slow 1, correction dims
+     * from the original context length (default: the training context) */
+    m->rope_ext_factor = yarn ? 1.0f : 0.0f;
+    uint32_t n_ctx_orig;
+    if ((rc =
+             get_hparam(L, "rope.scaling.original_context_length", false, n_ctx, &n_ctx_orig, err)))
+        return rc;
+    if (yarn) {
+        const float beta_fast = 32.0f, beta_slow = 1.0f, base = hp->rope_freq_base;
+        const float nd = (float)n_rot, pi = 3.14159265358979323846f;
+        float start =
+            floorf(nd * logf((float)n_ctx_orig / (beta_fast * 2 * pi)) / (2 * logf(base)));
+        float end = ceilf(nd * logf((float)n_ctx_orig / (beta_slow * 2 * pi)) / (2 * logf(base)));
+        m->rope_corr_dims[0] = start > 0 ? start : 0;
+        m->rope_corr_dims[1] = end < nd - 1 ? end : nd - 1;
+    }
 
     hp->n_ctx_train = (int32_t)n_ctx;
     hp->n_embd = (int32_t)n_embd;

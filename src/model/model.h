@@ -29,6 +29,8 @@ struct forge_model {
     char type_summary[96];
     int32_t n_embd_k_gqa; /* n_head_kv * head_dim */
     be_rope_mode rope_mode;
+    float rope_ext_factor; /* YaRN: 1 when rope.scaling.type is yarn, else 0 */
+    float rope_corr_dims[2];
     be_weight tok_embd, output_norm, output, rope_freqs; /* rope_freqs.data NULL if absent */
     layer_weights *layers;                               /* n_layer */
 };

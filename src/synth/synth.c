@@ -10,7 +10,7 @@
 #include "core/fp16.h"
 #include "core/util.h"
 #include "cpu/kernels.h"
-#include "synth/synth.h"
+#include "forge_synth.h"
 
 #define SYNTH_STD 0.02f
 #define SYNTH_DEFAULT_VOCAB 512

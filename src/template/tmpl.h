@@ -135,7 +135,7 @@ tval *tv_cstr(tmpl_arena *a, const char *s);
 tval *tv_list(tmpl_arena *a, size_t cap);
 void tv_list_push(tmpl_arena *a, tval *l, tval *v);
 tval *tv_dict(tmpl_arena *a, int type);
-void tv_dict_set(tmpl_arena *a, tval *d, tval *k, tval *v); /* replaces an equal key */
+void tv_dict_set(tmpl_arena *a, tval *d, tval *k, tval *v);  /* replaces an equal key */
 tval *tv_dict_get(const tval *d, const char *key, size_t n); /* NULL if absent */
 tval *tv_dict_getv(const tval *d, const tval *key);
 tval *tv_undef(tmpl_arena *a, const char *hint);
@@ -159,7 +159,7 @@ bool tv_to_json(tmpl_buf *b, const tval *v, const char *indent, const char *item
 tval *tv_from_json(tmpl_arena *a, const char *s, size_t n, char *msg, size_t msgcap);
 
 /* UTF-8 helpers */
-size_t tmpl_utf8_len(const char *s, size_t n);                 /* code points */
+size_t tmpl_utf8_len(const char *s, size_t n);                  /* code points */
 size_t tmpl_utf8_decode(const char *s, size_t n, uint32_t *cp); /* bytes used (>=1) */
 size_t tmpl_utf8_encode(uint32_t cp, char *out);                /* bytes written (1..4) */
 bool tmpl_py_isspace(uint32_t cp);
@@ -244,7 +244,7 @@ struct tnode {
     tnode *a, *b, *c, *d;
     tnode **list; /* body statements, call args, list items, dict keys, compare operands */
     size_t n;
-    tnode **list2; /* dict values, keyword-arg values, macro param defaults */
+    tnode **list2;      /* dict values, keyword-arg values, macro param defaults */
     const char **names; /* keyword-arg names, for/set targets, macro params */
     size_t nnames;
     size_t n2;
@@ -264,17 +264,21 @@ typedef struct tscope tscope;
 typedef struct tmpl_render {
     tmpl_arena *arena;
     tmpl_fail *fail;
-    tmpl_buf *out;      /* current output (switches for macro/set blocks) */
+    tmpl_buf *out; /* current output (switches for macro/set blocks) */
     size_t max_output;
     uint64_t steps, max_steps;
     int depth, max_depth;
-    int line;           /* line of the node being evaluated (for error messages) */
-    int64_t now;        /* for strftime_now */
+    int line;    /* line of the node being evaluated (for error messages) */
+    int64_t now; /* for strftime_now */
     tscope *globals;
-    int loop_ctl;       /* 0, 1 break, 2 continue */
+    int loop_ctl; /* 0, 1 break, 2 continue */
 } tmpl_render;
 
 void tmpl_eval_root(tmpl_render *r, const tnode *root);
+tscope *tmpl_scope_new(tmpl_render *r, tscope *parent);
+void tmpl_scope_set(tmpl_render *r, tscope *s, const char *name, tval *v);
+/* loop(items) inside a `recursive` for: renders the loop body for items one level deeper */
+tval *tmpl_loop_recurse(tmpl_render *r, tval *loopv, tval *items);
 tval *tmpl_eval_expr(tmpl_render *r, const tnode *n, tscope *s);
 
 /* Raise a template runtime error at the current line. */
@@ -299,9 +303,35 @@ tval *tmpl_get_item(tmpl_render *r, tval *obj, tval *key);
 tval *tmpl_call_func(tmpl_render *r, tval *fn, targs *args);
 tval *tmpl_global(tmpl_render *r, const char *name); /* builtin globals, NULL if none */
 tval *tmpl_call_value(tmpl_render *r, tscope *s, tval *callee, targs *args);
-tval *tmpl_to_list(tmpl_render *r, tval *v); /* iterate: list/tuple, dict keys, string chars */
+tval *tmpl_to_list(tmpl_render *r, tval *v);      /* iterate: list/tuple, dict keys, string chars */
 tval *tmpl_str_of(tmpl_render *r, const tval *v); /* str(v) as a TV_STR */
 tval *tmpl_binop(tmpl_render *r, const char *op, tval *a, tval *b);
 tval *tmpl_kwarg(targs *a, const char *name, size_t pos); /* keyword or positional, or NULL */
+
+/* helpers shared by tmpl_builtins.c and tmpl_filters.c */
+typedef uint32_t (*tmpl_cp_map)(uint32_t);
+bool tmpl_str_eq(const tval *v, const char *s);
+tval *tmpl_missing(tmpl_render *r, const tval *obj, const char *what, size_t n, bool element);
+bool tmpl_in_set(const char *const *set, size_t n, const char *name, size_t len);
+tval *tmpl_attr_path(tmpl_render *r, tval *obj, tval *attr);
+bool tmpl_is_intlike(const tval *v);
+int64_t tmpl_as_i(const tval *v);
+double tmpl_as_f(const tval *v);
+bool tmpl_is_number(const tval *v);
+tval *tmpl_percent_format(tmpl_render *r, tval *fmt, tval *args);
+uint32_t tmpl_cp_upper(uint32_t c);
+uint32_t tmpl_cp_lower(uint32_t c);
+tval *tmpl_str_map(tmpl_render *r, const tval *s, tmpl_cp_map f, int mode);
+tval *tmpl_str_strip(tmpl_render *r, const tval *s, const tval *chars, int which);
+tval *tmpl_str_replace(tmpl_render *r, const tval *s, const tval *old, const tval *new_,
+                       int64_t count);
+tval *tmpl_str_split(tmpl_render *r, const tval *s, const tval *sep, int64_t maxsplit, bool right);
+tval *tmpl_join_list(tmpl_render *r, tval *items, const tval *sep, tval *attribute);
+tval *tmpl_need_str(tmpl_render *r, tval *v, const char *what);
+int64_t tmpl_need_int(tmpl_render *r, tval *v, const char *what);
+tval *tmpl_pad(tmpl_render *r, tval *s, int64_t width, tval *fill, int where);
+tval *tmpl_str_method(tmpl_render *r, tval *s, const char *m, targs *a);
+tval *tmpl_dict_items(tmpl_render *r, tval *d);
+_Noreturn void tmpl_undef_fail(tmpl_render *r, const tval *u);
 
 #endif /* FORGE_TMPL_H */

@@ -13,9 +13,6 @@ struct forge_template {
     tnode *root;
 };
 
-typedef struct tscope tscope;
-tscope *tmpl_scope_new(tmpl_render *r, tscope *parent);
-void tmpl_scope_set(tmpl_render *r, tscope *s, const char *name, tval *v);
 
 #define DEFAULT_MAX_OUTPUT (16u << 20)
 #define DEFAULT_MAX_STEPS 5000000u
@@ -37,7 +34,8 @@ int forge_template_parse(const char *src, size_t len, forge_template **out, int 
     forge_template *volatile t = NULL;
     parse_state *volatile ps = NULL;
     if (line) *line = 0;
-    if (!out || (!src && len)) return forge_err_set(err, FORGE_E_INVALID, "template: NULL argument");
+    if (!out || (!src && len))
+        return forge_err_set(err, FORGE_E_INVALID, "template: NULL argument");
     *out = NULL;
     t = calloc(1, sizeof *t);
     ps = calloc(1, sizeof *ps);
@@ -93,7 +91,9 @@ static tval *parse_messages(render_state *st, const char *json)
 {
     char msg[200];
     tval *m = tv_from_json(&st->arena, json, strlen(json), msg, sizeof msg);
-    if (!m) tmpl_raise(&st->fail, FORGE_E_INVALID, 0, "InvalidInput", "messages: not valid JSON: %s", msg);
+    if (!m)
+        tmpl_raise(&st->fail, FORGE_E_INVALID, 0, "InvalidInput", "messages: not valid JSON: %s",
+                   msg);
     if (m->type != TV_LIST)
         tmpl_raise(&st->fail, FORGE_E_INVALID, 0, "InvalidInput",
                    "messages: expected a JSON array of {\"role\", \"content\"} objects, got %s",
@@ -104,7 +104,8 @@ static tval *parse_messages(render_state *st, const char *json)
         tval *role = tv_dict_get(e, "role", 4);
         tval *content = tv_dict_get(e, "content", 7);
         if (!role) bad_input(st, "messages[%zu]: missing \"%s\"", i, "role");
-        if (role->type != TV_STR) bad_input(st, "messages[%zu]: \"%s\" must be a string", i, "role");
+        if (role->type != TV_STR)
+            bad_input(st, "messages[%zu]: \"%s\" must be a string", i, "role");
         if (!content) bad_input(st, "messages[%zu]: missing \"%s\"", i, "content");
         if (content->type != TV_STR && content->type != TV_NONE && content->type != TV_LIST)
             bad_input(st, "messages[%zu]: \"%s\" must be a string, null or an array", i, "content");
@@ -143,8 +144,7 @@ int forge_template_render(const forge_template *t, const forge_template_vars *va
     if (!t || !vars || !out) return forge_err_set(err, FORGE_E_INVALID, "template: NULL argument");
     *out = NULL;
     if (out_len) *out_len = 0;
-    if (!vars->messages_json)
-        return forge_err_set(err, FORGE_E_INVALID, "messages: none given");
+    if (!vars->messages_json) return forge_err_set(err, FORGE_E_INVALID, "messages: none given");
     st = calloc(1, sizeof *st);
     if (!st) return forge_err_set(err, FORGE_E_NOMEM, "template: out of memory");
     st->arena.limit = vars->max_memory ? vars->max_memory : DEFAULT_MAX_MEMORY;
@@ -179,18 +179,24 @@ int forge_template_render(const forge_template *t, const forge_template_vars *va
         tval *messages = parse_messages(st, vars->messages_json);
         r->globals = tmpl_scope_new(r, NULL);
         tmpl_scope_set(r, r->globals, "messages", messages);
-        tmpl_scope_set(r, r->globals, "add_generation_prompt", tv_bool(vars->add_generation_prompt));
+        tmpl_scope_set(r, r->globals, "add_generation_prompt",
+                       tv_bool(vars->add_generation_prompt));
         tmpl_scope_set(r, r->globals, "tools", &tmpl_none);
         tmpl_scope_set(r, r->globals, "documents", &tmpl_none);
-        if (vars->bos_token) tmpl_scope_set(r, r->globals, "bos_token", tv_cstr(&st->arena, vars->bos_token));
-        if (vars->eos_token) tmpl_scope_set(r, r->globals, "eos_token", tv_cstr(&st->arena, vars->eos_token));
+        if (vars->bos_token)
+            tmpl_scope_set(r, r->globals, "bos_token", tv_cstr(&st->arena, vars->bos_token));
+        if (vars->eos_token)
+            tmpl_scope_set(r, r->globals, "eos_token", tv_cstr(&st->arena, vars->eos_token));
         if (vars->extra_json) {
             char msg[200];
             tval *x = tv_from_json(&st->arena, vars->extra_json, strlen(vars->extra_json), msg,
                                    sizeof msg);
-            if (!x) tmpl_raise(&st->fail, FORGE_E_INVALID, 0, "InvalidInput", "variables: not valid JSON: %s", msg);
+            if (!x)
+                tmpl_raise(&st->fail, FORGE_E_INVALID, 0, "InvalidInput",
+                           "variables: not valid JSON: %s", msg);
             if (x->type != TV_DICT)
-                tmpl_raise(&st->fail, FORGE_E_INVALID, 0, "InvalidInput", "variables: expected a JSON object");
+                tmpl_raise(&st->fail, FORGE_E_INVALID, 0, "InvalidInput",
+                           "variables: expected a JSON object");
             for (size_t i = 0; i < x->u.d.n; i++)
                 tmpl_scope_set(r, r->globals, x->u.d.k[i]->u.s.p, x->u.d.v[i]);
         }
@@ -241,25 +247,30 @@ static const char tmpl_llama2[] =
 static const char tmpl_llama3[] =
     "{{- bos_token }}"
     "{%- for message in messages %}"
-    "{{- '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n' + message['content'] | trim + '<|eot_id|>' }}"
+    "{{- '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n' + message['content'] "
+    "| trim + '<|eot_id|>' }}"
     "{%- endfor %}"
-    "{%- if add_generation_prompt %}{{- '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{%- endif %}";
+    "{%- if add_generation_prompt %}{{- '<|start_header_id|>assistant<|end_header_id|>\\n\\n' "
+    "}}{%- endif %}";
 
 static const char tmpl_gemma[] =
     "{{- bos_token }}"
     "{%- if messages and messages[0]['role'] == 'system' %}"
-    "{%- set first_user_prefix = messages[0]['content'] + '\\n\\n' %}{%- set loop_messages = messages[1:] %}"
+    "{%- set first_user_prefix = messages[0]['content'] + '\\n\\n' %}{%- set loop_messages = "
+    "messages[1:] %}"
     "{%- else %}{%- set first_user_prefix = '' %}{%- set loop_messages = messages %}{%- endif %}"
     "{%- for message in loop_messages %}"
     "{%- set role = 'model' if message['role'] == 'assistant' else message['role'] %}"
-    "{{- '<start_of_turn>' + role + '\\n' + (first_user_prefix if loop.first else '') + message['content'] | trim + '<end_of_turn>\\n' }}"
+    "{{- '<start_of_turn>' + role + '\\n' + (first_user_prefix if loop.first else '') + "
+    "message['content'] | trim + '<end_of_turn>\\n' }}"
     "{%- endfor %}"
     "{%- if add_generation_prompt %}{{- '<start_of_turn>model\\n' }}{%- endif %}";
 
 static const char tmpl_mistral[] =
     "{{- bos_token }}"
     "{%- if messages and messages[0]['role'] == 'system' %}"
-    "{%- set system_message = messages[0]['content'] + '\\n\\n' %}{%- set loop_messages = messages[1:] %}"
+    "{%- set system_message = messages[0]['content'] + '\\n\\n' %}{%- set loop_messages = "
+    "messages[1:] %}"
     "{%- else %}{%- set system_message = '' %}{%- set loop_messages = messages %}{%- endif %}"
     "{%- for message in loop_messages %}"
     "{%- if message['role'] == 'user' %}"

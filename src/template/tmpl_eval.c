@@ -71,9 +71,6 @@ static tval *scope_get(tscope *s, const char *name)
     return NULL;
 }
 
-/* public for tmpl_api.c */
-tscope *tmpl_scope_new(tmpl_render *r, tscope *parent);
-void tmpl_scope_set(tmpl_render *r, tscope *s, const char *name, tval *v);
 tscope *tmpl_scope_new(tmpl_render *r, tscope *parent)
 {
     return scope_new(r, parent);
@@ -124,7 +121,8 @@ static tval *call_macro(tmpl_render *r, tval *m, targs *args)
         for (size_t i = 0; i < np; i++)
             if (!strcmp(def->names[i], args->kwn[k])) {
                 if (i < args->npos)
-                    tmpl_rt_error(r, "TypeError", "macro '%s' got multiple values for argument '%s'",
+                    tmpl_rt_error(r, "TypeError",
+                                  "macro '%s' got multiple values for argument '%s'",
                                   def->name ? def->name : "caller", args->kwn[k]);
                 scope_set(r, s, def->names[i], args->kwv[k]);
                 found = true;
@@ -176,7 +174,8 @@ static void bind_targets(tmpl_render *r, tscope *s, const char **names, size_t n
     if (item->u.l.n != n)
         tmpl_rt_error(r, "ValueError", "%s values to unpack (expected %zu, got %zu)",
                       item->u.l.n > n ? "too many" : "not enough", n, item->u.l.n);
-    for (size_t i = 0; i < n; i++) scope_set(r, s, names[i], item->u.l.v[i]);
+    for (size_t i = 0; i < n; i++)
+        scope_set(r, s, names[i], item->u.l.v[i]);
 }
 
 static void run_loop(tmpl_render *r, const tnode *n, tscope *outer, tval *iterable, int64_t depth0)
@@ -188,7 +187,8 @@ static void run_loop(tmpl_render *r, const tnode *n, tscope *outer, tval *iterab
             tmpl_step(r);
             tscope *fs = scope_new(r, outer);
             bind_targets(r, fs, n->names, n->nnames, items->u.l.v[i]);
-            if (tv_truthy(tmpl_eval_expr(r, n->b, fs))) tv_list_push(r->arena, kept, items->u.l.v[i]);
+            if (tv_truthy(tmpl_eval_expr(r, n->b, fs)))
+                tv_list_push(r->arena, kept, items->u.l.v[i]);
         }
         items = kept;
     }
@@ -219,8 +219,6 @@ static void run_loop(tmpl_render *r, const tnode *n, tscope *outer, tval *iterab
     }
 }
 
-/* loop(children) inside a recursive for: renders the loop body for the new items */
-tval *tmpl_loop_recurse(tmpl_render *r, tval *loopv, tval *items);
 tval *tmpl_loop_recurse(tmpl_render *r, tval *loopv, tval *items)
 {
     tloop *lp = loopv->u.loop;
@@ -246,9 +244,15 @@ static void exec_stmt(tmpl_render *r, const tnode *n, tscope *s)
     tmpl_step(r);
     r->line = n->line;
     switch (n->kind) {
-    case N_BODY: exec_body(r, n, s); break;
-    case N_TEXT: tmpl_buf_put(r->out, n->cval->u.s.p, n->cval->u.s.n); break;
-    case N_OUTPUT: write_val(r, tmpl_eval_expr(r, n->a, s)); break;
+    case N_BODY:
+        exec_body(r, n, s);
+        break;
+    case N_TEXT:
+        tmpl_buf_put(r->out, n->cval->u.s.p, n->cval->u.s.n);
+        break;
+    case N_OUTPUT:
+        write_val(r, tmpl_eval_expr(r, n->a, s));
+        break;
     case N_IF:
         if (tv_truthy(tmpl_eval_expr(r, n->a, s)))
             exec_body(r, n->b, s);
@@ -298,7 +302,8 @@ static void exec_stmt(tmpl_render *r, const tnode *n, tscope *s)
         targs args = {0};
         args.npos = call->n;
         args.pos = tmpl_alloc(r->arena, (call->n + 1) * sizeof(tval *));
-        for (size_t i = 0; i < call->n; i++) args.pos[i] = tmpl_eval_expr(r, call->list[i], s);
+        for (size_t i = 0; i < call->n; i++)
+            args.pos[i] = tmpl_eval_expr(r, call->list[i], s);
         args.nkw = call->n2 + 1;
         args.kwn = tmpl_alloc(r->arena, args.nkw * sizeof(char *));
         args.kwv = tmpl_alloc(r->arena, args.nkw * sizeof(tval *));
@@ -316,9 +321,14 @@ static void exec_stmt(tmpl_render *r, const tnode *n, tscope *s)
         write_val(r, apply_filter_chain(r, n->a, s, v));
         break;
     }
-    case N_BREAK: r->loop_ctl = 1; break;
-    case N_CONTINUE: r->loop_ctl = 2; break;
-    default: tmpl_rt_error(r, "TemplateError", "internal: bad statement node %d", n->kind);
+    case N_BREAK:
+        r->loop_ctl = 1;
+        break;
+    case N_CONTINUE:
+        r->loop_ctl = 2;
+        break;
+    default:
+        tmpl_rt_error(r, "TemplateError", "internal: bad statement node %d", n->kind);
     }
 }
 
@@ -340,11 +350,13 @@ static void eval_args(tmpl_render *r, const tnode *n, tscope *s, targs *args, si
 {
     args->npos = n->n + extra_front;
     args->pos = tmpl_alloc(r->arena, (args->npos + 1) * sizeof(tval *));
-    for (size_t i = 0; i < n->n; i++) args->pos[extra_front + i] = tmpl_eval_expr(r, n->list[i], s);
+    for (size_t i = 0; i < n->n; i++)
+        args->pos[extra_front + i] = tmpl_eval_expr(r, n->list[i], s);
     args->nkw = n->n2;
     args->kwn = n->names;
     args->kwv = tmpl_alloc(r->arena, (n->n2 + 1) * sizeof(tval *));
-    for (size_t i = 0; i < n->n2; i++) args->kwv[i] = tmpl_eval_expr(r, n->list2[i], s);
+    for (size_t i = 0; i < n->n2; i++)
+        args->kwv[i] = tmpl_eval_expr(r, n->list2[i], s);
 }
 
 static tval *apply_filter_chain(tmpl_render *r, const tnode *f, tscope *s, tval *base)
@@ -361,8 +373,10 @@ static tval *apply_filter_chain(tmpl_render *r, const tnode *f, tscope *s, tval 
 tval *tmpl_call_value(tmpl_render *r, tscope *s, tval *callee, targs *args)
 {
     switch (callee->type) {
-    case TV_MACRO: return call_macro(r, callee, args);
-    case TV_FUNC: return tmpl_call_func(r, callee, args);
+    case TV_MACRO:
+        return call_macro(r, callee, args);
+    case TV_FUNC:
+        return tmpl_call_func(r, callee, args);
     case TV_JOINER:
         if (callee->u.cyc.pos++ == 0) return tv_str_nocopy(r->arena, "", 0);
         return callee->u.cyc.items;
@@ -406,8 +420,10 @@ static tval *eval_slice(tmpl_render *r, tval *obj, const tnode *sl, tscope *s)
         offs[len] = obj->u.s.n;
     } else if (obj->type == TV_LIST) {
         len = obj->u.l.n;
+    } else if (obj->type == TV_DICT) {
+        tmpl_rt_error(r, "TypeError", "unhashable type: 'slice'");
     } else {
-        return tv_undef(r->arena, "object is not sliceable");
+        tmpl_rt_error(r, "TypeError", "'%s' object is not subscriptable", tv_type_name(obj));
     }
     int64_t L = (int64_t)len, a, b;
     int64_t def_a = step > 0 ? 0 : L - 1, def_b = step > 0 ? L : -1;
@@ -443,7 +459,8 @@ static tval *eval_slice(tmpl_render *r, tval *obj, const tnode *sl, tscope *s)
     }
     tval *res = tv_list(r->arena, 0);
     res->is_tuple = obj->is_tuple;
-    for (int64_t i = a; step > 0 ? i < b : i > b; i += step) tv_list_push(r->arena, res, obj->u.l.v[i]);
+    for (int64_t i = a; step > 0 ? i < b : i > b; i += step)
+        tv_list_push(r->arena, res, obj->u.l.v[i]);
     return res;
 }
 
@@ -464,8 +481,10 @@ static bool contains(tmpl_render *r, tval *item, tval *container)
             if (tv_equal(item, container->u.l.v[i])) return true;
         return false;
     case TV_DICT:
-    case TV_NS: return tv_dict_getv(container, item) != NULL;
-    case TV_UNDEF: return false;
+    case TV_NS:
+        return tv_dict_getv(container, item) != NULL;
+    case TV_UNDEF:
+        return false;
     default:
         tmpl_rt_error(r, "TypeError", "argument of type '%s' is not iterable",
                       tv_type_name(container));
@@ -498,7 +517,9 @@ tval *tmpl_eval_expr(tmpl_render *r, const tnode *n, tscope *s)
     r->line = n->line;
     tval *res = NULL;
     switch (n->kind) {
-    case N_CONST: res = n->cval ? n->cval : &tmpl_none; break;
+    case N_CONST:
+        res = n->cval ? n->cval : &tmpl_none;
+        break;
     case N_NAME: {
         res = scope_get(s, n->name);
         if (!res) res = tmpl_global(r, n->name);
@@ -534,7 +555,9 @@ tval *tmpl_eval_expr(tmpl_render *r, const tnode *n, tscope *s)
         res = tmpl_call_value(r, s, callee, &args);
         break;
     }
-    case N_FILTER: res = apply_filter_chain(r, n, s, NULL); break;
+    case N_FILTER:
+        res = apply_filter_chain(r, n, s, NULL);
+        break;
     case N_TEST: {
         tval *v = tmpl_eval_expr(r, n->a, s);
         targs args;
@@ -570,7 +593,9 @@ tval *tmpl_eval_expr(tmpl_render *r, const tnode *n, tscope *s)
         }
         break;
     }
-    case N_NOT: res = tv_bool(!tv_truthy(tmpl_eval_expr(r, n->a, s))); break;
+    case N_NOT:
+        res = tv_bool(!tv_truthy(tmpl_eval_expr(r, n->a, s)));
+        break;
     case N_AND: {
         tval *a = tmpl_eval_expr(r, n->a, s);
         res = tv_truthy(a) ? tmpl_eval_expr(r, n->b, s) : a;
@@ -591,7 +616,8 @@ tval *tmpl_eval_expr(tmpl_render *r, const tnode *n, tscope *s)
     case N_TUPLE:
         res = tv_list(r->arena, n->n);
         res->is_tuple = n->kind == N_TUPLE;
-        for (size_t i = 0; i < n->n; i++) res->u.l.v[i] = tmpl_eval_expr(r, n->list[i], s);
+        for (size_t i = 0; i < n->n; i++)
+            res->u.l.v[i] = tmpl_eval_expr(r, n->list[i], s);
         res->u.l.n = n->n;
         break;
     case N_DICT:
@@ -607,7 +633,8 @@ tval *tmpl_eval_expr(tmpl_render *r, const tnode *n, tscope *s)
         break;
     case N_CONCAT: {
         tmpl_buf buf = {.limit = r->max_output, .fail = r->fail, .arena = r->arena};
-        for (size_t i = 0; i < n->n; i++) tv_to_str(&buf, tmpl_eval_expr(r, n->list[i], s));
+        for (size_t i = 0; i < n->n; i++)
+            tv_to_str(&buf, tmpl_eval_expr(r, n->list[i], s));
         res = tv_str_nocopy(r->arena, buf.p ? buf.p : "", buf.n);
         break;
     }
@@ -623,7 +650,8 @@ tval *tmpl_eval_expr(tmpl_render *r, const tnode *n, tscope *s)
         res = tv_bool(ok);
         break;
     }
-    default: tmpl_rt_error(r, "TemplateError", "internal: bad expression node %d", n->kind);
+    default:
+        tmpl_rt_error(r, "TemplateError", "internal: bad expression node %d", n->kind);
     }
     return res;
 }

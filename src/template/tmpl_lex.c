@@ -36,7 +36,8 @@ static void push(lexer *L, int type, int line, const char *p, size_t n)
 static int count_nl(const char *s, size_t n)
 {
     int c = 0;
-    for (size_t i = 0; i < n; i++) c += s[i] == '\n';
+    for (size_t i = 0; i < n; i++)
+        c += s[i] == '\n';
     return c;
 }
 
@@ -52,7 +53,8 @@ static size_t rstrip_len(const char *s, size_t n)
     while (end > 0) {
         /* find start of the last code point */
         size_t st = end - 1;
-        while (st > 0 && ((unsigned char)s[st] & 0xC0) == 0x80 && end - st < 4) st--;
+        while (st > 0 && ((unsigned char)s[st] & 0xC0) == 0x80 && end - st < 4)
+            st--;
         uint32_t cp;
         size_t used = tmpl_utf8_decode(s + st, end - st, &cp);
         if (used != end - st || !tmpl_py_isspace(cp)) break;
@@ -103,20 +105,47 @@ static void unescape(lexer *L, int line, const char *s, size_t n, const char **o
         uint32_t cp;
         int digits = 0;
         switch (e) {
-        case '\n': break;
-        case '\\': o[k++] = '\\'; break;
-        case '\'': o[k++] = '\''; break;
-        case '"': o[k++] = '"'; break;
-        case 'a': o[k++] = '\a'; break;
-        case 'b': o[k++] = '\b'; break;
-        case 'f': o[k++] = '\f'; break;
-        case 'n': o[k++] = '\n'; break;
-        case 'r': o[k++] = '\r'; break;
-        case 't': o[k++] = '\t'; break;
-        case 'v': o[k++] = '\v'; break;
-        case 'x': digits = 2; break;
-        case 'u': digits = 4; break;
-        case 'U': digits = 8; break;
+        case '\n':
+            break;
+        case '\\':
+            o[k++] = '\\';
+            break;
+        case '\'':
+            o[k++] = '\'';
+            break;
+        case '"':
+            o[k++] = '"';
+            break;
+        case 'a':
+            o[k++] = '\a';
+            break;
+        case 'b':
+            o[k++] = '\b';
+            break;
+        case 'f':
+            o[k++] = '\f';
+            break;
+        case 'n':
+            o[k++] = '\n';
+            break;
+        case 'r':
+            o[k++] = '\r';
+            break;
+        case 't':
+            o[k++] = '\t';
+            break;
+        case 'v':
+            o[k++] = '\v';
+            break;
+        case 'x':
+            digits = 2;
+            break;
+        case 'u':
+            digits = 4;
+            break;
+        case 'U':
+            digits = 8;
+            break;
         default:
             if (e >= '0' && e <= '7') {
                 cp = (uint32_t)(e - '0');
@@ -194,24 +223,27 @@ static void lex_expr(lexer *L, char closer, int end_type)
         char c = s[L->i];
         size_t st = L->i;
         if (is_name_start(c)) {
-            while (L->i < n && (is_name_start(s[L->i]) || is_digit(s[L->i]))) L->i++;
+            while (L->i < n && (is_name_start(s[L->i]) || is_digit(s[L->i])))
+                L->i++;
             push(L, TK_NAME, L->line, s + st, L->i - st);
         } else if (is_digit(c)) {
             bool is_float = false;
-            while (L->i < n && (is_digit(s[L->i]) || (s[L->i] == '_' && L->i + 1 < n &&
-                                                      is_digit(s[L->i + 1]))))
+            while (L->i < n &&
+                   (is_digit(s[L->i]) || (s[L->i] == '_' && L->i + 1 < n && is_digit(s[L->i + 1]))))
                 L->i++;
             if (L->i + 1 < n && s[L->i] == '.' && is_digit(s[L->i + 1])) {
                 is_float = true;
                 L->i++;
-                while (L->i < n && (is_digit(s[L->i]) || s[L->i] == '_')) L->i++;
+                while (L->i < n && (is_digit(s[L->i]) || s[L->i] == '_'))
+                    L->i++;
             }
             if (L->i < n && (s[L->i] == 'e' || s[L->i] == 'E')) {
                 size_t k = L->i + 1;
                 if (k < n && (s[k] == '+' || s[k] == '-')) k++;
                 if (k < n && is_digit(s[k])) {
                     is_float = true;
-                    while (k < n && is_digit(s[k])) k++;
+                    while (k < n && is_digit(s[k]))
+                        k++;
                     L->i = k;
                 }
             }

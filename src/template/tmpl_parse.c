@@ -58,11 +58,16 @@ static const char *tok_desc(parser *P)
 {
     const ttok *t = cur(P);
     switch (t->type) {
-    case TK_EOF: return "end of template";
-    case TK_BLOCK_END: return "end of statement block";
-    case TK_VAR_END: return "end of print statement";
-    case TK_TEXT: return "template data";
-    default: break;
+    case TK_EOF:
+        return "end of template";
+    case TK_BLOCK_END:
+        return "end of statement block";
+    case TK_VAR_END:
+        return "end of print statement";
+    case TK_TEXT:
+        return "template data";
+    default:
+        break;
     }
     char *s = tmpl_alloc(P->a, t->n + 3);
     snprintf(s, t->n + 3, "'%.*s'", (int)t->n, t->p ? t->p : "");
@@ -90,7 +95,8 @@ static const char *expect_name(parser *P)
 
 static void expect_block_end(parser *P)
 {
-    if (cur(P)->type != TK_BLOCK_END) perr(P, "expected end of statement block, got %s", tok_desc(P));
+    if (cur(P)->type != TK_BLOCK_END)
+        perr(P, "expected end of statement block, got %s", tok_desc(P));
     advance(P);
 }
 
@@ -192,7 +198,8 @@ static tnode *parse_primary(parser *P)
         n = node(P, N_CONST);
         /* adjacent string literals concatenate */
         size_t total = 0, k = P->i;
-        while (P->t->v[k].type == TK_STRING) total += P->t->v[k++].n;
+        while (P->t->v[k].type == TK_STRING)
+            total += P->t->v[k++].n;
         char *s = tmpl_alloc(P->a, total + 1);
         size_t o = 0;
         while (cur(P)->type == TK_STRING) {
@@ -749,7 +756,8 @@ static void parse_params(parser *P, tnode *n)
             advance(P);
             nv_push(P, &defs, parse_expr(P));
         } else {
-            if (defs.n && defs.v[defs.n - 1]) perr(P, "non-default argument follows default argument%s", "");
+            if (defs.n && defs.v[defs.n - 1])
+                perr(P, "non-default argument follows default argument%s", "");
             nv_push(P, &defs, NULL);
         }
     }
@@ -883,9 +891,9 @@ static tnode *parse_body(parser *P, const char *const *ends, size_t nends, const
             advance(P);
             for (size_t k = 0; k < nends; k++)
                 if (is_name(P, ends[k])) goto done;
-            static const char *const stray[] = {"endif", "endfor", "elif", "else", "endset",
-                                                "endmacro", "endcall", "endfilter",
-                                                "endgeneration"};
+            static const char *const stray[] = {"endif",   "endfor",    "elif",
+                                                "else",    "endset",    "endmacro",
+                                                "endcall", "endfilter", "endgeneration"};
             for (size_t k = 0; k < FORGE_ARRAY_LEN(stray); k++)
                 if (is_name(P, stray[k])) perr(P, "Encountered unknown tag %s.", tok_desc(P));
             nv_push(P, &items, parse_statement(P));

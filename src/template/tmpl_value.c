@@ -90,7 +90,8 @@ void tmpl_buf_put(tmpl_buf *b, const char *s, size_t n)
                    b->limit);
     if (b->n + n + 1 > b->cap) {
         size_t cap = b->cap ? b->cap : 256;
-        while (cap < b->n + n + 1) cap *= 2;
+        while (cap < b->n + n + 1)
+            cap *= 2;
         char *p;
         if (b->arena) {
             p = tmpl_alloc(b->arena, cap);
@@ -324,14 +325,22 @@ bool tv_truthy(const tval *v)
 {
     switch (v->type) {
     case TV_UNDEF:
-    case TV_NONE: return false;
-    case TV_BOOL: return v->u.b;
-    case TV_INT: return v->u.i != 0;
-    case TV_FLOAT: return v->u.f != 0.0;
-    case TV_STR: return v->u.s.n != 0;
-    case TV_LIST: return v->u.l.n != 0;
-    case TV_DICT: return v->u.d.n != 0;
-    default: return true;
+    case TV_NONE:
+        return false;
+    case TV_BOOL:
+        return v->u.b;
+    case TV_INT:
+        return v->u.i != 0;
+    case TV_FLOAT:
+        return v->u.f != 0.0;
+    case TV_STR:
+        return v->u.s.n != 0;
+    case TV_LIST:
+        return v->u.l.n != 0;
+    case TV_DICT:
+        return v->u.d.n != 0;
+    default:
+        return true;
     }
 }
 
@@ -360,8 +369,10 @@ bool tv_equal(const tval *a, const tval *b)
     if (a->type != b->type) return false;
     switch (a->type) {
     case TV_UNDEF:
-    case TV_NONE: return true;
-    case TV_STR: return a->u.s.n == b->u.s.n && !memcmp(a->u.s.p, b->u.s.p, a->u.s.n);
+    case TV_NONE:
+        return true;
+    case TV_STR:
+        return a->u.s.n == b->u.s.n && !memcmp(a->u.s.p, b->u.s.p, a->u.s.n);
     case TV_LIST:
         if (a->u.l.n != b->u.l.n || a->is_tuple != b->is_tuple) return false;
         for (size_t i = 0; i < a->u.l.n; i++)
@@ -374,7 +385,8 @@ bool tv_equal(const tval *a, const tval *b)
             if (!o || !tv_equal(a->u.d.v[i], o)) return false;
         }
         return true;
-    default: return false;
+    default:
+        return false;
     }
 }
 
@@ -411,21 +423,36 @@ bool tv_compare(const tval *a, const tval *b, int *out)
 const char *tv_type_name(const tval *v)
 {
     switch (v->type) {
-    case TV_UNDEF: return "Undefined";
-    case TV_NONE: return "NoneType";
-    case TV_BOOL: return "bool";
-    case TV_INT: return "int";
-    case TV_FLOAT: return "float";
-    case TV_STR: return "str";
-    case TV_LIST: return v->is_tuple ? "tuple" : "list";
-    case TV_DICT: return "dict";
-    case TV_NS: return "Namespace";
-    case TV_LOOP: return "LoopContext";
-    case TV_MACRO: return "Macro";
-    case TV_FUNC: return "function";
-    case TV_CYCLER: return "Cycler";
-    case TV_JOINER: return "Joiner";
-    default: return "object";
+    case TV_UNDEF:
+        return "Undefined";
+    case TV_NONE:
+        return "NoneType";
+    case TV_BOOL:
+        return "bool";
+    case TV_INT:
+        return "int";
+    case TV_FLOAT:
+        return "float";
+    case TV_STR:
+        return "str";
+    case TV_LIST:
+        return v->is_tuple ? "tuple" : "list";
+    case TV_DICT:
+        return "dict";
+    case TV_NS:
+        return "Namespace";
+    case TV_LOOP:
+        return "LoopContext";
+    case TV_MACRO:
+        return "Macro";
+    case TV_FUNC:
+        return "function";
+    case TV_CYCLER:
+        return "Cycler";
+    case TV_JOINER:
+        return "Joiner";
+    default:
+        return "object";
     }
 }
 
@@ -459,30 +486,36 @@ void tv_float_repr(char *out, size_t cap, double f)
         if (*p >= '0' && *p <= '9' && nd < sizeof digits - 1) digits[nd++] = *p;
     digits[nd] = 0;
     int exp10 = *p == 'e' ? atoi(p + 1) : 0;
-    while (nd > 1 && digits[nd - 1] == '0') digits[--nd] = 0;
+    while (nd > 1 && digits[nd - 1] == '0')
+        digits[--nd] = 0;
     char res[64];
     size_t r = 0;
     if (neg) res[r++] = '-';
     if (exp10 >= -4 && exp10 < 16) {
         if (exp10 >= 0) {
-            for (int i = 0; i <= exp10; i++) res[r++] = (size_t)i < nd ? digits[i] : '0';
+            for (int i = 0; i <= exp10; i++)
+                res[r++] = (size_t)i < nd ? digits[i] : '0';
             res[r++] = '.';
             if ((size_t)exp10 + 1 < nd)
-                for (size_t i = (size_t)exp10 + 1; i < nd; i++) res[r++] = digits[i];
+                for (size_t i = (size_t)exp10 + 1; i < nd; i++)
+                    res[r++] = digits[i];
             else
                 res[r++] = '0';
         } else {
             res[r++] = '0';
             res[r++] = '.';
-            for (int i = 0; i < -exp10 - 1; i++) res[r++] = '0';
-            for (size_t i = 0; i < nd; i++) res[r++] = digits[i];
+            for (int i = 0; i < -exp10 - 1; i++)
+                res[r++] = '0';
+            for (size_t i = 0; i < nd; i++)
+                res[r++] = digits[i];
         }
         res[r] = 0;
     } else {
         res[r++] = digits[0];
         if (nd > 1) {
             res[r++] = '.';
-            for (size_t i = 1; i < nd; i++) res[r++] = digits[i];
+            for (size_t i = 1; i < nd; i++)
+                res[r++] = digits[i];
         }
         res[r] = 0;
         snprintf(res + r, sizeof res - r, "e%c%02d", exp10 < 0 ? '-' : '+', abs(exp10));
@@ -520,16 +553,27 @@ static void to_str_depth(tmpl_buf *b, const tval *v, int depth)
 {
     char tmp[64];
     switch (v->type) {
-    case TV_UNDEF: return;
-    case TV_NONE: tmpl_buf_puts(b, "None"); return;
-    case TV_BOOL: tmpl_buf_puts(b, v->u.b ? "True" : "False"); return;
-    case TV_INT: tmpl_buf_printf(b, "%lld", (long long)v->u.i); return;
+    case TV_UNDEF:
+        return;
+    case TV_NONE:
+        tmpl_buf_puts(b, "None");
+        return;
+    case TV_BOOL:
+        tmpl_buf_puts(b, v->u.b ? "True" : "False");
+        return;
+    case TV_INT:
+        tmpl_buf_printf(b, "%lld", (long long)v->u.i);
+        return;
     case TV_FLOAT:
         tv_float_repr(tmp, sizeof tmp, v->u.f);
         tmpl_buf_puts(b, tmp);
         return;
-    case TV_STR: tmpl_buf_put(b, v->u.s.p, v->u.s.n); return;
-    default: repr_depth(b, v, depth); return;
+    case TV_STR:
+        tmpl_buf_put(b, v->u.s.p, v->u.s.n);
+        return;
+    default:
+        repr_depth(b, v, depth);
+        return;
     }
 }
 
@@ -540,7 +584,9 @@ static void repr_depth(tmpl_buf *b, const tval *v, int depth)
         return;
     }
     switch (v->type) {
-    case TV_STR: str_repr(b, v->u.s.p, v->u.s.n); return;
+    case TV_STR:
+        str_repr(b, v->u.s.p, v->u.s.n);
+        return;
     case TV_LIST:
         tmpl_buf_putc(b, v->is_tuple ? '(' : '[');
         for (size_t i = 0; i < v->u.l.n; i++) {
@@ -563,13 +609,27 @@ static void repr_depth(tmpl_buf *b, const tval *v, int depth)
         tmpl_buf_putc(b, '}');
         if (v->type == TV_NS) tmpl_buf_putc(b, '>');
         return;
-    case TV_UNDEF: tmpl_buf_puts(b, "Undefined"); return;
-    case TV_LOOP: tmpl_buf_puts(b, "<LoopContext>"); return;
-    case TV_MACRO: tmpl_buf_puts(b, "<Macro>"); return;
-    case TV_FUNC: tmpl_buf_puts(b, "<function>"); return;
-    case TV_CYCLER: tmpl_buf_puts(b, "<Cycler>"); return;
-    case TV_JOINER: tmpl_buf_puts(b, "<Joiner>"); return;
-    default: to_str_depth(b, v, depth); return;
+    case TV_UNDEF:
+        tmpl_buf_puts(b, "Undefined");
+        return;
+    case TV_LOOP:
+        tmpl_buf_puts(b, "<LoopContext>");
+        return;
+    case TV_MACRO:
+        tmpl_buf_puts(b, "<Macro>");
+        return;
+    case TV_FUNC:
+        tmpl_buf_puts(b, "<function>");
+        return;
+    case TV_CYCLER:
+        tmpl_buf_puts(b, "<Cycler>");
+        return;
+    case TV_JOINER:
+        tmpl_buf_puts(b, "<Joiner>");
+        return;
+    default:
+        to_str_depth(b, v, depth);
+        return;
     }
 }
 
@@ -623,7 +683,8 @@ static void json_str(tmpl_buf *b, const char *s, size_t n)
 static void json_newline(tmpl_buf *b, const char *indent, int level)
 {
     tmpl_buf_putc(b, '\n');
-    for (int i = 0; i < level; i++) tmpl_buf_puts(b, indent);
+    for (int i = 0; i < level; i++)
+        tmpl_buf_puts(b, indent);
 }
 
 bool tv_to_json(tmpl_buf *b, const tval *v, const char *indent, const char *item_sep,
@@ -635,9 +696,15 @@ bool tv_to_json(tmpl_buf *b, const tval *v, const char *indent, const char *item
         return false;
     }
     switch (v->type) {
-    case TV_NONE: tmpl_buf_puts(b, "null"); return true;
-    case TV_BOOL: tmpl_buf_puts(b, v->u.b ? "true" : "false"); return true;
-    case TV_INT: tmpl_buf_printf(b, "%lld", (long long)v->u.i); return true;
+    case TV_NONE:
+        tmpl_buf_puts(b, "null");
+        return true;
+    case TV_BOOL:
+        tmpl_buf_puts(b, v->u.b ? "true" : "false");
+        return true;
+    case TV_INT:
+        tmpl_buf_printf(b, "%lld", (long long)v->u.i);
+        return true;
     case TV_FLOAT:
         if (isnan(v->u.f))
             tmpl_buf_puts(b, "NaN");
@@ -648,7 +715,9 @@ bool tv_to_json(tmpl_buf *b, const tval *v, const char *indent, const char *item
             tmpl_buf_puts(b, tmp);
         }
         return true;
-    case TV_STR: json_str(b, v->u.s.p, v->u.s.n); return true;
+    case TV_STR:
+        json_str(b, v->u.s.p, v->u.s.n);
+        return true;
     case TV_LIST:
         if (v->u.l.n == 0) {
             tmpl_buf_puts(b, "[]");
@@ -697,7 +766,9 @@ bool tv_to_json(tmpl_buf *b, const tval *v, const char *indent, const char *item
         if (indent) json_newline(b, indent, depth);
         tmpl_buf_putc(b, '}');
         return true;
-    default: *bad = v; return false;
+    default:
+        *bad = v;
+        return false;
     }
 }
 
@@ -713,8 +784,8 @@ typedef struct jrd {
 
 static void jskip(jrd *j)
 {
-    while (j->i < j->n && (j->s[j->i] == ' ' || j->s[j->i] == '\t' || j->s[j->i] == '\n' ||
-                           j->s[j->i] == '\r'))
+    while (j->i < j->n &&
+           (j->s[j->i] == ' ' || j->s[j->i] == '\t' || j->s[j->i] == '\n' || j->s[j->i] == '\r'))
         j->i++;
 }
 
@@ -771,14 +842,30 @@ static tval *jstring(jrd *j)
         j->i++;
         char e = j->s[j->i++];
         switch (e) {
-        case '"': out[o++] = '"'; break;
-        case '\\': out[o++] = '\\'; break;
-        case '/': out[o++] = '/'; break;
-        case 'b': out[o++] = '\b'; break;
-        case 'f': out[o++] = '\f'; break;
-        case 'n': out[o++] = '\n'; break;
-        case 'r': out[o++] = '\r'; break;
-        case 't': out[o++] = '\t'; break;
+        case '"':
+            out[o++] = '"';
+            break;
+        case '\\':
+            out[o++] = '\\';
+            break;
+        case '/':
+            out[o++] = '/';
+            break;
+        case 'b':
+            out[o++] = '\b';
+            break;
+        case 'f':
+            out[o++] = '\f';
+            break;
+        case 'n':
+            out[o++] = '\n';
+            break;
+        case 'r':
+            out[o++] = '\r';
+            break;
+        case 't':
+            out[o++] = '\t';
+            break;
         case 'u': {
             uint32_t cp, lo;
             if (jhex4(j, &cp)) return jfail(j, "bad \\u escape");
@@ -794,7 +881,8 @@ static tval *jstring(jrd *j)
             o += tmpl_utf8_encode(cp, out + o); /* \uXXXX is 6 bytes, output <= 4 */
             break;
         }
-        default: return jfail(j, "bad escape in string");
+        default:
+            return jfail(j, "bad escape in string");
         }
     }
     j->i = end + 1;

@@ -821,6 +821,9 @@ int forge_tok_load(const struct gguf_ctx *g, forge_tok **out, struct forge_err *
         if ((rc = load_merges(t, g, err))) goto fail;
         bool known = true;
         if ((rc = tok_pre_create(t, t->pre_name, &known, err))) goto fail;
+        if (!t->pre_name || !t->pre_name[0])
+            add_warning(t, "tokenizer.ggml.pre is missing, using the 'default' pre-tokenizer "
+                           "(the reference warns that quality may suffer)");
         if (!known) {
             char msg[300];
             snprintf(msg, sizeof msg, "unknown pre-tokenizer '%.200s' (%s), using 'default'",

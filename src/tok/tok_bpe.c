@@ -209,6 +209,7 @@ int tok_pre_create(struct forge_tok *t, const char *name, bool *known, forge_err
     if (def->flags & F_ADD_BOS) t->add_bos = true;
     if (def->flags & F_NO_CLEAN) t->clean_spaces = false;
     if (def->flags & F_NO_BOS_ID) t->bos = -1;
+    t->bpe_cache = true;
     return FORGE_OK;
 }
 
@@ -484,6 +485,29 @@ done:
     return rc;
 }
 
+/* Per-call cache of words already merged (text repeats words; the result of a word depends on
+ * nothing else). Keys are copied into an arena; values index the ids already in the output. */
+typedef struct word_cache {
+    struct wc_slot {
+        uint64_t hash;
+        size_t key_off, key_len, ids_start, n_ids;
+    } *slots;
+    size_t mask, used;
+    char *keys;
+    size_t keys_len, keys_cap;
+} word_cache;
+
+#define WC_MAX_WORD 64
+
+static struct wc_slot *wc_find(word_cache *c, const char *w, size_t wl, uint64_t h)
+{
+    for (size_t i = h & c->mask;; i = (i + 1) & c->mask) {
+        struct wc_slot *sl = &c->slots[i];
+        if (!sl->key_len) return sl;
+        if (sl->hash == h && sl->key_len == wl && !memcmp(c->keys + sl->key_off, w, wl)) return sl;
+    }
+}
+
 int tok_bpe_encode(const struct forge_tok *t, const char *text, size_t len, tok_ids *out,
                    forge_err *err)
 {
@@ -491,6 +515,7 @@ int tok_bpe_encode(const struct forge_tok *t, const char *text, size_t len, tok_
     size_t *wends = NULL, m = 0, nw = 0;
     char *word = NULL;
     work w = {0};
+    word_cache wc = {0};
     int rc = tok_pre_split(t->pre, text, len, &cps, &m, &wends, &nw, err);
     if (rc || m == 0) goto done;
 
@@ -499,9 +524,15 @@ int tok_bpe_encode(const struct forge_tok *t, const char *text, size_t len, tok_
     for (size_t i = 0, c = 0; i < nw; c = wends[i++])
         if (wends[i] - c > longest) longest = wends[i] - c;
     word = malloc(8 * longest + 8);
-    if (!word) {
-        rc = forge_err_set(err, FORGE_E_NOMEM, "tokenizer: out of memory");
-        goto done;
+    if (!word) goto nomem;
+    if (t->bpe_cache && nw >= 256) { /* worth a cache */
+        size_t cap = 1024;
+        while (cap < 2 * nw && cap < ((size_t)1 << 17)) cap <<= 1;
+        wc.slots = calloc(cap, sizeof *wc.slots);
+        wc.mask = cap - 1;
+        wc.keys_cap = 4096;
+        wc.keys = malloc(wc.keys_cap);
+        if (!wc.slots || !wc.keys) goto nomem;
     }
     size_t c0 = 0;
     for (size_t i = 0; i < nw; i++) {
@@ -513,17 +544,47 @@ int tok_bpe_encode(const struct forge_tok *t, const char *text, size_t len, tok_
                 wl += tok_cpt_encode(tok_gpt2_byte_to_cpt((unsigned char)u[j]), word + wl);
         }
         c0 = wends[i];
+        struct wc_slot *sl = NULL;
+        uint64_t h = 0;
+        if (wc.slots && wl > 0 && wl <= WC_MAX_WORD) {
+            h = tok_hash(word, wl, TOK_HASH_SEED) | 1;
+            sl = wc_find(&wc, word, wl, h);
+            if (sl->key_len) { /* seen before: repeat its ids */
+                for (size_t k = 0; k < sl->n_ids; k++)
+                    if ((rc = tok_ids_push(out, out->v[sl->ids_start + k]))) goto nomem;
+                continue;
+            }
+        }
+        size_t before_n = out->n;
         if ((rc = bpe_word(t, word, wl, &w, out))) {
-            if (rc == FORGE_E_NOMEM) forge_err_set(err, rc, "tokenizer: out of memory");
-            else forge_err_set(err, rc, "tokenizer: a pre-token of %zu bytes is too long", wl);
+            if (rc == FORGE_E_NOMEM) goto nomem;
+            forge_err_set(err, rc, "tokenizer: a pre-token of %zu bytes is too long", wl);
             goto done;
         }
+        if (sl && wc.used * 2 < wc.mask) {
+            if (wc.keys_len + wl > wc.keys_cap) {
+                size_t cap = wc.keys_cap * 2 + wl;
+                char *k = realloc(wc.keys, cap);
+                if (!k) goto nomem;
+                wc.keys = k;
+                wc.keys_cap = cap;
+            }
+            memcpy(wc.keys + wc.keys_len, word, wl);
+            *sl = (struct wc_slot){h, wc.keys_len, wl, before_n, out->n - before_n};
+            wc.keys_len += wl;
+            wc.used++;
+        }
     }
+    goto done;
+nomem:
+    rc = forge_err_set(err, FORGE_E_NOMEM, "tokenizer: out of memory");
 done:
     free(cps);
     free(wends);
     free(word);
     free(w.syms);
     free(w.heap);
+    free(wc.slots);
+    free(wc.keys);
     return rc;
 }

@@ -63,6 +63,7 @@ struct forge_tok {
     bool ignore_merges;
     bool clean_spaces;
     bool spm_split;          /* SPM: no token has U+2581 after another character (see tok_spm.c) */
+    bool bpe_cache;          /* BPE: reuse the ids of words already merged in the same call */
 
     int32_t byte_tok[256];   /* SPM: <0xNN> (or the raw byte); BPE: the GPT-2 char; -1 none */
 

@@ -1,7 +1,7 @@
-/* gpu_test_util.h - helpers shared by the GPU test programs (the .c files of tests/gpu): random numbers,
- * device buffers with sentinel guard bytes, NMSE, and result lines. Header-only (static), since
- * each test program is one .c file. These programs need a GPU; they are built by `make gpu` and
- * run on the device machine (scripts/gpu-run.sh), never by the CPU test runner. */
+/* gpu_test_util.h - helpers shared by the GPU test programs (the .c files of tests/gpu): random
+ * numbers, device buffers with sentinel guard bytes, NMSE, and result lines. Header-only (static),
+ * since each test program is one .c file. These programs need a GPU; they are built by `make gpu`
+ * and run on the device machine (scripts/gpu-run.sh), never by the CPU test runner. */
 #ifndef FORGE_GPU_TEST_UTIL_H
 #define FORGE_GPU_TEST_UTIL_H
 
@@ -32,7 +32,7 @@ static inline void gt_ok(int rc, const forge_err *e, const char *what)
 #define GT_OK(call)                                                                                \
     do {                                                                                           \
         forge_err gt_e_ = {0};                                                                     \
-        forge_err *err = &gt_e_;                                                                  \
+        forge_err *err = &gt_e_;                                                                   \
         int gt_rc_ = (call);                                                                       \
         gt_ok(gt_rc_, err, #call);                                                                 \
     } while (0)
@@ -68,7 +68,8 @@ static inline float gt_uniform(uint64_t *s) /* [-1, 1) */
 }
 static inline void gt_fill(float *x, int64_t n, float scale, uint64_t *s)
 {
-    for (int64_t i = 0; i < n; i++) x[i] = scale * gt_uniform(s);
+    for (int64_t i = 0; i < n; i++)
+        x[i] = scale * gt_uniform(s);
 }
 
 static inline void *gt_xmalloc(size_t n)
@@ -111,7 +112,8 @@ static inline int gt_out_fetch(const void *d, size_t bytes, void *h, gpu_stream 
     int ok = 1;
     GT_OK(gpu_memcpy_d2h(tmp, d, bytes + GT_GUARD_BYTES, s, err));
     GT_OK(gpu_stream_sync(s, err));
-    for (size_t i = 0; i < GT_GUARD_BYTES; i++) ok &= tmp[bytes + i] == GT_GUARD_BYTE;
+    for (size_t i = 0; i < GT_GUARD_BYTES; i++)
+        ok &= tmp[bytes + i] == GT_GUARD_BYTE;
     memcpy(h, tmp, bytes);
     free(tmp);
     return ok;
@@ -130,7 +132,8 @@ static inline double gt_nmse(const float *out, const double *ref, int64_t n)
     return den > 0 ? num / den : num;
 }
 
-static inline void gt_report(const char *op, const char *what, double nmse, double thr, int guard_ok)
+static inline void gt_report(const char *op, const char *what, double nmse, double thr,
+                             int guard_ok)
 {
     int ok = nmse <= thr && guard_ok;
     printf("%-9s %-46s nmse %9.2e (<= %.0e)%s  %s\n", op, what, nmse, thr,

@@ -21,7 +21,8 @@ static int g_quick;
 static gpu_stream *S;
 static uint64_t g_seed = 0x9E3779B97F4A7C15ULL;
 
-/* ---- weights: random floats -> GGUF bytes of the type -> exact float values ------------------- */
+/* ---- weights: random floats -> GGUF bytes of the type -> exact float values -------------------
+ */
 static size_t row_bytes(int t, int64_t n)
 {
     return ggml_row_size(t, n);
@@ -38,7 +39,9 @@ static void *make_weights(int t, int64_t rows, int64_t n_in, float **wf_out)
         const float *x = src + r * n_in;
         unsigned char *dst = raw + (size_t)r * rb;
         switch (t) {
-        case GGML_TYPE_F32: memcpy(dst, x, (size_t)n_in * 4); break;
+        case GGML_TYPE_F32:
+            memcpy(dst, x, (size_t)n_in * 4);
+            break;
         case GGML_TYPE_F16:
             for (int64_t i = 0; i < n_in; i++) {
                 uint16_t h = forge_f32_to_fp16(x[i]);
@@ -51,8 +54,12 @@ static void *make_weights(int t, int64_t rows, int64_t n_in, float **wf_out)
                 memcpy(dst + 2 * i, &h, 2);
             }
             break;
-        case GGML_TYPE_Q8_0: kern_quantize_row_q8_0(x, dst, n_in); break;
-        default: kern_quantize_row_q4_0(x, dst, n_in); break;
+        case GGML_TYPE_Q8_0:
+            kern_quantize_row_q8_0(x, dst, n_in);
+            break;
+        default:
+            kern_quantize_row_q4_0(x, dst, n_in);
+            break;
         }
     }
     GT_OK(forge_dequantize(t, raw, wf, rows * n_in, err));
@@ -68,10 +75,12 @@ static void ref_act_q8(const float *x, int64_t n, float *xdq)
     for (int64_t b = 0; b < n / 32; b++) {
         const float *xb = x + b * 32;
         float amax = 0;
-        for (int j = 0; j < 32; j++) amax = fmaxf(amax, fabsf(xb[j]));
+        for (int j = 0; j < 32; j++)
+            amax = fmaxf(amax, fabsf(xb[j]));
         float d = amax / 127.0f, id = amax != 0.0f ? 127.0f / amax : 0.0f;
         float dr = forge_fp16_to_f32(forge_f32_to_fp16(d));
-        for (int j = 0; j < 32; j++) xdq[b * 32 + j] = dr * nearbyintf(xb[j] * id);
+        for (int j = 0; j < 32; j++)
+            xdq[b * 32 + j] = dr * nearbyintf(xb[j] * id);
     }
 }
 
@@ -127,9 +136,14 @@ static void test_matvec(int t, int64_t n_out, int64_t n_in, kern_pool *pool)
     GT_OK(gpu_matvec(t, d_w, n_out, n_in, d_x, d_xq, d_y, S, err));
     int guard = gt_out_fetch(d_y, (size_t)n_out * 4, y, S);
 
-    snprintf(what, sizeof what, "%s %lldx%lld vs exact", ggml_type_name(t), (long long)n_out,
-             (long long)n_in);
-    gt_report("matvec", what, gt_nmse(y, ref, n_out), THR_MATMUL, guard);
+    /* For Q8_0/Q4_0 the activations are quantized (as on the CPU), so against the exact product
+     * the error is that rounding, ~1.5e-5 on average; with a handful of outputs one unlucky
+     * cancellation can exceed any bound, so that comparison needs enough rows. */
+    if (!is_quant(t) || n_out >= 32) {
+        snprintf(what, sizeof what, "%s %lldx%lld vs exact", ggml_type_name(t), (long long)n_out,
+                 (long long)n_in);
+        gt_report("matvec", what, gt_nmse(y, ref, n_out), THR_MATMUL, guard);
+    }
     if (is_quant(t)) {
         snprintf(what, sizeof what, "%s %lldx%lld vs Q8_0-activation ref", ggml_type_name(t),
                  (long long)n_out, (long long)n_in);
@@ -137,7 +151,8 @@ static void test_matvec(int t, int64_t n_out, int64_t n_in, kern_pool *pool)
     }
     if (kern_matmul_supported(t) && n_in % 32 == 0) { /* the CPU kernel wants blocks of 32 */
         GT_OK(kern_matmul(pool, t, raw, n_out, n_in, x, 1, y_cpu, err));
-        for (int64_t o = 0; o < n_out; o++) ref_cpu[o] = y_cpu[o];
+        for (int64_t o = 0; o < n_out; o++)
+            ref_cpu[o] = y_cpu[o];
         snprintf(what, sizeof what, "%s %lldx%lld vs CPU kern_matmul", ggml_type_name(t),
                  (long long)n_out, (long long)n_in);
         gt_report("matvec", what, gt_nmse(y, ref_cpu, n_out), THR_MATMUL, guard);
@@ -162,21 +177,26 @@ static void test_embed(int t, int64_t n_vocab, int64_t n_embd)
     char what[96];
     float *wf = NULL;
     void *raw = make_weights(t, n_vocab, n_embd, &wf);
-    int32_t ids[6] = {0, (int32_t)n_vocab - 1, 7 % (int32_t)n_vocab, 7 % (int32_t)n_vocab,
-                      (int32_t)(n_vocab / 2), 1 % (int32_t)n_vocab};
+    int32_t ids[6] = {0,
+                      (int32_t)n_vocab - 1,
+                      7 % (int32_t)n_vocab,
+                      7 % (int32_t)n_vocab,
+                      (int32_t)(n_vocab / 2),
+                      1 % (int32_t)n_vocab};
     int64_t n_tok = 6, n = n_tok * n_embd;
     float *out = (float *)gt_xmalloc((size_t)n * 4);
     double *ref = (double *)gt_xmalloc((size_t)n * 8);
     for (int64_t t2 = 0; t2 < n_tok; t2++)
-        for (int64_t i = 0; i < n_embd; i++) ref[t2 * n_embd + i] = wf[ids[t2] * n_embd + i];
+        for (int64_t i = 0; i < n_embd; i++)
+            ref[t2 * n_embd + i] = wf[ids[t2] * n_embd + i];
     void *d_w = upload_weights(t, raw, n_vocab, n_embd);
     int32_t *d_ids = (int32_t *)gt_upload(ids, sizeof ids, S);
     float *d_out = (float *)gt_out_alloc((size_t)n * 4);
     gt_out_prepare(d_out, (size_t)n * 4, S);
     GT_OK(gpu_embed(t, d_w, n_vocab, n_embd, d_ids, n_tok, d_out, S, err));
     int guard = gt_out_fetch(d_out, (size_t)n * 4, out, S);
-    snprintf(what, sizeof what, "%s vocab %lld x %lld, 6 ids", ggml_type_name(t), (long long)n_vocab,
-             (long long)n_embd);
+    snprintf(what, sizeof what, "%s vocab %lld x %lld, 6 ids", ggml_type_name(t),
+             (long long)n_vocab, (long long)n_embd);
     gt_report("embed", what, gt_nmse(out, ref, n), THR_DEFAULT, guard);
 
     /* an out-of-range id gives NaN, not a read outside the table */
@@ -186,7 +206,8 @@ static void test_embed(int t, int64_t n_vocab, int64_t n_embd)
     GT_OK(gpu_embed(t, d_w, n_vocab, n_embd, d_ids, 2, d_out, S, err));
     guard = gt_out_fetch(d_out, (size_t)(2 * n_embd) * 4, out, S);
     int all_nan = 1;
-    for (int64_t i = 0; i < 2 * n_embd; i++) all_nan &= isnan(out[i]);
+    for (int64_t i = 0; i < 2 * n_embd; i++)
+        all_nan &= isnan(out[i]);
     gt_check(all_nan && guard, "embed %s: out-of-range ids must give NaN rows", ggml_type_name(t));
     gpu_free(d_w);
     gpu_free(d_ids);
@@ -209,9 +230,11 @@ static void test_rmsnorm(int64_t n, int64_t rows, int in_place)
     gt_fill(w, n, 1.0f, &g_seed);
     for (int64_t r = 0; r < rows; r++) {
         double ss = 0;
-        for (int64_t i = 0; i < n; i++) ss += (double)x[r * n + i] * x[r * n + i];
+        for (int64_t i = 0; i < n; i++)
+            ss += (double)x[r * n + i] * x[r * n + i];
         double sc = 1.0 / sqrt(ss / (double)n + eps);
-        for (int64_t i = 0; i < n; i++) ref[r * n + i] = x[r * n + i] * sc * w[i];
+        for (int64_t i = 0; i < n; i++)
+            ref[r * n + i] = x[r * n + i] * sc * w[i];
     }
     float *d_x = (float *)gt_out_alloc((size_t)total * 4);
     float *d_w = (float *)gt_upload(w, (size_t)n * 4, S);
@@ -242,9 +265,11 @@ static void test_rope(int64_t n_tok, int64_t n_heads, int64_t hd, int64_t n_dims
     float *ff = (float *)gt_xmalloc((size_t)(n_dims / 2) * 4);
     double *ref = (double *)gt_xmalloc((size_t)total * 8);
     gt_fill(x, total, 2.0f, &g_seed);
-    for (int64_t i = 0; i < n_dims / 2; i++) ff[i] = 1.0f + (float)(i % 5);
+    for (int64_t i = 0; i < n_dims / 2; i++)
+        ff[i] = 1.0f + (float)(i % 5);
     float theta_scale = powf(base, -2.0f / (float)n_dims); /* the spec: float, as ggml */
-    for (int64_t i = 0; i < total; i++) ref[i] = x[i];
+    for (int64_t i = 0; i < total; i++)
+        ref[i] = x[i];
     for (int64_t t = 0; t < n_tok; t++)
         for (int64_t h = 0; h < n_heads; h++)
             for (int64_t i = 0; i < n_dims / 2; i++) {
@@ -287,17 +312,20 @@ static void test_elementwise(int64_t n)
     double *ref = (double *)gt_xmalloc((size_t)n * 8);
     gt_fill(a, n, 8.0f, &g_seed);
     gt_fill(b, n, 2.0f, &g_seed);
-    float *d_a = (float *)gt_upload(a, (size_t)n * 4, S), *d_b = (float *)gt_upload(b, (size_t)n * 4, S);
+    float *d_a = (float *)gt_upload(a, (size_t)n * 4, S),
+          *d_b = (float *)gt_upload(b, (size_t)n * 4, S);
     float *d_y = (float *)gt_out_alloc((size_t)n * 4);
 
-    for (int64_t i = 0; i < n; i++) ref[i] = (double)a[i] / (1.0 + exp(-(double)a[i])) * b[i];
+    for (int64_t i = 0; i < n; i++)
+        ref[i] = (double)a[i] / (1.0 + exp(-(double)a[i])) * b[i];
     gt_out_prepare(d_y, (size_t)n * 4, S);
     GT_OK(gpu_swiglu(d_a, d_b, d_y, n, S, err));
     int guard = gt_out_fetch(d_y, (size_t)n * 4, y, S);
     snprintf(what, sizeof what, "n %lld", (long long)n);
     gt_report("swiglu", what, gt_nmse(y, ref, n), THR_DEFAULT, guard);
 
-    for (int64_t i = 0; i < n; i++) ref[i] = (double)a[i] + b[i];
+    for (int64_t i = 0; i < n; i++)
+        ref[i] = (double)a[i] + b[i];
     gt_out_prepare(d_y, (size_t)n * 4, S);
     GT_OK(gpu_add(d_a, d_b, d_y, n, S, err));
     guard = gt_out_fetch(d_y, (size_t)n * 4, y, S);
@@ -320,15 +348,18 @@ static void test_elementwise(int64_t n)
 /* gpu_copy: the 16-byte kernel path and the runtime fallback (odd size or alignment). */
 static void test_copy(size_t bytes, size_t src_off)
 {
-    unsigned char *h = (unsigned char *)gt_xmalloc(bytes + src_off), *back = (unsigned char *)gt_xmalloc(bytes);
-    for (size_t i = 0; i < bytes + src_off; i++) h[i] = (unsigned char)gt_rand_u64(&g_seed);
+    unsigned char *h = (unsigned char *)gt_xmalloc(bytes + src_off),
+                  *back = (unsigned char *)gt_xmalloc(bytes);
+    for (size_t i = 0; i < bytes + src_off; i++)
+        h[i] = (unsigned char)gt_rand_u64(&g_seed);
     unsigned char *d_src = (unsigned char *)gt_upload(h, bytes + src_off, S);
     void *d_dst = gt_out_alloc(bytes);
     gt_out_prepare(d_dst, bytes, S);
     GT_OK(gpu_copy(d_dst, d_src + src_off, bytes, S, err));
     int guard = gt_out_fetch(d_dst, bytes, back, S);
     int same = memcmp(back, h + src_off, bytes) == 0;
-    printf("copy      %zu bytes, source offset %zu: %s\n", bytes, src_off, same && guard ? "ok" : "FAIL");
+    printf("copy      %zu bytes, source offset %zu: %s\n", bytes, src_off,
+           same && guard ? "ok" : "FAIL");
     gt_check(same && guard, "gpu_copy %zu bytes offset %zu", bytes, src_off);
     gpu_free(d_src);
     gpu_free(d_dst);
@@ -348,9 +379,11 @@ static void test_argmax(int64_t n, int kind)
         x[n / 2] = 50.0f;
     }
     if (kind == 3)
-        for (int64_t i = 0; i < n; i += 7) x[i] = NAN;
+        for (int64_t i = 0; i < n; i += 7)
+            x[i] = NAN;
     if (kind == 4)
-        for (int64_t i = 0; i < n; i++) x[i] = -INFINITY;
+        for (int64_t i = 0; i < n; i++)
+            x[i] = -INFINITY;
     int32_t want = 0;
     int have = 0;
     for (int64_t i = 0; i < n; i++)
@@ -379,7 +412,8 @@ static void test_attention(int64_t n_head, int64_t n_kv_head, int64_t hd, int64_
     int64_t cache_n = max_kv * n_kv_head * hd;
     size_t esz = kv_type == GGML_TYPE_F16 ? 2 : 4;
     float *q = (float *)gt_xmalloc((size_t)(n_head * hd) * 4);
-    float *kf = (float *)gt_xmalloc((size_t)cache_n * 4), *vf = (float *)gt_xmalloc((size_t)cache_n * 4);
+    float *kf = (float *)gt_xmalloc((size_t)cache_n * 4),
+          *vf = (float *)gt_xmalloc((size_t)cache_n * 4);
     unsigned char *kraw = (unsigned char *)gt_xmalloc((size_t)cache_n * esz);
     unsigned char *vraw = (unsigned char *)gt_xmalloc((size_t)cache_n * esz);
     float *out = (float *)gt_xmalloc((size_t)(n_head * hd) * 4);
@@ -421,23 +455,26 @@ static void test_attention(int64_t n_head, int64_t n_kv_head, int64_t hd, int64_
             sc[p] = s * scale;
             if (sc[p] > mx) mx = sc[p];
         }
-        for (int64_t p = 0; p < n_kv; p++) sum += (sc[p] = exp(sc[p] - mx));
+        for (int64_t p = 0; p < n_kv; p++)
+            sum += (sc[p] = exp(sc[p] - mx));
         for (int64_t d = 0; d < hd; d++) {
             double o = 0;
-            for (int64_t p = 0; p < n_kv; p++) o += sc[p] * vf[p * pos_stride + kvh * head_stride + d];
+            for (int64_t p = 0; p < n_kv; p++)
+                o += sc[p] * vf[p * pos_stride + kvh * head_stride + d];
             ref[h * hd + d] = o / sum;
         }
     }
     int32_t pos = (int32_t)(n_kv - 1);
-    void *d_k = gt_upload(kraw, (size_t)cache_n * esz, S), *d_v = gt_upload(vraw, (size_t)cache_n * esz, S);
+    void *d_k = gt_upload(kraw, (size_t)cache_n * esz, S),
+         *d_v = gt_upload(vraw, (size_t)cache_n * esz, S);
     float *d_q = (float *)gt_upload(q, (size_t)(n_head * hd) * 4, S);
     int32_t *d_pos = (int32_t *)gt_upload(&pos, 4, S);
     float *d_out = (float *)gt_out_alloc((size_t)(n_head * hd) * 4);
     void *d_scratch = NULL;
     GT_OK(gpu_malloc(&d_scratch, gpu_attn_scratch_bytes(n_head, hd, max_kv), err));
     gt_out_prepare(d_out, (size_t)(n_head * hd) * 4, S);
-    gpu_attn_args a = {d_q, d_k, d_v, kv_type, pos_stride, head_stride, n_head, n_kv_head, hd,
-                       d_pos, max_kv, scale, d_scratch, d_out};
+    gpu_attn_args a = {d_q,       d_k, d_v,   kv_type, pos_stride, head_stride, n_head,
+                       n_kv_head, hd,  d_pos, max_kv,  scale,      d_scratch,   d_out};
     GT_OK(gpu_attention(&a, S, err));
     int guard = gt_out_fetch(d_out, (size_t)(n_head * hd) * 4, out, S);
     snprintf(what, sizeof what, "%s %s h %lld/%lld hd %lld kv %lld/%lld", ggml_type_name(kv_type),
@@ -472,7 +509,8 @@ static void test_gemm(gpu_blas *blas, int t, int64_t n_out, int64_t n_in, int64_
     for (int64_t t2 = 0; t2 < n_tok; t2++)
         for (int64_t o = 0; o < n_out; o++) {
             double s = 0;
-            for (int64_t i = 0; i < n_in; i++) s += (double)wf[o * n_in + i] * x[t2 * n_in + i];
+            for (int64_t i = 0; i < n_in; i++)
+                s += (double)wf[o * n_in + i] * x[t2 * n_in + i];
             ref[t2 * n_out + o] = s;
         }
     void *d_w = upload_weights(t, raw, n_out, n_in);
@@ -502,10 +540,14 @@ static void test_errors(void)
 {
     forge_err e = {0};
     void *p = NULL;
-    int rc = gpu_malloc(&p, (size_t)1 << 60, &e);
-    gt_check(rc == FORGE_E_NOMEM && p == NULL && strstr(e.msg, "cudaMalloc") != NULL,
-             "huge gpu_malloc: want FORGE_E_NOMEM naming cudaMalloc, got %d '%s'", rc, e.msg);
-    printf("errors    gpu_malloc(2^60): %s: %s\n", forge_status_name(rc), e.msg);
+    int rc;
+    /* compute-sanitizer reports the (intended) failing cudaMalloc as an error: skipped there */
+    if (!getenv("FORGE_GPU_TEST_UNDER_SANITIZER")) {
+        rc = gpu_malloc(&p, (size_t)1 << 60, &e);
+        gt_check(rc == FORGE_E_NOMEM && p == NULL && strstr(e.msg, "cudaMalloc") != NULL,
+                 "huge gpu_malloc: want FORGE_E_NOMEM naming cudaMalloc, got %d '%s'", rc, e.msg);
+        printf("errors    gpu_malloc(2^60): %s: %s\n", forge_status_name(rc), e.msg);
+    }
     e = (forge_err){0};
     rc = gpu_matvec(GGML_TYPE_Q4_K, &e, 4, 256, NULL, NULL, NULL, S, &e);
     gt_check(rc == FORGE_E_UNSUPPORTED && e.msg[0], "matvec Q4_K: want UNSUPPORTED, got %d", rc);
@@ -525,8 +567,8 @@ static void test_errors(void)
     a.head_dim = 128;
     a.max_kv = 16;
     rc = gpu_attention(&a, S, &e);
-    gt_check(rc == FORGE_E_INVALID && strstr(e.msg, "group"), "attention group 32: got %d '%s'",
-             rc, e.msg);
+    gt_check(rc == FORGE_E_INVALID && strstr(e.msg, "group"), "attention group 32: got %d '%s'", rc,
+             e.msg);
     printf("errors    attention group 32: %s: %s\n", forge_status_name(rc), e.msg);
 }
 
@@ -573,10 +615,11 @@ int main(int argc, char **argv)
 
     static const int types[] = {GGML_TYPE_F32, GGML_TYPE_F16, GGML_TYPE_BF16, GGML_TYPE_Q8_0,
                                 GGML_TYPE_Q4_0};
-    static const int64_t mv_q[][2] = {{1, 32}, {3, 64}, {33, 96}, {5, 320}, {8, 544},
-                                      {65, 4192}, {128, 2048}, {300, 11008}};
-    static const int64_t mv_big[][2] = {{4096, 4096}, {512, 2048}, {2048, 8192}, {11008, 4096},
-                                        {4096, 11008}, {32000, 4096}};
+    static const int64_t mv_q[][2] = {{1, 32},    {3, 64},    {33, 96},    {5, 320},
+                                      {8, 544},   {65, 4192}, {128, 2048}, {300, 11008},
+                                      {6001, 96}, {8192, 64}}; /* tall: two rows per segment */
+    static const int64_t mv_big[][2] = {{4096, 4096},  {512, 2048},   {2048, 8192},
+                                        {11008, 4096}, {4096, 11008}, {32000, 4096}};
     static const int64_t mv_odd[][2] = {{3, 35}, {17, 13}, {5, 1}, {9, 100}, {2, 36}, {7, 1000}};
     for (size_t ti = 0; ti < GT_LEN(types); ti++) {
         int t = types[ti];
@@ -612,7 +655,8 @@ int main(int argc, char **argv)
     test_rope(1, 32, 64, 64, GPU_ROPE_NORM, p4k, 500000.0f, 1.0f, 1);
 
     static const int64_t ew[] = {1, 31, 4096, 100003};
-    for (size_t i = 0; i < GT_LEN(ew); i++) test_elementwise(ew[i]);
+    for (size_t i = 0; i < GT_LEN(ew); i++)
+        test_elementwise(ew[i]);
 
     test_copy(16, 0);
     test_copy(1 << 20, 0);
@@ -622,7 +666,8 @@ int main(int argc, char **argv)
 
     static const int64_t am[] = {1, 5, 1000, 32000, 128256, 151936};
     for (size_t i = 0; i < GT_LEN(am); i++)
-        for (int kind = 0; kind < 5; kind++) test_argmax(am[i], kind);
+        for (int kind = 0; kind < 5; kind++)
+            test_argmax(am[i], kind);
 
     /* n_head, n_kv_head, head_dim, n_kv, max_kv, type, head-major */
     test_attention(1, 1, 64, 1, 16, GGML_TYPE_F32, 0);
@@ -632,6 +677,10 @@ int main(int argc, char **argv)
     test_attention(16, 1, 128, 100, 128, GGML_TYPE_F16, 0);
     test_attention(4, 1, 256, 513, 600, GGML_TYPE_F32, 1);
     test_attention(6, 3, 40, 256, 512, GGML_TYPE_F32, 0);
+    test_attention(3, 1, 30, 77, 100, GGML_TYPE_F16, 0); /* unaligned dims: scalar tile path */
+    test_attention(2, 2, 30, 40, 64, GGML_TYPE_F32, 1);
+    test_attention(14, 2, 64, 500, 512, GGML_TYPE_F16, 0);   /* group 7 */
+    test_attention(16, 8, 32, 3000, 3000, GGML_TYPE_F16, 0); /* several tiles per split */
     if (!g_quick) {
         test_attention(32, 8, 128, 1000, 2048, GGML_TYPE_F16, 1);
         test_attention(32, 8, 64, 4096, 4096, GGML_TYPE_F16, 0);

@@ -45,7 +45,8 @@ static void mat_ref(const mat *m, const float *x, double *y)
 {
     for (int64_t o = 0; o < m->n_out; o++) {
         double s = 0;
-        for (int64_t i = 0; i < m->n_in; i++) s += (double)m->wf[o * m->n_in + i] * x[i];
+        for (int64_t i = 0; i < m->n_in; i++)
+            s += (double)m->wf[o * m->n_in + i] * x[i];
         y[o] = s;
     }
 }
@@ -97,7 +98,8 @@ static void scenario_reuse(gpu_stream *s, const mat *m, int iters)
 static void scenario_ctx_free(const mat *m)
 {
     uint64_t seed = 22;
-    float *x = (float *)gt_xmalloc((size_t)m->n_in * 4), *y = (float *)gt_xmalloc((size_t)m->n_out * 4);
+    float *x = (float *)gt_xmalloc((size_t)m->n_in * 4),
+          *y = (float *)gt_xmalloc((size_t)m->n_out * 4);
     double *ref = (double *)gt_xmalloc((size_t)m->n_out * 8);
     gt_fill(x, m->n_in, 1.0f, &seed);
     mat_ref(m, x, ref);
@@ -110,13 +112,15 @@ static void scenario_ctx_free(const mat *m)
     GT_OK(gpu_ctx_scratch(c, (size_t)m->n_in * 4, &d_x, err));
     GT_OK(gpu_memcpy_h2d(d_x, x, (size_t)m->n_in * 4, s, err));
     for (int r = 0; r < 8; r++)
-        GT_OK(gpu_matvec(GGML_TYPE_F16, m->d_w, m->n_out, m->n_in, (float *)d_x, NULL, d_y, s, err));
+        GT_OK(
+            gpu_matvec(GGML_TYPE_F16, m->d_w, m->n_out, m->n_in, (float *)d_x, NULL, d_y, s, err));
     /* grow: the old scratch is freed in stream order behind the matvecs above */
     void *d_x2 = NULL;
     GT_OK(gpu_ctx_scratch(c, (size_t)m->n_in * 4 * 3, &d_x2, err));
     GT_OK(gpu_memcpy_h2d(d_x2, x, (size_t)m->n_in * 4, s, err));
     for (int r = 0; r < 8; r++)
-        GT_OK(gpu_matvec(GGML_TYPE_F16, m->d_w, m->n_out, m->n_in, (float *)d_x2, NULL, d_y, s, err));
+        GT_OK(
+            gpu_matvec(GGML_TYPE_F16, m->d_w, m->n_out, m->n_in, (float *)d_x2, NULL, d_y, s, err));
     gpu_ctx_free(c); /* work still queued */
     int guard = gt_out_fetch(d_y, (size_t)m->n_out * 4, y, NULL);
     gt_report("stress", "context freed with work queued", gt_nmse(y, ref, m->n_out), 5e-4, guard);
@@ -130,7 +134,8 @@ static void scenario_ctx_free(const mat *m)
 static void scenario_stream_destroy(const mat *m)
 {
     uint64_t seed = 33;
-    float *x = (float *)gt_xmalloc((size_t)m->n_in * 4), *y = (float *)gt_xmalloc((size_t)m->n_out * 4);
+    float *x = (float *)gt_xmalloc((size_t)m->n_in * 4),
+          *y = (float *)gt_xmalloc((size_t)m->n_out * 4);
     double *ref = (double *)gt_xmalloc((size_t)m->n_out * 8);
     gt_fill(x, m->n_in, 1.0f, &seed);
     mat_ref(m, x, ref);
@@ -146,7 +151,8 @@ static void scenario_stream_destroy(const mat *m)
     gpu_stream_destroy(s); /* returns at once; the queued work still completes */
     GT_OK(gpu_device_sync(err));
     int guard = gt_out_fetch(d_y, (size_t)m->n_out * 4, y, NULL);
-    gt_report("stress", "stream destroyed with work queued", gt_nmse(y, ref, m->n_out), 5e-4, guard);
+    gt_report("stress", "stream destroyed with work queued", gt_nmse(y, ref, m->n_out), 5e-4,
+              guard);
     gpu_free(d_y);
     free(x);
     free(y);
@@ -174,7 +180,8 @@ static void *thread_main(void *arg)
     size_t raw_bytes = (size_t)(j->n_out * nb * bb);
     unsigned char *raw = (unsigned char *)gt_xmalloc(raw_bytes);
     float *wf = (float *)gt_xmalloc((size_t)(j->n_out * j->n_in) * 4);
-    for (size_t i = 0; i < raw_bytes; i++) raw[i] = (unsigned char)gt_rand_u64(&seed);
+    for (size_t i = 0; i < raw_bytes; i++)
+        raw[i] = (unsigned char)gt_rand_u64(&seed);
     for (int64_t b = 0; b < j->n_out * nb; b++) {
         uint16_t d = forge_f32_to_fp16(0.01f * (1.0f + gt_uniform(&seed)));
         memcpy(raw + b * bb, &d, 2);
@@ -185,7 +192,8 @@ static void *thread_main(void *arg)
     GT_OK(gpu_weight_convert(j->wtype, d_raw, d_w, j->n_out, j->n_in, s, err));
     GT_OK(gpu_free_async(d_raw, s, err));
     GT_OK(gpu_ctx_scratch(c, gpu_act_q8_bytes(j->n_in), &d_xq, err));
-    float *x = (float *)gt_xmalloc((size_t)j->n_in * 4), *y = (float *)gt_xmalloc((size_t)j->n_out * 4);
+    float *x = (float *)gt_xmalloc((size_t)j->n_in * 4),
+          *y = (float *)gt_xmalloc((size_t)j->n_out * 4);
     double *ref = (double *)gt_xmalloc((size_t)j->n_out * 8);
     float *d_x = (float *)gt_out_alloc((size_t)j->n_in * 4);
     float *d_y = (float *)gt_out_alloc((size_t)j->n_out * 4);
@@ -195,7 +203,8 @@ static void *thread_main(void *arg)
         gt_fill(x, j->n_in, 1.0f, &seed);
         for (int64_t o = 0; o < j->n_out; o++) {
             double acc = 0;
-            for (int64_t i = 0; i < j->n_in; i++) acc += (double)wf[o * j->n_in + i] * x[i];
+            for (int64_t i = 0; i < j->n_in; i++)
+                acc += (double)wf[o * j->n_in + i] * x[i];
             ref[o] = acc;
         }
         gt_out_prepare(d_y, (size_t)j->n_out * 4, s);
@@ -228,9 +237,12 @@ static void scenario_threads(int iters)
             fprintf(stderr, "FATAL: pthread_create\n");
             exit(2);
         }
-    for (int i = 0; i < 2; i++) pthread_join(th[i], NULL);
-    gt_report("stress", "thread 1: Q4_0 2048x4096, own stream", jobs[0].worst, 5e-4, jobs[0].guard_ok);
-    gt_report("stress", "thread 2: Q8_0 1536x2048, own stream", jobs[1].worst, 5e-4, jobs[1].guard_ok);
+    for (int i = 0; i < 2; i++)
+        pthread_join(th[i], NULL);
+    gt_report("stress", "thread 1: Q4_0 2048x4096, own stream", jobs[0].worst, 5e-4,
+              jobs[0].guard_ok);
+    gt_report("stress", "thread 2: Q8_0 1536x2048, own stream", jobs[1].worst, 5e-4,
+              jobs[1].guard_ok);
 }
 
 int main(int argc, char **argv)
@@ -249,6 +261,7 @@ int main(int argc, char **argv)
     scenario_threads(g_quick ? 4 : 40);
     mat_free(&big);
     gpu_stream_destroy(s);
-    printf("\ntest_gpu_stress%s: %d passed, %d failed\n", g_quick ? " --quick" : "", gt_pass, gt_fail);
+    printf("\ntest_gpu_stress%s: %d passed, %d failed\n", g_quick ? " --quick" : "", gt_pass,
+           gt_fail);
     return gt_fail ? 1 : 0;
 }

@@ -185,19 +185,26 @@ int cmd_bench(int argc, char **argv)
         }
         printf("\n]\n");
     } else {
-        printf("| %-28s | %10s | %8s | %-7s | %7s | %8s | %20s |\n", "model", "size", "params",
+        printf("| %-28s | %11s | %9s | %-7s | %7s | %8s | %20s |\n", "model", "size", "params",
                "backend", "threads", "test", "t/s");
-        printf("| ---------------------------- | ---------: | -------: | ------- | ------: | "
-               "-------: | "
-               "-------------------: |\n");
+        printf("| ---------------------------- | ----------: | --------: | ------- | ------: | "
+               "-------: | -------------------: |\n");
         for (int k = 0; k < 2; k++) {
             if (res[k].n == 0) continue;
-            char test[32], ts[48];
+            char test[32], ts[48], size[32], params[32];
             snprintf(test, sizeof test, "%s%ld", res[k].kind, res[k].n);
             snprintf(ts, sizeof ts, "%.2f ± %.2f", res[k].mean, res[k].sd);
-            printf("| %-28s | %6.2f MiB | %6.2f M | %-7s | %7d | %8s | %21s |\n", model_name,
-                   (double)mi->weight_bytes / (1024.0 * 1024.0), (double)mi->n_params / 1e6, "CPU",
-                   forge_context_n_threads(ctx), test, ts);
+            double mib = (double)mi->weight_bytes / (1024.0 * 1024.0);
+            if (mib >= 1024)
+                snprintf(size, sizeof size, "%.2f GiB", mib / 1024.0);
+            else
+                snprintf(size, sizeof size, "%.2f MiB", mib);
+            if (mi->n_params >= 1000000000ull)
+                snprintf(params, sizeof params, "%.2f B", (double)mi->n_params / 1e9);
+            else
+                snprintf(params, sizeof params, "%.2f M", (double)mi->n_params / 1e6);
+            printf("| %-28s | %11s | %9s | %-7s | %7d | %8s | %21s |\n", model_name, size, params,
+                   "CPU", forge_context_n_threads(ctx), test, ts);
         }
         if (res[1].n > 0)
             printf("\ngeneration reads %.2f MiB of weights per token: %.2f GB/s at %.2f tok/s\n",

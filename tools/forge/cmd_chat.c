@@ -159,7 +159,8 @@ static int run_turn(chat *c)
     }
     /* reuse the cached prefix; at least one token must be decoded to get logits */
     int32_t keep = 0;
-    while (keep < c->n_cache && (size_t)keep < n_ids && c->cache[keep] == ids[keep]) keep++;
+    while (keep < c->n_cache && (size_t)keep < n_ids && c->cache[keep] == ids[keep])
+        keep++;
     if ((size_t)keep == n_ids) keep--;
     if (forge_kv_truncate(c->ctx, keep, &err) != FORGE_OK) {
         fprintf(stderr, "forge chat: %s\n", err.msg);
@@ -184,7 +185,8 @@ static int run_turn(chat *c)
         status = 1;
         goto done;
     }
-    for (size_t i = 0; i < n_ids; i++) forge_sampler_accept(c->smp, ids[i]);
+    for (size_t i = 0; i < n_ids; i++)
+        forge_sampler_accept(c->smp, ids[i]);
 
     if (forge_detok_stream_create(c->tok, false, &ds, &err) != FORGE_OK) {
         fprintf(stderr, "forge chat: %s\n", err.msg);
@@ -258,7 +260,9 @@ static int run_turn(chat *c)
     add_message(c, "assistant", text);
     free(text);
     if (c->stats)
-        fprintf(stderr, "[turn: prompt %zu tokens, %d reused from the cache, %d decoded; answer %d tokens (%s)]\n",
+        fprintf(stderr,
+                "[turn: prompt %zu tokens, %d reused from the cache, %d decoded; answer %d tokens "
+                "(%s)]\n",
                 n_ids, keep, n_new, n_gen, stop);
 done:
     forge_detok_stream_free(ds);
@@ -345,7 +349,8 @@ static const char *arg_of(const char *line, const char *cmd)
     if (line[n] == 0) return "";
     if (line[n] != ' ' && line[n] != '\t') return NULL;
     line += n;
-    while (*line == ' ' || *line == '\t') line++;
+    while (*line == ' ' || *line == '\t')
+        line++;
     return line;
 }
 
@@ -411,10 +416,14 @@ int cmd_chat(int argc, char **argv)
         const char *a = argv[i];
         const char *val = i + 1 < argc ? argv[i + 1] : NULL;
         float *fdst = NULL;
-        if (!strcmp(a, "--temp")) fdst = &sp.temperature;
-        else if (!strcmp(a, "--top-p")) fdst = &sp.top_p;
-        else if (!strcmp(a, "--min-p")) fdst = &sp.min_p;
-        else if (!strcmp(a, "--repeat-penalty")) fdst = &sp.repeat_penalty;
+        if (!strcmp(a, "--temp"))
+            fdst = &sp.temperature;
+        else if (!strcmp(a, "--top-p"))
+            fdst = &sp.top_p;
+        else if (!strcmp(a, "--min-p"))
+            fdst = &sp.min_p;
+        else if (!strcmp(a, "--repeat-penalty"))
+            fdst = &sp.repeat_penalty;
         if (fdst) {
             i++;
             if (!cli_parse_float("chat", a, val, fdst)) return 2;
@@ -472,13 +481,17 @@ int cmd_chat(int argc, char **argv)
         int32_t *ids = NULL;
         size_t n = 0;
         if (render_prompt(&c, &ids, &n, &err) != FORGE_OK)
-            fprintf(stderr, "forge chat: warning: the chat template fails on a plain conversation: %s\n",
+            fprintf(stderr,
+                    "forge chat: warning: the chat template fails on a plain conversation: %s\n",
                     err.msg);
         free(ids);
         drop_last_message(&c);
     }
     fprintf(stderr, "forge chat: %s, template: %s, context %d tokens%s\n", o.model_path,
-            !strcmp(desc, "model") ? "the model's" : !strcmp(desc, "file") ? choice : desc, c.n_ctx,
+            !strcmp(desc, "model")  ? "the model's"
+            : !strcmp(desc, "file") ? choice
+                                    : desc,
+            c.n_ctx,
             c.interactive ? "; /help for commands, Ctrl-C stops an answer, Ctrl-D quits" : "");
 
     memset(&sa, 0, sizeof sa);
@@ -506,7 +519,8 @@ int cmd_chat(int argc, char **argv)
             if (c.interactive) fputs("\n", stdout);
             break;
         }
-        while (n > 0 && (line[n - 1] == '\n' || line[n - 1] == '\r')) line[--n] = 0;
+        while (n > 0 && (line[n - 1] == '\n' || line[n - 1] == '\r'))
+            line[--n] = 0;
         if (n == 0) continue;
         if (line[0] == '/') {
             if (handle_command(&c, line)) break;

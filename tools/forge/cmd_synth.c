@@ -8,7 +8,7 @@
 
 #include "forge.h"
 #include "commands.h"
-#include "synth/synth.h"
+#include "forge_synth.h"
 
 static void usage(FILE *out)
 {

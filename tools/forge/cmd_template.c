@@ -9,21 +9,22 @@
 
 static void usage(FILE *out)
 {
-    fprintf(out,
-            "usage: forge template (--template FILE | --model MODEL.gguf | --chat-template NAME|FILE)\n"
-            "                      --messages FILE.json [options]\n"
-            "  --template FILE          Jinja chat template file\n"
-            "  --model MODEL.gguf       use the model's tokenizer.chat_template and BOS/EOS texts\n"
-            "                           (a template that does not parse falls back to a built-in)\n"
-            "  --chat-template NAME|FILE  a built-in (chatml, llama2, llama3, gemma, mistral) or a\n"
-            "                           file; overrides the model's template\n"
-            "  --messages FILE          JSON array of {\"role\", \"content\"} ('-' = stdin)\n"
-            "  --add-generation-prompt  end with the assistant header\n"
-            "  --bos TEXT, --eos TEXT   bos_token / eos_token (default: the model's; else undefined)\n"
-            "  --vars JSON              extra variables, e.g. '{\"enable_thinking\": false}'\n"
-            "  --now SECONDS            fixed time (UTC) for strftime_now\n"
-            "  --list                   print the built-in template names\n"
-            "  --print-source NAME      print a built-in template's source\n");
+    fprintf(
+        out,
+        "usage: forge template (--template FILE | --model MODEL.gguf | --chat-template NAME|FILE)\n"
+        "                      --messages FILE.json [options]\n"
+        "  --template FILE          Jinja chat template file\n"
+        "  --model MODEL.gguf       use the model's tokenizer.chat_template and BOS/EOS texts\n"
+        "                           (a template that does not parse falls back to a built-in)\n"
+        "  --chat-template NAME|FILE  a built-in (chatml, llama2, llama3, gemma, mistral) or a\n"
+        "                           file; overrides the model's template\n"
+        "  --messages FILE          JSON array of {\"role\", \"content\"} ('-' = stdin)\n"
+        "  --add-generation-prompt  end with the assistant header\n"
+        "  --bos TEXT, --eos TEXT   bos_token / eos_token (default: the model's; else undefined)\n"
+        "  --vars JSON              extra variables, e.g. '{\"enable_thinking\": false}'\n"
+        "  --now SECONDS            fixed time (UTC) for strftime_now\n"
+        "  --list                   print the built-in template names\n"
+        "  --print-source NAME      print a built-in template's source\n");
 }
 
 static char *read_all(const char *path, size_t *len)
@@ -74,7 +75,8 @@ int cmd_template(int argc, char **argv)
             usage(stdout);
             return 0;
         } else if (!strcmp(a, "--list")) {
-            for (const char *const *n = forge_template_builtin_names(); *n; n++) printf("%s\n", *n);
+            for (const char *const *n = forge_template_builtin_names(); *n; n++)
+                printf("%s\n", *n);
             return 0;
         } else if (!strcmp(a, "--print-source") && has_val) {
             const char *s = forge_template_builtin_source(argv[++i]);

@@ -1,8 +1,8 @@
-/* synth.h - random-weight llama-family models of real shapes (`forge synth`), for benchmarks and
+/* forge_synth.h - random-weight llama-family models of real shapes (`forge synth`), for benchmarks and
  * tests. Weights are ~N(0, 0.02) (a cheap, exactly reproducible approximation), norm weights
  * ~1 + N(0, 0.02), never exactly zero. The file is written through the streaming GGUF writer, one
  * row at a time, so a multi-GB model needs only a few MB of memory.
- * Internal to libforge and the forge CLI (not a public API). */
+ * Part of the public API (used by `forge synth`). */
 #ifndef FORGE_SYNTH_H
 #define FORGE_SYNTH_H
 
@@ -10,6 +10,10 @@
 #include <stdint.h>
 
 #include "forge.h"
+
+#ifdef __cplusplus
+extern "C" {
+#endif
 
 typedef struct synth_shape {
     const char *name;  /* "tinyllama-1.1b", ... */
@@ -44,5 +48,9 @@ typedef struct synth_result {
 
 /* Write the model. result may be NULL. */
 int synth_write(const synth_opts *o, synth_result *result, forge_err *err);
+
+#ifdef __cplusplus
+}
+#endif
 
 #endif /* FORGE_SYNTH_H */
