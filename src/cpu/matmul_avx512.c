@@ -186,6 +186,9 @@ TGT_I INLINE __m512 q8_0_step(const q_consts *c, const uint8_t *w, int nblk, con
 }
 
 /* Software prefetch distance in bytes along each weight row (decode streams rows from memory). */
+#ifndef Q_PF_HINT
+#define Q_PF_HINT _MM_HINT_T0
+#endif
 #ifndef Q_PREFETCH
 #define Q_PREFETCH 512
 #endif
@@ -267,7 +270,7 @@ TGT_I INLINE __m512 q_rows8_step(const q_consts *c, const uint8_t *const w[8], c
     __m512i isum[8], raw[8];
 #pragma GCC unroll 8
     for (int r = 0; r < 8; r++) {
-        _mm_prefetch((const char *)(w[r] + off + Q_PREFETCH), _MM_HINT_T0);
+        _mm_prefetch((const char *)(w[r] + off + Q_PREFETCH), Q_PF_HINT);
         isum[r] = q_isum(c, w[r] + off, nblk, &xs, &raw[r], is_q4);
     }
     __m512 scale = _mm512_mul_ps(scales8x2(raw, is_q4), dx);
