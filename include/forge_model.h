@@ -92,6 +92,18 @@ typedef enum forge_kv_type {
     FORGE_KV_F16 = 1 /* K and V rounded to fp16 when stored (llama.cpp's default cache) */
 } forge_kv_type;
 
+/* Where a context computes. GPU: libforge_cuda.so is dlopened at context creation (looked for
+ * next to the executable, then at $FORGE_GPU_LIB, then on the default library path); without a
+ * library or a device, forge_context_create fails with FORGE_E_UNSUPPORTED / FORGE_E_DEVICE and
+ * a message saying which. AUTO: the GPU when that works, else the CPU, silently (ask
+ * forge_context_device which one was taken). CPU is the default (0), so zero-initialised params
+ * stay on the CPU. */
+typedef enum forge_device {
+    FORGE_DEVICE_CPU = 0,
+    FORGE_DEVICE_GPU = 1,
+    FORGE_DEVICE_AUTO = 2
+} forge_device;
+
 typedef struct forge_context_params {
     int32_t n_ctx;     /* KV cache length in tokens; 0: the model's context length */
     int32_t n_batch;   /* most tokens per forward pass (longer inputs are split); 0: 512 */
@@ -100,6 +112,8 @@ typedef struct forge_context_params {
     bool f32_math; /* multiply by F32 copies of each weight row (dequantized on the fly)
                     * instead of ggml's mixed-precision kernels: slower, for checking
                     * arithmetic against float32 references */
+    forge_device device; /* default FORGE_DEVICE_CPU */
+    int32_t gpu_index;   /* which GPU (0-based) for GPU/AUTO */
 } forge_context_params;
 
 forge_context_params forge_context_default_params(void);
@@ -114,6 +128,13 @@ int32_t forge_context_n_threads(const forge_context *ctx);
 /* Tokens held in the KV cache = the position the next decoded token gets. */
 int32_t forge_context_pos(const forge_context *ctx);
 const forge_model *forge_context_model(const forge_context *ctx);
+/* The backend the context runs on: "CPU" or "GPU". Static string. */
+const char *forge_context_device(const forge_context *ctx);
+
+/* Is GPU number gpu_index usable? Loads libforge_cuda.so (as FORGE_DEVICE_GPU does) and looks
+ * for the device. FORGE_OK with a description ("NVIDIA H200, 139.8 GiB, CUDA") in desc, or an
+ * error saying what is missing (no library, not a Forge GPU library, no driver, no device). */
+int forge_gpu_probe(int32_t gpu_index, char *desc, size_t desc_len, struct forge_err *err);
 
 /* While *flag is non-zero, forge_decode stops between layers with FORGE_E_INTERRUPTED (for a
  * SIGINT handler). The flag is borrowed; NULL removes it. */

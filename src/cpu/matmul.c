@@ -238,7 +238,8 @@ static void matmul_task(void *p, int ith, int nth)
         int64_t c = atomic_fetch_add_explicit(&job->next_chunk, 1, memory_order_relaxed);
         int64_t r0 = c * job->chunk_rows;
         if (r0 >= job->args.n_out) break;
-        int64_t r1 = r0 + job->chunk_rows < job->args.n_out ? r0 + job->chunk_rows : job->args.n_out;
+        int64_t r1 =
+            r0 + job->chunk_rows < job->args.n_out ? r0 + job->chunk_rows : job->args.n_out;
         job->kernel.mm(&job->args, r0, r1, work);
     }
 }

@@ -39,7 +39,24 @@ struct att_args {
     float *part_m; /* [n_head][n_split_max] */
     float *part_l; /* [n_head][n_split_max] */
     float *out;
+    /* several queries in one launch (blockIdx.z = query): strides in floats between queries'
+     * q, out and scratch regions; query z reads its position at pos[z] */
+    int64_t q_stride, out_stride, scr_stride;
 };
+
+/* The arguments of query blockIdx.z (the identity for a single query). */
+GPU_DEV att_args att_query(const att_args &a0)
+{
+    att_args a = a0;
+    const int64_t z = blockIdx.z;
+    a.q += z * a0.q_stride;
+    a.out += z * a0.out_stride;
+    a.pos += z;
+    a.part_o += z * a0.scr_stride;
+    a.part_m += z * a0.scr_stride;
+    a.part_l += z * a0.scr_stride;
+    return a;
+}
 
 GPU_DEV int att_n_kv(const att_args &a)
 {
@@ -106,8 +123,9 @@ GPU_DEVT void att_load(att_slice<KV_F16, DPL> &s, const void *base, int64_t off,
 
 /* GMAX: the group size rounded up to a power of two (registers for o, m, l). */
 template <int KV_F16, int DPL, int VEC, int GMAX>
-__global__ void __launch_bounds__(ATT_THREADS, 2) k_attn_split(const att_args a)
+__global__ void __launch_bounds__(ATT_THREADS, 2) k_attn_split(const att_args a0)
 {
+    const att_args a = att_query(a0);
     extern __shared__ float sh[];
     const int hd = a.head_dim, g = a.group;
     float *qs = sh;               /* [g][hd], pre-scaled */
@@ -253,8 +271,9 @@ GPU_DEV float att_block_reduce(float v, float *sh32, bool is_max)
 
 /* One block of ATT_MAX_SPLITS threads per query head: thread s owns split s's statistics; the
  * weighted sum over splits runs over (split group, dim) pairs so the loads overlap. */
-__global__ void __launch_bounds__(ATT_MAX_SPLITS) k_attn_merge(const att_args a)
+__global__ void __launch_bounds__(ATT_MAX_SPLITS) k_attn_merge(const att_args a0)
 {
+    const att_args a = att_query(a0);
     __shared__ float w[ATT_MAX_SPLITS];
     __shared__ float part[ATT_MAX_SPLITS];
     __shared__ float red[32];
@@ -355,7 +374,9 @@ static int launch_split_dpl(const att_args &a, int dpl, int vec, dim3 grid, size
     }
 }
 
-GPU_API int gpu_attention(const gpu_attn_args *p, gpu_stream *s, forge_err *err)
+/* n_q queries (n_q = 1 with batch_scratch 0: the decode layout of gpu_attn_scratch_bytes). */
+static int attention_impl(const gpu_attn_args *p, int64_t n_q, int64_t q_stride,
+                          int64_t out_stride, size_t batch_scratch, gpu_stream *s, forge_err *err)
 {
     int rc = FORGE_OK;
     cudaStream_t st = GPU_STREAM(s);
@@ -395,19 +416,37 @@ GPU_API int gpu_attention(const gpu_attn_args *p, gpu_stream *s, forge_err *err)
         /* about 4 blocks per multiprocessor when the cache is full */
         int64_t tiles = (p->max_kv + ATT_T - 1) / ATT_T;
         int64_t want = (4 * (int64_t)n_sm + p->n_kv_head - 1) / p->n_kv_head;
+        if (n_q > 1) want = (want + n_q - 1) / n_q; /* the queries fill the machine too */
         int64_t splits = want < 1 ? 1 : want;
         if (splits > max_splits(p->max_kv)) splits = max_splits(p->max_kv);
+        if (batch_scratch) {
+            int64_t fit = (int64_t)(batch_scratch / ((size_t)n_q * (size_t)p->n_head *
+                                                     (size_t)(p->head_dim + 2) * sizeof(float)));
+            if (fit < 1)
+                return gpu_err_set(err, FORGE_E_INVALID,
+                                   "gpu_attention_batch: %zu bytes of scratch are too few for %lld "
+                                   "queries of %lld heads",
+                                   batch_scratch, (long long)n_q, (long long)p->n_head);
+            if (splits > fit) splits = fit;
+        }
         int64_t tiles_per_split = (tiles + splits - 1) / splits;
         a.split_len = (int)(tiles_per_split * ATT_T);
         a.n_split_max = (int)((tiles + tiles_per_split - 1) / tiles_per_split);
     }
     a.scale = p->scale;
     a.part_o = (float *)p->d_scratch;
-    a.part_m = a.part_o + (size_t)a.n_head * max_splits(p->max_kv) * a.head_dim;
-    a.part_l = a.part_m + (size_t)a.n_head * max_splits(p->max_kv);
-    a.out = p->d_out;
     {
-        dim3 grid((unsigned)a.n_split_max, (unsigned)a.n_kv_head);
+        /* decode: the layout of gpu_attn_scratch_bytes; batch: one compact region per query */
+        int64_t ns = batch_scratch ? a.n_split_max : max_splits(p->max_kv);
+        a.part_m = a.part_o + (size_t)a.n_head * ns * a.head_dim;
+        a.part_l = a.part_m + (size_t)a.n_head * ns;
+        a.scr_stride = (int64_t)a.n_head * ns * (a.head_dim + 2);
+    }
+    a.out = p->d_out;
+    a.q_stride = q_stride;
+    a.out_stride = out_stride;
+    {
+        dim3 grid((unsigned)a.n_split_max, (unsigned)a.n_kv_head, (unsigned)n_q);
         int g = a.group, hd = a.head_dim;
         size_t shmem =
             (size_t)(2 * g * hd + 2 * ATT_SEGS * ATT_MAX_GROUP + ATT_MAX_GROUP) * sizeof(float);
@@ -417,10 +456,27 @@ GPU_API int gpu_attention(const gpu_attn_args *p, gpu_stream *s, forge_err *err)
         rc = f16 ? launch_split_dpl<1>(a, dpl, vec, grid, shmem, st, err)
                  : launch_split_dpl<0>(a, dpl, vec, grid, shmem, st, err);
         if (rc) goto fail;
-        k_attn_merge<<<(unsigned)a.n_head, ATT_MAX_SPLITS, 0, st>>>(a);
+        k_attn_merge<<<dim3((unsigned)a.n_head, 1, (unsigned)n_q), ATT_MAX_SPLITS, 0, st>>>(a);
         GPU_LAUNCH_CHECK("k_attn_merge", st);
     }
     return FORGE_OK;
 fail:
     return rc;
+}
+
+GPU_API int gpu_attention(const gpu_attn_args *p, gpu_stream *s, forge_err *err)
+{
+    return attention_impl(p, 1, 0, 0, 0, s, err);
+}
+
+GPU_API int gpu_attention_batch(const gpu_attn_args *p, int64_t n_q, int64_t q_stride,
+                                int64_t out_stride, size_t scratch_bytes, gpu_stream *s,
+                                forge_err *err)
+{
+    if (!p || n_q < 1 || n_q > 65535 || q_stride < 0 || out_stride < 0 || scratch_bytes == 0)
+        return gpu_err_set(err, FORGE_E_INVALID,
+                           "gpu_attention_batch: %lld queries, strides %lld/%lld, scratch %zu",
+                           (long long)n_q, (long long)q_stride, (long long)out_stride,
+                           scratch_bytes);
+    return attention_impl(p, n_q, q_stride, out_stride, scratch_bytes, s, err);
 }

@@ -640,3 +640,44 @@ GPU_API int gpu_embed(int wtype, const void *d_table, int64_t n_vocab, int64_t n
 fail:
     return rc;
 }
+
+/* ---- whole-matrix dequantization (prefill GEMM with quantized weights) -------------------------
+ */
+/* grid-stride over rows (blocks), threads over the row: coalesced, no 64-bit division */
+template <int WT>
+__global__ void k_weight_to_f16(const uint8_t *__restrict__ table,
+                                const unsigned short *__restrict__ scales, int64_t n_rows,
+                                int64_t n_in, unsigned short *__restrict__ out)
+{
+    for (int64_t r = blockIdx.x; r < n_rows; r += gridDim.x)
+        for (int64_t i = threadIdx.x; i < n_in; i += blockDim.x)
+            out[r * n_in + i] = gpu_f32_to_fp16(embed_elem<WT>(table, scales, r, n_in, i));
+}
+
+GPU_API int gpu_weight_to_f16(int wtype, const void *d_w, int64_t n_rows, int64_t n_in,
+                              void *d_out, gpu_stream *s, forge_err *err)
+{
+    int rc = FORGE_OK;
+    cudaStream_t st = GPU_STREAM(s);
+    if (!is_quant(wtype) || gpu_weight_bytes(wtype, n_rows, n_in) == 0)
+        return gpu_err_set(err, FORGE_E_UNSUPPORTED,
+                           "gpu_weight_to_f16: type %s with %lld x %lld is not supported",
+                           gpu_type_name(wtype), (long long)n_rows, (long long)n_in);
+    if (!d_w || !d_out) return gpu_err_set(err, FORGE_E_INVALID, "gpu_weight_to_f16: NULL buffer");
+    {
+        const uint8_t *t = (const uint8_t *)d_w;
+        const unsigned short *sc =
+            (const unsigned short *)(t + gpu_weight_scales_offset(wtype, n_rows, n_in));
+        unsigned grid = (unsigned)(n_rows > 65535 ? 65535 : n_rows);
+        if (wtype == GGML_TYPE_Q8_0)
+            k_weight_to_f16<GGML_TYPE_Q8_0>
+                <<<grid, 256, 0, st>>>(t, sc, n_rows, n_in, (unsigned short *)d_out);
+        else
+            k_weight_to_f16<GGML_TYPE_Q4_0>
+                <<<grid, 256, 0, st>>>(t, sc, n_rows, n_in, (unsigned short *)d_out);
+        GPU_LAUNCH_CHECK("k_weight_to_f16", st);
+    }
+    return FORGE_OK;
+fail:
+    return rc;
+}

@@ -261,3 +261,52 @@ GPU_API int gpu_copy(void *d_dst, const void *d_src, size_t bytes, gpu_stream *s
 fail:
     return rc;
 }
+
+/* ---- prompt-pass helpers: bias rows, KV store ------------------------------------------------ */
+__global__ void k_add_rows(float *y, const float *__restrict__ b, int64_t n_rows, int64_t n)
+{
+    int64_t total = n_rows * n;
+    int64_t stride = (int64_t)gridDim.x * blockDim.x;
+    for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < total; i += stride)
+        y[i] += b[i % n];
+}
+
+__global__ void k_store_f16(const float *__restrict__ src, unsigned short *dst, int64_t n)
+{
+    int64_t stride = (int64_t)gridDim.x * blockDim.x;
+    for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += stride)
+        dst[i] = gpu_f32_to_fp16(src[i]);
+}
+
+GPU_API int gpu_add_rows(float *d_y, const float *d_b, int64_t n_rows, int64_t n, gpu_stream *s,
+                         forge_err *err)
+{
+    int rc = FORGE_OK;
+    cudaStream_t st = GPU_STREAM(s);
+    if (!d_y || !d_b || n <= 0 || n_rows <= 0)
+        return gpu_err_set(err, FORGE_E_INVALID, "gpu_add_rows: NULL buffer or %lld x %lld",
+                           (long long)n_rows, (long long)n);
+    k_add_rows<<<elementwise_grid(n_rows * n), 256, 0, st>>>(d_y, d_b, n_rows, n);
+    GPU_LAUNCH_CHECK("k_add_rows", st);
+    return FORGE_OK;
+fail:
+    return rc;
+}
+
+GPU_API int gpu_store(const float *d_src, void *d_dst, int dst_type, int64_t n, gpu_stream *s,
+                      forge_err *err)
+{
+    int rc = FORGE_OK;
+    cudaStream_t st = GPU_STREAM(s);
+    if (!d_src || !d_dst || n <= 0)
+        return gpu_err_set(err, FORGE_E_INVALID, "gpu_store: NULL buffer or n %lld", (long long)n);
+    if (dst_type == GGML_TYPE_F32) return gpu_copy(d_dst, d_src, (size_t)n * 4, s, err);
+    if (dst_type != GGML_TYPE_F16)
+        return gpu_err_set(err, FORGE_E_UNSUPPORTED, "gpu_store: destination type %s",
+                           gpu_type_name(dst_type));
+    k_store_f16<<<elementwise_grid(n), 256, 0, st>>>(d_src, (unsigned short *)d_dst, n);
+    GPU_LAUNCH_CHECK("k_store_f16", st);
+    return FORGE_OK;
+fail:
+    return rc;
+}

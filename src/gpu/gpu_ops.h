@@ -179,6 +179,11 @@ typedef struct gpu_attn_args {
     float *d_out;
 } gpu_attn_args;
 int gpu_attention(const gpu_attn_args *a, gpu_stream *s, forge_err *err);
+/* n_q queries in one launch (a causal prompt): query i reads d_q + i*q_stride, writes
+ * d_out + i*out_stride, attends *(d_pos + i) + 1 positions (<= max_kv). d_scratch holds
+ * scratch_bytes; at least n_q * n_head * (head_dim + 2) floats (fewer splits when it is small). */
+int gpu_attention_batch(const gpu_attn_args *a, int64_t n_q, int64_t q_stride, int64_t out_stride,
+                        size_t scratch_bytes, gpu_stream *s, forge_err *err);
 
 /* ---- batched matrix product (prefill) -------------------------------------------------------- */
 /* Y[t][o] = sum_i W[o][i] * X[t][i] for t < n_tok, through cuBLAS with fp32 accumulation.
@@ -189,6 +194,21 @@ int gpu_blas_create(gpu_blas **out, forge_err *err);
 void gpu_blas_free(gpu_blas *b);
 int gpu_gemm(gpu_blas *b, int wtype, const void *d_w, int64_t n_out, int64_t n_in, const float *d_x,
              int64_t n_tok, void *d_xc, float *d_y, gpu_stream *s, forge_err *err);
+
+/* ---- prompt-pass helpers (the backend's n_tok > 1 path) ----------------------------------- */
+/* Free and total memory of the current device, in bytes. */
+int gpu_mem_info(size_t *free_bytes, size_t *total_bytes, forge_err *err);
+/* Dequantize a Q8_0/Q4_0 matrix in the device layout to fp16 rows (n_rows * n_in halfs at d_out),
+ * so that gpu_gemm can multiply it as an F16 weight. */
+int gpu_weight_to_f16(int wtype, const void *d_w, int64_t n_rows, int64_t n_in, void *d_out,
+                      gpu_stream *s, forge_err *err);
+/* d_y[r][i] += d_b[i] for r < n_rows, i < n (bias broadcast over tokens). */
+int gpu_add_rows(float *d_y, const float *d_b, int64_t n_rows, int64_t n, gpu_stream *s,
+                 forge_err *err);
+/* d_dst[i] = d_src[i] converted to dst_type (F32: a copy; F16: round to nearest even), i < n.
+ * The KV-cache store. */
+int gpu_store(const float *d_src, void *d_dst, int dst_type, int64_t n, gpu_stream *s,
+              forge_err *err);
 
 /* ---- a context: one stream and its scratch, for the backend --------------------------------- */
 typedef struct gpu_ctx gpu_ctx;
@@ -258,6 +278,23 @@ typedef struct gpu_api {
                 const float *d_x, int64_t n_tok, void *d_xc, float *d_y, gpu_stream *s,
                 forge_err *err);
     int (*copy)(void *d_dst, const void *d_src, size_t bytes, gpu_stream *s, forge_err *err);
+    /* appended for the backend (still version 1: older fields keep their places) */
+    int (*mem_info)(size_t *free_bytes, size_t *total_bytes, forge_err *err);
+    int (*weight_to_f16)(int wtype, const void *d_w, int64_t n_rows, int64_t n_in, void *d_out,
+                         gpu_stream *s, forge_err *err);
+    int (*add_rows)(float *d_y, const float *d_b, int64_t n_rows, int64_t n, gpu_stream *s,
+                    forge_err *err);
+    int (*store)(const float *d_src, void *d_dst, int dst_type, int64_t n, gpu_stream *s,
+                 forge_err *err);
+    int (*host_alloc)(void **h_out, size_t bytes, forge_err *err);
+    void (*host_free)(void *h_ptr);
+    int (*event_create)(gpu_event **out, int timing, forge_err *err);
+    void (*event_destroy)(gpu_event *e);
+    int (*event_record)(gpu_event *e, gpu_stream *s, forge_err *err);
+    int (*event_sync)(gpu_event *e, forge_err *err);
+    int (*attention_batch)(const gpu_attn_args *a, int64_t n_q, int64_t q_stride,
+                           int64_t out_stride, size_t scratch_bytes, gpu_stream *s,
+                           forge_err *err);
 } gpu_api;
 
 /* The one symbol the engine looks up after dlopen("libforge_cuda.so"). NULL if `version` is not

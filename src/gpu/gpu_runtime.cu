@@ -399,6 +399,18 @@ fail:
 
 /* ---- the dlopen table -------------------------------------------------------------------------
  */
+GPU_API int gpu_mem_info(size_t *free_bytes, size_t *total_bytes, forge_err *err)
+{
+    int rc = FORGE_OK;
+    size_t f = 0, t = 0;
+    GPU_CHECK(cudaMemGetInfo(&f, &t));
+    if (free_bytes) *free_bytes = f;
+    if (total_bytes) *total_bytes = t;
+    return FORGE_OK;
+fail:
+    return rc;
+}
+
 static const gpu_api g_api_v1 = {
     GPU_API_VERSION,  gpu_backend_name,   gpu_device_count, gpu_device_info_get,
     gpu_set_device,   gpu_device_sync,    gpu_malloc,       gpu_free,
@@ -410,7 +422,9 @@ static const gpu_api g_api_v1 = {
     gpu_matvec,       gpu_rmsnorm,        gpu_rope,         gpu_swiglu,
     gpu_add,          gpu_embed,          gpu_argmax,       gpu_attn_scratch_bytes,
     gpu_attention,    gpu_blas_create,    gpu_blas_free,    gpu_gemm,
-    gpu_copy,
+    gpu_copy,         gpu_mem_info,       gpu_weight_to_f16, gpu_add_rows,
+    gpu_store,        gpu_host_alloc,     gpu_host_free,    gpu_event_create,
+    gpu_event_destroy, gpu_event_record,  gpu_event_sync,   gpu_attention_batch,
 };
 
 GPU_API const gpu_api *forge_gpu_get_api(int version)

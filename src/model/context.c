@@ -5,6 +5,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "backend/backend_gpu.h"
 #include "core/util.h"
 #include "cpu/kernels.h"
 #include "model/model.h"
@@ -17,6 +18,8 @@ forge_context_params forge_context_default_params(void)
     p.n_threads = 0;
     p.kv_type = FORGE_KV_F32;
     p.f32_math = false;
+    p.device = FORGE_DEVICE_CPU;
+    p.gpu_index = 0;
     return p;
 }
 
@@ -88,6 +91,54 @@ static int alloc_bufs(forge_context *ctx, forge_err *err)
     return FORGE_OK;
 }
 
+/* The GPU backend and its memory plan (weights + KV cache + scratch must fit before anything is
+ * uploaded). The activation sizes follow alloc_bufs, plus n_batch logit rows (all_logits). */
+static int create_gpu(forge_context *ctx, const forge_context_params *p, forge_err *err)
+{
+    forge_model *m = ctx->model;
+    const forge_model_info *hp = &m->info;
+    int rc;
+    if (p->f32_math)
+        return forge_err_set(err, FORGE_E_UNSUPPORTED, "--f32-math is a CPU-only option");
+    if ((rc = backend_gpu_create(p->gpu_index, &ctx->be, err))) return rc;
+    be_gpu_plan pl = {0};
+    be_weight *globals[] = {&m->tok_embd, &m->output_norm, &m->output, &m->rope_freqs};
+    for (size_t i = 0; i < FORGE_ARRAY_LEN(globals); i++)
+        if (!(i == 2 && hp->tied_output)) backend_gpu_plan_add_weight(ctx->be, &pl, globals[i]);
+    for (int il = 0; il < hp->n_layer; il++) {
+        const be_weight *lw = (const be_weight *)&m->layers[il];
+        for (size_t i = 0; i < sizeof(layer_weights) / sizeof(be_weight); i++)
+            backend_gpu_plan_add_weight(ctx->be, &pl, &lw[i]);
+    }
+    const int64_t nb = ctx->n_batch, E = hp->n_embd, F = hp->n_ff, V = hp->n_vocab;
+    const int64_t QD = (int64_t)hp->n_head * hp->head_dim, KD = (int64_t)hp->n_head_kv * hp->head_dim;
+    pl.n_layer = hp->n_layer;
+    pl.n_ctx = ctx->n_ctx;
+    pl.kv_dim = m->n_embd_k_gqa;
+    pl.kv_type = (int)p->kv_type;
+    pl.n_head = hp->n_head;
+    pl.head_dim = hp->head_dim;
+    pl.n_batch = ctx->n_batch;
+    pl.act_floats = nb * (2 * E + 2 * QD + 2 * KD + (E > QD ? E : QD) + 2 * F) + E + V + nb * V;
+    pl.yarn = m->rope_ext_factor != 0.0f;
+    return backend_gpu_plan(ctx->be, &pl, err);
+}
+
+/* The one place a backend is chosen: CPU, GPU, or AUTO (the GPU when it can be created and the
+ * model fits, else the CPU; the reason is dropped: front ends that want to say it probe first
+ * with forge_gpu_probe). */
+static int select_backend(forge_context *ctx, const forge_context_params *p, forge_err *err)
+{
+    int rc;
+    if (p->device == FORGE_DEVICE_GPU || p->device == FORGE_DEVICE_AUTO) {
+        rc = create_gpu(ctx, p, err);
+        if (rc == FORGE_OK || p->device == FORGE_DEVICE_GPU) return rc;
+        if (ctx->be) ctx->be->ops->destroy(ctx->be);
+        ctx->be = NULL;
+    }
+    return backend_cpu_create(ctx->n_threads, p->f32_math, &ctx->be, err);
+}
+
 int forge_context_create(forge_model *model, const forge_context_params *params,
                          forge_context **out, forge_err *err)
 {
@@ -98,7 +149,9 @@ int forge_context_create(forge_model *model, const forge_context_params *params,
     *out = NULL;
     forge_context_params p = params ? *params : forge_context_default_params();
     const forge_model_info *hp = &model->info;
-    if (p.n_ctx < 0 || p.n_batch < 0 || p.n_threads < 0 ||
+    if (p.n_ctx < 0 || p.n_batch < 0 || p.n_threads < 0 || p.gpu_index < 0 ||
+        (p.device != FORGE_DEVICE_CPU && p.device != FORGE_DEVICE_GPU &&
+         p.device != FORGE_DEVICE_AUTO) ||
         (p.kv_type != FORGE_KV_F32 && p.kv_type != FORGE_KV_F16))
         return forge_err_set(err, FORGE_E_INVALID,
                              "bad context parameters: n_ctx %d, n_batch %d, threads %d, kv type %d",
@@ -112,7 +165,7 @@ int forge_context_create(forge_model *model, const forge_context_params *params,
     ctx->n_threads = p.n_threads ? p.n_threads : kern_physical_cores();
     if (ctx->n_threads < 1) ctx->n_threads = 1;
     ctx->kv_type = p.kv_type;
-    if ((rc = backend_cpu_create(ctx->n_threads, p.f32_math, &ctx->be, err))) goto fail;
+    if ((rc = select_backend(ctx, &p, err))) goto fail;
     /* weights: let the backend prepare them (a GPU backend uploads here) */
     if ((rc = for_each_weight(ctx, true, err))) goto fail;
     if ((rc = ctx->be->ops->kv_create(ctx->be, hp->n_layer, ctx->n_ctx, model->n_embd_k_gqa,
@@ -152,6 +205,11 @@ int32_t forge_context_n_threads(const forge_context *ctx)
 int32_t forge_context_pos(const forge_context *ctx)
 {
     return ctx->pos;
+}
+
+const char *forge_context_device(const forge_context *ctx)
+{
+    return ctx && ctx->be ? ctx->be->ops->name : "none";
 }
 
 const forge_model *forge_context_model(const forge_context *ctx)

@@ -17,12 +17,20 @@ const char *engine_opts_help =
     "  -b, --batch-size N   most tokens per forward pass (default 512)\n"
     "  --kv-type f32|f16    KV cache type (default f32)\n"
     "  --f32-math           multiply by F32 copies of the weights (slow; for checking "
-    "arithmetic)\n";
+    "arithmetic; CPU only)\n"
+    "  --device auto|gpu|cpu  where to compute (default auto: the GPU when libforge_cuda.so\n"
+    "                       loads, a GPU exists and the model fits, else the CPU; a note on\n"
+    "                       stderr says why when the GPU library is there but unusable, or\n"
+    "                       when --device auto is given). gpu: fail if the GPU cannot be used.\n"
+    "                       The library is looked for at $FORGE_GPU_LIB if set, else next to\n"
+    "                       forge, else on the library path\n"
+    "  --gpu N              which GPU (default 0)\n";
 
 void engine_opts_init(engine_opts *o)
 {
     memset(o, 0, sizeof *o);
     o->cp = forge_context_default_params();
+    o->cp.device = FORGE_DEVICE_AUTO;
 }
 
 bool cli_parse_int(const char *cmd, const char *opt, const char *val, long min, long max, long *out)
@@ -67,7 +75,9 @@ int engine_opts_parse(engine_opts *o, const char *cmd, int argc, char **argv, in
     bool is_c = !strcmp(a, "-c") || !strcmp(a, "--ctx-size");
     bool is_b = !strcmp(a, "-b") || !strcmp(a, "--batch-size");
     bool is_kv = !strcmp(a, "--kv-type");
-    if (!is_m && !is_t && !is_c && !is_b && !is_kv) return 0;
+    bool is_dev = !strcmp(a, "--device");
+    bool is_gpu = !strcmp(a, "--gpu");
+    if (!is_m && !is_t && !is_c && !is_b && !is_kv && !is_dev && !is_gpu) return 0;
     if (!val) {
         fprintf(stderr, "forge %s: %s needs a value\n", cmd, a);
         return -1;
@@ -84,6 +94,21 @@ int engine_opts_parse(engine_opts *o, const char *cmd, int argc, char **argv, in
     } else if (is_b) {
         if (!cli_parse_int(cmd, a, val, 1, 1 << 20, &v)) return -1;
         o->cp.n_batch = (int32_t)v;
+    } else if (is_gpu) {
+        if (!cli_parse_int(cmd, a, val, 0, 1023, &v)) return -1;
+        o->cp.gpu_index = (int32_t)v;
+    } else if (is_dev) {
+        if (!strcmp(val, "auto"))
+            o->cp.device = FORGE_DEVICE_AUTO;
+        else if (!strcmp(val, "gpu"))
+            o->cp.device = FORGE_DEVICE_GPU;
+        else if (!strcmp(val, "cpu"))
+            o->cp.device = FORGE_DEVICE_CPU;
+        else {
+            fprintf(stderr, "forge %s: --device must be auto, gpu or cpu, not '%s'\n", cmd, val);
+            return -1;
+        }
+        o->device_given = true;
     } else {
         if (!strcmp(val, "f32"))
             o->cp.kv_type = FORGE_KV_F32;
@@ -120,12 +145,38 @@ int engine_load(const engine_opts *o, const char *cmd, forge_model **model, forg
         fprintf(stderr, "forge %s: context %d (the model allows %d; use -c for more)\n", cmd,
                 cp.n_ctx, n_train);
     }
-    if (forge_context_create(*model, &cp, ctx, &err)) {
+    char desc[320] = "";
+    if (cp.device != FORGE_DEVICE_CPU) {
+        /* probe first, so that a fallback note or an error can say what is missing */
+        forge_err perr = {0};
+        if (forge_gpu_probe(cp.gpu_index, desc, sizeof desc, &perr) == FORGE_OK) {
+            cp.device = FORGE_DEVICE_GPU;
+        } else if (cp.device == FORGE_DEVICE_GPU) {
+            fprintf(stderr, "forge %s: --device gpu: %s\n", cmd, perr.msg);
+            forge_model_free(*model);
+            *model = NULL;
+            return 1;
+        } else {
+            /* no library at all is the normal CPU-only install: quiet unless asked */
+            bool no_lib = perr.code == FORGE_E_UNSUPPORTED && !getenv("FORGE_GPU_LIB");
+            if (o->device_given || !no_lib)
+                fprintf(stderr, "forge %s: note: running on the CPU (%s)\n", cmd, perr.msg);
+            cp.device = FORGE_DEVICE_CPU;
+        }
+    }
+    int rc = forge_context_create(*model, &cp, ctx, &err);
+    if (rc && o->cp.device == FORGE_DEVICE_AUTO && cp.device == FORGE_DEVICE_GPU) {
+        fprintf(stderr, "forge %s: note: running on the CPU (GPU: %s)\n", cmd, err.msg);
+        cp.device = FORGE_DEVICE_CPU;
+        rc = forge_context_create(*model, &cp, ctx, &err);
+    }
+    if (rc) {
         fprintf(stderr, "forge %s: %s\n", cmd, err.msg);
         forge_model_free(*model);
         *model = NULL;
         return 1;
     }
+    if (cp.device == FORGE_DEVICE_GPU) fprintf(stderr, "forge %s: on %s\n", cmd, desc);
     return 0;
 }
 

@@ -1,5 +1,6 @@
 /* engine_opts.h - options shared by the engine subcommands (run, eval, perplexity, bench):
- * -m MODEL, -t N, -c CTX, -b N, --kv-type f32|f16, --f32-math, and loading the model + context
+ * -m MODEL, -t N, -c CTX, -b N, --kv-type f32|f16, --f32-math, --device gpu|cpu|auto, --gpu N,
+ * and loading the model + context
  * through the public API. Used only by the CLI. */
 #ifndef FORGE_CLI_ENGINE_OPTS_H
 #define FORGE_CLI_ENGINE_OPTS_H
@@ -11,7 +12,8 @@
 
 typedef struct engine_opts {
     const char *model_path;
-    forge_context_params cp;
+    forge_context_params cp; /* cp.device: AUTO unless --device says otherwise */
+    bool device_given;       /* --device was on the command line */
 } engine_opts;
 
 void engine_opts_init(engine_opts *o);

@@ -1,0 +1,778 @@
+/* backend_gpu.c - the GPU implementation of the backend interface (backend.h) on top of the
+ * gpu_api table of libforge_cuda.so (src/gpu/gpu_ops.h), which is dlopened here once per process:
+ * the CPU library includes no CUDA/HIP header and links no GPU runtime.
+ *
+ * Owns: device activation buffers, the device KV cache ([layer][pos][kv_dim], F32 or F16), the
+ * device copies of the weights (w->dev, uploaded once through pinned staging and re-packed by
+ * gpu_weight_convert), the scratch sized by the planner, and one stream (gpu_ctx) on which all
+ * work is enqueued. The host waits only in buf_read (the logits) and at load/free.
+ *
+ * Decode (n_tok = 1): act_quantize + matvec (Q8_0/Q4_0, CPU numerics) or float matvec; one
+ * quantization serves every matmul that reads the same, unchanged buffer (Q/K/V, gate/up).
+ * Prompt (n_tok > 1): below FORGE_GPU_GEMM_MIN tokens (default 32) the same matvec per token
+ * (numerics identical to decode); from there cuBLAS GEMM, quantized weights dequantized to F16
+ * into a scratch matrix first. Causal attention over several new tokens = the decode kernel
+ * once per query position (its position read from a device array 0..n_ctx-1). */
+#include <dlfcn.h>
+#include <pthread.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "backend/backend_gpu.h"
+#include "core/util.h"
+#include "forge_gguf.h"
+#include "forge_model.h"
+#include "gpu/gpu_ops.h"
+
+struct be_buf {
+    float *d;
+    int64_t n;
+    uint64_t version; /* bumped by every op that writes the buffer */
+};
+
+struct be_kv {
+    int n_layer, n_ctx, kv_dim, type; /* type: GGML_TYPE_F32 / GGML_TYPE_F16 */
+    size_t elt;
+    void *k, *v; /* [n_layer][n_ctx][kv_dim] */
+};
+
+#define GPU_STAGE_BYTES ((size_t)16 << 20) /* two pinned staging buffers for uploads */
+
+typedef struct gpu_backend {
+    backend base;
+    const gpu_api *api;
+    int dev;
+    gpu_ctx *ctx;
+    gpu_stream *st;
+    gpu_blas *blas; /* NULL: no GEMM (HIP build, or a small n_batch): prompt by matvec */
+    bool planned;
+    int gemm_min;      /* prompt chunks of at least this many tokens use GEMM */
+    bool attn_batch;   /* prompt attention: all queries per launch (else one launch each) */
+    size_t attn_bytes; /* size of d_attn */
+    void *d_xq;        /* quantized activation row (act_q8_bytes(max_in)) */
+    void *d_xc;        /* GEMM activations in F16/BF16 (n_batch * max_in * 2 bytes) */
+    void *d_wf16;      /* a quantized matrix dequantized to F16 (max_quant_elems * 2 bytes) */
+    void *d_attn;      /* attention scratch for n_ctx positions */
+    int32_t *d_pos;    /* 0 .. n_ctx-1 */
+    int32_t *d_ids;    /* n_batch token ids */
+    int64_t max_in, max_quant_elems;
+    int n_batch, n_ctx;
+    void *h_stage[2];
+    gpu_event *ev_stage[2];
+    bool stage_used[2];
+    /* the quantized activation in d_xq: which buffer, which version, which row length */
+    const be_buf *xq_src;
+    uint64_t xq_version;
+    int64_t xq_n_in;
+    uint64_t next_version;
+} gpu_backend;
+
+static gpu_backend *gb(backend *be)
+{
+    return (gpu_backend *)be;
+}
+
+/* ---- the library (process-wide, never unloaded: cudart registers exit handlers) -------------- */
+
+static pthread_mutex_t g_lib_lock = PTHREAD_MUTEX_INITIALIZER;
+static const gpu_api *g_api;
+
+static int try_open(const char *path, const char *how, void **handle, forge_err *err)
+{
+    *handle = dlopen(path, RTLD_NOW | RTLD_LOCAL);
+    if (!*handle) {
+        const char *e = dlerror();
+        return forge_err_set(err, FORGE_E_UNSUPPORTED, "cannot load the GPU library %s (%s): %s",
+                             path, how, e ? e : "unknown dlopen error");
+    }
+    return FORGE_OK;
+}
+
+/* Look for libforge_cuda.so: $FORGE_GPU_LIB when set (only there: an explicit choice that
+ * fails is an error), else next to the executable, else the default library search path. */
+static int load_api(const gpu_api **out, forge_err *err)
+{
+    int rc = FORGE_OK;
+    void *h = NULL;
+    pthread_mutex_lock(&g_lib_lock);
+    if (g_api) goto done;
+    const char *env = getenv("FORGE_GPU_LIB");
+    if (env && *env) {
+        if ((rc = try_open(env, "from FORGE_GPU_LIB", &h, err))) goto done;
+    } else {
+        char exe[4096];
+        ssize_t n = readlink("/proc/self/exe", exe, sizeof exe - 32);
+        if (n > 0) {
+            exe[n] = '\0';
+            char *slash = strrchr(exe, '/');
+            if (slash) {
+                strcpy(slash + 1, "libforge_cuda.so");
+                if (access(exe, F_OK) == 0 &&
+                    (rc = try_open(exe, "next to the executable", &h, err)))
+                    goto done;
+            }
+        }
+        if (!h && (rc = try_open("libforge_cuda.so", "default search path; set FORGE_GPU_LIB or "
+                                                     "build it with `make gpu`",
+                                 &h, err)))
+            goto done;
+    }
+    forge_gpu_get_api_fn get = NULL;
+    *(void **)&get = dlsym(h, "forge_gpu_get_api");
+    if (!get) {
+        rc = forge_err_set(err, FORGE_E_UNSUPPORTED,
+                           "the GPU library %s is not a Forge GPU library (no forge_gpu_get_api)",
+                           env && *env ? env : "libforge_cuda.so");
+        goto done;
+    }
+    const gpu_api *api = get(GPU_API_VERSION);
+    if (!api || api->version != GPU_API_VERSION || !api->store || !api->attention_batch) {
+        rc = forge_err_set(err, FORGE_E_UNSUPPORTED,
+                           "the GPU library does not provide interface version %d (rebuild it "
+                           "with `make gpu`)",
+                           GPU_API_VERSION);
+        goto done;
+    }
+    g_api = api;
+    h = NULL; /* kept loaded */
+done:
+    if (h) dlclose(h);
+    if (rc == FORGE_OK) *out = g_api;
+    pthread_mutex_unlock(&g_lib_lock);
+    return rc;
+}
+
+/* Load the library, check that gpu_index exists and select it. */
+static int open_device(int gpu_index, const gpu_api **out, gpu_device_info *info, forge_err *err)
+{
+    const gpu_api *api = NULL;
+    int rc, n = 0;
+    if ((rc = load_api(&api, err))) return rc;
+    if ((rc = api->device_count(&n, err))) {
+        char msg[sizeof err->msg];
+        snprintf(msg, sizeof msg, "%s", err ? err->msg : "");
+        return forge_err_set(err, FORGE_E_DEVICE, "no usable %s GPU (driver or device missing): %s",
+                             api->backend_name(), msg);
+    }
+    if (n == 0) return forge_err_set(err, FORGE_E_DEVICE, "no %s GPU found", api->backend_name());
+    if (gpu_index < 0 || gpu_index >= n)
+        return forge_err_set(err, FORGE_E_RANGE, "GPU %d does not exist (%d GPU%s found)",
+                             gpu_index, n, n == 1 ? "" : "s");
+    if ((rc = api->device_info_get(gpu_index, info, err))) return rc;
+    if ((rc = api->set_device(gpu_index, err))) return rc;
+    *out = api;
+    return FORGE_OK;
+}
+
+int backend_gpu_probe(int gpu_index, char *desc, size_t desc_len, forge_err *err)
+{
+    const gpu_api *api = NULL;
+    gpu_device_info info;
+    int rc = open_device(gpu_index, &api, &info, err);
+    if (rc) return rc;
+    if (desc && desc_len)
+        snprintf(desc, desc_len, "GPU %d: %s, %.1f GiB, %s", gpu_index, info.name,
+                 (double)info.total_mem / (1 << 30), api->backend_name());
+    return FORGE_OK;
+}
+
+int forge_gpu_probe(int32_t gpu_index, char *desc, size_t desc_len, forge_err *err)
+{
+    return backend_gpu_probe(gpu_index, desc, desc_len, err);
+}
+
+/* ---- helpers ----------------------------------------------------------------------------- */
+
+static int check_buf(const be_buf *b, int64_t need, const char *what, forge_err *err)
+{
+    if (!b || need < 0 || b->n < need)
+        return forge_err_set(err, FORGE_E_INTERNAL,
+                             "gpu backend: %s buffer holds %lld floats, op needs %lld", what,
+                             b ? (long long)b->n : -1LL, (long long)need);
+    return FORGE_OK;
+}
+
+static void wrote(gpu_backend *g, be_buf *b)
+{
+    b->version = ++g->next_version;
+}
+
+static int need_plan(const gpu_backend *g, forge_err *err)
+{
+    if (!g->planned)
+        return forge_err_set(err, FORGE_E_INTERNAL, "gpu backend used before backend_gpu_plan");
+    return FORGE_OK;
+}
+
+static int check_weight(const be_weight *w, int64_t n_in, int64_t n_out, const char *op,
+                        forge_err *err)
+{
+    if (!w || !w->dev)
+        return forge_err_set(err, FORGE_E_INTERNAL, "gpu backend %s: weight %s is not uploaded", op,
+                             w && w->name ? w->name : "(null)");
+    if ((n_in >= 0 && w->ne0 != n_in) || (n_out >= 0 && w->ne1 != n_out))
+        return forge_err_set(err, FORGE_E_INTERNAL,
+                             "gpu backend %s: weight %s is %lld x %lld, op needs %lld x %lld", op,
+                             w->name, (long long)w->ne1, (long long)w->ne0, (long long)n_out,
+                             (long long)n_in);
+    return FORGE_OK;
+}
+
+/* ---- buffers ----------------------------------------------------------------------------- */
+
+static int gb_buf_create(backend *be, int64_t n, be_buf **out, forge_err *err)
+{
+    gpu_backend *g = gb(be);
+    int rc;
+    *out = NULL;
+    if (n < 0) return forge_err_set(err, FORGE_E_INVALID, "gpu backend: buffer of %lld floats",
+                                    (long long)n);
+    be_buf *b = calloc(1, sizeof *b);
+    if (!b) return forge_err_set(err, FORGE_E_NOMEM, "out of memory");
+    if ((rc = g->api->malloc((void **)&b->d, (size_t)(n > 0 ? n : 1) * sizeof(float), err))) {
+        free(b);
+        return rc;
+    }
+    b->n = n;
+    *out = b;
+    return FORGE_OK;
+}
+
+static void gb_buf_free(backend *be, be_buf *b)
+{
+    if (!b) return;
+    gpu_backend *g = gb(be);
+    if (g->xq_src == b) g->xq_src = NULL;
+    g->api->free(b->d);
+    free(b);
+}
+
+static int gb_buf_read(backend *be, const be_buf *src, int64_t off, int64_t n, float *dst,
+                       forge_err *err)
+{
+    gpu_backend *g = gb(be);
+    int rc;
+    if (off < 0) return forge_err_set(err, FORGE_E_INTERNAL, "gpu buf_read: offset %lld", (long long)off);
+    if ((rc = check_buf(src, off + n, "read", err))) return rc;
+    if (n == 0) return FORGE_OK;
+    if ((rc = g->api->memcpy_d2h(dst, src->d + off, (size_t)n * sizeof(float), g->st, err)))
+        return rc;
+    return g->api->stream_sync(g->st, err);
+}
+
+/* ---- weights ----------------------------------------------------------------------------- */
+
+static bool is_quant(int type)
+{
+    return type == GGML_TYPE_Q8_0 || type == GGML_TYPE_Q4_0;
+}
+
+static int64_t rows_of(const be_weight *w)
+{
+    return w->ne1 > 0 ? w->ne1 : 1;
+}
+
+void backend_gpu_plan_add_weight(backend *be, be_gpu_plan *p, const be_weight *w)
+{
+    gpu_backend *g = gb(be);
+    if (!w || !w->data) return;
+    size_t b = g->api->weight_bytes(w->type, rows_of(w), w->ne0);
+    p->weight_bytes += b ? (b + 255) / 256 * 256 : w->n_bytes;
+    if (w->ne0 > p->max_in) p->max_in = w->ne0;
+    if (is_quant(w->type) && rows_of(w) * w->ne0 > p->max_quant_elems)
+        p->max_quant_elems = rows_of(w) * w->ne0;
+}
+
+/* Copy n bytes of host memory (the mapping) to d_dst through the pinned staging buffers: the
+ * copy into one buffer overlaps the DMA out of the other. */
+static int upload(gpu_backend *g, void *d_dst, const void *src, size_t n, forge_err *err)
+{
+    int rc = FORGE_OK;
+    for (size_t off = 0, i = 0; off < n; off += GPU_STAGE_BYTES, i++) {
+        int slot = (int)(i & 1);
+        size_t len = n - off < GPU_STAGE_BYTES ? n - off : GPU_STAGE_BYTES;
+        if (g->stage_used[slot] && (rc = g->api->event_sync(g->ev_stage[slot], err))) return rc;
+        memcpy(g->h_stage[slot], (const char *)src + off, len);
+        if ((rc = g->api->memcpy_h2d((char *)d_dst + off, g->h_stage[slot], len, g->st, err)))
+            return rc;
+        if ((rc = g->api->event_record(g->ev_stage[slot], g->st, err))) return rc;
+        g->stage_used[slot] = true;
+    }
+    return rc;
+}
+
+static int gb_weight_prepare(backend *be, be_weight *w, forge_err *err)
+{
+    gpu_backend *g = gb(be);
+    const gpu_api *api = g->api;
+    void *d = NULL, *tmp = NULL;
+    int rc;
+    if ((rc = need_plan(g, err))) return rc;
+    if (w->dev) return FORGE_OK;
+    const int64_t rows = rows_of(w);
+    size_t bytes = api->weight_bytes(w->type, rows, w->ne0);
+    if (bytes == 0)
+        return forge_err_set(err, FORGE_E_UNSUPPORTED,
+                             "tensor %s: type %s (%lld x %lld) is not supported by the GPU backend",
+                             w->name, ggml_type_name(w->type), (long long)rows, (long long)w->ne0);
+    if ((rc = api->malloc(&d, bytes, err))) goto fail;
+    if (!is_quant(w->type)) {
+        if (w->n_bytes < bytes) {
+            rc = forge_err_set(err, FORGE_E_INTERNAL, "tensor %s: %llu bytes, expected %zu",
+                               w->name, (unsigned long long)w->n_bytes, bytes);
+            goto fail;
+        }
+        if ((rc = upload(g, d, w->data, bytes, err))) goto fail;
+    } else {
+        /* the GGUF blocks go to a temporary device buffer, then are re-packed into d */
+        if ((rc = api->malloc_async(&tmp, w->n_bytes, g->st, err))) goto fail;
+        if ((rc = upload(g, tmp, w->data, w->n_bytes, err))) goto fail;
+        if ((rc = api->weight_convert(w->type, tmp, d, rows, w->ne0, g->st, err))) goto fail;
+        rc = api->free_async(tmp, g->st, err);
+        tmp = NULL;
+        if (rc) goto fail;
+    }
+    w->dev = d;
+    return FORGE_OK;
+fail:
+    if (tmp) (void)api->free_async(tmp, g->st, NULL);
+    (void)api->stream_sync(g->st, NULL);
+    api->free(d);
+    return rc;
+}
+
+static void gb_weight_release(backend *be, be_weight *w)
+{
+    if (!w || !w->dev) return;
+    gb(be)->api->free(w->dev);
+    w->dev = NULL;
+}
+
+/* ---- the planner ------------------------------------------------------------------------- */
+
+#define GIB(x) ((double)(x) / (1024.0 * 1024.0 * 1024.0))
+/* cuBLAS workspace, the context's stream and the runtime's own allocations */
+#define GPU_RESERVE_BYTES ((uint64_t)512 << 20)
+
+int backend_gpu_plan(backend *be, const be_gpu_plan *p, forge_err *err)
+{
+    gpu_backend *g = gb(be);
+    const gpu_api *api = g->api;
+    int rc = FORGE_OK;
+    if (g->planned) return forge_err_set(err, FORGE_E_INTERNAL, "backend_gpu_plan called twice");
+    if (p->yarn)
+        return forge_err_set(err, FORGE_E_UNSUPPORTED,
+                             "the GPU backend does not implement YaRN RoPE scaling yet "
+                             "(use --device cpu)");
+    if (p->n_ctx < 1 || p->n_batch < 1 || p->kv_dim < 1 || p->n_head < 1 || p->head_dim < 1)
+        return forge_err_set(err, FORGE_E_INVALID, "backend_gpu_plan: bad sizes");
+    const char *gm = getenv("FORGE_GPU_GEMM_MIN");
+    g->gemm_min = gm && atoi(gm) > 1 ? atoi(gm) : 32;
+    const char *ab = getenv("FORGE_GPU_ATTN_BATCH");
+    g->attn_batch = !(ab && !strcmp(ab, "0"));
+    const bool want_gemm = p->n_batch >= g->gemm_min;
+    const uint64_t kv_elt = p->kv_type == FORGE_KV_F16 ? 2 : 4;
+    const uint64_t kv_per_tok = 2ull * (uint64_t)p->n_layer * (uint64_t)p->kv_dim * kv_elt;
+    const uint64_t kv_bytes = kv_per_tok * (uint64_t)p->n_ctx;
+    const size_t attn = api->attn_scratch_bytes(p->n_head, p->head_dim, p->n_ctx);
+    const size_t xq = api->act_q8_bytes(p->max_in > 0 ? (p->max_in + 31) / 32 * 32 : 32);
+    const size_t xc = want_gemm ? (size_t)p->n_batch * (size_t)p->max_in * 2 : 0;
+    const size_t wf16 = want_gemm ? (size_t)p->max_quant_elems * 2 : 0;
+    const uint64_t scratch = (uint64_t)p->act_floats * 4 + attn + xq + xc + wf16 +
+                             (uint64_t)p->n_ctx * 4 + (uint64_t)p->n_batch * 4 + GPU_RESERVE_BYTES;
+    size_t free_b = 0, total_b = 0;
+    if ((rc = api->mem_info(&free_b, &total_b, err))) return rc;
+    const uint64_t need = p->weight_bytes + kv_bytes + scratch;
+    if (need > free_b) {
+        int64_t fit = free_b > p->weight_bytes + scratch
+                          ? (int64_t)((free_b - p->weight_bytes - scratch) / kv_per_tok)
+                          : 0;
+        if (fit >= 1)
+            return forge_err_set(
+                err, FORGE_E_NOMEM,
+                "the model does not fit on GPU %d: it needs %.2f GiB (weights %.2f, KV cache "
+                "%.2f for %d tokens, scratch %.2f) but %.2f GiB of %.2f are free; -c %lld "
+                "would fit",
+                g->dev, GIB(need), GIB(p->weight_bytes), GIB(kv_bytes), p->n_ctx, GIB(scratch),
+                GIB(free_b), GIB(total_b), (long long)fit);
+        return forge_err_set(err, FORGE_E_NOMEM,
+                             "the model does not fit on GPU %d: weights %.2f GiB + scratch %.2f "
+                             "GiB, but %.2f GiB of %.2f are free (no context length would fit)",
+                             g->dev, GIB(p->weight_bytes), GIB(scratch), GIB(free_b),
+                             GIB(total_b));
+    }
+    if ((rc = api->malloc(&g->d_attn, attn, err))) return rc;
+    g->attn_bytes = attn;
+    if ((rc = api->malloc(&g->d_xq, xq, err))) return rc;
+    if ((rc = api->malloc((void **)&g->d_ids, (size_t)p->n_batch * 4, err))) return rc;
+    if (want_gemm) {
+        if (api->blas_create(&g->blas, NULL)) {
+            g->blas = NULL; /* HIP build: no GEMM, prompts go through matvec */
+        } else {
+            if ((rc = api->malloc(&g->d_xc, xc, err))) return rc;
+            if (wf16 && (rc = api->malloc(&g->d_wf16, wf16, err))) return rc;
+        }
+    }
+    g->max_in = p->max_in;
+    g->max_quant_elems = p->max_quant_elems;
+    g->n_batch = p->n_batch;
+    g->planned = true;
+    return FORGE_OK;
+}
+
+/* ---- KV cache ---------------------------------------------------------------------------- */
+
+static void gb_kv_free(backend *be, be_kv *kv)
+{
+    if (!kv) return;
+    gpu_backend *g = gb(be);
+    g->api->free(kv->k);
+    g->api->free(kv->v);
+    free(kv);
+}
+
+static int gb_kv_create(backend *be, int n_layer, int n_ctx, int kv_dim, int kv_type, be_kv **out,
+                        forge_err *err)
+{
+    gpu_backend *g = gb(be);
+    const gpu_api *api = g->api;
+    int32_t *pos = NULL;
+    int rc;
+    *out = NULL;
+    if (n_layer < 1 || n_ctx < 1 || kv_dim < 1 ||
+        (kv_type != FORGE_KV_F32 && kv_type != FORGE_KV_F16))
+        return forge_err_set(err, FORGE_E_INVALID, "gpu kv cache: bad shape or type");
+    be_kv *kv = calloc(1, sizeof *kv);
+    if (!kv) return forge_err_set(err, FORGE_E_NOMEM, "out of memory");
+    kv->n_layer = n_layer;
+    kv->n_ctx = n_ctx;
+    kv->kv_dim = kv_dim;
+    kv->type = kv_type == FORGE_KV_F16 ? GGML_TYPE_F16 : GGML_TYPE_F32;
+    kv->elt = kv_type == FORGE_KV_F16 ? 2 : 4;
+    size_t bytes = (size_t)n_layer * (size_t)n_ctx * (size_t)kv_dim * kv->elt;
+    if ((rc = api->malloc(&kv->k, bytes, err)) || (rc = api->malloc(&kv->v, bytes, err))) goto fail;
+    if ((rc = api->memset(kv->k, 0, bytes, g->st, err)) ||
+        (rc = api->memset(kv->v, 0, bytes, g->st, err)))
+        goto fail;
+    /* positions 0..n_ctx-1 on the device: RoPE and attention read theirs from here */
+    if (!g->d_pos || g->n_ctx < n_ctx) {
+        api->free(g->d_pos);
+        g->d_pos = NULL;
+        pos = malloc((size_t)n_ctx * sizeof *pos);
+        if (!pos) {
+            rc = forge_err_set(err, FORGE_E_NOMEM, "out of memory");
+            goto fail;
+        }
+        for (int i = 0; i < n_ctx; i++)
+            pos[i] = i;
+        if ((rc = api->malloc((void **)&g->d_pos, (size_t)n_ctx * 4, err))) goto fail;
+        if ((rc = api->memcpy_h2d(g->d_pos, pos, (size_t)n_ctx * 4, g->st, err))) goto fail;
+        if ((rc = api->stream_sync(g->st, err))) goto fail;
+        g->n_ctx = n_ctx;
+    }
+    free(pos);
+    *out = kv;
+    return FORGE_OK;
+fail:
+    free(pos);
+    gb_kv_free(be, kv);
+    return rc;
+}
+
+/* ---- ops --------------------------------------------------------------------------------- */
+
+static int gb_get_rows(backend *be, be_buf *out, const be_weight *table, const int32_t *ids, int n,
+                       forge_err *err)
+{
+    gpu_backend *g = gb(be);
+    int rc;
+    if ((rc = need_plan(g, err)) || (rc = check_weight(table, -1, -1, "get_rows", err)) ||
+        (rc = check_buf(out, (int64_t)n * table->ne0, "get_rows out", err)))
+        return rc;
+    if (n < 1 || n > g->n_batch)
+        return forge_err_set(err, FORGE_E_INTERNAL, "gpu get_rows: %d ids (batch %d)", n,
+                             g->n_batch);
+    /* from pageable memory: the runtime has copied ids when the call returns */
+    if ((rc = g->api->memcpy_h2d(g->d_ids, ids, (size_t)n * 4, g->st, err))) return rc;
+    if ((rc = g->api->embed(table->type, table->dev, table->ne1, table->ne0, g->d_ids, n, out->d,
+                            g->st, err)))
+        return rc;
+    wrote(g, out);
+    return FORGE_OK;
+}
+
+static int gb_rms_norm(backend *be, be_buf *out, const be_buf *x, const be_weight *w,
+                       int64_t n_rows, int64_t dim, float eps, forge_err *err)
+{
+    gpu_backend *g = gb(be);
+    int rc;
+    if ((rc = check_weight(w, dim, -1, "rms_norm", err)) ||
+        (rc = check_buf(x, n_rows * dim, "rms_norm x", err)) ||
+        (rc = check_buf(out, n_rows * dim, "rms_norm out", err)))
+        return rc;
+    if (w->type != GGML_TYPE_F32)
+        return forge_err_set(err, FORGE_E_UNSUPPORTED, "tensor %s: norm weights must be F32",
+                             w->name);
+    if ((rc = g->api->rmsnorm(x->d, w->dev, out->d, dim, n_rows, eps, g->st, err))) return rc;
+    wrote(g, out);
+    return FORGE_OK;
+}
+
+/* y[t] = W x[t] by matvec, one token at a time (decode numerics). */
+static int matmul_by_rows(gpu_backend *g, be_buf *y, const be_weight *w, const be_buf *x,
+                          int n_tok, forge_err *err)
+{
+    const gpu_api *api = g->api;
+    const int64_t n_in = w->ne0, n_out = w->ne1;
+    const bool q = is_quant(w->type);
+    int rc;
+    for (int t = 0; t < n_tok; t++) {
+        const float *xt = x->d + (int64_t)t * n_in;
+        if (q) {
+            bool cached = n_tok == 1 && g->xq_src == x && g->xq_version == x->version &&
+                          g->xq_n_in == n_in;
+            if (!cached) {
+                if ((rc = api->act_quantize(xt, n_in, g->d_xq, g->st, err))) return rc;
+                g->xq_src = n_tok == 1 ? x : NULL;
+                g->xq_version = x->version;
+                g->xq_n_in = n_in;
+            }
+        }
+        if ((rc = api->matvec(w->type, w->dev, n_out, n_in, xt, g->d_xq, y->d + (int64_t)t * n_out,
+                              g->st, err)))
+            return rc;
+    }
+    if (q && n_tok > 1) g->xq_src = NULL;
+    return FORGE_OK;
+}
+
+static int gb_matmul(backend *be, be_buf *y, const be_weight *w, const be_buf *x, int n_tok,
+                     forge_err *err)
+{
+    gpu_backend *g = gb(be);
+    const gpu_api *api = g->api;
+    int rc;
+    if ((rc = check_weight(w, -1, -1, "matmul", err)) ||
+        (rc = check_buf(x, (int64_t)n_tok * w->ne0, "matmul x", err)) ||
+        (rc = check_buf(y, (int64_t)n_tok * w->ne1, "matmul y", err)))
+        return rc;
+    if (x == y) return forge_err_set(err, FORGE_E_INTERNAL, "gpu matmul: y aliases x");
+    if (n_tok < g->gemm_min || !g->blas || n_tok > g->n_batch || w->ne0 > g->max_in) {
+        rc = matmul_by_rows(g, y, w, x, n_tok, err);
+    } else {
+        const void *wd = w->dev;
+        int wt = w->type;
+        if (is_quant(wt)) {
+            if (!g->d_wf16 || w->ne0 * w->ne1 > g->max_quant_elems)
+                return forge_err_set(err, FORGE_E_INTERNAL, "gpu matmul: no F16 scratch for %s",
+                                     w->name);
+            if ((rc = api->weight_to_f16(wt, wd, w->ne1, w->ne0, g->d_wf16, g->st, err)))
+                return rc;
+            wd = g->d_wf16;
+            wt = GGML_TYPE_F16;
+        }
+        rc = api->gemm(g->blas, wt, wd, w->ne1, w->ne0, x->d, n_tok, g->d_xc, y->d, g->st, err);
+    }
+    if (rc) return rc;
+    wrote(g, y);
+    return FORGE_OK;
+}
+
+static int gb_add_bias(backend *be, be_buf *y, const be_weight *b, int n_tok, forge_err *err)
+{
+    gpu_backend *g = gb(be);
+    int rc;
+    if ((rc = check_weight(b, -1, -1, "add_bias", err)) ||
+        (rc = check_buf(y, (int64_t)n_tok * b->ne0, "add_bias y", err)))
+        return rc;
+    if (b->type != GGML_TYPE_F32)
+        return forge_err_set(err, FORGE_E_UNSUPPORTED, "tensor %s: biases must be F32", b->name);
+    if ((rc = g->api->add_rows(y->d, b->dev, n_tok, b->ne0, g->st, err))) return rc;
+    wrote(g, y);
+    return FORGE_OK;
+}
+
+static int gb_rope(backend *be, be_buf *x, int n_tok, int n_head, int head_dim, int pos0,
+                   const be_rope *r, forge_err *err)
+{
+    gpu_backend *g = gb(be);
+    int rc;
+    if ((rc = check_buf(x, (int64_t)n_tok * n_head * head_dim, "rope x", err))) return rc;
+    if (pos0 < 0 || pos0 + n_tok > g->n_ctx)
+        return forge_err_set(err, FORGE_E_INTERNAL, "gpu rope: positions %d..%d beyond %d", pos0,
+                             pos0 + n_tok - 1, g->n_ctx);
+    if (r->ext_factor != 0.0f || r->attn_factor != 1.0f)
+        return forge_err_set(err, FORGE_E_UNSUPPORTED,
+                             "the GPU backend does not implement YaRN RoPE scaling yet");
+    const float *ff = NULL;
+    if (r->freq_factors) {
+        if ((rc = check_weight(r->freq_factors, -1, -1, "rope", err))) return rc;
+        ff = r->freq_factors->dev;
+    }
+    if ((rc = g->api->rope(x->d, n_tok, n_head, head_dim, r->n_rot,
+                           r->mode == BE_ROPE_NEOX ? GPU_ROPE_NEOX : GPU_ROPE_NORM,
+                           g->d_pos + pos0, r->freq_base, r->freq_scale, ff, g->st, err)))
+        return rc;
+    wrote(g, x);
+    return FORGE_OK;
+}
+
+static int gb_attention(backend *be, be_buf *out, const be_buf *q, const be_buf *k,
+                        const be_buf *v, be_kv *kv, const be_attn *a, forge_err *err)
+{
+    gpu_backend *g = gb(be);
+    const gpu_api *api = g->api;
+    const int64_t QD = (int64_t)a->n_head * a->head_dim, KD = (int64_t)a->n_head_kv * a->head_dim;
+    int rc;
+    if ((rc = need_plan(g, err)) || (rc = check_buf(q, a->n_tok * QD, "attention q", err)) ||
+        (rc = check_buf(k, a->n_tok * KD, "attention k", err)) ||
+        (rc = check_buf(v, a->n_tok * KD, "attention v", err)) ||
+        (rc = check_buf(out, a->n_tok * QD, "attention out", err)))
+        return rc;
+    if (KD != kv->kv_dim || a->layer < 0 || a->layer >= kv->n_layer || a->pos0 < 0 ||
+        a->pos0 + a->n_tok > kv->n_ctx || kv->n_ctx > g->n_ctx)
+        return forge_err_set(err, FORGE_E_INTERNAL,
+                             "gpu attention: layer %d positions %d+%d kv_dim %lld vs cache %d x %d",
+                             a->layer, a->pos0, a->n_tok, (long long)KD, kv->n_ctx, kv->kv_dim);
+    const size_t layer_bytes = (size_t)kv->n_ctx * (size_t)kv->kv_dim * kv->elt;
+    char *kl = (char *)kv->k + (size_t)a->layer * layer_bytes;
+    char *vl = (char *)kv->v + (size_t)a->layer * layer_bytes;
+    const size_t at = (size_t)a->pos0 * (size_t)kv->kv_dim * kv->elt;
+    if ((rc = api->store(k->d, kl + at, kv->type, a->n_tok * KD, g->st, err)) ||
+        (rc = api->store(v->d, vl + at, kv->type, a->n_tok * KD, g->st, err)))
+        return rc;
+    gpu_attn_args args = {0};
+    args.d_k = kl;
+    args.d_v = vl;
+    args.kv_type = kv->type;
+    args.pos_stride = kv->kv_dim;
+    args.head_stride = a->head_dim;
+    args.n_head = a->n_head;
+    args.n_kv_head = a->n_head_kv;
+    args.head_dim = a->head_dim;
+    args.scale = a->scale;
+    args.d_scratch = g->d_attn;
+    if (a->n_tok > 1 && g->attn_batch) {
+        /* causal prompt: query t attends positions 0..pos0+t (its position from d_pos); as many
+         * queries per launch as the scratch holds with one split each */
+        const int64_t per_q = (int64_t)a->n_head * (a->head_dim + 2) * (int64_t)sizeof(float);
+        int64_t chunk = (int64_t)(g->attn_bytes / (size_t)per_q);
+        if (chunk > 65535) chunk = 65535;
+        if (chunk < 1)
+            return forge_err_set(err, FORGE_E_INTERNAL, "gpu attention: scratch too small");
+        for (int t0 = 0; t0 < a->n_tok; t0 += (int)chunk) {
+            int64_t nq = a->n_tok - t0 < chunk ? a->n_tok - t0 : chunk;
+            args.d_q = q->d + t0 * QD;
+            args.d_out = out->d + t0 * QD;
+            args.d_pos = g->d_pos + a->pos0 + t0;
+            args.max_kv = a->pos0 + t0 + nq;
+            if ((rc = api->attention_batch(&args, nq, QD, QD, g->attn_bytes, g->st, err)))
+                return rc;
+        }
+    } else {
+        for (int t = 0; t < a->n_tok; t++) {
+            args.d_q = q->d + t * QD;
+            args.d_pos = g->d_pos + a->pos0 + t;
+            args.max_kv = a->pos0 + t + 1;
+            args.d_out = out->d + t * QD;
+            if ((rc = api->attention(&args, g->st, err))) return rc;
+        }
+    }
+    wrote(g, out);
+    return FORGE_OK;
+}
+
+static int gb_swiglu(backend *be, be_buf *out, const be_buf *gate, const be_buf *up, int64_t n,
+                     forge_err *err)
+{
+    gpu_backend *g = gb(be);
+    int rc;
+    if ((rc = check_buf(gate, n, "swiglu gate", err)) || (rc = check_buf(up, n, "swiglu up", err)) ||
+        (rc = check_buf(out, n, "swiglu out", err)))
+        return rc;
+    if ((rc = g->api->swiglu(gate->d, up->d, out->d, n, g->st, err))) return rc;
+    wrote(g, out);
+    return FORGE_OK;
+}
+
+static int gb_add(backend *be, be_buf *x, const be_buf *y, int64_t n, forge_err *err)
+{
+    gpu_backend *g = gb(be);
+    int rc;
+    if ((rc = check_buf(x, n, "add x", err)) || (rc = check_buf(y, n, "add y", err))) return rc;
+    if ((rc = g->api->add(x->d, y->d, x->d, n, g->st, err))) return rc;
+    wrote(g, x);
+    return FORGE_OK;
+}
+
+static int gb_copy_rows(backend *be, be_buf *dst, const be_buf *src, int64_t src_row,
+                        int64_t n_rows, int64_t row_len, forge_err *err)
+{
+    gpu_backend *g = gb(be);
+    int rc;
+    if ((rc = check_buf(src, (src_row + n_rows) * row_len, "copy_rows src", err)) ||
+        (rc = check_buf(dst, n_rows * row_len, "copy_rows dst", err)))
+        return rc;
+    if ((rc = g->api->memcpy_d2d(dst->d, src->d + src_row * row_len,
+                                 (size_t)(n_rows * row_len) * sizeof(float), g->st, err)))
+        return rc;
+    wrote(g, dst);
+    return FORGE_OK;
+}
+
+static void gb_destroy(backend *be)
+{
+    if (!be) return;
+    gpu_backend *g = gb(be);
+    const gpu_api *api = g->api;
+    if (g->st) (void)api->stream_sync(g->st, NULL);
+    api->free(g->d_xq);
+    api->free(g->d_xc);
+    api->free(g->d_wf16);
+    api->free(g->d_attn);
+    api->free(g->d_pos);
+    api->free(g->d_ids);
+    api->blas_free(g->blas);
+    for (int i = 0; i < 2; i++) {
+        api->event_destroy(g->ev_stage[i]);
+        api->host_free(g->h_stage[i]);
+    }
+    api->ctx_free(g->ctx);
+    free(g);
+}
+
+static const be_ops gpu_ops = {
+    "GPU",          gb_destroy,    gb_buf_create, gb_buf_free,  gb_buf_read,
+    gb_weight_prepare, gb_weight_release, gb_kv_create, gb_kv_free, gb_get_rows,
+    gb_rms_norm,    gb_matmul,     gb_add_bias,   gb_rope,      gb_attention,
+    gb_swiglu,      gb_add,        gb_copy_rows,
+};
+
+int backend_gpu_create(int gpu_index, backend **out, forge_err *err)
+{
+    const gpu_api *api = NULL;
+    gpu_device_info info;
+    gpu_backend *g = NULL;
+    int rc;
+    *out = NULL;
+    if ((rc = open_device(gpu_index, &api, &info, err))) return rc;
+    g = calloc(1, sizeof *g);
+    if (!g) return forge_err_set(err, FORGE_E_NOMEM, "out of memory");
+    g->base.ops = &gpu_ops;
+    g->api = api;
+    g->dev = gpu_index;
+    g->gemm_min = 32;
+    if ((rc = api->ctx_create(&g->ctx, err))) goto fail;
+    g->st = api->ctx_stream(g->ctx);
+    for (int i = 0; i < 2; i++) {
+        if ((rc = api->host_alloc(&g->h_stage[i], GPU_STAGE_BYTES, err))) goto fail;
+        if ((rc = api->event_create(&g->ev_stage[i], 0, err))) goto fail;
+    }
+    *out = &g->base;
+    return FORGE_OK;
+fail:
+    gb_destroy(&g->base);
+    return rc;
+}

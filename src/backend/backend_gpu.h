@@ -1,0 +1,42 @@
+/* backend_gpu.h - the GPU implementation of the backend interface (backend.h), on top of the
+ * gpu_api table of libforge_cuda.so, which it dlopens (no CUDA/HIP header, no link-time GPU
+ * dependency). The context creates it, sizes it with backend_gpu_plan (the memory planner) and
+ * then prepares the weights (upload) and the KV cache like for any backend. */
+#ifndef FORGE_BACKEND_GPU_H
+#define FORGE_BACKEND_GPU_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#include "backend/backend.h"
+
+/* What the planner must know before anything is uploaded. Fill the model part with
+ * backend_gpu_plan_add_weight for every weight the context will prepare. */
+typedef struct be_gpu_plan {
+    uint64_t weight_bytes;   /* device bytes of all weights (summed by plan_add_weight) */
+    int64_t max_quant_elems; /* largest Q8_0/Q4_0 matrix, rows x cols (prefill dequant scratch) */
+    int64_t max_in;          /* longest matrix row (activation scratch) */
+    int n_layer, n_ctx, kv_dim, kv_type; /* kv_type: FORGE_KV_F32 / FORGE_KV_F16 */
+    int n_head, head_dim, n_batch;
+    int64_t act_floats; /* floats of all activation buffers the context will create */
+    bool yarn;          /* the model uses YaRN RoPE (not implemented on the GPU yet) */
+} be_gpu_plan;
+
+/* Load libforge_cuda.so (once per process), select GPU gpu_index and create a backend with its
+ * own stream. Errors: FORGE_E_UNSUPPORTED (no library, or not a Forge GPU library),
+ * FORGE_E_DEVICE (no driver or device), FORGE_E_RANGE (no such GPU). Owned by the caller
+ * (ops->destroy). */
+int backend_gpu_create(int gpu_index, backend **out, forge_err *err);
+
+void backend_gpu_plan_add_weight(backend *be, be_gpu_plan *p, const be_weight *w);
+
+/* Check that weights + KV cache + scratch fit in the free device memory (FORGE_E_NOMEM with the
+ * numbers and the -c that would fit, if not), then allocate the scratch. Call once, before any
+ * weight_prepare. */
+int backend_gpu_plan(backend *be, const be_gpu_plan *p, forge_err *err);
+
+/* See forge_gpu_probe (include/forge_model.h). */
+int backend_gpu_probe(int gpu_index, char *desc, size_t desc_len, forge_err *err);
+
+#endif /* FORGE_BACKEND_GPU_H */
