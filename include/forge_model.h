@@ -109,9 +109,9 @@ typedef struct forge_context_params {
     int32_t n_batch;   /* most tokens per forward pass (longer inputs are split); 0: 512 */
     int32_t n_threads; /* 0: the number of physical cores */
     forge_kv_type kv_type;
-    bool f32_math; /* multiply by F32 copies of each weight row (dequantized on the fly)
-                    * instead of ggml's mixed-precision kernels: slower, for checking
-                    * arithmetic against float32 references */
+    bool f32_math;       /* multiply by F32 copies of each weight row (dequantized on the fly)
+                          * instead of ggml's mixed-precision kernels: slower, for checking
+                          * arithmetic against float32 references */
     forge_device device; /* default FORGE_DEVICE_CPU */
     int32_t gpu_index;   /* which GPU (0-based) for GPU/AUTO */
 } forge_context_params;

@@ -68,12 +68,14 @@ echo "Tell me a very long story" >&3
 for _ in $(seq 50); do grep -q '^forge chat:' "$tmp/err6" && break; sleep 0.1; done
 sleep 0.5
 kill -INT "$pid" 2>/dev/null
-sleep 0.5
+# wait until the first turn is over, then ask again
+for _ in $(seq 200); do grep -q '^\[turn:' "$tmp/err6" && break; sleep 0.1; done
+size0=$(stat -c %s "$tmp/out6")
 echo "/system short" >&3
 echo "Hi" >&3
-# the second answer would run to the end of the (large) context: interrupt it too, once started
-for _ in $(seq 100); do [ "$(grep -c '^\[interrupted\]' "$tmp/err6")" -ge 1 ] && break; sleep 0.1; done
-sleep 0.5
+# the second answer would run to the end of the (large) context: interrupt it too, once it is
+# streaming (waiting on the output, not on a clock, keeps this right on a slow sanitizer build)
+for _ in $(seq 300); do [ "$(stat -c %s "$tmp/out6")" -gt "$size0" ] && break; sleep 0.1; done
 kill -INT "$pid" 2>/dev/null
 echo "/exit" >&3
 exec 3>&-

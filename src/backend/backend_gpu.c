@@ -11,8 +11,9 @@
  * quantization serves every matmul that reads the same, unchanged buffer (Q/K/V, gate/up).
  * Prompt (n_tok > 1): below FORGE_GPU_GEMM_MIN tokens (default 32) the same matvec per token
  * (numerics identical to decode); from there cuBLAS GEMM, quantized weights dequantized to F16
- * into a scratch matrix first. Causal attention over several new tokens = the decode kernel
- * once per query position (its position read from a device array 0..n_ctx-1). */
+ * into a scratch matrix first. Causal attention over several new tokens = the decode kernel with
+ * one more grid dimension over the queries (gpu_attention_batch), each query reading its own
+ * position from a device array 0..n_ctx-1; FORGE_GPU_ATTN_BATCH=0: one launch per query. */
 #include <dlfcn.h>
 #include <pthread.h>
 #include <stdio.h>
@@ -96,26 +97,30 @@ static int load_api(const gpu_api **out, forge_err *err)
 {
     int rc = FORGE_OK;
     void *h = NULL;
+    char exe[4096];
+    const char *opened = "libforge_cuda.so";
     pthread_mutex_lock(&g_lib_lock);
     if (g_api) goto done;
     const char *env = getenv("FORGE_GPU_LIB");
     if (env && *env) {
         if ((rc = try_open(env, "from FORGE_GPU_LIB", &h, err))) goto done;
+        opened = env;
     } else {
-        char exe[4096];
         ssize_t n = readlink("/proc/self/exe", exe, sizeof exe - 32);
         if (n > 0) {
             exe[n] = '\0';
             char *slash = strrchr(exe, '/');
             if (slash) {
                 strcpy(slash + 1, "libforge_cuda.so");
-                if (access(exe, F_OK) == 0 &&
-                    (rc = try_open(exe, "next to the executable", &h, err)))
-                    goto done;
+                if (access(exe, F_OK) == 0) {
+                    if ((rc = try_open(exe, "next to the executable", &h, err))) goto done;
+                    opened = exe;
+                }
             }
         }
-        if (!h && (rc = try_open("libforge_cuda.so", "default search path; set FORGE_GPU_LIB or "
-                                                     "build it with `make gpu`",
+        if (!h && (rc = try_open("libforge_cuda.so",
+                                 "default search path; set FORGE_GPU_LIB or "
+                                 "build it with `make gpu`",
                                  &h, err)))
             goto done;
     }
@@ -124,15 +129,15 @@ static int load_api(const gpu_api **out, forge_err *err)
     if (!get) {
         rc = forge_err_set(err, FORGE_E_UNSUPPORTED,
                            "the GPU library %s is not a Forge GPU library (no forge_gpu_get_api)",
-                           env && *env ? env : "libforge_cuda.so");
+                           opened);
         goto done;
     }
     const gpu_api *api = get(GPU_API_VERSION);
     if (!api || api->version != GPU_API_VERSION || !api->store || !api->attention_batch) {
         rc = forge_err_set(err, FORGE_E_UNSUPPORTED,
-                           "the GPU library does not provide interface version %d (rebuild it "
-                           "with `make gpu`)",
-                           GPU_API_VERSION);
+                           "the GPU library %s does not provide interface version %d (rebuild "
+                           "it with `make gpu`)",
+                           opened, GPU_API_VERSION);
         goto done;
     }
     g_api = api;
@@ -213,10 +218,9 @@ static int check_weight(const be_weight *w, int64_t n_in, int64_t n_out, const c
         return forge_err_set(err, FORGE_E_INTERNAL, "gpu backend %s: weight %s is not uploaded", op,
                              w && w->name ? w->name : "(null)");
     if ((n_in >= 0 && w->ne0 != n_in) || (n_out >= 0 && w->ne1 != n_out))
-        return forge_err_set(err, FORGE_E_INTERNAL,
-                             "gpu backend %s: weight %s is %lld x %lld, op needs %lld x %lld", op,
-                             w->name, (long long)w->ne1, (long long)w->ne0, (long long)n_out,
-                             (long long)n_in);
+        return forge_err_set(
+            err, FORGE_E_INTERNAL, "gpu backend %s: weight %s is %lld x %lld, op needs %lld x %lld",
+            op, w->name, (long long)w->ne1, (long long)w->ne0, (long long)n_out, (long long)n_in);
     return FORGE_OK;
 }
 
@@ -227,8 +231,9 @@ static int gb_buf_create(backend *be, int64_t n, be_buf **out, forge_err *err)
     gpu_backend *g = gb(be);
     int rc;
     *out = NULL;
-    if (n < 0) return forge_err_set(err, FORGE_E_INVALID, "gpu backend: buffer of %lld floats",
-                                    (long long)n);
+    if (n < 0)
+        return forge_err_set(err, FORGE_E_INVALID, "gpu backend: buffer of %lld floats",
+                             (long long)n);
     be_buf *b = calloc(1, sizeof *b);
     if (!b) return forge_err_set(err, FORGE_E_NOMEM, "out of memory");
     if ((rc = g->api->malloc((void **)&b->d, (size_t)(n > 0 ? n : 1) * sizeof(float), err))) {
@@ -254,7 +259,8 @@ static int gb_buf_read(backend *be, const be_buf *src, int64_t off, int64_t n, f
 {
     gpu_backend *g = gb(be);
     int rc;
-    if (off < 0) return forge_err_set(err, FORGE_E_INTERNAL, "gpu buf_read: offset %lld", (long long)off);
+    if (off < 0)
+        return forge_err_set(err, FORGE_E_INTERNAL, "gpu buf_read: offset %lld", (long long)off);
     if ((rc = check_buf(src, off + n, "read", err))) return rc;
     if (n == 0) return FORGE_OK;
     if ((rc = g->api->memcpy_d2h(dst, src->d + off, (size_t)n * sizeof(float), g->st, err)))
@@ -400,8 +406,7 @@ int backend_gpu_plan(backend *be, const be_gpu_plan *p, forge_err *err)
         return forge_err_set(err, FORGE_E_NOMEM,
                              "the model does not fit on GPU %d: weights %.2f GiB + scratch %.2f "
                              "GiB, but %.2f GiB of %.2f are free (no context length would fit)",
-                             g->dev, GIB(p->weight_bytes), GIB(scratch), GIB(free_b),
-                             GIB(total_b));
+                             g->dev, GIB(p->weight_bytes), GIB(scratch), GIB(free_b), GIB(total_b));
     }
     if ((rc = api->malloc(&g->d_attn, attn, err))) return rc;
     g->attn_bytes = attn;
@@ -521,8 +526,8 @@ static int gb_rms_norm(backend *be, be_buf *out, const be_buf *x, const be_weigh
 }
 
 /* y[t] = W x[t] by matvec, one token at a time (decode numerics). */
-static int matmul_by_rows(gpu_backend *g, be_buf *y, const be_weight *w, const be_buf *x,
-                          int n_tok, forge_err *err)
+static int matmul_by_rows(gpu_backend *g, be_buf *y, const be_weight *w, const be_buf *x, int n_tok,
+                          forge_err *err)
 {
     const gpu_api *api = g->api;
     const int64_t n_in = w->ne0, n_out = w->ne1;
@@ -531,8 +536,8 @@ static int matmul_by_rows(gpu_backend *g, be_buf *y, const be_weight *w, const b
     for (int t = 0; t < n_tok; t++) {
         const float *xt = x->d + (int64_t)t * n_in;
         if (q) {
-            bool cached = n_tok == 1 && g->xq_src == x && g->xq_version == x->version &&
-                          g->xq_n_in == n_in;
+            bool cached =
+                n_tok == 1 && g->xq_src == x && g->xq_version == x->version && g->xq_n_in == n_in;
             if (!cached) {
                 if ((rc = api->act_quantize(xt, n_in, g->d_xq, g->st, err))) return rc;
                 g->xq_src = n_tok == 1 ? x : NULL;
@@ -568,8 +573,7 @@ static int gb_matmul(backend *be, be_buf *y, const be_weight *w, const be_buf *x
             if (!g->d_wf16 || w->ne0 * w->ne1 > g->max_quant_elems)
                 return forge_err_set(err, FORGE_E_INTERNAL, "gpu matmul: no F16 scratch for %s",
                                      w->name);
-            if ((rc = api->weight_to_f16(wt, wd, w->ne1, w->ne0, g->d_wf16, g->st, err)))
-                return rc;
+            if ((rc = api->weight_to_f16(wt, wd, w->ne1, w->ne0, g->d_wf16, g->st, err))) return rc;
             wd = g->d_wf16;
             wt = GGML_TYPE_F16;
         }
@@ -612,15 +616,15 @@ static int gb_rope(backend *be, be_buf *x, int n_tok, int n_head, int head_dim, 
         ff = r->freq_factors->dev;
     }
     if ((rc = g->api->rope(x->d, n_tok, n_head, head_dim, r->n_rot,
-                           r->mode == BE_ROPE_NEOX ? GPU_ROPE_NEOX : GPU_ROPE_NORM,
-                           g->d_pos + pos0, r->freq_base, r->freq_scale, ff, g->st, err)))
+                           r->mode == BE_ROPE_NEOX ? GPU_ROPE_NEOX : GPU_ROPE_NORM, g->d_pos + pos0,
+                           r->freq_base, r->freq_scale, ff, g->st, err)))
         return rc;
     wrote(g, x);
     return FORGE_OK;
 }
 
-static int gb_attention(backend *be, be_buf *out, const be_buf *q, const be_buf *k,
-                        const be_buf *v, be_kv *kv, const be_attn *a, forge_err *err)
+static int gb_attention(backend *be, be_buf *out, const be_buf *q, const be_buf *k, const be_buf *v,
+                        be_kv *kv, const be_attn *a, forge_err *err)
 {
     gpu_backend *g = gb(be);
     const gpu_api *api = g->api;
@@ -689,8 +693,8 @@ static int gb_swiglu(backend *be, be_buf *out, const be_buf *gate, const be_buf 
 {
     gpu_backend *g = gb(be);
     int rc;
-    if ((rc = check_buf(gate, n, "swiglu gate", err)) || (rc = check_buf(up, n, "swiglu up", err)) ||
-        (rc = check_buf(out, n, "swiglu out", err)))
+    if ((rc = check_buf(gate, n, "swiglu gate", err)) ||
+        (rc = check_buf(up, n, "swiglu up", err)) || (rc = check_buf(out, n, "swiglu out", err)))
         return rc;
     if ((rc = g->api->swiglu(gate->d, up->d, out->d, n, g->st, err))) return rc;
     wrote(g, out);
@@ -744,10 +748,24 @@ static void gb_destroy(backend *be)
 }
 
 static const be_ops gpu_ops = {
-    "GPU",          gb_destroy,    gb_buf_create, gb_buf_free,  gb_buf_read,
-    gb_weight_prepare, gb_weight_release, gb_kv_create, gb_kv_free, gb_get_rows,
-    gb_rms_norm,    gb_matmul,     gb_add_bias,   gb_rope,      gb_attention,
-    gb_swiglu,      gb_add,        gb_copy_rows,
+    .name = "GPU",
+    .destroy = gb_destroy,
+    .buf_create = gb_buf_create,
+    .buf_free = gb_buf_free,
+    .buf_read = gb_buf_read,
+    .weight_prepare = gb_weight_prepare,
+    .weight_release = gb_weight_release,
+    .kv_create = gb_kv_create,
+    .kv_free = gb_kv_free,
+    .get_rows = gb_get_rows,
+    .rms_norm = gb_rms_norm,
+    .matmul = gb_matmul,
+    .add_bias = gb_add_bias,
+    .rope = gb_rope,
+    .attention = gb_attention,
+    .swiglu = gb_swiglu,
+    .add = gb_add,
+    .copy_rows = gb_copy_rows,
 };
 
 int backend_gpu_create(int gpu_index, backend **out, forge_err *err)

@@ -375,8 +375,8 @@ static int launch_split_dpl(const att_args &a, int dpl, int vec, dim3 grid, size
 }
 
 /* n_q queries (n_q = 1 with batch_scratch 0: the decode layout of gpu_attn_scratch_bytes). */
-static int attention_impl(const gpu_attn_args *p, int64_t n_q, int64_t q_stride,
-                          int64_t out_stride, size_t batch_scratch, gpu_stream *s, forge_err *err)
+static int attention_impl(const gpu_attn_args *p, int64_t n_q, int64_t q_stride, int64_t out_stride,
+                          size_t batch_scratch, gpu_stream *s, forge_err *err)
 {
     int rc = FORGE_OK;
     cudaStream_t st = GPU_STREAM(s);

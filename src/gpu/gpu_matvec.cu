@@ -654,8 +654,8 @@ __global__ void k_weight_to_f16(const uint8_t *__restrict__ table,
             out[r * n_in + i] = gpu_f32_to_fp16(embed_elem<WT>(table, scales, r, n_in, i));
 }
 
-GPU_API int gpu_weight_to_f16(int wtype, const void *d_w, int64_t n_rows, int64_t n_in,
-                              void *d_out, gpu_stream *s, forge_err *err)
+GPU_API int gpu_weight_to_f16(int wtype, const void *d_w, int64_t n_rows, int64_t n_in, void *d_out,
+                              gpu_stream *s, forge_err *err)
 {
     int rc = FORGE_OK;
     cudaStream_t st = GPU_STREAM(s);

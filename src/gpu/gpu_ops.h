@@ -293,8 +293,7 @@ typedef struct gpu_api {
     int (*event_record)(gpu_event *e, gpu_stream *s, forge_err *err);
     int (*event_sync)(gpu_event *e, forge_err *err);
     int (*attention_batch)(const gpu_attn_args *a, int64_t n_q, int64_t q_stride,
-                           int64_t out_stride, size_t scratch_bytes, gpu_stream *s,
-                           forge_err *err);
+                           int64_t out_stride, size_t scratch_bytes, gpu_stream *s, forge_err *err);
 } gpu_api;
 
 /* The one symbol the engine looks up after dlopen("libforge_cuda.so"). NULL if `version` is not

@@ -412,19 +412,19 @@ fail:
 }
 
 static const gpu_api g_api_v1 = {
-    GPU_API_VERSION,  gpu_backend_name,   gpu_device_count, gpu_device_info_get,
-    gpu_set_device,   gpu_device_sync,    gpu_malloc,       gpu_free,
-    gpu_malloc_async, gpu_free_async,     gpu_memcpy_h2d,   gpu_memcpy_d2h,
-    gpu_memcpy_d2d,   gpu_memset,         gpu_ctx_create,   gpu_ctx_free,
-    gpu_ctx_stream,   gpu_ctx_scratch,    gpu_stream_sync,  gpu_graph_begin,
-    gpu_graph_end,    gpu_graph_launch,   gpu_graph_free,   gpu_matvec_supported,
-    gpu_weight_bytes, gpu_weight_convert, gpu_act_q8_bytes, gpu_act_quantize,
-    gpu_matvec,       gpu_rmsnorm,        gpu_rope,         gpu_swiglu,
-    gpu_add,          gpu_embed,          gpu_argmax,       gpu_attn_scratch_bytes,
-    gpu_attention,    gpu_blas_create,    gpu_blas_free,    gpu_gemm,
-    gpu_copy,         gpu_mem_info,       gpu_weight_to_f16, gpu_add_rows,
-    gpu_store,        gpu_host_alloc,     gpu_host_free,    gpu_event_create,
-    gpu_event_destroy, gpu_event_record,  gpu_event_sync,   gpu_attention_batch,
+    GPU_API_VERSION,   gpu_backend_name,   gpu_device_count,  gpu_device_info_get,
+    gpu_set_device,    gpu_device_sync,    gpu_malloc,        gpu_free,
+    gpu_malloc_async,  gpu_free_async,     gpu_memcpy_h2d,    gpu_memcpy_d2h,
+    gpu_memcpy_d2d,    gpu_memset,         gpu_ctx_create,    gpu_ctx_free,
+    gpu_ctx_stream,    gpu_ctx_scratch,    gpu_stream_sync,   gpu_graph_begin,
+    gpu_graph_end,     gpu_graph_launch,   gpu_graph_free,    gpu_matvec_supported,
+    gpu_weight_bytes,  gpu_weight_convert, gpu_act_q8_bytes,  gpu_act_quantize,
+    gpu_matvec,        gpu_rmsnorm,        gpu_rope,          gpu_swiglu,
+    gpu_add,           gpu_embed,          gpu_argmax,        gpu_attn_scratch_bytes,
+    gpu_attention,     gpu_blas_create,    gpu_blas_free,     gpu_gemm,
+    gpu_copy,          gpu_mem_info,       gpu_weight_to_f16, gpu_add_rows,
+    gpu_store,         gpu_host_alloc,     gpu_host_free,     gpu_event_create,
+    gpu_event_destroy, gpu_event_record,   gpu_event_sync,    gpu_attention_batch,
 };
 
 GPU_API const gpu_api *forge_gpu_get_api(int version)

@@ -111,7 +111,8 @@ static int create_gpu(forge_context *ctx, const forge_context_params *p, forge_e
             backend_gpu_plan_add_weight(ctx->be, &pl, &lw[i]);
     }
     const int64_t nb = ctx->n_batch, E = hp->n_embd, F = hp->n_ff, V = hp->n_vocab;
-    const int64_t QD = (int64_t)hp->n_head * hp->head_dim, KD = (int64_t)hp->n_head_kv * hp->head_dim;
+    const int64_t QD = (int64_t)hp->n_head * hp->head_dim,
+                  KD = (int64_t)hp->n_head_kv * hp->head_dim;
     pl.n_layer = hp->n_layer;
     pl.n_ctx = ctx->n_ctx;
     pl.kv_dim = m->n_embd_k_gqa;

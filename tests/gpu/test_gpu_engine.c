@@ -170,8 +170,9 @@ static void one_arch(const char *dir, const char *arch)
             if (ec > worst_cpu) worst_cpu = ec;
         }
         double gc = nmse(gpu, cpu, (size_t)n_in * V);
-        check(worst_gpu <= 1e-4, "%s [%s]: GPU logits vs HF, worst NMSE over %d positions %.3g "
-                                 "(CPU %.3g), GPU vs CPU all positions %.3g",
+        check(worst_gpu <= 1e-4,
+              "%s [%s]: GPU logits vs HF, worst NMSE over %d positions %.3g "
+              "(CPU %.3g), GPU vs CPU all positions %.3g",
               arch, variants[vi].label, n_pos, worst_gpu, worst_cpu, gc);
         int same_cpu = !memcmp(cpu_ids, gpu_ids, sizeof(int) * (size_t)n_gen);
         int same_hf = !memcmp(greedy, gpu_ids, sizeof(int) * (size_t)n_gen);
