@@ -166,14 +166,14 @@ int cmd_bench(int argc, char **argv)
             json_str(model_name);
             printf(", \"model_file\": ");
             json_str(o.model_path);
-            printf(", \"model_size\": %llu, \"model_n_params\": %llu, \"backend\": \"CPU\", "
+            printf(", \"model_size\": %llu, \"model_n_params\": %llu, \"backend\": \"%s\", "
                    "\"n_threads\": %d, "
                    "\"kv_type\": \"%s\", \"test\": \"%s%ld\", \"n_prompt\": %ld, \"n_gen\": %ld, "
                    "\"avg_ts\": %.6f, \"stddev_ts\": %.6f, \"samples_ts\": [",
                    (unsigned long long)mi->weight_bytes, (unsigned long long)mi->n_params,
-                   forge_context_n_threads(ctx), o.cp.kv_type == FORGE_KV_F16 ? "f16" : "f32",
-                   res[k].kind, res[k].n, k == 0 ? res[k].n : 0L, k == 1 ? res[k].n : 0L,
-                   res[k].mean, res[k].sd);
+                   forge_context_device(ctx), forge_context_n_threads(ctx),
+                   o.cp.kv_type == FORGE_KV_F16 ? "f16" : "f32", res[k].kind, res[k].n,
+                   k == 0 ? res[k].n : 0L, k == 1 ? res[k].n : 0L, res[k].mean, res[k].sd);
             for (int r = 0; r < res[k].runs; r++)
                 printf("%s%.6f", r ? ", " : "", res[k].ts[r]);
             printf("]");
@@ -204,7 +204,7 @@ int cmd_bench(int argc, char **argv)
             else
                 snprintf(params, sizeof params, "%.2f M", (double)mi->n_params / 1e6);
             printf("| %-28s | %11s | %9s | %-7s | %7d | %8s | %21s |\n", model_name, size, params,
-                   "CPU", forge_context_n_threads(ctx), test, ts);
+                   forge_context_device(ctx), forge_context_n_threads(ctx), test, ts);
         }
         if (res[1].n > 0)
             printf("\ngeneration reads %.2f MiB of weights per token: %.2f GB/s at %.2f tok/s\n",

@@ -167,9 +167,10 @@ int cmd_run(int argc, char **argv)
         forge_sampler_accept(smp, ids[i]);
     if (!seed_set && sp.temperature > 0)
         fprintf(stderr, "forge run: seed %llu\n", (unsigned long long)sp.seed);
-    fprintf(stderr, "forge run: loaded %s in %.2f s (%s, %d threads, context %d, KV %s)\n",
+    fprintf(stderr, "forge run: loaded %s in %.2f s (%s, %s, %d host threads, context %d, KV %s)\n",
             o.model_path, t_load, forge_model_info_get(model)->type_summary,
-            forge_context_n_threads(ctx), n_ctx, o.cp.kv_type == FORGE_KV_F16 ? "f16" : "f32");
+            forge_context_device(ctx), forge_context_n_threads(ctx), n_ctx,
+            o.cp.kv_type == FORGE_KV_F16 ? "f16" : "f32");
 
     memset(&sa, 0, sizeof sa);
     sa.sa_handler = on_sigint;
