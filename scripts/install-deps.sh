@@ -1,9 +1,16 @@
 #!/usr/bin/env bash
-# install-deps.sh - install, from Debian 12's archive, whatever Forge's build and tests need and the
-# machine lacks. Idempotent and quick when everything is there. Needs root (or sudo) to install.
+# install-deps.sh [--test] - install, from Debian 12's archive, what Forge needs and the machine
+# lacks. Idempotent and quick when everything is there. Needs root (or sudo) to install.
+#   (no flag)  what building and running forge needs (scripts/demo.sh)
+#   --test     also what the tests need: cmocka, clang + libFuzzer, jq, script(1), and Debian's ROCm
+#              toolchain for the HIP compile check (scripts/test.sh, CI). nvcc is not a Debian
+#              package: CI machines have it at /usr/local/cuda/bin/nvcc.
 set -euo pipefail
-pkgs=(build-essential pkg-config clang libclang-rt-14-dev
-      libpcre2-dev libcjson-dev libutf8proc-dev libcmocka-dev hipcc libamdhip64-dev rocm-device-libs clang-15 jq bsdutils)
+pkgs=(build-essential pkg-config libpcre2-dev libcjson-dev libutf8proc-dev)
+if [ "${1:-}" = "--test" ]; then
+    pkgs+=(clang libclang-rt-14-dev libcmocka-dev jq bsdutils
+           hipcc libamdhip64-dev rocm-device-libs clang-15)
+fi
 missing=()
 for p in "${pkgs[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -5,7 +5,7 @@
 #   FUZZ_SECONDS (default 60): seconds per fuzz target; 0 skips fuzzing.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-bash scripts/install-deps.sh || exit 1
+bash scripts/install-deps.sh --test || exit 1
 jobs=$(nproc)
 passed=0 failed=0
 summary=$(mktemp)
