@@ -148,6 +148,15 @@ void forge_context_set_abort_flag(forge_context *ctx, const volatile sig_atomic_
 int forge_decode(forge_context *ctx, const int32_t *ids, int32_t n, bool all_logits,
                  struct forge_err *err);
 
+/* forge_decode (last position only), then the greedy pick: *next_id = the smallest id with the
+ * largest logit of the last position (what forge_sampler_sample returns with temperature <= 0
+ * and no penalties, for finite logits; a NaN logit never wins). On a GPU the argmax runs on the
+ * device and only the id is copied back, and the decode step may be replayed from a recording.
+ * The logits are not kept: forge_get_logits returns NULL until the next forge_decode. *next_id is
+ * -1 on error; errors as forge_decode. */
+int forge_decode_greedy(forge_context *ctx, const int32_t *ids, int32_t n, int32_t *next_id,
+                        struct forge_err *err);
+
 /* Logits (n_vocab floats) of the i-th position of the last forge_decode, i in
  * [0, forge_n_logits); i = -1 means the last one. NULL if there is no such row. Borrowed: valid
  * until the next decode, truncate or free on ctx. */

@@ -108,6 +108,22 @@ typedef struct be_ops {
     /* dst[0 .. n_rows*row_len) = src rows src_row .. src_row+n_rows-1 */
     int (*copy_rows)(backend *be, be_buf *dst, const be_buf *src, int64_t src_row, int64_t n_rows,
                      int64_t row_len, forge_err *err);
+
+    /* ---- optional (NULL when a backend does not offer them) ---- */
+    /* *out = the smallest i in [0, n) with x[off + i] maximal (greedy sampling; NaN never wins,
+     * all NaN gives 0). Waits for the device and reads back only the id. NULL: the caller reads
+     * the floats with buf_read and picks on the host (the CPU backend). */
+    int (*argmax)(backend *be, const be_buf *x, int64_t off, int64_t n, int32_t *out,
+                  forge_err *err);
+    /* A one-token decode step as a unit the backend may record once and replay (a CUDA/HIP
+     * graph). The context calls step_begin(id, pos) before the forward pass of token id at
+     * position pos (one token, logits of that token only). *replayed = true: the backend has
+     * enqueued the whole step itself (a recording of an earlier one, with this id and position):
+     * skip the forward pass. Otherwise run the forward pass, then step_end(status of the
+     * forward); when it sets *again the step was recorded but not run (recording failed; the
+     * backend stopped recording): run the forward pass once more. */
+    int (*step_begin)(backend *be, int32_t id, int pos, bool *replayed, forge_err *err);
+    int (*step_end)(backend *be, int status, bool *again, forge_err *err);
 } be_ops;
 
 struct backend {

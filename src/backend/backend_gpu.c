@@ -5,7 +5,8 @@
  * Owns: device activation buffers, the device KV cache ([layer][pos][kv_dim], F32 or F16), the
  * device copies of the weights (w->dev, uploaded once through pinned staging and re-packed by
  * gpu_weight_convert), the scratch sized by the planner, and one stream (gpu_ctx) on which all
- * work is enqueued. The host waits only in buf_read (the logits) and at load/free.
+ * work is enqueued. The host waits only in buf_read (the logits), argmax (one id) and at
+ * load/free.
  *
  * Decode (n_tok = 1): act_quantize + matvec (Q8_0/Q4_0, CPU numerics) or float matvec; one
  * quantization serves every matmul that reads the same, unchanged buffer (Q/K/V, gate/up).
@@ -13,7 +14,16 @@
  * (numerics identical to decode); from there cuBLAS GEMM, quantized weights dequantized to F16
  * into a scratch matrix first. Causal attention over several new tokens = the decode kernel with
  * one more grid dimension over the queries (gpu_attention_batch), each query reading its own
- * position from a device array 0..n_ctx-1; FORGE_GPU_ATTN_BATCH=0: one launch per query. */
+ * position from a device array 0..n_ctx-1; FORGE_GPU_ATTN_BATCH=0: one launch per query.
+ *
+ * Decode steps (step_begin/step_end, one token): the token id and the position are copied to a
+ * small device array (d_small) before the step, and every op of the step reads them from there
+ * (embedding, RoPE, the KV store, attention sized by a power-of-two bucket of the position), so
+ * the step's launches are the same for every position. The first step of each bucket is captured
+ * into a CUDA/HIP graph and later steps replay it: one launch instead of ~14 per layer.
+ * FORGE_GPU_GRAPH=0 runs the same ops without graphs (bit-identical results); FORGE_GPU_SYNC=1
+ * turns graphs off; FORGE_GPU_GRAPH=1 makes a failed capture an error instead of a silent
+ * fallback. Graphs hold buffer addresses: any buffer, KV or weight (re)allocation drops them. */
 #include <dlfcn.h>
 #include <pthread.h>
 #include <stdio.h>
@@ -40,6 +50,8 @@ struct be_kv {
 };
 
 #define GPU_STAGE_BYTES ((size_t)16 << 20) /* two pinned staging buffers for uploads */
+#define GPU_GRAPH_SLOTS 24                 /* attention buckets 256 << i positions */
+#define GPU_STEP_MIN_KV 256                /* smallest attention bucket of a decode step */
 
 typedef struct gpu_backend {
     backend base;
@@ -68,6 +80,18 @@ typedef struct gpu_backend {
     uint64_t xq_version;
     int64_t xq_n_in;
     uint64_t next_version;
+    /* decode steps (step_begin/step_end) */
+    bool graph_on;     /* record and replay steps */
+    bool graph_strict; /* FORGE_GPU_GRAPH=1: a failed capture is an error */
+    bool in_step;      /* one-token ops read the id and position from d_small */
+    bool capturing;
+    int step_slot;
+    int32_t step_id, step_pos;
+    int32_t *d_small; /* [0] step token id, [1] step position, [2] argmax result */
+    int32_t *h_small; /* pinned: the same */
+    gpu_event *ev_small;
+    bool ev_small_used;
+    gpu_graph *graphs[GPU_GRAPH_SLOTS]; /* one recorded step per attention bucket */
 } gpu_backend;
 
 static gpu_backend *gb(backend *be)
@@ -133,7 +157,8 @@ static int load_api(const gpu_api **out, forge_err *err)
         goto done;
     }
     const gpu_api *api = get(GPU_API_VERSION);
-    if (!api || api->version != GPU_API_VERSION || !api->store || !api->attention_batch) {
+    if (!api || api->version != GPU_API_VERSION || !api->store || !api->attention_batch ||
+        !api->store_at) {
         rc = forge_err_set(err, FORGE_E_UNSUPPORTED,
                            "the GPU library %s does not provide interface version %d (rebuild "
                            "it with `make gpu`)",
@@ -224,6 +249,41 @@ static int check_weight(const be_weight *w, int64_t n_in, int64_t n_out, const c
     return FORGE_OK;
 }
 
+/* Recorded steps hold buffer addresses: drop them when any buffer, weight or cache changes. */
+static void drop_graphs(gpu_backend *g)
+{
+    for (int i = 0; i < GPU_GRAPH_SLOTS; i++) {
+        g->api->graph_free(g->graphs[i]);
+        g->graphs[i] = NULL;
+    }
+}
+
+/* Attention length bound of a decode step at pos: the power of two >= pos + 1 (at least
+ * GPU_STEP_MIN_KV), at most n_ctx. *slot = its index (one recorded step each). */
+static int64_t step_max_kv(int64_t n_ctx, int64_t pos, int *slot)
+{
+    int64_t m = GPU_STEP_MIN_KV;
+    int i = 0;
+    while (m < pos + 1 && i < GPU_GRAPH_SLOTS - 1) {
+        m *= 2;
+        i++;
+    }
+    if (slot) *slot = i;
+    return m < n_ctx ? m : n_ctx;
+}
+
+static bool step_op(const gpu_backend *g, int n_tok)
+{
+    return g->in_step && n_tok == 1;
+}
+
+static int step_mismatch(const gpu_backend *g, const char *op, long long got, forge_err *err)
+{
+    return forge_err_set(err, FORGE_E_INTERNAL,
+                         "gpu %s: inside a decode step of token %d at position %d, got %lld", op,
+                         g->step_id, g->step_pos, got);
+}
+
 /* ---- buffers ----------------------------------------------------------------------------- */
 
 static int gb_buf_create(backend *be, int64_t n, be_buf **out, forge_err *err)
@@ -234,6 +294,7 @@ static int gb_buf_create(backend *be, int64_t n, be_buf **out, forge_err *err)
     if (n < 0)
         return forge_err_set(err, FORGE_E_INVALID, "gpu backend: buffer of %lld floats",
                              (long long)n);
+    drop_graphs(g);
     be_buf *b = calloc(1, sizeof *b);
     if (!b) return forge_err_set(err, FORGE_E_NOMEM, "out of memory");
     if ((rc = g->api->malloc((void **)&b->d, (size_t)(n > 0 ? n : 1) * sizeof(float), err))) {
@@ -250,6 +311,7 @@ static void gb_buf_free(backend *be, be_buf *b)
     if (!b) return;
     gpu_backend *g = gb(be);
     if (g->xq_src == b) g->xq_src = NULL;
+    drop_graphs(g);
     g->api->free(b->d);
     free(b);
 }
@@ -317,6 +379,7 @@ static int gb_weight_prepare(backend *be, be_weight *w, forge_err *err)
     int rc;
     if ((rc = need_plan(g, err))) return rc;
     if (w->dev) return FORGE_OK;
+    drop_graphs(g);
     const int64_t rows = rows_of(w);
     size_t bytes = api->weight_bytes(w->type, rows, w->ne0);
     if (bytes == 0)
@@ -352,6 +415,7 @@ fail:
 static void gb_weight_release(backend *be, be_weight *w)
 {
     if (!w || !w->dev) return;
+    drop_graphs(gb(be));
     gb(be)->api->free(w->dev);
     w->dev = NULL;
 }
@@ -433,6 +497,7 @@ static void gb_kv_free(backend *be, be_kv *kv)
 {
     if (!kv) return;
     gpu_backend *g = gb(be);
+    drop_graphs(g);
     g->api->free(kv->k);
     g->api->free(kv->v);
     free(kv);
@@ -446,6 +511,7 @@ static int gb_kv_create(backend *be, int n_layer, int n_ctx, int kv_dim, int kv_
     int32_t *pos = NULL;
     int rc;
     *out = NULL;
+    drop_graphs(g);
     if (n_layer < 1 || n_ctx < 1 || kv_dim < 1 ||
         (kv_type != FORGE_KV_F32 && kv_type != FORGE_KV_F16))
         return forge_err_set(err, FORGE_E_INVALID, "gpu kv cache: bad shape or type");
@@ -499,9 +565,16 @@ static int gb_get_rows(backend *be, be_buf *out, const be_weight *table, const i
     if (n < 1 || n > g->n_batch)
         return forge_err_set(err, FORGE_E_INTERNAL, "gpu get_rows: %d ids (batch %d)", n,
                              g->n_batch);
-    /* from pageable memory: the runtime has copied ids when the call returns */
-    if ((rc = g->api->memcpy_h2d(g->d_ids, ids, (size_t)n * 4, g->st, err))) return rc;
-    if ((rc = g->api->embed(table->type, table->dev, table->ne1, table->ne0, g->d_ids, n, out->d,
+    const int32_t *d_ids = g->d_ids;
+    if (step_op(g, n)) {
+        /* the id is in d_small[0] already (step_begin) */
+        if (ids[0] != g->step_id) return step_mismatch(g, "get_rows id", ids[0], err);
+        d_ids = g->d_small;
+    } else if ((rc = g->api->memcpy_h2d(g->d_ids, ids, (size_t)n * 4, g->st, err))) {
+        /* from pageable memory: the runtime has copied ids when the call returns */
+        return rc;
+    }
+    if ((rc = g->api->embed(table->type, table->dev, table->ne1, table->ne0, d_ids, n, out->d,
                             g->st, err)))
         return rc;
     wrote(g, out);
@@ -615,8 +688,13 @@ static int gb_rope(backend *be, be_buf *x, int n_tok, int n_head, int head_dim, 
         if ((rc = check_weight(r->freq_factors, -1, -1, "rope", err))) return rc;
         ff = r->freq_factors->dev;
     }
+    const int32_t *d_pos = g->d_pos + pos0;
+    if (step_op(g, n_tok)) {
+        if (pos0 != g->step_pos) return step_mismatch(g, "rope position", pos0, err);
+        d_pos = g->d_small + 1;
+    }
     if ((rc = g->api->rope(x->d, n_tok, n_head, head_dim, r->n_rot,
-                           r->mode == BE_ROPE_NEOX ? GPU_ROPE_NEOX : GPU_ROPE_NORM, g->d_pos + pos0,
+                           r->mode == BE_ROPE_NEOX ? GPU_ROPE_NEOX : GPU_ROPE_NORM, d_pos,
                            r->freq_base, r->freq_scale, ff, g->st, err)))
         return rc;
     wrote(g, x);
@@ -644,9 +722,20 @@ static int gb_attention(backend *be, be_buf *out, const be_buf *q, const be_buf 
     char *kl = (char *)kv->k + (size_t)a->layer * layer_bytes;
     char *vl = (char *)kv->v + (size_t)a->layer * layer_bytes;
     const size_t at = (size_t)a->pos0 * (size_t)kv->kv_dim * kv->elt;
-    if ((rc = api->store(k->d, kl + at, kv->type, a->n_tok * KD, g->st, err)) ||
-        (rc = api->store(v->d, vl + at, kv->type, a->n_tok * KD, g->st, err)))
+    const bool step = step_op(g, a->n_tok);
+    if (step) {
+        /* position from d_small[1]: the same launches for every position */
+        if (a->pos0 != g->step_pos) return step_mismatch(g, "attention position", a->pos0, err);
+        if (kv->n_ctx != g->n_ctx)
+            return forge_err_set(err, FORGE_E_INTERNAL, "gpu attention: cache of %d, backend %d",
+                                 kv->n_ctx, g->n_ctx);
+        if ((rc = api->store_at(k->d, kl, kv->type, KD, g->d_small + 1, kv->kv_dim, g->st, err)) ||
+            (rc = api->store_at(v->d, vl, kv->type, KD, g->d_small + 1, kv->kv_dim, g->st, err)))
+            return rc;
+    } else if ((rc = api->store(k->d, kl + at, kv->type, a->n_tok * KD, g->st, err)) ||
+               (rc = api->store(v->d, vl + at, kv->type, a->n_tok * KD, g->st, err))) {
         return rc;
+    }
     gpu_attn_args args = {0};
     args.d_k = kl;
     args.d_v = vl;
@@ -658,7 +747,13 @@ static int gb_attention(backend *be, be_buf *out, const be_buf *q, const be_buf 
     args.head_dim = a->head_dim;
     args.scale = a->scale;
     args.d_scratch = g->d_attn;
-    if (a->n_tok > 1 && g->attn_batch) {
+    if (step) {
+        args.d_q = q->d;
+        args.d_pos = g->d_small + 1;
+        args.max_kv = step_max_kv(kv->n_ctx, a->pos0, NULL);
+        args.d_out = out->d;
+        if ((rc = api->attention(&args, g->st, err))) return rc;
+    } else if (a->n_tok > 1 && g->attn_batch) {
         /* causal prompt: query t attends positions 0..pos0+t (its position from d_pos); as many
          * queries per launch as the scratch holds with one split each */
         const int64_t per_q = (int64_t)a->n_head * (a->head_dim + 2) * (int64_t)sizeof(float);
@@ -726,6 +821,98 @@ static int gb_copy_rows(backend *be, be_buf *dst, const be_buf *src, int64_t src
     return FORGE_OK;
 }
 
+static int gb_argmax(backend *be, const be_buf *x, int64_t off, int64_t n, int32_t *out,
+                     forge_err *err)
+{
+    gpu_backend *g = gb(be);
+    const gpu_api *api = g->api;
+    int rc;
+    if (off < 0 || n < 1 || n > INT32_MAX)
+        return forge_err_set(err, FORGE_E_INTERNAL, "gpu argmax: offset %lld, %lld values",
+                             (long long)off, (long long)n);
+    if ((rc = check_buf(x, off + n, "argmax", err))) return rc;
+    if ((rc = api->argmax(x->d + off, n, g->d_small + 2, g->st, err)) ||
+        (rc = api->memcpy_d2h(g->h_small + 2, g->d_small + 2, 4, g->st, err)) ||
+        (rc = api->stream_sync(g->st, err)))
+        return rc;
+    *out = g->h_small[2];
+    return FORGE_OK;
+}
+
+static int gb_step_begin(backend *be, int32_t id, int pos, bool *replayed, forge_err *err)
+{
+    gpu_backend *g = gb(be);
+    const gpu_api *api = g->api;
+    int rc, slot = 0;
+    *replayed = false;
+    if ((rc = need_plan(g, err))) return rc;
+    if (g->capturing || pos < 0 || pos >= g->n_ctx)
+        return forge_err_set(err, FORGE_E_INTERNAL, "gpu step_begin: position %d of %d%s", pos,
+                             g->n_ctx, g->capturing ? " while recording" : "");
+    /* the pinned copy of the last step may still be in flight */
+    if (g->ev_small_used && (rc = api->event_sync(g->ev_small, err))) return rc;
+    g->h_small[0] = id;
+    g->h_small[1] = pos;
+    if ((rc = api->memcpy_h2d(g->d_small, g->h_small, 2 * sizeof(int32_t), g->st, err)) ||
+        (rc = api->event_record(g->ev_small, g->st, err)))
+        return rc;
+    g->ev_small_used = true;
+    g->xq_src = NULL; /* a replay overwrites d_xq behind the host's back */
+    g->step_id = id;
+    g->step_pos = pos;
+    (void)step_max_kv(g->n_ctx, pos, &slot);
+    if (g->graph_on && g->graphs[slot]) {
+        if ((rc = api->graph_launch(g->graphs[slot], g->st, err))) return rc;
+        *replayed = true;
+        return FORGE_OK;
+    }
+    g->in_step = true;
+    if (g->graph_on) {
+        if ((rc = api->graph_begin(g->st, err))) {
+            if (g->graph_strict) {
+                g->in_step = false;
+                return rc;
+            }
+            g->graph_on = false; /* run this and later steps without graphs */
+            return FORGE_OK;
+        }
+        g->capturing = true;
+        g->step_slot = slot;
+    }
+    return FORGE_OK;
+}
+
+static int gb_step_end(backend *be, int status, bool *again, forge_err *err)
+{
+    gpu_backend *g = gb(be);
+    const gpu_api *api = g->api;
+    gpu_graph *gr = NULL;
+    int rc = FORGE_OK;
+    *again = false;
+    if (g->capturing) {
+        g->capturing = false;
+        rc = api->graph_end(g->st, &gr, status ? NULL : err);
+        if (status) {
+            /* the forward pass failed (or was interrupted): nothing ran, nothing is kept */
+            api->graph_free(gr);
+            rc = FORGE_OK;
+        } else if (rc) {
+            /* recorded but not run: without graphs from now on, and the caller runs it again */
+            api->graph_free(gr);
+            if (g->graph_strict) goto done;
+            g->graph_on = false;
+            *again = true;
+            return FORGE_OK; /* stays in the step */
+        } else {
+            g->graphs[g->step_slot] = gr;
+            rc = api->graph_launch(gr, g->st, err);
+        }
+    }
+done:
+    g->in_step = false;
+    return rc;
+}
+
 static void gb_destroy(backend *be)
 {
     if (!be) return;
@@ -738,6 +925,10 @@ static void gb_destroy(backend *be)
     api->free(g->d_attn);
     api->free(g->d_pos);
     api->free(g->d_ids);
+    drop_graphs(g);
+    api->free(g->d_small);
+    api->host_free(g->h_small);
+    api->event_destroy(g->ev_small);
     api->blas_free(g->blas);
     for (int i = 0; i < 2; i++) {
         api->event_destroy(g->ev_stage[i]);
@@ -766,6 +957,9 @@ static const be_ops gpu_ops = {
     .swiglu = gb_swiglu,
     .add = gb_add,
     .copy_rows = gb_copy_rows,
+    .argmax = gb_argmax,
+    .step_begin = gb_step_begin,
+    .step_end = gb_step_end,
 };
 
 int backend_gpu_create(int gpu_index, backend **out, forge_err *err)
@@ -788,6 +982,14 @@ int backend_gpu_create(int gpu_index, backend **out, forge_err *err)
         if ((rc = api->host_alloc(&g->h_stage[i], GPU_STAGE_BYTES, err))) goto fail;
         if ((rc = api->event_create(&g->ev_stage[i], 0, err))) goto fail;
     }
+    if ((rc = api->malloc((void **)&g->d_small, 4 * sizeof(int32_t), err)) ||
+        (rc = api->host_alloc((void **)&g->h_small, 4 * sizeof(int32_t), err)) ||
+        (rc = api->event_create(&g->ev_small, 0, err)))
+        goto fail;
+    const char *ge = getenv("FORGE_GPU_GRAPH"), *sy = getenv("FORGE_GPU_SYNC");
+    /* FORGE_GPU_SYNC=1 synchronises after every launch, which a capture forbids */
+    g->graph_on = !(ge && !strcmp(ge, "0")) && !(sy && sy[0] == '1');
+    g->graph_strict = g->graph_on && ge && !strcmp(ge, "1");
     *out = &g->base;
     return FORGE_OK;
 fail:

@@ -310,3 +310,41 @@ GPU_API int gpu_store(const float *d_src, void *d_dst, int dst_type, int64_t n, 
 fail:
     return rc;
 }
+
+/* Store at a device-side position (the captured decode step): one row of n values. */
+template <int F16>
+__global__ void k_store_at(const float *__restrict__ src, void *dst, int64_t n,
+                           const int32_t *__restrict__ pos, int64_t pos_stride)
+{
+    const int64_t base = (int64_t)pos[0] * pos_stride;
+    int64_t stride = (int64_t)gridDim.x * blockDim.x;
+    for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += stride) {
+        if (F16)
+            ((unsigned short *)dst)[base + i] = gpu_f32_to_fp16(src[i]);
+        else
+            ((float *)dst)[base + i] = src[i];
+    }
+}
+
+GPU_API int gpu_store_at(const float *d_src, void *d_dst, int dst_type, int64_t n,
+                         const int32_t *d_pos, int64_t pos_stride, gpu_stream *s, forge_err *err)
+{
+    int rc = FORGE_OK;
+    cudaStream_t st = GPU_STREAM(s);
+    if (!d_src || !d_dst || !d_pos || n <= 0 || pos_stride < 0)
+        return gpu_err_set(err, FORGE_E_INVALID, "gpu_store_at: NULL buffer, n %lld or stride %lld",
+                           (long long)n, (long long)pos_stride);
+    if (dst_type == GGML_TYPE_F32) {
+        k_store_at<0><<<elementwise_grid(n), 256, 0, st>>>(d_src, d_dst, n, d_pos, pos_stride);
+        GPU_LAUNCH_CHECK("k_store_at<F32>", st);
+    } else if (dst_type == GGML_TYPE_F16) {
+        k_store_at<1><<<elementwise_grid(n), 256, 0, st>>>(d_src, d_dst, n, d_pos, pos_stride);
+        GPU_LAUNCH_CHECK("k_store_at<F16>", st);
+    } else {
+        return gpu_err_set(err, FORGE_E_UNSUPPORTED, "gpu_store_at: destination type %s",
+                           gpu_type_name(dst_type));
+    }
+    return FORGE_OK;
+fail:
+    return rc;
+}

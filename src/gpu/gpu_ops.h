@@ -209,6 +209,11 @@ int gpu_add_rows(float *d_y, const float *d_b, int64_t n_rows, int64_t n, gpu_st
  * The KV-cache store. */
 int gpu_store(const float *d_src, void *d_dst, int dst_type, int64_t n, gpu_stream *s,
               forge_err *err);
+/* The same store at a position read on the device: d_dst + *d_pos * pos_stride elements (of
+ * dst_type) receives the n values, so that a captured decode step (a graph) writes the KV row of
+ * the current position. The caller guarantees *d_pos * pos_stride + n fits the buffer. */
+int gpu_store_at(const float *d_src, void *d_dst, int dst_type, int64_t n, const int32_t *d_pos,
+                 int64_t pos_stride, gpu_stream *s, forge_err *err);
 
 /* ---- a context: one stream and its scratch, for the backend --------------------------------- */
 typedef struct gpu_ctx gpu_ctx;
@@ -294,6 +299,9 @@ typedef struct gpu_api {
     int (*event_sync)(gpu_event *e, forge_err *err);
     int (*attention_batch)(const gpu_attn_args *a, int64_t n_q, int64_t q_stride,
                            int64_t out_stride, size_t scratch_bytes, gpu_stream *s, forge_err *err);
+    /* appended for the captured decode step (graphs) */
+    int (*store_at)(const float *d_src, void *d_dst, int dst_type, int64_t n, const int32_t *d_pos,
+                    int64_t pos_stride, gpu_stream *s, forge_err *err);
 } gpu_api;
 
 /* The one symbol the engine looks up after dlopen("libforge_cuda.so"). NULL if `version` is not

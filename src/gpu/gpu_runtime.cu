@@ -425,6 +425,7 @@ static const gpu_api g_api_v1 = {
     gpu_copy,          gpu_mem_info,       gpu_weight_to_f16, gpu_add_rows,
     gpu_store,         gpu_host_alloc,     gpu_host_free,     gpu_event_create,
     gpu_event_destroy, gpu_event_record,   gpu_event_sync,    gpu_attention_batch,
+    gpu_store_at,
 };
 
 GPU_API const gpu_api *forge_gpu_get_api(int version)

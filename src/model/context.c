@@ -246,12 +246,51 @@ static int reserve_logits(forge_context *ctx, int64_t chunk_rows, int64_t host_r
     return FORGE_OK;
 }
 
-int forge_decode(forge_context *ctx, const int32_t *ids, int32_t n, bool all_logits, forge_err *err)
+/* The smallest i with x[i] maximal; NaN never wins, all NaN gives 0 (as the GPU's argmax). */
+static int32_t host_argmax(const float *x, int32_t n)
+{
+    int32_t best = -1;
+    for (int32_t i = 0; i < n; i++)
+        if (x[i] == x[i] && (best < 0 || x[i] > x[best])) best = i;
+    return best < 0 ? 0 : best;
+}
+
+/* One forward pass of a chunk. A single decoded token (one logit row) goes through the backend's
+ * step_begin/step_end, which may replay a recorded step instead of the forward pass. */
+static int forward_chunk(forge_context *ctx, const int32_t *ids, int32_t n, bool want_logits,
+                         bool all_logits, int *rows, forge_err *err)
+{
+    const be_ops *op = ctx->be->ops;
+    if (n != 1 || all_logits || !want_logits || !op->step_begin)
+        return arch_llama_forward(ctx, ids, n, want_logits, all_logits, rows, err);
+    /* a replayed step skips the forward pass and its abort check: check here */
+    if (ctx->abort_flag && *ctx->abort_flag)
+        return forge_err_set(err, FORGE_E_INTERRUPTED, "interrupted");
+    bool replayed = false, again = false;
+    int rc = op->step_begin(ctx->be, ids[0], ctx->pos, &replayed, err);
+    if (rc || replayed) {
+        *rows = 1;
+        return rc;
+    }
+    for (int attempt = 0; attempt < 2; attempt++) {
+        rc = arch_llama_forward(ctx, ids, n, want_logits, all_logits, rows, err);
+        int rc_end = op->step_end(ctx->be, rc, &again, rc ? NULL : err);
+        if (rc) return rc;
+        if (rc_end) return rc_end;
+        if (!again) break;
+    }
+    return again ? forge_err_set(err, FORGE_E_INTERNAL, "decode step was not run") : FORGE_OK;
+}
+
+/* forge_decode, or with greedy_id the greedy pick of the last row instead of the logits. */
+static int decode(forge_context *ctx, const int32_t *ids, int32_t n, bool all_logits,
+                  int32_t *greedy_id, forge_err *err)
 {
     if (!ctx || (!ids && n > 0) || n <= 0)
         return forge_err_set(err, FORGE_E_INVALID, "forge_decode: %d tokens (need >= 1)", n);
     const int32_t V = ctx->model->info.n_vocab;
     const int32_t pos_start = ctx->pos;
+    const be_ops *op = ctx->be->ops;
     int rc;
     if ((int64_t)ctx->pos + n > ctx->n_ctx)
         return forge_err_set(err, FORGE_E_RANGE,
@@ -270,24 +309,43 @@ int forge_decode(forge_context *ctx, const int32_t *ids, int32_t n, bool all_log
         int32_t chunk = n - done < ctx->n_batch ? n - done : ctx->n_batch;
         bool last_chunk = done + chunk == n;
         int rows = 0;
-        if ((rc = arch_llama_forward(ctx, ids + done, chunk, all_logits || last_chunk, all_logits,
-                                     &rows, err)))
+        if ((rc = forward_chunk(ctx, ids + done, chunk, all_logits || last_chunk, all_logits, &rows,
+                                err)))
             goto fail;
         ctx->pos += chunk;
-        if (all_logits || last_chunk) {
+        if (greedy_id && last_chunk) {
+            if (op->argmax) {
+                rc = op->argmax(ctx->be, ctx->b.logits, 0, V, greedy_id, err);
+            } else if (!(rc = op->buf_read(ctx->be, ctx->b.logits, 0, V, ctx->logits, err))) {
+                *greedy_id = host_argmax(ctx->logits, V);
+            }
+            if (rc) goto fail;
+        } else if (all_logits || last_chunk) {
             float *dst = ctx->logits + (int64_t)(all_logits ? done : 0) * V;
-            if ((rc = ctx->be->ops->buf_read(ctx->be, ctx->b.logits, 0, (int64_t)rows * V, dst,
-                                             err)))
+            if ((rc = op->buf_read(ctx->be, ctx->b.logits, 0, (int64_t)rows * V, dst, err)))
                 goto fail;
         }
         done += chunk;
     }
-    ctx->n_logits = all_logits ? n : 1;
+    ctx->n_logits = greedy_id ? 0 : all_logits ? n : 1;
     return FORGE_OK;
 fail:
     ctx->pos = pos_start;
     ctx->n_logits = 0;
     return rc;
+}
+
+int forge_decode(forge_context *ctx, const int32_t *ids, int32_t n, bool all_logits, forge_err *err)
+{
+    return decode(ctx, ids, n, all_logits, NULL, err);
+}
+
+int forge_decode_greedy(forge_context *ctx, const int32_t *ids, int32_t n, int32_t *next_id,
+                        forge_err *err)
+{
+    if (!next_id) return forge_err_set(err, FORGE_E_INVALID, "forge_decode_greedy: NULL next_id");
+    *next_id = -1;
+    return decode(ctx, ids, n, false, next_id, err);
 }
 
 const float *forge_get_logits(const forge_context *ctx, int32_t i)

@@ -6,7 +6,10 @@
  *   test_gpu_engine HF_REF_DIR [arch ...]        (default: llama qwen2 qwen3)
  * Environment: the GPU prompt path is tried with matvec per token (the default for short
  * prompts) and with GEMM (FORGE_GPU_GEMM_MIN=2), F32 and F16 KV cache, batched and per-position
- * prompt attention (FORGE_GPU_ATTN_BATCH=0). */
+ * prompt attention (FORGE_GPU_ATTN_BATCH=0), and without decode graphs (FORGE_GPU_GRAPH=0; its
+ * ids must equal the default's exactly). Every run also generates the ids again through
+ * forge_decode_greedy (device argmax, recorded steps replayed at the same positions), which must
+ * give the same ids. Run it with FORGE_GPU_GRAPH=1 to make a failed graph capture an error. */
 #include <cjson/cJSON.h>
 #include <math.h>
 #include <stdarg.h>
@@ -62,9 +65,10 @@ static int *json_ints(const cJSON *a, int *n)
     return v;
 }
 
-/* Logits of every prompt position into all (n x V), then 16 greedy ids into ids. */
+/* Logits of every prompt position into all (n x V), then 16 greedy ids into ids (argmax of
+ * the logits), then from an emptied cache the same through forge_decode_greedy into ids2. */
 static int run_device(forge_model *m, forge_device dev, forge_kv_type kv, const int *in, int n_in,
-                      float *all, int *ids, int n_gen)
+                      float *all, int *ids, int *ids2, int n_gen)
 {
     forge_err err = {0};
     forge_context *ctx = NULL;
@@ -89,6 +93,17 @@ static int run_device(forge_model *m, forge_device dev, forge_kv_type kv, const 
         ids[t] = id;
         if ((rc = forge_decode(ctx, &id, 1, false, &err))) goto done;
         id = argmax(forge_get_logits(ctx, -1), V);
+    }
+    if ((rc = forge_kv_truncate(ctx, 0, &err))) goto done;
+    if ((rc = forge_decode_greedy(ctx, (const int32_t *)in, n_in, &id, &err))) goto done;
+    for (int t = 0; t < n_gen; t++) {
+        ids2[t] = id;
+        if ((rc = forge_decode_greedy(ctx, &ids2[t], 1, &id, &err))) goto done;
+        if (forge_get_logits(ctx, -1) != NULL) {
+            rc = FORGE_E_INTERNAL;
+            snprintf(err.msg, sizeof err.msg, "logits kept after forge_decode_greedy");
+            goto done;
+        }
     }
 done:
     if (rc) printf("error (%s): %s\n", dev == FORGE_DEVICE_GPU ? "gpu" : "cpu", err.msg);
@@ -136,19 +151,26 @@ static void one_arch(const char *dir, const char *arch)
     }
     cpu = calloc((size_t)n_in * V, sizeof(float));
     gpu = calloc((size_t)n_in * V, sizeof(float));
-    int cpu_ids[16] = {0}, gpu_ids[16] = {0};
+    int cpu_ids[16] = {0}, gpu_ids[16] = {0}, cpu_ids2[16] = {0}, gpu_ids2[16] = {0};
+    int first_ids[16] = {0};
     const int n_gen = n_greedy < 16 ? n_greedy : 16;
-    int rc = run_device(m, FORGE_DEVICE_CPU, FORGE_KV_F32, in, n_in, cpu, cpu_ids, n_gen);
+    int rc = run_device(m, FORGE_DEVICE_CPU, FORGE_KV_F32, in, n_in, cpu, cpu_ids, cpu_ids2, n_gen);
     check(rc == 0, "%s: CPU run", arch);
     if (rc) goto done;
+    check(!memcmp(cpu_ids, cpu_ids2, sizeof(int) * (size_t)n_gen),
+          "%s: CPU forge_decode_greedy ids == argmax of the logits", arch);
+    const char *graph_env = getenv("FORGE_GPU_GRAPH");
+    char graph_outer[16] = "";
+    if (graph_env) snprintf(graph_outer, sizeof graph_outer, "%s", graph_env);
     const struct {
-        const char *gemm_min, *attn_batch;
+        const char *gemm_min, *attn_batch, *graph;
         forge_kv_type kv;
         const char *label;
-    } variants[] = {{NULL, NULL, FORGE_KV_F32, "matvec prompt, KV f32"},
-                    {"2", NULL, FORGE_KV_F32, "GEMM prompt, KV f32"},
-                    {NULL, NULL, FORGE_KV_F16, "matvec prompt, KV f16"},
-                    {NULL, "0", FORGE_KV_F32, "per-position prompt attention, KV f32"}};
+    } variants[] = {{NULL, NULL, NULL, FORGE_KV_F32, "matvec prompt, KV f32"},
+                    {"2", NULL, NULL, FORGE_KV_F32, "GEMM prompt, KV f32"},
+                    {NULL, NULL, NULL, FORGE_KV_F16, "matvec prompt, KV f16"},
+                    {NULL, "0", NULL, FORGE_KV_F32, "per-position prompt attention, KV f32"},
+                    {NULL, NULL, "0", FORGE_KV_F32, "no decode graphs, KV f32"}};
     for (size_t vi = 0; vi < sizeof variants / sizeof variants[0]; vi++) {
         if (variants[vi].gemm_min)
             setenv("FORGE_GPU_GEMM_MIN", variants[vi].gemm_min, 1);
@@ -158,9 +180,24 @@ static void one_arch(const char *dir, const char *arch)
             setenv("FORGE_GPU_ATTN_BATCH", variants[vi].attn_batch, 1);
         else
             unsetenv("FORGE_GPU_ATTN_BATCH");
-        rc = run_device(m, FORGE_DEVICE_GPU, variants[vi].kv, in, n_in, gpu, gpu_ids, n_gen);
+        if (variants[vi].graph)
+            setenv("FORGE_GPU_GRAPH", variants[vi].graph, 1);
+        else if (graph_env)
+            setenv("FORGE_GPU_GRAPH", graph_outer, 1);
+        else
+            unsetenv("FORGE_GPU_GRAPH");
+        rc = run_device(m, FORGE_DEVICE_GPU, variants[vi].kv, in, n_in, gpu, gpu_ids, gpu_ids2,
+                        n_gen);
         check(rc == 0, "%s [%s]: GPU run", arch, variants[vi].label);
         if (rc) continue;
+        check(!memcmp(gpu_ids, gpu_ids2, sizeof(int) * (size_t)n_gen),
+              "%s [%s]: forge_decode_greedy ids (device argmax) == argmax of the logits", arch,
+              variants[vi].label);
+        if (vi == 0) memcpy(first_ids, gpu_ids, sizeof first_ids);
+        if (variants[vi].graph)
+            check(!memcmp(first_ids, gpu_ids, sizeof(int) * (size_t)n_gen),
+                  "%s [%s]: ids == the default run's (FORGE_GPU_GRAPH=%s)", arch,
+                  variants[vi].label, graph_env ? graph_outer : "unset");
         double worst_gpu = 0, worst_cpu = 0;
         for (int p = 0; p < n_pos; p++) {
             const float *r = ref + (size_t)p * V;
@@ -191,6 +228,10 @@ static void one_arch(const char *dir, const char *arch)
     }
     unsetenv("FORGE_GPU_GEMM_MIN");
     unsetenv("FORGE_GPU_ATTN_BATCH");
+    if (graph_env)
+        setenv("FORGE_GPU_GRAPH", graph_outer, 1);
+    else
+        unsetenv("FORGE_GPU_GRAPH");
 done:
     free(txt);
     cJSON_Delete(j);

@@ -404,6 +404,51 @@ static void test_argmax(int64_t n, int kind)
     free(x);
 }
 
+/* gpu_store_at captured in a graph and replayed for several positions, the position changing in
+ * device memory between replays (the decode step's KV store): every row must equal what
+ * gpu_store writes at that row's offset, rows not stored keep their poison, guard intact. */
+static void test_store_at(int dst_type, int64_t n, int64_t n_pos)
+{
+    const size_t elt = dst_type == GGML_TYPE_F16 ? 2 : 4, row = (size_t)n * elt;
+    const size_t bytes = (size_t)n_pos * row;
+    float *x = (float *)gt_xmalloc((size_t)n * 4);
+    unsigned char *want = (unsigned char *)gt_xmalloc(bytes),
+                  *got = (unsigned char *)gt_xmalloc(bytes);
+    gt_fill(x, n, 4.0f, &g_seed);
+    float *d_x = (float *)gt_upload(x, (size_t)n * 4, S);
+    void *d_want = gt_out_alloc(bytes), *d_got = gt_out_alloc(bytes);
+    int32_t *d_pos = NULL, h_pos = 0;
+    gpu_graph *g = NULL;
+    GT_OK(gpu_malloc((void **)&d_pos, 4, err));
+    gt_out_prepare(d_want, bytes, S);
+    gt_out_prepare(d_got, bytes, S);
+    GT_OK(gpu_memcpy_h2d(d_pos, &h_pos, 4, S, err));
+    GT_OK(gpu_graph_begin(S, err));
+    GT_OK(gpu_store_at(d_x, d_got, dst_type, n, d_pos, n, S, err));
+    GT_OK(gpu_graph_end(S, &g, err));
+    for (int64_t p = 0; p < n_pos; p += 2) { /* odd rows are never stored */
+        h_pos = (int32_t)p;
+        GT_OK(gpu_memcpy_h2d(d_pos, &h_pos, 4, S, err)); /* pageable: copied on return */
+        GT_OK(gpu_graph_launch(g, S, err));
+        GT_OK(gpu_store(d_x, (char *)d_want + (size_t)p * row, dst_type, n, S, err));
+    }
+    int guard = gt_out_fetch(d_want, bytes, want, S);
+    guard &= gt_out_fetch(d_got, bytes, got, S);
+    int same = memcmp(want, got, bytes) == 0;
+    printf("store_at  %s n %lld, %lld rows, in a graph: %s\n",
+           dst_type == GGML_TYPE_F16 ? "F16" : "F32", (long long)n, (long long)n_pos,
+           same && guard ? "ok" : "FAIL");
+    gt_check(same && guard, "gpu_store_at type %d n %lld", dst_type, (long long)n);
+    gpu_graph_free(g);
+    gpu_free(d_pos);
+    gpu_free(d_x);
+    gpu_free(d_want);
+    gpu_free(d_got);
+    free(x);
+    free(want);
+    free(got);
+}
+
 /* head_major: cache [kv_head][max_kv][hd], else [max_kv][kv_head][hd]. */
 static void test_attention(int64_t n_head, int64_t n_kv_head, int64_t hd, int64_t n_kv,
                            int64_t max_kv, int kv_type, int head_major)
@@ -668,6 +713,10 @@ int main(int argc, char **argv)
     for (size_t i = 0; i < GT_LEN(am); i++)
         for (int kind = 0; kind < 5; kind++)
             test_argmax(am[i], kind);
+
+    test_store_at(GGML_TYPE_F32, 1024, 6);
+    test_store_at(GGML_TYPE_F16, 4096, 5);
+    test_store_at(GGML_TYPE_F16, 37, 3);
 
     /* n_head, n_kv_head, head_dim, n_kv, max_kv, type, head-major */
     test_attention(1, 1, 64, 1, 16, GGML_TYPE_F32, 0);

@@ -87,6 +87,16 @@ static int parse_sampling(forge_sampler_params *sp, bool *seed_set, int argc, ch
     return 0;
 }
 
+/* Greedy with no penalties: the pick is the plain argmax, which forge_decode_greedy computes
+ * where the logits are (on a GPU only the id comes back). */
+static bool pure_greedy(const forge_sampler_params *sp)
+{
+    bool penalties =
+        sp->penalty_last_n > 0 && (sp->repeat_penalty != 1.0f || sp->presence_penalty != 0.0f ||
+                                   sp->frequency_penalty != 0.0f);
+    return sp->temperature <= 0 && !penalties;
+}
+
 int cmd_run(int argc, char **argv)
 {
     engine_opts o;
@@ -178,8 +188,11 @@ int cmd_run(int argc, char **argv)
     if (sigaction(SIGINT, &sa, &old_sa) == 0) sa_set = true;
     forge_context_set_abort_flag(ctx, &g_interrupted);
 
+    const bool greedy = pure_greedy(&sp);
+    int32_t next = -1; /* greedy: the pick of the last decode */
     double t_pp = cli_now();
-    int rc = forge_decode(ctx, ids, (int32_t)n_ids, false, &err);
+    int rc = greedy ? forge_decode_greedy(ctx, ids, (int32_t)n_ids, &next, &err)
+                    : forge_decode(ctx, ids, (int32_t)n_ids, false, &err);
     t_pp = cli_now() - t_pp;
     if (rc == FORGE_E_INTERRUPTED) {
         fprintf(stderr, "\nforge run: interrupted during the prompt\n");
@@ -210,7 +223,7 @@ int cmd_run(int argc, char **argv)
             stop = "context full";
             break;
         }
-        int32_t id = forge_sampler_sample(smp, forge_get_logits(ctx, -1));
+        int32_t id = greedy ? next : forge_sampler_sample(smp, forge_get_logits(ctx, -1));
         forge_sampler_accept(smp, id);
         if (forge_tok_is_eog(tok, id)) {
             stop = "end of text";
@@ -228,7 +241,8 @@ int cmd_run(int argc, char **argv)
             stop = "context full";
             break;
         }
-        rc = forge_decode(ctx, &id, 1, false, &err);
+        rc = greedy ? forge_decode_greedy(ctx, &id, 1, &next, &err)
+                    : forge_decode(ctx, &id, 1, false, &err);
         if (rc == 0) n_decoded++;
         if (rc == FORGE_E_INTERRUPTED) {
             stop = "interrupted";
