@@ -425,7 +425,7 @@ typedef struct mm_stats {
 static void check_matmul_type(int type, double orig_threshold)
 {
     const int64_t n_outs[] = {1, 3, 17, 67};
-    const int64_t n_ins[] = {32, 64, 96, 4096 + 32};
+    const int64_t n_ins[] = {32, 64, 96, 224, 4096 + 32};
     const int64_t n_toks[] = {1, 2, 5, 17};
     const int threads[] = {1, 3};
     kern_isa isas[4];
