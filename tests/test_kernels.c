@@ -580,6 +580,132 @@ static void test_matmul_rejects_bad_args(void **state)
     assert_int_equal(kern_matmul(NULL, GGML_TYPE_F32, w, 0, 32, x, 1, y, &err), FORGE_OK);
 }
 
+/* kern_matmul_multi must give exactly (memcmp) what separate kern_matmul calls give: mixed
+ * weight types (two Q8 conversions, F16, BF16, F32 at once), odd row counts, an empty matrix,
+ * on every ISA, with pools of 1 and 3 threads, n_tok 1 (the decode path) and 5. */
+static void test_matmul_multi_matches_separate(void **state)
+{
+    (void)state;
+    typedef struct mm_set {
+        int n;
+        int types[5];
+        int64_t n_outs[5];
+    } mm_set;
+    const mm_set sets[] = {
+        {3, {GGML_TYPE_Q4_0, GGML_TYPE_Q4_0, GGML_TYPE_Q8_0}, {67, 17, 33}},
+        {5,
+         {GGML_TYPE_Q4_0, GGML_TYPE_F16, GGML_TYPE_F32, GGML_TYPE_BF16, GGML_TYPE_Q8_0},
+         {50, 3, 1, 40, 16}},
+        {2, {GGML_TYPE_F16, GGML_TYPE_Q4_0}, {0, 129}},
+        {1, {GGML_TYPE_Q8_0}, {1}},
+        /* big enough that the 3-thread chunks differ from those of each matrix alone */
+        {3, {GGML_TYPE_Q4_0, GGML_TYPE_F16, GGML_TYPE_Q8_0}, {1000, 600, 77}},
+    };
+    const int64_t n_ins[] = {32, 96, 1056};
+    const int64_t n_toks[] = {1, 5};
+    const int threads[] = {1, 3};
+    kern_isa isas[4];
+    int n_isa = usable_isas(isas);
+    kern_pool *pools[2] = {NULL, NULL};
+    uint64_t seed = 99;
+    int n_checked = 0;
+    for (int p = 0; p < 2; p++)
+        assert_int_equal(kern_pool_create(threads[p], &pools[p], NULL), 0);
+    for (size_t is = 0; is < FORGE_ARRAY_LEN(sets); is++)
+        for (size_t ii = 0; ii < FORGE_ARRAY_LEN(n_ins); ii++)
+            for (size_t it = 0; it < FORGE_ARRAY_LEN(n_toks); it++) {
+                const mm_set *set = &sets[is];
+                int64_t n_in = n_ins[ii], n_tok = n_toks[it];
+                uint8_t *w[5] = {NULL};
+                float *ysep[5] = {NULL}, *ymul[5] = {NULL};
+                kern_mm_desc d[5];
+                float *x = malloc((size_t)(n_tok * n_in) * sizeof(float));
+                float *row = malloc((size_t)n_in * sizeof(float));
+                assert_true(x && row);
+                for (int64_t i = 0; i < n_tok * n_in; i++)
+                    x[i] = tu_rand_uniform(&seed) * 2.0f;
+                for (int m = 0; m < set->n; m++) {
+                    int64_t n_out = set->n_outs[m];
+                    size_t rb = row_bytes(set->types[m], n_in), ny = (size_t)(n_tok * n_out);
+                    w[m] = malloc(rb * (size_t)n_out + 1);
+                    ysep[m] = malloc(ny * sizeof(float) + 1);
+                    ymul[m] = malloc((ny + SENTINEL_N) * sizeof(float));
+                    assert_true(w[m] && ysep[m] && ymul[m]);
+                    for (int64_t o = 0; o < n_out; o++) {
+                        for (int64_t i = 0; i < n_in; i++)
+                            row[i] = tu_rand_uniform(&seed);
+                        encode_row(set->types[m], row, w[m] + o * rb, n_in);
+                    }
+                    d[m] = (kern_mm_desc){set->types[m], w[m], n_out, ymul[m]};
+                }
+                for (int k = 0; k < n_isa; k++) {
+                    assert_int_equal(kern_set_isa(isas[k], NULL), FORGE_OK);
+                    for (int p = 0; p < 2; p++) {
+                        forge_err err = {0};
+                        for (int m = 0; m < set->n; m++) {
+                            size_t ny = (size_t)(n_tok * set->n_outs[m]);
+                            for (size_t i = 0; i < ny + SENTINEL_N; i++)
+                                ymul[m][i] = SENTINEL_V;
+                            int rc = kern_matmul(pools[p], set->types[m], w[m], set->n_outs[m],
+                                                 n_in, x, n_tok, ysep[m], &err);
+                            if (rc != FORGE_OK) fail_msg("kern_matmul: %s", err.msg);
+                        }
+                        int rc = kern_matmul_multi(pools[p], set->n, d, n_in, x, n_tok, &err);
+                        if (rc != FORGE_OK) fail_msg("kern_matmul_multi: %s", err.msg);
+                        for (int m = 0; m < set->n; m++) {
+                            size_t ny = (size_t)(n_tok * set->n_outs[m]);
+                            if (memcmp(ymul[m], ysep[m], ny * sizeof(float)) != 0)
+                                fail_msg("%s set %zu matrix %d (%s, n_out %lld) n_in %lld n_tok "
+                                         "%lld %d threads: differs from kern_matmul",
+                                         kern_isa_name(isas[k]), is, m,
+                                         ggml_type_name(set->types[m]),
+                                         (long long)set->n_outs[m], (long long)n_in,
+                                         (long long)n_tok, threads[p]);
+                            for (int i = 0; i < SENTINEL_N; i++)
+                                if (ymul[m][ny + (size_t)i] != SENTINEL_V)
+                                    fail_msg("set %zu matrix %d: write past Y", is, m);
+                        }
+                        n_checked++;
+                    }
+                }
+                for (int m = 0; m < set->n; m++) {
+                    free(w[m]);
+                    free(ysep[m]);
+                    free(ymul[m]);
+                }
+                free(x);
+                free(row);
+            }
+    kern_set_isa(kern_isa_best(), NULL);
+    for (int p = 0; p < 2; p++)
+        kern_pool_free(pools[p]);
+    print_message("kern_matmul_multi: %d cases identical to separate kern_matmul calls\n",
+                  n_checked);
+}
+
+static void test_matmul_multi_rejects_bad_args(void **state)
+{
+    (void)state;
+    float x[64] = {0}, y[4] = {0};
+    uint8_t w[256] = {0};
+    forge_err err = {0};
+    kern_mm_desc d[KERN_MM_MULTI_MAX + 1];
+    for (int i = 0; i <= KERN_MM_MULTI_MAX; i++)
+        d[i] = (kern_mm_desc){GGML_TYPE_F32, w, 1, y};
+    assert_int_equal(kern_matmul_multi(NULL, 0, d, 32, x, 1, &err), FORGE_E_INVALID);
+    assert_int_equal(kern_matmul_multi(NULL, KERN_MM_MULTI_MAX + 1, d, 32, x, 1, &err),
+                     FORGE_E_INVALID);
+    d[1].wtype = GGML_TYPE_Q4_K;
+    assert_int_equal(kern_matmul_multi(NULL, 2, d, 32, x, 1, &err), FORGE_E_UNSUPPORTED);
+    d[1].wtype = GGML_TYPE_F32;
+    d[1].Y = NULL;
+    assert_int_equal(kern_matmul_multi(NULL, 2, d, 32, x, 1, &err), FORGE_E_INVALID);
+    d[1].Y = y;
+    assert_int_equal(kern_matmul_multi(NULL, 2, d, 33, x, 1, &err), FORGE_E_INVALID);
+    assert_true(strstr(err.msg, "33") != NULL);
+    assert_int_equal(kern_matmul_multi(NULL, 2, d, 32, NULL, 1, &err), FORGE_E_INVALID);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -598,6 +724,8 @@ int main(void)
         cmocka_unit_test(test_matmul_q8_0),
         cmocka_unit_test(test_matmul_q4_0),
         cmocka_unit_test(test_matmul_rejects_bad_args),
+        cmocka_unit_test(test_matmul_multi_matches_separate),
+        cmocka_unit_test(test_matmul_multi_rejects_bad_args),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

@@ -124,6 +124,12 @@ typedef struct be_ops {
      * backend stopped recording): run the forward pass once more. */
     int (*step_begin)(backend *be, int32_t id, int pos, bool *replayed, forge_err *err);
     int (*step_end)(backend *be, int status, bool *again, forge_err *err);
+    /* ys[i][t] = ws[i] x[t] for n (<= 8) weights that share the input x, with the results of n
+     * matmul calls; the backend may do them as one job (the CPU backend converts x once and
+     * splits the rows of all the weights over its threads at once: Q/K/V, gate/up). NULL: the
+     * caller makes the n matmul calls. */
+    int (*matmul_multi)(backend *be, int n, be_buf *const *ys, const be_weight *const *ws,
+                        const be_buf *x, int n_tok, forge_err *err);
 } be_ops;
 
 struct backend {

@@ -520,6 +520,35 @@ static int cpu_matmul(backend *be, be_buf *y, const be_weight *w, const be_buf *
     return FORGE_OK;
 }
 
+/* Weights that share x go to kern_matmul_multi as one job. What kern_matmul does not take
+ * (f32_math, rows that are not a multiple of 32) goes through cpu_matmul one weight at a time. */
+static int cpu_matmul_multi(backend *be, int n, be_buf *const *ys, const be_weight *const *ws,
+                            const be_buf *x, int n_tok, forge_err *err)
+{
+    cpu_backend *c = cpu(be);
+    kern_mm_desc d[KERN_MM_MULTI_MAX];
+    bool together = !c->f32_math && n >= 1 && n <= KERN_MM_MULTI_MAX;
+    int64_t work = 0;
+    for (int i = 0; i < n && together; i++)
+        together = ws[i]->ne0 == ws[0]->ne0 && ws[i]->ne0 % 32 == 0;
+    if (!together) {
+        for (int i = 0; i < n; i++) {
+            int rc = cpu_matmul(be, ys[i], ws[i], x, n_tok, err);
+            if (rc) return rc;
+        }
+        return FORGE_OK;
+    }
+    if (check_buf(x, (int64_t)n_tok * ws[0]->ne0, "matmul x", err)) return FORGE_E_INTERNAL;
+    for (int i = 0; i < n; i++) {
+        if (check_buf(ys[i], (int64_t)n_tok * ws[i]->ne1, "matmul y", err))
+            return FORGE_E_INTERNAL;
+        d[i] = (kern_mm_desc){ws[i]->type, ws[i]->data, ws[i]->ne1, ys[i]->data};
+        work += ws[i]->ne0 * ws[i]->ne1 * n_tok;
+    }
+    return kern_matmul_multi(work < CPU_MIN_PARALLEL_WORK ? NULL : c->pool, n, d, ws[0]->ne0,
+                             x->data, n_tok, err);
+}
+
 /* ---- lifetime --------------------------------------------------------------------------- */
 
 static void cpu_destroy(backend *be)
@@ -551,6 +580,7 @@ static const be_ops cpu_ops = {
     .swiglu = cpu_swiglu,
     .add = cpu_add,
     .copy_rows = cpu_copy_rows,
+    .matmul_multi = cpu_matmul_multi,
 };
 
 int backend_cpu_create(int n_threads, bool f32_math, backend **out, forge_err *err)

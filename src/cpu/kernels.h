@@ -54,6 +54,24 @@ bool kern_matmul_supported(int wtype);
 int kern_matmul(kern_pool *pool, int wtype, const void *W, int64_t n_out, int64_t n_in,
                 const float *X, int64_t n_tok, float *Y, forge_err *err);
 
+/* One of several matmuls that share their input X (kern_matmul_multi). W and Y as for
+ * kern_matmul: n_out rows of n_in elements of type wtype; Y is [n_tok][n_out]. Borrowed. */
+typedef struct kern_mm_desc {
+    int wtype;
+    const void *W;
+    int64_t n_out;
+    float *Y;
+} kern_mm_desc;
+
+#define KERN_MM_MULTI_MAX 8 /* most matmuls one kern_matmul_multi call takes */
+
+/* mats[i].Y = mats[i].W X for i < n_mats (1..KERN_MM_MULTI_MAX), all with n_in inputs: like
+ * n_mats kern_matmul calls, with bit-identical results, but X is converted once per conversion
+ * the weight types need (types may be mixed) and one pool job splits the output rows of all the
+ * matrices over the threads (e.g. the Q, K and V projections of one layer). */
+int kern_matmul_multi(kern_pool *pool, int n_mats, const kern_mm_desc *mats, int64_t n_in,
+                      const float *X, int64_t n_tok, forge_err *err);
+
 /* Reference quantizers (ggml's reference rounding), used by `forge synth` and the tests:
  * n a multiple of 32. */
 void kern_quantize_row_q8_0(const float *x, void *dst, int64_t n);

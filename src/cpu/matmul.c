@@ -1,6 +1,7 @@
-/* matmul.c - kern_matmul: argument checks, activation conversion, the split of output rows over
- * the pool's threads, dispatch to the selected ISA's row kernels, and the scalar row kernels
- * (the specification every SIMD kernel is tested against). Per-ISA kernels live in
+/* matmul.c - kern_matmul and kern_matmul_multi (several weights sharing one input, one pool
+ * job): argument checks, activation conversion, the split of output rows over the pool's
+ * threads, dispatch to the selected ISA's row kernels, and the scalar row kernels (the
+ * specification every SIMD kernel is tested against). Per-ISA kernels live in
  * matmul_avx2.c, matmul_avx512.c and matmul_neon.c. */
 #include <stdatomic.h>
 #include <stdlib.h>
@@ -199,19 +200,39 @@ static kern_mm_kernel lookup_kernel(kern_isa isa, int wtype)
     return k;
 }
 
-typedef struct mm_job {
+/* One matrix of a job. args.Xc points into the job's converted activations. */
+typedef struct mm_mat {
     kern_mm_args args;
     kern_mm_kernel kernel;
-    uint8_t *xc;   /* converted activations being written */
+    int64_t first_chunk; /* its first chunk in the job's numbering of all chunks */
+} mm_mat;
+
+/* One conversion of X that some matrices of a job need (Q8 for Q4_0 and for Q8_0 differ). */
+typedef struct mm_conv {
+    kern_cvt_fn cvt;
+    size_t row_bytes;
+    uint8_t *xc; /* converted activations being written */
+} mm_conv;
+
+typedef struct mm_job {
+    mm_mat mats[KERN_MM_MULTI_MAX];
+    mm_conv convs[KERN_MM_MULTI_MAX];
+    int n_mats, n_convs;
+    const float *X;
+    int64_t n_in, n_tok;
     uint8_t *work; /* per-thread kernel scratch, work_stride bytes each */
     size_t work_stride;
     int64_t chunk_rows;      /* rows per chunk of work, a multiple of 16 */
+    int64_t n_chunks;        /* over all matrices */
     atomic_llong next_chunk; /* the next chunk nobody has taken */
 } mm_job;
 
 /* Rows are split in contiguous chunks (a multiple of 16 rows, so that register tiles and cache
  * lines of Y stay within one thread), about 4 per thread, taken from a shared counter: on a
- * shared machine a thread that loses its core for a while does not hold up the others. */
+ * shared machine a thread that loses its core for a while does not hold up the others. Each
+ * matrix is cut from its own row 0, so its chunk boundaries are multiples of 16 whatever the
+ * other matrices of the job: the kernels' row tiles (at most 16) fall exactly as in a job of
+ * that matrix alone, and every row gets the same arithmetic. */
 static int64_t chunk_rows_for(int64_t n_out, int nth)
 {
     if (nth == 1) return (n_out + 15) & ~(int64_t)15;
@@ -220,13 +241,17 @@ static int64_t chunk_rows_for(int64_t n_out, int nth)
     return (chunk + 15) & ~(int64_t)15;
 }
 
+/* Converts rows of X: items are (conversion, token) pairs, split in contiguous runs. */
 static void convert_task(void *p, int ith, int nth)
 {
     mm_job *job = p;
-    const kern_mm_args *a = &job->args;
-    int64_t per = (a->n_tok + nth - 1) / nth;
-    for (int64_t t = per * ith; t < a->n_tok && t < per * (ith + 1); t++)
-        job->kernel.cvt(a->X + t * a->n_in, job->xc + (size_t)t * a->xc_row_bytes, a->n_in);
+    int64_t items = job->n_convs * job->n_tok;
+    int64_t per = (items + nth - 1) / nth;
+    for (int64_t i = per * ith; i < items && i < per * (ith + 1); i++) {
+        const mm_conv *cv = &job->convs[i / job->n_tok];
+        int64_t t = i % job->n_tok;
+        cv->cvt(job->X + t * job->n_in, cv->xc + (size_t)t * cv->row_bytes, job->n_in);
+    }
 }
 
 static void matmul_task(void *p, int ith, int nth)
@@ -236,53 +261,99 @@ static void matmul_task(void *p, int ith, int nth)
     (void)nth;
     for (;;) {
         int64_t c = atomic_fetch_add_explicit(&job->next_chunk, 1, memory_order_relaxed);
-        int64_t r0 = c * job->chunk_rows;
-        if (r0 >= job->args.n_out) break;
-        int64_t r1 =
-            r0 + job->chunk_rows < job->args.n_out ? r0 + job->chunk_rows : job->args.n_out;
-        job->kernel.mm(&job->args, r0, r1, work);
+        if (c >= job->n_chunks) break;
+        int m = 0;
+        while (m + 1 < job->n_mats && job->mats[m + 1].first_chunk <= c)
+            m++;
+        const mm_mat *mat = &job->mats[m];
+        int64_t r0 = (c - mat->first_chunk) * job->chunk_rows;
+        int64_t r1 = r0 + job->chunk_rows < mat->args.n_out ? r0 + job->chunk_rows : mat->args.n_out;
+        mat->kernel.mm(&mat->args, r0, r1, work);
     }
 }
 
 int kern_matmul(kern_pool *pool, int wtype, const void *W, int64_t n_out, int64_t n_in,
                 const float *X, int64_t n_tok, float *Y, forge_err *err)
 {
+    const kern_mm_desc d = {wtype, W, n_out, Y};
+    return kern_matmul_multi(pool, 1, &d, n_in, X, n_tok, err);
+}
+
+int kern_matmul_multi(kern_pool *pool, int n_mats, const kern_mm_desc *mats, int64_t n_in,
+                      const float *X, int64_t n_tok, forge_err *err)
+{
     mm_job job;
     uint8_t *own_scratch = NULL;
+    int64_t total_rows = 0;
     int rc = FORGE_OK;
 
-    if (!kern_matmul_supported(wtype))
-        return forge_err_set(err, FORGE_E_UNSUPPORTED,
-                             "matmul: weight type %s (%d) is not supported", ggml_type_name(wtype),
-                             wtype);
-    if (n_out < 0 || n_tok < 0 || n_in <= 0 || n_in % KERN_QK != 0 || n_in > ((int64_t)1 << 40))
-        return forge_err_set(err, FORGE_E_INVALID,
-                             "matmul: bad shape n_out %lld n_in %lld n_tok %lld (n_in must be a "
-                             "positive multiple of 32)",
-                             (long long)n_out, (long long)n_in, (long long)n_tok);
-    if (n_out == 0 || n_tok == 0) return FORGE_OK;
-    if (!W || !X || !Y) return forge_err_set(err, FORGE_E_INVALID, "matmul: NULL pointer argument");
+    if (n_mats < 1 || n_mats > KERN_MM_MULTI_MAX || !mats)
+        return forge_err_set(err, FORGE_E_INVALID, "matmul: %d matrices (want 1..%d)", n_mats,
+                             KERN_MM_MULTI_MAX);
+    for (int i = 0; i < n_mats; i++) {
+        const kern_mm_desc *d = &mats[i];
+        if (!kern_matmul_supported(d->wtype))
+            return forge_err_set(err, FORGE_E_UNSUPPORTED,
+                                 "matmul: weight type %s (%d) is not supported",
+                                 ggml_type_name(d->wtype), d->wtype);
+        if (d->n_out < 0 || d->n_out > ((int64_t)1 << 40) || n_tok < 0 || n_in <= 0 ||
+            n_in % KERN_QK != 0 || n_in > ((int64_t)1 << 40))
+            return forge_err_set(err, FORGE_E_INVALID,
+                                 "matmul: bad shape n_out %lld n_in %lld n_tok %lld (n_in must "
+                                 "be a positive multiple of 32)",
+                                 (long long)d->n_out, (long long)n_in, (long long)n_tok);
+        if (d->n_out > 0 && (!d->W || !d->Y))
+            return forge_err_set(err, FORGE_E_INVALID, "matmul: NULL pointer argument");
+        total_rows += d->n_out;
+    }
+    if (total_rows == 0 || n_tok == 0) return FORGE_OK;
+    if (!X) return forge_err_set(err, FORGE_E_INVALID, "matmul: NULL pointer argument");
 
     memset(&job, 0, sizeof job);
-    job.kernel = lookup_kernel(kern_isa_current(), wtype);
-    job.args.W = W;
-    job.args.w_row_bytes = weight_row_bytes(wtype, n_in);
-    job.args.n_out = n_out;
-    job.args.n_in = n_in;
-    job.args.n_tok = n_tok;
-    job.args.X = X;
-    job.args.Y = Y;
-    /* scratch: converted activations, then one kernel work area per thread */
-    uint64_t xc_bytes = 0, work_bytes = 0, total;
+    job.X = X;
+    job.n_in = n_in;
+    job.n_tok = n_tok;
     int nth = kern_pool_size(pool);
-    if (job.kernel.cvt)
-        job.args.xc_row_bytes = (size_t)(n_in / KERN_QK) * job.kernel.xc_row_bytes_per_32;
-    job.work_stride = ((size_t)(n_in / KERN_QK) * job.kernel.work_bytes_per_32 + 63) & ~(size_t)63;
-    if (!forge_mul_u64((uint64_t)n_tok, job.args.xc_row_bytes, &xc_bytes) ||
-        !forge_mul_u64((uint64_t)nth, job.work_stride, &work_bytes) ||
-        !forge_add_u64((xc_bytes + 63) & ~(uint64_t)63, work_bytes, &total) || total > SIZE_MAX / 2)
-        return forge_err_set(err, FORGE_E_INVALID, "matmul: %lld tokens x %lld inputs overflow",
-                             (long long)n_tok, (long long)n_in);
+    job.chunk_rows = chunk_rows_for(total_rows, nth);
+    kern_isa isa = kern_isa_current();
+    size_t work_per_32 = 0;
+    for (int i = 0; i < n_mats; i++) {
+        if (mats[i].n_out == 0) continue;
+        mm_mat *m = &job.mats[job.n_mats++];
+        m->kernel = lookup_kernel(isa, mats[i].wtype);
+        m->args.W = mats[i].W;
+        m->args.w_row_bytes = weight_row_bytes(mats[i].wtype, n_in);
+        m->args.n_out = mats[i].n_out;
+        m->args.n_in = n_in;
+        m->args.n_tok = n_tok;
+        m->args.X = X;
+        m->args.Y = mats[i].Y;
+        m->first_chunk = job.n_chunks;
+        job.n_chunks += (mats[i].n_out + job.chunk_rows - 1) / job.chunk_rows;
+        if (m->kernel.work_bytes_per_32 > work_per_32) work_per_32 = m->kernel.work_bytes_per_32;
+        if (m->kernel.cvt) {
+            int c = 0;
+            while (c < job.n_convs && job.convs[c].cvt != m->kernel.cvt)
+                c++;
+            if (c == job.n_convs) {
+                job.convs[c].cvt = m->kernel.cvt;
+                job.convs[c].row_bytes = (size_t)(n_in / KERN_QK) * m->kernel.xc_row_bytes_per_32;
+                job.n_convs++;
+            }
+            m->args.xc_row_bytes = job.convs[c].row_bytes;
+        }
+    }
+    /* scratch: converted activations per conversion, then one kernel work area per thread */
+    uint64_t xc_bytes = 0, conv_bytes, work_bytes = 0, total;
+    for (int c = 0; c < job.n_convs; c++) {
+        if (!forge_mul_u64((uint64_t)n_tok, job.convs[c].row_bytes, &conv_bytes) ||
+            !forge_add_u64(xc_bytes, (conv_bytes + 63) & ~(uint64_t)63, &xc_bytes))
+            goto overflow;
+    }
+    job.work_stride = ((size_t)(n_in / KERN_QK) * work_per_32 + 63) & ~(size_t)63;
+    if (!forge_mul_u64((uint64_t)nth, job.work_stride, &work_bytes) ||
+        !forge_add_u64(xc_bytes, work_bytes, &total) || total > SIZE_MAX / 2)
+        goto overflow;
     if (total > 0) {
         uint8_t *scratch;
         if (pool) {
@@ -297,20 +368,31 @@ int kern_matmul(kern_pool *pool, int wtype, const void *W, int64_t n_out, int64_
                               (unsigned long long)total);
             goto done;
         }
-        job.xc = scratch;
-        if (job.work_stride) job.work = scratch + ((xc_bytes + 63) & ~(uint64_t)63);
+        uint8_t *xc = scratch;
+        for (int c = 0; c < job.n_convs; c++) {
+            job.convs[c].xc = xc;
+            xc += ((uint64_t)n_tok * job.convs[c].row_bytes + 63) & ~(uint64_t)63;
+        }
+        if (job.work_stride) job.work = scratch + xc_bytes;
     }
-    if (job.kernel.cvt) {
+    if (job.n_convs > 0) {
         /* one token is converted faster than threads are woken */
         if (n_tok == 1)
             convert_task(&job, 0, 1);
         else
             kern_pool_run(pool, convert_task, &job);
-        job.args.Xc = job.xc;
+        for (int i = 0; i < job.n_mats; i++) {
+            mm_mat *m = &job.mats[i];
+            for (int c = 0; c < job.n_convs && m->kernel.cvt; c++)
+                if (job.convs[c].cvt == m->kernel.cvt) m->args.Xc = job.convs[c].xc;
+        }
     }
-    job.chunk_rows = chunk_rows_for(n_out, nth);
     atomic_init(&job.next_chunk, 0);
     kern_pool_run(pool, matmul_task, &job);
+    goto done;
+overflow:
+    rc = forge_err_set(err, FORGE_E_INVALID, "matmul: %lld tokens x %lld inputs overflow",
+                       (long long)n_tok, (long long)n_in);
 done:
     free(own_scratch);
     return rc;

@@ -22,6 +22,19 @@
         if (rc) goto done;                                                                         \
     } while (0)
 
+/* ys[i] = ws[i] x for weights that share the input x: one backend op where the backend offers
+ * matmul_multi (same results), else n matmuls. */
+static int matmul_shared(backend *be, int n, be_buf *const *ys, const be_weight *const *ws,
+                         const be_buf *x, int n_tok, forge_err *err)
+{
+    if (be->ops->matmul_multi) return be->ops->matmul_multi(be, n, ys, ws, x, n_tok, err);
+    for (int i = 0; i < n; i++) {
+        int rc = be->ops->matmul(be, ys[i], ws[i], x, n_tok, err);
+        if (rc) return rc;
+    }
+    return FORGE_OK;
+}
+
 int arch_llama_forward(forge_context *ctx, const int32_t *ids, int n, bool want_logits,
                        bool all_logits, int *n_out, forge_err *err)
 {
@@ -50,9 +63,9 @@ int arch_llama_forward(forge_context *ctx, const int32_t *ids, int n, bool want_
         }
         /* attention */
         TRY(op->rms_norm(be, b->xn, b->x, &l->attn_norm, n, E, hp->rms_eps, err));
-        TRY(op->matmul(be, b->q, &l->wq, b->xn, n, err));
-        TRY(op->matmul(be, b->k, &l->wk, b->xn, n, err));
-        TRY(op->matmul(be, b->v, &l->wv, b->xn, n, err));
+        be_buf *const qkv[] = {b->q, b->k, b->v};
+        const be_weight *const w_qkv[] = {&l->wq, &l->wk, &l->wv};
+        TRY(matmul_shared(be, 3, qkv, w_qkv, b->xn, n, err));
         if (l->bq.data) TRY(op->add_bias(be, b->q, &l->bq, n, err));
         if (l->bk.data) TRY(op->add_bias(be, b->k, &l->bk, n, err));
         if (l->bv.data) TRY(op->add_bias(be, b->v, &l->bv, n, err));
@@ -72,8 +85,9 @@ int arch_llama_forward(forge_context *ctx, const int32_t *ids, int n, bool want_
         TRY(op->add(be, b->x, b->o, (int64_t)n * E, err));
         /* feed-forward (SwiGLU) */
         TRY(op->rms_norm(be, b->xn, b->x, &l->ffn_norm, n, E, hp->rms_eps, err));
-        TRY(op->matmul(be, b->gate, &l->ffn_gate, b->xn, n, err));
-        TRY(op->matmul(be, b->up, &l->ffn_up, b->xn, n, err));
+        be_buf *const gate_up[] = {b->gate, b->up};
+        const be_weight *const w_gate_up[] = {&l->ffn_gate, &l->ffn_up};
+        TRY(matmul_shared(be, 2, gate_up, w_gate_up, b->xn, n, err));
         TRY(op->swiglu(be, b->gate, b->gate, b->up, (int64_t)n * F, err));
         TRY(op->matmul(be, b->o, &l->ffn_down, b->gate, n, err));
         TRY(op->add(be, b->x, b->o, (int64_t)n * E, err));
