@@ -13,3 +13,15 @@ tu_done() {
     [ "$TU_FAIL" -gt 0 ] && echo "[  FAILED  ] $TU_FAIL test(s)."
     [ "$TU_FAIL" -eq 0 ]
 }
+# tu_require NAME PATH... : when a path (shared test data) is missing, report the whole script as
+# skipped, with the path, and exit; otherwise return.
+tu_require() {
+    local n=$1 p; shift
+    for p in "$@"; do
+        if [ ! -e "$p" ]; then
+            tu_skip "$n" "shared test data $p is absent"
+            tu_done
+            exit $?
+        fi
+    done
+}

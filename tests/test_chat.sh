@@ -9,11 +9,7 @@ shared=${FORGE_SHARED:-../shared}
 model=$shared/testdata/models/stories260K.gguf
 tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
-if [ ! -f "$model" ]; then
-    tu_skip "forge chat" "$model is absent"
-    tu_done
-    exit $?
-fi
+tu_require "forge chat" "$model"
 chat=("$FORGE" chat -m "$model" --temp 0 -n 24 -c 512 -t 2 --stats)
 
 # two turns, then /save; answers are printed one per turn

@@ -12,11 +12,7 @@ tsv=$shared/testdata/reference/greedy_summary.tsv
 tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
 
-if [ ! -f "$models/stories260K.gguf" ] || [ ! -f "$tsv" ]; then
-    tu_skip "device selection" "shared test data $models/stories260K.gguf or $tsv is absent"
-    tu_done
-    exit $?
-fi
+tu_require "device selection" "$models/stories260K.gguf" "$tsv"
 m=$models/stories260K.gguf
 # the reference: first F32-KV row of stories260K.gguf
 want=$(awk -F'\t' '$1 == "stories260K.gguf" && $2 == "f32" && $3 == "\"Once upon a time\"" { print $5; exit }' "$tsv")

@@ -10,11 +10,7 @@ bin=$shared/testdata/models/stories260K.bin
 tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
 
-if [ ! -f "$model" ] || [ ! -f "$bin" ]; then
-    tu_skip "inspect stories260K" "shared test data $model is absent"
-    tu_done
-    exit $?
-fi
+tu_require "inspect stories260K" "$model" "$bin"
 
 "$FORGE" inspect "$model" >"$tmp/out.txt" 2>"$tmp/err.txt"
 tu_check "inspect exits 0" [ $? -eq 0 ]

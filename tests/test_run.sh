@@ -10,11 +10,7 @@ tsv=$shared/testdata/reference/greedy_summary.tsv
 tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
 
-if [ ! -f "$models/stories260K.gguf" ] || [ ! -f "$tsv" ]; then
-    tu_skip "forge run" "shared test data $models/stories260K.gguf or $tsv is absent"
-    tu_done
-    exit $?
-fi
+tu_require "forge run" "$models/stories260K.gguf" "$tsv"
 m=$models/stories260K.gguf
 
 # greedy: every F32-KV reference row of the models whose greedy ids must match exactly

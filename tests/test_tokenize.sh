@@ -7,11 +7,7 @@ V="${FORGE_SHARED:-../shared}/testdata/vocab"
 tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
 
-if [ ! -d "$V" ]; then
-    tu_skip "tokenizer suites" "shared test data $V is absent"
-    tu_done
-    exit $?
-fi
+tu_require "tokenizer suites" "$V"
 
 for name in llama-spm llama-bpe gpt-2 deepseek-coder falcon starcoder; do
     m="$V/ggml-vocab-$name.gguf"

@@ -667,6 +667,7 @@ TGT_I INLINE void q_rows_ntok(const kern_mm_args *a, int64_t r0, int64_t r1, voi
         int64_t t = 0;
         for (; t + TOK_TILE <= a->n_tok; t += TOK_TILE)
             q_tile(a, rep, o, rmask, t, TOK_TILE);
+        /* the remainder as a constant, so each q_tile call is specialised for its width */
         switch (a->n_tok - t) {
         case 7:
             q_tile(a, rep, o, rmask, t, 7);
