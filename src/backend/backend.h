@@ -21,6 +21,7 @@
 typedef struct be_buf be_buf;   /* activation buffer of n floats, backend-owned */
 typedef struct be_kv be_kv;     /* KV cache of all layers, backend-owned */
 typedef struct backend backend; /* an instance; starts with `const be_ops *ops` */
+typedef struct be_sample be_sample; /* a sampler chain for be_ops.sample (below) */
 
 /* A weight tensor as stored in the file: ne0 = row length (inputs), ne1 = rows (outputs). */
 typedef struct be_weight {
@@ -130,7 +131,47 @@ typedef struct be_ops {
      * caller makes the n matmul calls. */
     int (*matmul_multi)(backend *be, int n, be_buf *const *ys, const be_weight *const *ws,
                         const be_buf *x, int n_tok, forge_err *err);
+    /* ---- optional fused ops (NULL: the caller runs the plain ops they stand for) ---- */
+    /* ys[i] = ws[i] h (+ bs[i] when bs && bs[i]) for n (1..3) weights sharing the input, where
+     * h = rms_norm(x) * norm (norm: F32 [dim], dim = ws[i]->ne0). With swiglu (n == 2, no
+     * biases) ys[0] = silu(ws[0] h) * (ws[1] h) and ys[1] is scratch the op may overwrite. hn
+     * is a [n_tok][dim] buffer the op may use for h. Same results as rms_norm + matmul_multi
+     * (+ add_bias) (+ swiglu) up to float rounding: a GPU does it in one launch per step. */
+    int (*norm_matmul)(backend *be, int n, be_buf *const *ys, const be_weight *const *ws,
+                       const be_weight *const *bs, const be_buf *x, const be_weight *norm,
+                       float eps, bool swiglu, be_buf *hn, int n_tok, forge_err *err);
+    /* x += w h for n_tok rows (the residual add after a projection); tmp is a [n_tok][w->ne1]
+     * buffer the op may use. Same as matmul into tmp + add. */
+    int (*matmul_add)(backend *be, be_buf *x, const be_weight *w, const be_buf *h, be_buf *tmp,
+                      int n_tok, forge_err *err);
+    /* The attention block in one op: per-head RMSNorm of q and k with q_norm / k_norm (each
+     * NULL to skip; F32 [head_dim], eps), RoPE of q and k, the K/V store and attention, as
+     * rms_norm + rope(q) + rope(k) + attention do. q may be modified; k and v are not. */
+    int (*attention_rope)(backend *be, be_buf *out, be_buf *q, const be_buf *k, const be_buf *v,
+                          be_kv *kv, const be_attn *a, const be_rope *rope,
+                          const be_weight *q_norm, const be_weight *k_norm, float eps,
+                          forge_err *err);
+    /* Sampling on the device: *out = the id the sampler chain described by s picks from the
+     * n logits at x[off..] (see be_sample). Waits for the device and reads back only the id.
+     * FORGE_E_UNSUPPORTED when the backend cannot run this chain (the caller then reads the
+     * logits and samples on the host). */
+    int (*sample)(backend *be, const be_buf *x, int64_t off, int64_t n, const be_sample *s,
+                  int32_t *out, forge_err *err);
 } be_ops;
+
+/* A sampler chain for be_ops.sample, as src/sample/sampler.c runs it: penalties over the
+ * window (n_pen distinct ids with their counts) -> top-k -> top-p -> min-p -> temperature ->
+ * the draw r in [0, 1) (drawn by the host's generator); temperature <= 0 is greedy. */
+struct be_sample {
+    float temperature;
+    int32_t top_k; /* <= 0: off */
+    float top_p;   /* >= 1: off */
+    float min_p;   /* <= 0: off */
+    float repeat_penalty, presence_penalty, frequency_penalty;
+    const int32_t *pen_ids, *pen_counts; /* host arrays of n_pen entries */
+    int32_t n_pen;
+    float r;
+};
 
 struct backend {
     const be_ops *ops;

@@ -215,6 +215,113 @@ int gpu_store(const float *d_src, void *d_dst, int dst_type, int64_t n, gpu_stre
 int gpu_store_at(const float *d_src, void *d_dst, int dst_type, int64_t n, const int32_t *d_pos,
                  int64_t pos_stride, gpu_stream *s, forge_err *err);
 
+/* ---- fused decode matvec (one token; gpu_fused.cu) ----------------------------------------- */
+/* y_i = W_i h for up to 3 matrices that share one input row h, in one launch (Q/K/V, gate/up),
+ * where h is made from the input row x by the kernel itself:
+ *   in_mode GPU_FMV_IN_PLAIN:   h = x
+ *   in_mode GPU_FMV_IN_RMSNORM: h = x / sqrt(mean(x^2) + eps) * d_norm   (RMSNorm, F32 weights)
+ * and for Q8_0/Q4_0 weights h is quantized to Q8_0 blocks (the numerics of gpu_act_quantize)
+ * inside each thread block, so no separate norm or quantize kernel runs. Results:
+ *   out_mode GPU_FMV_OUT_STORE:  y_i = W_i h (+ d_bias_i when non-NULL)
+ *   out_mode GPU_FMV_OUT_ADD:    y_i += W_i h (the residual add; y_i must not alias x)
+ *   out_mode GPU_FMV_OUT_SWIGLU: n_mat == 2, same n_out: y_0 = silu(W_0 h) * (W_1 h)
+ * Matrices of one call must share the weight type and n_in (n_in a multiple of 32 for Q8_0/
+ * Q4_0, of 8 for F16/BF16, of 4 for F32); outputs must not overlap x or each other. Launched
+ * with programmatic dependent launch where the device has it (the weight loads of the first
+ * chunks start before the previous kernel ends; see gpu_pdl_wait in gpu_vendor.h). */
+enum { GPU_FMV_IN_PLAIN = 0, GPU_FMV_IN_RMSNORM = 1 };
+enum { GPU_FMV_OUT_STORE = 0, GPU_FMV_OUT_ADD = 1, GPU_FMV_OUT_SWIGLU = 2 };
+#define GPU_FMV_MAX_MATS 3
+typedef struct gpu_fmv_mat {
+    const void *d_w;     /* device layout (gpu_weight_convert) */
+    int64_t n_out;       /* rows */
+    const float *d_bias; /* n_out floats or NULL (GPU_FMV_OUT_STORE only) */
+    float *d_y;          /* n_out floats */
+} gpu_fmv_mat;
+typedef struct gpu_fmv_args {
+    int wtype; /* ggml type of every matrix */
+    int n_mat; /* 1..GPU_FMV_MAX_MATS */
+    gpu_fmv_mat mat[GPU_FMV_MAX_MATS];
+    int64_t n_in;
+    const float *d_x;    /* the input row, n_in floats */
+    int in_mode;         /* GPU_FMV_IN_* */
+    const float *d_norm; /* GPU_FMV_IN_RMSNORM: n_in F32 weights */
+    float eps;
+    int out_mode; /* GPU_FMV_OUT_* */
+} gpu_fmv_args;
+/* True when gpu_fused_matvec handles this type and row length. */
+int gpu_fused_matvec_supported(int wtype, int64_t n_in);
+int gpu_fused_matvec(const gpu_fmv_args *a, gpu_stream *s, forge_err *err);
+
+/* ---- Q/K norm, RoPE and the KV-cache store in one launch (gpu_ops.cu) -------------------- */
+/* RoPE parameters as ggml's rope (with YaRN): theta_i = pos * freq_base^(-2i/n_dims) (divided
+ * by d_freq_factors[i] when non-NULL); ext_factor == 0: theta *= freq_scale, cos/sin scaled by
+ * attn_factor; ext_factor != 0: ggml's rope_yarn ramp between corr_dims[0] and corr_dims[1]
+ * (mscale = attn_factor * (1 + 0.1 ln(1/freq_scale))). mode GPU_ROPE_NORM / GPU_ROPE_NEOX. */
+typedef struct gpu_rope_params {
+    int mode;
+    int64_t n_dims; /* rotated dims per head, even, <= head_dim */
+    float freq_base, freq_scale;
+    const float *d_freq_factors; /* n_dims/2 floats or NULL */
+    float ext_factor, attn_factor;
+    float corr_dims[2];
+} gpu_rope_params;
+/* For n_tok tokens, token t at position d_pos[t] (device int32):
+ *   q heads (d_q: [n_tok][n_head][head_dim], in place): per-head RMSNorm with d_q_norm
+ *     (head_dim F32 weights) when non-NULL, then RoPE;
+ *   k heads (d_k: [n_tok][n_kv_head][head_dim], read only): the same with d_k_norm, then
+ *     stored into d_kcache row d_pos[t] (element (p, j) at d_kcache + p*pos_stride + j, j <
+ *     n_kv_head*head_dim, type kv_type F32 or F16 rounded to nearest even);
+ *   v (d_v, like k): stored into d_vcache the same way, unchanged.
+ * The result is what gpu_rmsnorm + gpu_rope + gpu_store give. */
+int gpu_qk_rope_store(float *d_q, const float *d_k, const float *d_v, int64_t n_tok,
+                      int64_t n_head, int64_t n_kv_head, int64_t head_dim, const float *d_q_norm,
+                      const float *d_k_norm, float eps, const gpu_rope_params *rope,
+                      const int32_t *d_pos, void *d_kcache, void *d_vcache, int kv_type,
+                      int64_t pos_stride, gpu_stream *s, forge_err *err);
+/* gpu_rope with the full parameter set (YaRN); in place on [n_tok][n_heads][head_dim]. */
+int gpu_rope_ext(float *d_x, int64_t n_tok, int64_t n_heads, int64_t head_dim,
+                 const gpu_rope_params *rope, const int32_t *d_pos, gpu_stream *s,
+                 forge_err *err);
+
+/* ---- prompt attention on the tensor cores (gpu_fattn.cu) ---------------------------------- */
+/* Causal attention of n_q new query tokens at positions pos0 .. pos0+n_q-1 over cache rows
+ * 0 .. pos0+n_q-1 (the new K/V already stored): query i attends positions <= pos0 + i.
+ * a: the cache layout, heads, scale and kv_type as for gpu_attention (a->d_pos, a->max_kv,
+ * a->d_scratch unused); q row i at a->d_q + i*q_stride floats, output row i at a->d_out +
+ * i*out_stride. Flash attention: online softmax, GQA, fp16 tensor-core products with fp32
+ * accumulation (documented precision: ~1e-3 relative, like llama.cpp's CUDA flash attention).
+ * head_dim in {64, 128} on the fast path; FORGE_E_UNSUPPORTED otherwise (the caller falls back
+ * to gpu_attention_batch). */
+int gpu_attention_prompt_supported(int64_t head_dim, int kv_type);
+int gpu_attention_prompt(const gpu_attn_args *a, int64_t n_q, int64_t pos0, int64_t q_stride,
+                         int64_t out_stride, gpu_stream *s, forge_err *err);
+
+/* ---- sampling on the device (gpu_sample.cu) ------------------------------------------------ */
+/* The sampler chain of src/sample/sampler.c over one row of logits, on the device: penalties
+ * (n_pen (id, count) pairs of the window) -> top-k -> top-p -> min-p -> temperature -> a draw
+ * with the uniform number *d_r in [0, 1) (drawn by the host's generator). temperature <= 0:
+ * greedy (the smallest id of the largest penalised logit). The chosen id goes to *d_out. Same
+ * result as forge_sampler_sample on the same logits and draw (up to float summation order).
+ * top_k must be 1..GPU_SAMPLE_MAX_K when temperature > 0 (the caller samples on the host
+ * otherwise). */
+#define GPU_SAMPLE_MAX_K 1024
+typedef struct gpu_sample_args {
+    const float *d_logits;
+    int64_t n_vocab;
+    float temperature;
+    int32_t top_k;
+    float top_p, min_p;
+    float repeat_penalty, presence_penalty, frequency_penalty;
+    const int32_t *d_pen; /* [2 * n_pen]: id, count pairs; NULL when n_pen == 0 */
+    int32_t n_pen;
+    const float *d_r;
+    void *d_scratch; /* gpu_sample_scratch_bytes(n_vocab) */
+    int32_t *d_out;
+} gpu_sample_args;
+size_t gpu_sample_scratch_bytes(int64_t n_vocab);
+int gpu_sample(const gpu_sample_args *a, gpu_stream *s, forge_err *err);
+
 /* ---- a context: one stream and its scratch, for the backend --------------------------------- */
 typedef struct gpu_ctx gpu_ctx;
 /* Creates a stream on the current device. */

@@ -210,6 +210,27 @@ GPU_DEV int gpu_dp4a(int a, int b, int c)
 #endif
 }
 
+/* Programmatic dependent launch (sm_90+, CUDA 12+). A kernel launched with the PDL attribute
+ * (gpu_fused.cu's launcher) may start while the kernel before it on the stream still runs: it
+ * must call gpu_pdl_wait() before it reads anything earlier kernels wrote or writes anything
+ * they read (weights, written once at load, may be read before the wait). gpu_pdl_trigger()
+ * in a kernel lets the next (PDL-launched) kernel start launching early; it changes nothing
+ * else, so any kernel may call it. Both are no-ops on HIP, before sm_90, and in kernels
+ * launched the ordinary way. */
+GPU_DEV void gpu_pdl_wait(void)
+{
+#if !FORGE_GPU_HIP && defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+
+GPU_DEV void gpu_pdl_trigger(void)
+{
+#if !FORGE_GPU_HIP && defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}
+
 /* ---- error checks (host side) -------------------------------------------------------------- */
 /* Defined in gpu_runtime.cu; internal to libforge_cuda (hidden visibility). */
 int gpu_err_set(forge_err *err, int code, const char *fmt, ...)
