@@ -109,9 +109,12 @@ typedef struct forge_context_params {
     int32_t n_batch;   /* most tokens per forward pass (longer inputs are split); 0: 512 */
     int32_t n_threads; /* 0: the number of physical cores */
     forge_kv_type kv_type;
-    bool f32_math;       /* multiply by F32 copies of each weight row (dequantized on the fly)
-                          * instead of ggml's mixed-precision kernels: slower, for checking
-                          * arithmetic against float32 references */
+    bool f32_math;       /* CPU: multiply by F32 copies of each weight row (dequantized on the
+                          * fly) instead of ggml's mixed-precision kernels. GPU: no reduced
+                          * precision: float activations for F16/BF16 weights (not rounded to
+                          * the weight type), prompts by fp32 matvec instead of the F16 GEMM
+                          * and tensor-core attention (Q8_0/Q4_0 weights keep their Q8_0
+                          * activations). Slower; for checking against float32 references */
     forge_device device; /* default FORGE_DEVICE_CPU */
     int32_t gpu_index;   /* which GPU (0-based) for GPU/AUTO */
 } forge_context_params;
@@ -156,6 +159,17 @@ int forge_decode(forge_context *ctx, const int32_t *ids, int32_t n, bool all_log
  * -1 on error; errors as forge_decode. */
 int forge_decode_greedy(forge_context *ctx, const int32_t *ids, int32_t n, int32_t *next_id,
                         struct forge_err *err);
+
+/* forge_decode (last position only), then the sampler chain of s on the last position's logits:
+ * *next_id = what forge_sampler_sample(s, logits) returns, consuming the same random draw. On a
+ * GPU, when the chain fits the device (greedy, or top-k between 1 and 1024), it runs there and
+ * only the id is copied back, and the decode step may be replayed from a recording; otherwise
+ * the logits are read and sampled on the host. Does not call forge_sampler_accept (the caller
+ * does). s (borrowed) must be made for the model's n_vocab. The logits are not kept:
+ * forge_get_logits returns NULL until the next forge_decode. *next_id is -1 on error; errors as
+ * forge_decode. */
+int forge_decode_sample(forge_context *ctx, const int32_t *ids, int32_t n, forge_sampler *s,
+                        int32_t *next_id, struct forge_err *err);
 
 /* Logits (n_vocab floats) of the i-th position of the last forge_decode, i in
  * [0, forge_n_logits); i = -1 means the last one. NULL if there is no such row. Borrowed: valid

@@ -51,7 +51,8 @@ struct be_kv {
 
 #define GPU_STAGE_BYTES ((size_t)16 << 20) /* two pinned staging buffers for uploads */
 #define GPU_GRAPH_SLOTS 24                 /* attention buckets 256 << i positions */
-#define GPU_STEP_MIN_KV 256                /* smallest attention bucket of a decode step */
+#define GPU_STEP_MIN_KV 128 /* smallest attention bucket of a decode step: below 128 positions \
+                             one attention split, no merge launch (FORGE_GPU_ATTN_MIN_SPLIT) */
 
 typedef struct gpu_backend {
     backend base;
@@ -92,7 +93,24 @@ typedef struct gpu_backend {
     gpu_event *ev_small;
     bool ev_small_used;
     gpu_graph *graphs[GPU_GRAPH_SLOTS]; /* one recorded step per attention bucket */
+    /* fused decode ops (norm_matmul, matmul_add): FORGE_GPU_FUSED=0 runs the plain ops */
+    bool fused;
+    /* F16/BF16 weights multiply activations rounded to the weight type, as ggml's CPU kernels
+     * (and the CPU backend) do; false with f32_math (float activations, no reduced precision) */
+    bool round_x;
+    float *d_xr; /* one rounded activation row (max_in floats) */
+    /* prompt attention on the tensor cores from this many tokens (FORGE_GPU_FATTN_MIN) */
+    int fattn_min;
+    /* device sampling: scratch, and the draw + penalty pairs copied in before each sample */
+    void *d_sample;
+    void *d_argmax; /* gpu_argmax_ex's scratch (zeroed once) */
+    float *d_samp_par; /* [0] r, then int32 (id, count) pairs */
+    float *h_samp_par; /* pinned: the same */
+    gpu_event *ev_samp;
+    bool ev_samp_used;
 } gpu_backend;
+
+#define GPU_SAMPLE_MAX_PEN 4096 /* penalty pairs the device chain takes (more: host sampling) */
 
 static gpu_backend *gb(backend *be)
 {
@@ -158,7 +176,7 @@ static int load_api(const gpu_api **out, forge_err *err)
     }
     const gpu_api *api = get(GPU_API_VERSION);
     if (!api || api->version != GPU_API_VERSION || !api->store || !api->attention_batch ||
-        !api->store_at) {
+        !api->store_at || !api->gemm_ex || !api->argmax_ex || !api->round_act) {
         rc = forge_err_set(err, FORGE_E_UNSUPPORTED,
                            "the GPU library %s does not provide interface version %d (rebuild "
                            "it with `make gpu`)",
@@ -432,16 +450,20 @@ int backend_gpu_plan(backend *be, const be_gpu_plan *p, forge_err *err)
     const gpu_api *api = g->api;
     int rc = FORGE_OK;
     if (g->planned) return forge_err_set(err, FORGE_E_INTERNAL, "backend_gpu_plan called twice");
-    if (p->yarn)
-        return forge_err_set(err, FORGE_E_UNSUPPORTED,
-                             "the GPU backend does not implement YaRN RoPE scaling yet "
-                             "(use --device cpu)");
     if (p->n_ctx < 1 || p->n_batch < 1 || p->kv_dim < 1 || p->n_head < 1 || p->head_dim < 1)
         return forge_err_set(err, FORGE_E_INVALID, "backend_gpu_plan: bad sizes");
     const char *gm = getenv("FORGE_GPU_GEMM_MIN");
     g->gemm_min = gm && atoi(gm) > 1 ? atoi(gm) : 32;
+    /* f32_math: no reduced precision anywhere: no F16 GEMM, no F16 tensor-core attention, float
+     * activations for F16/BF16 weights (prompts go through the matvec, token by token) */
+    g->round_x = !p->f32_math;
+    if (p->f32_math) g->gemm_min = INT32_MAX;
     const char *ab = getenv("FORGE_GPU_ATTN_BATCH");
     g->attn_batch = !(ab && !strcmp(ab, "0"));
+    const char *fu = getenv("FORGE_GPU_FUSED");
+    g->fused = !(fu && !strcmp(fu, "0"));
+    const char *fa = getenv("FORGE_GPU_FATTN_MIN");
+    g->fattn_min = fa && atoi(fa) > 1 && !p->f32_math ? atoi(fa) : g->gemm_min;
     const bool want_gemm = p->n_batch >= g->gemm_min;
     const uint64_t kv_elt = p->kv_type == FORGE_KV_F16 ? 2 : 4;
     const uint64_t kv_per_tok = 2ull * (uint64_t)p->n_layer * (uint64_t)p->kv_dim * kv_elt;
@@ -450,7 +472,9 @@ int backend_gpu_plan(backend *be, const be_gpu_plan *p, forge_err *err)
     const size_t xq = api->act_q8_bytes(p->max_in > 0 ? (p->max_in + 31) / 32 * 32 : 32);
     const size_t xc = want_gemm ? (size_t)p->n_batch * (size_t)p->max_in * 2 : 0;
     const size_t wf16 = want_gemm ? (size_t)p->max_quant_elems * 2 : 0;
-    const uint64_t scratch = (uint64_t)p->act_floats * 4 + attn + xq + xc + wf16 +
+    const size_t samp = (p->n_vocab > 0 ? api->sample_scratch_bytes(p->n_vocab) : 0) +
+                        (size_t)(p->max_in > 0 ? p->max_in : 1) * 4; /* + d_xr */
+    const uint64_t scratch = (uint64_t)p->act_floats * 4 + attn + xq + xc + wf16 + samp +
                              (uint64_t)p->n_ctx * 4 + (uint64_t)p->n_batch * 4 + GPU_RESERVE_BYTES;
     size_t free_b = 0, total_b = 0;
     if ((rc = api->mem_info(&free_b, &total_b, err))) return rc;
@@ -475,7 +499,10 @@ int backend_gpu_plan(backend *be, const be_gpu_plan *p, forge_err *err)
     if ((rc = api->malloc(&g->d_attn, attn, err))) return rc;
     g->attn_bytes = attn;
     if ((rc = api->malloc(&g->d_xq, xq, err))) return rc;
+    if ((rc = api->malloc((void **)&g->d_xr, (size_t)(p->max_in > 0 ? p->max_in : 1) * 4, err)))
+        return rc;
     if ((rc = api->malloc((void **)&g->d_ids, (size_t)p->n_batch * 4, err))) return rc;
+    if (samp && (rc = api->malloc(&g->d_sample, samp, err))) return rc;
     if (want_gemm) {
         if (api->blas_create(&g->blas, NULL)) {
             g->blas = NULL; /* HIP build: no GEMM, prompts go through matvec */
@@ -618,6 +645,10 @@ static int matmul_by_rows(gpu_backend *g, be_buf *y, const be_weight *w, const b
                 g->xq_n_in = n_in;
             }
         }
+        if (g->round_x && (w->type == GGML_TYPE_F16 || w->type == GGML_TYPE_BF16)) {
+            if ((rc = api->round_act(xt, g->d_xr, n_in, w->type, g->st, err))) return rc;
+            xt = g->d_xr;
+        }
         if ((rc = api->matvec(w->type, w->dev, n_out, n_in, xt, g->d_xq, y->d + (int64_t)t * n_out,
                               g->st, err)))
             return rc;
@@ -626,10 +657,16 @@ static int matmul_by_rows(gpu_backend *g, be_buf *y, const be_weight *w, const b
     return FORGE_OK;
 }
 
-static int gb_matmul(backend *be, be_buf *y, const be_weight *w, const be_buf *x, int n_tok,
-                     forge_err *err)
+/* True when y = W x over n_tok rows goes through the BLAS GEMM (else matvec per token). */
+static bool uses_gemm(const gpu_backend *g, const be_weight *w, int n_tok)
 {
-    gpu_backend *g = gb(be);
+    return n_tok >= g->gemm_min && g->blas && n_tok <= g->n_batch && w->ne0 <= g->max_in;
+}
+
+/* y = W x (beta 0) or y += W x (beta 1, GEMM path only). */
+static int matmul_impl(gpu_backend *g, be_buf *y, const be_weight *w, const be_buf *x, int n_tok,
+                       float beta, forge_err *err)
+{
     const gpu_api *api = g->api;
     int rc;
     if ((rc = check_weight(w, -1, -1, "matmul", err)) ||
@@ -637,7 +674,9 @@ static int gb_matmul(backend *be, be_buf *y, const be_weight *w, const be_buf *x
         (rc = check_buf(y, (int64_t)n_tok * w->ne1, "matmul y", err)))
         return rc;
     if (x == y) return forge_err_set(err, FORGE_E_INTERNAL, "gpu matmul: y aliases x");
-    if (n_tok < g->gemm_min || !g->blas || n_tok > g->n_batch || w->ne0 > g->max_in) {
+    if (!uses_gemm(g, w, n_tok)) {
+        if (beta != 0.0f)
+            return forge_err_set(err, FORGE_E_INTERNAL, "gpu matmul: accumulation needs GEMM");
         rc = matmul_by_rows(g, y, w, x, n_tok, err);
     } else {
         const void *wd = w->dev;
@@ -650,11 +689,116 @@ static int gb_matmul(backend *be, be_buf *y, const be_weight *w, const be_buf *x
             wd = g->d_wf16;
             wt = GGML_TYPE_F16;
         }
-        rc = api->gemm(g->blas, wt, wd, w->ne1, w->ne0, x->d, n_tok, g->d_xc, y->d, g->st, err);
+        rc = api->gemm_ex(g->blas, wt, wd, w->ne1, w->ne0, x->d, n_tok, g->d_xc, y->d, beta, g->st,
+                          err);
     }
     if (rc) return rc;
     wrote(g, y);
     return FORGE_OK;
+}
+
+static int gb_matmul(backend *be, be_buf *y, const be_weight *w, const be_buf *x, int n_tok,
+                     forge_err *err)
+{
+    return matmul_impl(gb(be), y, w, x, n_tok, 0.0f, err);
+}
+
+/* One-token products of the n weights through the fused kernel? (same type and row length,
+ * a row length it takes, uploaded) */
+static bool fused_ok(const gpu_backend *g, int n, const be_weight *const *ws, int n_tok)
+{
+    if (!g->fused || n_tok != 1 || n < 1 || n > GPU_FMV_MAX_MATS) return false;
+    for (int i = 0; i < n; i++)
+        if (!ws[i] || !ws[i]->dev || ws[i]->type != ws[0]->type || ws[i]->ne0 != ws[0]->ne0)
+            return false;
+    return g->api->fused_matvec_supported(ws[0]->type, ws[0]->ne0) != 0;
+}
+
+static int gb_add_bias(backend *be, be_buf *y, const be_weight *b, int n_tok, forge_err *err);
+static int gb_swiglu(backend *be, be_buf *out, const be_buf *gate, const be_buf *up, int64_t n,
+                     forge_err *err);
+static int gb_add(backend *be, be_buf *x, const be_buf *y, int64_t n, forge_err *err);
+
+static int gb_norm_matmul(backend *be, int n, be_buf *const *ys, const be_weight *const *ws,
+                          const be_weight *const *bs, const be_buf *x, const be_weight *norm,
+                          float eps, bool swiglu, be_buf *hn, int n_tok, forge_err *err)
+{
+    gpu_backend *g = gb(be);
+    int rc;
+    if (n < 1 || n > GPU_FMV_MAX_MATS || (swiglu && (n != 2 || bs)))
+        return forge_err_set(err, FORGE_E_INTERNAL, "gpu norm_matmul: %d weights%s", n,
+                             swiglu ? " with swiglu" : "");
+    const int64_t dim = ws[0]->ne0;
+    if ((rc = check_weight(norm, dim, -1, "norm_matmul", err)) ||
+        (rc = check_buf(x, (int64_t)n_tok * dim, "norm_matmul x", err)))
+        return rc;
+    bool fuse = fused_ok(g, n, ws, n_tok) && norm->type == GGML_TYPE_F32;
+    for (int i = 0; fuse && bs && i < n; i++)
+        fuse = !bs[i] || (bs[i]->type == GGML_TYPE_F32 && bs[i]->dev && bs[i]->ne0 == ws[i]->ne1);
+    if (fuse) {
+        gpu_fmv_args a;
+        memset(&a, 0, sizeof a);
+        a.wtype = ws[0]->type;
+        a.n_mat = n;
+        a.n_in = dim;
+        a.d_x = x->d;
+        a.in_mode = GPU_FMV_IN_RMSNORM;
+        a.d_norm = norm->dev;
+        a.eps = eps;
+        a.out_mode = swiglu ? GPU_FMV_OUT_SWIGLU : GPU_FMV_OUT_STORE;
+        a.round_x = g->round_x;
+        for (int i = 0; i < n; i++) {
+            if ((rc = check_buf(ys[i], ws[i]->ne1, "norm_matmul y", err))) return rc;
+            if (ys[i] == x) return forge_err_set(err, FORGE_E_INTERNAL, "gpu norm_matmul: y is x");
+            a.mat[i].d_w = ws[i]->dev;
+            a.mat[i].n_out = ws[i]->ne1;
+            a.mat[i].d_bias = bs && bs[i] ? bs[i]->dev : NULL;
+            a.mat[i].d_y = ys[i]->d;
+        }
+        if ((rc = g->api->fused_matvec(&a, g->st, err))) return rc;
+        for (int i = 0; i < n; i++)
+            wrote(g, ys[i]);
+        return FORGE_OK;
+    }
+    if ((rc = gb_rms_norm(be, hn, x, norm, n_tok, dim, eps, err))) return rc;
+    for (int i = 0; i < n; i++)
+        if ((rc = gb_matmul(be, ys[i], ws[i], hn, n_tok, err))) return rc;
+    for (int i = 0; bs && i < n; i++)
+        if (bs[i] && (rc = gb_add_bias(be, ys[i], bs[i], n_tok, err))) return rc;
+    if (swiglu) return gb_swiglu(be, ys[0], ys[0], ys[1], (int64_t)n_tok * ws[0]->ne1, err);
+    return FORGE_OK;
+}
+
+static int gb_matmul_add(backend *be, be_buf *x, const be_weight *w, const be_buf *h, be_buf *tmp,
+                         int n_tok, forge_err *err)
+{
+    gpu_backend *g = gb(be);
+    int rc;
+    if ((rc = check_weight(w, -1, -1, "matmul_add", err)) ||
+        (rc = check_buf(h, (int64_t)n_tok * w->ne0, "matmul_add h", err)) ||
+        (rc = check_buf(x, (int64_t)n_tok * w->ne1, "matmul_add x", err)))
+        return rc;
+    if (x == h) return forge_err_set(err, FORGE_E_INTERNAL, "gpu matmul_add: x is h");
+    if (fused_ok(g, 1, &w, n_tok)) {
+        gpu_fmv_args a;
+        memset(&a, 0, sizeof a);
+        a.wtype = w->type;
+        a.n_mat = 1;
+        a.n_in = w->ne0;
+        a.d_x = h->d;
+        a.in_mode = GPU_FMV_IN_PLAIN;
+        a.out_mode = GPU_FMV_OUT_ADD;
+        a.round_x = g->round_x;
+        a.mat[0].d_w = w->dev;
+        a.mat[0].n_out = w->ne1;
+        a.mat[0].d_y = x->d;
+        if ((rc = g->api->fused_matvec(&a, g->st, err))) return rc;
+        wrote(g, x);
+        return FORGE_OK;
+    }
+    if (uses_gemm(g, w, n_tok)) return matmul_impl(g, x, w, h, n_tok, 1.0f, err);
+    if ((rc = gb_matmul(be, tmp, w, h, n_tok, err))) return rc;
+    return gb_add(be, x, tmp, (int64_t)n_tok * w->ne1, err);
 }
 
 static int gb_add_bias(backend *be, be_buf *y, const be_weight *b, int n_tok, forge_err *err)
@@ -671,41 +815,55 @@ static int gb_add_bias(backend *be, be_buf *y, const be_weight *b, int n_tok, fo
     return FORGE_OK;
 }
 
+/* be_rope -> the kernel's parameters; *d_pos = the positions of tokens pos0.. on the device (in
+ * a decode step: the step's position in d_small). */
+static int rope_params(gpu_backend *g, const be_rope *r, int pos0, int n_tok, gpu_rope_params *rp,
+                       const int32_t **d_pos, forge_err *err)
+{
+    int rc;
+    memset(rp, 0, sizeof *rp);
+    rp->mode = r->mode == BE_ROPE_NEOX ? GPU_ROPE_NEOX : GPU_ROPE_NORM;
+    rp->n_dims = r->n_rot;
+    rp->freq_base = r->freq_base;
+    rp->freq_scale = r->freq_scale;
+    if (r->freq_factors) {
+        if ((rc = check_weight(r->freq_factors, -1, -1, "rope", err))) return rc;
+        rp->d_freq_factors = r->freq_factors->dev;
+    }
+    rp->ext_factor = r->ext_factor;
+    rp->attn_factor = r->attn_factor;
+    rp->corr_dims[0] = r->corr_dims[0];
+    rp->corr_dims[1] = r->corr_dims[1];
+    if (pos0 < 0 || pos0 + n_tok > g->n_ctx)
+        return forge_err_set(err, FORGE_E_INTERNAL, "gpu rope: positions %d..%d beyond %d", pos0,
+                             pos0 + n_tok - 1, g->n_ctx);
+    *d_pos = g->d_pos + pos0;
+    if (step_op(g, n_tok)) {
+        if (pos0 != g->step_pos) return step_mismatch(g, "rope position", pos0, err);
+        *d_pos = g->d_small + 1;
+    }
+    return FORGE_OK;
+}
+
 static int gb_rope(backend *be, be_buf *x, int n_tok, int n_head, int head_dim, int pos0,
                    const be_rope *r, forge_err *err)
 {
     gpu_backend *g = gb(be);
     int rc;
     if ((rc = check_buf(x, (int64_t)n_tok * n_head * head_dim, "rope x", err))) return rc;
-    if (pos0 < 0 || pos0 + n_tok > g->n_ctx)
-        return forge_err_set(err, FORGE_E_INTERNAL, "gpu rope: positions %d..%d beyond %d", pos0,
-                             pos0 + n_tok - 1, g->n_ctx);
-    if (r->ext_factor != 0.0f || r->attn_factor != 1.0f)
-        return forge_err_set(err, FORGE_E_UNSUPPORTED,
-                             "the GPU backend does not implement YaRN RoPE scaling yet");
-    const float *ff = NULL;
-    if (r->freq_factors) {
-        if ((rc = check_weight(r->freq_factors, -1, -1, "rope", err))) return rc;
-        ff = r->freq_factors->dev;
-    }
-    const int32_t *d_pos = g->d_pos + pos0;
-    if (step_op(g, n_tok)) {
-        if (pos0 != g->step_pos) return step_mismatch(g, "rope position", pos0, err);
-        d_pos = g->d_small + 1;
-    }
-    if ((rc = g->api->rope(x->d, n_tok, n_head, head_dim, r->n_rot,
-                           r->mode == BE_ROPE_NEOX ? GPU_ROPE_NEOX : GPU_ROPE_NORM, d_pos,
-                           r->freq_base, r->freq_scale, ff, g->st, err)))
-        return rc;
+    gpu_rope_params rp;
+    const int32_t *d_pos = NULL;
+    if ((rc = rope_params(g, r, pos0, n_tok, &rp, &d_pos, err))) return rc;
+    if ((rc = g->api->rope_ext(x->d, n_tok, n_head, head_dim, &rp, d_pos, g->st, err))) return rc;
     wrote(g, x);
     return FORGE_OK;
 }
 
-static int gb_attention(backend *be, be_buf *out, const be_buf *q, const be_buf *k, const be_buf *v,
-                        be_kv *kv, const be_attn *a, forge_err *err)
+/* The layer's cache rows: K and V bases of layer a->layer. */
+static int attn_check(gpu_backend *g, const be_buf *out, const be_buf *q, const be_buf *k,
+                      const be_buf *v, const be_kv *kv, const be_attn *a, char **kl, char **vl,
+                      forge_err *err)
 {
-    gpu_backend *g = gb(be);
-    const gpu_api *api = g->api;
     const int64_t QD = (int64_t)a->n_head * a->head_dim, KD = (int64_t)a->n_head_kv * a->head_dim;
     int rc;
     if ((rc = need_plan(g, err)) || (rc = check_buf(q, a->n_tok * QD, "attention q", err)) ||
@@ -718,24 +876,25 @@ static int gb_attention(backend *be, be_buf *out, const be_buf *q, const be_buf 
         return forge_err_set(err, FORGE_E_INTERNAL,
                              "gpu attention: layer %d positions %d+%d kv_dim %lld vs cache %d x %d",
                              a->layer, a->pos0, a->n_tok, (long long)KD, kv->n_ctx, kv->kv_dim);
-    const size_t layer_bytes = (size_t)kv->n_ctx * (size_t)kv->kv_dim * kv->elt;
-    char *kl = (char *)kv->k + (size_t)a->layer * layer_bytes;
-    char *vl = (char *)kv->v + (size_t)a->layer * layer_bytes;
-    const size_t at = (size_t)a->pos0 * (size_t)kv->kv_dim * kv->elt;
-    const bool step = step_op(g, a->n_tok);
-    if (step) {
-        /* position from d_small[1]: the same launches for every position */
+    if (step_op(g, a->n_tok)) {
         if (a->pos0 != g->step_pos) return step_mismatch(g, "attention position", a->pos0, err);
         if (kv->n_ctx != g->n_ctx)
             return forge_err_set(err, FORGE_E_INTERNAL, "gpu attention: cache of %d, backend %d",
                                  kv->n_ctx, g->n_ctx);
-        if ((rc = api->store_at(k->d, kl, kv->type, KD, g->d_small + 1, kv->kv_dim, g->st, err)) ||
-            (rc = api->store_at(v->d, vl, kv->type, KD, g->d_small + 1, kv->kv_dim, g->st, err)))
-            return rc;
-    } else if ((rc = api->store(k->d, kl + at, kv->type, a->n_tok * KD, g->st, err)) ||
-               (rc = api->store(v->d, vl + at, kv->type, a->n_tok * KD, g->st, err))) {
-        return rc;
     }
+    const size_t layer_bytes = (size_t)kv->n_ctx * (size_t)kv->kv_dim * kv->elt;
+    *kl = (char *)kv->k + (size_t)a->layer * layer_bytes;
+    *vl = (char *)kv->v + (size_t)a->layer * layer_bytes;
+    return FORGE_OK;
+}
+
+/* Attention of q over the cache rows 0..pos0+t (the new K/V already stored). */
+static int attend(gpu_backend *g, be_buf *out, const be_buf *q, const be_kv *kv, const be_attn *a,
+                  char *kl, char *vl, forge_err *err)
+{
+    const gpu_api *api = g->api;
+    const int64_t QD = (int64_t)a->n_head * a->head_dim;
+    int rc;
     gpu_attn_args args = {0};
     args.d_k = kl;
     args.d_v = vl;
@@ -747,12 +906,18 @@ static int gb_attention(backend *be, be_buf *out, const be_buf *q, const be_buf 
     args.head_dim = a->head_dim;
     args.scale = a->scale;
     args.d_scratch = g->d_attn;
-    if (step) {
+    if (step_op(g, a->n_tok)) {
+        /* position from d_small[1]: the same launches for every position */
         args.d_q = q->d;
         args.d_pos = g->d_small + 1;
         args.max_kv = step_max_kv(kv->n_ctx, a->pos0, NULL);
         args.d_out = out->d;
         if ((rc = api->attention(&args, g->st, err))) return rc;
+    } else if (a->n_tok >= g->fattn_min && api->attention_prompt_supported(a->head_dim, kv->type)) {
+        /* a long prompt chunk: flash attention on the tensor cores */
+        args.d_q = q->d;
+        args.d_out = out->d;
+        if ((rc = api->attention_prompt(&args, a->n_tok, a->pos0, QD, QD, g->st, err))) return rc;
     } else if (a->n_tok > 1 && g->attn_batch) {
         /* causal prompt: query t attends positions 0..pos0+t (its position from d_pos); as many
          * queries per launch as the scratch holds with one split each */
@@ -779,6 +944,67 @@ static int gb_attention(backend *be, be_buf *out, const be_buf *q, const be_buf 
             if ((rc = api->attention(&args, g->st, err))) return rc;
         }
     }
+    return FORGE_OK;
+}
+
+static int gb_attention(backend *be, be_buf *out, const be_buf *q, const be_buf *k, const be_buf *v,
+                        be_kv *kv, const be_attn *a, forge_err *err)
+{
+    gpu_backend *g = gb(be);
+    const gpu_api *api = g->api;
+    const int64_t KD = (int64_t)a->n_head_kv * a->head_dim;
+    char *kl = NULL, *vl = NULL;
+    int rc;
+    if ((rc = attn_check(g, out, q, k, v, kv, a, &kl, &vl, err))) return rc;
+    const size_t at = (size_t)a->pos0 * (size_t)kv->kv_dim * kv->elt;
+    if (step_op(g, a->n_tok)) {
+        if ((rc = api->store_at(k->d, kl, kv->type, KD, g->d_small + 1, kv->kv_dim, g->st, err)) ||
+            (rc = api->store_at(v->d, vl, kv->type, KD, g->d_small + 1, kv->kv_dim, g->st, err)))
+            return rc;
+    } else if ((rc = api->store(k->d, kl + at, kv->type, a->n_tok * KD, g->st, err)) ||
+               (rc = api->store(v->d, vl + at, kv->type, a->n_tok * KD, g->st, err))) {
+        return rc;
+    }
+    if ((rc = attend(g, out, q, kv, a, kl, vl, err))) return rc;
+    wrote(g, out);
+    return FORGE_OK;
+}
+
+/* Q/K norms + RoPE + the K/V store in one launch, then attention. */
+static int gb_attention_rope(backend *be, be_buf *out, be_buf *q, const be_buf *k, const be_buf *v,
+                             be_kv *kv, const be_attn *a, const be_rope *r, const be_weight *q_norm,
+                             const be_weight *k_norm, float eps, forge_err *err)
+{
+    gpu_backend *g = gb(be);
+    char *kl = NULL, *vl = NULL;
+    const int32_t *d_pos = NULL;
+    gpu_rope_params rp;
+    int rc;
+    if (!g->fused) {
+        /* FORGE_GPU_FUSED=0: the plain ops (k is this backend's own buffer: normed and rotated
+         * in place, as the architecture code does without this op) */
+        be_buf *kw = (be_buf *)k;
+        if ((q_norm && (rc = gb_rms_norm(be, q, q, q_norm, (int64_t)a->n_tok * a->n_head,
+                                         a->head_dim, eps, err))) ||
+            (k_norm && (rc = gb_rms_norm(be, kw, kw, k_norm, (int64_t)a->n_tok * a->n_head_kv,
+                                         a->head_dim, eps, err))) ||
+            (rc = gb_rope(be, q, a->n_tok, a->n_head, a->head_dim, a->pos0, r, err)) ||
+            (rc = gb_rope(be, kw, a->n_tok, a->n_head_kv, a->head_dim, a->pos0, r, err)))
+            return rc;
+        return gb_attention(be, out, q, k, v, kv, a, err);
+    }
+    if ((rc = attn_check(g, out, q, k, v, kv, a, &kl, &vl, err)) ||
+        (rc = rope_params(g, r, a->pos0, a->n_tok, &rp, &d_pos, err)) ||
+        (q_norm && (rc = check_weight(q_norm, a->head_dim, -1, "attention q_norm", err))) ||
+        (k_norm && (rc = check_weight(k_norm, a->head_dim, -1, "attention k_norm", err))))
+        return rc;
+    if ((rc = g->api->qk_rope_store(q->d, k->d, v->d, a->n_tok, a->n_head, a->n_head_kv,
+                                    a->head_dim, q_norm ? q_norm->dev : NULL,
+                                    k_norm ? k_norm->dev : NULL, eps, &rp, d_pos, kl, vl, kv->type,
+                                    kv->kv_dim, g->st, err)))
+        return rc;
+    wrote(g, q);
+    if ((rc = attend(g, out, q, kv, a, kl, vl, err))) return rc;
     wrote(g, out);
     return FORGE_OK;
 }
@@ -831,11 +1057,68 @@ static int gb_argmax(backend *be, const be_buf *x, int64_t off, int64_t n, int32
         return forge_err_set(err, FORGE_E_INTERNAL, "gpu argmax: offset %lld, %lld values",
                              (long long)off, (long long)n);
     if ((rc = check_buf(x, off + n, "argmax", err))) return rc;
-    if ((rc = api->argmax(x->d + off, n, g->d_small + 2, g->st, err)) ||
+    if ((rc = api->argmax_ex(x->d + off, n, g->d_argmax, g->d_small + 2, g->st, err)) ||
         (rc = api->memcpy_d2h(g->h_small + 2, g->d_small + 2, 4, g->st, err)) ||
         (rc = api->stream_sync(g->st, err)))
         return rc;
     *out = g->h_small[2];
+    return FORGE_OK;
+}
+
+/* The sampler chain on the device: the draw and the penalty pairs go to the device with one
+ * copy from pinned memory, the chain runs there, one id comes back. */
+static int gb_sample(backend *be, const be_buf *x, int64_t off, int64_t n, const be_sample *sp,
+                     int32_t *out, forge_err *err)
+{
+    gpu_backend *g = gb(be);
+    const gpu_api *api = g->api;
+    int rc;
+    if (sp->temperature > 0 && (sp->top_k < 1 || sp->top_k > GPU_SAMPLE_MAX_K))
+        return forge_err_set(err, FORGE_E_UNSUPPORTED,
+                             "device sampling needs top-k in 1..%d (got %d)", GPU_SAMPLE_MAX_K,
+                             sp->top_k);
+    if (sp->n_pen < 0 || sp->n_pen > GPU_SAMPLE_MAX_PEN)
+        return forge_err_set(err, FORGE_E_UNSUPPORTED,
+                             "device sampling takes at most %d penalised ids (got %d)",
+                             GPU_SAMPLE_MAX_PEN, sp->n_pen);
+    if (!g->d_sample || n < 1 || n > INT32_MAX || off < 0)
+        return forge_err_set(err, FORGE_E_UNSUPPORTED, "device sampling: no scratch for %lld logits",
+                             (long long)n);
+    if ((rc = check_buf(x, off + n, "sample", err))) return rc;
+    /* the pinned parameters of the last sample may still be in flight */
+    if (g->ev_samp_used && (rc = api->event_sync(g->ev_samp, err))) return rc;
+    g->h_samp_par[0] = sp->r;
+    int32_t *pairs = (int32_t *)(g->h_samp_par + 1);
+    for (int32_t i = 0; i < sp->n_pen; i++) {
+        pairs[2 * i] = sp->pen_ids[i];
+        pairs[2 * i + 1] = sp->pen_counts[i];
+    }
+    if ((rc = api->memcpy_h2d(g->d_samp_par, g->h_samp_par,
+                              (size_t)(1 + 2 * sp->n_pen) * sizeof(float), g->st, err)) ||
+        (rc = api->event_record(g->ev_samp, g->st, err)))
+        return rc;
+    g->ev_samp_used = true;
+    gpu_sample_args a;
+    memset(&a, 0, sizeof a);
+    a.d_logits = x->d + off;
+    a.n_vocab = n;
+    a.temperature = sp->temperature;
+    a.top_k = sp->top_k;
+    a.top_p = sp->top_p;
+    a.min_p = sp->min_p;
+    a.repeat_penalty = sp->repeat_penalty;
+    a.presence_penalty = sp->presence_penalty;
+    a.frequency_penalty = sp->frequency_penalty;
+    a.d_pen = sp->n_pen > 0 ? (const int32_t *)(g->d_samp_par + 1) : NULL;
+    a.n_pen = sp->n_pen;
+    a.d_r = g->d_samp_par;
+    a.d_scratch = g->d_sample;
+    a.d_out = g->d_small + 3;
+    if ((rc = api->sample(&a, g->st, err)) ||
+        (rc = api->memcpy_d2h(g->h_small + 3, g->d_small + 3, 4, g->st, err)) ||
+        (rc = api->stream_sync(g->st, err)))
+        return rc;
+    *out = g->h_small[3];
     return FORGE_OK;
 }
 
@@ -920,6 +1203,7 @@ static void gb_destroy(backend *be)
     const gpu_api *api = g->api;
     if (g->st) (void)api->stream_sync(g->st, NULL);
     api->free(g->d_xq);
+    api->free(g->d_xr);
     api->free(g->d_xc);
     api->free(g->d_wf16);
     api->free(g->d_attn);
@@ -927,6 +1211,11 @@ static void gb_destroy(backend *be)
     api->free(g->d_ids);
     drop_graphs(g);
     api->free(g->d_small);
+    api->free(g->d_sample);
+    api->free(g->d_argmax);
+    api->free(g->d_samp_par);
+    api->host_free(g->h_samp_par);
+    api->event_destroy(g->ev_samp);
     api->host_free(g->h_small);
     api->event_destroy(g->ev_small);
     api->blas_free(g->blas);
@@ -960,6 +1249,10 @@ static const be_ops gpu_ops = {
     .argmax = gb_argmax,
     .step_begin = gb_step_begin,
     .step_end = gb_step_end,
+    .norm_matmul = gb_norm_matmul,
+    .matmul_add = gb_matmul_add,
+    .attention_rope = gb_attention_rope,
+    .sample = gb_sample,
 };
 
 int backend_gpu_create(int gpu_index, backend **out, forge_err *err)
@@ -982,6 +1275,14 @@ int backend_gpu_create(int gpu_index, backend **out, forge_err *err)
         if ((rc = api->host_alloc(&g->h_stage[i], GPU_STAGE_BYTES, err))) goto fail;
         if ((rc = api->event_create(&g->ev_stage[i], 0, err))) goto fail;
     }
+    const size_t par = (size_t)(1 + 2 * GPU_SAMPLE_MAX_PEN) * sizeof(float);
+    if ((rc = api->malloc((void **)&g->d_samp_par, par, err)) ||
+        (rc = api->host_alloc((void **)&g->h_samp_par, par, err)) ||
+        (rc = api->event_create(&g->ev_samp, 0, err)))
+        goto fail;
+    if ((rc = api->malloc(&g->d_argmax, api->argmax_scratch_bytes(), err)) ||
+        (rc = api->memset(g->d_argmax, 0, api->argmax_scratch_bytes(), g->st, err)))
+        goto fail;
     if ((rc = api->malloc((void **)&g->d_small, 4 * sizeof(int32_t), err)) ||
         (rc = api->host_alloc((void **)&g->h_small, 4 * sizeof(int32_t), err)) ||
         (rc = api->event_create(&g->ev_small, 0, err)))

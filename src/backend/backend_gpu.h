@@ -20,7 +20,9 @@ typedef struct be_gpu_plan {
     int n_layer, n_ctx, kv_dim, kv_type; /* kv_type: FORGE_KV_F32 / FORGE_KV_F16 */
     int n_head, head_dim, n_batch;
     int64_t act_floats; /* floats of all activation buffers the context will create */
-    bool yarn;          /* the model uses YaRN RoPE (not implemented on the GPU yet) */
+    bool yarn;          /* the model uses YaRN RoPE */
+    int64_t n_vocab;    /* logits per row (device sampling scratch) */
+    bool f32_math;      /* no reduced precision: float activations, no F16 GEMM/attention */
 } be_gpu_plan;
 
 /* Load libforge_cuda.so (once per process), select GPU gpu_index and create a backend with its

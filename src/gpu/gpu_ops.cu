@@ -1,8 +1,10 @@
 /* gpu_ops.cu - the element-wise and reduction kernels of the decode step: RMSNorm, RoPE (NORM and
- * NEOX), SwiGLU, residual add and greedy argmax. Each kernel follows the scalar definition in
+ * NEOX, YaRN; alone or fused with the Q/K norm and the KV-cache store), SwiGLU, residual add and
+ * greedy argmax. Each kernel follows the scalar definition in
  * gpu_ops.h; reductions work in 32-lane segments (GPU_SEG), so they are correct on wave32 and
  * wave64 alike. Matvec, embedding rows and attention live in their own files. */
 #include <math.h>
+#include <string.h>
 
 #include "gpu/gpu_common.cuh"
 #include "gpu/gpu_ops.h"
@@ -37,28 +39,121 @@ __global__ void k_rmsnorm(const float *x, const float *__restrict__ w, float *y,
         yr[i] = xr[i] * scale * w[i];
 }
 
-/* One thread per rotated pair. x: [n_tok][n_heads][head_dim]. */
-__global__ void k_rope(float *x, int n_tok, int n_heads, int head_dim, int n_dims, int neox,
-                       const int32_t *__restrict__ pos, float theta_scale, float freq_scale,
-                       const float *__restrict__ freq_factors)
+/* ---- RoPE (ggml's rope with YaRN), optionally fused with the Q/K norm and the KV store ---------
+ * One 32-lane segment per (token, head): the n_head q heads of a token, then its n_kv_head k
+ * heads (whose segments also store the v head). Lane l owns the rotated pairs i = l, l + 32, ...
+ * and the unrotated dims n_dims + l, n_dims + l + 32, ...; it reads only the elements it writes,
+ * so q is rotated in place without a barrier. Theta is built like the CPU backend's rope cache
+ * (ggml_rope_cache_init): theta_i = pos * theta_scale * ... * theta_scale (i products, in
+ * order), not powf(theta_scale, i), so the angles are the CPU's to the last bit; the YaRN mix
+ * and the rotation use unfused products (__fmul_rn) for the same reason. */
+struct rope_k_args {
+    float *q;                 /* [n_tok][n_head][hd], in place */
+    const float *k, *v;       /* [n_tok][n_kv_head][hd] (k, v unused when n_kv_head == 0) */
+    const float *q_norm, *k_norm;
+    float eps;
+    int n_tok, n_head, n_kv_head, hd, n_dims, neox;
+    float theta_scale, freq_scale, ext_factor, mscale, corr0, corr1;
+    const float *ff;
+    const int32_t *pos;
+    void *kc, *vc;
+    int64_t pos_stride;
+};
+
+#define ROPE_THREADS 128
+
+/* Element i of a cache row: float, or fp16 rounded to nearest even. */
+template <int F16> GPU_DEVT void kv_put(void *base, int64_t i, float v)
 {
-    int64_t idx = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
-    int half = n_dims / 2;
-    int64_t total = (int64_t)n_tok * n_heads * half;
-    if (idx >= total) return;
-    int i = (int)(idx % half);
-    int64_t th = idx / half; /* token * n_heads + head */
-    int t = (int)(th / n_heads);
-    float *h = x + th * head_dim;
-    float theta = (float)pos[t] * powf(theta_scale, (float)i);
-    if (freq_factors) theta /= freq_factors[i];
-    theta *= freq_scale;
-    float s, c;
-    sincosf(theta, &s, &c);
-    int i0 = neox ? i : 2 * i, i1 = neox ? i + half : 2 * i + 1;
-    float x0 = h[i0], x1 = h[i1];
-    h[i0] = x0 * c - x1 * s;
-    h[i1] = x0 * s + x1 * c;
+    if (F16)
+        ((unsigned short *)base)[i] = gpu_f32_to_fp16(v);
+    else
+        ((float *)base)[i] = v;
+}
+
+/* cos and sin (times mscale) of pair i whose unscaled angle is theta (the CPU's cache entry). */
+GPU_DEV void rope_cs(const rope_k_args &a, int i, float theta, float &c, float &s)
+{
+    float extrap = a.ff ? theta / a.ff[i] : theta;
+    float th = a.freq_scale * extrap;
+    if (a.ext_factor != 0.0f) { /* ggml's rope_yarn_ramp */
+        float y = ((float)i - a.corr0) / fmaxf(0.001f, a.corr1 - a.corr0);
+        float ramp = (1.0f - fminf(1.0f, fmaxf(0.0f, y))) * a.ext_factor;
+        th = __fadd_rn(__fmul_rn(th, 1.0f - ramp), __fmul_rn(extrap, ramp));
+    }
+    sincosf(th, &s, &c);
+    c = c * a.mscale;
+    s = s * a.mscale;
+}
+
+template <int KV_F16> __global__ void __launch_bounds__(ROPE_THREADS) k_qk_rope(const rope_k_args a)
+{
+    gpu_pdl_trigger();
+    const int per_tok = a.n_head + a.n_kv_head;
+    const int64_t sg = (int64_t)blockIdx.x * (ROPE_THREADS / GPU_SEG) + threadIdx.x / GPU_SEG;
+    if (sg >= (int64_t)a.n_tok * per_tok) return; /* the whole segment: no barrier below */
+    const int lane = threadIdx.x % GPU_SEG;
+    const int t = (int)(sg / per_tok), h = (int)(sg % per_tok);
+    const bool is_k = h >= a.n_head;
+    const int hd = a.hd, half = a.n_dims / 2;
+    const int kvh = h - a.n_head;
+    const float *src = is_k ? a.k + ((int64_t)t * a.n_kv_head + kvh) * hd
+                            : a.q + ((int64_t)t * a.n_head + h) * hd;
+    const float *nw = is_k ? a.k_norm : a.q_norm;
+    const int p = a.pos[t];
+    float nscale = 1.0f;
+    if (nw) { /* per-head RMSNorm over the elements this lane owns, then the segment */
+        float ss = 0.0f;
+        for (int i = lane; i < half; i += GPU_SEG) {
+            int i0 = a.neox ? i : 2 * i, i1 = a.neox ? i + half : 2 * i + 1;
+            ss += src[i0] * src[i0];
+            ss += src[i1] * src[i1];
+        }
+        for (int d = a.n_dims + lane; d < hd; d += GPU_SEG)
+            ss += src[d] * src[d];
+        ss = gpu_seg_sum(ss);
+        nscale = 1.0f / sqrtf(ss / (float)hd + a.eps);
+    }
+    const int64_t row = (int64_t)p * a.pos_stride + (int64_t)kvh * hd; /* k/v cache element */
+    float *qdst = a.q + ((int64_t)t * a.n_head + h) * hd;
+    float theta = (float)p;
+    int ti = 0; /* theta == pos * theta_scale^ti, built by repeated products */
+    for (int i = lane; i < half; i += GPU_SEG) {
+        while (ti < i) {
+            theta = __fmul_rn(theta, a.theta_scale);
+            ti++;
+        }
+        float c, s;
+        rope_cs(a, i, theta, c, s);
+        int i0 = a.neox ? i : 2 * i, i1 = a.neox ? i + half : 2 * i + 1;
+        float x0 = src[i0], x1 = src[i1];
+        if (nw) {
+            x0 = x0 * nscale * nw[i0];
+            x1 = x1 * nscale * nw[i1];
+        }
+        float y0 = __fsub_rn(__fmul_rn(x0, c), __fmul_rn(x1, s));
+        float y1 = __fadd_rn(__fmul_rn(x0, s), __fmul_rn(x1, c));
+        if (is_k) {
+            kv_put<KV_F16>(a.kc, row + i0, y0);
+            kv_put<KV_F16>(a.kc, row + i1, y1);
+        } else {
+            qdst[i0] = y0;
+            qdst[i1] = y1;
+        }
+    }
+    for (int d = a.n_dims + lane; d < hd; d += GPU_SEG) { /* the unrotated dims */
+        float x = src[d];
+        if (nw) x = x * nscale * nw[d];
+        if (is_k)
+            kv_put<KV_F16>(a.kc, row + d, x);
+        else if (nw)
+            qdst[d] = x;
+    }
+    if (is_k) {
+        const float *vs = a.v + ((int64_t)t * a.n_kv_head + kvh) * hd;
+        for (int d = lane; d < hd; d += GPU_SEG)
+            kv_put<KV_F16>(a.vc, row + d, vs[d]);
+    }
 }
 
 __global__ void k_swiglu(const float *g, const float *u, float *out, int64_t n)
@@ -129,6 +224,82 @@ __global__ void __launch_bounds__(ARGMAX_THREADS)
     }
 }
 
+/* The same over many blocks: each block reduces its share, writes it to the scratch and takes a
+ * ticket; the block that takes the last ticket merges all shares, writes the result and resets
+ * the ticket counter, so the scratch is ready for the next call (it must be zeroed once). The
+ * merge is order-independent (largest value, then smallest index), so the result is
+ * deterministic. */
+#define ARGMAX_MULTI_THREADS 512
+struct argmax_scratch {
+    float v[GPU_ARGMAX_MAX_BLOCKS];
+    int i[GPU_ARGMAX_MAX_BLOCKS];
+    unsigned ticket;
+};
+
+GPU_DEV void argmax_block(float &best, int &bi, float *sv, int *si)
+{
+#pragma unroll
+    for (int m = GPU_SEG / 2; m > 0; m >>= 1) {
+        float ov = gpu_shfl_xor(best, m, GPU_SEG);
+        int oi = gpu_shfl_xor_int(bi, m, GPU_SEG);
+        argmax_merge(best, bi, ov, oi);
+    }
+    const int seg = threadIdx.x / GPU_SEG, lane = threadIdx.x % GPU_SEG;
+    if (lane == 0) {
+        sv[seg] = best;
+        si[seg] = bi;
+    }
+    __syncthreads();
+    const int n_seg = blockDim.x / GPU_SEG;
+    best = lane < n_seg ? sv[lane] : -INFINITY;
+    bi = lane < n_seg ? si[lane] : -1;
+#pragma unroll
+    for (int m = GPU_SEG / 2; m > 0; m >>= 1) {
+        float ov = gpu_shfl_xor(best, m, GPU_SEG);
+        int oi = gpu_shfl_xor_int(bi, m, GPU_SEG);
+        argmax_merge(best, bi, ov, oi);
+    }
+}
+
+__global__ void __launch_bounds__(ARGMAX_MULTI_THREADS)
+    k_argmax_multi(const float *__restrict__ x, int n, argmax_scratch *sc, int32_t *idx_out)
+{
+    __shared__ float sv[32];
+    __shared__ int si[32];
+    __shared__ bool last;
+    gpu_pdl_trigger();
+    float best = -INFINITY;
+    int bi = -1;
+    for (int i = blockIdx.x * ARGMAX_MULTI_THREADS + threadIdx.x; i < n;
+         i += gridDim.x * ARGMAX_MULTI_THREADS) {
+        float v = x[i];
+        if (v > best || (bi < 0 && !isnan(v))) {
+            best = v;
+            bi = i;
+        }
+    }
+    argmax_block(best, bi, sv, si);
+    if (threadIdx.x == 0) {
+        sc->v[blockIdx.x] = best;
+        sc->i[blockIdx.x] = bi;
+        __threadfence();
+        last = atomicAdd(&sc->ticket, 1u) == gridDim.x - 1;
+    }
+    __syncthreads();
+    if (!last) return;
+    __threadfence();
+    best = -INFINITY;
+    bi = -1;
+    for (int b = threadIdx.x; b < (int)gridDim.x; b += ARGMAX_MULTI_THREADS)
+        argmax_merge(best, bi, ((volatile float *)sc->v)[b], ((volatile int *)sc->i)[b]);
+    __syncthreads(); /* sv/si are reused */
+    argmax_block(best, bi, sv, si);
+    if (threadIdx.x == 0) {
+        *idx_out = bi < 0 ? 0 : bi;
+        sc->ticket = 0;
+    }
+}
+
 /* 16-byte copy, grid-stride, four loads in flight per thread. */
 __global__ void k_copy16(const uint4 *__restrict__ src, uint4 *__restrict__ dst, int64_t n)
 {
@@ -170,33 +341,126 @@ fail:
     return rc;
 }
 
-GPU_API int gpu_rope(float *d_x, int64_t n_tok, int64_t n_heads, int64_t head_dim, int64_t n_dims,
-                     int mode, const int32_t *d_pos, float freq_base, float freq_scale,
-                     const float *d_freq_factors, gpu_stream *s, forge_err *err)
+/* The launch of k_qk_rope for q (n_head heads, in place) and optionally k/v (n_kv_head heads). */
+static int qk_rope_launch(const rope_k_args &a, int kv_type, gpu_stream *s, forge_err *err)
 {
     int rc = FORGE_OK;
     cudaStream_t st = GPU_STREAM(s);
-    if (!d_x || !d_pos || n_tok <= 0 || n_heads <= 0 || head_dim <= 0 || n_dims <= 0 ||
-        n_dims % 2 || n_dims > head_dim || n_tok * n_heads * head_dim > INT32_MAX)
-        return gpu_err_set(err, FORGE_E_INVALID,
-                           "gpu_rope: bad arguments (n_tok %lld, n_heads %lld, head_dim %lld, "
-                           "n_dims %lld: need even n_dims <= head_dim)",
-                           (long long)n_tok, (long long)n_heads, (long long)head_dim,
-                           (long long)n_dims);
-    if (mode != GPU_ROPE_NORM && mode != GPU_ROPE_NEOX)
-        return gpu_err_set(err, FORGE_E_UNSUPPORTED,
-                           "gpu_rope: mode %d is not NORM (0) or NEOX (2)", mode);
-    {
-        float theta_scale = powf(freq_base, -2.0f / (float)n_dims);
-        int64_t pairs = n_tok * n_heads * (n_dims / 2);
-        k_rope<<<(unsigned)((pairs + 255) / 256), 256, 0, st>>>(
-            d_x, (int)n_tok, (int)n_heads, (int)head_dim, (int)n_dims, mode == GPU_ROPE_NEOX, d_pos,
-            theta_scale, freq_scale, d_freq_factors);
-        GPU_LAUNCH_CHECK("k_rope", st);
+    int64_t segs = (int64_t)a.n_tok * (a.n_head + a.n_kv_head);
+    unsigned grid = (unsigned)((segs + ROPE_THREADS / GPU_SEG - 1) / (ROPE_THREADS / GPU_SEG));
+    if (kv_type == GGML_TYPE_F16) {
+        k_qk_rope<1><<<grid, ROPE_THREADS, 0, st>>>(a);
+        GPU_LAUNCH_CHECK("k_qk_rope<F16>", st);
+    } else {
+        k_qk_rope<0><<<grid, ROPE_THREADS, 0, st>>>(a);
+        GPU_LAUNCH_CHECK("k_qk_rope<F32>", st);
     }
     return FORGE_OK;
 fail:
     return rc;
+}
+
+/* Checks the shape and fills the RoPE part of the kernel arguments (theta_scale and mscale on
+ * the host, as the CPU computes them). */
+static int rope_setup(rope_k_args &a, const char *who, int64_t n_tok, int64_t n_heads,
+                      int64_t head_dim, const gpu_rope_params *r, const int32_t *d_pos,
+                      forge_err *err)
+{
+    if (!r || !d_pos || n_tok <= 0 || n_heads <= 0 || head_dim <= 0 || r->n_dims <= 0 ||
+        r->n_dims % 2 || r->n_dims > head_dim || n_tok * n_heads * head_dim > INT32_MAX)
+        return gpu_err_set(err, FORGE_E_INVALID,
+                           "%s: bad arguments (n_tok %lld, heads %lld, head_dim %lld, n_dims "
+                           "%lld: need even n_dims <= head_dim)",
+                           who, (long long)n_tok, (long long)n_heads, (long long)head_dim,
+                           r ? (long long)r->n_dims : -1LL);
+    if (r->mode != GPU_ROPE_NORM && r->mode != GPU_ROPE_NEOX)
+        return gpu_err_set(err, FORGE_E_UNSUPPORTED, "%s: mode %d is not NORM (0) or NEOX (2)",
+                           who, r->mode);
+    if (r->ext_factor != 0.0f && !(r->freq_scale > 0.0f))
+        return gpu_err_set(err, FORGE_E_INVALID, "%s: YaRN needs freq_scale > 0, got %g", who,
+                           (double)r->freq_scale);
+    memset(&a, 0, sizeof a);
+    a.n_tok = (int)n_tok;
+    a.hd = (int)head_dim;
+    a.n_dims = (int)r->n_dims;
+    a.neox = r->mode == GPU_ROPE_NEOX;
+    a.theta_scale = powf(r->freq_base, -2.0f / (float)r->n_dims);
+    a.freq_scale = r->freq_scale;
+    a.ext_factor = r->ext_factor;
+    a.mscale = r->attn_factor;
+    if (r->ext_factor != 0.0f) a.mscale *= 1.0f + 0.1f * logf(1.0f / r->freq_scale);
+    a.corr0 = r->corr_dims[0];
+    a.corr1 = r->corr_dims[1];
+    a.ff = r->d_freq_factors;
+    a.pos = d_pos;
+    return FORGE_OK;
+}
+
+GPU_API int gpu_rope_ext(float *d_x, int64_t n_tok, int64_t n_heads, int64_t head_dim,
+                         const gpu_rope_params *rope, const int32_t *d_pos, gpu_stream *s,
+                         forge_err *err)
+{
+    rope_k_args a = {};
+    int rc;
+    if (!d_x) return gpu_err_set(err, FORGE_E_INVALID, "gpu_rope: NULL buffer");
+    if ((rc = rope_setup(a, "gpu_rope", n_tok, n_heads, head_dim, rope, d_pos, err))) return rc;
+    a.q = d_x;
+    a.n_head = (int)n_heads;
+    return qk_rope_launch(a, GGML_TYPE_F32, s, err);
+}
+
+GPU_API int gpu_rope(float *d_x, int64_t n_tok, int64_t n_heads, int64_t head_dim, int64_t n_dims,
+                     int mode, const int32_t *d_pos, float freq_base, float freq_scale,
+                     const float *d_freq_factors, gpu_stream *s, forge_err *err)
+{
+    gpu_rope_params r;
+    memset(&r, 0, sizeof r);
+    r.mode = mode;
+    r.n_dims = n_dims;
+    r.freq_base = freq_base;
+    r.freq_scale = freq_scale;
+    r.d_freq_factors = d_freq_factors;
+    r.ext_factor = 0.0f;
+    r.attn_factor = 1.0f;
+    return gpu_rope_ext(d_x, n_tok, n_heads, head_dim, &r, d_pos, s, err);
+}
+
+GPU_API int gpu_qk_rope_store(float *d_q, const float *d_k, const float *d_v, int64_t n_tok,
+                              int64_t n_head, int64_t n_kv_head, int64_t head_dim,
+                              const float *d_q_norm, const float *d_k_norm, float eps,
+                              const gpu_rope_params *rope, const int32_t *d_pos, void *d_kcache,
+                              void *d_vcache, int kv_type, int64_t pos_stride, gpu_stream *s,
+                              forge_err *err)
+{
+    rope_k_args a = {};
+    int rc;
+    if (!d_q || !d_k || !d_v || !d_kcache || !d_vcache)
+        return gpu_err_set(err, FORGE_E_INVALID, "gpu_qk_rope_store: NULL buffer");
+    if (kv_type != GGML_TYPE_F32 && kv_type != GGML_TYPE_F16)
+        return gpu_err_set(err, FORGE_E_UNSUPPORTED,
+                           "gpu_qk_rope_store: KV cache type %s (F32 and F16 are supported)",
+                           gpu_type_name(kv_type));
+    if (n_kv_head <= 0 || n_head <= 0 || n_head + n_kv_head > INT32_MAX / 2 || head_dim <= 0 ||
+        pos_stride < n_kv_head * head_dim || n_tok * n_kv_head * head_dim > INT32_MAX)
+        return gpu_err_set(err, FORGE_E_INVALID,
+                           "gpu_qk_rope_store: bad shape (heads %lld/%lld, head_dim %lld, "
+                           "pos_stride %lld: need pos_stride >= n_kv_head * head_dim)",
+                           (long long)n_head, (long long)n_kv_head, (long long)head_dim,
+                           (long long)pos_stride);
+    if ((rc = rope_setup(a, "gpu_qk_rope_store", n_tok, n_head, head_dim, rope, d_pos, err)))
+        return rc;
+    a.q = d_q;
+    a.k = d_k;
+    a.v = d_v;
+    a.q_norm = d_q_norm;
+    a.k_norm = d_k_norm;
+    a.eps = eps;
+    a.n_head = (int)n_head;
+    a.n_kv_head = (int)n_kv_head;
+    a.kc = d_kcache;
+    a.vc = d_vcache;
+    a.pos_stride = pos_stride;
+    return qk_rope_launch(a, kv_type, s, err);
 }
 
 GPU_API int gpu_swiglu(const float *d_gate, const float *d_up, float *d_out, int64_t n,
@@ -235,6 +499,61 @@ GPU_API int gpu_argmax(const float *d_x, int64_t n, int32_t *d_idx, gpu_stream *
         return gpu_err_set(err, FORGE_E_INVALID, "gpu_argmax: NULL buffer or n %lld", (long long)n);
     k_argmax<<<1, ARGMAX_THREADS, 0, st>>>(d_x, (int)n, d_idx);
     GPU_LAUNCH_CHECK("k_argmax", st);
+    return FORGE_OK;
+fail:
+    return rc;
+}
+
+template <int BF16> __global__ void k_round_act(const float *x, float *y, int64_t n)
+{
+    gpu_pdl_trigger();
+    for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < n;
+         i += (int64_t)gridDim.x * blockDim.x)
+        y[i] = BF16 ? gpu_bf16_round(x[i]) : gpu_fp16_to_f32(gpu_f32_to_fp16(x[i]));
+}
+
+GPU_API int gpu_round_act(const float *d_x, float *d_y, int64_t n, int wtype, gpu_stream *s,
+                          forge_err *err)
+{
+    int rc = FORGE_OK;
+    cudaStream_t st = GPU_STREAM(s);
+    if (!d_x || !d_y || n <= 0 || (wtype != GGML_TYPE_F16 && wtype != GGML_TYPE_BF16))
+        return gpu_err_set(err, FORGE_E_INVALID, "gpu_round_act: NULL buffer, n %lld or type %s",
+                           (long long)n, gpu_type_name(wtype));
+    {
+        int64_t g = (n + 255) / 256;
+        unsigned grid = (unsigned)(g > 4096 ? 4096 : g);
+        if (wtype == GGML_TYPE_BF16)
+            k_round_act<1><<<grid, 256, 0, st>>>(d_x, d_y, n);
+        else
+            k_round_act<0><<<grid, 256, 0, st>>>(d_x, d_y, n);
+        GPU_LAUNCH_CHECK("k_round_act", st);
+    }
+    return FORGE_OK;
+fail:
+    return rc;
+}
+
+GPU_API size_t gpu_argmax_scratch_bytes(void)
+{
+    return sizeof(argmax_scratch);
+}
+
+GPU_API int gpu_argmax_ex(const float *d_x, int64_t n, void *d_scratch, int32_t *d_idx,
+                          gpu_stream *s, forge_err *err)
+{
+    int rc = FORGE_OK;
+    cudaStream_t st = GPU_STREAM(s);
+    if (!d_x || !d_idx || !d_scratch || n <= 0 || n > INT32_MAX)
+        return gpu_err_set(err, FORGE_E_INVALID, "gpu_argmax_ex: NULL buffer or n %lld",
+                           (long long)n);
+    {
+        int64_t blocks = (n + 4 * ARGMAX_MULTI_THREADS - 1) / (4 * ARGMAX_MULTI_THREADS);
+        if (blocks > GPU_ARGMAX_MAX_BLOCKS) blocks = GPU_ARGMAX_MAX_BLOCKS;
+        k_argmax_multi<<<(unsigned)blocks, ARGMAX_MULTI_THREADS, 0, st>>>(
+            d_x, (int)n, (argmax_scratch *)d_scratch, d_idx);
+        GPU_LAUNCH_CHECK("k_argmax_multi", st);
+    }
     return FORGE_OK;
 fail:
     return rc;

@@ -141,6 +141,10 @@ int gpu_rope(float *d_x, int64_t n_tok, int64_t n_heads, int64_t head_dim, int64
 /* d_out[i] = silu(gate[i]) * up[i]; silu(g) = g / (1 + exp(-g)). d_out may alias gate or up. */
 int gpu_swiglu(const float *d_gate, const float *d_up, float *d_out, int64_t n, gpu_stream *s,
                forge_err *err);
+/* d_y[i] = d_x[i] rounded to wtype (F16 or BF16, to nearest even) and back to float: the
+ * activations ggml's CPU kernels multiply F16/BF16 weights with. d_y may be d_x. */
+int gpu_round_act(const float *d_x, float *d_y, int64_t n, int wtype, gpu_stream *s,
+                  forge_err *err);
 /* d_out[i] = a[i] + b[i]; d_out may alias a or b. */
 int gpu_add(const float *d_a, const float *d_b, float *d_out, int64_t n, gpu_stream *s,
             forge_err *err);
@@ -154,6 +158,13 @@ int gpu_embed(int wtype, const void *d_table, int64_t n_vocab, int64_t n_embd, c
 /* *d_idx = the smallest i with d_x[i] maximal (greedy sampling); NaN entries never win; all-NaN
  * gives 0. */
 int gpu_argmax(const float *d_x, int64_t n, int32_t *d_idx, gpu_stream *s, forge_err *err);
+/* The same over many blocks (large vocabularies): d_scratch holds gpu_argmax_scratch_bytes(),
+ * zeroed once before the first call (the kernel leaves it zeroed again); one call at a time per
+ * scratch (it is the calls' meeting point). */
+#define GPU_ARGMAX_MAX_BLOCKS 128
+size_t gpu_argmax_scratch_bytes(void);
+int gpu_argmax_ex(const float *d_x, int64_t n, void *d_scratch, int32_t *d_idx, gpu_stream *s,
+                  forge_err *err);
 
 /* Attention for one query token over a KV cache (flash decoding, split over positions).
  *   d_q:   n_head x head_dim floats;  d_out: n_head x head_dim floats.
@@ -248,6 +259,7 @@ typedef struct gpu_fmv_args {
     const float *d_norm; /* GPU_FMV_IN_RMSNORM: n_in F32 weights */
     float eps;
     int out_mode; /* GPU_FMV_OUT_* */
+    int round_x;  /* F16/BF16 weights: h rounded to the weight type first (ggml's CPU numerics) */
 } gpu_fmv_args;
 /* True when gpu_fused_matvec handles this type and row length. */
 int gpu_fused_matvec_supported(int wtype, int64_t n_in);
@@ -321,6 +333,14 @@ typedef struct gpu_sample_args {
 } gpu_sample_args;
 size_t gpu_sample_scratch_bytes(int64_t n_vocab);
 int gpu_sample(const gpu_sample_args *a, gpu_stream *s, forge_err *err);
+
+/* ---- prefill GEMM, extended (gpu_gemm.cu) ------------------------------------------------- */
+/* Y = W X + beta Y (cuBLAS beta): beta 0 is gpu_gemm (d_y is not read, NaN in it is harmless),
+ * beta 1 adds the product to what d_y holds (the residual add for free). d_y must not overlap
+ * d_x or d_xc. HIP builds: FORGE_E_UNSUPPORTED, as gpu_gemm. */
+int gpu_gemm_ex(gpu_blas *b, int wtype, const void *d_w, int64_t n_out, int64_t n_in,
+                const float *d_x, int64_t n_tok, void *d_xc, float *d_y, float beta, gpu_stream *s,
+                forge_err *err);
 
 /* ---- a context: one stream and its scratch, for the backend --------------------------------- */
 typedef struct gpu_ctx gpu_ctx;
@@ -409,6 +429,31 @@ typedef struct gpu_api {
     /* appended for the captured decode step (graphs) */
     int (*store_at)(const float *d_src, void *d_dst, int dst_type, int64_t n, const int32_t *d_pos,
                     int64_t pos_stride, gpu_stream *s, forge_err *err);
+    /* appended for fused decode layers, prompt flash attention, device sampling */
+    int (*fused_matvec_supported)(int wtype, int64_t n_in);
+    int (*fused_matvec)(const gpu_fmv_args *a, gpu_stream *s, forge_err *err);
+    int (*qk_rope_store)(float *d_q, const float *d_k, const float *d_v, int64_t n_tok,
+                         int64_t n_head, int64_t n_kv_head, int64_t head_dim,
+                         const float *d_q_norm, const float *d_k_norm, float eps,
+                         const gpu_rope_params *rope, const int32_t *d_pos, void *d_kcache,
+                         void *d_vcache, int kv_type, int64_t pos_stride, gpu_stream *s,
+                         forge_err *err);
+    int (*rope_ext)(float *d_x, int64_t n_tok, int64_t n_heads, int64_t head_dim,
+                    const gpu_rope_params *rope, const int32_t *d_pos, gpu_stream *s,
+                    forge_err *err);
+    int (*attention_prompt_supported)(int64_t head_dim, int kv_type);
+    int (*attention_prompt)(const gpu_attn_args *a, int64_t n_q, int64_t pos0, int64_t q_stride,
+                            int64_t out_stride, gpu_stream *s, forge_err *err);
+    size_t (*sample_scratch_bytes)(int64_t n_vocab);
+    int (*sample)(const gpu_sample_args *a, gpu_stream *s, forge_err *err);
+    int (*gemm_ex)(gpu_blas *b, int wtype, const void *d_w, int64_t n_out, int64_t n_in,
+                   const float *d_x, int64_t n_tok, void *d_xc, float *d_y, float beta,
+                   gpu_stream *s, forge_err *err);
+    size_t (*argmax_scratch_bytes)(void);
+    int (*argmax_ex)(const float *d_x, int64_t n, void *d_scratch, int32_t *d_idx, gpu_stream *s,
+                     forge_err *err);
+    int (*round_act)(const float *d_x, float *d_y, int64_t n, int wtype, gpu_stream *s,
+                     forge_err *err);
 } gpu_api;
 
 /* The one symbol the engine looks up after dlopen("libforge_cuda.so"). NULL if `version` is not

@@ -425,7 +425,10 @@ static const gpu_api g_api_v1 = {
     gpu_copy,          gpu_mem_info,       gpu_weight_to_f16, gpu_add_rows,
     gpu_store,         gpu_host_alloc,     gpu_host_free,     gpu_event_create,
     gpu_event_destroy, gpu_event_record,   gpu_event_sync,    gpu_attention_batch,
-    gpu_store_at,
+    gpu_store_at,      gpu_fused_matvec_supported, gpu_fused_matvec, gpu_qk_rope_store,
+    gpu_rope_ext,      gpu_attention_prompt_supported, gpu_attention_prompt,
+    gpu_sample_scratch_bytes, gpu_sample, gpu_gemm_ex, gpu_argmax_scratch_bytes, gpu_argmax_ex,
+    gpu_round_act,
 };
 
 GPU_API const gpu_api *forge_gpu_get_api(int version)

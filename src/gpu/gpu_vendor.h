@@ -68,6 +68,8 @@
 #define cudaGraphDestroy hipGraphDestroy
 #define cudaGraphExecDestroy hipGraphExecDestroy
 #define cudaFuncSetAttribute hipFuncSetAttribute
+#define cudaOccupancyMaxActiveBlocksPerMultiprocessor hipOccupancyMaxActiveBlocksPerMultiprocessor
+#define cudaFuncAttributeMaxDynamicSharedMemorySize hipFuncAttributeMaxDynamicSharedMemorySize
 #define cudaDeviceGetAttribute hipDeviceGetAttribute
 #define cudaDevAttrMultiProcessorCount hipDeviceAttributeMultiprocessorCount
 
@@ -192,6 +194,14 @@ GPU_DEV unsigned short gpu_f32_to_fp16(float f)
 GPU_DEV float gpu_bf16_to_f32(unsigned short b)
 {
     return __uint_as_float((unsigned)b << 16);
+}
+
+/* f rounded to bf16 (nearest even; NaN stays NaN) and back to float. */
+GPU_DEV float gpu_bf16_round(float f)
+{
+    unsigned u = __float_as_uint(f);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return f;
+    return __uint_as_float(((u + 0x7fffu + ((u >> 16) & 1u)) >> 16) << 16);
 }
 
 /* c + sum of the four signed byte products of a and b. */

@@ -35,6 +35,38 @@ static int matmul_shared(backend *be, int n, be_buf *const *ys, const be_weight 
     return FORGE_OK;
 }
 
+/* ys[i] = ws[i] (rms_norm(x) * norm) (+ bs[i]); with swiglu ys[0] = silu(y0) * y1. One backend
+ * op where it offers norm_matmul, else the plain ops (hn receives the normed x). */
+static int norm_matmul(backend *be, int n, be_buf *const *ys, const be_weight *const *ws,
+                       const be_weight *const *bs, const be_buf *x, const be_weight *norm,
+                       float eps, bool swiglu, be_buf *hn, int n_tok, forge_err *err)
+{
+    const be_ops *op = be->ops;
+    int rc;
+    if (op->norm_matmul)
+        return op->norm_matmul(be, n, ys, ws, bs, x, norm, eps, swiglu, hn, n_tok, err);
+    if ((rc = op->rms_norm(be, hn, x, norm, n_tok, ws[0]->ne0, eps, err))) return rc;
+    if ((rc = matmul_shared(be, n, ys, ws, hn, n_tok, err))) return rc;
+    for (int i = 0; bs && i < n; i++)
+        if (bs[i] && (rc = op->add_bias(be, ys[i], bs[i], n_tok, err))) return rc;
+    if (swiglu)
+        return op->swiglu(be, ys[0], ys[0], ys[1], (int64_t)n_tok * ws[0]->ne1, err);
+    return FORGE_OK;
+}
+
+/* x += w h (+ bias): the projection back into the residual stream; tmp holds w h when the
+ * backend has no matmul_add (or there is a bias). */
+static int matmul_residual(backend *be, be_buf *x, const be_weight *w, const be_weight *bias,
+                           const be_buf *h, be_buf *tmp, int n_tok, int64_t dim, forge_err *err)
+{
+    const be_ops *op = be->ops;
+    int rc;
+    if (op->matmul_add && !bias) return op->matmul_add(be, x, w, h, tmp, n_tok, err);
+    if ((rc = op->matmul(be, tmp, w, h, n_tok, err))) return rc;
+    if (bias && (rc = op->add_bias(be, tmp, bias, n_tok, err))) return rc;
+    return op->add(be, x, tmp, (int64_t)n_tok * dim, err);
+}
+
 int arch_llama_forward(forge_context *ctx, const int32_t *ids, int n, bool want_logits,
                        bool all_logits, int *n_out, forge_err *err)
 {
@@ -43,7 +75,7 @@ int arch_llama_forward(forge_context *ctx, const int32_t *ids, int n, bool want_
     backend *be = ctx->be;
     const be_ops *op = be->ops;
     ctx_bufs *b = &ctx->b;
-    const int64_t E = hp->n_embd, F = hp->n_ff, HD = hp->head_dim;
+    const int64_t E = hp->n_embd, HD = hp->head_dim;
     const be_rope rope = {m->rope_mode,
                           hp->n_rot,
                           hp->rope_freq_base,
@@ -62,35 +94,38 @@ int arch_llama_forward(forge_context *ctx, const int32_t *ids, int n, bool want_
             goto done;
         }
         /* attention */
-        TRY(op->rms_norm(be, b->xn, b->x, &l->attn_norm, n, E, hp->rms_eps, err));
         be_buf *const qkv[] = {b->q, b->k, b->v};
         const be_weight *const w_qkv[] = {&l->wq, &l->wk, &l->wv};
-        TRY(matmul_shared(be, 3, qkv, w_qkv, b->xn, n, err));
-        if (l->bq.data) TRY(op->add_bias(be, b->q, &l->bq, n, err));
-        if (l->bk.data) TRY(op->add_bias(be, b->k, &l->bk, n, err));
-        if (l->bv.data) TRY(op->add_bias(be, b->v, &l->bv, n, err));
-        if (l->q_norm.data)
-            TRY(op->rms_norm(be, b->q, b->q, &l->q_norm, (int64_t)n * hp->n_head, HD, hp->rms_eps,
-                             err));
-        if (l->k_norm.data)
-            TRY(op->rms_norm(be, b->k, b->k, &l->k_norm, (int64_t)n * hp->n_head_kv, HD,
-                             hp->rms_eps, err));
-        TRY(op->rope(be, b->q, n, hp->n_head, (int)HD, ctx->pos, &rope, err));
-        TRY(op->rope(be, b->k, n, hp->n_head_kv, (int)HD, ctx->pos, &rope, err));
+        const be_weight *const b_qkv[] = {l->bq.data ? &l->bq : NULL, l->bk.data ? &l->bk : NULL,
+                                          l->bv.data ? &l->bv : NULL};
+        TRY(norm_matmul(be, 3, qkv, w_qkv, b_qkv, b->x, &l->attn_norm, hp->rms_eps, false, b->xn,
+                        n, err));
         const be_attn attn = {
             il, ctx->pos, n, hp->n_head, hp->n_head_kv, (int)HD, 1.0f / sqrtf((float)HD)};
-        TRY(op->attention(be, b->att, b->q, b->k, b->v, ctx->kv, &attn, err));
-        TRY(op->matmul(be, b->o, &l->wo, b->att, n, err));
-        if (l->bo.data) TRY(op->add_bias(be, b->o, &l->bo, n, err));
-        TRY(op->add(be, b->x, b->o, (int64_t)n * E, err));
+        const be_weight *qn = l->q_norm.data ? &l->q_norm : NULL;
+        const be_weight *kn = l->k_norm.data ? &l->k_norm : NULL;
+        if (op->attention_rope) {
+            TRY(op->attention_rope(be, b->att, b->q, b->k, b->v, ctx->kv, &attn, &rope, qn, kn,
+                                   hp->rms_eps, err));
+        } else {
+            if (qn)
+                TRY(op->rms_norm(be, b->q, b->q, qn, (int64_t)n * hp->n_head, HD, hp->rms_eps,
+                                 err));
+            if (kn)
+                TRY(op->rms_norm(be, b->k, b->k, kn, (int64_t)n * hp->n_head_kv, HD, hp->rms_eps,
+                                 err));
+            TRY(op->rope(be, b->q, n, hp->n_head, (int)HD, ctx->pos, &rope, err));
+            TRY(op->rope(be, b->k, n, hp->n_head_kv, (int)HD, ctx->pos, &rope, err));
+            TRY(op->attention(be, b->att, b->q, b->k, b->v, ctx->kv, &attn, err));
+        }
+        TRY(matmul_residual(be, b->x, &l->wo, l->bo.data ? &l->bo : NULL, b->att, b->o, n, E,
+                            err));
         /* feed-forward (SwiGLU) */
-        TRY(op->rms_norm(be, b->xn, b->x, &l->ffn_norm, n, E, hp->rms_eps, err));
         be_buf *const gate_up[] = {b->gate, b->up};
         const be_weight *const w_gate_up[] = {&l->ffn_gate, &l->ffn_up};
-        TRY(matmul_shared(be, 2, gate_up, w_gate_up, b->xn, n, err));
-        TRY(op->swiglu(be, b->gate, b->gate, b->up, (int64_t)n * F, err));
-        TRY(op->matmul(be, b->o, &l->ffn_down, b->gate, n, err));
-        TRY(op->add(be, b->x, b->o, (int64_t)n * E, err));
+        TRY(norm_matmul(be, 2, gate_up, w_gate_up, NULL, b->x, &l->ffn_norm, hp->rms_eps, true,
+                        b->xn, n, err));
+        TRY(matmul_residual(be, b->x, &l->ffn_down, NULL, b->gate, b->o, n, E, err));
     }
     /* output head (not needed for a prompt chunk that is not the last) */
     if (!want_logits) {
@@ -104,10 +139,11 @@ int arch_llama_forward(forge_context *ctx, const int32_t *ids, int n, bool want_
         src = b->last;
         rows = 1;
     }
-    TRY(op->rms_norm(be, b->xn, src, &m->output_norm, rows, E, hp->rms_eps, err));
     /* tied: the embedding table itself (its device copy, if any, lives there) */
     const be_weight *out_w = m->info.tied_output ? &m->tok_embd : &m->output;
-    TRY(op->matmul(be, b->logits, out_w, b->xn, rows, err));
+    be_buf *const logits[] = {b->logits};
+    TRY(norm_matmul(be, 1, logits, &out_w, NULL, src, &m->output_norm, hp->rms_eps, false, b->xn,
+                    rows, err));
     *n_out = rows;
 done:
     return rc;

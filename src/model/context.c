@@ -1,7 +1,7 @@
 /* context.c - inference contexts: the backend instance, the KV cache, activation buffers for a
  * batch of n_batch tokens, the position, and the host copy of the logits. Owns forge_context_*,
- * forge_decode, forge_get_logits and forge_kv_truncate of include/forge_model.h. The forward
- * pass itself lives in the architecture files. */
+ * forge_decode (and its greedy / sampling variants), forge_get_logits and forge_kv_truncate of
+ * include/forge_model.h. The forward pass itself lives in the architecture files. */
 #include <stdlib.h>
 #include <string.h>
 
@@ -9,6 +9,7 @@
 #include "core/util.h"
 #include "cpu/kernels.h"
 #include "model/model.h"
+#include "sample/sampler_dev.h"
 
 forge_context_params forge_context_default_params(void)
 {
@@ -98,8 +99,6 @@ static int create_gpu(forge_context *ctx, const forge_context_params *p, forge_e
     forge_model *m = ctx->model;
     const forge_model_info *hp = &m->info;
     int rc;
-    if (p->f32_math)
-        return forge_err_set(err, FORGE_E_UNSUPPORTED, "--f32-math is a CPU-only option");
     if ((rc = backend_gpu_create(p->gpu_index, &ctx->be, err))) return rc;
     be_gpu_plan pl = {0};
     be_weight *globals[] = {&m->tok_embd, &m->output_norm, &m->output, &m->rope_freqs};
@@ -122,6 +121,8 @@ static int create_gpu(forge_context *ctx, const forge_context_params *p, forge_e
     pl.n_batch = ctx->n_batch;
     pl.act_floats = nb * (2 * E + 2 * QD + 2 * KD + (E > QD ? E : QD) + 2 * F) + E + V + nb * V;
     pl.yarn = m->rope_ext_factor != 0.0f;
+    pl.n_vocab = hp->n_vocab;
+    pl.f32_math = p->f32_math;
     return backend_gpu_plan(ctx->be, &pl, err);
 }
 
@@ -282,9 +283,36 @@ static int forward_chunk(forge_context *ctx, const int32_t *ids, int32_t n, bool
     return again ? forge_err_set(err, FORGE_E_INTERNAL, "decode step was not run") : FORGE_OK;
 }
 
-/* forge_decode, or with greedy_id the greedy pick of the last row instead of the logits. */
+/* The pick from the last logit row in ctx->b.logits: greedy (s == NULL: the backend's argmax or
+ * host_argmax) or the sampler chain of s (the backend's sample op when it has one and the chain
+ * fits, else forge_sampler_sample's pick on the host with the same draw). */
+static int pick_last(forge_context *ctx, forge_sampler *s, int32_t *out, forge_err *err)
+{
+    const be_ops *op = ctx->be->ops;
+    const int32_t V = ctx->model->info.n_vocab;
+    int rc;
+    if (!s) {
+        if (op->argmax) return op->argmax(ctx->be, ctx->b.logits, 0, V, out, err);
+        if ((rc = op->buf_read(ctx->be, ctx->b.logits, 0, V, ctx->logits, err))) return rc;
+        *out = host_argmax(ctx->logits, V);
+        return FORGE_OK;
+    }
+    be_sample bs;
+    double r;
+    sampler_dev_prepare(s, &bs, &r); /* the one draw of this pick, device or host */
+    if (op->sample && sampler_dev_fits(s)) {
+        rc = op->sample(ctx->be, ctx->b.logits, 0, V, &bs, out, err);
+        if (rc != FORGE_E_UNSUPPORTED) return rc;
+    }
+    if ((rc = op->buf_read(ctx->be, ctx->b.logits, 0, V, ctx->logits, err))) return rc;
+    *out = sampler_pick(s, ctx->logits, r);
+    return FORGE_OK;
+}
+
+/* forge_decode, or with pick_id the pick of the last row (greedy, or by sampler s) instead of
+ * the logits. */
 static int decode(forge_context *ctx, const int32_t *ids, int32_t n, bool all_logits,
-                  int32_t *greedy_id, forge_err *err)
+                  forge_sampler *s, int32_t *pick_id, forge_err *err)
 {
     if (!ctx || (!ids && n > 0) || n <= 0)
         return forge_err_set(err, FORGE_E_INVALID, "forge_decode: %d tokens (need >= 1)", n);
@@ -313,13 +341,8 @@ static int decode(forge_context *ctx, const int32_t *ids, int32_t n, bool all_lo
                                 err)))
             goto fail;
         ctx->pos += chunk;
-        if (greedy_id && last_chunk) {
-            if (op->argmax) {
-                rc = op->argmax(ctx->be, ctx->b.logits, 0, V, greedy_id, err);
-            } else if (!(rc = op->buf_read(ctx->be, ctx->b.logits, 0, V, ctx->logits, err))) {
-                *greedy_id = host_argmax(ctx->logits, V);
-            }
-            if (rc) goto fail;
+        if (pick_id && last_chunk) {
+            if ((rc = pick_last(ctx, s, pick_id, err))) goto fail;
         } else if (all_logits || last_chunk) {
             float *dst = ctx->logits + (int64_t)(all_logits ? done : 0) * V;
             if ((rc = op->buf_read(ctx->be, ctx->b.logits, 0, (int64_t)rows * V, dst, err)))
@@ -327,17 +350,18 @@ static int decode(forge_context *ctx, const int32_t *ids, int32_t n, bool all_lo
         }
         done += chunk;
     }
-    ctx->n_logits = greedy_id ? 0 : all_logits ? n : 1;
+    ctx->n_logits = pick_id ? 0 : all_logits ? n : 1;
     return FORGE_OK;
 fail:
     ctx->pos = pos_start;
     ctx->n_logits = 0;
+    if (pick_id) *pick_id = -1;
     return rc;
 }
 
 int forge_decode(forge_context *ctx, const int32_t *ids, int32_t n, bool all_logits, forge_err *err)
 {
-    return decode(ctx, ids, n, all_logits, NULL, err);
+    return decode(ctx, ids, n, all_logits, NULL, NULL, err);
 }
 
 int forge_decode_greedy(forge_context *ctx, const int32_t *ids, int32_t n, int32_t *next_id,
@@ -345,7 +369,21 @@ int forge_decode_greedy(forge_context *ctx, const int32_t *ids, int32_t n, int32
 {
     if (!next_id) return forge_err_set(err, FORGE_E_INVALID, "forge_decode_greedy: NULL next_id");
     *next_id = -1;
-    return decode(ctx, ids, n, false, next_id, err);
+    return decode(ctx, ids, n, false, NULL, next_id, err);
+}
+
+int forge_decode_sample(forge_context *ctx, const int32_t *ids, int32_t n, forge_sampler *s,
+                        int32_t *next_id, forge_err *err)
+{
+    if (next_id) *next_id = -1;
+    if (!next_id || !s)
+        return forge_err_set(err, FORGE_E_INVALID, "forge_decode_sample: NULL %s",
+                             next_id ? "sampler" : "next_id");
+    if (ctx && sampler_n_vocab(s) != ctx->model->info.n_vocab)
+        return forge_err_set(err, FORGE_E_INVALID,
+                             "forge_decode_sample: the sampler is for %d tokens, the model has %d",
+                             sampler_n_vocab(s), ctx->model->info.n_vocab);
+    return decode(ctx, ids, n, false, s, next_id, err);
 }
 
 const float *forge_get_logits(const forge_context *ctx, int32_t i)

@@ -2,12 +2,15 @@
  * penalties (repeat / presence / frequency over the last N accepted tokens) -> top-k -> top-p ->
  * min-p -> temperature -> random draw (or greedy argmax when temperature <= 0). Owns the
  * forge_sampler_* functions of include/forge_model.h. The random stream is a xoshiro256** seeded
- * by splitmix64, so a seed reproduces the same draws on every platform. */
+ * by splitmix64, so a seed reproduces the same draws on every platform; a non-greedy pick uses
+ * exactly one draw (sampler_dev.h), so device sampling (be_ops.sample) sees the same stream.
+ * NaN logits are read as -infinity: they never win and never get probability. */
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
 
 #include "core/util.h"
+#include "sample/sampler_dev.h"
 
 typedef struct cand {
     int32_t id;
@@ -31,7 +34,8 @@ struct forge_sampler {
     cand *cands;
     int32_t *history; /* ring of the last penalty_last_n accepted tokens */
     int32_t hist_n, hist_head;
-    int32_t *counts; /* scratch: occurrences per id (n_vocab) */
+    int32_t *counts;               /* scratch: occurrences per id (n_vocab) */
+    int32_t *pen_ids, *pen_counts; /* sampler_dev_prepare's window: distinct ids, counts */
     uint64_t rng[4];
     stage_fn stages[MAX_STAGES];
     int n_stages;
@@ -211,7 +215,10 @@ int forge_sampler_create(const forge_sampler_params *params, int32_t n_vocab, fo
     s->counts = calloc((size_t)n_vocab, sizeof *s->counts);
     s->history =
         malloc((size_t)(p->penalty_last_n > 0 ? p->penalty_last_n : 1) * sizeof *s->history);
-    if (!s->cands || !s->counts || !s->history) goto nomem;
+    s->pen_ids = malloc((size_t)(p->penalty_last_n > 0 ? p->penalty_last_n : 1) * sizeof(int32_t));
+    s->pen_counts =
+        malloc((size_t)(p->penalty_last_n > 0 ? p->penalty_last_n : 1) * sizeof(int32_t));
+    if (!s->cands || !s->counts || !s->history || !s->pen_ids || !s->pen_counts) goto nomem;
     bool penalties =
         p->penalty_last_n > 0 &&
         (p->repeat_penalty != 1.0f || p->presence_penalty != 0.0f || p->frequency_penalty != 0.0f);
@@ -237,6 +244,8 @@ void forge_sampler_free(forge_sampler *s)
     free(s->cands);
     free(s->counts);
     free(s->history);
+    free(s->pen_ids);
+    free(s->pen_counts);
     free(s);
 }
 
@@ -265,8 +274,8 @@ static void run_chain(forge_sampler *s, const float *logits, cand_list *c)
     c->data = s->cands;
     c->n = (size_t)s->n_vocab;
     c->sorted = false;
-    for (int32_t i = 0; i < s->n_vocab; i++)
-        s->cands[i] = (cand){i, logits[i], 0.0f};
+    for (int32_t i = 0; i < s->n_vocab; i++) /* NaN reads as -inf: it never wins */
+        s->cands[i] = (cand){i, isnan(logits[i]) ? -INFINITY : logits[i], 0.0f};
     for (int i = 0; i < s->n_stages; i++)
         s->stages[i](s, c);
     if (s->greedy) {
@@ -281,17 +290,66 @@ static void run_chain(forge_sampler *s, const float *logits, cand_list *c)
     softmax(c);
 }
 
-int32_t forge_sampler_sample(forge_sampler *s, const float *logits)
+int32_t sampler_pick(forge_sampler *s, const float *logits, double r)
 {
     cand_list c;
     run_chain(s, logits, &c);
     if (c.n == 1) return c.data[0].id;
-    double r = rng_uniform(s), cum = 0;
+    double cum = 0;
     for (size_t i = 0; i < c.n; i++) {
         cum += c.data[i].p;
         if (r < cum) return c.data[i].id;
     }
     return c.data[c.n - 1].id;
+}
+
+/* One draw per non-greedy pick, none when greedy (sampler_dev.h). */
+int32_t forge_sampler_sample(forge_sampler *s, const float *logits)
+{
+    double r = s->greedy ? 0.0 : rng_uniform(s);
+    return sampler_pick(s, logits, r);
+}
+
+bool sampler_dev_fits(const forge_sampler *s)
+{
+    return s->greedy || (s->p.top_k >= 1 && s->p.top_k <= SAMPLER_DEV_MAX_K);
+}
+
+int32_t sampler_n_vocab(const forge_sampler *s)
+{
+    return s->n_vocab;
+}
+
+void sampler_dev_prepare(forge_sampler *s, be_sample *out, double *r)
+{
+    const forge_sampler_params *p = &s->p;
+    int32_t n_pen = 0;
+    /* the penalty stage is on exactly when it is in the chain */
+    bool penalties = s->n_stages > 0 && s->stages[0] == stage_penalties;
+    if (penalties) {
+        for (int32_t i = 0; i < s->hist_n; i++) {
+            int32_t id = s->history[i];
+            if (s->counts[id]++ == 0) s->pen_ids[n_pen++] = id;
+        }
+        for (int32_t i = 0; i < n_pen; i++) {
+            s->pen_counts[i] = s->counts[s->pen_ids[i]];
+            s->counts[s->pen_ids[i]] = 0;
+        }
+    }
+    *out = (be_sample){0};
+    out->temperature = s->greedy ? 0.0f : p->temperature;
+    out->top_k = p->top_k;
+    out->top_p = p->top_p;
+    out->min_p = p->min_p;
+    out->repeat_penalty = p->repeat_penalty;
+    out->presence_penalty = p->presence_penalty;
+    out->frequency_penalty = p->frequency_penalty;
+    out->pen_ids = n_pen ? s->pen_ids : NULL;
+    out->pen_counts = n_pen ? s->pen_counts : NULL;
+    out->n_pen = n_pen;
+    *r = s->greedy ? 0.0 : rng_uniform(s);
+    float rf = (float)*r;
+    out->r = rf < 1.0f ? rf : nextafterf(1.0f, 0.0f); /* the rounding may reach 1 */
 }
 
 void forge_sampler_probs(forge_sampler *s, const float *logits, float *probs)

@@ -67,8 +67,8 @@ static int *json_ints(const cJSON *a, int *n)
 
 /* Logits of every prompt position into all (n x V), then 16 greedy ids into ids (argmax of
  * the logits), then from an emptied cache the same through forge_decode_greedy into ids2. */
-static int run_device(forge_model *m, forge_device dev, forge_kv_type kv, const int *in, int n_in,
-                      float *all, int *ids, int *ids2, int n_gen)
+static int run_device(forge_model *m, forge_device dev, forge_kv_type kv, bool f32_math,
+                      const int *in, int n_in, float *all, int *ids, int *ids2, int n_gen)
 {
     forge_err err = {0};
     forge_context *ctx = NULL;
@@ -77,6 +77,7 @@ static int run_device(forge_model *m, forge_device dev, forge_kv_type kv, const 
     cp.n_threads = 4;
     cp.kv_type = kv;
     cp.device = dev;
+    cp.f32_math = f32_math;
     const int V = forge_model_info_get(m)->n_vocab;
     int rc = forge_context_create(m, &cp, &ctx, &err);
     if (rc) goto done;
@@ -154,7 +155,8 @@ static void one_arch(const char *dir, const char *arch)
     int cpu_ids[16] = {0}, gpu_ids[16] = {0}, cpu_ids2[16] = {0}, gpu_ids2[16] = {0};
     int first_ids[16] = {0};
     const int n_gen = n_greedy < 16 ? n_greedy : 16;
-    int rc = run_device(m, FORGE_DEVICE_CPU, FORGE_KV_F32, in, n_in, cpu, cpu_ids, cpu_ids2, n_gen);
+    int rc = run_device(m, FORGE_DEVICE_CPU, FORGE_KV_F32, false, in, n_in, cpu, cpu_ids, cpu_ids2,
+                        n_gen);
     check(rc == 0, "%s: CPU run", arch);
     if (rc) goto done;
     check(!memcmp(cpu_ids, cpu_ids2, sizeof(int) * (size_t)n_gen),
@@ -165,12 +167,15 @@ static void one_arch(const char *dir, const char *arch)
     const struct {
         const char *gemm_min, *attn_batch, *graph;
         forge_kv_type kv;
+        bool f32_math;
         const char *label;
-    } variants[] = {{NULL, NULL, NULL, FORGE_KV_F32, "matvec prompt, KV f32"},
-                    {"2", NULL, NULL, FORGE_KV_F32, "GEMM prompt, KV f32"},
-                    {NULL, NULL, NULL, FORGE_KV_F16, "matvec prompt, KV f16"},
-                    {NULL, "0", NULL, FORGE_KV_F32, "per-position prompt attention, KV f32"},
-                    {NULL, NULL, "0", FORGE_KV_F32, "no decode graphs, KV f32"}};
+    } variants[] = {{NULL, NULL, NULL, FORGE_KV_F32, false, "matvec prompt, KV f32"},
+                    {"2", NULL, NULL, FORGE_KV_F32, false, "GEMM + flash-attention prompt, KV f32"},
+                    {"2", NULL, NULL, FORGE_KV_F16, false, "GEMM + flash-attention prompt, KV f16"},
+                    {NULL, NULL, NULL, FORGE_KV_F16, false, "matvec prompt, KV f16"},
+                    {NULL, "0", NULL, FORGE_KV_F32, false, "per-position prompt attention, KV f32"},
+                    {NULL, NULL, "0", FORGE_KV_F32, false, "no decode graphs, KV f32"},
+                    {"2", NULL, NULL, FORGE_KV_F32, true, "f32 math (GEMM threshold 2 ignored)"}};
     for (size_t vi = 0; vi < sizeof variants / sizeof variants[0]; vi++) {
         if (variants[vi].gemm_min)
             setenv("FORGE_GPU_GEMM_MIN", variants[vi].gemm_min, 1);
@@ -186,8 +191,8 @@ static void one_arch(const char *dir, const char *arch)
             setenv("FORGE_GPU_GRAPH", graph_outer, 1);
         else
             unsetenv("FORGE_GPU_GRAPH");
-        rc = run_device(m, FORGE_DEVICE_GPU, variants[vi].kv, in, n_in, gpu, gpu_ids, gpu_ids2,
-                        n_gen);
+        rc = run_device(m, FORGE_DEVICE_GPU, variants[vi].kv, variants[vi].f32_math, in, n_in, gpu,
+                        gpu_ids, gpu_ids2, n_gen);
         check(rc == 0, "%s [%s]: GPU run", arch, variants[vi].label);
         if (rc) continue;
         check(!memcmp(gpu_ids, gpu_ids2, sizeof(int) * (size_t)n_gen),
@@ -207,6 +212,11 @@ static void one_arch(const char *dir, const char *arch)
             if (ec > worst_cpu) worst_cpu = ec;
         }
         double gc = nmse(gpu, cpu, (size_t)n_in * V);
+        /* f32 math: float activations and fp32 products everywhere (the F16 models are exact
+         * in fp32), so the GPU reproduces HF to rounding */
+        if (variants[vi].f32_math)
+            check(worst_gpu <= 1e-9, "%s [%s]: GPU logits vs HF %.3g <= 1e-9", arch,
+                  variants[vi].label, worst_gpu);
         check(worst_gpu <= 1e-4,
               "%s [%s]: GPU logits vs HF, worst NMSE over %d positions %.3g "
               "(CPU %.3g), GPU vs CPU all positions %.3g",

@@ -170,7 +170,11 @@ static int run_turn(chat *c)
     c->n_cache = keep;
     int32_t n_new = (int32_t)n_ids - keep;
     g_interrupted = 0;
-    int rc = forge_decode(c->ctx, ids + keep, n_new, false, &err);
+    /* the window takes the prompt before the first pick (forge_decode_sample samples at once) */
+    for (size_t i = 0; i < n_ids; i++)
+        forge_sampler_accept(c->smp, ids[i]);
+    int32_t next = -1; /* the pick of the last decode (on a GPU made on the device) */
+    int rc = forge_decode_sample(c->ctx, ids + keep, n_new, c->smp, &next, &err);
     if (rc == FORGE_E_INTERRUPTED) {
         fprintf(stderr, "\nforge chat: interrupted while reading the prompt; message dropped\n");
         drop_last_message(c);
@@ -185,9 +189,6 @@ static int run_turn(chat *c)
         status = 1;
         goto done;
     }
-    for (size_t i = 0; i < n_ids; i++)
-        forge_sampler_accept(c->smp, ids[i]);
-
     if (forge_detok_stream_create(c->tok, false, &ds, &err) != FORGE_OK) {
         fprintf(stderr, "forge chat: %s\n", err.msg);
         status = 1;
@@ -206,7 +207,7 @@ static int run_turn(chat *c)
             stop = "interrupted";
             break;
         }
-        int32_t id = forge_sampler_sample(c->smp, forge_get_logits(c->ctx, -1));
+        int32_t id = next;
         forge_sampler_accept(c->smp, id);
         if (forge_tok_is_eog(c->tok, id)) {
             stop = "end";
@@ -224,7 +225,7 @@ static int run_turn(chat *c)
             stop = "context full";
             break;
         }
-        rc = forge_decode(c->ctx, &id, 1, false, &err);
+        rc = forge_decode_sample(c->ctx, &id, 1, c->smp, &next, &err);
         if (rc == FORGE_E_INTERRUPTED) {
             stop = "interrupted";
             break;

@@ -189,10 +189,10 @@ int cmd_run(int argc, char **argv)
     forge_context_set_abort_flag(ctx, &g_interrupted);
 
     const bool greedy = pure_greedy(&sp);
-    int32_t next = -1; /* greedy: the pick of the last decode */
+    int32_t next = -1; /* the pick of the last decode (on a GPU made on the device) */
     double t_pp = cli_now();
     int rc = greedy ? forge_decode_greedy(ctx, ids, (int32_t)n_ids, &next, &err)
-                    : forge_decode(ctx, ids, (int32_t)n_ids, false, &err);
+                    : forge_decode_sample(ctx, ids, (int32_t)n_ids, smp, &next, &err);
     t_pp = cli_now() - t_pp;
     if (rc == FORGE_E_INTERRUPTED) {
         fprintf(stderr, "\nforge run: interrupted during the prompt\n");
@@ -223,7 +223,7 @@ int cmd_run(int argc, char **argv)
             stop = "context full";
             break;
         }
-        int32_t id = greedy ? next : forge_sampler_sample(smp, forge_get_logits(ctx, -1));
+        int32_t id = next;
         forge_sampler_accept(smp, id);
         if (forge_tok_is_eog(tok, id)) {
             stop = "end of text";
@@ -242,7 +242,7 @@ int cmd_run(int argc, char **argv)
             break;
         }
         rc = greedy ? forge_decode_greedy(ctx, &id, 1, &next, &err)
-                    : forge_decode(ctx, &id, 1, false, &err);
+                    : forge_decode_sample(ctx, &id, 1, smp, &next, &err);
         if (rc == 0) n_decoded++;
         if (rc == FORGE_E_INTERRUPTED) {
             stop = "interrupted";

@@ -1,0 +1,675 @@
+/* gpu_fused.cu - the fused decode matvec (gpu_fused_matvec in gpu_ops.h): up to three matrices
+ * that share one input row in one launch, with the RMSNorm and the Q8_0 quantization of the
+ * input done by every thread block in its prologue and the residual add, bias or SwiGLU done in
+ * the epilogue, so a decode layer needs four of these launches instead of fourteen small kernels.
+ *
+ * A block of FM_THREADS threads = FM_SEGS 32-lane segments. A segment computes a unit of R rows
+ * (R = 2: two rows share every activation load; SwiGLU pairs gate row r with up row r), SPR
+ * segments may share one unit (few, long rows: more loads in flight), their sums meet in shared
+ * memory. Order of work in a block:
+ *   1. the first FM_UNROLL 16-byte weight chunks of each row are loaded (weights never change,
+ *      so this may overlap the previous kernel: programmatic dependent launch);
+ *   2. gpu_pdl_wait(), then the prologue: x from global memory (L2), the sum of squares for the
+ *      RMSNorm (a fixed reduction order, so every block gets the same scale), h = x * scale *
+ *      norm, and h stored in shared memory: Q8_0 blocks for Q8_0/Q4_0 weights (exactly
+ *      gpu_act_quantize's rounding), floats otherwise, in planes laid out so that each lane's
+ *      16-byte shared loads are free of bank conflicts;
+ *   3. the dot products as in gpu_matvec.cu (dp4a per block for Q types, fp32 FMA otherwise),
+ *      a shuffle reduction, the epilogue.
+ * Numerics equal gpu_rmsnorm + gpu_act_quantize + gpu_matvec (+ gpu_add / gpu_swiglu / bias) up
+ * to the order of float sums. */
+#include "gpu/gpu_ops.h"
+#include <stdlib.h>
+#include <string.h>
+
+#include "gpu/gpu_common.cuh"
+#include "gpu/gpu_vendor.h"
+
+#define FM_THREADS 256
+#define FM_SEGS (FM_THREADS / GPU_SEG)
+#define FM_UNROLL 4
+#define FM_WARPS_PER_SM 40 /* resident segments per multiprocessor the grid heuristics aim at */
+#define FM_MAX_SMEM (200 * 1024)
+#define QK 32
+
+enum { FM_STORE = GPU_FMV_OUT_STORE, FM_ADD = GPU_FMV_OUT_ADD, FM_SWIGLU = GPU_FMV_OUT_SWIGLU };
+
+struct fm_args {
+    const uint8_t *w[GPU_FMV_MAX_MATS];
+    const unsigned short *sc[GPU_FMV_MAX_MATS];
+    const float *bias[GPU_FMV_MAX_MATS];
+    float *y[GPU_FMV_MAX_MATS];
+    int row0[GPU_FMV_MAX_MATS + 1]; /* matrix m holds global rows [row0[m], row0[m+1]) */
+    int n_mat, n_units, n_in, n_chunks;
+    size_t row_bytes;
+    const float *x, *norm;
+    float eps;
+    int rmsnorm, round_x;
+};
+
+static bool fm_is_quant(int t)
+{
+    return t == GGML_TYPE_Q8_0 || t == GGML_TYPE_Q4_0;
+}
+
+/* Bytes of one row as stored (the quants plane for Q types); 0 when the fused kernel cannot
+ * take this row length. */
+static size_t fm_row_bytes(int t, int64_t n_in)
+{
+    switch (t) {
+    case GGML_TYPE_F32:
+        return n_in % 4 ? 0 : (size_t)n_in * 4;
+    case GGML_TYPE_F16:
+    case GGML_TYPE_BF16:
+        return n_in % 8 ? 0 : (size_t)n_in * 2;
+    case GGML_TYPE_Q8_0:
+        return n_in % QK ? 0 : (size_t)n_in;
+    case GGML_TYPE_Q4_0:
+        return n_in % QK ? 0 : (size_t)n_in / 2;
+    default:
+        return 0;
+    }
+}
+
+/* Shared memory of the prologue's h: Q types int8 quants + per-block float d (+ int sums for
+ * Q4_0); float types n_in floats. */
+static size_t fm_smem_bytes(int t, int64_t n_in)
+{
+    if (fm_is_quant(t)) return (size_t)n_in + (size_t)(n_in / QK) * 8;
+    return (size_t)n_in * 4;
+}
+
+GPU_API int gpu_fused_matvec_supported(int wtype, int64_t n_in)
+{
+    return n_in > 0 && n_in <= INT32_MAX / 4 && fm_row_bytes(wtype, n_in) != 0 &&
+           fm_smem_bytes(wtype, n_in) <= FM_MAX_SMEM;
+}
+
+/* ---- shared-memory layout of h ----------------------------------------------------------------
+ * Q4_0: lo[nb] (bytes 0..15 of each Q8_0 block), hi[nb] (bytes 16..31), d[nb] float, s[nb] int
+ * Q8_0: q[n_in] int8 (chunk c = bytes 16c..16c+15), d[nb] float
+ * F16/BF16: a[n_in/8] float4 (elements 8c..8c+3), b[n_in/8] float4 (8c+4..8c+7)
+ * F32: x[n_in/4] float4
+ * (nb = n_in / 32.) */
+template <int WT> struct fm_x;
+
+template <> struct fm_x<GGML_TYPE_Q4_0> {
+    struct v_t {
+        int4 lo, hi;
+        float d;
+        int s;
+    };
+    static GPU_DEVT v_t get(const uint4 *sm, int nb, int c)
+    {
+        const int4 *p = (const int4 *)sm;
+        const float *d = (const float *)(p + 2 * nb);
+        return {p[c], p[nb + c], d[c], ((const int *)(d + nb))[c]};
+    }
+    static GPU_DEVT float dot(const v_t &x, uint4 w, float dw)
+    {
+        const unsigned m = 0x0f0f0f0fu;
+        int s = gpu_dp4a((int)(w.x & m), x.lo.x, 0);
+        s = gpu_dp4a((int)(w.y & m), x.lo.y, s);
+        s = gpu_dp4a((int)(w.z & m), x.lo.z, s);
+        s = gpu_dp4a((int)(w.w & m), x.lo.w, s);
+        s = gpu_dp4a((int)((w.x >> 4) & m), x.hi.x, s);
+        s = gpu_dp4a((int)((w.y >> 4) & m), x.hi.y, s);
+        s = gpu_dp4a((int)((w.z >> 4) & m), x.hi.z, s);
+        s = gpu_dp4a((int)((w.w >> 4) & m), x.hi.w, s);
+        return (float)(s - 8 * x.s) * (dw * x.d);
+    }
+    /* 8 lanes hold one Q8_0 block (4 quants each, packed): store them. */
+    static GPU_DEVT void put(uint4 *sm, int nb, int b, int k, int packed, float d, int sum)
+    {
+        int *p = (int *)sm;
+        p[(k < 4 ? b : nb + b) * 4 + (k & 3)] = packed;
+        if (k == 0) {
+            float *dd = (float *)((int4 *)sm + 2 * nb);
+            dd[b] = d;
+            ((int *)(dd + nb))[b] = sum;
+        }
+    }
+};
+
+template <> struct fm_x<GGML_TYPE_Q8_0> {
+    struct v_t {
+        int4 q;
+        float d;
+    };
+    static GPU_DEVT v_t get(const uint4 *sm, int nb, int c)
+    {
+        const int4 *p = (const int4 *)sm;
+        const float *d = (const float *)(p + 2 * nb);
+        return {p[c], d[c >> 1]};
+    }
+    static GPU_DEVT float dot(const v_t &x, uint4 w, float dw)
+    {
+        int s = gpu_dp4a((int)w.x, x.q.x, 0);
+        s = gpu_dp4a((int)w.y, x.q.y, s);
+        s = gpu_dp4a((int)w.z, x.q.z, s);
+        s = gpu_dp4a((int)w.w, x.q.w, s);
+        return (float)s * (dw * x.d);
+    }
+    static GPU_DEVT void put(uint4 *sm, int nb, int b, int k, int packed, float d, int sum)
+    {
+        ((int *)sm)[b * 8 + k] = packed;
+        if (k == 0) ((float *)((int4 *)sm + 2 * nb))[b] = d;
+    }
+};
+
+GPU_DEV float fm_f16x2(unsigned v, float x0, float x1)
+{
+    return gpu_fp16_to_f32((unsigned short)(v & 0xffffu)) * x0 +
+           gpu_fp16_to_f32((unsigned short)(v >> 16)) * x1;
+}
+
+GPU_DEV float fm_bf16x2(unsigned v, float x0, float x1)
+{
+    return __uint_as_float(v << 16) * x0 + __uint_as_float(v & 0xffff0000u) * x1;
+}
+
+/* F16 and BF16 share the float planes. */
+template <int WT> struct fm_xh {
+    struct v_t {
+        float4 a, b;
+    };
+    static GPU_DEVT v_t get(const uint4 *sm, int n8, int c)
+    {
+        const float4 *p = (const float4 *)sm;
+        return {p[c], p[n8 + c]};
+    }
+    static GPU_DEVT float dot(const v_t &x, uint4 w, float dw)
+    {
+        if (WT == GGML_TYPE_F16)
+            return fm_f16x2(w.x, x.a.x, x.a.y) + fm_f16x2(w.y, x.a.z, x.a.w) +
+                   fm_f16x2(w.z, x.b.x, x.b.y) + fm_f16x2(w.w, x.b.z, x.b.w);
+        return fm_bf16x2(w.x, x.a.x, x.a.y) + fm_bf16x2(w.y, x.a.z, x.a.w) +
+               fm_bf16x2(w.z, x.b.x, x.b.y) + fm_bf16x2(w.w, x.b.z, x.b.w);
+    }
+    /* elements 4j..4j+3 of h */
+    static GPU_DEVT void put4(uint4 *sm, int n8, int j, float4 v)
+    {
+        ((float4 *)sm)[(j & 1) * n8 + (j >> 1)] = v;
+    }
+};
+template <> struct fm_x<GGML_TYPE_F16> : fm_xh<GGML_TYPE_F16> {};
+template <> struct fm_x<GGML_TYPE_BF16> : fm_xh<GGML_TYPE_BF16> {};
+
+template <> struct fm_x<GGML_TYPE_F32> {
+    struct v_t {
+        float4 a;
+    };
+    static GPU_DEVT v_t get(const uint4 *sm, int n8, int c)
+    {
+        return {((const float4 *)sm)[c]};
+    }
+    static GPU_DEVT float dot(const v_t &x, uint4 w, float dw)
+    {
+        return __uint_as_float(w.x) * x.a.x + __uint_as_float(w.y) * x.a.y +
+               __uint_as_float(w.z) * x.a.z + __uint_as_float(w.w) * x.a.w;
+    }
+    static GPU_DEVT void put4(uint4 *sm, int n8, int j, float4 v)
+    {
+        ((float4 *)sm)[j] = v;
+    }
+};
+
+/* The chunk's block scale index (Q types), or the plane length argument of get(). */
+template <int WT> GPU_DEVT int fm_scale_index(int c)
+{
+    return WT == GGML_TYPE_Q8_0 ? c >> 1 : c;
+}
+template <int WT> GPU_DEVT int fm_get_arg(int n_in)
+{
+    return WT == GGML_TYPE_Q8_0 || WT == GGML_TYPE_Q4_0 ? n_in / QK : n_in / 8;
+}
+
+GPU_DEV float fm_block_sum(float v, float *red)
+{
+    const int seg = threadIdx.x / GPU_SEG, lane = threadIdx.x % GPU_SEG;
+    v = gpu_seg_sum(v);
+    if (lane == 0) red[seg] = v;
+    __syncthreads();
+    float s = 0.0f;
+#pragma unroll
+    for (int i = 0; i < FM_SEGS; i++)
+        s += red[i];
+    return s;
+}
+
+/* h = x (* rms scale * norm) into shared memory, in WT's layout. */
+template <int WT> GPU_DEVT void fm_prologue(const fm_args &a, uint4 *sm, float *red)
+{
+    const float4 *x4 = (const float4 *)a.x;
+    const float4 *n4 = (const float4 *)a.norm;
+    const int n4s = a.n_in / 4;
+    float scale = 1.0f;
+    if (a.rmsnorm) {
+        float ss = 0.0f;
+        for (int i = threadIdx.x; i < n4s; i += FM_THREADS) {
+            float4 v = x4[i];
+            ss += v.x * v.x + v.y * v.y + v.z * v.z + v.w * v.w;
+        }
+        ss = fm_block_sum(ss, red);
+        scale = 1.0f / sqrtf(ss / (float)a.n_in + a.eps);
+    }
+    if constexpr (WT == GGML_TYPE_Q8_0 || WT == GGML_TYPE_Q4_0) {
+        /* 8 lanes per Q8_0 block, 4 elements each */
+        const int nb = a.n_in / QK, k = threadIdx.x % 8;
+        for (int base = 0; base < nb; base += FM_THREADS / 8) {
+            /* the same trip count for every lane (the shuffles need the whole segment): blocks
+             * past the end compute zeros and store nothing */
+            const int b = base + (int)threadIdx.x / 8;
+            const bool ok = b < nb;
+            float4 v = ok ? x4[b * 8 + k] : make_float4(0.f, 0.f, 0.f, 0.f);
+            if (a.rmsnorm && ok) {
+                float4 w = n4[b * 8 + k];
+                v.x = v.x * scale * w.x;
+                v.y = v.y * scale * w.y;
+                v.z = v.z * scale * w.z;
+                v.w = v.w * scale * w.w;
+            }
+            float amax = fmaxf(fmaxf(fabsf(v.x), fabsf(v.y)), fmaxf(fabsf(v.z), fabsf(v.w)));
+#pragma unroll
+            for (int m = 1; m < 8; m <<= 1)
+                amax = fmaxf(amax, gpu_shfl_xor(amax, m, GPU_SEG));
+            const float d = amax / 127.0f;
+            const float id = amax != 0.0f ? 127.0f / amax : 0.0f;
+            const int q0 = (int)rintf(v.x * id), q1 = (int)rintf(v.y * id);
+            const int q2 = (int)rintf(v.z * id), q3 = (int)rintf(v.w * id);
+            int sum = q0 + q1 + q2 + q3;
+#pragma unroll
+            for (int m = 1; m < 8; m <<= 1)
+                sum += gpu_shfl_xor_int(sum, m, GPU_SEG);
+            const int packed = (int)((unsigned)(q0 & 0xff) | ((unsigned)(q1 & 0xff) << 8) |
+                                     ((unsigned)(q2 & 0xff) << 16) | ((unsigned)(q3 & 0xff) << 24));
+            if (ok)
+                fm_x<WT>::put(sm, nb, b, k, packed, gpu_fp16_to_f32(gpu_f32_to_fp16(d)), sum);
+        }
+    } else {
+        for (int i = threadIdx.x; i < n4s; i += FM_THREADS) {
+            float4 v = x4[i];
+            if (a.rmsnorm) {
+                float4 w = n4[i];
+                v.x = v.x * scale * w.x;
+                v.y = v.y * scale * w.y;
+                v.z = v.z * scale * w.z;
+                v.w = v.w * scale * w.w;
+            }
+            if (WT == GGML_TYPE_F16 && a.round_x) {
+                v.x = gpu_fp16_to_f32(gpu_f32_to_fp16(v.x));
+                v.y = gpu_fp16_to_f32(gpu_f32_to_fp16(v.y));
+                v.z = gpu_fp16_to_f32(gpu_f32_to_fp16(v.z));
+                v.w = gpu_fp16_to_f32(gpu_f32_to_fp16(v.w));
+            } else if (WT == GGML_TYPE_BF16 && a.round_x) {
+                v.x = gpu_bf16_round(v.x);
+                v.y = gpu_bf16_round(v.y);
+                v.z = gpu_bf16_round(v.z);
+                v.w = gpu_bf16_round(v.w);
+            }
+            fm_x<WT>::put4(sm, a.n_in / 8, i, v);
+        }
+    }
+}
+
+/* Row j of unit u: its matrix and local row; false past the end. */
+template <int OUT, int R>
+GPU_DEVT bool fm_row(const fm_args &a, int u, int j, int *m, int *r)
+{
+    if (u >= a.n_units) return false;
+    if (OUT == FM_SWIGLU) {
+        *m = j;
+        *r = u;
+        return true;
+    }
+    const int g = u * R + j;
+    if (g >= a.row0[a.n_mat]) return false;
+    int mm = 0;
+    while (mm + 1 < a.n_mat && g >= a.row0[mm + 1])
+        mm++;
+    *m = mm;
+    *r = g - a.row0[mm];
+    return true;
+}
+
+/* The rows of unit u: pointers, and whether each row exists. */
+template <int WT, int OUT, int R>
+GPU_DEVT void fm_unit(const fm_args &a, int u, const uint4 **wrow, const unsigned short **srow,
+                      bool *valid, int *mat, int *row)
+{
+    const bool quant = WT == GGML_TYPE_Q8_0 || WT == GGML_TYPE_Q4_0;
+#pragma unroll
+    for (int j = 0; j < R; j++) {
+        valid[j] = fm_row<OUT, R>(a, u, j, &mat[j], &row[j]);
+        if (!valid[j]) {
+            mat[j] = 0;
+            row[j] = 0;
+        }
+        wrow[j] = (const uint4 *)(a.w[mat[j]] + (size_t)row[j] * a.row_bytes);
+        srow[j] = quant ? a.sc[mat[j]] + (size_t)row[j] * (a.n_in / QK) : NULL;
+    }
+}
+
+/* A grid of at most one wave of blocks (the launcher sizes it from the occupancy), each block
+ * walking units u0, u0 + stride, ...: the prologue (x, norm, quantization) runs once per block,
+ * not once per unit. */
+template <int WT, int OUT, int R, int SPR>
+__global__ void __launch_bounds__(FM_THREADS) k_fused_matvec(const fm_args a)
+{
+    extern __shared__ uint4 fm_smem[];
+    __shared__ float red[FM_SEGS];
+    __shared__ float part[FM_SEGS][R];
+    const bool quant = WT == GGML_TYPE_Q8_0 || WT == GGML_TYPE_Q4_0;
+    const int lane = threadIdx.x % GPU_SEG, seg = threadIdx.x / GPU_SEG, sub = seg % SPR;
+    const int step = GPU_SEG * SPR;
+    const int per_block = FM_SEGS / SPR, stride = gridDim.x * per_block;
+    gpu_pdl_trigger();
+
+    const uint4 *wrow[R];
+    const unsigned short *srow[R];
+    bool valid[R];
+    int mat[R], row[R];
+    int base = blockIdx.x * per_block; /* the block's first unit this round (uniform) */
+    fm_unit<WT, OUT, R>(a, base + seg / SPR, wrow, srow, valid, mat, row);
+
+    uint4 w[R][FM_UNROLL];
+    unsigned short d[R][FM_UNROLL];
+    int c0 = sub * GPU_SEG + lane;
+#define FM_LOAD_GROUP()                                                                            \
+    do {                                                                                           \
+        _Pragma("unroll") for (int j = 0; j < R; j++)                                              \
+        {                                                                                          \
+            _Pragma("unroll") for (int k = 0; k < FM_UNROLL; k++)                                  \
+            {                                                                                      \
+                const int c = c0 + k * step;                                                       \
+                if (valid[j] && c < a.n_chunks) {                                                  \
+                    w[j][k] = gpu_ld_stream16(wrow[j] + c);                                        \
+                    d[j][k] = quant ? srow[j][fm_scale_index<WT>(c)] : 0;                          \
+                }                                                                                  \
+            }                                                                                      \
+        }                                                                                          \
+    } while (0)
+    /* 1. the first chunks of the first unit, before waiting for the previous kernel */
+    FM_LOAD_GROUP();
+
+    /* 2. the input, once the kernels before have finished writing it */
+    gpu_pdl_wait();
+    fm_prologue<WT>(a, fm_smem, red);
+    __syncthreads();
+
+    /* 3. dot products, unit after unit */
+    const int garg = fm_get_arg<WT>(a.n_in);
+    for (;;) {
+        float acc[R];
+#pragma unroll
+        for (int j = 0; j < R; j++)
+            acc[j] = 0.0f;
+        for (;;) {
+#pragma unroll
+            for (int k = 0; k < FM_UNROLL; k++) {
+                const int c = c0 + k * step;
+                if (c < a.n_chunks) {
+                    const typename fm_x<WT>::v_t xv = fm_x<WT>::get(fm_smem, garg, c);
+#pragma unroll
+                    for (int j = 0; j < R; j++)
+                        if (valid[j])
+                            acc[j] += fm_x<WT>::dot(xv, w[j][k],
+                                                    quant ? gpu_fp16_to_f32(d[j][k]) : 0.f);
+                }
+            }
+            c0 += step * FM_UNROLL;
+            if (c0 - lane - sub * GPU_SEG >= a.n_chunks) break; /* uniform over the segment */
+            FM_LOAD_GROUP();
+        }
+#pragma unroll
+        for (int j = 0; j < R; j++)
+            acc[j] = gpu_seg_sum(acc[j]);
+        if (SPR > 1) {
+            if (lane == 0) {
+#pragma unroll
+                for (int j = 0; j < R; j++)
+                    part[seg][j] = acc[j];
+            }
+            __syncthreads();
+            if (sub == 0) {
+#pragma unroll
+                for (int j = 0; j < R; j++) {
+                    float t = 0.0f;
+#pragma unroll
+                    for (int i = 0; i < SPR; i++)
+                        t += part[seg + i][j];
+                    acc[j] = t;
+                }
+            }
+            __syncthreads(); /* part is reused by the next unit */
+        }
+        if (sub == 0 && lane == 0) {
+            if constexpr (OUT == FM_SWIGLU) {
+                if (valid[0]) {
+                    const float gv = acc[0];
+                    a.y[0][row[0]] = gv / (1.0f + expf(-gv)) * acc[R - 1];
+                }
+            } else {
+#pragma unroll
+                for (int j = 0; j < R; j++) {
+                    if (!valid[j]) continue;
+                    float *y = a.y[mat[j]] + row[j];
+                    if (OUT == FM_ADD)
+                        *y += acc[j];
+                    else
+                        *y = a.bias[mat[j]] ? acc[j] + a.bias[mat[j]][row[j]] : acc[j];
+                }
+            }
+        }
+        base += stride;
+        if (base >= a.n_units) break; /* uniform over the block */
+        fm_unit<WT, OUT, R>(a, base + seg / SPR, wrow, srow, valid, mat, row);
+        c0 = sub * GPU_SEG + lane;
+        FM_LOAD_GROUP();
+    }
+#undef FM_LOAD_GROUP
+}
+
+/* ---- launcher ----------------------------------------------------------------------------- */
+
+#if !FORGE_GPU_HIP
+/* FORGE_GPU_PDL=0 launches without programmatic dependent launch (comparison, debugging). HIP
+ * has no such launch: its kernels are launched the ordinary way. */
+static int pdl_enabled(void)
+{
+    static volatile int cached = -1; /* benign race: every thread computes the same value */
+    if (cached < 0) {
+        const char *v = getenv("FORGE_GPU_PDL");
+        int on = !(v && v[0] == '0');
+        int dev = 0, major = 0;
+        if (cudaGetDevice(&dev) != cudaSuccess ||
+            cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) != cudaSuccess)
+            major = 0;
+        (void)cudaGetLastError();
+        if (major < 9) on = 0;
+        cached = on;
+    }
+    return cached;
+}
+#endif
+
+typedef void (*fm_kernel)(const fm_args);
+
+/* FORGE_GPU_FMV_WAVE=0: one block per FM_SEGS units (several waves on large matrices) instead
+ * of one wave of blocks that loop (comparison). */
+static int one_wave(void)
+{
+    static volatile int cached = -1; /* benign race: every thread computes the same value */
+    if (cached < 0) {
+        const char *v = getenv("FORGE_GPU_FMV_WAVE");
+        cached = !(v && v[0] == '0');
+    }
+    return cached;
+}
+
+static int fm_launch(fm_kernel k, const char *name, unsigned grid, size_t smem, const fm_args &a,
+                     cudaStream_t st, forge_err *err)
+{
+    int rc = FORGE_OK;
+    if (smem > 48 * 1024)
+        GPU_CHECK(cudaFuncSetAttribute((const void *)k, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                       (int)smem));
+    if (one_wave()) {
+        int per_sm = 0;
+        GPU_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, k, FM_THREADS, smem));
+        const unsigned wave = (unsigned)(per_sm > 0 ? per_sm : 1) *
+                              (unsigned)(gpu_sm_count() > 0 ? gpu_sm_count() : 64);
+        if (grid > wave) grid = wave;
+    }
+#if !FORGE_GPU_HIP
+    if (pdl_enabled()) {
+        cudaLaunchConfig_t cfg = {};
+        cudaLaunchAttribute attr[1] = {};
+        cfg.gridDim = dim3(grid);
+        cfg.blockDim = dim3(FM_THREADS);
+        cfg.dynamicSmemBytes = smem;
+        cfg.stream = st;
+        attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+        attr[0].val.programmaticStreamSerializationAllowed = 1;
+        cfg.attrs = attr;
+        cfg.numAttrs = 1;
+        GPU_CHECK(cudaLaunchKernelEx(&cfg, k, a));
+        GPU_LAUNCH_CHECK(name, st);
+        return FORGE_OK;
+    }
+#endif
+    k<<<grid, FM_THREADS, smem, st>>>(a);
+    GPU_LAUNCH_CHECK(name, st);
+    return FORGE_OK;
+fail:
+    return rc;
+}
+
+/* Layout choice: R rows per segment, SPR segments per unit. */
+template <int WT, int OUT>
+static int fm_dispatch(const fm_args &a0, int total_rows, size_t smem, cudaStream_t st,
+                       forge_err *err)
+{
+    fm_args a = a0;
+    const int64_t max_warps = (int64_t)(gpu_sm_count() > 0 ? gpu_sm_count() : 64) * FM_WARPS_PER_SM;
+    int r = 1, spr = 1;
+    if (OUT == FM_SWIGLU) {
+        r = 2;
+        a.n_units = total_rows;
+        if ((int64_t)a.n_units * 2 <= max_warps && a.n_chunks >= 64) spr = 2;
+    } else {
+        /* tall: two rows per segment (not F32, whose activations are no larger than its
+         * weights); few long rows: segments share a row while the grid stays one wave */
+        if (WT != GGML_TYPE_F32 && total_rows >= max_warps) r = 2;
+        a.n_units = (total_rows + r - 1) / r;
+        if (r == 1)
+            while (spr < 4 && (int64_t)a.n_units * spr * 2 <= max_warps && a.n_chunks >= 64 * spr)
+                spr *= 2;
+    }
+    unsigned grid = (unsigned)((a.n_units + FM_SEGS / spr - 1) / (FM_SEGS / spr));
+    const char *name = OUT == FM_SWIGLU ? "k_fused_matvec<swiglu>"
+                       : OUT == FM_ADD  ? "k_fused_matvec<add>"
+                                        : "k_fused_matvec<store>";
+    if (OUT == FM_SWIGLU)
+        return spr == 1 ? fm_launch(k_fused_matvec<WT, OUT, 2, 1>, name, grid, smem, a, st, err)
+                        : fm_launch(k_fused_matvec<WT, OUT, 2, 2>, name, grid, smem, a, st, err);
+    if (r == 2) return fm_launch(k_fused_matvec<WT, OUT, 2, 1>, name, grid, smem, a, st, err);
+    switch (spr) {
+    case 1:
+        return fm_launch(k_fused_matvec<WT, OUT, 1, 1>, name, grid, smem, a, st, err);
+    case 2:
+        return fm_launch(k_fused_matvec<WT, OUT, 1, 2>, name, grid, smem, a, st, err);
+    default:
+        return fm_launch(k_fused_matvec<WT, OUT, 1, 4>, name, grid, smem, a, st, err);
+    }
+}
+
+template <int WT>
+static int fm_dispatch_out(int out, const fm_args &a, int total_rows, size_t smem,
+                           cudaStream_t st, forge_err *err)
+{
+    switch (out) {
+    case FM_ADD:
+        return fm_dispatch<WT, FM_ADD>(a, total_rows, smem, st, err);
+    case FM_SWIGLU:
+        return fm_dispatch<WT, FM_SWIGLU>(a, total_rows, smem, st, err);
+    default:
+        return fm_dispatch<WT, FM_STORE>(a, total_rows, smem, st, err);
+    }
+}
+
+GPU_API int gpu_fused_matvec(const gpu_fmv_args *p, gpu_stream *s, forge_err *err)
+{
+    cudaStream_t st = GPU_STREAM(s);
+    fm_args a;
+    int64_t total = 0;
+    if (!p || p->n_mat < 1 || p->n_mat > GPU_FMV_MAX_MATS || !p->d_x)
+        return gpu_err_set(err, FORGE_E_INVALID, "gpu_fused_matvec: NULL input or %d matrices",
+                           p ? p->n_mat : -1);
+    if (!gpu_fused_matvec_supported(p->wtype, p->n_in))
+        return gpu_err_set(err, FORGE_E_UNSUPPORTED,
+                           "gpu_fused_matvec: type %s with n_in %lld is not supported",
+                           gpu_type_name(p->wtype), (long long)p->n_in);
+    if (p->in_mode != GPU_FMV_IN_PLAIN && p->in_mode != GPU_FMV_IN_RMSNORM)
+        return gpu_err_set(err, FORGE_E_INVALID, "gpu_fused_matvec: in_mode %d", p->in_mode);
+    if (p->out_mode != FM_STORE && p->out_mode != FM_ADD && p->out_mode != FM_SWIGLU)
+        return gpu_err_set(err, FORGE_E_INVALID, "gpu_fused_matvec: out_mode %d", p->out_mode);
+    if (p->in_mode == GPU_FMV_IN_RMSNORM && (!p->d_norm || !gpu_is_aligned(p->d_norm, 16)))
+        return gpu_err_set(err, FORGE_E_INVALID,
+                           "gpu_fused_matvec: RMSNorm needs 16-byte aligned norm weights");
+    if (!gpu_is_aligned(p->d_x, 16))
+        return gpu_err_set(err, FORGE_E_INVALID, "gpu_fused_matvec: input %p is not 16-byte aligned",
+                           (const void *)p->d_x);
+    if (p->out_mode == FM_SWIGLU &&
+        (p->n_mat != 2 || p->mat[0].n_out != p->mat[1].n_out || p->mat[0].d_bias || p->mat[1].d_bias))
+        return gpu_err_set(err, FORGE_E_INVALID,
+                           "gpu_fused_matvec: SwiGLU takes two matrices of the same height and no "
+                           "biases");
+    memset(&a, 0, sizeof a);
+    for (int m = 0; m < p->n_mat; m++) {
+        const gpu_fmv_mat *mm = &p->mat[m];
+        if (!mm->d_w || !mm->d_y || mm->n_out <= 0 || !gpu_is_aligned(mm->d_w, 16))
+            return gpu_err_set(err, FORGE_E_INVALID,
+                               "gpu_fused_matvec: matrix %d: NULL or misaligned buffer or %lld rows",
+                               m, (long long)mm->n_out);
+        if (mm->d_bias && p->out_mode != FM_STORE)
+            return gpu_err_set(err, FORGE_E_INVALID,
+                               "gpu_fused_matvec: biases only with GPU_FMV_OUT_STORE");
+        a.w[m] = (const uint8_t *)mm->d_w;
+        a.sc[m] = fm_is_quant(p->wtype)
+                      ? (const unsigned short *)(a.w[m] + gpu_weight_scales_offset(
+                                                              p->wtype, mm->n_out, p->n_in))
+                      : NULL;
+        a.bias[m] = mm->d_bias;
+        a.y[m] = mm->d_y;
+        a.row0[m] = (int)total;
+        total += mm->n_out;
+        if (total > INT32_MAX / 2)
+            return gpu_err_set(err, FORGE_E_INVALID, "gpu_fused_matvec: %lld rows in all",
+                               (long long)total);
+    }
+    a.row0[p->n_mat] = (int)total;
+    a.n_mat = p->n_mat;
+    a.n_in = (int)p->n_in;
+    a.row_bytes = fm_row_bytes(p->wtype, p->n_in);
+    a.n_chunks = (int)(a.row_bytes / 16);
+    a.x = p->d_x;
+    a.norm = p->d_norm;
+    a.eps = p->eps;
+    a.rmsnorm = p->in_mode == GPU_FMV_IN_RMSNORM;
+    a.round_x = p->round_x;
+    const int rows = p->out_mode == FM_SWIGLU ? (int)p->mat[0].n_out : (int)total;
+    const size_t smem = fm_smem_bytes(p->wtype, p->n_in);
+    switch (p->wtype) {
+    case GGML_TYPE_Q4_0:
+        return fm_dispatch_out<GGML_TYPE_Q4_0>(p->out_mode, a, rows, smem, st, err);
+    case GGML_TYPE_Q8_0:
+        return fm_dispatch_out<GGML_TYPE_Q8_0>(p->out_mode, a, rows, smem, st, err);
+    case GGML_TYPE_F16:
+        return fm_dispatch_out<GGML_TYPE_F16>(p->out_mode, a, rows, smem, st, err);
+    case GGML_TYPE_BF16:
+        return fm_dispatch_out<GGML_TYPE_BF16>(p->out_mode, a, rows, smem, st, err);
+    default:
+        return fm_dispatch_out<GGML_TYPE_F32>(p->out_mode, a, rows, smem, st, err);
+    }
+}
