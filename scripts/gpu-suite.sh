@@ -103,9 +103,12 @@ if has sanitize; then
         [ $tool = memcheck ] && extra=(--leak-check full)
         run_log "cs-$tool-fused" 200 $CS --tool $tool "${extra[@]}" --error-exitcode 9 "$T/test_gpu_fused" --quick
     done
+    export FORGE_GPU_TEST_UNDER_SANITIZER=1 # test_gpu_ops: skip its intended failing cudaMalloc
     for t in test_gpu_attn2 test_gpu_fattn test_gpu_sample test_gpu_ops; do
         for tool in memcheck racecheck synccheck initcheck; do
-            run_log "cs-$tool-$t" 240 $CS --tool $tool --error-exitcode 9 "$T/$t" --quick
+            mode=--quick
+            [ $t = test_gpu_sample ] && [ $tool = racecheck ] && mode=--race # racecheck is slow
+            run_log "cs-$tool-$t" 240 $CS --tool $tool --error-exitcode 9 "$T/$t" $mode
         done
     done
     run_log cs-memcheck-stress 240 $CS --tool memcheck --leak-check full --error-exitcode 9 "$T/test_gpu_stress"

@@ -23,6 +23,7 @@
 #include <string.h>
 
 #include "gpu/gpu_common.cuh"
+#include "gpu/gpu_dot.cuh"
 #include "gpu/gpu_vendor.h"
 
 #define FM_THREADS 256
@@ -107,15 +108,7 @@ template <> struct fm_x<GGML_TYPE_Q4_0> {
     }
     static GPU_DEVT float dot(const v_t &x, uint4 w, float dw)
     {
-        const unsigned m = 0x0f0f0f0fu;
-        int s = gpu_dp4a((int)(w.x & m), x.lo.x, 0);
-        s = gpu_dp4a((int)(w.y & m), x.lo.y, s);
-        s = gpu_dp4a((int)(w.z & m), x.lo.z, s);
-        s = gpu_dp4a((int)(w.w & m), x.lo.w, s);
-        s = gpu_dp4a((int)((w.x >> 4) & m), x.hi.x, s);
-        s = gpu_dp4a((int)((w.y >> 4) & m), x.hi.y, s);
-        s = gpu_dp4a((int)((w.z >> 4) & m), x.hi.z, s);
-        s = gpu_dp4a((int)((w.w >> 4) & m), x.hi.w, s);
+        const int s = gpu_dot_q4x32(w, x.lo, x.hi);
         return (float)(s - 8 * x.s) * (dw * x.d);
     }
     /* 8 lanes hold one Q8_0 block (4 quants each, packed): store them. */
@@ -144,10 +137,7 @@ template <> struct fm_x<GGML_TYPE_Q8_0> {
     }
     static GPU_DEVT float dot(const v_t &x, uint4 w, float dw)
     {
-        int s = gpu_dp4a((int)w.x, x.q.x, 0);
-        s = gpu_dp4a((int)w.y, x.q.y, s);
-        s = gpu_dp4a((int)w.z, x.q.z, s);
-        s = gpu_dp4a((int)w.w, x.q.w, s);
+        const int s = gpu_dot_q8x16(w, x.q);
         return (float)s * (dw * x.d);
     }
     static GPU_DEVT void put(uint4 *sm, int nb, int b, int k, int packed, float d, int sum)
@@ -156,17 +146,6 @@ template <> struct fm_x<GGML_TYPE_Q8_0> {
         if (k == 0) ((float *)((int4 *)sm + 2 * nb))[b] = d;
     }
 };
-
-GPU_DEV float fm_f16x2(unsigned v, float x0, float x1)
-{
-    return gpu_fp16_to_f32((unsigned short)(v & 0xffffu)) * x0 +
-           gpu_fp16_to_f32((unsigned short)(v >> 16)) * x1;
-}
-
-GPU_DEV float fm_bf16x2(unsigned v, float x0, float x1)
-{
-    return __uint_as_float(v << 16) * x0 + __uint_as_float(v & 0xffff0000u) * x1;
-}
 
 /* F16 and BF16 share the float planes. */
 template <int WT> struct fm_xh {
@@ -180,11 +159,7 @@ template <int WT> struct fm_xh {
     }
     static GPU_DEVT float dot(const v_t &x, uint4 w, float dw)
     {
-        if (WT == GGML_TYPE_F16)
-            return fm_f16x2(w.x, x.a.x, x.a.y) + fm_f16x2(w.y, x.a.z, x.a.w) +
-                   fm_f16x2(w.z, x.b.x, x.b.y) + fm_f16x2(w.w, x.b.z, x.b.w);
-        return fm_bf16x2(w.x, x.a.x, x.a.y) + fm_bf16x2(w.y, x.a.z, x.a.w) +
-               fm_bf16x2(w.z, x.b.x, x.b.y) + fm_bf16x2(w.w, x.b.z, x.b.w);
+        return WT == GGML_TYPE_F16 ? gpu_dot_f16x8(w, x.a, x.b) : gpu_dot_bf16x8(w, x.a, x.b);
     }
     /* elements 4j..4j+3 of h */
     static GPU_DEVT void put4(uint4 *sm, int n8, int j, float4 v)
@@ -205,8 +180,7 @@ template <> struct fm_x<GGML_TYPE_F32> {
     }
     static GPU_DEVT float dot(const v_t &x, uint4 w, float dw)
     {
-        return __uint_as_float(w.x) * x.a.x + __uint_as_float(w.y) * x.a.y +
-               __uint_as_float(w.z) * x.a.z + __uint_as_float(w.w) * x.a.w;
+        return gpu_dot_f32x4(w, x.a);
     }
     static GPU_DEVT void put4(uint4 *sm, int n8, int j, float4 v)
     {

@@ -13,6 +13,7 @@
 #include <stdlib.h>
 
 #include "gpu/gpu_common.cuh"
+#include "gpu/gpu_dot.cuh"
 #include "gpu/gpu_vendor.h"
 
 #define MV_THREADS 256
@@ -137,17 +138,6 @@ struct mv_args {
  * segment computing two rows loads the activations once. */
 template <int WT> struct mv_ops;
 
-GPU_DEV float f16x2_dot(unsigned v, float x0, float x1)
-{
-    return gpu_fp16_to_f32((unsigned short)(v & 0xffffu)) * x0 +
-           gpu_fp16_to_f32((unsigned short)(v >> 16)) * x1;
-}
-
-GPU_DEV float bf16x2_dot(unsigned v, float x0, float x1)
-{
-    return __uint_as_float(v << 16) * x0 + __uint_as_float(v & 0xffff0000u) * x1;
-}
-
 template <> struct mv_ops<GGML_TYPE_F32> {
     struct x_t {
         float4 a;
@@ -158,8 +148,7 @@ template <> struct mv_ops<GGML_TYPE_F32> {
     }
     static GPU_DEVT float dot(const x_t &x, uint4 w, float dw)
     {
-        return __uint_as_float(w.x) * x.a.x + __uint_as_float(w.y) * x.a.y +
-               __uint_as_float(w.z) * x.a.z + __uint_as_float(w.w) * x.a.w;
+        return gpu_dot_f32x4(w, x.a);
     }
 };
 
@@ -173,8 +162,7 @@ template <> struct mv_ops<GGML_TYPE_F16> {
     }
     static GPU_DEVT float dot(const x_t &x, uint4 w, float dw)
     {
-        return f16x2_dot(w.x, x.a.x, x.a.y) + f16x2_dot(w.y, x.a.z, x.a.w) +
-               f16x2_dot(w.z, x.b.x, x.b.y) + f16x2_dot(w.w, x.b.z, x.b.w);
+        return gpu_dot_f16x8(w, x.a, x.b);
     }
 };
 
@@ -188,8 +176,7 @@ template <> struct mv_ops<GGML_TYPE_BF16> {
     }
     static GPU_DEVT float dot(const x_t &x, uint4 w, float dw)
     {
-        return bf16x2_dot(w.x, x.a.x, x.a.y) + bf16x2_dot(w.y, x.a.z, x.a.w) +
-               bf16x2_dot(w.z, x.b.x, x.b.y) + bf16x2_dot(w.w, x.b.z, x.b.w);
+        return gpu_dot_bf16x8(w, x.a, x.b);
     }
 };
 
@@ -205,10 +192,7 @@ template <> struct mv_ops<GGML_TYPE_Q8_0> {
     }
     static GPU_DEVT float dot(const x_t &x, uint4 w, float dw)
     {
-        int s = gpu_dp4a((int)w.x, x.q.x, 0);
-        s = gpu_dp4a((int)w.y, x.q.y, s);
-        s = gpu_dp4a((int)w.z, x.q.z, s);
-        s = gpu_dp4a((int)w.w, x.q.w, s);
+        int s = gpu_dot_q8x16(w, x.q);
         return (float)s * (dw * x.d);
     }
 };
@@ -227,15 +211,7 @@ template <> struct mv_ops<GGML_TYPE_Q4_0> {
     }
     static GPU_DEVT float dot(const x_t &x, uint4 w, float dw)
     {
-        const unsigned m = 0x0f0f0f0fu;
-        int s = gpu_dp4a((int)(w.x & m), x.lo.x, 0);
-        s = gpu_dp4a((int)(w.y & m), x.lo.y, s);
-        s = gpu_dp4a((int)(w.z & m), x.lo.z, s);
-        s = gpu_dp4a((int)(w.w & m), x.lo.w, s);
-        s = gpu_dp4a((int)((w.x >> 4) & m), x.hi.x, s);
-        s = gpu_dp4a((int)((w.y >> 4) & m), x.hi.y, s);
-        s = gpu_dp4a((int)((w.z >> 4) & m), x.hi.z, s);
-        s = gpu_dp4a((int)((w.w >> 4) & m), x.hi.w, s);
+        int s = gpu_dot_q4x32(w, x.lo, x.hi);
         return (float)(s - 8 * x.s) * (dw * x.d);
     }
 };

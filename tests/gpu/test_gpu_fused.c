@@ -27,54 +27,14 @@ static int is_quant(int t)
     return t == GGML_TYPE_Q8_0 || t == GGML_TYPE_Q4_0;
 }
 
-/* GGUF bytes of a random rows x n_in matrix of type t, and its exact float values. */
 static void *make_weights(int t, int64_t rows, int64_t n_in, float **wf_out)
 {
-    size_t rb = ggml_row_size(t, n_in);
-    float *src = (float *)gt_xmalloc((size_t)(rows * n_in) * sizeof(float));
-    unsigned char *raw = (unsigned char *)gt_xmalloc(rb * (size_t)rows);
-    float *wf = (float *)gt_xmalloc((size_t)(rows * n_in) * sizeof(float));
-    gt_fill(src, rows * n_in, 1.0f, &g_seed);
-    for (int64_t r = 0; r < rows; r++) {
-        const float *x = src + r * n_in;
-        unsigned char *dst = raw + (size_t)r * rb;
-        for (int64_t i = 0; i < n_in && (t == GGML_TYPE_F16 || t == GGML_TYPE_BF16); i++) {
-            uint16_t h = t == GGML_TYPE_F16 ? forge_f32_to_fp16(x[i]) : forge_f32_to_bf16(x[i]);
-            memcpy(dst + 2 * i, &h, 2);
-        }
-        if (t == GGML_TYPE_F32) memcpy(dst, x, (size_t)n_in * 4);
-        if (t == GGML_TYPE_Q8_0) kern_quantize_row_q8_0(x, dst, n_in);
-        if (t == GGML_TYPE_Q4_0) kern_quantize_row_q4_0(x, dst, n_in);
-    }
-    GT_OK(forge_dequantize(t, raw, wf, rows * n_in, err));
-    free(src);
-    *wf_out = wf;
-    return raw;
+    return gt_make_weights(t, rows, n_in, &g_seed, wf_out);
 }
 
 static void *upload_weights(int t, const void *raw, int64_t rows, int64_t n_in)
 {
-    void *d_raw = gt_upload(raw, ggml_row_size(t, n_in) * (size_t)rows, S);
-    void *d_w = NULL;
-    GT_OK(gpu_malloc(&d_w, gpu_weight_bytes(t, rows, n_in), err));
-    GT_OK(gpu_weight_convert(t, d_raw, d_w, rows, n_in, S, err));
-    GT_OK(gpu_free_async(d_raw, S, err));
-    return d_w;
-}
-
-/* x86 kern_cvt_q8_0 rounding, as gpu_act_quantize */
-static void ref_act_q8(const float *x, int64_t n, float *xdq)
-{
-    for (int64_t b = 0; b < n / 32; b++) {
-        const float *xb = x + b * 32;
-        float amax = 0;
-        for (int j = 0; j < 32; j++)
-            amax = fmaxf(amax, fabsf(xb[j]));
-        float d = amax / 127.0f, id = amax != 0.0f ? 127.0f / amax : 0.0f;
-        float dr = forge_fp16_to_f32(forge_f32_to_fp16(d));
-        for (int j = 0; j < 32; j++)
-            xdq[b * 32 + j] = dr * nearbyintf(xb[j] * id);
-    }
+    return gt_upload_weights(t, raw, rows, n_in, S);
 }
 
 typedef struct fcase {
@@ -116,7 +76,7 @@ static void run_case(int t, const fcase *c)
         h[i] = c->in_mode == GPU_FMV_IN_RMSNORM ? x[i] * scale * nw[i] : x[i];
     const int rnd = c->round && (t == GGML_TYPE_F16 || t == GGML_TYPE_BF16);
     if (is_quant(t))
-        ref_act_q8(h, n_in, hq);
+        gt_ref_act_q8(h, n_in, hq);
     else
         memcpy(hq, h, (size_t)n_in * 4);
     for (int64_t i = 0; rnd && i < n_in; i++)

@@ -23,65 +23,9 @@ static uint64_t g_seed = 0x9E3779B97F4A7C15ULL;
 
 /* ---- weights: random floats -> GGUF bytes of the type -> exact float values -------------------
  */
-static size_t row_bytes(int t, int64_t n)
-{
-    return ggml_row_size(t, n);
-}
-
 static void *make_weights(int t, int64_t rows, int64_t n_in, float **wf_out)
 {
-    size_t rb = row_bytes(t, n_in);
-    float *src = (float *)gt_xmalloc((size_t)(rows * n_in) * sizeof(float));
-    unsigned char *raw = (unsigned char *)gt_xmalloc(rb * (size_t)rows);
-    float *wf = (float *)gt_xmalloc((size_t)(rows * n_in) * sizeof(float));
-    gt_fill(src, rows * n_in, 1.0f, &g_seed);
-    for (int64_t r = 0; r < rows; r++) {
-        const float *x = src + r * n_in;
-        unsigned char *dst = raw + (size_t)r * rb;
-        switch (t) {
-        case GGML_TYPE_F32:
-            memcpy(dst, x, (size_t)n_in * 4);
-            break;
-        case GGML_TYPE_F16:
-            for (int64_t i = 0; i < n_in; i++) {
-                uint16_t h = forge_f32_to_fp16(x[i]);
-                memcpy(dst + 2 * i, &h, 2);
-            }
-            break;
-        case GGML_TYPE_BF16:
-            for (int64_t i = 0; i < n_in; i++) {
-                uint16_t h = forge_f32_to_bf16(x[i]);
-                memcpy(dst + 2 * i, &h, 2);
-            }
-            break;
-        case GGML_TYPE_Q8_0:
-            kern_quantize_row_q8_0(x, dst, n_in);
-            break;
-        default:
-            kern_quantize_row_q4_0(x, dst, n_in);
-            break;
-        }
-    }
-    GT_OK(forge_dequantize(t, raw, wf, rows * n_in, err));
-    free(src);
-    *wf_out = wf;
-    return raw;
-}
-
-/* The activation quantization of the CPU kernels on x86 (kern_cvt_q8_0_scalar): GPU Q8_0/Q4_0
- * matvec must reproduce it, so the product against these values is exact up to summation order. */
-static void ref_act_q8(const float *x, int64_t n, float *xdq)
-{
-    for (int64_t b = 0; b < n / 32; b++) {
-        const float *xb = x + b * 32;
-        float amax = 0;
-        for (int j = 0; j < 32; j++)
-            amax = fmaxf(amax, fabsf(xb[j]));
-        float d = amax / 127.0f, id = amax != 0.0f ? 127.0f / amax : 0.0f;
-        float dr = forge_fp16_to_f32(forge_f32_to_fp16(d));
-        for (int j = 0; j < 32; j++)
-            xdq[b * 32 + j] = dr * nearbyintf(xb[j] * id);
-    }
+    return gt_make_weights(t, rows, n_in, &g_seed, wf_out);
 }
 
 static int is_quant(int t)
@@ -89,15 +33,9 @@ static int is_quant(int t)
     return t == GGML_TYPE_Q8_0 || t == GGML_TYPE_Q4_0;
 }
 
-/* Upload GGUF-layout weights and convert them to the device layout. */
 static void *upload_weights(int t, const void *raw, int64_t rows, int64_t n_in)
 {
-    void *d_raw = gt_upload(raw, row_bytes(t, n_in) * (size_t)rows, S);
-    void *d_w = NULL;
-    GT_OK(gpu_malloc(&d_w, gpu_weight_bytes(t, rows, n_in), err));
-    GT_OK(gpu_weight_convert(t, d_raw, d_w, rows, n_in, S, err));
-    GT_OK(gpu_free_async(d_raw, S, err));
-    return d_w;
+    return gt_upload_weights(t, raw, rows, n_in, S);
 }
 
 static void test_matvec(int t, int64_t n_out, int64_t n_in, kern_pool *pool)
@@ -114,7 +52,7 @@ static void test_matvec(int t, int64_t n_out, int64_t n_in, kern_pool *pool)
     double *ref_cpu = (double *)gt_xmalloc((size_t)n_out * 8);
     void *d_xq = NULL;
     gt_fill(x, n_in, 1.0f, &g_seed);
-    if (is_quant(t)) ref_act_q8(x, n_in, xdq);
+    if (is_quant(t)) gt_ref_act_q8(x, n_in, xdq);
     for (int64_t o = 0; o < n_out; o++) {
         double s = 0, sq = 0;
         for (int64_t i = 0; i < n_in; i++) {
