@@ -117,6 +117,11 @@ typedef struct forge_context_params {
                           * activations). Slower; for checking against float32 references */
     forge_device device; /* default FORGE_DEVICE_CPU */
     int32_t gpu_index;   /* which GPU (0-based) for GPU/AUTO */
+    /* Called by forge_context_create while it prepares the weights (on a GPU: the upload),
+     * after each tensor, with the bytes done and the total; the last call has done == total.
+     * On the creating thread. NULL: no calls. */
+    void (*progress)(uint64_t done, uint64_t total, void *user);
+    void *progress_user;
 } forge_context_params;
 
 forge_context_params forge_context_default_params(void);

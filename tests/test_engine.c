@@ -421,6 +421,50 @@ static void test_context_full(void **state)
     free(mpath);
 }
 
+/* The weight-preparation progress callback: called, in order, ending at done == total, and the
+ * total is the bytes of the model's tensors (stories260K: every tensor is a weight). */
+struct progress_log {
+    int calls;
+    uint64_t last_done, total;
+    bool monotonic, same_total;
+};
+
+static void on_progress(uint64_t done, uint64_t total, void *user)
+{
+    struct progress_log *l = user;
+    if (l->calls == 0) l->total = total;
+    l->monotonic = l->monotonic && done > l->last_done && done <= total;
+    l->same_total = l->same_total && total == l->total;
+    l->last_done = done;
+    l->calls++;
+}
+
+static void test_progress(void **state)
+{
+    (void)state;
+    char *mpath = tu_require_shared(MODELS "stories260K.gguf");
+    forge_err err = {0};
+    forge_model *m = load_model(mpath);
+    forge_context_params cp = forge_context_default_params();
+    struct progress_log log = {0, 0, 0, true, true};
+    cp.n_ctx = 16;
+    cp.n_threads = 1;
+    cp.progress = on_progress;
+    cp.progress_user = &log;
+    forge_context *ctx = NULL;
+    assert_int_equal(forge_context_create(m, &cp, &ctx, &err), 0);
+    /* 5 layers x 9 tensors + tok_embd + output_norm (+ output unless tied to tok_embd) */
+    assert_int_equal(log.calls, 5 * 9 + 2 + (forge_model_info_get(m)->tied_output ? 0 : 1));
+    assert_true(log.monotonic);
+    assert_true(log.same_total);
+    assert_true(log.total > 0);
+    assert_true(log.last_done == log.total);
+    assert_true(log.total <= forge_model_info_get(m)->weight_bytes);
+    forge_context_free(ctx);
+    forge_model_free(m);
+    free(mpath);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -429,7 +473,7 @@ int main(void)
         cmocka_unit_test(test_greedy_kv_f16), cmocka_unit_test(test_next_token_logprobs),
         cmocka_unit_test(test_hf_llama),      cmocka_unit_test(test_hf_qwen2),
         cmocka_unit_test(test_hf_qwen3),      cmocka_unit_test(test_batch_truncate),
-        cmocka_unit_test(test_context_full),
+        cmocka_unit_test(test_context_full),  cmocka_unit_test(test_progress),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

@@ -10,6 +10,11 @@
  *               x += Wo attention(q, k, v)       (K/V stored in the cache first)
  *               x += Wdown (silu(Wgate rmsnorm(x)*ffn_norm) * Wup rmsnorm(x)*ffn_norm)
  *   logits = Woutput (rmsnorm(x) * output_norm)   (last row only, unless all logits)
+ *
+ * Where a backend offers the optional fused ops of backend.h (norm_matmul, matmul_add,
+ * attention_rope; the GPU does), the same steps go through them: norm + Q/K/V (+ biases), the
+ * attention block with its norms and RoPE, projection + residual add, norm + gate/up + SwiGLU.
+ * Without them (the CPU) each step is the plain op, in the order above.
  */
 #include <math.h>
 

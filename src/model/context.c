@@ -25,31 +25,53 @@ forge_context_params forge_context_default_params(void)
 }
 
 /* weight_prepare (prepare) or weight_release every weight of the model on ctx's backend. */
-static int for_each_weight(forge_context *ctx, bool prepare, forge_err *err)
+/* Every weight the context prepares (the tied output is tok_embd), in a fixed order. */
+static int weight_list(forge_context *ctx, be_weight **out, int cap)
 {
     forge_model *m = ctx->model;
-    const be_ops *op = ctx->be->ops;
-    int rc;
+    int n = 0;
     be_weight *globals[] = {&m->tok_embd, &m->output_norm, &m->output, &m->rope_freqs};
     for (size_t i = 0; i < FORGE_ARRAY_LEN(globals); i++) {
         if (!globals[i]->data || (i == 2 && m->info.tied_output)) continue; /* output = tok_embd */
-        if (!prepare)
-            op->weight_release(ctx->be, globals[i]);
-        else if ((rc = op->weight_prepare(ctx->be, globals[i], err)))
-            return rc;
+        if (n < cap) out[n] = globals[i];
+        n++;
     }
     for (int il = 0; il < m->info.n_layer; il++) {
         /* layer_weights is a struct of be_weight only */
         be_weight *lw = (be_weight *)&m->layers[il];
         for (size_t i = 0; i < sizeof(layer_weights) / sizeof(be_weight); i++) {
             if (!lw[i].data) continue;
-            if (!prepare)
-                op->weight_release(ctx->be, &lw[i]);
-            else if ((rc = op->weight_prepare(ctx->be, &lw[i], err)))
-                return rc;
+            if (n < cap) out[n] = &lw[i];
+            n++;
         }
     }
-    return FORGE_OK;
+    return n;
+}
+
+/* Prepare (upload) or release every weight; prepare reports progress through p (may be NULL). */
+static int for_each_weight(forge_context *ctx, bool prepare, const forge_context_params *p,
+                           forge_err *err)
+{
+    const be_ops *op = ctx->be->ops;
+    const int n = weight_list(ctx, NULL, 0);
+    be_weight **w = malloc((size_t)(n > 0 ? n : 1) * sizeof *w);
+    uint64_t total = 0, done = 0;
+    int rc = FORGE_OK;
+    if (!w) return forge_err_set(err, FORGE_E_NOMEM, "out of memory");
+    weight_list(ctx, w, n);
+    for (int i = 0; i < n; i++)
+        total += w[i]->n_bytes;
+    for (int i = 0; i < n; i++) {
+        if (!prepare) {
+            op->weight_release(ctx->be, w[i]);
+            continue;
+        }
+        if ((rc = op->weight_prepare(ctx->be, w[i], err))) break;
+        done += w[i]->n_bytes;
+        if (p && p->progress) p->progress(done, total, p->progress_user);
+    }
+    free(w);
+    return rc;
 }
 
 static void free_bufs(forge_context *ctx)
@@ -169,7 +191,7 @@ int forge_context_create(forge_model *model, const forge_context_params *params,
     ctx->kv_type = p.kv_type;
     if ((rc = select_backend(ctx, &p, err))) goto fail;
     /* weights: let the backend prepare them (a GPU backend uploads here) */
-    if ((rc = for_each_weight(ctx, true, err))) goto fail;
+    if ((rc = for_each_weight(ctx, true, &p, err))) goto fail;
     if ((rc = ctx->be->ops->kv_create(ctx->be, hp->n_layer, ctx->n_ctx, model->n_embd_k_gqa,
                                       (int)p.kv_type, &ctx->kv, err)))
         goto fail;
@@ -186,7 +208,7 @@ void forge_context_free(forge_context *ctx)
     if (!ctx) return;
     if (ctx->be) {
         free_bufs(ctx);
-        (void)for_each_weight(ctx, false, NULL);
+        (void)for_each_weight(ctx, false, NULL, NULL);
         ctx->be->ops->kv_free(ctx->be, ctx->kv);
         ctx->be->ops->destroy(ctx->be);
     }

@@ -3,6 +3,7 @@
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
+#include <unistd.h>
 #include <string.h>
 #include <time.h>
 
@@ -122,6 +123,21 @@ int engine_opts_parse(engine_opts *o, const char *cmd, int argc, char **argv, in
     return 1;
 }
 
+/* The weight upload's progress bar (GPU contexts; stderr on a terminal only, so logs and
+ * pipes stay clean). */
+static void upload_progress(uint64_t done, uint64_t total, void *user)
+{
+    const char *cmd = user;
+    const int width = 30;
+    int fill = total ? (int)((double)done / (double)total * width) : width;
+    fprintf(stderr, "\rforge %s: uploading weights [%.*s%*s] %3d%% %.2f / %.2f GiB", cmd, fill,
+            "##############################", width - fill, "",
+            total ? (int)(100.0 * (double)done / (double)total) : 100,
+            (double)done / (1 << 30), (double)total / (1 << 30));
+    if (done >= total) fputc('\n', stderr);
+    fflush(stderr);
+}
+
 int engine_load(const engine_opts *o, const char *cmd, forge_model **model, forge_context **ctx)
 {
     forge_err err = {0};
@@ -163,6 +179,10 @@ int engine_load(const engine_opts *o, const char *cmd, forge_model **model, forg
                 fprintf(stderr, "forge %s: note: running on the CPU (%s)\n", cmd, perr.msg);
             cp.device = FORGE_DEVICE_CPU;
         }
+    }
+    if (cp.device == FORGE_DEVICE_GPU && isatty(STDERR_FILENO)) {
+        cp.progress = upload_progress;
+        cp.progress_user = (void *)cmd;
     }
     int rc = forge_context_create(*model, &cp, ctx, &err);
     if (rc && o->cp.device == FORGE_DEVICE_AUTO && cp.device == FORGE_DEVICE_GPU) {
