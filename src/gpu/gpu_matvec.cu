@@ -152,7 +152,8 @@ template <> struct mv_ops<GGML_TYPE_F32> {
     }
 };
 
-template <> struct mv_ops<GGML_TYPE_F16> {
+/* F16 and BF16: a chunk is 8 halves against 8 float activations. */
+template <int WT> struct mv_ops_half {
     struct x_t {
         float4 a, b;
     };
@@ -162,23 +163,11 @@ template <> struct mv_ops<GGML_TYPE_F16> {
     }
     static GPU_DEVT float dot(const x_t &x, uint4 w, float dw)
     {
-        return gpu_dot_f16x8(w, x.a, x.b);
+        return WT == GGML_TYPE_F16 ? gpu_dot_f16x8(w, x.a, x.b) : gpu_dot_bf16x8(w, x.a, x.b);
     }
 };
-
-template <> struct mv_ops<GGML_TYPE_BF16> {
-    struct x_t {
-        float4 a, b;
-    };
-    static GPU_DEVT x_t load(const mv_args &a, int c)
-    {
-        return {((const float4 *)a.x)[2 * c], ((const float4 *)a.x)[2 * c + 1]};
-    }
-    static GPU_DEVT float dot(const x_t &x, uint4 w, float dw)
-    {
-        return gpu_dot_bf16x8(w, x.a, x.b);
-    }
-};
+template <> struct mv_ops<GGML_TYPE_F16> : mv_ops_half<GGML_TYPE_F16> {};
+template <> struct mv_ops<GGML_TYPE_BF16> : mv_ops_half<GGML_TYPE_BF16> {};
 
 /* Q8_0: a chunk is half a block (16 quants); scale of block c/2. */
 template <> struct mv_ops<GGML_TYPE_Q8_0> {

@@ -185,6 +185,25 @@ static inline void *gt_upload_weights(int t, const void *raw, int64_t rows, int6
     return d_w;
 }
 
+/* A KV cache of n values in the cache type: kraw/vraw receive the bytes (fp16 rounded to
+ * nearest even when f16, else the floats), and kf/vf become the values the cache holds. */
+static inline void gt_kv_encode(float *kf, float *vf, int64_t n, int f16, unsigned char *kraw,
+                                unsigned char *vraw)
+{
+    for (int64_t i = 0; i < n; i++) {
+        if (f16) {
+            uint16_t hk = forge_f32_to_fp16(kf[i]), hv = forge_f32_to_fp16(vf[i]);
+            memcpy(kraw + 2 * i, &hk, 2);
+            memcpy(vraw + 2 * i, &hv, 2);
+            kf[i] = forge_fp16_to_f32(hk);
+            vf[i] = forge_fp16_to_f32(hv);
+        } else {
+            memcpy(kraw + 4 * i, &kf[i], 4);
+            memcpy(vraw + 4 * i, &vf[i], 4);
+        }
+    }
+}
+
 /* The activation quantization of the CPU kernels on x86 (kern_cvt_q8_0_scalar), which the GPU
  * Q8_0/Q4_0 kernels reproduce: xdq = the dequantized Q8_0 activations. */
 static inline void gt_ref_act_q8(const float *x, int64_t n, float *xdq)

@@ -466,18 +466,7 @@ static void test_attn(const attn_case *c, int kv_type, int64_t pos0, int n_q, in
         for (int h = 0; h < c->n_kv_head; h++)
             for (int d = 0; d < hd; d++)
                 kf[p * ps + h * hs + d] = vf[p * ps + h * hs + d] = NAN;
-    for (int64_t i = 0; i < cache_n; i++) {
-        if (f16) {
-            uint16_t hk = forge_f32_to_fp16(kf[i]), hv = forge_f32_to_fp16(vf[i]);
-            memcpy(kraw + 2 * i, &hk, 2);
-            memcpy(vraw + 2 * i, &hv, 2);
-            kf[i] = forge_fp16_to_f32(hk);
-            vf[i] = forge_fp16_to_f32(hv);
-        } else {
-            memcpy(kraw + 4 * i, &kf[i], 4);
-            memcpy(vraw + 4 * i, &vf[i], 4);
-        }
-    }
+    gt_kv_encode(kf, vf, cache_n, f16, kraw, vraw);
     for (int i = 0; i < n_q; i++) {
         pos[i] = (int32_t)(pos0 + i);
         for (int h = 0; h < c->n_head; h++) {

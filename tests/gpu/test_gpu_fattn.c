@@ -83,18 +83,7 @@ static void run_case(const fa_case *c)
                 kf[p * pos_stride + h * head_stride + d] = NAN;
                 vf[p * pos_stride + h * head_stride + d] = NAN;
             }
-    for (int64_t i = 0; i < cache_n; i++) {
-        if (c->kv_type == GGML_TYPE_F16) {
-            uint16_t hk = forge_f32_to_fp16(kf[i]), hv = forge_f32_to_fp16(vf[i]);
-            memcpy(kraw + 2 * i, &hk, 2);
-            memcpy(vraw + 2 * i, &hv, 2);
-            kf[i] = forge_fp16_to_f32(hk);
-            vf[i] = forge_fp16_to_f32(hv);
-        } else {
-            memcpy(kraw + 4 * i, &kf[i], 4);
-            memcpy(vraw + 4 * i, &vf[i], 4);
-        }
-    }
+    gt_kv_encode(kf, vf, cache_n, c->kv_type == GGML_TYPE_F16, kraw, vraw);
 
     /* reference: query i attends positions 0 .. pos0 + i */
     for (int64_t i = 0; i < n_q; i++) {

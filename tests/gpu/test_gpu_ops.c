@@ -415,18 +415,7 @@ static void test_attention(int64_t n_head, int64_t n_kv_head, int64_t hd, int64_
                 kf[p * pos_stride + h * head_stride + d] = NAN;
                 vf[p * pos_stride + h * head_stride + d] = NAN;
             }
-    for (int64_t i = 0; i < cache_n; i++) {
-        if (kv_type == GGML_TYPE_F16) {
-            uint16_t hk = forge_f32_to_fp16(kf[i]), hv = forge_f32_to_fp16(vf[i]);
-            memcpy(kraw + 2 * i, &hk, 2);
-            memcpy(vraw + 2 * i, &hv, 2);
-            kf[i] = forge_fp16_to_f32(hk);
-            vf[i] = forge_fp16_to_f32(hv);
-        } else {
-            memcpy(kraw + 4 * i, &kf[i], 4);
-            memcpy(vraw + 4 * i, &vf[i], 4);
-        }
-    }
+    gt_kv_encode(kf, vf, cache_n, kv_type == GGML_TYPE_F16, kraw, vraw);
     int64_t g = n_head / n_kv_head;
     for (int64_t h = 0; h < n_head; h++) {
         int64_t kvh = h / g;
