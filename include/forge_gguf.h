@@ -246,7 +246,9 @@ typedef int (*gguf_fill_fn)(void *user, int64_t index, const gguf_tensor_info *i
                             int64_t row0, int64_t n_rows, void *dst, struct forge_err *err);
 
 /* Write the file to path (created or truncated). Chunks hold at most ~`chunk_bytes` (0: 16 MiB;
- * always at least one row). On error the partial file is removed. */
+ * always at least one row). On error a file this call created is removed; a path that existed
+ * before (a device, or a temporary file the caller made) is left in place, possibly truncated:
+ * write to a new temporary file and rename it to replace a file safely. */
 int gguf_writer_write(gguf_writer *w, const char *path, gguf_fill_fn fill, void *user,
                       size_t chunk_bytes, struct forge_err *err);
 

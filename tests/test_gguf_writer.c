@@ -277,6 +277,14 @@ static void test_writer_errors(void **state)
     assert_int_equal(gguf_writer_write(w, path, fill_pattern, &log, 0, &e), FORGE_E_INTERRUPTED);
     assert_non_null(strstr(e.msg, "fill stopped on purpose"));
     assert_int_equal(access(path, F_OK), -1);
+    /* ... but a file that existed before (a device, the caller's temporary file) is not removed */
+    FILE *pre = fopen(path, "wb");
+    assert_non_null(pre);
+    fclose(pre);
+    struct fill_log log_pre = {.fail_at = 1};
+    assert_int_equal(gguf_writer_write(w, path, fill_pattern, &log_pre, 0, &e), FORGE_E_INTERRUPTED);
+    assert_int_equal(access(path, F_OK), 0);
+    unlink(path);
     /* unwritable path */
     struct fill_log log2 = {.fail_at = -1};
     assert_int_equal(gguf_writer_write(w, "/nonexistent-dir/x.gguf", fill_pattern, &log2, 0, &e), FORGE_E_IO);

@@ -6,6 +6,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include "core/util.h"
@@ -353,6 +354,7 @@ int gguf_writer_write(gguf_writer *w, const char *path, gguf_fill_fn fill, void 
     struct wbuf head = {0};
     uint8_t *chunk = NULL;
     uint64_t align = GGUF_DEFAULT_ALIGNMENT, off = 0, max_chunk = 0;
+    bool existed = true;
 
     if (!path) return forge_err_set(err, FORGE_E_INVALID, "gguf writer: NULL path");
     if (w->n_t > 0 && !fill)
@@ -398,6 +400,9 @@ int gguf_writer_write(gguf_writer *w, const char *path, gguf_fill_fn fill, void 
     if (max_chunk > SIZE_MAX) goto oom;
     if (max_chunk && !(chunk = malloc((size_t)max_chunk))) goto oom;
 
+    /* a file that was there before is never removed (it may be a device, or the caller's) */
+    struct stat st;
+    existed = stat(path, &st) == 0;
     f = fopen(path, "wb");
     if (!f) {
         rc = forge_err_set(err, FORGE_E_IO, "%s: cannot create: %s", path, strerror(errno));
@@ -429,7 +434,7 @@ done:
     if (f) {
         if (fclose(f) != 0 && !rc)
             rc = forge_err_set(err, FORGE_E_IO, "%s: close failed: %s", path, strerror(errno));
-        if (rc) (void)unlink(path);
+        if (rc && !existed) (void)unlink(path);
     }
     free(chunk);
     free(head.p);
