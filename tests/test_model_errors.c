@@ -1,6 +1,7 @@
 /* test_model_errors.c - bad model files are refused before any compute with a message naming
  * the problem; also what the loader must accept (tied output, absent keys defaulted like
  * llama.cpp). The files are variants of stories260K.gguf written with the GGUF writer. */
+#include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -197,6 +198,22 @@ static void test_missing_key(void **state)
     expect_load_error("/nonexistent/model.gguf", FORGE_E_IO, "/nonexistent/model.gguf", NULL);
 }
 
+/* A NaN or infinite float key is reported as such, not as "key not found" (a NaN once read
+ * like the loader's "absent" sentinel). */
+static void test_nonfinite_key(void **state)
+{
+    (void)state;
+    NEED_SRC();
+    variant v = {.f32_key = "llama.attention.layer_norm_rms_epsilon", .f32_val = NAN};
+    char *p = write_variant(g_src, g_dir, "naneps.gguf", &v);
+    expect_load_error(p, FORGE_E_FORMAT, "layer_norm_rms_epsilon", "not a finite number");
+    free(p);
+    variant v2 = {.f32_key = "llama.rope.freq_base", .f32_val = INFINITY};
+    p = write_variant(g_src, g_dir, "infbase.gguf", &v2);
+    expect_load_error(p, FORGE_E_FORMAT, "rope.freq_base", "not a finite number");
+    free(p);
+}
+
 /* logits after "Once upon a time" */
 static float *logits_of(const char *path, bool *tied)
 {
@@ -301,6 +318,7 @@ int main(void)
         cmocka_unit_test(test_missing_tensor),   cmocka_unit_test(test_wrong_shape),
         cmocka_unit_test(test_unsupported_type), cmocka_unit_test(test_unsupported_arch),
         cmocka_unit_test(test_missing_key),      cmocka_unit_test(test_tied_and_defaults),
+        cmocka_unit_test(test_nonfinite_key),
     };
     return cmocka_run_group_tests(tests, setup, teardown);
 }

@@ -84,7 +84,11 @@ static int get_f32_opt(loader *L, const char *suffix, float def, float *out, for
         *out = def;
         return FORGE_OK;
     }
-    return gguf_get_f32(L->m->gguf, key, out, err);
+    int rc = gguf_get_f32(L->m->gguf, key, out, err);
+    if (rc == FORGE_OK && !isfinite(*out)) /* a NaN must not read as the "absent" default */
+        return forge_err_set(err, FORGE_E_FORMAT, "%s: key '%s' is %g, not a finite number",
+                             L->path, key, (double)*out);
+    return rc;
 }
 
 /* ---- tensors ---------------------------------------------------------------------------- */
