@@ -106,8 +106,8 @@ fi
 
 # errors
 "$FORGE" synth --shape tiny --type Q2_K -o "$tmp/x.gguf" 2>"$tmp/err.txt"
-tu_check "unsupported type: exit 1" [ $? -eq 1 ]
-tu_check "unsupported type: message" grep -q "Q2_K is not supported" "$tmp/err.txt"
+tu_check "unsupported type: bad usage (exit 2), like an unknown shape" [ $? -eq 2 ]
+tu_check "unsupported type: message" grep -q "bad value for --type: 'Q2_K' (expected F32, F16, BF16, Q8_0 or Q4_0)" "$tmp/err.txt"
 "$FORGE" synth --shape nope --type F32 -o "$tmp/x.gguf" 2>/dev/null
 tu_check "unknown shape: exit 2" [ $? -eq 2 ]
 "$FORGE" synth --shape tiny --type F32 2>/dev/null

@@ -13,6 +13,7 @@
 
 #include <cjson/cJSON.h>
 
+#include "cli_io.h"
 #include "commands.h"
 #include "engine_opts.h"
 
@@ -32,7 +33,9 @@ static void usage(FILE *f)
             "                       Jinja file (default: the model's template, else a built-in)\n"
             "  --system TEXT        system prompt\n"
             "  -n, --n-predict N    most tokens per answer (default 512; -1 = until the context)\n"
-            "  --temp T, --top-k K, --top-p P, --min-p P, --repeat-penalty R, --seed S\n"
+            "  --temp T, --top-k K, --top-p P, --min-p P, --repeat-penalty R, --seed S,\n"
+            "  --repeat-last-n N, --presence-penalty P, --frequency-penalty F  sampling, as in\n"
+            "                       forge run (see forge run --help for ranges and defaults)\n"
             "  --vars JSON          extra template variables, e.g. '{\"enable_thinking\": false}'\n"
             "  --stats              after each answer, print token counts to stderr\n"
             "  --show-prompt        print each rendered prompt to stderr\n"
@@ -56,6 +59,7 @@ typedef struct chat {
     int32_t n_ctx;
     long n_predict;
     const char *vars_json;
+    const char *inputs[3]; /* files read while the chat runs: /save never writes onto them */
     bool stats, show_prompt, interactive;
 } chat;
 
@@ -91,7 +95,7 @@ static void drop_last_message(chat *c)
 }
 
 /* Render the conversation + generation prompt and tokenize it. */
-static int render_prompt(chat *c, int32_t **ids, size_t *n_ids, forge_err *err)
+static int render_prompt(chat *c, bool show, int32_t **ids, size_t *n_ids, forge_err *err)
 {
     char *mj = cJSON_PrintUnformatted(c->messages);
     char *prompt = NULL;
@@ -109,7 +113,7 @@ static int render_prompt(chat *c, int32_t **ids, size_t *n_ids, forge_err *err)
     v.extra_json = c->vars_json;
     rc = forge_template_render(c->tmpl, &v, &prompt, &len, NULL, err);
     if (rc == FORGE_OK) {
-        if (c->show_prompt) fprintf(stderr, "--- prompt ---\n%s\n--- end ---\n", prompt);
+        if (show && c->show_prompt) fprintf(stderr, "--- prompt ---\n%s\n--- end ---\n", prompt);
         /* the template writes BOS itself when it wants it; add it only if it did not and the
          * vocabulary asks for one */
         bool add_special = forge_tok_adds_bos(c->tok) &&
@@ -144,7 +148,7 @@ static int run_turn(chat *c)
     forge_detok_stream *ds = NULL;
     int status = 0;
 
-    if (render_prompt(c, &ids, &n_ids, &err) != FORGE_OK) {
+    if (render_prompt(c, true, &ids, &n_ids, &err) != FORGE_OK) {
         fprintf(stderr, "forge chat: %s\n", err.msg);
         drop_last_message(c);
         goto done;
@@ -216,9 +220,10 @@ static int run_turn(chat *c)
         gen[n_gen++] = id;
         size_t len;
         const char *piece = forge_detok_stream_push(ds, id, &len);
-        if (len) {
-            fwrite(piece, 1, len, stdout);
-            fflush(stdout);
+        if (len) fwrite(piece, 1, len, stdout);
+        if (!cli_stdout_ok("chat")) { /* reported; the answer cannot be shown */
+            status = 1;
+            goto done;
         }
         if (n_gen == want) break;
         if (forge_context_pos(c->ctx) >= c->n_ctx) {
@@ -244,10 +249,14 @@ static int run_turn(chat *c)
     const char *rest = forge_detok_stream_flush(ds, &len);
     if (len) fwrite(rest, 1, len, stdout);
     printf("\n");
-    fflush(stdout);
+    if (!cli_stdout_ok("chat")) {
+        status = 1;
+        goto done;
+    }
     if (!strcmp(stop, "interrupted")) fprintf(stderr, "[interrupted]\n");
     if (!strcmp(stop, "context full"))
-        fprintf(stderr, "[the context of %d tokens is full: /reset to start over]\n", c->n_ctx);
+        fprintf(stderr, "[the context of %d token%s is full: /reset to start over]\n", c->n_ctx,
+                cli_plural(c->n_ctx));
     g_interrupted = 0;
 
     /* the answer (even a partial one) joins the history */
@@ -262,9 +271,9 @@ static int run_turn(chat *c)
     free(text);
     if (c->stats)
         fprintf(stderr,
-                "[turn: prompt %zu tokens, %d reused from the cache, %d decoded; answer %d tokens "
-                "(%s)]\n",
-                n_ids, keep, n_new, n_gen, stop);
+                "[turn: prompt %zu token%s, %d reused from the cache, %d decoded; answer %d "
+                "token%s (%s)]\n",
+                n_ids, cli_plural((long long)n_ids), keep, n_new, n_gen, cli_plural(n_gen), stop);
 done:
     forge_detok_stream_free(ds);
     free(gen);
@@ -272,41 +281,23 @@ done:
     return status;
 }
 
-static char *read_file_text(const char *path)
-{
-    FILE *f = fopen(path, "rb");
-    if (!f) return NULL;
-    size_t cap = 4096, n = 0;
-    char *buf = malloc(cap);
-    while (buf) {
-        if (n + 1 >= cap) {
-            char *nb = realloc(buf, cap * 2);
-            if (!nb) {
-                free(buf);
-                buf = NULL;
-                break;
-            }
-            buf = nb;
-            cap *= 2;
-        }
-        size_t got = fread(buf + n, 1, cap - n - 1, f);
-        if (got == 0) break;
-        n += got;
-    }
-    fclose(f);
-    if (buf) buf[n] = 0;
-    return buf;
-}
-
+/* Written beside the target and renamed into place (cli_io.h); never onto the model, the
+ * template file or the stdin the chat is read from. */
 static void cmd_save(chat *c, const char *path)
 {
+    cli_out out;
     char *s = cJSON_Print(c->messages);
-    FILE *f = s ? fopen(path, "wb") : NULL;
-    if (!f || fputs(s, f) < 0 || fputc('\n', f) < 0 || fclose(f) != 0) {
-        fprintf(stderr, "forge chat: cannot write '%s': %s\n", path, strerror(errno));
-        if (f) (void)fclose(f);
-    } else {
-        fprintf(stderr, "[saved %d messages to %s]\n", cJSON_GetArraySize(c->messages), path);
+    if (!s) {
+        fprintf(stderr, "forge chat: out of memory\n");
+        return;
+    }
+    if (cli_out_open(&out, "chat", "/save", path, c->inputs, 3, false, true) == 0) {
+        cli_out_write(&out, s, strlen(s));
+        cli_out_write(&out, "\n", 1);
+        if (cli_out_commit(&out) == 0) {
+            int n = cJSON_GetArraySize(c->messages);
+            fprintf(stderr, "[saved %d message%s to %s]\n", n, cli_plural(n), path);
+        }
     }
     cJSON_free(s);
 }
@@ -314,11 +305,8 @@ static void cmd_save(chat *c, const char *path)
 static void cmd_load(chat *c, const char *path)
 {
     forge_err err = {0};
-    char *s = read_file_text(path);
-    if (!s) {
-        fprintf(stderr, "forge chat: cannot read '%s': %s\n", path, strerror(errno));
-        return;
-    }
+    char *s = cli_read_file("chat", "conversation", path, NULL);
+    if (!s) return;
     if (forge_template_check_messages(s, &err) != FORGE_OK) {
         fprintf(stderr, "forge chat: %s: %s\n", path, err.msg);
         free(s);
@@ -339,7 +327,8 @@ static void cmd_load(chat *c, const char *path)
     c->system = NULL;
     if (cJSON_IsString(role) && !strcmp(role->valuestring, "system") && cJSON_IsString(content))
         c->system = strdup(content->valuestring);
-    fprintf(stderr, "[loaded %d messages from %s]\n", cJSON_GetArraySize(m), path);
+    int n = cJSON_GetArraySize(m);
+    fprintf(stderr, "[loaded %d message%s from %s]\n", n, cli_plural(n), path);
     /* the next turn re-renders everything and reuses whatever prefix still matches the cache */
 }
 
@@ -406,40 +395,19 @@ int cmd_chat(int argc, char **argv)
     size_t line_cap = 0;
     struct sigaction old_sa, sa;
     bool sa_set = false;
-    long v;
 
     c.n_predict = 512;
     engine_opts_init(&o);
     for (int i = 1; i < argc; i++) {
         int r = engine_opts_parse(&o, "chat", argc, argv, &i);
+        if (r == 0) r = sampling_opts_parse(&sp, &seed_set, "chat", argc, argv, &i);
         if (r < 0) return 2;
         if (r > 0) continue;
         const char *a = argv[i];
         const char *val = i + 1 < argc ? argv[i + 1] : NULL;
-        float *fdst = NULL;
-        if (!strcmp(a, "--temp"))
-            fdst = &sp.temperature;
-        else if (!strcmp(a, "--top-p"))
-            fdst = &sp.top_p;
-        else if (!strcmp(a, "--min-p"))
-            fdst = &sp.min_p;
-        else if (!strcmp(a, "--repeat-penalty"))
-            fdst = &sp.repeat_penalty;
-        if (fdst) {
-            i++;
-            if (!cli_parse_float("chat", a, val, fdst)) return 2;
-        } else if (!strcmp(a, "-h") || !strcmp(a, "--help")) {
+        if (!strcmp(a, "-h") || !strcmp(a, "--help")) {
             usage(stdout);
             return 0;
-        } else if (!strcmp(a, "--top-k")) {
-            i++;
-            if (!cli_parse_int("chat", a, val, -1, 1 << 30, &v)) return 2;
-            sp.top_k = (int32_t)v;
-        } else if (!strcmp(a, "--seed") || !strcmp(a, "-s")) {
-            i++;
-            if (!cli_parse_int("chat", a, val, 0, 0x7fffffffL, &v)) return 2;
-            sp.seed = (uint64_t)v;
-            seed_set = true;
         } else if (!strcmp(a, "-n") || !strcmp(a, "--n-predict")) {
             i++;
             if (!cli_parse_int("chat", a, val, -1, 1L << 30, &c.n_predict)) return 2;
@@ -449,6 +417,7 @@ int cmd_chat(int argc, char **argv)
             system = argv[++i];
         } else if (!strcmp(a, "--vars") && val) {
             c.vars_json = argv[++i];
+            if (!cli_parse_json_object("chat", a, c.vars_json)) return 2;
         } else if (!strcmp(a, "--stats")) {
             c.stats = true;
         } else if (!strcmp(a, "--show-prompt")) {
@@ -461,6 +430,9 @@ int cmd_chat(int argc, char **argv)
     }
     if (!seed_set) sp.seed = (uint64_t)time(NULL);
     c.interactive = isatty(STDIN_FILENO);
+    c.inputs[0] = o.model_path;
+    c.inputs[1] = choice; /* a template file (a built-in's name is no file, or another one) */
+    c.inputs[2] = "-";
 
     if ((status = engine_load(&o, "chat", &c.model, &c.ctx))) goto done;
     status = 1;
@@ -472,6 +444,9 @@ int cmd_chat(int argc, char **argv)
     if (forge_template_select(&c.tm, choice, &c.tmpl, &desc, warning, sizeof warning, &err))
         goto fail;
     if (warning[0]) fprintf(stderr, "forge chat: warning: %s\n", warning);
+    else if (!choice && strcmp(desc, "model"))
+        fprintf(stderr, "forge chat: warning: the model has no chat template; using the built-in '%s'\n",
+                desc);
     if (forge_sampler_create(&sp, forge_model_info_get(c.model)->n_vocab, &c.smp, &err)) goto fail;
     c.messages = cJSON_CreateArray();
     if (!c.messages) goto done;
@@ -481,18 +456,18 @@ int cmd_chat(int argc, char **argv)
         add_message(&c, "user", "hello");
         int32_t *ids = NULL;
         size_t n = 0;
-        if (render_prompt(&c, &ids, &n, &err) != FORGE_OK)
+        if (render_prompt(&c, false, &ids, &n, &err) != FORGE_OK)
             fprintf(stderr,
                     "forge chat: warning: the chat template fails on a plain conversation: %s\n",
                     err.msg);
         free(ids);
         drop_last_message(&c);
     }
-    fprintf(stderr, "forge chat: %s, template: %s, context %d tokens%s\n", o.model_path,
+    fprintf(stderr, "forge chat: %s, template: %s, context %d token%s%s\n", o.model_path,
             !strcmp(desc, "model")  ? "the model's"
             : !strcmp(desc, "file") ? choice
                                     : desc,
-            c.n_ctx,
+            c.n_ctx, cli_plural(c.n_ctx),
             c.interactive ? "; /help for commands, Ctrl-C stops an answer, Ctrl-D quits" : "");
 
     memset(&sa, 0, sizeof sa);
@@ -506,7 +481,10 @@ int cmd_chat(int argc, char **argv)
     for (;;) {
         if (c.interactive) {
             fputs("> ", stdout);
-            fflush(stdout);
+            if (!cli_stdout_ok("chat")) {
+                status = 1;
+                break;
+            }
         }
         errno = 0;
         ssize_t n = getline(&line, &line_cap, stdin);

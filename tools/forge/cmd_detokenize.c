@@ -8,6 +8,7 @@
 #include <string.h>
 
 #include "forge.h"
+#include "cli_io.h"
 #include "commands.h"
 
 static void usage(FILE *out)
@@ -80,18 +81,21 @@ int cmd_detokenize(int argc, char **argv)
         }
     }
     if (!model) {
+        fprintf(stderr, "forge detokenize: -m MODEL is required\n");
         usage(stderr);
         free(ids);
         return 2;
     }
     if (!any_arg) {
-        char line[4096];
-        while (fgets(line, sizeof line, stdin)) {
-            if (parse_ids(line, &ids, &n, &cap)) {
-                fprintf(stderr, "forge detokenize: stdin holds something that is not a token id\n");
-                status = 2;
-                goto done;
-            }
+        /* whole, not line by line: a fixed-size line buffer would split a number */
+        char *in = cli_read_file("detokenize", "ids from", "-", NULL);
+        if (!in) goto done;
+        int bad = parse_ids(in, &ids, &n, &cap);
+        free(in);
+        if (bad) {
+            fprintf(stderr, "forge detokenize: stdin holds something that is not a token id\n");
+            status = 2;
+            goto done;
         }
     }
     if (gguf_open(model, &g, &err) || forge_tok_load(g, &tok, &err) ||
@@ -100,7 +104,7 @@ int cmd_detokenize(int argc, char **argv)
         goto done;
     }
     fwrite(text, 1, tl, stdout);
-    status = fflush(stdout) ? 1 : 0;
+    status = cli_stdout_ok("detokenize") ? 0 : 1;
 done:
     free(text);
     free(ids);

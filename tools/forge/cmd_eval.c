@@ -4,6 +4,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "cli_io.h"
 #include "commands.h"
 #include "engine_opts.h"
 
@@ -55,7 +56,7 @@ int cmd_eval(int argc, char **argv)
     forge_model *model = NULL;
     forge_context *ctx = NULL;
     int32_t *ids = NULL, n = 0;
-    FILE *f = NULL;
+    cli_out out = {0};
     forge_err err = {0};
     int status = 1;
 
@@ -78,6 +79,10 @@ int cmd_eval(int argc, char **argv)
         }
     }
     if (!tokens || !out_path) {
+        fprintf(stderr, "forge eval: %s is required\n",
+                !tokens && !out_path ? "--tokens \"ID ...\" and --logits OUT.f32"
+                : !tokens          ? "--tokens \"ID ...\""
+                                   : "--logits OUT.f32");
         usage(stderr);
         return 2;
     }
@@ -86,6 +91,8 @@ int cmd_eval(int argc, char **argv)
         free(ids);
         return 2;
     }
+    /* before the model loads: the logits never go onto the model */
+    if (!cli_out_check("eval", "--logits", out_path, &o.model_path, 1, false)) return 1;
     if ((status = engine_load(&o, "eval", &model, &ctx))) goto done;
     status = 1;
     if (n > forge_context_n_ctx(ctx)) {
@@ -97,28 +104,15 @@ int cmd_eval(int argc, char **argv)
         fprintf(stderr, "forge eval: %s\n", err.msg);
         goto done;
     }
-    f = fopen(out_path, "wb");
-    if (!f) {
-        perror(out_path);
-        goto done;
-    }
+    if (cli_out_open(&out, "eval", "--logits", out_path, &o.model_path, 1, false, true)) goto done;
     const int32_t V = forge_model_info_get(model)->n_vocab;
-    for (int32_t i = 0; i < n; i++) {
-        if (fwrite(forge_get_logits(ctx, i), sizeof(float), (size_t)V, f) != (size_t)V) {
-            perror(out_path);
-            goto done;
-        }
-    }
-    if (fclose(f) != 0) {
-        f = NULL;
-        perror(out_path);
-        goto done;
-    }
-    f = NULL;
+    for (int32_t i = 0; i < n; i++)
+        if (cli_out_write(&out, forge_get_logits(ctx, i), sizeof(float) * (size_t)V)) break;
+    if (cli_out_commit(&out)) goto done; /* a failed write leaves no partial file */
     fprintf(stderr, "forge eval: wrote %d x %d logits to %s\n", n, V, out_path);
     status = 0;
 done:
-    if (f) fclose(f);
+    cli_out_abort(&out);
     free(ids);
     forge_context_free(ctx);
     forge_model_free(model);

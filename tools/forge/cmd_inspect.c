@@ -10,7 +10,9 @@
 #include <cjson/cJSON.h>
 
 #include "forge.h"
+#include "cli_io.h"
 #include "commands.h"
+#include "engine_opts.h"
 
 #define DEFAULT_MAX_ITEMS 8
 #define DEFAULT_MAX_STR 256
@@ -410,7 +412,7 @@ static int dump_tensor(const gguf_tensor_info *t, const char *path, const char *
 {
     int rc = 1;
     forge_err err = {0};
-    FILE *f = NULL;
+    cli_out out = {0};
     float *buf = NULL;
     size_t row_bytes = ggml_row_size(t->type, t->ne[0]);
     int64_t n_rows = t->n_elements / t->ne[0];
@@ -430,11 +432,8 @@ static int dump_tensor(const gguf_tensor_info *t, const char *path, const char *
         fprintf(stderr, "forge inspect: out of memory\n");
         goto done;
     }
-    f = fopen(path, "wb");
-    if (!f) {
-        perror(path);
-        goto done;
-    }
+    /* never onto the GGUF being read (it is mapped); a temporary file renamed on success */
+    if (cli_out_open(&out, "inspect", "--dump", path, &file, 1, false, true)) goto done;
     for (int64_t r = 0; r < n_rows; r += rows_per) {
         int64_t nr = n_rows - r < rows_per ? n_rows - r : rows_per;
         const uint8_t *src = (const uint8_t *)t->data + (size_t)r * row_bytes;
@@ -442,18 +441,11 @@ static int dump_tensor(const gguf_tensor_info *t, const char *path, const char *
             fprintf(stderr, "forge inspect: %s: tensor '%s': %s\n", file, t->name, err.msg);
             goto done;
         }
-        if (fwrite(buf, sizeof *buf, (size_t)(nr * t->ne[0]), f) != (size_t)(nr * t->ne[0])) {
-            perror(path);
-            goto done;
-        }
+        if (cli_out_write(&out, buf, sizeof *buf * (size_t)(nr * t->ne[0]))) break;
     }
-    rc = 0;
+    rc = cli_out_commit(&out);
 done:
-    if (f && fclose(f) != 0 && rc == 0) {
-        perror(path);
-        rc = 1;
-    }
-    if (rc && f) remove(path);
+    cli_out_abort(&out); /* removes only the temporary file, and only after a failure */
     free(buf);
     return rc;
 }
@@ -476,15 +468,9 @@ int cmd_inspect(int argc, char **argv)
         switch (opt) {
         case 'j': o.json = true; break;
         case 'F': o.full = true; o.max_items = 0; break;
-        case 'm': {
-            char *end;
-            o.max_items = strtoull(optarg, &end, 10);
-            if (*end || optarg[0] == '-') {
-                fprintf(stderr, "forge inspect: --max-items wants a number, not '%s'\n", optarg);
-                return 2;
-            }
+        case 'm':
+            if (!cli_parse_u64("inspect", "--max-items", optarg, &o.max_items)) return 2;
             break;
-        }
         case 't': o.tensor = optarg; break;
         case 'd': o.dump = optarg; break;
         case 'h': usage(stdout); return 0;
@@ -526,7 +512,7 @@ int cmd_inspect(int argc, char **argv)
     } else {
         rc = o.json ? inspect_json(stdout, c, &o) : inspect_text(stdout, c, &o);
     }
+    if (rc == 0 && !o.dump && !cli_stdout_ok("inspect")) rc = 1; /* right after the output */
     gguf_close(c);
-    if (fflush(stdout) != 0) rc = 1;
     return rc;
 }

@@ -9,6 +9,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "cli_io.h"
 #include "commands.h"
 #include "engine_opts.h"
 
@@ -20,38 +21,6 @@ static void usage(FILE *f)
             "  --chunks N           score at most N chunks (default: all)\n"
             "%s",
             engine_opts_help);
-}
-
-static char *read_text(const char *path, size_t *len)
-{
-    FILE *f = fopen(path, "rb");
-    char *buf = NULL;
-    size_t cap = 0, n = 0;
-    if (!f) return NULL;
-    for (;;) {
-        if (n + 4096 + 1 > cap) {
-            cap = cap ? cap * 2 : 65536;
-            char *p = realloc(buf, cap);
-            if (!p) {
-                free(buf);
-                fclose(f);
-                return NULL;
-            }
-            buf = p;
-        }
-        size_t r = fread(buf + n, 1, cap - n - 1, f);
-        n += r;
-        if (r == 0) break;
-    }
-    bool bad = ferror(f);
-    fclose(f);
-    if (bad) {
-        free(buf);
-        return NULL;
-    }
-    buf[n] = '\0';
-    *len = n;
-    return buf;
 }
 
 /* -log softmax(logits)[tok], as llama.cpp computes it (float max, double sum of expf). */
@@ -100,14 +69,16 @@ int cmd_perplexity(int argc, char **argv)
         }
     }
     if (!path) {
+        fprintf(stderr, "forge perplexity: -f TEXTFILE is required\n");
         usage(stderr);
         return 2;
     }
-    text = read_text(path, &text_len);
-    if (!text) {
-        perror(path);
-        return 1;
+    if (!o.model_path) {
+        fprintf(stderr, "forge perplexity: -m MODEL is required\n");
+        return 2;
     }
+    text = cli_read_file("perplexity", "text file", path, &text_len);
+    if (!text) return 1;
     if (text_len > 0 && text[text_len - 1] == '\n') text[--text_len] = '\0';
     if ((status = engine_load(&o, "perplexity", &model, &ctx))) goto done;
     status = 1;
@@ -119,15 +90,16 @@ int cmd_perplexity(int argc, char **argv)
         goto done;
     }
     if (n_ctx < 4) {
-        fprintf(stderr, "forge perplexity: a context of %d tokens is too short\n", n_ctx);
+        fprintf(stderr, "forge perplexity: a context of %d token%s is too short\n", n_ctx,
+                cli_plural(n_ctx));
         goto done;
     }
     if (n_tokens < 2 * (size_t)n_ctx) {
         fprintf(stderr,
                 "forge perplexity: you need at least %d tokens to evaluate perplexity with a "
                 "context of %d; "
-                "%s tokenizes to only %zu tokens\n",
-                2 * n_ctx, n_ctx, path, n_tokens);
+                "%s tokenizes to only %zu token%s\n",
+                2 * n_ctx, n_ctx, path, n_tokens, cli_plural((long long)n_tokens));
         goto done;
     }
     const bool add_bos = forge_tok_adds_bos(tok);
@@ -138,8 +110,8 @@ int cmd_perplexity(int argc, char **argv)
     chunk = malloc((size_t)n_ctx * sizeof *chunk);
     if (!chunk) goto done;
     fprintf(stderr,
-            "forge perplexity: %zu tokens; calculating perplexity over %ld chunks, n_ctx=%d\n",
-            n_tokens, n_chunk, n_ctx);
+            "forge perplexity: %zu tokens; calculating perplexity over %ld chunk%s, n_ctx=%d\n",
+            n_tokens, n_chunk, cli_plural(n_chunk), n_ctx);
 
     double nll = 0, nll2 = 0, t0 = cli_now();
     long count = 0;
@@ -163,7 +135,7 @@ int cmd_perplexity(int argc, char **argv)
                     dt * (double)n_chunk / 60.0);
         }
         printf("[%ld]%.4f,", c + 1, exp(nll / (double)count));
-        fflush(stdout);
+        if (!cli_stdout_ok("perplexity")) goto done;
     }
     printf("\n");
     nll /= (double)count;

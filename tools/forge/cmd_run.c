@@ -7,6 +7,7 @@
 #include <string.h>
 #include <time.h>
 
+#include "cli_io.h"
 #include "commands.h"
 #include "engine_opts.h"
 
@@ -25,66 +26,17 @@ static void usage(FILE *f)
         "usage: forge run -m MODEL -p PROMPT [options]\n"
         "  -p, --prompt TEXT    the prompt (BOS is added as the vocabulary says)\n"
         "  -n, --n-predict N    tokens to generate (default -1: until end of text or context)\n"
-        "  --temp T             temperature (default 0.8; 0 = greedy)\n"
-        "  --top-k K            (default 40; 0 = off)\n"
-        "  --top-p P            (default 0.95; 1 = off)\n"
-        "  --min-p P            (default 0.05; 0 = off)\n"
-        "  --repeat-penalty R   (default 1.0 = off)\n"
-        "  --repeat-last-n N    tokens the penalties look at (default 64)\n"
+        "  --temp T             temperature >= 0 (default 0.8; 0 = greedy)\n"
+        "  --top-k K            -1..2^30 (default 40; 0 = off)\n"
+        "  --top-p P            0..1 (default 0.95; 1 = off)\n"
+        "  --min-p P            0..1 (default 0.05; 0 = off)\n"
+        "  --repeat-penalty R   > 0 (default 1.0 = off)\n"
+        "  --repeat-last-n N    tokens the penalties look at, 0..2^20 (default 64)\n"
         "  --presence-penalty P, --frequency-penalty P   (default 0 = off)\n"
-        "  --seed S             random seed (default: from the clock, printed)\n"
+        "  --seed S             random seed, 0..2^64-1 (default: from the clock, printed)\n"
         "  --ids                after the text, print a line 'ids: ...' with the generated ids\n"
         "%s",
         engine_opts_help);
-}
-
-static int parse_sampling(forge_sampler_params *sp, bool *seed_set, int argc, char **argv, int *i)
-{
-    const char *a = argv[*i];
-    const char *val = *i + 1 < argc ? argv[*i + 1] : NULL;
-    float *fdst = NULL;
-    long v;
-    if (!strcmp(a, "--temp"))
-        fdst = &sp->temperature;
-    else if (!strcmp(a, "--top-p"))
-        fdst = &sp->top_p;
-    else if (!strcmp(a, "--min-p"))
-        fdst = &sp->min_p;
-    else if (!strcmp(a, "--repeat-penalty"))
-        fdst = &sp->repeat_penalty;
-    else if (!strcmp(a, "--presence-penalty"))
-        fdst = &sp->presence_penalty;
-    else if (!strcmp(a, "--frequency-penalty"))
-        fdst = &sp->frequency_penalty;
-    if (fdst) {
-        (*i)++;
-        return cli_parse_float("run", a, val, fdst) ? 1 : -1;
-    }
-    if (!strcmp(a, "--top-k")) {
-        (*i)++;
-        if (!cli_parse_int("run", a, val, -1, 1 << 30, &v)) return -1;
-        sp->top_k = (int32_t)v;
-        return 1;
-    }
-    if (!strcmp(a, "--repeat-last-n")) {
-        (*i)++;
-        if (!cli_parse_int("run", a, val, 0, 1 << 20, &v)) return -1;
-        sp->penalty_last_n = (int32_t)v;
-        return 1;
-    }
-    if (!strcmp(a, "--seed") || !strcmp(a, "-s")) {
-        (*i)++;
-        char *end;
-        if (!val) return -1;
-        sp->seed = strtoull(val, &end, 10);
-        if (end == val || *end) {
-            fprintf(stderr, "forge run: bad value for %s: '%s'\n", a, val);
-            return -1;
-        }
-        *seed_set = true;
-        return 1;
-    }
-    return 0;
 }
 
 /* Greedy with no penalties: the pick is the plain argmax, which forge_decode_greedy computes
@@ -119,7 +71,7 @@ int cmd_run(int argc, char **argv)
     engine_opts_init(&o);
     for (int i = 1; i < argc; i++) {
         int r = engine_opts_parse(&o, "run", argc, argv, &i);
-        if (r == 0) r = parse_sampling(&sp, &seed_set, argc, argv, &i);
+        if (r == 0) r = sampling_opts_parse(&sp, &seed_set, "run", argc, argv, &i);
         if (r < 0) return 2;
         if (r > 0) continue;
         const char *a = argv[i];
@@ -232,10 +184,8 @@ int cmd_run(int argc, char **argv)
         gen[n_gen++] = id;
         size_t len;
         const char *piece = forge_detok_stream_push(ds, id, &len);
-        if (len) {
-            fwrite(piece, 1, len, stdout);
-            fflush(stdout);
-        }
+        if (len) fwrite(piece, 1, len, stdout);
+        if (!cli_stdout_ok("run")) goto done; /* reported: no one reads what follows */
         if (n_gen == want) break;
         if (forge_context_pos(ctx) >= n_ctx) {
             stop = "context full";
@@ -264,15 +214,16 @@ int cmd_run(int argc, char **argv)
             printf(" %d", gen[i]);
         printf("\n");
     }
-    fflush(stdout);
+    if (!cli_stdout_ok("run")) goto done;
     if (!strcmp(stop, "context full"))
-        fprintf(stderr, "forge run: stopped: the context of %d tokens is full\n", n_ctx);
+        fprintf(stderr, "forge run: stopped: the context of %d token%s is full\n", n_ctx,
+                cli_plural(n_ctx));
     else if (!strcmp(stop, "interrupted"))
         fprintf(stderr, "forge run: stopped: interrupted\n");
     fprintf(stderr,
-            "forge run: prompt %zu tokens in %.3f s (%.1f tok/s); generated %d tokens in %.3f s "
+            "forge run: prompt %zu token%s in %.3f s (%.1f tok/s); generated %d token%s in %.3f s "
             "(%.1f tok/s)\n",
-            n_ids, t_pp, (double)n_ids / (t_pp > 0 ? t_pp : 1e-9), n_gen, t_tg,
+            n_ids, cli_plural((long long)n_ids), t_pp, (double)n_ids / (t_pp > 0 ? t_pp : 1e-9), n_gen, cli_plural(n_gen), t_tg,
             n_decoded > 0 ? (double)n_decoded / (t_tg > 0 ? t_tg : 1e-9) : 0.0);
     status = 0;
 done:

@@ -5,7 +5,9 @@
 #include <string.h>
 
 #include "forge.h"
+#include "cli_io.h"
 #include "commands.h"
+#include "engine_opts.h"
 
 static void usage(FILE *out)
 {
@@ -22,37 +24,10 @@ static void usage(FILE *out)
         "  --add-generation-prompt  end with the assistant header\n"
         "  --bos TEXT, --eos TEXT   bos_token / eos_token (default: the model's; else undefined)\n"
         "  --vars JSON              extra variables, e.g. '{\"enable_thinking\": false}'\n"
-        "  --now SECONDS            fixed time (UTC) for strftime_now\n"
+        "  --now SECONDS            fixed time (UTC) for strftime_now: an integer count of\n"
+        "                           seconds since 1970 (0 = the current local time)\n"
         "  --list                   print the built-in template names\n"
         "  --print-source NAME      print a built-in template's source\n");
-}
-
-static char *read_all(const char *path, size_t *len)
-{
-    FILE *f = strcmp(path, "-") ? fopen(path, "rb") : stdin;
-    if (!f) return NULL;
-    size_t cap = 4096, n = 0;
-    char *buf = malloc(cap);
-    while (buf) {
-        if (n + 1 >= cap) {
-            char *nb = realloc(buf, cap * 2);
-            if (!nb) {
-                free(buf);
-                buf = NULL;
-                break;
-            }
-            buf = nb;
-            cap *= 2;
-        }
-        size_t got = fread(buf + n, 1, cap - n - 1, f);
-        n += got;
-        if (got == 0) break;
-    }
-    if (f != stdin) fclose(f);
-    if (!buf) return NULL;
-    buf[n] = 0;
-    if (len) *len = n;
-    return buf;
 }
 
 int cmd_template(int argc, char **argv)
@@ -81,8 +56,10 @@ int cmd_template(int argc, char **argv)
         } else if (!strcmp(a, "--print-source") && has_val) {
             const char *s = forge_template_builtin_source(argv[++i]);
             if (!s) {
-                fprintf(stderr, "forge template: no built-in template '%s'\n", argv[i]);
-                return 1;
+                fprintf(stderr, "forge template: bad value for --print-source: '%s' (expected a name that "
+                                "--list prints)\n",
+                        argv[i]);
+                return 2;
             }
             fputs(s, stdout);
             return 0;
@@ -102,8 +79,11 @@ int cmd_template(int argc, char **argv)
             eos = argv[++i];
         } else if (!strcmp(a, "--vars") && has_val) {
             vars_json = argv[++i];
+            if (!cli_parse_json_object("template", a, vars_json)) return 2;
         } else if (!strcmp(a, "--now") && has_val) {
-            now = strtoll(argv[++i], NULL, 10);
+            long v; /* up to the end of year 9999 */
+            if (!cli_parse_int("template", a, argv[++i], 0, 253402300799L, &v)) return 2;
+            now = v;
         } else {
             fprintf(stderr, "forge template: unknown or incomplete option '%s'\n", a);
             usage(stderr);
@@ -111,6 +91,9 @@ int cmd_template(int argc, char **argv)
         }
     }
     if (!msg_path || (!tmpl_path && !model_path && !choice)) {
+        fprintf(stderr, "forge template: %s is required\n",
+                !msg_path ? "--messages FILE"
+                          : "one of --template FILE, --model MODEL.gguf, --chat-template NAME");
         usage(stderr);
         return 2;
     }
@@ -121,16 +104,19 @@ int cmd_template(int argc, char **argv)
         if (forge_template_model_read(g, &tm, &err) != FORGE_OK) goto fail;
     }
     char warning[FORGE_ERR_MSG_MAX + 128];
-    if (forge_template_select(model_path ? &tm : NULL, choice, &t, NULL, warning, sizeof warning,
+    const char *desc = NULL;
+    if (forge_template_select(model_path ? &tm : NULL, choice, &t, &desc, warning, sizeof warning,
                               &err) != FORGE_OK)
         goto fail;
-    if (warning[0]) fprintf(stderr, "forge template: warning: %s\n", warning);
+    if (warning[0])
+        fprintf(stderr, "forge template: warning: %s\n", warning);
+    else if (!choice && desc && strcmp(desc, "model"))
+        fprintf(stderr,
+                "forge template: warning: the model has no chat template; using the built-in "
+                "'%s'\n", desc);
 
-    messages = read_all(msg_path, NULL);
-    if (!messages) {
-        fprintf(stderr, "forge template: cannot read messages from '%s'\n", msg_path);
-        goto done;
-    }
+    messages = cli_read_file("template", "messages", msg_path, NULL);
+    if (!messages) goto done;
     forge_template_vars v = {0};
     v.messages_json = messages;
     v.add_generation_prompt = add_gen;
@@ -141,8 +127,7 @@ int cmd_template(int argc, char **argv)
     size_t n = 0;
     if (forge_template_render(t, &v, &out, &n, NULL, &err) != FORGE_OK) goto fail;
     fwrite(out, 1, n, stdout);
-    fflush(stdout);
-    status = 0;
+    status = cli_stdout_ok("template") ? 0 : 1;
     goto done;
 fail:
     fprintf(stderr, "forge template: %s\n", err.msg);

@@ -5,6 +5,7 @@
 #include <string.h>
 
 #include "forge.h"
+#include "cli_io.h"
 #include "commands.h"
 
 static void usage(FILE *out)
@@ -18,35 +19,27 @@ static void usage(FILE *out)
             "      --ids            print only the ids on one line, each preceded by a space\n"
             "                       (the format of llama.cpp's tokenizer test .out files)\n"
             "      --no-special     do not add BOS/EOS\n"
-            "      --parse-special  text spelling a control token becomes that token\n");
+            "      --parse-special  text spelling a control token becomes that token\n"
+            "Without --ids, one line per token: ID -> 'PIECE', where the piece's bytes are\n"
+            "printed as they are except a backslash (\\\\), newline (\\n), carriage return (\\r),\n"
+            "tab (\\t) and other control bytes (\\xNN), so that each token stays on one line.\n");
 }
 
-static int read_stream(FILE *f, char **data, size_t *len)
+/* A piece between quotes on one line: control bytes and the backslash are escaped. */
+static void print_piece(const char *p, size_t n)
 {
-    size_t cap = 1 << 16, n = 0;
-    char *buf = malloc(cap);
-    if (!buf) return -1;
-    for (;;) {
-        if (n == cap) {
-            char *nb = realloc(buf, cap * 2);
-            if (!nb) {
-                free(buf);
-                return -1;
-            }
-            buf = nb;
-            cap *= 2;
+    for (size_t i = 0; i < n; i++) {
+        unsigned char c = (unsigned char)p[i];
+        switch (c) {
+        case '\\': fputs("\\\\", stdout); break;
+        case '\n': fputs("\\n", stdout); break;
+        case '\r': fputs("\\r", stdout); break;
+        case '\t': fputs("\\t", stdout); break;
+        default:
+            if (c < 0x20 || c == 0x7f) printf("\\x%02x", c);
+            else putchar(c);
         }
-        size_t r = fread(buf + n, 1, cap - n, f);
-        n += r;
-        if (r == 0) break;
     }
-    if (ferror(f)) {
-        free(buf);
-        return -1;
-    }
-    *data = buf;
-    *len = n;
-    return 0;
 }
 
 int cmd_tokenize(int argc, char **argv)
@@ -71,6 +64,8 @@ int cmd_tokenize(int argc, char **argv)
         }
     }
     if (!model || (prompt && file)) {
+        fprintf(stderr, "forge tokenize: %s\n",
+                !model ? "-m MODEL is required" : "give -p TEXT or -f FILE, not both");
         usage(stderr);
         return 2;
     }
@@ -89,18 +84,8 @@ int cmd_tokenize(int argc, char **argv)
         text = malloc(len + 1);
         if (!text) goto oom;
         memcpy(text, prompt, len + 1);
-    } else {
-        FILE *f = file ? fopen(file, "rb") : stdin;
-        if (!f) {
-            perror(file);
-            goto done;
-        }
-        int r = read_stream(f, &text, &len);
-        if (file) fclose(f);
-        if (r) {
-            fprintf(stderr, "forge tokenize: cannot read %s\n", file ? file : "stdin");
-            goto done;
-        }
+    } else if (!(text = cli_read_file("tokenize", "text file", file ? file : "-", &len))) {
+        goto done;
     }
     if (gguf_open(model, &g, &err) || forge_tok_load(g, &tok, &err) ||
         forge_tok_encode(tok, text, len, add_special, parse_special, &ids, &n, &err)) {
@@ -117,11 +102,11 @@ int cmd_tokenize(int argc, char **argv)
             size_t pl = 0;
             const char *p = forge_tok_piece(tok, ids[i], true, &pl);
             printf("%6d -> '", ids[i]);
-            fwrite(p, 1, pl, stdout);
+            print_piece(p, pl);
             printf("'\n");
         }
     }
-    status = fflush(stdout) ? 1 : 0;
+    status = cli_stdout_ok("tokenize") ? 0 : 1;
     goto done;
 oom:
     fprintf(stderr, "forge tokenize: out of memory\n");

@@ -1,4 +1,5 @@
 /* engine_opts.c - see engine_opts.h. */
+#include <ctype.h>
 #include <errno.h>
 #include <math.h>
 #include <stdio.h>
@@ -6,6 +7,8 @@
 #include <unistd.h>
 #include <string.h>
 #include <time.h>
+
+#include <cjson/cJSON.h>
 
 #include "engine_opts.h"
 
@@ -38,8 +41,8 @@ bool cli_parse_int(const char *cmd, const char *opt, const char *val, long min, 
 {
     char *end;
     errno = 0;
-    long v = val ? strtol(val, &end, 10) : 0;
-    if (!val || errno || end == val || *end || v < min || v > max) {
+    long v = val && *val && !isspace((unsigned char)*val) ? strtol(val, &end, 10) : 0;
+    if (!val || !*val || isspace((unsigned char)*val) || errno || *end || v < min || v > max) {
         fprintf(stderr, "forge %s: bad value for %s: '%s' (expected an integer in %ld..%ld)\n", cmd,
                 opt, val ? val : "", min, max);
         return false;
@@ -48,18 +51,56 @@ bool cli_parse_int(const char *cmd, const char *opt, const char *val, long min, 
     return true;
 }
 
-bool cli_parse_float(const char *cmd, const char *opt, const char *val, float *out)
+bool cli_parse_u64(const char *cmd, const char *opt, const char *val, uint64_t *out)
 {
     char *end;
     errno = 0;
-    float v = val ? strtof(val, &end) : 0;
-    if (!val || errno || end == val || *end || isnan(v)) {
-        fprintf(stderr, "forge %s: bad value for %s: '%s' (expected a number)\n", cmd, opt,
-                val ? val : "");
+    bool digit = val && *val >= '0' && *val <= '9';
+    unsigned long long v = digit ? strtoull(val, &end, 10) : 0;
+    if (!digit || errno || *end) {
+        fprintf(stderr, "forge %s: bad value for %s: '%s' (expected an integer in 0..%llu)\n", cmd,
+                opt, val ? val : "", (unsigned long long)UINT64_MAX);
+        return false;
+    }
+    *out = (uint64_t)v;
+    return true;
+}
+
+bool cli_parse_float(const char *cmd, const char *opt, const char *val, float min, float max,
+                     bool min_open, float *out)
+{
+    char *end;
+    errno = 0;
+    bool ok = val && *val && !isspace((unsigned char)*val);
+    float v = ok ? strtof(val, &end) : 0;
+    ok = ok && !errno && !*end && isfinite(v) && (min_open ? v > min : v >= min) && v <= max;
+    if (!ok) {
+        char range[96];
+        if (isinf(min) && isinf(max))
+            snprintf(range, sizeof range, "a finite number");
+        else if (isinf(max))
+            snprintf(range, sizeof range, "a finite number %s %g", min_open ? ">" : ">=",
+                     (double)min);
+        else
+            snprintf(range, sizeof range, "a number in %s%g, %g]", min_open ? "(" : "[",
+                     (double)min, (double)max);
+        fprintf(stderr, "forge %s: bad value for %s: '%s' (expected %s)\n", cmd, opt,
+                val ? val : "", range);
         return false;
     }
     *out = v;
     return true;
+}
+
+bool cli_parse_json_object(const char *cmd, const char *opt, const char *val)
+{
+    cJSON *j = val ? cJSON_Parse(val) : NULL;
+    bool ok = cJSON_IsObject(j);
+    if (!ok)
+        fprintf(stderr, "forge %s: bad value for %s: %s (expected a JSON object, e.g. '{\"key\": true}')\n",
+                cmd, opt, j ? "not a JSON object" : "not valid JSON");
+    cJSON_Delete(j);
+    return ok;
 }
 
 int engine_opts_parse(engine_opts *o, const char *cmd, int argc, char **argv, int *i)
@@ -89,6 +130,10 @@ int engine_opts_parse(engine_opts *o, const char *cmd, int argc, char **argv, in
     } else if (is_t) {
         if (!cli_parse_int(cmd, a, val, 1, 1024, &v)) return -1;
         o->cp.n_threads = (int32_t)v;
+        long n_cpu = sysconf(_SC_NPROCESSORS_ONLN);
+        if (n_cpu > 0 && v > n_cpu)
+            fprintf(stderr, "forge %s: warning: %s %ld is more than the %ld CPUs online (slower)\n",
+                    cmd, a, v, n_cpu);
     } else if (is_c) {
         if (!cli_parse_int(cmd, a, val, 1, 1 << 24, &v)) return -1;
         o->cp.n_ctx = (int32_t)v;
@@ -119,6 +164,52 @@ int engine_opts_parse(engine_opts *o, const char *cmd, int argc, char **argv, in
             fprintf(stderr, "forge %s: --kv-type must be f32 or f16, not '%s'\n", cmd, val);
             return -1;
         }
+    }
+    return 1;
+}
+
+int sampling_opts_parse(forge_sampler_params *sp, bool *seed_set, const char *cmd, int argc,
+                        char **argv, int *i)
+{
+    const char *a = argv[*i];
+    const char *val = *i + 1 < argc ? argv[*i + 1] : NULL;
+    float *fdst = NULL, lo = -INFINITY, hi = INFINITY;
+    bool lo_open = false;
+    long v;
+    if (!strcmp(a, "--temp")) {
+        fdst = &sp->temperature;
+        lo = 0;
+    } else if (!strcmp(a, "--top-p") || !strcmp(a, "--min-p")) {
+        fdst = !strcmp(a, "--top-p") ? &sp->top_p : &sp->min_p;
+        lo = 0;
+        hi = 1;
+    } else if (!strcmp(a, "--repeat-penalty")) {
+        fdst = &sp->repeat_penalty;
+        lo = 0;
+        lo_open = true;
+    } else if (!strcmp(a, "--presence-penalty")) {
+        fdst = &sp->presence_penalty;
+    } else if (!strcmp(a, "--frequency-penalty")) {
+        fdst = &sp->frequency_penalty;
+    } else if (strcmp(a, "--top-k") && strcmp(a, "--repeat-last-n") && strcmp(a, "--seed") &&
+               strcmp(a, "-s")) {
+        return 0;
+    }
+    if (!val) {
+        fprintf(stderr, "forge %s: %s needs a value\n", cmd, a);
+        return -1;
+    }
+    (*i)++;
+    if (fdst) return cli_parse_float(cmd, a, val, lo, hi, lo_open, fdst) ? 1 : -1;
+    if (!strcmp(a, "--top-k")) {
+        if (!cli_parse_int(cmd, a, val, -1, 1 << 30, &v)) return -1;
+        sp->top_k = (int32_t)v;
+    } else if (!strcmp(a, "--repeat-last-n")) {
+        if (!cli_parse_int(cmd, a, val, 0, 1 << 20, &v)) return -1;
+        sp->penalty_last_n = (int32_t)v;
+    } else {
+        if (!cli_parse_u64(cmd, a, val, &sp->seed)) return -1;
+        *seed_set = true;
     }
     return 1;
 }

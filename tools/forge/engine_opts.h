@@ -22,13 +22,27 @@ void engine_opts_init(engine_opts *o);
  * -1 on a bad value (message printed to stderr, prefixed with cmd). */
 int engine_opts_parse(engine_opts *o, const char *cmd, int argc, char **argv, int *i);
 
+/* The sampling options of run and chat: --temp T (>= 0), --top-k K (-1..2^30), --top-p P and
+ * --min-p P (0..1), --repeat-penalty R (> 0), --repeat-last-n N, --presence-penalty,
+ * --frequency-penalty, --seed/-s S (0..2^64-1). Same return convention as engine_opts_parse. */
+int sampling_opts_parse(forge_sampler_params *sp, bool *seed_set, const char *cmd, int argc,
+                        char **argv, int *i);
+
 /* Help lines for the shared options. */
 extern const char *engine_opts_help;
 
-/* Parse helpers: print "cmd: bad value for OPT: VAL" and return false on error. */
+/* Strict parse helpers for every option of every command: the whole string must be the
+ * number, finite, and in range. On error they print
+ * "forge CMD: bad value for OPT: 'VAL' (expected ... in MIN..MAX)" and return false; the caller
+ * exits with status 2 before opening any file. */
 bool cli_parse_int(const char *cmd, const char *opt, const char *val, long min, long max,
                    long *out);
-bool cli_parse_float(const char *cmd, const char *opt, const char *val, float *out);
+bool cli_parse_u64(const char *cmd, const char *opt, const char *val, uint64_t *out);
+/* A finite float in [min, max] ((min, max] with min_open); an infinite bound is no bound. */
+bool cli_parse_float(const char *cmd, const char *opt, const char *val, float min, float max,
+                     bool min_open, float *out);
+/* A JSON object given on the command line (--vars). */
+bool cli_parse_json_object(const char *cmd, const char *opt, const char *val);
 
 /* Load the model and create a context; prints the error and returns non-zero on failure. */
 int engine_load(const engine_opts *o, const char *cmd, forge_model **model, forge_context **ctx);

@@ -4,6 +4,7 @@
 #include <string.h>
 
 #include "forge.h"
+#include "cli_io.h"
 #include "commands.h"
 
 struct command {
@@ -41,14 +42,17 @@ int main(int argc, char **argv)
     }
     if (!strcmp(argv[1], "--help") || !strcmp(argv[1], "-h") || !strcmp(argv[1], "help")) {
         usage(stdout);
-        return 0;
+        return cli_stdout_close(NULL, 0);
     }
     if (!strcmp(argv[1], "--version") || !strcmp(argv[1], "-V")) {
         printf("forge %s\n", forge_version());
-        return 0;
+        return cli_stdout_close(NULL, 0);
     }
+    /* every command's output is checked here once more: a full disk or a closed pipe behind
+     * stdout is an error, not a silent success */
     for (size_t i = 0; i < sizeof commands / sizeof commands[0]; i++)
-        if (!strcmp(argv[1], commands[i].name)) return commands[i].fn(argc - 1, argv + 1);
+        if (!strcmp(argv[1], commands[i].name))
+            return cli_stdout_close(commands[i].name, commands[i].fn(argc - 1, argv + 1));
     fprintf(stderr, "forge: unknown command '%s'\n", argv[1]);
     usage(stderr);
     return 2;
