@@ -125,6 +125,21 @@ printf 'Once\n/save %s/o/c.json\n/exit\n' "$tmp" | "$FORGE" chat -m "$m" -n 2 --
 tu_check "chat /save replaces a file" grep -q '"user"' "$tmp/o/c.json"
 tu_check "chat /save: one message counted right" bash -c "printf '/system be brief\n/save $tmp/o/c1.json\n/exit\n' | '$FORGE' chat -m '$m' 2>&1 >/dev/null | grep -q 'saved 1 message to'"
 
+# a synth ended by SIGTERM leaves neither a partial file nor its temporary file
+mkdir "$tmp/k"
+"$FORGE" synth --shape tinyllama-1.1b --type F32 -o "$tmp/k/big.gguf" 2>/dev/null &
+pid=$!
+for i in $(seq 500); do [ -n "$(ls -A "$tmp/k")" ] && break; sleep 0.01; done
+kill -TERM "$pid" 2>/dev/null
+wait "$pid"
+rc=$?
+if [ "$rc" -eq 0 ]; then
+    tu_skip "synth killed" "it finished before the signal"
+    rm -f "$tmp/k/big.gguf"
+else
+    tu_check "synth killed by SIGTERM (rc $rc): no partial file, no temporary file" [ -z "$(ls -A "$tmp/k")" ]
+fi
+
 # a device or FIFO is written in place, never renamed over or removed
 "$FORGE" inspect "$m" --tensor output_norm.weight --dump /dev/null 2>/dev/null
 tu_check "inspect --dump /dev/null: exit 0" [ $? -eq 0 ]

@@ -1,6 +1,7 @@
 /* cli_io.c - see cli_io.h. */
 #include <errno.h>
 #include <fcntl.h>
+#include <signal.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
@@ -9,6 +10,41 @@
 #include "cli_io.h"
 
 static bool g_stdout_reported = false;
+
+/* The temporary file being written, removed if SIGINT/SIGTERM/SIGHUP ends the process (a
+ * hidden multi-GB ".OUT.gguf.XXXXXX" must not outlive a Ctrl-C'd synth). Installed only where
+ * the signal's action is the default one, so the chat's and run's own Ctrl-C handling stays. */
+static const char *volatile g_tmp_live = NULL;
+static const int g_cleanup_signals[] = {SIGINT, SIGTERM, SIGHUP};
+static struct sigaction g_old_actions[3];
+static bool g_installed[3];
+
+static void on_fatal_signal(int sig)
+{
+    const char *t = g_tmp_live;
+    if (t) (void)unlink(t); /* async-signal-safe */
+    signal(sig, SIG_DFL);
+    raise(sig);
+}
+
+static void cleanup_on_signals(const char *tmp)
+{
+    for (int i = 0; i < 3; i++) {
+        if (tmp && !g_installed[i]) {
+            struct sigaction sa, old;
+            if (sigaction(g_cleanup_signals[i], NULL, &old) != 0 || old.sa_handler != SIG_DFL)
+                continue;
+            memset(&sa, 0, sizeof sa);
+            sa.sa_handler = on_fatal_signal;
+            sigemptyset(&sa.sa_mask);
+            if (sigaction(g_cleanup_signals[i], &sa, &g_old_actions[i]) == 0) g_installed[i] = true;
+        } else if (!tmp && g_installed[i]) {
+            sigaction(g_cleanup_signals[i], &g_old_actions[i], NULL);
+            g_installed[i] = false;
+        }
+    }
+    g_tmp_live = tmp;
+}
 
 const char *cli_plural(long long n)
 {
@@ -100,6 +136,7 @@ int cli_out_open(cli_out *o, const char *cmd, const char *what, const char *path
         mode = 0666 & ~mask;
     }
     (void)fchmod(fd, mode);
+    cleanup_on_signals(o->tmp_path);
     if (stream) {
         if (!(o->f = fdopen(fd, "wb"))) {
             e = errno;
@@ -147,6 +184,7 @@ int cli_out_commit(cli_out *o)
         if (fd >= 0) close(fd);
     }
     if (!e && o->tmp_path && rename(o->tmp_path, o->final_path) != 0) e = errno;
+    if (!e) cleanup_on_signals(NULL);
     if (e) {
         fprintf(stderr, "forge %s: cannot write '%s': %s\n", o->cmd, o->path, strerror(e));
         cli_out_abort(o);
@@ -163,6 +201,7 @@ void cli_out_abort(cli_out *o)
     if (o->f) (void)fclose(o->f);
     o->f = NULL;
     if (o->tmp_path) (void)unlink(o->tmp_path); /* ours: never the target */
+    if (o->tmp_path) cleanup_on_signals(NULL);
     free(o->tmp_path);
     free(o->final_path);
     o->tmp_path = o->final_path = NULL;
