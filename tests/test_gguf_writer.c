@@ -282,7 +282,8 @@ static void test_writer_errors(void **state)
     assert_non_null(pre);
     fclose(pre);
     struct fill_log log_pre = {.fail_at = 1};
-    assert_int_equal(gguf_writer_write(w, path, fill_pattern, &log_pre, 0, &e), FORGE_E_INTERRUPTED);
+    assert_int_equal(gguf_writer_write(w, path, fill_pattern, &log_pre, 0, &e),
+                     FORGE_E_INTERRUPTED);
     assert_int_equal(access(path, F_OK), 0);
     unlink(path);
     /* unwritable path */

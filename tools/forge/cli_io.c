@@ -57,8 +57,8 @@ static bool stat_input(const char *in, struct stat *st)
     return stat(in, st) == 0;
 }
 
-bool cli_out_check(const char *cmd, const char *what, const char *path,
-                   const char *const *inputs, size_t n_inputs, bool no_clobber)
+bool cli_out_check(const char *cmd, const char *what, const char *path, const char *const *inputs,
+                   size_t n_inputs, bool no_clobber)
 {
     struct stat st, in;
     if (stat(path, &st) != 0) return true; /* a new file: nothing to compare with */
@@ -70,9 +70,8 @@ bool cli_out_check(const char *cmd, const char *what, const char *path,
     for (size_t i = 0; i < n_inputs; i++) {
         if (!inputs[i] || !stat_input(inputs[i], &in)) continue;
         if (in.st_dev == st.st_dev && in.st_ino == st.st_ino) {
-            fprintf(stderr,
-                    "forge %s: %s '%s' is the input file '%s'; refusing to overwrite it\n", cmd,
-                    what, path, !strcmp(inputs[i], "-") ? "(stdin)" : inputs[i]);
+            fprintf(stderr, "forge %s: %s '%s' is the input file '%s'; refusing to overwrite it\n",
+                    cmd, what, path, !strcmp(inputs[i], "-") ? "(stdin)" : inputs[i]);
             return false;
         }
     }

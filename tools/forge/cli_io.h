@@ -30,8 +30,8 @@ typedef struct cli_out {
  * inputs[0..n_inputs) (NULL entries are skipped; "-" means stdin), when it is a directory, or,
  * with no_clobber, when it exists at all (the message suggests --force). what names the option
  * in messages ("--dump", "-o", "/save"). */
-bool cli_out_check(const char *cmd, const char *what, const char *path,
-                   const char *const *inputs, size_t n_inputs, bool no_clobber);
+bool cli_out_check(const char *cmd, const char *what, const char *path, const char *const *inputs,
+                   size_t n_inputs, bool no_clobber);
 
 /* Run cli_out_check, then prepare to write path: a new temporary file beside it, or the target
  * itself when it is no regular file. With stream, o->f is opened for writing; without, the

@@ -445,7 +445,8 @@ int cmd_chat(int argc, char **argv)
         goto fail;
     if (warning[0]) fprintf(stderr, "forge chat: warning: %s\n", warning);
     else if (!choice && strcmp(desc, "model"))
-        fprintf(stderr, "forge chat: warning: the model has no chat template; using the built-in '%s'\n",
+        fprintf(stderr,
+                "forge chat: warning: the model has no chat template; using the built-in '%s'\n",
                 desc);
     if (forge_sampler_create(&sp, forge_model_info_get(c.model)->n_vocab, &c.smp, &err)) goto fail;
     c.messages = cJSON_CreateArray();

@@ -81,8 +81,8 @@ int cmd_eval(int argc, char **argv)
     if (!tokens || !out_path) {
         fprintf(stderr, "forge eval: %s is required\n",
                 !tokens && !out_path ? "--tokens \"ID ...\" and --logits OUT.f32"
-                : !tokens          ? "--tokens \"ID ...\""
-                                   : "--logits OUT.f32");
+                : !tokens            ? "--tokens \"ID ...\""
+                                     : "--logits OUT.f32");
         usage(stderr);
         return 2;
     }

@@ -223,7 +223,8 @@ int cmd_run(int argc, char **argv)
     fprintf(stderr,
             "forge run: prompt %zu token%s in %.3f s (%.1f tok/s); generated %d token%s in %.3f s "
             "(%.1f tok/s)\n",
-            n_ids, cli_plural((long long)n_ids), t_pp, (double)n_ids / (t_pp > 0 ? t_pp : 1e-9), n_gen, cli_plural(n_gen), t_tg,
+            n_ids, cli_plural((long long)n_ids), t_pp, (double)n_ids / (t_pp > 0 ? t_pp : 1e-9),
+            n_gen, cli_plural(n_gen), t_tg,
             n_decoded > 0 ? (double)n_decoded / (t_tg > 0 ? t_tg : 1e-9) : 0.0);
     status = 0;
 done:

@@ -15,8 +15,8 @@
 static void usage(FILE *out)
 {
     fprintf(out,
-            "usage: forge synth --shape NAME --type TYPE -o OUT.gguf [--force] [--vocab-from VOCAB.gguf]\n"
-            "                   [--seed S]\n"
+            "usage: forge synth --shape NAME --type TYPE -o OUT.gguf [--force]\n"
+            "                   [--vocab-from VOCAB.gguf] [--seed S]\n"
             "\n"
             "Write a llama-family model with random weights and a real model's shape, with the\n"
             "GGUF keys and tensor names llama.cpp's converter uses. 2-D weights are ~N(0, 0.02),\n"

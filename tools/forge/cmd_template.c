@@ -56,8 +56,9 @@ int cmd_template(int argc, char **argv)
         } else if (!strcmp(a, "--print-source") && has_val) {
             const char *s = forge_template_builtin_source(argv[++i]);
             if (!s) {
-                fprintf(stderr, "forge template: bad value for --print-source: '%s' (expected a name that "
-                                "--list prints)\n",
+                fprintf(stderr,
+                        "forge template: bad value for --print-source: '%s' (expected a name that "
+                        "--list prints)\n",
                         argv[i]);
                 return 2;
             }
@@ -113,7 +114,8 @@ int cmd_template(int argc, char **argv)
     else if (!choice && desc && strcmp(desc, "model"))
         fprintf(stderr,
                 "forge template: warning: the model has no chat template; using the built-in "
-                "'%s'\n", desc);
+                "'%s'\n",
+                desc);
 
     messages = cli_read_file("template", "messages", msg_path, NULL);
     if (!messages) goto done;

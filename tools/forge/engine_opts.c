@@ -79,8 +79,8 @@ bool cli_parse_float(const char *cmd, const char *opt, const char *val, float mi
         if (isinf(min) && isinf(max))
             snprintf(range, sizeof range, "a finite number");
         else if (isinf(max))
-            snprintf(range, sizeof range, "a finite number %s %g", min_open ? ">" : ">=",
-                     (double)min);
+            snprintf(range, sizeof range, "a finite number %s %g",
+                     min_open ? ">" : ">=", (double)min);
         else
             snprintf(range, sizeof range, "a number in %s%g, %g]", min_open ? "(" : "[",
                      (double)min, (double)max);
@@ -97,7 +97,8 @@ bool cli_parse_json_object(const char *cmd, const char *opt, const char *val)
     cJSON *j = val ? cJSON_Parse(val) : NULL;
     bool ok = cJSON_IsObject(j);
     if (!ok)
-        fprintf(stderr, "forge %s: bad value for %s: %s (expected a JSON object, e.g. '{\"key\": true}')\n",
+        fprintf(stderr,
+                "forge %s: bad value for %s: %s (expected a JSON object, e.g. '{\"key\": true}')\n",
                 cmd, opt, j ? "not a JSON object" : "not valid JSON");
     cJSON_Delete(j);
     return ok;
