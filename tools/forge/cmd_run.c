@@ -117,6 +117,7 @@ int cmd_run(int argc, char **argv)
     bool sa_set = false;
 
     engine_opts_init(&o);
+    o.default_model = true; /* no -m: $FORGE_MODEL or the bundled demo model */
     for (int i = 1; i < argc; i++) {
         int r = engine_opts_parse(&o, "run", argc, argv, &i);
         if (r == 0) r = parse_sampling(&sp, &seed_set, argc, argv, &i);
