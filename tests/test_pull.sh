@@ -229,6 +229,10 @@ tu_check "models: exit 0" [ $? -eq 0 ]
 tu_check "models: lists the F16 file with its type" grep -Eq "^test/stories-GGUF +stories260K-F16.gguf +0\.[0-9] MiB +llama, 29[0-9]\.?[0-9]*K params, F16" "$tmp/out"
 tu_check "models: lists the gated repo" grep -q "^test/gated-GGUF  *gated-Q8_0.gguf" "$tmp/out"
 tu_check "models: last used column" grep -Eq "stories260K-F32.gguf .* 20[0-9]{2}-[0-9]{2}-[0-9]{2} [0-9]{2}:[0-9]{2}$" "$tmp/out"
+touch -a -d "2020-01-02 03:04" "$repo/stories260K-F32.gguf"
+"$FORGE" models >/dev/null 2>&1
+"$FORGE" models >"$tmp/out" 2>&1
+tu_check "models: last used is the access time, and listing is not a use" grep -q "stories260K-F32.gguf .* 2020-01-02 03:04$" "$tmp/out"
 tu_check "models: no .part or broken files listed" bash -c "! grep -Eq 'broken|corrupt|\\.part' '$tmp/out'"
 "$FORGE" models rm test/stories-GGUF:F16 >"$tmp/out" 2>"$tmp/err"
 tu_check "models rm QUANT: exit 0, file gone" bash -c "[ $? -eq 0 ] && [ ! -e '$repo/stories260K-F16.gguf' ] && [ -e '$repo/stories260K-F32.gguf' ]"

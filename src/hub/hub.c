@@ -555,8 +555,9 @@ static void note(const forge_hub_params *p, const char *fmt, ...)
     p->note(msg, p->user);
 }
 
-/* Outcome of one request. */
-enum { DL_DONE, DL_RETRY, DL_FAIL };
+/* Outcome of one request: done, worth resuming, failed (the .part kept for a later pull),
+ * failed writing (the .part deleted: a full disk must not keep a half file around). */
+enum { DL_DONE, DL_RETRY, DL_FAIL, DL_DISK };
 
 /* One GET of url appended to part_path (resumed with a Range when it has bytes). */
 static int download_once(const hub_net *net, const forge_hub_params *p, const char *url,
@@ -607,7 +608,8 @@ static int download_once(const hub_net *net, const forge_hub_params *p, const ch
     *h_out = d.h;
     if (d.write_errno) {
         rc = forge_err_set(err, FORGE_E_IO, "writing %s: %s", part_path, strerror(d.write_errno));
-        goto done; /* DL_FAIL: the caller deletes the .part */
+        *outcome = DL_DISK;
+        goto done;
     }
     if (status == 416 && d.offset > 0) {
         /* the .part is as long as the file or longer: start over */
@@ -635,7 +637,7 @@ done:
     if (d.fd >= 0) {
         if (fsync(d.fd) != 0 && rc == FORGE_OK) {
             rc = forge_err_set(err, FORGE_E_IO, "writing %s: %s", part_path, strerror(errno));
-            *outcome = DL_FAIL;
+            *outcome = DL_DISK;
         }
         close(d.fd);
     }
@@ -724,11 +726,8 @@ static int fetch_file(const hub_net *net, const forge_hub_params *p, const char 
         rc = download_once(net, p, url, rfile, part_path, &h, &outcome, err);
         if (outcome == DL_DONE) break;
         if (stat(part_path, &st) == 0 && st.st_size == 0) unlink(part_path);
-        if (outcome == DL_FAIL) {
-            /* an HTTP error keeps a .part of earlier attempts; a disk error removes it */
-            if (rc == FORGE_E_IO && err && strncmp(err->msg, "writing ", 8) == 0) unlink(part_path);
-            goto done;
-        }
+        if (outcome == DL_DISK) unlink(part_path);
+        if (outcome == DL_FAIL || outcome == DL_DISK) goto done; /* HTTP errors keep the .part */
         if (attempt >= p->retries) goto done; /* the .part stays: the next pull resumes it */
         note(p, "%s; retrying", err ? err->msg : "download interrupted");
     }

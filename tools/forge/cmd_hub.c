@@ -3,7 +3,9 @@
  * command line and prints. */
 #include <stdio.h>
 #include <stdlib.h>
+#include <fcntl.h>
 #include <string.h>
+#include <sys/stat.h>
 #include <time.h>
 
 #include "forge.h"
@@ -60,6 +62,7 @@ int cmd_pull(int argc, char **argv)
     forge_err err = {0};
     char *path = NULL;
     if (forge_hub_pull(spec, &p, &path, &err) != FORGE_OK) {
+        hub_cli_end_line();
         fprintf(stderr, "forge pull: %s\n", err.msg);
         return err.code == FORGE_E_INVALID ? 2 : 1;
     }
@@ -78,13 +81,16 @@ static void models_usage(FILE *f)
             "The cache is $FORGE_CACHE, else $XDG_CACHE_HOME/forge, else ~/.cache/forge.\n");
 }
 
-/* "llama 292K params, F32" from the GGUF header; "unreadable: ..." if it does not open. */
-static void describe(const char *path, char *out, size_t cap)
+/* "llama, 292K params, F32" from the GGUF header; "unreadable (...)" if it does not open.
+ * Reading it must not count as a use: its access time ("last used") is put back. */
+static void describe(const char *path, time_t last_used, char *out, size_t cap)
 {
+    struct timespec ts[2] = {{last_used, 0}, {0, UTIME_OMIT}};
     gguf_ctx *g = NULL;
     forge_err err = {0};
     if (gguf_open(path, &g, &err) != FORGE_OK) {
         snprintf(out, cap, "unreadable (%.100s)", err.msg);
+        if (last_used) (void)utimensat(AT_FDCWD, path, ts, 0);
         return;
     }
     gguf_str arch = {"?", 1};
@@ -107,6 +113,7 @@ static void describe(const char *path, char *out, size_t cap)
     snprintf(out, cap, "%.*s, %.*f%s params, %s", (int)(arch.len > 32 ? 32 : arch.len), arch.data,
              v < 10 ? 1 : 0, v, unit, ggml_type_name(main_t));
     gguf_close(g);
+    if (last_used) (void)utimensat(AT_FDCWD, path, ts, 0);
 }
 
 static int models_list(void)
@@ -125,7 +132,7 @@ static int models_list(void)
     if (n) printf("%-40s  %-44s  %10s  %-32s  %s\n", "REPO", "FILE", "SIZE", "TYPE", "LAST USED");
     for (size_t i = 0; i < n; i++) {
         char type[160], when[32] = "?";
-        describe(e[i].path, type, sizeof type);
+        describe(e[i].path, e[i].last_used, type, sizeof type);
         struct tm tm;
         if (e[i].last_used && localtime_r(&e[i].last_used, &tm))
             strftime(when, sizeof when, "%Y-%m-%d %H:%M", &tm);

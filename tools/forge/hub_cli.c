@@ -38,6 +38,7 @@ typedef struct bar_state {
     double last;
     int last_pct;
     bool quiet;
+    bool open; /* a bar line without its newline is on stderr */
 } bar_state;
 
 static bar_state g_bar;
@@ -71,13 +72,22 @@ static void bar(const char *name, uint64_t done, uint64_t total, void *user)
         fprintf(stderr, "\rforge %s: %.40s %.1f MiB", b->cmd, base, (double)done / (1 << 20));
     }
     if (end) fputc('\n', stderr);
+    b->open = !end;
     fflush(stderr);
+}
+
+void hub_cli_end_line(void)
+{
+    if (g_bar.open) fputc('\n', stderr);
+    g_bar.open = false;
 }
 
 static void on_note(const char *msg, void *user)
 {
     bar_state *b = user;
-    if (!b->quiet) fprintf(stderr, "forge %s: %s\n", b->cmd, msg);
+    if (b->quiet) return;
+    hub_cli_end_line();
+    fprintf(stderr, "forge %s: %s\n", b->cmd, msg);
 }
 
 forge_hub_params hub_cli_params(const char *cmd, bool offline, bool quiet)
@@ -87,6 +97,7 @@ forge_hub_params hub_cli_params(const char *cmd, bool offline, bool quiet)
     g_bar.last = 0;
     g_bar.last_pct = -2;
     g_bar.quiet = quiet;
+    g_bar.open = false;
     p.offline = offline;
     p.note = on_note;
     p.user = &g_bar;
@@ -141,6 +152,7 @@ int hub_resolve_model(engine_opts *o, const char *cmd)
         free(g_resolved);
         g_resolved = NULL;
         if (forge_hub_pull(o->hf_spec, &p, &g_resolved, &err) != FORGE_OK) {
+            hub_cli_end_line();
             fprintf(stderr, "forge %s: -hf %s: %s\n", cmd, o->hf_spec, err.msg);
             return err.code == FORGE_E_INVALID ? 2 : 1;
         }

@@ -18,4 +18,7 @@ int hub_resolve_model(struct engine_opts *o, const char *cmd);
 /* Hub params with the CLI's progress bar (stderr on a terminal) and notes on stderr. */
 forge_hub_params hub_cli_params(const char *cmd, bool offline, bool quiet);
 
+/* End a progress-bar line left open by an interrupted download (before printing an error). */
+void hub_cli_end_line(void);
+
 #endif
