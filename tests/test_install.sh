@@ -86,8 +86,13 @@ cp -r "$prefix" "$tmp/moved" # relocatable: the lookups are relative to the exec
 tu_check "installed forge run without -m: exit 0" [ $? -eq 0 ]
 tu_check "installed forge uses PREFIX/share/forge" grep -q "bundled demo model $tmp/moved/share/forge/stories260K.gguf" "$tmp/err"
 tu_check "installed forge generates text" grep -q "there was" "$tmp/out"
-"$prefix/bin/forge" run -p x -n 1 -t 1 --device gpu >"$tmp/out" 2>"$tmp/err"
-tu_check "installed forge dlopens PREFIX/lib/libforge_cuda.so" grep -q "libforge_cuda.so is not a Forge GPU library" "$tmp/err"
+if [ $san -eq 0 ]; then
+    "$prefix/bin/forge" run -p x -n 1 -t 1 --device gpu >"$tmp/out" 2>"$tmp/err"
+    tu_check "installed forge dlopens PREFIX/lib/libforge_cuda.so" grep -q "libforge_cuda.so is not a Forge GPU library" "$tmp/err"
+else
+    # ASan intercepts dlopen, so the search runs as libasan's, without forge's RUNPATH
+    tu_skip "installed forge dlopens PREFIX/lib/libforge_cuda.so" "checked in the release run: ASan's dlopen ignores the RUNPATH"
+fi
 
 mk uninstall GPU_LIB="$tmp/libforge_cuda.so" >"$tmp/log" 2>&1
 tu_check "make uninstall: exit 0" [ $? -eq 0 ]
