@@ -21,9 +21,12 @@
  * $HF_HUB_OFFLINE set to a value other than "" or "0"): only the cache is used.
  *
  * Errors: FORGE_E_NOTFOUND (no such repo, file or quant; offline and not cached; the message lists
- * the quants the repo has), FORGE_E_IO (network, HTTP status, disk), FORGE_E_FORMAT (not a GGUF,
- * sha256 or size mismatch), FORGE_E_INVALID (malformed name), FORGE_E_UNSUPPORTED (401/403: the
- * message says to set HF_TOKEN). Thread safety: independent calls may run concurrently.
+ * the quants the repo has), FORGE_E_IO (network, HTTP status, disk; for 401/403 the message says
+ * to set HF_TOKEN), FORGE_E_FORMAT (not a GGUF, sha256 or size mismatch), FORGE_E_INVALID
+ * (malformed name). A failed download leaves no model file; after a dropped connection its
+ * .part stays in .tmp/ for the next pull to resume (never used as a model); after a disk error
+ * or a failed check it is deleted.
+ * Thread safety: independent calls may run concurrently (also from several processes).
  */
 #ifndef FORGE_HUB_H
 #define FORGE_HUB_H

@@ -12,7 +12,9 @@ CONFIG is re-read on every request, so the test can change it between pulls:
                             "files": {"FILE": {"path": "/local/file",
                                                "drop": 1,        (first N GETs: cut halfway)
                                                "corrupt": true,  (one byte flipped in the body)
-                                               "sha": "..."      (announce another sha256)}}}}}
+                                               "sha": "...",     (announce another sha256)
+                                               "size": N,        (announce another size)
+                                               "delay": S}}}}}   (seconds between 64 KiB chunks)
 The port (chosen by the OS) is written to PORTFILE; every request is logged to LOGFILE as
 "METHOD PATH range=... auth=yes|no".
 """
@@ -21,6 +23,7 @@ import json
 import os
 import sys
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 CONFIG, PORTFILE, LOGFILE = sys.argv[1], sys.argv[2], sys.argv[3]
@@ -107,7 +110,7 @@ class Hub(BaseHTTPRequestHandler):
             if f is None:
                 return self.send(404, b'{"error":"Entry not found"}')
             sha = f.get("sha") or sha256_of(f["path"])
-            size = os.path.getsize(f["path"])
+            size = f.get("size") or os.path.getsize(f["path"])
             return self.send(302, b"", {"Location": "/cdn/%s/%s" % (name, fname),
                                         "X-Linked-Etag": '"%s"' % sha,
                                         "X-Linked-Size": str(size),
@@ -152,7 +155,11 @@ class Hub(BaseHTTPRequestHandler):
             self.close_connection = True
             self.connection.shutdown(2)
             return
-        self.wfile.write(body)
+        delay = f.get("delay", 0)
+        for i in range(0, len(body), 65536):
+            self.wfile.write(body[i:i + 65536])
+            if delay:
+                time.sleep(delay)
 
 
 server = ThreadingHTTPServer(("127.0.0.1", 0), Hub)

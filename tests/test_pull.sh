@@ -30,6 +30,7 @@ cp "$models/stories260K.gguf" "$src/F32.gguf"
 cp "$models/stories260K-F16.gguf" "$src/F16.gguf"
 cp "$models/stories260K-Q8_0-mix.gguf" "$src/Q8.gguf"
 printf 'this is an HTML error page, not a model\n%.0s' $(seq 100) >"$src/notgguf.gguf"
+head -c 4000 "$models/stories260K.gguf" >"$src/truncated.gguf" # GGUF magic, cut short
 split_ok=0
 if [ -x "$test_hub" ] && "$test_hub" --split "$src/F32.gguf" "$src/split" 3; then split_ok=1; fi
 
@@ -48,13 +49,14 @@ for name, o in opts.items():
     files.setdefault(name, {"path": src + "/F32.gguf"}).update(o)
 cfg = {"repos": {"test/stories-GGUF": {"files": files},
                  "test/gated-GGUF": {"token": "s3cret", "files": {"gated-Q8_0.gguf": {"path": src + "/Q8.gguf"}}},
-                 "test/broken-GGUF": {"files": {"broken-Q4_0.gguf": {"path": src + "/notgguf.gguf"}}}}}
+                 "test/broken-GGUF": {"files": {"broken-Q4_0.gguf": {"path": src + "/notgguf.gguf"},
+                                                "broken-Q5_0.gguf": {"path": src + "/truncated.gguf"}}}}}
 json.dump(cfg, open(out + ".tmp", "w"))
 os.rename(out + ".tmp", out)
 EOF
 }
 write_config
-python3 "$(dirname "$0")/hub_server.py" "$tmp/config.json" "$tmp/port" "$tmp/log" &
+python3 "$(dirname "$0")/hub_server.py" "$tmp/config.json" "$tmp/port" "$tmp/log" 2>>"$tmp/server.err" &
 server_pid=$!
 for _ in $(seq 100); do [ -s "$tmp/port" ] && break; sleep 0.1; done
 if [ ! -s "$tmp/port" ]; then tu_fail "fake hub started"; tu_done; exit 1; fi
@@ -104,7 +106,7 @@ tu_check "interrupted pull: names the problem" grep -q "stories260K-Q8_0.gguf" "
 kill "$server_pid"; wait "$server_pid" 2>/dev/null  # a fresh server forgets the drop count
 write_config
 rm -f "$tmp/port"
-python3 "$(dirname "$0")/hub_server.py" "$tmp/config.json" "$tmp/port" "$tmp/log" &
+python3 "$(dirname "$0")/hub_server.py" "$tmp/config.json" "$tmp/port" "$tmp/log" 2>>"$tmp/server.err" &
 server_pid=$!
 for _ in $(seq 100); do [ -s "$tmp/port" ] && break; sleep 0.1; done
 export HF_ENDPOINT=http://127.0.0.1:$(cat "$tmp/port")
@@ -168,6 +170,8 @@ $T "$FORGE" pull test/broken-GGUF:Q4_0 >"$tmp/out" 2>"$tmp/err"
 rc=$?
 tu_check "not GGUF: exit 1" [ $rc -eq 1 ]
 tu_check "not GGUF: says so" grep -q "not GGUF" "$tmp/err"
+$T "$FORGE" pull test/broken-GGUF:Q5_0 >"$tmp/out" 2>"$tmp/err"
+tu_check "GGUF magic but truncated: rejected by the reader" bash -c "[ $? -eq 1 ] && grep -q 'not a valid GGUF file' '$tmp/err'"
 tu_check "not GGUF: nothing in the cache" bash -c "[ -z \"\$(find '$FORGE_CACHE/hub/test/broken-GGUF' -type f ! -name '*.lock')\" ]"
 
 # 11. --offline with and without the file cached (no request either way); FORGE_OFFLINE
@@ -197,6 +201,13 @@ tu_check "full disk: names the write error" grep -q "writing .*too large" "$tmp/
 tu_check "full disk: no partial file left" bash -c "[ ! -e '$repo/full-Q6_K.gguf' ] && ! ls -a '$repo/.tmp' | grep -q 'full-Q6_K.gguf.part'"
 write_config
 
+# 13b. a size that is not what the hub announced (X-Linked-Size): rejected, nothing left
+write_config '{"size-Q6_K.gguf": {"size": 12345}}'
+$T "$FORGE" pull test/stories-GGUF:Q6_K >"$tmp/out" 2>"$tmp/err"
+tu_check "wrong size: exit 1, says so" bash -c "[ $? -eq 1 ] && grep -q 'the hub says 12345' '$tmp/err'"
+tu_check "wrong size: nothing left" bash -c "[ ! -e '$repo/size-Q6_K.gguf' ] && ! ls -a '$repo/.tmp' | grep -q 'size-Q6_K.gguf.part'"
+write_config
+
 # 14. split files: all parts downloaded and joined into one GGUF that runs like the original
 if [ $split_ok -eq 1 ]; then
     $T "$FORGE" pull test/stories-GGUF:Q4_0 >"$tmp/out" 2>"$tmp/err"
@@ -211,17 +222,23 @@ else
     tu_fail "split" "could not make split files with $test_hub --split"
 fi
 
-# 15. concurrent pulls of one file: both succeed, one download, an intact file
+# 15. concurrent pulls of one file (a slow download): both succeed, the second waits on the lock
+#     and finds the file in place, so the body is sent once; the file is intact
 rm -rf "$FORGE_CACHE/hub/test/gated-GGUF"
+write_config '{"slow-Q3_K_M.gguf": {"delay": 0.05}}'
 : >"$tmp/log"
-(HF_TOKEN=s3cret $T "$FORGE" pull -q test/gated-GGUF:Q8_0 >"$tmp/c1" 2>&1; echo $? >"$tmp/rc1") &
+($T "$FORGE" pull test/stories-GGUF:Q3_K_M >"$tmp/c1" 2>&1; echo $? >"$tmp/rc1") &
 p1=$!
-(HF_TOKEN=s3cret $T "$FORGE" pull -q test/gated-GGUF:Q8_0 >"$tmp/c2" 2>&1; echo $? >"$tmp/rc2") &
+($T "$FORGE" pull test/stories-GGUF:Q3_K_M >"$tmp/c2" 2>&1; echo $? >"$tmp/rc2") &
 p2=$!
 wait "$p1" "$p2"
 tu_check "concurrent: both exit 0" [ "$(cat "$tmp/rc1")$(cat "$tmp/rc2")" = "00" ]
-tu_check "concurrent: intact file" [ "$(sha "$FORGE_CACHE/hub/test/gated-GGUF/gated-Q8_0.gguf")" = "$(sha "$src/Q8.gguf")" ]
+tu_check "concurrent: one waited for the other" grep -q "waiting for another download" "$tmp/c1" "$tmp/c2"
+tu_check "concurrent: the body was sent once" [ "$(grep -c '^GET /cdn/.*slow-Q3_K_M.gguf' "$tmp/log")" -eq 1 ]
+tu_check "concurrent: intact file" [ "$(sha "$repo/slow-Q3_K_M.gguf")" = "$(sha "$src/F32.gguf")" ]
 tu_check "concurrent: no leftovers" no_gguf_left
+write_config
+HF_TOKEN=s3cret $T "$FORGE" pull -q test/gated-GGUF:Q8_0 >/dev/null 2>&1
 
 # 16. forge models: lists repo, file, size, type; models rm
 "$FORGE" models >"$tmp/out" 2>"$tmp/err"
