@@ -13,7 +13,8 @@
 #define ENGINE_MAX_DEFAULT_CTX 8192
 
 const char *engine_opts_help =
-    "  -m, --model FILE     GGUF model (required unless -hf)\n"
+    "  -m, --model FILE     GGUF model (run without -m or -hf: $FORGE_MODEL, else the bundled\n"
+    "                       demo model models/stories260K.gguf or PREFIX/share/forge/)\n"
     "  -hf, --hf-repo REPO[:QUANT]  the model from the hub cache, downloaded when missing\n"
     "                       (see forge pull --help); --offline: only the cache\n"
     "  -t, --threads N      threads (default: physical cores)\n"
