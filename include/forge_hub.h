@@ -58,7 +58,7 @@ typedef struct forge_hub_params {
                               `-hf` does); otherwise a cached file is checked against the hub's
                               sha256 and downloaded again when it changed (what `pull` does) */
     int retries;           /* resumed attempts after a dropped connection (default 2) */
-    long connect_timeout_s; /* default 30 */
+    long connect_timeout_s;         /* default 30 */
     forge_hub_progress_fn progress; /* may be NULL */
     forge_hub_note_fn note;         /* may be NULL */
     void *user;
@@ -68,19 +68,18 @@ forge_hub_params forge_hub_default_params(void);
 
 /* Resolve `spec` (REPO[:QUANT] or REPO/FILE.gguf) to a checked GGUF file in the cache,
  * downloading it unless it is there. On success *path is a malloc'd path the caller frees. */
-int forge_hub_pull(const char *spec, const forge_hub_params *p, char **path,
-                   struct forge_err *err);
+int forge_hub_pull(const char *spec, const forge_hub_params *p, char **path, struct forge_err *err);
 
 /* The cache directory the params select (malloc'd; caller frees). */
 int forge_hub_cache_dir(const forge_hub_params *p, char **dir, struct forge_err *err);
 
 /* One cached model file. */
 typedef struct forge_hub_entry {
-    char *repo;        /* "owner/name" */
-    char *file;        /* path inside the repo, e.g. "Model-Q4_K_M.gguf" */
-    char *path;        /* full path in the cache */
-    uint64_t size;     /* bytes */
-    time_t last_used;  /* last pull or use through forge_hub_pull (the file's atime) */
+    char *repo;       /* "owner/name" */
+    char *file;       /* path inside the repo, e.g. "Model-Q4_K_M.gguf" */
+    char *path;       /* full path in the cache */
+    uint64_t size;    /* bytes */
+    time_t last_used; /* last pull or use through forge_hub_pull (the file's atime) */
 } forge_hub_entry;
 
 /* Every cached .gguf file, sorted by repo then file. *entries is owned by the caller and freed

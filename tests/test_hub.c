@@ -21,7 +21,8 @@ static void hex_of(const char *data, size_t n, size_t repeat, char out[65])
     sha256_ctx c;
     uint8_t d[32];
     sha256_init(&c);
-    for (size_t i = 0; i < repeat; i++) sha256_update(&c, data, n);
+    for (size_t i = 0; i < repeat; i++)
+        sha256_update(&c, data, n);
     sha256_final(&c, d);
     sha256_hex(d, out);
 }
@@ -47,7 +48,8 @@ static void test_sha256_file(void **state)
     snprintf(path, sizeof path, "%s/f", dir);
     FILE *f = fopen(path, "wb");
     assert_non_null(f);
-    for (int i = 0; i < 3000000; i++) fputc('a' + i % 3, f); /* crosses the 1 MiB read size */
+    for (int i = 0; i < 3000000; i++)
+        fputc('a' + i % 3, f); /* crosses the 1 MiB read size */
     fclose(f);
     char *data = tu_read_file(path, NULL);
     char want[65];
@@ -85,8 +87,8 @@ static char *make_cache(forge_hub_params *p)
     char path[600];
     static const char *const files[] = {"hub/o/r/a-Q4_0.gguf", "hub/o/r/sub/b-Q8_0.gguf",
                                         "hub/o/r/.tmp/a-Q4_0.gguf.part", "hub/x/y/c-F16.gguf"};
-    static const char *const dirs[] = {"hub", "hub/o", "hub/o/r", "hub/o/r/sub", "hub/o/r/.tmp",
-                                       "hub/x", "hub/x/y"};
+    static const char *const dirs[] = {"hub",          "hub/o", "hub/o/r", "hub/o/r/sub",
+                                       "hub/o/r/.tmp", "hub/x", "hub/x/y"};
     for (size_t i = 0; i < FORGE_ARRAY_LEN(dirs); i++) {
         snprintf(path, sizeof path, "%s/%s", dir, dirs[i]);
         assert_int_equal(mkdir(path, 0755), 0);
@@ -154,8 +156,15 @@ static void test_bad_names(void **state)
     forge_hub_params p = forge_hub_default_params();
     char *path = NULL;
     forge_err err = {0};
-    static const char *const bad[] = {"", "noslash", "a/b/../../etc/passwd", "../x/y", "a/b:",
-                                      "a/b/c.gguf:Q4_0", "a/.hidden", "a/b:Q4 K", "a//b",
+    static const char *const bad[] = {"",
+                                      "noslash",
+                                      "a/b/../../etc/passwd",
+                                      "../x/y",
+                                      "a/b:",
+                                      "a/b/c.gguf:Q4_0",
+                                      "a/.hidden",
+                                      "a/b:Q4 K",
+                                      "a//b",
                                       "a/b/.tmp/x.gguf"};
     p.offline = true;
     p.cache_dir = "/nonexistent-forge-cache";
@@ -247,7 +256,8 @@ static int split_main(const char *in, const char *prefix, int n_parts)
 
 int main(int argc, char **argv)
 {
-    if (argc == 5 && !strcmp(argv[1], "--split")) return split_main(argv[2], argv[3], atoi(argv[4]));
+    if (argc == 5 && !strcmp(argv[1], "--split"))
+        return split_main(argv[2], argv[3], atoi(argv[4]));
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_sha256_vectors), cmocka_unit_test(test_sha256_file),
         cmocka_unit_test(test_quant_of),       cmocka_unit_test(test_list_and_remove),

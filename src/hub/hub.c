@@ -129,7 +129,8 @@ static bool file_ok(const char *f)
     for (const char *c = f;; c++) {
         if (*c == '/' || *c == '\0') {
             size_t n = (size_t)(c - comp);
-            if (n == 0 || (n == 1 && comp[0] == '.') || (n == 2 && comp[0] == '.' && comp[1] == '.'))
+            if (n == 0 || (n == 1 && comp[0] == '.') ||
+                (n == 2 && comp[0] == '.' && comp[1] == '.'))
                 return false;
             if (comp[0] == '.') return false; /* hidden names are the cache's own (.tmp) */
             if (*c == '\0') break;
@@ -151,7 +152,8 @@ static int spec_parse(const char *spec, hub_spec *s, forge_err *err)
 {
     memset(s, 0, sizeof *s);
     if (!spec || !*spec)
-        return forge_err_set(err, FORGE_E_INVALID, "empty model name (want REPO[:QUANT] or REPO/FILE.gguf)");
+        return forge_err_set(err, FORGE_E_INVALID,
+                             "empty model name (want REPO[:QUANT] or REPO/FILE.gguf)");
     const char *s1 = strchr(spec, '/');
     const char *s2 = s1 ? strchr(s1 + 1, '/') : NULL;
     const char *colon = strchr(spec, ':');
@@ -168,7 +170,8 @@ static int spec_parse(const char *spec, hub_spec *s, forge_err *err)
         if (colon) {
             size_t n = strlen(colon + 1);
             bool ok = n > 0 && n < sizeof s->quant;
-            for (const char *c = colon + 1; ok && *c; c++) ok = repo_char_ok(*c);
+            for (const char *c = colon + 1; ok && *c; c++)
+                ok = repo_char_ok(*c);
             if (!ok)
                 return forge_err_set(err, FORGE_E_INVALID, "'%s': bad quant '%s'", spec, colon + 1);
             memcpy(s->quant, colon + 1, n + 1);
@@ -180,9 +183,9 @@ static int spec_parse(const char *spec, hub_spec *s, forge_err *err)
     if (!repo_ok(s->repo) || (s->file && !file_ok(s->file))) {
         free(s->file);
         s->file = NULL;
-        return forge_err_set(err, FORGE_E_INVALID,
-                             "bad model name '%s' (want OWNER/NAME[:QUANT] or OWNER/NAME/FILE.gguf)",
-                             spec);
+        return forge_err_set(
+            err, FORGE_E_INVALID,
+            "bad model name '%s' (want OWNER/NAME[:QUANT] or OWNER/NAME/FILE.gguf)", spec);
     }
     return FORGE_OK;
 }
@@ -229,7 +232,8 @@ void forge_hub_quant_of(const char *file, char *out, size_t cap)
     else if (ends_with_ci(base, ".gguf"))
         n -= 5;
     size_t start = n;
-    while (start > 0 && base[start - 1] != '-' && base[start - 1] != '.') start--;
+    while (start > 0 && base[start - 1] != '-' && base[start - 1] != '.')
+        start--;
     size_t len = n - start < cap - 1 ? n - start : cap - 1;
     memcpy(out, base + start, len);
     out[len] = '\0';
@@ -282,7 +286,10 @@ int forge_hub_cache_dir(const forge_hub_params *p, char **dir, forge_err *err)
 
 static pthread_once_t g_curl_once = PTHREAD_ONCE_INIT;
 static CURLcode g_curl_init_rc = CURLE_FAILED_INIT;
-static void curl_init_once(void) { g_curl_init_rc = curl_global_init(CURL_GLOBAL_DEFAULT); }
+static void curl_init_once(void)
+{
+    g_curl_init_rc = curl_global_init(CURL_GLOBAL_DEFAULT);
+}
 
 typedef struct hub_net {
     const char *endpoint; /* without a trailing '/' */
@@ -300,8 +307,10 @@ typedef struct hub_headers {
 
 static void header_value(const char *v, size_t n, char *out, size_t cap)
 {
-    while (n && (*v == ' ' || *v == '\t')) v++, n--;
-    while (n && (v[n - 1] == '\r' || v[n - 1] == '\n' || v[n - 1] == ' ')) n--;
+    while (n && (*v == ' ' || *v == '\t'))
+        v++, n--;
+    while (n && (v[n - 1] == '\r' || v[n - 1] == '\n' || v[n - 1] == ' '))
+        n--;
     if (n >= 2 && v[0] == 'W' && v[1] == '/') v += 2, n -= 2;
     if (n >= 2 && v[0] == '"' && v[n - 1] == '"') v++, n -= 2;
     if (n >= cap) n = cap - 1;
@@ -327,7 +336,8 @@ static size_t on_header(char *buf, size_t size, size_t nitems, void *user)
     } else if (klen == 13 && !strncasecmp(buf, "content-range", 13)) {
         header_value(colon + 1, vlen, val, sizeof val);
         const char *slash = strchr(val, '/');
-        if (slash && isdigit((unsigned char)slash[1])) h->range_total = strtoull(slash + 1, NULL, 10);
+        if (slash && isdigit((unsigned char)slash[1]))
+            h->range_total = strtoull(slash + 1, NULL, 10);
     }
     return n;
 }
@@ -347,7 +357,8 @@ static void expected_sha(const hub_headers *h, char out[65])
                     : is_sha256_hex(h->etag)      ? h->etag
                                                   : "";
     size_t i = 0;
-    for (; s[i]; i++) out[i] = (char)tolower((unsigned char)s[i]);
+    for (; s[i]; i++)
+        out[i] = (char)tolower((unsigned char)s[i]);
     out[i] = '\0';
 }
 
@@ -391,11 +402,11 @@ static CURL *curl_new(const hub_net *net, const char *url, struct curl_slist **h
 static int http_status_error(const hub_net *net, long status, const char *what, forge_err *err)
 {
     if (status == 401 || status == 403)
-        return forge_err_set(err, FORGE_E_IO,
-                             "%s: HTTP %ld (%s): the repo is private, gated or does not exist; %s",
-                             what, status, status == 401 ? "unauthorized" : "forbidden",
-                             net->token ? "the token in HF_TOKEN was refused, or it cannot read this repo"
-                                        : "set HF_TOKEN to an access token that can read it");
+        return forge_err_set(
+            err, FORGE_E_IO, "%s: HTTP %ld (%s): the repo is private, gated or does not exist; %s",
+            what, status, status == 401 ? "unauthorized" : "forbidden",
+            net->token ? "the token in HF_TOKEN was refused, or it cannot read this repo"
+                       : "set HF_TOKEN to an access token that can read it");
     if (status == 404)
         return forge_err_set(err, FORGE_E_NOTFOUND, "%s: not found (HTTP 404)", what);
     return forge_err_set(err, FORGE_E_IO, "%s: HTTP %ld", what, status);
@@ -413,7 +424,8 @@ static size_t on_mem(char *ptr, size_t size, size_t nmemb, void *user)
     if (b->len + n + 1 > b->max) return 0;
     if (b->len + n + 1 > b->cap) {
         size_t cap = b->cap ? b->cap : 4096;
-        while (cap < b->len + n + 1) cap *= 2;
+        while (cap < b->len + n + 1)
+            cap *= 2;
         char *d = realloc(b->data, cap);
         if (!d) return 0;
         b->data = d;
@@ -489,12 +501,12 @@ static int http_head_sha(const hub_net *net, const char *url, const char *what, 
 typedef struct dl_state {
     int fd;
     CURL *curl;
-    uint64_t offset;    /* bytes in the .part before this request */
-    uint64_t written;   /* bytes written by this request */
-    long status;        /* status of the response whose body is being received */
-    bool restarted;     /* the server ignored the Range: the .part was truncated */
-    int write_errno;    /* a failed write() (disk full, ...) */
-    membuf errbody;     /* body of an error response (for the message) */
+    uint64_t offset;  /* bytes in the .part before this request */
+    uint64_t written; /* bytes written by this request */
+    long status;      /* status of the response whose body is being received */
+    bool restarted;   /* the server ignored the Range: the .part was truncated */
+    int write_errno;  /* a failed write() (disk full, ...) */
+    membuf errbody;   /* body of an error response (for the message) */
     hub_headers h;
     const forge_hub_params *p;
     const char *name;
@@ -628,8 +640,8 @@ static int download_once(const hub_net *net, const forge_hub_params *p, const ch
     if (cc != CURLE_OK) {
         /* a dropped connection or a stall: the bytes so far stay for a resumed attempt */
         *outcome = DL_RETRY;
-        rc = forge_err_set(err, FORGE_E_IO, "downloading %s: %s (%s)", name,
-                           curl_easy_strerror(cc), url);
+        rc = forge_err_set(err, FORGE_E_IO, "downloading %s: %s (%s)", name, curl_easy_strerror(cc),
+                           url);
         goto done;
     }
     *outcome = DL_DONE;
@@ -692,7 +704,8 @@ static int check_gguf(const char *path, const char *name, forge_err *err)
     fclose(f);
     if (n < 4 || memcmp(magic, "GGUF", 4) != 0) {
         char shown[16];
-        for (size_t i = 0; i < 4; i++) shown[i] = i < n && isprint(magic[i]) ? (char)magic[i] : '.';
+        for (size_t i = 0; i < 4; i++)
+            shown[i] = i < n && isprint(magic[i]) ? (char)magic[i] : '.';
         shown[4] = '\0';
         return forge_err_set(err, FORGE_E_FORMAT,
                              "%s: the hub served a file that is not GGUF (starts with '%s', "
@@ -761,7 +774,8 @@ static int fetch_file(const hub_net *net, const forge_hub_params *p, const char 
                            rfile, want, got);
         goto done;
     }
-    if (!want[0]) note(p, "%s: the hub gave no sha256 for it; only its GGUF format is checked", rfile);
+    if (!want[0])
+        note(p, "%s: the hub gave no sha256 for it; only its GGUF format is checked", rfile);
     if ((rc = check_gguf(part_path, rfile, err))) {
         unlink(part_path);
         goto done;
@@ -830,7 +844,8 @@ static int join_parts(char **parts, int n_parts, const char *out_path, forge_err
 done:
     gguf_writer_free(w);
     free(js.t);
-    for (int i = 0; i < n_parts; i++) gguf_close(g[i]);
+    for (int i = 0; i < n_parts; i++)
+        gguf_close(g[i]);
     free(g);
     return rc;
 }
@@ -844,7 +859,8 @@ typedef struct str_list {
 
 static void str_list_free(str_list *l)
 {
-    for (size_t i = 0; i < l->n; i++) free(l->v[i]);
+    for (size_t i = 0; i < l->n; i++)
+        free(l->v[i]);
     free(l->v);
     l->v = NULL;
     l->n = 0;
@@ -886,8 +902,8 @@ static int api_gguf_files(const hub_net *net, const char *repo, str_list *out, f
     free(body.data);
     const cJSON *sib = j ? cJSON_GetObjectItemCaseSensitive(j, "siblings") : NULL;
     if (!cJSON_IsArray(sib)) {
-        rc = forge_err_set(err, FORGE_E_FORMAT, "repo %s: the hub's answer from %s has no file list",
-                           repo, url);
+        rc = forge_err_set(err, FORGE_E_FORMAT,
+                           "repo %s: the hub's answer from %s has no file list", repo, url);
         goto done;
     }
     const cJSON *it;
@@ -916,7 +932,8 @@ static void quant_summary(const str_list *files, char *buf, size_t cap)
         char w[64];
         bool seen = false;
         forge_hub_quant_of(files->v[i], w, sizeof w);
-        for (size_t k = 0; k < q.n && !seen; k++) seen = !strcmp(q.v[k], w);
+        for (size_t k = 0; k < q.n && !seen; k++)
+            seen = !strcmp(q.v[k], w);
         if (!seen && w[0] && str_list_add(&q, w, NULL) != FORGE_OK) break;
     }
     if (q.n) qsort(q.v, q.n, sizeof *q.v, cmp_str);
@@ -946,8 +963,10 @@ static int choose(const hub_spec *s, const str_list *files, str_list *pick, char
         if (!want) return forge_err_set(err, FORGE_E_NOMEM, "out of memory");
         for (size_t i = 0; i < files->n && !group; i++) {
             char *jn = joined_name(files->v[i]);
-            if (jn && !strcmp(jn, want)) group = jn;
-            else free(jn);
+            if (jn && !strcmp(jn, want))
+                group = jn;
+            else
+                free(jn);
         }
         free(want);
         if (!group) {
@@ -977,8 +996,10 @@ static int choose(const hub_spec *s, const str_list *files, str_list *pick, char
                 one = jn && !strcmp(jn, first);
                 free(jn);
             }
-            if (one) group = first;
-            else free(first);
+            if (one)
+                group = first;
+            else
+                free(first);
             if (!group) {
                 rc = forge_err_set(err, FORGE_E_NOTFOUND,
                                    "repo %s has several models: name one as %s:QUANT (quants: %s)",
@@ -1028,7 +1049,8 @@ done:
 static char *flat_name(const char *f)
 {
     size_t n = 0;
-    for (const char *c = f; *c; c++) n += *c == '/' ? 3 : 1;
+    for (const char *c = f; *c; c++)
+        n += *c == '/' ? 3 : 1;
     char *s = malloc(n + 1), *o = s;
     if (!s) return NULL;
     for (const char *c = f; *c; c++) {
@@ -1133,7 +1155,10 @@ static int write_sidecar(const char *path, const char *text, forge_err *err)
     return rc;
 }
 
-static bool cache_name_ok(const char *f) { return file_ok(f); }
+static bool cache_name_ok(const char *f)
+{
+    return file_ok(f);
+}
 
 int forge_hub_pull(const char *spec, const forge_hub_params *pp, char **path, forge_err *err)
 {
@@ -1158,7 +1183,8 @@ int forge_hub_pull(const char *spec, const forge_hub_params *pp, char **path, fo
         rc = forge_err_set(err, FORGE_E_NOMEM, "out of memory");
         goto done;
     }
-    for (size_t n = strlen(endpoint); n > 0 && endpoint[n - 1] == '/'; n--) endpoint[n - 1] = '\0';
+    for (size_t n = strlen(endpoint); n > 0 && endpoint[n - 1] == '/'; n--)
+        endpoint[n - 1] = '\0';
     net.endpoint = endpoint;
     net.token = p.token && *p.token ? p.token : getenv("HF_TOKEN");
     if (net.token && !*net.token) net.token = NULL;
@@ -1192,7 +1218,8 @@ int forge_hub_pull(const char *spec, const forge_hub_params *pp, char **path, fo
     if ((rc = api_gguf_files(&net, s.repo, &files, err))) goto done;
     if ((rc = choose(&s, &files, &pick, &cache_name, err))) goto done;
     if (!cache_name_ok(cache_name)) {
-        rc = forge_err_set(err, FORGE_E_FORMAT, "repo %s: unusable file name %s", s.repo, cache_name);
+        rc = forge_err_set(err, FORGE_E_FORMAT, "repo %s: unusable file name %s", s.repo,
+                           cache_name);
         goto done;
     }
     final = xasprintf("%s/%s", repo_dir, cache_name);
@@ -1266,7 +1293,9 @@ int forge_hub_pull(const char *spec, const forge_hub_params *pp, char **path, fo
     for (size_t i = 0; i < pick.n; i++) {
         char *pf = flat_name(pick.v[i]);
         char *part = pf ? xasprintf("%s/%s.part", tmp_dir, pf) : NULL;
-        done_paths[i] = pick.n == 1 ? xstrdup(final) : pf ? xasprintf("%s/%s.done", tmp_dir, pf) : NULL;
+        done_paths[i] = pick.n == 1 ? xstrdup(final)
+                        : pf        ? xasprintf("%s/%s.done", tmp_dir, pf)
+                                    : NULL;
         free(pf);
         if (!part || !done_paths[i]) {
             free(part);
@@ -1317,7 +1346,8 @@ int forge_hub_pull(const char *spec, const forge_hub_params *pp, char **path, fo
             unlink(joined_tmp);
             goto done;
         }
-        for (size_t i = 0; i < pick.n; i++) unlink(done_paths[i]);
+        for (size_t i = 0; i < pick.n; i++)
+            unlink(done_paths[i]);
     }
     {
         char text[4096] = "";
@@ -1334,7 +1364,8 @@ found:
 done:
     if (lock_fd >= 0) close(lock_fd); /* releases the flock */
     if (done_paths)
-        for (size_t i = 0; i < pick.n; i++) free(done_paths[i]);
+        for (size_t i = 0; i < pick.n; i++)
+            free(done_paths[i]);
     free(done_paths);
     free(shas);
     free(s.file);
@@ -1412,7 +1443,8 @@ int forge_hub_list(const forge_hub_params *p, forge_hub_entry **entries, size_t 
     for (size_t r = 0; r < repos.n && !rc; r++) {
         str_list files = {0};
         char *rd = xasprintf("%s/%s", hub_dir, repos.v[r]);
-        rc = rd ? walk_gguf(rd, "", &files, err) : forge_err_set(err, FORGE_E_NOMEM, "out of memory");
+        rc = rd ? walk_gguf(rd, "", &files, err)
+                : forge_err_set(err, FORGE_E_NOMEM, "out of memory");
         if (files.n) qsort(files.v, files.n, sizeof *files.v, cmp_str);
         for (size_t i = 0; i < files.n && !rc; i++) {
             forge_hub_entry *grown = realloc(e, (ne + 1) * sizeof *e);
@@ -1461,8 +1493,10 @@ static void rm_tree(const char *path)
             char *c = xasprintf("%s/%s", path, e->d_name);
             struct stat st;
             if (c && lstat(c, &st) == 0) {
-                if (S_ISDIR(st.st_mode)) rm_tree(c);
-                else unlink(c);
+                if (S_ISDIR(st.st_mode))
+                    rm_tree(c);
+                else
+                    unlink(c);
             }
             free(c);
         }

@@ -15,21 +15,21 @@
 
 static void pull_usage(FILE *f)
 {
-    fprintf(f,
-            "usage: forge pull [--offline] [-q] REPO[:QUANT] | REPO/FILE.gguf\n"
-            "  Download a GGUF model from the Hugging Face hub into the cache and print its path.\n"
-            "  REPO is OWNER/NAME, e.g. bartowski/Llama-3.2-1B-Instruct-GGUF:Q4_K_M. QUANT picks\n"
-            "  the file whose name carries it (case-insensitive; default Q4_K_M, or the repo's\n"
-            "  only model); split files (-00001-of-0000N) are joined into one GGUF.\n"
-            "  A cached file is checked against the hub's sha256 and downloaded again if it\n"
-            "  changed. Interrupted downloads resume. `forge run -hf REPO[:QUANT]` uses the cache.\n"
-            "  --offline            only the cache (also FORGE_OFFLINE=1 or HF_HUB_OFFLINE=1)\n"
-            "  -q, --quiet          no progress bar or notes\n"
-            "environment:\n"
-            "  FORGE_CACHE          cache directory (default $XDG_CACHE_HOME/forge, else\n"
-            "                       ~/.cache/forge); files at CACHE/hub/OWNER/NAME/FILE\n"
-            "  HF_TOKEN             access token, sent as 'Authorization: Bearer' (gated repos)\n"
-            "  HF_ENDPOINT          the hub (default https://huggingface.co)\n");
+    fprintf(
+        f, "usage: forge pull [--offline] [-q] REPO[:QUANT] | REPO/FILE.gguf\n"
+           "  Download a GGUF model from the Hugging Face hub into the cache and print its path.\n"
+           "  REPO is OWNER/NAME, e.g. bartowski/Llama-3.2-1B-Instruct-GGUF:Q4_K_M. QUANT picks\n"
+           "  the file whose name carries it (case-insensitive; default Q4_K_M, or the repo's\n"
+           "  only model); split files (-00001-of-0000N) are joined into one GGUF.\n"
+           "  A cached file is checked against the hub's sha256 and downloaded again if it\n"
+           "  changed. Interrupted downloads resume. `forge run -hf REPO[:QUANT]` uses the cache.\n"
+           "  --offline            only the cache (also FORGE_OFFLINE=1 or HF_HUB_OFFLINE=1)\n"
+           "  -q, --quiet          no progress bar or notes\n"
+           "environment:\n"
+           "  FORGE_CACHE          cache directory (default $XDG_CACHE_HOME/forge, else\n"
+           "                       ~/.cache/forge); files at CACHE/hub/OWNER/NAME/FILE\n"
+           "  HF_TOKEN             access token, sent as 'Authorization: Bearer' (gated repos)\n"
+           "  HF_ENDPOINT          the hub (default https://huggingface.co)\n");
 }
 
 int cmd_pull(int argc, char **argv)
@@ -107,9 +107,12 @@ static void describe(const char *path, time_t last_used, char *out, size_t cap)
         if (bytes[t] > bytes[main_t]) main_t = t;
     const char *unit = "";
     double v = params;
-    if (params >= 1e9) v = params / 1e9, unit = "B";
-    else if (params >= 1e6) v = params / 1e6, unit = "M";
-    else if (params >= 1e3) v = params / 1e3, unit = "K";
+    if (params >= 1e9)
+        v = params / 1e9, unit = "B";
+    else if (params >= 1e6)
+        v = params / 1e6, unit = "M";
+    else if (params >= 1e3)
+        v = params / 1e3, unit = "K";
     snprintf(out, cap, "%.*s, %.*f%s params, %s", (int)(arch.len > 32 ? 32 : arch.len), arch.data,
              v < 10 ? 1 : 0, v, unit, ggml_type_name(main_t));
     gguf_close(g);
@@ -138,8 +141,10 @@ static int models_list(void)
             strftime(when, sizeof when, "%Y-%m-%d %H:%M", &tm);
         double mib = (double)e[i].size / (1 << 20);
         char size[32];
-        if (mib >= 1024) snprintf(size, sizeof size, "%.2f GiB", mib / 1024);
-        else snprintf(size, sizeof size, "%.1f MiB", mib);
+        if (mib >= 1024)
+            snprintf(size, sizeof size, "%.2f GiB", mib / 1024);
+        else
+            snprintf(size, sizeof size, "%.1f MiB", mib);
         printf("%-40s  %-44s  %10s  %-32s  %s\n", e[i].repo, e[i].file, size, type, when);
     }
     forge_hub_entries_free(e, n);

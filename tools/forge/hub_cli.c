@@ -66,8 +66,8 @@ static void bar(const char *name, uint64_t done, uint64_t total, void *user)
         int fill = (int)((double)done / (double)total * width);
         if (fill > width) fill = width;
         fprintf(stderr, "\rforge %s: %.40s [%.*s%*s] %3d%% %.1f / %.1f MiB", b->cmd, base, fill,
-                "##############################", width - fill, "", pct,
-                (double)done / (1 << 20), (double)total / (1 << 20));
+                "##############################", width - fill, "", pct, (double)done / (1 << 20),
+                (double)total / (1 << 20));
     } else {
         fprintf(stderr, "\rforge %s: %.40s %.1f MiB", b->cmd, base, (double)done / (1 << 20));
     }
