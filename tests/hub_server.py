@@ -24,6 +24,7 @@ import os
 import sys
 import threading
 import time
+import urllib.parse
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 CONFIG, PORTFILE, LOGFILE = sys.argv[1], sys.argv[2], sys.argv[3]
@@ -85,7 +86,7 @@ class Hub(BaseHTTPRequestHandler):
 
     def do_GET(self):
         self.log()
-        path = self.path.split("?", 1)[0]
+        path = urllib.parse.unquote(self.path.split("?", 1)[0])
         if path.startswith("/api/models/"):
             name = path[len("/api/models/"):]
             repo = config()["repos"].get(name)
@@ -111,7 +112,7 @@ class Hub(BaseHTTPRequestHandler):
                 return self.send(404, b'{"error":"Entry not found"}')
             sha = f.get("sha") or sha256_of(f["path"])
             size = f.get("size") or os.path.getsize(f["path"])
-            return self.send(302, b"", {"Location": "/cdn/%s/%s" % (name, fname),
+            return self.send(302, b"", {"Location": "/cdn/%s/%s" % (name, urllib.parse.quote(fname)),
                                         "X-Linked-Etag": '"%s"' % sha,
                                         "X-Linked-Size": str(size),
                                         "ETag": '"%s"' % sha})

@@ -77,6 +77,21 @@ tu_check "pull: asked the API, followed the redirect" \
     bash -c "grep -q '^GET /api/models/test/stories-GGUF ' '$tmp/log' && grep -q '^GET /cdn/test/stories-GGUF/stories260K-F32.gguf ' '$tmp/log'"
 tu_check "pull: no token sent when HF_TOKEN is unset" bash -c "! grep -q 'auth=yes' '$tmp/log'"
 
+# 1b. a progress bar on a terminal (script(1) gives forge a pty), none when stderr is a file;
+#     a file name with a space and a '+' is percent-encoded in the URL
+write_config '{"odd name+x-Q2_K.gguf": {}}'
+if command -v script >/dev/null; then
+    HF_ENDPOINT=$HF_ENDPOINT FORGE_CACHE=$FORGE_CACHE $T script -qec "'$FORGE' pull test/stories-GGUF:Q2_K" /dev/null >"$tmp/tty" 2>&1
+    tu_check "progress bar on a terminal" grep -q "odd name+x-Q2_K.gguf \[#*\] 100%" "$tmp/tty"
+else
+    tu_fail "progress bar on a terminal" "script(1) (bsdutils) is missing"
+fi
+tu_check "encoded file name in the URL" grep -q "^GET /odd%20name%2Bx-Q2_K.gguf\|resolve/main/odd%20name%2Bx-Q2_K.gguf" "$tmp/log"
+tu_check "odd name cached" [ -f "$repo/odd name+x-Q2_K.gguf" ]
+tu_check "no progress bar when stderr is not a terminal" bash -c "! grep -q '\[#' '$tmp/err'"
+"$FORGE" models rm "test/stories-GGUF/odd name+x-Q2_K.gguf" >/dev/null
+write_config
+
 # 2. pulling again: up to date (a HEAD for the sha256, no new body)
 : >"$tmp/log"
 $T "$FORGE" pull test/stories-GGUF:F32 >"$tmp/out" 2>"$tmp/err"
@@ -218,6 +233,8 @@ if [ $split_ok -eq 1 ]; then
     a=$("$FORGE" run -m "$src/F32.gguf" -p "Once upon a time" -n 16 --temp 0 -t 1 --ids 2>/dev/null | sed -n 's/^ids: //p')
     b=$("$FORGE" run -m "$repo/Q4_0/stories260K-Q4_0.gguf" -p "Once upon a time" -n 16 --temp 0 -t 1 --ids 2>/dev/null | sed -n 's/^ids: //p')
     tu_check "split: joined model generates the same ids" [ -n "$a" ] && [ "$a" = "$b" ]
+    $T "$FORGE" pull --offline test/stories-GGUF/Q4_0/stories260K-Q4_0-00002-of-00003.gguf >"$tmp/out" 2>"$tmp/err"
+    tu_check "split: a part's name finds the joined file" [ "$(cat "$tmp/out")" = "$repo/Q4_0/stories260K-Q4_0.gguf" ]
 else
     tu_fail "split" "could not make split files with $test_hub --split"
 fi

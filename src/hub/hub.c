@@ -720,13 +720,34 @@ static int check_gguf(const char *path, const char *name, forge_err *err)
     return FORGE_OK;
 }
 
+/* {endpoint}/{repo}/resolve/main/{file} with the file's bytes outside [A-Za-z0-9-._~/]
+ * percent-encoded. malloc'd. */
+static char *resolve_url(const char *endpoint, const char *repo, const char *file)
+{
+    size_t n = strlen(file);
+    char *enc = malloc(3 * n + 1), *o = enc;
+    if (!enc) return NULL;
+    for (const unsigned char *c = (const unsigned char *)file; *c; c++) {
+        if (isalnum(*c) || strchr("-._~/", *c)) {
+            *o++ = (char)*c;
+        } else {
+            snprintf(o, 4, "%%%02X", *c);
+            o += 3;
+        }
+    }
+    *o = '\0';
+    char *url = xasprintf("%s/%s/resolve/main/%s", endpoint, repo, enc);
+    free(enc);
+    return url;
+}
+
 /* Download `rfile` of the repo into done_path (checked), through part_path. */
 static int fetch_file(const hub_net *net, const forge_hub_params *p, const char *repo,
                       const char *rfile, const char *part_path, const char *done_path,
                       char sha_out[65], forge_err *err)
 {
     int rc = FORGE_OK;
-    char *url = xasprintf("%s/%s/resolve/main/%s", net->endpoint, repo, rfile);
+    char *url = resolve_url(net->endpoint, repo, rfile);
     hub_headers h;
     char want[65] = "", got[65] = "";
     bool resumed_once = false, restarted_clean = false;
@@ -1264,7 +1285,7 @@ int forge_hub_pull(const char *spec, const forge_hub_params *pp, char **path, fo
         char remote[4096] = "", local[4096] = "";
         bool known = true;
         for (size_t i = 0; i < pick.n; i++) {
-            char *url = xasprintf("%s/%s/resolve/main/%s", net.endpoint, s.repo, pick.v[i]);
+            char *url = resolve_url(net.endpoint, s.repo, pick.v[i]);
             char sha[65];
             if (!url) {
                 rc = forge_err_set(err, FORGE_E_NOMEM, "out of memory");
