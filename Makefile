@@ -3,13 +3,14 @@
 #   make test       build and run the test suite (release)
 #   make SAN=1 test the same under ASan + UBSan, in build-san/
 #   make fuzz       libFuzzer targets (clang) in build-fuzz/
+#   make install PREFIX=... / make uninstall   (install.mk)
 # Sources are found by wildcard, so a new module needs no Makefile edit.
 
 CC      ?= cc
 SAN     ?= 0
-PKGS    := libpcre2-8 libcjson libutf8proc
+PKGS    := libpcre2-8 libcjson libutf8proc libcurl
 PKG_CFLAGS := $(shell pkg-config --cflags $(PKGS) 2>/dev/null)
-PKG_LIBS   := $(shell pkg-config --libs $(PKGS) 2>/dev/null || echo -lpcre2-8 -lcjson -lutf8proc)
+PKG_LIBS   := $(shell pkg-config --libs $(PKGS) 2>/dev/null || echo -lpcre2-8 -lcjson -lutf8proc -lcurl)
 
 WARN    := -Wall -Wextra -Werror -Wno-unused-parameter -Wshadow -Wstrict-prototypes -Wvla
 CSTD    := -std=c11 -D_DEFAULT_SOURCE -D_POSIX_C_SOURCE=200809L
@@ -25,7 +26,7 @@ else
   LDSAN  :=
 endif
 
-CFLAGS  := $(CSTD) $(WARN) $(OPT) $(INC) -pthread -MMD -MP $(EXTRA_CFLAGS)
+CFLAGS  := $(CSTD) $(WARN) $(OPT) -fPIC -fno-semantic-interposition $(INC) -pthread -MMD -MP $(EXTRA_CFLAGS)
 LDLIBS  := $(PKG_LIBS) -lm -lpthread
 LDFLAGS := $(LDSAN) -pthread
 
@@ -60,8 +61,9 @@ $(LIB): $(LIB_OBJ)
 	@mkdir -p $(dir $@)
 	rm -f $@ && ar rcs $@ $^
 
+# RUNPATH $ORIGIN/../lib: an installed forge dlopens PREFIX/lib/libforge_cuda.so (install.mk)
 $(FORGE): $(CLI_OBJ) $(LIB)
-	$(CC) $(LDFLAGS) -o $@ $(CLI_OBJ) $(LIB) $(LDLIBS)
+	$(CC) $(LDFLAGS) -Wl,-rpath,'$$ORIGIN/../lib' -Wl,--enable-new-dtags -o $@ $(CLI_OBJ) $(LIB) $(LDLIBS)
 
 $(BUILD)/tests/%: $(BUILD)/tests/%.o $(UTIL_OBJ) $(LIB)
 	$(CC) $(LDFLAGS) -o $@ $< $(UTIL_OBJ) $(LIB) $(LDLIBS) -lcmocka
@@ -96,3 +98,5 @@ clean:
 
 # GPU code (src/gpu/, CUDA spelling, HIP through the vendor header) builds from gpu.mk.
 -include gpu.mk
+# libforge.so, make install / uninstall, forge.pc.
+include install.mk

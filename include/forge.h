@@ -15,6 +15,7 @@
  *   forge_model.h models, inference contexts (KV cache), decoding, logits, sampling.
  *   forge_template.h chat templates (Jinja subset) and chat message rendering.
  *   forge_synth.h random-weight models of real shapes, for benchmarks.
+ *   forge_hub.h   models from a Hugging Face-style hub, downloaded into a local cache.
  */
 #ifndef FORGE_H
 #define FORGE_H
@@ -71,5 +72,6 @@ const char *forge_version(void);
 #include "forge_model.h"
 #include "forge_template.h"
 #include "forge_synth.h"
+#include "forge_hub.h"
 
 #endif /* FORGE_H */

@@ -67,7 +67,7 @@ tu_check "long prompt message" grep -q "longer than the context (128 tokens)" "$
 tu_check "same seed, same text" cmp -s "$tmp/a" "$tmp/b"
 
 # bad options
-"$FORGE" run -p "x" >/dev/null 2>"$tmp/err"
+"$FORGE" eval --tokens "1 2" --logits "$tmp/l.f32" >/dev/null 2>"$tmp/err" # run without -m: the demo model
 tu_check "no -m: exit 2" [ $? -eq 2 ]
 "$FORGE" run -m "$m" -p "x" --temp abc >/dev/null 2>"$tmp/err"
 tu_check "bad --temp: exit 2" [ $? -eq 2 ]

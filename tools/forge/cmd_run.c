@@ -69,6 +69,7 @@ int cmd_run(int argc, char **argv)
     bool sa_set = false;
 
     engine_opts_init(&o);
+    o.default_model = true; /* no -m: $FORGE_MODEL or the bundled demo model */
     for (int i = 1; i < argc; i++) {
         int r = engine_opts_parse(&o, "run", argc, argv, &i);
         if (r == 0) r = sampling_opts_parse(&sp, &seed_set, "run", argc, argv, &i);

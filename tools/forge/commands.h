@@ -13,5 +13,7 @@ int cmd_bench(int argc, char **argv);
 int cmd_synth(int argc, char **argv);
 int cmd_template(int argc, char **argv);
 int cmd_chat(int argc, char **argv);
+int cmd_pull(int argc, char **argv);   /* cmd_hub.c */
+int cmd_models(int argc, char **argv); /* cmd_hub.c */
 
 #endif

@@ -11,11 +11,15 @@
 #include <cjson/cJSON.h>
 
 #include "engine_opts.h"
+#include "hub_cli.h"
 
 #define ENGINE_MAX_DEFAULT_CTX 8192
 
 const char *engine_opts_help =
-    "  -m, --model FILE     GGUF model (required)\n"
+    "  -m, --model FILE     GGUF model (run without -m or -hf: $FORGE_MODEL, else the bundled\n"
+    "                       demo model models/stories260K.gguf or PREFIX/share/forge/)\n"
+    "  -hf, --hf-repo REPO[:QUANT]  the model from the hub cache, downloaded when missing\n"
+    "                       (see forge pull --help); --offline: only the cache\n"
     "  -t, --threads N      threads (default: physical cores)\n"
     "  -c, --ctx-size N     context length (default: the model's, at most 8192)\n"
     "  -b, --batch-size N   most tokens per forward pass (default 512)\n"
@@ -109,6 +113,8 @@ int engine_opts_parse(engine_opts *o, const char *cmd, int argc, char **argv, in
     const char *a = argv[*i];
     const char *val = *i + 1 < argc ? argv[*i + 1] : NULL;
     long v;
+    int hub = hub_opts_parse(o, cmd, argc, argv, i);
+    if (hub) return hub;
     if (!strcmp(a, "--f32-math")) {
         o->cp.f32_math = true;
         return 1;
@@ -230,15 +236,13 @@ static void upload_progress(uint64_t done, uint64_t total, void *user)
     fflush(stderr);
 }
 
-int engine_load(const engine_opts *o, const char *cmd, forge_model **model, forge_context **ctx)
+int engine_load(engine_opts *o, const char *cmd, forge_model **model, forge_context **ctx)
 {
     forge_err err = {0};
     *model = NULL;
     *ctx = NULL;
-    if (!o->model_path) {
-        fprintf(stderr, "forge %s: -m MODEL is required\n", cmd);
-        return 2;
-    }
+    int hub = hub_resolve_model(o, cmd);
+    if (hub) return hub;
     if (forge_model_load(o->model_path, model, &err)) {
         fprintf(stderr, "forge %s: %s\n", cmd, err.msg);
         return 1;

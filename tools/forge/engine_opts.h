@@ -14,6 +14,9 @@ typedef struct engine_opts {
     const char *model_path;
     forge_context_params cp; /* cp.device: AUTO unless --device says otherwise */
     bool device_given;       /* --device was on the command line */
+    const char *hf_spec;     /* -hf REPO[:QUANT]: the model from the hub cache (hub_cli.c) */
+    bool offline;            /* --offline: -hf uses only the cache */
+    bool default_model;      /* no -m: $FORGE_MODEL or the bundled demo model (forge run) */
 } engine_opts;
 
 void engine_opts_init(engine_opts *o);
@@ -44,8 +47,8 @@ bool cli_parse_float(const char *cmd, const char *opt, const char *val, float mi
 /* A JSON object given on the command line (--vars). */
 bool cli_parse_json_object(const char *cmd, const char *opt, const char *val);
 
-/* Load the model and create a context; prints the error and returns non-zero on failure. */
-int engine_load(const engine_opts *o, const char *cmd, forge_model **model, forge_context **ctx);
+/* Resolve -hf / the default model into o->model_path, load the model and create a context; prints the error and returns non-zero on failure. */
+int engine_load(engine_opts *o, const char *cmd, forge_model **model, forge_context **ctx);
 
 /* Monotonic seconds. */
 double cli_now(void);
