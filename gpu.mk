@@ -2,6 +2,8 @@
 #   make gpu          build/libforge_cuda.so (nvcc), the GPU tests and benchmarks
 #   make hip-check    compile the same .cu sources for AMD (Debian's clang-15 + ROCm), no link
 # GPU_RELEASE=1 adds sm_80/86/89 machine code to the default sm_90 + compute_90 PTX.
+# GPU_BROKEN_FREE=1 (tests only, use another BUILD dir) makes gpu_free_async release memory at
+# once instead of in stream order: tests/gpu/test_gpu_free_race.c must then fail.
 # The CPU-only forge binary never links this library: the engine dlopens it at run time.
 
 NVCC        ?= /usr/local/cuda/bin/nvcc
@@ -21,6 +23,9 @@ endif
 NVCC_FLAGS  := -std=c++17 -O3 -g -lineinfo $(GPU_ARCH) -Iinclude -Isrc \
                -Xcompiler -fPIC,-fvisibility=hidden,-Wall,-Wextra,-Wno-unused-parameter,-Werror \
                -Werror all-warnings $(EXTRA_NVCCFLAGS)
+ifeq ($(GPU_BROKEN_FREE),1)
+  NVCC_FLAGS += -DFORGE_GPU_BROKEN_FREE
+endif
 # cudart is linked statically, so the library needs only the driver and cuBLAS at run time.
 GPU_LDLIBS  := -L$(CUDA_HOME)/lib64 -Xlinker -rpath=$(CUDA_HOME)/lib64 -lcublas -cudart static \
                -ldl -lrt -lpthread

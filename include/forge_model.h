@@ -22,7 +22,11 @@
  *
  * Ownership: forge_model owns the mapped GGUF file, the weights (views into the mapping, never
  * copies) and the tokenizer; a context borrows its model, which must outlive it. A model may be
- * shared by several contexts; one context belongs to one thread at a time.
+ * shared by several contexts, on any devices, created, used and freed in any order and from
+ * several threads; one context belongs to one thread at a time. GPU contexts on one model and
+ * one GPU share a single device copy of the weights, owned jointly by them (reference counted):
+ * the first one uploads it, the last one freed frees it, so freeing a context never takes
+ * weights from another still running; a context on another GPU gets its own copy.
  * Errors follow forge.h: int status, message in the caller's forge_err.
  */
 #ifndef FORGE_MODEL_H
@@ -119,7 +123,8 @@ typedef struct forge_context_params {
     int32_t gpu_index;   /* which GPU (0-based) for GPU/AUTO */
     /* Called by forge_context_create while it prepares the weights (on a GPU: the upload),
      * after each tensor, with the bytes done and the total; the last call has done == total.
-     * On the creating thread. NULL: no calls. */
+     * On the creating thread; on a GPU with the model's weight lock held, so the callback
+     * must not create or free contexts of the same model. NULL: no calls. */
     void (*progress)(uint64_t done, uint64_t total, void *user);
     void *progress_user;
 } forge_context_params;
@@ -138,6 +143,10 @@ int32_t forge_context_pos(const forge_context *ctx);
 const forge_model *forge_context_model(const forge_context *ctx);
 /* The backend the context runs on: "CPU" or "GPU". Static string. */
 const char *forge_context_device(const forge_context *ctx);
+/* Something the context had to give up when it was created, said once (e.g. on a GPU whose BLAS
+ * library could not be initialised: "prompts run without GEMM, slower"), or NULL. Front ends
+ * show it as a warning. Owned by ctx. */
+const char *forge_context_warning(const forge_context *ctx);
 
 /* Is GPU number gpu_index usable? Loads libforge_cuda.so (as FORGE_DEVICE_GPU does) and looks
  * for the device. FORGE_OK with a description ("NVIDIA H200, 139.8 GiB, CUDA") in desc, or an
@@ -161,7 +170,8 @@ int forge_decode(forge_context *ctx, const int32_t *ids, int32_t n, bool all_log
  * and no penalties, for finite logits; a NaN logit never wins). On a GPU the argmax runs on the
  * device and only the id is copied back, and the decode step may be replayed from a recording.
  * The logits are not kept: forge_get_logits returns NULL until the next forge_decode. *next_id is
- * -1 on error; errors as forge_decode. */
+ * -1 on error; errors as forge_decode. next_id may point into ids (`forge_decode_greedy(ctx,
+ * &id, 1, &id, &err)`): every id is read before *next_id is written. */
 int forge_decode_greedy(forge_context *ctx, const int32_t *ids, int32_t n, int32_t *next_id,
                         struct forge_err *err);
 
@@ -172,7 +182,7 @@ int forge_decode_greedy(forge_context *ctx, const int32_t *ids, int32_t n, int32
  * the logits are read and sampled on the host. Does not call forge_sampler_accept (the caller
  * does). s (borrowed) must be made for the model's n_vocab. The logits are not kept:
  * forge_get_logits returns NULL until the next forge_decode. *next_id is -1 on error; errors as
- * forge_decode. */
+ * forge_decode. next_id may point into ids, as for forge_decode_greedy. */
 int forge_decode_sample(forge_context *ctx, const int32_t *ids, int32_t n, forge_sampler *s,
                         int32_t *next_id, struct forge_err *err);
 

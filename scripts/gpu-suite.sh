@@ -54,6 +54,10 @@ if has tests; then
     done
     run_log test_gpu_ops 120 "$T/test_gpu_ops"
     run_log test_gpu_stress 120 "$T/test_gpu_stress"
+    # issue 10: the provoked free race, and contexts' lifetimes through the public API
+    run_log test_gpu_free_race 120 "$T/test_gpu_free_race"
+    run_log test_gpu_lifetime 240 "$T/test_gpu_lifetime" "$FX/shared/testdata/models/stories260K.gguf" \
+        "$FX/shared/testdata/models/stories260K-Q4_0-mix.gguf"
 fi
 
 if has engine; then
@@ -112,6 +116,11 @@ if has sanitize; then
         done
     done
     run_log cs-memcheck-stress 240 $CS --tool memcheck --leak-check full --error-exitcode 9 "$T/test_gpu_stress"
+    run_log cs-memcheck-free-race 240 $CS --tool memcheck --leak-check full --error-exitcode 9 \
+        "$T/test_gpu_free_race" --quick
+    run_log cs-memcheck-lifetime 300 $CS --tool memcheck --leak-check full --error-exitcode 9 \
+        "$T/test_gpu_lifetime" "$FX/shared/testdata/models/stories260K.gguf" \
+        "$FX/shared/testdata/models/stories260K-Q4_0-mix.gguf"
     run_log cs-memcheck-run 120 $CS --tool memcheck --leak-check full --error-exitcode 9 "$F" run \
         -m "$FX/shared/testdata/models/stories260K.gguf" -p "Once upon a time" -n 16 --temp 0.8 --ids --device gpu
     san_end=0

@@ -25,7 +25,7 @@ static be_buf *upload(backend *be, const float *x, int64_t n)
     forge_err err = {0};
     assert_int_equal(be->ops->buf_create(be, n, &b, &err), 0);
     /* the interface has no upload op: go through get_rows of an F32 table, one row */
-    be_weight table = {"t", GGML_TYPE_F32, n, 1, (uint64_t)n * 4, x, NULL};
+    be_weight table = {"t", GGML_TYPE_F32, n, 1, (uint64_t)n * 4, x, -1};
     const int32_t id = 0;
     assert_int_equal(be->ops->get_rows(be, b, &table, &id, 1, &err), 0);
     return b;
@@ -58,7 +58,7 @@ static void test_rope(void **state)
     fill(x, n, 1.0f);
     for (int i = 0; i < n_rot / 2; i++)
         ff[i] = 1.0f + 0.5f * (float)i;
-    be_weight freqs = {"rope_freqs", GGML_TYPE_F32, n_rot / 2, 1, sizeof ff, ff, NULL};
+    be_weight freqs = {"rope_freqs", GGML_TYPE_F32, n_rot / 2, 1, sizeof ff, ff, -1};
     for (int mode = 0; mode < 2; mode++) {
         be_rope rp = {mode ? BE_ROPE_NEOX : BE_ROPE_NORM,
                       n_rot,
@@ -106,7 +106,7 @@ static void test_rms_norm_swiglu_bias(void **state)
     fill(w, D, 1.0f);
     fill(g, R * D, 4.0f);
     fill(u, R * D, 1.0f);
-    be_weight wt = {"norm", GGML_TYPE_F32, D, 1, sizeof w, w, NULL};
+    be_weight wt = {"norm", GGML_TYPE_F32, D, 1, sizeof w, w, -1};
     be_buf *bx = upload(be, x, R * D), *bg = upload(be, g, R * D), *bu = upload(be, u, R * D);
     assert_int_equal(be->ops->rms_norm(be, bx, bx, &wt, R, D, 1e-5f, &err), 0);
     float *got = download(be, bx, R * D), want[R * D];
@@ -221,8 +221,8 @@ static void test_rows_and_matmul(void **state)
     for (int f32_math = 0; f32_math < 2; f32_math++) {
         backend *be = make_backend(2, f32_math);
         for (int ty = 0; ty < 2; ty++) {
-            be_weight W = {"w", ty ? GGML_TYPE_F16 : GGML_TYPE_F32, NI,  NO,
-                           0,   ty ? (void *)wh : (void *)w,        NULL};
+            be_weight W = {"w", ty ? GGML_TYPE_F16 : GGML_TYPE_F32, NI, NO,
+                           0,   ty ? (void *)wh : (void *)w,        -1};
             be_buf *bx = upload(be, x, NT * NI), *by = NULL;
             assert_int_equal(be->ops->buf_create(be, NT * NO, &by, &err), 0);
             assert_int_equal(be->ops->matmul(be, by, &W, bx, NT, &err), 0);
@@ -249,7 +249,7 @@ static void test_rows_and_matmul(void **state)
     }
     /* embedding rows of an F16 table */
     backend *be = make_backend(1, false);
-    be_weight T = {"tab", GGML_TYPE_F16, NI, NO, sizeof wh, wh, NULL};
+    be_weight T = {"tab", GGML_TYPE_F16, NI, NO, sizeof wh, wh, -1};
     be_buf *b = NULL;
     assert_int_equal(be->ops->buf_create(be, 2 * NI, &b, &err), 0);
     const int32_t ids[2] = {4, 1};

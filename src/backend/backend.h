@@ -7,12 +7,14 @@
  *
  * Conventions: activations are float32, row-major [n_tok][row_len]; every op returns FORGE_OK
  * or a negative status with a message in err. Ops may run asynchronously on a device: only
- * buf_read waits for results. Weights are be_weight views of tensors in the GGUF mapping; a
- * backend may keep its own copy in `dev` (set by weight_prepare).
+ * buf_read waits for results. Weights are be_weight views of tensors in the GGUF mapping, owned
+ * by the model and shared by all its contexts; a device backend keeps its copies of them in a
+ * weight set (be_wshare below), never in the be_weight itself.
  */
 #ifndef FORGE_BACKEND_H
 #define FORGE_BACKEND_H
 
+#include <pthread.h>
 #include <stdbool.h>
 #include <stdint.h>
 
@@ -30,8 +32,25 @@ typedef struct be_weight {
     int64_t ne0, ne1;
     uint64_t n_bytes;
     const void *data; /* host view into the mapping */
-    void *dev;        /* backend's own copy, or NULL */
+    int32_t slot;     /* index in the model's weight list (model_weights), the key of a device
+                       * copy in a weight set; meaningless when data is NULL */
 } be_weight;
+
+/* The device copies of one model's weights, shared by the contexts of that model.
+ *
+ * Ownership: the model owns this registry (its lock and the list head; model_load initialises
+ * it, forge_model_free destroys it, and it must be empty then: contexts borrow their model). The
+ * entries (be_wset, defined by the backend) hold one device's copies of every weight, keyed by
+ * the device: a context on another GPU never sees them. An entry is owned jointly by the
+ * backends on its device that acquired it (a reference count): the first one uploads it, the
+ * last one to release it frees it, after every holder's work that read it is done. So freeing
+ * one context never frees weights that another context on the same model still uses, also from
+ * a replayed graph. */
+typedef struct be_wset be_wset;
+typedef struct be_wshare {
+    pthread_mutex_t lock; /* guards head and every entry's reference count and upload */
+    be_wset *head;
+} be_wshare;
 
 typedef enum be_rope_mode {
     BE_ROPE_NORM = 0, /* rotate adjacent pairs (x[2i], x[2i+1]) (llama) */
@@ -70,12 +89,22 @@ typedef struct be_ops {
     int (*buf_read)(backend *be, const be_buf *src, int64_t off, int64_t n, float *dst,
                     forge_err *err);
 
-    /* Make a weight usable by the backend (upload to a device, set w->dev); CPU: nothing.
-     * weight_release undoes it (the context calls it for every weight when it is freed). The
-     * be_weight structs belong to the model, so only one context at a time may keep device
-     * copies in w->dev. */
-    int (*weight_prepare)(backend *be, be_weight *w, forge_err *err);
-    void (*weight_release)(backend *be, be_weight *w);
+    /* ---- device copies of the weights (optional: NULL for a backend that reads the host
+     * weights, the CPU) ----
+     * weights_acquire makes ws[0..n) (the model's weight list: ws[i]->slot == i) usable by
+     * this backend: it takes a reference on the entry of share for the backend's device,
+     * creating and uploading it when there is none (progress after each weight, may be NULL;
+     * also when the entry was there already). Holds share->lock
+     * while it uploads. Called at most once per backend; a failed call holds nothing.
+     * weights_release drops the reference after waiting for this backend's own work (so the
+     * last holder may free the copies in its stream's order); nothing when none is held. */
+    int (*weights_acquire)(backend *be, be_wshare *share, be_weight *const *ws, int n,
+                           void (*progress)(uint64_t done, uint64_t total, void *user), void *user,
+                           forge_err *err);
+    void (*weights_release)(backend *be);
+    /* Make the backend's device the calling thread's current device (contexts on several GPUs
+     * driven from one thread). The context calls it before it uses the backend. Optional. */
+    int (*activate)(backend *be, forge_err *err);
 
     int (*kv_create)(backend *be, int n_layer, int n_ctx, int kv_dim, int kv_type, be_kv **out,
                      forge_err *err);

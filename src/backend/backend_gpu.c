@@ -3,10 +3,18 @@
  * the CPU library includes no CUDA/HIP header and links no GPU runtime.
  *
  * Owns: device activation buffers, the device KV cache ([layer][pos][kv_dim], F32 or F16), the
- * device copies of the weights (w->dev, uploaded once through pinned staging and re-packed by
- * gpu_weight_convert), the scratch sized by the planner, and one stream (gpu_ctx) on which all
- * work is enqueued. The host waits only in buf_read (the logits), argmax (one id) and at
- * load/free.
+ * scratch sized by the planner, one stream (gpu_ctx) on which all work is enqueued, and a
+ * reference on the model's weight set for its GPU (be_wset below: the device copies of the
+ * weights, uploaded once through pinned staging and re-packed by gpu_weight_convert, shared with
+ * the other contexts of the model on that GPU, freed by the last of them). The host waits only
+ * in buf_read (the logits), argmax (one id) and at load/free.
+ *
+ * Lifetimes: every device buffer is allocated and freed in the stream's order (gpu_malloc_async
+ * / gpu_free_async on the backend's stream), so a buffer freed while work that reads it is still
+ * queued (an interrupted prompt, a failed decode, a recorded step replayed just before) stays
+ * valid until that work is done. Pinned host memory and graphs are released only after the
+ * stream is synchronised. The shared weights are released after this backend's stream is
+ * synchronised; the last holder frees them in its stream's order.
  *
  * Decode (n_tok = 1): act_quantize + matvec (Q8_0/Q4_0, CPU numerics) or float matvec; one
  * quantization serves every matmul that reads the same, unchanged buffer (Q/K/V, gate/up).
@@ -50,14 +58,26 @@ struct be_kv {
 };
 
 #define GPU_STAGE_BYTES ((size_t)16 << 20) /* two pinned staging buffers for uploads */
-#define GPU_GRAPH_SLOTS 24                 /* attention buckets 256 << i positions */
+#define GPU_GRAPH_SLOTS 24                 /* attention buckets 128 << i positions */
 #define GPU_STEP_MIN_KV 128 /* smallest attention bucket of a decode step: below 128 positions \
                              one attention split, no merge launch (FORGE_GPU_ATTN_MIN_SPLIT) */
+
+/* One GPU's copies of one model's weights (backend.h: be_wshare). Reference-counted: owned
+ * jointly by the backends on that GPU that acquired it; guarded by the be_wshare's lock. */
+struct be_wset {
+    be_wset *next;
+    int dev;    /* the GPU these pointers belong to: the key */
+    int refs;   /* backends holding it */
+    int n;      /* slots */
+    void **d_w; /* n device copies (gpu_weight_bytes each), by be_weight.slot */
+};
 
 typedef struct gpu_backend {
     backend base;
     const gpu_api *api;
     int dev;
+    be_wshare *share; /* the model's registry, while wset is held */
+    be_wset *wset;    /* the weight set this backend holds a reference on, or NULL */
     gpu_ctx *ctx;
     gpu_stream *st;
     gpu_blas *blas; /* NULL: no GEMM (HIP build, or a small n_batch): prompt by matvec */
@@ -108,6 +128,7 @@ typedef struct gpu_backend {
     float *h_samp_par; /* pinned: the same */
     gpu_event *ev_samp;
     bool ev_samp_used;
+    char warning[640]; /* backend_gpu_warning: something degraded at creation, or "" */
 } gpu_backend;
 
 #define GPU_SAMPLE_MAX_PEN 4096 /* penalty pairs the device chain takes (more: host sampling) */
@@ -233,6 +254,26 @@ int forge_gpu_probe(int32_t gpu_index, char *desc, size_t desc_len, forge_err *e
 
 /* ---- helpers ----------------------------------------------------------------------------- */
 
+/* Device memory of this backend: allocated and freed in its stream's order (gpu_ops.h), so a
+ * free never waits for the device and never releases memory that queued work still uses. */
+static int dalloc(gpu_backend *g, void **d_out, size_t bytes, forge_err *err)
+{
+    return g->api->malloc_async(d_out, bytes, g->st, err);
+}
+
+static void dfree(gpu_backend *g, void *d)
+{
+    (void)g->api->free_async(d, g->st, NULL);
+}
+
+/* The device copy of w in this backend's weight set, or NULL (not acquired, not a weight of
+ * the set's model). */
+static void *wdev(const gpu_backend *g, const be_weight *w)
+{
+    if (!w || !w->data || !g->wset || w->slot < 0 || w->slot >= g->wset->n) return NULL;
+    return g->wset->d_w[w->slot];
+}
+
 static int check_buf(const be_buf *b, int64_t need, const char *what, forge_err *err)
 {
     if (!b || need < 0 || b->n < need)
@@ -254,10 +295,10 @@ static int need_plan(const gpu_backend *g, forge_err *err)
     return FORGE_OK;
 }
 
-static int check_weight(const be_weight *w, int64_t n_in, int64_t n_out, const char *op,
-                        forge_err *err)
+static int check_weight(const gpu_backend *g, const be_weight *w, int64_t n_in, int64_t n_out,
+                        const char *op, forge_err *err)
 {
-    if (!w || !w->dev)
+    if (!w || !wdev(g, w))
         return forge_err_set(err, FORGE_E_INTERNAL, "gpu backend %s: weight %s is not uploaded", op,
                              w && w->name ? w->name : "(null)");
     if ((n_in >= 0 && w->ne0 != n_in) || (n_out >= 0 && w->ne1 != n_out))
@@ -315,7 +356,8 @@ static int gb_buf_create(backend *be, int64_t n, be_buf **out, forge_err *err)
     drop_graphs(g);
     be_buf *b = calloc(1, sizeof *b);
     if (!b) return forge_err_set(err, FORGE_E_NOMEM, "out of memory");
-    if ((rc = g->api->malloc((void **)&b->d, (size_t)(n > 0 ? n : 1) * sizeof(float), err))) {
+    if ((rc = g->api->malloc_async((void **)&b->d, (size_t)(n > 0 ? n : 1) * sizeof(float), g->st,
+                                   err))) {
         free(b);
         return rc;
     }
@@ -329,8 +371,9 @@ static void gb_buf_free(backend *be, be_buf *b)
     if (!b) return;
     gpu_backend *g = gb(be);
     if (g->xq_src == b) g->xq_src = NULL;
-    drop_graphs(g);
-    g->api->free(b->d);
+    drop_graphs(g); /* a graph launched before stays valid until it has run (runtime) */
+    /* in stream order: work still queued that uses b->d (an interrupted prompt) runs first */
+    (void)g->api->free_async(b->d, g->st, NULL);
     free(b);
 }
 
@@ -389,22 +432,21 @@ static int upload(gpu_backend *g, void *d_dst, const void *src, size_t n, forge_
     return rc;
 }
 
-static int gb_weight_prepare(backend *be, be_weight *w, forge_err *err)
+/* Upload one weight into a fresh device buffer in the device layout (*d_out, allocated in the
+ * stream's order). On failure nothing is left allocated. */
+static int upload_weight(gpu_backend *g, const be_weight *w, void **d_out, forge_err *err)
 {
-    gpu_backend *g = gb(be);
     const gpu_api *api = g->api;
     void *d = NULL, *tmp = NULL;
     int rc;
-    if ((rc = need_plan(g, err))) return rc;
-    if (w->dev) return FORGE_OK;
-    drop_graphs(g);
+    *d_out = NULL;
     const int64_t rows = rows_of(w);
     size_t bytes = api->weight_bytes(w->type, rows, w->ne0);
     if (bytes == 0)
         return forge_err_set(err, FORGE_E_UNSUPPORTED,
                              "tensor %s: type %s (%lld x %lld) is not supported by the GPU backend",
                              w->name, ggml_type_name(w->type), (long long)rows, (long long)w->ne0);
-    if ((rc = api->malloc(&d, bytes, err))) goto fail;
+    if ((rc = api->malloc_async(&d, bytes, g->st, err))) goto fail;
     if (!is_quant(w->type)) {
         if (w->n_bytes < bytes) {
             rc = forge_err_set(err, FORGE_E_INTERNAL, "tensor %s: %llu bytes, expected %zu",
@@ -421,21 +463,115 @@ static int gb_weight_prepare(backend *be, be_weight *w, forge_err *err)
         tmp = NULL;
         if (rc) goto fail;
     }
-    w->dev = d;
+    *d_out = d;
     return FORGE_OK;
 fail:
-    if (tmp) (void)api->free_async(tmp, g->st, NULL);
-    (void)api->stream_sync(g->st, NULL);
-    api->free(d);
+    /* in stream order, after the copies and the conversion that use them */
+    (void)api->free_async(tmp, g->st, NULL);
+    (void)api->free_async(d, g->st, NULL);
     return rc;
 }
 
-static void gb_weight_release(backend *be, be_weight *w)
+/* Free a weight set's copies: the caller holds the registry's lock, the set is unlinked, and
+ * every other holder's work is done (each released after synchronising its stream); g's own
+ * work is ordered before the frees by its stream. */
+static void wset_free(gpu_backend *g, be_wset *ws)
 {
-    if (!w || !w->dev) return;
-    drop_graphs(gb(be));
-    gb(be)->api->free(w->dev);
-    w->dev = NULL;
+    if (!ws) return;
+    for (int i = 0; ws->d_w && i < ws->n; i++)
+        (void)g->api->free_async(ws->d_w[i], g->st, NULL);
+    free(ws->d_w);
+    free(ws);
+}
+
+static int gb_weights_acquire(backend *be, be_wshare *share, be_weight *const *ws, int n,
+                              void (*progress)(uint64_t done, uint64_t total, void *user),
+                              void *user, forge_err *err)
+{
+    gpu_backend *g = gb(be);
+    be_wset *set = NULL;
+    uint64_t total = 0, done = 0;
+    int rc = FORGE_OK;
+    if ((rc = need_plan(g, err))) return rc;
+    if (g->wset) return forge_err_set(err, FORGE_E_INTERNAL, "gpu backend: weights acquired twice");
+    if (n < 0) return forge_err_set(err, FORGE_E_INVALID, "gpu backend: %d weights", n);
+    for (int i = 0; i < n; i++) {
+        if (ws[i]->slot != i)
+            return forge_err_set(err, FORGE_E_INTERNAL, "gpu backend: weight %s in slot %d of %d",
+                                 ws[i]->name, (int)ws[i]->slot, i);
+        total += ws[i]->n_bytes;
+    }
+    pthread_mutex_lock(&share->lock);
+    for (set = share->head; set && set->dev != g->dev; set = set->next)
+        ;
+    if (set) {
+        /* uploaded by another context on this GPU, which synchronised its stream after the
+         * upload: usable from this stream at once */
+        if (set->n != n) {
+            rc = forge_err_set(err, FORGE_E_INTERNAL, "gpu backend: weight set of %d, model %d",
+                               set->n, n);
+            set = NULL;
+            goto done;
+        }
+        set->refs++;
+        for (int i = 0; progress && i < n; i++) {
+            done += ws[i]->n_bytes;
+            progress(done, total, user);
+        }
+        goto done;
+    }
+    drop_graphs(g);
+    set = calloc(1, sizeof *set);
+    if (!set || !(set->d_w = calloc((size_t)(n > 0 ? n : 1), sizeof *set->d_w))) {
+        rc = forge_err_set(err, FORGE_E_NOMEM, "out of memory");
+        goto fail;
+    }
+    set->dev = g->dev;
+    set->n = n;
+    for (int i = 0; i < n; i++) {
+        if ((rc = upload_weight(g, ws[i], &set->d_w[i], err))) goto fail;
+        done += ws[i]->n_bytes;
+        if (progress) progress(done, total, user);
+    }
+    /* other contexts' streams will read the copies: the upload must be complete */
+    if ((rc = g->api->stream_sync(g->st, err))) goto fail;
+    set->refs = 1;
+    set->next = share->head;
+    share->head = set;
+    goto done;
+fail:
+    wset_free(g, set);
+    set = NULL;
+    (void)g->api->stream_sync(g->st, NULL);
+done:
+    if (set) {
+        g->wset = set;
+        g->share = share;
+    }
+    pthread_mutex_unlock(&share->lock);
+    return rc;
+}
+
+static void gb_weights_release(backend *be)
+{
+    gpu_backend *g = gb(be);
+    be_wset *set = g->wset;
+    if (!set) return;
+    /* this backend's work that reads the weights (a replayed step, an interrupted prompt) must
+     * be done before another context may free them */
+    (void)g->api->stream_sync(g->st, NULL);
+    drop_graphs(g);
+    g->wset = NULL;
+    pthread_mutex_lock(&g->share->lock);
+    if (--set->refs == 0) {
+        be_wset **pp = &g->share->head;
+        while (*pp && *pp != set)
+            pp = &(*pp)->next;
+        if (*pp) *pp = set->next;
+        wset_free(g, set);
+    }
+    pthread_mutex_unlock(&g->share->lock);
+    g->share = NULL;
 }
 
 /* ---- the planner ------------------------------------------------------------------------- */
@@ -478,10 +614,18 @@ int backend_gpu_plan(backend *be, const be_gpu_plan *p, forge_err *err)
                              (uint64_t)p->n_ctx * 4 + (uint64_t)p->n_batch * 4 + GPU_RESERVE_BYTES;
     size_t free_b = 0, total_b = 0;
     if ((rc = api->mem_info(&free_b, &total_b, err))) return rc;
-    const uint64_t need = p->weight_bytes + kv_bytes + scratch;
+    /* another context of the model on this GPU holds the weights already: shared, not counted */
+    uint64_t weight_bytes = p->weight_bytes;
+    if (p->share) {
+        pthread_mutex_lock(&p->share->lock);
+        for (const be_wset *ws = p->share->head; ws; ws = ws->next)
+            if (ws->dev == g->dev) weight_bytes = 0;
+        pthread_mutex_unlock(&p->share->lock);
+    }
+    const uint64_t need = weight_bytes + kv_bytes + scratch;
     if (need > free_b) {
-        int64_t fit = free_b > p->weight_bytes + scratch
-                          ? (int64_t)((free_b - p->weight_bytes - scratch) / kv_per_tok)
+        int64_t fit = free_b > weight_bytes + scratch
+                          ? (int64_t)((free_b - weight_bytes - scratch) / kv_per_tok)
                           : 0;
         if (fit >= 1)
             return forge_err_set(
@@ -489,26 +633,35 @@ int backend_gpu_plan(backend *be, const be_gpu_plan *p, forge_err *err)
                 "the model does not fit on GPU %d: it needs %.2f GiB (weights %.2f, KV cache "
                 "%.2f for %d tokens, scratch %.2f) but %.2f GiB of %.2f are free; -c %lld "
                 "would fit",
-                g->dev, GIB(need), GIB(p->weight_bytes), GIB(kv_bytes), p->n_ctx, GIB(scratch),
+                g->dev, GIB(need), GIB(weight_bytes), GIB(kv_bytes), p->n_ctx, GIB(scratch),
                 GIB(free_b), GIB(total_b), (long long)fit);
         return forge_err_set(err, FORGE_E_NOMEM,
                              "the model does not fit on GPU %d: weights %.2f GiB + scratch %.2f "
                              "GiB, but %.2f GiB of %.2f are free (no context length would fit)",
-                             g->dev, GIB(p->weight_bytes), GIB(scratch), GIB(free_b), GIB(total_b));
+                             g->dev, GIB(weight_bytes), GIB(scratch), GIB(free_b), GIB(total_b));
     }
-    if ((rc = api->malloc(&g->d_attn, attn, err))) return rc;
+    if ((rc = dalloc(g, &g->d_attn, attn, err))) return rc;
     g->attn_bytes = attn;
-    if ((rc = api->malloc(&g->d_xq, xq, err))) return rc;
-    if ((rc = api->malloc((void **)&g->d_xr, (size_t)(p->max_in > 0 ? p->max_in : 1) * 4, err)))
+    if ((rc = dalloc(g, &g->d_xq, xq, err))) return rc;
+    if ((rc = dalloc(g, (void **)&g->d_xr, (size_t)(p->max_in > 0 ? p->max_in : 1) * 4, err)))
         return rc;
-    if ((rc = api->malloc((void **)&g->d_ids, (size_t)p->n_batch * 4, err))) return rc;
-    if (samp && (rc = api->malloc(&g->d_sample, samp, err))) return rc;
+    if ((rc = dalloc(g, (void **)&g->d_ids, (size_t)p->n_batch * 4, err))) return rc;
+    if (samp && (rc = dalloc(g, &g->d_sample, samp, err))) return rc;
     if (want_gemm) {
-        if (api->blas_create(&g->blas, NULL)) {
-            g->blas = NULL; /* HIP build: no GEMM, prompts go through matvec */
+        forge_err berr = {0};
+        int brc = api->blas_create(&g->blas, &berr);
+        if (brc) {
+            /* prompts go through the matvec (slower, same numerics as decode); a HIP build has no
+             * BLAS by design, anything else is worth saying (forge_context_warning) */
+            g->blas = NULL;
+            if (brc != FORGE_E_UNSUPPORTED)
+                snprintf(g->warning, sizeof g->warning,
+                         "GPU %d: the BLAS library could not be initialised (%s): prompts run "
+                         "without GEMM, slower",
+                         g->dev, berr.msg);
         } else {
-            if ((rc = api->malloc(&g->d_xc, xc, err))) return rc;
-            if (wf16 && (rc = api->malloc(&g->d_wf16, wf16, err))) return rc;
+            if ((rc = dalloc(g, &g->d_xc, xc, err))) return rc;
+            if (wf16 && (rc = dalloc(g, &g->d_wf16, wf16, err))) return rc;
         }
     }
     g->max_in = p->max_in;
@@ -525,8 +678,9 @@ static void gb_kv_free(backend *be, be_kv *kv)
     if (!kv) return;
     gpu_backend *g = gb(be);
     drop_graphs(g);
-    g->api->free(kv->k);
-    g->api->free(kv->v);
+    /* in stream order: an interrupted prompt's stores and attention may still be queued */
+    dfree(g, kv->k);
+    dfree(g, kv->v);
     free(kv);
 }
 
@@ -550,13 +704,13 @@ static int gb_kv_create(backend *be, int n_layer, int n_ctx, int kv_dim, int kv_
     kv->type = kv_type == FORGE_KV_F16 ? GGML_TYPE_F16 : GGML_TYPE_F32;
     kv->elt = kv_type == FORGE_KV_F16 ? 2 : 4;
     size_t bytes = (size_t)n_layer * (size_t)n_ctx * (size_t)kv_dim * kv->elt;
-    if ((rc = api->malloc(&kv->k, bytes, err)) || (rc = api->malloc(&kv->v, bytes, err))) goto fail;
+    if ((rc = dalloc(g, &kv->k, bytes, err)) || (rc = dalloc(g, &kv->v, bytes, err))) goto fail;
     if ((rc = api->memset(kv->k, 0, bytes, g->st, err)) ||
         (rc = api->memset(kv->v, 0, bytes, g->st, err)))
         goto fail;
     /* positions 0..n_ctx-1 on the device: RoPE and attention read theirs from here */
     if (!g->d_pos || g->n_ctx < n_ctx) {
-        api->free(g->d_pos);
+        dfree(g, g->d_pos);
         g->d_pos = NULL;
         pos = malloc((size_t)n_ctx * sizeof *pos);
         if (!pos) {
@@ -565,7 +719,7 @@ static int gb_kv_create(backend *be, int n_layer, int n_ctx, int kv_dim, int kv_
         }
         for (int i = 0; i < n_ctx; i++)
             pos[i] = i;
-        if ((rc = api->malloc((void **)&g->d_pos, (size_t)n_ctx * 4, err))) goto fail;
+        if ((rc = dalloc(g, (void **)&g->d_pos, (size_t)n_ctx * 4, err))) goto fail;
         if ((rc = api->memcpy_h2d(g->d_pos, pos, (size_t)n_ctx * 4, g->st, err))) goto fail;
         if ((rc = api->stream_sync(g->st, err))) goto fail;
         g->n_ctx = n_ctx;
@@ -586,7 +740,7 @@ static int gb_get_rows(backend *be, be_buf *out, const be_weight *table, const i
 {
     gpu_backend *g = gb(be);
     int rc;
-    if ((rc = need_plan(g, err)) || (rc = check_weight(table, -1, -1, "get_rows", err)) ||
+    if ((rc = need_plan(g, err)) || (rc = check_weight(g, table, -1, -1, "get_rows", err)) ||
         (rc = check_buf(out, (int64_t)n * table->ne0, "get_rows out", err)))
         return rc;
     if (n < 1 || n > g->n_batch)
@@ -601,7 +755,7 @@ static int gb_get_rows(backend *be, be_buf *out, const be_weight *table, const i
         /* from pageable memory: the runtime has copied ids when the call returns */
         return rc;
     }
-    if ((rc = g->api->embed(table->type, table->dev, table->ne1, table->ne0, d_ids, n, out->d,
+    if ((rc = g->api->embed(table->type, wdev(g, table), table->ne1, table->ne0, d_ids, n, out->d,
                             g->st, err)))
         return rc;
     wrote(g, out);
@@ -613,14 +767,14 @@ static int gb_rms_norm(backend *be, be_buf *out, const be_buf *x, const be_weigh
 {
     gpu_backend *g = gb(be);
     int rc;
-    if ((rc = check_weight(w, dim, -1, "rms_norm", err)) ||
+    if ((rc = check_weight(g, w, dim, -1, "rms_norm", err)) ||
         (rc = check_buf(x, n_rows * dim, "rms_norm x", err)) ||
         (rc = check_buf(out, n_rows * dim, "rms_norm out", err)))
         return rc;
     if (w->type != GGML_TYPE_F32)
         return forge_err_set(err, FORGE_E_UNSUPPORTED, "tensor %s: norm weights must be F32",
                              w->name);
-    if ((rc = g->api->rmsnorm(x->d, w->dev, out->d, dim, n_rows, eps, g->st, err))) return rc;
+    if ((rc = g->api->rmsnorm(x->d, wdev(g, w), out->d, dim, n_rows, eps, g->st, err))) return rc;
     wrote(g, out);
     return FORGE_OK;
 }
@@ -649,8 +803,8 @@ static int matmul_by_rows(gpu_backend *g, be_buf *y, const be_weight *w, const b
             if ((rc = api->round_act(xt, g->d_xr, n_in, w->type, g->st, err))) return rc;
             xt = g->d_xr;
         }
-        if ((rc = api->matvec(w->type, w->dev, n_out, n_in, xt, g->d_xq, y->d + (int64_t)t * n_out,
-                              g->st, err)))
+        if ((rc = api->matvec(w->type, wdev(g, w), n_out, n_in, xt, g->d_xq,
+                              y->d + (int64_t)t * n_out, g->st, err)))
             return rc;
     }
     if (q && n_tok > 1) g->xq_src = NULL;
@@ -669,7 +823,7 @@ static int matmul_impl(gpu_backend *g, be_buf *y, const be_weight *w, const be_b
 {
     const gpu_api *api = g->api;
     int rc;
-    if ((rc = check_weight(w, -1, -1, "matmul", err)) ||
+    if ((rc = check_weight(g, w, -1, -1, "matmul", err)) ||
         (rc = check_buf(x, (int64_t)n_tok * w->ne0, "matmul x", err)) ||
         (rc = check_buf(y, (int64_t)n_tok * w->ne1, "matmul y", err)))
         return rc;
@@ -679,7 +833,7 @@ static int matmul_impl(gpu_backend *g, be_buf *y, const be_weight *w, const be_b
             return forge_err_set(err, FORGE_E_INTERNAL, "gpu matmul: accumulation needs GEMM");
         rc = matmul_by_rows(g, y, w, x, n_tok, err);
     } else {
-        const void *wd = w->dev;
+        const void *wd = wdev(g, w);
         int wt = w->type;
         if (is_quant(wt)) {
             if (!g->d_wf16 || w->ne0 * w->ne1 > g->max_quant_elems)
@@ -709,7 +863,7 @@ static bool fused_ok(const gpu_backend *g, int n, const be_weight *const *ws, in
 {
     if (!g->fused || n_tok != 1 || n < 1 || n > GPU_FMV_MAX_MATS) return false;
     for (int i = 0; i < n; i++)
-        if (!ws[i] || !ws[i]->dev || ws[i]->type != ws[0]->type || ws[i]->ne0 != ws[0]->ne0)
+        if (!ws[i] || !wdev(g, ws[i]) || ws[i]->type != ws[0]->type || ws[i]->ne0 != ws[0]->ne0)
             return false;
     return g->api->fused_matvec_supported(ws[0]->type, ws[0]->ne0) != 0;
 }
@@ -729,12 +883,13 @@ static int gb_norm_matmul(backend *be, int n, be_buf *const *ys, const be_weight
         return forge_err_set(err, FORGE_E_INTERNAL, "gpu norm_matmul: %d weights%s", n,
                              swiglu ? " with swiglu" : "");
     const int64_t dim = ws[0]->ne0;
-    if ((rc = check_weight(norm, dim, -1, "norm_matmul", err)) ||
+    if ((rc = check_weight(g, norm, dim, -1, "norm_matmul", err)) ||
         (rc = check_buf(x, (int64_t)n_tok * dim, "norm_matmul x", err)))
         return rc;
     bool fuse = fused_ok(g, n, ws, n_tok) && norm->type == GGML_TYPE_F32;
     for (int i = 0; fuse && bs && i < n; i++)
-        fuse = !bs[i] || (bs[i]->type == GGML_TYPE_F32 && bs[i]->dev && bs[i]->ne0 == ws[i]->ne1);
+        fuse =
+            !bs[i] || (bs[i]->type == GGML_TYPE_F32 && wdev(g, bs[i]) && bs[i]->ne0 == ws[i]->ne1);
     if (fuse) {
         gpu_fmv_args a;
         memset(&a, 0, sizeof a);
@@ -743,16 +898,16 @@ static int gb_norm_matmul(backend *be, int n, be_buf *const *ys, const be_weight
         a.n_in = dim;
         a.d_x = x->d;
         a.in_mode = GPU_FMV_IN_RMSNORM;
-        a.d_norm = norm->dev;
+        a.d_norm = wdev(g, norm);
         a.eps = eps;
         a.out_mode = swiglu ? GPU_FMV_OUT_SWIGLU : GPU_FMV_OUT_STORE;
         a.round_x = g->round_x;
         for (int i = 0; i < n; i++) {
             if ((rc = check_buf(ys[i], ws[i]->ne1, "norm_matmul y", err))) return rc;
             if (ys[i] == x) return forge_err_set(err, FORGE_E_INTERNAL, "gpu norm_matmul: y is x");
-            a.mat[i].d_w = ws[i]->dev;
+            a.mat[i].d_w = wdev(g, ws[i]);
             a.mat[i].n_out = ws[i]->ne1;
-            a.mat[i].d_bias = bs && bs[i] ? bs[i]->dev : NULL;
+            a.mat[i].d_bias = bs && bs[i] ? wdev(g, bs[i]) : NULL;
             a.mat[i].d_y = ys[i]->d;
         }
         if ((rc = g->api->fused_matvec(&a, g->st, err))) return rc;
@@ -774,7 +929,7 @@ static int gb_matmul_add(backend *be, be_buf *x, const be_weight *w, const be_bu
 {
     gpu_backend *g = gb(be);
     int rc;
-    if ((rc = check_weight(w, -1, -1, "matmul_add", err)) ||
+    if ((rc = check_weight(g, w, -1, -1, "matmul_add", err)) ||
         (rc = check_buf(h, (int64_t)n_tok * w->ne0, "matmul_add h", err)) ||
         (rc = check_buf(x, (int64_t)n_tok * w->ne1, "matmul_add x", err)))
         return rc;
@@ -789,7 +944,7 @@ static int gb_matmul_add(backend *be, be_buf *x, const be_weight *w, const be_bu
         a.in_mode = GPU_FMV_IN_PLAIN;
         a.out_mode = GPU_FMV_OUT_ADD;
         a.round_x = g->round_x;
-        a.mat[0].d_w = w->dev;
+        a.mat[0].d_w = wdev(g, w);
         a.mat[0].n_out = w->ne1;
         a.mat[0].d_y = x->d;
         if ((rc = g->api->fused_matvec(&a, g->st, err))) return rc;
@@ -805,12 +960,12 @@ static int gb_add_bias(backend *be, be_buf *y, const be_weight *b, int n_tok, fo
 {
     gpu_backend *g = gb(be);
     int rc;
-    if ((rc = check_weight(b, -1, -1, "add_bias", err)) ||
+    if ((rc = check_weight(g, b, -1, -1, "add_bias", err)) ||
         (rc = check_buf(y, (int64_t)n_tok * b->ne0, "add_bias y", err)))
         return rc;
     if (b->type != GGML_TYPE_F32)
         return forge_err_set(err, FORGE_E_UNSUPPORTED, "tensor %s: biases must be F32", b->name);
-    if ((rc = g->api->add_rows(y->d, b->dev, n_tok, b->ne0, g->st, err))) return rc;
+    if ((rc = g->api->add_rows(y->d, wdev(g, b), n_tok, b->ne0, g->st, err))) return rc;
     wrote(g, y);
     return FORGE_OK;
 }
@@ -827,8 +982,8 @@ static int rope_params(gpu_backend *g, const be_rope *r, int pos0, int n_tok, gp
     rp->freq_base = r->freq_base;
     rp->freq_scale = r->freq_scale;
     if (r->freq_factors) {
-        if ((rc = check_weight(r->freq_factors, -1, -1, "rope", err))) return rc;
-        rp->d_freq_factors = r->freq_factors->dev;
+        if ((rc = check_weight(g, r->freq_factors, -1, -1, "rope", err))) return rc;
+        rp->d_freq_factors = wdev(g, r->freq_factors);
     }
     rp->ext_factor = r->ext_factor;
     rp->attn_factor = r->attn_factor;
@@ -995,13 +1150,13 @@ static int gb_attention_rope(backend *be, be_buf *out, be_buf *q, const be_buf *
     }
     if ((rc = attn_check(g, out, q, k, v, kv, a, &kl, &vl, err)) ||
         (rc = rope_params(g, r, a->pos0, a->n_tok, &rp, &d_pos, err)) ||
-        (q_norm && (rc = check_weight(q_norm, a->head_dim, -1, "attention q_norm", err))) ||
-        (k_norm && (rc = check_weight(k_norm, a->head_dim, -1, "attention k_norm", err))))
+        (q_norm && (rc = check_weight(g, q_norm, a->head_dim, -1, "attention q_norm", err))) ||
+        (k_norm && (rc = check_weight(g, k_norm, a->head_dim, -1, "attention k_norm", err))))
         return rc;
-    if ((rc = g->api->qk_rope_store(q->d, k->d, v->d, a->n_tok, a->n_head, a->n_head_kv,
-                                    a->head_dim, q_norm ? q_norm->dev : NULL,
-                                    k_norm ? k_norm->dev : NULL, eps, &rp, d_pos, kl, vl, kv->type,
-                                    kv->kv_dim, g->st, err)))
+    if ((rc =
+             g->api->qk_rope_store(q->d, k->d, v->d, a->n_tok, a->n_head, a->n_head_kv, a->head_dim,
+                                   q_norm ? wdev(g, q_norm) : NULL, k_norm ? wdev(g, k_norm) : NULL,
+                                   eps, &rp, d_pos, kl, vl, kv->type, kv->kv_dim, g->st, err)))
         return rc;
     wrote(g, q);
     if ((rc = attend(g, out, q, kv, a, kl, vl, err))) return rc;
@@ -1201,19 +1356,25 @@ static void gb_destroy(backend *be)
     if (!be) return;
     gpu_backend *g = gb(be);
     const gpu_api *api = g->api;
-    if (g->st) (void)api->stream_sync(g->st, NULL);
-    api->free(g->d_xq);
-    api->free(g->d_xr);
-    api->free(g->d_xc);
-    api->free(g->d_wf16);
-    api->free(g->d_attn);
-    api->free(g->d_pos);
-    api->free(g->d_ids);
+    /* weights_release was called by the context; a failed create may still hold nothing */
+    gb_weights_release(be);
+    /* device memory in stream order (after whatever is still queued), then one wait: pinned
+     * host memory, events, graphs and the BLAS handle are released only when the stream is idle */
+    if (g->st) {
+        dfree(g, g->d_xq);
+        dfree(g, g->d_xr);
+        dfree(g, g->d_xc);
+        dfree(g, g->d_wf16);
+        dfree(g, g->d_attn);
+        dfree(g, g->d_pos);
+        dfree(g, g->d_ids);
+        dfree(g, g->d_small);
+        dfree(g, g->d_sample);
+        dfree(g, g->d_argmax);
+        dfree(g, g->d_samp_par);
+        (void)api->stream_sync(g->st, NULL);
+    }
     drop_graphs(g);
-    api->free(g->d_small);
-    api->free(g->d_sample);
-    api->free(g->d_argmax);
-    api->free(g->d_samp_par);
     api->host_free(g->h_samp_par);
     api->event_destroy(g->ev_samp);
     api->host_free(g->h_small);
@@ -1227,14 +1388,26 @@ static void gb_destroy(backend *be)
     free(g);
 }
 
+static int gb_activate(backend *be, forge_err *err)
+{
+    return gb(be)->api->set_device(gb(be)->dev, err);
+}
+
+const char *backend_gpu_warning(const backend *be)
+{
+    const gpu_backend *g = (const gpu_backend *)be;
+    return g && g->warning[0] ? g->warning : NULL;
+}
+
 static const be_ops gpu_ops = {
     .name = "GPU",
     .destroy = gb_destroy,
     .buf_create = gb_buf_create,
     .buf_free = gb_buf_free,
     .buf_read = gb_buf_read,
-    .weight_prepare = gb_weight_prepare,
-    .weight_release = gb_weight_release,
+    .weights_acquire = gb_weights_acquire,
+    .weights_release = gb_weights_release,
+    .activate = gb_activate,
     .kv_create = gb_kv_create,
     .kv_free = gb_kv_free,
     .get_rows = gb_get_rows,
@@ -1276,14 +1449,14 @@ int backend_gpu_create(int gpu_index, backend **out, forge_err *err)
         if ((rc = api->event_create(&g->ev_stage[i], 0, err))) goto fail;
     }
     const size_t par = (size_t)(1 + 2 * GPU_SAMPLE_MAX_PEN) * sizeof(float);
-    if ((rc = api->malloc((void **)&g->d_samp_par, par, err)) ||
+    if ((rc = dalloc(g, (void **)&g->d_samp_par, par, err)) ||
         (rc = api->host_alloc((void **)&g->h_samp_par, par, err)) ||
         (rc = api->event_create(&g->ev_samp, 0, err)))
         goto fail;
-    if ((rc = api->malloc(&g->d_argmax, api->argmax_scratch_bytes(), err)) ||
+    if ((rc = dalloc(g, &g->d_argmax, api->argmax_scratch_bytes(), err)) ||
         (rc = api->memset(g->d_argmax, 0, api->argmax_scratch_bytes(), g->st, err)))
         goto fail;
-    if ((rc = api->malloc((void **)&g->d_small, 4 * sizeof(int32_t), err)) ||
+    if ((rc = dalloc(g, (void **)&g->d_small, 4 * sizeof(int32_t), err)) ||
         (rc = api->host_alloc((void **)&g->h_small, 4 * sizeof(int32_t), err)) ||
         (rc = api->event_create(&g->ev_small, 0, err)))
         goto fail;

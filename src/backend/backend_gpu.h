@@ -23,6 +23,8 @@ typedef struct be_gpu_plan {
     bool yarn;          /* the model uses YaRN RoPE */
     int64_t n_vocab;    /* logits per row (device sampling scratch) */
     bool f32_math;      /* no reduced precision: float activations, no F16 GEMM/attention */
+    be_wshare *share;   /* the model's weight sets (borrowed, may be NULL): when one is on this
+                         * GPU already, the weights are shared and need no memory */
 } be_gpu_plan;
 
 /* Load libforge_cuda.so (once per process), select GPU gpu_index and create a backend with its
@@ -37,6 +39,10 @@ void backend_gpu_plan_add_weight(backend *be, be_gpu_plan *p, const be_weight *w
  * numbers and the -c that would fit, if not), then allocate the scratch. Call once, before any
  * weight_prepare. */
 int backend_gpu_plan(backend *be, const be_gpu_plan *p, forge_err *err);
+
+/* What the backend had to give up when it was planned (e.g. "the BLAS library could not be
+ * initialised: prompts run without GEMM"), or NULL. Owned by the backend. */
+const char *backend_gpu_warning(const backend *be);
 
 /* See forge_gpu_probe (include/forge_model.h). */
 int backend_gpu_probe(int gpu_index, char *desc, size_t desc_len, forge_err *err);

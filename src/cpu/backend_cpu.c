@@ -100,20 +100,6 @@ static int cpu_buf_read(backend *be, const be_buf *src, int64_t off, int64_t n, 
     return FORGE_OK;
 }
 
-static int cpu_weight_prepare(backend *be, be_weight *w, forge_err *err)
-{
-    (void)be;
-    (void)w;
-    (void)err;
-    return FORGE_OK;
-}
-
-static void cpu_weight_release(backend *be, be_weight *w)
-{
-    (void)be;
-    (void)w;
-}
-
 /* ---- KV cache --------------------------------------------------------------------------- */
 
 static int cpu_kv_create(backend *be, int n_layer, int n_ctx, int kv_dim, int kv_type, be_kv **out,
@@ -567,8 +553,6 @@ static const be_ops cpu_ops = {
     .buf_create = cpu_buf_create,
     .buf_free = cpu_buf_free,
     .buf_read = cpu_buf_read,
-    .weight_prepare = cpu_weight_prepare,
-    .weight_release = cpu_weight_release,
     .kv_create = cpu_kv_create,
     .kv_free = cpu_kv_free,
     .get_rows = cpu_get_rows,

@@ -464,10 +464,14 @@ static int fa_launch_hd(const fa_args &a, int f16, int vec, dim3 grid, cudaStrea
                : fa_launch<HD, 0, 0, FA_PIPE_SYNC>(a, grid, st, err);
 }
 
+/* Also: the kernel's tiles must fit the shared memory one block of this device may have
+ * (sm_86/89 opt in to ~99 KB, not the 227 KB of sm_90); if not, the backend falls back to
+ * gpu_attention_batch. */
 GPU_API int gpu_attention_prompt_supported(int64_t head_dim, int kv_type)
 {
+    const size_t need = head_dim == 64 ? (size_t)fa_geom<64>::BYTES : (size_t)fa_geom<128>::BYTES;
     return (head_dim == 64 || head_dim == 128) &&
-           (kv_type == GGML_TYPE_F32 || kv_type == GGML_TYPE_F16);
+           (kv_type == GGML_TYPE_F32 || kv_type == GGML_TYPE_F16) && need <= gpu_smem_limit();
 }
 
 GPU_API int gpu_attention_prompt(const gpu_attn_args *p, int64_t n_q, int64_t pos0,

@@ -30,7 +30,6 @@
 #define FM_SEGS (FM_THREADS / GPU_SEG)
 #define FM_UNROLL 4
 #define FM_WARPS_PER_SM 40 /* resident segments per multiprocessor the grid heuristics aim at */
-#define FM_MAX_SMEM (200 * 1024)
 #define QK 32
 
 enum { FM_STORE = GPU_FMV_OUT_STORE, FM_ADD = GPU_FMV_OUT_ADD, FM_SWIGLU = GPU_FMV_OUT_SWIGLU };
@@ -80,10 +79,12 @@ static size_t fm_smem_bytes(int t, int64_t n_in)
     return (size_t)n_in * 4;
 }
 
+/* The row's h must fit the shared memory one block of this device may have (gpu_smem_limit):
+ * longer rows are not supported here, and the backend runs the plain norm/quantize + matvec. */
 GPU_API int gpu_fused_matvec_supported(int wtype, int64_t n_in)
 {
     return n_in > 0 && n_in <= INT32_MAX / 4 && fm_row_bytes(wtype, n_in) != 0 &&
-           fm_smem_bytes(wtype, n_in) <= FM_MAX_SMEM;
+           fm_smem_bytes(wtype, n_in) <= gpu_smem_limit();
 }
 
 /* ---- shared-memory layout of h ----------------------------------------------------------------

@@ -192,6 +192,7 @@ static const char *blas_status_name(cublasStatus_t s)
     do {                                                                                           \
         cublasStatus_t bs_ = (call);                                                               \
         if (bs_ != CUBLAS_STATUS_SUCCESS) {                                                        \
+            (void)cudaGetLastError(); /* a runtime error it left must not blame the next launch */ \
             rc = gpu_err_set(err,                                                                  \
                              bs_ == CUBLAS_STATUS_ALLOC_FAILED ? FORGE_E_NOMEM : FORGE_E_DEVICE,   \
                              "%s:%d: %s: %s", __FILE__, __LINE__, #call, blas_status_name(bs_));   \
@@ -252,6 +253,17 @@ GPU_API int gpu_blas_create(gpu_blas **out, forge_err *err)
     gpu_blas *b = (gpu_blas *)calloc(1, sizeof *b);
     *out = NULL;
     if (!b) return gpu_err_set(err, FORGE_E_NOMEM, "gpu_blas_create: out of host memory");
+    {
+        /* test hook: FORGE_GPU_TEST_BLAS_FAIL=1 makes the handle fail (the backend's fallback
+         * and its warning are tested with it) */
+        const char *f = getenv("FORGE_GPU_TEST_BLAS_FAIL");
+        if (f && f[0] == '1') {
+            rc = gpu_err_set(
+                err, FORGE_E_DEVICE,
+                "cublasCreate: CUBLAS_STATUS_NOT_INITIALIZED (FORGE_GPU_TEST_BLAS_FAIL)");
+            goto fail;
+        }
+    }
     BLAS_CHECK(cublasCreate(&b->h));
     *out = b;
     return FORGE_OK;
@@ -263,7 +275,7 @@ fail:
 GPU_API void gpu_blas_free(gpu_blas *b)
 {
     if (!b) return;
-    (void)cublasDestroy(b->h);
+    if (cublasDestroy(b->h) != CUBLAS_STATUS_SUCCESS) (void)cudaGetLastError();
     free(b);
 }
 

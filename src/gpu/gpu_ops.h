@@ -63,9 +63,13 @@ const char *gpu_backend_name(void);
 
 /* ---- memory --------------------------------------------------------------------------------- */
 int gpu_malloc(void **d_out, size_t bytes, forge_err *err);
-void gpu_free(void *d_ptr); /* synchronous (waits for the device); NULL allowed */
+/* Synchronous (relies on cudaFree waiting for the device); NULL allowed. For test programs
+ * only: the engine allocates and frees everything in stream order (below). */
+void gpu_free(void *d_ptr);
 /* Stream-ordered allocation and release (memory pools): the memory may be reused by work
- * enqueued after the free, never by work before it. */
+ * enqueued after the free, never by work before it. A library built with
+ * -DFORGE_GPU_BROKEN_FREE (`make gpu GPU_BROKEN_FREE=1`, tests only) releases at once instead,
+ * so that tests/gpu/test_gpu_free_race.c can show it catches the bug. */
 int gpu_malloc_async(void **d_out, size_t bytes, gpu_stream *s, forge_err *err);
 int gpu_free_async(void *d_ptr, gpu_stream *s, forge_err *err); /* NULL d_ptr allowed */
 int gpu_host_alloc(void **h_out, size_t bytes, forge_err *err); /* pinned host memory */

@@ -54,6 +54,39 @@ int gpu_sm_count(void)
     return n;
 }
 
+size_t gpu_smem_limit(void)
+{
+    static volatile int cache[64]; /* benign race: every thread stores the same value */
+    int dev = 0, n = 0;
+    size_t limit = 0;
+    if (cudaGetDevice(&dev) != cudaSuccess || dev < 0) {
+        (void)cudaGetLastError();
+        dev = -1;
+    }
+    if (dev >= 0 && dev < 64 && cache[dev] > 0) {
+        limit = (size_t)cache[dev];
+    } else if (dev >= 0) {
+        /* the opt-in maximum; where the runtime has none (some HIP devices say 0), the plain
+         * per-block maximum */
+        if (cudaDeviceGetAttribute(&n, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev) !=
+                cudaSuccess ||
+            n <= 0) {
+            (void)cudaGetLastError();
+            n = 0;
+            GPU_IGNORE(cudaDeviceGetAttribute(&n, cudaDevAttrMaxSharedMemoryPerBlock, dev));
+        }
+        if (n > 0 && dev < 64) cache[dev] = n;
+        limit = n > 0 ? (size_t)n : 0;
+    }
+    const char *e = getenv("FORGE_GPU_SMEM_LIMIT");
+    if (e && *e) {
+        char *end = NULL;
+        unsigned long long v = strtoull(e, &end, 10);
+        if (end && *end == '\0' && (limit == 0 || v < limit)) limit = (size_t)v;
+    }
+    return limit;
+}
+
 GPU_API const char *gpu_backend_name(void)
 {
     return FORGE_GPU_HIP ? "HIP" : "CUDA";
@@ -136,7 +169,7 @@ fail:
 
 GPU_API void gpu_free(void *d_ptr)
 {
-    if (d_ptr) (void)cudaFree(d_ptr);
+    if (d_ptr) GPU_IGNORE(cudaFree(d_ptr));
 }
 
 GPU_API int gpu_malloc_async(void **d_out, size_t bytes, gpu_stream *s, forge_err *err)
@@ -150,11 +183,33 @@ fail:
     return rc;
 }
 
+#ifdef FORGE_GPU_BROKEN_FREE
+/* `make gpu GPU_BROKEN_FREE=1` only, to prove that tests/gpu/test_gpu_free_race.c catches the bug
+ * class: the memory is released at once (in the order of an idle stream of its own), ignoring
+ * the work still queued on s that uses it, so the pool may hand it to other work right away. */
+static cudaStream_t broken_free_stream(void)
+{
+    static cudaStream_t idle[64];
+    int dev = 0;
+    if (cudaGetDevice(&dev) != cudaSuccess || dev < 0 || dev >= 64) {
+        (void)cudaGetLastError();
+        return NULL;
+    }
+    if (!idle[dev]) GPU_IGNORE(cudaStreamCreateWithFlags(&idle[dev], cudaStreamNonBlocking));
+    return idle[dev];
+}
+#endif
+
 GPU_API int gpu_free_async(void *d_ptr, gpu_stream *s, forge_err *err)
 {
     int rc = FORGE_OK;
     if (!d_ptr) return FORGE_OK;
+#ifdef FORGE_GPU_BROKEN_FREE
+    (void)s;
+    GPU_CHECK(cudaFreeAsync(d_ptr, broken_free_stream()));
+#else
     GPU_CHECK(cudaFreeAsync(d_ptr, GPU_STREAM(s)));
+#endif
     return FORGE_OK;
 fail:
     return rc;
@@ -173,7 +228,7 @@ fail:
 
 GPU_API void gpu_host_free(void *h_ptr)
 {
-    if (h_ptr) (void)cudaFreeHost(h_ptr);
+    if (h_ptr) GPU_IGNORE(cudaFreeHost(h_ptr));
 }
 
 GPU_API int gpu_memcpy_h2d(void *d_dst, const void *h_src, size_t bytes, gpu_stream *s,
@@ -231,7 +286,7 @@ fail:
 
 GPU_API void gpu_stream_destroy(gpu_stream *s)
 {
-    if (s) (void)cudaStreamDestroy(GPU_STREAM(s));
+    if (s) GPU_IGNORE(cudaStreamDestroy(GPU_STREAM(s)));
 }
 
 GPU_API int gpu_stream_sync(gpu_stream *s, forge_err *err)
@@ -257,7 +312,7 @@ fail:
 
 GPU_API void gpu_event_destroy(gpu_event *e)
 {
-    if (e) (void)cudaEventDestroy((cudaEvent_t)e);
+    if (e) GPU_IGNORE(cudaEventDestroy((cudaEvent_t)e));
 }
 
 GPU_API int gpu_event_record(gpu_event *e, gpu_stream *s, forge_err *err)
@@ -314,11 +369,11 @@ GPU_API int gpu_graph_end(gpu_stream *s, gpu_graph **out, forge_err *err)
     *out = NULL;
     GPU_CHECK(cudaStreamEndCapture(GPU_STREAM(s), &graph));
     GPU_CHECK(cudaGraphInstantiate(&exec, graph, 0));
-    (void)cudaGraphDestroy(graph);
+    GPU_IGNORE(cudaGraphDestroy(graph));
     *out = (gpu_graph *)exec;
     return FORGE_OK;
 fail:
-    if (graph) (void)cudaGraphDestroy(graph);
+    if (graph) GPU_IGNORE(cudaGraphDestroy(graph));
     return rc;
 }
 
@@ -333,7 +388,7 @@ fail:
 
 GPU_API void gpu_graph_free(gpu_graph *g)
 {
-    if (g) (void)cudaGraphExecDestroy((cudaGraphExec_t)g);
+    if (g) GPU_IGNORE(cudaGraphExecDestroy((cudaGraphExec_t)g));
 }
 
 /* ---- context ----------------------------------------------------------------------------------
@@ -364,8 +419,8 @@ GPU_API void gpu_ctx_free(gpu_ctx *c)
     if (!c) return;
     /* Work may still be queued: release the scratch in stream order, then wait for the stream
      * so that nothing the context owns outlives the work that uses it. */
-    if (c->scratch) (void)cudaFreeAsync(c->scratch, GPU_STREAM(c->stream));
-    (void)cudaStreamSynchronize(GPU_STREAM(c->stream));
+    (void)gpu_free_async(c->scratch, c->stream, NULL);
+    GPU_IGNORE(cudaStreamSynchronize(GPU_STREAM(c->stream)));
     gpu_stream_destroy(c->stream);
     free(c);
 }
@@ -393,7 +448,7 @@ GPU_API int gpu_ctx_scratch(gpu_ctx *c, size_t bytes, void **d_out, forge_err *e
     *d_out = fresh;
     return FORGE_OK;
 fail:
-    if (fresh) (void)cudaFreeAsync(fresh, GPU_STREAM(c->stream));
+    (void)gpu_free_async(fresh, c->stream, NULL);
     return rc;
 }
 

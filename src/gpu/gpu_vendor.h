@@ -72,6 +72,8 @@
 #define cudaFuncAttributeMaxDynamicSharedMemorySize hipFuncAttributeMaxDynamicSharedMemorySize
 #define cudaDeviceGetAttribute hipDeviceGetAttribute
 #define cudaDevAttrMultiProcessorCount hipDeviceAttributeMultiprocessorCount
+#define cudaDevAttrMaxSharedMemoryPerBlockOptin hipDeviceAttributeSharedMemPerBlockOptin
+#define cudaDevAttrMaxSharedMemoryPerBlock hipDeviceAttributeMaxSharedMemoryPerBlock
 
 /* BLAS. hipBLAS is not packaged in Debian 12, so the default HIP build has none: gpu_gemm.cu
  * compiles its HIP branch to a FORGE_E_UNSUPPORTED return. A ROCm install with hipBLAS can build
@@ -254,6 +256,18 @@ int gpu_status_from(cudaError_t e);
 int gpu_sm_count(void);
 /* True when FORGE_GPU_SYNC=1 was set when the library first looked (cached). */
 int gpu_sync_debug(void);
+/* Dynamic shared memory one block of the current device may have (the opt-in maximum:
+ * 227 KB on sm_90, ~99 KB on sm_86/89, 64 KB on AMD), cached per device; lowered by the
+ * environment variable FORGE_GPU_SMEM_LIMIT=bytes (read at every call: a test hook for the
+ * fallbacks of kernels that need more). 0 when the runtime does not say. */
+size_t gpu_smem_limit(void);
+
+/* A runtime call whose failure is not an error of the caller (cleanup, a best-effort query):
+ * the error it set is cleared, so the next launch check does not report it as its own. */
+#define GPU_IGNORE(call)                                                                           \
+    do {                                                                                           \
+        if ((call) != cudaSuccess) (void)cudaGetLastError();                                       \
+    } while (0)
 
 /* Every runtime call: on failure, set rc and err and jump to the function's `fail` label.
  * Needs `int rc` and `forge_err *err` in scope. */

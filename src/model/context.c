@@ -2,6 +2,7 @@
  * batch of n_batch tokens, the position, and the host copy of the logits. Owns forge_context_*,
  * forge_decode (and its greedy / sampling variants), forge_get_logits and forge_kv_truncate of
  * include/forge_model.h. The forward pass itself lives in the architecture files. */
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -24,51 +25,28 @@ forge_context_params forge_context_default_params(void)
     return p;
 }
 
-/* weight_prepare (prepare) or weight_release every weight of the model on ctx's backend. */
-/* Every weight the context prepares (the tied output is tok_embd), in a fixed order. */
-static int weight_list(forge_context *ctx, be_weight **out, int cap)
-{
-    forge_model *m = ctx->model;
-    int n = 0;
-    be_weight *globals[] = {&m->tok_embd, &m->output_norm, &m->output, &m->rope_freqs};
-    for (size_t i = 0; i < FORGE_ARRAY_LEN(globals); i++) {
-        if (!globals[i]->data || (i == 2 && m->info.tied_output)) continue; /* output = tok_embd */
-        if (n < cap) out[n] = globals[i];
-        n++;
-    }
-    for (int il = 0; il < m->info.n_layer; il++) {
-        /* layer_weights is a struct of be_weight only */
-        be_weight *lw = (be_weight *)&m->layers[il];
-        for (size_t i = 0; i < sizeof(layer_weights) / sizeof(be_weight); i++) {
-            if (!lw[i].data) continue;
-            if (n < cap) out[n] = &lw[i];
-            n++;
-        }
-    }
-    return n;
-}
-
-/* Prepare (upload) or release every weight; prepare reports progress through p (may be NULL). */
-static int for_each_weight(forge_context *ctx, bool prepare, const forge_context_params *p,
-                           forge_err *err)
+/* Make the model's weights usable by ctx's backend: a GPU backend takes a reference on the
+ * model's device copy for its GPU (uploading it when it is the first context there) and reports
+ * progress itself; the CPU backend reads the mapping directly (progress after each tensor). */
+static int acquire_weights(forge_context *ctx, const forge_context_params *p, forge_err *err)
 {
     const be_ops *op = ctx->be->ops;
-    const int n = weight_list(ctx, NULL, 0);
+    forge_model *m = ctx->model;
+    const int n = model_weights(m, NULL, 0);
     be_weight **w = malloc((size_t)(n > 0 ? n : 1) * sizeof *w);
     uint64_t total = 0, done = 0;
     int rc = FORGE_OK;
     if (!w) return forge_err_set(err, FORGE_E_NOMEM, "out of memory");
-    weight_list(ctx, w, n);
-    for (int i = 0; i < n; i++)
-        total += w[i]->n_bytes;
-    for (int i = 0; i < n; i++) {
-        if (!prepare) {
-            op->weight_release(ctx->be, w[i]);
-            continue;
+    model_weights(m, w, n);
+    if (op->weights_acquire) {
+        rc = op->weights_acquire(ctx->be, &m->wshare, w, n, p->progress, p->progress_user, err);
+    } else if (p->progress) {
+        for (int i = 0; i < n; i++)
+            total += w[i]->n_bytes;
+        for (int i = 0; i < n; i++) {
+            done += w[i]->n_bytes;
+            p->progress(done, total, p->progress_user);
         }
-        if ((rc = op->weight_prepare(ctx->be, w[i], err))) break;
-        done += w[i]->n_bytes;
-        if (p && p->progress) p->progress(done, total, p->progress_user);
     }
     free(w);
     return rc;
@@ -145,7 +123,11 @@ static int create_gpu(forge_context *ctx, const forge_context_params *p, forge_e
     pl.yarn = m->rope_ext_factor != 0.0f;
     pl.n_vocab = hp->n_vocab;
     pl.f32_math = p->f32_math;
-    return backend_gpu_plan(ctx->be, &pl, err);
+    pl.share = &m->wshare;
+    if ((rc = backend_gpu_plan(ctx->be, &pl, err))) return rc;
+    const char *w = backend_gpu_warning(ctx->be);
+    if (w) snprintf(ctx->warning, sizeof ctx->warning, "%s", w);
+    return FORGE_OK;
 }
 
 /* The one place a backend is chosen: CPU, GPU, or AUTO (the GPU when it can be created and the
@@ -190,8 +172,9 @@ int forge_context_create(forge_model *model, const forge_context_params *params,
     if (ctx->n_threads < 1) ctx->n_threads = 1;
     ctx->kv_type = p.kv_type;
     if ((rc = select_backend(ctx, &p, err))) goto fail;
-    /* weights: let the backend prepare them (a GPU backend uploads here) */
-    if ((rc = for_each_weight(ctx, true, &p, err))) goto fail;
+    if (ctx->be->ops->activate && (rc = ctx->be->ops->activate(ctx->be, err))) goto fail;
+    /* weights: a GPU backend shares (or uploads) the device copy of its GPU */
+    if ((rc = acquire_weights(ctx, &p, err))) goto fail;
     if ((rc = ctx->be->ops->kv_create(ctx->be, hp->n_layer, ctx->n_ctx, model->n_embd_k_gqa,
                                       (int)p.kv_type, &ctx->kv, err)))
         goto fail;
@@ -207,10 +190,15 @@ void forge_context_free(forge_context *ctx)
 {
     if (!ctx) return;
     if (ctx->be) {
+        const be_ops *op = ctx->be->ops;
+        /* Work may still be queued (an interrupted prompt, a failed decode): the backend frees
+         * its buffers and cache in its stream's order, and releases the shared weights only
+         * after its own work is done (backend.h). */
+        if (op->activate) (void)op->activate(ctx->be, NULL);
         free_bufs(ctx);
-        (void)for_each_weight(ctx, false, NULL, NULL);
-        ctx->be->ops->kv_free(ctx->be, ctx->kv);
-        ctx->be->ops->destroy(ctx->be);
+        op->kv_free(ctx->be, ctx->kv);
+        if (op->weights_release) op->weights_release(ctx->be);
+        op->destroy(ctx->be);
     }
     free(ctx->logits);
     free(ctx);
@@ -239,6 +227,11 @@ const char *forge_context_device(const forge_context *ctx)
 const forge_model *forge_context_model(const forge_context *ctx)
 {
     return ctx->model;
+}
+
+const char *forge_context_warning(const forge_context *ctx)
+{
+    return ctx && ctx->warning[0] ? ctx->warning : NULL;
 }
 
 void forge_context_set_abort_flag(forge_context *ctx, const volatile sig_atomic_t *flag)
@@ -352,6 +345,7 @@ static int decode(forge_context *ctx, const int32_t *ids, int32_t n, bool all_lo
                                  "token id %d at index %d is outside the vocabulary (%d)", ids[i],
                                  i, V);
     ctx->n_logits = 0;
+    if (op->activate && (rc = op->activate(ctx->be, err))) goto fail;
     if ((rc = reserve_logits(ctx, all_logits ? (n < ctx->n_batch ? n : ctx->n_batch) : 1,
                              all_logits ? n : 1, err)))
         goto fail;
@@ -390,22 +384,30 @@ int forge_decode_greedy(forge_context *ctx, const int32_t *ids, int32_t n, int32
                         forge_err *err)
 {
     if (!next_id) return forge_err_set(err, FORGE_E_INVALID, "forge_decode_greedy: NULL next_id");
-    *next_id = -1;
-    return decode(ctx, ids, n, false, NULL, next_id, err);
+    /* next_id may be one of the ids (the natural loop decodes &next into &next): it is written
+     * only after the last read of the ids, and set to -1 only on failure */
+    int rc = decode(ctx, ids, n, false, NULL, next_id, err);
+    if (rc) *next_id = -1;
+    return rc;
 }
 
 int forge_decode_sample(forge_context *ctx, const int32_t *ids, int32_t n, forge_sampler *s,
                         int32_t *next_id, forge_err *err)
 {
-    if (next_id) *next_id = -1;
-    if (!next_id || !s)
-        return forge_err_set(err, FORGE_E_INVALID, "forge_decode_sample: NULL %s",
-                             next_id ? "sampler" : "next_id");
-    if (ctx && sampler_n_vocab(s) != ctx->model->info.n_vocab)
-        return forge_err_set(err, FORGE_E_INVALID,
-                             "forge_decode_sample: the sampler is for %d tokens, the model has %d",
-                             sampler_n_vocab(s), ctx->model->info.n_vocab);
-    return decode(ctx, ids, n, false, s, next_id, err);
+    int rc;
+    if (!next_id || !s) {
+        rc = forge_err_set(err, FORGE_E_INVALID, "forge_decode_sample: NULL %s",
+                           next_id ? "sampler" : "next_id");
+    } else if (ctx && sampler_n_vocab(s) != ctx->model->info.n_vocab) {
+        rc = forge_err_set(err, FORGE_E_INVALID,
+                           "forge_decode_sample: the sampler is for %d tokens, the model has %d",
+                           sampler_n_vocab(s), ctx->model->info.n_vocab);
+    } else {
+        /* next_id may be one of the ids: written only after their last read (as greedy) */
+        rc = decode(ctx, ids, n, false, s, next_id, err);
+    }
+    if (rc && next_id) *next_id = -1;
+    return rc;
 }
 
 const float *forge_get_logits(const forge_context *ctx, int32_t i)

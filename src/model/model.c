@@ -334,7 +334,38 @@ static int load_tensors(loader *L, forge_err *err)
     m->info.bytes_per_token = m->info.weight_bytes - m->tok_embd.n_bytes + embd_row;
     if (m->info.tied_output) m->info.bytes_per_token += m->tok_embd.n_bytes;
     make_type_summary(L);
+    /* the slots: each weight's index in model_weights (a tied output shares tok_embd's) */
+    const int n = model_weights(m, NULL, 0);
+    be_weight **list = malloc((size_t)(n > 0 ? n : 1) * sizeof *list);
+    if (!list) return forge_err_set(err, FORGE_E_NOMEM, "out of memory");
+    model_weights(m, list, n);
+    for (int i = 0; i < n; i++)
+        list[i]->slot = i;
+    free(list);
+    if (m->info.tied_output) m->output.slot = m->tok_embd.slot;
+    m->n_weights = n;
     return FORGE_OK;
+}
+
+int model_weights(forge_model *m, be_weight **out, int cap)
+{
+    int n = 0;
+    be_weight *globals[] = {&m->tok_embd, &m->output_norm, &m->output, &m->rope_freqs};
+    for (size_t i = 0; i < FORGE_ARRAY_LEN(globals); i++) {
+        if (!globals[i]->data || (i == 2 && m->info.tied_output)) continue; /* output = tok_embd */
+        if (n < cap) out[n] = globals[i];
+        n++;
+    }
+    for (int il = 0; il < m->info.n_layer; il++) {
+        /* layer_weights is a struct of be_weight only */
+        be_weight *lw = (be_weight *)&m->layers[il];
+        for (size_t i = 0; i < sizeof(layer_weights) / sizeof(be_weight); i++) {
+            if (!lw[i].data) continue;
+            if (n < cap) out[n] = &lw[i];
+            n++;
+        }
+    }
+    return n;
 }
 
 int forge_model_load(const char *path, forge_model **out, forge_err *err)
@@ -346,6 +377,11 @@ int forge_model_load(const char *path, forge_model **out, forge_err *err)
     *out = NULL;
     m = calloc(1, sizeof *m);
     if (!m) return forge_err_set(err, FORGE_E_NOMEM, "out of memory");
+    if (pthread_mutex_init(&m->wshare.lock, NULL)) {
+        free(m);
+        return forge_err_set(err, FORGE_E_NOMEM, "forge_model_load: cannot create a lock");
+    }
+    m->wshare_init = true;
     loader L = {.m = m, .path = path};
     if ((rc = gguf_open(path, &m->gguf, err))) goto fail;
 
@@ -391,6 +427,8 @@ fail:
 void forge_model_free(forge_model *m)
 {
     if (!m) return;
+    /* contexts borrow the model: every weight set is released by now (wshare.head NULL) */
+    if (m->wshare_init) pthread_mutex_destroy(&m->wshare.lock);
     free(m->layers);
     forge_tok_free(m->tok);
     gguf_close(m->gguf);

@@ -33,7 +33,19 @@ struct forge_model {
     float rope_corr_dims[2];
     be_weight tok_embd, output_norm, output, rope_freqs; /* rope_freqs.data NULL if absent */
     layer_weights *layers;                               /* n_layer */
+    int32_t n_weights; /* entries of model_weights: the slots 0..n_weights-1 */
+    /* Device copies of the weights, shared by the contexts on this model (backend.h). Owned by
+     * the model; its entries are owned by the contexts that hold them, and all of them are
+     * gone before forge_model_free (contexts borrow the model). */
+    be_wshare wshare;
+    bool wshare_init; /* wshare.lock was initialised */
 };
+
+/* Every weight a backend prepares, in slot order (out[i]->slot == i): the present global
+ * weights (a tied output is tok_embd, listed once), then each layer's present weights. Writes at
+ * most cap pointers (out may be NULL with cap 0) and returns the count (m->n_weights). Pointers
+ * into the model, borrowed. */
+int model_weights(forge_model *m, be_weight **out, int cap);
 
 /* Activation buffers of one context, sized for n_batch tokens. */
 typedef struct ctx_bufs {
@@ -53,6 +65,7 @@ struct forge_context {
     int64_t logits_cap; /* rows allocated */
     int32_t n_logits;
     const volatile sig_atomic_t *abort_flag;
+    char warning[640]; /* forge_context_warning, or "" */
 };
 
 /* Forward pass of one batch of n tokens at positions ctx->pos.., for llama/qwen2/qwen3.
