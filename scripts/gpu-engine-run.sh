@@ -67,7 +67,7 @@ echo "memcheck (GEMM path) rc=${PIPESTATUS[0]}"
 note "5. bench"
 bench() { # bench SHAPE TYPE
     local m=/tmp/synth-$1-$2.gguf
-    "$F" synth --shape "$1" --type "$2" -o "$m" >/dev/null 2>&1 || { echo "synth $1 $2 failed"; return; }
+    "$F" synth --shape "$1" --type "$2" -o "$m" --force >/dev/null 2>&1 || { echo "synth $1 $2 failed"; return; }
     note "bench $1 $2"
     "$F" bench -m "$m" -p 512 -n 128 -r 2 --device gpu 2>&1
     if [ "$1" = llama2-7b ] && [ "$2" = Q4_0 ]; then

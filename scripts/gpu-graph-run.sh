@@ -36,10 +36,10 @@ nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.mem --f
 
 note "0. synth in the background"
 rm -f /tmp/synth-1b.ok /tmp/synth-7b.ok
-("$F" synth --shape llama3.2-1b --type Q4_0 -o /tmp/synth-1b.gguf >/dev/null 2>&1 &&
+("$F" synth --shape llama3.2-1b --type Q4_0 -o /tmp/synth-1b.gguf --force >/dev/null 2>&1 &&
     touch /tmp/synth-1b.ok) &
 pid_1b=$!
-("$F" synth --shape llama2-7b --type Q4_0 -o /tmp/synth-7b.gguf >/dev/null 2>&1 &&
+("$F" synth --shape llama2-7b --type Q4_0 -o /tmp/synth-7b.gguf --force >/dev/null 2>&1 &&
     touch /tmp/synth-7b.ok) &
 pid_7b=$!
 

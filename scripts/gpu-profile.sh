@@ -17,9 +17,9 @@ NCU=ncu
 command -v $NCU >/dev/null || NCU=/usr/local/cuda/bin/ncu
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem --format=csv
 note synth
-"$F" synth --shape llama3.2-1b --type Q4_0 -o /tmp/m1b.gguf >/dev/null 2>&1 &
+"$F" synth --shape llama3.2-1b --type Q4_0 -o /tmp/m1b.gguf --force >/dev/null 2>&1 &
 p1=$!
-"$F" synth --shape llama2-7b --type Q4_0 -o /tmp/m7b.gguf >/dev/null 2>&1 &
+"$F" synth --shape llama2-7b --type Q4_0 -o /tmp/m7b.gguf --force >/dev/null 2>&1 &
 p7=$!
 wait $p1
 note "1b bench"

@@ -43,7 +43,7 @@ nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem --format=csv,noh
 if has bench; then # the synthetic models, made on the machine's CPU while the tests run
     (for spec in $SPECS; do
         set -- ${spec/:/ }
-        "$F" synth --shape "$1" --type "$2" -o "/tmp/$1-$2.gguf" >/dev/null 2>&1 && touch "/tmp/$1-$2.ok"
+        "$F" synth --shape "$1" --type "$2" -o "/tmp/$1-$2.gguf" --force >/dev/null 2>&1 && touch "/tmp/$1-$2.ok"
     done) &
 fi
 

@@ -10,8 +10,8 @@ OUT=${OUT:-/tmp/gpu-tune-out}
 mkdir -p "$OUT"
 export LD_LIBRARY_PATH="$PWD/$FX/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 F=$B/forge
-"$F" synth --shape llama3.2-1b --type Q4_0 -o /tmp/1b.gguf >/dev/null 2>&1 &
-"$F" synth --shape llama2-7b --type Q4_0 -o /tmp/7b.gguf >/dev/null 2>&1 &
+"$F" synth --shape llama3.2-1b --type Q4_0 -o /tmp/1b.gguf --force >/dev/null 2>&1 &
+"$F" synth --shape llama2-7b --type Q4_0 -o /tmp/7b.gguf --force >/dev/null 2>&1 &
 wait
 IFS=';' read -ra vs <<<"$VARIANTS"
 for m in 1b 7b; do

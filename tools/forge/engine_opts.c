@@ -293,6 +293,8 @@ int engine_load(engine_opts *o, const char *cmd, forge_model **model, forge_cont
         return 1;
     }
     if (cp.device == FORGE_DEVICE_GPU) fprintf(stderr, "forge %s: on %s\n", cmd, desc);
+    const char *warning = forge_context_warning(*ctx);
+    if (warning) fprintf(stderr, "forge %s: warning: %s\n", cmd, warning);
     return 0;
 }
 
