@@ -92,7 +92,7 @@ int cmd_eval(int argc, char **argv)
         return 2;
     }
     /* before the model loads: the logits never go onto the model */
-    if (!cli_out_check("eval", "--logits", out_path, &o.model_path, 1, false)) return 1;
+    if (!cli_out_check("eval", "--logits", out_path, &o.model_path, 1, false)) goto done;
     if ((status = engine_load(&o, "eval", &model, &ctx))) goto done;
     status = 1;
     if (n > forge_context_n_ctx(ctx)) {
