@@ -457,9 +457,48 @@ tval *tmpl_binop(tmpl_render *r, const char *op, tval *a, tval *b)
     tmpl_rt_error(r, "TypeError", "unsupported operator %s", op);
 }
 
+/* One %d/%i/%x/%f/%e/%g conversion. spec is "%" + flags, width, precision as written. printf
+ * takes time in proportion to the width and precision (seconds for "%2000000000d"), so they are
+ * bounded and charged; the result is sized exactly (no truncation of "%300d" or "%f" of 1e308). */
+#define FORMAT_MAX_WIDTH 1000000
+static void put_number(tmpl_render *r, tmpl_buf *b, const char *spec, char conv, const tval *arg)
+{
+    size_t k = 1;
+    uint64_t width = 0, prec = 0;
+    while (spec[k] && strchr("-+ #0", spec[k]))
+        k++;
+    for (; spec[k] >= '0' && spec[k] <= '9'; k++)
+        width = width > FORMAT_MAX_WIDTH ? width : width * 10 + (uint64_t)(spec[k] - '0');
+    if (spec[k] == '.')
+        for (k++; spec[k] >= '0' && spec[k] <= '9'; k++)
+            prec = prec > FORMAT_MAX_WIDTH ? prec : prec * 10 + (uint64_t)(spec[k] - '0');
+    if (spec[k]) tmpl_rt_error(r, "ValueError", "unsupported format character '%c'", spec[k]);
+    if (width > FORMAT_MAX_WIDTH || prec > FORMAT_MAX_WIDTH)
+        tmpl_raise(r->fail, FORGE_E_RANGE, r->line, "LimitError",
+                   "format width or precision larger than %d", FORMAT_MAX_WIDTH);
+    tmpl_work(width + prec);
+    char f[32];
+    bool is_int = conv == 'd' || conv == 'i' || conv == 'x';
+    long long iv = (long long)(arg->type == TV_FLOAT ? (int64_t)arg->u.f : tmpl_as_i(arg));
+    double dv = tmpl_as_f(arg);
+    if (is_int)
+        snprintf(f, sizeof f, "%sll%c", spec, conv == 'x' ? 'x' : 'd');
+    else
+        snprintf(f, sizeof f, "%s%c", spec, conv);
+    int n = is_int ? snprintf(NULL, 0, f, iv) : snprintf(NULL, 0, f, dv);
+    if (n < 0) tmpl_rt_error(r, "ValueError", "bad format '%s'", f);
+    char *out = tmpl_alloc(A, (size_t)n + 1);
+    if (is_int)
+        snprintf(out, (size_t)n + 1, f, iv);
+    else
+        snprintf(out, (size_t)n + 1, f, dv);
+    tmpl_buf_put(b, out, (size_t)n);
+}
+
 /* "%s" % args (printf-style string formatting, the common conversions) */
 tval *tmpl_percent_format(tmpl_render *r, tval *fmt, tval *args)
 {
+    tmpl_work(fmt->u.s.n);
     tmpl_buf b = {.limit = r->max_output, .fail = r->fail, .arena = A};
     size_t ai = 0;
     tval *single = args->type == TV_LIST && args->is_tuple ? NULL : args;
@@ -502,16 +541,7 @@ tval *tmpl_percent_format(tmpl_render *r, tval *fmt, tval *args)
                 tmpl_rt_error(r, "TypeError", "%%%c format: a real number is required, not %s",
                               conv, tv_type_name(arg));
             spec[sl] = 0;
-            char f2[24];
-            if (conv == 'd' || conv == 'i' || conv == 'x') {
-                snprintf(f2, sizeof f2, "%sll%c", spec, conv == 'x' ? 'x' : 'd');
-                tmpl_buf_printf(
-                    &b, f2,
-                    (long long)(arg->type == TV_FLOAT ? (int64_t)arg->u.f : tmpl_as_i(arg)));
-            } else {
-                snprintf(f2, sizeof f2, "%s%c", spec, conv);
-                tmpl_buf_printf(&b, f2, tmpl_as_f(arg));
-            }
+            put_number(r, &b, spec, conv, arg);
         } else {
             tmpl_rt_error(r, "ValueError", "unsupported format character '%c'", conv);
         }
@@ -599,6 +629,7 @@ tval *tmpl_str_map(tmpl_render *r, const tval *s, tmpl_cp_map f, int mode)
 
 static bool cp_in(uint32_t cp, const tval *chars)
 {
+    tmpl_work(chars->u.s.n);
     size_t i = 0;
     while (i < chars->u.s.n) {
         uint32_t c;
@@ -633,25 +664,12 @@ tval *tmpl_str_strip(tmpl_render *r, const tval *s, const tval *chars, int which
             b = st;
         }
     }
+    tmpl_work(s->u.s.n - (b - a));
     return tv_str_nocopy(A, p + a, b - a);
 }
 
-static const char *memfind(const char *h, size_t hn, const char *n, size_t nn)
-{
-    if (nn == 0) return h;
-    if (nn > hn) return NULL;
-    for (size_t i = 0; i + nn <= hn; i++)
-        if (h[i] == n[0] && !memcmp(h + i, n, nn)) return h + i;
-    return NULL;
-}
-
-static const char *memrfind(const char *h, size_t hn, const char *n, size_t nn)
-{
-    if (nn > hn) return NULL;
-    for (size_t i = hn - nn + 1; i-- > 0;)
-        if (!memcmp(h + i, n, nn)) return h + i;
-    return NULL;
-}
+#define memfind tmpl_memfind
+#define memrfind tmpl_memrfind
 
 tval *tmpl_str_replace(tmpl_render *r, const tval *s, const tval *old, const tval *new_,
                        int64_t count)
@@ -694,6 +712,7 @@ tval *tmpl_str_replace(tmpl_render *r, const tval *s, const tval *old, const tva
 
 tval *tmpl_str_split(tmpl_render *r, const tval *s, const tval *sep, int64_t maxsplit, bool right)
 {
+    tmpl_work(s->u.s.n);
     tval *l = tv_list(A, 0);
     const char *p = s->u.s.p;
     size_t n = s->u.s.n;
@@ -828,11 +847,13 @@ static bool affix_match(tmpl_render *r, const tval *s, tval *aff, bool end)
     }
     tmpl_need_str(r, aff, end ? "endswith arg" : "startswith arg");
     if (aff->u.s.n > s->u.s.n) return false;
+    tmpl_work(aff->u.s.n);
     return !memcmp(s->u.s.p + (end ? s->u.s.n - aff->u.s.n : 0), aff->u.s.p, aff->u.s.n);
 }
 
 static bool all_cp(const tval *s, bool (*pred)(uint32_t))
 {
+    tmpl_work(s->u.s.n);
     if (s->u.s.n == 0) return false;
     size_t i = 0;
     while (i < s->u.s.n) {
@@ -852,7 +873,8 @@ tval *tmpl_pad(tmpl_render *r, tval *s, int64_t width, tval *fill, int where)
 {
     int64_t len = (int64_t)tmpl_utf8_len(s->u.s.p, s->u.s.n);
     if (width <= len) return s;
-    if (width > (int64_t)r->max_output) tmpl_rt_error(r, "LimitError", "width too large");
+    if (width > (int64_t)r->max_output)
+        tmpl_raise(r->fail, FORGE_E_RANGE, r->line, "LimitError", "width too large");
     const char *f = " ";
     size_t fl = 1;
     if (fill) {
@@ -875,6 +897,7 @@ tval *tmpl_pad(tmpl_render *r, tval *s, int64_t width, tval *fill, int where)
 /* str.format with {} / {0} / {name} fields */
 static tval *str_format(tmpl_render *r, tval *s, targs *args)
 {
+    tmpl_work(s->u.s.n);
     tmpl_buf b = {.limit = r->max_output, .fail = r->fail, .arena = A};
     size_t auto_i = 0;
     for (size_t i = 0; i < s->u.s.n; i++) {
@@ -998,6 +1021,7 @@ tval *tmpl_str_method(tmpl_render *r, tval *s, const char *m, targs *a)
     }
     if (!strcmp(m, "format")) return str_format(r, s, a);
     if (!strcmp(m, "splitlines")) {
+        tmpl_work(s->u.s.n);
         tval *l = tv_list(A, 0);
         size_t st = 0;
         for (size_t i = 0; i < s->u.s.n; i++) {
@@ -1017,6 +1041,7 @@ tval *tmpl_str_method(tmpl_render *r, tval *s, const char *m, targs *a)
     if (!strcmp(m, "isalnum")) return tv_bool(all_cp(s, cp_is_alnum));
     if (!strcmp(m, "isspace")) return tv_bool(all_cp(s, tmpl_py_isspace));
     if (!strcmp(m, "islower") || !strcmp(m, "isupper") || !strcmp(m, "istitle")) {
+        tmpl_work(s->u.s.n);
         bool any = false, ok = true;
         size_t i = 0;
         while (i < s->u.s.n) {
@@ -1034,7 +1059,8 @@ tval *tmpl_str_method(tmpl_render *r, tval *s, const char *m, targs *a)
         int64_t w = tmpl_need_int(r, a0, "zfill width");
         int64_t len = (int64_t)tmpl_utf8_len(s->u.s.p, s->u.s.n);
         if (w <= len) return s;
-        if (w > (int64_t)r->max_output) tmpl_rt_error(r, "LimitError", "width too large");
+        if (w > (int64_t)r->max_output)
+            tmpl_raise(r->fail, FORGE_E_RANGE, r->line, "LimitError", "width too large");
         tmpl_buf b = {.limit = r->max_output, .fail = r->fail, .arena = A};
         size_t st = 0;
         if (s->u.s.n && (s->u.s.p[0] == '-' || s->u.s.p[0] == '+')) {

@@ -328,12 +328,16 @@ tval *tmpl_call_filter(tmpl_render *r, tscope *s, const char *name, tval *v, tar
         return l->u.l.v[name[0] == 'f' ? 0 : l->u.l.n - 1];
     }
     if (!strcmp(name, "reverse")) {
-        if (v->type == TV_STR) {
-            tval *l = seq_of(r, v);
-            tmpl_buf b = {.limit = r->max_output, .fail = r->fail, .arena = A};
-            for (size_t i = l->u.l.n; i-- > 0;)
-                tv_to_str(&b, l->u.l.v[i]);
-            return tv_str_nocopy(A, b.p ? b.p : "", b.n);
+        if (v->type == TV_STR) { /* code points in reverse order, without a list of them */
+            size_t n = v->u.s.n, i = 0;
+            char *out = tmpl_alloc(A, n + 1);
+            while (i < n) {
+                uint32_t cp;
+                size_t k = tmpl_utf8_decode(v->u.s.p + i, n - i, &cp);
+                memcpy(out + n - i - k, v->u.s.p + i, k);
+                i += k;
+            }
+            return tv_str_nocopy(A, out, n);
         }
         tval *l = seq_of(r, v), *out = tv_list(A, l->u.l.n);
         for (size_t i = l->u.l.n; i-- > 0;)
@@ -587,6 +591,7 @@ tval *tmpl_call_filter(tmpl_render *r, tscope *s, const char *name, tval *v, tar
     }
     if (!strcmp(name, "striptags")) {
         tval *str = soft_str(r, v);
+        tmpl_work(str->u.s.n);
         tmpl_buf b = {.limit = r->max_output, .fail = r->fail, .arena = A};
         bool in_tag = false;
         for (size_t i = 0; i < str->u.s.n; i++) {

@@ -34,6 +34,7 @@ static void usage(FILE *f)
             "  -n, --n-predict N    most tokens per answer (default 512; -1 = until the context)\n"
             "  --temp T, --top-k K, --top-p P, --min-p P, --repeat-penalty R, --seed S\n"
             "  --vars JSON          extra template variables, e.g. '{\"enable_thinking\": false}'\n"
+            "  --template-timeout MS  wall-clock budget of each template render (default 1000)\n"
             "  --stats              after each answer, print token counts to stderr\n"
             "  --show-prompt        print each rendered prompt to stderr\n"
             "%s"
@@ -56,6 +57,8 @@ typedef struct chat {
     int32_t n_ctx;
     long n_predict;
     const char *vars_json;
+    long template_timeout_ms; /* 0 = the library's default */
+    const char *template_name;
     bool stats, show_prompt, interactive;
 } chat;
 
@@ -107,6 +110,8 @@ static int render_prompt(chat *c, int32_t **ids, size_t *n_ids, forge_err *err)
     v.bos_token = c->tm.bos_token;
     v.eos_token = c->tm.eos_token;
     v.extra_json = c->vars_json;
+    v.max_time_ms = (uint32_t)c->template_timeout_ms;
+    v.name = c->template_name;
     rc = forge_template_render(c->tmpl, &v, &prompt, &len, NULL, err);
     if (rc == FORGE_OK) {
         if (c->show_prompt) fprintf(stderr, "--- prompt ---\n%s\n--- end ---\n", prompt);
@@ -449,6 +454,9 @@ int cmd_chat(int argc, char **argv)
             system = argv[++i];
         } else if (!strcmp(a, "--vars") && val) {
             c.vars_json = argv[++i];
+        } else if (!strcmp(a, "--template-timeout")) {
+            i++;
+            if (!cli_parse_int("chat", a, val, 1, 86400000, &c.template_timeout_ms)) return 2;
         } else if (!strcmp(a, "--stats")) {
             c.stats = true;
         } else if (!strcmp(a, "--show-prompt")) {
@@ -472,6 +480,9 @@ int cmd_chat(int argc, char **argv)
     if (forge_template_select(&c.tm, choice, &c.tmpl, &desc, warning, sizeof warning, &err))
         goto fail;
     if (warning[0]) fprintf(stderr, "forge chat: warning: %s\n", warning);
+    c.template_name = !strcmp(desc, "model")  ? "the model's chat template"
+                      : !strcmp(desc, "file") ? choice
+                                              : desc;
     if (forge_sampler_create(&sp, forge_model_info_get(c.model)->n_vocab, &c.smp, &err)) goto fail;
     c.messages = cJSON_CreateArray();
     if (!c.messages) goto done;
@@ -481,7 +492,9 @@ int cmd_chat(int argc, char **argv)
         add_message(&c, "user", "hello");
         int32_t *ids = NULL;
         size_t n = 0;
-        if (render_prompt(&c, &ids, &n, &err) != FORGE_OK)
+        int prc = render_prompt(&c, &ids, &n, &err);
+        if (prc == FORGE_E_RANGE) goto fail; /* over a step/time budget: every turn would be */
+        if (prc != FORGE_OK)
             fprintf(stderr,
                     "forge chat: warning: the chat template fails on a plain conversation: %s\n",
                     err.msg);
