@@ -98,6 +98,10 @@ typedef struct tloop {
 struct tval {
     int type;
     bool is_tuple;
+    /* a namespace attribute's own scalar, overwritten in place by the next {% set ns.x = %} of
+     * a scalar (so a loop doing that keeps no memory per iteration): it is never handed out,
+     * readers get a copy (tmpl_ns_value) */
+    bool ns_slot;
     union {
         bool b;
         int64_t i;
@@ -369,6 +373,7 @@ int64_t tmpl_need_int(tmpl_render *r, tval *v, const char *what);
 tval *tmpl_pad(tmpl_render *r, tval *s, int64_t width, tval *fill, int where);
 tval *tmpl_str_method(tmpl_render *r, tval *s, const char *m, targs *a);
 tval *tmpl_dict_items(tmpl_render *r, tval *d);
+tval *tmpl_ns_value(tmpl_render *r, tval *v); /* v, or a copy of it if it is a ns_slot */
 _Noreturn void tmpl_undef_fail(tmpl_render *r, const tval *u);
 
 #endif /* FORGE_TMPL_H */

@@ -201,7 +201,7 @@ tval *tmpl_get_attr(tmpl_render *r, tval *obj, const char *name, size_t n)
         return tmpl_missing(r, obj, name, n, false);
     case TV_NS: {
         tval *v = tv_dict_get(obj, name, n);
-        return v ? v : tmpl_missing(r, obj, name, n, false);
+        return v ? tmpl_ns_value(r, v) : tmpl_missing(r, obj, name, n, false);
     }
     case TV_STR:
         if (tmpl_in_set(str_methods, FORGE_ARRAY_LEN(str_methods), name, n))
@@ -239,7 +239,7 @@ tval *tmpl_get_item(tmpl_render *r, tval *obj, tval *key)
     }
     case TV_NS: {
         tval *v = tv_dict_getv(obj, key);
-        if (v) return v;
+        if (v) return tmpl_ns_value(r, v);
         break;
     }
     case TV_LIST:
@@ -1111,6 +1111,14 @@ tval *tmpl_str_method(tmpl_render *r, tval *s, const char *m, targs *a)
     tmpl_rt_error(r, "TypeError", "str.%s is not supported", m);
 }
 
+tval *tmpl_ns_value(tmpl_render *r, tval *v)
+{
+    if (!v->ns_slot) return v;
+    tval *c = tv_new(A, v->type);
+    c->u = v->u;
+    return c;
+}
+
 tval *tmpl_dict_items(tmpl_render *r, tval *d)
 {
     tval *l = tv_list(A, d->u.d.n);
@@ -1118,7 +1126,7 @@ tval *tmpl_dict_items(tmpl_render *r, tval *d)
         tval *t = tv_list(A, 2);
         t->is_tuple = true;
         t->u.l.v[0] = d->u.d.k[i];
-        t->u.l.v[1] = d->u.d.v[i];
+        t->u.l.v[1] = tmpl_ns_value(r, d->u.d.v[i]);
         t->u.l.n = 2;
         l->u.l.v[i] = t;
     }
@@ -1184,7 +1192,7 @@ tval *tmpl_call_func(tmpl_render *r, tval *fn, targs *a)
             tval *src = a->pos[i];
             if (src->type == TV_DICT || src->type == TV_NS) {
                 for (size_t k = 0; k < src->u.d.n; k++)
-                    tv_dict_set(A, d, src->u.d.k[k], src->u.d.v[k]);
+                    tv_dict_set(A, d, src->u.d.k[k], tmpl_ns_value(r, src->u.d.v[k]));
             } else if (src->type == TV_LIST) {
                 for (size_t k = 0; k < src->u.l.n; k++) {
                     tval *p = src->u.l.v[k];

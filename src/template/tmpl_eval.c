@@ -333,6 +333,29 @@ tval *tmpl_loop_recurse(tmpl_render *r, tval *loopv, tval *items)
 }
 
 /* ---- statements -------------------------------------------------------------------------- */
+/* {% set ns.name = v %}. A scalar goes into the attribute's own slot (ns_slot), in place once the
+ * slot exists: nothing made in a loop iteration is kept, so the iteration's memory can go back.
+ * Anything else (a string, list, ...) may be made in the iteration and now outlives it. */
+static void set_ns_attr(tmpl_render *r, tval *ns, const char *name, tval *v)
+{
+    bool scalar = v->type == TV_NONE || v->type == TV_BOOL || v->type == TV_INT ||
+                  v->type == TV_FLOAT;
+    tval *slot = tv_dict_get(ns, name, strlen(name));
+    if (scalar && slot && slot->ns_slot) {
+        slot->type = v->type;
+        slot->u = v->u;
+        return;
+    }
+    if (scalar) {
+        tval *c = tv_new(r->arena, v->type);
+        c->u = v->u;
+        c->ns_slot = true;
+        v = c;
+    }
+    r->escapes++; /* v (or the new key) now outlives the loop iteration it was made in */
+    tv_dict_set(r->arena, ns, tv_cstr(r->arena, name), v);
+}
+
 static tval *apply_filter_chain(tmpl_render *r, const tnode *f, tscope *s, tval *base);
 
 static void exec_stmt(tmpl_render *r, const tnode *n, tscope *s)
@@ -370,8 +393,7 @@ static void exec_stmt(tmpl_render *r, const tnode *n, tscope *s)
             if (!ns || ns->type != TV_NS)
                 tmpl_rt_error(r, "TemplateRuntimeError",
                               "cannot assign attribute on non-namespace object");
-            r->escapes++; /* v now outlives the loop iteration it was made in */
-            tv_dict_set(r->arena, ns, tv_cstr(r->arena, n->op), v);
+            set_ns_attr(r, ns, n->op, v);
         } else {
             bind_targets(r, s, n->names, n->nnames, v);
         }
