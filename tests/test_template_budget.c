@@ -206,6 +206,14 @@ static void test_percent_format(void **state)
     forge_template_error d = {0};
     assert_null(render_with("{{ '%1.2.3d' % 1 }}", NULL, def, &d, &err));
     assert_string_equal(d.type, "ValueError");
+    /* found by fuzzing: a float beyond int64 given to %d was converted with undefined behaviour;
+     * Python prints int(f) */
+    expect_output("{{ '%d|%5d|%i' % (3.5e20, -2.5, 1e19) }}", def,
+                  "350000000000000000000|   -2|10000000000000000000");
+    assert_null(render_with("{{ '%x' % 1e300 }}", NULL, def, &d, &err));
+    assert_string_equal(d.type, "OverflowError");
+    assert_null(render_with("{{ '%d' % (1e400 - 1e400) }}", NULL, def, &d, &err));
+    assert_string_equal(d.type, "ValueError");
 }
 
 /* Comparing values nested thousands deep is a LimitError, not a stack overflow. */

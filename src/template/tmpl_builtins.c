@@ -477,13 +477,30 @@ static void put_number(tmpl_render *r, tmpl_buf *b, const char *spec, char conv,
         tmpl_raise(r->fail, FORGE_E_RANGE, r->line, "LimitError",
                    "format width or precision larger than %d", FORMAT_MAX_WIDTH);
     tmpl_work(width + prec);
-    char f[32];
+    char f[32] = "";
     bool is_int = conv == 'd' || conv == 'i' || conv == 'x';
-    long long iv = (long long)(arg->type == TV_FLOAT ? (int64_t)arg->u.f : tmpl_as_i(arg));
+    long long iv = 0;
     double dv = tmpl_as_f(arg);
+    if (is_int && arg->type == TV_FLOAT) { /* int(f) first, as Python does */
+        if (isnan(dv)) tmpl_rt_error(r, "ValueError", "cannot convert float NaN to integer");
+        if (isinf(dv))
+            tmpl_rt_error(r, "OverflowError", "cannot convert float infinity to integer");
+        if (fabs(dv) >= 9.2e18) {
+            if (conv == 'x') tmpl_rt_error(r, "OverflowError", "%%x format: integer too large");
+            /* beyond int64: the exact digits of the truncated double, with the flags and width */
+            size_t wl = strcspn(spec, ".");
+            snprintf(f, sizeof f, "%.*s.0f", (int)wl, spec);
+            dv = trunc(dv);
+            is_int = false;
+        } else {
+            iv = (long long)dv;
+        }
+    } else if (is_int) {
+        iv = (long long)tmpl_as_i(arg);
+    }
     if (is_int)
         snprintf(f, sizeof f, "%sll%c", spec, conv == 'x' ? 'x' : 'd');
-    else
+    else if (f[0] != '%')
         snprintf(f, sizeof f, "%s%c", spec, conv);
     int n = is_int ? snprintf(NULL, 0, f, iv) : snprintf(NULL, 0, f, dv);
     if (n < 0) tmpl_rt_error(r, "ValueError", "bad format '%s'", f);
