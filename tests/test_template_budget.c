@@ -216,6 +216,42 @@ static void test_percent_format(void **state)
     assert_string_equal(d.type, "ValueError");
 }
 
+/* Integer edges found while auditing the operations (UBSan): a slice step near INT64_MAX overflowed
+ * the index (a segfault for lists, 'ba' for 'abc'[1::2**63-1]), and range() near the int64 limits
+ * overflowed its loop counter. */
+static void test_integer_edges(void **state)
+{
+    (void)state;
+    limits def = {0, 0, 0};
+    expect_output("{{ 'abc'[1::9223372036854775807] }}|{{ [1, 2, 3][1::9223372036854775807] }}|"
+                  "{{ 'abc'[::-9223372036854775807] }}|{{ [1, 2][-9223372036854775807:] }}|"
+                  "{{ 'abcdef'[::2] }}{{ 'abcdef'[::-2] }}{{ [1, 2, 3, 4][3:0:-2] }}",
+                  def, "b|[2]|c|[1, 2]|acefdb[4, 2]");
+    expect_output("{{ range(9223372036854775806, 9223372036854775807)|list }}"
+                  "{{ range(0, 10, 9223372036854775807)|list }}"
+                  "{{ range(-9223372036854775807, 9223372036854775807, 4611686018427387904)|list }}"
+                  "{{ range(10, 0, -3)|list }}{{ range(5, 1)|list }}{{ range(-1, -6, -2)|list }}",
+                  def,
+                  "[9223372036854775806][0][-9223372036854775807, -4611686018427387903, 1, "
+                  "4611686018427387905][10, 7, 4, 1][][-1, -3, -5]");
+    forge_err err = {0};
+    forge_template_error d = {0};
+    assert_null(
+        render_with("{{ range(-9223372036854775807, 9223372036854775807) }}", NULL, def, &d, &err));
+    assert_string_equal(d.type, "OverflowError");
+    /* truncate: length + leeway overflowed; `end` was read as a string whatever its type; and
+     * jinja's default killwords=False (cut at the last space) */
+    expect_output("{{ 'abcdefghij'|truncate(9223372036854775807) }}|"
+                  "{{ 'foo bar baz qux'|truncate(9) }}|{{ 'foo bar baz qux'|truncate(9, true) }}|"
+                  "{{ 'foo bar baz qux'|truncate(11, true, '.', 0) }}",
+                  def, "abcdefghij|foo...|foo ba...|foo bar ba.");
+    assert_null(render_with("{{ 'abcdefghijklmnop'|truncate(5, false, 5) }}", NULL, def, &d, &err));
+    assert_string_equal(d.type, "TypeError");
+    assert_null(render_with("{{ 'abcdefghij'|truncate(3, leeway=-9223372036854775807) }}", NULL,
+                            def, &d, &err));
+    assert_string_equal(d.type, "AssertionError");
+}
+
 /* Comparing values nested thousands deep is a LimitError, not a stack overflow. */
 static void test_deep_values(void **state)
 {
@@ -360,6 +396,7 @@ int main(void)
         cmocka_unit_test(test_steps_charged_by_work), cmocka_unit_test(test_deep_values),
         cmocka_unit_test(test_loop_memory),           cmocka_unit_test(test_loop_values_survive),
         cmocka_unit_test(test_big_conversation),      cmocka_unit_test(test_percent_format),
+        cmocka_unit_test(test_integer_edges),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

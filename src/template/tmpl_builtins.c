@@ -1190,16 +1190,18 @@ tval *tmpl_call_func(tmpl_render *r, tval *fn, targs *a)
             tmpl_rt_error(r, "TypeError", "range expected 1 to 3 arguments, got %zu", a->npos);
         }
         if (step == 0) tmpl_rt_error(r, "ValueError", "range() arg 3 must not be zero");
-        double cnt = step > 0 ? ceil(((double)en - (double)st) / (double)step)
-                              : ceil(((double)st - (double)en) / (double)-step);
-        if (cnt < 0) cnt = 0;
+        /* exact count in unsigned arithmetic: no overflow near INT64_MIN/MAX */
+        uint64_t span = step > 0 ? (en > st ? (uint64_t)en - (uint64_t)st : 0)
+                                 : (st > en ? (uint64_t)st - (uint64_t)en : 0);
+        uint64_t ustep = step > 0 ? (uint64_t)step : (uint64_t)0 - (uint64_t)step;
+        uint64_t cnt = span ? (span - 1) / ustep + 1 : 0;
         if (cnt > MAX_RANGE)
             tmpl_rt_error(r, "OverflowError",
                           "Range too big. The sandbox blocks ranges larger than MAX_RANGE (%d).",
                           MAX_RANGE);
         tval *l = tv_list(A, (size_t)cnt);
-        for (int64_t i = st; step > 0 ? i < en : i > en; i += step)
-            tv_list_push(A, l, tv_int(A, i));
+        for (uint64_t k = 0; k < cnt; k++) /* st + k * step lies between st and en */
+            tv_list_push(A, l, tv_int(A, (int64_t)((uint64_t)st + k * (uint64_t)step)));
         return l;
     }
     case FN_NAMESPACE:

@@ -570,17 +570,20 @@ static tval *eval_slice(tmpl_render *r, tval *obj, const tnode *sl, tscope *s)
         }
         char *out = tmpl_alloc(r->arena, obj->u.s.n + 1);
         size_t o = 0;
-        for (int64_t i = a; step > 0 ? i < b : i > b; i += step) {
+        for (int64_t i = a; step > 0 ? i < b : i > b;) {
             size_t cl = offs[i + 1] - offs[i];
             memcpy(out + o, obj->u.s.p + offs[i], cl);
             o += cl;
+            if (__builtin_add_overflow(i, step, &i)) break; /* 'abc'[1::2**63-1] */
         }
         return tv_str_nocopy(r->arena, out, o);
     }
     tval *res = tv_list(r->arena, 0);
     res->is_tuple = obj->is_tuple;
-    for (int64_t i = a; step > 0 ? i < b : i > b; i += step)
+    for (int64_t i = a; step > 0 ? i < b : i > b;) {
         tv_list_push(r->arena, res, obj->u.l.v[i]);
+        if (__builtin_add_overflow(i, step, &i)) break;
+    }
     return res;
 }
 
