@@ -252,6 +252,32 @@ static void test_integer_edges(void **state)
     assert_string_equal(d.type, "AssertionError");
 }
 
+/* Found by fuzzing: upper()/lower()/title() wrote past their buffer when the string had invalid
+ * UTF-8 (each bad byte becomes U+FFFD, 3 bytes); ASan reports the overflow, and the output is
+ * checked here. */
+static void test_case_map_invalid_utf8(void **state)
+{
+    (void)state;
+    limits def = {0, 0, 0};
+    forge_err err = {0};
+    static const char *const srcs[] = {"{{ s.upper() }}", "{{ s|lower }}", "{{ s.title() }}",
+                                       "{{ s|capitalize }}", "{{ s.swapcase() }}"};
+    char want[3 * 64 + 1] = "";
+    for (int i = 0; i < 64; i++)
+        strcat(want, "\xef\xbf\xbd");
+    for (size_t k = 0; k < sizeof srcs / sizeof *srcs; k++) {
+        char src[256];
+        char bad[65];
+        memset(bad, 0xff, 64);
+        bad[64] = 0;
+        snprintf(src, sizeof src, "{%% set s = '%s' %%}%s", bad, srcs[k]);
+        char *out = render_with(src, NULL, def, NULL, &err);
+        if (!out) fail_msg("%s: %s", srcs[k], err.msg);
+        assert_string_equal(out, want);
+        free(out);
+    }
+}
+
 /* Comparing values nested thousands deep is a LimitError, not a stack overflow. */
 static void test_deep_values(void **state)
 {
@@ -396,7 +422,7 @@ int main(void)
         cmocka_unit_test(test_steps_charged_by_work), cmocka_unit_test(test_deep_values),
         cmocka_unit_test(test_loop_memory),           cmocka_unit_test(test_loop_values_survive),
         cmocka_unit_test(test_big_conversation),      cmocka_unit_test(test_percent_format),
-        cmocka_unit_test(test_integer_edges),
+        cmocka_unit_test(test_integer_edges),         cmocka_unit_test(test_case_map_invalid_utf8),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

@@ -609,7 +609,9 @@ static bool cp_is_digit(uint32_t c)
  * 3: jinja title filter (word starts after space/-/(/{/[/<); 4: swapcase */
 tval *tmpl_str_map(tmpl_render *r, const tval *s, tmpl_cp_map f, int mode)
 {
-    char *out = tmpl_alloc(A, s->u.s.n * 2 + 8);
+    /* each code point read (>= 1 byte) is written as <= 4 bytes: an invalid byte becomes U+FFFD
+     * (3 bytes), so 2 bytes per input byte were not enough (a heap overflow found by fuzzing) */
+    char *out = tmpl_alloc(A, s->u.s.n * 4 + 8);
     size_t o = 0, i = 0;
     bool prev_cased = false, first = true, word_start = true;
     while (i < s->u.s.n) {
