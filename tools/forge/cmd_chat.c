@@ -493,7 +493,7 @@ int cmd_chat(int argc, char **argv)
         int32_t *ids = NULL;
         size_t n = 0;
         int prc = render_prompt(&c, &ids, &n, &err);
-        if (prc == FORGE_E_RANGE) goto fail; /* over a step/time budget: every turn would be */
+        if (prc == FORGE_E_RANGE) goto fail; /* over a step/time budget: every turn would be too */
         if (prc != FORGE_OK)
             fprintf(stderr,
                     "forge chat: warning: the chat template fails on a plain conversation: %s\n",
