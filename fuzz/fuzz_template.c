@@ -1,6 +1,8 @@
 /* fuzz_template.c - libFuzzer target for the chat-template engine: the input is a template
  * (optionally followed by a NUL byte and a messages JSON text); it is parsed and, when it
- * parses, rendered with small limits. Must never crash, leak, or run unbounded. */
+ * parses, rendered with small limits. Must never crash, leak, or run unbounded: scripts/fuzz.sh
+ * runs it with -timeout=2, and the render's own wall-clock budget (500 ms here) must end every
+ * input before that. */
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -43,6 +45,8 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
         v.max_steps = 200000;
         v.max_depth = 32;
         v.max_memory = 64u << 20;
+        v.max_time_ms = 500;
+        v.name = "fuzz input";
         char *out = NULL;
         size_t n = 0;
         forge_template_error d;

@@ -4,9 +4,9 @@
  * raise_exception, strftime_now), plus built-in fallback templates.
  *
  * Untrusted input: a template and the messages are both treated as hostile. Parsing and rendering
- * are bounded (nesting depth, evaluation steps, output size, memory) and fail with an error, never
- * a crash. Errors carry the template line. Thread-safety: a parsed template is immutable; several
- * threads may render the same one at once.
+ * are bounded (nesting depth, evaluation steps charged by the work done, output size, memory,
+ * wall-clock time) and fail with an error, never a crash or a hang. Errors carry the template line.
+ * Thread-safety: a parsed template is immutable; several threads may render the same one at once.
  */
 #ifndef FORGE_TEMPLATE_H
 #define FORGE_TEMPLATE_H
@@ -59,11 +59,22 @@ typedef struct forge_template_vars {
     /* Time used by strftime_now(), seconds since the epoch, read as UTC; 0 = now (local time). */
     int64_t now;
     /* Limits (0 = default): output bytes (default 16 MiB), evaluation steps (default 5,000,000),
-     * macro/recursion depth (default 64), memory for values (default 256 MiB). */
+     * macro/recursion depth (default 64), memory for values (default 256 MiB). A step is one
+     * node evaluated, loop iteration or filter call, plus one per 32 bytes that an operation
+     * scans, compares, copies or allocates, so a step costs about the same time whatever the
+     * template does. Memory does not grow with loop iterations, except for what an iteration
+     * stores in a namespace or writes out. */
     size_t max_output;
     uint64_t max_steps;
     int max_depth;
     size_t max_memory;
+    /* Wall-clock budget of one render in milliseconds: 0 = default (1000 ms), UINT32_MAX = none.
+     * Exceeding it fails with FORGE_E_RANGE, type "LimitError" and the message
+     * "template render exceeded its time budget of N ms (NAME)". */
+    uint32_t max_time_ms;
+    /* How that message names the template (a file name, "the model's chat template"), or NULL.
+     * Borrowed for the call. */
+    const char *name;
 } forge_template_vars;
 
 /* Details of a render failure, for callers that compare with Jinja's behaviour. */

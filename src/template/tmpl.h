@@ -33,14 +33,24 @@ _Noreturn void tmpl_raise(tmpl_fail *f, int code, int line, const char *type, co
 typedef struct tmpl_chunk tmpl_chunk;
 typedef struct tmpl_arena {
     tmpl_chunk *head;
-    size_t used;  /* bytes handed out + chunk overhead */
-    size_t limit; /* raise LimitError beyond this */
+    tmpl_chunk *spare; /* one released chunk kept for reuse (not counted in used) */
+    size_t used;       /* bytes of the chunks in the list (handed out or not) + overhead */
+    size_t limit;      /* raise LimitError beyond this */
     tmpl_fail *fail;
 } tmpl_arena;
 
-void *tmpl_alloc(tmpl_arena *a, size_t n); /* zeroed; raises on limit */
+void *tmpl_alloc(tmpl_arena *a, size_t n); /* zeroed; raises on limit; charged as work */
 char *tmpl_strndup(tmpl_arena *a, const char *s, size_t n);
 void tmpl_arena_free(tmpl_arena *a);
+
+/* A position in an arena. Restoring it frees everything allocated since, so a loop iteration
+ * whose values cannot outlive it (see run_loop in tmpl_eval.c) costs no memory afterwards. */
+typedef struct tmpl_arena_mark {
+    tmpl_chunk *head;
+    size_t head_used, used;
+} tmpl_arena_mark;
+tmpl_arena_mark tmpl_arena_save(const tmpl_arena *a);
+void tmpl_arena_restore(tmpl_arena *a, tmpl_arena_mark m);
 
 /* growable byte buffer: grows inside `arena` when set (nothing to free), else with realloc
  * (the creator frees p) */
@@ -88,6 +98,10 @@ typedef struct tloop {
 struct tval {
     int type;
     bool is_tuple;
+    /* a namespace attribute's own scalar, overwritten in place by the next {% set ns.x = %} of
+     * a scalar (so a loop doing that keeps no memory per iteration): it is never handed out,
+     * readers get a copy (tmpl_ns_value) */
+    bool ns_slot;
     union {
         bool b;
         int64_t i;
@@ -266,7 +280,15 @@ typedef struct tmpl_render {
     tmpl_fail *fail;
     tmpl_buf *out; /* current output (switches for macro/set blocks) */
     size_t max_output;
+    /* budget: one step per AST node, loop iteration and filter call, plus one per
+     * TMPL_BYTES_PER_STEP bytes of work (scanned, compared, copied, allocated: tmpl_work) */
     uint64_t steps, max_steps;
+    uint64_t work;       /* bytes of work not yet turned into steps */
+    uint64_t next_check; /* steps at which tmpl_budget_check runs next (limit or clock) */
+    int64_t deadline_ns; /* CLOCK_MONOTONIC time the render must end by; 0 = none */
+    uint32_t budget_ms;  /* the wall-clock budget, for the message */
+    const char *name;    /* how messages name the template, may be NULL */
+    uint64_t escapes;    /* counts writes into objects that may outlive a loop iteration */
     int depth, max_depth;
     int line;    /* line of the node being evaluated (for error messages) */
     int64_t now; /* for strftime_now */
@@ -285,6 +307,25 @@ tval *tmpl_eval_expr(tmpl_render *r, const tnode *n, tscope *s);
 _Noreturn void tmpl_rt_error(tmpl_render *r, const char *type, const char *fmt, ...)
     FORGE_PRINTF(3, 4);
 void tmpl_step(tmpl_render *r);
+
+/* Work metering. Every operation whose cost is not O(1) (string scans, copies, comparisons,
+ * allocations, dict lookups) reports its bytes through tmpl_work, which charges them to the
+ * render running on this thread and raises LimitError when the step limit or the time budget is
+ * passed. The render is found through a thread-local pointer set by tmpl_meter_begin, so the
+ * value functions (tmpl_value.c), which have no render argument, are metered too; outside a
+ * render (parsing, forge_template_check_messages) tmpl_work does nothing. */
+#define TMPL_BYTES_PER_STEP 32
+void tmpl_meter_begin(tmpl_render *r);
+void tmpl_meter_end(void);
+void tmpl_work(uint64_t bytes);
+/* a comparison recursed deeper than this: LimitError inside a render (no stack overflow); the
+ * function returns only outside a render, where values are never that deep */
+#define TMPL_MAX_VALUE_DEPTH 512
+void tmpl_value_too_deep(void);
+
+/* memmem / reverse memmem, charged as work */
+const char *tmpl_memfind(const char *h, size_t hn, const char *n, size_t nn);
+const char *tmpl_memrfind(const char *h, size_t hn, const char *n, size_t nn);
 
 /* builtins (tmpl_builtins.c) */
 typedef struct targs {
@@ -332,6 +373,7 @@ int64_t tmpl_need_int(tmpl_render *r, tval *v, const char *what);
 tval *tmpl_pad(tmpl_render *r, tval *s, int64_t width, tval *fill, int where);
 tval *tmpl_str_method(tmpl_render *r, tval *s, const char *m, targs *a);
 tval *tmpl_dict_items(tmpl_render *r, tval *d);
+tval *tmpl_ns_value(tmpl_render *r, tval *v); /* v, or a copy of it if it is a ns_slot */
 _Noreturn void tmpl_undef_fail(tmpl_render *r, const tval *u);
 
 #endif /* FORGE_TMPL_H */

@@ -18,6 +18,7 @@ struct forge_template {
 #define DEFAULT_MAX_STEPS 5000000u
 #define DEFAULT_MAX_DEPTH 64
 #define DEFAULT_MAX_MEMORY (256u << 20)
+#define DEFAULT_MAX_TIME_MS 1000u
 #define PARSE_MAX_MEMORY (64u << 20)
 
 /* heap-held state of one parse/render, so nothing that setjmp's frame reads after a longjmp
@@ -158,7 +159,11 @@ int forge_template_render(const forge_template *t, const forge_template_vars *va
     st->r.max_steps = vars->max_steps ? vars->max_steps : DEFAULT_MAX_STEPS;
     st->r.max_depth = vars->max_depth > 0 ? vars->max_depth : DEFAULT_MAX_DEPTH;
     st->r.now = vars->now;
+    st->r.budget_ms = vars->max_time_ms ? vars->max_time_ms : DEFAULT_MAX_TIME_MS;
+    if (st->r.budget_ms == UINT32_MAX) st->r.budget_ms = 0;
+    st->r.name = vars->name;
     if (setjmp(st->fail.jb)) {
+        tmpl_meter_end();
         if (st->fail.code == FORGE_E_INVALID)
             rc = forge_err_set(err, FORGE_E_INVALID, "%s", st->fail.msg);
         else if (st->fail.line)
@@ -176,6 +181,7 @@ int forge_template_render(const forge_template *t, const forge_template_vars *va
     }
     {
         tmpl_render *r = &st->r;
+        tmpl_meter_begin(r); /* the messages' parsing counts too: they are untrusted */
         tval *messages = parse_messages(st, vars->messages_json);
         r->globals = tmpl_scope_new(r, NULL);
         tmpl_scope_set(r, r->globals, "messages", messages);
@@ -202,6 +208,7 @@ int forge_template_render(const forge_template *t, const forge_template_vars *va
         }
         tmpl_eval_root(r, t->root);
         if (r->loop_ctl) r->loop_ctl = 0; /* break outside a loop: jinja rejects at compile time */
+        tmpl_meter_end();
     }
     if (!st->out.p) {
         st->out.p = malloc(1);

@@ -201,7 +201,7 @@ tval *tmpl_get_attr(tmpl_render *r, tval *obj, const char *name, size_t n)
         return tmpl_missing(r, obj, name, n, false);
     case TV_NS: {
         tval *v = tv_dict_get(obj, name, n);
-        return v ? v : tmpl_missing(r, obj, name, n, false);
+        return v ? tmpl_ns_value(r, v) : tmpl_missing(r, obj, name, n, false);
     }
     case TV_STR:
         if (tmpl_in_set(str_methods, FORGE_ARRAY_LEN(str_methods), name, n))
@@ -239,7 +239,7 @@ tval *tmpl_get_item(tmpl_render *r, tval *obj, tval *key)
     }
     case TV_NS: {
         tval *v = tv_dict_getv(obj, key);
-        if (v) return v;
+        if (v) return tmpl_ns_value(r, v);
         break;
     }
     case TV_LIST:
@@ -457,9 +457,65 @@ tval *tmpl_binop(tmpl_render *r, const char *op, tval *a, tval *b)
     tmpl_rt_error(r, "TypeError", "unsupported operator %s", op);
 }
 
+/* One %d/%i/%x/%f/%e/%g conversion. spec is "%" + flags, width, precision as written. printf
+ * takes time in proportion to the width and precision (seconds for "%2000000000d"), so they are
+ * bounded and charged; the result is sized exactly (no truncation of "%300d" or "%f" of 1e308). */
+#define FORMAT_MAX_WIDTH 1000000
+static void put_number(tmpl_render *r, tmpl_buf *b, const char *spec, char conv, const tval *arg)
+{
+    size_t k = 1;
+    uint64_t width = 0, prec = 0;
+    while (spec[k] && strchr("-+ #0", spec[k]))
+        k++;
+    for (; spec[k] >= '0' && spec[k] <= '9'; k++)
+        width = width > FORMAT_MAX_WIDTH ? width : width * 10 + (uint64_t)(spec[k] - '0');
+    if (spec[k] == '.')
+        for (k++; spec[k] >= '0' && spec[k] <= '9'; k++)
+            prec = prec > FORMAT_MAX_WIDTH ? prec : prec * 10 + (uint64_t)(spec[k] - '0');
+    if (spec[k]) tmpl_rt_error(r, "ValueError", "unsupported format character '%c'", spec[k]);
+    if (width > FORMAT_MAX_WIDTH || prec > FORMAT_MAX_WIDTH)
+        tmpl_raise(r->fail, FORGE_E_RANGE, r->line, "LimitError",
+                   "format width or precision larger than %d", FORMAT_MAX_WIDTH);
+    tmpl_work(width + prec);
+    char f[32] = "";
+    bool is_int = conv == 'd' || conv == 'i' || conv == 'x';
+    long long iv = 0;
+    double dv = tmpl_as_f(arg);
+    if (is_int && arg->type == TV_FLOAT) { /* int(f) first, as Python does */
+        if (isnan(dv)) tmpl_rt_error(r, "ValueError", "cannot convert float NaN to integer");
+        if (isinf(dv))
+            tmpl_rt_error(r, "OverflowError", "cannot convert float infinity to integer");
+        if (fabs(dv) >= 9.2e18) {
+            if (conv == 'x') tmpl_rt_error(r, "OverflowError", "%%x format: integer too large");
+            /* beyond int64: the exact digits of the truncated double, with the flags and width */
+            size_t wl = strcspn(spec, ".");
+            snprintf(f, sizeof f, "%.*s.0f", (int)wl, spec);
+            dv = trunc(dv);
+            is_int = false;
+        } else {
+            iv = (long long)dv;
+        }
+    } else if (is_int) {
+        iv = (long long)tmpl_as_i(arg);
+    }
+    if (is_int)
+        snprintf(f, sizeof f, "%sll%c", spec, conv == 'x' ? 'x' : 'd');
+    else if (f[0] != '%')
+        snprintf(f, sizeof f, "%s%c", spec, conv);
+    int n = is_int ? snprintf(NULL, 0, f, iv) : snprintf(NULL, 0, f, dv);
+    if (n < 0) tmpl_rt_error(r, "ValueError", "bad format '%s'", f);
+    char *out = tmpl_alloc(A, (size_t)n + 1);
+    if (is_int)
+        snprintf(out, (size_t)n + 1, f, iv);
+    else
+        snprintf(out, (size_t)n + 1, f, dv);
+    tmpl_buf_put(b, out, (size_t)n);
+}
+
 /* "%s" % args (printf-style string formatting, the common conversions) */
 tval *tmpl_percent_format(tmpl_render *r, tval *fmt, tval *args)
 {
+    tmpl_work(fmt->u.s.n);
     tmpl_buf b = {.limit = r->max_output, .fail = r->fail, .arena = A};
     size_t ai = 0;
     tval *single = args->type == TV_LIST && args->is_tuple ? NULL : args;
@@ -502,16 +558,7 @@ tval *tmpl_percent_format(tmpl_render *r, tval *fmt, tval *args)
                 tmpl_rt_error(r, "TypeError", "%%%c format: a real number is required, not %s",
                               conv, tv_type_name(arg));
             spec[sl] = 0;
-            char f2[24];
-            if (conv == 'd' || conv == 'i' || conv == 'x') {
-                snprintf(f2, sizeof f2, "%sll%c", spec, conv == 'x' ? 'x' : 'd');
-                tmpl_buf_printf(
-                    &b, f2,
-                    (long long)(arg->type == TV_FLOAT ? (int64_t)arg->u.f : tmpl_as_i(arg)));
-            } else {
-                snprintf(f2, sizeof f2, "%s%c", spec, conv);
-                tmpl_buf_printf(&b, f2, tmpl_as_f(arg));
-            }
+            put_number(r, &b, spec, conv, arg);
         } else {
             tmpl_rt_error(r, "ValueError", "unsupported format character '%c'", conv);
         }
@@ -562,7 +609,9 @@ static bool cp_is_digit(uint32_t c)
  * 3: jinja title filter (word starts after space/-/(/{/[/<); 4: swapcase */
 tval *tmpl_str_map(tmpl_render *r, const tval *s, tmpl_cp_map f, int mode)
 {
-    char *out = tmpl_alloc(A, s->u.s.n * 2 + 8);
+    /* each code point read (>= 1 byte) is written as <= 4 bytes: an invalid byte becomes U+FFFD
+     * (3 bytes), so 2 bytes per input byte were not enough (a heap overflow found by fuzzing) */
+    char *out = tmpl_alloc(A, s->u.s.n * 4 + 8);
     size_t o = 0, i = 0;
     bool prev_cased = false, first = true, word_start = true;
     while (i < s->u.s.n) {
@@ -599,6 +648,7 @@ tval *tmpl_str_map(tmpl_render *r, const tval *s, tmpl_cp_map f, int mode)
 
 static bool cp_in(uint32_t cp, const tval *chars)
 {
+    tmpl_work(chars->u.s.n);
     size_t i = 0;
     while (i < chars->u.s.n) {
         uint32_t c;
@@ -633,25 +683,12 @@ tval *tmpl_str_strip(tmpl_render *r, const tval *s, const tval *chars, int which
             b = st;
         }
     }
+    tmpl_work(s->u.s.n - (b - a));
     return tv_str_nocopy(A, p + a, b - a);
 }
 
-static const char *memfind(const char *h, size_t hn, const char *n, size_t nn)
-{
-    if (nn == 0) return h;
-    if (nn > hn) return NULL;
-    for (size_t i = 0; i + nn <= hn; i++)
-        if (h[i] == n[0] && !memcmp(h + i, n, nn)) return h + i;
-    return NULL;
-}
-
-static const char *memrfind(const char *h, size_t hn, const char *n, size_t nn)
-{
-    if (nn > hn) return NULL;
-    for (size_t i = hn - nn + 1; i-- > 0;)
-        if (!memcmp(h + i, n, nn)) return h + i;
-    return NULL;
-}
+#define memfind tmpl_memfind
+#define memrfind tmpl_memrfind
 
 tval *tmpl_str_replace(tmpl_render *r, const tval *s, const tval *old, const tval *new_,
                        int64_t count)
@@ -694,6 +731,7 @@ tval *tmpl_str_replace(tmpl_render *r, const tval *s, const tval *old, const tva
 
 tval *tmpl_str_split(tmpl_render *r, const tval *s, const tval *sep, int64_t maxsplit, bool right)
 {
+    tmpl_work(s->u.s.n);
     tval *l = tv_list(A, 0);
     const char *p = s->u.s.p;
     size_t n = s->u.s.n;
@@ -828,11 +866,13 @@ static bool affix_match(tmpl_render *r, const tval *s, tval *aff, bool end)
     }
     tmpl_need_str(r, aff, end ? "endswith arg" : "startswith arg");
     if (aff->u.s.n > s->u.s.n) return false;
+    tmpl_work(aff->u.s.n);
     return !memcmp(s->u.s.p + (end ? s->u.s.n - aff->u.s.n : 0), aff->u.s.p, aff->u.s.n);
 }
 
 static bool all_cp(const tval *s, bool (*pred)(uint32_t))
 {
+    tmpl_work(s->u.s.n);
     if (s->u.s.n == 0) return false;
     size_t i = 0;
     while (i < s->u.s.n) {
@@ -852,7 +892,8 @@ tval *tmpl_pad(tmpl_render *r, tval *s, int64_t width, tval *fill, int where)
 {
     int64_t len = (int64_t)tmpl_utf8_len(s->u.s.p, s->u.s.n);
     if (width <= len) return s;
-    if (width > (int64_t)r->max_output) tmpl_rt_error(r, "LimitError", "width too large");
+    if (width > (int64_t)r->max_output)
+        tmpl_raise(r->fail, FORGE_E_RANGE, r->line, "LimitError", "width too large");
     const char *f = " ";
     size_t fl = 1;
     if (fill) {
@@ -875,6 +916,7 @@ tval *tmpl_pad(tmpl_render *r, tval *s, int64_t width, tval *fill, int where)
 /* str.format with {} / {0} / {name} fields */
 static tval *str_format(tmpl_render *r, tval *s, targs *args)
 {
+    tmpl_work(s->u.s.n);
     tmpl_buf b = {.limit = r->max_output, .fail = r->fail, .arena = A};
     size_t auto_i = 0;
     for (size_t i = 0; i < s->u.s.n; i++) {
@@ -998,6 +1040,7 @@ tval *tmpl_str_method(tmpl_render *r, tval *s, const char *m, targs *a)
     }
     if (!strcmp(m, "format")) return str_format(r, s, a);
     if (!strcmp(m, "splitlines")) {
+        tmpl_work(s->u.s.n);
         tval *l = tv_list(A, 0);
         size_t st = 0;
         for (size_t i = 0; i < s->u.s.n; i++) {
@@ -1017,6 +1060,7 @@ tval *tmpl_str_method(tmpl_render *r, tval *s, const char *m, targs *a)
     if (!strcmp(m, "isalnum")) return tv_bool(all_cp(s, cp_is_alnum));
     if (!strcmp(m, "isspace")) return tv_bool(all_cp(s, tmpl_py_isspace));
     if (!strcmp(m, "islower") || !strcmp(m, "isupper") || !strcmp(m, "istitle")) {
+        tmpl_work(s->u.s.n);
         bool any = false, ok = true;
         size_t i = 0;
         while (i < s->u.s.n) {
@@ -1034,7 +1078,8 @@ tval *tmpl_str_method(tmpl_render *r, tval *s, const char *m, targs *a)
         int64_t w = tmpl_need_int(r, a0, "zfill width");
         int64_t len = (int64_t)tmpl_utf8_len(s->u.s.p, s->u.s.n);
         if (w <= len) return s;
-        if (w > (int64_t)r->max_output) tmpl_rt_error(r, "LimitError", "width too large");
+        if (w > (int64_t)r->max_output)
+            tmpl_raise(r->fail, FORGE_E_RANGE, r->line, "LimitError", "width too large");
         tmpl_buf b = {.limit = r->max_output, .fail = r->fail, .arena = A};
         size_t st = 0;
         if (s->u.s.n && (s->u.s.p[0] == '-' || s->u.s.p[0] == '+')) {
@@ -1085,6 +1130,14 @@ tval *tmpl_str_method(tmpl_render *r, tval *s, const char *m, targs *a)
     tmpl_rt_error(r, "TypeError", "str.%s is not supported", m);
 }
 
+tval *tmpl_ns_value(tmpl_render *r, tval *v)
+{
+    if (!v->ns_slot) return v;
+    tval *c = tv_new(A, v->type);
+    c->u = v->u;
+    return c;
+}
+
 tval *tmpl_dict_items(tmpl_render *r, tval *d)
 {
     tval *l = tv_list(A, d->u.d.n);
@@ -1092,7 +1145,7 @@ tval *tmpl_dict_items(tmpl_render *r, tval *d)
         tval *t = tv_list(A, 2);
         t->is_tuple = true;
         t->u.l.v[0] = d->u.d.k[i];
-        t->u.l.v[1] = d->u.d.v[i];
+        t->u.l.v[1] = tmpl_ns_value(r, d->u.d.v[i]);
         t->u.l.n = 2;
         l->u.l.v[i] = t;
     }
@@ -1139,16 +1192,18 @@ tval *tmpl_call_func(tmpl_render *r, tval *fn, targs *a)
             tmpl_rt_error(r, "TypeError", "range expected 1 to 3 arguments, got %zu", a->npos);
         }
         if (step == 0) tmpl_rt_error(r, "ValueError", "range() arg 3 must not be zero");
-        double cnt = step > 0 ? ceil(((double)en - (double)st) / (double)step)
-                              : ceil(((double)st - (double)en) / (double)-step);
-        if (cnt < 0) cnt = 0;
+        /* exact count in unsigned arithmetic: no overflow near INT64_MIN/MAX */
+        uint64_t span = step > 0 ? (en > st ? (uint64_t)en - (uint64_t)st : 0)
+                                 : (st > en ? (uint64_t)st - (uint64_t)en : 0);
+        uint64_t ustep = step > 0 ? (uint64_t)step : (uint64_t)0 - (uint64_t)step;
+        uint64_t cnt = span ? (span - 1) / ustep + 1 : 0;
         if (cnt > MAX_RANGE)
             tmpl_rt_error(r, "OverflowError",
                           "Range too big. The sandbox blocks ranges larger than MAX_RANGE (%d).",
                           MAX_RANGE);
         tval *l = tv_list(A, (size_t)cnt);
-        for (int64_t i = st; step > 0 ? i < en : i > en; i += step)
-            tv_list_push(A, l, tv_int(A, i));
+        for (uint64_t k = 0; k < cnt; k++) /* st + k * step lies between st and en */
+            tv_list_push(A, l, tv_int(A, (int64_t)((uint64_t)st + k * (uint64_t)step)));
         return l;
     }
     case FN_NAMESPACE:
@@ -1158,7 +1213,7 @@ tval *tmpl_call_func(tmpl_render *r, tval *fn, targs *a)
             tval *src = a->pos[i];
             if (src->type == TV_DICT || src->type == TV_NS) {
                 for (size_t k = 0; k < src->u.d.n; k++)
-                    tv_dict_set(A, d, src->u.d.k[k], src->u.d.v[k]);
+                    tv_dict_set(A, d, src->u.d.k[k], tmpl_ns_value(r, src->u.d.v[k]));
             } else if (src->type == TV_LIST) {
                 for (size_t k = 0; k < src->u.l.n; k++) {
                     tval *p = src->u.l.v[k];

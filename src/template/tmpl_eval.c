@@ -5,6 +5,7 @@
 #include <stdarg.h>
 #include <stdio.h>
 #include <string.h>
+#include <time.h>
 
 #include "template/tmpl.h"
 
@@ -25,11 +26,70 @@ void tmpl_rt_error(tmpl_render *r, const char *type, const char *fmt, ...)
     tmpl_raise(r->fail, FORGE_E_FORMAT, r->line, type, "%s", msg);
 }
 
-void tmpl_step(tmpl_render *r)
+/* ---- budget: steps and wall-clock time ----------------------------------------------------- */
+/* a step is at most ~100 ns of work: the clock is read about every 0.1-0.5 ms */
+#define CLOCK_EVERY_STEPS 4096
+
+static int64_t now_ns(void)
 {
-    if (++r->steps > r->max_steps)
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec;
+}
+
+static void budget_check(tmpl_render *r)
+{
+    if (r->steps > r->max_steps)
         tmpl_raise(r->fail, FORGE_E_RANGE, r->line, "LimitError",
                    "template evaluation exceeded %llu steps", (unsigned long long)r->max_steps);
+    if (r->deadline_ns && now_ns() > r->deadline_ns)
+        tmpl_raise(r->fail, FORGE_E_RANGE, r->line, "LimitError",
+                   "template render exceeded its time budget of %u ms%s%s%s", r->budget_ms,
+                   r->name ? " (" : "", r->name ? r->name : "", r->name ? ")" : "");
+    uint64_t limit = r->max_steps < UINT64_MAX ? r->max_steps + 1 : UINT64_MAX;
+    uint64_t next =
+        r->steps < UINT64_MAX - CLOCK_EVERY_STEPS ? r->steps + CLOCK_EVERY_STEPS : UINT64_MAX;
+    r->next_check = next < limit ? next : limit;
+}
+
+void tmpl_step(tmpl_render *r)
+{
+    if (++r->steps >= r->next_check) budget_check(r);
+}
+
+static _Thread_local tmpl_render *metered; /* the render running on this thread, or NULL */
+
+void tmpl_meter_begin(tmpl_render *r)
+{
+    if (r->budget_ms) r->deadline_ns = now_ns() + (int64_t)r->budget_ms * 1000000;
+    r->next_check = 0;
+    metered = r;
+    budget_check(r);
+}
+
+void tmpl_meter_end(void)
+{
+    metered = NULL;
+}
+
+void tmpl_work(uint64_t bytes)
+{
+    tmpl_render *r = metered;
+    if (!r) return;
+    r->work += bytes < UINT64_MAX - r->work ? bytes : UINT64_MAX - r->work;
+    if (r->work < TMPL_BYTES_PER_STEP) return;
+    uint64_t steps = r->work / TMPL_BYTES_PER_STEP;
+    r->work %= TMPL_BYTES_PER_STEP;
+    r->steps = steps < UINT64_MAX - r->steps ? r->steps + steps : UINT64_MAX;
+    if (r->steps >= r->next_check) budget_check(r);
+}
+
+void tmpl_value_too_deep(void)
+{
+    tmpl_render *r = metered;
+    if (r)
+        tmpl_raise(r->fail, FORGE_E_RANGE, r->line, "LimitError",
+                   "values nested deeper than %d levels", TMPL_MAX_VALUE_DEPTH);
 }
 
 static tscope *scope_new(tmpl_render *r, tscope *parent)
@@ -65,9 +125,16 @@ static void scope_set(tmpl_render *r, tscope *s, const char *name, tval *v)
 
 static tval *scope_get(tscope *s, const char *name)
 {
-    for (; s; s = s->parent)
+    size_t scanned = 0; /* a template with thousands of names makes each lookup that long */
+    for (; s; s = s->parent) {
+        scanned += s->n;
         for (size_t i = s->n; i-- > 0;)
-            if (!strcmp(s->names[i], name)) return s->vals[i];
+            if (!strcmp(s->names[i], name)) {
+                tmpl_work(scanned);
+                return s->vals[i];
+            }
+    }
+    tmpl_work(scanned);
     return NULL;
 }
 
@@ -178,6 +245,31 @@ static void bind_targets(tmpl_render *r, tscope *s, const char **names, size_t n
         scope_set(r, s, names[i], item->u.l.v[i]);
 }
 
+/* Memory of one loop iteration. What an iteration allocates (its scope, the values it computes,
+ * the strings it writes out) is dead when it ends unless it escaped into an object made before
+ * it: a namespace attribute (r->escapes) or an arena-held output buffer that had to grow (its
+ * new storage is in the iteration's memory). Otherwise the arena goes back to where the
+ * iteration started, so memory does not grow with the number of iterations. */
+typedef struct iter_mark {
+    tmpl_arena_mark mark;
+    uint64_t escapes;
+    tmpl_buf *out;
+    const char *out_p;
+} iter_mark;
+
+static iter_mark iter_begin(tmpl_render *r)
+{
+    iter_mark m = {tmpl_arena_save(r->arena), r->escapes, r->out, r->out->p};
+    return m;
+}
+
+static void iter_end(tmpl_render *r, const iter_mark *m)
+{
+    if (r->escapes != m->escapes || r->out != m->out) return;
+    if (r->out->arena && r->out->p != m->out_p) return;
+    tmpl_arena_restore(r->arena, m->mark);
+}
+
 static void run_loop(tmpl_render *r, const tnode *n, tscope *outer, tval *iterable, int64_t depth0)
 {
     tval *items = tmpl_to_list(r, iterable);
@@ -185,10 +277,12 @@ static void run_loop(tmpl_render *r, const tnode *n, tscope *outer, tval *iterab
         tval *kept = tv_list(r->arena, items->u.l.n);
         for (size_t i = 0; i < items->u.l.n; i++) {
             tmpl_step(r);
+            iter_mark im = iter_begin(r);
             tscope *fs = scope_new(r, outer);
             bind_targets(r, fs, n->names, n->nnames, items->u.l.v[i]);
-            if (tv_truthy(tmpl_eval_expr(r, n->b, fs)))
-                tv_list_push(r->arena, kept, items->u.l.v[i]);
+            bool keep = tv_truthy(tmpl_eval_expr(r, n->b, fs));
+            iter_end(r, &im);
+            if (keep) tv_list_push(r->arena, kept, items->u.l.v[i]);
         }
         items = kept;
     }
@@ -207,10 +301,12 @@ static void run_loop(tmpl_render *r, const tnode *n, tscope *outer, tval *iterab
     for (size_t i = 0; i < items->u.l.n; i++) {
         tmpl_step(r);
         lp->index0 = (int64_t)i;
+        iter_mark im = iter_begin(r);
         tscope *s = scope_new(r, outer);
         bind_targets(r, s, n->names, n->nnames, items->u.l.v[i]);
         scope_set(r, s, "loop", loopv);
         exec_body(r, n->c, s);
+        iter_end(r, &im);
         if (r->loop_ctl == 1) {
             r->loop_ctl = 0;
             break;
@@ -237,6 +333,29 @@ tval *tmpl_loop_recurse(tmpl_render *r, tval *loopv, tval *items)
 }
 
 /* ---- statements -------------------------------------------------------------------------- */
+/* {% set ns.name = v %}. A scalar goes into the attribute's own slot (ns_slot), in place once the
+ * slot exists: nothing made in a loop iteration is kept, so the iteration's memory can go back.
+ * Anything else (a string, list, ...) may be made in the iteration and now outlives it. */
+static void set_ns_attr(tmpl_render *r, tval *ns, const char *name, tval *v)
+{
+    bool scalar = v->type == TV_NONE || v->type == TV_BOOL || v->type == TV_INT ||
+                  v->type == TV_FLOAT;
+    tval *slot = tv_dict_get(ns, name, strlen(name));
+    if (scalar && slot && slot->ns_slot) {
+        slot->type = v->type;
+        slot->u = v->u;
+        return;
+    }
+    if (scalar) {
+        tval *c = tv_new(r->arena, v->type);
+        c->u = v->u;
+        c->ns_slot = true;
+        v = c;
+    }
+    r->escapes++; /* v (or the new key) now outlives the loop iteration it was made in */
+    tv_dict_set(r->arena, ns, tv_cstr(r->arena, name), v);
+}
+
 static tval *apply_filter_chain(tmpl_render *r, const tnode *f, tscope *s, tval *base);
 
 static void exec_stmt(tmpl_render *r, const tnode *n, tscope *s)
@@ -274,7 +393,7 @@ static void exec_stmt(tmpl_render *r, const tnode *n, tscope *s)
             if (!ns || ns->type != TV_NS)
                 tmpl_rt_error(r, "TemplateRuntimeError",
                               "cannot assign attribute on non-namespace object");
-            tv_dict_set(r->arena, ns, tv_cstr(r->arena, n->op), v);
+            set_ns_attr(r, ns, n->op, v);
         } else {
             bind_targets(r, s, n->names, n->nnames, v);
         }
@@ -411,6 +530,7 @@ static tval *eval_slice(tmpl_render *r, tval *obj, const tnode *sl, tscope *s)
     if (obj->type == TV_STR) {
         len = tmpl_utf8_len(obj->u.s.p, obj->u.s.n);
         offs = tmpl_alloc(r->arena, (len + 1) * sizeof *offs);
+        tmpl_work(obj->u.s.n);
         size_t i = 0, k = 0;
         while (i < obj->u.s.n) {
             uint32_t cp;
@@ -450,17 +570,20 @@ static tval *eval_slice(tmpl_render *r, tval *obj, const tnode *sl, tscope *s)
         }
         char *out = tmpl_alloc(r->arena, obj->u.s.n + 1);
         size_t o = 0;
-        for (int64_t i = a; step > 0 ? i < b : i > b; i += step) {
+        for (int64_t i = a; step > 0 ? i < b : i > b;) {
             size_t cl = offs[i + 1] - offs[i];
             memcpy(out + o, obj->u.s.p + offs[i], cl);
             o += cl;
+            if (__builtin_add_overflow(i, step, &i)) break; /* 'abc'[1::2**63-1] */
         }
         return tv_str_nocopy(r->arena, out, o);
     }
     tval *res = tv_list(r->arena, 0);
     res->is_tuple = obj->is_tuple;
-    for (int64_t i = a; step > 0 ? i < b : i > b; i += step)
+    for (int64_t i = a; step > 0 ? i < b : i > b;) {
         tv_list_push(r->arena, res, obj->u.l.v[i]);
+        if (__builtin_add_overflow(i, step, &i)) break;
+    }
     return res;
 }
 
@@ -471,11 +594,7 @@ static bool contains(tmpl_render *r, tval *item, tval *container)
         if (item->type != TV_STR)
             tmpl_rt_error(r, "TypeError", "'in <string>' requires string as left operand, not %s",
                           tv_type_name(item));
-        if (item->u.s.n == 0) return true;
-        if (item->u.s.n > container->u.s.n) return false;
-        for (size_t i = 0; i + item->u.s.n <= container->u.s.n; i++)
-            if (!memcmp(container->u.s.p + i, item->u.s.p, item->u.s.n)) return true;
-        return false;
+        return tmpl_memfind(container->u.s.p, container->u.s.n, item->u.s.p, item->u.s.n) != NULL;
     case TV_LIST:
         for (size_t i = 0; i < container->u.l.n; i++)
             if (tv_equal(item, container->u.l.v[i])) return true;

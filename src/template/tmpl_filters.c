@@ -328,12 +328,16 @@ tval *tmpl_call_filter(tmpl_render *r, tscope *s, const char *name, tval *v, tar
         return l->u.l.v[name[0] == 'f' ? 0 : l->u.l.n - 1];
     }
     if (!strcmp(name, "reverse")) {
-        if (v->type == TV_STR) {
-            tval *l = seq_of(r, v);
-            tmpl_buf b = {.limit = r->max_output, .fail = r->fail, .arena = A};
-            for (size_t i = l->u.l.n; i-- > 0;)
-                tv_to_str(&b, l->u.l.v[i]);
-            return tv_str_nocopy(A, b.p ? b.p : "", b.n);
+        if (v->type == TV_STR) { /* code points in reverse order, without a list of them */
+            size_t n = v->u.s.n, i = 0;
+            char *out = tmpl_alloc(A, n + 1);
+            while (i < n) {
+                uint32_t cp;
+                size_t k = tmpl_utf8_decode(v->u.s.p + i, n - i, &cp);
+                memcpy(out + n - i - k, v->u.s.p + i, k);
+                i += k;
+            }
+            return tv_str_nocopy(A, out, n);
         }
         tval *l = seq_of(r, v), *out = tv_list(A, l->u.l.n);
         for (size_t i = l->u.l.n; i-- > 0;)
@@ -587,6 +591,7 @@ tval *tmpl_call_filter(tmpl_render *r, tscope *s, const char *name, tval *v, tar
     }
     if (!strcmp(name, "striptags")) {
         tval *str = soft_str(r, v);
+        tmpl_work(str->u.s.n);
         tmpl_buf b = {.limit = r->max_output, .fail = r->fail, .arena = A};
         bool in_tag = false;
         for (size_t i = 0; i < str->u.s.n; i++) {
@@ -608,17 +613,32 @@ tval *tmpl_call_filter(tmpl_render *r, tscope *s, const char *name, tval *v, tar
         int64_t n = len ? tmpl_need_int(r, len, "length") : 255;
         tval *end = tmpl_kwarg(a, "end", 2);
         if (!end) end = tv_str_nocopy(A, "...", 3);
+        tmpl_need_str(r, end, "truncate end"); /* was read as a string whatever its type */
         tval *lev = tmpl_kwarg(a, "leeway", 3);
-        int64_t leeway = lev ? tmpl_need_int(r, lev, "leeway") : 5;
+        int64_t leeway = lev && lev->type != TV_NONE ? tmpl_need_int(r, lev, "leeway") : 5;
+        int64_t end_len = (int64_t)tmpl_utf8_len(end->u.s.p, end->u.s.n);
+        /* jinja's asserts; they also keep n + leeway and n - end_len from overflowing */
+        if (n < end_len)
+            tmpl_rt_error(r, "AssertionError", "expected length >= %lld, got %lld",
+                          (long long)end_len, (long long)n);
+        if (leeway < 0)
+            tmpl_rt_error(r, "AssertionError", "expected leeway >= 0, got %lld", (long long)leeway);
         int64_t sl = (int64_t)tmpl_utf8_len(str->u.s.p, str->u.s.n);
-        if (sl <= n + leeway) return str;
+        if (sl <= n || sl - n <= leeway) return str;
         tval *l = seq_of(r, str);
-        int64_t keep = n - (int64_t)tmpl_utf8_len(end->u.s.p, end->u.s.n);
-        if (keep < 0) keep = 0;
+        int64_t keep = n - end_len;
         tmpl_buf b = {.limit = r->max_output, .fail = r->fail, .arena = A};
         for (int64_t i = 0; i < keep && i < (int64_t)l->u.l.n; i++)
             tv_to_str(&b, l->u.l.v[i]);
-        tv_to_str(&b, soft_str(r, end));
+        tval *kw = tmpl_kwarg(a, "killwords", 1);
+        if (!(kw && tv_truthy(kw))) { /* s[:keep].rsplit(" ", 1)[0] */
+            for (size_t k = b.n; k-- > 0;)
+                if (b.p[k] == ' ') {
+                    b.n = k;
+                    break;
+                }
+        }
+        tv_to_str(&b, end);
         return tv_str_nocopy(A, b.p ? b.p : "", b.n);
     }
     if (!strcmp(name, "groupby")) {

@@ -1,6 +1,7 @@
 /* tmpl_value.c - the template engine's values: arena, output buffer, constructors, Python-like
  * truthiness / equality / ordering, str() and repr() printing, json.dumps and a JSON reader.
- * Knows nothing of templates or the AST. */
+ * Knows nothing of templates or the AST; reports the work it does through tmpl_work. */
+#define _GNU_SOURCE /* memmem */
 #include <limits.h>
 #include <math.h>
 #include <stdarg.h>
@@ -38,6 +39,7 @@ struct tmpl_chunk {
 
 void *tmpl_alloc(tmpl_arena *a, size_t n)
 {
+    tmpl_work(n);
     n = (n + 15) & ~(size_t)15;
     if (n == 0) n = 16;
     tmpl_chunk *c = a->head;
@@ -46,18 +48,45 @@ void *tmpl_alloc(tmpl_arena *a, size_t n)
         if (a->limit && (a->used + cap + sizeof *c > a->limit || n > a->limit))
             tmpl_raise(a->fail, FORGE_E_RANGE, 0, "LimitError",
                        "template uses more than %zu bytes of memory", a->limit);
-        c = malloc(sizeof *c + cap);
-        if (!c) tmpl_raise(a->fail, FORGE_E_NOMEM, 0, "MemoryError", "out of memory");
-        c->cap = cap;
+        if (a->spare && a->spare->cap >= cap) {
+            c = a->spare;
+            a->spare = NULL;
+        } else {
+            c = malloc(sizeof *c + cap);
+            if (!c) tmpl_raise(a->fail, FORGE_E_NOMEM, 0, "MemoryError", "out of memory");
+            c->cap = cap;
+        }
         c->used = 0;
         c->next = a->head;
         a->head = c;
-        a->used += cap + sizeof *c;
+        a->used += c->cap + sizeof *c;
     }
     void *p = (char *)c->data + c->used;
     c->used += n;
     memset(p, 0, n);
     return p;
+}
+
+tmpl_arena_mark tmpl_arena_save(const tmpl_arena *a)
+{
+    tmpl_arena_mark m = {
+        .head = a->head, .head_used = a->head ? a->head->used : 0, .used = a->used};
+    return m;
+}
+
+void tmpl_arena_restore(tmpl_arena *a, tmpl_arena_mark m)
+{
+    while (a->head && a->head != m.head) {
+        tmpl_chunk *c = a->head;
+        a->head = c->next;
+        if (!a->spare && c->cap == TMPL_CHUNK_MIN) {
+            a->spare = c;
+        } else {
+            free(c);
+        }
+    }
+    if (a->head) a->head->used = m.head_used;
+    a->used = m.used;
 }
 
 char *tmpl_strndup(tmpl_arena *a, const char *s, size_t n)
@@ -77,6 +106,8 @@ void tmpl_arena_free(tmpl_arena *a)
         free(c);
         c = next;
     }
+    free(a->spare);
+    a->spare = NULL;
     a->head = NULL;
     a->used = 0;
 }
@@ -85,6 +116,7 @@ void tmpl_arena_free(tmpl_arena *a)
 void tmpl_buf_put(tmpl_buf *b, const char *s, size_t n)
 {
     if (n == 0) return;
+    tmpl_work(n);
     if (b->limit && (n > b->limit || b->n > b->limit - n))
         tmpl_raise(b->fail, FORGE_E_RANGE, 0, "LimitError", "output longer than %zu bytes",
                    b->limit);
@@ -185,6 +217,7 @@ size_t tmpl_utf8_encode(uint32_t cp, char *out)
 
 size_t tmpl_utf8_len(const char *s, size_t n)
 {
+    tmpl_work(n);
     size_t count = 0, i = 0;
     while (i < n) {
         uint32_t cp;
@@ -289,6 +322,7 @@ tval *tv_dict_getv(const tval *d, const tval *key)
 
 tval *tv_dict_get(const tval *d, const char *key, size_t n)
 {
+    tmpl_work((uint64_t)d->u.d.n * 8);
     for (size_t i = 0; i < d->u.d.n; i++) {
         const tval *k = d->u.d.k[i];
         if (k->type == TV_STR && k->u.s.n == n && !memcmp(k->u.s.p, key, n)) return d->u.d.v[i];
@@ -359,9 +393,26 @@ static int64_t num_i(const tval *v)
     return v->type == TV_INT ? v->u.i : (int64_t)v->u.b;
 }
 
-bool tv_equal(const tval *a, const tval *b)
+/* each comparison costs a little even when it is O(1), so n^2 comparisons are charged */
+#define COMPARE_WORK 8
+
+static bool equal_depth(const tval *a, const tval *b, int depth);
+
+static tval *dict_getv_depth(const tval *d, const tval *key, int depth)
 {
+    for (size_t i = 0; i < d->u.d.n; i++)
+        if (equal_depth(d->u.d.k[i], key, depth)) return d->u.d.v[i];
+    return NULL;
+}
+
+static bool equal_depth(const tval *a, const tval *b, int depth)
+{
+    tmpl_work(COMPARE_WORK);
     if (a == b) return true;
+    if (depth > TMPL_MAX_VALUE_DEPTH) {
+        tmpl_value_too_deep();
+        return false;
+    }
     if (is_num(a) && is_num(b)) {
         if (a->type == TV_FLOAT || b->type == TV_FLOAT) return num_f(a) == num_f(b);
         return num_i(a) == num_i(b);
@@ -372,17 +423,19 @@ bool tv_equal(const tval *a, const tval *b)
     case TV_NONE:
         return true;
     case TV_STR:
-        return a->u.s.n == b->u.s.n && !memcmp(a->u.s.p, b->u.s.p, a->u.s.n);
+        if (a->u.s.n != b->u.s.n) return false;
+        tmpl_work(a->u.s.n);
+        return !memcmp(a->u.s.p, b->u.s.p, a->u.s.n);
     case TV_LIST:
         if (a->u.l.n != b->u.l.n || a->is_tuple != b->is_tuple) return false;
         for (size_t i = 0; i < a->u.l.n; i++)
-            if (!tv_equal(a->u.l.v[i], b->u.l.v[i])) return false;
+            if (!equal_depth(a->u.l.v[i], b->u.l.v[i], depth + 1)) return false;
         return true;
     case TV_DICT:
         if (a->u.d.n != b->u.d.n) return false;
         for (size_t i = 0; i < a->u.d.n; i++) {
-            const tval *o = tv_dict_getv(b, a->u.d.k[i]);
-            if (!o || !tv_equal(a->u.d.v[i], o)) return false;
+            const tval *o = dict_getv_depth(b, a->u.d.k[i], depth + 1);
+            if (!o || !equal_depth(a->u.d.v[i], o, depth + 1)) return false;
         }
         return true;
     default:
@@ -390,8 +443,18 @@ bool tv_equal(const tval *a, const tval *b)
     }
 }
 
-bool tv_compare(const tval *a, const tval *b, int *out)
+bool tv_equal(const tval *a, const tval *b)
 {
+    return equal_depth(a, b, 0);
+}
+
+static bool compare_depth(const tval *a, const tval *b, int *out, int depth)
+{
+    tmpl_work(COMPARE_WORK);
+    if (depth > TMPL_MAX_VALUE_DEPTH) {
+        tmpl_value_too_deep();
+        return false;
+    }
     if (is_num(a) && is_num(b)) {
         if (a->type == TV_FLOAT || b->type == TV_FLOAT) {
             double x = num_f(a), y = num_f(b);
@@ -404,6 +467,7 @@ bool tv_compare(const tval *a, const tval *b, int *out)
     }
     if (a->type == TV_STR && b->type == TV_STR) {
         size_t n = a->u.s.n < b->u.s.n ? a->u.s.n : b->u.s.n;
+        tmpl_work(n);
         int c = n ? memcmp(a->u.s.p, b->u.s.p, n) : 0;
         if (c == 0) c = a->u.s.n < b->u.s.n ? -1 : a->u.s.n > b->u.s.n ? 1 : 0;
         *out = c < 0 ? -1 : c > 0;
@@ -411,13 +475,52 @@ bool tv_compare(const tval *a, const tval *b, int *out)
     }
     if (a->type == TV_LIST && b->type == TV_LIST) {
         for (size_t i = 0; i < a->u.l.n && i < b->u.l.n; i++) {
-            if (tv_equal(a->u.l.v[i], b->u.l.v[i])) continue;
-            return tv_compare(a->u.l.v[i], b->u.l.v[i], out);
+            if (equal_depth(a->u.l.v[i], b->u.l.v[i], depth + 1)) continue;
+            return compare_depth(a->u.l.v[i], b->u.l.v[i], out, depth + 1);
         }
         *out = a->u.l.n < b->u.l.n ? -1 : a->u.l.n > b->u.l.n ? 1 : 0;
         return true;
     }
     return false;
+}
+
+bool tv_compare(const tval *a, const tval *b, int *out)
+{
+    return compare_depth(a, b, out, 0);
+}
+
+/* ---- substring search -------------------------------------------------------------------- */
+const char *tmpl_memfind(const char *h, size_t hn, const char *n, size_t nn)
+{
+    if (nn == 0) return h;
+    if (nn > hn) return NULL;
+    /* glibc's memmem is linear (two-way); charge what it scanned */
+    const char *f = memmem(h, hn, n, nn);
+    tmpl_work(f ? (uint64_t)(f - h) + nn : hn);
+    return f;
+}
+
+const char *tmpl_memrfind(const char *h, size_t hn, const char *n, size_t nn)
+{
+    if (nn > hn) return NULL;
+    if (nn == 0) return h + hn;
+    uint64_t scanned = 0;
+    const char *res = NULL;
+    for (size_t i = hn - nn + 1; i-- > 0;) {
+        scanned++;
+        if (h[i] != n[0]) continue;
+        scanned += nn; /* what memcmp may read: worst-case inputs are charged as such */
+        if (!memcmp(h + i, n, nn)) {
+            res = h + i;
+            break;
+        }
+        if (scanned > 4096) {
+            tmpl_work(scanned);
+            scanned = 0;
+        }
+    }
+    tmpl_work(scanned);
+    return res;
 }
 
 const char *tv_type_name(const tval *v)
@@ -525,6 +628,7 @@ void tv_float_repr(char *out, size_t cap, double f)
 
 static void str_repr(tmpl_buf *b, const char *s, size_t n)
 {
+    tmpl_work(n);
     bool has_sq = memchr(s, '\'', n) != NULL, has_dq = memchr(s, '"', n) != NULL;
     char q = (has_sq && !has_dq) ? '"' : '\'';
     tmpl_buf_putc(b, q);

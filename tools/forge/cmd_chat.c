@@ -37,6 +37,7 @@ static void usage(FILE *f)
             "  --repeat-last-n N, --presence-penalty P, --frequency-penalty F  sampling, as in\n"
             "                       forge run (see forge run --help for ranges and defaults)\n"
             "  --vars JSON          extra template variables, e.g. '{\"enable_thinking\": false}'\n"
+            "  --template-timeout MS  wall-clock budget of each template render (default 1000)\n"
             "  --stats              after each answer, print token counts to stderr\n"
             "  --show-prompt        print each rendered prompt to stderr\n"
             "%s"
@@ -60,6 +61,8 @@ typedef struct chat {
     long n_predict;
     const char *vars_json;
     const char *inputs[3]; /* files read while the chat runs: /save never writes onto them */
+    long template_timeout_ms; /* 0 = the library's default */
+    const char *template_name;
     bool stats, show_prompt, interactive;
 } chat;
 
@@ -111,6 +114,8 @@ static int render_prompt(chat *c, bool show, int32_t **ids, size_t *n_ids, forge
     v.bos_token = c->tm.bos_token;
     v.eos_token = c->tm.eos_token;
     v.extra_json = c->vars_json;
+    v.max_time_ms = (uint32_t)c->template_timeout_ms;
+    v.name = c->template_name;
     rc = forge_template_render(c->tmpl, &v, &prompt, &len, NULL, err);
     if (rc == FORGE_OK) {
         if (show && c->show_prompt) fprintf(stderr, "--- prompt ---\n%s\n--- end ---\n", prompt);
@@ -418,6 +423,9 @@ int cmd_chat(int argc, char **argv)
         } else if (!strcmp(a, "--vars") && val) {
             c.vars_json = argv[++i];
             if (!cli_parse_json_object("chat", a, c.vars_json)) return 2;
+        } else if (!strcmp(a, "--template-timeout") && val) {
+            i++;
+            if (!cli_parse_int("chat", a, val, 1, 86400000, &c.template_timeout_ms)) return 2;
         } else if (!strcmp(a, "--stats")) {
             c.stats = true;
         } else if (!strcmp(a, "--show-prompt")) {
@@ -448,6 +456,9 @@ int cmd_chat(int argc, char **argv)
         fprintf(stderr,
                 "forge chat: warning: the model has no chat template; using the built-in '%s'\n",
                 desc);
+    c.template_name = !strcmp(desc, "model")  ? "the model's chat template"
+                      : !strcmp(desc, "file") ? choice
+                                              : desc;
     if (forge_sampler_create(&sp, forge_model_info_get(c.model)->n_vocab, &c.smp, &err)) goto fail;
     c.messages = cJSON_CreateArray();
     if (!c.messages) goto done;
@@ -457,7 +468,9 @@ int cmd_chat(int argc, char **argv)
         add_message(&c, "user", "hello");
         int32_t *ids = NULL;
         size_t n = 0;
-        if (render_prompt(&c, false, &ids, &n, &err) != FORGE_OK)
+        int prc = render_prompt(&c, false, &ids, &n, &err);
+        if (prc == FORGE_E_RANGE) goto fail; /* over a step/time budget: every turn would be too */
+        if (prc != FORGE_OK)
             fprintf(stderr,
                     "forge chat: warning: the chat template fails on a plain conversation: %s\n",
                     err.msg);

@@ -26,6 +26,7 @@ static void usage(FILE *out)
         "  --vars JSON              extra variables, e.g. '{\"enable_thinking\": false}'\n"
         "  --now SECONDS            fixed time (UTC) for strftime_now: an integer count of\n"
         "                           seconds since 1970 (0 = the current local time)\n"
+        "  --template-timeout MS    wall-clock budget of the render (default 1000)\n"
         "  --list                   print the built-in template names\n"
         "  --print-source NAME      print a built-in template's source\n");
 }
@@ -36,6 +37,7 @@ int cmd_template(int argc, char **argv)
     const char *bos = NULL, *eos = NULL, *vars_json = NULL;
     bool add_gen = false;
     int64_t now = 0;
+    long timeout_ms = 0;
     int status = 1;
     char *src = NULL, *messages = NULL, *out = NULL;
     forge_template *t = NULL;
@@ -81,6 +83,8 @@ int cmd_template(int argc, char **argv)
         } else if (!strcmp(a, "--vars") && has_val) {
             vars_json = argv[++i];
             if (!cli_parse_json_object("template", a, vars_json)) return 2;
+        } else if (!strcmp(a, "--template-timeout") && has_val) {
+            if (!cli_parse_int("template", a, argv[++i], 1, 86400000, &timeout_ms)) return 2;
         } else if (!strcmp(a, "--now") && has_val) {
             long v; /* up to the end of year 9999 */
             if (!cli_parse_int("template", a, argv[++i], 0, 253402300799L, &v)) return 2;
@@ -126,6 +130,8 @@ int cmd_template(int argc, char **argv)
     v.eos_token = eos ? eos : tm.eos_token;
     v.extra_json = vars_json;
     v.now = now;
+    v.max_time_ms = (uint32_t)timeout_ms;
+    v.name = tmpl_path ? tmpl_path : choice ? choice : "the model's chat template";
     size_t n = 0;
     if (forge_template_render(t, &v, &out, &n, NULL, &err) != FORGE_OK) goto fail;
     fwrite(out, 1, n, stdout);
