@@ -310,11 +310,12 @@ static void convert_rows(void *arg, int ith, int nth)
     const uint8_t *src = (const uint8_t *)p->src->data + (size_t)j->row0 * p->src_row;
     forge_err *e = &j->thread_err[ith];
     for (int64_t r = ith; r < j->n_rows && e->code == FORGE_OK; r += nth) {
-        if (p->src->type == GGML_TYPE_F32) {
-            fn((const float *)(const void *)(src + (size_t)r * p->src_row), j->dst + (size_t)r * p->dst_row, ne0);
+        const uint8_t *row = src + (size_t)r * p->src_row;
+        if (p->src->type == GGML_TYPE_F32 && (uintptr_t)row % _Alignof(float) == 0) {
+            fn((const float *)(const void *)row, j->dst + (size_t)r * p->dst_row, ne0);
             continue;
         }
-        if (forge_dequantize(p->src->type, src + (size_t)r * p->src_row, j->rowbuf[ith], ne0, e) == FORGE_OK)
+        if (forge_dequantize(p->src->type, row, j->rowbuf[ith], ne0, e) == FORGE_OK)
             fn(j->rowbuf[ith], j->dst + (size_t)r * p->dst_row, ne0);
     }
 }
