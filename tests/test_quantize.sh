@@ -17,10 +17,10 @@ trap 'rm -rf "$tmp"' EXIT
 
 # tensor_hashes FILE: "name type sha256" per tensor, sorted by name
 tensor_hashes() {
-    local f=$1 base name type off n
-    "$FORGE" inspect --json "$f" >"$tmp/i.json" || return 1
-    base=$(jq -r .data_offset "$tmp/i.json")
-    jq -r '.tensors[] | "\(.name) \(.type) \(.offset) \(.n_bytes)"' "$tmp/i.json" |
+    local f=$1 json base name type off n
+    json=$("$FORGE" inspect --json "$f") || return 1
+    base=$(jq -r .data_offset <<<"$json")
+    jq -r '.tensors[] | "\(.name) \(.type) \(.offset) \(.n_bytes)"' <<<"$json" |
     while read -r name type off n; do
         printf '%s %s %s\n' "$name" "$type" \
             "$(dd if="$f" bs=64K iflag=skip_bytes,count_bytes skip=$((base + off)) count="$n" 2>/dev/null |
@@ -71,6 +71,15 @@ tu_check "metadata copied" cmp -s "$tmp/kin" "$tmp/kout"
 "$FORGE" quantize -t 3 "$in" "$tmp/t3.gguf" Q4_K_M 2>/dev/null
 tu_check "-t 1 and -t 3 write identical files" cmp -s "$tmp/t1.gguf" "$tmp/t3.gguf"
 tu_check "-t 2 writes the same file" cmp -s "$tmp/t1.gguf" "$tmp/Q4_K_M-default.gguf"
+
+# ---- 2b. a progress bar on a terminal only --------------------------------------------------
+tu_check "no progress bar when stderr is no terminal" bash -c "! grep -q '%' '$tmp/err'"
+if command -v script >/dev/null; then
+    script -qec "'$FORGE' quantize -t 2 '$in' '$tmp/tty.gguf' Q6_K" /dev/null >"$tmp/tty.txt" 2>&1
+    tu_check "progress bar on a terminal" grep -q "100% 0.7 / 0.7 MiB" "$tmp/tty.txt"
+else
+    tu_skip "progress bar on a terminal" "no script(1) to make a terminal"
+fi
 
 # ---- 3. bad usage ---------------------------------------------------------------------------
 "$FORGE" quantize "$in" "$tmp/x.gguf" Q4_K_X 2>"$tmp/err"
