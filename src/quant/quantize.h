@@ -5,6 +5,8 @@
  * n is a multiple of the type's block size (32, or 256 for K-quants and IQ4_XS); y receives
  * ggml_row_size(type, n) bytes. x and y are borrowed, never retained; the functions keep no state
  * and are safe to call from any number of threads at once.
+ * IQ4_NL and IQ4_XS give the bytes of ggml's quantize_iq4_nl / quantize_iq4_xs (7 extra scale
+ * trials, what llama-quantize runs), not those of quantize_row_iq4_nl_ref (no trials).
  * Bit-exactness rests on doing the same float (not double) operations in the same order as ggml,
  * with fp16 rounding to nearest even (core/fp16.h). Internal to libforge. */
 #ifndef FORGE_QUANT_QUANTIZE_H
