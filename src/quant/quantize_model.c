@@ -153,14 +153,19 @@ static int layer_of(const struct model_facts *m, int counter, const char *name)
     return il;
 }
 
+/* *narrow_output is set when the output matrix's rows do not fit the mix's blocks, so that it
+ * gets Q8_0 instead of Q6_K (llama.cpp does this silently; Forge reports it). */
 static int mix_type(const struct model_facts *m, struct choice_state *cs, int type, const char *name,
-                    int64_t ne0, uint32_t ft)
+                    int64_t ne0, uint32_t ft, bool *narrow_output)
 {
     const bool falcon = !strcmp(m->arch, "falcon");
     const int nl = m->n_layer;
     if (!strcmp(name, "output.weight") || (!m->has_output && !strcmp(name, "token_embd.weight"))) {
         /* the output matrix (or the token embedding that doubles as it) */
-        if (falcon || ne0 % ggml_type_block_size(type) != 0) type = GGML_TYPE_Q8_0;
+        if (falcon || ne0 % ggml_type_block_size(type) != 0) {
+            *narrow_output = !falcon && type != GGML_TYPE_Q8_0;
+            type = GGML_TYPE_Q8_0;
+        }
         else if (type != GGML_TYPE_Q8_0) type = GGML_TYPE_Q6_K;
     } else if (!strcmp(name, "token_embd.weight")) {
         /* stays in the base type for every mix here */
@@ -407,7 +412,15 @@ int forge_quantize_file(const forge_quantize_opts *o, forge_quantize_result *res
         p->src = t;
         if (wants_quantization(t)) {
             type = mx->base;
-            if (!o->pure && is_quantized_type(mx->base)) type = mix_type(&m, &cs, type, t->name, t->ne[0], mx->ftype);
+            bool narrow = false;
+            if (!o->pure && is_quantized_type(mx->base))
+                type = mix_type(&m, &cs, type, t->name, t->ne[0], mx->ftype, &narrow);
+            if (narrow) {
+                note(o, "%s: rows of %lld elements are no multiple of %s's block of %lld: using %s for the "
+                     "output matrix", t->name, (long long)t->ne[0], ggml_type_name(mx->base),
+                     (long long)ggml_type_block_size(mx->base), ggml_type_name(type));
+                res.n_fallback++;
+            }
             if (t->ne[0] % ggml_type_block_size(type) != 0) {
                 int fb = fallback_type(type, t->ne[0]);
                 note(o, "%s: rows of %lld elements are no multiple of %s's block of %lld: using %s",
