@@ -136,6 +136,15 @@ tu_check "write failure: exit 1 (rc $rc)" [ $rc -eq 1 ]
 tu_check "write failure: names OUT and the reason" grep -q "full/o.gguf.*too large" "$tmp/err"
 tu_check "write failure: nothing left" [ -z "$(ls -A "$tmp/full")" ]
 
+# killed by the file-size limit (SIGXFSZ at its default action): the temporary file is removed
+# too (it was left behind before); the same for forge synth, which shares the output code
+{ (ulimit -f 200; exec "$FORGE" quantize "$in" "$tmp/full/o.gguf" Q8_0); } 2>/dev/null
+rc=$?
+tu_check "SIGXFSZ: killed by the signal (rc $rc)" [ $rc -gt 128 ]
+tu_check "SIGXFSZ: no temporary file left" [ -z "$(ls -A "$tmp/full")" ]
+{ (ulimit -f 20; exec "$FORGE" synth --shape tiny --type F32 -o "$tmp/full/s.gguf"); } 2>/dev/null
+tu_check "SIGXFSZ, forge synth: no temporary file left" [ -z "$(ls -A "$tmp/full")" ]
+
 # ---- 7. rows the type cannot hold fall back, and the output says so ---------------------------
 # stories260K: dim 64, so K-quant rows (256) do not fit
 st=$shared/testdata/models/stories260K.gguf
