@@ -21,21 +21,22 @@
 extern "C" {
 #endif
 
-/* The mixes, in the order of llama-quantize's list: i in [0, forge_quantize_mix_count()). */
+/* The mixes (the 16 of llama-quantize's usual list, then F16, BF16, F32), by index i in
+ * [0, forge_quantize_mix_count()). */
 int forge_quantize_mix_count(void);
-const char *forge_quantize_mix_name(int i);        /* "Q4_K_M"; NULL if i is out of range */
-int forge_quantize_mix_find(const char *name);     /* case-insensitive; index or -1 */
-int forge_quantize_mix_base_type(int i);           /* ggml type of most tensors; -1 if bad i */
-uint32_t forge_quantize_mix_file_type(int i);      /* llama_ftype written as general.file_type */
+const char *forge_quantize_mix_name(int i);    /* "Q4_K_M"; NULL if i is out of range */
+int forge_quantize_mix_find(const char *name); /* case-insensitive; index or -1 */
+int forge_quantize_mix_base_type(int i);       /* ggml type of most tensors; -1 if bad i */
+uint32_t forge_quantize_mix_file_type(int i);  /* llama_ftype written as general.file_type */
 
 typedef struct forge_quantize_opts {
-    const char *in_path;    /* GGUF to read (never written) */
-    const char *out_path;   /* file to write (created or truncated; the CLI passes a temporary
-                             * file beside the target and renames it on success) */
-    int mix;                /* index from forge_quantize_mix_find */
-    bool pure;              /* no per-tensor mix rules: every weight in the base type */
-    bool allow_requantize;  /* accept quantized input tensors (dequantized first) */
-    int n_threads;          /* >= 1; 0: the number of physical cores */
+    const char *in_path;   /* GGUF to read (never written) */
+    const char *out_path;  /* file to write (created or truncated; the CLI passes a temporary
+                            * file beside the target and renames it on success) */
+    int mix;               /* index from forge_quantize_mix_find */
+    bool pure;             /* no per-tensor mix rules: every weight in the base type */
+    bool allow_requantize; /* accept quantized input tensors (dequantized first) */
+    int n_threads;         /* >= 1; 0: the number of physical cores */
     /* Optional: called after each chunk with output bytes done / total (from the calling
      * thread). */
     void (*progress)(void *user, uint64_t done, uint64_t total);

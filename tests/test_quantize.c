@@ -63,7 +63,8 @@ static void deq_q5_1(const uint8_t *b, float *y)
 }
 static void deq_q8_0(const uint8_t *b, float *y)
 {
-    for (int j = 0; j < 32; j++) y[j] = h2f(b) * (float)(int8_t)b[2 + j];
+    for (int j = 0; j < 32; j++)
+        y[j] = h2f(b) * (float)(int8_t)b[2 + j];
 }
 static void deq_iq4_nl(const uint8_t *b, float *y)
 {
@@ -119,7 +120,8 @@ static void deq_q5_k(const uint8_t *b, float *y)
     for (int i = 0; i < 256; i++) {
         int p = i / 64, l = i % 32, hi = (i % 64) >= 32, sc, m;
         scale_min_k4(i / 32, b + 4, &sc, &m);
-        int q = (hi ? b[48 + 32 * p + l] >> 4 : b[48 + 32 * p + l] & 15) | (((b[16 + l] >> (i / 32)) & 1) << 4);
+        int q = (hi ? b[48 + 32 * p + l] >> 4 : b[48 + 32 * p + l] & 15) |
+                (((b[16 + l] >> (i / 32)) & 1) << 4);
         y[i] = h2f(b) * (float)sc * (float)q - h2f(b + 2) * (float)m;
     }
 }
@@ -152,7 +154,7 @@ static void deq_iq4_xs(const uint8_t *b, float *y)
 struct qtype {
     int type;
     void (*deq)(const uint8_t *block, float *y);
-    float max_err; /* ggml test-quantize-fns: rmse bound on 0.1 + 2 cos(i) */
+    float max_err;   /* ggml test-quantize-fns: rmse bound on 0.1 + 2 cos(i) */
     double max_nmse; /* on uniform random values in [-1, 1) */
 };
 
@@ -182,19 +184,22 @@ static void quantize_dequantize(const struct qtype *q, const float *x, int64_t n
     assert_non_null(y2);
     memset(buf, SENTINEL, rs + 64);
     assert_int_equal(quant_quantize_row(q->type, x, buf, n), FORGE_OK);
-    for (int i = 0; i < 64; i++) assert_int_equal(buf[rs + i], SENTINEL);
-    for (int64_t b = 0; b < n / bs; b++) q->deq(buf + b * ggml_type_block_bytes(q->type), y + b * bs);
+    for (int i = 0; i < 64; i++)
+        assert_int_equal(buf[rs + i], SENTINEL);
+    for (int64_t b = 0; b < n / bs; b++)
+        q->deq(buf + b * ggml_type_block_bytes(q->type), y + b * bs);
     forge_err err = {0};
     int rc = forge_dequantize(q->type, buf, y2, n, &err);
     if (rc == FORGE_OK) {
         for (int64_t i = 0; i < n; i++)
             if (memcmp(&y[i], &y2[i], sizeof(float)) != 0)
-                fail_msg("%s element %lld: forge_dequantize %g, layout %g", ggml_type_name(q->type), (long long)i,
-                         (double)y2[i], (double)y[i]);
+                fail_msg("%s element %lld: forge_dequantize %g, layout %g", ggml_type_name(q->type),
+                         (long long)i, (double)y2[i], (double)y[i]);
     } else {
         assert_int_equal(rc, FORGE_E_UNSUPPORTED);
-        print_message("note: forge_dequantize has no %s yet; checked with this test's dequantizer\n",
-                      ggml_type_name(q->type));
+        print_message(
+            "note: forge_dequantize has no %s yet; checked with this test's dequantizer\n",
+            ggml_type_name(q->type));
     }
     free(buf);
     free(y2);
@@ -204,15 +209,17 @@ static void test_round_trip_ggml_bounds(void **state)
 {
     (void)state;
     static float x[N_VALUES], y[N_VALUES];
-    for (int i = 0; i < N_VALUES; i++) x[i] = 0.1f + 2.0f * cosf((float)i);
+    for (int i = 0; i < N_VALUES; i++)
+        x[i] = 0.1f + 2.0f * cosf((float)i);
     for (size_t k = 0; k < FORGE_ARRAY_LEN(qtypes); k++) {
         quantize_dequantize(&qtypes[k], x, N_VALUES, y);
         double sum = 0;
-        for (int i = 0; i < N_VALUES; i++) sum += ((double)x[i] - y[i]) * ((double)x[i] - y[i]);
+        for (int i = 0; i < N_VALUES; i++)
+            sum += ((double)x[i] - y[i]) * ((double)x[i] - y[i]);
         float err = (float)(sqrt(sum) / N_VALUES);
         if (err > qtypes[k].max_err)
-            fail_msg("%s: rmse %g over ggml's bound %g", ggml_type_name(qtypes[k].type), (double)err,
-                     (double)qtypes[k].max_err);
+            fail_msg("%s: rmse %g over ggml's bound %g", ggml_type_name(qtypes[k].type),
+                     (double)err, (double)qtypes[k].max_err);
     }
 }
 
@@ -222,11 +229,13 @@ static void test_round_trip_random(void **state)
     static float x[N_VALUES], y[N_VALUES];
     uint64_t rng = 12345;
     for (size_t k = 0; k < FORGE_ARRAY_LEN(qtypes); k++) {
-        for (int i = 0; i < N_VALUES; i++) x[i] = tu_rand_uniform(&rng) * (i % 7 == 0 ? 3.0f : 1.0f);
+        for (int i = 0; i < N_VALUES; i++)
+            x[i] = tu_rand_uniform(&rng) * (i % 7 == 0 ? 3.0f : 1.0f);
         quantize_dequantize(&qtypes[k], x, N_VALUES, y);
         double nmse = tu_nmse(y, x, N_VALUES);
         if (!(nmse <= qtypes[k].max_nmse))
-            fail_msg("%s: nmse %g over %g", ggml_type_name(qtypes[k].type), nmse, qtypes[k].max_nmse);
+            fail_msg("%s: nmse %g over %g", ggml_type_name(qtypes[k].type), nmse,
+                     qtypes[k].max_nmse);
     }
 }
 
@@ -238,14 +247,16 @@ static void test_zero_and_constant_rows(void **state)
         memset(x, 0, sizeof x);
         quantize_dequantize(&qtypes[k], x, 512, y);
         for (int i = 0; i < 512; i++)
-            if (y[i] != 0.0f) fail_msg("%s: zero row gives %g at %d", ggml_type_name(qtypes[k].type), (double)y[i], i);
+            if (y[i] != 0.0f)
+                fail_msg("%s: zero row gives %g at %d", ggml_type_name(qtypes[k].type),
+                         (double)y[i], i);
         /* one non-zero value among zeros (a sub-block with a single value) */
         x[300] = -0.75f;
         quantize_dequantize(&qtypes[k], x, 512, y);
         for (int i = 0; i < 512; i++)
             if (!isfinite(y[i]) || fabsf(y[i] - x[i]) > 0.08f)
-                fail_msg("%s: sparse row gives %g for %g at %d", ggml_type_name(qtypes[k].type), (double)y[i],
-                         (double)x[i], i);
+                fail_msg("%s: sparse row gives %g for %g at %d", ggml_type_name(qtypes[k].type),
+                         (double)y[i], (double)x[i], i);
     }
 }
 
@@ -261,7 +272,8 @@ static void test_dispatch(void **state)
     assert_int_equal(quant_quantize_row(GGML_TYPE_Q4_0, x, y, 33), FORGE_E_INVALID);
     assert_int_equal(quant_quantize_row(GGML_TYPE_Q4_K, x, y, 32), FORGE_E_INVALID);
     assert_int_equal(quant_quantize_row(GGML_TYPE_IQ4_XS, x, y, -256), FORGE_E_INVALID);
-    for (size_t i = 0; i < sizeof y; i++) assert_int_equal(y[i], SENTINEL);
+    for (size_t i = 0; i < sizeof y; i++)
+        assert_int_equal(y[i], SENTINEL);
     assert_null(quant_row_function(GGML_TYPE_IQ2_XXS));
     assert_ptr_equal(quant_row_function(GGML_TYPE_Q6_K), quantize_row_q6_k);
 }
@@ -296,11 +308,14 @@ static void test_bytes_as_llama_quantize(void **state)
     (void)state;
     char *model = tu_require_shared("testdata/quant/synth-F16.gguf");
     char *refp = tu_require_shared("testdata/quant/quantize/quantize_ref.json");
-    static const struct { const char *mix; int type; } cases[] = {
-        {"Q4_0", GGML_TYPE_Q4_0}, {"Q4_1", GGML_TYPE_Q4_1}, {"Q5_0", GGML_TYPE_Q5_0},
-        {"Q5_1", GGML_TYPE_Q5_1}, {"Q8_0", GGML_TYPE_Q8_0}, {"Q2_K", GGML_TYPE_Q2_K},
-        {"Q3_K_S", GGML_TYPE_Q3_K}, {"Q4_K_S", GGML_TYPE_Q4_K}, {"Q5_K_S", GGML_TYPE_Q5_K},
-        {"Q6_K", GGML_TYPE_Q6_K}, {"IQ4_NL", GGML_TYPE_IQ4_NL}, {"IQ4_XS", GGML_TYPE_IQ4_XS},
+    static const struct {
+        const char *mix;
+        int type;
+    } cases[] = {
+        {"Q4_0", GGML_TYPE_Q4_0},   {"Q4_1", GGML_TYPE_Q4_1},     {"Q5_0", GGML_TYPE_Q5_0},
+        {"Q5_1", GGML_TYPE_Q5_1},   {"Q8_0", GGML_TYPE_Q8_0},     {"Q2_K", GGML_TYPE_Q2_K},
+        {"Q3_K_S", GGML_TYPE_Q3_K}, {"Q4_K_S", GGML_TYPE_Q4_K},   {"Q5_K_S", GGML_TYPE_Q5_K},
+        {"Q6_K", GGML_TYPE_Q6_K},   {"IQ4_NL", GGML_TYPE_IQ4_NL}, {"IQ4_XS", GGML_TYPE_IQ4_XS},
     };
     size_t len;
     char *text = tu_read_file(refp, &len);
@@ -322,7 +337,9 @@ static void test_bytes_as_llama_quantize(void **state)
             uint8_t *q = malloc(rs * (size_t)t->ne[1]);
             assert_non_null(q);
             for (int64_t r = 0; r < t->ne[1]; r++)
-                assert_int_equal(quant_quantize_row(cases[c].type, x + r * t->ne[0], q + r * rs, t->ne[0]), FORGE_OK);
+                assert_int_equal(
+                    quant_quantize_row(cases[c].type, x + r * t->ne[0], q + r * rs, t->ne[0]),
+                    FORGE_OK);
             sha256_ctx s;
             uint8_t d[32];
             char hex[65];
@@ -330,9 +347,11 @@ static void test_bytes_as_llama_quantize(void **state)
             sha256_update(&s, q, rs * (size_t)t->ne[1]);
             sha256_final(&s, d);
             sha256_hex(d, hex);
-            cJSON *e = cJSON_GetObjectItem(cJSON_GetObjectItem(cJSON_GetObjectItem(ref, cases[c].mix), "pure"), t->name);
+            cJSON *e = cJSON_GetObjectItem(
+                cJSON_GetObjectItem(cJSON_GetObjectItem(ref, cases[c].mix), "pure"), t->name);
             assert_non_null(e);
-            assert_string_equal(cJSON_GetArrayItem(e, 0)->valuestring, ggml_type_name(cases[c].type));
+            assert_string_equal(cJSON_GetArrayItem(e, 0)->valuestring,
+                                ggml_type_name(cases[c].type));
             if (strcmp(cJSON_GetArrayItem(e, 1)->valuestring, hex) != 0)
                 fail_msg("%s %s: sha256 %s, llama-quantize %s", t->name, cases[c].mix, hex,
                          cJSON_GetArrayItem(e, 1)->valuestring);

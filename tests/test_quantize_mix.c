@@ -15,8 +15,8 @@
 struct model_spec {
     int n_layer, n_head, n_head_kv;
     bool tied;
-    int64_t ne0;     /* row length of every 2-D weight */
-    int wtype;       /* F32 or BF16 (or a quantized type for the requantize test) */
+    int64_t ne0; /* row length of every 2-D weight */
+    int wtype;   /* F32 or BF16 (or a quantized type for the requantize test) */
 };
 
 static int fill_rows(void *user, int64_t index, const gguf_tensor_info *info, int64_t row0,
@@ -31,7 +31,8 @@ static int fill_rows(void *user, int64_t index, const gguf_tensor_info *info, in
         int64_t k = (row0 * info->ne[0] + i) * 2654435761u + (uint64_t)index * 97;
         x[i] = (float)((k % 2001) - 1000) / 1000.0f * 0.05f;
     }
-    if (info->type == GGML_TYPE_F32) memcpy(dst, x, (size_t)n * sizeof *x);
+    if (info->type == GGML_TYPE_F32)
+        memcpy(dst, x, (size_t)n * sizeof *x);
     else {
         /* BF16 (truncating is fine for a test input) */
         uint8_t *d = dst;
@@ -53,15 +54,22 @@ static void write_model(const char *path, const struct model_spec *s)
     assert_int_equal(gguf_writer_create(&w, &err), FORGE_OK);
     assert_int_equal(gguf_writer_set_str(w, "general.architecture", "llama", &err), FORGE_OK);
     assert_int_equal(gguf_writer_set_u32(w, "general.file_type", 0, &err), FORGE_OK);
-    assert_int_equal(gguf_writer_set_u32(w, "llama.block_count", (uint32_t)s->n_layer, &err), FORGE_OK);
-    assert_int_equal(gguf_writer_set_u32(w, "llama.attention.head_count", (uint32_t)s->n_head, &err), FORGE_OK);
-    assert_int_equal(gguf_writer_set_u32(w, "llama.attention.head_count_kv", (uint32_t)s->n_head_kv, &err), FORGE_OK);
+    assert_int_equal(gguf_writer_set_u32(w, "llama.block_count", (uint32_t)s->n_layer, &err),
+                     FORGE_OK);
+    assert_int_equal(
+        gguf_writer_set_u32(w, "llama.attention.head_count", (uint32_t)s->n_head, &err), FORGE_OK);
+    assert_int_equal(
+        gguf_writer_set_u32(w, "llama.attention.head_count_kv", (uint32_t)s->n_head_kv, &err),
+        FORGE_OK);
     int64_t ne2[2] = {s->ne0, 2}, ne1[1] = {s->ne0};
     ggml_type wt = (ggml_type)s->wtype;
     assert_int_equal(gguf_writer_add_tensor(w, "token_embd.weight", wt, 2, ne2, &err), FORGE_OK);
-    assert_int_equal(gguf_writer_add_tensor(w, "output_norm.weight", GGML_TYPE_F32, 1, ne1, &err), FORGE_OK);
-    if (!s->tied) assert_int_equal(gguf_writer_add_tensor(w, "output.weight", wt, 2, ne2, &err), FORGE_OK);
-    static const char *const names[] = {"attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down"};
+    assert_int_equal(gguf_writer_add_tensor(w, "output_norm.weight", GGML_TYPE_F32, 1, ne1, &err),
+                     FORGE_OK);
+    if (!s->tied)
+        assert_int_equal(gguf_writer_add_tensor(w, "output.weight", wt, 2, ne2, &err), FORGE_OK);
+    static const char *const names[] = {"attn_q",   "attn_k", "attn_v",  "attn_output",
+                                        "ffn_gate", "ffn_up", "ffn_down"};
     for (int il = 0; il < s->n_layer; il++) {
         char name[64];
         snprintf(name, sizeof name, "blk.%d.attn_norm.weight", il);
@@ -88,17 +96,22 @@ static int expected_mix(const char *mix, const char *what, int il, int n, int gq
 static int expected(const char *mix, const char *what, int il, int n, int gqa, bool is70b)
 {
     int t = expected_mix(mix, what, il, n, gqa, is70b);
-    if (is70b && !strcmp(what, "attn_v") && (t == GGML_TYPE_Q3_K || t == GGML_TYPE_Q4_K)) t = GGML_TYPE_Q5_K;
+    if (is70b && !strcmp(what, "attn_v") && (t == GGML_TYPE_Q3_K || t == GGML_TYPE_Q4_K))
+        t = GGML_TYPE_Q5_K;
     return t;
 }
 
 static int expected_mix(const char *mix, const char *what, int il, int n, int gqa, bool is70b)
 {
     (void)is70b;
-    const bool v = !strcmp(what, "attn_v"), down = !strcmp(what, "ffn_down"), ao = !strcmp(what, "attn_output");
-    if (!strcmp(mix, "Q4_K_M")) return (v || down) && more_bits(il, n) ? GGML_TYPE_Q6_K : GGML_TYPE_Q4_K;
-    if (!strcmp(mix, "Q5_K_M")) return (v || down) && more_bits(il, n) ? GGML_TYPE_Q6_K : GGML_TYPE_Q5_K;
-    if (!strcmp(mix, "Q4_K_S")) return (v && il < 4) || (down && il < n / 8) ? GGML_TYPE_Q5_K : GGML_TYPE_Q4_K;
+    const bool v = !strcmp(what, "attn_v"), down = !strcmp(what, "ffn_down"),
+               ao = !strcmp(what, "attn_output");
+    if (!strcmp(mix, "Q4_K_M"))
+        return (v || down) && more_bits(il, n) ? GGML_TYPE_Q6_K : GGML_TYPE_Q4_K;
+    if (!strcmp(mix, "Q5_K_M"))
+        return (v || down) && more_bits(il, n) ? GGML_TYPE_Q6_K : GGML_TYPE_Q5_K;
+    if (!strcmp(mix, "Q4_K_S"))
+        return (v && il < 4) || (down && il < n / 8) ? GGML_TYPE_Q5_K : GGML_TYPE_Q4_K;
     if (!strcmp(mix, "Q5_K_S")) return GGML_TYPE_Q5_K;
     if (!strcmp(mix, "Q3_K_S")) return GGML_TYPE_Q3_K;
     if (!strcmp(mix, "Q3_K_M")) {
@@ -130,15 +143,20 @@ static int type_of(const gguf_ctx *g, const char *name)
 
 static void check_mixes(const struct model_spec *s, bool is70b)
 {
-    static const char *const mixes[] = {"Q4_K_M", "Q5_K_M", "Q4_K_S", "Q5_K_S", "Q3_K_S", "Q3_K_M",
-                                        "Q3_K_L", "Q2_K",   "IQ4_XS", "IQ4_NL", "Q6_K",   "Q8_0", "Q4_0"};
-    static const char *const names[] = {"attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down"};
+    static const char *const mixes[] = {"Q4_K_M", "Q5_K_M", "Q4_K_S", "Q5_K_S", "Q3_K_S",
+                                        "Q3_K_M", "Q3_K_L", "Q2_K",   "IQ4_XS", "IQ4_NL",
+                                        "Q6_K",   "Q8_0",   "Q4_0"};
+    static const char *const names[] = {"attn_q",   "attn_k", "attn_v",  "attn_output",
+                                        "ffn_gate", "ffn_up", "ffn_down"};
     char *dir = tu_mkdtemp(), in[512], out[512];
     snprintf(in, sizeof in, "%s/in.gguf", dir);
     snprintf(out, sizeof out, "%s/out.gguf", dir);
     write_model(in, s);
     for (size_t m = 0; m < FORGE_ARRAY_LEN(mixes); m++) {
-        forge_quantize_opts o = {.in_path = in, .out_path = out, .mix = forge_quantize_mix_find(mixes[m]), .n_threads = 2};
+        forge_quantize_opts o = {.in_path = in,
+                                 .out_path = out,
+                                 .mix = forge_quantize_mix_find(mixes[m]),
+                                 .n_threads = 2};
         forge_quantize_result res;
         forge_err err = {0};
         gguf_ctx *g = NULL;
@@ -155,11 +173,12 @@ static void check_mixes(const struct model_spec *s, bool is70b)
             for (size_t k = 0; k < FORGE_ARRAY_LEN(names); k++) {
                 char name[64];
                 snprintf(name, sizeof name, "blk.%d.%s.weight", il, names[k]);
-                int want = expected(mixes[m], names[k], il, s->n_layer, s->n_head / s->n_head_kv, is70b);
+                int want =
+                    expected(mixes[m], names[k], il, s->n_layer, s->n_head / s->n_head_kv, is70b);
                 int got = type_of(g, name);
                 if (got != want)
-                    fail_msg("%s: %s is %s, llama-quantize's rules give %s", mixes[m], name, ggml_type_name(got),
-                             ggml_type_name(want));
+                    fail_msg("%s: %s is %s, llama-quantize's rules give %s", mixes[m], name,
+                             ggml_type_name(got), ggml_type_name(want));
             }
         assert_int_equal(res.n_fallback, 0);
         assert_int_equal(res.n_tensors, gguf_tensor_count(g));
@@ -206,7 +225,8 @@ static void test_fallback_and_threads(void **state)
      * rule for output rows that K-quants cannot hold; reported and counted as a fallback too) */
     struct model_spec s = {2, 4, 4, true, 96, GGML_TYPE_F32};
     write_model(in, &s);
-    forge_quantize_opts o = {.in_path = in, .out_path = out1, .mix = forge_quantize_mix_find("q4_k_m"), .n_threads = 1};
+    forge_quantize_opts o = {
+        .in_path = in, .out_path = out1, .mix = forge_quantize_mix_find("q4_k_m"), .n_threads = 1};
     forge_quantize_result res;
     forge_err err = {0};
     assert_int_equal(forge_quantize_file(&o, &res, &err), FORGE_OK);
@@ -241,7 +261,8 @@ static void test_requantize_refused(void **state)
     snprintf(out, sizeof out, "%s/out.gguf", dir);
     struct model_spec s = {1, 4, 4, true, 256, GGML_TYPE_F32};
     write_model(in, &s);
-    forge_quantize_opts o = {.in_path = in, .out_path = out, .mix = forge_quantize_mix_find("Q8_0"), .n_threads = 1};
+    forge_quantize_opts o = {
+        .in_path = in, .out_path = out, .mix = forge_quantize_mix_find("Q8_0"), .n_threads = 1};
     forge_err err = {0};
     assert_int_equal(forge_quantize_file(&o, NULL, &err), FORGE_OK);
     /* out is Q8_0 now; to Q4_0 it must be requantized */

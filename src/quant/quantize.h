@@ -49,7 +49,10 @@ int quant_quantize_row(int ggml_type, const float *x, void *y, int64_t n);
  * valid for |f| <= 4194303. */
 static inline int quant_nearest_int(float f)
 {
-    union { float f; int32_t i; } u;
+    union {
+        float f;
+        int32_t i;
+    } u;
     u.f = f + 12582912.f;
     return (u.i & 0x007fffff) - 0x00400000;
 }

@@ -20,8 +20,10 @@ static int nearest_level(float x)
     int lo = 0, hi = 15;
     while (hi - lo > 1) {
         int mid = (lo + hi) / 2;
-        if (x < iq4_levels[mid]) hi = mid;
-        else lo = mid;
+        if (x < iq4_levels[mid])
+            hi = mid;
+        else
+            lo = mid;
     }
     return x - (float)iq4_levels[hi - 1] < (float)iq4_levels[hi] - x ? hi - 1 : hi;
 }
@@ -33,7 +35,8 @@ static float iq4_block_scale(const float *xb, uint8_t *L)
 {
     float weight[32];
     float amax = 0, max = 0;
-    for (int j = 0; j < 32; j++) weight[j] = xb[j] * xb[j];
+    for (int j = 0; j < 32; j++)
+        weight[j] = xb[j] * xb[j];
     for (int j = 0; j < 32; j++) {
         float ax = fabsf(xb[j]);
         if (ax > amax) {
@@ -88,7 +91,8 @@ void quantize_row_iq4_nl(const float *x, void *vy, int64_t n)
         quant_store_u16(y, forge_f32_to_fp16(d));
         /* the levels are chosen again against the final scale (unrounded, as ggml) */
         float id = d != 0 ? 1 / d : 0;
-        for (int j = 0; j < 32; j++) L[j] = (uint8_t)nearest_level(id * x[j]);
+        for (int j = 0; j < 32; j++)
+            L[j] = (uint8_t)nearest_level(id * x[j]);
         pack_nibbles(L, y + 2, 32);
     }
 }
@@ -119,7 +123,8 @@ void quantize_row_iq4_xs(const float *x, void *vy, int64_t n)
             int l = quant_clampi(quant_nearest_int(id * scales[ib]), -32, 31);
             float dl = d * (float)l;
             float idl = dl != 0 ? 1 / dl : 0.f;
-            for (int j = 0; j < 32; j++) L[32 * ib + j] = (uint8_t)nearest_level(idl * x[32 * ib + j]);
+            for (int j = 0; j < 32; j++)
+                L[32 * ib + j] = (uint8_t)nearest_level(idl * x[32 * ib + j]);
             l += 32;
             scales_l[ib / 2] |= (uint8_t)((l & 0xf) << (4 * (ib % 2)));
             scales_h |= (uint16_t)((l >> 4) << (2 * ib));

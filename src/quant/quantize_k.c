@@ -56,7 +56,8 @@ static float make_qx_quants(int n, int nmax, const float *x, int8_t *L)
         }
         if (suml2 > 0 && sumlx * sumlx > best * suml2) {
             for (int i = 0; i < n; i++)
-                L[i] = (int8_t)(nmax + quant_clampi(quant_nearest_int(iscale * x[i]), -nmax, nmax - 1));
+                L[i] = (int8_t)(nmax +
+                                quant_clampi(quant_nearest_int(iscale * x[i]), -nmax, nmax - 1));
             scale = sumlx / suml2;
             best = scale * sumlx;
         }
@@ -111,7 +112,8 @@ static float make_q3_quants(int n, int nmax, const float *x, int8_t *L)
         }
         if (!n_changed) break;
     }
-    for (int i = 0; i < n; i++) L[i] = (int8_t)(L[i] + nmax);
+    for (int i = 0; i < n; i++)
+        L[i] = (int8_t)(L[i] + nmax);
     return sumlx / suml2;
 }
 
@@ -233,7 +235,8 @@ void quantize_row_q2_k(const float *x, void *vy, int64_t n)
         uint8_t *sc = y, *qs = y + 16;
         float max_scale = 0, max_min = 0;
         for (int j = 0; j < QK_K / 16; j++) {
-            for (int l = 0; l < 16; l++) weights[l] = fabsf(x[16 * j + l]);
+            for (int l = 0; l < 16; l++)
+                weights[l] = fabsf(x[16 * j + l]);
             scales[j] = make_qkx2_quants(16, 3, x + 16 * j, weights, L + 16 * j, &mins[j], Laux,
                                          -0.5f, 0.1f, 15, true);
             if (scales[j] > max_scale) max_scale = scales[j];
@@ -242,7 +245,8 @@ void quantize_row_q2_k(const float *x, void *vy, int64_t n)
         uint16_t dh, dminh;
         if (max_scale > 0) {
             float iscale = q4scale / max_scale;
-            for (int j = 0; j < QK_K / 16; j++) sc[j] = (uint8_t)quant_nearest_int(iscale * scales[j]);
+            for (int j = 0; j < QK_K / 16; j++)
+                sc[j] = (uint8_t)quant_nearest_int(iscale * scales[j]);
             dh = forge_f32_to_fp16(max_scale / q4scale);
         } else {
             memset(sc, 0, QK_K / 16);
@@ -263,7 +267,8 @@ void quantize_row_q2_k(const float *x, void *vy, int64_t n)
             if (d == 0) continue;
             const float dm = forge_fp16_to_f32(dminh) * (float)(sc[j] >> 4);
             for (int ii = 0; ii < 16; ii++)
-                L[16 * j + ii] = (uint8_t)quant_clampi(quant_nearest_int((x[16 * j + ii] + dm) / d), 0, 3);
+                L[16 * j + ii] =
+                    (uint8_t)quant_clampi(quant_nearest_int((x[16 * j + ii] + dm) / d), 0, 3);
         }
         pack_2bit(L, qs);
     }
@@ -291,8 +296,10 @@ void quantize_row_q3_k(const float *x, void *vy, int64_t n)
             float iscale = -32.f / max_scale;
             for (int j = 0; j < QK_K / 16; j++) {
                 int l = quant_clampi((int8_t)quant_nearest_int(iscale * scales[j]), -32, 31) + 32;
-                if (j < 8) sc[j] = (uint8_t)(l & 0xF);
-                else sc[j - 8] |= (uint8_t)((l & 0xF) << 4);
+                if (j < 8)
+                    sc[j] = (uint8_t)(l & 0xF);
+                else
+                    sc[j - 8] |= (uint8_t)((l & 0xF) << 4);
                 sc[j % 4 + 8] |= (uint8_t)((l >> 4) << (2 * (j / 4)));
             }
             dh = forge_f32_to_fp16(1 / iscale);
@@ -306,7 +313,8 @@ void quantize_row_q3_k(const float *x, void *vy, int64_t n)
             float d = forge_fp16_to_f32(dh) * (float)s;
             if (d == 0) continue;
             for (int ii = 0; ii < 16; ii++)
-                L[16 * j + ii] = (int8_t)(quant_clampi(quant_nearest_int(x[16 * j + ii] / d), -4, 3) + 4);
+                L[16 * j + ii] =
+                    (int8_t)(quant_clampi(quant_nearest_int(x[16 * j + ii] / d), -4, 3) + 4);
         }
         /* high bit of element j goes to bit j / 32 of hmask[j % 32] */
         memset(hmask, 0, QK_K / 8);
@@ -334,9 +342,11 @@ static void quantize_k_scale_min(const float *x, uint8_t *y, uint8_t *L, int nma
     float max_scale = 0, max_min = 0;
     for (int j = 0; j < QK_K / 32; j++) {
         float sum_x2 = 0;
-        for (int l = 0; l < 32; l++) sum_x2 += x[32 * j + l] * x[32 * j + l];
+        for (int l = 0; l < 32; l++)
+            sum_x2 += x[32 * j + l] * x[32 * j + l];
         float av_x = sqrtf(sum_x2 / 32);
-        for (int l = 0; l < 32; l++) weights[l] = av_x + fabsf(x[32 * j + l]);
+        for (int l = 0; l < 32; l++)
+            weights[l] = av_x + fabsf(x[32 * j + l]);
         scales[j] = make_qkx2_quants(32, nmax, x + 32 * j, weights, L + 32 * j, &mins[j], Laux,
                                      rmin, rdelta, nstep, false);
         if (scales[j] > max_scale) max_scale = scales[j];
@@ -359,7 +369,8 @@ static void quantize_k_scale_min(const float *x, uint8_t *y, uint8_t *L, int nma
         if (d == 0) continue;
         const float dm = forge_fp16_to_f32(dminh) * (float)m;
         for (int ii = 0; ii < 32; ii++)
-            L[32 * j + ii] = (uint8_t)quant_clampi(quant_nearest_int((x[32 * j + ii] + dm) / d), 0, nmax);
+            L[32 * j + ii] =
+                (uint8_t)quant_clampi(quant_nearest_int((x[32 * j + ii] + dm) / d), 0, nmax);
     }
 }
 
@@ -372,7 +383,8 @@ void quantize_row_q4_k(const float *x, void *vy, int64_t n)
         quantize_k_scale_min(x, y, L, 15, -1.f, 0.1f, 20);
         uint8_t *q = y + 16;
         for (int j = 0; j < QK_K; j += 64, q += 32)
-            for (int l = 0; l < 32; l++) q[l] = (uint8_t)(L[j + l] | (L[j + l + 32] << 4));
+            for (int l = 0; l < 32; l++)
+                q[l] = (uint8_t)(L[j + l] | (L[j + l + 32] << 4));
     }
 }
 
@@ -435,7 +447,8 @@ void quantize_row_q6_k(const float *x, void *vy, int64_t n)
             float d = forge_fp16_to_f32(dh) * (float)sc[j];
             if (d == 0) continue;
             for (int ii = 0; ii < 16; ii++)
-                L[16 * j + ii] = (int8_t)(quant_clampi(quant_nearest_int(x[16 * j + ii] / d), -32, 31) + 32);
+                L[16 * j + ii] =
+                    (int8_t)(quant_clampi(quant_nearest_int(x[16 * j + ii] / d), -32, 31) + 32);
         }
         for (int j = 0; j < QK_K; j += 128, ql += 64, qh += 32) {
             for (int l = 0; l < 32; l++) {

@@ -83,7 +83,8 @@ static void pack_q5(const uint8_t *q, uint8_t *qh_out, uint8_t *qs)
         qh |= (uint32_t)((q[j] >> 4) & 1) << j;
         qh |= (uint32_t)((q[j + QK / 2] >> 4) & 1) << (j + QK / 2);
     }
-    for (int k = 0; k < 4; k++) qh_out[k] = (uint8_t)(qh >> (8 * k));
+    for (int k = 0; k < 4; k++)
+        qh_out[k] = (uint8_t)(qh >> (8 * k));
 }
 
 void quantize_row_q5_0(const float *x, void *vy, int64_t n)
@@ -112,7 +113,8 @@ void quantize_row_q5_1(const float *x, void *vy, int64_t n)
         quant_store_u16(y, forge_f32_to_fp16(d));
         quant_store_u16(y + 2, forge_f32_to_fp16(mn));
         /* no clamp here in ggml either: (x - min) * id + 0.5 stays below 32 */
-        for (int j = 0; j < QK; j++) q[j] = (uint8_t)(int)((x[j] - mn) * id + 0.5f);
+        for (int j = 0; j < QK; j++)
+            q[j] = (uint8_t)(int)((x[j] - mn) * id + 0.5f);
         pack_q5(q, y + 4, y + 8);
     }
 }
@@ -122,11 +124,13 @@ void quantize_row_q8_0(const float *x, void *vy, int64_t n)
     uint8_t *y = vy;
     for (int64_t b = 0; b < n / QK; b++, x += QK, y += 34) {
         float amax = 0.0f;
-        for (int j = 0; j < QK; j++) amax = amax > fabsf(x[j]) ? amax : fabsf(x[j]);
+        for (int j = 0; j < QK; j++)
+            amax = amax > fabsf(x[j]) ? amax : fabsf(x[j]);
         const float d = amax / 127.0f;
         const float id = d != 0.0f ? 1.0f / d : 0.0f;
         quant_store_u16(y, forge_f32_to_fp16(d));
-        for (int j = 0; j < QK; j++) y[2 + j] = (uint8_t)(int8_t)roundf(x[j] * id);
+        for (int j = 0; j < QK; j++)
+            y[2 + j] = (uint8_t)(int8_t)roundf(x[j] * id);
     }
 }
 
@@ -138,34 +142,52 @@ void quantize_row_f32(const float *x, void *y, int64_t n)
 void quantize_row_f16(const float *x, void *vy, int64_t n)
 {
     uint8_t *y = vy;
-    for (int64_t i = 0; i < n; i++) quant_store_u16(y + 2 * i, forge_f32_to_fp16(x[i]));
+    for (int64_t i = 0; i < n; i++)
+        quant_store_u16(y + 2 * i, forge_f32_to_fp16(x[i]));
 }
 
 void quantize_row_bf16(const float *x, void *vy, int64_t n)
 {
     uint8_t *y = vy;
-    for (int64_t i = 0; i < n; i++) quant_store_u16(y + 2 * i, forge_f32_to_bf16(x[i]));
+    for (int64_t i = 0; i < n; i++)
+        quant_store_u16(y + 2 * i, forge_f32_to_bf16(x[i]));
 }
 
 quant_row_fn quant_row_function(int t)
 {
     switch (t) {
-    case GGML_TYPE_F32: return quantize_row_f32;
-    case GGML_TYPE_F16: return quantize_row_f16;
-    case GGML_TYPE_BF16: return quantize_row_bf16;
-    case GGML_TYPE_Q4_0: return quantize_row_q4_0;
-    case GGML_TYPE_Q4_1: return quantize_row_q4_1;
-    case GGML_TYPE_Q5_0: return quantize_row_q5_0;
-    case GGML_TYPE_Q5_1: return quantize_row_q5_1;
-    case GGML_TYPE_Q8_0: return quantize_row_q8_0;
-    case GGML_TYPE_Q2_K: return quantize_row_q2_k;
-    case GGML_TYPE_Q3_K: return quantize_row_q3_k;
-    case GGML_TYPE_Q4_K: return quantize_row_q4_k;
-    case GGML_TYPE_Q5_K: return quantize_row_q5_k;
-    case GGML_TYPE_Q6_K: return quantize_row_q6_k;
-    case GGML_TYPE_IQ4_NL: return quantize_row_iq4_nl;
-    case GGML_TYPE_IQ4_XS: return quantize_row_iq4_xs;
-    default: return NULL;
+    case GGML_TYPE_F32:
+        return quantize_row_f32;
+    case GGML_TYPE_F16:
+        return quantize_row_f16;
+    case GGML_TYPE_BF16:
+        return quantize_row_bf16;
+    case GGML_TYPE_Q4_0:
+        return quantize_row_q4_0;
+    case GGML_TYPE_Q4_1:
+        return quantize_row_q4_1;
+    case GGML_TYPE_Q5_0:
+        return quantize_row_q5_0;
+    case GGML_TYPE_Q5_1:
+        return quantize_row_q5_1;
+    case GGML_TYPE_Q8_0:
+        return quantize_row_q8_0;
+    case GGML_TYPE_Q2_K:
+        return quantize_row_q2_k;
+    case GGML_TYPE_Q3_K:
+        return quantize_row_q3_k;
+    case GGML_TYPE_Q4_K:
+        return quantize_row_q4_k;
+    case GGML_TYPE_Q5_K:
+        return quantize_row_q5_k;
+    case GGML_TYPE_Q6_K:
+        return quantize_row_q6_k;
+    case GGML_TYPE_IQ4_NL:
+        return quantize_row_iq4_nl;
+    case GGML_TYPE_IQ4_XS:
+        return quantize_row_iq4_xs;
+    default:
+        return NULL;
     }
 }
 

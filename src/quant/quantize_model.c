@@ -17,9 +17,25 @@
 
 /* llama_ftype values (llama.h) written as general.file_type. */
 enum {
-    FT_F32 = 0, FT_F16 = 1, FT_Q4_0 = 2, FT_Q4_1 = 3, FT_Q8_0 = 7, FT_Q5_0 = 8, FT_Q5_1 = 9,
-    FT_Q2_K = 10, FT_Q3_K_S = 11, FT_Q3_K_M = 12, FT_Q3_K_L = 13, FT_Q4_K_S = 14, FT_Q4_K_M = 15,
-    FT_Q5_K_S = 16, FT_Q5_K_M = 17, FT_Q6_K = 18, FT_IQ4_NL = 25, FT_IQ4_XS = 30, FT_BF16 = 32
+    FT_F32 = 0,
+    FT_F16 = 1,
+    FT_Q4_0 = 2,
+    FT_Q4_1 = 3,
+    FT_Q8_0 = 7,
+    FT_Q5_0 = 8,
+    FT_Q5_1 = 9,
+    FT_Q2_K = 10,
+    FT_Q3_K_S = 11,
+    FT_Q3_K_M = 12,
+    FT_Q3_K_L = 13,
+    FT_Q4_K_S = 14,
+    FT_Q4_K_M = 15,
+    FT_Q5_K_S = 16,
+    FT_Q5_K_M = 17,
+    FT_Q6_K = 18,
+    FT_IQ4_NL = 25,
+    FT_IQ4_XS = 30,
+    FT_BF16 = 32
 };
 
 static const struct mix {
@@ -117,8 +133,11 @@ static void read_facts(const gguf_ctx *g, struct model_facts *m)
     /* llama.cpp's model size class "70B" (attn_v gets Q5_K over Q3_K/Q4_K): 80 layers of llama
      * (with GQA, no experts), deci, qwen2 or olmo */
     if (m->n_layer == 80) {
-        if (!strcmp(m->arch, "llama")) m->is_70b = m->n_expert != 8 && m->n_head != m->n_head_kv;
-        else m->is_70b = !strcmp(m->arch, "deci") || !strcmp(m->arch, "qwen2") || !strcmp(m->arch, "olmo");
+        if (!strcmp(m->arch, "llama"))
+            m->is_70b = m->n_expert != 8 && m->n_head != m->n_head_kv;
+        else
+            m->is_70b =
+                !strcmp(m->arch, "deci") || !strcmp(m->arch, "qwen2") || !strcmp(m->arch, "olmo");
     }
     for (int64_t i = 0; i < gguf_tensor_count(g); i++) {
         const char *name = gguf_tensor(g, i)->name;
@@ -142,7 +161,8 @@ struct choice_state {
 
 static bool use_more_bits(int i_layer, int n_layers)
 {
-    return i_layer < n_layers / 8 || i_layer >= 7 * n_layers / 8 || (i_layer - n_layers / 8) % 3 == 2;
+    return i_layer < n_layers / 8 || i_layer >= 7 * n_layers / 8 ||
+           (i_layer - n_layers / 8) % 3 == 2;
 }
 
 /* The layer of a tensor for the ffn rules: a running count, or with experts its blk.N. */
@@ -155,8 +175,8 @@ static int layer_of(const struct model_facts *m, int counter, const char *name)
 
 /* *narrow_output is set when the output matrix's rows do not fit the mix's blocks, so that it
  * gets Q8_0 instead of Q6_K (llama.cpp does this silently; Forge reports it). */
-static int mix_type(const struct model_facts *m, struct choice_state *cs, int type, const char *name,
-                    int64_t ne0, uint32_t ft, bool *narrow_output)
+static int mix_type(const struct model_facts *m, struct choice_state *cs, int type,
+                    const char *name, int64_t ne0, uint32_t ft, bool *narrow_output)
 {
     const bool falcon = !strcmp(m->arch, "falcon");
     const int nl = m->n_layer;
@@ -165,18 +185,24 @@ static int mix_type(const struct model_facts *m, struct choice_state *cs, int ty
         if (falcon || ne0 % ggml_type_block_size(type) != 0) {
             *narrow_output = !falcon && type != GGML_TYPE_Q8_0;
             type = GGML_TYPE_Q8_0;
-        }
-        else if (type != GGML_TYPE_Q8_0) type = GGML_TYPE_Q6_K;
+        } else if (type != GGML_TYPE_Q8_0)
+            type = GGML_TYPE_Q6_K;
     } else if (!strcmp(name, "token_embd.weight")) {
         /* stays in the base type for every mix here */
     } else if (strstr(name, "attn_v.weight")) {
-        if (ft == FT_Q2_K) type = n_gqa(m) >= 4 ? GGML_TYPE_Q4_K : GGML_TYPE_Q3_K;
-        else if (ft == FT_Q3_K_M) type = cs->i_attention_wv < 2 ? GGML_TYPE_Q5_K : GGML_TYPE_Q4_K;
-        else if (ft == FT_Q3_K_L) type = GGML_TYPE_Q5_K;
-        else if ((ft == FT_IQ4_NL || ft == FT_IQ4_XS) && n_gqa(m) >= 4) type = GGML_TYPE_Q5_K;
-        else if ((ft == FT_Q4_K_M || ft == FT_Q5_K_M) && use_more_bits(cs->i_attention_wv, m->n_attention_wv))
+        if (ft == FT_Q2_K)
+            type = n_gqa(m) >= 4 ? GGML_TYPE_Q4_K : GGML_TYPE_Q3_K;
+        else if (ft == FT_Q3_K_M)
+            type = cs->i_attention_wv < 2 ? GGML_TYPE_Q5_K : GGML_TYPE_Q4_K;
+        else if (ft == FT_Q3_K_L)
+            type = GGML_TYPE_Q5_K;
+        else if ((ft == FT_IQ4_NL || ft == FT_IQ4_XS) && n_gqa(m) >= 4)
+            type = GGML_TYPE_Q5_K;
+        else if ((ft == FT_Q4_K_M || ft == FT_Q5_K_M) &&
+                 use_more_bits(cs->i_attention_wv, m->n_attention_wv))
             type = GGML_TYPE_Q6_K;
-        else if (ft == FT_Q4_K_S && cs->i_attention_wv < 4) type = GGML_TYPE_Q5_K;
+        else if (ft == FT_Q4_K_S && cs->i_attention_wv < 4)
+            type = GGML_TYPE_Q5_K;
         if (m->is_70b && (type == GGML_TYPE_Q3_K || type == GGML_TYPE_Q4_K)) type = GGML_TYPE_Q5_K;
         if (m->n_expert == 8) type = GGML_TYPE_Q8_0;
         cs->i_attention_wv++;
@@ -186,14 +212,19 @@ static int mix_type(const struct model_facts *m, struct choice_state *cs, int ty
         /* only the IQ3 mixes change it */
     } else if (strstr(name, "ffn_down")) {
         int il = layer_of(m, cs->i_ffn_down, name);
-        if (ft == FT_Q2_K) type = GGML_TYPE_Q3_K;
+        if (ft == FT_Q2_K)
+            type = GGML_TYPE_Q3_K;
         else if (ft == FT_Q3_K_M)
-            type = il < nl / 16 ? GGML_TYPE_Q5_K
-                 : !falcon || use_more_bits(il, nl) ? GGML_TYPE_Q4_K : GGML_TYPE_Q3_K;
-        else if (ft == FT_Q3_K_L) type = falcon ? GGML_TYPE_Q4_K : GGML_TYPE_Q5_K;
+            type = il < nl / 16                       ? GGML_TYPE_Q5_K
+                   : !falcon || use_more_bits(il, nl) ? GGML_TYPE_Q4_K
+                                                      : GGML_TYPE_Q3_K;
+        else if (ft == FT_Q3_K_L)
+            type = falcon ? GGML_TYPE_Q4_K : GGML_TYPE_Q5_K;
         else if (ft == FT_Q4_K_M) {
             if (falcon)
-                type = il < nl / 16 ? GGML_TYPE_Q6_K : use_more_bits(il, nl) ? GGML_TYPE_Q5_K : GGML_TYPE_Q4_K;
+                type = il < nl / 16            ? GGML_TYPE_Q6_K
+                       : use_more_bits(il, nl) ? GGML_TYPE_Q5_K
+                                               : GGML_TYPE_Q4_K;
             else if (use_more_bits(il, nl))
                 type = GGML_TYPE_Q6_K;
         } else if (il < nl / 8 && (ft == FT_IQ4_NL || ft == FT_IQ4_XS))
@@ -210,17 +241,23 @@ static int mix_type(const struct model_facts *m, struct choice_state *cs, int ty
                     ft == FT_Q4_K_S || ft == FT_Q4_K_M || ft == FT_IQ4_XS)
                     type = GGML_TYPE_Q5_K;
             } else {
-                if (ft == FT_Q2_K) type = GGML_TYPE_Q3_K;
-                else if (ft == FT_Q3_K_M) type = GGML_TYPE_Q4_K;
-                else if (ft == FT_Q3_K_L) type = GGML_TYPE_Q5_K;
+                if (ft == FT_Q2_K)
+                    type = GGML_TYPE_Q3_K;
+                else if (ft == FT_Q3_K_M)
+                    type = GGML_TYPE_Q4_K;
+                else if (ft == FT_Q3_K_L)
+                    type = GGML_TYPE_Q5_K;
             }
         } else if (ft == FT_Q3_K_L) {
             type = GGML_TYPE_Q4_K;
         }
     } else if (strstr(name, "attn_qkv.weight")) {
-        if (ft == FT_Q3_K_M || ft == FT_Q3_K_L) type = GGML_TYPE_Q4_K;
-        else if (ft == FT_Q4_K_M) type = GGML_TYPE_Q5_K;
-        else if (ft == FT_Q5_K_M) type = GGML_TYPE_Q6_K;
+        if (ft == FT_Q3_K_M || ft == FT_Q3_K_L)
+            type = GGML_TYPE_Q4_K;
+        else if (ft == FT_Q4_K_M)
+            type = GGML_TYPE_Q5_K;
+        else if (ft == FT_Q5_K_M)
+            type = GGML_TYPE_Q6_K;
     } else if (strstr(name, "ffn_gate")) {
         cs->i_ffn_gate++;
     } else if (strstr(name, "ffn_up")) {
@@ -237,11 +274,21 @@ static int fallback_type(int type, int64_t ne0)
     switch (type) {
     case GGML_TYPE_Q2_K:
     case GGML_TYPE_Q3_K:
-    case GGML_TYPE_IQ4_XS: type = GGML_TYPE_IQ4_NL; break;
-    case GGML_TYPE_Q4_K: type = GGML_TYPE_Q5_0; break;
-    case GGML_TYPE_Q5_K: type = GGML_TYPE_Q5_1; break;
-    case GGML_TYPE_Q6_K: type = GGML_TYPE_Q8_0; break;
-    default: type = GGML_TYPE_F16; break;
+    case GGML_TYPE_IQ4_XS:
+        type = GGML_TYPE_IQ4_NL;
+        break;
+    case GGML_TYPE_Q4_K:
+        type = GGML_TYPE_Q5_0;
+        break;
+    case GGML_TYPE_Q5_K:
+        type = GGML_TYPE_Q5_1;
+        break;
+    case GGML_TYPE_Q6_K:
+        type = GGML_TYPE_Q8_0;
+        break;
+    default:
+        type = GGML_TYPE_F16;
+        break;
     }
     return ne0 % ggml_type_block_size(type) == 0 ? type : GGML_TYPE_F16;
 }
@@ -251,9 +298,16 @@ static int fallback_type(int type, int64_t ne0)
 static bool wants_quantization(const gguf_tensor_info *t)
 {
     static const char *const never[] = {
-        "_norm.weight", "ffn_gate_inp.weight", "ssm_conv1d.weight", "time_mix_first.weight",
-        "time_mix_w1.weight", "time_mix_w2.weight", "time_mix_decay_w1.weight",
-        "time_mix_decay_w2.weight", "time_mix_lerp_fused.weight", "attn_rel_b.weight",
+        "_norm.weight",
+        "ffn_gate_inp.weight",
+        "ssm_conv1d.weight",
+        "time_mix_first.weight",
+        "time_mix_w1.weight",
+        "time_mix_w2.weight",
+        "time_mix_decay_w1.weight",
+        "time_mix_decay_w2.weight",
+        "time_mix_lerp_fused.weight",
+        "attn_rel_b.weight",
     };
     size_t len = strlen(t->name);
     int n_dims = 1; /* ggml_n_dims: trailing dimensions of 1 do not count */
@@ -265,22 +319,23 @@ static bool wants_quantization(const gguf_tensor_info *t)
     if (len < 6 || strcmp(t->name + len - 6, "weight") != 0 || n_dims < 2) return false;
     for (size_t i = 0; i < FORGE_ARRAY_LEN(never); i++)
         if (strstr(t->name, never[i])) return false;
-    return strcmp(t->name, "position_embd.weight") != 0 && strcmp(t->name, "token_types.weight") != 0;
+    return strcmp(t->name, "position_embd.weight") != 0 &&
+           strcmp(t->name, "token_types.weight") != 0;
 }
 
 /* ---- the plan ------------------------------------------------------------------------------ */
 struct plan_entry {
     const gguf_tensor_info *src;
-    int type;       /* output type */
-    bool convert;   /* false: bytes copied as they are */
+    int type;     /* output type */
+    bool convert; /* false: bytes copied as they are */
     size_t src_row, dst_row;
 };
 
 struct job {
     const struct forge_quantize_opts *o;
     struct plan_entry *plan;
-    float **rowbuf;           /* one row of floats per thread */
-    forge_err *thread_err;    /* one per thread */
+    float **rowbuf;        /* one row of floats per thread */
+    forge_err *thread_err; /* one per thread */
     uint64_t done, total;
     /* the chunk being converted */
     const struct plan_entry *cur;
@@ -325,25 +380,28 @@ static void convert_rows(void *arg, int ith, int nth)
     }
 }
 
-static int fill(void *user, int64_t index, const gguf_tensor_info *info, int64_t row0, int64_t n_rows,
-                void *dst, forge_err *err)
+static int fill(void *user, int64_t index, const gguf_tensor_info *info, int64_t row0,
+                int64_t n_rows, void *dst, forge_err *err)
 {
     struct job *j = user;
     const struct plan_entry *p = &j->plan[index];
     if (!p->convert) {
-        memcpy(dst, (const uint8_t *)p->src->data + (size_t)row0 * p->src_row, (size_t)n_rows * p->src_row);
+        memcpy(dst, (const uint8_t *)p->src->data + (size_t)row0 * p->src_row,
+               (size_t)n_rows * p->src_row);
     } else {
         int nth = kern_pool_size(j->pool);
         j->cur = p;
         j->row0 = row0;
         j->n_rows = n_rows;
         j->dst = dst;
-        for (int t = 0; t < nth; t++) forge_err_clear(&j->thread_err[t]);
+        for (int t = 0; t < nth; t++)
+            forge_err_clear(&j->thread_err[t]);
         kern_pool_run(j->pool, convert_rows, j);
         for (int t = 0; t < nth; t++)
             if (j->thread_err[t].code != FORGE_OK)
-                return forge_err_set(err, j->thread_err[t].code, "quantize: tensor %s (%s): %s", info->name,
-                                     ggml_type_name(p->src->type), j->thread_err[t].msg);
+                return forge_err_set(err, j->thread_err[t].code, "quantize: tensor %s (%s): %s",
+                                     info->name, ggml_type_name(p->src->type),
+                                     j->thread_err[t].msg);
     }
     j->done += (uint64_t)n_rows * p->dst_row;
     if (j->o->progress) j->o->progress(j->o->user, j->done, j->total);
@@ -387,8 +445,10 @@ int forge_quantize_file(const forge_quantize_opts *o, forge_quantize_result *res
     {
         uint32_t n_split = 0;
         if (gguf_get_u32(g, "split.count", &n_split, NULL) == FORGE_OK && n_split > 1) {
-            rc = forge_err_set(err, FORGE_E_UNSUPPORTED, "quantize: %s is one part of a %u-file split model; "
-                               "merge it first (llama-gguf-split --merge)", o->in_path, n_split);
+            rc = forge_err_set(err, FORGE_E_UNSUPPORTED,
+                               "quantize: %s is one part of a %u-file split model; "
+                               "merge it first (llama-gguf-split --merge)",
+                               o->in_path, n_split);
             goto done;
         }
     }
@@ -401,7 +461,8 @@ int forge_quantize_file(const forge_quantize_opts *o, forge_quantize_result *res
         rc = forge_err_set(err, FORGE_E_NOMEM, "quantize: out of memory");
         goto done;
     }
-    for (int64_t i = 0; i < n_t; i++) order[i] = gguf_tensor(g, i);
+    for (int64_t i = 0; i < n_t; i++)
+        order[i] = gguf_tensor(g, i);
     qsort(order, (size_t)n_t, sizeof *order, cmp_tensor);
 
     /* choose every tensor's type before writing anything, so bad input fails early */
@@ -416,8 +477,11 @@ int forge_quantize_file(const forge_quantize_opts *o, forge_quantize_result *res
             if (!o->pure && is_quantized_type(mx->base))
                 type = mix_type(&m, &cs, type, t->name, t->ne[0], mx->ftype, &narrow);
             if (narrow) {
-                note(o, "%s: rows of %lld elements are no multiple of %s's block of %lld: using %s for the "
-                     "output matrix", t->name, (long long)t->ne[0], ggml_type_name(mx->base),
+                note(o,
+                     "%s: rows of %lld elements are no multiple of %s's block of %lld: using %s "
+                     "for the "
+                     "output matrix",
+                     t->name, (long long)t->ne[0], ggml_type_name(mx->base),
                      (long long)ggml_type_block_size(mx->base), ggml_type_name(type));
                 res.n_fallback++;
             }
@@ -436,19 +500,23 @@ int forge_quantize_file(const forge_quantize_opts *o, forge_quantize_result *res
         p->dst_row = ggml_row_size(type, t->ne[0]);
         if (p->convert) {
             if (!is_float_type(t->type) && !is_quantized_type(t->type)) {
-                rc = forge_err_set(err, FORGE_E_UNSUPPORTED, "quantize: tensor %s has type %s, which cannot be converted to %s",
-                                   t->name, ggml_type_name(t->type), ggml_type_name(type));
+                rc = forge_err_set(
+                    err, FORGE_E_UNSUPPORTED,
+                    "quantize: tensor %s has type %s, which cannot be converted to %s", t->name,
+                    ggml_type_name(t->type), ggml_type_name(type));
                 goto done;
             }
             if (is_quantized_type(t->type) && !o->allow_requantize) {
-                rc = forge_err_set(err, FORGE_E_INVALID, "quantize: tensor %s is already quantized (%s): "
+                rc = forge_err_set(err, FORGE_E_INVALID,
+                                   "quantize: tensor %s is already quantized (%s): "
                                    "requantizing loses accuracy and needs --allow-requantize",
                                    t->name, ggml_type_name(t->type));
                 goto done;
             }
             if (!quant_row_function(type)) {
-                rc = forge_err_set(err, FORGE_E_UNSUPPORTED, "quantize: tensor %s: no quantizer for type %s",
-                                   t->name, ggml_type_name(type));
+                rc = forge_err_set(err, FORGE_E_UNSUPPORTED,
+                                   "quantize: tensor %s: no quantizer for type %s", t->name,
+                                   ggml_type_name(type));
                 goto done;
             }
             if (is_quantized_type(t->type)) {
@@ -457,7 +525,8 @@ int forge_quantize_file(const forge_quantize_opts *o, forge_quantize_result *res
                 forge_err e2 = {0};
                 int64_t bs = ggml_type_block_size(t->type);
                 if (bs > 256 || forge_dequantize(t->type, t->data, probe, bs, &e2) != FORGE_OK) {
-                    rc = forge_err_set(err, FORGE_E_UNSUPPORTED, "quantize: tensor %s (%s) cannot be dequantized: %s",
+                    rc = forge_err_set(err, FORGE_E_UNSUPPORTED,
+                                       "quantize: tensor %s (%s) cannot be dequantized: %s",
                                        t->name, ggml_type_name(t->type), e2.msg);
                     goto done;
                 }
@@ -477,7 +546,8 @@ int forge_quantize_file(const forge_quantize_opts *o, forge_quantize_result *res
     for (int64_t i = 0; i < gguf_kv_count(g); i++) {
         const char *key = gguf_kv_key(g, i);
         if (!strcmp(key, "general.quantization_version") || !strcmp(key, "general.file_type") ||
-            !strcmp(key, "split.no") || !strcmp(key, "split.count") || !strcmp(key, "split.tensors.count"))
+            !strcmp(key, "split.no") || !strcmp(key, "split.count") ||
+            !strcmp(key, "split.tensors.count"))
             continue;
         if ((rc = gguf_writer_copy_kv(w, g, i, err))) goto done;
     }
@@ -485,8 +555,8 @@ int forge_quantize_file(const forge_quantize_opts *o, forge_quantize_result *res
         (rc = gguf_writer_set_u32(w, "general.file_type", mx->ftype, err)))
         goto done;
     for (int64_t i = 0; i < n_t; i++)
-        if ((rc = gguf_writer_add_tensor(w, plan[i].src->name, (ggml_type)plan[i].type, plan[i].src->n_dims,
-                                         plan[i].src->ne, err)))
+        if ((rc = gguf_writer_add_tensor(w, plan[i].src->name, (ggml_type)plan[i].type,
+                                         plan[i].src->n_dims, plan[i].src->ne, err)))
             goto done;
 
     if ((rc = kern_pool_create(nth, &pool, err))) goto done;
@@ -510,7 +580,8 @@ int forge_quantize_file(const forge_quantize_opts *o, forge_quantize_result *res
 
 done:
     if (job.rowbuf)
-        for (int t = 0; t < nth; t++) free(job.rowbuf[t]);
+        for (int t = 0; t < nth; t++)
+            free(job.rowbuf[t]);
     free(job.rowbuf);
     free(job.thread_err);
     kern_pool_free(pool);

@@ -34,14 +34,15 @@ static void usage(FILE *out)
             "\n"
             "  TYPE                one of: ");
     print_types(out);
-    fprintf(out,
-            "  --pure              every 2-D weight in TYPE's base type (no per-tensor mix rules)\n"
-            "  -t, --threads N     threads (default: physical cores)\n"
-            "  --allow-requantize  accept quantized input tensors (dequantized first; loses accuracy)\n"
-            "  --force             replace an existing OUT.gguf\n"
-            "  -h, --help          this help\n"
-            "OUT is written beside itself under a temporary name and renamed when complete; it is\n"
-            "never the input file.\n");
+    fprintf(
+        out,
+        "  --pure              every 2-D weight in TYPE's base type (no per-tensor mix rules)\n"
+        "  -t, --threads N     threads (default: physical cores)\n"
+        "  --allow-requantize  accept quantized input tensors (dequantized first; loses accuracy)\n"
+        "  --force             replace an existing OUT.gguf\n"
+        "  -h, --help          this help\n"
+        "OUT is written beside itself under a temporary name and renamed when complete; it is\n"
+        "never the input file.\n");
 }
 
 struct progress_state {
@@ -99,14 +100,24 @@ int cmd_quantize(int argc, char **argv)
     optind = 1;
     while ((opt = getopt_long(argc, argv, "t:h", longopts, NULL)) != -1) {
         switch (opt) {
-        case 'p': o.pure = true; break;
+        case 'p':
+            o.pure = true;
+            break;
         case 't':
             if (!cli_parse_int("quantize", "-t", optarg, 1, 1024, &nt)) return 2;
             break;
-        case 'r': o.allow_requantize = true; break;
-        case 'f': force = true; break;
-        case 'h': usage(stdout); return 0;
-        default: usage(stderr); return 2;
+        case 'r':
+            o.allow_requantize = true;
+            break;
+        case 'f':
+            force = true;
+            break;
+        case 'h':
+            usage(stdout);
+            return 0;
+        default:
+            usage(stderr);
+            return 2;
         }
     }
     if (argc - optind != 3) {
@@ -150,7 +161,8 @@ int cmd_quantize(int argc, char **argv)
     bool first = true;
     for (int t = 0; t < GGML_TYPE_COUNT; t++)
         if (res.type_count[t]) {
-            fprintf(stderr, "%s%" PRId64 " %s", first ? "" : ", ", res.type_count[t], ggml_type_name(t));
+            fprintf(stderr, "%s%" PRId64 " %s", first ? "" : ", ", res.type_count[t],
+                    ggml_type_name(t));
             first = false;
         }
     fprintf(stderr, ")");
