@@ -66,6 +66,15 @@ done
 "$FORGE" inspect --json "$tmp/Q4_K_M-default.gguf" | jq -c '[.metadata[] | select(.key != "general.file_type")] | sort_by(.key)' >"$tmp/kout"
 tu_check "metadata copied" cmp -s "$tmp/kin" "$tmp/kout"
 
+# F32 / F16 / BF16 targets: F16 -> F32 -> F16 gives back the same bytes; file types 0 and 32
+"$FORGE" quantize "$in" "$tmp/f32.gguf" F32 2>/dev/null && "$FORGE" quantize "$tmp/f32.gguf" "$tmp/f16.gguf" f16 2>/dev/null
+tu_check "F16 -> F32 -> F16: same tensors" cmp -s <(tensor_hashes "$in") <(tensor_hashes "$tmp/f16.gguf")
+tu_check "F32: file_type 0" [ "$(file_type_of "$tmp/f32.gguf")" = 0 ]
+tu_check "F32: 11 F32 tensors" [ "$(tensor_hashes "$tmp/f32.gguf" | grep -c ' F32 ')" -eq 11 ]
+"$FORGE" quantize "$in" "$tmp/bf16.gguf" BF16 2>/dev/null
+tu_check "BF16: 8 BF16 weights" [ "$(tensor_hashes "$tmp/bf16.gguf" | grep -c ' BF16 ')" -eq 8 ]
+tu_check "BF16: file_type 32" [ "$(file_type_of "$tmp/bf16.gguf")" = 32 ]
+
 # ---- 2. threads do not change the bytes ---------------------------------------------------
 "$FORGE" quantize -t 1 "$in" "$tmp/t1.gguf" Q4_K_M 2>/dev/null
 "$FORGE" quantize -t 3 "$in" "$tmp/t3.gguf" Q4_K_M 2>/dev/null
