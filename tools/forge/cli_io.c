@@ -12,12 +12,14 @@
 static bool g_stdout_reported = false;
 
 /* The temporary file being written, removed if SIGINT/SIGTERM/SIGHUP ends the process (a
- * hidden multi-GB ".OUT.gguf.XXXXXX" must not outlive a Ctrl-C'd synth). Installed only where
- * the signal's action is the default one, so the chat's and run's own Ctrl-C handling stays. */
+ * hidden multi-GB ".OUT.gguf.XXXXXX" must not outlive a Ctrl-C'd synth), or SIGPIPE (messages to
+ * a closed pipe) or SIGXFSZ (a file-size limit). Installed only where the signal's action is the
+ * default one, so the chat's and run's own Ctrl-C handling stays. */
 static const char *volatile g_tmp_live = NULL;
-static const int g_cleanup_signals[] = {SIGINT, SIGTERM, SIGHUP};
-static struct sigaction g_old_actions[3];
-static bool g_installed[3];
+static const int g_cleanup_signals[] = {SIGINT, SIGTERM, SIGHUP, SIGPIPE, SIGXFSZ};
+#define N_CLEANUP_SIGNALS (sizeof g_cleanup_signals / sizeof g_cleanup_signals[0])
+static struct sigaction g_old_actions[N_CLEANUP_SIGNALS];
+static bool g_installed[N_CLEANUP_SIGNALS];
 
 static void on_fatal_signal(int sig)
 {
@@ -29,7 +31,7 @@ static void on_fatal_signal(int sig)
 
 static void cleanup_on_signals(const char *tmp)
 {
-    for (int i = 0; i < 3; i++) {
+    for (size_t i = 0; i < N_CLEANUP_SIGNALS; i++) {
         if (tmp && !g_installed[i]) {
             struct sigaction sa, old;
             if (sigaction(g_cleanup_signals[i], NULL, &old) != 0 || old.sa_handler != SIG_DFL)

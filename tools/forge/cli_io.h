@@ -7,7 +7,8 @@
  *  - a target that exists and is no regular file (/dev/null, /dev/full, /dev/stdout, a FIFO) is
  *    written directly and never renamed over or removed;
  *  - nothing the command did not create is ever deleted, and the temporary file is removed on
- *    failure and when SIGINT/SIGTERM/SIGHUP (left at their default action) end the process;
+ *    failure and when SIGINT/SIGTERM/SIGHUP/SIGPIPE/SIGXFSZ (left at their default action) end
+ *    the process;
  *  - stdout is checked: a failed write is reported once as "forge CMD: cannot write output: ...".
  * Used only by the CLI. Every function prints its own "forge CMD: ..." message on failure. */
 #ifndef FORGE_CLI_IO_H

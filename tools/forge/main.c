@@ -24,6 +24,7 @@ static const struct command commands[] = {
     {"template", cmd_template, "render a chat template for a list of messages"},
     {"inspect", cmd_inspect, "print a GGUF file's metadata and tensor table"},
     {"synth", cmd_synth, "write a random-weight model of a real shape (for benchmarks)"},
+    {"quantize", cmd_quantize, "quantize a GGUF model (llama-quantize's types and mixes)"},
     {"pull", cmd_pull, "download a GGUF model from the Hugging Face hub into the cache"},
     {"models", cmd_models, "list or remove the cached models"},
 };
