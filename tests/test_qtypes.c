@@ -302,6 +302,39 @@ static void test_simd_dots(void **state)
     print_message("%d SIMD dot products compared\n", n_compared);
 }
 
+/* A type without GPU kernels: --device gpu fails naming tensor and type before any device work;
+ * auto falls back to the CPU. */
+static void test_gpu_refuses_new_types(void **state)
+{
+    (void)state;
+    static const char *const cases[] = {"Q4_K", "Q6_K", "IQ4_XS", "TQ2_0"};
+    for (size_t k = 0; k < sizeof cases / sizeof cases[0]; k++) {
+        char *path = quant_path(cases[k]);
+        forge_err err = {0};
+        forge_model *m = NULL;
+        if (forge_model_load(path, &m, &err)) fail_msg("load %s: %s", path, err.msg);
+        forge_context_params cp = forge_context_default_params();
+        cp.n_threads = 1;
+        cp.n_ctx = 64;
+        cp.device = FORGE_DEVICE_GPU;
+        forge_context *ctx = NULL;
+        assert_int_equal(forge_context_create(m, &cp, &ctx, &err), FORGE_E_UNSUPPORTED);
+        assert_null(ctx);
+        char want[128];
+        snprintf(want, sizeof want, "token_embd.weight: type %s is not supported on the GPU yet", cases[k]);
+        if (!strstr(err.msg, want)) fail_msg("message '%s' lacks '%s'", err.msg, want);
+        cp.device = FORGE_DEVICE_AUTO;
+        assert_int_equal(forge_context_create(m, &cp, &ctx, &err), FORGE_OK);
+        assert_string_equal(forge_context_device(ctx), "CPU");
+        int32_t id = -1, prompt[2] = {1, 403};
+        assert_int_equal(forge_decode_greedy(ctx, prompt, 2, &id, &err), FORGE_OK);
+        assert_true(id >= 0);
+        forge_context_free(ctx);
+        forge_model_free(m);
+        free(path);
+    }
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -310,6 +343,7 @@ int main(void)
         cmocka_unit_test(test_greedy_best_isa),
         cmocka_unit_test(test_greedy_scalar),
         cmocka_unit_test(test_simd_dots),
+        cmocka_unit_test(test_gpu_refuses_new_types),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
