@@ -87,9 +87,14 @@ float forge_vec_dot_iq4_xs_q8_k(int64_t n, const void *w, const void *xq);
 float forge_vec_dot_tq1_0_q8_k(int64_t n, const void *w, const void *xq);
 float forge_vec_dot_tq2_0_q8_k(int64_t n, const void *w, const void *xq);
 
-/* ---- SIMD dot products (src/cpu/vecdot_avx2.c); NULL-returning stubs off x86 --------------- */
-forge_vec_dot_fn forge_vec_dot_avx2_for(int t);
-forge_vec_dot_fn forge_vec_dot_avx512_for(int t);
+/* ---- SIMD dot products (src/cpu/vecdot_avx2.c, x86-64 builds only) --------------------------- */
+#if defined(__x86_64__)
+float forge_vec_dot_q4_k_q8_k_avx2(int64_t n, const void *w, const void *xq);
+float forge_vec_dot_q6_k_q8_k_avx2(int64_t n, const void *w, const void *xq);
+#define FORGE_X86(f) f
+#else
+#define FORGE_X86(f) NULL
+#endif
 
 /* Shared helpers for the K-quant layouts. */
 static inline uint16_t forge_qt_u16(const uint8_t *p)
