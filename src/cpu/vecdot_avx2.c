@@ -107,4 +107,217 @@ TGT float forge_vec_dot_q6_k_q8_k_avx2(int64_t n, const void *w, const void *xq)
     return sumf;
 }
 
+/* Scales of two consecutive groups of 16 as the 16 int16 lanes of a vpmaddwd operand. */
+TGT static inline __m256i scales_2x16(int a, int b)
+{
+    return _mm256_set_m128i(_mm_set1_epi16((short)b), _mm_set1_epi16((short)a));
+}
+
+/* Q5_K: Q4_K plus a 5th bit per element from qh (bit 2j / 2j+1 for the j-th 64). */
+TGT float forge_vec_dot_q5_k_q8_k_avx2(int64_t n, const void *w, const void *xq)
+{
+    const uint8_t *b = w, *y = xq;
+    const __m256i m4 = _mm256_set1_epi8(0x0F), one = _mm256_set1_epi8(1);
+    float sumf = 0.0f;
+    for (int64_t i = 0; i < n / FORGE_QK_K; i++, b += 176, y += FORGE_Q8_K_BYTES) {
+        const int8_t *ys = (const int8_t *)(y + 4);
+        uint8_t sc[8], mn[8];
+        int summ = 0;
+        for (int j = 0; j < 8; j++) {
+            forge_k4_scale_min(j, b + 4, &sc[j], &mn[j]);
+            summ += mn[j] * (q8k_bsum(y, 2 * j) + q8k_bsum(y, 2 * j + 1));
+        }
+        const __m256i qh = _mm256_loadu_si256((const __m256i *)(b + 16));
+        __m256i acc = _mm256_setzero_si256();
+        for (int j = 0; j < 4; j++) {
+            __m256i q4 = _mm256_loadu_si256((const __m256i *)(b + 48 + 32 * j));
+            __m256i h0 = _mm256_and_si256(_mm256_srl_epi16(qh, _mm_cvtsi32_si128(2 * j)), one);
+            __m256i h1 = _mm256_and_si256(_mm256_srl_epi16(qh, _mm_cvtsi32_si128(2 * j + 1)), one);
+            __m256i lo = _mm256_or_si256(_mm256_and_si256(q4, m4), _mm256_slli_epi16(h0, 4));
+            __m256i hi = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(q4, 4), m4), _mm256_slli_epi16(h1, 4));
+            __m256i plo = _mm256_maddubs_epi16(lo, _mm256_loadu_si256((const __m256i *)(ys + 64 * j)));
+            __m256i phi = _mm256_maddubs_epi16(hi, _mm256_loadu_si256((const __m256i *)(ys + 64 * j + 32)));
+            acc = _mm256_add_epi32(acc, _mm256_madd_epi16(plo, _mm256_set1_epi16(sc[2 * j])));
+            acc = _mm256_add_epi32(acc, _mm256_madd_epi16(phi, _mm256_set1_epi16(sc[2 * j + 1])));
+        }
+        int isum = hsum_i32(acc);
+        float dy = q8k_d(y);
+        sumf += half_at(b) * dy * (float)isum - half_at(b + 2) * dy * (float)summ;
+    }
+    return sumf;
+}
+
+/* Q3_K: q + 4 = the 2 low bits | the hmask bit << 2 (unsigned 0..7); 4 * sum(y) per group of 16
+ * (bsums) times its scale subtracted. */
+TGT float forge_vec_dot_q3_k_q8_k_avx2(int64_t n, const void *w, const void *xq)
+{
+    const uint8_t *b = w, *y = xq;
+    const __m256i m3 = _mm256_set1_epi8(3), one = _mm256_set1_epi8(1);
+    float sumf = 0.0f;
+    for (int64_t i = 0; i < n / FORGE_QK_K; i++, b += 110, y += FORGE_Q8_K_BYTES) {
+        const int8_t *ys = (const int8_t *)(y + 4);
+        int8_t sc[16];
+        forge_k3_scales(b + 96, sc);
+        int corr = 0;
+        for (int g = 0; g < 16; g++) corr += sc[g] * q8k_bsum(y, g);
+        const __m256i hm = _mm256_loadu_si256((const __m256i *)b);
+        __m256i acc = _mm256_setzero_si256();
+        for (int h = 0; h < 2; h++) {
+            __m256i q2 = _mm256_loadu_si256((const __m256i *)(b + 32 + 32 * h));
+            for (int s = 0; s < 4; s++) {
+                __m256i lo = _mm256_and_si256(_mm256_srl_epi16(q2, _mm_cvtsi32_si128(2 * s)), m3);
+                __m256i hb = _mm256_and_si256(_mm256_srl_epi16(hm, _mm_cvtsi32_si128(4 * h + s)), one);
+                __m256i u = _mm256_or_si256(lo, _mm256_slli_epi16(hb, 2));
+                __m256i p = _mm256_maddubs_epi16(u, _mm256_loadu_si256((const __m256i *)(ys + 128 * h + 32 * s)));
+                int g = 8 * h + 2 * s;
+                acc = _mm256_add_epi32(acc, _mm256_madd_epi16(p, scales_2x16(sc[g], sc[g + 1])));
+            }
+        }
+        int isum = hsum_i32(acc) - 4 * corr;
+        sumf += half_at(b + 108) * q8k_d(y) * (float)isum;
+    }
+    return sumf;
+}
+
+/* Q2_K: 2-bit values (unsigned), 4-bit scales per 16, mins through the bsums. */
+TGT float forge_vec_dot_q2_k_q8_k_avx2(int64_t n, const void *w, const void *xq)
+{
+    const uint8_t *b = w, *y = xq;
+    const __m256i m3 = _mm256_set1_epi8(3);
+    float sumf = 0.0f;
+    for (int64_t i = 0; i < n / FORGE_QK_K; i++, b += 84, y += FORGE_Q8_K_BYTES) {
+        const int8_t *ys = (const int8_t *)(y + 4);
+        int summs = 0;
+        for (int g = 0; g < 16; g++) summs += q8k_bsum(y, g) * (b[g] >> 4);
+        __m256i acc = _mm256_setzero_si256();
+        for (int h = 0; h < 2; h++) {
+            __m256i q2 = _mm256_loadu_si256((const __m256i *)(b + 16 + 32 * h));
+            for (int s = 0; s < 4; s++) {
+                __m256i u = _mm256_and_si256(_mm256_srl_epi16(q2, _mm_cvtsi32_si128(2 * s)), m3);
+                __m256i p = _mm256_maddubs_epi16(u, _mm256_loadu_si256((const __m256i *)(ys + 128 * h + 32 * s)));
+                int g = 8 * h + 2 * s;
+                acc = _mm256_add_epi32(acc, _mm256_madd_epi16(p, scales_2x16(b[g] & 0xF, b[g + 1] & 0xF)));
+            }
+        }
+        int isum = hsum_i32(acc);
+        float dy = q8k_d(y);
+        sumf += dy * half_at(b + 80) * (float)isum - dy * half_at(b + 82) * (float)summs;
+    }
+    return sumf;
+}
+
+/* 32 signed table values (IQ4_NL/IQ4_XS) times 32 activations: 16 int16 pair sums, through
+ * |w| x sign(y, w) (|w| <= 127, so no pair saturates). */
+TGT static inline __m256i iq4_pairs(__m128i q16, const int8_t *ys, __m256i table)
+{
+    const __m128i m4 = _mm_set1_epi8(0x0F);
+    __m128i lo = _mm_and_si128(q16, m4), hi = _mm_and_si128(_mm_srli_epi16(q16, 4), m4);
+    __m256i idx = _mm256_set_m128i(hi, lo);
+    __m256i v = _mm256_shuffle_epi8(table, idx);
+    __m256i yv = _mm256_loadu_si256((const __m256i *)ys);
+    return _mm256_maddubs_epi16(_mm256_sign_epi8(v, v), _mm256_sign_epi8(yv, v));
+}
+
+TGT float forge_vec_dot_iq4_xs_q8_k_avx2(int64_t n, const void *w, const void *xq)
+{
+    const uint8_t *b = w, *y = xq;
+    const __m256i table = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)forge_iq4nl_values));
+    float sumf = 0.0f;
+    for (int64_t i = 0; i < n / FORGE_QK_K; i++, b += 136, y += FORGE_Q8_K_BYTES) {
+        const int8_t *ys = (const int8_t *)(y + 4);
+        unsigned sh = forge_qt_u16(b + 2);
+        __m256i acc = _mm256_setzero_si256();
+        for (int ib = 0; ib < 8; ib++) {
+            int ls = (((b[4 + ib / 2] >> (4 * (ib % 2))) & 0xF) | (((sh >> (2 * ib)) & 3) << 4)) - 32;
+            __m256i p = iq4_pairs(_mm_loadu_si128((const __m128i *)(b + 8 + 16 * ib)), ys + 32 * ib, table);
+            acc = _mm256_add_epi32(acc, _mm256_madd_epi16(p, _mm256_set1_epi16((short)ls)));
+        }
+        int isum = hsum_i32(acc);
+        sumf += half_at(b) * q8k_d(y) * (float)isum;
+    }
+    return sumf;
+}
+
+TGT float forge_vec_dot_iq4_nl_q8_0_avx2(int64_t n, const void *w, const void *xq)
+{
+    const uint8_t *b = w, *y = xq;
+    const __m256i table = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)forge_iq4nl_values));
+    const __m256i ones = _mm256_set1_epi16(1);
+    float sumf = 0.0f;
+    for (int64_t i = 0; i < n / 32; i++, b += 18, y += FORGE_Q8_0_BYTES) {
+        __m256i p = iq4_pairs(_mm_loadu_si128((const __m128i *)(b + 2)), (const int8_t *)(y + 2), table);
+        int sumi = hsum_i32(_mm256_madd_epi16(p, ones));
+        sumf += half_at(b) * half_at(y) * (float)sumi;
+    }
+    return sumf;
+}
+
+/* The 5th bits of a Q5_0/Q5_1 block (u32 qh, bit j = element j) as 0x10 bytes. */
+TGT static inline __m256i q5_high(uint32_t qh)
+{
+    const __m256i shuf = _mm256_set_epi64x(0x0303030303030303LL, 0x0202020202020202LL,
+                                           0x0101010101010101LL, 0x0000000000000000LL);
+    const __m256i bit = _mm256_set1_epi64x((long long)0x8040201008040201ULL);
+    __m256i v = _mm256_shuffle_epi8(_mm256_set1_epi32((int)qh), shuf);
+    v = _mm256_cmpeq_epi8(_mm256_and_si256(v, bit), bit);
+    return _mm256_and_si256(v, _mm256_set1_epi8(0x10));
+}
+
+/* Unsigned 4-bit values of a 32-block: element j < 16 low nibble of byte j, j >= 16 high. */
+TGT static inline __m256i nibbles32(const uint8_t *q)
+{
+    __m128i v = _mm_loadu_si128((const __m128i *)q);
+    const __m128i m4 = _mm_set1_epi8(0x0F);
+    return _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(v, 4), m4), _mm_and_si128(v, m4));
+}
+
+static inline uint32_t u32_at(const uint8_t *p)
+{
+    uint32_t v;
+    memcpy(&v, p, 4);
+    return v;
+}
+
+TGT float forge_vec_dot_q5_0_q8_0_avx2(int64_t n, const void *w, const void *xq)
+{
+    const uint8_t *b = w, *y = xq;
+    const __m256i ones = _mm256_set1_epi16(1), ones8 = _mm256_set1_epi8(1);
+    float sumf = 0.0f;
+    for (int64_t i = 0; i < n / 32; i++, b += 22, y += FORGE_Q8_0_BYTES) {
+        __m256i u = _mm256_or_si256(nibbles32(b + 6), q5_high(u32_at(b + 2)));
+        __m256i yv = _mm256_loadu_si256((const __m256i *)(y + 2));
+        __m256i p = _mm256_maddubs_epi16(u, yv), sy = _mm256_maddubs_epi16(ones8, yv);
+        int sumi = hsum_i32(_mm256_madd_epi16(p, ones)) - 16 * hsum_i32(_mm256_madd_epi16(sy, ones));
+        sumf += half_at(b) * half_at(y) * (float)sumi;
+    }
+    return sumf;
+}
+
+TGT float forge_vec_dot_q4_1_q8_1_avx2(int64_t n, const void *w, const void *xq)
+{
+    const uint8_t *b = w, *y = xq;
+    const __m256i ones = _mm256_set1_epi16(1);
+    float sumf = 0.0f;
+    for (int64_t i = 0; i < n / 32; i++, b += 20, y += FORGE_Q8_1_BYTES) {
+        __m256i p = _mm256_maddubs_epi16(nibbles32(b + 4), _mm256_loadu_si256((const __m256i *)(y + 4)));
+        int sumi = hsum_i32(_mm256_madd_epi16(p, ones));
+        sumf += half_at(b) * half_at(y) * (float)sumi + half_at(b + 2) * half_at(y + 2);
+    }
+    return sumf;
+}
+
+TGT float forge_vec_dot_q5_1_q8_1_avx2(int64_t n, const void *w, const void *xq)
+{
+    const uint8_t *b = w, *y = xq;
+    const __m256i ones = _mm256_set1_epi16(1);
+    float sumf = 0.0f;
+    for (int64_t i = 0; i < n / 32; i++, b += 24, y += FORGE_Q8_1_BYTES) {
+        __m256i u = _mm256_or_si256(nibbles32(b + 8), q5_high(u32_at(b + 4)));
+        __m256i p = _mm256_maddubs_epi16(u, _mm256_loadu_si256((const __m256i *)(y + 4)));
+        int sumi = hsum_i32(_mm256_madd_epi16(p, ones));
+        sumf += half_at(b) * half_at(y) * (float)sumi + half_at(b + 2) * half_at(y + 2);
+    }
+    return sumf;
+}
+
 #endif

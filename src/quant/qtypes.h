@@ -91,6 +91,14 @@ float forge_vec_dot_tq2_0_q8_k(int64_t n, const void *w, const void *xq);
 #if defined(__x86_64__)
 float forge_vec_dot_q4_k_q8_k_avx2(int64_t n, const void *w, const void *xq);
 float forge_vec_dot_q6_k_q8_k_avx2(int64_t n, const void *w, const void *xq);
+float forge_vec_dot_q5_k_q8_k_avx2(int64_t n, const void *w, const void *xq);
+float forge_vec_dot_q3_k_q8_k_avx2(int64_t n, const void *w, const void *xq);
+float forge_vec_dot_q2_k_q8_k_avx2(int64_t n, const void *w, const void *xq);
+float forge_vec_dot_iq4_xs_q8_k_avx2(int64_t n, const void *w, const void *xq);
+float forge_vec_dot_iq4_nl_q8_0_avx2(int64_t n, const void *w, const void *xq);
+float forge_vec_dot_q5_0_q8_0_avx2(int64_t n, const void *w, const void *xq);
+float forge_vec_dot_q4_1_q8_1_avx2(int64_t n, const void *w, const void *xq);
+float forge_vec_dot_q5_1_q8_1_avx2(int64_t n, const void *w, const void *xq);
 #define FORGE_X86(f) f
 #else
 #define FORGE_X86(f) NULL
