@@ -302,6 +302,120 @@ static void test_simd_dots(void **state)
     print_message("%d SIMD dot products compared\n", n_compared);
 }
 
+/* ---- a mixed file: each tensor's own type, whatever general.file_type says ------------------ */
+
+typedef struct mix_src {
+    const char *tensor; /* NULL: every other tensor */
+    const char *type;
+} mix_src;
+
+/* Like llama.cpp's Q4_K_M (Q6_K for the embedding, attn_v and ffn_down) plus types whose
+ * activations differ (IQ4_NL and Q5_0: Q8_0; Q4_1: Q8_1) in the same layer, so that one
+ * multi-matmul job converts the input twice. */
+static const mix_src mix[] = {
+    {"token_embd.weight", "Q6_K"},     {"blk.0.attn_v.weight", "Q6_K"},
+    {"blk.0.ffn_down.weight", "Q6_K"}, {"blk.0.attn_k.weight", "IQ4_NL"},
+    {"blk.0.ffn_up.weight", "Q5_0"},   {"blk.0.attn_output.weight", "Q4_1"},
+    {NULL, "Q4_K"},
+};
+#define N_MIX (sizeof mix / sizeof mix[0])
+
+static gguf_ctx *mix_ctx[N_MIX];
+
+static const gguf_tensor_info *mix_tensor(const char *name)
+{
+    for (size_t k = 0; k < N_MIX; k++)
+        if (!mix[k].tensor || !strcmp(mix[k].tensor, name)) return gguf_find_tensor(mix_ctx[k], name);
+    return NULL;
+}
+
+static int mix_fill(void *user, int64_t index, const gguf_tensor_info *info, int64_t row0, int64_t n_rows,
+                    void *dst, forge_err *err)
+{
+    (void)user;
+    (void)index;
+    (void)err;
+    const gguf_tensor_info *s = mix_tensor(info->name);
+    size_t row = ggml_row_size(info->type, info->ne[0]);
+    memcpy(dst, (const uint8_t *)s->data + (size_t)row0 * row, (size_t)n_rows * row);
+    return FORGE_OK;
+}
+
+static float *run_logits(const char *path, bool f32_math, int32_t *ids, int n, int *V)
+{
+    forge_err err = {0};
+    forge_model *m = NULL;
+    if (forge_model_load(path, &m, &err)) fail_msg("load %s: %s", path, err.msg);
+    forge_context_params cp = forge_context_default_params();
+    cp.n_threads = 2;
+    cp.n_ctx = 64;
+    cp.f32_math = f32_math;
+    forge_context *ctx = NULL;
+    if (forge_context_create(m, &cp, &ctx, &err)) fail_msg("context: %s", err.msg);
+    *V = forge_model_info_get(m)->n_vocab;
+    assert_int_equal(forge_decode(ctx, ids, n, true, &err), FORGE_OK);
+    float *l = malloc((size_t)n * (size_t)*V * sizeof(float));
+    memcpy(l, forge_get_logits(ctx, 0), (size_t)n * (size_t)*V * sizeof(float));
+    forge_context_free(ctx);
+    forge_model_free(m);
+    return l;
+}
+
+static void test_mixed_file(void **state)
+{
+    (void)state;
+    forge_err err = {0};
+    char *paths[N_MIX];
+    for (size_t k = 0; k < N_MIX; k++) {
+        paths[k] = quant_path(mix[k].type);
+        if (gguf_open(paths[k], &mix_ctx[k], &err)) fail_msg("%s", err.msg);
+    }
+    const gguf_ctx *base = mix_ctx[N_MIX - 1];
+    gguf_writer *w = NULL;
+    assert_int_equal(gguf_writer_create(&w, &err), FORGE_OK);
+    for (int64_t i = 0; i < gguf_kv_count(base); i++) assert_int_equal(gguf_writer_copy_kv(w, base, i, &err), 0);
+    /* a lie: MOSTLY_Q4_0; the loader must read each tensor's type */
+    assert_int_equal(gguf_writer_set_u32(w, "general.file_type", 2, &err), FORGE_OK);
+    for (int64_t i = 0; i < gguf_tensor_count(base); i++) {
+        const gguf_tensor_info *t = mix_tensor(gguf_tensor(base, i)->name);
+        assert_int_equal(gguf_writer_add_tensor(w, t->name, t->type, t->n_dims, t->ne, &err), 0);
+    }
+    char *dir = tu_mkdtemp(), path[512];
+    snprintf(path, sizeof path, "%s/mixed.gguf", dir);
+    if (gguf_writer_write(w, path, mix_fill, NULL, 0, &err)) fail_msg("write: %s", err.msg);
+    gguf_writer_free(w);
+
+    gguf_ctx *g = NULL;
+    assert_int_equal(gguf_open(path, &g, &err), FORGE_OK);
+    assert_int_equal(gguf_find_tensor(g, "blk.0.attn_k.weight")->type, GGML_TYPE_IQ4_NL);
+    assert_int_equal(gguf_find_tensor(g, "blk.0.attn_q.weight")->type, GGML_TYPE_Q4_K);
+    gguf_close(g);
+
+    /* quantized kernels vs the same weights dequantized to F32 (--f32-math): the same model up
+     * to activation rounding; a misread type would give unrelated logits */
+    int32_t ids[] = {1, 403, 407, 261, 378, 378, 273};
+    int n = (int)(sizeof ids / sizeof ids[0]), V = 0;
+    float *lq = run_logits(path, false, ids, n, &V), *lf = run_logits(path, true, ids, n, &V);
+    double nm = tu_nmse(lq, lf, (size_t)n * (size_t)V);
+    print_message("mixed Q4_K/Q6_K/IQ4_NL/Q5_0/Q4_1 file: logits NMSE %.3g vs F32 math\n", nm);
+    assert_true(nm < 1e-3);
+    /* and close to the pure Q6_K model (both approximate the same float weights; the logits of
+     * this random model are small, so quantization noise alone gives ~1e-2; a misread type ~1) */
+    float *l6 = run_logits(paths[0], false, ids, n, &V);
+    double nm6 = tu_nmse(lq, l6, (size_t)n * (size_t)V);
+    print_message("mixed file vs pure Q6_K: logits NMSE %.3g\n", nm6);
+    assert_true(nm6 < 5e-2);
+    free(lq);
+    free(lf);
+    free(l6);
+    for (size_t k = 0; k < N_MIX; k++) {
+        gguf_close(mix_ctx[k]);
+        free(paths[k]);
+    }
+    tu_rmtree(dir);
+    free(dir);
+}
+
 /* A type without GPU kernels: --device gpu fails naming tensor and type before any device work;
  * auto falls back to the CPU. */
 static void test_gpu_refuses_new_types(void **state)
@@ -344,6 +458,7 @@ int main(void)
         cmocka_unit_test(test_greedy_scalar),
         cmocka_unit_test(test_simd_dots),
         cmocka_unit_test(test_gpu_refuses_new_types),
+        cmocka_unit_test(test_mixed_file),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
