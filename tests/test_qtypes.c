@@ -260,7 +260,7 @@ static void test_simd_dots(void **state)
         const forge_type_traits *xt = forge_type_traits_get(tr->vec_dot_type);
         float *x = malloc((size_t)n * 4);
         uint8_t *xq = malloc((size_t)(n / xt->block_size) * xt->block_bytes);
-        float *y_ref = malloc((size_t)rows * 4 * 3), *y = malloc((size_t)rows * 4 * 3);
+        float *y_ref = malloc((size_t)rows * 4 * 7), *y = malloc((size_t)rows * 4 * 7);
         for (int64_t i = 0; i < n; i++) x[i] = tu_rand_uniform(&seed) * (i % 7 == 0 ? 4.0f : 1.0f);
         tr->quantize_act(x, xq, n);
         forge_vec_dot_fn simd[2] = {tr->vec_dot_avx2, tr->vec_dot_avx512};
@@ -279,17 +279,38 @@ static void test_simd_dots(void **state)
             assert_true(worst < 1e-4);
             n_compared++;
         }
-        /* kern_matmul, 3 tokens: each ISA vs scalar */
-        float X[3 * 768];
-        for (int i = 0; i < 3 * 768; i++) X[i] = tu_rand_uniform(&seed);
+        /* the 4-token form against 4 single dots (4 different activation rows) */
+        if (tr->vec_dot_x4_avx2 && kern_isa_best() >= KERN_ISA_AVX2) {
+            size_t xrow = (size_t)(n / xt->block_size) * xt->block_bytes;
+            uint8_t *xq4 = malloc(4 * xrow);
+            for (int k4 = 0; k4 < 4; k4++) {
+                for (int64_t i = 0; i < n; i++) x[i] = tu_rand_uniform(&seed);
+                tr->quantize_act(x, xq4 + k4 * xrow, n);
+            }
+            for (int64_t r = 0; r < rows; r += 37) {
+                const uint8_t *w = (const uint8_t *)ti->data + (size_t)r * ggml_row_size(t, n);
+                float out[4];
+                tr->vec_dot_x4_avx2(n, w, xq4, xrow, out);
+                for (int k4 = 0; k4 < 4; k4++) {
+                    float one = tr->vec_dot(n, w, xq4 + k4 * xrow);
+                    if (fabsf(out[k4] - one) > 1e-4f * fmaxf(fabsf(one), 1e-3f))
+                        fail_msg("%s x4 dot row %lld token %d: %g vs %g", types[k], (long long)r, k4, out[k4], one);
+                }
+            }
+            free(xq4);
+            n_compared++;
+        }
+        /* kern_matmul, 7 tokens (a 4-token step and 3 single ones): the best ISA vs scalar */
+        float X[7 * 768];
+        for (int i = 0; i < 7 * 768; i++) X[i] = tu_rand_uniform(&seed);
         kern_pool *pool = NULL;
         assert_int_equal(kern_pool_create(2, &pool, &err), FORGE_OK);
         kern_isa best = kern_isa_current();
         assert_int_equal(kern_set_isa(KERN_ISA_SCALAR, &err), FORGE_OK);
-        assert_int_equal(kern_matmul(pool, t, ti->data, rows, n, X, 3, y_ref, &err), FORGE_OK);
+        assert_int_equal(kern_matmul(pool, t, ti->data, rows, n, X, 7, y_ref, &err), FORGE_OK);
         assert_int_equal(kern_set_isa(best, &err), FORGE_OK);
-        assert_int_equal(kern_matmul(pool, t, ti->data, rows, n, X, 3, y, &err), FORGE_OK);
-        double nm = tu_nmse(y, y_ref, (size_t)rows * 3);
+        assert_int_equal(kern_matmul(pool, t, ti->data, rows, n, X, 7, y, &err), FORGE_OK);
+        double nm = tu_nmse(y, y_ref, (size_t)rows * 7);
         assert_true(nm < 1e-10);
         kern_pool_free(pool);
         free(x);

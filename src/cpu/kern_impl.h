@@ -22,6 +22,7 @@ typedef struct kern_mm_args {
     size_t xc_row_bytes;
     float *Y;
     forge_vec_dot_fn dot; /* generic kernels (types without tuned row kernels): the row dot */
+    forge_vec_dot_x4_fn dot4; /* and 4 tokens at once, or NULL */
 } kern_mm_args;
 
 /* Compute Y[t][o] for every token t and rows o in [r0, r1). work: this thread's scratch of
@@ -39,6 +40,7 @@ typedef struct kern_mm_kernel {
      * product (dot) with activations in ggml's layout of the vec_dot_type: xc_block_bytes per
      * xc_block inputs (xc_block 0: xc_row_bytes_per_32 applies). */
     forge_vec_dot_fn dot;
+    forge_vec_dot_x4_fn dot4;
     int64_t xc_block;
     size_t xc_block_bytes;
 } kern_mm_kernel;

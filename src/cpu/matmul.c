@@ -126,7 +126,15 @@ static void mm_generic(const kern_mm_args *a, int64_t r0, int64_t r1, void *work
 {
     for (int64_t o = r0; o < r1; o++) {
         const uint8_t *w = a->W + (size_t)o * a->w_row_bytes;
-        for (int64_t t = 0; t < a->n_tok; t++)
+        int64_t t = 0;
+        if (a->dot4) {
+            for (; t + 4 <= a->n_tok; t += 4) {
+                float out[4];
+                a->dot4(a->n_in, w, a->Xc + (size_t)t * a->xc_row_bytes, a->xc_row_bytes, out);
+                for (int k = 0; k < 4; k++) a->Y[(t + k) * a->n_out + o] = out[k];
+            }
+        }
+        for (; t < a->n_tok; t++)
             a->Y[t * a->n_out + o] = a->dot(a->n_in, w, a->Xc + (size_t)t * a->xc_row_bytes);
     }
 }
@@ -143,6 +151,9 @@ static kern_mm_kernel lookup_generic(kern_isa isa, int wtype)
         k.dot = tr->vec_dot_avx512;
     else if ((isa == KERN_ISA_AVX512 || isa == KERN_ISA_AVX2) && tr->vec_dot_avx2)
         k.dot = tr->vec_dot_avx2;
+    /* the 4-token form only where it is the same arithmetic as the chosen single dot */
+    if ((isa == KERN_ISA_AVX512 || isa == KERN_ISA_AVX2) && k.dot == tr->vec_dot_avx2)
+        k.dot4 = tr->vec_dot_x4_avx2;
     k.mm = mm_generic;
     k.cvt = tr->quantize_act;
     k.xc_block = xt->block_size;
@@ -343,6 +354,7 @@ int kern_matmul_multi(kern_pool *pool, int n_mats, const kern_mm_desc *mats, int
         m->args.X = X;
         m->args.Y = mats[i].Y;
         m->args.dot = m->kernel.dot;
+        m->args.dot4 = m->kernel.dot4;
         m->first_chunk = job.n_chunks;
         job.n_chunks += (mats[i].n_out + job.chunk_rows - 1) / job.chunk_rows;
         if (m->kernel.work_bytes_per_32 > work_per_32) work_per_32 = m->kernel.work_bytes_per_32;

@@ -320,4 +320,82 @@ TGT float forge_vec_dot_q5_1_q8_1_avx2(int64_t n, const void *w, const void *xq)
     return sumf;
 }
 
+/* ---- 4 activation rows per weight row (prompts): the same arithmetic per row ---------------- */
+
+TGT void forge_vec_dot_q4_k_q8_k_x4_avx2(int64_t n, const void *w, const void *xq, size_t stride, float out[4])
+{
+    const uint8_t *b = w, *y = xq;
+    const __m256i m4 = _mm256_set1_epi8(0x0F);
+    float sumf[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+    for (int64_t i = 0; i < n / FORGE_QK_K; i++, b += 144, y += FORGE_Q8_K_BYTES) {
+        uint8_t sc[8], mn[8];
+        for (int j = 0; j < 8; j++) forge_k4_scale_min(j, b + 4, &sc[j], &mn[j]);
+        __m256i acc[4] = {_mm256_setzero_si256(), _mm256_setzero_si256(), _mm256_setzero_si256(),
+                          _mm256_setzero_si256()};
+        for (int j = 0; j < 4; j++) {
+            __m256i q4 = _mm256_loadu_si256((const __m256i *)(b + 16 + 32 * j));
+            __m256i lo = _mm256_and_si256(q4, m4), hi = _mm256_and_si256(_mm256_srli_epi16(q4, 4), m4);
+            __m256i slo = _mm256_set1_epi16(sc[2 * j]), shi = _mm256_set1_epi16(sc[2 * j + 1]);
+            for (int k = 0; k < 4; k++) {
+                const int8_t *ys = (const int8_t *)(y + k * stride + 4) + 64 * j;
+                __m256i plo = _mm256_maddubs_epi16(lo, _mm256_loadu_si256((const __m256i *)ys));
+                __m256i phi = _mm256_maddubs_epi16(hi, _mm256_loadu_si256((const __m256i *)(ys + 32)));
+                acc[k] = _mm256_add_epi32(acc[k], _mm256_madd_epi16(plo, slo));
+                acc[k] = _mm256_add_epi32(acc[k], _mm256_madd_epi16(phi, shi));
+            }
+        }
+        float d = half_at(b), dmin = half_at(b + 2);
+        for (int k = 0; k < 4; k++) {
+            const uint8_t *yk = y + k * stride;
+            int summ = 0;
+            for (int j = 0; j < 8; j++) summ += mn[j] * (q8k_bsum(yk, 2 * j) + q8k_bsum(yk, 2 * j + 1));
+            int isum = hsum_i32(acc[k]);
+            float dy = q8k_d(yk);
+            sumf[k] += d * dy * (float)isum - dmin * dy * (float)summ;
+        }
+    }
+    for (int k = 0; k < 4; k++) out[k] = sumf[k];
+}
+
+TGT void forge_vec_dot_q6_k_q8_k_x4_avx2(int64_t n, const void *w, const void *xq, size_t stride, float out[4])
+{
+    const uint8_t *b = w, *y = xq;
+    const __m256i m4 = _mm256_set1_epi8(0x0F), m30 = _mm256_set1_epi8(0x30);
+    float sumf[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+    for (int64_t i = 0; i < n / FORGE_QK_K; i++, b += 210, y += FORGE_Q8_K_BYTES) {
+        const int8_t *sc = (const int8_t *)(b + 192);
+        __m256i acc[4] = {_mm256_setzero_si256(), _mm256_setzero_si256(), _mm256_setzero_si256(),
+                          _mm256_setzero_si256()};
+        for (int h = 0; h < 2; h++) {
+            __m256i ql0 = _mm256_loadu_si256((const __m256i *)(b + 64 * h));
+            __m256i ql1 = _mm256_loadu_si256((const __m256i *)(b + 64 * h + 32));
+            __m256i qh = _mm256_loadu_si256((const __m256i *)(b + 128 + 32 * h));
+            __m256i v[4];
+            v[0] = _mm256_or_si256(_mm256_and_si256(ql0, m4), _mm256_and_si256(_mm256_slli_epi16(qh, 4), m30));
+            v[1] = _mm256_or_si256(_mm256_and_si256(ql1, m4), _mm256_and_si256(_mm256_slli_epi16(qh, 2), m30));
+            v[2] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(ql0, 4), m4), _mm256_and_si256(qh, m30));
+            v[3] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(ql1, 4), m4),
+                                   _mm256_and_si256(_mm256_srli_epi16(qh, 2), m30));
+            for (int q = 0; q < 4; q++) {
+                int g = 8 * h + 2 * q;
+                __m256i s = _mm256_set_m128i(_mm_set1_epi16(sc[g + 1]), _mm_set1_epi16(sc[g]));
+                for (int k = 0; k < 4; k++) {
+                    const int8_t *ys = (const int8_t *)(y + k * stride + 4) + 128 * h + 32 * q;
+                    __m256i p = _mm256_maddubs_epi16(v[q], _mm256_loadu_si256((const __m256i *)ys));
+                    acc[k] = _mm256_add_epi32(acc[k], _mm256_madd_epi16(p, s));
+                }
+            }
+        }
+        float d = half_at(b + 208);
+        for (int k = 0; k < 4; k++) {
+            const uint8_t *yk = y + k * stride;
+            int corr = 0;
+            for (int g = 0; g < 16; g++) corr += sc[g] * q8k_bsum(yk, g);
+            int isum = hsum_i32(acc[k]) - 32 * corr;
+            sumf[k] += d * q8k_d(yk) * (float)isum;
+        }
+    }
+    for (int k = 0; k < 4; k++) out[k] = sumf[k];
+}
+
 #endif
