@@ -40,6 +40,30 @@ static inline float half_at(const uint8_t *p)
     return forge_fp16_to_f32(forge_qt_u16(p));
 }
 
+/* The 8 scales and 8 mins of a Q4_K/Q5_K block's 12 scale bytes (forge_k4_scale_min for all j at
+ * once, on 32-bit words): scales in the low 8 bytes of the result, mins in the high 8. */
+static inline __m128i k4_scales_mins(const uint8_t *q)
+{
+    uint32_t a, b, c, u[4];
+    memcpy(&a, q, 4);
+    memcpy(&b, q + 4, 4);
+    memcpy(&c, q + 8, 4);
+    u[0] = a & 0x3f3f3f3fu;
+    u[1] = (c & 0x0f0f0f0fu) | (((a >> 6) & 0x03030303u) << 4);
+    u[2] = b & 0x3f3f3f3fu;
+    u[3] = ((c >> 4) & 0x0f0f0f0fu) | (((b >> 6) & 0x03030303u) << 4);
+    return _mm_loadu_si128((const __m128i *)u);
+}
+
+/* sum_j mins[j] * (bsums[2j] + bsums[2j+1]) of one Q8_K activation block. */
+TGT static inline int k4_summ(__m128i scmn, const uint8_t *y)
+{
+    const __m128i dup = _mm_set_epi8(15, 15, 14, 14, 13, 13, 12, 12, 11, 11, 10, 10, 9, 9, 8, 8);
+    __m256i mins = _mm256_cvtepu8_epi16(_mm_shuffle_epi8(scmn, dup));
+    __m256i bs = _mm256_loadu_si256((const __m256i *)(y + 4 + FORGE_QK_K));
+    return hsum_i32(_mm256_madd_epi16(mins, bs));
+}
+
 /* Q4_K: per 64 elements one 32-byte load of nibbles; low nibbles take sub-block 2j's scale,
  * high nibbles 2j+1's; the mins through the activations' bsums. */
 TGT float forge_vec_dot_q4_k_q8_k_avx2(int64_t n, const void *w, const void *xq)
@@ -49,12 +73,10 @@ TGT float forge_vec_dot_q4_k_q8_k_avx2(int64_t n, const void *w, const void *xq)
     float sumf = 0.0f;
     for (int64_t i = 0; i < n / FORGE_QK_K; i++, b += 144, y += FORGE_Q8_K_BYTES) {
         const int8_t *ys = (const int8_t *)(y + 4);
-        uint8_t sc[8], mn[8];
-        int summ = 0;
-        for (int j = 0; j < 8; j++) {
-            forge_k4_scale_min(j, b + 4, &sc[j], &mn[j]);
-            summ += mn[j] * (q8k_bsum(y, 2 * j) + q8k_bsum(y, 2 * j + 1));
-        }
+        const __m128i scmn = k4_scales_mins(b + 4);
+        uint8_t sc[16];
+        _mm_storeu_si128((__m128i *)sc, scmn);
+        int summ = k4_summ(scmn, y);
         __m256i acc = _mm256_setzero_si256();
         for (int j = 0; j < 4; j++) {
             __m256i q4 = _mm256_loadu_si256((const __m256i *)(b + 16 + 32 * j));
@@ -71,6 +93,14 @@ TGT float forge_vec_dot_q4_k_q8_k_avx2(int64_t n, const void *w, const void *xq)
     return sumf;
 }
 
+/* sum_g scales[g] * bsums[g] over the 16 groups of 16 (signed 8-bit scales). */
+TGT static inline int scaled_bsums(const int8_t *sc, const uint8_t *y)
+{
+    __m256i s = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)sc));
+    __m256i bs = _mm256_loadu_si256((const __m256i *)(y + 4 + FORGE_QK_K));
+    return hsum_i32(_mm256_madd_epi16(s, bs));
+}
+
 /* Q6_K: the 6-bit values unsigned (q + 32) against the activations, 32 * sum(y) of each group of
  * 16 (the bsums) subtracted after scaling. */
 TGT float forge_vec_dot_q6_k_q8_k_avx2(int64_t n, const void *w, const void *xq)
@@ -81,8 +111,7 @@ TGT float forge_vec_dot_q6_k_q8_k_avx2(int64_t n, const void *w, const void *xq)
     for (int64_t i = 0; i < n / FORGE_QK_K; i++, b += 210, y += FORGE_Q8_K_BYTES) {
         const int8_t *ys = (const int8_t *)(y + 4);
         const int8_t *sc = (const int8_t *)(b + 192);
-        int corr = 0;
-        for (int g = 0; g < 16; g++) corr += sc[g] * q8k_bsum(y, g);
+        int corr = scaled_bsums(sc, y);
         __m256i acc = _mm256_setzero_si256();
         for (int h = 0; h < 2; h++) {
             __m256i ql0 = _mm256_loadu_si256((const __m256i *)(b + 64 * h));
@@ -121,12 +150,10 @@ TGT float forge_vec_dot_q5_k_q8_k_avx2(int64_t n, const void *w, const void *xq)
     float sumf = 0.0f;
     for (int64_t i = 0; i < n / FORGE_QK_K; i++, b += 176, y += FORGE_Q8_K_BYTES) {
         const int8_t *ys = (const int8_t *)(y + 4);
-        uint8_t sc[8], mn[8];
-        int summ = 0;
-        for (int j = 0; j < 8; j++) {
-            forge_k4_scale_min(j, b + 4, &sc[j], &mn[j]);
-            summ += mn[j] * (q8k_bsum(y, 2 * j) + q8k_bsum(y, 2 * j + 1));
-        }
+        const __m128i scmn = k4_scales_mins(b + 4);
+        uint8_t sc[16];
+        _mm_storeu_si128((__m128i *)sc, scmn);
+        int summ = k4_summ(scmn, y);
         const __m256i qh = _mm256_loadu_si256((const __m256i *)(b + 16));
         __m256i acc = _mm256_setzero_si256();
         for (int j = 0; j < 4; j++) {
@@ -158,8 +185,7 @@ TGT float forge_vec_dot_q3_k_q8_k_avx2(int64_t n, const void *w, const void *xq)
         const int8_t *ys = (const int8_t *)(y + 4);
         int8_t sc[16];
         forge_k3_scales(b + 96, sc);
-        int corr = 0;
-        for (int g = 0; g < 16; g++) corr += sc[g] * q8k_bsum(y, g);
+        int corr = scaled_bsums(sc, y);
         const __m256i hm = _mm256_loadu_si256((const __m256i *)b);
         __m256i acc = _mm256_setzero_si256();
         for (int h = 0; h < 2; h++) {
@@ -328,8 +354,9 @@ TGT void forge_vec_dot_q4_k_q8_k_x4_avx2(int64_t n, const void *w, const void *x
     const __m256i m4 = _mm256_set1_epi8(0x0F);
     float sumf[4] = {0.0f, 0.0f, 0.0f, 0.0f};
     for (int64_t i = 0; i < n / FORGE_QK_K; i++, b += 144, y += FORGE_Q8_K_BYTES) {
-        uint8_t sc[8], mn[8];
-        for (int j = 0; j < 8; j++) forge_k4_scale_min(j, b + 4, &sc[j], &mn[j]);
+        const __m128i scmn = k4_scales_mins(b + 4);
+        uint8_t sc[16];
+        _mm_storeu_si128((__m128i *)sc, scmn);
         __m256i acc[4] = {_mm256_setzero_si256(), _mm256_setzero_si256(), _mm256_setzero_si256(),
                           _mm256_setzero_si256()};
         for (int j = 0; j < 4; j++) {
@@ -347,8 +374,7 @@ TGT void forge_vec_dot_q4_k_q8_k_x4_avx2(int64_t n, const void *w, const void *x
         float d = half_at(b), dmin = half_at(b + 2);
         for (int k = 0; k < 4; k++) {
             const uint8_t *yk = y + k * stride;
-            int summ = 0;
-            for (int j = 0; j < 8; j++) summ += mn[j] * (q8k_bsum(yk, 2 * j) + q8k_bsum(yk, 2 * j + 1));
+            int summ = k4_summ(scmn, yk);
             int isum = hsum_i32(acc[k]);
             float dy = q8k_d(yk);
             sumf[k] += d * dy * (float)isum - dmin * dy * (float)summ;
@@ -389,9 +415,7 @@ TGT void forge_vec_dot_q6_k_q8_k_x4_avx2(int64_t n, const void *w, const void *x
         float d = half_at(b + 208);
         for (int k = 0; k < 4; k++) {
             const uint8_t *yk = y + k * stride;
-            int corr = 0;
-            for (int g = 0; g < 16; g++) corr += sc[g] * q8k_bsum(yk, g);
-            int isum = hsum_i32(acc[k]) - 32 * corr;
+            int isum = hsum_i32(acc[k]) - 32 * scaled_bsums(sc, yk);
             sumf[k] += d * q8k_d(yk) * (float)isum;
         }
     }
