@@ -151,9 +151,9 @@ static kern_mm_kernel lookup_generic(kern_isa isa, int wtype)
         k.dot = tr->vec_dot_avx512;
     else if ((isa == KERN_ISA_AVX512 || isa == KERN_ISA_AVX2) && tr->vec_dot_avx2)
         k.dot = tr->vec_dot_avx2;
-    /* the 4-token form only where it is the same arithmetic as the chosen single dot */
-    if ((isa == KERN_ISA_AVX512 || isa == KERN_ISA_AVX2) && k.dot == tr->vec_dot_avx2)
-        k.dot4 = tr->vec_dot_x4_avx2;
+    /* the 4-token form: every SIMD dot of the table computes the same exact integer sums and the
+     * same float expression per super-block, so it may be mixed with any of them */
+    if (isa == KERN_ISA_AVX512 || isa == KERN_ISA_AVX2) k.dot4 = tr->vec_dot_x4_avx2;
     k.mm = mm_generic;
     k.cvt = tr->quantize_act;
     k.xc_block = xt->block_size;

@@ -423,3 +423,51 @@ TGT void forge_vec_dot_q6_k_q8_k_x4_avx2(int64_t n, const void *w, const void *x
 }
 
 #endif
+
+/* ---- AVX-512 (F/BW): two 32-byte groups per 512-bit register -------------------------------- */
+#if defined(__x86_64__)
+
+#define TGT512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")))
+
+TGT512 static inline int hsum512_i32(__m512i v)
+{
+    __m256i s = _mm256_add_epi32(_mm512_castsi512_si256(v), _mm512_extracti64x4_epi64(v, 1));
+    return hsum_i32(s);
+}
+
+/* Q4_K: the 128 nibble bytes as 2 x 64; each register holds the groups j and j+1 (low nibbles:
+ * sub-blocks 2j and 2j+2; high: 2j+1 and 2j+3). Same integer sums as the AVX2 dot. */
+TGT512 float forge_vec_dot_q4_k_q8_k_avx512(int64_t n, const void *w, const void *xq)
+{
+    const uint8_t *b = w, *y = xq;
+    const __m512i m4 = _mm512_set1_epi8(0x0F);
+    float sumf = 0.0f;
+    for (int64_t i = 0; i < n / FORGE_QK_K; i++, b += 144, y += FORGE_Q8_K_BYTES) {
+        const int8_t *ys = (const int8_t *)(y + 4);
+        const __m128i scmn = k4_scales_mins(b + 4);
+        uint8_t sc[16];
+        _mm_storeu_si128((__m128i *)sc, scmn);
+        int summ = k4_summ(scmn, y);
+        __m512i acc = _mm512_setzero_si512();
+        for (int j = 0; j < 4; j += 2) {
+            __m512i q4 = _mm512_loadu_si512((const void *)(b + 16 + 32 * j));
+            __m512i lo = _mm512_and_si512(q4, m4), hi = _mm512_and_si512(_mm512_srli_epi16(q4, 4), m4);
+            __m512i ylo = _mm512_inserti64x4(
+                _mm512_castsi256_si512(_mm256_loadu_si256((const __m256i *)(ys + 64 * j))),
+                _mm256_loadu_si256((const __m256i *)(ys + 64 * j + 64)), 1);
+            __m512i yhi = _mm512_inserti64x4(
+                _mm512_castsi256_si512(_mm256_loadu_si256((const __m256i *)(ys + 64 * j + 32))),
+                _mm256_loadu_si256((const __m256i *)(ys + 64 * j + 96)), 1);
+            __m512i slo = _mm512_inserti64x4(_mm512_set1_epi16(sc[2 * j]), _mm256_set1_epi16(sc[2 * j + 2]), 1);
+            __m512i shi = _mm512_inserti64x4(_mm512_set1_epi16(sc[2 * j + 1]), _mm256_set1_epi16(sc[2 * j + 3]), 1);
+            acc = _mm512_add_epi32(acc, _mm512_madd_epi16(_mm512_maddubs_epi16(lo, ylo), slo));
+            acc = _mm512_add_epi32(acc, _mm512_madd_epi16(_mm512_maddubs_epi16(hi, yhi), shi));
+        }
+        int isum = hsum512_i32(acc);
+        float dy = q8k_d(y);
+        sumf += half_at(b) * dy * (float)isum - half_at(b + 2) * dy * (float)summ;
+    }
+    return sumf;
+}
+
+#endif

@@ -45,6 +45,7 @@ static const forge_type_traits traits[GGML_TYPE_COUNT] = {
                         .vec_dot_type = GGML_TYPE_Q8_K, .quantize_act = forge_quantize_act_q8_k,
                         .vec_dot = forge_vec_dot_q4_k_q8_k,
                         .vec_dot_avx2 = FORGE_X86(forge_vec_dot_q4_k_q8_k_avx2),
+                        .vec_dot_avx512 = FORGE_X86(forge_vec_dot_q4_k_q8_k_avx512),
                         .vec_dot_x4_avx2 = FORGE_X86(forge_vec_dot_q4_k_q8_k_x4_avx2)},
     [GGML_TYPE_Q5_K] = {BLOCK_TYPE("Q5_K", 256, 176), .dequantize_row = forge_dequant_row_q5_k,
                         .vec_dot_type = GGML_TYPE_Q8_K, .quantize_act = forge_quantize_act_q8_k,
