@@ -470,4 +470,43 @@ TGT512 float forge_vec_dot_q4_k_q8_k_avx512(int64_t n, const void *w, const void
     return sumf;
 }
 
+TGT512 static inline __m512i join256(__m256i lo, __m256i hi)
+{
+    return _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1);
+}
+
+/* Q6_K: the two halves of 128 side by side (low 256 bits: h = 0, high: h = 1). */
+TGT512 float forge_vec_dot_q6_k_q8_k_avx512(int64_t n, const void *w, const void *xq)
+{
+    const uint8_t *b = w, *y = xq;
+    const __m512i m4 = _mm512_set1_epi8(0x0F), m30 = _mm512_set1_epi8(0x30);
+    float sumf = 0.0f;
+    for (int64_t i = 0; i < n / FORGE_QK_K; i++, b += 210, y += FORGE_Q8_K_BYTES) {
+        const int8_t *ys = (const int8_t *)(y + 4);
+        const int8_t *sc = (const int8_t *)(b + 192);
+        int corr = scaled_bsums(sc, y);
+        __m512i ql0 = join256(_mm256_loadu_si256((const __m256i *)b), _mm256_loadu_si256((const __m256i *)(b + 64)));
+        __m512i ql1 = join256(_mm256_loadu_si256((const __m256i *)(b + 32)), _mm256_loadu_si256((const __m256i *)(b + 96)));
+        __m512i qh = _mm512_loadu_si512((const void *)(b + 128));
+        __m512i v[4];
+        v[0] = _mm512_or_si512(_mm512_and_si512(ql0, m4), _mm512_and_si512(_mm512_slli_epi16(qh, 4), m30));
+        v[1] = _mm512_or_si512(_mm512_and_si512(ql1, m4), _mm512_and_si512(_mm512_slli_epi16(qh, 2), m30));
+        v[2] = _mm512_or_si512(_mm512_and_si512(_mm512_srli_epi16(ql0, 4), m4), _mm512_and_si512(qh, m30));
+        v[3] = _mm512_or_si512(_mm512_and_si512(_mm512_srli_epi16(ql1, 4), m4),
+                               _mm512_and_si512(_mm512_srli_epi16(qh, 2), m30));
+        __m512i acc = _mm512_setzero_si512();
+        for (int q = 0; q < 4; q++) {
+            int g = 2 * q;
+            __m512i yv = join256(_mm256_loadu_si256((const __m256i *)(ys + 32 * q)),
+                                 _mm256_loadu_si256((const __m256i *)(ys + 128 + 32 * q)));
+            __m512i s = join256(_mm256_set_m128i(_mm_set1_epi16(sc[g + 1]), _mm_set1_epi16(sc[g])),
+                                _mm256_set_m128i(_mm_set1_epi16(sc[g + 9]), _mm_set1_epi16(sc[g + 8])));
+            acc = _mm512_add_epi32(acc, _mm512_madd_epi16(_mm512_maddubs_epi16(v[q], yv), s));
+        }
+        int isum = hsum512_i32(acc) - 32 * corr;
+        sumf += half_at(b + 208) * q8k_d(y) * (float)isum;
+    }
+    return sumf;
+}
+
 #endif

@@ -55,6 +55,7 @@ static const forge_type_traits traits[GGML_TYPE_COUNT] = {
                         .vec_dot_type = GGML_TYPE_Q8_K, .quantize_act = forge_quantize_act_q8_k,
                         .vec_dot = forge_vec_dot_q6_k_q8_k,
                         .vec_dot_avx2 = FORGE_X86(forge_vec_dot_q6_k_q8_k_avx2),
+                        .vec_dot_avx512 = FORGE_X86(forge_vec_dot_q6_k_q8_k_avx512),
                         .vec_dot_x4_avx2 = FORGE_X86(forge_vec_dot_q6_k_q8_k_x4_avx2)},
     /* f32 d + 256 int8 + 16 int16 sums */
     [GGML_TYPE_Q8_K] = {BLOCK_TYPE("Q8_K", 256, 292), .vec_dot_type = -1},

@@ -96,6 +96,7 @@ float forge_vec_dot_tq2_0_q8_k(int64_t n, const void *w, const void *xq);
 float forge_vec_dot_q4_k_q8_k_avx2(int64_t n, const void *w, const void *xq);
 float forge_vec_dot_q6_k_q8_k_avx2(int64_t n, const void *w, const void *xq);
 float forge_vec_dot_q4_k_q8_k_avx512(int64_t n, const void *w, const void *xq);
+float forge_vec_dot_q6_k_q8_k_avx512(int64_t n, const void *w, const void *xq);
 void forge_vec_dot_q4_k_q8_k_x4_avx2(int64_t n, const void *w, const void *xq, size_t stride, float out[4]);
 void forge_vec_dot_q6_k_q8_k_x4_avx2(int64_t n, const void *w, const void *xq, size_t stride, float out[4]);
 float forge_vec_dot_q5_k_q8_k_avx2(int64_t n, const void *w, const void *xq);
