@@ -1,10 +1,12 @@
-/* vecdot_avx2.c - AVX2 dot products of the traits table (src/quant/qtypes.h) for types that
- * kern_matmul runs through its generic row loop: one weight row times one activation row
- * quantized to the type's vec_dot_type (ggml layouts). Each super-block's integer sums are exact
- * (vpmaddubsw of unsigned weights by signed activations, then vpmaddwd by the sub-block scales)
- * and the float scaling is the scalar reference's, so results equal src/quant/vecdot.c up to
- * nothing at all (tests/test_qtypes.c asserts 1e-4 relative). Compiled with target attributes;
- * chosen at run time only on CPUs with AVX2 (src/cpu/matmul.c). */
+/* vecdot_avx2.c - x86 SIMD dot products of the traits table (src/quant/qtypes.h) for the types
+ * kern_matmul runs through its generic row loop: one weight row times one activation row (or 4,
+ * the _x4 forms for prompts) quantized to the type's vec_dot_type (ggml layouts). AVX2 for
+ * Q4_1, Q5_0, Q5_1, Q2_K..Q6_K, IQ4_NL, IQ4_XS; AVX-512 (F/BW) for Q4_K and Q6_K. Each block's
+ * integer sums are exact (vpmaddubsw of unsigned weights by signed activations, then vpmaddwd by
+ * the sub-block scales; signed weights through offsets removed with the activations' sums) and
+ * the float scaling is the scalar reference's expression, so results equal src/quant/vecdot.c
+ * (tests/test_qtypes.c asserts 1e-4 relative). Compiled with target attributes; chosen at run
+ * time only on CPUs with the ISA (src/cpu/matmul.c). */
 #include <string.h>
 
 #include "core/fp16.h"
