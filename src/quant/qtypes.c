@@ -1,6 +1,7 @@
 /* qtypes.c - the per-type traits table (see qtypes.h). Adding a type means one entry here plus its
  * dequantizer (dequant.c), dot product (vecdot.c, SIMD in src/cpu/vecdot_*.c) and quantizer.
  * ggml_type_name / block size / bytes (src/gguf/gguf_types.c) read this table too. */
+#include "cpu/kernels.h"
 #include "quant/qtypes.h"
 
 #define BLOCK_TYPE(NAME, BS, BYTES) .name = NAME, .block_size = BS, .block_bytes = BYTES
@@ -14,9 +15,11 @@ static const forge_type_traits traits[GGML_TYPE_COUNT] = {
                         .vec_dot_type = GGML_TYPE_BF16, .cpu_tuned = true, .gpu = true},
     /* fp16 d + 32 int8 */
     [GGML_TYPE_Q8_0] = {BLOCK_TYPE("Q8_0", 32, 34), .dequantize_row = forge_dequant_row_q8_0,
+                        .quantize_row = kern_quantize_row_q8_0,
                         .vec_dot_type = GGML_TYPE_Q8_0, .cpu_tuned = true, .gpu = true},
     /* fp16 d + 16 nibble bytes */
     [GGML_TYPE_Q4_0] = {BLOCK_TYPE("Q4_0", 32, 18), .dequantize_row = forge_dequant_row_q4_0,
+                        .quantize_row = kern_quantize_row_q4_0,
                         .vec_dot_type = GGML_TYPE_Q8_0, .cpu_tuned = true, .gpu = true},
     /* fp16 d, m + 16 nibble bytes */
     [GGML_TYPE_Q4_1] = {BLOCK_TYPE("Q4_1", 32, 20), .dequantize_row = forge_dequant_row_q4_1,

@@ -31,8 +31,9 @@ typedef struct forge_type_traits {
     int64_t block_size;  /* elements per block; 0 marks a removed/unused id */
     size_t block_bytes;
     forge_dequant_row_fn dequantize_row; /* NULL: not supported yet */
-    /* Reference quantizer (as llama-quantize writes files); NULL for types without one yet.
-     * (The activation quantizers used by kern_matmul for Q8_0/Q4_0 stay in src/cpu/quantize.c.) */
+    /* Reference quantizer (as llama-quantize writes files); NULL for types without one yet
+     * (Q8_0/Q4_0: kern_quantize_row_*, src/cpu/quantize.c; the quantize work fills the others).
+     * The activation quantizers kern_matmul uses for Q8_0/Q4_0 weights stay in src/cpu/. */
     forge_quant_row_fn quantize_row;
     int vec_dot_type;               /* GGML_TYPE_Q8_0, Q8_1, Q8_K, F16, BF16, F32; -1: none */
     forge_quant_row_fn quantize_act; /* float -> vec_dot_type as ggml's CPU backend does it */
