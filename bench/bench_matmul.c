@@ -18,6 +18,7 @@
 #include "core/fp16.h"
 #include "cpu/kernels.h"
 #include "forge_gguf.h"
+#include "quant/qtypes.h"
 
 typedef struct shape {
     const char *name;
@@ -92,8 +93,17 @@ static void fill_weights(int type, uint8_t *w, int64_t n_out, int64_t n_in)
         case GGML_TYPE_Q4_0:
             kern_quantize_row_q4_0(row, dst, n_in);
             break;
-        default:
+        default: {
+            /* the type's quantizer where the traits table has one; else random bytes masked
+             * so that every fp16 scale is a finite value below 1 (speed does not depend on it) */
+            const forge_type_traits *tr = forge_type_traits_get(type);
+            if (tr && tr->quantize_row) {
+                tr->quantize_row(row, dst, n_in);
+            } else {
+                for (size_t i = 0; i < rb; i++) dst[i] = (uint8_t)(rand() & 0x3b);
+            }
             break;
+        }
         }
     }
     free(row);

@@ -196,8 +196,9 @@ const gguf_tensor_info *gguf_find_tensor(const gguf_ctx *ctx, const char *name);
 
 /* ---- conversion ------------------------------------------------------------------------- */
 /* Convert n elements of type t at src (n a multiple of the block size) to float32.
- * Supported: F32, F16, BF16, Q8_0, Q4_0 (more arrive with the quantization work); other types
- * return FORGE_E_UNSUPPORTED naming the type. */
+ * Supported (bit-exact with ggml's dequantize_row_*): F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1,
+ * Q8_0, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, IQ4_NL, IQ4_XS, TQ1_0, TQ2_0; other types return
+ * FORGE_E_UNSUPPORTED naming the type. */
 int forge_dequantize(int t, const void *src, float *dst, int64_t n, struct forge_err *err);
 
 

@@ -74,8 +74,10 @@ typedef struct forge_model_info {
     const char *type_summary; /* e.g. "Q8_0 (+F16, F32)": the weight types, most bytes first */
 } forge_model_info;
 
-/* Load a GGUF model (architectures llama, qwen2, qwen3; weight types F32, F16, BF16, Q8_0,
- * Q4_0, mixed per tensor; RoPE scaling none, linear, yarn, and llama3's rope_freqs tensor;
+/* Load a GGUF model (architectures llama, qwen2, qwen3; weight types F32, F16, BF16, Q4_0,
+ * Q4_1, Q5_0, Q5_1, Q8_0, Q2_K..Q6_K, IQ4_NL, IQ4_XS, TQ1_0, TQ2_0, mixed per tensor (each
+ * tensor's own type; the GPU backend has kernels for F32/F16/BF16/Q8_0/Q4_0 only and refuses the
+ * others, naming tensor and type); RoPE scaling none, linear, yarn, and llama3's rope_freqs tensor;
  * absent keys take llama.cpp's defaults, e.g. rope base 10000). Everything is checked before any
  * compute: a missing key or tensor, a shape that contradicts the hyperparameters, an unsupported
  * architecture or weight type is an error naming the file and the tensor/key (FORGE_E_FORMAT,

@@ -670,8 +670,9 @@ static void test_walk_handmade(void **state)
     assert_int_equal(forge_dequantize(tb->type, tb->data, out, tb->n_elements, &e), FORGE_OK);
     assert_true(out[0] == -16.0f && out[127] == 18.0f);
     assert_int_equal(forge_dequantize(GGML_TYPE_Q8_0, tb->data, out, 33, &e), FORGE_E_INVALID);
-    assert_int_equal(forge_dequantize(GGML_TYPE_Q2_K, tb->data, out, 256, &e), FORGE_E_UNSUPPORTED);
-    assert_non_null(strstr(e.msg, "Q2_K"));
+    assert_int_equal(forge_dequantize(GGML_TYPE_IQ2_XXS, tb->data, out, 256, &e), FORGE_E_UNSUPPORTED);
+    assert_non_null(strstr(e.msg, "IQ2_XXS"));
+    assert_int_equal(forge_dequantize(4, tb->data, out, 32, &e), FORGE_E_UNSUPPORTED); /* removed id */
     gguf_close(c);
 
     /* version 2 reads the same */

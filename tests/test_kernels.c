@@ -570,9 +570,15 @@ static void test_matmul_rejects_bad_args(void **state)
     float x[64] = {0}, y[4] = {0};
     uint8_t w[256] = {0};
     forge_err err = {0};
-    assert_int_equal(kern_matmul(NULL, GGML_TYPE_Q4_K, w, 1, 256, x, 1, y, &err),
+    assert_int_equal(kern_matmul(NULL, GGML_TYPE_IQ2_XXS, w, 1, 256, x, 1, y, &err),
                      FORGE_E_UNSUPPORTED);
-    assert_false(kern_matmul_supported(GGML_TYPE_Q4_K));
+    assert_true(strstr(err.msg, "IQ2_XXS") != NULL);
+    assert_false(kern_matmul_supported(GGML_TYPE_IQ2_XXS));
+    assert_false(kern_matmul_supported(4)); /* a removed id */
+    assert_true(kern_matmul_supported(GGML_TYPE_Q4_K));
+    /* a K-quant row must be a multiple of 256 */
+    assert_int_equal(kern_matmul(NULL, GGML_TYPE_Q4_K, w, 1, 64, x, 1, y, &err), FORGE_E_INVALID);
+    assert_true(strstr(err.msg, "256") != NULL);
     assert_true(kern_matmul_supported(GGML_TYPE_Q4_0));
     assert_int_equal(kern_matmul(NULL, GGML_TYPE_F32, w, 1, 33, x, 1, y, &err), FORGE_E_INVALID);
     assert_true(strstr(err.msg, "33") != NULL);
@@ -695,7 +701,7 @@ static void test_matmul_multi_rejects_bad_args(void **state)
     assert_int_equal(kern_matmul_multi(NULL, 0, d, 32, x, 1, &err), FORGE_E_INVALID);
     assert_int_equal(kern_matmul_multi(NULL, KERN_MM_MULTI_MAX + 1, d, 32, x, 1, &err),
                      FORGE_E_INVALID);
-    d[1].wtype = GGML_TYPE_Q4_K;
+    d[1].wtype = GGML_TYPE_IQ2_XXS;
     assert_int_equal(kern_matmul_multi(NULL, 2, d, 32, x, 1, &err), FORGE_E_UNSUPPORTED);
     d[1].wtype = GGML_TYPE_F32;
     d[1].Y = NULL;

@@ -44,6 +44,7 @@
 #include "forge_gguf.h"
 #include "forge_model.h"
 #include "gpu/gpu_ops.h"
+#include "quant/qtypes.h"
 
 struct be_buf {
     float *d;
@@ -393,9 +394,20 @@ static int gb_buf_read(backend *be, const be_buf *src, int64_t off, int64_t n, f
 
 /* ---- weights ----------------------------------------------------------------------------- */
 
+/* Block-quantized types with GPU kernels (Q8_0, Q4_0): re-packed at upload, dequantized to F16
+ * for the prefill GEMM. */
 static bool is_quant(int type)
 {
-    return type == GGML_TYPE_Q8_0 || type == GGML_TYPE_Q4_0;
+    const forge_type_traits *tr = forge_type_traits_get(type);
+    return tr && tr->gpu && tr->block_size > 1;
+}
+
+int backend_gpu_check_weight(const be_weight *w, forge_err *err)
+{
+    const forge_type_traits *tr = w ? forge_type_traits_get(w->type) : NULL;
+    if (!w || !w->data || (tr && tr->gpu)) return FORGE_OK;
+    return forge_err_set(err, FORGE_E_UNSUPPORTED, "%s: type %s is not supported on the GPU yet",
+                         w->name, ggml_type_name(w->type));
 }
 
 static int64_t rows_of(const be_weight *w)

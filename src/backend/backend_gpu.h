@@ -35,6 +35,12 @@ int backend_gpu_create(int gpu_index, backend **out, forge_err *err);
 
 void backend_gpu_plan_add_weight(backend *be, be_gpu_plan *p, const be_weight *w);
 
+/* FORGE_OK when the GPU backend has kernels for w's type (the traits table's gpu flag), else
+ * FORGE_E_UNSUPPORTED naming the tensor and the type ("blk.0.attn_q.weight: type Q4_K is not
+ * supported on the GPU yet"). Needs no device: the context checks every weight before it
+ * creates a GPU backend, so that --device auto falls back to the CPU. */
+int backend_gpu_check_weight(const be_weight *w, forge_err *err);
+
 /* Check that weights + KV cache + scratch fit in the free device memory (FORGE_E_NOMEM with the
  * numbers and the -c that would fit, if not), then allocate the scratch. Call once, before any
  * weight_prepare. */

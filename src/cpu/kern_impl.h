@@ -8,6 +8,7 @@
 #include <stdint.h>
 
 #include "cpu/kernels.h"
+#include "quant/qtypes.h"
 
 /* One matmul call, as the row kernels see it. Xc holds the activations converted to the weight
  * type's dot-product type (Q8_0 blocks, F16 or BF16), one row of xc_row_bytes per token; for F32
@@ -20,6 +21,8 @@ typedef struct kern_mm_args {
     const uint8_t *Xc;
     size_t xc_row_bytes;
     float *Y;
+    forge_vec_dot_fn dot; /* generic kernels (types without tuned row kernels): the row dot */
+    forge_vec_dot_x4_fn dot4; /* and 4 tokens at once, or NULL */
 } kern_mm_args;
 
 /* Compute Y[t][o] for every token t and rows o in [r0, r1). work: this thread's scratch of
@@ -33,6 +36,13 @@ typedef struct kern_mm_kernel {
     kern_cvt_fn cvt;            /* NULL for F32 weights */
     size_t xc_row_bytes_per_32; /* bytes of converted activations per 32 inputs */
     size_t work_bytes_per_32;   /* per-thread scratch per 32 inputs (0: none) */
+    /* Types without tuned row kernels run a generic row loop over the traits table's dot
+     * product (dot) with activations in ggml's layout of the vec_dot_type: xc_block_bytes per
+     * xc_block inputs (xc_block 0: xc_row_bytes_per_32 applies). */
+    forge_vec_dot_fn dot;
+    forge_vec_dot_x4_fn dot4;
+    int64_t xc_block;
+    size_t xc_block_bytes;
 } kern_mm_kernel;
 
 /* Per-ISA lookup; returns a kernel with mm == NULL if the type is not handled. */

@@ -40,12 +40,15 @@ int kern_set_isa(kern_isa isa, forge_err *err);
 const char *kern_isa_name(kern_isa isa);
 
 /* ---- matrix multiplication ------------------------------------------------------------- */
-/* True when kern_matmul handles weights of this type (F32, F16, BF16, Q8_0, Q4_0 for now). */
+/* True when kern_matmul handles weights of this type: F32, F16, BF16, Q8_0, Q4_0 (tuned row
+ * kernels here) and every type whose traits (src/quant/qtypes.c) have a dot product (Q4_1,
+ * Q5_0, Q5_1, Q2_K..Q6_K, IQ4_NL, IQ4_XS, TQ1_0, TQ2_0: generic row loop, activations quantized
+ * to the type's vec_dot_type as ggml does: Q8_0, Q8_1 or Q8_K). */
 bool kern_matmul_supported(int wtype);
 
 /* Y[t * n_out + o] = sum_i W[o][i] * X[t * n_in + i]   for t < n_tok, o < n_out.
  * W: n_out rows of n_in elements of type wtype, rows contiguous (ggml_row_size bytes each), as
- * stored in a GGUF file. n_in must be a multiple of the type's block size.
+ * stored in a GGUF file. n_in must be a multiple of 32 and of the type's block size.
  * Numerics follow ggml's CPU backend, so results track llama.cpp: for Q8_0/Q4_0 weights the
  * activations are first quantized to Q8_0 blocks and each block's dot product is an integer
  * sum; for F16 weights activations are rounded to F16; for BF16 to BF16; F32 is plain float.

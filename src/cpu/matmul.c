@@ -13,34 +13,15 @@
 
 bool kern_matmul_supported(int wtype)
 {
-    switch (wtype) {
-    case GGML_TYPE_F32:
-    case GGML_TYPE_F16:
-    case GGML_TYPE_BF16:
-    case GGML_TYPE_Q8_0:
-    case GGML_TYPE_Q4_0:
-        return true;
-    default:
-        return false;
-    }
+    const forge_type_traits *tr = forge_type_traits_get(wtype);
+    return tr && (tr->cpu_tuned || (tr->vec_dot && tr->quantize_act));
 }
 
-/* Bytes of a weight row, computed here so the kernels do not depend on the GGUF module. */
+/* Bytes of a weight row (n_in a multiple of the type's block size, checked by the caller). */
 static size_t weight_row_bytes(int wtype, int64_t n_in)
 {
-    switch (wtype) {
-    case GGML_TYPE_F32:
-        return (size_t)n_in * 4;
-    case GGML_TYPE_F16:
-    case GGML_TYPE_BF16:
-        return (size_t)n_in * 2;
-    case GGML_TYPE_Q8_0:
-        return (size_t)(n_in / KERN_QK) * KERN_Q8_0_BYTES;
-    case GGML_TYPE_Q4_0:
-        return (size_t)(n_in / KERN_QK) * KERN_Q4_0_BYTES;
-    default:
-        return 0;
-    }
+    const forge_type_traits *tr = forge_type_traits_get(wtype);
+    return tr ? (size_t)(n_in / tr->block_size) * tr->block_bytes : 0;
 }
 
 /* ---- scalar row kernels ---------------------------------------------------------------- */
@@ -139,6 +120,47 @@ static void mm_q4_0_scalar(const kern_mm_args *a, int64_t r0, int64_t r1, void *
     }
 }
 
+/* Any type with a dot product in the traits table: one row dot per (token, row). Weight rows
+ * outside, so that each row is read from memory once per call. */
+static void mm_generic(const kern_mm_args *a, int64_t r0, int64_t r1, void *work)
+{
+    for (int64_t o = r0; o < r1; o++) {
+        const uint8_t *w = a->W + (size_t)o * a->w_row_bytes;
+        int64_t t = 0;
+        if (a->dot4) {
+            for (; t + 4 <= a->n_tok; t += 4) {
+                float out[4];
+                a->dot4(a->n_in, w, a->Xc + (size_t)t * a->xc_row_bytes, a->xc_row_bytes, out);
+                for (int k = 0; k < 4; k++) a->Y[(t + k) * a->n_out + o] = out[k];
+            }
+        }
+        for (; t < a->n_tok; t++)
+            a->Y[t * a->n_out + o] = a->dot(a->n_in, w, a->Xc + (size_t)t * a->xc_row_bytes);
+    }
+}
+
+/* The generic kernel of a type on an ISA: the best dot product the traits table has for it. */
+static kern_mm_kernel lookup_generic(kern_isa isa, int wtype)
+{
+    kern_mm_kernel k = {0};
+    const forge_type_traits *tr = forge_type_traits_get(wtype);
+    const forge_type_traits *xt = tr ? forge_type_traits_get(tr->vec_dot_type) : NULL;
+    if (!tr || !tr->vec_dot || !tr->quantize_act || !xt) return k;
+    k.dot = tr->vec_dot;
+    if (isa == KERN_ISA_AVX512 && tr->vec_dot_avx512)
+        k.dot = tr->vec_dot_avx512;
+    else if ((isa == KERN_ISA_AVX512 || isa == KERN_ISA_AVX2) && tr->vec_dot_avx2)
+        k.dot = tr->vec_dot_avx2;
+    /* the 4-token form: every SIMD dot of the table computes the same exact integer sums and the
+     * same float expression per super-block, so it may be mixed with any of them */
+    if (isa == KERN_ISA_AVX512 || isa == KERN_ISA_AVX2) k.dot4 = tr->vec_dot_x4_avx2;
+    k.mm = mm_generic;
+    k.cvt = tr->quantize_act;
+    k.xc_block = xt->block_size;
+    k.xc_block_bytes = xt->block_bytes;
+    return k;
+}
+
 kern_mm_kernel kern_mm_lookup_scalar(int wtype)
 {
     kern_mm_kernel k = {0};
@@ -197,6 +219,7 @@ static kern_mm_kernel lookup_kernel(kern_isa isa, int wtype)
     if (!k.mm && (isa == KERN_ISA_AVX512 || isa == KERN_ISA_AVX2)) k = kern_mm_lookup_avx2(wtype);
     if (!k.mm && isa == KERN_ISA_NEON) k = kern_mm_lookup_neon(wtype);
     if (!k.mm) k = kern_mm_lookup_scalar(wtype);
+    if (!k.mm) k = lookup_generic(isa, wtype);
     return k;
 }
 
@@ -296,12 +319,14 @@ int kern_matmul_multi(kern_pool *pool, int n_mats, const kern_mm_desc *mats, int
             return forge_err_set(err, FORGE_E_UNSUPPORTED,
                                  "matmul: weight type %s (%d) is not supported",
                                  ggml_type_name(d->wtype), d->wtype);
+        int64_t bs = ggml_type_block_size(d->wtype) > KERN_QK ? ggml_type_block_size(d->wtype) : KERN_QK;
         if (d->n_out < 0 || d->n_out > ((int64_t)1 << 40) || n_tok < 0 || n_in <= 0 ||
-            n_in % KERN_QK != 0 || n_in > ((int64_t)1 << 40))
+            n_in % bs != 0 || n_in > ((int64_t)1 << 40))
             return forge_err_set(err, FORGE_E_INVALID,
                                  "matmul: bad shape n_out %lld n_in %lld n_tok %lld (n_in must "
-                                 "be a positive multiple of 32)",
-                                 (long long)d->n_out, (long long)n_in, (long long)n_tok);
+                                 "be a positive multiple of %lld for %s weights)",
+                                 (long long)d->n_out, (long long)n_in, (long long)n_tok,
+                                 (long long)bs, ggml_type_name(d->wtype));
         if (d->n_out > 0 && (!d->W || !d->Y))
             return forge_err_set(err, FORGE_E_INVALID, "matmul: NULL pointer argument");
         total_rows += d->n_out;
@@ -328,6 +353,8 @@ int kern_matmul_multi(kern_pool *pool, int n_mats, const kern_mm_desc *mats, int
         m->args.n_tok = n_tok;
         m->args.X = X;
         m->args.Y = mats[i].Y;
+        m->args.dot = m->kernel.dot;
+        m->args.dot4 = m->kernel.dot4;
         m->first_chunk = job.n_chunks;
         job.n_chunks += (mats[i].n_out + job.chunk_rows - 1) / job.chunk_rows;
         if (m->kernel.work_bytes_per_32 > work_per_32) work_per_32 = m->kernel.work_bytes_per_32;
@@ -337,7 +364,9 @@ int kern_matmul_multi(kern_pool *pool, int n_mats, const kern_mm_desc *mats, int
                 c++;
             if (c == job.n_convs) {
                 job.convs[c].cvt = m->kernel.cvt;
-                job.convs[c].row_bytes = (size_t)(n_in / KERN_QK) * m->kernel.xc_row_bytes_per_32;
+                job.convs[c].row_bytes =
+                    m->kernel.xc_block ? (size_t)(n_in / m->kernel.xc_block) * m->kernel.xc_block_bytes
+                                       : (size_t)(n_in / KERN_QK) * m->kernel.xc_row_bytes_per_32;
                 job.n_convs++;
             }
             m->args.xc_row_bytes = job.convs[c].row_bytes;

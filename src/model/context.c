@@ -99,9 +99,17 @@ static int create_gpu(forge_context *ctx, const forge_context_params *p, forge_e
     forge_model *m = ctx->model;
     const forge_model_info *hp = &m->info;
     int rc;
+    be_weight *globals[] = {&m->tok_embd, &m->output_norm, &m->output, &m->rope_freqs};
+    /* every weight's type must have GPU kernels (mixed files: each tensor's own type) */
+    for (size_t i = 0; i < FORGE_ARRAY_LEN(globals); i++)
+        if ((rc = backend_gpu_check_weight(globals[i], err))) return rc;
+    for (int il = 0; il < hp->n_layer; il++) {
+        const be_weight *lw = (const be_weight *)&m->layers[il];
+        for (size_t i = 0; i < sizeof(layer_weights) / sizeof(be_weight); i++)
+            if ((rc = backend_gpu_check_weight(&lw[i], err))) return rc;
+    }
     if ((rc = backend_gpu_create(p->gpu_index, &ctx->be, err))) return rc;
     be_gpu_plan pl = {0};
-    be_weight *globals[] = {&m->tok_embd, &m->output_norm, &m->output, &m->rope_freqs};
     for (size_t i = 0; i < FORGE_ARRAY_LEN(globals); i++)
         if (!(i == 2 && hp->tied_output)) backend_gpu_plan_add_weight(ctx->be, &pl, globals[i]);
     for (int il = 0; il < hp->n_layer; il++) {

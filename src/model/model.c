@@ -13,12 +13,11 @@
 
 static const char *arch_names[] = {"llama", "qwen2", "qwen3"};
 
-/* Types a weight matrix may have. */
+/* Types a weight matrix may have: each tensor's own type, whatever general.file_type says;
+ * every type the CPU can multiply from its packed form (the traits table, src/quant/qtypes.c). */
 static bool matrix_type_ok(int t)
 {
-    return (t == GGML_TYPE_F32 || t == GGML_TYPE_F16 || t == GGML_TYPE_BF16 ||
-            t == GGML_TYPE_Q8_0 || t == GGML_TYPE_Q4_0) &&
-           kern_matmul_supported(t);
+    return kern_matmul_supported(t);
 }
 
 typedef struct loader {
@@ -129,7 +128,8 @@ static int bind(loader *L, be_weight *w, const char *name, wkind kind, int64_t n
     if (kind == W_MATRIX && !matrix_type_ok(ti->type))
         return forge_err_set(err, FORGE_E_UNSUPPORTED,
                              "%s: tensor '%s' has weight type %s, which is not supported (F32, "
-                             "F16, BF16, Q8_0, Q4_0)",
+                             "F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K, Q3_K, Q4_K, Q5_K, "
+                             "Q6_K, IQ4_NL, IQ4_XS, TQ1_0, TQ2_0)",
                              L->path, name, ggml_type_name(ti->type));
     if (ggml_row_size(ti->type, ne0) == 0 ||
         ti->n_bytes < ggml_row_size(ti->type, ne0) * (uint64_t)ne1)
