@@ -31,8 +31,8 @@ typedef struct forge_type_traits {
     int64_t block_size;  /* elements per block; 0 marks a removed/unused id */
     size_t block_bytes;
     forge_dequant_row_fn dequantize_row; /* NULL: not supported yet */
-    /* Reference quantizer (as llama-quantize writes files); NULL for types without one yet
-     * (Q8_0/Q4_0: kern_quantize_row_*, src/cpu/quantize.c; the quantize work fills the others).
+    /* Reference quantizer, bytes as llama-quantize writes them (src/quant/quantize*.c; what
+     * forge quantize and quant_row_function use); NULL for types without one (TQ1_0, TQ2_0, IQ2..).
      * The activation quantizers kern_matmul uses for Q8_0/Q4_0 weights stay in src/cpu/. */
     forge_quant_row_fn quantize_row;
     int vec_dot_type;               /* GGML_TYPE_Q8_0, Q8_1, Q8_K, F16, BF16, F32; -1: none */

@@ -11,6 +11,7 @@
 #include "core/fp16.h"
 #include "core/util.h"
 #include "quant/quantize.h"
+#include "quant/qtypes.h"
 
 #define QK 32
 
@@ -155,40 +156,8 @@ void quantize_row_bf16(const float *x, void *vy, int64_t n)
 
 quant_row_fn quant_row_function(int t)
 {
-    switch (t) {
-    case GGML_TYPE_F32:
-        return quantize_row_f32;
-    case GGML_TYPE_F16:
-        return quantize_row_f16;
-    case GGML_TYPE_BF16:
-        return quantize_row_bf16;
-    case GGML_TYPE_Q4_0:
-        return quantize_row_q4_0;
-    case GGML_TYPE_Q4_1:
-        return quantize_row_q4_1;
-    case GGML_TYPE_Q5_0:
-        return quantize_row_q5_0;
-    case GGML_TYPE_Q5_1:
-        return quantize_row_q5_1;
-    case GGML_TYPE_Q8_0:
-        return quantize_row_q8_0;
-    case GGML_TYPE_Q2_K:
-        return quantize_row_q2_k;
-    case GGML_TYPE_Q3_K:
-        return quantize_row_q3_k;
-    case GGML_TYPE_Q4_K:
-        return quantize_row_q4_k;
-    case GGML_TYPE_Q5_K:
-        return quantize_row_q5_k;
-    case GGML_TYPE_Q6_K:
-        return quantize_row_q6_k;
-    case GGML_TYPE_IQ4_NL:
-        return quantize_row_iq4_nl;
-    case GGML_TYPE_IQ4_XS:
-        return quantize_row_iq4_xs;
-    default:
-        return NULL;
-    }
+    const forge_type_traits *tt = forge_type_traits_get(t); /* the one place a type is described */
+    return tt ? tt->quantize_row : NULL;
 }
 
 int quant_quantize_row(int t, const float *x, void *y, int64_t n)
