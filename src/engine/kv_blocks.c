@@ -39,7 +39,8 @@ typedef struct kvb_seq {
     int32_t *table;
     int32_t n_table, cap;
     int32_t len;
-    uint16_t gen; /* 0: never used; the id is gen << 16 | slot */
+    int32_t n_computed; /* positions whose K/V the forward has written (kvb_seq_computed) */
+    uint16_t gen;       /* 0: never used; the id is gen << 16 | slot */
     bool live;
 } kvb_seq;
 
@@ -276,12 +277,13 @@ static void block_release(kvb_pool *pool, int32_t id)
     }
 }
 
-/* Block table[i] of s just became full: compute its chain hash and identity, and index it
- * unless the cache is off or an equal block is indexed already. */
+/* Block table[i] of s is now full and computed: compute its chain hash and identity, and index
+ * it unless the cache is off or an equal block is indexed already. */
 static void block_filled(kvb_pool *pool, const kvb_seq *s, int32_t i)
 {
     int32_t id = s->table[i];
     kvb_block *b = &pool->blocks[id];
+    if (b->hashed) return; /* indexed already (cannot happen: an indexed block is never refilled) */
     uint64_t parent_hash = 0;
     b->parent_id = -1;
     b->parent_gen = 0;
@@ -387,6 +389,7 @@ static kvb_seq *seq_new(kvb_pool *pool, const char *fn, forge_err *err)
     s->gen = (uint16_t)(s->gen % KVB_SEQ_GEN_MAX + 1);
     s->live = true;
     s->len = 0;
+    s->n_computed = 0;
     s->n_table = 0;
     pool->n_live++;
     return s;
@@ -421,7 +424,7 @@ static int adopt(kvb_pool *pool, kvb_seq *s, const int32_t *ids, int32_t n_ids,
     for (int32_t i = 0; i < n; i++)
         block_acquire(pool, s->table[i]);
     s->n_table = n;
-    s->len = n * pool->bs;
+    s->len = s->n_computed = n * pool->bs;
     pool->n_hit_blocks += n;
     if (n_cached) *n_cached = s->len;
     return FORGE_OK;
@@ -521,7 +524,6 @@ int kvb_seq_append(kvb_pool *pool, int32_t seq, const int32_t *ids, int32_t n, k
         int32_t id = s->table[s->n_table - 1];
         pool->tokens[(size_t)id * pool->bs + off] = ids[i];
         s->len++;
-        if (off == pool->bs - 1) block_filled(pool, s, s->n_table - 1);
     }
     /* the source of a copy goes last, so this call never hands it out again */
     if (old >= 0) block_release(pool, old);
@@ -538,6 +540,22 @@ int kvb_seq_truncate(kvb_pool *pool, int32_t seq, int32_t len, forge_err *err)
                              s->len);
     seq_release_from(pool, s, blocks_for(pool, len));
     s->len = len;
+    if (s->n_computed > len) s->n_computed = len;
+    return FORGE_OK;
+}
+
+int kvb_seq_computed(kvb_pool *pool, int32_t seq, int32_t n_computed, forge_err *err)
+{
+    kvb_seq *s = seq_get(pool, seq, "kvb_seq_computed", err);
+    if (!s) return FORGE_E_INVALID;
+    if (n_computed < s->n_computed || n_computed > s->len)
+        return forge_err_set(err, FORGE_E_INVALID,
+                             "kvb_seq_computed: %d computed tokens for sequence %d of %d tokens "
+                             "(%d computed already)",
+                             n_computed, seq, s->len, s->n_computed);
+    for (int32_t i = s->n_computed / pool->bs; i < n_computed / pool->bs; i++)
+        block_filled(pool, s, i);
+    s->n_computed = n_computed;
     return FORGE_OK;
 }
 
@@ -560,6 +578,7 @@ int kvb_seq_fork(kvb_pool *pool, int32_t seq, int32_t *child, forge_err *err)
     }
     c->n_table = s->n_table;
     c->len = s->len;
+    c->n_computed = s->n_computed;
     *child = seq_id(pool, c);
     return FORGE_OK;
 }
@@ -570,7 +589,7 @@ int kvb_seq_preempt(kvb_pool *pool, int32_t seq, int32_t *n_released, forge_err 
     kvb_seq *s = seq_get(pool, seq, "kvb_seq_preempt", err);
     if (!s) return FORGE_E_INVALID;
     int32_t n = seq_release_from(pool, s, 0);
-    s->len = 0;
+    s->len = s->n_computed = 0;
     if (n_released) *n_released = n;
     return FORGE_OK;
 }
@@ -594,6 +613,12 @@ int kvb_seq_table(const kvb_pool *pool, int32_t seq, const int32_t **table, int3
     if (n_table) *n_table = s->n_table;
     if (len) *len = s->len;
     return FORGE_OK;
+}
+
+int32_t kvb_seq_n_computed(const kvb_pool *pool, int32_t seq)
+{
+    const kvb_seq *s = seq_get(pool, seq, "kvb_seq_n_computed", NULL);
+    return s ? s->n_computed : -1;
 }
 
 int kvb_seq_rows(const kvb_pool *pool, int32_t seq, int32_t pos0, int32_t n, int32_t *rows,
@@ -728,6 +753,8 @@ int kvb_check(const kvb_pool *pool, forge_err *err)
         n_live++;
         CHECK(s->n_table == blocks_for(pool, s->len), "sequence slot %d: %d blocks for %d tokens",
               i, s->n_table, s->len);
+        CHECK(s->n_computed >= 0 && s->n_computed <= s->len,
+              "sequence slot %d: %d computed of %d tokens", i, s->n_computed, s->len);
         for (int32_t j = 0; j < s->n_table; j++) {
             CHECK(s->table[j] >= 0 && s->table[j] < pool->n_blocks,
                   "sequence slot %d: block %d at %d", i, s->table[j], j);

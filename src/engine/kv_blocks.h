@@ -9,9 +9,12 @@
  * block_size + offset of [layer][row][kv_dim], so position p of a sequence lives at row
  * table[p / block_size] * block_size + p % block_size (kvb_seq_rows fills these for a batch).
  *
- * Terms: a block is *full* when all its block_size positions are written. A full block can be
+ * Terms: a block is *full* when all its block_size positions hold tokens, and *computed* when
+ * the forward has written their K/V (kvb_seq_computed says so). A full, computed block can be
  * *cached*: registered in the prefix cache under a chain hash of its tokens and of every token
- * before it. A cached block is immutable: writing into it (after a truncation made it partial)
+ * before it. Positions are appended (reserved) before the forward runs and reported computed
+ * after it, so a failed step never leaves unwritten K/V in the cache: truncate the sequence back
+ * to its computed length instead. A cached block is immutable: writing into it (after a truncation made it partial)
  * goes to a fresh block (copy-on-write), like writing into a block shared after a fork. A block
  * is in exactly one state: FREE (on the free list), CACHED (reference count 0, kept for the
  * prefix cache, evictable, on the LRU list) or USED (reference count > 0 = the number of block
@@ -87,7 +90,7 @@ void kvb_pool_free(kvb_pool *pool);
 
 /* A new sequence. With ids (n_ids > 0) it adopts the longest cached prefix of full blocks of
  * ids[0..n_ids) (taking references; adopted CACHED blocks leave the LRU) and starts at that
- * length, *n_cached (a multiple of block_size, may be NULL); the caller then appends
+ * length, all computed, *n_cached (a multiple of block_size, may be NULL); the caller then appends
  * ids[*n_cached..]. A caller that needs the logits of the last prompt token passes
  * n_ids = n_prompt - 1, so at least that token is computed. ids may be NULL with n_ids 0. Needs
  * no free block: fails only for want of a sequence slot or memory. */
@@ -99,15 +102,21 @@ int kvb_seq_adopt_prefix(kvb_pool *pool, int32_t seq, const int32_t *ids, int32_
                          int32_t *n_cached, forge_err *err);
 /* Append n tokens (ids[0..n), n >= 0) at positions len..len+n-1, allocating blocks as positions
  * cross block boundaries (free list first, then evicting the least recently used cached block).
- * Blocks that become full are registered in the prefix cache. *cow (required) receives the copy
+ * The positions are reserved, not computed: kvb_seq_computed after the forward. *cow (required) receives the copy
  * the backend must make when the first position lands in a partial block that is shared or
  * cached (the sequence gets a fresh block); otherwise {-1, -1, 0}. Out of blocks: FORGE_E_RANGE,
  * nothing changed. */
 int kvb_seq_append(kvb_pool *pool, int32_t seq, const int32_t *ids, int32_t n, kvb_copy *cow,
                    forge_err *err);
-/* Shorten seq to len (0 <= len <= its length), releasing the blocks past it, last first. */
+/* The forward has written K/V for positions 0..n_computed-1 of seq (computed so far <=
+ * n_computed <= length): blocks that this makes full and computed enter the prefix cache (or
+ * stand for an equal cached block). Call it after each step for every sequence in the batch. */
+int kvb_seq_computed(kvb_pool *pool, int32_t seq, int32_t n_computed, forge_err *err);
+/* Shorten seq to len (0 <= len <= its length), releasing the blocks past it, last first; the
+ * computed length is cut to len too. After a failed step: truncate to kvb_seq_n_computed. */
 int kvb_seq_truncate(kvb_pool *pool, int32_t seq, int32_t len, forge_err *err);
-/* A new sequence *child sharing all of seq's blocks (reference counts + 1, no copy). */
+/* A new sequence *child sharing all of seq's blocks (reference counts + 1, no copy) and its
+ * length and computed length. Fork between steps, when seq's positions are all computed. */
 int kvb_seq_fork(kvb_pool *pool, int32_t seq, int32_t *child, forge_err *err);
 /* Preemption: release all of seq's blocks (last first, so the LRU evicts a sequence's tail
  * before its head); cached full blocks stay in the prefix cache. seq stays valid with length 0,
@@ -120,6 +129,8 @@ int kvb_seq_free(kvb_pool *pool, int32_t seq, forge_err *err);
  * call that changes this sequence. *n_table = ceil(len / block_size). */
 int kvb_seq_table(const kvb_pool *pool, int32_t seq, const int32_t **table, int32_t *n_table,
                   int32_t *len, forge_err *err);
+/* The computed length of seq, -1 for an unknown sequence. */
+int32_t kvb_seq_n_computed(const kvb_pool *pool, int32_t seq);
 /* rows[i] = the K/V row of position pos0 + i of seq (block * block_size + offset), for the n
  * positions pos0..pos0+n-1 < len: the slot mapping a batched forward writes K/V through. */
 int kvb_seq_rows(const kvb_pool *pool, int32_t seq, int32_t pos0, int32_t n, int32_t *rows,
