@@ -372,7 +372,8 @@ static void test_hash_collisions(void **state)
         int32_t a = new_seq(pool, NULL, 0, NULL);
         append(pool, a, p, 32);
         int32_t b = new_seq(pool, q, 32, &n_cached);
-        assert_int_equal(n_cached, 0); /* block 0 collides but differs; block 1 has another parent */
+        assert_int_equal(n_cached,
+                         0); /* block 0 collides but differs; block 1 has another parent */
         append(pool, b, q, 32);
         const int32_t *ta = table_of(pool, a, &n_table, &len);
         const int32_t *tb = table_of(pool, b, &n_table, &len);
@@ -734,8 +735,8 @@ typedef struct rnd_env {
     kvb_pool *pool;
     int32_t n_blocks, bs;
     bool cache;
-    int32_t *kv;         /* simulated K/V store: [n_blocks][bs], the token each row holds */
-    uint64_t *origin;    /* per block: hash of all the tokens it was computed under (full) */
+    int32_t *kv;      /* simulated K/V store: [n_blocks][bs], the token each row holds */
+    uint64_t *origin; /* per block: hash of all the tokens it was computed under (full) */
     shadow_seq seqs[R_MAX_SEQS];
     uint64_t rng;
     int64_t n_hits, n_cows, n_oob, n_evict_seen, n_failed;
@@ -799,8 +800,10 @@ static void verify(rnd_env *e)
     for (int32_t b = 0; b < e->n_blocks; b++) {
         assert_int_equal(kvb_block_ref(e->pool, b), refs[b]);
         int stt = kvb_block_state_of(e->pool, b);
-        if (refs[b] > 0) assert_int_equal(stt, KVB_BLOCK_USED);
-        else assert_true(stt == KVB_BLOCK_FREE || (stt == KVB_BLOCK_CACHED && e->cache));
+        if (refs[b] > 0)
+            assert_int_equal(stt, KVB_BLOCK_USED);
+        else
+            assert_true(stt == KVB_BLOCK_FREE || (stt == KVB_BLOCK_CACHED && e->cache));
         n_used += stt == KVB_BLOCK_USED;
         n_free += stt == KVB_BLOCK_FREE;
         n_cached += stt == KVB_BLOCK_CACHED;
@@ -853,8 +856,10 @@ static int do_append(rnd_env *e, shadow_seq *s, const int32_t *ids, int32_t n)
         assert_int_equal(cow.n_rows, len0 % e->bs);
         assert_int_not_equal(cow.src, cow.dst);
         /* a copy of a block only we held: it was cached, and stays so */
-        if (ref_last == 1) assert_int_equal(kvb_block_state_of(e->pool, cow.src), KVB_BLOCK_CACHED);
-        else assert_int_equal(kvb_block_ref(e->pool, cow.src), ref_last - 1);
+        if (ref_last == 1)
+            assert_int_equal(kvb_block_state_of(e->pool, cow.src), KVB_BLOCK_CACHED);
+        else
+            assert_int_equal(kvb_block_ref(e->pool, cow.src), ref_last - 1);
         for (int32_t r = 0; r < cow.n_rows; r++)
             e->kv[cow.dst * e->bs + r] = e->kv[cow.src * e->bs + r];
     } else if (n > 0 && len0 % e->bs != 0) {
@@ -956,7 +961,7 @@ static void random_run(int32_t n_blocks, int32_t bs, bool cache, kvb_hash_fn has
             check_hit(e, f, ids, n_cached);
             int rc = do_append(e, f, ids + n_cached, n - n_cached);
             assert_int_equal(rc == FORGE_OK, ok); /* admission is exact */
-        } else if (op < 55) { /* decode-like or chunk append */
+        } else if (op < 55) {                     /* decode-like or chunk append */
             int32_t n = rnd(e, 4) ? 1 + rnd(e, 3) : 1 + rnd(e, 2 * bs);
             if (s->n + n > R_MAX_LEN) continue;
             for (int32_t i = 0; i < n; i++)
@@ -988,8 +993,7 @@ static void random_run(int32_t n_blocks, int32_t bs, bool cache, kvb_hash_fn has
         } else { /* free */
             assert_int_equal(kvb_seq_free(e->pool, s->id, &err), FORGE_OK);
             kvb_copy cow;
-            assert_int_equal(kvb_seq_append(e->pool, s->id, ids, 1, &cow, &err),
-                             FORGE_E_INVALID);
+            assert_int_equal(kvb_seq_append(e->pool, s->id, ids, 1, &cow, &err), FORGE_E_INVALID);
             s->id = 0;
             s->n = 0;
         }
@@ -1048,13 +1052,20 @@ static void test_random_no_cache(void **state)
 int main(void)
 {
     const struct CMUnitTest tests[] = {
-        cmocka_unit_test(test_append_and_rows),   cmocka_unit_test(test_fork_cow),
-        cmocka_unit_test(test_cow_of_cached_block), cmocka_unit_test(test_prefix_hit),
-        cmocka_unit_test(test_prefix_twins),      cmocka_unit_test(test_hash_collisions),
-        cmocka_unit_test(test_evicted_parent_reused), cmocka_unit_test(test_cache_after_computed),
-        cmocka_unit_test(test_lru_order),         cmocka_unit_test(test_out_of_blocks),
-        cmocka_unit_test(test_misuse),            cmocka_unit_test(test_random_default_hash),
-        cmocka_unit_test(test_random_weak_hash),  cmocka_unit_test(test_random_no_cache),
+        cmocka_unit_test(test_append_and_rows),
+        cmocka_unit_test(test_fork_cow),
+        cmocka_unit_test(test_cow_of_cached_block),
+        cmocka_unit_test(test_prefix_hit),
+        cmocka_unit_test(test_prefix_twins),
+        cmocka_unit_test(test_hash_collisions),
+        cmocka_unit_test(test_evicted_parent_reused),
+        cmocka_unit_test(test_cache_after_computed),
+        cmocka_unit_test(test_lru_order),
+        cmocka_unit_test(test_out_of_blocks),
+        cmocka_unit_test(test_misuse),
+        cmocka_unit_test(test_random_default_hash),
+        cmocka_unit_test(test_random_weak_hash),
+        cmocka_unit_test(test_random_no_cache),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

@@ -174,10 +174,14 @@ void kvb_pool_free(kvb_pool *pool)
 static void lru_remove(kvb_pool *pool, int32_t id)
 {
     kvb_block *b = &pool->blocks[id];
-    if (b->lru_prev >= 0) pool->blocks[b->lru_prev].lru_next = b->lru_next;
-    else pool->lru_head = b->lru_next;
-    if (b->lru_next >= 0) pool->blocks[b->lru_next].lru_prev = b->lru_prev;
-    else pool->lru_tail = b->lru_prev;
+    if (b->lru_prev >= 0)
+        pool->blocks[b->lru_prev].lru_next = b->lru_next;
+    else
+        pool->lru_head = b->lru_next;
+    if (b->lru_next >= 0)
+        pool->blocks[b->lru_next].lru_prev = b->lru_prev;
+    else
+        pool->lru_tail = b->lru_prev;
     b->lru_prev = b->lru_next = -1;
     b->where = WHERE_NONE;
     pool->n_lru--;
@@ -188,8 +192,10 @@ static void lru_push_tail(kvb_pool *pool, int32_t id)
     kvb_block *b = &pool->blocks[id];
     b->lru_prev = pool->lru_tail;
     b->lru_next = -1;
-    if (pool->lru_tail >= 0) pool->blocks[pool->lru_tail].lru_next = id;
-    else pool->lru_head = id;
+    if (pool->lru_tail >= 0)
+        pool->blocks[pool->lru_tail].lru_next = id;
+    else
+        pool->lru_head = id;
     pool->lru_tail = id;
     b->where = WHERE_LRU;
     pool->n_lru++;
@@ -310,8 +316,8 @@ static void block_filled(kvb_pool *pool, const kvb_seq *s, int32_t i)
 /* The longest chain of indexed blocks matching the full blocks of ids[0..n_ids): writes them to
  * out (may be NULL) and returns their count; *n_evictable (may be NULL) counts those with
  * reference count 0. */
-static int32_t prefix_lookup(const kvb_pool *pool, const int32_t *ids, int32_t n_ids,
-                             int32_t *out, int32_t *n_evictable)
+static int32_t prefix_lookup(const kvb_pool *pool, const int32_t *ids, int32_t n_ids, int32_t *out,
+                             int32_t *n_evictable)
 {
     int32_t n_full = n_ids / pool->bs, n = 0, n_ev = 0;
     if (!pool->p.prefix_cache || !ids) n_full = 0;
@@ -370,8 +376,7 @@ static int table_reserve(kvb_seq *s, int32_t n, forge_err *err)
         cap = cap > INT32_MAX / 2 ? n : cap * 2;
     int32_t *t = realloc(s->table, (size_t)cap * sizeof *t);
     if (!t)
-        return forge_err_set(err, FORGE_E_NOMEM, "out of memory for a block table of %d blocks",
-                             n);
+        return forge_err_set(err, FORGE_E_NOMEM, "out of memory for a block table of %d blocks", n);
     s->table = t;
     s->cap = cap;
     return FORGE_OK;
@@ -413,8 +418,8 @@ static int32_t seq_release_from(kvb_pool *pool, kvb_seq *s, int32_t n_keep)
     return n;
 }
 
-static int adopt(kvb_pool *pool, kvb_seq *s, const int32_t *ids, int32_t n_ids,
-                 int32_t *n_cached, forge_err *err)
+static int adopt(kvb_pool *pool, kvb_seq *s, const int32_t *ids, int32_t n_ids, int32_t *n_cached,
+                 forge_err *err)
 {
     int rc;
     int32_t n_full = pool->p.prefix_cache && ids ? n_ids / pool->bs : 0;
@@ -438,7 +443,9 @@ int kvb_seq_create(kvb_pool *pool, const int32_t *ids, int32_t n_ids, int32_t *s
     if (n_cached) *n_cached = 0;
     if (!pool || !seq || (!ids && n_ids > 0))
         return forge_err_set(err, FORGE_E_INVALID, "kvb_seq_create: NULL %s",
-                             !pool ? "pool" : !seq ? "seq" : "ids");
+                             !pool  ? "pool"
+                             : !seq ? "seq"
+                                    : "ids");
     if (n_ids < 0)
         return forge_err_set(err, FORGE_E_INVALID, "kvb_seq_create: %d prompt ids", n_ids);
     kvb_seq *s = seq_new(pool, "kvb_seq_create", err);
@@ -494,7 +501,9 @@ int kvb_seq_append(kvb_pool *pool, int32_t seq, const int32_t *ids, int32_t n, k
     if (!s) return FORGE_E_INVALID;
     if (!cow || (!ids && n > 0) || n < 0)
         return forge_err_set(err, FORGE_E_INVALID, "kvb_seq_append: %s",
-                             !cow ? "NULL cow" : n < 0 ? "negative token count" : "NULL ids");
+                             !cow    ? "NULL cow"
+                             : n < 0 ? "negative token count"
+                                     : "NULL ids");
     if (n == 0) return FORGE_OK;
     bool need_cow;
     int64_t need = append_need(pool, s, n, &need_cow);
@@ -503,8 +512,8 @@ int kvb_seq_append(kvb_pool *pool, int32_t seq, const int32_t *ids, int32_t n, k
         return forge_err_set(err, FORGE_E_RANGE,
                              "out of KV blocks: %d tokens at position %d of sequence %d need %lld "
                              "blocks, %d available (%d free + %d cached) of %d blocks of %d tokens",
-                             n, s->len, seq, (long long)need, kvb_num_available(pool),
-                             pool->n_free, pool->n_lru, pool->n_blocks, pool->bs);
+                             n, s->len, seq, (long long)need, kvb_num_available(pool), pool->n_free,
+                             pool->n_lru, pool->n_blocks, pool->bs);
     if ((rc = table_reserve(s, blocks_for(pool, (int64_t)s->len + n), err))) return rc;
 
     /* nothing below can fail */
@@ -628,8 +637,8 @@ int kvb_seq_rows(const kvb_pool *pool, int32_t seq, int32_t pos0, int32_t n, int
     if (!s) return FORGE_E_INVALID;
     if ((!rows && n > 0) || n < 0 || pos0 < 0 || (int64_t)pos0 + n > s->len)
         return forge_err_set(err, FORGE_E_INVALID,
-                             "kvb_seq_rows: positions %d..%lld of sequence %d of %d tokens%s",
-                             pos0, (long long)pos0 + n - 1, seq, s->len, rows ? "" : " (NULL rows)");
+                             "kvb_seq_rows: positions %d..%lld of sequence %d of %d tokens%s", pos0,
+                             (long long)pos0 + n - 1, seq, s->len, rows ? "" : " (NULL rows)");
     for (int32_t i = 0; i < n; i++) {
         int32_t p = pos0 + i;
         rows[i] = s->table[p / pool->bs] * pool->bs + p % pool->bs;
@@ -674,7 +683,9 @@ int kvb_can_admit(const kvb_pool *pool, const int32_t *ids, int32_t n_ids, int32
     if (n_cached) *n_cached = 0;
     if (!pool || !ok || (!ids && n_ids > 0))
         return forge_err_set(err, FORGE_E_INVALID, "kvb_can_admit: NULL %s",
-                             !pool ? "pool" : !ok ? "ok" : "ids");
+                             !pool ? "pool"
+                             : !ok ? "ok"
+                                   : "ids");
     if (n_ids < 0 || n_total < n_ids)
         return forge_err_set(err, FORGE_E_INVALID,
                              "kvb_can_admit: %d prompt ids for %d tokens in all", n_ids, n_total);
@@ -713,9 +724,12 @@ int kvb_block_state_of(const kvb_pool *pool, int32_t block)
 {
     if (!pool || block < 0 || block >= pool->n_blocks) return -1;
     switch (pool->blocks[block].where) {
-    case WHERE_FREE: return KVB_BLOCK_FREE;
-    case WHERE_LRU: return KVB_BLOCK_CACHED;
-    default: return KVB_BLOCK_USED;
+    case WHERE_FREE:
+        return KVB_BLOCK_FREE;
+    case WHERE_LRU:
+        return KVB_BLOCK_CACHED;
+    default:
+        return KVB_BLOCK_USED;
     }
 }
 
@@ -731,12 +745,12 @@ const int32_t *kvb_block_tokens(const kvb_pool *pool, int32_t block)
     return btok(pool, block);
 }
 
-#define CHECK(cond, ...)                                                                       \
-    do {                                                                                       \
-        if (!(cond)) {                                                                         \
-            rc = forge_err_set(err, FORGE_E_INTERNAL, __VA_ARGS__);                            \
-            goto done;                                                                         \
-        }                                                                                      \
+#define CHECK(cond, ...)                                                                           \
+    do {                                                                                           \
+        if (!(cond)) {                                                                             \
+            rc = forge_err_set(err, FORGE_E_INTERNAL, __VA_ARGS__);                                \
+            goto done;                                                                             \
+        }                                                                                          \
     } while (0)
 
 int kvb_check(const kvb_pool *pool, forge_err *err)
@@ -762,28 +776,28 @@ int kvb_check(const kvb_pool *pool, forge_err *err)
         }
     }
     CHECK(n_live == pool->n_live && n_live + pool->n_free_slots == pool->p.max_seqs,
-          "%d live sequences, counted %d, %d free slots", pool->n_live, n_live,
-          pool->n_free_slots);
+          "%d live sequences, counted %d, %d free slots", pool->n_live, n_live, pool->n_free_slots);
     int32_t n_free = 0, n_lru = 0, n_hashed = 0, n_indexed = 0;
     for (int32_t i = 0; i < pool->n_blocks; i++) {
         const kvb_block *b = &pool->blocks[i];
         CHECK(b->ref == refs[i], "block %d: reference count %d, %d tables hold it", i, b->ref,
               refs[i]);
-        CHECK((b->ref == 0) == (b->where != WHERE_NONE), "block %d: count %d on list %d", i,
-              b->ref, b->where);
+        CHECK((b->ref == 0) == (b->where != WHERE_NONE), "block %d: count %d on list %d", i, b->ref,
+              b->where);
         CHECK(b->where != WHERE_LRU || b->hashed, "block %d: on the LRU but not cached", i);
         CHECK(b->where != WHERE_FREE || !b->hashed, "block %d: free but cached", i);
         n_free += b->where == WHERE_FREE;
         n_lru += b->where == WHERE_LRU;
         n_hashed += b->hashed;
     }
-    CHECK(n_free == pool->n_free && n_lru == pool->n_lru,
-          "free %d (list %d), cached %d (list %d)", n_free, pool->n_free, n_lru, pool->n_lru);
+    CHECK(n_free == pool->n_free && n_lru == pool->n_lru, "free %d (list %d), cached %d (list %d)",
+          n_free, pool->n_free, n_lru, pool->n_lru);
     for (int32_t i = 0; i < pool->n_free; i++)
         CHECK(pool->blocks[pool->free_stack[i]].where == WHERE_FREE, "free list entry %d: block %d",
               i, pool->free_stack[i]);
     int32_t walked = 0;
-    for (int32_t id = pool->lru_head, prev = -1; id >= 0; prev = id, id = pool->blocks[id].lru_next) {
+    for (int32_t id = pool->lru_head, prev = -1; id >= 0;
+         prev = id, id = pool->blocks[id].lru_next) {
         CHECK(walked++ < pool->n_lru && pool->blocks[id].lru_prev == prev &&
                   pool->blocks[id].where == WHERE_LRU,
               "LRU list broken at block %d", id);
@@ -798,8 +812,7 @@ int kvb_check(const kvb_pool *pool, forge_err *err)
                   "hash index: block %d in bucket %llu", id, (unsigned long long)bkt);
             n_indexed++;
         }
-    CHECK(n_indexed == n_hashed, "hash index holds %d blocks, %d are cached", n_indexed,
-          n_hashed);
+    CHECK(n_indexed == n_hashed, "hash index holds %d blocks, %d are cached", n_indexed, n_hashed);
 done:
     free(refs);
     return rc;

@@ -14,11 +14,11 @@
  * *cached*: registered in the prefix cache under a chain hash of its tokens and of every token
  * before it. Positions are appended (reserved) before the forward runs and reported computed
  * after it, so a failed step never leaves unwritten K/V in the cache: truncate the sequence back
- * to its computed length instead. A cached block is immutable: writing into it (after a truncation made it partial)
- * goes to a fresh block (copy-on-write), like writing into a block shared after a fork. A block
- * is in exactly one state: FREE (on the free list), CACHED (reference count 0, kept for the
- * prefix cache, evictable, on the LRU list) or USED (reference count > 0 = the number of block
- * tables holding it; it may be cached too).
+ * to its computed length instead. A cached block is immutable: writing into it (after a truncation
+ * made it partial) goes to a fresh block (copy-on-write), like writing into a block shared after a
+ * fork. A block is in exactly one state: FREE (on the free list), CACHED (reference count 0, kept
+ * for the prefix cache, evictable, on the LRU list) or USED (reference count > 0 = the number of
+ * block tables holding it; it may be cached too).
  *
  * Copy-on-write: kvb_seq_append may report one copy (kvb_copy) the backend must perform, K and V
  * of rows 0..n_rows of block src into block dst in every layer, before that step's forward
@@ -102,10 +102,10 @@ int kvb_seq_adopt_prefix(kvb_pool *pool, int32_t seq, const int32_t *ids, int32_
                          int32_t *n_cached, forge_err *err);
 /* Append n tokens (ids[0..n), n >= 0) at positions len..len+n-1, allocating blocks as positions
  * cross block boundaries (free list first, then evicting the least recently used cached block).
- * The positions are reserved, not computed: kvb_seq_computed after the forward. *cow (required) receives the copy
- * the backend must make when the first position lands in a partial block that is shared or
- * cached (the sequence gets a fresh block); otherwise {-1, -1, 0}. Out of blocks: FORGE_E_RANGE,
- * nothing changed. */
+ * The positions are reserved, not computed: kvb_seq_computed after the forward. *cow (required)
+ * receives the copy the backend must make when the first position lands in a partial block that is
+ * shared or cached (the sequence gets a fresh block); otherwise {-1, -1, 0}. Out of blocks:
+ * FORGE_E_RANGE, nothing changed. */
 int kvb_seq_append(kvb_pool *pool, int32_t seq, const int32_t *ids, int32_t n, kvb_copy *cow,
                    forge_err *err);
 /* The forward has written K/V for positions 0..n_computed-1 of seq (computed so far <=
