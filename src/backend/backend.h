@@ -186,6 +186,31 @@ typedef struct be_ops {
      * logits and samples on the host). */
     int (*sample)(backend *be, const be_buf *x, int64_t off, int64_t n, const be_sample *s,
                   int32_t *out, forge_err *err);
+
+    /* ---- paged KV cache (optional: NULL on a backend without it, the GPU for now) ----
+     * docs/ENGINE.md: a cache of n_ctx = n_blocks * block_size rows read as
+     * [layer][block][offset][kv_dim]; position p of a sequence lives at row
+     * table[p / block_size] * block_size + p % block_size (the slots kvb_seq_rows returns). */
+    /* Store k, v ([n_tok][kv_dim]) of one layer at cache rows rows[0..n_tok) (host array, each
+     * in [0, n_ctx)), converted to the cache's type. */
+    int (*kv_store)(backend *be, be_kv *kv, int layer, const be_buf *k, const be_buf *v,
+                    const int32_t *rows, int n_tok, forge_err *err);
+    /* Copy-on-write (kvb_copy): rows 0..n_rows of block src into block dst, K and V, every
+     * layer. src == dst or n_rows == 0 does nothing. */
+    int (*kv_copy_block)(backend *be, be_kv *kv, int block_size, int src, int dst, int n_rows,
+                         forge_err *err);
+    /* Causal attention of the n_tok query rows q ([n_tok][n_head*head_dim]) of one sequence at
+     * positions a->pos0 .. a->pos0+n_tok-1 over its K/V at positions 0..pos0+t, read through
+     * the block table table[0..n_table) (host array, n_table * block_size >= pos0 + n_tok);
+     * out like q. Stores nothing (kv_store first). Same numerics as attention, bit for bit:
+     * attention is this op over an identity table. */
+    int (*attention_paged)(backend *be, be_buf *out, const be_buf *q, const be_kv *kv,
+                           const be_attn *a, const int32_t *table, int n_table, int block_size,
+                           forge_err *err);
+    /* Read rows rows[0..n) of one layer back as floats into k_out, v_out ([n][kv_dim] each,
+     * host memory; tests and debugging). */
+    int (*kv_read)(backend *be, const be_kv *kv, int layer, const int32_t *rows, int n,
+                   float *k_out, float *v_out, forge_err *err);
 } be_ops;
 
 /* A sampler chain for be_ops.sample, as src/sample/sampler.c runs it: penalties over the

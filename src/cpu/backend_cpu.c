@@ -1,11 +1,12 @@
 /* backend_cpu.c - the CPU implementation of the backend interface (src/backend/backend.h).
- * Owns activation buffers (plain malloc'd floats), the KV cache (F32 or F16) and a persistent
- * thread pool. Matmuls by weights go to kern_matmul (src/cpu/kernels.h); attention is threaded
- * over (token, head) pairs. Numerics follow ggml's CPU backend so results track llama.cpp:
- * RMSNorm sums squares in double, RoPE builds theta like ggml_rope_cache_init, softmax is in
- * float with max subtraction and a double sum, and with an F16 cache the query and the softmax
- * probabilities are rounded to fp16 before their dot products (ggml converts src1 to the F16
- * vec_dot type). This file must not know about model architectures. */
+ * Owns activation buffers (plain malloc'd floats), the KV cache (F32 or F16, contiguous or
+ * paged: one attention worker reads both, the contiguous cache as the identity block table) and
+ * a persistent thread pool. Matmuls by weights go to kern_matmul (src/cpu/kernels.h);
+ * attention is threaded over (token, head) pairs. Numerics follow ggml's CPU backend so results
+ * track llama.cpp: RMSNorm sums squares in double, RoPE builds theta like ggml_rope_cache_init,
+ * softmax is in float with max subtraction and a double sum, and with an F16 cache the query and
+ * the softmax probabilities are rounded to fp16 before their dot products (ggml converts src1 to
+ * the F16 vec_dot type). This file must not know about model architectures. */
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
@@ -297,6 +298,9 @@ struct attn_job {
     const float *q;
     const be_kv *kv;
     const be_attn *a;
+    const int32_t *table; /* NULL: the identity (position p at row p) */
+    int block_size;       /* rows per table entry (kv->n_ctx with the identity) */
+    size_t n_scores;      /* floats of scratch for the scores, then head_dim for the query */
 };
 
 /* Dot product of a cached row (F32 or F16) with a float vector; four partial sums, as SIMD
@@ -343,38 +347,48 @@ static void axpy_row(float *y, float w, const void *row, bool f16, int n)
     }
 }
 
+/* The one attention implementation, contiguous and paged: positions are visited in order
+ * 0..n_kv-1, block by block (the cache row of block b is table[b] * block_size, or b *
+ * block_size with the identity), so the reductions run in the same order whatever the table. */
 static void attn_worker(void *arg, int ith, int nth)
 {
     struct attn_job *j = arg;
     const be_attn *a = j->a;
     const be_kv *kv = j->kv;
     const int hd = a->head_dim, kv_dim = kv->kv_dim, gqa = a->n_head / a->n_head_kv;
+    const int bs = j->block_size;
     const bool f16 = kv->type == FORGE_KV_F16;
     const size_t elt = f16 ? 2 : 4;
     const int64_t items = (int64_t)a->n_tok * a->n_head;
     const int64_t per = (items + nth - 1) / nth;
     const int64_t i_start = per * ith, i_end = i_start + per < items ? i_start + per : items;
     float *scores = j->c->scratch + (size_t)ith * j->c->scratch_per_thread;
-    float *qh16 = scores + kv->n_ctx;
+    float *qh16 = scores + j->n_scores;
     const uint8_t *kbase = (const uint8_t *)kv->k + (size_t)a->layer * kv->n_ctx * kv_dim * elt;
     const uint8_t *vbase = (const uint8_t *)kv->v + (size_t)a->layer * kv->n_ctx * kv_dim * elt;
+    const size_t row_bytes = (size_t)kv_dim * elt;
 
     for (int64_t it = i_start; it < i_end; it++) {
         int t = (int)(it / a->n_head), h = (int)(it % a->n_head);
         int kvh = h / gqa;
         int n_kv = a->pos0 + t + 1;
         const float *qh = j->q + ((int64_t)t * a->n_head + h) * hd;
-        const size_t head_off = (size_t)kvh * hd * elt, row_bytes = (size_t)kv_dim * elt;
+        const size_t head_off = (size_t)kvh * hd * elt;
         if (f16) { /* ggml rounds the query to the cache's vec_dot type */
             for (int d = 0; d < hd; d++)
                 qh16[d] = forge_fp16_to_f32(forge_f32_to_fp16(qh[d]));
             qh = qh16;
         }
         float max = -INFINITY;
-        for (int p = 0; p < n_kv; p++) {
-            float s = dot_row(kbase + (size_t)p * row_bytes + head_off, f16, qh, hd) * a->scale;
-            scores[p] = s;
-            if (s > max) max = s;
+        for (int p0 = 0, b = 0; p0 < n_kv; p0 += bs, b++) {
+            const size_t r0 = j->table ? (size_t)j->table[b] * (size_t)bs : (size_t)p0;
+            const uint8_t *kr = kbase + r0 * row_bytes + head_off;
+            const int m = n_kv - p0 < bs ? n_kv - p0 : bs;
+            for (int i = 0; i < m; i++) {
+                float s = dot_row(kr + (size_t)i * row_bytes, f16, qh, hd) * a->scale;
+                scores[p0 + i] = s;
+                if (s > max) max = s;
+            }
         }
         double sum = 0.0;
         for (int p = 0; p < n_kv; p++) {
@@ -389,43 +403,173 @@ static void attn_worker(void *arg, int ith, int nth)
         }
         float *o = j->out + ((int64_t)t * a->n_head + h) * hd;
         memset(o, 0, (size_t)hd * sizeof *o);
-        for (int p = 0; p < n_kv; p++)
-            axpy_row(o, scores[p], vbase + (size_t)p * row_bytes + head_off, f16, hd);
+        for (int p0 = 0, b = 0; p0 < n_kv; p0 += bs, b++) {
+            const size_t r0 = j->table ? (size_t)j->table[b] * (size_t)bs : (size_t)p0;
+            const uint8_t *vr = vbase + r0 * row_bytes + head_off;
+            const int m = n_kv - p0 < bs ? n_kv - p0 : bs;
+            for (int i = 0; i < m; i++)
+                axpy_row(o, scores[p0 + i], vr + (size_t)i * row_bytes, f16, hd);
+        }
+    }
+}
+
+/* Checks shared by attention and attention_paged: buffers, head counts, layer. */
+static int attn_check(const be_buf *out, const be_buf *q, const be_kv *kv, const be_attn *a,
+                      const char *op, forge_err *err)
+{
+    if (!kv || !a || a->n_tok < 0 || a->n_head <= 0 || a->head_dim <= 0 || a->n_head_kv <= 0 ||
+        a->n_head % a->n_head_kv || a->n_head_kv * a->head_dim != kv->kv_dim || a->layer < 0 ||
+        a->layer >= kv->n_layer || a->pos0 < 0 || a->pos0 > INT32_MAX - a->n_tok)
+        return forge_err_set(err, FORGE_E_INTERNAL,
+                             "%s: layer %d, %d heads / %d KV heads of %d, pos %d+%d do not fit "
+                             "the cache (%d layers, kv_dim %d)",
+                             op, a ? a->layer : -1, a ? a->n_head : -1, a ? a->n_head_kv : -1,
+                             a ? a->head_dim : -1, a ? a->pos0 : -1, a ? a->n_tok : -1,
+                             kv ? kv->n_layer : -1, kv ? kv->kv_dim : -1);
+    const int64_t q_n = (int64_t)a->n_tok * a->n_head * a->head_dim;
+    if (check_buf(q, q_n, "attention q", err) || check_buf(out, q_n, "attention out", err))
+        return FORGE_E_INTERNAL;
+    return FORGE_OK;
+}
+
+static int attn_run(cpu_backend *c, be_buf *out, const be_buf *q, const be_kv *kv,
+                    const be_attn *a, const int32_t *table, int block_size, size_t n_scores,
+                    forge_err *err)
+{
+    if (a->n_tok == 0) return FORGE_OK;
+    if (scratch_reserve(c, n_scores + (size_t)a->head_dim, err)) return FORGE_E_NOMEM;
+    struct attn_job job = {c, out->data, q->data, kv, a, table, block_size, n_scores};
+    int64_t work = (int64_t)a->n_tok * a->n_head * (a->pos0 + a->n_tok) * a->head_dim * 2;
+    kern_pool_run(work < CPU_MIN_PARALLEL_WORK ? NULL : c->pool, attn_worker, &job);
+    return FORGE_OK;
+}
+
+/* Row row of layer layer of the cache = k_src, v_src (kv_dim floats), converted. */
+static void kv_put_row(be_kv *kv, int layer, size_t row, const float *k_src, const float *v_src)
+{
+    const size_t n = (size_t)kv->kv_dim, base = ((size_t)layer * kv->n_ctx + row) * n;
+    if (kv->type == FORGE_KV_F16) {
+        uint16_t *kd = (uint16_t *)kv->k + base, *vd = (uint16_t *)kv->v + base;
+        for (size_t i = 0; i < n; i++) {
+            kd[i] = forge_f32_to_fp16(k_src[i]);
+            vd[i] = forge_f32_to_fp16(v_src[i]);
+        }
+    } else {
+        memcpy((float *)kv->k + base, k_src, n * sizeof(float));
+        memcpy((float *)kv->v + base, v_src, n * sizeof(float));
     }
 }
 
 static int cpu_attention(backend *be, be_buf *out, const be_buf *q, const be_buf *k,
                          const be_buf *v, be_kv *kv, const be_attn *a, forge_err *err)
 {
-    cpu_backend *c = cpu(be);
-    const int hd = a->head_dim, kv_dim = a->n_head_kv * a->head_dim;
-    const int64_t q_n = (int64_t)a->n_tok * a->n_head * hd;
-    if (check_buf(q, q_n, "attention q", err) || check_buf(out, q_n, "attention out", err) ||
-        check_buf(k, (int64_t)a->n_tok * kv_dim, "attention k", err) ||
+    if (attn_check(out, q, kv, a, "attention", err)) return FORGE_E_INTERNAL;
+    const int kv_dim = kv->kv_dim;
+    if (check_buf(k, (int64_t)a->n_tok * kv_dim, "attention k", err) ||
         check_buf(v, (int64_t)a->n_tok * kv_dim, "attention v", err))
         return FORGE_E_INTERNAL;
-    if (kv_dim != kv->kv_dim || a->layer < 0 || a->layer >= kv->n_layer || a->pos0 < 0 ||
-        a->pos0 + a->n_tok > kv->n_ctx || a->n_head_kv <= 0 || a->n_head % a->n_head_kv)
+    if (a->pos0 + a->n_tok > kv->n_ctx)
         return forge_err_set(err, FORGE_E_INTERNAL,
                              "attention: layer %d pos %d+%d does not fit the cache", a->layer,
                              a->pos0, a->n_tok);
-    /* store K and V */
-    size_t base = ((size_t)a->layer * kv->n_ctx + (size_t)a->pos0) * kv_dim;
-    int64_t n = (int64_t)a->n_tok * kv_dim;
-    if (kv->type == FORGE_KV_F16) {
-        uint16_t *kd = (uint16_t *)kv->k + base, *vd = (uint16_t *)kv->v + base;
-        for (int64_t i = 0; i < n; i++) {
-            kd[i] = forge_f32_to_fp16(k->data[i]);
-            vd[i] = forge_f32_to_fp16(v->data[i]);
-        }
-    } else {
-        memcpy((float *)kv->k + base, k->data, (size_t)n * sizeof(float));
-        memcpy((float *)kv->v + base, v->data, (size_t)n * sizeof(float));
+    for (int t = 0; t < a->n_tok; t++)
+        kv_put_row(kv, a->layer, (size_t)a->pos0 + (size_t)t, k->data + (size_t)t * kv_dim,
+                   v->data + (size_t)t * kv_dim);
+    /* the contiguous cache is the paged one under the identity table (one block of n_ctx) */
+    return attn_run(cpu(be), out, q, kv, a, NULL, kv->n_ctx, (size_t)kv->n_ctx, err);
+}
+
+/* ---- paged KV cache --------------------------------------------------------------------- */
+
+static int cpu_kv_store(backend *be, be_kv *kv, int layer, const be_buf *k, const be_buf *v,
+                        const int32_t *rows, int n_tok, forge_err *err)
+{
+    (void)be;
+    if (!kv || layer < 0 || layer >= kv->n_layer || n_tok < 0 || (n_tok > 0 && !rows))
+        return forge_err_set(err, FORGE_E_INTERNAL, "kv_store: layer %d of %d, %d rows", layer,
+                             kv ? kv->n_layer : -1, n_tok);
+    if (check_buf(k, (int64_t)n_tok * kv->kv_dim, "kv_store k", err) ||
+        check_buf(v, (int64_t)n_tok * kv->kv_dim, "kv_store v", err))
+        return FORGE_E_INTERNAL;
+    for (int t = 0; t < n_tok; t++)
+        if (rows[t] < 0 || rows[t] >= kv->n_ctx)
+            return forge_err_set(err, FORGE_E_INTERNAL,
+                                 "kv_store: row %d (token %d) is outside the cache of %d rows",
+                                 rows[t], t, kv->n_ctx);
+    for (int t = 0; t < n_tok; t++)
+        kv_put_row(kv, layer, (size_t)rows[t], k->data + (size_t)t * kv->kv_dim,
+                   v->data + (size_t)t * kv->kv_dim);
+    return FORGE_OK;
+}
+
+static int cpu_kv_copy_block(backend *be, be_kv *kv, int block_size, int src, int dst, int n_rows,
+                             forge_err *err)
+{
+    (void)be;
+    if (!kv || block_size <= 0 || kv->n_ctx % block_size || n_rows < 0 || n_rows > block_size ||
+        src < 0 || dst < 0 || src >= kv->n_ctx / block_size || dst >= kv->n_ctx / block_size)
+        return forge_err_set(err, FORGE_E_INTERNAL,
+                             "kv_copy_block: block %d -> %d, %d rows of blocks of %d do not fit "
+                             "the cache of %d rows",
+                             src, dst, n_rows, block_size, kv ? kv->n_ctx : -1);
+    if (src == dst || n_rows == 0) return FORGE_OK;
+    const size_t row_bytes = (size_t)kv->kv_dim * (kv->type == FORGE_KV_F16 ? 2 : 4);
+    for (int l = 0; l < kv->n_layer; l++) {
+        size_t layer_off = (size_t)l * kv->n_ctx * row_bytes;
+        size_t s = layer_off + (size_t)src * block_size * row_bytes;
+        size_t d = layer_off + (size_t)dst * block_size * row_bytes;
+        memcpy((uint8_t *)kv->k + d, (const uint8_t *)kv->k + s, (size_t)n_rows * row_bytes);
+        memcpy((uint8_t *)kv->v + d, (const uint8_t *)kv->v + s, (size_t)n_rows * row_bytes);
     }
-    if (scratch_reserve(c, (size_t)kv->n_ctx + (size_t)hd, err)) return FORGE_E_NOMEM;
-    struct attn_job job = {c, out->data, q->data, kv, a};
-    int64_t work = (int64_t)a->n_tok * a->n_head * (a->pos0 + a->n_tok) * hd * 2;
-    kern_pool_run(work < CPU_MIN_PARALLEL_WORK ? NULL : c->pool, attn_worker, &job);
+    return FORGE_OK;
+}
+
+static int cpu_attention_paged(backend *be, be_buf *out, const be_buf *q, const be_kv *kv,
+                               const be_attn *a, const int32_t *table, int n_table,
+                               int block_size, forge_err *err)
+{
+    if (attn_check(out, q, kv, a, "attention_paged", err)) return FORGE_E_INTERNAL;
+    if (block_size <= 0 || kv->n_ctx % block_size || n_table < 0 || (n_table > 0 && !table) ||
+        (int64_t)n_table * block_size < (int64_t)a->pos0 + a->n_tok)
+        return forge_err_set(err, FORGE_E_INTERNAL,
+                             "attention_paged: a table of %d blocks of %d does not cover "
+                             "positions %d+%d (cache of %d rows)",
+                             n_table, block_size, a->pos0, a->n_tok, kv->n_ctx);
+    const int n_blocks = kv->n_ctx / block_size;
+    const int n_used = (int)(((int64_t)a->pos0 + a->n_tok + block_size - 1) / block_size);
+    for (int b = 0; b < n_used; b++)
+        if (table[b] < 0 || table[b] >= n_blocks)
+            return forge_err_set(err, FORGE_E_INTERNAL,
+                                 "attention_paged: table entry %d is block %d, the cache has %d",
+                                 b, table[b], n_blocks);
+    return attn_run(cpu(be), out, q, kv, a, table, block_size,
+                    (size_t)n_used * (size_t)block_size, err);
+}
+
+static int cpu_kv_read(backend *be, const be_kv *kv, int layer, const int32_t *rows, int n,
+                       float *k_out, float *v_out, forge_err *err)
+{
+    (void)be;
+    if (!kv || layer < 0 || layer >= kv->n_layer || n < 0 || (n > 0 && (!rows || !k_out || !v_out)))
+        return forge_err_set(err, FORGE_E_INTERNAL, "kv_read: layer %d of %d, %d rows", layer,
+                             kv ? kv->n_layer : -1, n);
+    const size_t dim = (size_t)kv->kv_dim;
+    for (int t = 0; t < n; t++) {
+        if (rows[t] < 0 || rows[t] >= kv->n_ctx)
+            return forge_err_set(err, FORGE_E_INTERNAL,
+                                 "kv_read: row %d is outside the cache of %d rows", rows[t],
+                                 kv->n_ctx);
+        size_t base = ((size_t)layer * kv->n_ctx + (size_t)rows[t]) * dim;
+        for (size_t i = 0; i < dim; i++) {
+            if (kv->type == FORGE_KV_F16) {
+                k_out[t * dim + i] = forge_fp16_to_f32(((const uint16_t *)kv->k)[base + i]);
+                v_out[t * dim + i] = forge_fp16_to_f32(((const uint16_t *)kv->v)[base + i]);
+            } else {
+                k_out[t * dim + i] = ((const float *)kv->k)[base + i];
+                v_out[t * dim + i] = ((const float *)kv->v)[base + i];
+            }
+        }
+    }
     return FORGE_OK;
 }
 
@@ -565,6 +709,10 @@ static const be_ops cpu_ops = {
     .add = cpu_add,
     .copy_rows = cpu_copy_rows,
     .matmul_multi = cpu_matmul_multi,
+    .kv_store = cpu_kv_store,
+    .kv_copy_block = cpu_kv_copy_block,
+    .attention_paged = cpu_attention_paged,
+    .kv_read = cpu_kv_read,
 };
 
 int backend_cpu_create(int n_threads, bool f32_math, backend **out, forge_err *err)
