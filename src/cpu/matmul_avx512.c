@@ -19,6 +19,7 @@
  * vector 8 times.
  * F32/F16/BF16: register tiles of 4 rows x 6 tokens, f32 accumulation (BF16 by vdpbf16ps, as
  * ggml does on such CPUs; it flushes bf16 subnormals to zero, which the scalar code does not). */
+#include <math.h>
 #include <string.h>
 
 #include "core/fp16.h"
@@ -155,38 +156,6 @@ TGT_I INLINE q_xstep load_xstep(const int8_t *xq, const float *xd, const int32_t
     return s;
 }
 
-/* One row, blocks b and b+1 (nblk 2) or b alone (nblk 1), Q4_0. */
-TGT_I INLINE __m512 q4_0_step(const q_consts *c, const uint8_t *w, int nblk, const q_xstep *x,
-                              __m512 acc)
-{
-    __m512i raw = nblk == 2 ? _mm512_maskz_loadu_epi8((1ULL << 36) - 1, w)
-                            : _mm512_maskz_loadu_epi8((1ULL << 18) - 1, w);
-    __m512i nib = _mm512_permutexvar_epi8(c->nib_idx, raw);
-    nib = _mm512_gf2p8affine_epi64_epi8(nib, c->nib_gf, 0);
-    __m512i isum = _mm512_dpbusd_epi32(x->nc, nib, x->xv);
-    __m512 dw = _mm512_cvtph_ps(_mm512_castsi512_si256(_mm512_permutexvar_epi16(c->d4_idx, raw)));
-    return _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum), _mm512_mul_ps(dw, x->xs), acc);
-}
-
-/* One row, Q8_0: two overlapping loads cover the 68 bytes of two blocks without reading past
- * them. */
-TGT_I INLINE __m512 q8_0_step(const q_consts *c, const uint8_t *w, int nblk, const q_xstep *x,
-                              __m512 acc)
-{
-    __m512i a, b;
-    if (nblk == 2) {
-        a = _mm512_loadu_si512((const void *)w);
-        b = _mm512_loadu_si512((const void *)(w + 4));
-    } else {
-        a = _mm512_maskz_loadu_epi8((1ULL << 34) - 1, w);
-        b = _mm512_setzero_si512();
-    }
-    __m512i q = _mm512_xor_si512(_mm512_permutex2var_epi8(a, c->q8_idx, b), c->x80);
-    __m512i isum = _mm512_dpbusd_epi32(x->nc, q, x->xv);
-    __m512 dw = _mm512_cvtph_ps(_mm512_castsi512_si256(_mm512_permutexvar_epi16(c->d8_idx, a)));
-    return _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum), _mm512_mul_ps(dw, x->xs), acc);
-}
-
 /* Decode streams weights from memory. A tile of rows is one contiguous region, so while a tile
  * is computed the next one is prefetched into L2 as a single linear stream: on the 2-core EPYC
  * this doubled single-thread streaming (Q4_0 7.5 -> 12.8 GB/s) where prefetching along each
@@ -276,7 +245,20 @@ TGT_I INLINE __m512 q_rows8_step(const q_consts *c, const uint8_t *const w[8], c
         isum[r] = q_isum(c, w[r] + off, nblk, &xs, &raw[r], is_q4);
     }
     __m512 scale = _mm512_mul_ps(scales8x2(raw, is_q4), dx);
-    return _mm512_fmadd_ps(_mm512_cvtepi32_ps(reduce8x2(isum)), scale, acc);
+    __m512 sums = _mm512_cvtepi32_ps(reduce8x2(isum));
+    /* each row adds its block sums in block order, as q_tile does (batch invariance): block b
+     * sits in lanes 0-3 / 8-11 of sums, block b+1 in lanes 4-7 / 12-15; rows 0-7 -> acc lanes
+     * 0-7 */
+    const __m512i idx_b = _mm512_set_epi32(11, 10, 9, 8, 3, 2, 1, 0, 11, 10, 9, 8, 3, 2, 1, 0);
+    acc = _mm512_fmadd_ps(_mm512_permutexvar_ps(idx_b, sums), _mm512_permutexvar_ps(idx_b, scale),
+                          acc);
+    if (nblk == 2) {
+        const __m512i idx_b1 =
+            _mm512_set_epi32(15, 14, 13, 12, 7, 6, 5, 4, 15, 14, 13, 12, 7, 6, 5, 4);
+        acc = _mm512_fmadd_ps(_mm512_permutexvar_ps(idx_b1, sums),
+                              _mm512_permutexvar_ps(idx_b1, scale), acc);
+    }
+    return acc;
 }
 
 /* 8 rows starting at o, one token: the integer sums of 8 rows are reduced together, so the
@@ -302,13 +284,11 @@ TGT_I INLINE void q_rows8_1tok(const kern_mm_args *a, const q_consts *c, int64_t
     for (; b + 2 <= nb; b += 2)
         acc = q_rows8_step(c, w, xq, xd, nc, b, 2, bb, pf, acc, is_q4);
     if (b < nb) acc = q_rows8_step(c, w, xq, xd, nc, b, 1, bb, pf, acc, is_q4);
-    __m256 lo = _mm512_castps512_ps256(acc), hi = _mm512_extractf32x8_ps(acc, 1);
-    float *y = a->Y + t * a->n_out + o;
-    _mm_storeu_ps(y, _mm_add_ps(_mm256_castps256_ps128(lo), _mm256_extractf128_ps(lo, 1)));
-    _mm_storeu_ps(y + 4, _mm_add_ps(_mm256_castps256_ps128(hi), _mm256_extractf128_ps(hi, 1)));
+    _mm256_storeu_ps(a->Y + t * a->n_out + o, _mm512_castps512_ps256(acc));
 }
 
-/* One row (the remainder of a tile), one token. */
+/* One row (the remainder of a tile), one token: each block's integer sum, scaled and added in
+ * block order, as q_tile does (batch invariance). */
 TGT_I INLINE void q_row_1tok(const kern_mm_args *a, const q_consts *c, int64_t o, int64_t t,
                              int is_q4)
 {
@@ -319,19 +299,19 @@ TGT_I INLINE void q_row_1tok(const kern_mm_args *a, const q_consts *c, int64_t o
     const int64_t nb = a->n_in / KERN_QK;
     const size_t bb = is_q4 ? KERN_Q4_0_BYTES : KERN_Q8_0_BYTES;
     const uint8_t *w = a->W + (size_t)o * a->w_row_bytes;
-    __m512 acc = _mm512_setzero_ps();
-    int64_t b = 0;
-    for (; b + 2 <= nb; b += 2) {
-        q_xstep xs = load_xstep(xq, xd, nc, b, 2);
-        acc = is_q4 ? q4_0_step(c, w + (size_t)b * bb, 2, &xs, acc)
-                    : q8_0_step(c, w + (size_t)b * bb, 2, &xs, acc);
+    float acc = 0.0f;
+    for (int64_t b = 0; b < nb; b += 2) {
+        const int nblk = b + 2 <= nb ? 2 : 1;
+        q_xstep xs = load_xstep(xq, xd, nc, b, nblk);
+        __m512i raw;
+        __m512i isum = q_isum(c, w + (size_t)b * bb, nblk, &xs, &raw, is_q4);
+        for (int j = 0; j < nblk; j++) {
+            int32_t si = _mm512_mask_reduce_add_epi32(j ? 0xff00 : 0x00ff, isum);
+            float dw = forge_fp16_to_f32(kern_load_u16(w + (size_t)(b + j) * bb));
+            acc = fmaf((float)si, dw * xd[b + j], acc);
+        }
     }
-    if (b < nb) {
-        q_xstep xs = load_xstep(xq, xd, nc, b, 1);
-        acc = is_q4 ? q4_0_step(c, w + (size_t)b * bb, 1, &xs, acc)
-                    : q8_0_step(c, w + (size_t)b * bb, 1, &xs, acc);
-    }
-    a->Y[t * a->n_out + o] = _mm512_reduce_add_ps(acc);
+    a->Y[t * a->n_out + o] = acc;
 }
 
 /* Q4_0, one token, four blocks per step: 8 rows x 4 blocks. Each row's 72 bytes are two
@@ -408,10 +388,10 @@ TGT_I INLINE void scales8x4(const q4x4_consts *c, const __m512i raw[8], __m512 o
             _mm512_castsi512_si256(_mm512_permutex2var_epi16(v[2 * k], c->d_i2, v[2 * k + 1])));
 }
 
-/* Blocks b..b+3 of 8 rows; acc[0] lane 4k + r: row r, acc[1]: row 4 + r. */
+/* Blocks b..b+3 of 8 rows, added to acc (lane r: row r) block after block. */
 TGT_I INLINE void q4_rows8x4_step(const q4x4_consts *c, const uint8_t *const w[8], const int8_t *xq,
                                   const float *xd, const int32_t *nc, int64_t b, const uint8_t *pf,
-                                  __m512 acc[2])
+                                  __m512 *acc)
 {
     const size_t bb = KERN_Q4_0_BYTES;
     /* the next tile's bytes, as one linear stream: 32 blocks' worth per step */
@@ -442,9 +422,17 @@ TGT_I INLINE void q4_rows8x4_step(const q4x4_consts *c, const uint8_t *const w[8
     __m512 dw[2];
     reduce8x4(isum, red);
     scales8x4(c, raw, dw);
-#pragma GCC unroll 2
-    for (int k = 0; k < 2; k++)
-        acc[k] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(red[k]), _mm512_mul_ps(dw[k], dx), acc[k]);
+    const __m512 v0 = _mm512_cvtepi32_ps(red[0]), v1 = _mm512_cvtepi32_ps(red[1]);
+    const __m512 s0 = _mm512_mul_ps(dw[0], dx), s1 = _mm512_mul_ps(dw[1], dx);
+    /* block k of rows 0-3 is lanes 4k.. of v0, of rows 4-7 lanes 4k.. of v1: gathered into
+     * lanes 0-7 and added in block order, as q_tile does (batch invariance) */
+    const __m512i base = _mm512_set_epi32(19, 18, 17, 16, 3, 2, 1, 0, 19, 18, 17, 16, 3, 2, 1, 0);
+#pragma GCC unroll 4
+    for (int k = 0; k < 4; k++) {
+        const __m512i idx = _mm512_add_epi32(base, _mm512_set1_epi32(4 * k));
+        *acc = _mm512_fmadd_ps(_mm512_permutex2var_ps(v0, idx, v1),
+                               _mm512_permutex2var_ps(s0, idx, s1), *acc);
+    }
 }
 
 /* 8 Q4_0 rows starting at o, one token: four-block steps, then the two- and one-block steps of
@@ -459,7 +447,7 @@ TGT_I INLINE void q4_rows8_1tok(const kern_mm_args *a, const q_consts *c, const 
     const int64_t nb = a->n_in / KERN_QK;
     const size_t bb = KERN_Q4_0_BYTES;
     const uint8_t *w[8];
-    __m512 acc4[2] = {_mm512_setzero_ps(), _mm512_setzero_ps()};
+    __m512 acc = _mm512_setzero_ps();
 #pragma GCC unroll 8
     for (int r = 0; r < 8; r++)
         w[r] = a->W + (size_t)(o + r) * a->w_row_bytes;
@@ -467,26 +455,11 @@ TGT_I INLINE void q4_rows8_1tok(const kern_mm_args *a, const q_consts *c, const 
     const uint8_t *pf = w[0] + (tile_bytes < 12288 ? 2 : 1) * tile_bytes;
     int64_t b = 0;
     for (; b + 4 <= nb; b += 4)
-        q4_rows8x4_step(c4, w, xq, xd, nc, b, pf, acc4);
-    /* rows 0-3 and 4-7: the sum of the four 128-bit lanes */
-    __m256 s0 = _mm256_add_ps(_mm512_castps512_ps256(acc4[0]), _mm512_extractf32x8_ps(acc4[0], 1));
-    __m256 s1 = _mm256_add_ps(_mm512_castps512_ps256(acc4[1]), _mm512_extractf32x8_ps(acc4[1], 1));
-    __m128 y0 = _mm_add_ps(_mm256_castps256_ps128(s0), _mm256_extractf128_ps(s0, 1));
-    __m128 y1 = _mm_add_ps(_mm256_castps256_ps128(s1), _mm256_extractf128_ps(s1, 1));
-    if (b < nb) {
-        __m512 acc = _mm512_setzero_ps();
-        if (b + 2 <= nb) {
-            acc = q_rows8_step(c, w, xq, xd, nc, b, 2, bb, pf, acc, 1);
-            b += 2;
-        }
-        if (b < nb) acc = q_rows8_step(c, w, xq, xd, nc, b, 1, bb, pf, acc, 1);
-        __m256 lo = _mm512_castps512_ps256(acc), hi = _mm512_extractf32x8_ps(acc, 1);
-        y0 = _mm_add_ps(y0, _mm_add_ps(_mm256_castps256_ps128(lo), _mm256_extractf128_ps(lo, 1)));
-        y1 = _mm_add_ps(y1, _mm_add_ps(_mm256_castps256_ps128(hi), _mm256_extractf128_ps(hi, 1)));
-    }
-    float *y = a->Y + t * a->n_out + o;
-    _mm_storeu_ps(y, y0);
-    _mm_storeu_ps(y + 4, y1);
+        q4_rows8x4_step(c4, w, xq, xd, nc, b, pf, &acc);
+    for (; b + 2 <= nb; b += 2)
+        acc = q_rows8_step(c, w, xq, xd, nc, b, 2, bb, pf, acc, 1);
+    if (b < nb) acc = q_rows8_step(c, w, xq, xd, nc, b, 1, bb, pf, acc, 1);
+    _mm256_storeu_ps(a->Y + t * a->n_out + o, _mm512_castps512_ps256(acc));
 }
 
 TGT_I INLINE void q_rows_1tok(const kern_mm_args *a, int64_t r0, int64_t r1, int64_t t, int is_q4)
