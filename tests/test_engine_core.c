@@ -440,6 +440,8 @@ static void test_preemption(void **state)
 
 /* ---- 4. random submit / cancel ---- */
 
+static uint64_t g_random_preempted, g_random_cached;
+
 static void random_run(forge_model *m, uint64_t seed, bool cache, int32_t bs)
 {
     enum { MAXR = 120 };
@@ -449,6 +451,7 @@ static void random_run(forge_model *m, uint64_t seed, bool cache, int32_t bs)
     forge_engine *e = make_engine(m, &ep);
     got *g = calloc(MAXR, sizeof *g);
     forge_req_id ids[MAXR];
+    forge_request_params params[MAXR];
     bool cancelled[MAXR] = {0};
     int32_t prompts[4][90];
     for (int i = 0; i < 4; i++)
@@ -469,6 +472,7 @@ static void random_run(forge_model *m, uint64_t seed, bool cache, int32_t bs)
                 rp.sampling.seed = tu_rand_u64(&s);
             }
             ids[n_req] = submit(e, &rp);
+            params[n_req] = rp;
             n_req++;
         } else if (op < 5 && n_req > 0) {
             int k = (int)(tu_rand_u64(&s) % (uint64_t)n_req);
@@ -492,10 +496,22 @@ static void random_run(forge_model *m, uint64_t seed, bool cache, int32_t bs)
     forge_engine_get_stats(e, &st);
     assert_int_equal(st.blocks_used, 0);
     assert_int_equal(st.n_running + st.n_waiting, 0);
+    g_random_preempted += st.n_preempted;
+    g_random_cached += st.cached_tokens;
     for (int i = 0; i < n_req; i++) {
+        if (g[i].bad[0]) fail_msg("request %d: %s", i, g[i].bad);
         assert_int_equal(g[i].n_final, 1);
-        if (cancelled[i]) assert_int_equal(g[i].finish, FORGE_FINISH_CANCELLED);
-        else assert_true(g[i].finish == FORGE_FINISH_LENGTH || g[i].finish == FORGE_FINISH_STOP);
+        if (cancelled[i]) {
+            assert_int_equal(g[i].finish, FORGE_FINISH_CANCELLED);
+        } else {
+            /* through preemptions, prefix hits and other requests: `forge run`'s ids */
+            assert_true(g[i].finish == FORGE_FINISH_LENGTH || g[i].finish == FORGE_FINISH_STOP);
+            int32_t ref[64];
+            const forge_request_params *rp = &params[i];
+            int32_t n_ref = reference(m, rp->prompt, rp->n_prompt, &rp->sampling, rp->max_tokens,
+                                      rp->ignore_eos, ref);
+            assert_ids(&g[i], ref, n_ref, "random run request", i);
+        }
         assert_int_equal(forge_engine_cancel(e, ids[i], &err), FORGE_E_NOTFOUND);
     }
     forge_engine_free(e);
@@ -510,6 +526,11 @@ static void test_random_cancel(void **state)
     random_run(m, 2, false, 16);
     random_run(m, 3, true, 32);
     random_run(m, 4, true, 16);
+    /* the runs went through preemption and prefix hits */
+    print_message("random runs: %llu preemptions, %llu cached prompt tokens\n",
+                  (unsigned long long)g_random_preempted, (unsigned long long)g_random_cached);
+    assert_true(g_random_preempted > 0);
+    assert_true(g_random_cached > 0);
     forge_model_free(m);
 }
 
