@@ -156,6 +156,38 @@ TGT_I INLINE q_xstep load_xstep(const int8_t *xq, const float *xd, const int32_t
     return s;
 }
 
+/* One row, blocks b and b+1 (nblk 2) or b alone (nblk 1), Q4_0. */
+TGT_I INLINE __m512 q4_0_step(const q_consts *c, const uint8_t *w, int nblk, const q_xstep *x,
+                              __m512 acc)
+{
+    __m512i raw = nblk == 2 ? _mm512_maskz_loadu_epi8((1ULL << 36) - 1, w)
+                            : _mm512_maskz_loadu_epi8((1ULL << 18) - 1, w);
+    __m512i nib = _mm512_permutexvar_epi8(c->nib_idx, raw);
+    nib = _mm512_gf2p8affine_epi64_epi8(nib, c->nib_gf, 0);
+    __m512i isum = _mm512_dpbusd_epi32(x->nc, nib, x->xv);
+    __m512 dw = _mm512_cvtph_ps(_mm512_castsi512_si256(_mm512_permutexvar_epi16(c->d4_idx, raw)));
+    return _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum), _mm512_mul_ps(dw, x->xs), acc);
+}
+
+/* One row, Q8_0: two overlapping loads cover the 68 bytes of two blocks without reading past
+ * them. */
+TGT_I INLINE __m512 q8_0_step(const q_consts *c, const uint8_t *w, int nblk, const q_xstep *x,
+                              __m512 acc)
+{
+    __m512i a, b;
+    if (nblk == 2) {
+        a = _mm512_loadu_si512((const void *)w);
+        b = _mm512_loadu_si512((const void *)(w + 4));
+    } else {
+        a = _mm512_maskz_loadu_epi8((1ULL << 34) - 1, w);
+        b = _mm512_setzero_si512();
+    }
+    __m512i q = _mm512_xor_si512(_mm512_permutex2var_epi8(a, c->q8_idx, b), c->x80);
+    __m512i isum = _mm512_dpbusd_epi32(x->nc, q, x->xv);
+    __m512 dw = _mm512_cvtph_ps(_mm512_castsi512_si256(_mm512_permutexvar_epi16(c->d8_idx, a)));
+    return _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum), _mm512_mul_ps(dw, x->xs), acc);
+}
+
 /* Decode streams weights from memory. A tile of rows is one contiguous region, so while a tile
  * is computed the next one is prefetched into L2 as a single linear stream: on the 2-core EPYC
  * this doubled single-thread streaming (Q4_0 7.5 -> 12.8 GB/s) where prefetching along each
@@ -245,20 +277,7 @@ TGT_I INLINE __m512 q_rows8_step(const q_consts *c, const uint8_t *const w[8], c
         isum[r] = q_isum(c, w[r] + off, nblk, &xs, &raw[r], is_q4);
     }
     __m512 scale = _mm512_mul_ps(scales8x2(raw, is_q4), dx);
-    __m512 sums = _mm512_cvtepi32_ps(reduce8x2(isum));
-    /* each row adds its block sums in block order, as q_tile does (batch invariance): block b
-     * sits in lanes 0-3 / 8-11 of sums, block b+1 in lanes 4-7 / 12-15; rows 0-7 -> acc lanes
-     * 0-7 */
-    const __m512i idx_b = _mm512_set_epi32(11, 10, 9, 8, 3, 2, 1, 0, 11, 10, 9, 8, 3, 2, 1, 0);
-    acc = _mm512_fmadd_ps(_mm512_permutexvar_ps(idx_b, sums), _mm512_permutexvar_ps(idx_b, scale),
-                          acc);
-    if (nblk == 2) {
-        const __m512i idx_b1 =
-            _mm512_set_epi32(15, 14, 13, 12, 7, 6, 5, 4, 15, 14, 13, 12, 7, 6, 5, 4);
-        acc = _mm512_fmadd_ps(_mm512_permutexvar_ps(idx_b1, sums),
-                              _mm512_permutexvar_ps(idx_b1, scale), acc);
-    }
-    return acc;
+    return _mm512_fmadd_ps(_mm512_cvtepi32_ps(reduce8x2(isum)), scale, acc);
 }
 
 /* 8 rows starting at o, one token: the integer sums of 8 rows are reduced together, so the
@@ -284,34 +303,69 @@ TGT_I INLINE void q_rows8_1tok(const kern_mm_args *a, const q_consts *c, int64_t
     for (; b + 2 <= nb; b += 2)
         acc = q_rows8_step(c, w, xq, xd, nc, b, 2, bb, pf, acc, is_q4);
     if (b < nb) acc = q_rows8_step(c, w, xq, xd, nc, b, 1, bb, pf, acc, is_q4);
-    _mm256_storeu_ps(a->Y + t * a->n_out + o, _mm512_castps512_ps256(acc));
+    __m256 lo = _mm512_castps512_ps256(acc), hi = _mm512_extractf32x8_ps(acc, 1);
+    float *y = a->Y + t * a->n_out + o;
+    _mm_storeu_ps(y, _mm_add_ps(_mm256_castps256_ps128(lo), _mm256_extractf128_ps(lo, 1)));
+    _mm_storeu_ps(y + 4, _mm_add_ps(_mm256_castps256_ps128(hi), _mm256_extractf128_ps(hi, 1)));
 }
 
-/* One row (the remainder of a tile), one token: each block's integer sum, scaled and added in
- * block order, as q_tile does (batch invariance). */
+/* The exact integer sum of one block: weights (Q4_0 nibbles - 8, or Q8_0 int8) times the
+ * token's Q8 activations; what the dpbusd paths compute with their correction seeds. Not
+ * auto-vectorized: GCC 12 turns the signed int8 x int8 loop, inlined into a function compiled
+ * for AVX-512 VNNI, into wrong code (tests/test_batch_invariance.c caught it). */
+#if defined(__GNUC__) && !defined(__clang__)
+#define Q_NO_VECTORIZE __attribute__((noinline, optimize("no-tree-vectorize")))
+#else
+#define Q_NO_VECTORIZE __attribute__((noinline))
+#endif
+Q_NO_VECTORIZE static int32_t q_block_isum(const uint8_t *wb, const int8_t *xb, int is_q4)
+{
+    int32_t s = 0;
+    if (is_q4) {
+        for (int j = 0; j < KERN_QK / 2; j++)
+            s += ((wb[2 + j] & 0x0f) - 8) * xb[j] + ((wb[2 + j] >> 4) - 8) * xb[j + KERN_QK / 2];
+    } else {
+        for (int j = 0; j < KERN_QK; j++)
+            s += (int8_t)wb[2 + j] * xb[j];
+    }
+    return s;
+}
+
+/* One row (the remainder of a tile), one token, with the reduction order of the 8-row paths
+ * (batch invariance: a row's result must not depend on where it falls in a tile, nor on how
+ * many tokens the call has): per block the exact integer sum times (weight scale * activation
+ * scale), accumulated with one fma per block into chains by block index (Q8_0: even/odd,
+ * summed at the end; Q4_0: the blocks of whole 4-block groups by index mod 4, summed as
+ * (c0 + c2) + (c1 + c3), then the other blocks in even/odd chains added last). Scalar: only rows
+ * past the last multiple of 8 of a thread's range get here. */
 TGT_I INLINE void q_row_1tok(const kern_mm_args *a, const q_consts *c, int64_t o, int64_t t,
                              int is_q4)
 {
+    (void)c;
     const uint8_t *xrow = a->Xc + (size_t)t * a->xc_row_bytes;
     const int8_t *xq = (const int8_t *)xrow;
     const float *xd = kern_xq_d(xrow, a->n_in);
-    const int32_t *nc = kern_xq_ncorr(xrow, a->n_in);
     const int64_t nb = a->n_in / KERN_QK;
     const size_t bb = is_q4 ? KERN_Q4_0_BYTES : KERN_Q8_0_BYTES;
     const uint8_t *w = a->W + (size_t)o * a->w_row_bytes;
-    float acc = 0.0f;
-    for (int64_t b = 0; b < nb; b += 2) {
-        const int nblk = b + 2 <= nb ? 2 : 1;
-        q_xstep xs = load_xstep(xq, xd, nc, b, nblk);
-        __m512i raw;
-        __m512i isum = q_isum(c, w + (size_t)b * bb, nblk, &xs, &raw, is_q4);
-        for (int j = 0; j < nblk; j++) {
-            int32_t si = _mm512_mask_reduce_add_epi32(j ? 0xff00 : 0x00ff, isum);
-            float dw = forge_fp16_to_f32(kern_load_u16(w + (size_t)(b + j) * bb));
-            acc = fmaf((float)si, dw * xd[b + j], acc);
-        }
+    const int64_t nb_main = is_q4 ? nb - nb % 4 : nb, nch = is_q4 ? 4 : 2;
+    float ch[4] = {0.0f, 0.0f, 0.0f, 0.0f}, tail[2] = {0.0f, 0.0f}, y;
+    int64_t b = 0;
+    for (; b < nb_main; b++) {
+        const uint8_t *wb = w + (size_t)b * bb;
+        float scale = forge_fp16_to_f32(kern_load_u16(wb)) * xd[b];
+        ch[b % nch] = fmaf((float)q_block_isum(wb, xq + b * KERN_QK, is_q4), scale, ch[b % nch]);
     }
-    a->Y[t * a->n_out + o] = acc;
+    y = is_q4 ? (ch[0] + ch[2]) + (ch[1] + ch[3]) : ch[0] + ch[1];
+    if (b < nb) {
+        for (int k = 0; b < nb; b++, k ^= 1) {
+            const uint8_t *wb = w + (size_t)b * bb;
+            float scale = forge_fp16_to_f32(kern_load_u16(wb)) * xd[b];
+            tail[k] = fmaf((float)q_block_isum(wb, xq + b * KERN_QK, is_q4), scale, tail[k]);
+        }
+        y = y + (tail[0] + tail[1]);
+    }
+    a->Y[t * a->n_out + o] = y;
 }
 
 /* Q4_0, one token, four blocks per step: 8 rows x 4 blocks. Each row's 72 bytes are two
@@ -388,10 +442,10 @@ TGT_I INLINE void scales8x4(const q4x4_consts *c, const __m512i raw[8], __m512 o
             _mm512_castsi512_si256(_mm512_permutex2var_epi16(v[2 * k], c->d_i2, v[2 * k + 1])));
 }
 
-/* Blocks b..b+3 of 8 rows, added to acc (lane r: row r) block after block. */
+/* Blocks b..b+3 of 8 rows; acc[0] lane 4k + r: row r, acc[1]: row 4 + r. */
 TGT_I INLINE void q4_rows8x4_step(const q4x4_consts *c, const uint8_t *const w[8], const int8_t *xq,
                                   const float *xd, const int32_t *nc, int64_t b, const uint8_t *pf,
-                                  __m512 *acc)
+                                  __m512 acc[2])
 {
     const size_t bb = KERN_Q4_0_BYTES;
     /* the next tile's bytes, as one linear stream: 32 blocks' worth per step */
@@ -422,17 +476,9 @@ TGT_I INLINE void q4_rows8x4_step(const q4x4_consts *c, const uint8_t *const w[8
     __m512 dw[2];
     reduce8x4(isum, red);
     scales8x4(c, raw, dw);
-    const __m512 v0 = _mm512_cvtepi32_ps(red[0]), v1 = _mm512_cvtepi32_ps(red[1]);
-    const __m512 s0 = _mm512_mul_ps(dw[0], dx), s1 = _mm512_mul_ps(dw[1], dx);
-    /* block k of rows 0-3 is lanes 4k.. of v0, of rows 4-7 lanes 4k.. of v1: gathered into
-     * lanes 0-7 and added in block order, as q_tile does (batch invariance) */
-    const __m512i base = _mm512_set_epi32(19, 18, 17, 16, 3, 2, 1, 0, 19, 18, 17, 16, 3, 2, 1, 0);
-#pragma GCC unroll 4
-    for (int k = 0; k < 4; k++) {
-        const __m512i idx = _mm512_add_epi32(base, _mm512_set1_epi32(4 * k));
-        *acc = _mm512_fmadd_ps(_mm512_permutex2var_ps(v0, idx, v1),
-                               _mm512_permutex2var_ps(s0, idx, s1), *acc);
-    }
+#pragma GCC unroll 2
+    for (int k = 0; k < 2; k++)
+        acc[k] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(red[k]), _mm512_mul_ps(dw[k], dx), acc[k]);
 }
 
 /* 8 Q4_0 rows starting at o, one token: four-block steps, then the two- and one-block steps of
@@ -447,7 +493,7 @@ TGT_I INLINE void q4_rows8_1tok(const kern_mm_args *a, const q_consts *c, const 
     const int64_t nb = a->n_in / KERN_QK;
     const size_t bb = KERN_Q4_0_BYTES;
     const uint8_t *w[8];
-    __m512 acc = _mm512_setzero_ps();
+    __m512 acc4[2] = {_mm512_setzero_ps(), _mm512_setzero_ps()};
 #pragma GCC unroll 8
     for (int r = 0; r < 8; r++)
         w[r] = a->W + (size_t)(o + r) * a->w_row_bytes;
@@ -455,11 +501,26 @@ TGT_I INLINE void q4_rows8_1tok(const kern_mm_args *a, const q_consts *c, const 
     const uint8_t *pf = w[0] + (tile_bytes < 12288 ? 2 : 1) * tile_bytes;
     int64_t b = 0;
     for (; b + 4 <= nb; b += 4)
-        q4_rows8x4_step(c4, w, xq, xd, nc, b, pf, &acc);
-    for (; b + 2 <= nb; b += 2)
-        acc = q_rows8_step(c, w, xq, xd, nc, b, 2, bb, pf, acc, 1);
-    if (b < nb) acc = q_rows8_step(c, w, xq, xd, nc, b, 1, bb, pf, acc, 1);
-    _mm256_storeu_ps(a->Y + t * a->n_out + o, _mm512_castps512_ps256(acc));
+        q4_rows8x4_step(c4, w, xq, xd, nc, b, pf, acc4);
+    /* rows 0-3 and 4-7: the sum of the four 128-bit lanes */
+    __m256 s0 = _mm256_add_ps(_mm512_castps512_ps256(acc4[0]), _mm512_extractf32x8_ps(acc4[0], 1));
+    __m256 s1 = _mm256_add_ps(_mm512_castps512_ps256(acc4[1]), _mm512_extractf32x8_ps(acc4[1], 1));
+    __m128 y0 = _mm_add_ps(_mm256_castps256_ps128(s0), _mm256_extractf128_ps(s0, 1));
+    __m128 y1 = _mm_add_ps(_mm256_castps256_ps128(s1), _mm256_extractf128_ps(s1, 1));
+    if (b < nb) {
+        __m512 acc = _mm512_setzero_ps();
+        if (b + 2 <= nb) {
+            acc = q_rows8_step(c, w, xq, xd, nc, b, 2, bb, pf, acc, 1);
+            b += 2;
+        }
+        if (b < nb) acc = q_rows8_step(c, w, xq, xd, nc, b, 1, bb, pf, acc, 1);
+        __m256 lo = _mm512_castps512_ps256(acc), hi = _mm512_extractf32x8_ps(acc, 1);
+        y0 = _mm_add_ps(y0, _mm_add_ps(_mm256_castps256_ps128(lo), _mm256_extractf128_ps(lo, 1)));
+        y1 = _mm_add_ps(y1, _mm_add_ps(_mm256_castps256_ps128(hi), _mm256_extractf128_ps(hi, 1)));
+    }
+    float *y = a->Y + t * a->n_out + o;
+    _mm_storeu_ps(y, y0);
+    _mm_storeu_ps(y + 4, y1);
 }
 
 TGT_I INLINE void q_rows_1tok(const kern_mm_args *a, int64_t r0, int64_t r1, int64_t t, int is_q4)
@@ -584,49 +645,84 @@ TGT_I INLINE void q_repack(const kern_mm_args *a, const rp_idx *ix, int64_t o, i
     }
 }
 
-/* 16 repacked rows x T tokens, all blocks; stores the valid rows of each token. */
+/* Block b of 16 repacked rows for T tokens: acc[t] += isum * (d_w * d_x), one fma per block. */
+TGT_I INLINE void q_tile_block(const uint8_t *rep, const int8_t *const *xq, const float *const *xd,
+                               const int32_t *const *nc, int64_t b, int T, __m512 *acc)
+{
+    const uint8_t *rb = rep + (size_t)b * RP_BLOCK_BYTES;
+    __m512i is[TOK_TILE];
+#pragma GCC unroll 8
+    for (int t = 0; t < T; t++)
+        is[t] = _mm512_set1_epi32(nc[t][b]);
+#pragma GCC unroll 8
+    for (int g = 0; g < 8; g++) {
+        __m512i w = _mm512_load_si512((const void *)(rb + 64 * g));
+#pragma GCC unroll 8
+        for (int t = 0; t < T; t++) {
+            int32_t x4;
+            memcpy(&x4, xq[t] + b * KERN_QK + 4 * g, 4);
+            is[t] = _mm512_dpbusd_epi32(is[t], w, _mm512_set1_epi32(x4));
+        }
+    }
+    __m512 dw = _mm512_load_ps((const float *)(const void *)(rb + 512));
+#pragma GCC unroll 8
+    for (int t = 0; t < T; t++)
+        acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(is[t]),
+                                 _mm512_mul_ps(dw, _mm512_set1_ps(xd[t][b])), acc[t]);
+}
+
+/* 16 repacked rows x T tokens, all blocks; stores the valid rows of each token. The blocks go
+ * into the chains of the one-token paths (q_row_1tok says how), so every row gets the same bits
+ * as when its token runs alone. */
 TGT_I INLINE void q_tile(const kern_mm_args *a, const uint8_t *rep, int64_t o, __mmask16 rmask,
-                         int64_t t0, int T)
+                         int64_t t0, int T, int is_q4)
 {
     const int64_t nb = a->n_in / KERN_QK;
+    const int nch = is_q4 ? 4 : 2;
+    const int64_t nb_main = is_q4 ? nb - nb % 4 : nb;
     const int8_t *xq[TOK_TILE];
     const float *xd[TOK_TILE];
     const int32_t *nc[TOK_TILE];
-    __m512 acc[TOK_TILE];
+    __m512 acc[4][TOK_TILE], y[TOK_TILE];
 #pragma GCC unroll 8
     for (int t = 0; t < T; t++) {
         const uint8_t *xrow = a->Xc + (size_t)(t0 + t) * a->xc_row_bytes;
         xq[t] = (const int8_t *)xrow;
         xd[t] = kern_xq_d(xrow, a->n_in);
         nc[t] = kern_xq_ncorr(xrow, a->n_in);
-        acc[t] = _mm512_setzero_ps();
+#pragma GCC unroll 4
+        for (int k = 0; k < nch; k++)
+            acc[k][t] = _mm512_setzero_ps();
     }
-    for (int64_t b = 0; b < nb; b++) {
-        const uint8_t *rb = rep + (size_t)b * RP_BLOCK_BYTES;
-        __m512i is[TOK_TILE];
+    int64_t b = 0;
+    for (; b + nch <= nb_main; b += nch)
+#pragma GCC unroll 4
+        for (int k = 0; k < nch; k++)
+            q_tile_block(rep, xq, xd, nc, b + k, T, acc[k]);
+    if (b < nb_main) /* Q8_0, an odd block count: the last block is an even one */
+        q_tile_block(rep, xq, xd, nc, b++, T, acc[0]);
+#pragma GCC unroll 8
+    for (int t = 0; t < T; t++)
+        y[t] = is_q4 ? _mm512_add_ps(_mm512_add_ps(acc[0][t], acc[2][t]),
+                                     _mm512_add_ps(acc[1][t], acc[3][t]))
+                     : _mm512_add_ps(acc[0][t], acc[1][t]);
+    if (b < nb) { /* Q4_0: the blocks after the last whole group of 4, in even/odd chains */
 #pragma GCC unroll 8
         for (int t = 0; t < T; t++)
-            is[t] = _mm512_set1_epi32(nc[t][b]);
-#pragma GCC unroll 8
-        for (int g = 0; g < 8; g++) {
-            __m512i w = _mm512_load_si512((const void *)(rb + 64 * g));
-#pragma GCC unroll 8
-            for (int t = 0; t < T; t++) {
-                int32_t x4;
-                memcpy(&x4, xq[t] + b * KERN_QK + 4 * g, 4);
-                is[t] = _mm512_dpbusd_epi32(is[t], w, _mm512_set1_epi32(x4));
-            }
-        }
-        __m512 dw = _mm512_load_ps((const float *)(const void *)(rb + 512));
+            acc[0][t] = acc[1][t] = _mm512_setzero_ps();
+        for (int k = 0; b < nb; b++, k ^= 1)
+            q_tile_block(rep, xq, xd, nc, b, T, acc[k]);
 #pragma GCC unroll 8
         for (int t = 0; t < T; t++)
-            acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(is[t]),
-                                     _mm512_mul_ps(dw, _mm512_set1_ps(xd[t][b])), acc[t]);
+            y[t] = _mm512_add_ps(y[t], _mm512_add_ps(acc[0][t], acc[1][t]));
     }
 #pragma GCC unroll 8
     for (int t = 0; t < T; t++)
-        _mm512_mask_storeu_ps(a->Y + (t0 + t) * a->n_out + o, rmask, acc[t]);
+        _mm512_mask_storeu_ps(a->Y + (t0 + t) * a->n_out + o, rmask, y[t]);
 }
+
+/* Tokens per tile: Q4_0 keeps 4 block chains per token (q_tile), Q8_0 2: 16 accumulators. */
+#define Q4_TOK_TILE 4
 
 TGT_I INLINE void q_rows_ntok(const kern_mm_args *a, int64_t r0, int64_t r1, void *work, int is_q4)
 {
@@ -638,30 +734,44 @@ TGT_I INLINE void q_rows_ntok(const kern_mm_args *a, int64_t r0, int64_t r1, voi
         __mmask16 rmask = (__mmask16)((1u << rows) - 1);
         q_repack(a, &ix, o, rows, rep, is_q4);
         int64_t t = 0;
-        for (; t + TOK_TILE <= a->n_tok; t += TOK_TILE)
-            q_tile(a, rep, o, rmask, t, TOK_TILE);
+        if (is_q4) {
+            for (; t + Q4_TOK_TILE <= a->n_tok; t += Q4_TOK_TILE)
+                q_tile(a, rep, o, rmask, t, Q4_TOK_TILE, 1);
+        } else {
+            for (; t + TOK_TILE <= a->n_tok; t += TOK_TILE)
+                q_tile(a, rep, o, rmask, t, TOK_TILE, 0);
+        }
         /* the remainder as a constant, so each q_tile call is specialised for its width */
         switch (a->n_tok - t) {
         case 7:
-            q_tile(a, rep, o, rmask, t, 7);
+            q_tile(a, rep, o, rmask, t, 7, 0);
             break;
         case 6:
-            q_tile(a, rep, o, rmask, t, 6);
+            q_tile(a, rep, o, rmask, t, 6, 0);
             break;
         case 5:
-            q_tile(a, rep, o, rmask, t, 5);
+            q_tile(a, rep, o, rmask, t, 5, 0);
             break;
         case 4:
-            q_tile(a, rep, o, rmask, t, 4);
+            q_tile(a, rep, o, rmask, t, 4, 0);
             break;
         case 3:
-            q_tile(a, rep, o, rmask, t, 3);
+            if (is_q4)
+                q_tile(a, rep, o, rmask, t, 3, 1);
+            else
+                q_tile(a, rep, o, rmask, t, 3, 0);
             break;
         case 2:
-            q_tile(a, rep, o, rmask, t, 2);
+            if (is_q4)
+                q_tile(a, rep, o, rmask, t, 2, 1);
+            else
+                q_tile(a, rep, o, rmask, t, 2, 0);
             break;
         case 1:
-            q_tile(a, rep, o, rmask, t, 1);
+            if (is_q4)
+                q_tile(a, rep, o, rmask, t, 1, 1);
+            else
+                q_tile(a, rep, o, rmask, t, 1, 0);
             break;
         default:
             break;
@@ -743,12 +853,11 @@ TGT_F INLINE void f_tile(const kern_mm_args *a, int64_t o, int R, int64_t t0, in
 }
 
 #ifndef F_ROWS
-#define F_ROWS 4
+#define F_ROWS 8
 #endif
-/* One token: F_ROWS rows at a time, the next tile prefetched. Each row has one accumulator
- * summed in f_tile's order (elements i..i+15, then i+16.., one reduce at the end), so a row's
- * result does not depend on how many tokens the call has (batch invariance, docs/ENGINE.md).
- * Two accumulators per row added at the end would round differently from f_tile. */
+/* One token: F_ROWS rows, one accumulator each, elements in order 16 at a time: the reduction
+ * order of f_tile, so a row gets the same bits alone as in a tile of several tokens (batch
+ * invariance); the F_ROWS independent chains keep the FMAs in flight. */
 TGT_F INLINE void f_rows_1tok(const kern_mm_args *a, int64_t r0, int64_t r1, int64_t t, int kind)
 {
     size_t xstride = kind == WK_F32 ? (size_t)a->n_in * 4 : a->xc_row_bytes;
@@ -772,10 +881,11 @@ TGT_F INLINE void f_rows_1tok(const kern_mm_args *a, int64_t r0, int64_t r1, int
             for (size_t l = 0; l < step / 64; l++)
                 _mm_prefetch((const char *)(pf + 64 * l), _MM_HINT_T1);
 #pragma GCC unroll 8
-            for (int r = 0; r < F_ROWS; r++) {
+            for (int r = 0; r < F_ROWS; r++)
                 acc[r] = _mm512_fmadd_ps(load_w16(w[r], i, kind), x0, acc[r]);
+#pragma GCC unroll 8
+            for (int r = 0; r < F_ROWS; r++)
                 acc[r] = _mm512_fmadd_ps(load_w16(w[r], i + 16, kind), x1, acc[r]);
-            }
         }
 #pragma GCC unroll 8
         for (int r = 0; r < F_ROWS; r++)
