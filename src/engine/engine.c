@@ -770,6 +770,8 @@ int forge_engine_submit(forge_engine *e, const forge_request_params *p, forge_re
 
     pthread_mutex_lock(&e->mu);
     r->id = e->next_id++;
+    /* before the unlock: from then on the engine thread may finish and free r */
+    *id = r->id;
     list_push_back(&e->wait_head, &e->wait_tail, r);
     r->live_prev = e->live_tail;
     if (e->live_tail) e->live_tail->live_next = r;
@@ -779,7 +781,6 @@ int forge_engine_submit(forge_engine *e, const forge_request_params *p, forge_re
     e->stats.prompt_tokens += (uint64_t)p->n_prompt;
     pthread_cond_broadcast(&e->cv);
     pthread_mutex_unlock(&e->mu);
-    *id = r->id;
     return FORGE_OK;
 nomem:
     rc = forge_err_set(err, FORGE_E_NOMEM, "request: out of memory");
