@@ -482,10 +482,13 @@ int srv_request_parse(srv_kind kind, const char *body, size_t len, srv_request *
                      "'stream_options' is only allowed when 'stream' is true");
             goto done;
         }
-        if (get_bool(so, "include_usage", &r->include_usage, e)) {
-            snprintf(e->param, sizeof e->param, "stream_options.include_usage");
+        const cJSON *iu = field(so, "include_usage");
+        if (iu && !cJSON_IsBool(iu)) {
+            srv_fail(e, 400, NULL, "stream_options.include_usage", "invalid_type",
+                     "'stream_options.include_usage' must be true or false");
             goto done;
         }
+        r->include_usage = cJSON_IsTrue(iu);
     }
     /* max_completion_tokens is the newer name; both may come, the newer one wins */
     v = -1;
