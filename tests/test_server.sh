@@ -13,6 +13,36 @@ tu_require "forge serve" "$FORGE_SHARED/testdata/models/stories260K.gguf"
 export TEST_OUT=${TEST_OUT:-$(cd "$(dirname "$FORGE")" && pwd)/test-output/server}
 mkdir -p "$TEST_OUT"
 
+# The README's curl examples, as written, against the README's server command (on a free port)
+readme_examples() {
+    local log="$TEST_OUT/readme-server.log" port="" pid i out ok=0
+    cmd=$(sed -n '/^## Serving/,/^## Installing/p' README.md | grep -m1 '^build/forge serve')
+    [ -n "$cmd" ] || { echo "no server command in README"; return 1; }
+    ${cmd/build\/forge/$FORGE} --port 0 --device cpu -t 1 2>"$log" &
+    pid=$!
+    for i in $(seq 100); do
+        port=$(grep -o 'listening on http://[0-9.]*:[0-9]*' "$log" | sed 's/.*://')
+        [ -n "$port" ] && break
+        sleep 0.1
+    done
+    [ -n "$port" ] || { cat "$log"; kill "$pid"; return 1; }
+    while IFS= read -r line; do
+        out=$(eval "${line//127.0.0.1:8080/127.0.0.1:$port}") || { echo "failed: $line"; ok=1; continue; }
+        case "$line" in
+        *v1/completions*) grep -q '"object":"text_completion"' <<<"$out" ;;
+        *chat/completions*) grep -q '^data: \[DONE\]' <<<"$out" && grep -q '"delta":{"content"' <<<"$out" ;;
+        *v1/models*) grep -q '"id":"stories260K.gguf"' <<<"$out" ;;
+        *tokenize*) grep -q '"tokens":\[' <<<"$out" ;;
+        *metrics*) grep -q '^forge_requests_total{status="200"}' <<<"$out" ;;
+        *) true ;;
+        esac || { echo "unexpected output of: $line"; echo "$out" | head -5; ok=1; }
+    done < <(sed -n '/^## Serving/,/^## Installing/p' README.md | grep '^curl ')
+    kill -TERM "$pid"
+    wait "$pid" || { echo "server exited $?"; ok=1; }
+    return $ok
+}
+tu_check "README: forge serve and its curl examples work as written" readme_examples
+
 if ! command -v node >/dev/null 2>&1 || ! command -v npm >/dev/null 2>&1; then
     tu_fail "node and npm" "missing (bash scripts/install-deps.sh --test installs them)"
     tu_done; exit 1
