@@ -383,3 +383,54 @@ describe('forge serve shutdown', () => {
     assert.ok(srv2.log().includes('SECRETPROMPT'));
   });
 });
+
+// Raw sockets: what no HTTP client library sends on purpose.
+import net from 'node:net';
+function rawExchange(port, data, { waitMs = 5000 } = {}) {
+  return new Promise((resolve) => {
+    const s = net.connect(port, '127.0.0.1');
+    let got = '';
+    const t0 = Date.now();
+    const done = (why) => { clearTimeout(timer); s.destroy(); resolve({ got, why, ms: Date.now() - t0 }); };
+    const timer = setTimeout(() => done('timeout'), waitMs);
+    s.on('data', (d) => { got += d.toString('latin1'); });
+    s.on('end', () => done('closed'));
+    s.on('error', () => done('error'));
+    s.on('connect', () => { if (data) s.write(data); });
+  });
+}
+
+describe('forge serve against raw clients', () => {
+  let srv;
+  before(async () => { srv = await startServer(['--max-body', '65536', '--timeout', '1']); });
+  after(async () => { assert.equal(await srv.stop(), 0); });
+
+  it('a huge declared body is refused with 413 before it is sent', async () => {
+    const r = await rawExchange(srv.port, 'POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 100000000\r\n\r\n{"prompt":');
+    assert.match(r.got, /^HTTP\/1\.1 413/);
+    assert.match(r.got, /request_too_large/);
+  });
+
+  it('headers over the limit are refused, the server goes on', async () => {
+    const r = await rawExchange(srv.port, `GET /health HTTP/1.1\r\nHost: x\r\nX-Big: ${'a'.repeat(100000)}\r\n\r\n`);
+    assert.ok(!/^HTTP\/1\.1 200/.test(r.got), r.got.slice(0, 100));
+    assert.match(r.got, /^HTTP\/1\.1 (413|431|400)|^$/);
+    assert.equal((await fetch(`${srv.url}/health`)).status, 200);
+  });
+
+  it('a slow client is dropped after --timeout', async () => {
+    const r = await rawExchange(srv.port, 'POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 50\r\n\r\n{"pro', { waitMs: 8000 });
+    assert.notEqual(r.why, 'timeout', 'the connection was still open after 8 s');
+    assert.ok(r.ms >= 900, `dropped after ${r.ms} ms`);
+    assert.equal((await fetch(`${srv.url}/health`)).status, 200);
+  });
+
+  it('a client that vanishes while waiting for a non-streamed answer does no harm', async () => {
+    const r = await rawExchange(srv.port, 'POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 52\r\n\r\n{"prompt":"Once upon a time","max_tokens":100,"n":4}', { waitMs: 1 });
+    assert.equal(r.why, 'timeout');
+    await sleep(300);
+    const m = await (await fetch(`${srv.url}/metrics`)).text();
+    assert.match(m, /^forge_active_requests 0$/m);
+    assert.equal((await fetch(`${srv.url}/health`)).status, 200);
+  });
+});
