@@ -745,20 +745,28 @@ static enum MHD_Result start_job(struct forge_server *s, struct MHD_Connection *
     rp.n_logit_bias = rq->n_logit_bias;
     rp.on_event = on_event;
 
+    /* every choice counts as running (and holds a reference) before the first is submitted,
+     * so the job cannot look finished while the rest are still being submitted; submit runs
+     * without the job's lock, so the engine may deliver events meanwhile */
     pthread_mutex_lock(&j->mu);
     j->conn = conn;
     if (rq->stream && kind == SRV_CHAT)
         for (int i = 0; i < n_ch; i++)
             sse_add(j, stream_chunk(j, i, "", NULL, NULL, true));
+    for (int i = 0; i < n_ch; i++) {
+        j->ch[i].job = j;
+        j->ch[i].index = i;
+        j->ch[i].running = true;
+    }
+    j->n_running = n_ch;
+    j->refs += n_ch;
+    pthread_mutex_unlock(&j->mu);
     int submitted = 0;
     forge_err err = {0};
     for (int i = 0; i < n_prompts; i++)
         for (int k = 0; k < rq->n; k++) {
             choice *c = &j->ch[i * rq->n + k];
-            c->job = j;
-            c->index = i * rq->n + k;
             c->n_prompt = (int32_t)pn[i];
-            c->running = true;
             rp.prompt = pids[i];
             rp.n_prompt = (int32_t)pn[i];
             rp.max_tokens = rq->max_tokens > 0 ? rq->max_tokens
@@ -767,16 +775,10 @@ static enum MHD_Result start_job(struct forge_server *s, struct MHD_Connection *
                                 : n_ctx - (int32_t)pn[i];
             rp.sampling.seed = seed + (uint64_t)k;
             rp.user = c;
-            j->refs++;
-            j->n_running++;
-            if (forge_engine_submit(s->engine, &rp, &c->id, &err)) {
-                j->refs--;
-                j->n_running--;
-                c->running = false;
-                goto submit_failed;
-            }
+            if (forge_engine_submit(s->engine, &rp, &c->id, &err)) goto submit_failed;
             submitted++;
         }
+    pthread_mutex_lock(&j->mu);
     if (rq->stream) {
         struct MHD_Response *r =
             MHD_create_response_from_callback(MHD_SIZE_UNKNOWN, 16384, stream_reader, j,
@@ -808,12 +810,18 @@ static enum MHD_Result start_job(struct forge_server *s, struct MHD_Connection *
     goto done;
 
 submit_failed:
-    /* what was submitted still delivers its last events; the job lives until then */
+    /* what was submitted still delivers its last events (the job lives until then); what was
+     * not gives back its count and reference */
     atomic_fetch_sub(&s->active, n_ch - submitted);
+    pthread_mutex_lock(&j->mu);
     j->conn = NULL;
-    for (int i = 0; i < n_ch; i++)
-        if (j->ch[i].running) forge_engine_cancel(s->engine, j->ch[i].id, NULL);
+    for (int i = submitted; i < n_ch; i++)
+        j->ch[i].running = false;
+    j->n_running -= n_ch - submitted;
+    j->refs -= n_ch - submitted;
     pthread_mutex_unlock(&j->mu);
+    for (int i = 0; i < submitted; i++)
+        forge_engine_cancel(s->engine, j->ch[i].id, NULL);
     if (err.code == FORGE_E_RANGE || err.code == FORGE_E_INVALID)
         srv_fail(&e, 400, NULL, NULL, err.code == FORGE_E_RANGE ? "context_length_exceeded"
                                                                  : "invalid_value",
@@ -1102,15 +1110,20 @@ static void on_completed(void *cls, struct MHD_Connection *conn, void **con_cls,
     int32_t pt = 0, ct = 0;
     bool gone = false;
     if (j) {
+        forge_req_id ids[SRV_MAX_CHOICES];
+        int n_ids = 0;
         pthread_mutex_lock(&j->mu);
         j->conn = NULL;
         j->suspended = false;
         gone = !j->all_done;
-        for (int i = 0; i < j->n_ch; i++)
-            if (j->ch[i].running) forge_engine_cancel(s->engine, j->ch[i].id, NULL);
+        for (int i = 0; i < j->n_ch && n_ids < SRV_MAX_CHOICES; i++)
+            if (j->ch[i].running) ids[n_ids++] = j->ch[i].id;
         pt = j->prompt_tokens;
         ct = j->completion_tokens;
         pthread_mutex_unlock(&j->mu);
+        /* outside the job's lock: the engine's callbacks take it */
+        for (int i = 0; i < n_ids; i++)
+            forge_engine_cancel(s->engine, ids[i], NULL);
         job_unref(j);
     }
     int status = cc->status ? cc->status : 499;
