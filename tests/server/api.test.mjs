@@ -279,10 +279,12 @@ describe('forge serve', () => {
   });
 
   it('a client that disconnects mid-stream is cancelled; the server goes on', async () => {
+    const genTotal = async () => Number((await (await fetch(`${srv.url}/metrics`)).text()).match(/^forge_generation_tokens_total (\d+)/m)[1]);
+    const gen0 = await genTotal();
     const ac = new AbortController();
     const resp = await fetch(`${srv.url}/v1/completions`, {
       method: 'POST', signal: ac.signal, headers: { 'Content-Type': 'application/json' },
-      body: JSON.stringify({ prompt: PROMPT, max_tokens: 120, temperature: 0, stream: true }),
+      body: JSON.stringify({ prompt: PROMPT, max_tokens: 120, n: 16, temperature: 0, stream: true }),
     });
     const reader = resp.body.getReader();
     await reader.read();
@@ -294,6 +296,11 @@ describe('forge serve', () => {
     }
     const m = await (await fetch(`${srv.url}/metrics`)).text();
     assert.match(m, /^forge_active_requests 0$/m);
+    // the access log says 499 (client gone), and far fewer tokens than the 16 x 120 asked for
+    // were generated in all (counted once every choice has ended)
+    assert.ok(srv.log().split('\n').some((l) => / 499 /.test(l)), `no 499 line in the log:\n${srv.log().slice(-2000)}`);
+    const gen = (await genTotal()) - gen0;
+    assert.ok(gen < 16 * 120 / 2, `${gen} tokens generated for a client that left`);
     const r = await client.completions.create({ model, prompt: PROMPT, max_tokens: 10, temperature: 0 });
     assert.equal(r.choices[0].text, forgeRun(PROMPT, 10));
   });
