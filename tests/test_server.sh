@@ -13,6 +13,38 @@ tu_require "forge serve" "$FORGE_SHARED/testdata/models/stories260K.gguf"
 export TEST_OUT=${TEST_OUT:-$(cd "$(dirname "$FORGE")" && pwd)/test-output/server}
 mkdir -p "$TEST_OUT"
 
+# Bad command lines: exit 2 naming the option, exit 1 naming the file or address
+model=$FORGE_SHARED/testdata/models/stories260K.gguf
+cli_case() { # NAME WANT_STATUS WANT_TEXT ARGS...
+    local name=$1 want=$2 text=$3 out rc
+    shift 3
+    out=$(timeout 20 "$FORGE" serve "$@" 2>&1 >/dev/null); rc=$?
+    if [ "$rc" -eq "$want" ] && grep -qF -- "$text" <<<"$out"; then tu_ok "$name"
+    else tu_fail "$name" "exit $rc, stderr: $(head -c 300 <<<"$out")"; fi
+}
+cli_case "serve: no model is a usage error" 2 "-m MODEL" --port 0
+cli_case "serve: bad --port" 2 "--port" -m "$model" --port 70000
+cli_case "serve: bad --max-body" 2 "--max-body" -m "$model" --max-body 1
+cli_case "serve: unknown option" 2 "--frobnicate" -m "$model" --frobnicate 1
+cli_case "serve: both key options" 2 "not both" -m "$model" --api-key k --api-key-file /dev/null
+cli_case "serve: missing model file" 1 "nope.gguf" -m "$TEST_OUT/nope.gguf" --port 0
+cli_case "serve: missing key file" 1 "nokey" -m "$model" --api-key-file "$TEST_OUT/nokey" --port 0
+cli_case "serve: bad --host" 1 "--host" -m "$model" --host no.such.host.invalid --port 0 --device cpu
+port_taken() {
+    local log="$TEST_OUT/port-server.log" port="" pid rc i
+    "$FORGE" serve -m "$model" --port 0 --device cpu -t 1 2>"$log" &
+    pid=$!
+    for i in $(seq 100); do
+        port=$(grep -o 'listening on http://[0-9.]*:[0-9]*' "$log" | sed 's/.*://')
+        [ -n "$port" ] && break
+        sleep 0.1
+    done
+    timeout 20 "$FORGE" serve -m "$model" --port "$port" --device cpu -t 1 2>"$log.2"; rc=$?
+    kill -TERM "$pid"; wait "$pid"
+    [ -n "$port" ] && [ "$rc" -eq 1 ] && grep -q "cannot listen on 127.0.0.1:$port" "$log.2"
+}
+tu_check "serve: a port in use is an error naming it" port_taken
+
 # The README's curl examples, as written, against the README's server command (on a free port)
 readme_examples() {
     local log="$TEST_OUT/readme-server.log" port="" pid i out ok=0

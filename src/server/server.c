@@ -1212,8 +1212,7 @@ int forge_server_create(forge_engine *engine, const forge_server_params *params,
         MHD_OPTION_THREAD_POOL_SIZE, (unsigned)p->n_threads, MHD_OPTION_CONNECTION_TIMEOUT,
         (unsigned)(p->timeout_s ? p->timeout_s : 60), MHD_OPTION_CONNECTION_MEMORY_LIMIT,
         (size_t)65536, MHD_OPTION_CONNECTION_LIMIT, (unsigned)1024,
-        MHD_OPTION_NOTIFY_COMPLETED, on_completed, s, MHD_OPTION_LISTENING_ADDRESS_REUSE,
-        (unsigned)1, MHD_OPTION_END);
+        MHD_OPTION_NOTIFY_COMPLETED, on_completed, s, MHD_OPTION_END);
     freeaddrinfo(ai);
     if (!s->d) {
         rc = forge_err_set(err, FORGE_E_IO, "serve: cannot listen on %s:%d (in use, or not an "
