@@ -34,6 +34,10 @@ export async function startServer(extra = []) {
       const e = await exited;
       return e.code;
     },
+    // an ASan build (its runtime is mapped into the process)
+    asan() {
+      return /libasan/.test(fs.readFileSync(`/proc/${proc.pid}/maps`, 'utf8'));
+    },
     rssKiB() {
       const s = fs.readFileSync(`/proc/${proc.pid}/status`, 'utf8');
       return Number(s.match(/VmRSS:\s+(\d+)/)[1]);

@@ -105,7 +105,11 @@ describe(`load: ${N} requests, ${CONCURRENCY} concurrent`, () => {
     for (let i = 0; i < 64; i++) assert.equal(again[i], ref.get(key(job(i * 3 + 15))));
     const rss2 = srv.rssKiB();
     console.log(`load: RSS ${rss0} KiB before, ${rss1} KiB after, ${rss2} KiB after 64 more`);
-    assert.ok(rss1 - rss0 < 64 * 1024, `RSS grew from ${rss0} to ${rss1} KiB`);
-    assert.ok(rss2 - rss1 < 8 * 1024, `RSS grew from ${rss1} to ${rss2} KiB`);
+    // ASan keeps freed memory in quarantine, so its RSS says nothing: there, LeakSanitizer at
+    // exit (after() wants exit status 0) is the check
+    if (!srv.asan()) {
+      assert.ok(rss1 - rss0 < 64 * 1024, `RSS grew from ${rss0} to ${rss1} KiB`);
+      assert.ok(rss2 - rss1 < 8 * 1024, `RSS grew from ${rss1} to ${rss2} KiB`);
+    }
   });
 });
