@@ -18,7 +18,7 @@
 #define CHECK(c)                                                                                   \
     do {                                                                                           \
         if (!(c)) {                                                                                \
-            fprintf(stderr, "fuzz_server_request: check failed: %s (line %d)\n", #c, __LINE__);   \
+            fprintf(stderr, "fuzz_server_request: check failed: %s (line %d)\n", #c, __LINE__);    \
             abort();                                                                               \
         }                                                                                          \
     } while (0)
@@ -80,14 +80,17 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
         char *text = NULL;
         size_t tl = 0;
         bool add = false;
-        if (srv_tokenize_parse(body, len, &text, &tl, &add, &e)) check_error(&e);
-        else CHECK(text && strlen(text) == tl);
+        if (srv_tokenize_parse(body, len, &text, &tl, &add, &e))
+            check_error(&e);
+        else
+            CHECK(text && strlen(text) == tl);
         free(text);
         break;
     }
     default: {
         int32_t *ids = NULL, n = 0;
-        if (srv_detokenize_parse(body, len, &ids, &n, &e)) check_error(&e);
+        if (srv_detokenize_parse(body, len, &ids, &n, &e))
+            check_error(&e);
         else
             for (int32_t i = 0; i < n; i++)
                 CHECK(ids[i] >= 0);

@@ -51,8 +51,8 @@ forge_server_params forge_server_default_params(void);
 
 /* Listen and serve (HTTP threads start at once). *out owned by the caller (forge_server_free).
  * Errors: FORGE_E_INVALID for bad params, FORGE_E_IO when the address cannot be bound. */
-int forge_server_create(forge_engine *engine, const forge_server_params *params,
-                        forge_server **out, struct forge_err *err);
+int forge_server_create(forge_engine *engine, const forge_server_params *params, forge_server **out,
+                        struct forge_err *err);
 
 /* The port actually bound (useful with port 0). */
 int forge_server_port(const forge_server *s);

@@ -79,9 +79,8 @@ static void test_all_fields(void **state)
     assert_true(r.presence_penalty == 0.5f && r.frequency_penalty == -1.0f);
     srv_request_clear(&r);
     /* null means "not given", as the official clients send it */
-    assert_int_equal(parse(SRV_COMPLETION, "{\"prompt\":\"x\",\"max_tokens\":null,\"stop\":null}",
-                           &r, &e),
-                     0);
+    assert_int_equal(
+        parse(SRV_COMPLETION, "{\"prompt\":\"x\",\"max_tokens\":null,\"stop\":null}", &r, &e), 0);
     assert_int_equal(r.max_tokens, -1);
     srv_request_clear(&r);
     /* max_completion_tokens, the newer name, wins */
@@ -135,8 +134,7 @@ static void test_messages(void **state)
                         "system");
     assert_string_equal(cJSON_GetObjectItem(cJSON_GetArrayItem(m, 1), "content")->valuestring,
                         "ab");
-    assert_string_equal(cJSON_GetObjectItem(cJSON_GetArrayItem(m, 2), "content")->valuestring,
-                        "");
+    assert_string_equal(cJSON_GetObjectItem(cJSON_GetArrayItem(m, 2), "content")->valuestring, "");
     cJSON_Delete(m);
     srv_request_clear(&r);
     refused(SRV_CHAT, "{}", "messages");
@@ -144,8 +142,7 @@ static void test_messages(void **state)
     refused(SRV_CHAT, "{\"messages\":[{\"content\":\"x\"}]}", "messages");
     refused(SRV_CHAT, "{\"messages\":[{\"role\":\"wizard\",\"content\":\"x\"}]}", "messages");
     refused(SRV_CHAT, "{\"messages\":[{\"role\":\"user\",\"content\":7}]}", "messages");
-    refused(SRV_CHAT,
-            "{\"messages\":[{\"role\":\"user\",\"content\":[{\"type\":\"image_url\"}]}]}",
+    refused(SRV_CHAT, "{\"messages\":[{\"role\":\"user\",\"content\":[{\"type\":\"image_url\"}]}]}",
             "messages");
     refused(SRV_CHAT, "{\"messages\":[{\"role\":\"user\",\"content\":\"x\"}],\"top_logprobs\":2}",
             "top_logprobs");
@@ -225,9 +222,8 @@ static void test_body_checks(void **state)
     /* brackets inside strings do not count as depth */
     srv_request r;
     srv_error e;
-    assert_int_equal(parse(SRV_COMPLETION, "{\"prompt\":\"[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[\"}",
-                           &r, &e),
-                     0);
+    assert_int_equal(
+        parse(SRV_COMPLETION, "{\"prompt\":\"[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[\"}", &r, &e), 0);
     srv_request_clear(&r);
     /* the body need not be NUL-terminated: only len bytes are read */
     const char buf[] = {'{', '"', 'p', 'r', 'o', 'm', 'p', 't', '"', ':', '"', 'a', '"', '}', 'X'};
@@ -287,10 +283,10 @@ static void test_tokenize_bodies(void **state)
 int main(void)
 {
     const struct CMUnitTest tests[] = {
-        cmocka_unit_test(test_defaults),      cmocka_unit_test(test_all_fields),
-        cmocka_unit_test(test_prompt_forms),  cmocka_unit_test(test_messages),
-        cmocka_unit_test(test_field_checks),  cmocka_unit_test(test_body_checks),
-        cmocka_unit_test(test_error_json),    cmocka_unit_test(test_tokenize_bodies),
+        cmocka_unit_test(test_defaults),     cmocka_unit_test(test_all_fields),
+        cmocka_unit_test(test_prompt_forms), cmocka_unit_test(test_messages),
+        cmocka_unit_test(test_field_checks), cmocka_unit_test(test_body_checks),
+        cmocka_unit_test(test_error_json),   cmocka_unit_test(test_tokenize_bodies),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

@@ -62,11 +62,16 @@ struct forge_engine {
 const char *forge_finish_name(forge_finish f)
 {
     switch (f) {
-    case FORGE_FINISH_STOP: return "stop";
-    case FORGE_FINISH_LENGTH: return "length";
-    case FORGE_FINISH_CANCELLED: return "cancelled";
-    case FORGE_FINISH_ERROR: return "error";
-    default: return "";
+    case FORGE_FINISH_STOP:
+        return "stop";
+    case FORGE_FINISH_LENGTH:
+        return "length";
+    case FORGE_FINISH_CANCELLED:
+        return "cancelled";
+    case FORGE_FINISH_ERROR:
+        return "error";
+    default:
+        return "";
     }
 }
 
@@ -86,8 +91,8 @@ forge_request_params forge_request_default_params(void)
     return p;
 }
 
-int forge_engine_create(forge_model *model, const forge_engine_params *params,
-                        forge_engine **out, forge_err *err)
+int forge_engine_create(forge_model *model, const forge_engine_params *params, forge_engine **out,
+                        forge_err *err)
 {
     forge_engine_params dp = forge_engine_default_params();
     const forge_engine_params *p = params ? params : &dp;
@@ -220,8 +225,10 @@ int forge_engine_submit(forge_engine *e, const forge_request_params *p, forge_re
     }
     pthread_mutex_lock(&e->mu);
     r->id = e->next_id++;
-    if (e->tail) e->tail->next = r;
-    else e->head = r;
+    if (e->tail)
+        e->tail->next = r;
+    else
+        e->head = r;
     e->tail = r;
     e->st.n_waiting++;
     *id = r->id;

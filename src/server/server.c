@@ -75,8 +75,10 @@ static int tb_add_utf8(textbuf *b, const char *s, size_t n)
         size_t bad = 0, take = 1;
         unsigned c = (unsigned char)s[i];
         size_t want = c >= 0xF0 ? 4 : c >= 0xE0 ? 3 : c >= 0xC0 ? 2 : 1;
-        if (c && want > 1 && i + want <= n && srv_utf8_valid(s + i, want, &bad)) take = want;
-        else want = 0;
+        if (c && want > 1 && i + want <= n && srv_utf8_valid(s + i, want, &bad))
+            take = want;
+        else
+            want = 0;
         if (want ? tb_add(b, s + i, take) : tb_add(b, "\xEF\xBF\xBD", 3)) return -1;
         i += take;
     }
@@ -92,8 +94,8 @@ typedef struct choice {
     bool running; /* submitted and its last event not yet seen */
     forge_finish finish;
     char *error;
-    textbuf text;      /* non-streaming: the answer */
-    cJSON *lp;         /* non-streaming logprobs: chat "content" array, or completions object */
+    textbuf text; /* non-streaming: the answer */
+    cJSON *lp;    /* non-streaming logprobs: chat "content" array, or completions object */
     int32_t n_prompt, n_gen;
     size_t text_offset; /* completions logprobs: text_offset of the next token */
     double t_last;
@@ -107,15 +109,15 @@ typedef struct job {
     srv_request req;
     choice *ch;
     int n_ch, n_running;
-    bool suspended;  /* the connection waits for us to resume it */
+    bool suspended; /* the connection waits for us to resume it */
     bool all_done;
-    textbuf out;     /* streaming: SSE bytes not yet handed to libmicrohttpd */
+    textbuf out; /* streaming: SSE bytes not yet handed to libmicrohttpd */
     size_t out_sent;
     char id[48];
     long long created;
     double t0, t_first;
     int32_t prompt_tokens, completion_tokens;
-    bool cancelled;  /* some choice was cancelled (shutdown or client gone) */
+    bool cancelled; /* some choice was cancelled (shutdown or client gone) */
 } job;
 
 /* Per-connection state: the body being received, the job, what the access log says. */
@@ -142,7 +144,7 @@ struct forge_server {
     forge_server_params p;
     FILE *log;
     int port;
-    atomic_int active;        /* choices queued or running */
+    atomic_int active; /* choices queued or running */
     atomic_int shutting_down;
     atomic_ullong next_job;
     long long started;
@@ -271,7 +273,8 @@ static void completion_logprob_add(const forge_tok *tok, cJSON *lp, const forge_
         free(ts);
     }
     cJSON_AddItemToArray(cJSON_GetObjectItem(lp, "top_logprobs"), top);
-    cJSON_AddItemToArray(cJSON_GetObjectItem(lp, "text_offset"), cJSON_CreateNumber((double)offset));
+    cJSON_AddItemToArray(cJSON_GetObjectItem(lp, "text_offset"),
+                         cJSON_CreateNumber((double)offset));
     free(s);
 }
 
@@ -319,8 +322,8 @@ static void sse_add(job *j, cJSON *o)
 }
 
 /* A streamed chunk for one choice: text (may be empty), logprobs (taken), finish or NULL. */
-static cJSON *stream_chunk(const job *j, int index, const char *text, cJSON *lp,
-                           const char *finish, bool role)
+static cJSON *stream_chunk(const job *j, int index, const char *text, cJSON *lp, const char *finish,
+                           bool role)
 {
     cJSON *o = chunk_head(j);
     cJSON *arr = cJSON_AddArrayToObject(o, "choices");
@@ -339,11 +342,15 @@ static cJSON *stream_chunk(const job *j, int index, const char *text, cJSON *lp,
         }
     } else {
         cJSON_AddStringToObject(c, "text", text ? text : "");
-        if (lp) cJSON_AddItemToObject(c, "logprobs", lp);
-        else cJSON_AddNullToObject(c, "logprobs");
+        if (lp)
+            cJSON_AddItemToObject(c, "logprobs", lp);
+        else
+            cJSON_AddNullToObject(c, "logprobs");
     }
-    if (finish) cJSON_AddStringToObject(c, "finish_reason", finish);
-    else cJSON_AddNullToObject(c, "finish_reason");
+    if (finish)
+        cJSON_AddStringToObject(c, "finish_reason", finish);
+    else
+        cJSON_AddNullToObject(c, "finish_reason");
     if (j->req.include_usage) cJSON_AddNullToObject(o, "usage");
     return o;
 }
@@ -376,8 +383,10 @@ static void on_event(const forge_event *ev, void *user)
         j->completion_tokens++;
         pthread_mutex_lock(&srv->mmu);
         srv->gen_tokens++;
-        if (c->t_last == 0) hist_add(&srv->ttft, t - j->t0);
-        else hist_add(&srv->itl, t - c->t_last);
+        if (c->t_last == 0)
+            hist_add(&srv->ttft, t - j->t0);
+        else
+            hist_add(&srv->itl, t - c->t_last);
         pthread_mutex_unlock(&srv->mmu);
         c->t_last = t;
         if (j->t_first == 0) j->t_first = t;
@@ -406,8 +415,10 @@ static void on_event(const forge_event *ev, void *user)
         if (want_lp) {
             if (!c->lp)
                 c->lp = j->req.kind == SRV_CHAT ? cJSON_CreateArray() : completion_logprobs_new();
-            if (j->req.kind == SRV_CHAT) cJSON_AddItemToArray(c->lp, chat_logprob_entry(tok, ev));
-            else completion_logprob_add(tok, c->lp, ev, c->text.len);
+            if (j->req.kind == SRV_CHAT)
+                cJSON_AddItemToArray(c->lp, chat_logprob_entry(tok, ev));
+            else
+                completion_logprob_add(tok, c->lp, ev, c->text.len);
         }
         tb_add(&c->text, txt.p, txt.len);
     }
@@ -448,16 +459,15 @@ static void add_common_headers(struct forge_server *s, struct MHD_Response *r)
 {
     if (s->cors) {
         MHD_add_response_header(r, "Access-Control-Allow-Origin", s->cors);
-        MHD_add_response_header(r, "Access-Control-Allow-Headers",
-                                "Authorization, Content-Type");
+        MHD_add_response_header(r, "Access-Control-Allow-Headers", "Authorization, Content-Type");
         MHD_add_response_header(r, "Access-Control-Allow-Methods", "GET, POST, OPTIONS");
         if (strcmp(s->cors, "*")) MHD_add_response_header(r, "Vary", "Origin");
     }
 }
 
-static enum MHD_Result send_buf(struct forge_server *s, struct MHD_Connection *conn,
-                                conn_ctx *cc, int status, const char *type, const void *data,
-                                size_t len, bool copy)
+static enum MHD_Result send_buf(struct forge_server *s, struct MHD_Connection *conn, conn_ctx *cc,
+                                int status, const char *type, const void *data, size_t len,
+                                bool copy)
 {
     struct MHD_Response *r = MHD_create_response_from_buffer(
         len, (void *)data, copy ? MHD_RESPMEM_MUST_COPY : MHD_RESPMEM_PERSISTENT);
@@ -472,8 +482,8 @@ static enum MHD_Result send_buf(struct forge_server *s, struct MHD_Connection *c
     return ret;
 }
 
-static enum MHD_Result send_json(struct forge_server *s, struct MHD_Connection *conn,
-                                 conn_ctx *cc, int status, cJSON *o)
+static enum MHD_Result send_json(struct forge_server *s, struct MHD_Connection *conn, conn_ctx *cc,
+                                 int status, cJSON *o)
 {
     char *txt = o ? cJSON_PrintUnformatted(o) : NULL;
     cJSON_Delete(o);
@@ -483,8 +493,8 @@ static enum MHD_Result send_json(struct forge_server *s, struct MHD_Connection *
     return r;
 }
 
-static enum MHD_Result send_error(struct forge_server *s, struct MHD_Connection *conn,
-                                  conn_ctx *cc, const srv_error *e)
+static enum MHD_Result send_error(struct forge_server *s, struct MHD_Connection *conn, conn_ctx *cc,
+                                  const srv_error *e)
 {
     char *txt = srv_error_json(e);
     if (!txt) return MHD_NO;
@@ -611,17 +621,17 @@ static int chat_prompt(struct forge_server *s, const srv_request *rq, int32_t **
         return srv_fail(e, 400, NULL, "messages", "template_error",
                         "the chat template rejects these messages: %s", err.msg);
     /* the template writes BOS itself when it wants one (as forge chat does) */
-    bool add_special = forge_tok_adds_bos(s->tok) &&
-                       !(s->tm.bos_token && *s->tm.bos_token &&
-                         !strncmp(prompt, s->tm.bos_token, strlen(s->tm.bos_token)));
+    bool add_special =
+        forge_tok_adds_bos(s->tok) && !(s->tm.bos_token && *s->tm.bos_token &&
+                                        !strncmp(prompt, s->tm.bos_token, strlen(s->tm.bos_token)));
     int rc = forge_tok_encode(s->tok, prompt, len, add_special, true, ids, n, &err);
     free(prompt);
     if (rc) return srv_fail(e, 400, NULL, "messages", "invalid_value", "%s", err.msg);
     return 0;
 }
 
-static enum MHD_Result start_job(struct forge_server *s, struct MHD_Connection *conn,
-                                 conn_ctx *cc, srv_kind kind)
+static enum MHD_Result start_job(struct forge_server *s, struct MHD_Connection *conn, conn_ctx *cc,
+                                 srv_kind kind)
 {
     srv_error e;
     job *j = NULL;
@@ -637,8 +647,7 @@ static enum MHD_Result start_job(struct forge_server *s, struct MHD_Connection *
     j->srv = s;
     j->refs = 1;
     j->t0 = cc->t0;
-    if (srv_request_parse(kind, cc->body.p ? cc->body.p : "", cc->body.len, &j->req, &e))
-        goto err;
+    if (srv_request_parse(kind, cc->body.p ? cc->body.p : "", cc->body.len, &j->req, &e)) goto err;
     srv_request *rq = &j->req;
     if (rq->model && strcmp(rq->model, s->alias)) {
         srv_fail(&e, 404, NULL, "model", "model_not_found",
@@ -780,9 +789,8 @@ static enum MHD_Result start_job(struct forge_server *s, struct MHD_Connection *
         }
     pthread_mutex_lock(&j->mu);
     if (rq->stream) {
-        struct MHD_Response *r =
-            MHD_create_response_from_callback(MHD_SIZE_UNKNOWN, 16384, stream_reader, j,
-                                              stream_free);
+        struct MHD_Response *r = MHD_create_response_from_callback(MHD_SIZE_UNKNOWN, 16384,
+                                                                   stream_reader, j, stream_free);
         if (!r) {
             pthread_mutex_unlock(&j->mu);
             goto nomem;
@@ -823,9 +831,9 @@ submit_failed:
     for (int i = 0; i < submitted; i++)
         forge_engine_cancel(s->engine, j->ch[i].id, NULL);
     if (err.code == FORGE_E_RANGE || err.code == FORGE_E_INVALID)
-        srv_fail(&e, 400, NULL, NULL, err.code == FORGE_E_RANGE ? "context_length_exceeded"
-                                                                 : "invalid_value",
-                 "%s", err.msg);
+        srv_fail(&e, 400, NULL, NULL,
+                 err.code == FORGE_E_RANGE ? "context_length_exceeded" : "invalid_value", "%s",
+                 err.msg);
     else
         srv_fail(&e, 503, "server_error", NULL, NULL, "%s", err.msg);
     goto err;
@@ -872,17 +880,18 @@ static enum MHD_Result metrics(struct forge_server *s, struct MHD_Connection *co
     forge_engine_get_stats(s->engine, &st);
     textbuf b = {0};
     char line[256];
-#define OUT(...)                                                                                  \
-    do {                                                                                          \
-        snprintf(line, sizeof line, __VA_ARGS__);                                                 \
-        tb_add(&b, line, strlen(line));                                                           \
+#define OUT(...)                                                                                   \
+    do {                                                                                           \
+        snprintf(line, sizeof line, __VA_ARGS__);                                                  \
+        tb_add(&b, line, strlen(line));                                                            \
     } while (0)
     pthread_mutex_lock(&s->mmu);
     OUT("# HELP forge_requests_total HTTP requests answered, by status.\n");
     OUT("# TYPE forge_requests_total counter\n");
     for (int i = 100; i < 600; i++)
-        if (s->by_status[i]) OUT("forge_requests_total{status=\"%d\"} %llu\n", i,
-                                 (unsigned long long)s->by_status[i]);
+        if (s->by_status[i])
+            OUT("forge_requests_total{status=\"%d\"} %llu\n", i,
+                (unsigned long long)s->by_status[i]);
     OUT("# HELP forge_prompt_tokens_total Prompt tokens of accepted requests.\n");
     OUT("# TYPE forge_prompt_tokens_total counter\n");
     OUT("forge_prompt_tokens_total %llu\n", (unsigned long long)s->prompt_tokens);
@@ -907,7 +916,8 @@ static enum MHD_Result metrics(struct forge_server *s, struct MHD_Connection *co
             (unsigned long long)hs[k].h->n);
     }
     pthread_mutex_unlock(&s->mmu);
-    OUT("# HELP forge_queue_depth Requests waiting for the engine.\n# TYPE forge_queue_depth gauge\n");
+    OUT("# HELP forge_queue_depth Requests waiting for the engine.\n# TYPE forge_queue_depth "
+        "gauge\n");
     OUT("forge_queue_depth %d\n", st.n_waiting);
     OUT("# HELP forge_running_sequences Requests decoding or in prefill.\n");
     OUT("# TYPE forge_running_sequences gauge\nforge_running_sequences %d\n", st.n_running);
@@ -925,8 +935,8 @@ static enum MHD_Result metrics(struct forge_server *s, struct MHD_Connection *co
     OUT("# HELP forge_active_requests Choices queued or running, as the server counts them.\n");
     OUT("# TYPE forge_active_requests gauge\nforge_active_requests %d\n", atomic_load(&s->active));
 #undef OUT
-    enum MHD_Result r = send_buf(s, conn, cc, 200, "text/plain; version=0.0.4", b.p ? b.p : "",
-                                 b.len, true);
+    enum MHD_Result r =
+        send_buf(s, conn, cc, 200, "text/plain; version=0.0.4", b.p ? b.p : "", b.len, true);
     free(b.p);
     return r;
 }
@@ -944,8 +954,7 @@ static enum MHD_Result tokenize(struct forge_server *s, struct MHD_Connection *c
         return send_error(s, conn, cc, &e);
     int rc = forge_tok_encode(s->tok, text, len, add_special, true, &ids, &n, &err);
     free(text);
-    if (rc)
-        return fail(s, conn, cc, 400, NULL, "content", "invalid_value", "%s", err.msg);
+    if (rc) return fail(s, conn, cc, 400, NULL, "content", "invalid_value", "%s", err.msg);
     cJSON *o = cJSON_CreateObject();
     cJSON *a = cJSON_AddArrayToObject(o, "tokens");
     for (size_t i = 0; i < n; i++)
@@ -956,8 +965,7 @@ static enum MHD_Result tokenize(struct forge_server *s, struct MHD_Connection *c
     return send_json(s, conn, cc, 200, o);
 }
 
-static enum MHD_Result detokenize(struct forge_server *s, struct MHD_Connection *conn,
-                                  conn_ctx *cc)
+static enum MHD_Result detokenize(struct forge_server *s, struct MHD_Connection *conn, conn_ctx *cc)
 {
     srv_error e;
     int32_t *ids = NULL, n = 0;
@@ -1021,8 +1029,8 @@ static enum MHD_Result route(struct forge_server *s, struct MHD_Connection *conn
     if (!strcmp(url, "/health")) {
         if (!get) goto bad_method;
         if (atomic_load(&s->shutting_down))
-            return send_buf(s, conn, cc, 503, "application/json",
-                            "{\"status\":\"shutting down\"}", 26, false);
+            return send_buf(s, conn, cc, 503, "application/json", "{\"status\":\"shutting down\"}",
+                            26, false);
         return send_buf(s, conn, cc, 200, "application/json", "{\"status\":\"ok\"}", 15, false);
     }
     if (!strcmp(url, "/metrics")) {
@@ -1034,8 +1042,8 @@ static enum MHD_Result route(struct forge_server *s, struct MHD_Connection *conn
                  !strcmp(url, "/v1/completions") || !strcmp(url, "/v1/chat/completions") ||
                  !strcmp(url, "/tokenize") || !strcmp(url, "/detokenize");
     if (!known)
-        return fail(s, conn, cc, 404, NULL, NULL, "unknown_url", "unknown route: %s %.200s",
-                    method, url);
+        return fail(s, conn, cc, 404, NULL, NULL, "unknown_url", "unknown route: %s %.200s", method,
+                    url);
     if ((v1 || !strcmp(url, "/tokenize") || !strcmp(url, "/detokenize")) && !authorized(s, conn))
         return fail(s, conn, cc, 401, "authentication_error", NULL, "invalid_api_key",
                     "missing or wrong API key (send 'Authorization: Bearer KEY')");
@@ -1053,14 +1061,13 @@ static enum MHD_Result route(struct forge_server *s, struct MHD_Connection *conn
     if (!strcmp(url, "/tokenize")) return tokenize(s, conn, cc);
     return detokenize(s, conn, cc);
 bad_method:
-    return fail(s, conn, cc, 405, NULL, NULL, "method_not_allowed",
-                "%s is not allowed on %.200s", method, url);
+    return fail(s, conn, cc, 405, NULL, NULL, "method_not_allowed", "%s is not allowed on %.200s",
+                method, url);
 }
 
 static enum MHD_Result on_request(void *cls, struct MHD_Connection *conn, const char *url,
-                                  const char *method, const char *version,
-                                  const char *upload_data, size_t *upload_data_size,
-                                  void **con_cls)
+                                  const char *method, const char *version, const char *upload_data,
+                                  size_t *upload_data_size, void **con_cls)
 {
     struct forge_server *s = cls;
     conn_ctx *cc = *con_cls;
@@ -1088,8 +1095,10 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *conn, const 
     }
     if (*upload_data_size) {
         cc->body_bytes += *upload_data_size;
-        if (cc->body_bytes > s->p.max_body) cc->too_large = true;
-        else if (tb_add(&cc->body, upload_data, *upload_data_size)) return MHD_NO;
+        if (cc->body_bytes > s->p.max_body)
+            cc->too_large = true;
+        else if (tb_add(&cc->body, upload_data, *upload_data_size))
+            return MHD_NO;
         if (cc->body_bytes > 16 * s->p.max_body)
             return fail(s, conn, cc, 413, NULL, NULL, "request_too_large",
                         "the request body is larger than %zu bytes (--max-body)", s->p.max_body);
@@ -1155,8 +1164,8 @@ static void on_completed(void *cls, struct MHD_Connection *conn, void **con_cls,
 
 /* ---- lifetime --------------------------------------------------------------------------- */
 
-int forge_server_create(forge_engine *engine, const forge_server_params *params,
-                        forge_server **out, forge_err *err)
+int forge_server_create(forge_engine *engine, const forge_server_params *params, forge_server **out,
+                        forge_err *err)
 {
     forge_server_params dp = forge_server_default_params();
     const forge_server_params *p = params ? params : &dp;
@@ -1211,12 +1220,13 @@ int forge_server_create(forge_engine *engine, const forge_server_params *params,
         flags, (uint16_t)p->port, NULL, NULL, on_request, s, MHD_OPTION_SOCK_ADDR, ai->ai_addr,
         MHD_OPTION_THREAD_POOL_SIZE, (unsigned)p->n_threads, MHD_OPTION_CONNECTION_TIMEOUT,
         (unsigned)(p->timeout_s ? p->timeout_s : 60), MHD_OPTION_CONNECTION_MEMORY_LIMIT,
-        (size_t)65536, MHD_OPTION_CONNECTION_LIMIT, (unsigned)1024,
-        MHD_OPTION_NOTIFY_COMPLETED, on_completed, s, MHD_OPTION_END);
+        (size_t)65536, MHD_OPTION_CONNECTION_LIMIT, (unsigned)1024, MHD_OPTION_NOTIFY_COMPLETED,
+        on_completed, s, MHD_OPTION_END);
     freeaddrinfo(ai);
     if (!s->d) {
-        rc = forge_err_set(err, FORGE_E_IO, "serve: cannot listen on %s:%d (in use, or not an "
-                                            "address of this machine)",
+        rc = forge_err_set(err, FORGE_E_IO,
+                           "serve: cannot listen on %s:%d (in use, or not an "
+                           "address of this machine)",
                            p->host ? p->host : "127.0.0.1", p->port);
         goto fail;
     }

@@ -32,10 +32,14 @@ char *srv_error_json(const srv_error *e)
     if (o) {
         cJSON_AddStringToObject(o, "message", e->message);
         cJSON_AddStringToObject(o, "type", e->type);
-        if (e->param[0]) cJSON_AddStringToObject(o, "param", e->param);
-        else cJSON_AddNullToObject(o, "param");
-        if (e->code[0]) cJSON_AddStringToObject(o, "code", e->code);
-        else cJSON_AddNullToObject(o, "code");
+        if (e->param[0])
+            cJSON_AddStringToObject(o, "param", e->param);
+        else
+            cJSON_AddNullToObject(o, "param");
+        if (e->code[0])
+            cJSON_AddStringToObject(o, "code", e->code);
+        else
+            cJSON_AddNullToObject(o, "code");
         s = cJSON_PrintUnformatted(root);
     }
     cJSON_Delete(root);
@@ -86,8 +90,10 @@ static bool depth_ok(const char *s, size_t len, int max_depth)
     for (size_t i = 0; i < len; i++) {
         char c = s[i];
         if (in_str) {
-            if (c == '\\') i++;
-            else if (c == '"') in_str = false;
+            if (c == '\\')
+                i++;
+            else if (c == '"')
+                in_str = false;
         } else if (c == '"') {
             in_str = true;
         } else if (c == '[' || c == '{') {
@@ -114,8 +120,8 @@ static cJSON *parse_object(const char *body, size_t len, srv_error *e)
         return NULL;
     }
     if (!depth_ok(body, len, SRV_MAX_DEPTH)) {
-        srv_fail(e, 400, NULL, NULL, "invalid_json",
-                 "the request body nests deeper than %d levels", SRV_MAX_DEPTH);
+        srv_fail(e, 400, NULL, NULL, "invalid_json", "the request body nests deeper than %d levels",
+                 SRV_MAX_DEPTH);
         return NULL;
     }
     cJSON *root = cJSON_ParseWithLengthOpts(body, len, &end, false);
@@ -374,9 +380,8 @@ static int parse_messages(const cJSON *root, srv_request *r, srv_error *e)
         }
         cJSON_AddItemToArray(out, n);
         /* templates know "system"; OpenAI's newer "developer" role means the same */
-        cJSON_AddStringToObject(n, "role",
-                                strcmp(role->valuestring, "developer") ? role->valuestring
-                                                                       : "system");
+        cJSON_AddStringToObject(
+            n, "role", strcmp(role->valuestring, "developer") ? role->valuestring : "system");
         if (content_text(cJSON_GetObjectItemCaseSensitive(msg, "content"), i, n, e)) {
             cJSON_Delete(out);
             return -1;
@@ -405,8 +410,7 @@ static int parse_stop(const cJSON *root, srv_request *r, srv_error *e)
     if (!r->stop) return srv_fail(e, 503, "server_error", NULL, NULL, "out of memory");
     const cJSON *x = cJSON_IsString(s) ? s : s->child;
     for (int i = 0; i < cnt; i++, x = x->next) {
-        if (!cJSON_IsString(x) || !x->valuestring[0] ||
-            strlen(x->valuestring) > SRV_MAX_STOP_LEN)
+        if (!cJSON_IsString(x) || !x->valuestring[0] || strlen(x->valuestring) > SRV_MAX_STOP_LEN)
             return srv_fail(e, 400, NULL, "stop", "invalid_value",
                             "'stop'[%d] must be a non-empty string of at most %d bytes", i,
                             SRV_MAX_STOP_LEN);
@@ -509,8 +513,8 @@ int srv_request_parse(srv_kind kind, const char *body, size_t len, srv_request *
     r->n = (int32_t)v;
     if (r->n * (kind == SRV_COMPLETION ? r->n_prompts : 1) > SRV_MAX_CHOICES) {
         srv_fail(e, 400, NULL, "n", "invalid_value",
-                 "'n' x prompts is %d, at most %d choices are allowed",
-                 r->n * r->n_prompts, SRV_MAX_CHOICES);
+                 "'n' x prompts is %d, at most %d choices are allowed", r->n * r->n_prompts,
+                 SRV_MAX_CHOICES);
         goto done;
     }
     const cJSON *seed = field(root, "seed");
@@ -615,8 +619,7 @@ done:
     return rc;
 }
 
-int srv_detokenize_parse(const char *body, size_t len, int32_t **ids, int32_t *n_ids,
-                         srv_error *e)
+int srv_detokenize_parse(const char *body, size_t len, int32_t **ids, int32_t *n_ids, srv_error *e)
 {
     cJSON *root = parse_object(body, len, e);
     int rc = -1;

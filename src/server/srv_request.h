@@ -27,10 +27,10 @@ typedef enum srv_kind { SRV_COMPLETION = 0, SRV_CHAT = 1 } srv_kind;
 
 /* An error in OpenAI's shape: {"error": {"message", "type", "param", "code"}}. */
 typedef struct srv_error {
-    int status;         /* HTTP status */
-    char type[40];      /* "invalid_request_error", "authentication_error", ... */
-    char param[64];     /* the field, or "" (null in JSON) */
-    char code[40];      /* machine code, or "" (null) */
+    int status;     /* HTTP status */
+    char type[40];  /* "invalid_request_error", "authentication_error", ... */
+    char param[64]; /* the field, or "" (null in JSON) */
+    char code[40];  /* machine code, or "" (null) */
     char message[512];
 } srv_error;
 
@@ -40,7 +40,8 @@ int srv_fail(srv_error *e, int status, const char *type, const char *param, cons
 /* The error as a JSON body (malloc'd, NUL-terminated; NULL when out of memory). */
 char *srv_error_json(const srv_error *e);
 
-/* One prompt of a completion request: text (NUL-terminated, may hold NULs before its len) or ids. */
+/* One prompt of a completion request: text (NUL-terminated, may hold NULs before its len) or ids.
+ */
 typedef struct srv_prompt {
     char *text;
     size_t text_len;
@@ -76,16 +77,14 @@ typedef struct srv_request {
 
 /* Parse body (len bytes, need not be NUL-terminated). On success *out is filled (owned by the
  * caller: srv_request_clear) and 0 returned; else -1 and e says why (status 400). */
-int srv_request_parse(srv_kind kind, const char *body, size_t len, srv_request *out,
-                      srv_error *e);
+int srv_request_parse(srv_kind kind, const char *body, size_t len, srv_request *out, srv_error *e);
 void srv_request_clear(srv_request *r);
 
 /* Bodies of POST /tokenize {"content"|"prompt": string, "add_special": bool} and
  * POST /detokenize {"tokens": [ids]}. Same conventions. */
 int srv_tokenize_parse(const char *body, size_t len, char **text, size_t *text_len,
                        bool *add_special, srv_error *e);
-int srv_detokenize_parse(const char *body, size_t len, int32_t **ids, int32_t *n_ids,
-                         srv_error *e);
+int srv_detokenize_parse(const char *body, size_t len, int32_t **ids, int32_t *n_ids, srv_error *e);
 
 /* Is s[0..len) valid UTF-8 (no overlongs, no surrogates)? *bad gets the offset of the first
  * invalid byte. */

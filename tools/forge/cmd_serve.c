@@ -24,29 +24,30 @@ static void on_signal(int sig)
 
 static void usage(FILE *f)
 {
-    fprintf(f,
-            "usage: forge serve -m MODEL [options]\n"
-            "An OpenAI-compatible HTTP server: POST /v1/completions, /v1/chat/completions\n"
-            "(streaming with \"stream\": true), GET /v1/models, /health, /metrics, POST /tokenize,\n"
-            "/detokenize, and a chat page at /.\n"
-            "  --host ADDR          address to listen on (default 127.0.0.1)\n"
-            "  --port N             port, 0..65535 (default 8080; 0: a free port, printed)\n"
-            "  --parallel N         most requests decoding at once (default: the engine's, 64)\n"
-            "  --kv-size N          tokens in the KV pool of all requests (default: the engine's)\n"
-            "  --api-key KEY        require 'Authorization: Bearer KEY' on /v1/* and /tokenize\n"
-            "  --api-key-file F     the same, the key read from the first line of F\n"
-            "  --chat-template NAME|FILE  built-in (chatml, llama2, llama3, gemma, mistral) or a\n"
-            "                       Jinja file (default: the model's template, else a built-in)\n"
-            "  --alias NAME         the model's id in the API (default: the file name)\n"
-            "  --max-body BYTES     largest request body, 64..2^30 (default 1048576)\n"
-            "  --timeout S          idle connection timeout in seconds, 1..86400 (default 60)\n"
-            "  --cors ORIGIN        send CORS headers allowing ORIGIN ('*': any)\n"
-            "  --http-threads N     HTTP threads, 1..256 (default 4)\n"
-            "  --max-queue N        choices queued or running at once, more get 503 (default 256)\n"
-            "  --shutdown-timeout S on SIGINT/SIGTERM, time for requests to finish (default 10)\n"
-            "  --log-prompts        put request bodies into the access log (stderr)\n"
-            "%s",
-            engine_opts_help);
+    fprintf(
+        f,
+        "usage: forge serve -m MODEL [options]\n"
+        "An OpenAI-compatible HTTP server: POST /v1/completions, /v1/chat/completions\n"
+        "(streaming with \"stream\": true), GET /v1/models, /health, /metrics, POST /tokenize,\n"
+        "/detokenize, and a chat page at /.\n"
+        "  --host ADDR          address to listen on (default 127.0.0.1)\n"
+        "  --port N             port, 0..65535 (default 8080; 0: a free port, printed)\n"
+        "  --parallel N         most requests decoding at once (default: the engine's, 64)\n"
+        "  --kv-size N          tokens in the KV pool of all requests (default: the engine's)\n"
+        "  --api-key KEY        require 'Authorization: Bearer KEY' on /v1/* and /tokenize\n"
+        "  --api-key-file F     the same, the key read from the first line of F\n"
+        "  --chat-template NAME|FILE  built-in (chatml, llama2, llama3, gemma, mistral) or a\n"
+        "                       Jinja file (default: the model's template, else a built-in)\n"
+        "  --alias NAME         the model's id in the API (default: the file name)\n"
+        "  --max-body BYTES     largest request body, 64..2^30 (default 1048576)\n"
+        "  --timeout S          idle connection timeout in seconds, 1..86400 (default 60)\n"
+        "  --cors ORIGIN        send CORS headers allowing ORIGIN ('*': any)\n"
+        "  --http-threads N     HTTP threads, 1..256 (default 4)\n"
+        "  --max-queue N        choices queued or running at once, more get 503 (default 256)\n"
+        "  --shutdown-timeout S on SIGINT/SIGTERM, time for requests to finish (default 10)\n"
+        "  --log-prompts        put request bodies into the access log (stderr)\n"
+        "%s",
+        engine_opts_help);
 }
 
 static char *read_key_file(const char *path)
