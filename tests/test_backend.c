@@ -69,7 +69,10 @@ static void test_rope(void **state)
                       1.0f,
                       {0, 0}};
         be_buf *b = upload(be, x, n);
-        assert_int_equal(be->ops->rope(be, b, n_tok, n_head, hd, pos0, &rp, &err), 0);
+        be_span_batch sb;
+        int32_t pos[3];
+        const be_batch *bt = be_span_batch_init(&sb, pos, n_tok, pos0, 64, NULL, 0);
+        assert_int_equal(be->ops->rope(be, b, n_head, hd, bt, &rp, &err), 0);
         float *got = download(be, b, n);
         float want[3 * 2 * 16];
         memcpy(want, x, sizeof want);
@@ -161,7 +164,9 @@ static void check_attention(int kv_type, int threads, double tol)
         be_buf *bq = upload(be, q + pos0 * QD, n * QD), *bk = upload(be, k + pos0 * KD, n * KD);
         be_buf *bv = upload(be, v + pos0 * KD, n * KD), *bo = NULL;
         assert_int_equal(be->ops->buf_create(be, n * QD, &bo, &err), 0);
-        be_attn a = {1, pos0, n, NH, NKV, HD, scale};
+        be_span_batch sb;
+        int32_t pos[T];
+        be_attn a = {1, NH, NKV, HD, scale, be_span_batch_init(&sb, pos, n, pos0, CTX, NULL, 0)};
         assert_int_equal(be->ops->attention(be, bo, bq, bk, bv, kv, &a, &err), 0);
         assert_int_equal(be->ops->buf_read(be, bo, 0, n * QD, got + pos0 * QD, &err), 0);
         be->ops->buf_free(be, bq);
@@ -279,7 +284,10 @@ static void test_rope_yarn(void **state)
     const float fs = 0.25f;
     be_rope rp = {BE_ROPE_NEOX, HD, 10000.0f, fs, NULL, 1.0f, 1.0f, {2.0f, 5.0f}};
     be_buf *b = upload(be, x, HD);
-    assert_int_equal(be->ops->rope(be, b, 1, 1, HD, POS, &rp, &err), 0);
+    be_span_batch sb;
+    int32_t pos[1];
+    const be_batch *bt = be_span_batch_init(&sb, pos, 1, POS, 64, NULL, 0);
+    assert_int_equal(be->ops->rope(be, b, 1, HD, bt, &rp, &err), 0);
     float *got = download(be, b, HD), want[HD];
     const double ms = 1.0 + 0.1 * log(1.0 / fs);
     for (int i = 0; i < HD / 2; i++) {

@@ -1,5 +1,6 @@
 /* test_paged_attn.c - paged attention on the CPU backend (be_ops.kv_store, kv_copy_block,
- * attention_paged, kv_read; docs/ENGINE.md) against the contiguous attention op, bit for bit:
+ * attention over a batch's block tables, kv_read; docs/ENGINE.md) against the contiguous layout
+ * (one block of the whole cache), bit for bit:
  * shuffled block tables, blocks of 16 and 32, GQA ratios, head dims, one token and prompt chunks
  * starting at a nonzero position, F32 and F16 caches. Every row no sequence owns holds NaN, so a
  * read outside a sequence's blocks shows. Then sequences built with the block manager
@@ -24,7 +25,6 @@ static backend *make_backend(int threads)
     if (backend_cpu_create(threads, false, &be, &err)) fail_msg("backend: %s", err.msg);
     assert_non_null(be->ops->kv_store);
     assert_non_null(be->ops->kv_copy_block);
-    assert_non_null(be->ops->attention_paged);
     assert_non_null(be->ops->kv_read);
     return be;
 }
@@ -147,9 +147,13 @@ static float *contiguous_attn(backend *be, int type, int n_layer, int l, const i
         be_buf *qb = upload(be, qp, (int64_t)pos0 * n_head * hd), *ob = NULL;
         if (be->ops->buf_create(be, (int64_t)pos0 * n_head * hd, &ob, &err))
             fail_msg("%s", err.msg);
-        be_attn a = {l, 0, pos0, n_head, n_head_kv, hd, scale};
+        be_span_batch sb;
+        int32_t *pos = malloc((size_t)pos0 * sizeof *pos);
+        be_attn a = {l, n_head, n_head_kv, hd, scale,
+                     be_span_batch_init(&sb, pos, pos0, 0, n_ctx, NULL, 0)};
         if (be->ops->attention(be, ob, qb, kb, vb, kv, &a, &err))
             fail_msg("attention: %s", err.msg);
+        free(pos);
         be->ops->buf_free(be, kb);
         be->ops->buf_free(be, vb);
         be->ops->buf_free(be, qb);
@@ -164,8 +168,12 @@ static float *contiguous_attn(backend *be, int type, int n_layer, int l, const i
            *vb = upload(be, v, (int64_t)n_tok * kv_dim);
     be_buf *qb = upload(be, q, (int64_t)n_tok * n_head * hd), *ob = NULL;
     if (be->ops->buf_create(be, (int64_t)n_tok * n_head * hd, &ob, &err)) fail_msg("%s", err.msg);
-    be_attn a = {l, pos0, n_tok, n_head, n_head_kv, hd, scale};
+    be_span_batch sb;
+    int32_t *pos = malloc((size_t)n_tok * sizeof *pos);
+    be_attn a = {l, n_head, n_head_kv, hd, scale,
+                 be_span_batch_init(&sb, pos, n_tok, pos0, n_ctx, NULL, 0)};
     if (be->ops->attention(be, ob, qb, kb, vb, kv, &a, &err)) fail_msg("attention: %s", err.msg);
+    free(pos);
     float *out = download(be, ob, (int64_t)n_tok * n_head * hd);
     be->ops->buf_free(be, kb);
     be->ops->buf_free(be, vb);
@@ -177,19 +185,47 @@ static float *contiguous_attn(backend *be, int type, int n_layer, int l, const i
     return out;
 }
 
-/* attention_paged of q (positions pos0..pos0+n_tok-1) over table in layer l of kv. */
+/* One sequence's batch over a block table: rows at positions pos0..pos0+n_tok-1, slots through
+ * the table. pos and slot hold n_tok entries. */
+static be_batch seq_batch(const int32_t *table, int n_table, int bs, int pos0, int n_tok,
+                          int32_t *pos, int32_t *slot, int32_t seq_start[2], int32_t n_tab[1])
+{
+    for (int i = 0; i < n_tok; i++) {
+        pos[i] = pos0 + i;
+        slot[i] = table[(pos0 + i) / bs] * bs + (pos0 + i) % bs;
+    }
+    seq_start[0] = 0;
+    seq_start[1] = n_tok;
+    n_tab[0] = n_table;
+    return (be_batch){n_tok, 1, pos, slot, seq_start, table, n_tab, n_table, bs, NULL, 0};
+}
+
+/* Attention of q (positions pos0..pos0+n_tok-1) over table in layer l of kv, whose rows for
+ * these positions hold their K/V already (stored again by the op: the same values, read back). */
 static float *paged_attn(backend *be, be_kv *kv, int l, const int32_t *table, int n_table, int bs,
                          int pos0, int n_tok, int n_head, int n_head_kv, int hd, const float *q)
 {
     forge_err err = {0};
+    const int kv_dim = n_head_kv * hd;
+    int32_t *pos = malloc(2 * (size_t)n_tok * sizeof *pos), seq_start[2], n_tab[1];
+    float *k = malloc((size_t)n_tok * kv_dim * sizeof *k), *v = malloc((size_t)n_tok * kv_dim * 4);
+    assert_true(pos && k && v);
+    be_batch bt = seq_batch(table, n_table, bs, pos0, n_tok, pos, pos + n_tok, seq_start, n_tab);
+    if (be->ops->kv_read(be, kv, l, bt.slot, n_tok, k, v, &err)) fail_msg("%s", err.msg);
+    be_buf *kb = upload(be, k, (int64_t)n_tok * kv_dim), *vb = upload(be, v, (int64_t)n_tok * kv_dim);
     be_buf *qb = upload(be, q, (int64_t)n_tok * n_head * hd), *ob = NULL;
     if (be->ops->buf_create(be, (int64_t)n_tok * n_head * hd, &ob, &err)) fail_msg("%s", err.msg);
-    be_attn a = {l, pos0, n_tok, n_head, n_head_kv, hd, 1.0f / sqrtf((float)hd)};
-    if (be->ops->attention_paged(be, ob, qb, kv, &a, table, n_table, bs, &err))
-        fail_msg("attention_paged: %s", err.msg);
+    be_attn a = {l, n_head, n_head_kv, hd, 1.0f / sqrtf((float)hd), &bt};
+    if (be->ops->attention(be, ob, qb, kb, vb, kv, &a, &err))
+        fail_msg("paged attention: %s", err.msg);
     float *out = download(be, ob, (int64_t)n_tok * n_head * hd);
+    be->ops->buf_free(be, kb);
+    be->ops->buf_free(be, vb);
     be->ops->buf_free(be, qb);
     be->ops->buf_free(be, ob);
+    free(pos);
+    free(k);
+    free(v);
     return out;
 }
 
@@ -545,19 +581,27 @@ static void test_errors(void **state)
     assert_int_not_equal(be->ops->kv_copy_block(be, kv, bs, 0, 1, bs + 1, &err), 0);
     assert_int_not_equal(be->ops->kv_copy_block(be, kv, 24, 0, 1, 3, &err), 0); /* 64 % 24 */
     assert_int_equal(be->ops->kv_copy_block(be, kv, bs, 0, 1, 3, &err), 0);
-    be_attn a = {0, 20, 2, n_head, n_head_kv, hd, 0.5f};
-    int32_t short_table[1] = {0}, bad_table[2] = {0, n_blocks}, neg_table[2] = {-1, 0};
-    assert_int_not_equal(be->ops->attention_paged(be, o, q, kv, &a, short_table, 1, bs, &err), 0);
-    assert_non_null(strstr(err.msg, "does not cover"));
-    assert_int_not_equal(be->ops->attention_paged(be, o, q, kv, &a, bad_table, 2, bs, &err), 0);
+    /* batches whose tables or slots leave the cache: refused, nothing read or written */
+    int32_t pos[40], slot[40], seq_start[2], n_tab[1];
+    int32_t short_table[2] = {0, 0}, bad_table[2] = {0, n_blocks}, neg_table[2] = {-1, 0};
+    be_batch bt = seq_batch(short_table, 2, bs, 20, 2, pos, slot, seq_start, n_tab);
+    n_tab[0] = 1; /* positions 20, 21 need 2 blocks */
+    be_attn a = {0, n_head, n_head_kv, hd, 0.5f, &bt};
+    assert_int_not_equal(be->ops->attention(be, o, q, k, k, kv, &a, &err), 0);
+    assert_non_null(strstr(err.msg, "a table of 1 blocks"));
+    bt = seq_batch(bad_table, 2, bs, 20, 2, pos, slot, seq_start, n_tab);
+    assert_int_not_equal(be->ops->attention(be, o, q, k, k, kv, &a, &err), 0);
     assert_non_null(strstr(err.msg, "block 4"));
-    assert_int_not_equal(be->ops->attention_paged(be, o, q, kv, &a, neg_table, 2, bs, &err), 0);
-    assert_int_not_equal(be->ops->attention_paged(be, o, q, kv, &a, NULL, 2, bs, &err), 0);
-    be_attn wrong = {0, 0, 2, n_head, 2, hd, 0.5f}; /* kv_dim 16 != 8 */
-    int32_t table[2] = {1, 0};
-    assert_int_not_equal(be->ops->attention_paged(be, o, q, kv, &wrong, table, 2, bs, &err), 0);
-    be_attn big = {0, 0, 40, n_head, n_head_kv, hd, 0.5f}; /* q holds 2 tokens */
-    assert_int_not_equal(be->ops->attention_paged(be, o, q, kv, &big, table, 4, bs, &err), 0);
+    bt = seq_batch(neg_table, 2, bs, 20, 2, pos, slot, seq_start, n_tab);
+    assert_int_not_equal(be->ops->attention(be, o, q, k, k, kv, &a, &err), 0);
+    int32_t table[4] = {1, 0, 2, 3};
+    bt = seq_batch(table, 2, bs, 20, 2, pos, slot, seq_start, n_tab);
+    be_attn wrong = {0, n_head, 2, hd, 0.5f, &bt}; /* kv_dim 16 != 8 */
+    assert_int_not_equal(be->ops->attention(be, o, q, k, k, kv, &wrong, &err), 0);
+    be_attn no_batch = {0, n_head, n_head_kv, hd, 0.5f, NULL};
+    assert_int_not_equal(be->ops->attention(be, o, q, k, k, kv, &no_batch, &err), 0);
+    bt = seq_batch(table, 4, bs, 0, 40, pos, slot, seq_start, n_tab); /* q holds 2 tokens */
+    assert_int_not_equal(be->ops->attention(be, o, q, k, k, kv, &a, &err), 0);
     float kr[8], vr[8];
     assert_int_not_equal(be->ops->kv_read(be, kv, 0, bad_rows, 2, kr, vr, &err), 0);
     be->ops->buf_free(be, k);

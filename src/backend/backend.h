@@ -71,12 +71,54 @@ typedef struct be_rope {
     float corr_dims[2];
 } be_rope;
 
+/* The layout of one forward pass (docs/ENGINE.md): n_tok rows grouped by sequence. Sequence s
+ * owns rows seq_start[s] .. seq_start[s+1]-1, at consecutive positions pos[seq_start[s]]..; row r
+ * stores its K/V at cache row slot[r] and attends over its sequence's positions 0..pos[r],
+ * position p living at cache row table_s[p / block_size] * block_size + p % block_size, where
+ * table_s = table + s * table_stride holds n_table[s] entries. A one-sequence context is the
+ * same thing with one block of n_ctx rows (table {0}, slot = pos). Host arrays, borrowed for
+ * the step. out_rows (ascending) are the rows whose logits the forward computes, in order, into
+ * logits rows 0..n_out-1. */
+typedef struct be_batch {
+    int n_tok, n_seq;
+    const int32_t *pos;       /* [n_tok] */
+    const int32_t *slot;      /* [n_tok] */
+    const int32_t *seq_start; /* [n_seq + 1], seq_start[0] = 0, seq_start[n_seq] = n_tok */
+    const int32_t *table;     /* [n_seq * table_stride] */
+    const int32_t *n_table;   /* [n_seq] */
+    int table_stride, block_size;
+    const int32_t *out_rows; /* [n_out] */
+    int n_out;
+} be_batch;
+
+/* A one-sequence batch over a contiguous cache: one block of kv_rows rows (table {0}), position
+ * p at row p, rows at positions pos0..pos0+n-1 (written to pos[0..n), the caller's array),
+ * logits of out_rows[0..n_out). What a context runs, and what tests build. The batch points into
+ * the struct: do not copy it. */
+typedef struct be_span_batch {
+    be_batch bt;
+    int32_t seq_start[2], table[1], n_table[1];
+} be_span_batch;
+
+static inline const be_batch *be_span_batch_init(be_span_batch *sb, int32_t *pos, int n, int pos0,
+                                                 int kv_rows, const int32_t *out_rows, int n_out)
+{
+    for (int i = 0; i < n; i++)
+        pos[i] = pos0 + i;
+    sb->seq_start[0] = 0;
+    sb->seq_start[1] = n;
+    sb->table[0] = 0;
+    sb->n_table[0] = 1;
+    sb->bt = (be_batch){n,  1,          pos, pos, sb->seq_start, sb->table, sb->n_table, 1,
+                        kv_rows, out_rows, n_out};
+    return &sb->bt;
+}
+
 typedef struct be_attn {
     int layer;
-    int pos0; /* position of the first of the n_tok tokens */
-    int n_tok;
     int n_head, n_head_kv, head_dim;
-    float scale; /* usually 1/sqrt(head_dim) */
+    float scale;           /* usually 1/sqrt(head_dim) */
+    const be_batch *batch; /* rows, positions, K/V slots and block tables (set by batch_set) */
 } be_attn;
 
 typedef struct be_ops {
@@ -122,12 +164,20 @@ typedef struct be_ops {
                   forge_err *err);
     /* y[t] += b for n_tok rows of b->ne0 floats (b: F32). */
     int (*add_bias)(backend *be, be_buf *y, const be_weight *b, int n_tok, forge_err *err);
-    /* Rotary embedding in place, x = [n_tok][n_head][head_dim], token t at position pos0 + t. */
-    int (*rope)(backend *be, be_buf *x, int n_tok, int n_head, int head_dim, int pos0,
+    /* The batch the next ops of this forward pass run on (positions, slots, tables: a device
+     * backend copies them to the device here, once per pass). Every rope / attention /
+     * attention_rope call names the batch it expects; it must be the last one set. Optional:
+     * NULL for a backend that reads the host arrays directly (the CPU). */
+    int (*batch_set)(backend *be, const be_batch *b, forge_err *err);
+    /* Rotary embedding in place, x = [n_tok][n_head][head_dim], row t at position b->pos[t]
+     * (n_tok = b->n_tok). */
+    int (*rope)(backend *be, be_buf *x, int n_head, int head_dim, const be_batch *b,
                 const be_rope *rope, forge_err *err);
-    /* Store k, v ([n_tok][n_head_kv*head_dim]) in the cache at pos0.., then causal attention of
-     * q ([n_tok][n_head*head_dim]) over positions 0..pos0+t; out like q. Softmax in float with
-     * max subtraction, GQA: query head h reads KV head h / (n_head / n_head_kv). */
+    /* Store k, v ([n_tok][n_head_kv*head_dim]) in the cache at the batch's slots, then causal
+     * attention of each row of q ([n_tok][n_head*head_dim]) over its sequence's positions
+     * 0..pos[r] through the sequence's block table; out like q. Softmax in float with max
+     * subtraction, GQA: query head h reads KV head h / (n_head / n_head_kv). A row's result
+     * does not depend on the other rows of the batch (batch invariance). */
     int (*attention)(backend *be, be_buf *out, const be_buf *q, const be_buf *k, const be_buf *v,
                      be_kv *kv, const be_attn *a, forge_err *err);
     /* out[i] = silu(gate[i]) * up[i], silu(x) = x / (1 + exp(-x)). out may be gate. */
@@ -135,9 +185,9 @@ typedef struct be_ops {
                   forge_err *err);
     /* x[i] += y[i] */
     int (*add)(backend *be, be_buf *x, const be_buf *y, int64_t n, forge_err *err);
-    /* dst[0 .. n_rows*row_len) = src rows src_row .. src_row+n_rows-1 */
-    int (*copy_rows)(backend *be, be_buf *dst, const be_buf *src, int64_t src_row, int64_t n_rows,
-                     int64_t row_len, forge_err *err);
+    /* dst rows dst_row .. dst_row+n_rows-1 = src rows src_row .. src_row+n_rows-1 */
+    int (*copy_rows)(backend *be, be_buf *dst, int64_t dst_row, const be_buf *src,
+                     int64_t src_row, int64_t n_rows, int64_t row_len, forge_err *err);
 
     /* ---- optional (NULL when a backend does not offer them) ---- */
     /* *out = the smallest i in [0, n) with x[off + i] maximal (greedy sampling; NaN never wins,
@@ -187,7 +237,7 @@ typedef struct be_ops {
     int (*sample)(backend *be, const be_buf *x, int64_t off, int64_t n, const be_sample *s,
                   int32_t *out, forge_err *err);
 
-    /* ---- paged KV cache (optional: NULL on a backend without it, the GPU for now) ----
+    /* ---- paged KV cache helpers (optional: NULL on a backend without them, the GPU for now) ----
      * docs/ENGINE.md: a cache of n_ctx = n_blocks * block_size rows read as
      * [layer][block][offset][kv_dim]; position p of a sequence lives at row
      * table[p / block_size] * block_size + p % block_size (the slots kvb_seq_rows returns). */
@@ -199,14 +249,6 @@ typedef struct be_ops {
      * layer. src == dst or n_rows == 0 does nothing. */
     int (*kv_copy_block)(backend *be, be_kv *kv, int block_size, int src, int dst, int n_rows,
                          forge_err *err);
-    /* Causal attention of the n_tok query rows q ([n_tok][n_head*head_dim]) of one sequence at
-     * positions a->pos0 .. a->pos0+n_tok-1 over its K/V at positions 0..pos0+t, read through
-     * the block table table[0..n_table) (host array, n_table * block_size >= pos0 + n_tok);
-     * out like q. Stores nothing (kv_store first). Same numerics as attention, bit for bit:
-     * attention is this op over an identity table. */
-    int (*attention_paged)(backend *be, be_buf *out, const be_buf *q, const be_kv *kv,
-                           const be_attn *a, const int32_t *table, int n_table, int block_size,
-                           forge_err *err);
     /* Read rows rows[0..n) of one layer back as floats into k_out, v_out ([n][kv_dim] each,
      * host memory; tests and debugging). */
     int (*kv_read)(backend *be, const be_kv *kv, int layer, const int32_t *rows, int n,

@@ -1012,8 +1012,31 @@ static int rope_params(gpu_backend *g, const be_rope *r, int pos0, int n_tok, gp
     return FORGE_OK;
 }
 
-static int gb_rope(backend *be, be_buf *x, int n_tok, int n_head, int head_dim, int pos0,
-                   const be_rope *r, forge_err *err)
+/* The layout the attention kernels of this file run: one sequence at positions
+ * pos0..pos0+n_tok-1 in a contiguous cache (position p at row p). */
+typedef struct gb_span {
+    int layer, pos0, n_tok, n_head, n_head_kv, head_dim;
+    float scale;
+} gb_span;
+
+/* A batch as a span: one sequence over the identity table (one block of the whole cache, slot =
+ * position), which is what a context runs. Batches of several sequences over block tables are
+ * not on the GPU yet (docs/ENGINE.md): FORGE_E_UNSUPPORTED. */
+static int batch_span(int kv_rows, const be_batch *bt, gb_span *sp, forge_err *err)
+{
+    if (!bt || bt->n_seq != 1 || bt->block_size != kv_rows || bt->n_table[0] != 1 ||
+        bt->table[0] != 0 || bt->slot[0] != bt->pos[0])
+        return forge_err_set(err, FORGE_E_UNSUPPORTED,
+                             "the GPU backend runs one sequence over a contiguous cache only "
+                             "(batch of %d sequences, blocks of %d, cache of %d rows)",
+                             bt ? bt->n_seq : -1, bt ? bt->block_size : -1, kv_rows);
+    sp->pos0 = bt->pos[0];
+    sp->n_tok = bt->n_tok;
+    return FORGE_OK;
+}
+
+static int gb_rope_span(backend *be, be_buf *x, int n_tok, int n_head, int head_dim, int pos0,
+                        const be_rope *r, forge_err *err)
 {
     gpu_backend *g = gb(be);
     int rc;
@@ -1026,9 +1049,18 @@ static int gb_rope(backend *be, be_buf *x, int n_tok, int n_head, int head_dim, 
     return FORGE_OK;
 }
 
+static int gb_rope(backend *be, be_buf *x, int n_head, int head_dim, const be_batch *bt,
+                   const be_rope *r, forge_err *err)
+{
+    gb_span sp = {0};
+    int rc = batch_span(gb(be)->n_ctx, bt, &sp, err);
+    if (rc) return rc;
+    return gb_rope_span(be, x, sp.n_tok, n_head, head_dim, sp.pos0, r, err);
+}
+
 /* The layer's cache rows: K and V bases of layer a->layer. */
 static int attn_check(gpu_backend *g, const be_buf *out, const be_buf *q, const be_buf *k,
-                      const be_buf *v, const be_kv *kv, const be_attn *a, char **kl, char **vl,
+                      const be_buf *v, const be_kv *kv, const gb_span *a, char **kl, char **vl,
                       forge_err *err)
 {
     const int64_t QD = (int64_t)a->n_head * a->head_dim, KD = (int64_t)a->n_head_kv * a->head_dim;
@@ -1056,7 +1088,7 @@ static int attn_check(gpu_backend *g, const be_buf *out, const be_buf *q, const 
 }
 
 /* Attention of q over the cache rows 0..pos0+t (the new K/V already stored). */
-static int attend(gpu_backend *g, be_buf *out, const be_buf *q, const be_kv *kv, const be_attn *a,
+static int attend(gpu_backend *g, be_buf *out, const be_buf *q, const be_kv *kv, const gb_span *a,
                   char *kl, char *vl, forge_err *err)
 {
     const gpu_api *api = g->api;
@@ -1114,8 +1146,20 @@ static int attend(gpu_backend *g, be_buf *out, const be_buf *q, const be_kv *kv,
     return FORGE_OK;
 }
 
-static int gb_attention(backend *be, be_buf *out, const be_buf *q, const be_buf *k, const be_buf *v,
-                        be_kv *kv, const be_attn *a, forge_err *err)
+/* a as a span (batch_span), with its heads */
+static int attn_span(const be_kv *kv, const be_attn *a, gb_span *sp, forge_err *err)
+{
+    int rc = batch_span(kv->n_ctx, a->batch, sp, err);
+    sp->layer = a->layer;
+    sp->n_head = a->n_head;
+    sp->n_head_kv = a->n_head_kv;
+    sp->head_dim = a->head_dim;
+    sp->scale = a->scale;
+    return rc;
+}
+
+static int attention_span(backend *be, be_buf *out, const be_buf *q, const be_buf *k,
+                          const be_buf *v, be_kv *kv, const gb_span *a, forge_err *err)
 {
     gpu_backend *g = gb(be);
     const gpu_api *api = g->api;
@@ -1137,16 +1181,29 @@ static int gb_attention(backend *be, be_buf *out, const be_buf *q, const be_buf 
     return FORGE_OK;
 }
 
+static int gb_attention(backend *be, be_buf *out, const be_buf *q, const be_buf *k, const be_buf *v,
+                        be_kv *kv, const be_attn *ba, forge_err *err)
+{
+    gb_span sp = {0};
+    int rc = attn_span(kv, ba, &sp, err);
+    if (rc) return rc;
+    return attention_span(be, out, q, k, v, kv, &sp, err);
+}
+
 /* Q/K norms + RoPE + the K/V store in one launch, then attention. */
 static int gb_attention_rope(backend *be, be_buf *out, be_buf *q, const be_buf *k, const be_buf *v,
-                             be_kv *kv, const be_attn *a, const be_rope *r, const be_weight *q_norm,
-                             const be_weight *k_norm, float eps, forge_err *err)
+                             be_kv *kv, const be_attn *ba, const be_rope *r,
+                             const be_weight *q_norm, const be_weight *k_norm, float eps,
+                             forge_err *err)
 {
     gpu_backend *g = gb(be);
     char *kl = NULL, *vl = NULL;
     const int32_t *d_pos = NULL;
     gpu_rope_params rp;
+    gb_span sp = {0};
+    const gb_span *a = &sp;
     int rc;
+    if ((rc = attn_span(kv, ba, &sp, err))) return rc;
     if (!g->fused) {
         /* FORGE_GPU_FUSED=0: the plain ops (k is this backend's own buffer: normed and rotated
          * in place, as the architecture code does without this op) */
@@ -1155,10 +1212,10 @@ static int gb_attention_rope(backend *be, be_buf *out, be_buf *q, const be_buf *
                                          a->head_dim, eps, err))) ||
             (k_norm && (rc = gb_rms_norm(be, kw, kw, k_norm, (int64_t)a->n_tok * a->n_head_kv,
                                          a->head_dim, eps, err))) ||
-            (rc = gb_rope(be, q, a->n_tok, a->n_head, a->head_dim, a->pos0, r, err)) ||
-            (rc = gb_rope(be, kw, a->n_tok, a->n_head_kv, a->head_dim, a->pos0, r, err)))
+            (rc = gb_rope_span(be, q, a->n_tok, a->n_head, a->head_dim, a->pos0, r, err)) ||
+            (rc = gb_rope_span(be, kw, a->n_tok, a->n_head_kv, a->head_dim, a->pos0, r, err)))
             return rc;
-        return gb_attention(be, out, q, k, v, kv, a, err);
+        return attention_span(be, out, q, k, v, kv, a, err);
     }
     if ((rc = attn_check(g, out, q, k, v, kv, a, &kl, &vl, err)) ||
         (rc = rope_params(g, r, a->pos0, a->n_tok, &rp, &d_pos, err)) ||
@@ -1199,15 +1256,15 @@ static int gb_add(backend *be, be_buf *x, const be_buf *y, int64_t n, forge_err 
     return FORGE_OK;
 }
 
-static int gb_copy_rows(backend *be, be_buf *dst, const be_buf *src, int64_t src_row,
-                        int64_t n_rows, int64_t row_len, forge_err *err)
+static int gb_copy_rows(backend *be, be_buf *dst, int64_t dst_row, const be_buf *src,
+                        int64_t src_row, int64_t n_rows, int64_t row_len, forge_err *err)
 {
     gpu_backend *g = gb(be);
     int rc;
     if ((rc = check_buf(src, (src_row + n_rows) * row_len, "copy_rows src", err)) ||
-        (rc = check_buf(dst, n_rows * row_len, "copy_rows dst", err)))
+        (rc = check_buf(dst, (dst_row + n_rows) * row_len, "copy_rows dst", err)))
         return rc;
-    if ((rc = g->api->memcpy_d2d(dst->d, src->d + src_row * row_len,
+    if ((rc = g->api->memcpy_d2d(dst->d + dst_row * row_len, src->d + src_row * row_len,
                                  (size_t)(n_rows * row_len) * sizeof(float), g->st, err)))
         return rc;
     wrote(g, dst);

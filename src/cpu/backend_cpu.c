@@ -35,6 +35,8 @@ typedef struct cpu_backend {
     size_t scratch_per_thread;
     float *xround; /* activations rounded to the weight's type (fallback matmul) */
     size_t xround_n;
+    int32_t *row_seq; /* attention: the sequence of each row of the batch */
+    int row_seq_n;
 } cpu_backend;
 
 /* Below this many multiply-adds an op runs on the calling thread: waking the pool costs more. */
@@ -233,24 +235,25 @@ static int cpu_add(backend *be, be_buf *x, const be_buf *y, int64_t n, forge_err
     return FORGE_OK;
 }
 
-static int cpu_copy_rows(backend *be, be_buf *dst, const be_buf *src, int64_t src_row,
-                         int64_t n_rows, int64_t row_len, forge_err *err)
+static int cpu_copy_rows(backend *be, be_buf *dst, int64_t dst_row, const be_buf *src,
+                         int64_t src_row, int64_t n_rows, int64_t row_len, forge_err *err)
 {
     (void)be;
     if (check_buf(src, (src_row + n_rows) * row_len, "copy_rows src", err) ||
-        check_buf(dst, n_rows * row_len, "copy_rows dst", err))
+        check_buf(dst, (dst_row + n_rows) * row_len, "copy_rows dst", err))
         return FORGE_E_INTERNAL;
-    memmove(dst->data, src->data + src_row * row_len, (size_t)(n_rows * row_len) * sizeof(float));
+    memmove(dst->data + dst_row * row_len, src->data + src_row * row_len, (size_t)(n_rows * row_len) * sizeof(float));
     return FORGE_OK;
 }
 
 /* ---- RoPE ------------------------------------------------------------------------------- */
 
-static int cpu_rope(backend *be, be_buf *x, int n_tok, int n_head, int head_dim, int pos0,
+static int cpu_rope(backend *be, be_buf *x, int n_head, int head_dim, const be_batch *bt,
                     const be_rope *rp, forge_err *err)
 {
     cpu_backend *c = cpu(be);
     int n_rot = rp->n_rot;
+    const int n_tok = bt->n_tok;
     if (check_buf(x, (int64_t)n_tok * n_head * head_dim, "rope", err)) return FORGE_E_INTERNAL;
     if (n_rot <= 0 || n_rot > head_dim || n_rot % 2)
         return forge_err_set(err, FORGE_E_INTERNAL, "rope: n_rot %d with head_dim %d", n_rot,
@@ -262,7 +265,7 @@ static int cpu_rope(backend *be, be_buf *x, int n_tok, int n_head, int head_dim,
     float mscale = rp->attn_factor;
     if (rp->ext_factor != 0.0f) mscale *= 1.0f + 0.1f * logf(1.0f / rp->freq_scale);
     for (int t = 0; t < n_tok; t++) {
-        float theta = (float)(pos0 + t);
+        float theta = (float)bt->pos[t];
         for (int i0 = 0; i0 < n_rot; i0 += 2) {
             float f = ff ? ff[i0 / 2] : 1.0f;
             float extrap = theta / f, th = rp->freq_scale * extrap;
@@ -298,9 +301,9 @@ struct attn_job {
     const float *q;
     const be_kv *kv;
     const be_attn *a;
-    const int32_t *table; /* NULL: the identity (position p at row p) */
-    int block_size;       /* rows per table entry (kv->n_ctx with the identity) */
-    size_t n_scores;      /* floats of scratch for the scores, then head_dim for the query */
+    const be_batch *bt;
+    const int32_t *row_seq; /* [n_tok]: the sequence of each row */
+    size_t n_scores;        /* floats of scratch for the scores, then head_dim for the query */
 };
 
 /* Dot product of a cached row (F32 or F16) with a float vector; four partial sums, as SIMD
@@ -354,12 +357,13 @@ static void attn_worker(void *arg, int ith, int nth)
 {
     struct attn_job *j = arg;
     const be_attn *a = j->a;
+    const be_batch *bt = j->bt;
     const be_kv *kv = j->kv;
     const int hd = a->head_dim, kv_dim = kv->kv_dim, gqa = a->n_head / a->n_head_kv;
-    const int bs = j->block_size;
+    const int bs = bt->block_size;
     const bool f16 = kv->type == FORGE_KV_F16;
     const size_t elt = f16 ? 2 : 4;
-    const int64_t items = (int64_t)a->n_tok * a->n_head;
+    const int64_t items = (int64_t)bt->n_tok * a->n_head;
     const int64_t per = (items + nth - 1) / nth;
     const int64_t i_start = per * ith, i_end = i_start + per < items ? i_start + per : items;
     float *scores = j->c->scratch + (size_t)ith * j->c->scratch_per_thread;
@@ -371,7 +375,8 @@ static void attn_worker(void *arg, int ith, int nth)
     for (int64_t it = i_start; it < i_end; it++) {
         int t = (int)(it / a->n_head), h = (int)(it % a->n_head);
         int kvh = h / gqa;
-        int n_kv = a->pos0 + t + 1;
+        int n_kv = bt->pos[t] + 1;
+        const int32_t *table = bt->table + (size_t)j->row_seq[t] * bt->table_stride;
         const float *qh = j->q + ((int64_t)t * a->n_head + h) * hd;
         const size_t head_off = (size_t)kvh * hd * elt;
         if (f16) { /* ggml rounds the query to the cache's vec_dot type */
@@ -381,7 +386,7 @@ static void attn_worker(void *arg, int ith, int nth)
         }
         float max = -INFINITY;
         for (int p0 = 0, b = 0; p0 < n_kv; p0 += bs, b++) {
-            const size_t r0 = j->table ? (size_t)j->table[b] * (size_t)bs : (size_t)p0;
+            const size_t r0 = (size_t)table[b] * (size_t)bs;
             const uint8_t *kr = kbase + r0 * row_bytes + head_off;
             const int m = n_kv - p0 < bs ? n_kv - p0 : bs;
             for (int i = 0; i < m; i++) {
@@ -404,44 +409,13 @@ static void attn_worker(void *arg, int ith, int nth)
         float *o = j->out + ((int64_t)t * a->n_head + h) * hd;
         memset(o, 0, (size_t)hd * sizeof *o);
         for (int p0 = 0, b = 0; p0 < n_kv; p0 += bs, b++) {
-            const size_t r0 = j->table ? (size_t)j->table[b] * (size_t)bs : (size_t)p0;
+            const size_t r0 = (size_t)table[b] * (size_t)bs;
             const uint8_t *vr = vbase + r0 * row_bytes + head_off;
             const int m = n_kv - p0 < bs ? n_kv - p0 : bs;
             for (int i = 0; i < m; i++)
                 axpy_row(o, scores[p0 + i], vr + (size_t)i * row_bytes, f16, hd);
         }
     }
-}
-
-/* Checks shared by attention and attention_paged: buffers, head counts, layer. */
-static int attn_check(const be_buf *out, const be_buf *q, const be_kv *kv, const be_attn *a,
-                      const char *op, forge_err *err)
-{
-    if (!kv || !a || a->n_tok < 0 || a->n_head <= 0 || a->head_dim <= 0 || a->n_head_kv <= 0 ||
-        a->n_head % a->n_head_kv || a->n_head_kv * a->head_dim != kv->kv_dim || a->layer < 0 ||
-        a->layer >= kv->n_layer || a->pos0 < 0 || a->pos0 > INT32_MAX - a->n_tok)
-        return forge_err_set(err, FORGE_E_INTERNAL,
-                             "%s: layer %d, %d heads / %d KV heads of %d, pos %d+%d do not fit "
-                             "the cache (%d layers, kv_dim %d)",
-                             op, a ? a->layer : -1, a ? a->n_head : -1, a ? a->n_head_kv : -1,
-                             a ? a->head_dim : -1, a ? a->pos0 : -1, a ? a->n_tok : -1,
-                             kv ? kv->n_layer : -1, kv ? kv->kv_dim : -1);
-    const int64_t q_n = (int64_t)a->n_tok * a->n_head * a->head_dim;
-    if (check_buf(q, q_n, "attention q", err) || check_buf(out, q_n, "attention out", err))
-        return FORGE_E_INTERNAL;
-    return FORGE_OK;
-}
-
-static int attn_run(cpu_backend *c, be_buf *out, const be_buf *q, const be_kv *kv,
-                    const be_attn *a, const int32_t *table, int block_size, size_t n_scores,
-                    forge_err *err)
-{
-    if (a->n_tok == 0) return FORGE_OK;
-    if (scratch_reserve(c, n_scores + (size_t)a->head_dim, err)) return FORGE_E_NOMEM;
-    struct attn_job job = {c, out->data, q->data, kv, a, table, block_size, n_scores};
-    int64_t work = (int64_t)a->n_tok * a->n_head * (a->pos0 + a->n_tok) * a->head_dim * 2;
-    kern_pool_run(work < CPU_MIN_PARALLEL_WORK ? NULL : c->pool, attn_worker, &job);
-    return FORGE_OK;
 }
 
 /* Row row of layer layer of the cache = k_src, v_src (kv_dim floats), converted. */
@@ -460,23 +434,67 @@ static void kv_put_row(be_kv *kv, int layer, size_t row, const float *k_src, con
     }
 }
 
+/* Attention over the batch a->batch (backend.h): every row's K/V stored at its slot, then each
+ * (row, head) attends over its sequence's positions 0..pos through the sequence's block table,
+ * threaded over all (row, head) pairs of the batch. A row's result depends only on its own
+ * query and its sequence's cache rows: the same alone or in any batch. */
 static int cpu_attention(backend *be, be_buf *out, const be_buf *q, const be_buf *k,
                          const be_buf *v, be_kv *kv, const be_attn *a, forge_err *err)
 {
-    if (attn_check(out, q, kv, a, "attention", err)) return FORGE_E_INTERNAL;
-    const int kv_dim = kv->kv_dim;
-    if (check_buf(k, (int64_t)a->n_tok * kv_dim, "attention k", err) ||
-        check_buf(v, (int64_t)a->n_tok * kv_dim, "attention v", err))
-        return FORGE_E_INTERNAL;
-    if (a->pos0 + a->n_tok > kv->n_ctx)
+    cpu_backend *c = cpu(be);
+    const be_batch *bt = a ? a->batch : NULL;
+    if (!kv || !a || !bt || bt->n_tok < 1 || a->n_head <= 0 || a->head_dim <= 0 ||
+        a->n_head_kv <= 0 || a->n_head % a->n_head_kv || a->n_head_kv * a->head_dim != kv->kv_dim ||
+        a->layer < 0 || a->layer >= kv->n_layer || bt->block_size < 1 ||
+        kv->n_ctx % bt->block_size)
         return forge_err_set(err, FORGE_E_INTERNAL,
-                             "attention: layer %d pos %d+%d does not fit the cache", a->layer,
-                             a->pos0, a->n_tok);
-    for (int t = 0; t < a->n_tok; t++)
-        kv_put_row(kv, a->layer, (size_t)a->pos0 + (size_t)t, k->data + (size_t)t * kv_dim,
+                             "attention: layer %d, %d heads / %d KV heads of %d, blocks of %d do "
+                             "not fit the cache (%d layers, kv_dim %d, %d rows)",
+                             a ? a->layer : -1, a ? a->n_head : -1, a ? a->n_head_kv : -1,
+                             a ? a->head_dim : -1, bt ? bt->block_size : -1,
+                             kv ? kv->n_layer : -1, kv ? kv->kv_dim : -1, kv ? kv->n_ctx : -1);
+    const int n_tok = bt->n_tok, kv_dim = kv->kv_dim, bs = bt->block_size;
+    const int64_t q_n = (int64_t)n_tok * a->n_head * a->head_dim;
+    if (check_buf(q, q_n, "attention q", err) || check_buf(out, q_n, "attention out", err) ||
+        check_buf(k, (int64_t)n_tok * kv_dim, "attention k", err) ||
+        check_buf(v, (int64_t)n_tok * kv_dim, "attention v", err))
+        return FORGE_E_INTERNAL;
+    if (c->row_seq_n < n_tok) {
+        int32_t *rs = realloc(c->row_seq, (size_t)n_tok * sizeof *rs);
+        if (!rs) return forge_err_set(err, FORGE_E_NOMEM, "out of memory");
+        c->row_seq = rs;
+        c->row_seq_n = n_tok;
+    }
+    /* every row's slot and every table entry it reads must be inside the cache */
+    const int n_blocks = kv->n_ctx / bs;
+    int max_kv = 0;
+    for (int s = 0; s < bt->n_seq; s++) {
+        const int32_t *tab = bt->table + (size_t)s * bt->table_stride;
+        for (int r = bt->seq_start[s]; r < bt->seq_start[s + 1]; r++) {
+            const int64_t p = bt->pos[r], used = p / bs + 1;
+            for (int64_t b = 0; b < used && b < bt->n_table[s]; b++)
+                if (tab[b] < 0 || tab[b] >= n_blocks)
+                    return forge_err_set(err, FORGE_E_INTERNAL,
+                                         "attention: table entry %lld is block %d, the cache has "
+                                         "%d",
+                                         (long long)b, tab[b], n_blocks);
+            if (p < 0 || used > bt->n_table[s] || bt->slot[r] < 0 || bt->slot[r] >= kv->n_ctx)
+                return forge_err_set(err, FORGE_E_INTERNAL,
+                                     "attention: row %d at position %lld, slot %d: a table of %d "
+                                     "blocks of %d, a cache of %d rows",
+                                     r, (long long)p, bt->slot[r], bt->n_table[s], bs, kv->n_ctx);
+            c->row_seq[r] = s;
+            if (used * bs > max_kv) max_kv = (int)(used * bs);
+        }
+    }
+    for (int t = 0; t < n_tok; t++)
+        kv_put_row(kv, a->layer, (size_t)bt->slot[t], k->data + (size_t)t * kv_dim,
                    v->data + (size_t)t * kv_dim);
-    /* the contiguous cache is the paged one under the identity table (one block of n_ctx) */
-    return attn_run(cpu(be), out, q, kv, a, NULL, kv->n_ctx, (size_t)kv->n_ctx, err);
+    if (scratch_reserve(c, (size_t)max_kv + (size_t)a->head_dim, err)) return FORGE_E_NOMEM;
+    struct attn_job job = {c, out->data, q->data, kv, a, bt, c->row_seq, (size_t)max_kv};
+    int64_t work = (int64_t)n_tok * a->n_head * max_kv * a->head_dim * 2;
+    kern_pool_run(work < CPU_MIN_PARALLEL_WORK ? NULL : c->pool, attn_worker, &job);
+    return FORGE_OK;
 }
 
 /* ---- paged KV cache --------------------------------------------------------------------- */
@@ -522,28 +540,6 @@ static int cpu_kv_copy_block(backend *be, be_kv *kv, int block_size, int src, in
         memcpy((uint8_t *)kv->v + d, (const uint8_t *)kv->v + s, (size_t)n_rows * row_bytes);
     }
     return FORGE_OK;
-}
-
-static int cpu_attention_paged(backend *be, be_buf *out, const be_buf *q, const be_kv *kv,
-                               const be_attn *a, const int32_t *table, int n_table,
-                               int block_size, forge_err *err)
-{
-    if (attn_check(out, q, kv, a, "attention_paged", err)) return FORGE_E_INTERNAL;
-    if (block_size <= 0 || kv->n_ctx % block_size || n_table < 0 || (n_table > 0 && !table) ||
-        (int64_t)n_table * block_size < (int64_t)a->pos0 + a->n_tok)
-        return forge_err_set(err, FORGE_E_INTERNAL,
-                             "attention_paged: a table of %d blocks of %d does not cover "
-                             "positions %d+%d (cache of %d rows)",
-                             n_table, block_size, a->pos0, a->n_tok, kv->n_ctx);
-    const int n_blocks = kv->n_ctx / block_size;
-    const int n_used = (int)(((int64_t)a->pos0 + a->n_tok + block_size - 1) / block_size);
-    for (int b = 0; b < n_used; b++)
-        if (table[b] < 0 || table[b] >= n_blocks)
-            return forge_err_set(err, FORGE_E_INTERNAL,
-                                 "attention_paged: table entry %d is block %d, the cache has %d",
-                                 b, table[b], n_blocks);
-    return attn_run(cpu(be), out, q, kv, a, table, block_size,
-                    (size_t)n_used * (size_t)block_size, err);
 }
 
 static int cpu_kv_read(backend *be, const be_kv *kv, int layer, const int32_t *rows, int n,
@@ -688,6 +684,7 @@ static void cpu_destroy(backend *be)
     kern_pool_free(c->pool);
     free(c->scratch);
     free(c->xround);
+    free(c->row_seq);
     free(c);
 }
 
@@ -711,7 +708,6 @@ static const be_ops cpu_ops = {
     .matmul_multi = cpu_matmul_multi,
     .kv_store = cpu_kv_store,
     .kv_copy_block = cpu_kv_copy_block,
-    .attention_paged = cpu_attention_paged,
     .kv_read = cpu_kv_read,
 };
 

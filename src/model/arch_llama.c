@@ -72,14 +72,30 @@ static int matmul_residual(backend *be, be_buf *x, const be_weight *w, const be_
     return op->add(be, x, tmp, (int64_t)n_tok * dim, err);
 }
 
-int arch_llama_forward(forge_context *ctx, const int32_t *ids, int n, bool want_logits,
-                       bool all_logits, int *n_out, forge_err *err)
+/* logits rows 0..n_out-1 = x rows out_rows[]: contiguous runs of rows copied at once (a decode
+ * batch wants every row: nothing to copy) */
+static int gather_out_rows(backend *be, be_buf *dst, const be_buf *x, const be_batch *bt,
+                           int64_t E, forge_err *err)
 {
-    const forge_model *m = ctx->model;
+    for (int i = 0; i < bt->n_out;) {
+        int j = i + 1;
+        while (j < bt->n_out && bt->out_rows[j] == bt->out_rows[j - 1] + 1)
+            j++;
+        int rc = be->ops->copy_rows(be, dst, i, x, bt->out_rows[i], j - i, E, err);
+        if (rc) return rc;
+        i = j;
+    }
+    return FORGE_OK;
+}
+
+int arch_llama_forward(fwd_state *fs, const int32_t *ids, const be_batch *bt, forge_err *err)
+{
+    const forge_model *m = fs->model;
     const forge_model_info *hp = &m->info;
-    backend *be = ctx->be;
+    backend *be = fs->be;
     const be_ops *op = be->ops;
-    ctx_bufs *b = &ctx->b;
+    ctx_bufs *b = &fs->b;
+    const int n = bt->n_tok;
     const int64_t E = hp->n_embd, HD = hp->head_dim;
     const be_rope rope = {m->rope_mode,
                           hp->n_rot,
@@ -91,10 +107,11 @@ int arch_llama_forward(forge_context *ctx, const int32_t *ids, int n, bool want_
                           {m->rope_corr_dims[0], m->rope_corr_dims[1]}};
     int rc = FORGE_OK;
 
+    if (op->batch_set) TRY(op->batch_set(be, bt, err));
     TRY(op->get_rows(be, b->x, &m->tok_embd, ids, n, err));
     for (int il = 0; il < hp->n_layer; il++) {
         const layer_weights *l = &m->layers[il];
-        if (ctx->abort_flag && *ctx->abort_flag) {
+        if (fs->abort_flag && *fs->abort_flag) {
             rc = forge_err_set(err, FORGE_E_INTERRUPTED, "interrupted");
             goto done;
         }
@@ -106,11 +123,11 @@ int arch_llama_forward(forge_context *ctx, const int32_t *ids, int n, bool want_
         TRY(norm_matmul(be, 3, qkv, w_qkv, b_qkv, b->x, &l->attn_norm, hp->rms_eps, false, b->xn,
                         n, err));
         const be_attn attn = {
-            il, ctx->pos, n, hp->n_head, hp->n_head_kv, (int)HD, 1.0f / sqrtf((float)HD)};
+            il, hp->n_head, hp->n_head_kv, (int)HD, 1.0f / sqrtf((float)HD), bt};
         const be_weight *qn = l->q_norm.data ? &l->q_norm : NULL;
         const be_weight *kn = l->k_norm.data ? &l->k_norm : NULL;
         if (op->attention_rope) {
-            TRY(op->attention_rope(be, b->att, b->q, b->k, b->v, ctx->kv, &attn, &rope, qn, kn,
+            TRY(op->attention_rope(be, b->att, b->q, b->k, b->v, fs->kv, &attn, &rope, qn, kn,
                                    hp->rms_eps, err));
         } else {
             if (qn)
@@ -119,9 +136,9 @@ int arch_llama_forward(forge_context *ctx, const int32_t *ids, int n, bool want_
             if (kn)
                 TRY(op->rms_norm(be, b->k, b->k, kn, (int64_t)n * hp->n_head_kv, HD, hp->rms_eps,
                                  err));
-            TRY(op->rope(be, b->q, n, hp->n_head, (int)HD, ctx->pos, &rope, err));
-            TRY(op->rope(be, b->k, n, hp->n_head_kv, (int)HD, ctx->pos, &rope, err));
-            TRY(op->attention(be, b->att, b->q, b->k, b->v, ctx->kv, &attn, err));
+            TRY(op->rope(be, b->q, hp->n_head, (int)HD, bt, &rope, err));
+            TRY(op->rope(be, b->k, hp->n_head_kv, (int)HD, bt, &rope, err));
+            TRY(op->attention(be, b->att, b->q, b->k, b->v, fs->kv, &attn, err));
         }
         TRY(matmul_residual(be, b->x, &l->wo, l->bo.data ? &l->bo : NULL, b->att, b->o, n, E,
                             err));
@@ -132,24 +149,19 @@ int arch_llama_forward(forge_context *ctx, const int32_t *ids, int n, bool want_
                         b->xn, n, err));
         TRY(matmul_residual(be, b->x, &l->ffn_down, NULL, b->gate, b->o, n, E, err));
     }
-    /* output head (not needed for a prompt chunk that is not the last) */
-    if (!want_logits) {
-        *n_out = 0;
-        goto done;
-    }
+    /* output head, for the rows that want logits only (none for a prompt chunk that is not the
+     * last of its sequence) */
+    if (bt->n_out == 0) goto done;
     const be_buf *src = b->x;
-    int rows = n;
-    if (!all_logits) {
-        TRY(op->copy_rows(be, b->last, b->x, n - 1, 1, E, err));
+    if (bt->n_out < n) {
+        TRY(gather_out_rows(be, b->last, b->x, bt, E, err));
         src = b->last;
-        rows = 1;
     }
     /* tied: the embedding table itself (its device copy, if any, lives there) */
     const be_weight *out_w = m->info.tied_output ? &m->tok_embd : &m->output;
     be_buf *const logits[] = {b->logits};
     TRY(norm_matmul(be, 1, logits, &out_w, NULL, src, &m->output_norm, hp->rms_eps, false, b->xn,
-                    rows, err));
-    *n_out = rows;
+                    bt->n_out, err));
 done:
     return rc;
 }

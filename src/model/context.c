@@ -6,7 +6,6 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "backend/backend_gpu.h"
 #include "core/util.h"
 #include "cpu/kernels.h"
 #include "model/model.h"
@@ -23,134 +22,6 @@ forge_context_params forge_context_default_params(void)
     p.device = FORGE_DEVICE_CPU;
     p.gpu_index = 0;
     return p;
-}
-
-/* Make the model's weights usable by ctx's backend: a GPU backend takes a reference on the
- * model's device copy for its GPU (uploading it when it is the first context there) and reports
- * progress itself; the CPU backend reads the mapping directly (progress after each tensor). */
-static int acquire_weights(forge_context *ctx, const forge_context_params *p, forge_err *err)
-{
-    const be_ops *op = ctx->be->ops;
-    forge_model *m = ctx->model;
-    const int n = model_weights(m, NULL, 0);
-    be_weight **w = malloc((size_t)(n > 0 ? n : 1) * sizeof *w);
-    uint64_t total = 0, done = 0;
-    int rc = FORGE_OK;
-    if (!w) return forge_err_set(err, FORGE_E_NOMEM, "out of memory");
-    model_weights(m, w, n);
-    if (op->weights_acquire) {
-        rc = op->weights_acquire(ctx->be, &m->wshare, w, n, p->progress, p->progress_user, err);
-    } else if (p->progress) {
-        for (int i = 0; i < n; i++)
-            total += w[i]->n_bytes;
-        for (int i = 0; i < n; i++) {
-            done += w[i]->n_bytes;
-            p->progress(done, total, p->progress_user);
-        }
-    }
-    free(w);
-    return rc;
-}
-
-static void free_bufs(forge_context *ctx)
-{
-    be_buf **all[] = {&ctx->b.x, &ctx->b.xn,   &ctx->b.q,  &ctx->b.k,    &ctx->b.v,     &ctx->b.att,
-                      &ctx->b.o, &ctx->b.gate, &ctx->b.up, &ctx->b.last, &ctx->b.logits};
-    for (size_t i = 0; i < FORGE_ARRAY_LEN(all); i++) {
-        if (*all[i]) ctx->be->ops->buf_free(ctx->be, *all[i]);
-        *all[i] = NULL;
-    }
-}
-
-static int alloc_bufs(forge_context *ctx, forge_err *err)
-{
-    const forge_model_info *hp = &ctx->model->info;
-    const int64_t nb = ctx->n_batch, E = hp->n_embd;
-    const int64_t QD = (int64_t)hp->n_head * hp->head_dim,
-                  KD = (int64_t)hp->n_head_kv * hp->head_dim;
-    struct {
-        be_buf **buf;
-        int64_t n;
-    } want[] = {
-        {&ctx->b.x, nb * E},
-        {&ctx->b.xn, nb * E},
-        {&ctx->b.q, nb * QD},
-        {&ctx->b.k, nb * KD},
-        {&ctx->b.v, nb * KD},
-        {&ctx->b.att, nb * QD},
-        {&ctx->b.o, nb * (E > QD ? E : QD)},
-        {&ctx->b.gate, nb * hp->n_ff},
-        {&ctx->b.up, nb * hp->n_ff},
-        {&ctx->b.last, E},
-        {&ctx->b.logits, hp->n_vocab},
-    };
-    for (size_t i = 0; i < FORGE_ARRAY_LEN(want); i++) {
-        int rc = ctx->be->ops->buf_create(ctx->be, want[i].n, want[i].buf, err);
-        if (rc) return rc;
-    }
-    ctx->b.logits_rows = 1;
-    return FORGE_OK;
-}
-
-/* The GPU backend and its memory plan (weights + KV cache + scratch must fit before anything is
- * uploaded). The activation sizes follow alloc_bufs, plus n_batch logit rows (all_logits). */
-static int create_gpu(forge_context *ctx, const forge_context_params *p, forge_err *err)
-{
-    forge_model *m = ctx->model;
-    const forge_model_info *hp = &m->info;
-    int rc;
-    be_weight *globals[] = {&m->tok_embd, &m->output_norm, &m->output, &m->rope_freqs};
-    /* every weight's type must have GPU kernels (mixed files: each tensor's own type) */
-    for (size_t i = 0; i < FORGE_ARRAY_LEN(globals); i++)
-        if ((rc = backend_gpu_check_weight(globals[i], err))) return rc;
-    for (int il = 0; il < hp->n_layer; il++) {
-        const be_weight *lw = (const be_weight *)&m->layers[il];
-        for (size_t i = 0; i < sizeof(layer_weights) / sizeof(be_weight); i++)
-            if ((rc = backend_gpu_check_weight(&lw[i], err))) return rc;
-    }
-    if ((rc = backend_gpu_create(p->gpu_index, &ctx->be, err))) return rc;
-    be_gpu_plan pl = {0};
-    for (size_t i = 0; i < FORGE_ARRAY_LEN(globals); i++)
-        if (!(i == 2 && hp->tied_output)) backend_gpu_plan_add_weight(ctx->be, &pl, globals[i]);
-    for (int il = 0; il < hp->n_layer; il++) {
-        const be_weight *lw = (const be_weight *)&m->layers[il];
-        for (size_t i = 0; i < sizeof(layer_weights) / sizeof(be_weight); i++)
-            backend_gpu_plan_add_weight(ctx->be, &pl, &lw[i]);
-    }
-    const int64_t nb = ctx->n_batch, E = hp->n_embd, F = hp->n_ff, V = hp->n_vocab;
-    const int64_t QD = (int64_t)hp->n_head * hp->head_dim,
-                  KD = (int64_t)hp->n_head_kv * hp->head_dim;
-    pl.n_layer = hp->n_layer;
-    pl.n_ctx = ctx->n_ctx;
-    pl.kv_dim = m->n_embd_k_gqa;
-    pl.kv_type = (int)p->kv_type;
-    pl.n_head = hp->n_head;
-    pl.head_dim = hp->head_dim;
-    pl.n_batch = ctx->n_batch;
-    pl.act_floats = nb * (2 * E + 2 * QD + 2 * KD + (E > QD ? E : QD) + 2 * F) + E + V + nb * V;
-    pl.yarn = m->rope_ext_factor != 0.0f;
-    pl.n_vocab = hp->n_vocab;
-    pl.f32_math = p->f32_math;
-    pl.share = &m->wshare;
-    if ((rc = backend_gpu_plan(ctx->be, &pl, err))) return rc;
-    const char *w = backend_gpu_warning(ctx->be);
-    if (w) snprintf(ctx->warning, sizeof ctx->warning, "%s", w);
-    return FORGE_OK;
-}
-
-/* The one place a backend is chosen: CPU, GPU, or AUTO (the GPU when it can be created and the
- * model fits, else the CPU; the reason is dropped: front ends that want to say it probe first
- * with forge_gpu_probe). */
-static int select_backend(forge_context *ctx, const forge_context_params *p, forge_err *err)
-{
-    int rc;
-    if (p->device == FORGE_DEVICE_GPU || p->device == FORGE_DEVICE_AUTO) {
-        rc = create_gpu(ctx, p, err);
-        if (rc == FORGE_OK || p->device == FORGE_DEVICE_GPU) return rc;
-        if (ctx->be) ctx->be->ops->destroy(ctx->be);
-        ctx->be = NULL;
-    }
-    return backend_cpu_create(ctx->n_threads, p->f32_math, &ctx->be, err);
 }
 
 int forge_context_create(forge_model *model, const forge_context_params *params,
@@ -174,19 +45,14 @@ int forge_context_create(forge_model *model, const forge_context_params *params,
     if (!ctx) return forge_err_set(err, FORGE_E_NOMEM, "out of memory");
     ctx->model = model;
     ctx->n_ctx = p.n_ctx ? p.n_ctx : hp->n_ctx_train;
-    ctx->n_batch = p.n_batch ? p.n_batch : 512;
-    if (ctx->n_batch > ctx->n_ctx) ctx->n_batch = ctx->n_ctx;
-    ctx->n_threads = p.n_threads ? p.n_threads : kern_physical_cores();
-    if (ctx->n_threads < 1) ctx->n_threads = 1;
-    ctx->kv_type = p.kv_type;
-    if ((rc = select_backend(ctx, &p, err))) goto fail;
-    if (ctx->be->ops->activate && (rc = ctx->be->ops->activate(ctx->be, err))) goto fail;
-    /* weights: a GPU backend shares (or uploads) the device copy of its GPU */
-    if ((rc = acquire_weights(ctx, &p, err))) goto fail;
-    if ((rc = ctx->be->ops->kv_create(ctx->be, hp->n_layer, ctx->n_ctx, model->n_embd_k_gqa,
-                                      (int)p.kv_type, &ctx->kv, err)))
-        goto fail;
-    if ((rc = alloc_bufs(ctx, err))) goto fail;
+    int32_t n_batch = p.n_batch ? p.n_batch : 512;
+    if (n_batch > ctx->n_ctx) n_batch = ctx->n_ctx;
+    int32_t n_threads = p.n_threads ? p.n_threads : kern_physical_cores();
+    if (n_threads < 1) n_threads = 1;
+    /* one sequence: the cache is one block of n_ctx rows, position p at row p */
+    const fwd_params fp = {p.device,  p.gpu_index, n_threads,  p.f32_math,     p.kv_type,
+                           ctx->n_ctx, n_batch,    1,          p.progress,     p.progress_user};
+    if ((rc = fwd_state_init(&ctx->fs, model, &fp, err))) goto fail;
     *out = ctx;
     return FORGE_OK;
 fail:
@@ -197,17 +63,7 @@ fail:
 void forge_context_free(forge_context *ctx)
 {
     if (!ctx) return;
-    if (ctx->be) {
-        const be_ops *op = ctx->be->ops;
-        /* Work may still be queued (an interrupted prompt, a failed decode): the backend frees
-         * its buffers and cache in its stream's order, and releases the shared weights only
-         * after its own work is done (backend.h). */
-        if (op->activate) (void)op->activate(ctx->be, NULL);
-        free_bufs(ctx);
-        op->kv_free(ctx->be, ctx->kv);
-        if (op->weights_release) op->weights_release(ctx->be);
-        op->destroy(ctx->be);
-    }
+    fwd_state_release(&ctx->fs);
     free(ctx->logits);
     free(ctx);
 }
@@ -219,7 +75,7 @@ int32_t forge_context_n_ctx(const forge_context *ctx)
 
 int32_t forge_context_n_threads(const forge_context *ctx)
 {
-    return ctx->n_threads;
+    return ctx->fs.n_threads;
 }
 
 int32_t forge_context_pos(const forge_context *ctx)
@@ -229,7 +85,7 @@ int32_t forge_context_pos(const forge_context *ctx)
 
 const char *forge_context_device(const forge_context *ctx)
 {
-    return ctx && ctx->be ? ctx->be->ops->name : "none";
+    return ctx && ctx->fs.be ? ctx->fs.be->ops->name : "none";
 }
 
 const forge_model *forge_context_model(const forge_context *ctx)
@@ -239,26 +95,20 @@ const forge_model *forge_context_model(const forge_context *ctx)
 
 const char *forge_context_warning(const forge_context *ctx)
 {
-    return ctx && ctx->warning[0] ? ctx->warning : NULL;
+    return ctx && ctx->fs.warning[0] ? ctx->fs.warning : NULL;
 }
 
 void forge_context_set_abort_flag(forge_context *ctx, const volatile sig_atomic_t *flag)
 {
-    ctx->abort_flag = flag;
+    ctx->fs.abort_flag = flag;
 }
 
-/* Make room for rows logit rows in the backend buffer and in the host array. */
+/* Make room for chunk_rows logit rows in the backend buffer and host_rows in the host array. */
 static int reserve_logits(forge_context *ctx, int64_t chunk_rows, int64_t host_rows, forge_err *err)
 {
     const int64_t V = ctx->model->info.n_vocab;
-    if (chunk_rows > ctx->b.logits_rows) {
-        ctx->be->ops->buf_free(ctx->be, ctx->b.logits);
-        ctx->b.logits = NULL;
-        ctx->b.logits_rows = 0;
-        int rc = ctx->be->ops->buf_create(ctx->be, chunk_rows * V, &ctx->b.logits, err);
-        if (rc) return rc;
-        ctx->b.logits_rows = chunk_rows;
-    }
+    int rc = fwd_reserve_logits(&ctx->fs, chunk_rows, err);
+    if (rc) return rc;
     if (host_rows > ctx->logits_cap) {
         float *p = realloc(ctx->logits, (size_t)(host_rows * V) * sizeof(float));
         if (!p)
@@ -279,26 +129,40 @@ static int32_t host_argmax(const float *x, int32_t n)
     return best < 0 ? 0 : best;
 }
 
-/* One forward pass of a chunk. A single decoded token (one logit row) goes through the backend's
- * step_begin/step_end, which may replay a recorded step instead of the forward pass. */
-static int forward_chunk(forge_context *ctx, const int32_t *ids, int32_t n, bool want_logits,
-                         bool all_logits, int *rows, forge_err *err)
+/* The batch of a context's chunk: one sequence whose cache is one block of n_ctx rows,
+ * position p at row p; logits of every row (out_mode 2), of the last one (1), or none (0). */
+static int forward_chunk_batch(forge_context *ctx, const int32_t *ids, int32_t n, int out_mode,
+                               int32_t *rows_buf, forge_err *err)
 {
-    const be_ops *op = ctx->be->ops;
-    if (n != 1 || all_logits || !want_logits || !op->step_begin)
-        return arch_llama_forward(ctx, ids, n, want_logits, all_logits, rows, err);
+    be_span_batch sb;
+    int32_t *pos = rows_buf, *out = rows_buf + n;
+    for (int32_t i = 0; i < n; i++)
+        out[i] = i;
+    const be_batch *bt = be_span_batch_init(&sb, pos, n, ctx->pos, ctx->n_ctx,
+                                            out_mode == 2 ? out : out + n - 1,
+                                            out_mode == 2 ? n : out_mode);
+    return model_forward(&ctx->fs, ids, bt, err);
+}
+
+/* One forward pass of a chunk (out_mode 0: no logits, 1: the last row's, 2: every row's). A
+ * single decoded token (one logit row) goes through the backend's step_begin/step_end, which may
+ * replay a recorded step instead of the forward pass. */
+static int forward_chunk(forge_context *ctx, const int32_t *ids, int32_t n, int out_mode,
+                         int32_t *rows_buf, forge_err *err)
+{
+    backend *be = ctx->fs.be;
+    const be_ops *op = be->ops;
+    if (n != 1 || out_mode != 1 || !op->step_begin)
+        return forward_chunk_batch(ctx, ids, n, out_mode, rows_buf, err);
     /* a replayed step skips the forward pass and its abort check: check here */
-    if (ctx->abort_flag && *ctx->abort_flag)
+    if (ctx->fs.abort_flag && *ctx->fs.abort_flag)
         return forge_err_set(err, FORGE_E_INTERRUPTED, "interrupted");
     bool replayed = false, again = false;
-    int rc = op->step_begin(ctx->be, ids[0], ctx->pos, &replayed, err);
-    if (rc || replayed) {
-        *rows = 1;
-        return rc;
-    }
+    int rc = op->step_begin(be, ids[0], ctx->pos, &replayed, err);
+    if (rc || replayed) return rc;
     for (int attempt = 0; attempt < 2; attempt++) {
-        rc = arch_llama_forward(ctx, ids, n, want_logits, all_logits, rows, err);
-        int rc_end = op->step_end(ctx->be, rc, &again, rc ? NULL : err);
+        rc = forward_chunk_batch(ctx, ids, n, out_mode, rows_buf, err);
+        int rc_end = op->step_end(be, rc, &again, rc ? NULL : err);
         if (rc) return rc;
         if (rc_end) return rc_end;
         if (!again) break;
@@ -306,17 +170,19 @@ static int forward_chunk(forge_context *ctx, const int32_t *ids, int32_t n, bool
     return again ? forge_err_set(err, FORGE_E_INTERNAL, "decode step was not run") : FORGE_OK;
 }
 
-/* The pick from the last logit row in ctx->b.logits: greedy (s == NULL: the backend's argmax or
- * host_argmax) or the sampler chain of s (the backend's sample op when it has one and the chain
- * fits, else forge_sampler_sample's pick on the host with the same draw). */
+/* The pick from the last logit row in the logits buffer: greedy (s == NULL: the backend's
+ * argmax or host_argmax) or the sampler chain of s (the backend's sample op when it has one and
+ * the chain fits, else forge_sampler_sample's pick on the host with the same draw). */
 static int pick_last(forge_context *ctx, forge_sampler *s, int32_t *out, forge_err *err)
 {
-    const be_ops *op = ctx->be->ops;
+    backend *be = ctx->fs.be;
+    const be_ops *op = be->ops;
+    const be_buf *lg = ctx->fs.b.logits;
     const int32_t V = ctx->model->info.n_vocab;
     int rc;
     if (!s) {
-        if (op->argmax) return op->argmax(ctx->be, ctx->b.logits, 0, V, out, err);
-        if ((rc = op->buf_read(ctx->be, ctx->b.logits, 0, V, ctx->logits, err))) return rc;
+        if (op->argmax) return op->argmax(be, lg, 0, V, out, err);
+        if ((rc = op->buf_read(be, lg, 0, V, ctx->logits, err))) return rc;
         *out = host_argmax(ctx->logits, V);
         return FORGE_OK;
     }
@@ -324,10 +190,10 @@ static int pick_last(forge_context *ctx, forge_sampler *s, int32_t *out, forge_e
     double r;
     sampler_dev_prepare(s, &bs, &r); /* the one draw of this pick, device or host */
     if (op->sample && sampler_dev_fits(s)) {
-        rc = op->sample(ctx->be, ctx->b.logits, 0, V, &bs, out, err);
+        rc = op->sample(be, lg, 0, V, &bs, out, err);
         if (rc != FORGE_E_UNSUPPORTED) return rc;
     }
-    if ((rc = op->buf_read(ctx->be, ctx->b.logits, 0, V, ctx->logits, err))) return rc;
+    if ((rc = op->buf_read(be, lg, 0, V, ctx->logits, err))) return rc;
     *out = sampler_pick(s, ctx->logits, r);
     return FORGE_OK;
 }
@@ -340,8 +206,10 @@ static int decode(forge_context *ctx, const int32_t *ids, int32_t n, bool all_lo
     if (!ctx || (!ids && n > 0) || n <= 0)
         return forge_err_set(err, FORGE_E_INVALID, "forge_decode: %d tokens (need >= 1)", n);
     const int32_t V = ctx->model->info.n_vocab;
-    const int32_t pos_start = ctx->pos;
-    const be_ops *op = ctx->be->ops;
+    const int32_t pos_start = ctx->pos, n_batch = ctx->fs.n_batch;
+    backend *be = ctx->fs.be;
+    const be_ops *op = be->ops;
+    int32_t *rows_buf = NULL;
     int rc;
     if ((int64_t)ctx->pos + n > ctx->n_ctx)
         return forge_err_set(err, FORGE_E_RANGE,
@@ -353,30 +221,33 @@ static int decode(forge_context *ctx, const int32_t *ids, int32_t n, bool all_lo
                                  "token id %d at index %d is outside the vocabulary (%d)", ids[i],
                                  i, V);
     ctx->n_logits = 0;
-    if (op->activate && (rc = op->activate(ctx->be, err))) goto fail;
-    if ((rc = reserve_logits(ctx, all_logits ? (n < ctx->n_batch ? n : ctx->n_batch) : 1,
-                             all_logits ? n : 1, err)))
+    const int32_t max_chunk = n < n_batch ? n : n_batch;
+    if (!(rows_buf = malloc(2 * (size_t)max_chunk * sizeof *rows_buf))) {
+        rc = forge_err_set(err, FORGE_E_NOMEM, "out of memory");
         goto fail;
+    }
+    if (op->activate && (rc = op->activate(be, err))) goto fail;
+    if ((rc = reserve_logits(ctx, all_logits ? max_chunk : 1, all_logits ? n : 1, err))) goto fail;
     for (int32_t done = 0; done < n;) {
-        int32_t chunk = n - done < ctx->n_batch ? n - done : ctx->n_batch;
+        int32_t chunk = n - done < n_batch ? n - done : n_batch;
         bool last_chunk = done + chunk == n;
-        int rows = 0;
-        if ((rc = forward_chunk(ctx, ids + done, chunk, all_logits || last_chunk, all_logits, &rows,
-                                err)))
-            goto fail;
+        int out_mode = all_logits ? 2 : last_chunk ? 1 : 0;
+        if ((rc = forward_chunk(ctx, ids + done, chunk, out_mode, rows_buf, err))) goto fail;
         ctx->pos += chunk;
         if (pick_id && last_chunk) {
             if ((rc = pick_last(ctx, s, pick_id, err))) goto fail;
-        } else if (all_logits || last_chunk) {
+        } else if (out_mode) {
             float *dst = ctx->logits + (int64_t)(all_logits ? done : 0) * V;
-            if ((rc = op->buf_read(ctx->be, ctx->b.logits, 0, (int64_t)rows * V, dst, err)))
-                goto fail;
+            int64_t rows = out_mode == 2 ? chunk : 1;
+            if ((rc = op->buf_read(be, ctx->fs.b.logits, 0, rows * V, dst, err))) goto fail;
         }
         done += chunk;
     }
+    free(rows_buf);
     ctx->n_logits = pick_id ? 0 : all_logits ? n : 1;
     return FORGE_OK;
 fail:
+    free(rows_buf);
     ctx->pos = pos_start;
     ctx->n_logits = 0;
     if (pick_id) *pick_id = -1;

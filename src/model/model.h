@@ -47,32 +47,73 @@ struct forge_model {
  * into the model, borrowed. */
 int model_weights(forge_model *m, be_weight **out, int cap);
 
-/* Activation buffers of one context, sized for n_batch tokens. */
+/* Activation buffers of one forward state, sized for n_batch rows. */
 typedef struct ctx_bufs {
     be_buf *x, *xn, *q, *k, *v, *att, *o, *gate, *up, *last, *logits;
     int64_t logits_rows; /* rows the logits buffer holds */
 } ctx_bufs;
 
-struct forge_context {
+/* What a forward pass runs on: one backend, its K/V storage (kv_rows cache rows, read as
+ * [layer][block][offset][kv_dim] by a paged batch), activation buffers for n_batch rows and a
+ * logits buffer. One owner: a context (one sequence, contiguous rows) or an engine (a block pool
+ * over the rows). */
+typedef struct fwd_state {
     forge_model *model;
     backend *be;
     be_kv *kv;
     ctx_bufs b;
-    int32_t n_ctx, n_batch, n_threads;
+    int32_t kv_rows, n_batch, n_threads;
     forge_kv_type kv_type;
+    const volatile sig_atomic_t *abort_flag;
+    char warning[640]; /* what creation had to give up (forge_context_warning), or "" */
+} fwd_state;
+
+typedef struct fwd_params {
+    forge_device device;
+    int32_t gpu_index, n_threads; /* n_threads >= 1 */
+    bool f32_math;
+    forge_kv_type kv_type;
+    int32_t kv_rows; /* cache rows (tokens) */
+    int32_t n_batch; /* most rows of one forward pass */
+    int32_t n_seq_max; /* most sequences of one pass (GPU plan: tables, logit rows) */
+    void (*progress)(uint64_t done, uint64_t total, void *user);
+    void *progress_user;
+} fwd_params;
+
+/* Choose and create the backend (the one place the device is decided: CPU, GPU, or AUTO = the
+ * GPU when it can be created and the model fits, else the CPU), acquire the model's weights on
+ * it, create the cache and the buffers. On failure fs holds nothing. */
+int fwd_state_init(fwd_state *fs, forge_model *m, const fwd_params *p, forge_err *err);
+/* Release everything fs holds (in the backend's stream order); fs may be partly initialised or
+ * zeroed. */
+void fwd_state_release(fwd_state *fs);
+/* Make room for rows logit rows in fs->b.logits. */
+int fwd_reserve_logits(fwd_state *fs, int64_t rows, forge_err *err);
+
+/* One forward pass of the batch bt over ids[0..bt->n_tok) (bt->n_tok <= fs->n_batch): K/V of
+ * every row stored at its slot, logits of bt->out_rows written to fs->b.logits rows
+ * 0..bt->n_out-1 (reserve them first). Through the model's architecture table. */
+int model_forward(fwd_state *fs, const int32_t *ids, const be_batch *bt, forge_err *err);
+
+/* One architecture: its forward pass written once against the backend interface. */
+typedef struct arch_desc {
+    model_arch arch;
+    const char *name;
+    int (*forward)(fwd_state *fs, const int32_t *ids, const be_batch *bt, forge_err *err);
+} arch_desc;
+const arch_desc *arch_find(model_arch arch);
+
+/* The llama family (llama, mistral, qwen2, qwen3): arch_llama.c */
+int arch_llama_forward(fwd_state *fs, const int32_t *ids, const be_batch *bt, forge_err *err);
+
+struct forge_context {
+    fwd_state fs;
+    forge_model *model;
+    int32_t n_ctx;
     int32_t pos;
     float *logits;      /* host copy: n_logits x n_vocab */
     int64_t logits_cap; /* rows allocated */
     int32_t n_logits;
-    const volatile sig_atomic_t *abort_flag;
-    char warning[640]; /* forge_context_warning, or "" */
 };
-
-/* Forward pass of one batch of n tokens at positions ctx->pos.., for llama/qwen2/qwen3.
- * With want_logits, writes the logits of the last token (or of all n with all_logits) to
- * ctx->b.logits rows 0.. and returns the number of logit rows in *n_out (0 without).
- * Does not move ctx->pos. */
-int arch_llama_forward(forge_context *ctx, const int32_t *ids, int n, bool want_logits,
-                       bool all_logits, int *n_out, forge_err *err);
 
 #endif /* FORGE_MODEL_INTERNAL_H */

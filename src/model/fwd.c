@@ -1,0 +1,273 @@
+/* fwd.c - the state a forward pass runs on (fwd_state: backend, K/V storage, activation
+ * buffers, logits buffer), the one place the device is chosen, and the architecture table that
+ * dispatches a batch to its architecture's forward pass. Owned by a context (context.c) or an
+ * engine (src/engine/engine.c); the forward passes themselves live in the arch_*.c files. */
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "backend/backend_gpu.h"
+#include "core/util.h"
+#include "model/model.h"
+
+/* Make the model's weights usable by fs's backend: a GPU backend takes a reference on the
+ * model's device copy for its GPU (uploading it when it is the first context there) and reports
+ * progress itself; the CPU backend reads the mapping directly (progress after each tensor). */
+static int acquire_weights(fwd_state *fs, const fwd_params *p, forge_err *err)
+{
+    const be_ops *op = fs->be->ops;
+    forge_model *m = fs->model;
+    const int n = model_weights(m, NULL, 0);
+    be_weight **w = malloc((size_t)(n > 0 ? n : 1) * sizeof *w);
+    uint64_t total = 0, done = 0;
+    int rc = FORGE_OK;
+    if (!w) return forge_err_set(err, FORGE_E_NOMEM, "out of memory");
+    model_weights(m, w, n);
+    if (op->weights_acquire) {
+        rc = op->weights_acquire(fs->be, &m->wshare, w, n, p->progress, p->progress_user, err);
+    } else if (p->progress) {
+        for (int i = 0; i < n; i++)
+            total += w[i]->n_bytes;
+        for (int i = 0; i < n; i++) {
+            done += w[i]->n_bytes;
+            p->progress(done, total, p->progress_user);
+        }
+    }
+    free(w);
+    return rc;
+}
+
+static void free_bufs(fwd_state *fs)
+{
+    be_buf **all[] = {&fs->b.x, &fs->b.xn,   &fs->b.q,  &fs->b.k,    &fs->b.v,     &fs->b.att,
+                      &fs->b.o, &fs->b.gate, &fs->b.up, &fs->b.last, &fs->b.logits};
+    for (size_t i = 0; i < FORGE_ARRAY_LEN(all); i++) {
+        if (*all[i]) fs->be->ops->buf_free(fs->be, *all[i]);
+        *all[i] = NULL;
+    }
+}
+
+static int alloc_bufs(fwd_state *fs, forge_err *err)
+{
+    const forge_model_info *hp = &fs->model->info;
+    const int64_t nb = fs->n_batch, E = hp->n_embd;
+    const int64_t QD = (int64_t)hp->n_head * hp->head_dim,
+                  KD = (int64_t)hp->n_head_kv * hp->head_dim;
+    struct {
+        be_buf **buf;
+        int64_t n;
+    } want[] = {
+        {&fs->b.x, nb * E},
+        {&fs->b.xn, nb * E},
+        {&fs->b.q, nb * QD},
+        {&fs->b.k, nb * KD},
+        {&fs->b.v, nb * KD},
+        {&fs->b.att, nb * QD},
+        {&fs->b.o, nb * (E > QD ? E : QD)},
+        {&fs->b.gate, nb * hp->n_ff},
+        {&fs->b.up, nb * hp->n_ff},
+        {&fs->b.last, nb * E},
+        {&fs->b.logits, hp->n_vocab},
+    };
+    for (size_t i = 0; i < FORGE_ARRAY_LEN(want); i++) {
+        int rc = fs->be->ops->buf_create(fs->be, want[i].n, want[i].buf, err);
+        if (rc) return rc;
+    }
+    fs->b.logits_rows = 1;
+    return FORGE_OK;
+}
+
+/* The GPU backend and its memory plan (weights + KV cache + scratch must fit before anything is
+ * uploaded). The activation sizes follow alloc_bufs, plus n_batch logit rows (all_logits). */
+static int create_gpu(fwd_state *fs, const fwd_params *p, forge_err *err)
+{
+    forge_model *m = fs->model;
+    const forge_model_info *hp = &m->info;
+    int rc;
+    be_weight *globals[] = {&m->tok_embd, &m->output_norm, &m->output, &m->rope_freqs};
+    /* every weight's type must have GPU kernels (mixed files: each tensor's own type) */
+    for (size_t i = 0; i < FORGE_ARRAY_LEN(globals); i++)
+        if ((rc = backend_gpu_check_weight(globals[i], err))) return rc;
+    for (int il = 0; il < hp->n_layer; il++) {
+        const be_weight *lw = (const be_weight *)&m->layers[il];
+        for (size_t i = 0; i < sizeof(layer_weights) / sizeof(be_weight); i++)
+            if ((rc = backend_gpu_check_weight(&lw[i], err))) return rc;
+    }
+    if ((rc = backend_gpu_create(p->gpu_index, &fs->be, err))) return rc;
+    be_gpu_plan pl = {0};
+    for (size_t i = 0; i < FORGE_ARRAY_LEN(globals); i++)
+        if (!(i == 2 && hp->tied_output)) backend_gpu_plan_add_weight(fs->be, &pl, globals[i]);
+    for (int il = 0; il < hp->n_layer; il++) {
+        const be_weight *lw = (const be_weight *)&m->layers[il];
+        for (size_t i = 0; i < sizeof(layer_weights) / sizeof(be_weight); i++)
+            backend_gpu_plan_add_weight(fs->be, &pl, &lw[i]);
+    }
+    const int64_t nb = fs->n_batch, E = hp->n_embd, F = hp->n_ff, V = hp->n_vocab;
+    const int64_t QD = (int64_t)hp->n_head * hp->head_dim,
+                  KD = (int64_t)hp->n_head_kv * hp->head_dim;
+    pl.n_layer = hp->n_layer;
+    pl.n_ctx = fs->kv_rows;
+    pl.kv_dim = m->n_embd_k_gqa;
+    pl.kv_type = (int)p->kv_type;
+    pl.n_head = hp->n_head;
+    pl.head_dim = hp->head_dim;
+    pl.n_batch = fs->n_batch;
+    pl.act_floats = nb * (2 * E + 2 * QD + 2 * KD + (E > QD ? E : QD) + 2 * F) + nb * E + V + nb * V;
+    pl.yarn = m->rope_ext_factor != 0.0f;
+    pl.n_vocab = hp->n_vocab;
+    pl.f32_math = p->f32_math;
+    pl.share = &m->wshare;
+    if ((rc = backend_gpu_plan(fs->be, &pl, err))) return rc;
+    const char *w = backend_gpu_warning(fs->be);
+    if (w) snprintf(fs->warning, sizeof fs->warning, "%s", w);
+    return FORGE_OK;
+}
+
+/* The one place a backend is chosen: CPU, GPU, or AUTO (the GPU when it can be created and the
+ * model fits, else the CPU; the reason is dropped: front ends that want to say it probe first
+ * with forge_gpu_probe). */
+static int select_backend(fwd_state *fs, const fwd_params *p, forge_err *err)
+{
+    int rc;
+    if (p->device == FORGE_DEVICE_GPU || p->device == FORGE_DEVICE_AUTO) {
+        rc = create_gpu(fs, p, err);
+        if (rc == FORGE_OK || p->device == FORGE_DEVICE_GPU) return rc;
+        if (fs->be) fs->be->ops->destroy(fs->be);
+        fs->be = NULL;
+    }
+    return backend_cpu_create(fs->n_threads, p->f32_math, &fs->be, err);
+}
+
+
+int fwd_state_init(fwd_state *fs, forge_model *m, const fwd_params *p, forge_err *err)
+{
+    int rc;
+    const forge_model_info *hp = &m->info;
+    memset(fs, 0, sizeof *fs);
+    if (p->kv_rows < 1 || p->n_batch < 1 || p->n_threads < 1 ||
+        (p->kv_type != FORGE_KV_F32 && p->kv_type != FORGE_KV_F16))
+        return forge_err_set(err, FORGE_E_INVALID,
+                             "bad forward parameters: %d cache rows, batch %d, %d threads, kv "
+                             "type %d",
+                             p->kv_rows, p->n_batch, p->n_threads, (int)p->kv_type);
+    fs->model = m;
+    fs->kv_rows = p->kv_rows;
+    fs->n_batch = p->n_batch;
+    fs->n_threads = p->n_threads;
+    fs->kv_type = p->kv_type;
+    if ((rc = select_backend(fs, p, err))) goto fail;
+    if (fs->be->ops->activate && (rc = fs->be->ops->activate(fs->be, err))) goto fail;
+    /* weights: a GPU backend shares (or uploads) the device copy of its GPU */
+    if ((rc = acquire_weights(fs, p, err))) goto fail;
+    if ((rc = fs->be->ops->kv_create(fs->be, hp->n_layer, fs->kv_rows, m->n_embd_k_gqa,
+                                     (int)p->kv_type, &fs->kv, err)))
+        goto fail;
+    if ((rc = alloc_bufs(fs, err))) goto fail;
+    return FORGE_OK;
+fail:
+    fwd_state_release(fs);
+    return rc;
+}
+
+void fwd_state_release(fwd_state *fs)
+{
+    if (!fs || !fs->be) return;
+    const be_ops *op = fs->be->ops;
+    /* Work may still be queued (an interrupted prompt, a failed decode): the backend frees its
+     * buffers and cache in its stream's order, and releases the shared weights only after its
+     * own work is done (backend.h). */
+    if (op->activate) (void)op->activate(fs->be, NULL);
+    free_bufs(fs);
+    if (fs->kv) op->kv_free(fs->be, fs->kv);
+    fs->kv = NULL;
+    if (op->weights_release) op->weights_release(fs->be);
+    op->destroy(fs->be);
+    fs->be = NULL;
+}
+
+int fwd_reserve_logits(fwd_state *fs, int64_t rows, forge_err *err)
+{
+    const int64_t V = fs->model->info.n_vocab;
+    if (rows <= fs->b.logits_rows) return FORGE_OK;
+    fs->be->ops->buf_free(fs->be, fs->b.logits);
+    fs->b.logits = NULL;
+    fs->b.logits_rows = 0;
+    int rc = fs->be->ops->buf_create(fs->be, rows * V, &fs->b.logits, err);
+    if (rc) return rc;
+    fs->b.logits_rows = rows;
+    return FORGE_OK;
+}
+
+static const arch_desc g_arches[] = {
+    {ARCH_LLAMA, "llama", arch_llama_forward},
+    {ARCH_QWEN2, "qwen2", arch_llama_forward},
+    {ARCH_QWEN3, "qwen3", arch_llama_forward},
+};
+
+const arch_desc *arch_find(model_arch arch)
+{
+    for (size_t i = 0; i < FORGE_ARRAY_LEN(g_arches); i++)
+        if (g_arches[i].arch == arch) return &g_arches[i];
+    return NULL;
+}
+
+/* The batch's invariants, checked once here so that no backend reads outside its arrays: rows
+ * grouped by sequence at consecutive positions, slots and table entries inside the cache. */
+static int check_batch(const fwd_state *fs, const int32_t *ids, const be_batch *bt, forge_err *err)
+{
+    const int32_t V = fs->model->info.n_vocab;
+    if (!bt || !ids || bt->n_tok < 1 || bt->n_tok > fs->n_batch || bt->n_seq < 1 ||
+        bt->n_seq > bt->n_tok || bt->block_size < 1 || fs->kv_rows % bt->block_size ||
+        bt->table_stride < 1 || bt->n_out < 0 || bt->n_out > bt->n_tok ||
+        bt->n_out > fs->b.logits_rows || !bt->pos || !bt->slot || !bt->seq_start || !bt->table ||
+        !bt->n_table || (bt->n_out && !bt->out_rows) || bt->seq_start[0] != 0 ||
+        bt->seq_start[bt->n_seq] != bt->n_tok)
+        return forge_err_set(err, FORGE_E_INTERNAL,
+                             "bad batch: %d rows (most %d), %d sequences, blocks of %d (cache "
+                             "%d rows), %d logit rows (room for %lld)",
+                             bt ? bt->n_tok : -1, fs->n_batch, bt ? bt->n_seq : -1,
+                             bt ? bt->block_size : -1, fs->kv_rows, bt ? bt->n_out : -1,
+                             (long long)fs->b.logits_rows);
+    const int n_blocks = fs->kv_rows / bt->block_size;
+    for (int s = 0; s < bt->n_seq; s++) {
+        const int r0 = bt->seq_start[s], r1 = bt->seq_start[s + 1];
+        const int32_t *tab = bt->table + (size_t)s * bt->table_stride;
+        if (r1 <= r0 || bt->n_table[s] < 1 || bt->n_table[s] > bt->table_stride)
+            return forge_err_set(err, FORGE_E_INTERNAL, "bad batch: sequence %d rows %d..%d, "
+                                 "%d table entries", s, r0, r1, bt->n_table[s]);
+        for (int i = 0; i < bt->n_table[s]; i++)
+            if (tab[i] < 0 || tab[i] >= n_blocks)
+                return forge_err_set(err, FORGE_E_INTERNAL,
+                                     "bad batch: sequence %d table entry %d is block %d of %d", s,
+                                     i, tab[i], n_blocks);
+        for (int r = r0; r < r1; r++) {
+            const int32_t p = bt->pos[r];
+            if (p < 0 || (r > r0 && p != bt->pos[r - 1] + 1) ||
+                p / bt->block_size >= bt->n_table[s] ||
+                bt->slot[r] != tab[p / bt->block_size] * bt->block_size + p % bt->block_size)
+                return forge_err_set(err, FORGE_E_INTERNAL,
+                                     "bad batch: row %d (sequence %d) at position %d, slot %d", r,
+                                     s, p, bt->slot[r]);
+            if (ids[r] < 0 || ids[r] >= V)
+                return forge_err_set(err, FORGE_E_RANGE,
+                                     "token id %d at row %d is outside the vocabulary (%d)",
+                                     ids[r], r, V);
+        }
+    }
+    for (int i = 0; i < bt->n_out; i++)
+        if (bt->out_rows[i] < 0 || bt->out_rows[i] >= bt->n_tok ||
+            (i && bt->out_rows[i] <= bt->out_rows[i - 1]))
+            return forge_err_set(err, FORGE_E_INTERNAL, "bad batch: logit row %d is row %d", i,
+                                 bt->out_rows[i]);
+    return FORGE_OK;
+}
+
+int model_forward(fwd_state *fs, const int32_t *ids, const be_batch *bt, forge_err *err)
+{
+    const arch_desc *a = arch_find(fs->model->arch);
+    int rc;
+    if (!a) return forge_err_set(err, FORGE_E_INTERNAL, "no forward pass for architecture %d",
+                                 (int)fs->model->arch);
+    if ((rc = check_batch(fs, ids, bt, err))) return rc;
+    return a->forward(fs, ids, bt, err);
+}
