@@ -69,14 +69,6 @@ $(BUILD)/tools/%.o: tools/%.c
 $(BUILD)/gen/%.o: $(BUILD)/gen/%.c
 	$(CC) $(CFLAGS) -c $< -o $@
 
-# Until the engine core (src/engine/) defines forge_engine_submit, forge serve runs on a serial
-# stand-in (src/server/engine_fallback.c compiles to nothing once the engine is there).
-ENGINE_IMPL := $(shell grep -ls '^int forge_engine_submit' src/engine/*.c 2>/dev/null)
-ifeq ($(ENGINE_IMPL),)
-$(BUILD)/src/server/engine_fallback.o: CFLAGS += -DFORGE_SERVER_ENGINE_FALLBACK
-FUZZ_FLAGS_FALLBACK := -DFORGE_SERVER_ENGINE_FALLBACK
-endif
-
 $(LIB): $(LIB_OBJ)
 	@mkdir -p $(dir $@)
 	rm -f $@ && ar rcs $@ $^
@@ -107,9 +99,6 @@ $(FUZZ_BUILD)/%.o: %.c
 	clang $(FUZZ_FLAGS) -c $< -o $@
 $(FUZZ_BUILD)/gen/%.o: $(FUZZ_BUILD)/gen/%.c
 	clang $(FUZZ_FLAGS) -c $< -o $@
-$(FUZZ_BUILD)/src/server/engine_fallback.o: src/server/engine_fallback.c
-	@mkdir -p $(dir $@)
-	clang $(FUZZ_FLAGS) $(FUZZ_FLAGS_FALLBACK) -c $< -o $@
 
 $(FUZZ_BUILD)/%: fuzz/%.c $(FUZZ_LIBOBJ)
 	clang $(FUZZ_FLAGS) -fsanitize=fuzzer,address,undefined -o $@ $< $(FUZZ_LIBOBJ) $(LDLIBS)
