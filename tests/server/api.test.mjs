@@ -5,6 +5,9 @@
 import { describe, it, before, after } from 'node:test';
 import assert from 'node:assert/strict';
 import OpenAI from 'openai';
+import fs from 'node:fs';
+import os from 'node:os';
+import path from 'node:path';
 import { startServer, forgeRun, post, readSSE, sleep } from './lib.mjs';
 
 const PROMPT = 'Once upon a time';
@@ -360,6 +363,47 @@ describe('forge serve --api-key, --cors, --max-queue', () => {
       for (const x of rs) await x.text();
     }
     assert.ok(seen503, 'no 503 with --max-queue 1');
+  });
+});
+
+describe('forge serve --alias, --api-key-file, --chat-template FILE, --ctx-size, --parallel, --kv-size', () => {
+  let srv, client;
+  const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'forge-serve-'));
+  before(async () => {
+    fs.writeFileSync(path.join(dir, 'key'), 'file-key\n');
+    // a template that writes the messages' text only: chat then equals a plain completion
+    fs.writeFileSync(path.join(dir, 'plain.jinja'), '{% for m in messages %}{{ m.content }}{% endfor %}');
+    srv = await startServer(['--alias', 'my-model', '--api-key-file', path.join(dir, 'key'),
+      '--chat-template', path.join(dir, 'plain.jinja'), '--ctx-size', '64', '--parallel', '2', '--kv-size', '256']);
+    client = new OpenAI({ baseURL: `${srv.url}/v1`, apiKey: 'file-key', maxRetries: 0 });
+  });
+  after(async () => {
+    fs.rmSync(dir, { recursive: true, force: true });
+    assert.equal(await srv.stop(), 0);
+  });
+
+  it('serves the model under its alias, with the key from the file and the context asked for', async () => {
+    const m = await client.models.list();
+    assert.equal(m.data[0].id, 'my-model');
+    assert.equal(m.data[0].meta.n_ctx, 64);
+    await assert.rejects(client.completions.create({ model: 'stories260K.gguf', prompt: 'x' }), (e) => e.status === 404);
+    await assert.rejects(client.completions.create({ model: 'my-model', prompt: 'story '.repeat(100) }),
+      (e) => e.status === 400 && /context is 64 tokens/.test(e.message));
+    assert.match(srv.log(), /context 64, KV 256 tokens, 2 parallel/);
+  });
+
+  it('renders chat messages with the --chat-template file', async () => {
+    const r = await client.chat.completions.create({ model: 'my-model', messages: [{ role: 'user', content: PROMPT }], max_tokens: 30, temperature: 0 });
+    assert.equal(r.choices[0].message.content, forgeRun(PROMPT, 30));
+    const c = await client.completions.create({ model: 'my-model', prompt: PROMPT, max_tokens: 30, temperature: 0 });
+    assert.equal(r.usage.prompt_tokens, c.usage.prompt_tokens);
+  });
+
+  it('runs more requests than --parallel at once, each as alone', async () => {
+    const want = forgeRun(PROMPT, 20);
+    const rs = await Promise.all(Array.from({ length: 6 }, () =>
+      client.completions.create({ model: 'my-model', prompt: PROMPT, max_tokens: 20, temperature: 0 })));
+    for (const r of rs) assert.equal(r.choices[0].text, want);
   });
 });
 
