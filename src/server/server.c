@@ -395,7 +395,9 @@ static void on_event(const forge_event *ev, void *user)
     tb_add_utf8(&txt, ev->text ? ev->text : "", ev->text ? ev->text_len : 0);
     tb_add(&txt, "", 0);
     bool want_lp = j->req.logprobs && ev->token >= 0;
-    if (j->req.stream) {
+    if (j->req.stream && !j->conn) {
+        /* the client is gone: nothing to format, the choice is being cancelled */
+    } else if (j->req.stream) {
         cJSON *lp = NULL;
         if (want_lp) {
             if (j->req.kind == SRV_CHAT) {
