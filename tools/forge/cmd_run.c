@@ -133,7 +133,7 @@ int cmd_run(int argc, char **argv)
     fprintf(stderr, "forge run: loaded %s in %.2f s (%s, %s, %d host threads, context %d, KV %s)\n",
             o.model_path, t_load, forge_model_info_get(model)->type_summary,
             forge_context_device(ctx), forge_context_n_threads(ctx), n_ctx,
-            o.cp.kv_type == FORGE_KV_F16 ? "f16" : "f32");
+            forge_kv_type_name(o.cp.kv_type));
 
     memset(&sa, 0, sizeof sa);
     sa.sa_handler = on_sigint;
