@@ -407,6 +407,24 @@ describe('forge serve --alias, --api-key-file, --chat-template FILE, --ctx-size,
   });
 });
 
+describe('forge serve with a KV pool smaller than the context', () => {
+  let srv;
+  before(async () => { srv = await startServer(['--ctx-size', '128', '--kv-size', '32']); });
+  after(async () => { assert.equal(await srv.stop(), 0); });
+
+  it('a request the pool can never hold is a 400 from the engine, the server goes on', async () => {
+    const r = await post(`${srv.url}/v1/completions`, JSON.stringify({ prompt: PROMPT, max_tokens: 100, n: 2 }));
+    assert.equal(r.status, 400, r.text);
+    assert.equal(r.json.error.code, 'context_length_exceeded');
+    assert.match(r.json.error.message, /KV|pool/);
+    const ok = await post(`${srv.url}/v1/completions`, JSON.stringify({ prompt: PROMPT, max_tokens: 10, temperature: 0 }));
+    assert.equal(ok.status, 200);
+    assert.equal(ok.json.choices[0].text, forgeRun(PROMPT, 10));
+    const m = await (await fetch(`${srv.url}/metrics`)).text();
+    assert.match(m, /^forge_active_requests 0$/m);
+  });
+});
+
 describe('forge serve shutdown', () => {
   it('SIGTERM lets an in-flight stream finish, then exits 0', async () => {
     const srv = await startServer(['--shutdown-timeout', '5']);
