@@ -56,7 +56,7 @@ static void test_all_fields(void **state)
         "\"n\":3,\"stop\":[\"a\",\"bc\"],\"seed\":-1,\"logprobs\":2,\"logit_bias\":{\"5\":-100,"
         "\"7\":1.5},\"stream\":true,\"stream_options\":{\"include_usage\":true},\"user\":\"u\","
         "\"top_k\":40,\"min_p\":0.1,\"repeat_penalty\":1.2,\"presence_penalty\":0.5,"
-        "\"frequency_penalty\":-1,\"unknown\":{\"x\":[1]}}";
+        "\"frequency_penalty\":-1,\"ignore_eos\":true,\"unknown\":{\"x\":[1]}}";
     assert_int_equal(parse(SRV_COMPLETION, b, &r, &e), 0);
     assert_string_equal(r.model, "m");
     assert_int_equal(r.max_tokens, 16);
@@ -77,6 +77,7 @@ static void test_all_fields(void **state)
     assert_int_equal(r.top_k, 40);
     assert_true(fabsf(r.min_p - 0.1f) < 1e-6 && fabsf(r.repeat_penalty - 1.2f) < 1e-6);
     assert_true(r.presence_penalty == 0.5f && r.frequency_penalty == -1.0f);
+    assert_true(r.ignore_eos);
     srv_request_clear(&r);
     /* null means "not given", as the official clients send it */
     assert_int_equal(
@@ -188,6 +189,7 @@ static void test_field_checks(void **state)
         {"{\"prompt\":\"x\",\"logprobs\":21}", "logprobs"},
         {"{\"prompt\":\"x\",\"model\":5}", "model"},
         {"{\"prompt\":\"x\",\"user\":[]}", "user"},
+        {"{\"prompt\":\"x\",\"ignore_eos\":\"yes\"}", "ignore_eos"},
     };
     for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++)
         refused(SRV_COMPLETION, cases[i].body, cases[i].param);

@@ -750,6 +750,7 @@ static enum MHD_Result start_job(struct forge_server *s, struct MHD_Connection *
     rp.sampling.frequency_penalty = rq->frequency_penalty;
     rp.stop = (const char *const *)rq->stop;
     rp.n_stop = rq->n_stop;
+    rp.ignore_eos = rq->ignore_eos;
     rp.logprobs = rq->logprobs;
     rp.top_logprobs = rq->top_logprobs;
     rp.logit_bias = rq->logit_bias;

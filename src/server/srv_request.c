@@ -564,6 +564,7 @@ int srv_request_parse(srv_kind kind, const char *body, size_t len, srv_request *
             goto done;
         }
     }
+    if (get_bool(root, "ignore_eos", &r->ignore_eos, e)) goto done;
     if (get_string(root, "user", &r->user, e)) goto done;
     rc = 0;
 done:

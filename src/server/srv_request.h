@@ -72,6 +72,7 @@ typedef struct srv_request {
     bool logprobs;        /* report logprobs (chat: logprobs true; completions: logprobs >= 0) */
     int32_t top_logprobs; /* 0..20 */
     bool echo;            /* completions: refused unless false (not supported) */
+    bool ignore_eos;      /* llama.cpp's extension: generate past end-of-generation tokens */
     char *user;
 } srv_request;
 

@@ -189,6 +189,10 @@ describe('forge serve', () => {
     const x = await client.completions.create({ model, prompt: PROMPT, max_tokens: 5, temperature: 0.7, seed: 1,
       top_k: 5, min_p: 0.05, repeat_penalty: 1.1, presence_penalty: 0.5, frequency_penalty: 0.5, user: 'u1' });
     assert.equal(x.usage.completion_tokens, 5);
+    // llama.cpp's ignore_eos: generation goes on past the end-of-text token, to max_tokens
+    const long = await post(`${srv.url}/v1/completions`, JSON.stringify({ prompt: PROMPT, max_tokens: 120, temperature: 0, ignore_eos: true }));
+    assert.equal(long.json.usage.completion_tokens, 120);
+    assert.equal(long.json.choices[0].finish_reason, 'length');
   });
 
   it('400 for malformed JSON, naming nothing; for bad fields, naming the field', async () => {
