@@ -8,9 +8,9 @@
 
 CC      ?= cc
 SAN     ?= 0
-PKGS    := libpcre2-8 libcjson libutf8proc libcurl
+PKGS    := libpcre2-8 libcjson libutf8proc libcurl libmicrohttpd
 PKG_CFLAGS := $(shell pkg-config --cflags $(PKGS) 2>/dev/null)
-PKG_LIBS   := $(shell pkg-config --libs $(PKGS) 2>/dev/null || echo -lpcre2-8 -lcjson -lutf8proc -lcurl)
+PKG_LIBS   := $(shell pkg-config --libs $(PKGS) 2>/dev/null || echo -lpcre2-8 -lcjson -lutf8proc -lcurl -lmicrohttpd)
 
 WARN    := -Wall -Wextra -Werror -Wno-unused-parameter -Wshadow -Wstrict-prototypes -Wvla
 CSTD    := -std=c11 -D_DEFAULT_SOURCE -D_POSIX_C_SOURCE=200809L
@@ -36,7 +36,7 @@ TEST_SRC  := $(wildcard tests/test_*.c)
 TEST_UTIL := $(wildcard tests/testutil.c)
 BENCH_SRC := $(wildcard bench/*.c)
 
-LIB_OBJ   := $(LIB_SRC:%.c=$(BUILD)/%.o)
+LIB_OBJ   := $(LIB_SRC:%.c=$(BUILD)/%.o) $(BUILD)/gen/chat_html.o
 CLI_OBJ   := $(CLI_SRC:%.c=$(BUILD)/%.o)
 UTIL_OBJ  := $(TEST_UTIL:%.c=$(BUILD)/%.o)
 TEST_BIN  := $(TEST_SRC:tests/%.c=$(BUILD)/tests/%)
@@ -56,6 +56,18 @@ $(BUILD)/%.o: %.c
 $(BUILD)/tools/%.o: tools/%.c
 	@mkdir -p $(dir $@)
 	$(CC) $(filter-out -Isrc,$(CFLAGS)) -c $< -o $@
+
+# forge serve's chat page (src/server/chat.html) becomes a byte array in libforge.
+%/gen/chat_html.c: src/server/chat.html
+	@mkdir -p $(dir $@)
+	{ echo '/* generated from src/server/chat.html by the Makefile */'; \
+	  echo '#include "forge_server.h"'; \
+	  echo 'const unsigned char forge_server_chat_html[] = {'; \
+	  od -An -v -tx1 $< | sed 's/ *\([0-9a-f][0-9a-f]\)/0x\1,/g'; \
+	  echo '};'; \
+	  echo "const unsigned int forge_server_chat_html_len = $$(wc -c <$<);"; } >$@.tmp && mv $@.tmp $@
+$(BUILD)/gen/%.o: $(BUILD)/gen/%.c
+	$(CC) $(CFLAGS) -c $< -o $@
 
 $(LIB): $(LIB_OBJ)
 	@mkdir -p $(dir $@)
@@ -80,10 +92,12 @@ FUZZ_SRC   := $(wildcard fuzz/fuzz_*.c)
 FUZZ_BIN   := $(FUZZ_SRC:fuzz/%.c=$(FUZZ_BUILD)/%)
 FUZZ_FLAGS := $(CSTD) -Wall -Wextra -Wno-unused-parameter -O1 -g $(INC) -pthread \
               -fsanitize=fuzzer-no-link,address,undefined -fno-sanitize-recover=undefined
-FUZZ_LIBOBJ := $(LIB_SRC:%.c=$(FUZZ_BUILD)/%.o)
+FUZZ_LIBOBJ := $(LIB_SRC:%.c=$(FUZZ_BUILD)/%.o) $(FUZZ_BUILD)/gen/chat_html.o
 
 $(FUZZ_BUILD)/%.o: %.c
 	@mkdir -p $(dir $@)
+	clang $(FUZZ_FLAGS) -c $< -o $@
+$(FUZZ_BUILD)/gen/%.o: $(FUZZ_BUILD)/gen/%.c
 	clang $(FUZZ_FLAGS) -c $< -o $@
 
 $(FUZZ_BUILD)/%: fuzz/%.c $(FUZZ_LIBOBJ)

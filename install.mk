@@ -13,10 +13,10 @@ SOVERSION := $(firstword $(subst ., ,$(VERSION)))
 SONAME    := libforge.so.$(SOVERSION)
 SHLIB     := $(BUILD)/libforge.so.$(VERSION)
 PUB_HDR   := $(wildcard include/forge*.h)
-# libcurl goes in Libs.private rather than Requires.private: `pkg-config --static` would otherwise
-# ask for libcurl's own static dependencies (nghttp2, ssh2, ldap, ...), which Debian's
-# libcurl4-*-dev does not install; a static libforge links the shared libcurl.
-PC_REQUIRES := $(filter-out libcurl,$(PKGS))
+# libcurl and libmicrohttpd go in Libs.private rather than Requires.private: `pkg-config --static`
+# would otherwise ask for their own static dependencies (nghttp2, ssh2, ldap, gnutls, unistring,
+# ...), which Debian's -dev packages do not install; a static libforge links the shared ones.
+PC_REQUIRES := $(filter-out libcurl libmicrohttpd,$(PKGS))
 
 all: $(SHLIB)
 
@@ -41,7 +41,7 @@ install: $(FORGE) $(LIB) $(SHLIB)
 	    'includedir=$${prefix}/include' '' 'Name: forge' \
 	    'Description: LLM inference engine for GGUF models (CPU; CUDA through libforge_cuda.so)' \
 	    'Version: $(VERSION)' 'Requires.private: $(PC_REQUIRES)' \
-	    'Libs: -L$${libdir} -lforge' 'Libs.private: -lcurl -lm -lpthread -ldl' \
+	    'Libs: -L$${libdir} -lforge' 'Libs.private: -lcurl -lm -lpthread -ldl -lmicrohttpd' \
 	    'Cflags: -I$${includedir}' >$(D)/lib/pkgconfig/forge.pc
 
 uninstall:

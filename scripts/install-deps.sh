@@ -3,7 +3,9 @@
 # lacks. Idempotent and quick when everything is there. Needs root (or sudo) to install.
 #   (no flag)  what building and running forge needs (scripts/demo.sh)
 #   --test     also what the tests need: cmocka, clang + libFuzzer, jq, script(1), python3 (the
-#              fake model hub of tests/test_pull.sh), and Debian's ROCm
+#              fake model hub of tests/test_pull.sh), Node.js + npm and chromium (forge serve's
+#              tests in tests/server/; a Node.js already installed, e.g. NodeSource's with its
+#              own npm, is kept), and Debian's ROCm
 #              toolchain for the HIP compile check (scripts/test.sh, CI). nvcc is not a Debian
 #              package: CI machines have it at /usr/local/cuda/bin/nvcc.
 set -euo pipefail
@@ -11,10 +13,12 @@ set -euo pipefail
 curl_dev=libcurl4-openssl-dev
 dpkg-query -W -f='${Status}' libcurl4-gnutls-dev 2>/dev/null | grep -q "install ok installed" &&
     curl_dev=libcurl4-gnutls-dev
-pkgs=(build-essential pkg-config libpcre2-dev libcjson-dev libutf8proc-dev "$curl_dev")
+pkgs=(build-essential pkg-config libpcre2-dev libcjson-dev libutf8proc-dev "$curl_dev"
+      libmicrohttpd-dev)
 if [ "${1:-}" = "--test" ]; then
     pkgs+=(clang libclang-rt-14-dev libcmocka-dev jq bsdutils python3
-           hipcc libamdhip64-dev rocm-device-libs clang-15)
+           hipcc libamdhip64-dev rocm-device-libs clang-15 chromium)
+    command -v npm >/dev/null 2>&1 || pkgs+=(nodejs npm)
 fi
 missing=()
 for p in "${pkgs[@]}"; do

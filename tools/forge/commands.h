@@ -14,6 +14,7 @@ int cmd_synth(int argc, char **argv);
 int cmd_quantize(int argc, char **argv);
 int cmd_template(int argc, char **argv);
 int cmd_chat(int argc, char **argv);
+int cmd_serve(int argc, char **argv);
 int cmd_pull(int argc, char **argv);   /* cmd_hub.c */
 int cmd_models(int argc, char **argv); /* cmd_hub.c */
 

@@ -16,6 +16,7 @@ struct command {
 static const struct command commands[] = {
     {"run", cmd_run, "generate text from a prompt"},
     {"chat", cmd_chat, "interactive chat using the model's chat template"},
+    {"serve", cmd_serve, "OpenAI-compatible HTTP server with a chat page"},
     {"eval", cmd_eval, "run token ids through the model and write the logits"},
     {"perplexity", cmd_perplexity, "perplexity of a text file (llama.cpp's method)"},
     {"bench", cmd_bench, "prompt-processing and generation speed"},
