@@ -39,9 +39,14 @@
  * is one sequence over the identity table (a context) keeps the paths above; any other runs
  * RoPE at the device positions, the K/V store at the device slots (gpu_store_slots, or fused
  * into gpu_qk_rope_store_slots) and gpu_paged_attention (split-K over fixed splits through the
- * block tables: a row's result does not depend on the rest of the batch). Decode batches of
- * 2..16 rows multiply by gpu_matvec_multi (each weight read once for all rows; each row's result
- * bit-identical to the one-row matvec); argmax_rows picks the greedy ids of many rows at once. */
+ * block tables: a row's result does not depend on the rest of the batch); a prompt chunk of at
+ * least fattn_min rows runs the tensor-core kernel gathering K/V through its table
+ * (gpu_attention_prompt_paged). Batches of 2..16 rows multiply by gpu_matvec_multi (each weight
+ * read once for all rows; each row's result bit-identical to the one-row matvec), and a paged
+ * batch of one row skips the fused decode kernels, so a decode row gets the same bits alone or
+ * in any batch of fewer than gemm_min rows (17.. rows: the one-row matvec per row; the GEMM from
+ * gemm_min rows is not batch invariant).
+ * argmax_rows picks the greedy ids of many rows at once. */
 #include <dlfcn.h>
 #include <pthread.h>
 #include <stdio.h>
@@ -232,7 +237,8 @@ static int load_api(const gpu_api **out, forge_err *err)
     const gpu_api *api = get(GPU_API_VERSION);
     if (!api || api->version != GPU_API_VERSION || !api->store || !api->attention_batch ||
         !api->store_at || !api->gemm_ex || !api->argmax_ex || !api->round_act ||
-        !api->paged_attention || !api->matvec_multi || !api->argmax_rows) {
+        !api->paged_attention || !api->matvec_multi || !api->argmax_rows ||
+        !api->attention_prompt_paged) {
         rc = forge_err_set(err, FORGE_E_UNSUPPORTED,
                            "the GPU library %s does not provide interface version %d (rebuild "
                            "it with `make gpu`)",
@@ -702,8 +708,9 @@ int backend_gpu_plan(backend *be, const be_gpu_plan *p, forge_err *err)
     g->mv_multi = !(mm && !strcmp(mm, "0")) && p->n_batch >= 2;
     const size_t xqm = g->mv_multi ? api->act_q8_bytes(in32 * GPU_MATVEC_MULTI_MAX) : 0;
     const size_t xrm = g->mv_multi ? (size_t)in32 * GPU_MATVEC_MULTI_MAX * 4 : 0;
-    const uint64_t scratch = (uint64_t)p->act_floats * 4 + attn + xq + xc + wf16 + samp + xqm + xrm +
-                             (uint64_t)p->n_ctx * 4 + (uint64_t)p->n_batch * 4 + GPU_RESERVE_BYTES;
+    const uint64_t scratch = (uint64_t)p->act_floats * 4 + attn + xq + xc + wf16 + samp + xqm +
+                             xrm + (uint64_t)p->n_ctx * 4 + (uint64_t)p->n_batch * 4 +
+                             GPU_RESERVE_BYTES;
     size_t free_b = 0, total_b = 0;
     if ((rc = api->mem_info(&free_b, &total_b, err))) return rc;
     /* another context of the model on this GPU holds the weights already: shared, not counted */
@@ -1329,7 +1336,8 @@ static int paged_attend(gpu_backend *g, be_buf *out, const be_buf *q, const be_k
     int rc;
     size_t want = api->paged_scratch_bytes(n, a->n_head, a->head_dim, g->bt_max_kv);
     const size_t one = api->paged_scratch_bytes(1, a->n_head, a->head_dim, g->bt_max_kv);
-    if (want > GPU_PAGED_SCRATCH_MAX) want = one > GPU_PAGED_SCRATCH_MAX ? one : GPU_PAGED_SCRATCH_MAX;
+    if (want > GPU_PAGED_SCRATCH_MAX)
+        want = one > GPU_PAGED_SCRATCH_MAX ? one : GPU_PAGED_SCRATCH_MAX;
     if (g->paged_bytes < want) {
         dfree(g, g->d_paged); /* in stream order: earlier launches keep theirs */
         g->d_paged = NULL;
@@ -1337,6 +1345,8 @@ static int paged_attend(gpu_backend *g, be_buf *out, const be_buf *q, const be_k
         if ((rc = dalloc(g, &g->d_paged, want, err))) return rc;
         g->paged_bytes = want;
     }
+    const int64_t QD = (int64_t)a->n_head * a->head_dim;
+    const bool fa = api->attention_prompt_supported(a->head_dim, kv->type);
     gpu_paged_args pa;
     memset(&pa, 0, sizeof pa);
     pa.d_q = q->d;
@@ -1358,7 +1368,42 @@ static int paged_attend(gpu_backend *g, be_buf *out, const be_buf *q, const be_k
     pa.d_scratch = g->d_paged;
     pa.scratch_bytes = g->paged_bytes;
     pa.d_out = out->d;
-    if ((rc = api->paged_attention(&pa, g->st, err))) return rc;
+    /* prompt chunks of at least fattn_min rows: the tensor-core kernel, gathering K/V through
+     * the sequence's table, one launch per chunk; the rows of the other sequences (runs of
+     * consecutive ones) through the paged kernel */
+    int r_run = 0; /* first row of the current run of paged-kernel rows */
+    for (int s = 0; s <= bt->n_seq; s++) {
+        const int r0 = s < bt->n_seq ? bt->seq_start[s] : n;
+        const int nq = s < bt->n_seq ? bt->seq_start[s + 1] - r0 : 0;
+        const bool by_fa = s < bt->n_seq && fa && nq >= g->fattn_min;
+        if ((by_fa || s == bt->n_seq) && r0 > r_run) {
+            gpu_paged_args run = pa;
+            run.d_q = q->d + (int64_t)r_run * QD;
+            run.d_out = out->d + (int64_t)r_run * QD;
+            run.n_rows = r0 - r_run;
+            run.d_pos = pa.d_pos + r_run;
+            run.d_row_seq = pa.d_row_seq + r_run;
+            if ((rc = api->paged_attention(&run, g->st, err))) return rc;
+        }
+        if (!by_fa) continue;
+        gpu_attn_args fa_args = {0};
+        fa_args.d_q = q->d + (int64_t)r0 * QD;
+        fa_args.d_k = kl;
+        fa_args.d_v = vl;
+        fa_args.kv_type = kv->type;
+        fa_args.pos_stride = kv->kv_dim;
+        fa_args.head_stride = a->head_dim;
+        fa_args.n_head = a->n_head;
+        fa_args.n_kv_head = a->n_head_kv;
+        fa_args.head_dim = a->head_dim;
+        fa_args.scale = a->scale;
+        fa_args.d_out = out->d + (int64_t)r0 * QD;
+        if ((rc = api->attention_prompt_paged(&fa_args, nq, bt->pos[r0], QD, QD,
+                                              pa.d_table + (size_t)s * bt->table_stride,
+                                              bt->block_size, g->st, err)))
+            return rc;
+        r_run = r0 + nq;
+    }
     wrote(g, out);
     return FORGE_OK;
 }

@@ -388,6 +388,13 @@ typedef struct gpu_paged_args {
 } gpu_paged_args;
 size_t gpu_paged_scratch_bytes(int64_t n_rows, int64_t n_head, int64_t head_dim, int64_t max_kv);
 int gpu_paged_attention(const gpu_paged_args *a, gpu_stream *s, forge_err *err);
+/* gpu_attention_prompt over a paged cache: position p of the chunk's sequence at cache row
+ * d_table[p / block_size] * block_size + p % block_size (d_table: that sequence's block table,
+ * device int32, covering positions 0..pos0+n_q-1); a->pos_stride / head_stride address cache
+ * rows as before. HIP: FORGE_E_UNSUPPORTED, like gpu_attention_prompt. */
+int gpu_attention_prompt_paged(const gpu_attn_args *a, int64_t n_q, int64_t pos0,
+                               int64_t q_stride, int64_t out_stride, const int32_t *d_table,
+                               int64_t block_size, gpu_stream *s, forge_err *err);
 /* d_out[r] = gpu_argmax of row r (d_x + r * row_stride, n values) for r < n_rows, one launch:
  * the smallest index of the maximum, NaN never wins, all NaN gives 0. */
 int gpu_argmax_rows(const float *d_x, int64_t n_rows, int64_t n, int64_t row_stride,
@@ -419,7 +426,10 @@ int gpu_ctx_scratch(gpu_ctx *c, size_t bytes, void **d_out, forge_err *err);
 
 /* ---- the table the engine dlopens --------------------------------------------------------------
  */
-#define GPU_API_VERSION 1
+/* 2: the fields for batches of many sequences (store_slots .. matvec_multi) are required by the
+ * backend; a library of version 1 lacks them (its table is shorter), so it is refused by name
+ * instead of being read past its end. */
+#define GPU_API_VERSION 2
 typedef struct gpu_api {
     int version; /* GPU_API_VERSION */
     const char *(*backend_name)(void);
@@ -531,6 +541,9 @@ typedef struct gpu_api {
     int (*paged_attention)(const gpu_paged_args *a, gpu_stream *s, forge_err *err);
     int (*argmax_rows)(const float *d_x, int64_t n_rows, int64_t n, int64_t row_stride,
                        int32_t *d_out, gpu_stream *s, forge_err *err);
+    int (*attention_prompt_paged)(const gpu_attn_args *a, int64_t n_q, int64_t pos0,
+                                  int64_t q_stride, int64_t out_stride, const int32_t *d_table,
+                                  int64_t block_size, gpu_stream *s, forge_err *err);
     int (*matvec_multi_supported)(int wtype, int64_t n_in);
     int (*matvec_multi)(int wtype, const void *d_w, int64_t n_out, int64_t n_in, int64_t n_rows,
                         const float *d_x, const void *d_xq, float *d_y, gpu_stream *s,

@@ -1,14 +1,17 @@
 /* test_gpu_paged.c - the GPU side of batched, paged forward passes (issue 12):
  *   1. paged attention of the GPU backend (prompt chunks and decode rows of several sequences
- *      over shuffled block tables; blocks of 16 and 32; F32 and F16 cache; GQA) against the CPU
- *      backend's attention op by NMSE, with every cache row no row may read poisoned with NaN
- *      (unowned blocks and the tails of owned ones), plus batch invariance: a sequence decoded
- *      alone gives the bits it gave inside the batch;
+ *      over shuffled block tables; blocks of 16 and 32; F32 and F16 cache; GQA; head_dim 32 to
+ *      256 and one that is no multiple of 32) against the CPU backend's attention op by NMSE,
+ *      with every cache row no row may read poisoned with NaN (unowned blocks and the tails of
+ *      owned ones); prompt chunks by the paged kernel and by the tensor cores through the
+ *      tables; batch invariance: a sequence decoded alone gives the bits it gave in the batch;
  *   2. gpu_matvec_multi == gpu_matvec row by row, bit for bit (F32, F16, BF16, Q8_0, Q4_0);
- *   3. gpu_argmax_rows and the backend's argmax_rows against the host (ties, NaN rows);
+ *   3. gpu_argmax_rows against the host (ties, NaN rows, all-NaN row);
  *   4. model_forward on the GPU with a batch of 4 sequences (prompt chunks, then decode steps,
- *      greedy ids by argmax_rows) gives the greedy ids of each sequence alone through a
- *      forge_context on the GPU (stories260K; KV F32 and F16; fused and unfused attention).
+ *      greedy ids by the backend's argmax_rows) gives the greedy ids of each sequence alone
+ *      through a forge_context on the GPU (stories260K; KV F32 and F16; fused and unfused
+ *      attention), and each decode row alone gives the logits it had in the batch, bit for bit.
+ * FORGE_GPU_PAGED_FAST=0 runs part 1 on the generic paged kernel only.
  * Usage: test_gpu_paged MODELS_DIR (../shared/testdata/models). Needs a GPU. */
 #include <math.h>
 #include <stdio.h>
@@ -218,58 +221,73 @@ static void paged_case(const pa_case *c, uint64_t *seed)
     for (int64_t i = (int64_t)(H + D) * KD; i < (int64_t)R * KD; i++)
         tk[i] = tv[i] = NAN;
     pa_env cpu, gpu;
-    env_make(&cpu, false, c, n_ctx, n_ctx, R, tq, tk, tv);
-    env_make(&gpu, true, c, n_ctx, n_ctx, R, tq, tk, tv);
     static tb b;
     char what[160];
     snprintf(what, sizeof what, "blocks %d, KV %s, heads %d/%d, head_dim %d", bs,
              c->kv_f16 ? "f16" : "f32", c->n_head, c->n_kv_head, c->head_dim);
-
-    /* poison every cache row on the GPU: each sequence's whole table, and the unowned blocks */
-    tb_begin(&b, bs);
-    int id = H + D;
-    for (int s = 0; s <= PA_SEQS; s++) {
-        tb_seq(&b, tabs[s], n_tab[s], 0, n_tab[s] * bs, id);
-        id += n_tab[s] * bs;
-    }
-    run_attn(&gpu, c, tb_end(&b), b.ids, NULL);
-
-    /* prompt chunks of all sequences in one batch */
+    /* the CPU reference: prompt chunks of all sequences in one batch, then one decode row per
+     * sequence (in reverse order) */
     float *oc = gt_xmalloc((size_t)H * QD * 4), *og = gt_xmalloc((size_t)H * QD * 4);
-    tb_begin(&b, bs);
-    id = 0;
-    for (int s = 0; s < PA_SEQS; s++) {
-        tb_seq(&b, tabs[s], n_tab[s], 0, hist[s], id);
-        id += hist[s];
-    }
-    run_attn(&cpu, c, tb_end(&b), b.ids, oc);
-    run_attn(&gpu, c, &b.bt, b.ids, og);
-    const double thr = c->kv_f16 ? 1e-5 : 1e-10;
-    gt_report("paged", "prompt chunks", nmse_f(og, oc, (int64_t)H * QD), thr, 1);
-    printf("          (%s)\n", what);
-
-    /* one decode row per sequence, in reverse order */
     float dc[PA_SEQS * 2048], dg[PA_SEQS * 2048], alone[2048];
+    env_make(&cpu, false, c, n_ctx, n_ctx, R, tq, tk, tv);
+    tb_begin(&b, bs);
+    for (int s = 0, id = 0; s < PA_SEQS; id += hist[s], s++)
+        tb_seq(&b, tabs[s], n_tab[s], 0, hist[s], id);
+    run_attn(&cpu, c, tb_end(&b), b.ids, oc);
     tb_begin(&b, bs);
     for (int s = PA_SEQS - 1; s >= 0; s--)
         tb_seq(&b, tabs[s], n_tab[s], hist[s], 1, H + s);
     run_attn(&cpu, c, tb_end(&b), b.ids, dc);
-    run_attn(&gpu, c, &b.bt, b.ids, dg);
-    gt_report("paged", "decode rows", nmse_f(dg, dc, PA_SEQS * QD), thr, 1);
-    /* batch invariance: each sequence again alone (its K/V row stored again, same values) */
-    for (int s = 0; s < PA_SEQS; s++) {
+    env_free(&cpu);
+
+    /* the GPU: prompt chunks by the paged kernel, then by the tensor-core kernel gathering
+     * through the tables (chunks of >= 2 rows; head_dim 64 and 128 only) */
+    for (int fa = 0; fa < 2; fa++) {
+        const bool fa_on = fa && gpu_attention_prompt_supported(c->head_dim,
+                                                                c->kv_f16 ? GGML_TYPE_F16
+                                                                          : GGML_TYPE_F32);
+        if (fa && !fa_on) continue;
+        setenv("FORGE_GPU_FATTN_MIN", fa ? "2" : "1000000", 1);
+        env_make(&gpu, true, c, n_ctx, n_ctx, R, tq, tk, tv);
+        unsetenv("FORGE_GPU_FATTN_MIN");
+        /* poison every cache row: each sequence's whole table, and the unowned blocks */
         tb_begin(&b, bs);
-        tb_seq(&b, tabs[s], n_tab[s], hist[s], 1, H + s);
-        run_attn(&gpu, c, tb_end(&b), b.ids, alone);
-        const int row = PA_SEQS - 1 - s;
-        gt_check(!memcmp(alone, dg + (size_t)row * QD, (size_t)QD * 4),
-                 "paged decode of sequence %d alone == its row in the batch, bit for bit (%s)",
-                 s, what);
+        for (int s = 0, id = H + D; s <= PA_SEQS; id += n_tab[s] * bs, s++)
+            tb_seq(&b, tabs[s], n_tab[s], 0, n_tab[s] * bs, id);
+        run_attn(&gpu, c, tb_end(&b), b.ids, NULL);
+
+        tb_begin(&b, bs);
+        for (int s = 0, id = 0; s < PA_SEQS; id += hist[s], s++)
+            tb_seq(&b, tabs[s], n_tab[s], 0, hist[s], id);
+        run_attn(&gpu, c, tb_end(&b), b.ids, og);
+        /* the tensor cores multiply in fp16 (test_gpu_fattn's bound) */
+        const double thr = fa_on ? 5e-4 : c->kv_f16 ? 1e-5 : 1e-10;
+        printf("          (%s)\n", what);
+        gt_report("paged", fa_on ? "prompt chunks, tensor cores through the tables"
+                                 : "prompt chunks, paged kernel",
+                  nmse_f(og, oc, (int64_t)H * QD), thr, 1);
+
+        tb_begin(&b, bs);
+        for (int s = PA_SEQS - 1; s >= 0; s--)
+            tb_seq(&b, tabs[s], n_tab[s], hist[s], 1, H + s);
+        run_attn(&gpu, c, tb_end(&b), b.ids, dg);
+        gt_report("paged", "decode rows", nmse_f(dg, dc, PA_SEQS * QD), c->kv_f16 ? 1e-5 : 1e-10,
+                  1);
+        /* batch invariance: each sequence again alone (its K/V row stored again, same values) */
+        for (int s = 0; s < PA_SEQS; s++) {
+            tb_begin(&b, bs);
+            tb_seq(&b, tabs[s], n_tab[s], hist[s], 1, H + s);
+            run_attn(&gpu, c, tb_end(&b), b.ids, alone);
+            const int row = PA_SEQS - 1 - s;
+            gt_check(!memcmp(alone, dg + (size_t)row * QD, (size_t)QD * 4),
+                     "paged decode of sequence %d alone == its row in the batch, bit for bit "
+                     "(%s)",
+                     s, what);
+        }
+        env_free(&gpu);
     }
     free(oc);
     free(og);
-    env_free(&cpu);
-    env_free(&gpu);
     free(tq);
     free(tk);
     free(tv);
@@ -587,7 +605,9 @@ int main(int argc, char **argv)
         {32, 1, 8, 2, 64},   /* GQA 4, F16 */
         {16, 1, 4, 4, 128},  /* MHA, F16 */
         {32, 0, 16, 1, 128}, /* GQA 16, F32 */
-        {16, 0, 6, 3, 48},   /* head_dim not a multiple of 32 */
+        {16, 0, 6, 3, 48},   /* head_dim not a multiple of 32: the generic kernel */
+        {16, 1, 8, 1, 256},  /* head_dim 256, GQA 8 */
+        {32, 0, 4, 2, 32},   /* head_dim 32 */
     };
     for (size_t i = 0; i < GT_LEN(cases); i++)
         paged_case(&cases[i], &seed);
