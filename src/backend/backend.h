@@ -195,6 +195,13 @@ typedef struct be_ops {
      * the floats with buf_read and picks on the host (the CPU backend). */
     int (*argmax)(backend *be, const be_buf *x, int64_t off, int64_t n, int32_t *out,
                   forge_err *err);
+    /* out[r] = argmax of row r of x (the n floats at x + r * n, r < n_rows), each exactly as
+     * argmax picks it (the smallest index of the maximum; NaN never wins; all NaN gives 0), for
+     * many rows in one go (greedy decoding of a batch: logits rows 0..n_rows-1). Waits for the
+     * device and reads back only the ids. NULL (the CPU): the caller reads the rows and picks
+     * on the host, or calls argmax per row. */
+    int (*argmax_rows)(backend *be, const be_buf *x, int n_rows, int64_t n, int32_t *out,
+                       forge_err *err);
     /* A one-token decode step as a unit the backend may record once and replay (a CUDA/HIP
      * graph). The context calls step_begin(id, pos) before the forward pass of token id at
      * position pos (one token, logits of that token only). *replayed = true: the backend has

@@ -31,7 +31,22 @@
  * into a CUDA/HIP graph and later steps replay it: one launch instead of ~14 per layer.
  * FORGE_GPU_GRAPH=0 runs the same ops without graphs (bit-identical results); FORGE_GPU_SYNC=1
  * turns graphs off; FORGE_GPU_GRAPH=1 makes a failed capture an error instead of a silent
- * fallback. Graphs hold buffer addresses: any buffer, KV or weight (re)allocation drops them. */
+ * fallback. Graphs hold buffer addresses: any buffer, KV or weight (re)allocation drops them.
+ *
+ * Batches of many sequences (an engine, docs/ENGINE.md): batch_set copies the batch's positions,
+ * slots, row -> sequence map and block tables to the device in one copy from pinned staging
+ * (double buffered, each half reused only after an event shows its last copy done). A batch that
+ * is one sequence over the identity table (a context) keeps the paths above; any other runs
+ * RoPE at the device positions, the K/V store at the device slots (gpu_store_slots, or fused
+ * into gpu_qk_rope_store_slots) and gpu_paged_attention (split-K over fixed splits through the
+ * block tables: a row's result does not depend on the rest of the batch); a prompt chunk of at
+ * least fattn_min rows runs the tensor-core kernel gathering K/V through its table
+ * (gpu_attention_prompt_paged). Batches of 2..16 rows multiply by gpu_matvec_multi (each weight
+ * read once for all rows; each row's result bit-identical to the one-row matvec), and a paged
+ * batch of one row skips the fused decode kernels, so a decode row gets the same bits alone or
+ * in any batch of fewer than gemm_min rows (17.. rows: the one-row matvec per row; the GEMM from
+ * gemm_min rows is not batch invariant).
+ * argmax_rows picks the greedy ids of many rows at once. */
 #include <dlfcn.h>
 #include <pthread.h>
 #include <stdio.h>
@@ -130,6 +145,29 @@ typedef struct gpu_backend {
     gpu_event *ev_samp;
     bool ev_samp_used;
     char warning[640]; /* backend_gpu_warning: something degraded at creation, or "" */
+    /* the last batch_set (a pointer compared, never read after the pass) and its device copy:
+     * pos [n_tok] | slot [n_tok] | row -> sequence [n_tok] | tables [n_seq * table_stride] */
+    const be_batch *bt;
+    bool bt_paged; /* not a one-sequence span: rope/attention run the paged kernels */
+    int bt_max_kv; /* max pos + 1 */
+    int32_t *d_bt, *h_bt[2];
+    gpu_event *ev_bt[2];
+    bool ev_bt_used[2];
+    int bt_half;
+    size_t bt_cap; /* int32 entries of d_bt and of each h_bt */
+    void *d_paged; /* paged attention scratch (grown in stream order) */
+    size_t paged_bytes;
+    /* multi-row decode matvec: activations of up to GPU_MATVEC_MULTI_MAX rows, quantized
+     * (d_xqm, with the buffer/version it holds) or rounded (d_xrm) */
+    bool mv_multi; /* FORGE_GPU_MATVEC_MULTI=0 turns it off */
+    void *d_xqm;
+    float *d_xrm;
+    const be_buf *xqm_src;
+    uint64_t xqm_version;
+    int64_t xqm_n;
+    /* argmax_rows: ids on the device and their pinned host copy */
+    int32_t *d_amax, *h_amax;
+    int amax_cap;
 } gpu_backend;
 
 #define GPU_SAMPLE_MAX_PEN 4096 /* penalty pairs the device chain takes (more: host sampling) */
@@ -198,7 +236,9 @@ static int load_api(const gpu_api **out, forge_err *err)
     }
     const gpu_api *api = get(GPU_API_VERSION);
     if (!api || api->version != GPU_API_VERSION || !api->store || !api->attention_batch ||
-        !api->store_at || !api->gemm_ex || !api->argmax_ex || !api->round_act) {
+        !api->store_at || !api->gemm_ex || !api->argmax_ex || !api->round_act ||
+        !api->paged_attention || !api->matvec_multi || !api->argmax_rows ||
+        !api->attention_prompt_paged) {
         rc = forge_err_set(err, FORGE_E_UNSUPPORTED,
                            "the GPU library %s does not provide interface version %d (rebuild "
                            "it with `make gpu`)",
@@ -344,6 +384,46 @@ static int step_mismatch(const gpu_backend *g, const char *op, long long got, fo
                          g->step_id, g->step_pos, got);
 }
 
+/* ---- batches (batch_set) ----------------------------------------------------------------- */
+
+/* Room for n int32 entries in the device batch arrays and both pinned halves. Growing waits for
+ * the copies out of the old halves (their events) before freeing them; the device array is freed
+ * in stream order. */
+static int bt_reserve(gpu_backend *g, size_t n, forge_err *err)
+{
+    const gpu_api *api = g->api;
+    int rc;
+    if (n <= g->bt_cap) return FORGE_OK;
+    n = n < 1024 ? 1024 : n + n / 2;
+    for (int i = 0; i < 2; i++) {
+        if (!g->ev_bt[i] && (rc = api->event_create(&g->ev_bt[i], 0, err))) return rc;
+        if (g->ev_bt_used[i] && (rc = api->event_sync(g->ev_bt[i], err))) return rc;
+        g->ev_bt_used[i] = false;
+        api->host_free(g->h_bt[i]);
+        g->h_bt[i] = NULL;
+    }
+    dfree(g, g->d_bt);
+    g->d_bt = NULL;
+    g->bt_cap = 0;
+    for (int i = 0; i < 2; i++)
+        if ((rc = api->host_alloc((void **)&g->h_bt[i], n * 4, err))) return rc;
+    if ((rc = dalloc(g, (void **)&g->d_bt, n * 4, err))) return rc;
+    g->bt_cap = n;
+    return FORGE_OK;
+}
+
+typedef struct gb_span gb_span;
+static int batch_span(int kv_rows, const be_batch *bt, gb_span *sp, forge_err *err);
+
+/* The batch of the next ops. A one-sequence span (a context) needs nothing on the device (its
+ * ops read d_pos / d_small, also inside a recorded step). Anything else: pos, slot, row ->
+ * sequence and the tables go to the device in one copy from a pinned half whose previous copy
+ * is done (its event), after checking that every slot and table entry is inside the cache. */
+static int gb_batch_set(backend *be, const be_batch *b, forge_err *err);
+static int need_paged(const gpu_backend *g, const be_batch *bt, forge_err *err);
+static int rope_paged(gpu_backend *g, be_buf *x, int n_head, int head_dim, const be_batch *bt,
+                      const be_rope *r, forge_err *err);
+
 /* ---- buffers ----------------------------------------------------------------------------- */
 
 static int gb_buf_create(backend *be, int64_t n, be_buf **out, forge_err *err)
@@ -372,6 +452,7 @@ static void gb_buf_free(backend *be, be_buf *b)
     if (!b) return;
     gpu_backend *g = gb(be);
     if (g->xq_src == b) g->xq_src = NULL;
+    if (g->xqm_src == b) g->xqm_src = NULL;
     drop_graphs(g); /* a graph launched before stays valid until it has run (runtime) */
     /* in stream order: work still queued that uses b->d (an interrupted prompt) runs first */
     (void)g->api->free_async(b->d, g->st, NULL);
@@ -622,8 +703,14 @@ int backend_gpu_plan(backend *be, const be_gpu_plan *p, forge_err *err)
     const size_t wf16 = want_gemm ? (size_t)p->max_quant_elems * 2 : 0;
     const size_t samp = (p->n_vocab > 0 ? api->sample_scratch_bytes(p->n_vocab) : 0) +
                         (size_t)(p->max_in > 0 ? p->max_in : 1) * 4; /* + d_xr */
-    const uint64_t scratch = (uint64_t)p->act_floats * 4 + attn + xq + xc + wf16 + samp +
-                             (uint64_t)p->n_ctx * 4 + (uint64_t)p->n_batch * 4 + GPU_RESERVE_BYTES;
+    const int64_t in32 = p->max_in > 0 ? (p->max_in + 31) / 32 * 32 : 32;
+    const char *mm = getenv("FORGE_GPU_MATVEC_MULTI");
+    g->mv_multi = !(mm && !strcmp(mm, "0")) && p->n_batch >= 2;
+    const size_t xqm = g->mv_multi ? api->act_q8_bytes(in32 * GPU_MATVEC_MULTI_MAX) : 0;
+    const size_t xrm = g->mv_multi ? (size_t)in32 * GPU_MATVEC_MULTI_MAX * 4 : 0;
+    const uint64_t scratch = (uint64_t)p->act_floats * 4 + attn + xq + xc + wf16 + samp + xqm +
+                             xrm + (uint64_t)p->n_ctx * 4 + (uint64_t)p->n_batch * 4 +
+                             GPU_RESERVE_BYTES;
     size_t free_b = 0, total_b = 0;
     if ((rc = api->mem_info(&free_b, &total_b, err))) return rc;
     /* another context of the model on this GPU holds the weights already: shared, not counted */
@@ -658,6 +745,16 @@ int backend_gpu_plan(backend *be, const be_gpu_plan *p, forge_err *err)
     if ((rc = dalloc(g, (void **)&g->d_xr, (size_t)(p->max_in > 0 ? p->max_in : 1) * 4, err)))
         return rc;
     if ((rc = dalloc(g, (void **)&g->d_ids, (size_t)p->n_batch * 4, err))) return rc;
+    if (g->mv_multi && ((rc = dalloc(g, &g->d_xqm, xqm, err)) ||
+                        (rc = dalloc(g, (void **)&g->d_xrm, xrm, err))))
+        return rc;
+    if (p->n_seq_max > 1) {
+        /* an engine: the batch arrays for n_batch rows and n_seq_max tables, now (they still
+         * grow on demand) */
+        const int64_t mb = p->max_blocks > 0 ? p->max_blocks : p->n_ctx / 16 + 1;
+        if ((rc = bt_reserve(g, (size_t)(3 * (int64_t)p->n_batch + p->n_seq_max * mb), err)))
+            return rc;
+    }
     if (samp && (rc = dalloc(g, &g->d_sample, samp, err))) return rc;
     if (want_gemm) {
         forge_err berr = {0};
@@ -823,6 +920,38 @@ static int matmul_by_rows(gpu_backend *g, be_buf *y, const be_weight *w, const b
     return FORGE_OK;
 }
 
+/* True when the n_tok (2..16) rows of a decode batch go through one multi-row matvec. */
+static bool uses_multi(const gpu_backend *g, const be_weight *w, int n_tok)
+{
+    return g->mv_multi && g->d_xqm && n_tok >= 2 && n_tok <= GPU_MATVEC_MULTI_MAX &&
+           w->ne0 <= g->max_in && g->api->matvec_multi_supported(w->type, w->ne0);
+}
+
+/* y[t] = W x[t] for 2..16 rows, each weight read once: the rows' activations quantized (one
+ * quantization serves every matmul of the same unchanged buffer) or rounded first, like
+ * matmul_by_rows does per row; bit-identical per row to it. */
+static int matmul_multi_rows(gpu_backend *g, be_buf *y, const be_weight *w, const be_buf *x,
+                             int n_tok, forge_err *err)
+{
+    const gpu_api *api = g->api;
+    const int64_t n_in = w->ne0, n_all = (int64_t)n_tok * n_in;
+    const float *xs = x->d;
+    int rc;
+    if (is_quant(w->type) &&
+        !(g->xqm_src == x && g->xqm_version == x->version && g->xqm_n == n_all)) {
+        if ((rc = api->act_quantize(x->d, n_all, g->d_xqm, g->st, err))) return rc;
+        g->xqm_src = x;
+        g->xqm_version = x->version;
+        g->xqm_n = n_all;
+    }
+    if (g->round_x && (w->type == GGML_TYPE_F16 || w->type == GGML_TYPE_BF16)) {
+        if ((rc = api->round_act(x->d, g->d_xrm, n_all, w->type, g->st, err))) return rc;
+        xs = g->d_xrm;
+    }
+    return api->matvec_multi(w->type, wdev(g, w), w->ne1, n_in, n_tok, xs, g->d_xqm, y->d, g->st,
+                             err);
+}
+
 /* True when y = W x over n_tok rows goes through the BLAS GEMM (else matvec per token). */
 static bool uses_gemm(const gpu_backend *g, const be_weight *w, int n_tok)
 {
@@ -843,7 +972,8 @@ static int matmul_impl(gpu_backend *g, be_buf *y, const be_weight *w, const be_b
     if (!uses_gemm(g, w, n_tok)) {
         if (beta != 0.0f)
             return forge_err_set(err, FORGE_E_INTERNAL, "gpu matmul: accumulation needs GEMM");
-        rc = matmul_by_rows(g, y, w, x, n_tok, err);
+        rc = uses_multi(g, w, n_tok) ? matmul_multi_rows(g, y, w, x, n_tok, err)
+                                     : matmul_by_rows(g, y, w, x, n_tok, err);
     } else {
         const void *wd = wdev(g, w);
         int wt = w->type;
@@ -873,7 +1003,10 @@ static int gb_matmul(backend *be, be_buf *y, const be_weight *w, const be_buf *x
  * a row length it takes, uploaded) */
 static bool fused_ok(const gpu_backend *g, int n, const be_weight *const *ws, int n_tok)
 {
-    if (!g->fused || n_tok != 1 || n < 1 || n > GPU_FMV_MAX_MATS) return false;
+    /* a paged batch of one row (an engine decoding one sequence) takes the plain matvec, which
+     * gives the bits that row gets in a multi-row batch (batch invariance); the fused kernel
+     * rounds differently */
+    if (!g->fused || n_tok != 1 || n < 1 || n > GPU_FMV_MAX_MATS || g->bt_paged) return false;
     for (int i = 0; i < n; i++)
         if (!ws[i] || !wdev(g, ws[i]) || ws[i]->type != ws[0]->type || ws[i]->ne0 != ws[0]->ne0)
             return false;
@@ -984,8 +1117,7 @@ static int gb_add_bias(backend *be, be_buf *y, const be_weight *b, int n_tok, fo
 
 /* be_rope -> the kernel's parameters; *d_pos = the positions of tokens pos0.. on the device (in
  * a decode step: the step's position in d_small). */
-static int rope_params(gpu_backend *g, const be_rope *r, int pos0, int n_tok, gpu_rope_params *rp,
-                       const int32_t **d_pos, forge_err *err)
+static int rope_fill(gpu_backend *g, const be_rope *r, gpu_rope_params *rp, forge_err *err)
 {
     int rc;
     memset(rp, 0, sizeof *rp);
@@ -1001,6 +1133,14 @@ static int rope_params(gpu_backend *g, const be_rope *r, int pos0, int n_tok, gp
     rp->attn_factor = r->attn_factor;
     rp->corr_dims[0] = r->corr_dims[0];
     rp->corr_dims[1] = r->corr_dims[1];
+    return FORGE_OK;
+}
+
+static int rope_params(gpu_backend *g, const be_rope *r, int pos0, int n_tok, gpu_rope_params *rp,
+                       const int32_t **d_pos, forge_err *err)
+{
+    int rc;
+    if ((rc = rope_fill(g, r, rp, err))) return rc;
     if (pos0 < 0 || pos0 + n_tok > g->n_ctx)
         return forge_err_set(err, FORGE_E_INTERNAL, "gpu rope: positions %d..%d beyond %d", pos0,
                              pos0 + n_tok - 1, g->n_ctx);
@@ -1014,10 +1154,10 @@ static int rope_params(gpu_backend *g, const be_rope *r, int pos0, int n_tok, gp
 
 /* The layout the attention kernels of this file run: one sequence at positions
  * pos0..pos0+n_tok-1 in a contiguous cache (position p at row p). */
-typedef struct gb_span {
+struct gb_span {
     int layer, pos0, n_tok, n_head, n_head_kv, head_dim;
     float scale;
-} gb_span;
+};
 
 /* A batch as a span: one sequence over the identity table (one block of the whole cache, slot =
  * position), which is what a context runs. Batches of several sequences over block tables are
@@ -1053,9 +1193,235 @@ static int gb_rope(backend *be, be_buf *x, int n_head, int head_dim, const be_ba
                    const be_rope *r, forge_err *err)
 {
     gb_span sp = {0};
-    int rc = batch_span(gb(be)->n_ctx, bt, &sp, err);
-    if (rc) return rc;
+    forge_err span_err = {0};
+    if (batch_span(gb(be)->n_ctx, bt, &sp, &span_err)) {
+        int rc = need_paged(gb(be), bt, err);
+        return rc ? rc : rope_paged(gb(be), x, n_head, head_dim, bt, r, err);
+    }
     return gb_rope_span(be, x, sp.n_tok, n_head, head_dim, sp.pos0, r, err);
+}
+
+/* ---- paged batches: RoPE at device positions, K/V at device slots, paged attention ---------- */
+
+static int gb_batch_set(backend *be, const be_batch *b, forge_err *err)
+{
+    gpu_backend *g = gb(be);
+    const gpu_api *api = g->api;
+    gb_span sp;
+    forge_err scratch_err = {0};
+    int rc;
+    g->bt = b;
+    g->bt_paged = false;
+    if ((rc = need_plan(g, err))) return rc;
+    if (!b || b->n_tok < 1 || b->n_seq < 1 || b->block_size < 1 || b->table_stride < 1)
+        return forge_err_set(err, FORGE_E_INTERNAL, "gpu batch_set: empty or malformed batch");
+    if (batch_span(g->n_ctx, b, &sp, &scratch_err) == FORGE_OK) return FORGE_OK;
+    if (g->capturing)
+        return forge_err_set(err, FORGE_E_INTERNAL, "gpu batch_set: a paged batch in a recorded "
+                                                    "decode step");
+    const int n = b->n_tok, ns = b->n_seq;
+    const size_t n_tab = (size_t)ns * (size_t)b->table_stride;
+    int max_pos = 0;
+    for (int r = 0; r < n; r++) {
+        if (b->pos[r] < 0 || b->slot[r] < 0 || b->slot[r] >= g->n_ctx)
+            return forge_err_set(err, FORGE_E_INTERNAL,
+                                 "gpu batch_set: row %d at position %d, slot %d (cache of %d)", r,
+                                 b->pos[r], b->slot[r], g->n_ctx);
+        if (b->pos[r] > max_pos) max_pos = b->pos[r];
+    }
+    for (int s = 0; s < ns; s++) {
+        const int32_t *tab = b->table + (size_t)s * b->table_stride;
+        if (b->seq_start[s] < 0 || b->seq_start[s + 1] <= b->seq_start[s] ||
+            b->seq_start[s + 1] > n || b->n_table[s] < 1 || b->n_table[s] > b->table_stride)
+            return forge_err_set(err, FORGE_E_INTERNAL,
+                                 "gpu batch_set: sequence %d rows %d..%d, %d table entries", s,
+                                 b->seq_start[s], b->seq_start[s + 1], b->n_table[s]);
+        for (int i = 0; i < b->n_table[s]; i++)
+            if (tab[i] < 0 || (int64_t)tab[i] * b->block_size + b->block_size > g->n_ctx)
+                return forge_err_set(err, FORGE_E_INTERNAL,
+                                     "gpu batch_set: sequence %d table entry %d is block %d "
+                                     "(blocks of %d, cache of %d)",
+                                     s, i, tab[i], b->block_size, g->n_ctx);
+        for (int r = b->seq_start[s]; r < b->seq_start[s + 1]; r++)
+            if (b->pos[r] / b->block_size >= b->n_table[s])
+                return forge_err_set(err, FORGE_E_INTERNAL,
+                                     "gpu batch_set: row %d at position %d beyond its table of %d "
+                                     "blocks",
+                                     r, b->pos[r], b->n_table[s]);
+    }
+    const size_t need = 3 * (size_t)n + n_tab;
+    if ((rc = bt_reserve(g, need, err))) return rc;
+    const int half = g->bt_half;
+    g->bt_half ^= 1;
+    /* the copy out of this half two passes ago must be done before it is overwritten */
+    if (g->ev_bt_used[half] && (rc = api->event_sync(g->ev_bt[half], err))) return rc;
+    int32_t *h = g->h_bt[half];
+    memcpy(h, b->pos, (size_t)n * 4);
+    memcpy(h + n, b->slot, (size_t)n * 4);
+    for (int s = 0; s < ns; s++)
+        for (int r = b->seq_start[s]; r < b->seq_start[s + 1]; r++)
+            h[2 * n + r] = s;
+    memcpy(h + 3 * n, b->table, n_tab * 4);
+    /* the device array is rewritten after the previous pass's kernels (stream order) */
+    if ((rc = api->memcpy_h2d(g->d_bt, h, need * 4, g->st, err)) ||
+        (rc = api->event_record(g->ev_bt[half], g->st, err)))
+        return rc;
+    g->ev_bt_used[half] = true;
+    g->bt_max_kv = max_pos + 1;
+    g->bt_paged = true;
+    return FORGE_OK;
+}
+
+/* The ops of a batch that is not a span must run on the batch batch_set copied. */
+static int need_paged(const gpu_backend *g, const be_batch *bt, forge_err *err)
+{
+    if (!bt || bt != g->bt || !g->bt_paged)
+        return forge_err_set(err, FORGE_E_INTERNAL,
+                             "gpu backend: a batch of %d sequences (blocks of %d) needs batch_set "
+                             "before its rope/attention",
+                             bt ? bt->n_seq : -1, bt ? bt->block_size : -1);
+    return FORGE_OK;
+}
+
+static int rope_fill(gpu_backend *g, const be_rope *r, gpu_rope_params *rp, forge_err *err);
+
+static int rope_paged(gpu_backend *g, be_buf *x, int n_head, int head_dim, const be_batch *bt,
+                      const be_rope *r, forge_err *err)
+{
+    gpu_rope_params rp;
+    int rc;
+    if ((rc = check_buf(x, (int64_t)bt->n_tok * n_head * head_dim, "rope x", err)) ||
+        (rc = rope_fill(g, r, &rp, err)))
+        return rc;
+    if ((rc = g->api->rope_ext(x->d, bt->n_tok, n_head, head_dim, &rp, g->d_bt, g->st, err)))
+        return rc;
+    wrote(g, x);
+    return FORGE_OK;
+}
+
+/* Buffers and layer bases of a paged attention call. */
+static int paged_check(gpu_backend *g, const be_buf *out, const be_buf *q, const be_buf *k,
+                       const be_buf *v, const be_kv *kv, const be_attn *a, char **kl, char **vl,
+                       forge_err *err)
+{
+    const int n = a->batch->n_tok;
+    const int64_t QD = (int64_t)a->n_head * a->head_dim, KD = (int64_t)a->n_head_kv * a->head_dim;
+    int rc;
+    if ((rc = need_plan(g, err)) || (rc = need_paged(g, a->batch, err)) ||
+        (rc = check_buf(q, n * QD, "attention q", err)) ||
+        (rc = check_buf(k, n * KD, "attention k", err)) ||
+        (rc = check_buf(v, n * KD, "attention v", err)) ||
+        (rc = check_buf(out, n * QD, "attention out", err)))
+        return rc;
+    if (KD != kv->kv_dim || a->layer < 0 || a->layer >= kv->n_layer || kv->n_ctx != g->n_ctx)
+        return forge_err_set(err, FORGE_E_INTERNAL,
+                             "gpu paged attention: layer %d kv_dim %lld vs cache %d x %d (backend "
+                             "%d rows)",
+                             a->layer, (long long)KD, kv->n_ctx, kv->kv_dim, g->n_ctx);
+    const size_t layer_bytes = (size_t)kv->n_ctx * (size_t)kv->kv_dim * kv->elt;
+    *kl = (char *)kv->k + (size_t)a->layer * layer_bytes;
+    *vl = (char *)kv->v + (size_t)a->layer * layer_bytes;
+    return FORGE_OK;
+}
+
+#define GPU_PAGED_SCRATCH_MAX ((size_t)256 << 20) /* more rows run in several launches */
+
+/* Attention of every row over its sequence (the new K/V already stored). */
+static int paged_attend(gpu_backend *g, be_buf *out, const be_buf *q, const be_kv *kv,
+                        const be_attn *a, char *kl, char *vl, forge_err *err)
+{
+    const gpu_api *api = g->api;
+    const be_batch *bt = a->batch;
+    const int n = bt->n_tok;
+    int rc;
+    size_t want = api->paged_scratch_bytes(n, a->n_head, a->head_dim, g->bt_max_kv);
+    const size_t one = api->paged_scratch_bytes(1, a->n_head, a->head_dim, g->bt_max_kv);
+    if (want > GPU_PAGED_SCRATCH_MAX)
+        want = one > GPU_PAGED_SCRATCH_MAX ? one : GPU_PAGED_SCRATCH_MAX;
+    if (g->paged_bytes < want) {
+        dfree(g, g->d_paged); /* in stream order: earlier launches keep theirs */
+        g->d_paged = NULL;
+        g->paged_bytes = 0;
+        if ((rc = dalloc(g, &g->d_paged, want, err))) return rc;
+        g->paged_bytes = want;
+    }
+    const int64_t QD = (int64_t)a->n_head * a->head_dim;
+    const bool fa = api->attention_prompt_supported(a->head_dim, kv->type);
+    gpu_paged_args pa;
+    memset(&pa, 0, sizeof pa);
+    pa.d_q = q->d;
+    pa.d_k = kl;
+    pa.d_v = vl;
+    pa.kv_type = kv->type;
+    pa.row_stride = kv->kv_dim;
+    pa.n_head = a->n_head;
+    pa.n_kv_head = a->n_head_kv;
+    pa.head_dim = a->head_dim;
+    pa.n_rows = n;
+    pa.d_pos = g->d_bt;
+    pa.d_row_seq = g->d_bt + 2 * n;
+    pa.d_table = g->d_bt + 3 * n;
+    pa.table_stride = bt->table_stride;
+    pa.block_size = bt->block_size;
+    pa.max_kv = g->bt_max_kv;
+    pa.scale = a->scale;
+    pa.d_scratch = g->d_paged;
+    pa.scratch_bytes = g->paged_bytes;
+    pa.d_out = out->d;
+    /* prompt chunks of at least fattn_min rows: the tensor-core kernel, gathering K/V through
+     * the sequence's table, one launch per chunk; the rows of the other sequences (runs of
+     * consecutive ones) through the paged kernel */
+    int r_run = 0; /* first row of the current run of paged-kernel rows */
+    for (int s = 0; s <= bt->n_seq; s++) {
+        const int r0 = s < bt->n_seq ? bt->seq_start[s] : n;
+        const int nq = s < bt->n_seq ? bt->seq_start[s + 1] - r0 : 0;
+        const bool by_fa = s < bt->n_seq && fa && nq >= g->fattn_min;
+        if ((by_fa || s == bt->n_seq) && r0 > r_run) {
+            gpu_paged_args run = pa;
+            run.d_q = q->d + (int64_t)r_run * QD;
+            run.d_out = out->d + (int64_t)r_run * QD;
+            run.n_rows = r0 - r_run;
+            run.d_pos = pa.d_pos + r_run;
+            run.d_row_seq = pa.d_row_seq + r_run;
+            if ((rc = api->paged_attention(&run, g->st, err))) return rc;
+        }
+        if (!by_fa) continue;
+        gpu_attn_args fa_args = {0};
+        fa_args.d_q = q->d + (int64_t)r0 * QD;
+        fa_args.d_k = kl;
+        fa_args.d_v = vl;
+        fa_args.kv_type = kv->type;
+        fa_args.pos_stride = kv->kv_dim;
+        fa_args.head_stride = a->head_dim;
+        fa_args.n_head = a->n_head;
+        fa_args.n_kv_head = a->n_head_kv;
+        fa_args.head_dim = a->head_dim;
+        fa_args.scale = a->scale;
+        fa_args.d_out = out->d + (int64_t)r0 * QD;
+        if ((rc = api->attention_prompt_paged(&fa_args, nq, bt->pos[r0], QD, QD,
+                                              pa.d_table + (size_t)s * bt->table_stride,
+                                              bt->block_size, g->st, err)))
+            return rc;
+        r_run = r0 + nq;
+    }
+    wrote(g, out);
+    return FORGE_OK;
+}
+
+static int attention_paged(gpu_backend *g, be_buf *out, const be_buf *q, const be_buf *k,
+                           const be_buf *v, be_kv *kv, const be_attn *a, forge_err *err)
+{
+    const gpu_api *api = g->api;
+    const int n = a->batch->n_tok;
+    const int64_t KD = (int64_t)a->n_head_kv * a->head_dim;
+    char *kl = NULL, *vl = NULL;
+    int rc;
+    if ((rc = paged_check(g, out, q, k, v, kv, a, &kl, &vl, err))) return rc;
+    const int32_t *d_slot = g->d_bt + n;
+    if ((rc = api->store_slots(k->d, kl, kv->type, KD, n, d_slot, kv->kv_dim, g->st, err)) ||
+        (rc = api->store_slots(v->d, vl, kv->type, KD, n, d_slot, kv->kv_dim, g->st, err)))
+        return rc;
+    return paged_attend(g, out, q, kv, a, kl, vl, err);
 }
 
 /* The layer's cache rows: K and V bases of layer a->layer. */
@@ -1185,9 +1551,47 @@ static int gb_attention(backend *be, be_buf *out, const be_buf *q, const be_buf 
                         be_kv *kv, const be_attn *ba, forge_err *err)
 {
     gb_span sp = {0};
-    int rc = attn_span(kv, ba, &sp, err);
-    if (rc) return rc;
+    forge_err span_err = {0};
+    if (attn_span(kv, ba, &sp, &span_err))
+        return attention_paged(gb(be), out, q, k, v, kv, ba, err);
     return attention_span(be, out, q, k, v, kv, &sp, err);
+}
+
+/* A paged batch: the same steps with RoPE at the device positions and the K/V store at the
+ * device slots (fused: one launch; FORGE_GPU_FUSED=0: the plain ops). */
+static int attention_rope_paged(gpu_backend *g, be_buf *out, be_buf *q, const be_buf *k,
+                                const be_buf *v, be_kv *kv, const be_attn *a, const be_rope *r,
+                                const be_weight *q_norm, const be_weight *k_norm, float eps,
+                                forge_err *err)
+{
+    backend *be = &g->base;
+    const int n = a->batch->n_tok;
+    char *kl = NULL, *vl = NULL;
+    gpu_rope_params rp;
+    int rc;
+    if ((rc = paged_check(g, out, q, k, v, kv, a, &kl, &vl, err))) return rc;
+    if (!g->fused) {
+        be_buf *kw = (be_buf *)k; /* normed and rotated in place, as without this op */
+        if ((q_norm && (rc = gb_rms_norm(be, q, q, q_norm, (int64_t)n * a->n_head, a->head_dim,
+                                         eps, err))) ||
+            (k_norm && (rc = gb_rms_norm(be, kw, kw, k_norm, (int64_t)n * a->n_head_kv,
+                                         a->head_dim, eps, err))) ||
+            (rc = rope_paged(g, q, a->n_head, a->head_dim, a->batch, r, err)) ||
+            (rc = rope_paged(g, kw, a->n_head_kv, a->head_dim, a->batch, r, err)))
+            return rc;
+        return attention_paged(g, out, q, k, v, kv, a, err);
+    }
+    if ((rc = rope_fill(g, r, &rp, err)) ||
+        (q_norm && (rc = check_weight(g, q_norm, a->head_dim, -1, "attention q_norm", err))) ||
+        (k_norm && (rc = check_weight(g, k_norm, a->head_dim, -1, "attention k_norm", err))))
+        return rc;
+    if ((rc = g->api->qk_rope_store_slots(
+             q->d, k->d, v->d, n, a->n_head, a->n_head_kv, a->head_dim,
+             q_norm ? wdev(g, q_norm) : NULL, k_norm ? wdev(g, k_norm) : NULL, eps, &rp, g->d_bt,
+             g->d_bt + n, kl, vl, kv->type, kv->kv_dim, g->st, err)))
+        return rc;
+    wrote(g, q);
+    return paged_attend(g, out, q, kv, a, kl, vl, err);
 }
 
 /* Q/K norms + RoPE + the K/V store in one launch, then attention. */
@@ -1202,8 +1606,10 @@ static int gb_attention_rope(backend *be, be_buf *out, be_buf *q, const be_buf *
     gpu_rope_params rp;
     gb_span sp = {0};
     const gb_span *a = &sp;
+    forge_err span_err = {0};
     int rc;
-    if ((rc = attn_span(kv, ba, &sp, err))) return rc;
+    if (attn_span(kv, ba, &sp, &span_err))
+        return attention_rope_paged(g, out, q, k, v, kv, ba, r, q_norm, k_norm, eps, err);
     if (!g->fused) {
         /* FORGE_GPU_FUSED=0: the plain ops (k is this backend's own buffer: normed and rotated
          * in place, as the architecture code does without this op) */
@@ -1286,6 +1692,38 @@ static int gb_argmax(backend *be, const be_buf *x, int64_t off, int64_t n, int32
         (rc = api->stream_sync(g->st, err)))
         return rc;
     *out = g->h_small[2];
+    return FORGE_OK;
+}
+
+/* Greedy ids of n_rows rows (x + r * n) in one launch; one copy of the ids back. */
+static int gb_argmax_rows(backend *be, const be_buf *x, int n_rows, int64_t n, int32_t *out,
+                          forge_err *err)
+{
+    gpu_backend *g = gb(be);
+    const gpu_api *api = g->api;
+    int rc;
+    if (n_rows < 1 || n < 1 || n > INT32_MAX)
+        return forge_err_set(err, FORGE_E_INTERNAL, "gpu argmax_rows: %d rows of %lld", n_rows,
+                             (long long)n);
+    if ((rc = check_buf(x, (int64_t)n_rows * n, "argmax_rows", err))) return rc;
+    if (n_rows > g->amax_cap) {
+        /* the last argmax_rows waited for its copy: nothing reads the old buffers */
+        api->host_free(g->h_amax);
+        g->h_amax = NULL;
+        dfree(g, g->d_amax);
+        g->d_amax = NULL;
+        g->amax_cap = 0;
+        const int cap = n_rows < 64 ? 64 : n_rows;
+        if ((rc = api->host_alloc((void **)&g->h_amax, (size_t)cap * 4, err)) ||
+            (rc = dalloc(g, (void **)&g->d_amax, (size_t)cap * 4, err)))
+            return rc;
+        g->amax_cap = cap;
+    }
+    if ((rc = api->argmax_rows(x->d, n_rows, n, n, g->d_amax, g->st, err)) ||
+        (rc = api->memcpy_d2h(g->h_amax, g->d_amax, (size_t)n_rows * 4, g->st, err)) ||
+        (rc = api->stream_sync(g->st, err)))
+        return rc;
+    memcpy(out, g->h_amax, (size_t)n_rows * 4);
     return FORGE_OK;
 }
 
@@ -1441,8 +1879,18 @@ static void gb_destroy(backend *be)
         dfree(g, g->d_sample);
         dfree(g, g->d_argmax);
         dfree(g, g->d_samp_par);
+        dfree(g, g->d_bt);
+        dfree(g, g->d_paged);
+        dfree(g, g->d_xqm);
+        dfree(g, g->d_xrm);
+        dfree(g, g->d_amax);
         (void)api->stream_sync(g->st, NULL);
     }
+    for (int i = 0; i < 2; i++) {
+        api->host_free(g->h_bt[i]);
+        api->event_destroy(g->ev_bt[i]);
+    }
+    api->host_free(g->h_amax);
     drop_graphs(g);
     api->host_free(g->h_samp_par);
     api->event_destroy(g->ev_samp);
@@ -1489,6 +1937,8 @@ static const be_ops gpu_ops = {
     .add = gb_add,
     .copy_rows = gb_copy_rows,
     .argmax = gb_argmax,
+    .argmax_rows = gb_argmax_rows,
+    .batch_set = gb_batch_set,
     .step_begin = gb_step_begin,
     .step_end = gb_step_end,
     .norm_matmul = gb_norm_matmul,

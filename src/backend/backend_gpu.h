@@ -25,6 +25,10 @@ typedef struct be_gpu_plan {
     bool f32_math;      /* no reduced precision: float activations, no F16 GEMM/attention */
     be_wshare *share;   /* the model's weight sets (borrowed, may be NULL): when one is on this
                          * GPU already, the weights are shared and need no memory */
+    /* Batches of several sequences (an engine; a context passes 0 or 1): with n_seq_max > 1 the
+     * device batch arrays are sized at plan time for n_batch rows and n_seq_max block tables of
+     * max_blocks entries (0: n_ctx / 16 + 1); they grow on demand in batch_set otherwise. */
+    int n_seq_max, max_blocks;
 } be_gpu_plan;
 
 /* Load libforge_cuda.so (once per process), select GPU gpu_index and create a backend with its

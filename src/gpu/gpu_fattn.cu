@@ -18,6 +18,10 @@
  * Position 0 is visible to every query, so after the first tile every row's max is finite and
  * no -inf - -inf NaN can arise; rows of a partial last query tile read zeros and are not stored.
  *
+ * Paged caches (gpu_attention_prompt_paged): position p of the sequence is read from cache row
+ * table[p / block_size] * block_size + p % block_size instead of row p (fa_row); the tiles are
+ * gathered row by row, everything else is the same.
+ *
  * HIP: Debian's clang-15 has no rocWMMA, so the HIP build has only stubs that report
  * FORGE_E_UNSUPPORTED (callers fall back to gpu_attention_batch). */
 #include <math.h>
@@ -48,7 +52,15 @@ struct fa_args {
     int n_q, pos0, group;
     float scale_log2; /* scale * log2(e): the softmax runs in base 2 */
     int q_vec, out_vec;
+    const int32_t *table; /* paged: the sequence's block table (device), else NULL */
+    int block_size;
 };
+
+/* The cache row of position p: p itself, or through the block table. */
+GPU_DEV int64_t fa_row(const int32_t *tab, int bs, int p)
+{
+    return tab ? (int64_t)tab[p / bs] * bs + p % bs : (int64_t)p;
+}
 
 /* Shared memory: Q, K, V tiles (fp16, row stride HD + 8), then per warp a float scratch of 16
  * rows (S with stride FA_LDS, later P V with stride HD + 8) and the fp16 P of 16 rows. */
@@ -67,7 +79,7 @@ template <int HD> struct fa_geom {
  * VEC: 16-byte loads (the caller checked alignment and strides). */
 template <int HD, int KV_F16, int VEC>
 GPU_DEVT void fa_load_tile(half *dst, const void *src, int kv0, int n_kv, int64_t pos_stride,
-                           int64_t kv_off)
+                           int64_t kv_off, const int32_t *tab, int bs)
 {
     constexpr int LDK = fa_geom<HD>::LDK;
     if (VEC && KV_F16) {
@@ -80,8 +92,8 @@ GPU_DEVT void fa_load_tile(half *dst, const void *src, int kv0, int n_kv, int64_
             const int p = kv0 + r;
             buf[it] = make_uint4(0u, 0u, 0u, 0u);
             if (p < n_kv)
-                buf[it] =
-                    *(const uint4 *)((const half *)src + (int64_t)p * pos_stride + kv_off + c * 8);
+                buf[it] = *(const uint4 *)((const half *)src + fa_row(tab, bs, p) * pos_stride +
+                                           kv_off + c * 8);
         }
 #pragma unroll
         for (int it = 0; it < IT; it++) {
@@ -101,8 +113,8 @@ GPU_DEVT void fa_load_tile(half *dst, const void *src, int kv0, int n_kv, int64_
                 const int p = kv0 + r;
                 buf[b] = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
                 if (p < n_kv)
-                    buf[b] = *(const float4 *)((const float *)src + (int64_t)p * pos_stride +
-                                               kv_off + c * 4);
+                    buf[b] = *(const float4 *)((const float *)src +
+                                               fa_row(tab, bs, p) * pos_stride + kv_off + c * 4);
             }
 #pragma unroll
             for (int b = 0; b < NB; b++) {
@@ -120,7 +132,7 @@ GPU_DEVT void fa_load_tile(half *dst, const void *src, int kv0, int n_kv, int64_
             const int r = i / HD, d = i % HD, p = kv0 + r;
             half x = __float2half_rn(0.0f);
             if (p < n_kv) {
-                const int64_t off = (int64_t)p * pos_stride + kv_off + d;
+                const int64_t off = fa_row(tab, bs, p) * pos_stride + kv_off + d;
                 x = KV_F16 ? ((const half *)src)[off] : __float2half_rn(((const float *)src)[off]);
             }
             dst[r * LDK + d] = x;
@@ -149,7 +161,7 @@ template <int N> GPU_DEVT void fa_cp_wait(void)
 
 template <int HD>
 GPU_DEVT void fa_issue_tile(half *dst, const void *src, int kv0, int n_kv, int64_t pos_stride,
-                            int64_t kv_off)
+                            int64_t kv_off, const int32_t *tab, int bs)
 {
     constexpr int LDK = fa_geom<HD>::LDK, CPR = HD / 8, IT = FA_BK * CPR / FA_THREADS;
 #pragma unroll
@@ -157,7 +169,7 @@ GPU_DEVT void fa_issue_tile(half *dst, const void *src, int kv0, int n_kv, int64
         const int i = (int)threadIdx.x + it * FA_THREADS, r = i / CPR, c = i % CPR;
         const int p = kv0 + r;
         const half *g =
-            (const half *)src + (p < n_kv ? (int64_t)p * pos_stride + kv_off + c * 8 : 0);
+            (const half *)src + (p < n_kv ? fa_row(tab, bs, p) * pos_stride + kv_off + c * 8 : 0);
         fa_cp_async16(dst + r * LDK + c * 8, g, p < n_kv);
     }
     fa_cp_commit();
@@ -171,7 +183,7 @@ template <int HD> struct fa_f32_regs {
 
 template <int HD>
 GPU_DEVT void fa_fetch_f32(fa_f32_regs<HD> &t, const void *src, int kv0, int n_kv,
-                           int64_t pos_stride, int64_t kv_off)
+                           int64_t pos_stride, int64_t kv_off, const int32_t *tab, int bs)
 {
     constexpr int CPR = HD / 4, IT = FA_BK * CPR / FA_THREADS;
 #pragma unroll
@@ -180,8 +192,8 @@ GPU_DEVT void fa_fetch_f32(fa_f32_regs<HD> &t, const void *src, int kv0, int n_k
         const int p = kv0 + r;
         t.v[it] = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
         if (p < n_kv)
-            t.v[it] =
-                *(const float4 *)((const float *)src + (int64_t)p * pos_stride + kv_off + c * 4);
+            t.v[it] = *(const float4 *)((const float *)src + fa_row(tab, bs, p) * pos_stride +
+                                        kv_off + c * 4);
     }
 }
 
@@ -259,9 +271,10 @@ __global__ void __launch_bounds__(FA_THREADS, 2) k_fattn(const fa_args a)
         o[j] = 0.0f;
 
     fa_f32_regs<HD> pref; /* FA_PIPE_REGS: the tile in flight */
-    if (PIPE == FA_PIPE_ASYNC) fa_issue_tile<HD>(ks, a.k, 0, n_kv, a.pos_stride, kv_off);
+    if (PIPE == FA_PIPE_ASYNC)
+        fa_issue_tile<HD>(ks, a.k, 0, n_kv, a.pos_stride, kv_off, a.table, a.block_size);
     if (PIPE == FA_PIPE_REGS) {
-        fa_fetch_f32<HD>(pref, a.k, 0, n_kv, a.pos_stride, kv_off);
+        fa_fetch_f32<HD>(pref, a.k, 0, n_kv, a.pos_stride, kv_off, a.table, a.block_size);
         fa_put_f32<HD>(ks, pref);
     }
     for (int t = 0; t < n_tiles; t++) {
@@ -269,14 +282,17 @@ __global__ void __launch_bounds__(FA_THREADS, 2) k_fattn(const fa_args a)
         if (PIPE == FA_PIPE_ASYNC) {
             fa_cp_wait<0>(); /* this thread's copies of K(t) */
             __syncthreads(); /* everyone's K(t); the previous P V no longer reads V */
-            fa_issue_tile<HD>(vs, a.v, kv0, n_kv, a.pos_stride, kv_off);
+            fa_issue_tile<HD>(vs, a.v, kv0, n_kv, a.pos_stride, kv_off, a.table, a.block_size);
         } else if (PIPE == FA_PIPE_REGS) {
             __syncthreads(); /* everyone's K(t) stored; the previous P V no longer reads V */
-            fa_fetch_f32<HD>(pref, a.v, kv0, n_kv, a.pos_stride, kv_off); /* lands under S */
+            fa_fetch_f32<HD>(pref, a.v, kv0, n_kv, a.pos_stride, kv_off, a.table,
+                             a.block_size); /* lands under S */
         } else {
             __syncthreads(); /* the previous tile's K/V (and at t = 0 nothing) are no longer read */
-            fa_load_tile<HD, KV_F16, VEC>(ks, a.k, kv0, n_kv, a.pos_stride, kv_off);
-            fa_load_tile<HD, KV_F16, VEC>(vs, a.v, kv0, n_kv, a.pos_stride, kv_off);
+            fa_load_tile<HD, KV_F16, VEC>(ks, a.k, kv0, n_kv, a.pos_stride, kv_off, a.table,
+                                          a.block_size);
+            fa_load_tile<HD, KV_F16, VEC>(vs, a.v, kv0, n_kv, a.pos_stride, kv_off, a.table,
+                                          a.block_size);
             __syncthreads();
         }
 
@@ -346,7 +362,8 @@ __global__ void __launch_bounds__(FA_THREADS, 2) k_fattn(const fa_args a)
         if (PIPE == FA_PIPE_ASYNC) {
             __syncthreads(); /* no warp reads K(t) any more */
             if (t + 1 < n_tiles) {
-                fa_issue_tile<HD>(ks, a.k, kv0 + FA_BK, n_kv, a.pos_stride, kv_off);
+                fa_issue_tile<HD>(ks, a.k, kv0 + FA_BK, n_kv, a.pos_stride, kv_off, a.table,
+                                  a.block_size);
                 fa_cp_wait<1>(); /* V(t) landed; K(t+1) may still fly */
             } else {
                 fa_cp_wait<0>();
@@ -356,7 +373,8 @@ __global__ void __launch_bounds__(FA_THREADS, 2) k_fattn(const fa_args a)
             fa_put_f32<HD>(vs, pref);
             __syncthreads(); /* everyone's V(t); no warp reads K(t) any more */
             if (t + 1 < n_tiles)
-                fa_fetch_f32<HD>(pref, a.k, kv0 + FA_BK, n_kv, a.pos_stride, kv_off);
+                fa_fetch_f32<HD>(pref, a.k, kv0 + FA_BK, n_kv, a.pos_stride, kv_off, a.table,
+                                 a.block_size);
         }
 
         /* P V for this warp's 16 rows into the scratch */
@@ -474,9 +492,9 @@ GPU_API int gpu_attention_prompt_supported(int64_t head_dim, int kv_type)
            (kv_type == GGML_TYPE_F32 || kv_type == GGML_TYPE_F16) && need <= gpu_smem_limit();
 }
 
-GPU_API int gpu_attention_prompt(const gpu_attn_args *p, int64_t n_q, int64_t pos0,
-                                 int64_t q_stride, int64_t out_stride, gpu_stream *s,
-                                 forge_err *err)
+static int fa_prompt(const gpu_attn_args *p, int64_t n_q, int64_t pos0, int64_t q_stride,
+                     int64_t out_stride, const int32_t *d_table, int64_t block_size, gpu_stream *s,
+                     forge_err *err)
 {
     cudaStream_t st = GPU_STREAM(s);
     fa_args a;
@@ -512,6 +530,8 @@ GPU_API int gpu_attention_prompt(const gpu_attn_args *p, int64_t n_q, int64_t po
     a.scale_log2 = p->scale * 1.4426950408889634f;
     a.q_vec = gpu_is_aligned(p->d_q, 16) && q_stride % 4 == 0;
     a.out_vec = gpu_is_aligned(p->d_out, 16) && out_stride % 4 == 0;
+    a.table = d_table;
+    a.block_size = (int)block_size;
     {
         const int64_t epc = f16 ? 8 : 4; /* elements per 16-byte chunk */
         vec = gpu_is_aligned(p->d_k, 16) && gpu_is_aligned(p->d_v, 16) &&
@@ -522,6 +542,25 @@ GPU_API int gpu_attention_prompt(const gpu_attn_args *p, int64_t n_q, int64_t po
         if (p->head_dim == 64) return fa_launch_hd<64>(a, f16, vec, grid, st, err);
         return fa_launch_hd<128>(a, f16, vec, grid, st, err);
     }
+}
+
+GPU_API int gpu_attention_prompt(const gpu_attn_args *p, int64_t n_q, int64_t pos0,
+                                 int64_t q_stride, int64_t out_stride, gpu_stream *s,
+                                 forge_err *err)
+{
+    return fa_prompt(p, n_q, pos0, q_stride, out_stride, NULL, 1, s, err);
+}
+
+GPU_API int gpu_attention_prompt_paged(const gpu_attn_args *p, int64_t n_q, int64_t pos0,
+                                       int64_t q_stride, int64_t out_stride,
+                                       const int32_t *d_table, int64_t block_size, gpu_stream *s,
+                                       forge_err *err)
+{
+    if (!d_table || block_size < 1 || block_size > INT32_MAX)
+        return gpu_err_set(err, FORGE_E_INVALID,
+                           "gpu_attention_prompt_paged: no table or blocks of %lld",
+                           (long long)block_size);
+    return fa_prompt(p, n_q, pos0, q_stride, out_stride, d_table, block_size, s, err);
 }
 
 #else /* HIP: no rocWMMA in Debian's toolchain */
@@ -541,6 +580,14 @@ GPU_API int gpu_attention_prompt(const gpu_attn_args *p, int64_t n_q, int64_t po
                        "gpu_attention_prompt: the tensor-core prompt attention is not available "
                        "in this %s build (no rocWMMA); use gpu_attention_batch",
                        gpu_backend_name());
+}
+
+GPU_API int gpu_attention_prompt_paged(const gpu_attn_args *p, int64_t n_q, int64_t pos0,
+                                       int64_t q_stride, int64_t out_stride,
+                                       const int32_t *d_table, int64_t block_size, gpu_stream *s,
+                                       forge_err *err)
+{
+    return gpu_attention_prompt(p, n_q, pos0, q_stride, out_stride, s, err);
 }
 
 #endif

@@ -56,6 +56,7 @@ struct rope_k_args {
     float theta_scale, freq_scale, ext_factor, mscale, corr0, corr1;
     const float *ff;
     const int32_t *pos;
+    const int32_t *slot; /* K/V cache row of token t (NULL: its position) */
     void *kc, *vc;
     int64_t pos_stride;
 };
@@ -114,7 +115,8 @@ template <int KV_F16> __global__ void __launch_bounds__(ROPE_THREADS) k_qk_rope(
         ss = gpu_seg_sum(ss);
         nscale = 1.0f / sqrtf(ss / (float)hd + a.eps);
     }
-    const int64_t row = (int64_t)p * a.pos_stride + (int64_t)kvh * hd; /* k/v cache element */
+    const int64_t row = (int64_t)(a.slot ? a.slot[t] : p) * a.pos_stride +
+                        (int64_t)kvh * hd; /* k/v cache element */
     float *qdst = a.q + ((int64_t)t * a.n_head + h) * hd;
     float theta = (float)p;
     int ti = 0; /* theta == pos * theta_scale^ti, built by repeated products */
@@ -425,12 +427,12 @@ GPU_API int gpu_rope(float *d_x, int64_t n_tok, int64_t n_heads, int64_t head_di
     return gpu_rope_ext(d_x, n_tok, n_heads, head_dim, &r, d_pos, s, err);
 }
 
-GPU_API int gpu_qk_rope_store(float *d_q, const float *d_k, const float *d_v, int64_t n_tok,
-                              int64_t n_head, int64_t n_kv_head, int64_t head_dim,
-                              const float *d_q_norm, const float *d_k_norm, float eps,
-                              const gpu_rope_params *rope, const int32_t *d_pos, void *d_kcache,
-                              void *d_vcache, int kv_type, int64_t pos_stride, gpu_stream *s,
-                              forge_err *err)
+GPU_API int gpu_qk_rope_store_slots(float *d_q, const float *d_k, const float *d_v, int64_t n_tok,
+                                    int64_t n_head, int64_t n_kv_head, int64_t head_dim,
+                                    const float *d_q_norm, const float *d_k_norm, float eps,
+                                    const gpu_rope_params *rope, const int32_t *d_pos,
+                                    const int32_t *d_slot, void *d_kcache, void *d_vcache,
+                                    int kv_type, int64_t pos_stride, gpu_stream *s, forge_err *err)
 {
     rope_k_args a = {};
     int rc;
@@ -460,7 +462,20 @@ GPU_API int gpu_qk_rope_store(float *d_q, const float *d_k, const float *d_v, in
     a.kc = d_kcache;
     a.vc = d_vcache;
     a.pos_stride = pos_stride;
+    a.slot = d_slot;
     return qk_rope_launch(a, kv_type, s, err);
+}
+
+GPU_API int gpu_qk_rope_store(float *d_q, const float *d_k, const float *d_v, int64_t n_tok,
+                              int64_t n_head, int64_t n_kv_head, int64_t head_dim,
+                              const float *d_q_norm, const float *d_k_norm, float eps,
+                              const gpu_rope_params *rope, const int32_t *d_pos, void *d_kcache,
+                              void *d_vcache, int kv_type, int64_t pos_stride, gpu_stream *s,
+                              forge_err *err)
+{
+    return gpu_qk_rope_store_slots(d_q, d_k, d_v, n_tok, n_head, n_kv_head, head_dim, d_q_norm,
+                                   d_k_norm, eps, rope, d_pos, NULL, d_kcache, d_vcache, kv_type,
+                                   pos_stride, s, err);
 }
 
 GPU_API int gpu_swiglu(const float *d_gate, const float *d_up, float *d_out, int64_t n,
@@ -499,6 +514,43 @@ GPU_API int gpu_argmax(const float *d_x, int64_t n, int32_t *d_idx, gpu_stream *
         return gpu_err_set(err, FORGE_E_INVALID, "gpu_argmax: NULL buffer or n %lld", (long long)n);
     k_argmax<<<1, ARGMAX_THREADS, 0, st>>>(d_x, (int)n, d_idx);
     GPU_LAUNCH_CHECK("k_argmax", st);
+    return FORGE_OK;
+fail:
+    return rc;
+}
+
+/* One block per row: k_argmax's reduction over row blockIdx.x. */
+__global__ void __launch_bounds__(ARGMAX_THREADS)
+    k_argmax_rows(const float *__restrict__ x, int n, int64_t row_stride, int32_t *out)
+{
+    __shared__ float sv[32];
+    __shared__ int si[32];
+    const float *xr = x + (int64_t)blockIdx.x * row_stride;
+    float best = -INFINITY;
+    int bi = -1;
+    for (int i = threadIdx.x; i < n; i += ARGMAX_THREADS) {
+        float v = xr[i];
+        if (v > best || (bi < 0 && !isnan(v))) { /* NaN never wins */
+            best = v;
+            bi = i;
+        }
+    }
+    argmax_block(best, bi, sv, si);
+    if (threadIdx.x == 0) out[blockIdx.x] = bi < 0 ? 0 : bi;
+}
+
+GPU_API int gpu_argmax_rows(const float *d_x, int64_t n_rows, int64_t n, int64_t row_stride,
+                            int32_t *d_out, gpu_stream *s, forge_err *err)
+{
+    int rc = FORGE_OK;
+    cudaStream_t st = GPU_STREAM(s);
+    if (!d_x || !d_out || n <= 0 || n > INT32_MAX || n_rows <= 0 || n_rows > INT32_MAX ||
+        row_stride < n)
+        return gpu_err_set(err, FORGE_E_INVALID,
+                           "gpu_argmax_rows: NULL buffer, %lld rows of %lld (stride %lld)",
+                           (long long)n_rows, (long long)n, (long long)row_stride);
+    k_argmax_rows<<<(unsigned)n_rows, ARGMAX_THREADS, 0, st>>>(d_x, (int)n, row_stride, d_out);
+    GPU_LAUNCH_CHECK("k_argmax_rows", st);
     return FORGE_OK;
 fail:
     return rc;

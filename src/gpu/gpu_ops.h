@@ -346,6 +346,72 @@ int gpu_gemm_ex(gpu_blas *b, int wtype, const void *d_w, int64_t n_out, int64_t 
                 const float *d_x, int64_t n_tok, void *d_xc, float *d_y, float beta, gpu_stream *s,
                 forge_err *err);
 
+/* ---- batches of many sequences over a paged K/V cache (gpu_paged.cu, gpu_ops.cu,
+ * gpu_matvec_multi.cu) ------------------------------------------------------------------------ */
+/* Row t of d_src ([n_rows][n] floats) to the cache row d_slot[t] (device int32): element j at
+ * d_dst + d_slot[t] * row_stride + j, converted to dst_type (F32, or F16 rounded to nearest
+ * even). Slots must be distinct and inside the buffer (the caller checks). */
+int gpu_store_slots(const float *d_src, void *d_dst, int dst_type, int64_t n, int64_t n_rows,
+                    const int32_t *d_slot, int64_t row_stride, gpu_stream *s, forge_err *err);
+/* gpu_qk_rope_store with the K/V rows stored at cache row d_slot[t] instead of d_pos[t] (RoPE
+ * still at position d_pos[t]). d_slot NULL: gpu_qk_rope_store. */
+int gpu_qk_rope_store_slots(float *d_q, const float *d_k, const float *d_v, int64_t n_tok,
+                            int64_t n_head, int64_t n_kv_head, int64_t head_dim,
+                            const float *d_q_norm, const float *d_k_norm, float eps,
+                            const gpu_rope_params *rope, const int32_t *d_pos,
+                            const int32_t *d_slot, void *d_kcache, void *d_vcache, int kv_type,
+                            int64_t pos_stride, gpu_stream *s, forge_err *err);
+/* Causal attention of n_rows query rows, each over its own sequence through a block table:
+ * row r (q at d_q + r * n_head * head_dim, out likewise) is at position d_pos[r] of sequence
+ * d_row_seq[r] and attends its positions 0..d_pos[r]; position p lives at cache row
+ * table[p / block_size] * block_size + p % block_size, table = d_table + seq * table_stride.
+ * K/V of cache row c, kv head h: d_k/d_v + c * row_stride + h * head_dim elements (kv_type F32
+ * or F16). GQA: query head h reads kv head h / (n_head / n_kv_head). max_kv >= every
+ * d_pos[r] + 1 sizes the launch. Split-K over fixed splits of positions with a fixed merge
+ * order: a row's result is bit-identical whatever the other rows (batch invariance). The
+ * scratch holds gpu_paged_scratch_bytes(rows, ...) for some rows >= 1; more rows than that run
+ * in several launches. head_dim <= 256, group <= 16, group * head_dim <= 2048. */
+typedef struct gpu_paged_args {
+    const float *d_q;
+    const void *d_k, *d_v;
+    int kv_type;
+    int64_t row_stride;
+    int64_t n_head, n_kv_head, head_dim;
+    int64_t n_rows;
+    const int32_t *d_pos, *d_row_seq, *d_table;
+    int64_t table_stride, block_size;
+    int64_t max_kv;
+    float scale;
+    void *d_scratch;
+    size_t scratch_bytes;
+    float *d_out;
+} gpu_paged_args;
+size_t gpu_paged_scratch_bytes(int64_t n_rows, int64_t n_head, int64_t head_dim, int64_t max_kv);
+int gpu_paged_attention(const gpu_paged_args *a, gpu_stream *s, forge_err *err);
+/* gpu_attention_prompt over a paged cache: position p of the chunk's sequence at cache row
+ * d_table[p / block_size] * block_size + p % block_size (d_table: that sequence's block table,
+ * device int32, covering positions 0..pos0+n_q-1); a->pos_stride / head_stride address cache
+ * rows as before. HIP: FORGE_E_UNSUPPORTED, like gpu_attention_prompt. */
+int gpu_attention_prompt_paged(const gpu_attn_args *a, int64_t n_q, int64_t pos0,
+                               int64_t q_stride, int64_t out_stride, const int32_t *d_table,
+                               int64_t block_size, gpu_stream *s, forge_err *err);
+/* d_out[r] = gpu_argmax of row r (d_x + r * row_stride, n values) for r < n_rows, one launch:
+ * the smallest index of the maximum, NaN never wins, all NaN gives 0. */
+int gpu_argmax_rows(const float *d_x, int64_t n_rows, int64_t n, int64_t row_stride,
+                    int32_t *d_out, gpu_stream *s, forge_err *err);
+/* Y[r] = W x[r] for 2 <= n_rows <= GPU_MATVEC_MULTI_MAX rows (d_x: [n_rows][n_in] floats, d_y:
+ * [n_rows][n_out]), each weight chunk read once for all rows. Q8_0/Q4_0 read d_xq =
+ * gpu_act_quantize(d_x, n_rows * n_in) (gpu_act_q8_bytes(n_rows * n_in) bytes); F16/BF16 read
+ * d_x (round it first for CPU numerics, as for gpu_matvec). Each row's result is bit-identical
+ * to gpu_matvec of that row alone (same per-row reduction order). Supported when
+ * gpu_matvec_multi_supported (rows of a multiple of 16 bytes; otherwise FORGE_E_UNSUPPORTED:
+ * run rows one by one). */
+#define GPU_MATVEC_MULTI_MAX 16
+int gpu_matvec_multi_supported(int wtype, int64_t n_in);
+int gpu_matvec_multi(int wtype, const void *d_w, int64_t n_out, int64_t n_in, int64_t n_rows,
+                     const float *d_x, const void *d_xq, float *d_y, gpu_stream *s,
+                     forge_err *err);
+
 /* ---- a context: one stream and its scratch, for the backend --------------------------------- */
 typedef struct gpu_ctx gpu_ctx;
 /* Creates a stream on the current device. */
@@ -360,7 +426,10 @@ int gpu_ctx_scratch(gpu_ctx *c, size_t bytes, void **d_out, forge_err *err);
 
 /* ---- the table the engine dlopens --------------------------------------------------------------
  */
-#define GPU_API_VERSION 1
+/* 2: the fields for batches of many sequences (store_slots .. matvec_multi) are required by the
+ * backend; a library of version 1 lacks them (its table is shorter), so it is refused by name
+ * instead of being read past its end. */
+#define GPU_API_VERSION 2
 typedef struct gpu_api {
     int version; /* GPU_API_VERSION */
     const char *(*backend_name)(void);
@@ -458,6 +527,27 @@ typedef struct gpu_api {
                      forge_err *err);
     int (*round_act)(const float *d_x, float *d_y, int64_t n, int wtype, gpu_stream *s,
                      forge_err *err);
+    /* appended for batches of many sequences over a paged cache (gpu_paged.cu) */
+    int (*store_slots)(const float *d_src, void *d_dst, int dst_type, int64_t n, int64_t n_rows,
+                       const int32_t *d_slot, int64_t row_stride, gpu_stream *s, forge_err *err);
+    int (*qk_rope_store_slots)(float *d_q, const float *d_k, const float *d_v, int64_t n_tok,
+                               int64_t n_head, int64_t n_kv_head, int64_t head_dim,
+                               const float *d_q_norm, const float *d_k_norm, float eps,
+                               const gpu_rope_params *rope, const int32_t *d_pos,
+                               const int32_t *d_slot, void *d_kcache, void *d_vcache,
+                               int kv_type, int64_t pos_stride, gpu_stream *s, forge_err *err);
+    size_t (*paged_scratch_bytes)(int64_t n_rows, int64_t n_head, int64_t head_dim,
+                                  int64_t max_kv);
+    int (*paged_attention)(const gpu_paged_args *a, gpu_stream *s, forge_err *err);
+    int (*argmax_rows)(const float *d_x, int64_t n_rows, int64_t n, int64_t row_stride,
+                       int32_t *d_out, gpu_stream *s, forge_err *err);
+    int (*attention_prompt_paged)(const gpu_attn_args *a, int64_t n_q, int64_t pos0,
+                                  int64_t q_stride, int64_t out_stride, const int32_t *d_table,
+                                  int64_t block_size, gpu_stream *s, forge_err *err);
+    int (*matvec_multi_supported)(int wtype, int64_t n_in);
+    int (*matvec_multi)(int wtype, const void *d_w, int64_t n_out, int64_t n_in, int64_t n_rows,
+                        const float *d_x, const void *d_xq, float *d_y, gpu_stream *s,
+                        forge_err *err);
 } gpu_api;
 
 /* The one symbol the engine looks up after dlopen("libforge_cuda.so"). NULL if `version` is not

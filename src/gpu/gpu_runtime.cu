@@ -484,6 +484,8 @@ static const gpu_api g_api_v1 = {
     gpu_rope_ext,      gpu_attention_prompt_supported, gpu_attention_prompt,
     gpu_sample_scratch_bytes, gpu_sample, gpu_gemm_ex, gpu_argmax_scratch_bytes, gpu_argmax_ex,
     gpu_round_act,
+    gpu_store_slots, gpu_qk_rope_store_slots, gpu_paged_scratch_bytes, gpu_paged_attention,
+    gpu_argmax_rows, gpu_attention_prompt_paged, gpu_matvec_multi_supported, gpu_matvec_multi,
 };
 
 GPU_API const gpu_api *forge_gpu_get_api(int version)
