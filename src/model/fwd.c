@@ -120,6 +120,7 @@ static int create_gpu(fwd_state *fs, const fwd_params *p, forge_err *err)
     pl.n_vocab = hp->n_vocab;
     pl.f32_math = p->f32_math;
     pl.share = &m->wshare;
+    pl.n_seq_max = p->n_seq_max;
     if ((rc = backend_gpu_plan(fs->be, &pl, err))) return rc;
     const char *w = backend_gpu_warning(fs->be);
     if (w) snprintf(fs->warning, sizeof fs->warning, "%s", w);
