@@ -16,7 +16,8 @@
  * stream is synchronised. The shared weights are released after this backend's stream is
  * synchronised; the last holder frees them in its stream's order.
  *
- * Decode (n_tok = 1): act_quantize + matvec (Q8_0/Q4_0, CPU numerics) or float matvec; one
+ * Decode (n_tok = 1): act_quantize + matvec (Q8_0/Q4_0: the CPU's numerics; the other block
+ * types: the same Q8_0 activations, where the CPU uses Q8_1/Q8_K) or float matvec; one
  * quantization serves every matmul that reads the same, unchanged buffer (Q/K/V, gate/up).
  * Prompt (n_tok > 1): below FORGE_GPU_GEMM_MIN tokens (default 32) the same matvec per token
  * (numerics identical to decode); from there cuBLAS GEMM, quantized weights dequantized to F16
