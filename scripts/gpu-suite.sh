@@ -90,6 +90,24 @@ if has ids; then
         echo "$gg gpu$c gpu$l $file kv=$kv '$prompt'"
     done
     echo "ids: GPU==CPU $same, GPU!=CPU $diff"
+    note "quant/synth-*.gguf greedy ids (every weight type): GPU (decode, prompt by GEMM) vs CPU vs llama.cpp"
+    qsame=0 qdiff=0
+    for m in "$FX"/shared/testdata/quant/synth-*.gguf; do
+        [ -f "$m" ] || continue
+        ref=$(python3 -c 'import json,sys; print(" ".join(map(str, json.load(open(sys.argv[1]))["greedy_generation"]["generated_token_ids"])))' "${m%.gguf}.json" 2>/dev/null)
+        args=(run -m "$m" -p "Once upon a time" -n 16 --temp 0 --kv-type f32 --ids)
+        cpu=$("$F" "${args[@]}" --device cpu 2>/dev/null | sed -n 's/^ids: //p')
+        g1=$("$F" "${args[@]}" --device gpu 2>>"$OUT/ids-err.txt" | sed -n 's/^ids: //p')
+        # the 5-token prompt through the GEMM path (dequantize to F16 + cuBLAS) instead of matvec
+        g2=$(FORGE_GPU_GEMM_MIN=2 "$F" "${args[@]}" --device gpu 2>>"$OUT/ids-err.txt" | sed -n 's/^ids: //p')
+        [ -n "$g1" ] && [ "$g1" = "$cpu" ] && c="==CPU" || c="!=CPU"
+        [ -n "$g1" ] && [ "$g1" = "$cpu" ] && qsame=$((qsame + 1)) || qdiff=$((qdiff + 1))
+        [ -n "$g2" ] && [ "$g2" = "$g1" ] && p="gemm==matvec" || p="gemm!=matvec"
+        [ "$(echo $g1)" = "$(echo $ref)" ] && l="==llama.cpp" || l="!=llama.cpp"
+        [ -n "$g1" ] || { fails=$((fails + 1)); c="FAIL(no ids: $(tail -1 "$OUT/ids-err.txt"))"; }
+        echo "gpu$c gpu$l $p $(basename "$m") gpu: $g1 | cpu: $cpu"
+    done
+    echo "quant ids: GPU==CPU $qsame, GPU!=CPU $qdiff"
     note "device sampling: forge run --temp 0.8 --seed 7, GPU vs CPU"
     sargs=(run -m "$models/stories260K.gguf" -p "Once upon a time" -n 48 --temp 0.8 --seed 7 --ids)
     a=$("$F" "${sargs[@]}" --device gpu 2>&1 | sed -n 's/^ids: //p')

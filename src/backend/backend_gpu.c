@@ -16,7 +16,8 @@
  * stream is synchronised. The shared weights are released after this backend's stream is
  * synchronised; the last holder frees them in its stream's order.
  *
- * Decode (n_tok = 1): act_quantize + matvec (Q8_0/Q4_0, CPU numerics) or float matvec; one
+ * Decode (n_tok = 1): act_quantize + matvec (Q8_0/Q4_0: the CPU's numerics; the other block
+ * types: the same Q8_0 activations, where the CPU uses Q8_1/Q8_K) or float matvec; one
  * quantization serves every matmul that reads the same, unchanged buffer (Q/K/V, gate/up).
  * Prompt (n_tok > 1): below FORGE_GPU_GEMM_MIN tokens (default 32) the same matvec per token
  * (numerics identical to decode); from there cuBLAS GEMM, quantized weights dequantized to F16
@@ -475,8 +476,10 @@ static int gb_buf_read(backend *be, const be_buf *src, int64_t off, int64_t n, f
 
 /* ---- weights ----------------------------------------------------------------------------- */
 
-/* Block-quantized types with GPU kernels (Q8_0, Q4_0): re-packed at upload, dequantized to F16
- * for the prefill GEMM. */
+/* Block-quantized types with GPU kernels (every type the traits table marks gpu: Q8_0, Q4_0,
+ * Q4_1, Q5_0, Q5_1, Q2_K..Q6_K, IQ4_NL, IQ4_XS, TQ1_0, TQ2_0): re-packed at upload into their device
+ * planes (still packed), activations quantized to Q8_0 blocks for the matvec, one matrix at a
+ * time dequantized to F16 into the GEMM scratch for prompts. */
 static bool is_quant(int type)
 {
     const forge_type_traits *tr = forge_type_traits_get(type);
@@ -548,6 +551,19 @@ static int upload_weight(gpu_backend *g, const be_weight *w, void **d_out, forge
         }
         if ((rc = upload(g, d, w->data, bytes, err))) goto fail;
     } else {
+        /* The CPU's traits table is the one source of block sizes: the library's device layout
+         * must hold exactly the table's bytes (256 rows of 256 elements: every plane padding
+         * vanishes), and the tensor must hold every block the re-packing reads. */
+        const size_t row = ggml_row_size(w->type, w->ne0);
+        if (api->weight_bytes(w->type, 256, 256) != 256 * ggml_row_size(w->type, 256) ||
+            w->n_bytes < (uint64_t)rows * row) {
+            rc = forge_err_set(err, FORGE_E_INTERNAL,
+                               "tensor %s: type %s: the GPU library's block layout disagrees with "
+                               "the type table, or the tensor holds %llu bytes for %lld rows of %zu",
+                               w->name, ggml_type_name(w->type), (unsigned long long)w->n_bytes,
+                               (long long)rows, row);
+            goto fail;
+        }
         /* the GGUF blocks go to a temporary device buffer, then are re-packed into d */
         if ((rc = api->malloc_async(&tmp, w->n_bytes, g->st, err))) goto fail;
         if ((rc = upload(g, tmp, w->data, w->n_bytes, err))) goto fail;

@@ -32,6 +32,30 @@ static inline const char *gpu_type_name(int t)
         return "Q8_0";
     case GGML_TYPE_Q4_0:
         return "Q4_0";
+    case GGML_TYPE_Q4_1:
+        return "Q4_1";
+    case GGML_TYPE_Q5_0:
+        return "Q5_0";
+    case GGML_TYPE_Q5_1:
+        return "Q5_1";
+    case GGML_TYPE_IQ4_NL:
+        return "IQ4_NL";
+    case GGML_TYPE_Q2_K:
+        return "Q2_K";
+    case GGML_TYPE_Q3_K:
+        return "Q3_K";
+    case GGML_TYPE_Q4_K:
+        return "Q4_K";
+    case GGML_TYPE_Q5_K:
+        return "Q5_K";
+    case GGML_TYPE_Q6_K:
+        return "Q6_K";
+    case GGML_TYPE_IQ4_XS:
+        return "IQ4_XS";
+    case GGML_TYPE_TQ2_0:
+        return "TQ2_0";
+    case GGML_TYPE_TQ1_0:
+        return "TQ1_0";
     default:
         return "(unsupported type)";
     }

@@ -24,6 +24,7 @@
 
 #include "gpu/gpu_common.cuh"
 #include "gpu/gpu_dot.cuh"
+#include "gpu/gpu_quant.cuh"
 #include "gpu/gpu_vendor.h"
 
 #define FM_THREADS 256
@@ -47,9 +48,15 @@ struct fm_args {
     int rmsnorm, round_x;
 };
 
+/* The block types of gpu_quant.cuh (Q4_1 .. Q6_K, IQ4_*, TQ*): k_fused_gq below. */
+static bool fm_is_gq(int t)
+{
+    return gq_geom_of(t).qk != 0;
+}
+
 static bool fm_is_quant(int t)
 {
-    return t == GGML_TYPE_Q8_0 || t == GGML_TYPE_Q4_0;
+    return t == GGML_TYPE_Q8_0 || t == GGML_TYPE_Q4_0 || fm_is_gq(t);
 }
 
 /* Bytes of one row as stored (the quants plane for Q types); 0 when the fused kernel cannot
@@ -66,8 +73,10 @@ static size_t fm_row_bytes(int t, int64_t n_in)
         return n_in % QK ? 0 : (size_t)n_in;
     case GGML_TYPE_Q4_0:
         return n_in % QK ? 0 : (size_t)n_in / 2;
-    default:
-        return 0;
+    default: {
+        const gq_geom g = gq_geom_of(t); /* the body plane's row */
+        return g.qk == 0 || n_in % g.qk ? 0 : (size_t)(n_in / g.qk) * (size_t)g.body;
+    }
     }
 }
 
@@ -445,6 +454,108 @@ __global__ void __launch_bounds__(FM_THREADS) k_fused_matvec(const fm_args a)
 #undef FM_LOAD_GROUP
 }
 
+/* The same for the types of gpu_quant.cuh: h in Q4_0's shared layout (Q8_0 blocks split in
+ * elements 0..15 / 16..31, scales, sums: exactly what gq_dot takes), each lane one 32-element
+ * sub-block at a time (gq<T>::load; 2 in flight with one row per segment, 1 with two: more
+ * spills at 64 registers), the epilogue of k_fused_matvec. sc[m] points at matrix m's head
+ * plane. At most 64 registers (4 blocks per multiprocessor), as k_gq_matvec. */
+template <int T, int OUT, int R, int SPR>
+__global__ void __launch_bounds__(FM_THREADS, 4) k_fused_gq(const fm_args a)
+{
+    extern __shared__ uint4 fm_smem[];
+    __shared__ float red[FM_SEGS];
+    __shared__ float part[FM_SEGS][R];
+    constexpr int BODY = gq<T>::BODY, HEAD = gq<T>::BLOCK - gq<T>::BODY, SB = gq<T>::ELEMS / 32;
+    constexpr int U = R == 1 ? 2 : 1;
+    const int lane = threadIdx.x % GPU_SEG, seg = threadIdx.x / GPU_SEG, sub = seg % SPR;
+    const int step = GPU_SEG * SPR;
+    const int per_block = FM_SEGS / SPR, stride = gridDim.x * per_block;
+    const int nsb = a.n_in / 32, nbk = a.n_in / gq<T>::ELEMS;
+    gpu_pdl_trigger();
+    gpu_pdl_wait();
+    fm_prologue<GGML_TYPE_Q4_0>(a, fm_smem, red);
+    __syncthreads();
+    for (int base = blockIdx.x * per_block; base < a.n_units; base += stride) { /* uniform */
+        const uint8_t *brow[R], *hrow[R];
+        bool valid[R];
+        int mat[R], row[R];
+        float acc[R];
+#pragma unroll
+        for (int j = 0; j < R; j++) {
+            valid[j] = fm_row<OUT, R>(a, base + seg / SPR, j, &mat[j], &row[j]);
+            if (!valid[j]) {
+                mat[j] = 0;
+                row[j] = 0;
+            }
+            brow[j] = a.w[mat[j]] + (size_t)row[j] * nbk * BODY;
+            hrow[j] = (const uint8_t *)a.sc[mat[j]] + (size_t)row[j] * nbk * HEAD;
+            acc[j] = 0.0f;
+        }
+        for (int i0 = sub * GPU_SEG + lane; i0 < nsb; i0 += step * U) {
+            gq_sub w[R][U];
+#pragma unroll
+            for (int u = 0; u < U; u++) {
+                const int i = i0 + u * step;
+#pragma unroll
+                for (int j = 0; j < R; j++)
+                    if (i < nsb && valid[j])
+                        w[j][u] = gq<T>::load(brow[j] + (size_t)(i / SB) * BODY,
+                                              hrow[j] + (size_t)(i / SB) * HEAD, i % SB);
+            }
+#pragma unroll
+            for (int u = 0; u < U; u++) {
+                const int i = i0 + u * step;
+                if (i < nsb) {
+                    const fm_x<GGML_TYPE_Q4_0>::v_t xv = fm_x<GGML_TYPE_Q4_0>::get(fm_smem, nsb, i);
+#pragma unroll
+                    for (int j = 0; j < R; j++)
+                        if (valid[j]) acc[j] += gq_dot<T>(w[j][u], xv.lo, xv.hi, xv.d, xv.s);
+                }
+            }
+        }
+#pragma unroll
+        for (int j = 0; j < R; j++)
+            acc[j] = gpu_seg_sum(acc[j]);
+        if (SPR > 1) {
+            if (lane == 0) {
+#pragma unroll
+                for (int j = 0; j < R; j++)
+                    part[seg][j] = acc[j];
+            }
+            __syncthreads();
+            if (sub == 0) {
+#pragma unroll
+                for (int j = 0; j < R; j++) {
+                    float t = 0.0f;
+#pragma unroll
+                    for (int k = 0; k < SPR; k++)
+                        t += part[seg + k][j];
+                    acc[j] = t;
+                }
+            }
+            __syncthreads(); /* part is reused by the next unit */
+        }
+        if (sub == 0 && lane == 0) {
+            if constexpr (OUT == FM_SWIGLU) {
+                if (valid[0]) {
+                    const float gv = acc[0];
+                    a.y[0][row[0]] = gv / (1.0f + expf(-gv)) * acc[R - 1];
+                }
+            } else {
+#pragma unroll
+                for (int j = 0; j < R; j++) {
+                    if (!valid[j]) continue;
+                    float *y = a.y[mat[j]] + row[j];
+                    if (OUT == FM_ADD)
+                        *y += acc[j];
+                    else
+                        *y = a.bias[mat[j]] ? acc[j] + a.bias[mat[j]][row[j]] : acc[j];
+                }
+            }
+        }
+    }
+}
+
 /* ---- launcher ----------------------------------------------------------------------------- */
 
 #if !FORGE_GPU_HIP
@@ -520,11 +631,23 @@ fail:
     return rc;
 }
 
+/* The kernel for a type: k_fused_matvec, or k_fused_gq for the types of gpu_quant.cuh. */
+template <int WT, int OUT, int R, int SPR> static fm_kernel fm_kernel_for()
+{
+    if constexpr (WT == GGML_TYPE_F32 || WT == GGML_TYPE_F16 || WT == GGML_TYPE_BF16 ||
+                  WT == GGML_TYPE_Q8_0 || WT == GGML_TYPE_Q4_0)
+        return k_fused_matvec<WT, OUT, R, SPR>;
+    else
+        return k_fused_gq<WT, OUT, R, SPR>;
+}
+
 /* Layout choice: R rows per segment, SPR segments per unit. */
 template <int WT, int OUT>
 static int fm_dispatch(const fm_args &a0, int total_rows, size_t smem, cudaStream_t st,
                        forge_err *err)
 {
+    constexpr bool gq_type = WT != GGML_TYPE_F32 && WT != GGML_TYPE_F16 && WT != GGML_TYPE_BF16 &&
+                             WT != GGML_TYPE_Q8_0 && WT != GGML_TYPE_Q4_0;
     fm_args a = a0;
     const int64_t max_warps = (int64_t)(gpu_sm_count() > 0 ? gpu_sm_count() : 64) * FM_WARPS_PER_SM;
     int r = 1, spr = 1;
@@ -535,7 +658,7 @@ static int fm_dispatch(const fm_args &a0, int total_rows, size_t smem, cudaStrea
     } else {
         /* tall: two rows per segment (not F32, whose activations are no larger than its
          * weights); few long rows: segments share a row while the grid stays one wave */
-        if (WT != GGML_TYPE_F32 && total_rows >= max_warps) r = 2;
+        if (WT != GGML_TYPE_F32 && !gq_type && total_rows >= max_warps) r = 2;
         a.n_units = (total_rows + r - 1) / r;
         if (r == 1)
             while (spr < 4 && (int64_t)a.n_units * spr * 2 <= max_warps && a.n_chunks >= 64 * spr)
@@ -546,16 +669,16 @@ static int fm_dispatch(const fm_args &a0, int total_rows, size_t smem, cudaStrea
                        : OUT == FM_ADD  ? "k_fused_matvec<add>"
                                         : "k_fused_matvec<store>";
     if (OUT == FM_SWIGLU)
-        return spr == 1 ? fm_launch(k_fused_matvec<WT, OUT, 2, 1>, name, grid, smem, a, st, err)
-                        : fm_launch(k_fused_matvec<WT, OUT, 2, 2>, name, grid, smem, a, st, err);
-    if (r == 2) return fm_launch(k_fused_matvec<WT, OUT, 2, 1>, name, grid, smem, a, st, err);
+        return spr == 1 ? fm_launch(fm_kernel_for<WT, OUT, 2, 1>(), name, grid, smem, a, st, err)
+                        : fm_launch(fm_kernel_for<WT, OUT, 2, 2>(), name, grid, smem, a, st, err);
+    if (r == 2) return fm_launch(fm_kernel_for<WT, OUT, 2, 1>(), name, grid, smem, a, st, err);
     switch (spr) {
     case 1:
-        return fm_launch(k_fused_matvec<WT, OUT, 1, 1>, name, grid, smem, a, st, err);
+        return fm_launch(fm_kernel_for<WT, OUT, 1, 1>(), name, grid, smem, a, st, err);
     case 2:
-        return fm_launch(k_fused_matvec<WT, OUT, 1, 2>, name, grid, smem, a, st, err);
+        return fm_launch(fm_kernel_for<WT, OUT, 1, 2>(), name, grid, smem, a, st, err);
     default:
-        return fm_launch(k_fused_matvec<WT, OUT, 1, 4>, name, grid, smem, a, st, err);
+        return fm_launch(fm_kernel_for<WT, OUT, 1, 4>(), name, grid, smem, a, st, err);
     }
 }
 
@@ -644,7 +767,15 @@ GPU_API int gpu_fused_matvec(const gpu_fmv_args *p, gpu_stream *s, forge_err *er
         return fm_dispatch_out<GGML_TYPE_F16>(p->out_mode, a, rows, smem, st, err);
     case GGML_TYPE_BF16:
         return fm_dispatch_out<GGML_TYPE_BF16>(p->out_mode, a, rows, smem, st, err);
-    default:
+    case GGML_TYPE_F32:
         return fm_dispatch_out<GGML_TYPE_F32>(p->out_mode, a, rows, smem, st, err);
+#define FM_GQ(T)                                                                                   \
+    case T:                                                                                        \
+        return fm_dispatch_out<T>(p->out_mode, a, rows, smem, st, err);
+        GQ_TYPES(FM_GQ)
+#undef FM_GQ
+    default:
+        return gpu_err_set(err, FORGE_E_UNSUPPORTED, "gpu_fused_matvec: type %s",
+                           gpu_type_name(p->wtype));
     }
 }

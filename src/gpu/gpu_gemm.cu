@@ -5,7 +5,8 @@
  * Debian 12, so a HIP build has no BLAS: every function here returns FORGE_E_UNSUPPORTED with a
  * message saying so, and the caller falls back to gpu_matvec per token. Quantized weights are not
  * handled by the GEMM itself: gpu_weight_to_f16 (here, for every build) dequantizes a Q8_0/Q4_0
- * matrix in the device layout to fp16 rows first.
+ * matrix in the device layout to fp16 rows first (the types of gpu_quant.cuh: k_gq_to_f16 in
+ * gpu_kquant.cu).
  *
  * gpu_weight_to_f16: one thread per 16-byte chunk of the quants plane (Q4_0: one 32-element
  * block, 64 bytes of fp16 out; Q8_0: half a block, 32 bytes out). Each thread dequantizes its
@@ -16,6 +17,7 @@
 
 #include "gpu/gpu_common.cuh"
 #include "gpu/gpu_ops.h"
+#include "gpu/gpu_quant.cuh"
 #include "gpu/gpu_vendor.h"
 
 /* ---- whole-matrix dequantization (prefill GEMM with quantized weights) ------------------------
@@ -123,6 +125,16 @@ GPU_API int gpu_weight_to_f16(int wtype, const void *d_w, int64_t n_rows, int64_
 {
     int rc = FORGE_OK;
     cudaStream_t st = GPU_STREAM(s);
+    if (gq_geom_of(wtype).qk != 0) {
+        if (gpu_weight_bytes(wtype, n_rows, n_in) == 0)
+            return gpu_err_set(err, FORGE_E_UNSUPPORTED,
+                               "gpu_weight_to_f16: type %s with %lld x %lld is not supported",
+                               gpu_type_name(wtype), (long long)n_rows, (long long)n_in);
+        if (!d_w || !d_out || !gpu_is_aligned(d_w, 16) || !gpu_is_aligned(d_out, 2))
+            return gpu_err_set(err, FORGE_E_INVALID,
+                               "gpu_weight_to_f16: NULL or misaligned buffer");
+        return gq_weight_to_f16(wtype, d_w, n_rows, n_in, d_out, st, err);
+    }
     if ((wtype != GGML_TYPE_Q8_0 && wtype != GGML_TYPE_Q4_0) ||
         gpu_weight_bytes(wtype, n_rows, n_in) == 0)
         return gpu_err_set(err, FORGE_E_UNSUPPORTED,

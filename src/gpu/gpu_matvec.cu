@@ -2,6 +2,9 @@
  * weights, the activation quantizer they use for Q8_0/Q4_0, the weight re-packing into the device
  * layout (gpu_ops.h) and embedding-row lookup from that layout.
  *
+ * The other block types (Q4_1 .. Q6_K, IQ4_*, TQ2_0) have their layout and kernels in
+ * gpu_quant.cuh / gpu_kquant.cu; the launchers here validate and hand them over.
+ *
  * Matvec design: one 32-lane segment per output row; each lane streams 16-byte chunks of the row
  * (MV_UNROLL chunks in flight before the first use) and the segment reduces with shuffles. The
  * weights are read exactly once. Activations (16 KB for n_in = 4096) are re-read by every row and
@@ -14,6 +17,7 @@
 
 #include "gpu/gpu_common.cuh"
 #include "gpu/gpu_dot.cuh"
+#include "gpu/gpu_quant.cuh"
 #include "gpu/gpu_vendor.h"
 
 #define MV_THREADS 256
@@ -45,19 +49,27 @@ static size_t plane_row_bytes(int t, int64_t n_in)
     }
 }
 
+/* The other block types (gpu_quant.cuh): body plane + head plane, kernels in gpu_kquant.cu. */
+static bool is_gq(int t)
+{
+    return gq_geom_of(t).qk != 0;
+}
+
 GPU_API int gpu_matvec_supported(int wtype)
 {
-    return plane_row_bytes(wtype, QK) != 0;
+    return plane_row_bytes(wtype, QK) != 0 || is_gq(wtype);
 }
 
 GPU_API size_t gpu_weight_scales_offset(int wtype, int64_t n_rows, int64_t n_in)
 {
+    if (is_gq(wtype)) return gq_head_offset(wtype, n_rows, n_in);
     if (!is_quant(wtype) || n_rows <= 0 || n_in <= 0) return 0;
     return gpu_round_up((size_t)n_rows * plane_row_bytes(wtype, n_in), 256);
 }
 
 GPU_API size_t gpu_weight_bytes(int wtype, int64_t n_rows, int64_t n_in)
 {
+    if (is_gq(wtype)) return gq_weight_bytes(wtype, n_rows, n_in);
     size_t rb = plane_row_bytes(wtype, n_in);
     if (rb == 0 || n_rows <= 0 || n_in <= 0) return 0;
     if (!is_quant(wtype)) return (size_t)n_rows * rb;
@@ -439,6 +451,7 @@ GPU_API int gpu_weight_convert(int wtype, const void *d_src, void *d_dst, int64_
         return gpu_err_set(err, FORGE_E_INVALID,
                            "gpu_weight_convert: NULL or misaligned buffer (src %p, dst %p)", d_src,
                            d_dst);
+    if (is_gq(wtype)) return gq_weight_convert(wtype, d_src, d_dst, n_rows, n_in, st, err);
     if (!is_quant(wtype)) {
         GPU_CHECK(cudaMemcpyAsync(d_dst, d_src, bytes, cudaMemcpyDeviceToDevice, st));
         return FORGE_OK;
@@ -493,6 +506,23 @@ GPU_API int gpu_matvec(int wtype, const void *d_w, int64_t n_out, int64_t n_in, 
     cudaStream_t st = GPU_STREAM(s);
     mv_args a;
     size_t rb = plane_row_bytes(wtype, n_in);
+    if (is_gq(wtype)) {
+        const int64_t qk = gq_geom_of(wtype).qk;
+        if (n_out <= 0 || n_in <= 0 || n_out > INT32_MAX || n_in > INT32_MAX || n_in % qk)
+            return gpu_err_set(err, FORGE_E_INVALID,
+                               "gpu_matvec: %s needs n_in a multiple of %lld, got %lld x %lld",
+                               gpu_type_name(wtype), (long long)qk, (long long)n_out,
+                               (long long)n_in);
+        if (!d_w || !d_y || !d_xq || !gpu_is_aligned(d_w, 16) || !gpu_is_aligned(d_xq, 16))
+            return gpu_err_set(err, FORGE_E_INVALID,
+                               "gpu_matvec: %s needs 16-byte aligned weights and quantized "
+                               "activations (w %p, xq %p)",
+                               gpu_type_name(wtype), d_w, d_xq);
+        const uint8_t *xb = (const uint8_t *)d_xq;
+        return gq_matvec(wtype, d_w, n_out, n_in, (const int8_t *)xb,
+                         (const float *)(xb + act_d_offset(n_in)),
+                         (const int *)(xb + act_s_offset(n_in)), d_y, st, err);
+    }
     if (rb == 0)
         return gpu_err_set(err, FORGE_E_UNSUPPORTED,
                            "gpu_matvec: weight type %s with n_in %lld is not supported "
@@ -578,6 +608,12 @@ GPU_API int gpu_embed(int wtype, const void *d_table, int64_t n_vocab, int64_t n
         return gpu_err_set(err, FORGE_E_INVALID,
                            "gpu_embed: NULL buffer or n_tokens %lld outside 1..65535",
                            (long long)n_tokens);
+    if (is_gq(wtype)) {
+        if (!gpu_is_aligned(d_table, 16))
+            return gpu_err_set(err, FORGE_E_INVALID, "gpu_embed: table %p is not 16-byte aligned",
+                               d_table);
+        return gq_embed(wtype, d_table, n_vocab, n_embd, d_ids, n_tokens, d_out, st, err);
+    }
     if (is_quant(wtype))
         sc = (const unsigned short *)(t + gpu_weight_scales_offset(wtype, n_vocab, n_embd));
     {

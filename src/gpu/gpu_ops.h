@@ -14,7 +14,9 @@
  *   - Pointers named d_* are device memory owned by the caller; the launchers never keep them.
  *     A buffer may be freed only in stream order (gpu_free_async on the stream that used it) or
  *     after the work that uses it is known to be done (stream/event synchronisation).
- *   - Weight types are ggml type ids (include/forge_gguf.h): F32, F16, BF16, Q8_0, Q4_0.
+ *   - Weight types are ggml type ids (include/forge_gguf.h): F32, F16, BF16, Q8_0, Q4_0, and
+ *     the block types of gpu_quant.cuh (Q4_1, Q5_0, Q5_1, IQ4_NL, Q2_K..Q6_K, IQ4_XS, TQ1_0,
+ *     TQ2_0).
  *
  * Device weight layout. F32/F16/BF16 matrices are stored as in GGUF (rows contiguous). Q8_0 and
  * Q4_0 matrices are re-packed on the device by gpu_weight_convert() from the GGUF block layout
@@ -23,6 +25,10 @@
  *                    nibble bytes of each block in GGUF order: low nibbles = elements 0..15,
  *                    high nibbles = 16..31, value = nibble - 8)
  *     scales plane:  at gpu_weight_scales_offset(), n_rows * n_in/32 fp16 block scales
+ * The other block types keep their GGUF blocks, split in the same way (gpu_quant.cuh): a body
+ * plane (the part of each block that is a multiple of 16 bytes: quants, packed high bits,
+ * sub-scales) and, at gpu_weight_scales_offset(), a head plane (the remaining bytes: fp16
+ * scales and mins), so the device holds exactly the file's bytes, still packed.
  * The total size is gpu_weight_bytes(). Matvec and embedding lookup read this layout. */
 #ifndef FORGE_GPU_OPS_H
 #define FORGE_GPU_OPS_H

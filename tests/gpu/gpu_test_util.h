@@ -16,6 +16,7 @@
 #include "forge.h"
 #include "forge_gguf.h"
 #include "gpu/gpu_ops.h"
+#include "quant/qtypes.h"
 
 #define GT_LEN(a) (sizeof(a) / sizeof((a)[0]))
 #define GT_GUARD_BYTES 256
@@ -166,6 +167,20 @@ static inline void *gt_make_weights(int t, int64_t rows, int64_t n_in, uint64_t 
         if (t == GGML_TYPE_F32) memcpy(dst, x, (size_t)n_in * 4);
         if (t == GGML_TYPE_Q8_0) kern_quantize_row_q8_0(x, dst, n_in);
         if (t == GGML_TYPE_Q4_0) kern_quantize_row_q4_0(x, dst, n_in);
+        if (t != GGML_TYPE_Q8_0 && t != GGML_TYPE_Q4_0 && ggml_type_block_size(t) > 1) {
+            const forge_type_traits *tr = forge_type_traits_get(t);
+            if (tr && tr->quantize_row) {
+                tr->quantize_row(x, dst, n_in); /* the reference quantizer (llama-quantize's) */
+            } else { /* no quantizer (TQ1_0, TQ2_0): random quants, a small fp16 scale last */
+                const size_t bb = tr ? tr->block_bytes : 0;
+                for (size_t k = 0; k < rb; k++)
+                    dst[k] = (unsigned char)(gt_rand_u64(seed) >> 56);
+                for (size_t b = 0; bb >= 2 && b + bb <= rb; b += bb) {
+                    uint16_t h = forge_f32_to_fp16(0.01f + 0.001f * (float)(b / bb % 7));
+                    memcpy(dst + b + bb - 2, &h, 2);
+                }
+            }
+        }
     }
     GT_OK(forge_dequantize(t, raw, wf, rows * n_in, err));
     free(src);

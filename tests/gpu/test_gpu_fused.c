@@ -24,7 +24,7 @@ static uint64_t g_seed = 0x243F6A8885A308D3ULL;
 
 static int is_quant(int t)
 {
-    return t == GGML_TYPE_Q8_0 || t == GGML_TYPE_Q4_0;
+    return ggml_type_block_size(t) > 1;
 }
 
 static void *make_weights(int t, int64_t rows, int64_t n_in, float **wf_out)
@@ -515,6 +515,27 @@ int main(int argc, char **argv)
         if (!g_quick)
             for (size_t i = 0; i < GT_LEN(big); i++)
                 run_case(types[ti], &big[i]);
+    }
+    /* the block types of gpu_quant.cuh (k_fused_gq); cases whose rows the type cannot hold
+     * (K-quants: n_in % 256) are left out by run_case; the 7B shapes for Q4_K and Q6_K */
+    const int gq_types[] = {GGML_TYPE_Q4_K, GGML_TYPE_Q6_K, GGML_TYPE_Q5_K,   GGML_TYPE_Q4_1,
+                            GGML_TYPE_Q5_0, GGML_TYPE_Q5_1, GGML_TYPE_Q2_K,   GGML_TYPE_Q3_K,
+                            GGML_TYPE_IQ4_NL, GGML_TYPE_IQ4_XS, GGML_TYPE_TQ2_0, GGML_TYPE_TQ1_0};
+    const fcase gq_big[] = {
+        {"qkv-7b", 3, {4096, 4096, 4096}, 4096, GPU_FMV_IN_RMSNORM, GPU_FMV_OUT_STORE, 0, 0},
+        {"gateup-7b", 2, {11008, 11008}, 4096, GPU_FMV_IN_RMSNORM, GPU_FMV_OUT_SWIGLU, 0, 0},
+        {"down-7b", 1, {4096}, 11008, GPU_FMV_IN_PLAIN, GPU_FMV_OUT_ADD, 0, 0},
+        {"qkv-k256", 3, {512, 256, 256}, 512, GPU_FMV_IN_RMSNORM, GPU_FMV_OUT_STORE, 1, 0},
+        {"swiglu-k256", 2, {300, 300}, 768, GPU_FMV_IN_PLAIN, GPU_FMV_OUT_SWIGLU, 0, 0},
+    };
+    for (size_t ti = 0; ti < GT_LEN(gq_types); ti++) {
+        for (size_t i = 0; i < GT_LEN(small); i++)
+            run_case(gq_types[ti], &small[i]);
+        for (size_t i = 3; i < GT_LEN(gq_big); i++)
+            run_case(gq_types[ti], &gq_big[i]);
+        if (!g_quick && ti < 2)
+            for (size_t i = 0; i < 3; i++)
+                run_case(gq_types[ti], &gq_big[i]);
     }
     for (size_t ti = 0; ti < GT_LEN(types); ti++) {
         test_layer_graph(types[ti], 256, 640, 64, g_quick ? 5 : 20);

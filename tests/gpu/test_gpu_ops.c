@@ -28,9 +28,10 @@ static void *make_weights(int t, int64_t rows, int64_t n_in, float **wf_out)
     return gt_make_weights(t, rows, n_in, &g_seed, wf_out);
 }
 
+/* Block types: the GPU quantizes the activations to Q8_0 blocks for all of them. */
 static int is_quant(int t)
 {
-    return t == GGML_TYPE_Q8_0 || t == GGML_TYPE_Q4_0;
+    return ggml_type_block_size(t) > 1;
 }
 
 static void *upload_weights(int t, const void *raw, int64_t rows, int64_t n_in)
@@ -87,7 +88,10 @@ static void test_matvec(int t, int64_t n_out, int64_t n_in, kern_pool *pool)
                  (long long)n_out, (long long)n_in);
         gt_report("matvec", what, gt_nmse(y, ref_q, n_out), THR_DEFAULT, guard);
     }
-    if (kern_matmul_supported(t) && n_in % 32 == 0) { /* the CPU kernel wants blocks of 32 */
+    /* the CPU kernel wants blocks of 32; for types whose CPU dot takes Q8_1/Q8_K activations
+     * (not the GPU's Q8_0) the two roundings differ, so that comparison needs enough rows too */
+    const int same_act = !is_quant(t) || t == GGML_TYPE_Q8_0 || t == GGML_TYPE_Q4_0;
+    if (kern_matmul_supported(t) && n_in % 32 == 0 && (same_act || n_out >= 32)) {
         GT_OK(kern_matmul(pool, t, raw, n_out, n_in, x, 1, y_cpu, err));
         for (int64_t o = 0; o < n_out; o++)
             ref_cpu[o] = y_cpu[o];
@@ -507,6 +511,71 @@ static void test_gemm(gpu_blas *blas, int t, int64_t n_out, int64_t n_in, int64_
     free(ref);
 }
 
+/* The prompt path for block types (backend matmul_impl): the matrix dequantized to fp16 rows by
+ * gpu_weight_to_f16 (each value must be the CPU's dequantized value rounded to fp16, bit for
+ * bit), then the F16 GEMM, against the exact product. */
+static void test_gemm_quant(gpu_blas *blas, int t, int64_t n_out, int64_t n_in, int64_t n_tok)
+{
+    char what[96];
+    float *wf = NULL;
+    void *raw = make_weights(t, n_out, n_in, &wf);
+    const int64_t nw = n_out * n_in;
+    float *x = (float *)gt_xmalloc((size_t)(n_tok * n_in) * 4);
+    float *y = (float *)gt_xmalloc((size_t)(n_tok * n_out) * 4);
+    uint16_t *wh = (uint16_t *)gt_xmalloc((size_t)nw * 2);
+    double *ref = (double *)gt_xmalloc((size_t)(n_tok * n_out) * 8);
+    gt_fill(x, n_tok * n_in, 1.0f, &g_seed);
+    for (int64_t t2 = 0; t2 < n_tok; t2++)
+        for (int64_t o = 0; o < n_out; o++) {
+            double s = 0;
+            for (int64_t i = 0; i < n_in; i++)
+                s += (double)wf[o * n_in + i] * x[t2 * n_in + i];
+            ref[t2 * n_out + o] = s;
+        }
+    void *d_w = upload_weights(t, raw, n_out, n_in);
+    float *d_x = (float *)gt_upload(x, (size_t)(n_tok * n_in) * 4, S);
+    void *d_wh = gt_out_alloc((size_t)nw * 2);
+    float *d_y = (float *)gt_out_alloc((size_t)(n_tok * n_out) * 4);
+    void *d_xc = NULL;
+    GT_OK(gpu_malloc(&d_xc, (size_t)(n_tok * n_in) * 2, err));
+    gt_out_prepare(d_wh, (size_t)nw * 2, S);
+    GT_OK(gpu_weight_to_f16(t, d_w, n_out, n_in, d_wh, S, err));
+    int guard_w = gt_out_fetch(d_wh, (size_t)nw * 2, wh, S);
+    int64_t bad = 0;
+    for (int64_t i = 0; i < nw; i++)
+        bad += wh[i] != forge_f32_to_fp16(wf[i]);
+    gt_check(bad == 0 && guard_w, "weight_to_f16 %s %lldx%lld: %lld values differ from the CPU's "
+             "dequantization rounded to fp16%s", ggml_type_name(t), (long long)n_out,
+             (long long)n_in, (long long)bad, guard_w ? "" : " (guard bytes overwritten)");
+    gt_out_prepare(d_y, (size_t)(n_tok * n_out) * 4, S);
+    GT_OK(gpu_gemm(blas, GGML_TYPE_F16, d_wh, n_out, n_in, d_x, n_tok, d_xc, d_y, S, err));
+    int guard = gt_out_fetch(d_y, (size_t)(n_tok * n_out) * 4, y, S);
+    snprintf(what, sizeof what, "%s %lldx%lld, %lld tokens (to_f16 + F16)", ggml_type_name(t),
+             (long long)n_out, (long long)n_in, (long long)n_tok);
+    gt_report("gemm", what, gt_nmse(y, ref, n_tok * n_out), THR_MATMUL, guard);
+    gpu_free(d_w);
+    gpu_free(d_x);
+    gpu_free(d_wh);
+    gpu_free(d_y);
+    gpu_free(d_xc);
+    free(raw);
+    free(wf);
+    free(x);
+    free(y);
+    free(wh);
+    free(ref);
+}
+
+/* The device layout holds exactly the bytes of the CPU's traits table (the backend refuses a
+ * library that disagrees): 256 rows of 256 elements, where plane padding vanishes. */
+static void test_geometry(int t)
+{
+    size_t got = gpu_weight_bytes(t, 256, 256), want = 256 * ggml_row_size(t, 256);
+    gt_check(gpu_matvec_supported(t) && got == want,
+             "layout %s: gpu_weight_bytes(256 x 256) = %zu, traits table says %zu",
+             ggml_type_name(t), got, want);
+}
+
 /* Errors come back as Forge codes with a message, never as a crash. */
 static void test_errors(void)
 {
@@ -521,8 +590,12 @@ static void test_errors(void)
         printf("errors    gpu_malloc(2^60): %s: %s\n", forge_status_name(rc), e.msg);
     }
     e = (forge_err){0};
-    rc = gpu_matvec(GGML_TYPE_Q4_K, &e, 4, 256, NULL, NULL, NULL, S, &e);
-    gt_check(rc == FORGE_E_UNSUPPORTED && e.msg[0], "matvec Q4_K: want UNSUPPORTED, got %d", rc);
+    rc = gpu_matvec(GGML_TYPE_IQ2_XXS, &e, 4, 256, NULL, NULL, NULL, S, &e);
+    gt_check(rc == FORGE_E_UNSUPPORTED && e.msg[0], "matvec IQ2_XXS: want UNSUPPORTED, got %d", rc);
+    e = (forge_err){0}; /* a K-quant row that is no multiple of 256 */
+    rc = gpu_matvec(GGML_TYPE_Q4_K, &e, 4, 320, NULL, &e, NULL, S, &e);
+    gt_check(rc == FORGE_E_INVALID && strstr(e.msg, "256"), "matvec Q4_K n_in 320: got %d '%s'", rc,
+             e.msg);
     e = (forge_err){0};
     rc = gpu_weight_convert(GGML_TYPE_Q8_0, &e, &e, 2, 33, S, &e);
     gt_check(rc == FORGE_E_UNSUPPORTED && e.msg[0], "convert Q8_0 n_in 33: got %d", rc);
@@ -585,26 +658,41 @@ int main(int argc, char **argv)
     GT_OK(gpu_stream_create(&S, err));
     GT_OK(kern_pool_create(4, &pool, err));
 
-    static const int types[] = {GGML_TYPE_F32, GGML_TYPE_F16, GGML_TYPE_BF16, GGML_TYPE_Q8_0,
-                                GGML_TYPE_Q4_0};
+    static const int types[] = {GGML_TYPE_F32,  GGML_TYPE_F16,    GGML_TYPE_BF16,  GGML_TYPE_Q8_0,
+                                GGML_TYPE_Q4_0, GGML_TYPE_Q4_K,   GGML_TYPE_Q6_K,  GGML_TYPE_Q5_K,
+                                GGML_TYPE_Q4_1, GGML_TYPE_Q5_0,   GGML_TYPE_Q5_1,  GGML_TYPE_Q2_K,
+                                GGML_TYPE_Q3_K, GGML_TYPE_IQ4_NL, GGML_TYPE_IQ4_XS, GGML_TYPE_TQ2_0,
+                                GGML_TYPE_TQ1_0};
     static const int64_t mv_q[][2] = {{1, 32},    {3, 64},    {33, 96},    {5, 320},
                                       {8, 544},   {65, 4192}, {128, 2048}, {300, 11008},
                                       {6001, 96}, {8192, 64}}; /* tall: two rows per segment */
     static const int64_t mv_big[][2] = {{4096, 4096},  {512, 2048},   {2048, 8192},
                                         {11008, 4096}, {4096, 11008}, {32000, 4096}};
     static const int64_t mv_odd[][2] = {{3, 35}, {17, 13}, {5, 1}, {9, 100}, {2, 36}, {7, 1000}};
+    /* super-blocks of 256: row lengths in multiples of 256 */
+    static const int64_t mv_k[][2] = {{1, 256},   {3, 512},     {33, 768},  {5, 2560},
+                                      {65, 4352}, {128, 2048},  {300, 11008}, {6001, 256},
+                                      {8192, 256}, {2, 14336}};
     for (size_t ti = 0; ti < GT_LEN(types); ti++) {
         int t = types[ti];
-        for (size_t s = 0; s < GT_LEN(mv_q); s++)
-            test_matvec(t, mv_q[s][0], mv_q[s][1], pool);
+        const int64_t qk = ggml_type_block_size(t);
+        test_geometry(t);
+        if (qk == 256) {
+            for (size_t s = 0; s < GT_LEN(mv_k); s++)
+                test_matvec(t, mv_k[s][0], mv_k[s][1], pool);
+        } else {
+            for (size_t s = 0; s < GT_LEN(mv_q); s++)
+                test_matvec(t, mv_q[s][0], mv_q[s][1], pool);
+        }
+        /* the new block types: two of the large shapes (their reference quantizers are slow) */
         if (!g_quick)
-            for (size_t s = 0; s < GT_LEN(mv_big); s++)
+            for (size_t s = 0; s < (ti < 5 ? GT_LEN(mv_big) : 2); s++)
                 test_matvec(t, mv_big[s][0], mv_big[s][1], pool);
         if (!is_quant(t))
             for (size_t s = 0; s < GT_LEN(mv_odd); s++)
                 test_matvec(t, mv_odd[s][0], mv_odd[s][1], pool);
-        test_embed(t, 50, 96);
-        test_embed(t, 7, 32);
+        test_embed(t, 50, qk == 256 ? 256 : 96);
+        test_embed(t, 7, qk == 256 ? 512 : 32);
         if (!g_quick) test_embed(t, 1000, 4096);
         if (!is_quant(t)) test_embed(t, 11, 13);
     }
@@ -671,6 +759,18 @@ int main(int argc, char **argv)
             test_gemm(blas, gt[i], 64, 128, 5);
             test_gemm(blas, gt[i], 33, 96, 1);
             if (!g_quick) test_gemm(blas, gt[i], 300, 4096, 17);
+        }
+        /* every block type: n_tok 2..100, rows of 256 multiples (K-quants) or 32 multiples */
+        for (size_t ti = 0; ti < GT_LEN(types); ti++) {
+            const int t = types[ti];
+            if (!is_quant(t)) continue;
+            const int64_t qk = ggml_type_block_size(t);
+            test_gemm_quant(blas, t, 64, 256, 2);
+            test_gemm_quant(blas, t, 33, qk == 256 ? 768 : 96, 64);
+            if (!g_quick) {
+                test_gemm_quant(blas, t, 300, 4096, 17);
+                test_gemm_quant(blas, t, 128, 2048, 100);
+            }
         }
         gpu_blas_free(blas);
     } else {

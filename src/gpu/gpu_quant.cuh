@@ -1,0 +1,500 @@
+/* gpu_quant.cuh - the device side of the block-quantized weight types beyond Q8_0/Q4_0:
+ * Q4_1, Q5_0, Q5_1, IQ4_NL (blocks of 32) and Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, IQ4_XS, TQ1_0,
+ * TQ2_0 (super-blocks of 256). Everything a kernel must know about such a type is here, once:
+ *
+ *   - gq<T>::ELEMS, BLOCK, BODY_OFF, BODY: the GGUF block (ELEMS elements, BLOCK bytes, as in
+ *     ggml-common.h and src/quant/qtypes.c) and the part of it that is moved into the "body"
+ *     plane on the device (bytes [BODY_OFF, BODY_OFF + BODY), a multiple of 16 so every body
+ *     load is aligned); the other BLOCK - BODY bytes (fp16 scales, mins, packed sub-scales, in
+ *     their GGUF order) go to the "head" plane. The weights stay in their packed form: the
+ *     device layout is the same bytes, split in two planes (gpu_weight_convert), like Q4_0's.
+ *   - gq<T>::load(body, head, s): sub-block s (32 elements) of one block as 32 int8 quants
+ *     (packed 4 per int, element order) and, per half of 16, a float scale a and offset b with
+ *     value = a * q + b (b = 0 for types without mins). Every kernel (matvec, embedding lookup,
+ *     dequantization for the prompt GEMM) is written once over this, in gpu_kquant.cu.
+ *
+ * The CPU's reference (src/quant/dequant.c) is the specification: load() reproduces its float
+ * operations (fma for the types with mins, d * sc then * q otherwise). The host side checks the
+ * block geometry against the CPU's traits table (backend_gpu.c, test_gpu_ops.c). Internal. */
+#ifndef FORGE_GPU_QUANT_CUH
+#define FORGE_GPU_QUANT_CUH
+
+#include "gpu/gpu_vendor.h"
+
+/* The types with kernels here, for dispatch: X(type id). */
+#define GQ_TYPES(X)                                                                                \
+    X(GGML_TYPE_Q4_1)                                                                              \
+    X(GGML_TYPE_Q5_0)                                                                              \
+    X(GGML_TYPE_Q5_1)                                                                              \
+    X(GGML_TYPE_IQ4_NL)                                                                            \
+    X(GGML_TYPE_Q2_K)                                                                              \
+    X(GGML_TYPE_Q3_K)                                                                              \
+    X(GGML_TYPE_Q4_K)                                                                              \
+    X(GGML_TYPE_Q5_K)                                                                              \
+    X(GGML_TYPE_Q6_K)                                                                              \
+    X(GGML_TYPE_IQ4_XS)                                                                            \
+    X(GGML_TYPE_TQ2_0)                                                                             \
+    X(GGML_TYPE_TQ1_0)
+
+/* One decoded sub-block of 32 elements. */
+struct gq_sub {
+    int q[8];       /* int8 quants, element 4i + k in byte k of q[i] */
+    float a[2], b[2]; /* per half of 16: value = a * q + b */
+};
+
+/* ---- byte helpers ---------------------------------------------------------------------------- */
+GPU_DEV unsigned gq_u16(const uint8_t *p)
+{
+    return (unsigned)p[0] | ((unsigned)p[1] << 8);
+}
+GPU_DEV float gq_half(const uint8_t *p)
+{
+    return gpu_fp16_to_f32((unsigned short)gq_u16(p));
+}
+/* Per byte x - c, for bytes x < 128 and c <= 128 (no borrow between bytes). */
+GPU_DEV int gq_bsub(unsigned x, unsigned c)
+{
+    return (int)(((x | 0x80808080u) - c * 0x01010101u) ^ 0x80808080u);
+}
+/* Bits 0..3 of x spread to bit 0 of bytes 0..3. */
+GPU_DEV unsigned gq_spread4(unsigned x)
+{
+    return (x & 1u) | ((x & 2u) << 7) | ((x & 4u) << 14) | ((x & 8u) << 21);
+}
+/* The IQ4_NL table (ggml's kvalues_iq4nl) applied to 4 nibbles (bytes of n, each < 16). */
+GPU_DEV int gq_iq4_lut(unsigned n)
+{
+    const unsigned long long lo = 0xF6EADDCFBFAD9881ull; /* -127 -104 -83 -65 -49 -35 -22 -10 */
+    const unsigned long long hi = 0x7159453526190D01ull; /* 1 13 25 38 53 69 89 113 */
+    unsigned r = 0;
+#pragma unroll
+    for (int k = 0; k < 4; k++) {
+        const unsigned v = (n >> (8 * k)) & 15u;
+        const unsigned long long t = v < 8 ? lo : hi;
+        r |= (unsigned)((t >> (8 * (v & 7))) & 0xffu) << (8 * k);
+    }
+    return (int)r;
+}
+GPU_DEV void gq_set_a(gq_sub &r, float a0, float a1)
+{
+    r.a[0] = a0;
+    r.a[1] = a1;
+    r.b[0] = 0.0f;
+    r.b[1] = 0.0f;
+}
+/* The 16 bytes at p (16-byte aligned) as 4 ints. */
+GPU_DEV uint4 gq_ld16(const uint8_t *p)
+{
+    return *(const uint4 *)p;
+}
+GPU_DEV unsigned gq_w(const uint4 &v, int i)
+{
+    return i == 0 ? v.x : i == 1 ? v.y : i == 2 ? v.z : v.w;
+}
+/* Byte k (0..15) of 16 bytes held in registers: one 16-byte load replaces many byte loads. */
+GPU_DEV unsigned gq_byte(const uint4 &v, int k)
+{
+    return (gq_w(v, k >> 2) >> (8 * (k & 3))) & 0xffu;
+}
+
+template <int T> struct gq;
+
+/* ---- blocks of 32 ---------------------------------------------------------------------------- */
+/* Q4_1 (20): fp16 d, fp16 m, qs[16]; x = q * d + m, q = low nibbles (0..15), high (16..31). */
+template <> struct gq<GGML_TYPE_Q4_1> {
+    enum { ELEMS = 32, BLOCK = 20, BODY_OFF = 4, BODY = 16, HALVES = 0, MINS = 1 };
+    static GPU_DEVT gq_sub load(const uint8_t *body, const uint8_t *head, int s)
+    {
+        gq_sub r;
+        const uint4 w = gq_ld16(body);
+#pragma unroll
+        for (int i = 0; i < 4; i++) {
+            r.q[i] = (int)(gq_w(w, i) & 0x0f0f0f0fu);
+            r.q[4 + i] = (int)((gq_w(w, i) >> 4) & 0x0f0f0f0fu);
+        }
+        r.a[0] = r.a[1] = gq_half(head);
+        r.b[0] = r.b[1] = gq_half(head + 2);
+        return r;
+    }
+};
+
+/* Q5_0 (22): fp16 d, u32 qh, qs[16]; x = (q5 - 16) * d; bit j of qh = 5th bit of element j. */
+template <> struct gq<GGML_TYPE_Q5_0> {
+    enum { ELEMS = 32, BLOCK = 22, BODY_OFF = 6, BODY = 16, HALVES = 0, MINS = 0 };
+    static GPU_DEVT gq_sub load(const uint8_t *body, const uint8_t *head, int s)
+    {
+        gq_sub r;
+        const uint4 w = gq_ld16(body);
+        const unsigned qh = gq_u16(head + 2) | (gq_u16(head + 4) << 16);
+#pragma unroll
+        for (int i = 0; i < 4; i++) {
+            const unsigned lo = (gq_w(w, i) & 0x0f0f0f0fu) | (gq_spread4(qh >> (4 * i)) << 4);
+            const unsigned hi =
+                ((gq_w(w, i) >> 4) & 0x0f0f0f0fu) | (gq_spread4(qh >> (16 + 4 * i)) << 4);
+            r.q[i] = gq_bsub(lo, 16);
+            r.q[4 + i] = gq_bsub(hi, 16);
+        }
+        const float d = gq_half(head);
+        gq_set_a(r, d, d);
+        return r;
+    }
+};
+
+/* Q5_1 (24): fp16 d, fp16 m, u32 qh, qs[16]; x = q5 * d + m. */
+template <> struct gq<GGML_TYPE_Q5_1> {
+    enum { ELEMS = 32, BLOCK = 24, BODY_OFF = 8, BODY = 16, HALVES = 0, MINS = 1 };
+    static GPU_DEVT gq_sub load(const uint8_t *body, const uint8_t *head, int s)
+    {
+        gq_sub r;
+        const uint4 w = gq_ld16(body);
+        const unsigned qh = *(const unsigned *)(head + 4); /* head stride 8: aligned */
+#pragma unroll
+        for (int i = 0; i < 4; i++) {
+            r.q[i] = (int)((gq_w(w, i) & 0x0f0f0f0fu) | (gq_spread4(qh >> (4 * i)) << 4));
+            r.q[4 + i] =
+                (int)(((gq_w(w, i) >> 4) & 0x0f0f0f0fu) | (gq_spread4(qh >> (16 + 4 * i)) << 4));
+        }
+        r.a[0] = r.a[1] = gq_half(head);
+        r.b[0] = r.b[1] = gq_half(head + 2);
+        return r;
+    }
+};
+
+/* IQ4_NL (18): fp16 d, qs[16]; x = d * table[nibble]. */
+template <> struct gq<GGML_TYPE_IQ4_NL> {
+    enum { ELEMS = 32, BLOCK = 18, BODY_OFF = 2, BODY = 16, HALVES = 0, MINS = 0 };
+    static GPU_DEVT gq_sub load(const uint8_t *body, const uint8_t *head, int s)
+    {
+        gq_sub r;
+        const uint4 w = gq_ld16(body);
+#pragma unroll
+        for (int i = 0; i < 4; i++) {
+            r.q[i] = gq_iq4_lut(gq_w(w, i) & 0x0f0f0f0fu);
+            r.q[4 + i] = gq_iq4_lut((gq_w(w, i) >> 4) & 0x0f0f0f0fu);
+        }
+        const float d = gq_half(head);
+        gq_set_a(r, d, d);
+        return r;
+    }
+};
+
+/* ---- super-blocks of 256 --------------------------------------------------------------------- */
+/* Q2_K (84): scales[16] (low nibble scale, high nibble min, one per 16), qs[64], fp16 d, dmin.
+ * Sub-block s = 4n + j: 2-bit field j of qs[32n .. 32n + 31]; x = d*sc * q - dmin*m. */
+template <> struct gq<GGML_TYPE_Q2_K> {
+    enum { ELEMS = 256, BLOCK = 84, BODY_OFF = 0, BODY = 80, HALVES = 1, MINS = 1 };
+    static GPU_DEVT gq_sub load(const uint8_t *body, const uint8_t *head, int s)
+    {
+        gq_sub r;
+        const int n = s >> 2, sh = 2 * (s & 3);
+        const uint4 q0 = gq_ld16(body + 16 + 32 * n), q1 = gq_ld16(body + 32 + 32 * n);
+#pragma unroll
+        for (int i = 0; i < 4; i++) {
+            r.q[i] = (int)((gq_w(q0, i) >> sh) & 0x03030303u);
+            r.q[4 + i] = (int)((gq_w(q1, i) >> sh) & 0x03030303u);
+        }
+        const uint4 scv = gq_ld16(body);
+        const unsigned dd = *(const unsigned *)head; /* head stride 4: aligned */
+        const float d = gpu_fp16_to_f32((unsigned short)(dd & 0xffffu));
+        const float dmin = gpu_fp16_to_f32((unsigned short)(dd >> 16));
+#pragma unroll
+        for (int h = 0; h < 2; h++) {
+            const unsigned sc = gq_byte(scv, 2 * s + h);
+            r.a[h] = d * (float)(sc & 15u);
+            r.b[h] = -(dmin * (float)(sc >> 4));
+        }
+        return r;
+    }
+};
+
+/* Q3_K (110): hmask[32], qs[64], scales[12] (16 6-bit scales - 32), fp16 d. Sub-block s = 4n + j:
+ * 2-bit field j of qs[32n ..], minus 4 where bit s of hmask[l] is clear; x = d*sc * q. */
+template <> struct gq<GGML_TYPE_Q3_K> {
+    enum { ELEMS = 256, BLOCK = 110, BODY_OFF = 0, BODY = 96, HALVES = 1, MINS = 0 };
+    static GPU_DEVT int scale(const uint8_t *sc, int j)
+    {
+        const int lo = j < 8 ? (sc[j] & 15) : (sc[j - 8] >> 4);
+        const int hi = (sc[8 + (j & 3)] >> (2 * (j >> 2))) & 3;
+        return (lo | (hi << 4)) - 32;
+    }
+    static GPU_DEVT gq_sub load(const uint8_t *body, const uint8_t *head, int s)
+    {
+        gq_sub r;
+        const int n = s >> 2, sh = 2 * (s & 3);
+        const uint4 q0 = gq_ld16(body + 32 + 32 * n), q1 = gq_ld16(body + 48 + 32 * n);
+        const uint4 h0 = gq_ld16(body), h1 = gq_ld16(body + 16);
+#pragma unroll
+        for (int i = 0; i < 4; i++) {
+            r.q[i] = gq_bsub(((gq_w(q0, i) >> sh) & 0x03030303u) |
+                                 (((gq_w(h0, i) >> s) & 0x01010101u) << 2),
+                             4);
+            r.q[4 + i] = gq_bsub(((gq_w(q1, i) >> sh) & 0x03030303u) |
+                                     (((gq_w(h1, i) >> s) & 0x01010101u) << 2),
+                                 4);
+        }
+        const float d = gq_half(head + 12);
+        gq_set_a(r, d * (float)scale(head, 2 * s), d * (float)scale(head, 2 * s + 1));
+        return r;
+    }
+};
+
+/* The 6-bit scale and min of sub-block j of a Q4_K/Q5_K block: hv = the 16-byte head (fp16 d,
+ * dmin, then the 12 scale bytes q[0..11] at bytes 4..15). */
+GPU_DEV void gq_k4_scale_min(int j, const uint4 &hv, int *sc, int *m)
+{
+#define GQ_Q(k) ((int)gq_byte(hv, 4 + (k)))
+    if (j < 4) {
+        *sc = GQ_Q(j) & 63;
+        *m = GQ_Q(j + 4) & 63;
+    } else {
+        *sc = (GQ_Q(j + 4) & 15) | ((GQ_Q(j - 4) >> 6) << 4);
+        *m = (GQ_Q(j + 4) >> 4) | ((GQ_Q(j) >> 6) << 4);
+    }
+#undef GQ_Q
+}
+
+/* Q4_K (144): fp16 d, dmin, scales[12], qs[128]. Sub-block s: nibble (s & 1) of
+ * qs[32 (s/2) ..]; x = d*sc * q - dmin*m. */
+template <> struct gq<GGML_TYPE_Q4_K> {
+    enum { ELEMS = 256, BLOCK = 144, BODY_OFF = 16, BODY = 128, HALVES = 0, MINS = 1 };
+    static GPU_DEVT gq_sub load(const uint8_t *body, const uint8_t *head, int s)
+    {
+        gq_sub r;
+        const int sh = 4 * (s & 1);
+        const uint4 q0 = gq_ld16(body + 32 * (s >> 1)), q1 = gq_ld16(body + 32 * (s >> 1) + 16);
+#pragma unroll
+        for (int i = 0; i < 4; i++) {
+            r.q[i] = (int)((gq_w(q0, i) >> sh) & 0x0f0f0f0fu);
+            r.q[4 + i] = (int)((gq_w(q1, i) >> sh) & 0x0f0f0f0fu);
+        }
+        int sc, m;
+        const uint4 hv = gq_ld16(head); /* head stride 16: aligned */
+        gq_k4_scale_min(s, hv, &sc, &m);
+        r.a[0] = r.a[1] = gpu_fp16_to_f32((unsigned short)(hv.x & 0xffffu)) * (float)sc;
+        r.b[0] = r.b[1] = -(gpu_fp16_to_f32((unsigned short)(hv.x >> 16)) * (float)m);
+        return r;
+    }
+};
+
+/* Q5_K (176): as Q4_K plus qh[32] before qs[128]: bit s of qh[l] is element l's 5th bit. */
+template <> struct gq<GGML_TYPE_Q5_K> {
+    enum { ELEMS = 256, BLOCK = 176, BODY_OFF = 16, BODY = 160, HALVES = 0, MINS = 1 };
+    static GPU_DEVT gq_sub load(const uint8_t *body, const uint8_t *head, int s)
+    {
+        gq_sub r;
+        const int sh = 4 * (s & 1);
+        const uint8_t *qs = body + 32 + 32 * (s >> 1);
+        const uint4 q0 = gq_ld16(qs), q1 = gq_ld16(qs + 16);
+        const uint4 h0 = gq_ld16(body), h1 = gq_ld16(body + 16);
+#pragma unroll
+        for (int i = 0; i < 4; i++) {
+            r.q[i] = (int)(((gq_w(q0, i) >> sh) & 0x0f0f0f0fu) |
+                           (((gq_w(h0, i) >> s) & 0x01010101u) << 4));
+            r.q[4 + i] = (int)(((gq_w(q1, i) >> sh) & 0x0f0f0f0fu) |
+                               (((gq_w(h1, i) >> s) & 0x01010101u) << 4));
+        }
+        int sc, m;
+        const uint4 hv = gq_ld16(head); /* head stride 16: aligned */
+        gq_k4_scale_min(s, hv, &sc, &m);
+        r.a[0] = r.a[1] = gpu_fp16_to_f32((unsigned short)(hv.x & 0xffffu)) * (float)sc;
+        r.b[0] = r.b[1] = -(gpu_fp16_to_f32((unsigned short)(hv.x >> 16)) * (float)m);
+        return r;
+    }
+};
+
+/* Q6_K (210): ql[128], qh[64], int8 scales[16], fp16 d. Sub-block s = 4n + k: nibble (k >> 1) of
+ * ql[64n + 32 (k & 1) ..] and bits 2k of qh[32n ..], minus 32; x = d*sc * q. */
+template <> struct gq<GGML_TYPE_Q6_K> {
+    enum { ELEMS = 256, BLOCK = 210, BODY_OFF = 0, BODY = 208, HALVES = 1, MINS = 0 };
+    static GPU_DEVT gq_sub load(const uint8_t *body, const uint8_t *head, int s)
+    {
+        gq_sub r;
+        const int n = s >> 2, k = s & 3;
+        const uint8_t *ql = body + 64 * n + 32 * (k & 1), *qh = body + 128 + 32 * n;
+        const int lsh = 4 * (k >> 1), hsh = 2 * k;
+        const uint4 l0 = gq_ld16(ql), l1 = gq_ld16(ql + 16);
+        const uint4 h0 = gq_ld16(qh), h1 = gq_ld16(qh + 16);
+#pragma unroll
+        for (int i = 0; i < 4; i++) {
+            r.q[i] = gq_bsub(((gq_w(l0, i) >> lsh) & 0x0f0f0f0fu) |
+                                 (((gq_w(h0, i) >> hsh) & 0x03030303u) << 4),
+                             32);
+            r.q[4 + i] = gq_bsub(((gq_w(l1, i) >> lsh) & 0x0f0f0f0fu) |
+                                     (((gq_w(h1, i) >> hsh) & 0x03030303u) << 4),
+                                 32);
+        }
+        const float d = gq_half(head);
+        const uint4 scv = gq_ld16(body + 192);
+        gq_set_a(r, d * (float)(signed char)gq_byte(scv, 2 * s),
+                 d * (float)(signed char)gq_byte(scv, 2 * s + 1));
+        return r;
+    }
+};
+
+/* IQ4_XS (136): fp16 d, u16 scales_h, scales_l[4], qs[128]; sub-block s: qs[16s ..] through the
+ * IQ4_NL table, scale d * (6-bit ls - 32). */
+template <> struct gq<GGML_TYPE_IQ4_XS> {
+    enum { ELEMS = 256, BLOCK = 136, BODY_OFF = 8, BODY = 128, HALVES = 0, MINS = 0 };
+    static GPU_DEVT gq_sub load(const uint8_t *body, const uint8_t *head, int s)
+    {
+        gq_sub r;
+        const uint4 w = gq_ld16(body + 16 * s);
+#pragma unroll
+        for (int i = 0; i < 4; i++) {
+            r.q[i] = gq_iq4_lut(gq_w(w, i) & 0x0f0f0f0fu);
+            r.q[4 + i] = gq_iq4_lut((gq_w(w, i) >> 4) & 0x0f0f0f0fu);
+        }
+        const int ls = ((head[4 + s / 2] >> (4 * (s & 1))) & 15) |
+                       (int)(((gq_u16(head + 2) >> (2 * s)) & 3u) << 4);
+        const float dl = gq_half(head) * (float)(ls - 32);
+        gq_set_a(r, dl, dl);
+        return r;
+    }
+};
+
+/* TQ2_0 (66): qs[64] (2 bits, value - 1), fp16 d; sub-block s = 4j + k: field k of
+ * qs[32j ..]. */
+template <> struct gq<GGML_TYPE_TQ2_0> {
+    enum { ELEMS = 256, BLOCK = 66, BODY_OFF = 0, BODY = 64, HALVES = 0, MINS = 0 };
+    static GPU_DEVT gq_sub load(const uint8_t *body, const uint8_t *head, int s)
+    {
+        gq_sub r;
+        const int sh = 2 * (s & 3);
+        const uint4 q0 = gq_ld16(body + 32 * (s >> 2)), q1 = gq_ld16(body + 32 * (s >> 2) + 16);
+#pragma unroll
+        for (int i = 0; i < 4; i++) {
+            r.q[i] = gq_bsub((gq_w(q0, i) >> sh) & 0x03030303u, 1);
+            r.q[4 + i] = gq_bsub((gq_w(q1, i) >> sh) & 0x03030303u, 1);
+        }
+        const float d = gq_half(head);
+        gq_set_a(r, d, d);
+        return r;
+    }
+};
+
+/* TQ1_0 (54): qs[48] (5 trits per byte), qh[4] (4 trits per byte), fp16 d; x = (trit - 1) * d.
+ * Digit k of a byte: ((byte * 3^k) mod 256) * 3 >> 8. Element order (dequant.c): digits 0..4 of
+ * qs[0..31] (sub-blocks 0..4), digits 0..4 of qs[32..47] (16 at a time: sub-blocks 5, 6 and
+ * the first half of 7), digit k of qh[j] at element 240 + 4k + j (second half of 7). */
+template <> struct gq<GGML_TYPE_TQ1_0> {
+    enum { ELEMS = 256, BLOCK = 54, BODY_OFF = 0, BODY = 48, HALVES = 0, MINS = 0 };
+    static GPU_DEVT unsigned trit(unsigned byte, int k)
+    {
+        const unsigned pow3 = k == 0 ? 1u : k == 1 ? 3u : k == 2 ? 9u : k == 3 ? 27u : 81u;
+        return (((byte * pow3) & 0xffu) * 3u) >> 8;
+    }
+    /* 4 bytes of w, digit k of each, minus 1, packed */
+    static GPU_DEVT int digits4(unsigned w, int k)
+    {
+        unsigned r = 0;
+#pragma unroll
+        for (int b = 0; b < 4; b++)
+            r |= trit((w >> (8 * b)) & 0xffu, k) << (8 * b);
+        return gq_bsub(r, 1);
+    }
+    static GPU_DEVT gq_sub load(const uint8_t *body, const uint8_t *head, int s)
+    {
+        gq_sub r;
+        if (s < 5) {
+            const uint4 q0 = gq_ld16(body), q1 = gq_ld16(body + 16);
+#pragma unroll
+            for (int i = 0; i < 4; i++) {
+                r.q[i] = digits4(gq_w(q0, i), s);
+                r.q[4 + i] = digits4(gq_w(q1, i), s);
+            }
+        } else {
+            const uint4 q2 = gq_ld16(body + 32);
+            const int k0 = 2 * (s - 5); /* digits of the two halves: (0,1), (2,3), (4, qh) */
+#pragma unroll
+            for (int i = 0; i < 4; i++)
+                r.q[i] = digits4(gq_w(q2, i), k0);
+            if (s < 7) {
+#pragma unroll
+                for (int i = 0; i < 4; i++)
+                    r.q[4 + i] = digits4(gq_w(q2, i), k0 + 1);
+            } else {
+                const unsigned qh = gq_u16(head) | (gq_u16(head + 2) << 16);
+#pragma unroll
+                for (int i = 0; i < 4; i++)
+                    r.q[4 + i] = digits4(qh, i); /* elements 4i + j: digit i of qh[j] */
+            }
+        }
+        const float d = gq_half(head + 4);
+        gq_set_a(r, d, d);
+        return r;
+    }
+};
+
+/* ---- the operations every kernel shares ---------------------------------------------------- */
+/* Dot product of a sub-block with 32 activations quantized to Q8_0 (xa: elements 0..15, xb:
+ * 16..31, scale xd, sum of the 32 quants xs). */
+template <int T>
+GPU_DEVT float gq_dot(const gq_sub &w, const int4 &xa, const int4 &xb, float xd, int xs)
+{
+    int s0 = gpu_dp4a(w.q[0], xa.x, 0);
+    s0 = gpu_dp4a(w.q[1], xa.y, s0);
+    s0 = gpu_dp4a(w.q[2], xa.z, s0);
+    s0 = gpu_dp4a(w.q[3], xa.w, s0);
+    int s1 = gpu_dp4a(w.q[4], xb.x, 0);
+    s1 = gpu_dp4a(w.q[5], xb.y, s1);
+    s1 = gpu_dp4a(w.q[6], xb.z, s1);
+    s1 = gpu_dp4a(w.q[7], xb.w, s1);
+    float r;
+    if (gq<T>::HALVES) {
+        r = w.a[0] * (float)s0 + w.a[1] * (float)s1;
+        if (gq<T>::MINS) {
+            const int one = 0x01010101;
+            int m0 = gpu_dp4a(one, xa.x, 0);
+            m0 = gpu_dp4a(one, xa.y, m0);
+            m0 = gpu_dp4a(one, xa.z, m0);
+            m0 = gpu_dp4a(one, xa.w, m0);
+            r += w.b[0] * (float)m0 + w.b[1] * (float)(xs - m0);
+        }
+    } else {
+        r = w.a[0] * (float)(s0 + s1);
+        if (gq<T>::MINS) r += w.b[0] * (float)xs;
+    }
+    return r * xd;
+}
+
+/* Element e (0..31) of a decoded sub-block as a float: the CPU's dequantization. */
+template <int T> GPU_DEVT float gq_value(const gq_sub &w, int e)
+{
+    const float q = (float)(signed char)(unsigned char)((unsigned)w.q[e >> 2] >> (8 * (e & 3)));
+    const int h = e >> 4;
+    return gq<T>::MINS ? fmaf(w.a[h], q, w.b[h]) : w.a[h] * q;
+}
+
+/* Host and device: the geometry of type t (0 when t has no kernels here). */
+struct gq_geom {
+    int qk, block, body_off, body;
+};
+static inline gq_geom gq_geom_of(int t)
+{
+    switch (t) {
+#define GQ_GEOM(T)                                                                                 \
+    case T:                                                                                        \
+        return {gq<T>::ELEMS, gq<T>::BLOCK, gq<T>::BODY_OFF, gq<T>::BODY};
+        GQ_TYPES(GQ_GEOM)
+#undef GQ_GEOM
+    default:
+        return {0, 0, 0, 0};
+    }
+}
+
+/* ---- launchers (gpu_kquant.cu), called by the public ones in gpu_matvec.cu / gpu_gemm.cu ---- */
+/* Device bytes of an n_rows x n_in matrix of type t (body plane, padded to 256, then head
+ * plane), the offset of the head plane; 0 for a type or shape without kernels here. */
+size_t gq_weight_bytes(int t, int64_t n_rows, int64_t n_in);
+size_t gq_head_offset(int t, int64_t n_rows, int64_t n_in);
+int gq_weight_convert(int t, const void *d_src, void *d_dst, int64_t n_rows, int64_t n_in,
+                      cudaStream_t st, forge_err *err);
+/* y = W x with x quantized to Q8_0 blocks (xq int8, xd scales, xs sums: gpu_act_quantize). */
+int gq_matvec(int t, const void *d_w, int64_t n_out, int64_t n_in, const int8_t *xq,
+              const float *xd, const int *xs, float *d_y, cudaStream_t st, forge_err *err);
+int gq_embed(int t, const void *d_table, int64_t n_vocab, int64_t n_embd, const int32_t *d_ids,
+             int64_t n_tokens, float *d_out, cudaStream_t st, forge_err *err);
+int gq_weight_to_f16(int t, const void *d_w, int64_t n_rows, int64_t n_in, void *d_out,
+                     cudaStream_t st, forge_err *err);
+
+#endif /* FORGE_GPU_QUANT_CUH */
