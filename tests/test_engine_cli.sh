@@ -53,6 +53,10 @@ printf 'Hello there\nHello there\n' | "${schat[@]}" >"$tmp/s4" 2>/dev/null
 tu_check "sampled chat: answer 2 draws with the next seed (differs from answer 1)" \
     bash -c "[ \"\$(sed -n 1p '$tmp/s4')\" != \"\$(sed -n 2p '$tmp/s4')\" ]"
 
+# -n 0: the prompt is read (and cached), no answer
+printf 'Hello there\nTell me about the dog\n' | "$FORGE" chat -m "$m" --temp 0 -n 0 -c 512 -t 2 --stats >"$tmp/o" 2>"$tmp/e"
+tu_check "chat -n 0: two empty answers" bash -c "[ \"\$(od -An -c '$tmp/o' | tr -d ' ')\" = '\n\n' ] && [ \$(grep -c 'answer 0 tokens (limit)' '$tmp/e') -eq 2 ]"
+
 # ---- chat: the end of the context ------------------------------------------------------------
 printf 'Hello\n' | "$FORGE" chat -m "$m" --temp 0 -n -1 -c 64 -t 2 --stats >/dev/null 2>"$tmp/err"
 tu_check "chat: a full context is reported" bash -c "grep -q '^\[the context of 64 tokens is full' '$tmp/err' && grep -q '(context full)\]' '$tmp/err'"

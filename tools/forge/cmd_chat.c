@@ -140,6 +140,8 @@ typedef struct answer {
     int32_t *gen; /* the answer's ids (room for max_tokens) */
     int32_t n_gen;
     int32_t n_cached; /* prompt tokens the engine found in its prefix cache */
+    bool discard;     /* -n 0: the prompt is read, its pick not shown */
+    int32_t n_sampled; /* picks, shown or not */
     forge_finish finish;
     char error[FORGE_ERR_MSG_MAX];
     bool out_failed; /* stdout failed (reported): the request was cancelled */
@@ -149,11 +151,12 @@ static void on_event(const forge_event *ev, void *user)
 {
     answer *a = user;
     a->n_cached = ev->n_cached;
+    if (ev->token >= 0 || ev->finish == FORGE_FINISH_STOP) a->n_sampled++;
     if (ev->finish != FORGE_FINISH_NONE) {
         a->finish = ev->finish;
         if (ev->error) snprintf(a->error, sizeof a->error, "%s", ev->error);
     }
-    if (a->out_failed) return;
+    if (a->out_failed || a->discard) return;
     if (ev->token >= 0) a->gen[a->n_gen++] = ev->token;
     if (ev->text_len) fwrite(ev->text, 1, ev->text_len, stdout);
     if (!cli_stdout_ok("chat")) { /* reported; the answer cannot be shown */
@@ -188,7 +191,8 @@ static int run_turn(chat *c)
     const int64_t room = c->n_ctx - (int64_t)n_ids + 1; /* the last pick needs no K/V */
     const int64_t want = c->n_predict < 0 || c->n_predict > room ? room : c->n_predict;
     a.engine = c->engine;
-    a.gen = malloc((size_t)want * sizeof *a.gen);
+    a.discard = want == 0; /* the prompt still goes through the engine (and its cache) */
+    a.gen = malloc((size_t)(want > 0 ? want : 1) * sizeof *a.gen);
     if (!a.gen) {
         status = 1;
         goto done;
@@ -196,7 +200,7 @@ static int run_turn(chat *c)
     forge_request_params rp = forge_request_default_params();
     rp.prompt = ids;
     rp.n_prompt = (int32_t)n_ids;
-    rp.max_tokens = (int32_t)want;
+    rp.max_tokens = want > 0 ? (int32_t)want : 1;
     rp.sampling = c->sp;
     rp.sampling.seed = c->sp.seed + c->turn;
     rp.on_event = on_event;
@@ -213,13 +217,12 @@ static int run_turn(chat *c)
         status = 1;
         goto done;
     }
-    c->turn++;
-    if (a.n_gen == 0 && a.finish == FORGE_FINISH_CANCELLED) {
+    if (a.n_sampled == 0 && a.finish == FORGE_FINISH_CANCELLED) {
         fprintf(stderr, "\nforge chat: interrupted while reading the prompt; message dropped\n");
         drop_last_message(c);
         goto done;
     }
-    if (a.n_gen == 0 && a.finish == FORGE_FINISH_ERROR) {
+    if (a.n_sampled == 0 && a.finish == FORGE_FINISH_ERROR) {
         fprintf(stderr, "forge chat: %s\n", a.error);
         drop_last_message(c);
         goto done;
@@ -229,10 +232,13 @@ static int run_turn(chat *c)
         status = 1;
         goto done;
     }
-    const char *stop = a.finish == FORGE_FINISH_STOP        ? "end"
+    c->turn++;
+    const bool full = !a.discard && a.finish == FORGE_FINISH_LENGTH && a.n_gen == room;
+    const char *stop = a.discard                            ? "limit"
+                       : a.finish == FORGE_FINISH_STOP      ? "end"
                        : a.finish == FORGE_FINISH_CANCELLED ? "interrupted"
                        : a.finish == FORGE_FINISH_ERROR     ? "error"
-                       : a.n_gen == room                    ? "context full"
+                       : full                               ? "context full"
                                                             : "limit";
     if (a.finish == FORGE_FINISH_ERROR) fprintf(stderr, "\nforge chat: %s\n", a.error);
     printf("\n");
@@ -240,8 +246,8 @@ static int run_turn(chat *c)
         status = 1;
         goto done;
     }
-    if (!strcmp(stop, "interrupted")) fprintf(stderr, "[interrupted]\n");
-    if (!strcmp(stop, "context full"))
+    if (a.finish == FORGE_FINISH_CANCELLED) fprintf(stderr, "[interrupted]\n");
+    if (full)
         fprintf(stderr, "[the context of %d token%s is full: /reset to start over]\n", c->n_ctx,
                 cli_plural(c->n_ctx));
 
