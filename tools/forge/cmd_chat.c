@@ -458,6 +458,7 @@ int cmd_chat(int argc, char **argv)
     ep.n_ctx = c.n_ctx + 1;
     ep.n_parallel = 1;
     if (!o.kv_size) ep.kv_size = c.n_ctx;
+    if (ep.n_batch > c.n_ctx) ep.n_batch = c.n_ctx; /* no step of one request is longer */
     if ((status = engine_create_cli(&o, "chat", c.model, &ep, &c.engine))) goto done;
     status = 1;
     c.tok = forge_model_tok(c.model);

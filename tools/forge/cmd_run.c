@@ -132,6 +132,7 @@ int cmd_run(int argc, char **argv)
     ep.n_ctx = n_ctx + 1;
     ep.n_parallel = 1;
     if (!o.kv_size) ep.kv_size = n_ctx;
+    if (ep.n_batch > n_ctx) ep.n_batch = n_ctx; /* no step of one request is longer */
     if ((status = engine_create_cli(&o, "run", model, &ep, &engine))) goto done;
     status = 1;
     double t_load = cli_now() - t0;
