@@ -16,6 +16,26 @@ tu_require "run/chat on the engine" "$m"
 chat=("$FORGE" chat -m "$m" --temp 0 -n 24 -c 512 -t 2 --stats)
 reused_of() { grep '^\[turn:' "$1" | sed -n "${2}p" | sed 's/.*, \([0-9]*\) reused.*/\1/'; }
 
+# ---- the outputs of the loops the engine replaced (recorded from the CLI before it) -----------
+# stdout (text + ids) of sampled and penalised runs, md5: byte-identical through the engine
+pin() { # pin NAME MD5 ARGS...
+    local n=$1 want=$2
+    shift 2
+    local got
+    got=$("$FORGE" run "$@" -t 2 --ids 2>/dev/null | md5sum | cut -d' ' -f1)
+    if [ "$got" = "$want" ]; then tu_ok "$n"; else tu_fail "$n" "md5 $got, before the engine $want"; fi
+}
+q4=$shared/testdata/models/stories260K-Q4_0-mix.gguf
+pen=(--top-k 20 --top-p 0.9 --min-p 0.02 --repeat-penalty 1.3 --presence-penalty 0.5 --frequency-penalty 0.2)
+pin "run sampled --seed 7 as before" de94e7f59bfb56ee51b9339da819bd3e -m "$m" -p "The little dog" -n 60 --seed 7 --temp 1
+pin "run sampled with penalties as before" baf0153a9b4bf6cabc249c26ba79a031 -m "$m" -p Lily -n 80 --seed 3 --temp 0.9 "${pen[@]}"
+pin "run greedy with penalties as before" f153ff747380b497b623b48cfbefeb4b -m "$m" -p Lily -n 80 --temp 0 --repeat-penalty 1.5 --repeat-last-n 16
+pin "run Q4_0-mix sampled as before" 0191c2b5a21b79ff4eff074e8539d5fd -m "$q4" -p "The little dog" -n 60 --seed 7 --temp 1
+pin "run Q4_0-mix sampled with penalties as before" bd70e36c971bd3e9c62c37ea5cc62ecd -m "$q4" -p Lily -n 80 --seed 3 --temp 0.9 "${pen[@]}"
+# a sampled chat's first answer as before (later answers draw with seed + k, see below)
+got=$(printf 'Hello there\n' | "$FORGE" chat -m "$m" --seed 9 --temp 0.7 --repeat-penalty 1.2 -n 30 -c 512 -t 2 2>/dev/null | head -1 | md5sum | cut -d' ' -f1)
+tu_check "chat sampled first answer as before" test "$got" = 52c132a2ba1f96665bcff18129203f0f
+
 # ---- chat: prefix reuse ----------------------------------------------------------------------
 printf 'Hello there\nTell me about the dog\n/stats\n' | "${chat[@]}" >"$tmp/out" 2>"$tmp/err"
 tu_check "chat: two turns, exit 0" bash -c "[ $? -eq 0 ] && [ \$(grep -c '^\[turn:' '$tmp/err') -eq 2 ]"
