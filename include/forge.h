@@ -13,6 +13,7 @@
  *   forge_gguf.h  GGUF model-file reader (mmap, validated as untrusted input), ggml type traits.
  *   forge_tok.h   tokenizers (SentencePiece, byte-level BPE, WordPiece) and detokenization.
  *   forge_model.h models, inference contexts (KV cache), decoding, logits, sampling.
+ *   forge_engine.h the serving core: many requests on one model, batched steps, paged KV cache.
  *   forge_template.h chat templates (Jinja subset) and chat message rendering.
  *   forge_synth.h random-weight models of real shapes, for benchmarks.
  *   forge_hub.h   models from a Hugging Face-style hub, downloaded into a local cache.
@@ -70,6 +71,7 @@ const char *forge_version(void);
 #include "forge_gguf.h"
 #include "forge_tok.h"
 #include "forge_model.h"
+#include "forge_engine.h"
 #include "forge_template.h"
 #include "forge_synth.h"
 #include "forge_hub.h"

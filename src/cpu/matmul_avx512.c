@@ -772,7 +772,10 @@ TGT_F INLINE void f_tile(const kern_mm_args *a, int64_t o, int R, int64_t t0, in
 #ifndef F_ROWS
 #define F_ROWS 4
 #endif
-/* One token: F_ROWS rows with two accumulators each, to keep more loads in flight. */
+/* One token: F_ROWS rows at a time, the next tile prefetched. Each row has one accumulator
+ * summed in f_tile's order (elements i..i+15, then i+16.., one reduce at the end), so a row's
+ * result does not depend on how many tokens the call has (batch invariance, docs/ENGINE.md).
+ * Two accumulators per row added at the end would round differently from f_tile. */
 TGT_F INLINE void f_rows_1tok(const kern_mm_args *a, int64_t r0, int64_t r1, int64_t t, int kind)
 {
     size_t xstride = kind == WK_F32 ? (size_t)a->n_in * 4 : a->xc_row_bytes;
@@ -781,11 +784,11 @@ TGT_F INLINE void f_rows_1tok(const kern_mm_args *a, int64_t r0, int64_t r1, int
     int64_t o = r0;
     for (; o + F_ROWS <= r1; o += F_ROWS) {
         const uint8_t *w[F_ROWS];
-        __m512 acc[F_ROWS][2];
+        __m512 acc[F_ROWS];
 #pragma GCC unroll 8
         for (int r = 0; r < F_ROWS; r++) {
             w[r] = a->W + (size_t)(o + r) * a->w_row_bytes;
-            acc[r][0] = acc[r][1] = _mm512_setzero_ps();
+            acc[r] = _mm512_setzero_ps();
         }
         for (int64_t i = 0; i < a->n_in; i += 32) {
             __m512 x0 = _mm512_loadu_ps(x + i), x1 = _mm512_loadu_ps(x + i + 16);
@@ -797,13 +800,13 @@ TGT_F INLINE void f_rows_1tok(const kern_mm_args *a, int64_t r0, int64_t r1, int
                 _mm_prefetch((const char *)(pf + 64 * l), _MM_HINT_T1);
 #pragma GCC unroll 8
             for (int r = 0; r < F_ROWS; r++) {
-                acc[r][0] = _mm512_fmadd_ps(load_w16(w[r], i, kind), x0, acc[r][0]);
-                acc[r][1] = _mm512_fmadd_ps(load_w16(w[r], i + 16, kind), x1, acc[r][1]);
+                acc[r] = _mm512_fmadd_ps(load_w16(w[r], i, kind), x0, acc[r]);
+                acc[r] = _mm512_fmadd_ps(load_w16(w[r], i + 16, kind), x1, acc[r]);
             }
         }
 #pragma GCC unroll 8
         for (int r = 0; r < F_ROWS; r++)
-            a->Y[t * a->n_out + o + r] = _mm512_reduce_add_ps(_mm512_add_ps(acc[r][0], acc[r][1]));
+            a->Y[t * a->n_out + o + r] = _mm512_reduce_add_ps(acc[r]);
     }
     for (; o < r1; o++)
         f_tile(a, o, 1, t, 1, kind);
