@@ -204,8 +204,9 @@ int cmd_run(int argc, char **argv)
         }
         goto done;
     }
-    if (out.finish == FORGE_FINISH_ERROR) {
-        fprintf(stderr, "\nforge run: %s\n", out.error);
+    if (out.finish == FORGE_FINISH_ERROR || out.finish == FORGE_FINISH_NONE) {
+        /* the step failed, or the run did before the request ended */
+        fprintf(stderr, "\nforge run: %s\n", out.finish == FORGE_FINISH_ERROR ? out.error : err.msg);
         goto done;
     }
     printf("\n");
