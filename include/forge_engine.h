@@ -56,12 +56,14 @@ typedef struct forge_engine_params {
     bool f32_math;       /* as forge_context_params */
     forge_kv_type kv_type;
     int32_t n_ctx;      /* longest request (prompt + generated tokens); 0: the model's context
-                         * length, capped at kv_size */
+                         * length, capped at kv_size (a larger n_ctx given here is kept: submit
+                         * then also refuses requests that need more blocks than the pool) */
     int32_t kv_size;    /* tokens in the KV pool, all requests together (rounded up to whole
                          * blocks); 0: n_ctx x min(n_parallel, 4) (n_ctx as given, else the
                          * model's context length) */
     int32_t block_size; /* tokens per KV block: 16 or 32; 0: 16 */
-    int32_t n_parallel; /* most requests running (decoding or in prefill) at once; 0: 64 */
+    int32_t n_parallel; /* most requests running (decoding or in prefill) at once; 0: 64;
+                         * capped at n_batch (every running request needs its row) */
     int32_t n_batch;    /* token budget of one step (decode rows + prompt chunks), >= n_parallel
                          * is useful; 0: 512 */
     bool no_prefix_cache; /* do not reuse the KV blocks of earlier requests' prefixes */
@@ -133,21 +135,24 @@ typedef struct forge_event {
     /* != NONE on the last event of the request (which may also carry a token and text) */
     forge_finish finish;
     const char *error;        /* FINISH_ERROR: what failed; else NULL */
-    /* usage so far: prompt tokens, of them served from the prefix cache, generated tokens */
+    /* usage so far: prompt tokens, of them served from the prefix cache (at the first
+     * admission), generated tokens (emitted ones: an end-of-generation token that ends the
+     * request is not counted) */
     int32_t n_prompt, n_cached, n_generated;
 } forge_event;
 
 typedef struct forge_request_params {
     const int32_t *prompt; /* token ids (copied); at least 1 */
     int32_t n_prompt;
-    int32_t max_tokens;    /* most tokens to generate; 0: until the context is full */
+    int32_t max_tokens;    /* most tokens to generate; 0: until the context is full
+                            * (n_ctx - n_prompt) */
     forge_sampler_params sampling; /* temperature <= 0: greedy; seed makes draws reproducible */
     const char *const *stop; /* stop strings (copied), generation ends before the first
                               * occurrence in the generated text, which is never emitted */
     int32_t n_stop;
     bool ignore_eos;       /* keep generating past end-of-generation tokens */
     bool logprobs;         /* report each token's logprob */
-    int32_t top_logprobs;  /* and the n most likely tokens (0..20) */
+    int32_t top_logprobs;  /* and the n most likely tokens (0..20); > 0 implies logprobs */
     const forge_logit_bias *logit_bias; /* copied */
     int32_t n_logit_bias;
     void (*on_event)(const forge_event *ev, void *user); /* required */
@@ -172,7 +177,9 @@ int forge_engine_cancel(forge_engine *e, forge_req_id id, struct forge_err *err)
 
 /* One step: admit, schedule, one forward pass, sample, deliver events. Returns the number of
  * requests still unfinished (>= 0: 0 means idle) or a negative error (the requests of the failed
- * step end with FORGE_FINISH_ERROR; the engine stays usable). */
+ * step end with FORGE_FINISH_ERROR; the engine stays usable). FORGE_E_INTERRUPTED when the abort
+ * flag stopped the forward pass: the step's requests are left as they were before it.
+ * FORGE_E_INVALID when the engine's own thread runs (forge_engine_start). */
 int forge_engine_step(forge_engine *e, struct forge_err *err);
 /* Step until no request is left. FORGE_E_INTERRUPTED when the abort flag is set (the requests
  * are cancelled). */

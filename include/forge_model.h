@@ -95,7 +95,10 @@ const struct gguf_ctx *forge_model_gguf(const forge_model *model);
 
 typedef enum forge_kv_type {
     FORGE_KV_F32 = 0,
-    FORGE_KV_F16 = 1 /* K and V rounded to fp16 when stored (llama.cpp's default cache) */
+    FORGE_KV_F16 = 1, /* K and V rounded to fp16 when stored (llama.cpp's default cache) */
+    FORGE_KV_Q8_0 = 2 /* K and V as Q8_0 blocks (32 values, an fp16 scale: 8.5 bits a value);
+                       * the query is quantized to Q8_0 for the K dot products, as ggml does.
+                       * Needs head_dim % 32 == 0. CPU only for now: the GPU refuses it */
 } forge_kv_type;
 
 /* Where a context computes. GPU: libforge_cuda.so is dlopened at context creation (looked for
@@ -104,6 +107,9 @@ typedef enum forge_kv_type {
  * a message saying which. AUTO: the GPU when that works, else the CPU, silently (ask
  * forge_context_device which one was taken). CPU is the default (0), so zero-initialised params
  * stay on the CPU. */
+/* "f32", "f16", "q8_0" (as --kv-type spells them), or "?" for another value. Static. */
+const char *forge_kv_type_name(forge_kv_type t);
+
 typedef enum forge_device {
     FORGE_DEVICE_CPU = 0,
     FORGE_DEVICE_GPU = 1,

@@ -60,15 +60,17 @@ static be_kv *make_kv(backend *be, int n_layer, int n_ctx, int kv_dim, int type)
     return kv;
 }
 
-/* Every row of every layer = NaN (the sentinel of rows no sequence owns). */
-static void fill_nan(backend *be, be_kv *kv, int n_layer, int n_ctx, int kv_dim)
+/* Every row of every layer = NaN (the sentinel of rows no sequence owns). A Q8_0 cache cannot
+ * hold NaN (its quantizer maps NaN to 0): 1e30 there, whose fp16 scale is infinite, so a read
+ * of it still makes the output non-finite. */
+static void fill_nan(backend *be, be_kv *kv, int n_layer, int n_ctx, int kv_dim, int type)
 {
     forge_err err = {0};
     float *nan_rows = malloc((size_t)n_ctx * kv_dim * sizeof(float));
     int32_t *rows = malloc((size_t)n_ctx * sizeof(int32_t));
     assert_true(nan_rows && rows);
     for (int64_t i = 0; i < (int64_t)n_ctx * kv_dim; i++)
-        nan_rows[i] = NAN;
+        nan_rows[i] = type == FORGE_KV_Q8_0 ? 1e30f : NAN;
     for (int r = 0; r < n_ctx; r++)
         rows[r] = r;
     be_buf *b = upload(be, nan_rows, (int64_t)n_ctx * kv_dim);
@@ -264,11 +266,13 @@ static void test_paged_equals_contiguous(void **state)
         toks[i] = (int32_t)(tu_rand_u64(&rng) % 32000);
     int n_cases = 0;
     backend *be = make_backend(2);
-    for (int type = FORGE_KV_F32; type <= FORGE_KV_F16; type++)
+    for (int type = FORGE_KV_F32; type <= FORGE_KV_Q8_0; type++)
         for (int bsi = 0; bsi < 2; bsi++)
             for (size_t hi = 0; hi < sizeof heads / sizeof heads[0]; hi++) {
                 const int bs = bsi ? 32 : 16, n_head = heads[hi][0], n_head_kv = heads[hi][1];
                 const int hd = heads[hi][2], kv_dim = n_head_kv * hd, n_ctx = n_blocks * bs;
+                /* Q8_0 holds heads of whole 32-value blocks only (test_q8_cache: the error) */
+                if (type == FORGE_KV_Q8_0 && hd % 32) continue;
                 be_kv *kv = make_kv(be, n_layer, n_ctx, kv_dim, type);
                 for (size_t ci = 0; ci < sizeof chunks / sizeof chunks[0]; ci++) {
                     const int pos0 = chunks[ci][0], n_tok = chunks[ci][1], len = pos0 + n_tok;
@@ -279,7 +283,7 @@ static void test_paged_equals_contiguous(void **state)
                     for (int b = 0; b < n_blocks; b++)
                         perm[b] = b;
                     shuffle(perm, n_blocks, &rng);
-                    fill_nan(be, kv, n_layer, n_ctx, kv_dim);
+                    fill_nan(be, kv, n_layer, n_ctx, kv_dim, type);
                     for (int p = 0; p < len; p++)
                         rows[p] = perm[p / bs] * bs + p % bs;
                     store(be, kv, l, toks, 0, len, kv_dim, rows);
@@ -297,7 +301,7 @@ static void test_paged_equals_contiguous(void **state)
                 be->ops->kv_free(be, kv);
             }
     print_message("%d cases bit-exact\n", n_cases);
-    assert_int_equal(n_cases, 2 * 2 * 5 * 7);
+    assert_int_equal(n_cases, 2 * 2 * 5 * 7 + 2 * 2 * 7); /* F32, F16: 5 layouts; Q8_0: 2 */
     be->ops->destroy(be);
 }
 
@@ -310,7 +314,7 @@ static void test_sentinel_is_live(void **state)
     backend *be = make_backend(1);
     be_kv *kv = make_kv(be, 1, n_blocks * bs, kv_dim, FORGE_KV_F32);
     int32_t toks[32] = {0}, rows[32];
-    fill_nan(be, kv, 1, n_blocks * bs, kv_dim);
+    fill_nan(be, kv, 1, n_blocks * bs, kv_dim, FORGE_KV_F32);
     for (int p = 0; p < 20; p++)
         rows[p] = (p < bs ? 2 : 0) * bs + p % bs;
     store(be, kv, 0, toks, 0, 20, kv_dim, rows);
@@ -417,7 +421,7 @@ static void test_kv_blocks_sequences(void **state)
             const int bs = bsi ? 32 : 16, n_blocks = bsi ? 24 : 48, n_ctx = n_blocks * bs;
             kvb_pool *pool = make_pool(n_blocks, bs, bsi == 0);
             be_kv *kv = make_kv(be, n_layer, n_ctx, kv_dim, type);
-            fill_nan(be, kv, n_layer, n_ctx, kv_dim);
+            fill_nan(be, kv, n_layer, n_ctx, kv_dim, type);
             static seq_shadow seqs[6];
             memset(seqs, 0, sizeof seqs);
             uint64_t rng = 1234 + (uint64_t)(type * 2 + bsi);
@@ -496,7 +500,7 @@ static void test_prefix_hit(void **state)
             const int bs = bsi ? 32 : 16, n_blocks = 16, n_ctx = n_blocks * bs;
             kvb_pool *pool = make_pool(n_blocks, bs, true);
             be_kv *kv = make_kv(be, n_layer, n_ctx, kv_dim, type);
-            fill_nan(be, kv, n_layer, n_ctx, kv_dim);
+            fill_nan(be, kv, n_layer, n_ctx, kv_dim, type);
             forge_err err = {0};
             int n_copies = 0;
             static seq_shadow a, b;
@@ -611,6 +615,81 @@ static void test_errors(void **state)
     be->ops->destroy(be);
 }
 
+/* A Q8_0 cache: each value read back within half a quantization step of the F32 one (scale
+ * amax/127 per 32 values), copy-on-write moves the blocks exactly, attention close to the F32
+ * cache's (the query is quantized too), and head dims that are not whole blocks are refused. */
+static void test_q8_cache(void **state)
+{
+    (void)state;
+    const int bs = 16, n_blocks = 6, n_head = 8, n_head_kv = 2, hd = 64, kv_dim = n_head_kv * hd;
+    const int n_ctx = n_blocks * bs, len = 70, n_tok = 5, pos0 = len - n_tok;
+    backend *be = make_backend(2);
+    forge_err err = {0};
+    be_kv *q8 = make_kv(be, 1, n_ctx, kv_dim, FORGE_KV_Q8_0),
+          *f32 = make_kv(be, 1, n_ctx, kv_dim, FORGE_KV_F32);
+    int32_t toks[70], table[6] = {3, 0, 5, 1, 4, 2}, rows[70];
+    uint64_t rng = 77;
+    for (int i = 0; i < len; i++) {
+        toks[i] = (int32_t)(tu_rand_u64(&rng) % 32000);
+        rows[i] = table[i / bs] * bs + i % bs;
+    }
+    store(be, q8, 0, toks, 0, len, kv_dim, rows);
+    store(be, f32, 0, toks, 0, len, kv_dim, rows);
+    float *k8 = malloc((size_t)len * kv_dim * 4), *v8 = malloc((size_t)len * kv_dim * 4);
+    float *k32 = malloc((size_t)len * kv_dim * 4), *v32 = malloc((size_t)len * kv_dim * 4);
+    assert_true(k8 && v8 && k32 && v32);
+    assert_int_equal(be->ops->kv_read(be, q8, 0, rows, len, k8, v8, &err), 0);
+    assert_int_equal(be->ops->kv_read(be, f32, 0, rows, len, k32, v32, &err), 0);
+    for (int r = 0; r < len; r++)
+        for (int b = 0; b < kv_dim / 32; b++) {
+            float amax = 0.0f;
+            for (int i = 0; i < 32; i++)
+                amax = fmaxf(amax, fabsf(k32[(size_t)r * kv_dim + b * 32 + i]));
+            for (int i = 0; i < 32; i++) {
+                size_t x = (size_t)r * kv_dim + b * 32 + i;
+                assert_true(fabsf(k8[x] - k32[x]) <= amax / 127.0f * 0.57f + 1e-6f /* half a step + the fp16 scale */);
+            }
+        }
+    /* copy-on-write of a Q8_0 block: the rows arrive unchanged */
+    assert_int_equal(be->ops->kv_copy_block(be, q8, bs, 0, 2, 7, &err), 0);
+    float kc[2][128], vc[2][128];
+    int32_t from = 0 * bs + 6, to = 2 * bs + 6;
+    assert_int_equal(be->ops->kv_read(be, q8, 0, &from, 1, kc[0], vc[0], &err), 0);
+    assert_int_equal(be->ops->kv_read(be, q8, 0, &to, 1, kc[1], vc[1], &err), 0);
+    assert_memory_equal(kc[0], kc[1], sizeof kc[0]);
+    assert_memory_equal(vc[0], vc[1], sizeof vc[0]);
+    /* attention: close to the F32 cache's */
+    float *q = random_q(&rng, n_tok, n_head, hd);
+    store(be, q8, 0, toks, 0, len, kv_dim, rows); /* block 2 again */
+    float *got = paged_attn(be, q8, 0, table, 5, bs, pos0, n_tok, n_head, n_head_kv, hd, q);
+    float *want = paged_attn(be, f32, 0, table, 5, bs, pos0, n_tok, n_head, n_head_kv, hd, q);
+    double num = 0, den = 0;
+    for (int i = 0; i < n_tok * n_head * hd; i++) {
+        assert_true(isfinite(got[i]));
+        num += ((double)got[i] - want[i]) * ((double)got[i] - want[i]);
+        den += (double)want[i] * want[i];
+    }
+    print_message("q8_0 cache attention NMSE vs f32: %.3g\n", num / den);
+    assert_true(num / den < 1e-3);
+    assert_true(num > 0); /* it is quantized */
+    /* heads that are not whole Q8_0 blocks: refused, naming the size */
+    be_kv *bad = NULL;
+    assert_int_equal(be->ops->kv_create(be, 1, n_ctx, 40, FORGE_KV_Q8_0, &bad, &err),
+                     FORGE_E_UNSUPPORTED);
+    assert_non_null(strstr(err.msg, "40"));
+    assert_null(bad);
+    free(q);
+    free(got);
+    free(want);
+    free(k8);
+    free(v8);
+    free(k32);
+    free(v32);
+    be->ops->kv_free(be, q8);
+    be->ops->kv_free(be, f32);
+    be->ops->destroy(be);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -619,6 +698,7 @@ int main(void)
         cmocka_unit_test(test_kv_blocks_sequences),
         cmocka_unit_test(test_prefix_hit),
         cmocka_unit_test(test_errors),
+        cmocka_unit_test(test_q8_cache),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

@@ -40,6 +40,19 @@ for ((r = 1; r <= n_rows; r++)); do
     if [ "$got" = "$want" ]; then tu_ok "greedy KV f16 '$prompt'"; else tu_fail "greedy KV f16 '$prompt'" "got '$got'"; fi
 done
 
+# Q8_0 KV cache: refused with the reason on a model whose heads are not whole 32-value blocks;
+# runs on one whose are (tiny-qwen3: head_dim 32), close enough to F32 that greedy ids agree
+"$FORGE" run -m "$m" -p "Once upon a time" -n 4 --kv-type q8_0 -t 1 >"$tmp/out" 2>"$tmp/err"
+rc=$?
+tu_check "KV q8_0 on head_dim 8: exit 1" [ $rc -eq 1 ]
+tu_check "KV q8_0 on head_dim 8: names head_dim" grep -q "head_dim is 8" "$tmp/err"
+"$FORGE" synth --shape tiny-qwen3 --type F32 -o "$tmp/tq3.gguf" >/dev/null 2>&1
+for kv in f32 q8_0; do
+    "$FORGE" run -m "$tmp/tq3.gguf" -p "hello world" -n 16 --temp 0 --kv-type $kv -t 2 --ids 2>"$tmp/err.$kv" | sed -n 's/^ids: //p' >"$tmp/ids.$kv"
+done
+tu_check "KV q8_0 runs (16 ids, KV q8_0 said)" bash -c "[ \$(wc -w <'$tmp/ids.q8_0') -eq 16 ] && grep -q 'KV q8_0' '$tmp/err.q8_0'"
+tu_check "KV q8_0 greedy ids equal f32's" cmp -s "$tmp/ids.f32" "$tmp/ids.q8_0"
+
 # the streamed text is the reference text (first prompt, F32)
 "$FORGE" run -m "$m" -p "Once upon a time" -n 64 --temp 0 -t 1 >"$tmp/out" 2>"$tmp/err"
 tu_check "text streamed" grep -q "^, there was a little girl named Lily. She loved to play outside in the park." "$tmp/out"

@@ -22,9 +22,20 @@ struct be_buf {
 };
 
 struct be_kv {
-    int n_layer, n_ctx, kv_dim, type; /* type: FORGE_KV_F32 / FORGE_KV_F16 */
-    void *k, *v;                      /* [n_layer][n_ctx][kv_dim] */
+    int n_layer, n_ctx, kv_dim, type; /* type: FORGE_KV_F32 / F16 / Q8_0 */
+    size_t row_bytes;                 /* one row of kv_dim values in that type */
+    void *k, *v;                      /* [n_layer][n_ctx][row_bytes] */
 };
+
+/* Q8_0 rows: blocks of 32 values, an fp16 scale then 32 int8 (ggml's block_q8_0). */
+#define KV_QK 32
+#define KV_Q8_BYTES 34
+
+static size_t kv_row_bytes(int type, int kv_dim)
+{
+    return type == FORGE_KV_Q8_0 ? (size_t)kv_dim / KV_QK * KV_Q8_BYTES
+                                 : (size_t)kv_dim * (type == FORGE_KV_F16 ? 2 : 4);
+}
 
 typedef struct cpu_backend {
     backend base;
@@ -110,13 +121,17 @@ static int cpu_kv_create(backend *be, int n_layer, int n_ctx, int kv_dim, int kv
 {
     (void)be;
     *out = NULL;
-    size_t elt = kv_type == FORGE_KV_F16 ? 2 : 4;
     uint64_t n;
-    if (kv_type != FORGE_KV_F32 && kv_type != FORGE_KV_F16)
-        return forge_err_set(err, FORGE_E_INVALID, "KV cache type %d is not f32 (0) or f16 (1)",
-                             kv_type);
+    if (kv_type != FORGE_KV_F32 && kv_type != FORGE_KV_F16 && kv_type != FORGE_KV_Q8_0)
+        return forge_err_set(err, FORGE_E_INVALID,
+                             "KV cache type %d is not f32 (0), f16 (1) or q8_0 (2)", kv_type);
+    if (kv_type == FORGE_KV_Q8_0 && kv_dim % KV_QK)
+        return forge_err_set(err, FORGE_E_UNSUPPORTED,
+                             "a q8_0 KV cache needs rows of a multiple of %d values, this model's "
+                             "are %d",
+                             KV_QK, kv_dim);
     if (n_layer <= 0 || n_ctx <= 0 || kv_dim <= 0 ||
-        !forge_mul_u64((uint64_t)n_layer * (uint64_t)n_ctx, (uint64_t)kv_dim * elt, &n) ||
+        !forge_mul_u64((uint64_t)n_layer * (uint64_t)n_ctx, kv_row_bytes(kv_type, kv_dim), &n) ||
         n > SIZE_MAX)
         return forge_err_set(err, FORGE_E_INVALID,
                              "KV cache of %d layers x %d positions x %d is too large", n_layer,
@@ -127,6 +142,7 @@ static int cpu_kv_create(backend *be, int n_layer, int n_ctx, int kv_dim, int kv
     kv->n_ctx = n_ctx;
     kv->kv_dim = kv_dim;
     kv->type = kv_type;
+    kv->row_bytes = kv_row_bytes(kv_type, kv_dim);
     kv->k = calloc(1, (size_t)n);
     kv->v = calloc(1, (size_t)n);
     if (!kv->k || !kv->v) goto nomem;
@@ -336,6 +352,37 @@ static float dot_row(const void *row, bool f16, const float *x, int n)
     return (s0 + s1) + (s2 + s3);
 }
 
+/* Dot product of a Q8_0 row slice (n / 32 blocks) with a query quantized to Q8_0 the same way
+ * (ggml's vec_dot_q8_0_q8_0: an integer sum per block times both scales). */
+static float dot_row_q8(const uint8_t *row, const uint8_t *xq, int n)
+{
+    float sum = 0.0f;
+    for (int b = 0; b < n / KV_QK; b++) {
+        const uint8_t *rb = row + (size_t)b * KV_Q8_BYTES, *xb = xq + (size_t)b * KV_Q8_BYTES;
+        int sumi = 0;
+        for (int i = 0; i < KV_QK; i++)
+            sumi += (int)(int8_t)rb[2 + i] * (int)(int8_t)xb[2 + i];
+        uint16_t dr, dx;
+        memcpy(&dr, rb, 2);
+        memcpy(&dx, xb, 2);
+        sum += (float)sumi * (forge_fp16_to_f32(dr) * forge_fp16_to_f32(dx));
+    }
+    return sum;
+}
+
+/* y += w * dequantized Q8_0 row slice (n / 32 blocks) */
+static void axpy_row_q8(float *y, float w, const uint8_t *row, int n)
+{
+    for (int b = 0; b < n / KV_QK; b++) {
+        const uint8_t *rb = row + (size_t)b * KV_Q8_BYTES;
+        uint16_t dr;
+        memcpy(&dr, rb, 2);
+        const float d = forge_fp16_to_f32(dr);
+        for (int i = 0; i < KV_QK; i++)
+            y[b * KV_QK + i] += w * (d * (float)(int8_t)rb[2 + i]);
+    }
+}
+
 /* y += w * row (F32 or F16) */
 static void axpy_row(float *y, float w, const void *row, bool f16, int n)
 {
@@ -361,16 +408,16 @@ static void attn_worker(void *arg, int ith, int nth)
     const be_kv *kv = j->kv;
     const int hd = a->head_dim, kv_dim = kv->kv_dim, gqa = a->n_head / a->n_head_kv;
     const int bs = bt->block_size;
-    const bool f16 = kv->type == FORGE_KV_F16;
-    const size_t elt = f16 ? 2 : 4;
+    const bool f16 = kv->type == FORGE_KV_F16, q8 = kv->type == FORGE_KV_Q8_0;
     const int64_t items = (int64_t)bt->n_tok * a->n_head;
     const int64_t per = (items + nth - 1) / nth;
     const int64_t i_start = per * ith, i_end = i_start + per < items ? i_start + per : items;
     float *scores = j->c->scratch + (size_t)ith * j->c->scratch_per_thread;
     float *qh16 = scores + j->n_scores;
-    const uint8_t *kbase = (const uint8_t *)kv->k + (size_t)a->layer * kv->n_ctx * kv_dim * elt;
-    const uint8_t *vbase = (const uint8_t *)kv->v + (size_t)a->layer * kv->n_ctx * kv_dim * elt;
-    const size_t row_bytes = (size_t)kv_dim * elt;
+    const size_t row_bytes = kv->row_bytes;
+    const uint8_t *kbase = (const uint8_t *)kv->k + (size_t)a->layer * kv->n_ctx * row_bytes;
+    const uint8_t *vbase = (const uint8_t *)kv->v + (size_t)a->layer * kv->n_ctx * row_bytes;
+    (void)kv_dim;
 
     for (int64_t it = i_start; it < i_end; it++) {
         int t = (int)(it / a->n_head), h = (int)(it % a->n_head);
@@ -378,11 +425,14 @@ static void attn_worker(void *arg, int ith, int nth)
         int n_kv = bt->pos[t] + 1;
         const int32_t *table = bt->table + (size_t)j->row_seq[t] * bt->table_stride;
         const float *qh = j->q + ((int64_t)t * a->n_head + h) * hd;
-        const size_t head_off = (size_t)kvh * hd * elt;
-        if (f16) { /* ggml rounds the query to the cache's vec_dot type */
+        const size_t head_off = kv_row_bytes(kv->type, kvh * hd);
+        /* ggml rounds the query to the cache's vec_dot type: fp16, or Q8_0 blocks */
+        if (f16) {
             for (int d = 0; d < hd; d++)
                 qh16[d] = forge_fp16_to_f32(forge_f32_to_fp16(qh[d]));
             qh = qh16;
+        } else if (q8) {
+            kern_quantize_row_q8_0(qh, qh16, hd);
         }
         float max = -INFINITY;
         for (int p0 = 0, b = 0; p0 < n_kv; p0 += bs, b++) {
@@ -390,7 +440,10 @@ static void attn_worker(void *arg, int ith, int nth)
             const uint8_t *kr = kbase + r0 * row_bytes + head_off;
             const int m = n_kv - p0 < bs ? n_kv - p0 : bs;
             for (int i = 0; i < m; i++) {
-                float s = dot_row(kr + (size_t)i * row_bytes, f16, qh, hd) * a->scale;
+                const uint8_t *krow = kr + (size_t)i * row_bytes;
+                float s = (q8 ? dot_row_q8(krow, (const uint8_t *)qh16, hd)
+                              : dot_row(krow, f16, qh, hd)) *
+                          a->scale;
                 scores[p0 + i] = s;
                 if (s > max) max = s;
             }
@@ -412,8 +465,12 @@ static void attn_worker(void *arg, int ith, int nth)
             const size_t r0 = (size_t)table[b] * (size_t)bs;
             const uint8_t *vr = vbase + r0 * row_bytes + head_off;
             const int m = n_kv - p0 < bs ? n_kv - p0 : bs;
-            for (int i = 0; i < m; i++)
-                axpy_row(o, scores[p0 + i], vr + (size_t)i * row_bytes, f16, hd);
+            for (int i = 0; i < m; i++) {
+                if (q8)
+                    axpy_row_q8(o, scores[p0 + i], vr + (size_t)i * row_bytes, hd);
+                else
+                    axpy_row(o, scores[p0 + i], vr + (size_t)i * row_bytes, f16, hd);
+            }
         }
     }
 }
@@ -422,7 +479,11 @@ static void attn_worker(void *arg, int ith, int nth)
 static void kv_put_row(be_kv *kv, int layer, size_t row, const float *k_src, const float *v_src)
 {
     const size_t n = (size_t)kv->kv_dim, base = ((size_t)layer * kv->n_ctx + row) * n;
-    if (kv->type == FORGE_KV_F16) {
+    if (kv->type == FORGE_KV_Q8_0) {
+        const size_t off = ((size_t)layer * kv->n_ctx + row) * kv->row_bytes;
+        kern_quantize_row_q8_0(k_src, (uint8_t *)kv->k + off, (int64_t)n);
+        kern_quantize_row_q8_0(v_src, (uint8_t *)kv->v + off, (int64_t)n);
+    } else if (kv->type == FORGE_KV_F16) {
         uint16_t *kd = (uint16_t *)kv->k + base, *vd = (uint16_t *)kv->v + base;
         for (size_t i = 0; i < n; i++) {
             kd[i] = forge_f32_to_fp16(k_src[i]);
@@ -446,7 +507,7 @@ static int cpu_attention(backend *be, be_buf *out, const be_buf *q, const be_buf
     if (!kv || !a || !bt || bt->n_tok < 1 || a->n_head <= 0 || a->head_dim <= 0 ||
         a->n_head_kv <= 0 || a->n_head % a->n_head_kv || a->n_head_kv * a->head_dim != kv->kv_dim ||
         a->layer < 0 || a->layer >= kv->n_layer || bt->block_size < 1 ||
-        kv->n_ctx % bt->block_size)
+        kv->n_ctx % bt->block_size || (kv->type == FORGE_KV_Q8_0 && a->head_dim % KV_QK))
         return forge_err_set(err, FORGE_E_INTERNAL,
                              "attention: layer %d, %d heads / %d KV heads of %d, blocks of %d do "
                              "not fit the cache (%d layers, kv_dim %d, %d rows)",
@@ -531,7 +592,7 @@ static int cpu_kv_copy_block(backend *be, be_kv *kv, int block_size, int src, in
                              "the cache of %d rows",
                              src, dst, n_rows, block_size, kv ? kv->n_ctx : -1);
     if (src == dst || n_rows == 0) return FORGE_OK;
-    const size_t row_bytes = (size_t)kv->kv_dim * (kv->type == FORGE_KV_F16 ? 2 : 4);
+    const size_t row_bytes = kv->row_bytes;
     for (int l = 0; l < kv->n_layer; l++) {
         size_t layer_off = (size_t)l * kv->n_ctx * row_bytes;
         size_t s = layer_off + (size_t)src * block_size * row_bytes;
@@ -556,6 +617,14 @@ static int cpu_kv_read(backend *be, const be_kv *kv, int layer, const int32_t *r
                                  "kv_read: row %d is outside the cache of %d rows", rows[t],
                                  kv->n_ctx);
         size_t base = ((size_t)layer * kv->n_ctx + (size_t)rows[t]) * dim;
+        if (kv->type == FORGE_KV_Q8_0) {
+            const size_t off = ((size_t)layer * kv->n_ctx + (size_t)rows[t]) * kv->row_bytes;
+            memset(k_out + t * dim, 0, dim * sizeof(float));
+            memset(v_out + t * dim, 0, dim * sizeof(float));
+            axpy_row_q8(k_out + t * dim, 1.0f, (const uint8_t *)kv->k + off, (int)dim);
+            axpy_row_q8(v_out + t * dim, 1.0f, (const uint8_t *)kv->v + off, (int)dim);
+            continue;
+        }
         for (size_t i = 0; i < dim; i++) {
             if (kv->type == FORGE_KV_F16) {
                 k_out[t * dim + i] = forge_fp16_to_f32(((const uint16_t *)kv->k)[base + i]);

@@ -19,6 +19,7 @@
  * vector 8 times.
  * F32/F16/BF16: register tiles of 4 rows x 6 tokens, f32 accumulation (BF16 by vdpbf16ps, as
  * ggml does on such CPUs; it flushes bf16 subnormals to zero, which the scalar code does not). */
+#include <math.h>
 #include <string.h>
 
 #include "core/fp16.h"
@@ -308,30 +309,63 @@ TGT_I INLINE void q_rows8_1tok(const kern_mm_args *a, const q_consts *c, int64_t
     _mm_storeu_ps(y + 4, _mm_add_ps(_mm256_castps256_ps128(hi), _mm256_extractf128_ps(hi, 1)));
 }
 
-/* One row (the remainder of a tile), one token. */
+/* The exact integer sum of one block: weights (Q4_0 nibbles - 8, or Q8_0 int8) times the
+ * token's Q8 activations; what the dpbusd paths compute with their correction seeds. Not
+ * auto-vectorized: GCC 12 turns the signed int8 x int8 loop, inlined into a function compiled
+ * for AVX-512 VNNI, into wrong code (tests/test_batch_invariance.c caught it). */
+#if defined(__GNUC__) && !defined(__clang__)
+#define Q_NO_VECTORIZE __attribute__((noinline, optimize("no-tree-vectorize")))
+#else
+#define Q_NO_VECTORIZE __attribute__((noinline))
+#endif
+Q_NO_VECTORIZE static int32_t q_block_isum(const uint8_t *wb, const int8_t *xb, int is_q4)
+{
+    int32_t s = 0;
+    if (is_q4) {
+        for (int j = 0; j < KERN_QK / 2; j++)
+            s += ((wb[2 + j] & 0x0f) - 8) * xb[j] + ((wb[2 + j] >> 4) - 8) * xb[j + KERN_QK / 2];
+    } else {
+        for (int j = 0; j < KERN_QK; j++)
+            s += (int8_t)wb[2 + j] * xb[j];
+    }
+    return s;
+}
+
+/* One row (the remainder of a tile), one token, with the reduction order of the 8-row paths
+ * (batch invariance: a row's result must not depend on where it falls in a tile, nor on how
+ * many tokens the call has): per block the exact integer sum times (weight scale * activation
+ * scale), accumulated with one fma per block into chains by block index (Q8_0: even/odd,
+ * summed at the end; Q4_0: the blocks of whole 4-block groups by index mod 4, summed as
+ * (c0 + c2) + (c1 + c3), then the other blocks in even/odd chains added last). Scalar: only rows
+ * past the last multiple of 8 of a thread's range get here. */
 TGT_I INLINE void q_row_1tok(const kern_mm_args *a, const q_consts *c, int64_t o, int64_t t,
                              int is_q4)
 {
+    (void)c;
     const uint8_t *xrow = a->Xc + (size_t)t * a->xc_row_bytes;
     const int8_t *xq = (const int8_t *)xrow;
     const float *xd = kern_xq_d(xrow, a->n_in);
-    const int32_t *nc = kern_xq_ncorr(xrow, a->n_in);
     const int64_t nb = a->n_in / KERN_QK;
     const size_t bb = is_q4 ? KERN_Q4_0_BYTES : KERN_Q8_0_BYTES;
     const uint8_t *w = a->W + (size_t)o * a->w_row_bytes;
-    __m512 acc = _mm512_setzero_ps();
+    const int64_t nb_main = is_q4 ? nb - nb % 4 : nb, nch = is_q4 ? 4 : 2;
+    float ch[4] = {0.0f, 0.0f, 0.0f, 0.0f}, tail[2] = {0.0f, 0.0f}, y;
     int64_t b = 0;
-    for (; b + 2 <= nb; b += 2) {
-        q_xstep xs = load_xstep(xq, xd, nc, b, 2);
-        acc = is_q4 ? q4_0_step(c, w + (size_t)b * bb, 2, &xs, acc)
-                    : q8_0_step(c, w + (size_t)b * bb, 2, &xs, acc);
+    for (; b < nb_main; b++) {
+        const uint8_t *wb = w + (size_t)b * bb;
+        float scale = forge_fp16_to_f32(kern_load_u16(wb)) * xd[b];
+        ch[b % nch] = fmaf((float)q_block_isum(wb, xq + b * KERN_QK, is_q4), scale, ch[b % nch]);
     }
+    y = is_q4 ? (ch[0] + ch[2]) + (ch[1] + ch[3]) : ch[0] + ch[1];
     if (b < nb) {
-        q_xstep xs = load_xstep(xq, xd, nc, b, 1);
-        acc = is_q4 ? q4_0_step(c, w + (size_t)b * bb, 1, &xs, acc)
-                    : q8_0_step(c, w + (size_t)b * bb, 1, &xs, acc);
+        for (int k = 0; b < nb; b++, k ^= 1) {
+            const uint8_t *wb = w + (size_t)b * bb;
+            float scale = forge_fp16_to_f32(kern_load_u16(wb)) * xd[b];
+            tail[k] = fmaf((float)q_block_isum(wb, xq + b * KERN_QK, is_q4), scale, tail[k]);
+        }
+        y = y + (tail[0] + tail[1]);
     }
-    a->Y[t * a->n_out + o] = _mm512_reduce_add_ps(acc);
+    a->Y[t * a->n_out + o] = y;
 }
 
 /* Q4_0, one token, four blocks per step: 8 rows x 4 blocks. Each row's 72 bytes are two
@@ -611,49 +645,84 @@ TGT_I INLINE void q_repack(const kern_mm_args *a, const rp_idx *ix, int64_t o, i
     }
 }
 
-/* 16 repacked rows x T tokens, all blocks; stores the valid rows of each token. */
+/* Block b of 16 repacked rows for T tokens: acc[t] += isum * (d_w * d_x), one fma per block. */
+TGT_I INLINE void q_tile_block(const uint8_t *rep, const int8_t *const *xq, const float *const *xd,
+                               const int32_t *const *nc, int64_t b, int T, __m512 *acc)
+{
+    const uint8_t *rb = rep + (size_t)b * RP_BLOCK_BYTES;
+    __m512i is[TOK_TILE];
+#pragma GCC unroll 8
+    for (int t = 0; t < T; t++)
+        is[t] = _mm512_set1_epi32(nc[t][b]);
+#pragma GCC unroll 8
+    for (int g = 0; g < 8; g++) {
+        __m512i w = _mm512_load_si512((const void *)(rb + 64 * g));
+#pragma GCC unroll 8
+        for (int t = 0; t < T; t++) {
+            int32_t x4;
+            memcpy(&x4, xq[t] + b * KERN_QK + 4 * g, 4);
+            is[t] = _mm512_dpbusd_epi32(is[t], w, _mm512_set1_epi32(x4));
+        }
+    }
+    __m512 dw = _mm512_load_ps((const float *)(const void *)(rb + 512));
+#pragma GCC unroll 8
+    for (int t = 0; t < T; t++)
+        acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(is[t]),
+                                 _mm512_mul_ps(dw, _mm512_set1_ps(xd[t][b])), acc[t]);
+}
+
+/* 16 repacked rows x T tokens, all blocks; stores the valid rows of each token. The blocks go
+ * into the chains of the one-token paths (q_row_1tok says how), so every row gets the same bits
+ * as when its token runs alone. */
 TGT_I INLINE void q_tile(const kern_mm_args *a, const uint8_t *rep, int64_t o, __mmask16 rmask,
-                         int64_t t0, int T)
+                         int64_t t0, int T, int is_q4)
 {
     const int64_t nb = a->n_in / KERN_QK;
+    const int nch = is_q4 ? 4 : 2;
+    const int64_t nb_main = is_q4 ? nb - nb % 4 : nb;
     const int8_t *xq[TOK_TILE];
     const float *xd[TOK_TILE];
     const int32_t *nc[TOK_TILE];
-    __m512 acc[TOK_TILE];
+    __m512 acc[4][TOK_TILE], y[TOK_TILE];
 #pragma GCC unroll 8
     for (int t = 0; t < T; t++) {
         const uint8_t *xrow = a->Xc + (size_t)(t0 + t) * a->xc_row_bytes;
         xq[t] = (const int8_t *)xrow;
         xd[t] = kern_xq_d(xrow, a->n_in);
         nc[t] = kern_xq_ncorr(xrow, a->n_in);
-        acc[t] = _mm512_setzero_ps();
+#pragma GCC unroll 4
+        for (int k = 0; k < nch; k++)
+            acc[k][t] = _mm512_setzero_ps();
     }
-    for (int64_t b = 0; b < nb; b++) {
-        const uint8_t *rb = rep + (size_t)b * RP_BLOCK_BYTES;
-        __m512i is[TOK_TILE];
+    int64_t b = 0;
+    for (; b + nch <= nb_main; b += nch)
+#pragma GCC unroll 4
+        for (int k = 0; k < nch; k++)
+            q_tile_block(rep, xq, xd, nc, b + k, T, acc[k]);
+    if (b < nb_main) /* Q8_0, an odd block count: the last block is an even one */
+        q_tile_block(rep, xq, xd, nc, b++, T, acc[0]);
+#pragma GCC unroll 8
+    for (int t = 0; t < T; t++)
+        y[t] = is_q4 ? _mm512_add_ps(_mm512_add_ps(acc[0][t], acc[2][t]),
+                                     _mm512_add_ps(acc[1][t], acc[3][t]))
+                     : _mm512_add_ps(acc[0][t], acc[1][t]);
+    if (b < nb) { /* Q4_0: the blocks after the last whole group of 4, in even/odd chains */
 #pragma GCC unroll 8
         for (int t = 0; t < T; t++)
-            is[t] = _mm512_set1_epi32(nc[t][b]);
-#pragma GCC unroll 8
-        for (int g = 0; g < 8; g++) {
-            __m512i w = _mm512_load_si512((const void *)(rb + 64 * g));
-#pragma GCC unroll 8
-            for (int t = 0; t < T; t++) {
-                int32_t x4;
-                memcpy(&x4, xq[t] + b * KERN_QK + 4 * g, 4);
-                is[t] = _mm512_dpbusd_epi32(is[t], w, _mm512_set1_epi32(x4));
-            }
-        }
-        __m512 dw = _mm512_load_ps((const float *)(const void *)(rb + 512));
+            acc[0][t] = acc[1][t] = _mm512_setzero_ps();
+        for (int k = 0; b < nb; b++, k ^= 1)
+            q_tile_block(rep, xq, xd, nc, b, T, acc[k]);
 #pragma GCC unroll 8
         for (int t = 0; t < T; t++)
-            acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(is[t]),
-                                     _mm512_mul_ps(dw, _mm512_set1_ps(xd[t][b])), acc[t]);
+            y[t] = _mm512_add_ps(y[t], _mm512_add_ps(acc[0][t], acc[1][t]));
     }
 #pragma GCC unroll 8
     for (int t = 0; t < T; t++)
-        _mm512_mask_storeu_ps(a->Y + (t0 + t) * a->n_out + o, rmask, acc[t]);
+        _mm512_mask_storeu_ps(a->Y + (t0 + t) * a->n_out + o, rmask, y[t]);
 }
+
+/* Tokens per tile: Q4_0 keeps 4 block chains per token (q_tile), Q8_0 2: 16 accumulators. */
+#define Q4_TOK_TILE 4
 
 TGT_I INLINE void q_rows_ntok(const kern_mm_args *a, int64_t r0, int64_t r1, void *work, int is_q4)
 {
@@ -665,30 +734,44 @@ TGT_I INLINE void q_rows_ntok(const kern_mm_args *a, int64_t r0, int64_t r1, voi
         __mmask16 rmask = (__mmask16)((1u << rows) - 1);
         q_repack(a, &ix, o, rows, rep, is_q4);
         int64_t t = 0;
-        for (; t + TOK_TILE <= a->n_tok; t += TOK_TILE)
-            q_tile(a, rep, o, rmask, t, TOK_TILE);
+        if (is_q4) {
+            for (; t + Q4_TOK_TILE <= a->n_tok; t += Q4_TOK_TILE)
+                q_tile(a, rep, o, rmask, t, Q4_TOK_TILE, 1);
+        } else {
+            for (; t + TOK_TILE <= a->n_tok; t += TOK_TILE)
+                q_tile(a, rep, o, rmask, t, TOK_TILE, 0);
+        }
         /* the remainder as a constant, so each q_tile call is specialised for its width */
         switch (a->n_tok - t) {
         case 7:
-            q_tile(a, rep, o, rmask, t, 7);
+            q_tile(a, rep, o, rmask, t, 7, 0);
             break;
         case 6:
-            q_tile(a, rep, o, rmask, t, 6);
+            q_tile(a, rep, o, rmask, t, 6, 0);
             break;
         case 5:
-            q_tile(a, rep, o, rmask, t, 5);
+            q_tile(a, rep, o, rmask, t, 5, 0);
             break;
         case 4:
-            q_tile(a, rep, o, rmask, t, 4);
+            q_tile(a, rep, o, rmask, t, 4, 0);
             break;
         case 3:
-            q_tile(a, rep, o, rmask, t, 3);
+            if (is_q4)
+                q_tile(a, rep, o, rmask, t, 3, 1);
+            else
+                q_tile(a, rep, o, rmask, t, 3, 0);
             break;
         case 2:
-            q_tile(a, rep, o, rmask, t, 2);
+            if (is_q4)
+                q_tile(a, rep, o, rmask, t, 2, 1);
+            else
+                q_tile(a, rep, o, rmask, t, 2, 0);
             break;
         case 1:
-            q_tile(a, rep, o, rmask, t, 1);
+            if (is_q4)
+                q_tile(a, rep, o, rmask, t, 1, 1);
+            else
+                q_tile(a, rep, o, rmask, t, 1, 0);
             break;
         default:
             break;
@@ -770,12 +853,11 @@ TGT_F INLINE void f_tile(const kern_mm_args *a, int64_t o, int R, int64_t t0, in
 }
 
 #ifndef F_ROWS
-#define F_ROWS 4
+#define F_ROWS 8
 #endif
-/* One token: F_ROWS rows at a time, the next tile prefetched. Each row has one accumulator
- * summed in f_tile's order (elements i..i+15, then i+16.., one reduce at the end), so a row's
- * result does not depend on how many tokens the call has (batch invariance, docs/ENGINE.md).
- * Two accumulators per row added at the end would round differently from f_tile. */
+/* One token: F_ROWS rows, one accumulator each, elements in order 16 at a time: the reduction
+ * order of f_tile, so a row gets the same bits alone as in a tile of several tokens (batch
+ * invariance); the F_ROWS independent chains keep the FMAs in flight. */
 TGT_F INLINE void f_rows_1tok(const kern_mm_args *a, int64_t r0, int64_t r1, int64_t t, int kind)
 {
     size_t xstride = kind == WK_F32 ? (size_t)a->n_in * 4 : a->xc_row_bytes;
@@ -799,10 +881,11 @@ TGT_F INLINE void f_rows_1tok(const kern_mm_args *a, int64_t r0, int64_t r1, int
             for (size_t l = 0; l < step / 64; l++)
                 _mm_prefetch((const char *)(pf + 64 * l), _MM_HINT_T1);
 #pragma GCC unroll 8
-            for (int r = 0; r < F_ROWS; r++) {
+            for (int r = 0; r < F_ROWS; r++)
                 acc[r] = _mm512_fmadd_ps(load_w16(w[r], i, kind), x0, acc[r]);
+#pragma GCC unroll 8
+            for (int r = 0; r < F_ROWS; r++)
                 acc[r] = _mm512_fmadd_ps(load_w16(w[r], i + 16, kind), x1, acc[r]);
-            }
         }
 #pragma GCC unroll 8
         for (int r = 0; r < F_ROWS; r++)

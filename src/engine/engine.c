@@ -485,7 +485,8 @@ int forge_engine_create(forge_model *model, const forge_engine_params *params, f
         bad = "gpu_index", bad_val = p.gpu_index;
     else if (p.n_threads < 0)
         bad = "n_threads", bad_val = p.n_threads;
-    else if (p.kv_type != FORGE_KV_F32 && p.kv_type != FORGE_KV_F16)
+    else if (p.kv_type != FORGE_KV_F32 && p.kv_type != FORGE_KV_F16 &&
+             p.kv_type != FORGE_KV_Q8_0)
         bad = "kv_type", bad_val = (int)p.kv_type;
     else if (p.n_ctx < 0)
         bad = "n_ctx", bad_val = p.n_ctx;

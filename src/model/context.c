@@ -37,7 +37,7 @@ int forge_context_create(forge_model *model, const forge_context_params *params,
     if (p.n_ctx < 0 || p.n_batch < 0 || p.n_threads < 0 || p.gpu_index < 0 ||
         (p.device != FORGE_DEVICE_CPU && p.device != FORGE_DEVICE_GPU &&
          p.device != FORGE_DEVICE_AUTO) ||
-        (p.kv_type != FORGE_KV_F32 && p.kv_type != FORGE_KV_F16))
+        (p.kv_type != FORGE_KV_F32 && p.kv_type != FORGE_KV_F16 && p.kv_type != FORGE_KV_Q8_0))
         return forge_err_set(err, FORGE_E_INVALID,
                              "bad context parameters: n_ctx %d, n_batch %d, threads %d, kv type %d",
                              p.n_ctx, p.n_batch, p.n_threads, (int)p.kv_type);
@@ -66,6 +66,11 @@ void forge_context_free(forge_context *ctx)
     fwd_state_release(&ctx->fs);
     free(ctx->logits);
     free(ctx);
+}
+
+const char *forge_kv_type_name(forge_kv_type t)
+{
+    return t == FORGE_KV_F32 ? "f32" : t == FORGE_KV_F16 ? "f16" : t == FORGE_KV_Q8_0 ? "q8_0" : "?";
 }
 
 int32_t forge_context_n_ctx(const forge_context *ctx)

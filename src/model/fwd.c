@@ -85,6 +85,9 @@ static int create_gpu(fwd_state *fs, const fwd_params *p, forge_err *err)
     const forge_model_info *hp = &m->info;
     int rc;
     be_weight *globals[] = {&m->tok_embd, &m->output_norm, &m->output, &m->rope_freqs};
+    if (p->kv_type == FORGE_KV_Q8_0)
+        return forge_err_set(err, FORGE_E_UNSUPPORTED,
+                             "the GPU backend has no q8_0 KV cache yet (use f16 or f32)");
     /* every weight's type must have GPU kernels (mixed files: each tensor's own type) */
     for (size_t i = 0; i < FORGE_ARRAY_LEN(globals); i++)
         if ((rc = backend_gpu_check_weight(globals[i], err))) return rc;
@@ -145,11 +148,17 @@ int fwd_state_init(fwd_state *fs, forge_model *m, const fwd_params *p, forge_err
     const forge_model_info *hp = &m->info;
     memset(fs, 0, sizeof *fs);
     if (p->kv_rows < 1 || p->n_batch < 1 || p->n_threads < 1 ||
-        (p->kv_type != FORGE_KV_F32 && p->kv_type != FORGE_KV_F16))
+        (p->kv_type != FORGE_KV_F32 && p->kv_type != FORGE_KV_F16 &&
+         p->kv_type != FORGE_KV_Q8_0))
         return forge_err_set(err, FORGE_E_INVALID,
                              "bad forward parameters: %d cache rows, batch %d, %d threads, kv "
                              "type %d",
                              p->kv_rows, p->n_batch, p->n_threads, (int)p->kv_type);
+    if (p->kv_type == FORGE_KV_Q8_0 && hp->head_dim % 32)
+        return forge_err_set(err, FORGE_E_UNSUPPORTED,
+                             "a q8_0 KV cache holds heads of whole 32-value blocks; this model's "
+                             "head_dim is %d (use f16 or f32)",
+                             hp->head_dim);
     fs->model = m;
     fs->kv_rows = p->kv_rows;
     fs->n_batch = p->n_batch;

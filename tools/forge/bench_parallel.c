@@ -304,7 +304,7 @@ int bench_parallel(engine_opts *o, const int32_t *list, int n_list, long n_promp
             printf("\"kv_type\": \"%s\", \"n_batch\": %d, \"block_size\": %d, \"kv_size\": %d, "
                    "\"build\": \"%s\", \"n_parallel\": %d, \"test\": \"%s\", \"n_prompt\": %ld, "
                    "\"n_gen\": %ld, \"avg_ts\": %.6f, \"stddev_ts\": %.6f, \"samples_ts\": [",
-                   r->info.kv_type == FORGE_KV_F16 ? "f16" : "f32", r->info.n_batch,
+                   forge_kv_type_name(r->info.kv_type), r->info.n_batch,
                    r->info.block_size, r->info.kv_size, forge_version(), r->n_parallel, test,
                    n_prompt, n_gen, r->tg_mean, r->tg_sd);
             for (int i = 0; i < r->runs; i++)
@@ -321,7 +321,7 @@ int bench_parallel(engine_opts *o, const int32_t *list, int n_list, long n_promp
         char threads[64];
         printf("model %s, %s, %s, KV %s, blocks of %d, -b %d\n\n", model_name,
                n_res ? res[0].info.device : "?", engine_threads_desc(o, threads, sizeof threads),
-               o->cp.kv_type == FORGE_KV_F16 ? "f16" : "f32", n_res ? res[0].info.block_size : 0,
+               forge_kv_type_name(o->cp.kv_type), n_res ? res[0].info.block_size : 0,
                n_res ? res[0].info.n_batch : 0);
         printf("| %8s | %-14s | %10s | %20s | %6s | %10s | %20s | %20s |\n", "parallel", "test",
                "pp t/s", "tg t/s", "x1", "e2e t/s", "ttft ms mean / p99", "itl ms mean / p99");

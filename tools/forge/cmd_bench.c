@@ -210,7 +210,7 @@ int cmd_bench(int argc, char **argv)
                    "\"avg_ts\": %.6f, \"stddev_ts\": %.6f, \"samples_ts\": [",
                    (unsigned long long)mi->weight_bytes, (unsigned long long)mi->n_params,
                    forge_context_device(ctx), forge_context_n_threads(ctx),
-                   o.cp.kv_type == FORGE_KV_F16 ? "f16" : "f32", res[k].kind, res[k].n,
+                   forge_kv_type_name(o.cp.kv_type), res[k].kind, res[k].n,
                    k == 0 ? res[k].n : 0L, k == 1 ? res[k].n : 0L, res[k].mean, res[k].sd);
             for (int r = 0; r < res[k].runs; r++)
                 printf("%s%.6f", r ? ", " : "", res[k].ts[r]);

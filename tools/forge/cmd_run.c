@@ -159,7 +159,7 @@ int cmd_run(int argc, char **argv)
     fprintf(stderr, "forge run: loaded %s in %.2f s (%s, %s, %s, context %d, KV %s)\n",
             o.model_path, t_load, forge_model_info_get(model)->type_summary,
             engine_device_name(engine), engine_threads_desc(&o, threads, sizeof threads),
-            n_ctx, o.cp.kv_type == FORGE_KV_F16 ? "f16" : "f32");
+            n_ctx, forge_kv_type_name(o.cp.kv_type));
 
     int64_t room = n_ctx - (int64_t)n_ids + 1; /* tokens we can pick: the last needs no K/V */
     int64_t want = n_predict < 0 ? room : n_predict;

@@ -23,7 +23,7 @@ const char *engine_opts_help =
     "  -t, --threads N      threads (default: physical cores)\n"
     "  -c, --ctx-size N     context length (default: the model's, at most 8192)\n"
     "  -b, --batch-size N   most tokens per forward pass (default 512)\n"
-    "  --kv-type f32|f16    KV cache type (default f32)\n"
+    "  --kv-type f32|f16|q8_0  KV cache type (default f32; q8_0: CPU only)\n"
     "  --f32-math           no reduced-precision arithmetic (CPU: F32 copies of the weights;\n"
     "                       GPU: float activations, no F16 GEMM or tensor-core attention)\n"
     "  --device auto|gpu|cpu  where to compute (default auto: the GPU when libforge_cuda.so\n"
@@ -189,8 +189,10 @@ int engine_opts_parse(engine_opts *o, const char *cmd, int argc, char **argv, in
             o->cp.kv_type = FORGE_KV_F32;
         else if (!strcmp(val, "f16"))
             o->cp.kv_type = FORGE_KV_F16;
+        else if (!strcmp(val, "q8_0"))
+            o->cp.kv_type = FORGE_KV_Q8_0;
         else {
-            fprintf(stderr, "forge %s: --kv-type must be f32 or f16, not '%s'\n", cmd, val);
+            fprintf(stderr, "forge %s: --kv-type must be f32, f16 or q8_0, not '%s'\n", cmd, val);
             return -1;
         }
     }
