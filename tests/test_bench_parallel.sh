@@ -34,11 +34,12 @@ for x in d:
     assert len(x["samples_ts"]) == 1 and abs(x["samples_ts"][0] - x["avg_ts"]) < 1e-3
     # the last first token ends the prompt phase: N x p / pp_ts is the largest time to first token
     pp_ms = 1e3 * n * 16 / x["pp_ts"]
-    assert abs(x["ttft_p99_ms"] - pp_ms) <= 1e-3 * pp_ms + 2e-3, (x["ttft_p99_ms"], pp_ms)
+    assert abs(x["ttft_p99_ms"] - pp_ms) <= 1e-3 * pp_ms + 2e-4, (x["ttft_p99_ms"], pp_ms)
     assert x["e2e_ts"] * (x["ttft_p99_ms"] / 1e3) < n * 8, "end to end includes the prompt"
 # one stream: the generation rate is the inverse of the mean inter-token latency
 one = d[0]
-assert abs(one["itl_ms"] * one["avg_ts"] - 1e3) < 1, (one["itl_ms"], one["avg_ts"])
+# (the JSON has 4 decimals of ms: allow their rounding)
+assert abs(one["itl_ms"] * one["avg_ts"] / 1e3 - 1) < 1e-3 + 5e-5 / one["itl_ms"], (one["itl_ms"], one["avg_ts"])
 assert abs(d[0]["speedup_vs_1"] - 1) < 1e-9
 print("ok")
 EOF

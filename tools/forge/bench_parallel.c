@@ -309,8 +309,8 @@ int bench_parallel(engine_opts *o, const int32_t *list, int n_list, long n_promp
                    n_prompt, n_gen, r->tg_mean, r->tg_sd);
             for (int i = 0; i < r->runs; i++)
                 printf("%s%.6f", i ? ", " : "", r->tg[i]);
-            printf("], \"pp_ts\": %.6f, \"e2e_ts\": %.6f, \"ttft_ms\": %.3f, \"ttft_p99_ms\": %.3f, "
-                   "\"itl_ms\": %.3f, \"itl_p99_ms\": %.3f, \"n_preempted\": %llu",
+            printf("], \"pp_ts\": %.6f, \"e2e_ts\": %.6f, \"ttft_ms\": %.4f, \"ttft_p99_ms\": %.4f, "
+                   "\"itl_ms\": %.4f, \"itl_p99_ms\": %.4f, \"n_preempted\": %llu",
                    r->pp, r->e2e, r->ttft_mean, r->ttft_p99, r->itl_mean, r->itl_p99,
                    (unsigned long long)r->n_preempted);
             if (base > 0) printf(", \"speedup_vs_1\": %.4f", r->tg_mean / base);
