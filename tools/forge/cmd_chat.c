@@ -1,8 +1,9 @@
 /* cmd_chat.c - `forge chat`: multi-turn chat in the terminal. Each turn renders the whole
- * conversation with the chat template (the model's, a built-in or --chat-template), tokenizes it,
- * keeps the tokens that match what the KV cache already holds and decodes only the rest, then
- * streams the answer. Ctrl-C stops the answer (not the program). Lines starting with '/' are
- * commands. Reads stdin line by line, so messages can be piped in as well. */
+ * conversation with the chat template (the model's, a built-in or --chat-template), tokenizes it
+ * and submits it as one request to a forge_engine, whose prefix cache holds the K/V of earlier
+ * turns (only the new tail is computed), then streams the answer from the request's events.
+ * Ctrl-C stops the answer (not the program). Lines starting with '/' are commands. Reads stdin
+ * line by line, so messages can be piped in as well. */
 #include <errno.h>
 #include <signal.h>
 #include <stdio.h>
@@ -38,26 +39,27 @@ static void usage(FILE *f)
             "                       forge run (see forge run --help for ranges and defaults)\n"
             "  --vars JSON          extra template variables, e.g. '{\"enable_thinking\": false}'\n"
             "  --template-timeout MS  wall-clock budget of each template render (default 1000)\n"
-            "  --stats              after each answer, print token counts to stderr\n"
+            "  --stats              after each answer, print token counts to stderr (the prompt\n"
+            "                       tokens reused from the KV cache of earlier turns)\n"
             "  --show-prompt        print each rendered prompt to stderr\n"
-            "%s"
-            "In the chat: /reset  /system TEXT  /save FILE  /load FILE  /exit  /help\n"
-            "Ctrl-C interrupts an answer; Ctrl-D or /exit quits.\n",
-            engine_opts_help);
+            "%s%s"
+            "In the chat: /reset  /system TEXT  /save FILE  /load FILE  /stats  /exit  /help\n"
+            "Ctrl-C interrupts an answer; Ctrl-D or /exit quits. With --temp > 0, answer k\n"
+            "(counted from 0 since the start or the last /reset) draws with seed S + k.\n",
+            engine_opts_help, engine_pool_help);
 }
 
 typedef struct chat {
     forge_model *model;
-    forge_context *ctx;
+    forge_engine *engine;
     const forge_tok *tok;
     forge_template *tmpl;
     forge_template_model tm;
-    forge_sampler *smp;
+    forge_sampler_params sp;
+    uint64_t turn; /* answers since the start or /reset: the seed of this one is sp.seed + turn */
     cJSON *messages; /* the conversation, including the system message if any */
     char *system;    /* system prompt (malloc'd) or NULL */
-    int32_t *cache;  /* ids held in the KV cache, in order */
-    int32_t n_cache;
-    int32_t n_ctx;
+    int32_t n_ctx;   /* K/V positions a turn may use (-c) */
     long n_predict;
     const char *vars_json;
     const char *inputs[3]; /* files read while the chat runs: /save never writes onto them */
@@ -131,14 +133,36 @@ static int render_prompt(chat *c, bool show, int32_t **ids, size_t *n_ids, forge
     return rc;
 }
 
-static int cache_push(chat *c, const int32_t *ids, int32_t n)
+/* What the event callback gathers for one answer. */
+typedef struct answer {
+    forge_engine *engine;
+    forge_req_id id;
+    int32_t *gen; /* the answer's ids (room for max_tokens) */
+    int32_t n_gen;
+    int32_t n_cached; /* prompt tokens the engine found in its prefix cache */
+    bool discard;     /* -n 0: the prompt is read, its pick not shown */
+    int32_t n_sampled; /* picks, shown or not */
+    forge_finish finish;
+    char error[FORGE_ERR_MSG_MAX];
+    bool out_failed; /* stdout failed (reported): the request was cancelled */
+} answer;
+
+static void on_event(const forge_event *ev, void *user)
 {
-    int32_t *nc = realloc(c->cache, (size_t)(c->n_cache + n + 1) * sizeof *nc);
-    if (!nc) return FORGE_E_NOMEM;
-    memcpy(nc + c->n_cache, ids, (size_t)n * sizeof *ids);
-    c->cache = nc;
-    c->n_cache += n;
-    return FORGE_OK;
+    answer *a = user;
+    a->n_cached = ev->n_cached;
+    if (ev->token >= 0 || ev->finish == FORGE_FINISH_STOP) a->n_sampled++;
+    if (ev->finish != FORGE_FINISH_NONE) {
+        a->finish = ev->finish;
+        if (ev->error) snprintf(a->error, sizeof a->error, "%s", ev->error);
+    }
+    if (a->out_failed || a->discard) return;
+    if (ev->token >= 0) a->gen[a->n_gen++] = ev->token;
+    if (ev->text_len) fwrite(ev->text, 1, ev->text_len, stdout);
+    if (!cli_stdout_ok("chat")) { /* reported; the answer cannot be shown */
+        a->out_failed = true;
+        if (ev->finish == FORGE_FINISH_NONE) (void)forge_engine_cancel(a->engine, a->id, NULL);
+    }
 }
 
 /* One turn: the user message is already in c->messages. Returns 0, or 1 on a hard error.
@@ -148,9 +172,7 @@ static int run_turn(chat *c)
     forge_err err = {0};
     int32_t *ids = NULL;
     size_t n_ids = 0;
-    int32_t *gen = NULL;
-    int32_t n_gen = 0;
-    forge_detok_stream *ds = NULL;
+    answer a = {0};
     int status = 0;
 
     if (render_prompt(c, true, &ids, &n_ids, &err) != FORGE_OK) {
@@ -166,108 +188,74 @@ static int run_turn(chat *c)
         drop_last_message(c);
         goto done;
     }
-    /* reuse the cached prefix; at least one token must be decoded to get logits */
-    int32_t keep = 0;
-    while (keep < c->n_cache && (size_t)keep < n_ids && c->cache[keep] == ids[keep])
-        keep++;
-    if ((size_t)keep == n_ids) keep--;
-    if (forge_kv_truncate(c->ctx, keep, &err) != FORGE_OK) {
-        fprintf(stderr, "forge chat: %s\n", err.msg);
+    const int64_t room = c->n_ctx - (int64_t)n_ids + 1; /* the last pick needs no K/V */
+    const int64_t want = c->n_predict < 0 || c->n_predict > room ? room : c->n_predict;
+    a.engine = c->engine;
+    a.discard = want == 0; /* the prompt still goes through the engine (and its cache) */
+    a.gen = malloc((size_t)(want > 0 ? want : 1) * sizeof *a.gen);
+    if (!a.gen) {
         status = 1;
         goto done;
     }
-    c->n_cache = keep;
-    int32_t n_new = (int32_t)n_ids - keep;
+    forge_request_params rp = forge_request_default_params();
+    rp.prompt = ids;
+    rp.n_prompt = (int32_t)n_ids;
+    rp.max_tokens = want > 0 ? (int32_t)want : 1;
+    rp.sampling = c->sp;
+    rp.sampling.seed = c->sp.seed + c->turn;
+    rp.on_event = on_event;
+    rp.user = &a;
     g_interrupted = 0;
-    /* the window takes the prompt before the first pick (forge_decode_sample samples at once) */
-    for (size_t i = 0; i < n_ids; i++)
-        forge_sampler_accept(c->smp, ids[i]);
-    int32_t next = -1; /* the pick of the last decode (on a GPU made on the device) */
-    int rc = forge_decode_sample(c->ctx, ids + keep, n_new, c->smp, &next, &err);
-    if (rc == FORGE_E_INTERRUPTED) {
+    if (forge_engine_submit(c->engine, &rp, &a.id, &err) != FORGE_OK) {
+        fprintf(stderr, "forge chat: %s\n", err.msg);
+        drop_last_message(c);
+        goto done;
+    }
+    (void)forge_engine_run(c->engine, &err); /* how each request ended comes in its events */
+    g_interrupted = 0;
+    if (a.out_failed) {
+        status = 1;
+        goto done;
+    }
+    if (a.n_sampled == 0 && a.finish == FORGE_FINISH_CANCELLED) {
         fprintf(stderr, "\nforge chat: interrupted while reading the prompt; message dropped\n");
         drop_last_message(c);
         goto done;
     }
-    if (rc != FORGE_OK) {
-        fprintf(stderr, "forge chat: %s\n", err.msg);
+    if (a.n_sampled == 0 && a.finish == FORGE_FINISH_ERROR) {
+        fprintf(stderr, "forge chat: %s\n", a.error);
         drop_last_message(c);
         goto done;
     }
-    if (cache_push(c, ids + keep, n_new)) {
-        status = 1;
-        goto done;
-    }
-    if (forge_detok_stream_create(c->tok, false, &ds, &err) != FORGE_OK) {
+    if (a.finish == FORGE_FINISH_NONE) { /* the run failed before the request ended */
         fprintf(stderr, "forge chat: %s\n", err.msg);
         status = 1;
         goto done;
     }
-    int64_t room = c->n_ctx - c->n_cache + 1;
-    int64_t want = c->n_predict < 0 || c->n_predict > room ? room : c->n_predict;
-    gen = malloc((size_t)(want > 0 ? want : 1) * sizeof *gen);
-    if (!gen) {
-        status = 1;
-        goto done;
-    }
-    const char *stop = "limit";
-    while (n_gen < want) {
-        if (g_interrupted) {
-            stop = "interrupted";
-            break;
-        }
-        int32_t id = next;
-        forge_sampler_accept(c->smp, id);
-        if (forge_tok_is_eog(c->tok, id)) {
-            stop = "end";
-            break;
-        }
-        gen[n_gen++] = id;
-        size_t len;
-        const char *piece = forge_detok_stream_push(ds, id, &len);
-        if (len) fwrite(piece, 1, len, stdout);
-        if (!cli_stdout_ok("chat")) { /* reported; the answer cannot be shown */
-            status = 1;
-            goto done;
-        }
-        if (n_gen == want) break;
-        if (forge_context_pos(c->ctx) >= c->n_ctx) {
-            stop = "context full";
-            break;
-        }
-        rc = forge_decode_sample(c->ctx, &id, 1, c->smp, &next, &err);
-        if (rc == FORGE_E_INTERRUPTED) {
-            stop = "interrupted";
-            break;
-        }
-        if (rc != FORGE_OK) {
-            fprintf(stderr, "\nforge chat: %s\n", err.msg);
-            stop = "error";
-            break;
-        }
-        if (cache_push(c, &id, 1)) {
-            status = 1;
-            goto done;
-        }
-    }
-    size_t len;
-    const char *rest = forge_detok_stream_flush(ds, &len);
-    if (len) fwrite(rest, 1, len, stdout);
+    c->turn++;
+    const bool full = !a.discard && a.finish == FORGE_FINISH_LENGTH && a.n_gen == room;
+    const char *stop = a.discard                            ? "limit"
+                       : a.finish == FORGE_FINISH_STOP      ? "end"
+                       : a.finish == FORGE_FINISH_CANCELLED ? "interrupted"
+                       : a.finish == FORGE_FINISH_ERROR     ? "error"
+                       : full                               ? "context full"
+                                                            : "limit";
+    if (a.finish == FORGE_FINISH_ERROR) fprintf(stderr, "\nforge chat: %s\n", a.error);
     printf("\n");
     if (!cli_stdout_ok("chat")) {
         status = 1;
         goto done;
     }
-    if (!strcmp(stop, "interrupted")) fprintf(stderr, "[interrupted]\n");
-    if (!strcmp(stop, "context full"))
+    if (a.finish == FORGE_FINISH_CANCELLED) fprintf(stderr, "[interrupted]\n");
+    if (full)
         fprintf(stderr, "[the context of %d token%s is full: /reset to start over]\n", c->n_ctx,
                 cli_plural(c->n_ctx));
-    g_interrupted = 0;
 
     /* the answer (even a partial one) joins the history */
     char *text = NULL;
     size_t tl = 0;
-    if (forge_tok_decode(c->tok, gen, (size_t)n_gen, false, true, &text, &tl, &err) != FORGE_OK) {
+    if (forge_tok_decode(c->tok, a.gen, (size_t)a.n_gen, false, true, &text, &tl, &err) !=
+        FORGE_OK) {
         fprintf(stderr, "forge chat: %s\n", err.msg);
         status = 1;
         goto done;
@@ -278,12 +266,27 @@ static int run_turn(chat *c)
         fprintf(stderr,
                 "[turn: prompt %zu token%s, %d reused from the cache, %d decoded; answer %d "
                 "token%s (%s)]\n",
-                n_ids, cli_plural((long long)n_ids), keep, n_new, n_gen, cli_plural(n_gen), stop);
+                n_ids, cli_plural((long long)n_ids), a.n_cached, (int32_t)n_ids - a.n_cached,
+                a.n_gen, cli_plural(a.n_gen), stop);
 done:
-    forge_detok_stream_free(ds);
-    free(gen);
+    free(a.gen);
     free(ids);
     return status;
+}
+
+/* /stats: the engine's totals since the chat started. */
+static void print_stats(chat *c)
+{
+    forge_engine_stats st;
+    forge_engine_info info;
+    forge_engine_get_stats(c->engine, &st);
+    forge_engine_get_info(c->engine, &info);
+    fprintf(stderr,
+            "[prompt tokens %llu, %llu of them reused from the KV cache; generated %llu; KV blocks "
+            "of %d tokens: %d in use, %d cached, %d in all]\n",
+            (unsigned long long)st.prompt_tokens, (unsigned long long)st.cached_tokens,
+            (unsigned long long)st.generated_tokens, info.block_size, st.blocks_used,
+            st.blocks_cached, st.blocks_total);
 }
 
 /* Written beside the target and renamed into place (cli_io.h); never onto the model, the
@@ -359,13 +362,16 @@ static int handle_command(chat *c, const char *line)
                         "/system TEXT  set the system prompt (empty: none)\n"
                         "/save FILE  write the conversation as JSON messages\n"
                         "/load FILE  read a conversation written by /save\n"
+                        "/stats  tokens so far, and how many came from the KV cache\n"
                         "/exit  quit\n");
     } else if (arg_of(line, "/reset")) {
         cJSON_Delete(c->messages);
         c->messages = cJSON_CreateArray();
         set_system(c, c->system ? strdup(c->system) : NULL);
-        forge_sampler_reset(c->smp);
+        c->turn = 0; /* the next answer draws as the first one did */
         fprintf(stderr, "[conversation reset]\n");
+    } else if (arg_of(line, "/stats")) {
+        print_stats(c);
     } else if ((a = arg_of(line, "/system"))) {
         char *copy = strdup(a);
         set_system(c, copy);
@@ -403,6 +409,7 @@ int cmd_chat(int argc, char **argv)
 
     c.n_predict = 512;
     engine_opts_init(&o);
+    o.pool_opts = true;
     for (int i = 1; i < argc; i++) {
         int r = engine_opts_parse(&o, "chat", argc, argv, &i);
         if (r == 0) r = sampling_opts_parse(&sp, &seed_set, "chat", argc, argv, &i);
@@ -442,10 +449,19 @@ int cmd_chat(int argc, char **argv)
     c.inputs[1] = choice; /* a template file (a built-in's name is no file, or another one) */
     c.inputs[2] = "-";
 
-    if ((status = engine_load(&o, "chat", &c.model, &c.ctx))) goto done;
+    if ((status = engine_load_model(&o, "chat", &c.model))) goto done;
+    status = 1;
+    /* -c counts K/V positions; a request picks one token more (the engine's n_ctx). One answer
+     * at a time; the pool defaults to one context, earlier turns stay in it as cached blocks. */
+    c.n_ctx = engine_context_size(&o, "chat", c.model);
+    forge_engine_params ep = engine_params_of(&o);
+    ep.n_ctx = c.n_ctx + 1;
+    ep.n_parallel = 1;
+    if (!o.kv_size) ep.kv_size = c.n_ctx;
+    if (ep.n_batch > c.n_ctx) ep.n_batch = c.n_ctx; /* no step of one request is longer */
+    if ((status = engine_create_cli(&o, "chat", c.model, &ep, &c.engine))) goto done;
     status = 1;
     c.tok = forge_model_tok(c.model);
-    c.n_ctx = forge_context_n_ctx(c.ctx);
     if (forge_template_model_read(forge_model_gguf(c.model), &c.tm, &err) != FORGE_OK) goto fail;
     char warning[FORGE_ERR_MSG_MAX + 128];
     const char *desc = NULL;
@@ -459,7 +475,7 @@ int cmd_chat(int argc, char **argv)
     c.template_name = !strcmp(desc, "model")  ? "the model's chat template"
                       : !strcmp(desc, "file") ? choice
                                               : desc;
-    if (forge_sampler_create(&sp, forge_model_info_get(c.model)->n_vocab, &c.smp, &err)) goto fail;
+    c.sp = sp;
     c.messages = cJSON_CreateArray();
     if (!c.messages) goto done;
     set_system(&c, system);
@@ -489,7 +505,7 @@ int cmd_chat(int argc, char **argv)
     sigemptyset(&sa.sa_mask);
     sa.sa_flags = 0; /* no SA_RESTART: Ctrl-C at the prompt returns from getline */
     if (sigaction(SIGINT, &sa, &old_sa) == 0) sa_set = true;
-    forge_context_set_abort_flag(c.ctx, &g_interrupted);
+    forge_engine_set_abort_flag(c.engine, &g_interrupted);
 
     status = 0;
     for (;;) {
@@ -531,13 +547,11 @@ fail:
 done:
     if (sa_set) sigaction(SIGINT, &old_sa, NULL);
     free(line);
-    free(c.cache);
     free(c.system);
     cJSON_Delete(c.messages);
-    forge_sampler_free(c.smp);
     forge_template_free(c.tmpl);
     forge_template_model_clear(&c.tm);
-    forge_context_free(c.ctx);
+    forge_engine_free(c.engine);
     forge_model_free(c.model);
     return status;
 }

@@ -34,6 +34,11 @@ const char *engine_opts_help =
     "                       forge, else on the library path\n"
     "  --gpu N              which GPU (default 0)\n";
 
+const char *engine_pool_help =
+    "  --kv-size N          tokens in the KV cache pool, all requests together (default: what\n"
+    "                       the command needs); rounded up to whole blocks\n"
+    "  --block-size 16|32   tokens per KV block, the unit of prefix reuse (default 16)\n";
+
 void engine_opts_init(engine_opts *o)
 {
     memset(o, 0, sizeof *o);
@@ -126,7 +131,12 @@ int engine_opts_parse(engine_opts *o, const char *cmd, int argc, char **argv, in
     bool is_kv = !strcmp(a, "--kv-type");
     bool is_dev = !strcmp(a, "--device");
     bool is_gpu = !strcmp(a, "--gpu");
-    if (!is_m && !is_t && !is_c && !is_b && !is_kv && !is_dev && !is_gpu) return 0;
+    bool is_kvs = o->pool_opts && !strcmp(a, "--kv-size");
+    bool is_bs = o->pool_opts && !strcmp(a, "--block-size");
+    bool is_par = o->parallel_opt && !strcmp(a, "--parallel");
+    if (!is_m && !is_t && !is_c && !is_b && !is_kv && !is_dev && !is_gpu && !is_kvs && !is_bs &&
+        !is_par)
+        return 0;
     if (!val) {
         fprintf(stderr, "forge %s: %s needs a value\n", cmd, a);
         return -1;
@@ -150,6 +160,18 @@ int engine_opts_parse(engine_opts *o, const char *cmd, int argc, char **argv, in
     } else if (is_gpu) {
         if (!cli_parse_int(cmd, a, val, 0, 1023, &v)) return -1;
         o->cp.gpu_index = (int32_t)v;
+    } else if (is_kvs) {
+        if (!cli_parse_int(cmd, a, val, 1, 1 << 28, &v)) return -1;
+        o->kv_size = (int32_t)v;
+    } else if (is_bs) {
+        if (strcmp(val, "16") && strcmp(val, "32")) {
+            fprintf(stderr, "forge %s: bad value for %s: '%s' (expected 16 or 32)\n", cmd, a, val);
+            return -1;
+        }
+        o->block_size = (int32_t)atoi(val);
+    } else if (is_par) {
+        if (!cli_parse_int(cmd, a, val, 1, ENGINE_MAX_PARALLEL, &v)) return -1;
+        o->n_parallel = (int32_t)v;
     } else if (is_dev) {
         if (!strcmp(val, "auto"))
             o->cp.device = FORGE_DEVICE_AUTO;
@@ -238,11 +260,10 @@ static void upload_progress(uint64_t done, uint64_t total, void *user)
     fflush(stderr);
 }
 
-int engine_load(engine_opts *o, const char *cmd, forge_model **model, forge_context **ctx)
+int engine_load_model(engine_opts *o, const char *cmd, forge_model **model)
 {
     forge_err err = {0};
     *model = NULL;
-    *ctx = NULL;
     int hub = hub_resolve_model(o, cmd);
     if (hub) return hub;
     if (forge_model_load(o->model_path, model, &err)) {
@@ -251,38 +272,69 @@ int engine_load(engine_opts *o, const char *cmd, forge_model **model, forge_cont
     }
     const char *warn = forge_tok_warning(forge_model_tok(*model));
     if (warn) fprintf(stderr, "forge %s: warning: %s\n", cmd, warn);
-    forge_context_params cp = o->cp;
-    const int32_t n_train = forge_model_info_get(*model)->n_ctx_train;
-    if (cp.n_ctx == 0 && n_train > ENGINE_MAX_DEFAULT_CTX) {
+    return 0;
+}
+
+int32_t engine_context_size(const engine_opts *o, const char *cmd, const forge_model *model)
+{
+    const int32_t n_train = forge_model_info_get(model)->n_ctx_train;
+    if (o->cp.n_ctx) return o->cp.n_ctx;
+    if (n_train > ENGINE_MAX_DEFAULT_CTX) {
         /* a 128k-token cache would take tens of GB: the default stops at 8192 */
-        cp.n_ctx = ENGINE_MAX_DEFAULT_CTX;
         fprintf(stderr, "forge %s: context %d (the model allows %d; use -c for more)\n", cmd,
-                cp.n_ctx, n_train);
+                ENGINE_MAX_DEFAULT_CTX, n_train);
+        return ENGINE_MAX_DEFAULT_CTX;
     }
-    char desc[320] = "";
-    if (cp.device != FORGE_DEVICE_CPU) {
-        /* probe first, so that a fallback note or an error can say what is missing */
-        forge_err perr = {0};
-        if (forge_gpu_probe(cp.gpu_index, desc, sizeof desc, &perr) == FORGE_OK) {
-            cp.device = FORGE_DEVICE_GPU;
-        } else if (cp.device == FORGE_DEVICE_GPU) {
-            fprintf(stderr, "forge %s: --device gpu: %s\n", cmd, perr.msg);
-            forge_model_free(*model);
-            *model = NULL;
-            return 1;
-        } else {
-            /* no library at all is the normal CPU-only install: quiet unless asked */
-            bool no_lib = perr.code == FORGE_E_UNSUPPORTED && !getenv("FORGE_GPU_LIB");
-            if (o->device_given || !no_lib)
-                fprintf(stderr, "forge %s: note: running on the CPU (%s)\n", cmd, perr.msg);
-            cp.device = FORGE_DEVICE_CPU;
-        }
+    return n_train;
+}
+
+/* Ask whether a GPU can be used, to say why not (the choice itself is the library's, at
+ * creation). Returns 0 with *gpu_ok and desc set, or 1 when --device gpu cannot work
+ * (printed). */
+static int probe_device(const engine_opts *o, const char *cmd, bool *gpu_ok, char *desc,
+                        size_t desc_size, char *why, size_t why_size)
+{
+    *gpu_ok = false;
+    desc[0] = why[0] = 0;
+    if (o->cp.device == FORGE_DEVICE_CPU) return 0;
+    forge_err perr = {0};
+    if (forge_gpu_probe(o->cp.gpu_index, desc, desc_size, &perr) == FORGE_OK) {
+        *gpu_ok = true;
+        return 0;
     }
+    if (o->cp.device == FORGE_DEVICE_GPU) {
+        fprintf(stderr, "forge %s: --device gpu: %s\n", cmd, perr.msg);
+        return 1;
+    }
+    /* no library at all is the normal CPU-only install: quiet unless asked */
+    bool no_lib = perr.code == FORGE_E_UNSUPPORTED && !getenv("FORGE_GPU_LIB");
+    if (o->device_given || !no_lib) snprintf(why, why_size, "%s", perr.msg);
+    return 0;
+}
+
+int engine_load(engine_opts *o, const char *cmd, forge_model **model, forge_context **ctx)
+{
+    forge_err err = {0};
+    *model = NULL;
+    *ctx = NULL;
+    int rc = engine_load_model(o, cmd, model);
+    if (rc) return rc;
+    forge_context_params cp = o->cp;
+    cp.n_ctx = engine_context_size(o, cmd, *model);
+    char desc[320], why[FORGE_ERR_MSG_MAX];
+    bool gpu_ok;
+    if (probe_device(o, cmd, &gpu_ok, desc, sizeof desc, why, sizeof why)) {
+        forge_model_free(*model);
+        *model = NULL;
+        return 1;
+    }
+    if (why[0]) fprintf(stderr, "forge %s: note: running on the CPU (%s)\n", cmd, why);
+    if (cp.device != FORGE_DEVICE_CPU) cp.device = gpu_ok ? FORGE_DEVICE_GPU : FORGE_DEVICE_CPU;
     if (cp.device == FORGE_DEVICE_GPU && isatty(STDERR_FILENO)) {
         cp.progress = upload_progress;
         cp.progress_user = (void *)cmd;
     }
-    int rc = forge_context_create(*model, &cp, ctx, &err);
+    rc = forge_context_create(*model, &cp, ctx, &err);
     if (rc && o->cp.device == FORGE_DEVICE_AUTO && cp.device == FORGE_DEVICE_GPU) {
         fprintf(stderr, "forge %s: note: running on the CPU (GPU: %s)\n", cmd, err.msg);
         cp.device = FORGE_DEVICE_CPU;
@@ -298,6 +350,69 @@ int engine_load(engine_opts *o, const char *cmd, forge_model **model, forge_cont
     const char *warning = forge_context_warning(*ctx);
     if (warning) fprintf(stderr, "forge %s: warning: %s\n", cmd, warning);
     return 0;
+}
+
+forge_engine_params engine_params_of(const engine_opts *o)
+{
+    forge_engine_params ep = forge_engine_default_params();
+    ep.device = o->cp.device;
+    ep.gpu_index = o->cp.gpu_index;
+    ep.n_threads = o->cp.n_threads;
+    ep.f32_math = o->cp.f32_math;
+    ep.kv_type = o->cp.kv_type;
+    if (o->cp.n_batch) ep.n_batch = o->cp.n_batch;
+    if (o->kv_size) ep.kv_size = o->kv_size;
+    if (o->block_size) ep.block_size = o->block_size;
+    if (o->n_parallel) ep.n_parallel = o->n_parallel;
+    return ep;
+}
+
+int engine_create_cli(engine_opts *o, const char *cmd, forge_model *model,
+                      const forge_engine_params *ep, forge_engine **engine)
+{
+    forge_err err = {0};
+    forge_engine_params p = *ep;
+    char desc[320], why[FORGE_ERR_MSG_MAX];
+    bool gpu_ok;
+    *engine = NULL;
+    if (probe_device(o, cmd, &gpu_ok, desc, sizeof desc, why, sizeof why)) return 1;
+    p.device = o->cp.device; /* auto stays auto: the library decides */
+    if (gpu_ok && isatty(STDERR_FILENO)) {
+        p.progress = upload_progress;
+        p.progress_user = (void *)cmd;
+    }
+    if (forge_engine_create(model, &p, engine, &err)) {
+        fprintf(stderr, "forge %s: %s\n", cmd, err.msg);
+        return 1;
+    }
+    forge_engine_info info;
+    forge_engine_get_info(*engine, &info);
+    const bool on_cpu = !strcmp(info.device, "CPU");
+    if (on_cpu && why[0]) fprintf(stderr, "forge %s: note: running on the CPU (%s)\n", cmd, why);
+    else if (on_cpu && gpu_ok)
+        fprintf(stderr,
+                "forge %s: note: running on the CPU (the GPU could not take the model; "
+                "--device gpu says why)\n",
+                cmd);
+    if (!on_cpu) fprintf(stderr, "forge %s: on %s\n", cmd, desc);
+    if (info.warning) fprintf(stderr, "forge %s: warning: %s\n", cmd, info.warning);
+    return 0;
+}
+
+const char *engine_device_name(const forge_engine *e)
+{
+    forge_engine_info info;
+    forge_engine_get_info(e, &info);
+    return info.device;
+}
+
+const char *engine_threads_desc(const engine_opts *o, char *buf, size_t size)
+{
+    if (o->cp.n_threads)
+        snprintf(buf, size, "%d host thread%s", o->cp.n_threads, o->cp.n_threads == 1 ? "" : "s");
+    else
+        snprintf(buf, size, "a host thread per physical core");
+    return buf;
 }
 
 double cli_now(void)
