@@ -15,6 +15,7 @@
 #include <string.h>
 
 #include "bench_parallel.h"
+#include "cli_io.h"
 
 bool bench_parse_parallel(const char *opt, const char *val, int32_t *list, int *n_list)
 {
@@ -244,20 +245,6 @@ done:
     return status;
 }
 
-static void json_str(const char *s)
-{
-    putchar('"');
-    for (; *s; s++) {
-        if (*s == '"' || *s == '\\')
-            printf("\\%c", *s);
-        else if ((unsigned char)*s < 0x20)
-            printf("\\u%04x", *s);
-        else
-            putchar(*s);
-    }
-    putchar('"');
-}
-
 int bench_parallel(engine_opts *o, const int32_t *list, int n_list, long n_prompt, long n_gen,
                    long reps, bool json)
 {
@@ -291,9 +278,9 @@ int bench_parallel(engine_opts *o, const int32_t *list, int n_list, long n_promp
         for (int k = 0; k < n_res; k++) {
             const par_result *r = &res[k];
             printf("%s  {\"model\": ", k ? ",\n" : "");
-            json_str(model_name);
+            cli_print_json_str(model_name);
             printf(", \"model_file\": ");
-            json_str(o->model_path);
+            cli_print_json_str(o->model_path);
             printf(", \"model_size\": %llu, \"model_n_params\": %llu, \"backend\": \"%s\", ",
                    (unsigned long long)mi->weight_bytes, (unsigned long long)mi->n_params,
                    r->info.device);

@@ -293,3 +293,17 @@ int cli_stdout_close(const char *cmd, int rc)
     report_stdout(cmd, e);
     return rc ? rc : 1;
 }
+
+void cli_print_json_str(const char *s)
+{
+    putchar('"');
+    for (; *s; s++) {
+        if (*s == '"' || *s == '\\')
+            printf("\\%c", *s);
+        else if ((unsigned char)*s < 0x20)
+            printf("\\u%04x", *s);
+        else
+            putchar(*s);
+    }
+    putchar('"');
+}

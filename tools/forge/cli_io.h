@@ -71,6 +71,9 @@ bool cli_stdout_ok(const char *cmd);
  * (reported once). */
 int cli_stdout_close(const char *cmd, int rc);
 
+/* s on stdout as a JSON string: quotes, backslash and control characters escaped. */
+void cli_print_json_str(const char *s);
+
 /* "s" unless n == 1, for "1 token" / "2 tokens". */
 const char *cli_plural(long long n);
 

@@ -11,6 +11,7 @@
 
 #include "bench_parallel.h"
 #include "commands.h"
+#include "cli_io.h"
 #include "engine_opts.h"
 
 static void usage(FILE *f)
@@ -78,20 +79,6 @@ static double run_once(forge_context *ctx, const forge_model *m, const char *kin
 fail:
     fprintf(stderr, "forge bench: %s\n", err.msg);
     return -1;
-}
-
-static void json_str(const char *s)
-{
-    putchar('"');
-    for (; *s; s++) {
-        if (*s == '"' || *s == '\\')
-            printf("\\%c", *s);
-        else if ((unsigned char)*s < 0x20)
-            printf("\\u%04x", *s);
-        else
-            putchar(*s);
-    }
-    putchar('"');
 }
 
 int cmd_bench(int argc, char **argv)
@@ -201,9 +188,9 @@ int cmd_bench(int argc, char **argv)
         for (int k = 0; k < 2; k++) {
             if (res[k].n == 0) continue;
             printf("%s  {\"model\": ", first ? "" : ",\n");
-            json_str(model_name);
+            cli_print_json_str(model_name);
             printf(", \"model_file\": ");
-            json_str(o.model_path);
+            cli_print_json_str(o.model_path);
             printf(", \"model_size\": %llu, \"model_n_params\": %llu, \"backend\": \"%s\", "
                    "\"n_threads\": %d, "
                    "\"kv_type\": \"%s\", \"test\": \"%s%ld\", \"n_prompt\": %ld, \"n_gen\": %ld, "
