@@ -673,56 +673,54 @@ TGT_I INLINE void q_tile_block(const uint8_t *rep, const int8_t *const *xq, cons
 
 /* 16 repacked rows x T tokens, all blocks; stores the valid rows of each token. The blocks go
  * into the chains of the one-token paths (q_row_1tok says how), so every row gets the same bits
- * as when its token runs alone. */
+ * as when its token runs alone. One chain at a time (blocks start, start + step, ... < end, one
+ * fma each, in order), so one set of T accumulators stays in registers and the block code is
+ * inlined once; the chain sums are combined at the end in the one-token paths' order. */
 TGT_I INLINE void q_tile(const kern_mm_args *a, const uint8_t *rep, int64_t o, __mmask16 rmask,
                          int64_t t0, int T, int is_q4)
 {
     const int64_t nb = a->n_in / KERN_QK;
-    const int nch = is_q4 ? 4 : 2;
     const int64_t nb_main = is_q4 ? nb - nb % 4 : nb;
     const int8_t *xq[TOK_TILE];
     const float *xd[TOK_TILE];
     const int32_t *nc[TOK_TILE];
-    __m512 acc[4][TOK_TILE], y[TOK_TILE];
+    __m512 part[6][TOK_TILE], y[TOK_TILE];
+    /* chains: Q4_0 blocks mod 4 of the whole 4-block groups, then the rest even/odd; Q8_0
+     * even/odd blocks */
+    const int n_chains = is_q4 ? (nb_main < nb ? 6 : 4) : 2;
 #pragma GCC unroll 8
     for (int t = 0; t < T; t++) {
         const uint8_t *xrow = a->Xc + (size_t)(t0 + t) * a->xc_row_bytes;
         xq[t] = (const int8_t *)xrow;
         xd[t] = kern_xq_d(xrow, a->n_in);
         nc[t] = kern_xq_ncorr(xrow, a->n_in);
-#pragma GCC unroll 4
-        for (int k = 0; k < nch; k++)
-            acc[k][t] = _mm512_setzero_ps();
     }
-    int64_t b = 0;
-    for (; b + nch <= nb_main; b += nch)
-#pragma GCC unroll 4
-        for (int k = 0; k < nch; k++)
-            q_tile_block(rep, xq, xd, nc, b + k, T, acc[k]);
-    if (b < nb_main) /* Q8_0, an odd block count: the last block is an even one */
-        q_tile_block(rep, xq, xd, nc, b++, T, acc[0]);
-#pragma GCC unroll 8
-    for (int t = 0; t < T; t++)
-        y[t] = is_q4 ? _mm512_add_ps(_mm512_add_ps(acc[0][t], acc[2][t]),
-                                     _mm512_add_ps(acc[1][t], acc[3][t]))
-                     : _mm512_add_ps(acc[0][t], acc[1][t]);
-    if (b < nb) { /* Q4_0: the blocks after the last whole group of 4, in even/odd chains */
+    for (int c = 0; c < n_chains; c++) {
+        const int64_t start = is_q4 ? (c < 4 ? c : nb_main + (c - 4)) : c;
+        const int64_t step = is_q4 && c < 4 ? 4 : 2, end = is_q4 && c < 4 ? nb_main : nb;
+        __m512 acc[TOK_TILE];
 #pragma GCC unroll 8
         for (int t = 0; t < T; t++)
-            acc[0][t] = acc[1][t] = _mm512_setzero_ps();
-        for (int k = 0; b < nb; b++, k ^= 1)
-            q_tile_block(rep, xq, xd, nc, b, T, acc[k]);
+            acc[t] = _mm512_setzero_ps();
+        for (int64_t b = start; b < end; b += step)
+            q_tile_block(rep, xq, xd, nc, b, T, acc);
 #pragma GCC unroll 8
         for (int t = 0; t < T; t++)
-            y[t] = _mm512_add_ps(y[t], _mm512_add_ps(acc[0][t], acc[1][t]));
+            part[c][t] = acc[t];
     }
 #pragma GCC unroll 8
-    for (int t = 0; t < T; t++)
+    for (int t = 0; t < T; t++) {
+        if (is_q4) {
+            y[t] = _mm512_add_ps(_mm512_add_ps(part[0][t], part[2][t]),
+                                 _mm512_add_ps(part[1][t], part[3][t]));
+            if (n_chains == 6) y[t] = _mm512_add_ps(y[t], _mm512_add_ps(part[4][t], part[5][t]));
+        } else {
+            y[t] = _mm512_add_ps(part[0][t], part[1][t]);
+        }
         _mm512_mask_storeu_ps(a->Y + (t0 + t) * a->n_out + o, rmask, y[t]);
+    }
 }
 
-/* Tokens per tile: Q4_0 keeps 4 block chains per token (q_tile), Q8_0 2: 16 accumulators. */
-#define Q4_TOK_TILE 4
 
 TGT_I INLINE void q_rows_ntok(const kern_mm_args *a, int64_t r0, int64_t r1, void *work, int is_q4)
 {
@@ -735,44 +733,29 @@ TGT_I INLINE void q_rows_ntok(const kern_mm_args *a, int64_t r0, int64_t r1, voi
         q_repack(a, &ix, o, rows, rep, is_q4);
         int64_t t = 0;
         if (is_q4) {
-            for (; t + Q4_TOK_TILE <= a->n_tok; t += Q4_TOK_TILE)
-                q_tile(a, rep, o, rmask, t, Q4_TOK_TILE, 1);
+            for (; t + TOK_TILE <= a->n_tok; t += TOK_TILE)
+                q_tile(a, rep, o, rmask, t, TOK_TILE, 1);
         } else {
             for (; t + TOK_TILE <= a->n_tok; t += TOK_TILE)
                 q_tile(a, rep, o, rmask, t, TOK_TILE, 0);
         }
         /* the remainder as a constant, so each q_tile call is specialised for its width */
         switch (a->n_tok - t) {
-        case 7:
-            q_tile(a, rep, o, rmask, t, 7, 0);
-            break;
-        case 6:
-            q_tile(a, rep, o, rmask, t, 6, 0);
-            break;
-        case 5:
-            q_tile(a, rep, o, rmask, t, 5, 0);
-            break;
-        case 4:
-            q_tile(a, rep, o, rmask, t, 4, 0);
-            break;
-        case 3:
-            if (is_q4)
-                q_tile(a, rep, o, rmask, t, 3, 1);
-            else
-                q_tile(a, rep, o, rmask, t, 3, 0);
-            break;
-        case 2:
-            if (is_q4)
-                q_tile(a, rep, o, rmask, t, 2, 1);
-            else
-                q_tile(a, rep, o, rmask, t, 2, 0);
-            break;
-        case 1:
-            if (is_q4)
-                q_tile(a, rep, o, rmask, t, 1, 1);
-            else
-                q_tile(a, rep, o, rmask, t, 1, 0);
-            break;
+#define Q_TILE_REM(n)                                                                              \
+    case n:                                                                                        \
+        if (is_q4)                                                                                 \
+            q_tile(a, rep, o, rmask, t, n, 1);                                                     \
+        else                                                                                       \
+            q_tile(a, rep, o, rmask, t, n, 0);                                                     \
+        break;
+            Q_TILE_REM(7)
+            Q_TILE_REM(6)
+            Q_TILE_REM(5)
+            Q_TILE_REM(4)
+            Q_TILE_REM(3)
+            Q_TILE_REM(2)
+            Q_TILE_REM(1)
+#undef Q_TILE_REM
         default:
             break;
         }
