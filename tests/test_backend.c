@@ -166,7 +166,7 @@ static void check_attention(int kv_type, int threads, double tol)
         assert_int_equal(be->ops->buf_create(be, n * QD, &bo, &err), 0);
         be_span_batch sb;
         int32_t pos[T];
-        be_attn a = {1, NH, NKV, HD, scale, be_span_batch_init(&sb, pos, n, pos0, CTX, NULL, 0)};
+        be_attn a = {1, NH, NKV, HD, scale, be_span_batch_init(&sb, pos, n, pos0, CTX, NULL, 0), 0.0f, 0};
         assert_int_equal(be->ops->attention(be, bo, bq, bk, bv, kv, &a, &err), 0);
         assert_int_equal(be->ops->buf_read(be, bo, 0, n * QD, got + pos0 * QD, &err), 0);
         be->ops->buf_free(be, bq);

@@ -152,7 +152,7 @@ static float *contiguous_attn(backend *be, int type, int n_layer, int l, const i
         be_span_batch sb;
         int32_t *pos = malloc((size_t)pos0 * sizeof *pos);
         be_attn a = {l, n_head, n_head_kv, hd, scale,
-                     be_span_batch_init(&sb, pos, pos0, 0, n_ctx, NULL, 0)};
+                     be_span_batch_init(&sb, pos, pos0, 0, n_ctx, NULL, 0), 0.0f, 0};
         if (be->ops->attention(be, ob, qb, kb, vb, kv, &a, &err))
             fail_msg("attention: %s", err.msg);
         free(pos);
@@ -173,7 +173,7 @@ static float *contiguous_attn(backend *be, int type, int n_layer, int l, const i
     be_span_batch sb;
     int32_t *pos = malloc((size_t)n_tok * sizeof *pos);
     be_attn a = {l, n_head, n_head_kv, hd, scale,
-                 be_span_batch_init(&sb, pos, n_tok, pos0, n_ctx, NULL, 0)};
+                 be_span_batch_init(&sb, pos, n_tok, pos0, n_ctx, NULL, 0), 0.0f, 0};
     if (be->ops->attention(be, ob, qb, kb, vb, kv, &a, &err)) fail_msg("attention: %s", err.msg);
     free(pos);
     float *out = download(be, ob, (int64_t)n_tok * n_head * hd);
@@ -217,7 +217,7 @@ static float *paged_attn(backend *be, be_kv *kv, int l, const int32_t *table, in
     be_buf *kb = upload(be, k, (int64_t)n_tok * kv_dim), *vb = upload(be, v, (int64_t)n_tok * kv_dim);
     be_buf *qb = upload(be, q, (int64_t)n_tok * n_head * hd), *ob = NULL;
     if (be->ops->buf_create(be, (int64_t)n_tok * n_head * hd, &ob, &err)) fail_msg("%s", err.msg);
-    be_attn a = {l, n_head, n_head_kv, hd, 1.0f / sqrtf((float)hd), &bt};
+    be_attn a = {l, n_head, n_head_kv, hd, 1.0f / sqrtf((float)hd), &bt, 0.0f, 0};
     if (be->ops->attention(be, ob, qb, kb, vb, kv, &a, &err))
         fail_msg("paged attention: %s", err.msg);
     float *out = download(be, ob, (int64_t)n_tok * n_head * hd);
@@ -590,7 +590,7 @@ static void test_errors(void **state)
     int32_t short_table[2] = {0, 0}, bad_table[2] = {0, n_blocks}, neg_table[2] = {-1, 0};
     be_batch bt = seq_batch(short_table, 2, bs, 20, 2, pos, slot, seq_start, n_tab);
     n_tab[0] = 1; /* positions 20, 21 need 2 blocks */
-    be_attn a = {0, n_head, n_head_kv, hd, 0.5f, &bt};
+    be_attn a = {0, n_head, n_head_kv, hd, 0.5f, &bt, 0.0f, 0};
     assert_int_not_equal(be->ops->attention(be, o, q, k, k, kv, &a, &err), 0);
     assert_non_null(strstr(err.msg, "a table of 1 blocks"));
     bt = seq_batch(bad_table, 2, bs, 20, 2, pos, slot, seq_start, n_tab);
@@ -600,9 +600,9 @@ static void test_errors(void **state)
     assert_int_not_equal(be->ops->attention(be, o, q, k, k, kv, &a, &err), 0);
     int32_t table[4] = {1, 0, 2, 3};
     bt = seq_batch(table, 2, bs, 20, 2, pos, slot, seq_start, n_tab);
-    be_attn wrong = {0, n_head, 2, hd, 0.5f, &bt}; /* kv_dim 16 != 8 */
+    be_attn wrong = {0, n_head, 2, hd, 0.5f, &bt, 0.0f, 0}; /* kv_dim 16 != 8 */
     assert_int_not_equal(be->ops->attention(be, o, q, k, k, kv, &wrong, &err), 0);
-    be_attn no_batch = {0, n_head, n_head_kv, hd, 0.5f, NULL};
+    be_attn no_batch = {0, n_head, n_head_kv, hd, 0.5f, NULL, 0.0f, 0};
     assert_int_not_equal(be->ops->attention(be, o, q, k, k, kv, &no_batch, &err), 0);
     bt = seq_batch(table, 4, bs, 0, 40, pos, slot, seq_start, n_tab); /* q holds 2 tokens */
     assert_int_not_equal(be->ops->attention(be, o, q, k, k, kv, &a, &err), 0);

@@ -119,7 +119,25 @@ typedef struct be_attn {
     int n_head, n_head_kv, head_dim;
     float scale;           /* usually 1/sqrt(head_dim) */
     const be_batch *batch; /* rows, positions, K/V slots and block tables (set by batch_set) */
+    float softcap;         /* scores s = scale q.k become softcap tanh(s / softcap); 0: off */
+    int window;            /* a row at position p attends over p - window + 1 .. p only; 0: all */
 } be_attn;
+
+/* The activation of a gated FFN: out = act(gate) * up. */
+typedef enum be_act {
+    BE_ACT_SILU = 0,     /* x / (1 + exp(-x)) */
+    BE_ACT_GELU_TANH = 1 /* 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))) */
+} be_act;
+
+/* A mixture-of-experts FFN (be_ops.moe_ffn). Each expert matrix is a be_weight of n_expert
+ * blocks of rows (expert e: rows e * rows_per_expert ..): gate_exps and up_exps [n_embd ->
+ * n_ff * n_expert], down_exps [n_ff -> n_embd * n_expert]. */
+typedef struct be_moe {
+    const be_weight *gate_exps, *up_exps, *down_exps;
+    int n_expert, n_used, n_ff;
+    be_act act;
+    bool norm_w; /* renormalise the selected experts' weights to sum 1 */
+} be_moe;
 
 typedef struct be_ops {
     const char *name;
@@ -260,6 +278,23 @@ typedef struct be_ops {
      * host memory; tests and debugging). */
     int (*kv_read)(backend *be, const be_kv *kv, int layer, const int32_t *rows, int n,
                    float *k_out, float *v_out, forge_err *err);
+
+    /* ---- ops of the other architectures (issue 15; NULL on a backend without them: such a
+     * backend does not run those architectures, arch_desc.gpu) ---- */
+    /* out[i] = gelu_tanh(gate[i]) * up[i] (be_act). out may be gate. */
+    int (*geglu)(backend *be, be_buf *out, const be_buf *gate, const be_buf *up, int64_t n,
+                 forge_err *err);
+    /* x[i] *= s */
+    int (*scale)(backend *be, be_buf *x, float s, int64_t n, forge_err *err);
+    /* x[i] = cap * tanh(x[i] / cap) */
+    int (*softcap)(backend *be, be_buf *x, float cap, int64_t n, forge_err *err);
+    /* out[t] = sum over the n_used experts e with the largest router logits[t][e] (ties: the
+     * smaller e) of w_e * down_e(act(gate_e h[t]) * up_e h[t]), w = softmax of logits[t] over
+     * all n_expert (renormalised over the selected when norm_w). h: [n_tok][n_embd],
+     * logits: [n_tok][n_expert], out: [n_tok][n_embd] (written, not added). A row's result does
+     * not depend on the other rows (batch invariance). */
+    int (*moe_ffn)(backend *be, be_buf *out, const be_buf *h, const be_buf *logits,
+                   const be_moe *moe, int n_tok, forge_err *err);
 } be_ops;
 
 /* A sampler chain for be_ops.sample, as src/sample/sampler.c runs it: penalties over the

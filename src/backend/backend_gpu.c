@@ -1563,11 +1563,22 @@ static int attention_span(backend *be, be_buf *out, const be_buf *q, const be_bu
     return FORGE_OK;
 }
 
+/* Score soft-capping and sliding windows (gemma) have no GPU kernels yet: those architectures
+ * are refused before a GPU context is made (arch_desc.gpu); this guards the op itself. */
+static int attn_features_ok(const be_attn *a, forge_err *err)
+{
+    if (a && (a->softcap != 0.0f || a->window != 0))
+        return forge_err_set(err, FORGE_E_UNSUPPORTED,
+                             "the GPU attention has no score soft-capping or sliding window yet");
+    return FORGE_OK;
+}
+
 static int gb_attention(backend *be, be_buf *out, const be_buf *q, const be_buf *k, const be_buf *v,
                         be_kv *kv, const be_attn *ba, forge_err *err)
 {
     gb_span sp = {0};
     forge_err span_err = {0};
+    if (attn_features_ok(ba, err)) return FORGE_E_UNSUPPORTED;
     if (attn_span(kv, ba, &sp, &span_err))
         return attention_paged(gb(be), out, q, k, v, kv, ba, err);
     return attention_span(be, out, q, k, v, kv, &sp, err);
@@ -1624,6 +1635,7 @@ static int gb_attention_rope(backend *be, be_buf *out, be_buf *q, const be_buf *
     const gb_span *a = &sp;
     forge_err span_err = {0};
     int rc;
+    if (attn_features_ok(ba, err)) return FORGE_E_UNSUPPORTED;
     if (attn_span(kv, ba, &sp, &span_err))
         return attention_rope_paged(g, out, q, k, v, kv, ba, r, q_norm, k_norm, eps, err);
     if (!g->fused) {

@@ -242,6 +242,43 @@ static int cpu_swiglu(backend *be, be_buf *out, const be_buf *gate, const be_buf
     return FORGE_OK;
 }
 
+/* GELU with the tanh approximation (HF's gelu_pytorch_tanh), computed in double so that it
+ * rounds once: the reference evaluates it in float32 within an ulp or two. */
+static int cpu_geglu(backend *be, be_buf *out, const be_buf *gate, const be_buf *up, int64_t n,
+                     forge_err *err)
+{
+    (void)be;
+    if (check_buf(out, n, "geglu", err) || check_buf(gate, n, "geglu", err) ||
+        check_buf(up, n, "geglu", err))
+        return FORGE_E_INTERNAL;
+    const double c = 0.7978845608028654; /* sqrt(2 / pi) */
+    for (int64_t i = 0; i < n; i++) {
+        double g = gate->data[i];
+        double gl = 0.5 * g * (1.0 + tanh(c * (g + 0.044715 * g * g * g)));
+        out->data[i] = (float)gl * up->data[i];
+    }
+    return FORGE_OK;
+}
+
+static int cpu_scale(backend *be, be_buf *x, float s, int64_t n, forge_err *err)
+{
+    (void)be;
+    if (check_buf(x, n, "scale", err)) return FORGE_E_INTERNAL;
+    for (int64_t i = 0; i < n; i++)
+        x->data[i] *= s;
+    return FORGE_OK;
+}
+
+static int cpu_softcap(backend *be, be_buf *x, float cap, int64_t n, forge_err *err)
+{
+    (void)be;
+    if (check_buf(x, n, "softcap", err)) return FORGE_E_INTERNAL;
+    if (!(cap > 0.0f)) return forge_err_set(err, FORGE_E_INTERNAL, "softcap: cap %g", (double)cap);
+    for (int64_t i = 0; i < n; i++)
+        x->data[i] = cap * tanhf(x->data[i] / cap);
+    return FORGE_OK;
+}
+
 static int cpu_add(backend *be, be_buf *x, const be_buf *y, int64_t n, forge_err *err)
 {
     (void)be;
@@ -434,23 +471,30 @@ static void attn_worker(void *arg, int ith, int nth)
         } else if (q8) {
             kern_quantize_row_q8_0(qh, qh16, hd);
         }
+        /* a sliding window hides positions before p_lo (their weight is exactly 0) */
+        const int p_lo = a->window > 0 && n_kv > a->window ? n_kv - a->window : 0;
         float max = -INFINITY;
         for (int p0 = 0, b = 0; p0 < n_kv; p0 += bs, b++) {
             const size_t r0 = (size_t)table[b] * (size_t)bs;
             const uint8_t *kr = kbase + r0 * row_bytes + head_off;
             const int m = n_kv - p0 < bs ? n_kv - p0 : bs;
             for (int i = 0; i < m; i++) {
+                if (p0 + i < p_lo) {
+                    scores[p0 + i] = -INFINITY;
+                    continue;
+                }
                 const uint8_t *krow = kr + (size_t)i * row_bytes;
                 float s = (q8 ? dot_row_q8(krow, (const uint8_t *)qh16, hd)
                               : dot_row(krow, f16, qh, hd)) *
                           a->scale;
+                if (a->softcap > 0.0f) s = a->softcap * tanhf(s / a->softcap);
                 scores[p0 + i] = s;
                 if (s > max) max = s;
             }
         }
         double sum = 0.0;
         for (int p = 0; p < n_kv; p++) {
-            float e = expf(scores[p] - max);
+            float e = p < p_lo ? 0.0f : expf(scores[p] - max);
             sum += (double)e;
             scores[p] = e;
         }
@@ -466,6 +510,7 @@ static void attn_worker(void *arg, int ith, int nth)
             const uint8_t *vr = vbase + r0 * row_bytes + head_off;
             const int m = n_kv - p0 < bs ? n_kv - p0 : bs;
             for (int i = 0; i < m; i++) {
+                if (p0 + i < p_lo) continue;
                 if (q8)
                     axpy_row_q8(o, scores[p0 + i], vr + (size_t)i * row_bytes, hd);
                 else
@@ -772,6 +817,9 @@ static const be_ops cpu_ops = {
     .rope = cpu_rope,
     .attention = cpu_attention,
     .swiglu = cpu_swiglu,
+    .geglu = cpu_geglu,
+    .scale = cpu_scale,
+    .softcap = cpu_softcap,
     .add = cpu_add,
     .copy_rows = cpu_copy_rows,
     .matmul_multi = cpu_matmul_multi,

@@ -17,9 +17,10 @@
  * Without them (the CPU) each step is the plain op, in the order above.
  */
 #include <math.h>
+#include <stdlib.h>
 
 #include "core/util.h"
-#include "model/model.h"
+#include "model/loader.h"
 
 #define TRY(expr)                                                                                  \
     do {                                                                                           \
@@ -123,7 +124,7 @@ int arch_llama_forward(fwd_state *fs, const int32_t *ids, const be_batch *bt, fo
         TRY(norm_matmul(be, 3, qkv, w_qkv, b_qkv, b->x, &l->attn_norm, hp->rms_eps, false, b->xn,
                         n, err));
         const be_attn attn = {
-            il, hp->n_head, hp->n_head_kv, (int)HD, 1.0f / sqrtf((float)HD), bt};
+            il, hp->n_head, hp->n_head_kv, (int)HD, 1.0f / sqrtf((float)HD), bt, 0.0f, 0};
         const be_weight *qn = l->q_norm.data ? &l->q_norm : NULL;
         const be_weight *kn = l->k_norm.data ? &l->k_norm : NULL;
         if (op->attention_rope) {
@@ -164,4 +165,49 @@ int arch_llama_forward(fwd_state *fs, const int32_t *ids, const be_batch *bt, fo
                     bt->n_out, err));
 done:
     return rc;
+}
+
+/* The llama family's tensors: the common globals, then per layer attention (q/k/v biases for
+ * qwen2, q/k norms for qwen3; an attn_output bias where a file has one) and the SwiGLU FFN. */
+int arch_llama_load(loader *L, forge_err *err)
+{
+    forge_model *m = L->m;
+    const forge_model_info *hp = &m->info;
+    const int64_t E = hp->n_embd, F = hp->n_ff, HD = hp->head_dim;
+    const int64_t QD = (int64_t)hp->n_head * HD, KD = (int64_t)hp->n_head_kv * HD;
+    const bool qkv_bias = m->arch == ARCH_QWEN2, qk_norm = m->arch == ARCH_QWEN3;
+    int rc;
+    if (m->ap.n_expert > 0)
+        return forge_err_set(
+            err, FORGE_E_UNSUPPORTED,
+            "%s: mixture-of-experts models (%s.expert_count = %d) are not supported yet", L->path,
+            L->arch, m->ap.n_expert);
+    if ((rc = ld_globals(L, err))) return rc;
+    m->layers = calloc((size_t)hp->n_layer, sizeof *m->layers);
+    if (!m->layers) return forge_err_set(err, FORGE_E_NOMEM, "out of memory");
+    for (int il = 0; il < hp->n_layer; il++) {
+        layer_weights *l = &m->layers[il];
+        if ((rc = ld_bind_layer(L, il, &l->attn_norm, "attn_norm.weight", W_VECTOR, E, 1, true,
+                                err)) ||
+            (rc = ld_bind_layer(L, il, &l->wq, "attn_q.weight", W_MATRIX, E, QD, true, err)) ||
+            (rc = ld_bind_layer(L, il, &l->wk, "attn_k.weight", W_MATRIX, E, KD, true, err)) ||
+            (rc = ld_bind_layer(L, il, &l->wv, "attn_v.weight", W_MATRIX, E, KD, true, err)) ||
+            (rc = ld_bind_layer(L, il, &l->wo, "attn_output.weight", W_MATRIX, QD, E, true, err)) ||
+            (rc = ld_bind_layer(L, il, &l->bq, "attn_q.bias", W_VECTOR, QD, 1, qkv_bias, err)) ||
+            (rc = ld_bind_layer(L, il, &l->bk, "attn_k.bias", W_VECTOR, KD, 1, qkv_bias, err)) ||
+            (rc = ld_bind_layer(L, il, &l->bv, "attn_v.bias", W_VECTOR, KD, 1, qkv_bias, err)) ||
+            (rc = ld_bind_layer(L, il, &l->bo, "attn_output.bias", W_VECTOR, E, 1, false, err)) ||
+            (rc = ld_bind_layer(L, il, &l->q_norm, "attn_q_norm.weight", W_VECTOR, HD, 1, qk_norm,
+                                err)) ||
+            (rc = ld_bind_layer(L, il, &l->k_norm, "attn_k_norm.weight", W_VECTOR, HD, 1, qk_norm,
+                                err)) ||
+            (rc = ld_bind_layer(L, il, &l->ffn_norm, "ffn_norm.weight", W_VECTOR, E, 1, true,
+                                err)) ||
+            (rc = ld_bind_layer(L, il, &l->ffn_gate, "ffn_gate.weight", W_MATRIX, E, F, true,
+                                err)) ||
+            (rc = ld_bind_layer(L, il, &l->ffn_up, "ffn_up.weight", W_MATRIX, E, F, true, err)) ||
+            (rc = ld_bind_layer(L, il, &l->ffn_down, "ffn_down.weight", W_MATRIX, F, E, true, err)))
+            return rc;
+    }
+    return FORGE_OK;
 }

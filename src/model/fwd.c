@@ -39,8 +39,9 @@ static int acquire_weights(fwd_state *fs, const fwd_params *p, forge_err *err)
 
 static void free_bufs(fwd_state *fs)
 {
-    be_buf **all[] = {&fs->b.x, &fs->b.xn,   &fs->b.q,  &fs->b.k,    &fs->b.v,     &fs->b.att,
-                      &fs->b.o, &fs->b.gate, &fs->b.up, &fs->b.last, &fs->b.logits};
+    be_buf **all[] = {&fs->b.x,    &fs->b.xn,   &fs->b.q,    &fs->b.k,
+                      &fs->b.v,    &fs->b.att,  &fs->b.o,    &fs->b.gate,
+                      &fs->b.up,   &fs->b.last, &fs->b.logits, &fs->b.router};
     for (size_t i = 0; i < FORGE_ARRAY_LEN(all); i++) {
         if (*all[i]) fs->be->ops->buf_free(fs->be, *all[i]);
         *all[i] = NULL;
@@ -53,6 +54,11 @@ static int alloc_bufs(fwd_state *fs, forge_err *err)
     const int64_t nb = fs->n_batch, E = hp->n_embd;
     const int64_t QD = (int64_t)hp->n_head * hp->head_dim,
                   KD = (int64_t)hp->n_head_kv * hp->head_dim;
+    const arch_params *ap = &fs->model->ap;
+    /* the FFN buffers hold the widest of the dense, expert and shared-expert FFNs */
+    int64_t F = hp->n_ff;
+    if (ap->n_ff_exp > F) F = ap->n_ff_exp;
+    if (ap->n_ff_shexp > F) F = ap->n_ff_shexp;
     struct {
         be_buf **buf;
         int64_t n;
@@ -64,12 +70,14 @@ static int alloc_bufs(fwd_state *fs, forge_err *err)
         {&fs->b.v, nb * KD},
         {&fs->b.att, nb * QD},
         {&fs->b.o, nb * (E > QD ? E : QD)},
-        {&fs->b.gate, nb * hp->n_ff},
-        {&fs->b.up, nb * hp->n_ff},
+        {&fs->b.gate, nb * F},
+        {&fs->b.up, nb * F},
         {&fs->b.last, nb * E},
         {&fs->b.logits, hp->n_vocab},
+        {&fs->b.router, ap->n_expert > 0 ? nb * ap->n_expert : 0},
     };
     for (size_t i = 0; i < FORGE_ARRAY_LEN(want); i++) {
+        if (want[i].n == 0) continue;
         int rc = fs->be->ops->buf_create(fs->be, want[i].n, want[i].buf, err);
         if (rc) return rc;
     }
@@ -85,6 +93,11 @@ static int create_gpu(fwd_state *fs, const fwd_params *p, forge_err *err)
     const forge_model_info *hp = &m->info;
     int rc;
     be_weight *globals[] = {&m->tok_embd, &m->output_norm, &m->output, &m->rope_freqs};
+    const arch_desc *ad = arch_find(m->arch);
+    if (!ad || !ad->gpu)
+        return forge_err_set(err, FORGE_E_UNSUPPORTED,
+                             "the GPU backend does not run %s models yet (use the CPU)",
+                             hp->arch);
     if (p->kv_type == FORGE_KV_Q8_0)
         return forge_err_set(err, FORGE_E_UNSUPPORTED,
                              "the GPU backend has no q8_0 KV cache yet (use f16 or f32)");
@@ -206,19 +219,6 @@ int fwd_reserve_logits(fwd_state *fs, int64_t rows, forge_err *err)
     if (rc) return rc;
     fs->b.logits_rows = rows;
     return FORGE_OK;
-}
-
-static const arch_desc g_arches[] = {
-    {ARCH_LLAMA, "llama", arch_llama_forward},
-    {ARCH_QWEN2, "qwen2", arch_llama_forward},
-    {ARCH_QWEN3, "qwen3", arch_llama_forward},
-};
-
-const arch_desc *arch_find(model_arch arch)
-{
-    for (size_t i = 0; i < FORGE_ARRAY_LEN(g_arches); i++)
-        if (g_arches[i].arch == arch) return &g_arches[i];
-    return NULL;
 }
 
 /* The batch's invariants, checked once here so that no backend reads outside its arrays: rows

@@ -9,9 +9,7 @@
 
 #include "core/util.h"
 #include "cpu/kernels.h"
-#include "model/model.h"
-
-static const char *arch_names[] = {"llama", "qwen2", "qwen3"};
+#include "model/loader.h"
 
 /* Types a weight matrix may have: each tensor's own type, whatever general.file_type says;
  * every type the CPU can multiply from its packed form (the traits table, src/quant/qtypes.c). */
@@ -19,13 +17,6 @@ static bool matrix_type_ok(int t)
 {
     return kern_matmul_supported(t);
 }
-
-typedef struct loader {
-    forge_model *m;
-    const char *path;
-    const char *arch;
-    uint64_t bytes_by_type[GGML_TYPE_COUNT];
-} loader;
 
 /* ---- metadata --------------------------------------------------------------------------- */
 
@@ -36,8 +27,8 @@ static void arch_key(char *buf, size_t n, const char *arch, const char *suffix)
 
 /* A u32 hyperparameter. Absent: *out = def when !required. An array (per-layer values, as some
  * converters write feed_forward_length / head_count) is accepted when all entries are equal. */
-static int get_hparam(loader *L, const char *suffix, bool required, uint32_t def, uint32_t *out,
-                      forge_err *err)
+int ld_u32(loader *L, const char *suffix, bool required, uint32_t def, uint32_t *out,
+           forge_err *err)
 {
     char key[160];
     arch_key(key, sizeof key, L->arch, suffix);
@@ -75,7 +66,7 @@ static int get_hparam(loader *L, const char *suffix, bool required, uint32_t def
     return gguf_get_u32(g, key, out, err);
 }
 
-static int get_f32_opt(loader *L, const char *suffix, float def, float *out, forge_err *err)
+int ld_f32(loader *L, const char *suffix, float def, float *out, forge_err *err)
 {
     char key[160];
     arch_key(key, sizeof key, L->arch, suffix);
@@ -92,11 +83,10 @@ static int get_f32_opt(loader *L, const char *suffix, float def, float *out, for
 
 /* ---- tensors ---------------------------------------------------------------------------- */
 
-typedef enum wkind { W_MATRIX, W_VECTOR } wkind;
-
-/* Bind tensor `name` into *w, checking its shape [ne0, ne1] (ne1 = 1 for vectors) and type. */
-static int bind(loader *L, be_weight *w, const char *name, wkind kind, int64_t ne0, int64_t ne1,
-                bool required, forge_err *err)
+/* A tensor's checks and binding; n_expert > 0: a 3-D [ne0, ne1, n_expert] tensor bound as a
+ * matrix of ne1 * n_expert rows. */
+static int bind3(loader *L, be_weight *w, const char *name, wkind kind, int64_t ne0, int64_t ne1,
+                 int64_t n_expert, bool required, forge_err *err)
 {
     const gguf_tensor_info *ti = gguf_find_tensor(L->m->gguf, name);
     memset(w, 0, sizeof *w);
@@ -105,8 +95,18 @@ static int bind(loader *L, be_weight *w, const char *name, wkind kind, int64_t n
         return forge_err_set(err, FORGE_E_NOTFOUND, "%s: required tensor '%s' not found", L->path,
                              name);
     }
-    bool shape_ok = ti->ne[0] == ne0 && ti->ne[1] == ne1 && ti->ne[2] == 1 && ti->ne[3] == 1 &&
-                    (kind == W_MATRIX ? ti->n_dims <= 2 : ti->n_dims == 1);
+    bool shape_ok = ti->ne[0] == ne0 && ti->ne[1] == ne1 && ti->ne[3] == 1 &&
+                    (n_expert > 0 ? ti->ne[2] == n_expert && ti->n_dims == 3
+                                  : ti->ne[2] == 1 &&
+                                        (kind == W_MATRIX ? ti->n_dims <= 2 : ti->n_dims == 1));
+    if (!shape_ok && n_expert > 0)
+        return forge_err_set(err, FORGE_E_FORMAT,
+                             "%s: tensor '%s' has shape [%lld, %lld, %lld, %lld], expected [%lld, "
+                             "%lld, %lld] (%lld experts) from the hyperparameters",
+                             L->path, name, (long long)ti->ne[0], (long long)ti->ne[1],
+                             (long long)ti->ne[2], (long long)ti->ne[3], (long long)ne0,
+                             (long long)ne1, (long long)n_expert, (long long)n_expert);
+    if (n_expert > 0) ne1 *= n_expert;
     if (!shape_ok) {
         if (kind == W_VECTOR)
             return forge_err_set(err, FORGE_E_FORMAT,
@@ -146,15 +146,93 @@ static int bind(loader *L, be_weight *w, const char *name, wkind kind, int64_t n
     L->bytes_by_type[ti->type] += ti->n_bytes;
     L->m->info.n_params += (uint64_t)ti->n_elements;
     L->m->info.weight_bytes += ti->n_bytes;
+    if (n_expert > 0) L->expert_bytes += ti->n_bytes;
     return FORGE_OK;
 }
 
-static int bind_layer(loader *L, int il, be_weight *w, const char *what, wkind kind, int64_t ne0,
-                      int64_t ne1, bool required, forge_err *err)
+int ld_bind(loader *L, be_weight *w, const char *name, wkind kind, int64_t ne0, int64_t ne1,
+            bool required, forge_err *err)
+{
+    return bind3(L, w, name, kind, ne0, ne1, 0, required, err);
+}
+
+int ld_bind_layer(loader *L, int il, be_weight *w, const char *what, wkind kind, int64_t ne0,
+                  int64_t ne1, bool required, forge_err *err)
 {
     char name[96];
     snprintf(name, sizeof name, "blk.%d.%s", il, what);
-    return bind(L, w, name, kind, ne0, ne1, required, err);
+    return bind3(L, w, name, kind, ne0, ne1, 0, required, err);
+}
+
+int ld_bind_experts(loader *L, int il, be_weight *w, const char *what, int64_t ne0, int64_t ne1,
+                    int64_t n_expert, bool required, forge_err *err)
+{
+    char name[96];
+    snprintf(name, sizeof name, "blk.%d.%s", il, what);
+    if (n_expert < 1)
+        return forge_err_set(err, FORGE_E_FORMAT, "%s: tensor '%s' needs an expert count (%lld)",
+                             L->path, name, (long long)n_expert);
+    return bind3(L, w, name, W_MATRIX, ne0, ne1, n_expert, required, err);
+}
+
+int ld_view_rows(loader *L, be_weight *out, const be_weight *w, int64_t r0, int64_t n,
+                 forge_err *err)
+{
+    const bool vec = w->ne1 == 1 && w->type == GGML_TYPE_F32 && n < w->ne0;
+    const int64_t rows = vec ? w->ne0 : w->ne1;
+    if (!w->data || r0 < 0 || n < 1 || r0 + n > rows)
+        return forge_err_set(err, FORGE_E_FORMAT, "%s: tensor '%s' has %lld rows, not %lld..%lld",
+                             L->path, w->name ? w->name : "?", (long long)rows, (long long)r0,
+                             (long long)(r0 + n));
+    *out = *w;
+    if (vec) { /* elements of a vector (a fused bias) */
+        out->ne0 = n;
+        out->n_bytes = (uint64_t)n * sizeof(float);
+        out->data = (const float *)w->data + r0;
+    } else {
+        const uint64_t rb = ggml_row_size(w->type, w->ne0);
+        out->ne1 = n;
+        out->n_bytes = rb * (uint64_t)n;
+        out->data = (const uint8_t *)w->data + rb * (uint64_t)r0;
+    }
+    return FORGE_OK;
+}
+
+int ld_bool(loader *L, const char *suffix, bool def, bool *out, forge_err *err)
+{
+    char key[160];
+    arch_key(key, sizeof key, L->arch, suffix);
+    if (gguf_find_key(L->m->gguf, key) < 0) {
+        *out = def;
+        return FORGE_OK;
+    }
+    return gguf_get_bool(L->m->gguf, key, out, err);
+}
+
+int ld_layer_u32s(loader *L, const char *suffix, int32_t *out, int n, forge_err *err)
+{
+    char key[160];
+    arch_key(key, sizeof key, L->arch, suffix);
+    const gguf_ctx *g = L->m->gguf;
+    int64_t idx = gguf_find_key(g, key);
+    if (idx < 0) return FORGE_E_NOTFOUND;
+    if (gguf_kv_type(g, idx) != GGUF_TYPE_ARRAY) {
+        uint32_t v;
+        int rc = gguf_get_u32(g, key, &v, err);
+        if (rc) return rc;
+        for (int i = 0; i < n; i++)
+            out[i] = (int32_t)v;
+        return FORGE_OK;
+    }
+    gguf_type et;
+    uint64_t cnt;
+    int rc = gguf_get_arr(g, key, &et, &cnt, err);
+    if (rc) return rc;
+    if (cnt != (uint64_t)n)
+        return forge_err_set(err, FORGE_E_FORMAT, "%s: key '%s' has %llu values for %d layers",
+                             L->path, key, (unsigned long long)cnt, n);
+    (void)et; /* integers, floats or bools (gguf_copy_arr_i32 converts them) */
+    return gguf_copy_arr_i32(g, key, out, cnt, err);
 }
 
 static void make_type_summary(loader *L)
@@ -188,18 +266,17 @@ static int load_hparams(loader *L, forge_err *err)
     forge_model_info *hp = &m->info;
     uint32_t n_ctx, n_embd, n_layer, n_ff, n_head, n_head_kv, head_dim, head_dim_v, n_rot, n_expert;
     int rc;
-    if ((rc = get_hparam(L, "context_length", true, 0, &n_ctx, err)) ||
-        (rc = get_hparam(L, "embedding_length", true, 0, &n_embd, err)) ||
-        (rc = get_hparam(L, "block_count", true, 0, &n_layer, err)) ||
-        (rc = get_hparam(L, "feed_forward_length", true, 0, &n_ff, err)) ||
-        (rc = get_hparam(L, "attention.head_count", true, 0, &n_head, err)) ||
-        (rc = get_hparam(L, "expert_count", false, 0, &n_expert, err)))
+    if ((rc = ld_u32(L, "context_length", true, 0, &n_ctx, err)) ||
+        (rc = ld_u32(L, "embedding_length", true, 0, &n_embd, err)) ||
+        (rc = ld_u32(L, "block_count", true, 0, &n_layer, err)) ||
+        (rc = ld_u32(L, "feed_forward_length", true, 0, &n_ff, err)) ||
+        (rc = ld_u32(L, "attention.head_count", true, 0, &n_head, err)) ||
+        (rc = ld_u32(L, "expert_count", false, 0, &n_expert, err)))
         return rc;
-    if (n_expert > 0)
-        return forge_err_set(
-            err, FORGE_E_UNSUPPORTED,
-            "%s: mixture-of-experts models (%s.expert_count = %u) are not supported", L->path,
-            L->arch, n_expert);
+    if (n_expert > 4096)
+        return forge_err_set(err, FORGE_E_FORMAT, "%s: %s.expert_count %u is implausible",
+                             L->path, L->arch, n_expert);
+    m->ap.n_expert = (int32_t)n_expert; /* the architecture's load checks the rest */
     if (n_embd == 0 || n_embd > (1u << 20) || n_layer == 0 || n_layer > FORGE_MAX_LAYERS ||
         n_ff == 0 || n_ff > (1u << 22) || n_head == 0 || n_head > 4096 || n_ctx == 0 ||
         n_ctx > (1u << 24))
@@ -207,10 +284,10 @@ static int load_hparams(loader *L, forge_err *err)
                              "%s: implausible hyperparameters: context_length %u, embedding_length "
                              "%u, block_count %u, feed_forward_length %u, head_count %u",
                              L->path, n_ctx, n_embd, n_layer, n_ff, n_head);
-    if ((rc = get_hparam(L, "attention.head_count_kv", false, n_head, &n_head_kv, err)) ||
-        (rc = get_hparam(L, "attention.key_length", false, n_embd / n_head, &head_dim, err)) ||
-        (rc = get_hparam(L, "attention.value_length", false, head_dim, &head_dim_v, err)) ||
-        (rc = get_hparam(L, "rope.dimension_count", false, head_dim, &n_rot, err)))
+    if ((rc = ld_u32(L, "attention.head_count_kv", false, n_head, &n_head_kv, err)) ||
+        (rc = ld_u32(L, "attention.key_length", false, n_embd / n_head, &head_dim, err)) ||
+        (rc = ld_u32(L, "attention.value_length", false, head_dim, &head_dim_v, err)) ||
+        (rc = ld_u32(L, "rope.dimension_count", false, head_dim, &n_rot, err)))
         return rc;
     if (n_head_kv == 0 || n_head % n_head_kv != 0)
         return forge_err_set(err, FORGE_E_FORMAT,
@@ -224,8 +301,8 @@ static int load_hparams(loader *L, forge_err *err)
         return forge_err_set(err, FORGE_E_FORMAT,
                              "%s: %s.rope.dimension_count %u does not fit head dimension %u",
                              L->path, L->arch, n_rot, head_dim);
-    if ((rc = get_f32_opt(L, "attention.layer_norm_rms_epsilon", NAN, &hp->rms_eps, err)) ||
-        (rc = get_f32_opt(L, "rope.freq_base", 10000.0f, &hp->rope_freq_base, err)))
+    if ((rc = ld_f32(L, "attention.layer_norm_rms_epsilon", NAN, &hp->rms_eps, err)) ||
+        (rc = ld_f32(L, "rope.freq_base", 10000.0f, &hp->rope_freq_base, err)))
         return rc;
     if (isnan(hp->rms_eps)) {
         char key[160];
@@ -252,8 +329,8 @@ static int load_hparams(loader *L, forge_err *err)
                 (int)(s.len > 32 ? 32 : s.len), s.data);
     }
     float factor;
-    if ((rc = get_f32_opt(L, "rope.scaling.factor", 0.0f, &factor, err))) return rc;
-    if (factor == 0.0f && (rc = get_f32_opt(L, "rope.scale_linear", 0.0f, &factor, err))) return rc;
+    if ((rc = ld_f32(L, "rope.scaling.factor", 0.0f, &factor, err))) return rc;
+    if (factor == 0.0f && (rc = ld_f32(L, "rope.scale_linear", 0.0f, &factor, err))) return rc;
     if (factor < 0 || isnan(factor))
         return forge_err_set(err, FORGE_E_FORMAT, "%s: bad rope scaling factor %g", L->path,
                              (double)factor);
@@ -263,7 +340,7 @@ static int load_hparams(loader *L, forge_err *err)
     m->rope_ext_factor = yarn ? 1.0f : 0.0f;
     uint32_t n_ctx_orig;
     if ((rc =
-             get_hparam(L, "rope.scaling.original_context_length", false, n_ctx, &n_ctx_orig, err)))
+             ld_u32(L, "rope.scaling.original_context_length", false, n_ctx, &n_ctx_orig, err)))
         return rc;
     if (yarn) {
         const float beta_fast = 32.0f, beta_slow = 1.0f, base = hp->rope_freq_base;
@@ -287,52 +364,39 @@ static int load_hparams(loader *L, forge_err *err)
     return FORGE_OK;
 }
 
-static int load_tensors(loader *L, forge_err *err)
+int ld_globals(loader *L, forge_err *err)
 {
     forge_model *m = L->m;
     const forge_model_info *hp = &m->info;
-    const int64_t E = hp->n_embd, V = hp->n_vocab, F = hp->n_ff, HD = hp->head_dim;
-    const int64_t QD = (int64_t)hp->n_head * HD, KD = (int64_t)hp->n_head_kv * HD;
-    const bool qkv_bias = m->arch == ARCH_QWEN2, qk_norm = m->arch == ARCH_QWEN3;
+    const int64_t E = hp->n_embd, V = hp->n_vocab;
     int rc;
-
-    if ((rc = bind(L, &m->tok_embd, "token_embd.weight", W_MATRIX, E, V, true, err)) ||
-        (rc = bind(L, &m->output_norm, "output_norm.weight", W_VECTOR, E, 1, true, err)) ||
-        (rc = bind(L, &m->output, "output.weight", W_MATRIX, E, V, false, err)) ||
-        (rc = bind(L, &m->rope_freqs, "rope_freqs.weight", W_VECTOR, hp->n_rot / 2, 1, false, err)))
+    if ((rc = ld_bind(L, &m->tok_embd, "token_embd.weight", W_MATRIX, E, V, true, err)) ||
+        (rc = ld_bind(L, &m->output_norm, "output_norm.weight", W_VECTOR, E, 1, true, err)) ||
+        (rc = ld_bind(L, &m->output, "output.weight", W_MATRIX, E, V, false, err)) ||
+        (rc = ld_bind(L, &m->rope_freqs, "rope_freqs.weight", W_VECTOR, hp->n_rot / 2, 1, false,
+                      err)))
         return rc;
     if (!m->output.data) {
         m->output = m->tok_embd;
         m->info.tied_output = true;
     }
-    m->layers = calloc((size_t)hp->n_layer, sizeof *m->layers);
-    if (!m->layers) return forge_err_set(err, FORGE_E_NOMEM, "out of memory");
-    for (int il = 0; il < hp->n_layer; il++) {
-        layer_weights *l = &m->layers[il];
-        if ((rc =
-                 bind_layer(L, il, &l->attn_norm, "attn_norm.weight", W_VECTOR, E, 1, true, err)) ||
-            (rc = bind_layer(L, il, &l->wq, "attn_q.weight", W_MATRIX, E, QD, true, err)) ||
-            (rc = bind_layer(L, il, &l->wk, "attn_k.weight", W_MATRIX, E, KD, true, err)) ||
-            (rc = bind_layer(L, il, &l->wv, "attn_v.weight", W_MATRIX, E, KD, true, err)) ||
-            (rc = bind_layer(L, il, &l->wo, "attn_output.weight", W_MATRIX, QD, E, true, err)) ||
-            (rc = bind_layer(L, il, &l->bq, "attn_q.bias", W_VECTOR, QD, 1, qkv_bias, err)) ||
-            (rc = bind_layer(L, il, &l->bk, "attn_k.bias", W_VECTOR, KD, 1, qkv_bias, err)) ||
-            (rc = bind_layer(L, il, &l->bv, "attn_v.bias", W_VECTOR, KD, 1, qkv_bias, err)) ||
-            (rc = bind_layer(L, il, &l->bo, "attn_output.bias", W_VECTOR, E, 1, false, err)) ||
-            (rc = bind_layer(L, il, &l->q_norm, "attn_q_norm.weight", W_VECTOR, HD, 1, qk_norm,
-                             err)) ||
-            (rc = bind_layer(L, il, &l->k_norm, "attn_k_norm.weight", W_VECTOR, HD, 1, qk_norm,
-                             err)) ||
-            (rc = bind_layer(L, il, &l->ffn_norm, "ffn_norm.weight", W_VECTOR, E, 1, true, err)) ||
-            (rc = bind_layer(L, il, &l->ffn_gate, "ffn_gate.weight", W_MATRIX, E, F, true, err)) ||
-            (rc = bind_layer(L, il, &l->ffn_up, "ffn_up.weight", W_MATRIX, E, F, true, err)) ||
-            (rc = bind_layer(L, il, &l->ffn_down, "ffn_down.weight", W_MATRIX, F, E, true, err)))
-            return rc;
-    }
-    /* bytes one decoded token reads: everything but the embedding table, plus one of its rows */
+    return FORGE_OK;
+}
+
+/* After the architecture's load: what one token reads, the type summary, the weight slots. */
+static int finish_load(loader *L, forge_err *err)
+{
+    forge_model *m = L->m;
+    const int64_t E = m->info.n_embd;
+    /* bytes one decoded token reads: everything but the embedding table, plus one of its rows;
+     * of the experts only the n_used of n_expert a token is routed to */
     uint64_t embd_row = ggml_row_size(m->tok_embd.type, E);
     m->info.bytes_per_token = m->info.weight_bytes - m->tok_embd.n_bytes + embd_row;
     if (m->info.tied_output) m->info.bytes_per_token += m->tok_embd.n_bytes;
+    if (L->expert_bytes && m->ap.n_expert > 0)
+        m->info.bytes_per_token -= L->expert_bytes -
+                                   L->expert_bytes / (uint64_t)m->ap.n_expert *
+                                       (uint64_t)m->ap.n_expert_used;
     make_type_summary(L);
     /* the slots: each weight's index in model_weights (a tied output shares tok_embd's) */
     const int n = model_weights(m, NULL, 0);
@@ -350,7 +414,8 @@ static int load_tensors(loader *L, forge_err *err)
 int model_weights(forge_model *m, be_weight **out, int cap)
 {
     int n = 0;
-    be_weight *globals[] = {&m->tok_embd, &m->output_norm, &m->output, &m->rope_freqs};
+    be_weight *globals[] = {&m->tok_embd,  &m->output_norm, &m->output,
+                            &m->rope_freqs, &m->rope_long,   &m->rope_short};
     for (size_t i = 0; i < FORGE_ARRAY_LEN(globals); i++) {
         if (!globals[i]->data || (i == 2 && m->info.tied_output)) continue; /* output = tok_embd */
         if (n < cap) out[n] = globals[i];
@@ -387,20 +452,19 @@ int forge_model_load(const char *path, forge_model **out, forge_err *err)
 
     gguf_str arch;
     if ((rc = gguf_get_str(m->gguf, "general.architecture", &arch, err))) goto fail;
-    int a = -1;
-    for (int i = 0; i < (int)FORGE_ARRAY_LEN(arch_names); i++)
-        if (arch.len == strlen(arch_names[i]) && !memcmp(arch.data, arch_names[i], arch.len)) a = i;
-    if (a < 0) {
-        rc = forge_err_set(
-            err, FORGE_E_UNSUPPORTED,
-            "%s: architecture '%.*s' is not supported (supported: llama, qwen2, qwen3)", path,
-            (int)(arch.len > 64 ? 64 : arch.len), arch.data);
+    const arch_desc *ad = arch_find_name(arch.data, arch.len);
+    if (!ad) {
+        char names[256];
+        rc = forge_err_set(err, FORGE_E_UNSUPPORTED,
+                           "%s: architecture '%.*s' is not supported (supported: %s)", path,
+                           (int)(arch.len > 64 ? 64 : arch.len), arch.data,
+                           arch_names_list(names, sizeof names));
         goto fail;
     }
-    m->arch = (model_arch)a;
-    m->rope_mode = m->arch == ARCH_LLAMA ? BE_ROPE_NORM : BE_ROPE_NEOX;
-    L.arch = arch_names[a];
-    m->info.arch = arch_names[a];
+    m->arch = ad->arch;
+    m->rope_mode = ad->rope_mode;
+    L.arch = ad->name;
+    m->info.arch = ad->name;
     gguf_str name;
     if (gguf_find_key(m->gguf, "general.name") >= 0 &&
         gguf_get_str(m->gguf, "general.name", &name, NULL) == 0)
@@ -416,7 +480,7 @@ int forge_model_load(const char *path, forge_model **out, forge_err *err)
         rc = forge_err_set(err, FORGE_E_FORMAT, "%s: the vocabulary is empty", path);
         goto fail;
     }
-    if ((rc = load_tensors(&L, err))) goto fail;
+    if ((rc = ad->load(&L, err)) || (rc = finish_load(&L, err))) goto fail;
     *out = m;
     return FORGE_OK;
 fail:
@@ -430,6 +494,7 @@ void forge_model_free(forge_model *m)
     /* contexts borrow the model: every weight set is released by now (wshare.head NULL) */
     if (m->wshare_init) pthread_mutex_destroy(&m->wshare.lock);
     free(m->layers);
+    free(m->ap.layer_swa);
     forge_tok_free(m->tok);
     gguf_close(m->gguf);
     free(m);

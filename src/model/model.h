@@ -11,14 +11,52 @@
 
 #define FORGE_MAX_LAYERS 512
 
-typedef enum model_arch { ARCH_LLAMA = 0, ARCH_QWEN2 = 1, ARCH_QWEN3 = 2 } model_arch;
+/* The architectures (general.architecture); their table is src/model/arch.c. */
+typedef enum model_arch {
+    ARCH_LLAMA = 0, /* also Mistral, Mixtral (experts) */
+    ARCH_QWEN2,
+    ARCH_QWEN3,
+    ARCH_QWEN3MOE,
+    ARCH_GEMMA2,
+    ARCH_GEMMA3,
+    ARCH_PHI3,
+    ARCH_CHATGLM,
+    ARCH_GLM4,
+    ARCH_COUNT
+} model_arch;
 
+/* One layer's weights; absent ones have data NULL. A struct of be_weight only (model_weights
+ * walks it as an array). Fused tensors of a file (Phi-3's attn_qkv, ffn_up holding gate and up)
+ * are bound as row views into the fields they stand for (ld_view_rows). */
 typedef struct layer_weights {
     be_weight attn_norm, wq, wk, wv, wo;
-    be_weight bq, bk, bv, bo; /* optional biases (qwen2: q/k/v); data NULL if absent */
-    be_weight q_norm, k_norm; /* qwen3 per-head norms; data NULL if absent */
+    be_weight bq, bk, bv, bo; /* optional biases (qwen2: q/k/v) */
+    be_weight q_norm, k_norm; /* per-head norms (qwen3, gemma3) */
+    be_weight attn_post_norm; /* norm of the attention output before the residual add (gemma2/3,
+                                 glm4: post_attention_norm) */
     be_weight ffn_norm, ffn_gate, ffn_up, ffn_down;
+    be_weight ffn_post_norm; /* norm of the FFN output before the residual add (post_ffw_norm) */
+    /* mixture of experts: router [n_embd -> n_expert], experts as matrices of n_expert blocks of
+     * rows (ld_bind_experts), optional shared expert and its sigmoid gate [n_embd -> 1] */
+    be_weight ffn_gate_inp, ffn_gate_exps, ffn_up_exps, ffn_down_exps;
+    be_weight ffn_gate_inp_shexp, ffn_gate_shexp, ffn_up_shexp, ffn_down_shexp;
 } layer_weights;
+
+/* What an architecture adds to the common hyperparameters (forge_model_info); zero = off. */
+typedef struct arch_params {
+    float attn_scale;    /* multiplier of q.k; 0: 1/sqrt(head_dim) */
+    float attn_softcap;  /* scores = c tanh(scores / c) before the softmax (gemma2); 0: off */
+    float final_softcap; /* logits = c tanh(logits / c) (gemma2); 0: off */
+    float embd_scale;    /* embedding rows times this (gemma: sqrt(n_embd)); 0: 1 */
+    int32_t swa_window;  /* attention window of the layers with layer_swa[il] (a row at position
+                            p sees p - window + 1 .. p); 0: none */
+    bool *layer_swa;     /* [n_layer] or NULL: which layers use the window */
+    float rope_base_swa, rope_scale_swa; /* RoPE of the windowed layers; 0: the global ones */
+    int act;                             /* be_act of the FFN gate (SiLU, GELU-tanh) */
+    int32_t n_expert, n_expert_used, n_ff_exp, n_ff_shexp;
+    bool expert_norm;       /* renormalise the selected experts' weights to sum 1 */
+    float rope_attn_factor; /* cos/sin scale (LongRoPE); 0: 1 */
+} arch_params;
 
 struct forge_model {
     gguf_ctx *gguf;
@@ -32,6 +70,8 @@ struct forge_model {
     float rope_ext_factor; /* YaRN: 1 when rope.scaling.type is yarn, else 0 */
     float rope_corr_dims[2];
     be_weight tok_embd, output_norm, output, rope_freqs; /* rope_freqs.data NULL if absent */
+    be_weight rope_long, rope_short; /* LongRoPE factors (phi3: rope_factors_long/short) */
+    arch_params ap;
     layer_weights *layers;                               /* n_layer */
     int32_t n_weights; /* entries of model_weights: the slots 0..n_weights-1 */
     /* Device copies of the weights, shared by the contexts on this model (backend.h). Owned by
@@ -50,6 +90,7 @@ int model_weights(forge_model *m, be_weight **out, int cap);
 /* Activation buffers of one forward state, sized for n_batch rows. */
 typedef struct ctx_bufs {
     be_buf *x, *xn, *q, *k, *v, *att, *o, *gate, *up, *last, *logits;
+    be_buf *router; /* [n_batch][n_expert] router logits (mixture of experts), else NULL */
     int64_t logits_rows; /* rows the logits buffer holds */
 } ctx_bufs;
 
@@ -95,16 +136,39 @@ int fwd_reserve_logits(fwd_state *fs, int64_t rows, forge_err *err);
  * 0..bt->n_out-1 (reserve them first). Through the model's architecture table. */
 int model_forward(fwd_state *fs, const int32_t *ids, const be_batch *bt, forge_err *err);
 
-/* One architecture: its forward pass written once against the backend interface. */
+struct loader;
+
+/* One architecture (the table is src/model/arch.c): its GGUF name, RoPE layout, the function
+ * that reads its own hyperparameters and binds its tensors (after the common hyperparameters
+ * and the tokenizer; src/model/loader.h), and its forward pass written once against the
+ * backend interface. gpu: the GPU backend has every op the forward needs (else a GPU context is
+ * refused and auto picks the CPU). */
 typedef struct arch_desc {
     model_arch arch;
     const char *name;
+    be_rope_mode rope_mode;
+    int (*load)(struct loader *L, forge_err *err);
     int (*forward)(fwd_state *fs, const int32_t *ids, const be_batch *bt, forge_err *err);
+    bool gpu;
 } arch_desc;
 const arch_desc *arch_find(model_arch arch);
+/* by GGUF name (len bytes, not terminated); NULL if unknown */
+const arch_desc *arch_find_name(const char *name, size_t len);
+/* "llama, qwen2, ..." (for error messages) written to buf; returns buf */
+const char *arch_names_list(char *buf, size_t n);
 
-/* The llama family (llama, mistral, qwen2, qwen3): arch_llama.c */
+/* The llama family (llama, mistral, mixtral, qwen2, qwen3, qwen3moe): arch_llama.c */
+int arch_llama_load(struct loader *L, forge_err *err);
 int arch_llama_forward(fwd_state *fs, const int32_t *ids, const be_batch *bt, forge_err *err);
+/* Gemma 2 and 3: arch_gemma.c */
+int arch_gemma_load(struct loader *L, forge_err *err);
+int arch_gemma_forward(fwd_state *fs, const int32_t *ids, const be_batch *bt, forge_err *err);
+/* Phi-3 / Phi-3.5 / Phi-4-mini: arch_phi3.c */
+int arch_phi3_load(struct loader *L, forge_err *err);
+int arch_phi3_forward(fwd_state *fs, const int32_t *ids, const be_batch *bt, forge_err *err);
+/* ChatGLM and GLM-4: arch_glm.c */
+int arch_glm_load(struct loader *L, forge_err *err);
+int arch_glm_forward(fwd_state *fs, const int32_t *ids, const be_batch *bt, forge_err *err);
 
 struct forge_context {
     fwd_state fs;

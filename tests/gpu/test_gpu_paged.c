@@ -127,7 +127,7 @@ static void run_attn(pa_env *e, const pa_case *c, const be_batch *bt, const int3
     GT_OK(op->get_rows(e->be, e->v, &e->tv, ids, n, err));
     if (op->batch_set) GT_OK(op->batch_set(e->be, bt, err));
     const be_attn a = {0, c->n_head, c->n_kv_head, c->head_dim, 1.0f / sqrtf((float)c->head_dim),
-                       bt};
+                       bt, 0.0f, 0};
     GT_OK(op->attention(e->be, e->out, e->q, e->k, e->v, e->kv, &a, err));
     if (out) GT_OK(op->buf_read(e->be, e->out, 0, n * QD, out, err));
 }
