@@ -20,74 +20,8 @@
 #include <stdlib.h>
 
 #include "core/util.h"
+#include "model/blocks.h"
 #include "model/loader.h"
-
-#define TRY(expr)                                                                                  \
-    do {                                                                                           \
-        rc = (expr);                                                                               \
-        if (rc) goto done;                                                                         \
-    } while (0)
-
-/* ys[i] = ws[i] x for weights that share the input x: one backend op where the backend offers
- * matmul_multi (same results), else n matmuls. */
-static int matmul_shared(backend *be, int n, be_buf *const *ys, const be_weight *const *ws,
-                         const be_buf *x, int n_tok, forge_err *err)
-{
-    if (be->ops->matmul_multi) return be->ops->matmul_multi(be, n, ys, ws, x, n_tok, err);
-    for (int i = 0; i < n; i++) {
-        int rc = be->ops->matmul(be, ys[i], ws[i], x, n_tok, err);
-        if (rc) return rc;
-    }
-    return FORGE_OK;
-}
-
-/* ys[i] = ws[i] (rms_norm(x) * norm) (+ bs[i]); with swiglu ys[0] = silu(y0) * y1. One backend
- * op where it offers norm_matmul, else the plain ops (hn receives the normed x). */
-static int norm_matmul(backend *be, int n, be_buf *const *ys, const be_weight *const *ws,
-                       const be_weight *const *bs, const be_buf *x, const be_weight *norm,
-                       float eps, bool swiglu, be_buf *hn, int n_tok, forge_err *err)
-{
-    const be_ops *op = be->ops;
-    int rc;
-    if (op->norm_matmul)
-        return op->norm_matmul(be, n, ys, ws, bs, x, norm, eps, swiglu, hn, n_tok, err);
-    if ((rc = op->rms_norm(be, hn, x, norm, n_tok, ws[0]->ne0, eps, err))) return rc;
-    if ((rc = matmul_shared(be, n, ys, ws, hn, n_tok, err))) return rc;
-    for (int i = 0; bs && i < n; i++)
-        if (bs[i] && (rc = op->add_bias(be, ys[i], bs[i], n_tok, err))) return rc;
-    if (swiglu)
-        return op->swiglu(be, ys[0], ys[0], ys[1], (int64_t)n_tok * ws[0]->ne1, err);
-    return FORGE_OK;
-}
-
-/* x += w h (+ bias): the projection back into the residual stream; tmp holds w h when the
- * backend has no matmul_add (or there is a bias). */
-static int matmul_residual(backend *be, be_buf *x, const be_weight *w, const be_weight *bias,
-                           const be_buf *h, be_buf *tmp, int n_tok, int64_t dim, forge_err *err)
-{
-    const be_ops *op = be->ops;
-    int rc;
-    if (op->matmul_add && !bias) return op->matmul_add(be, x, w, h, tmp, n_tok, err);
-    if ((rc = op->matmul(be, tmp, w, h, n_tok, err))) return rc;
-    if (bias && (rc = op->add_bias(be, tmp, bias, n_tok, err))) return rc;
-    return op->add(be, x, tmp, (int64_t)n_tok * dim, err);
-}
-
-/* logits rows 0..n_out-1 = x rows out_rows[]: contiguous runs of rows copied at once (a decode
- * batch wants every row: nothing to copy) */
-static int gather_out_rows(backend *be, be_buf *dst, const be_buf *x, const be_batch *bt,
-                           int64_t E, forge_err *err)
-{
-    for (int i = 0; i < bt->n_out;) {
-        int j = i + 1;
-        while (j < bt->n_out && bt->out_rows[j] == bt->out_rows[j - 1] + 1)
-            j++;
-        int rc = be->ops->copy_rows(be, dst, i, x, bt->out_rows[i], j - i, E, err);
-        if (rc) return rc;
-        i = j;
-    }
-    return FORGE_OK;
-}
 
 int arch_llama_forward(fwd_state *fs, const int32_t *ids, const be_batch *bt, forge_err *err)
 {
@@ -121,7 +55,7 @@ int arch_llama_forward(fwd_state *fs, const int32_t *ids, const be_batch *bt, fo
         const be_weight *const w_qkv[] = {&l->wq, &l->wk, &l->wv};
         const be_weight *const b_qkv[] = {l->bq.data ? &l->bq : NULL, l->bk.data ? &l->bk : NULL,
                                           l->bv.data ? &l->bv : NULL};
-        TRY(norm_matmul(be, 3, qkv, w_qkv, b_qkv, b->x, &l->attn_norm, hp->rms_eps, false, b->xn,
+        TRY(blk_norm_matmul(be, 3, qkv, w_qkv, b_qkv, b->x, &l->attn_norm, hp->rms_eps, false, b->xn,
                         n, err));
         const be_attn attn = {
             il, hp->n_head, hp->n_head_kv, (int)HD, 1.0f / sqrtf((float)HD), bt, 0.0f, 0};
@@ -141,27 +75,27 @@ int arch_llama_forward(fwd_state *fs, const int32_t *ids, const be_batch *bt, fo
             TRY(op->rope(be, b->k, hp->n_head_kv, (int)HD, bt, &rope, err));
             TRY(op->attention(be, b->att, b->q, b->k, b->v, fs->kv, &attn, err));
         }
-        TRY(matmul_residual(be, b->x, &l->wo, l->bo.data ? &l->bo : NULL, b->att, b->o, n, E,
+        TRY(blk_matmul_residual(be, b->x, &l->wo, l->bo.data ? &l->bo : NULL, b->att, b->o, n, E,
                             err));
         /* feed-forward (SwiGLU) */
         be_buf *const gate_up[] = {b->gate, b->up};
         const be_weight *const w_gate_up[] = {&l->ffn_gate, &l->ffn_up};
-        TRY(norm_matmul(be, 2, gate_up, w_gate_up, NULL, b->x, &l->ffn_norm, hp->rms_eps, true,
+        TRY(blk_norm_matmul(be, 2, gate_up, w_gate_up, NULL, b->x, &l->ffn_norm, hp->rms_eps, true,
                         b->xn, n, err));
-        TRY(matmul_residual(be, b->x, &l->ffn_down, NULL, b->gate, b->o, n, E, err));
+        TRY(blk_matmul_residual(be, b->x, &l->ffn_down, NULL, b->gate, b->o, n, E, err));
     }
     /* output head, for the rows that want logits only (none for a prompt chunk that is not the
      * last of its sequence) */
     if (bt->n_out == 0) goto done;
     const be_buf *src = b->x;
     if (bt->n_out < n) {
-        TRY(gather_out_rows(be, b->last, b->x, bt, E, err));
+        TRY(blk_gather_out_rows(be, b->last, b->x, bt, E, err));
         src = b->last;
     }
     /* tied: the embedding table itself (its device copy, if any, lives there) */
     const be_weight *out_w = m->info.tied_output ? &m->tok_embd : &m->output;
     be_buf *const logits[] = {b->logits};
-    TRY(norm_matmul(be, 1, logits, &out_w, NULL, src, &m->output_norm, hp->rms_eps, false, b->xn,
+    TRY(blk_norm_matmul(be, 1, logits, &out_w, NULL, src, &m->output_norm, hp->rms_eps, false, b->xn,
                     bt->n_out, err));
 done:
     return rc;
