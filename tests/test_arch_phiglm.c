@@ -1,0 +1,673 @@
+/* test_arch_phiglm.c - Phi-3 and GLM (chatglm, glm4): small random models written here with the
+ * GGUF writer, checked by equivalence (a fused file against the same weights in the llama
+ * family's separate tensors, which Forge runs already), LongRoPE's choice of factors, glm4's post
+ * norms against a scalar reference of the newer llama.cpp graph, and bad files refused with
+ * messages naming the tensor. The llama.cpp references of these families are in
+ * tests/data/arch/ (tiny-phi3, tiny-chatglm).
+ *
+ * `test_arch_phiglm --write KIND PATH` writes one of the models (phi3, phi3-long, phi3-win,
+ * phi3-partial, chatglm, glm4) for a manual comparison with llama.cpp. */
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "forge.h"
+#include "testutil.h"
+
+/* ---- the models ------------------------------------------------------------------------- */
+
+enum { E = 64, NH = 4, NKV = 2, HD = 16, FF = 96, NL = 2, NV = 512, QD = NH * HD, KD = NKV * HD };
+
+typedef struct gen {
+    const char *arch;    /* phi3, chatglm, glm4, or llama/qwen2 for the split equivalents */
+    bool fused_qkv;      /* attn_qkv, else attn_q/k/v */
+    bool qkv_bias;       /* biases of q/k/v (fused or separate) */
+    bool zero_bias;      /* the biases are present but zero (qwen2 needs them) */
+    bool fused_gate_up;  /* ffn_up [E, 2F], else ffn_gate + ffn_up */
+    bool post_norms;     /* glm4's post_attention_norm / post_ffw_norm */
+    int n_rot;           /* rope.dimension_count; 0: HD */
+    bool longrope;       /* rope_factors_long/short */
+    bool freqs_short, freqs_long; /* rope_freqs.weight = the short / long factors */
+    float attn_factor;   /* rope.scaling.attn_factor; 0: absent */
+    uint32_t n_ctx_orig; /* rope.scaling.original_context_length; 0: absent */
+    int window;          /* phi3: attention.sliding_window (written always for phi3) */
+    uint32_t n_ctx;      /* context_length; 0: 256 */
+    /* bad variants */
+    const char *skip;    /* leave this tensor out */
+    const char *reshape; /* give this tensor ne0 = re0, ne1 = re1 */
+    int64_t re0, re1;
+    bool mrope;          /* glm4: rope.dimension_sections [8, 4, 4, 0] */
+} gen;
+
+/* Every tensor's values come from (seed, name): the same weights whatever file holds them. */
+static uint64_t name_seed(const char *s)
+{
+    uint64_t h = 1469598103934665603ull;
+    for (; *s; s++)
+        h = (h ^ (uint8_t)*s) * 1099511628211ull;
+    return h;
+}
+
+static float rnd_normal(uint64_t *st)
+{
+    float s = 0;
+    for (int i = 0; i < 4; i++)
+        s += tu_rand_uniform(st);
+    return s * 0.8660254f; /* 4 uniforms in [-1, 1): variance 4/3 -> 1 */
+}
+
+typedef enum kind { K_W, K_NORM, K_BIAS, K_FACT_LONG, K_FACT_SHORT } kind;
+
+/* Values of the logical tensor `name` (a fused tensor is its parts, in order). */
+static void values(const char *name, kind k, float *x, int64_t n, const gen *g)
+{
+    uint64_t st = name_seed(name) | 1;
+    for (int64_t i = 0; i < n; i++) {
+        float r = rnd_normal(&st);
+        switch (k) {
+        case K_W: x[i] = 0.2f * r; break;
+        case K_NORM: x[i] = 1.0f + 0.2f * r; break;
+        case K_BIAS: x[i] = g->zero_bias ? 0.0f : 0.2f * r; break;
+        case K_FACT_LONG: x[i] = 1.0f + (float)i * 0.7f; break;  /* 1 .. */
+        case K_FACT_SHORT: x[i] = 1.0f + (float)i * 0.05f; break; /* near 1 */
+        }
+    }
+}
+
+typedef struct part {
+    const char *what; /* logical name suffix ("attn_q.weight") */
+    kind k;
+    int64_t rows;
+} part;
+
+typedef struct tensor {
+    char name[64];
+    int layer; /* -1: global */
+    int64_t ne0, ne1;
+    part parts[3];
+    int n_parts;
+} tensor;
+
+typedef struct model_desc {
+    tensor t[64];
+    int n;
+} model_desc;
+
+static void add(model_desc *d, const gen *g, int layer, const char *name, int64_t ne0,
+                int64_t ne1, int n_parts, const part *parts)
+{
+    char full[64];
+    if (layer >= 0) snprintf(full, sizeof full, "blk.%d.%s", layer, name);
+    else snprintf(full, sizeof full, "%s", name);
+    if (g->skip && !strcmp(g->skip, full)) return;
+    tensor *t = &d->t[d->n++];
+    snprintf(t->name, sizeof t->name, "%s", full);
+    t->layer = layer;
+    t->ne0 = ne0;
+    t->ne1 = ne1;
+    if (g->reshape && !strcmp(g->reshape, full)) {
+        t->ne0 = g->re0;
+        t->ne1 = g->re1;
+    }
+    t->n_parts = n_parts;
+    memcpy(t->parts, parts, (size_t)n_parts * sizeof *parts);
+}
+
+#define ADD1(layer, name, ne0, ne1, k)                                                             \
+    add(d, g, layer, name, ne0, ne1, 1, (part[]){{name, k, (ne1) > 1 ? (ne1) : (ne0)}})
+
+static void describe(model_desc *d, const gen *g)
+{
+    const int64_t n_pairs = (g->n_rot ? g->n_rot : HD) / 2;
+    d->n = 0;
+    ADD1(-1, "token_embd.weight", E, NV, K_W);
+    ADD1(-1, "output_norm.weight", E, 1, K_NORM);
+    ADD1(-1, "output.weight", E, NV, K_W);
+    if (g->longrope) {
+        ADD1(-1, "rope_factors_long.weight", n_pairs, 1, K_FACT_LONG);
+        ADD1(-1, "rope_factors_short.weight", n_pairs, 1, K_FACT_SHORT);
+    }
+    if (g->freqs_short || g->freqs_long)
+        add(d, g, -1, "rope_freqs.weight", n_pairs, 1, 1,
+            (part[]){{g->freqs_long ? "rope_factors_long.weight" : "rope_factors_short.weight",
+                      g->freqs_long ? K_FACT_LONG : K_FACT_SHORT, n_pairs}});
+    for (int l = 0; l < NL; l++) {
+        ADD1(l, "attn_norm.weight", E, 1, K_NORM);
+        if (g->fused_qkv) {
+            add(d, g, l, "attn_qkv.weight", E, QD + 2 * KD, 3,
+                (part[]){{"attn_q.weight", K_W, QD}, {"attn_k.weight", K_W, KD},
+                         {"attn_v.weight", K_W, KD}});
+            if (g->qkv_bias)
+                add(d, g, l, "attn_qkv.bias", QD + 2 * KD, 1, 3,
+                    (part[]){{"attn_q.bias", K_BIAS, QD}, {"attn_k.bias", K_BIAS, KD},
+                             {"attn_v.bias", K_BIAS, KD}});
+        } else {
+            ADD1(l, "attn_q.weight", E, QD, K_W);
+            ADD1(l, "attn_k.weight", E, KD, K_W);
+            ADD1(l, "attn_v.weight", E, KD, K_W);
+            if (g->qkv_bias) {
+                ADD1(l, "attn_q.bias", QD, 1, K_BIAS);
+                ADD1(l, "attn_k.bias", KD, 1, K_BIAS);
+                ADD1(l, "attn_v.bias", KD, 1, K_BIAS);
+            }
+        }
+        ADD1(l, "attn_output.weight", QD, E, K_W);
+        if (g->post_norms) ADD1(l, "post_attention_norm.weight", E, 1, K_NORM);
+        ADD1(l, "ffn_norm.weight", E, 1, K_NORM);
+        if (g->fused_gate_up) {
+            add(d, g, l, "ffn_up.weight", E, 2 * FF, 2,
+                (part[]){{"ffn_gate.weight", K_W, FF}, {"ffn_up.weight", K_W, FF}});
+        } else {
+            ADD1(l, "ffn_gate.weight", E, FF, K_W);
+            ADD1(l, "ffn_up.weight", E, FF, K_W);
+        }
+        ADD1(l, "ffn_down.weight", FF, E, K_W);
+        if (g->post_norms) ADD1(l, "post_ffw_norm.weight", E, 1, K_NORM);
+    }
+}
+
+typedef struct fill_user {
+    const model_desc *d;
+    const gen *g;
+} fill_user;
+
+static int fill(void *user, int64_t index, const gguf_tensor_info *info, int64_t row0,
+                int64_t n_rows, void *dst, forge_err *err)
+{
+    (void)err;
+    const fill_user *u = user;
+    const tensor *t = &u->d->t[index];
+    const int64_t total = t->ne0 * t->ne1;
+    float *all = malloc((size_t)total * sizeof *all);
+    if (!all) return FORGE_E_NOMEM;
+    int64_t off = 0;
+    for (int p = 0; p < t->n_parts && off < total; p++) {
+        char lname[64];
+        if (t->layer >= 0) snprintf(lname, sizeof lname, "blk.%d.%s", t->layer, t->parts[p].what);
+        else snprintf(lname, sizeof lname, "%s", t->parts[p].what);
+        int64_t n = t->parts[p].rows * (t->ne1 > 1 ? t->ne0 : 1);
+        if (n > total - off) n = total - off;
+        values(lname, t->parts[p].k, all + off, n, u->g);
+        off += n;
+    }
+    for (; off < total; off++)
+        all[off] = 0.01f;
+    memcpy(dst, all + row0 * info->ne[0], (size_t)(n_rows * info->ne[0]) * sizeof(float));
+    free(all);
+    return FORGE_OK;
+}
+
+/* A SentencePiece byte vocabulary as forge synth writes it (<unk>, <s>, </s>, bytes, fillers). */
+static void vocab(gguf_writer *w)
+{
+    forge_err err = {0};
+    static char names[NV][16];
+    gguf_str toks[NV];
+    float scores[NV];
+    int32_t types[NV];
+    for (int i = 0; i < NV; i++) {
+        int len;
+        if (i == 0) len = snprintf(names[i], 16, "<unk>"), types[i] = 2;
+        else if (i == 1) len = snprintf(names[i], 16, "<s>"), types[i] = 3;
+        else if (i == 2) len = snprintf(names[i], 16, "</s>"), types[i] = 3;
+        else if (i < 259) len = snprintf(names[i], 16, "<0x%02X>", (unsigned)(i - 3)), types[i] = 6;
+        else len = snprintf(names[i], 16, "<unused_%d>", i - 259), types[i] = 5;
+        toks[i].data = names[i];
+        toks[i].len = (uint64_t)len;
+        scores[i] = i < 259 ? 0.0f : -(float)(i - 259);
+    }
+    assert_int_equal(gguf_writer_set_str(w, "tokenizer.ggml.model", "llama", &err), 0);
+    assert_int_equal(gguf_writer_set_arr_str(w, "tokenizer.ggml.tokens", toks, NV, &err), 0);
+    assert_int_equal(
+        gguf_writer_set_arr(w, "tokenizer.ggml.scores", GGUF_TYPE_FLOAT32, scores, NV, &err), 0);
+    assert_int_equal(
+        gguf_writer_set_arr(w, "tokenizer.ggml.token_type", GGUF_TYPE_INT32, types, NV, &err), 0);
+    assert_int_equal(gguf_writer_set_u32(w, "tokenizer.ggml.unknown_token_id", 0, &err), 0);
+    assert_int_equal(gguf_writer_set_u32(w, "tokenizer.ggml.bos_token_id", 1, &err), 0);
+    assert_int_equal(gguf_writer_set_u32(w, "tokenizer.ggml.eos_token_id", 2, &err), 0);
+}
+
+static void write_model(const gen *g, const char *path)
+{
+    forge_err err = {0};
+    gguf_writer *w = NULL;
+    model_desc *d = calloc(1, sizeof *d);
+    assert_non_null(d);
+    char key[128];
+#define K(s) (snprintf(key, sizeof key, "%s.%s", g->arch, s), key)
+    assert_int_equal(gguf_writer_create(&w, &err), 0);
+    assert_int_equal(gguf_writer_set_str(w, "general.architecture", g->arch, &err), 0);
+    assert_int_equal(gguf_writer_set_u32(w, K("context_length"), g->n_ctx ? g->n_ctx : 256, &err),
+                     0);
+    assert_int_equal(gguf_writer_set_u32(w, K("embedding_length"), E, &err), 0);
+    assert_int_equal(gguf_writer_set_u32(w, K("block_count"), NL, &err), 0);
+    assert_int_equal(gguf_writer_set_u32(w, K("feed_forward_length"), FF, &err), 0);
+    assert_int_equal(gguf_writer_set_u32(w, K("attention.head_count"), NH, &err), 0);
+    assert_int_equal(gguf_writer_set_u32(w, K("attention.head_count_kv"), NKV, &err), 0);
+    assert_int_equal(gguf_writer_set_f32(w, K("attention.layer_norm_rms_epsilon"), 1e-5f, &err),
+                     0);
+    assert_int_equal(gguf_writer_set_f32(w, K("rope.freq_base"), 10000.0f, &err), 0);
+    assert_int_equal(
+        gguf_writer_set_u32(w, K("rope.dimension_count"), g->n_rot ? g->n_rot : HD, &err), 0);
+    if (!strcmp(g->arch, "phi3"))
+        assert_int_equal(gguf_writer_set_u32(w, K("attention.sliding_window"),
+                                             (uint32_t)g->window, &err),
+                         0);
+    if (g->attn_factor > 0)
+        assert_int_equal(gguf_writer_set_f32(w, K("rope.scaling.attn_factor"), g->attn_factor, &err),
+                         0);
+    if (g->n_ctx_orig)
+        assert_int_equal(
+            gguf_writer_set_u32(w, K("rope.scaling.original_context_length"), g->n_ctx_orig, &err),
+            0);
+    if (g->mrope) {
+        int32_t sec[4] = {8, 4, 4, 0};
+        assert_int_equal(
+            gguf_writer_set_arr(w, K("rope.dimension_sections"), GGUF_TYPE_INT32, sec, 4, &err), 0);
+    }
+#undef K
+    vocab(w);
+    describe(d, g);
+    for (int i = 0; i < d->n; i++) {
+        int64_t ne[2] = {d->t[i].ne0, d->t[i].ne1};
+        assert_int_equal(gguf_writer_add_tensor(w, d->t[i].name, GGML_TYPE_F32,
+                                                d->t[i].ne1 > 1 ? 2 : 1, ne, &err),
+                         0);
+    }
+    fill_user u = {d, g};
+    if (gguf_writer_write(w, path, fill, &u, 0, &err)) fail_msg("write %s: %s", path, err.msg);
+    gguf_writer_free(w);
+    free(d);
+}
+
+/* ---- running them ----------------------------------------------------------------------- */
+
+static const int32_t g_ids[] = {1, 300, 17, 45, 260, 99, 3, 511, 128, 64, 200, 7, 350, 41, 42, 500};
+enum { N_IDS = sizeof g_ids / sizeof g_ids[0] };
+
+/* Logits of every position of g_ids ([N_IDS][NV], malloc'd) with a context of n_ctx (0: 64). */
+static float *run(const char *path, int n_ctx)
+{
+    forge_err err = {0};
+    forge_model *m = NULL;
+    forge_context *ctx = NULL;
+    if (forge_model_load(path, &m, &err)) fail_msg("load %s: %s", path, err.msg);
+    forge_context_params cp = forge_context_default_params();
+    cp.n_ctx = n_ctx ? n_ctx : 64;
+    cp.n_threads = 1;
+    cp.kv_type = FORGE_KV_F32;
+    cp.f32_math = true;
+    if (forge_context_create(m, &cp, &ctx, &err)) fail_msg("context: %s", err.msg);
+    if (forge_decode(ctx, g_ids, N_IDS, true, &err)) fail_msg("decode: %s", err.msg);
+    float *out = malloc(sizeof(float) * N_IDS * NV);
+    assert_non_null(out);
+    for (int i = 0; i < N_IDS; i++)
+        memcpy(out + (size_t)i * NV, forge_get_logits(ctx, i), sizeof(float) * NV);
+    forge_context_free(ctx);
+    forge_model_free(m);
+    return out;
+}
+
+/* The load error of a bad variant (FORGE_OK if it loads), message in msg. */
+static int load_error(const char *path, char *msg, size_t n)
+{
+    forge_err err = {0};
+    forge_model *m = NULL;
+    int rc = forge_model_load(path, &m, &err);
+    forge_model_free(m);
+    snprintf(msg, n, "%s", err.msg);
+    return rc;
+}
+
+static char *g_dir;
+
+static char *tmp_path(const char *name)
+{
+    char *p = malloc(strlen(g_dir) + strlen(name) + 2);
+    sprintf(p, "%s/%s", g_dir, name);
+    return p;
+}
+
+static double nmse_of(const gen *a, int ctx_a, const gen *b, int ctx_b)
+{
+    char *pa = tmp_path("a.gguf"), *pb = tmp_path("b.gguf");
+    write_model(a, pa);
+    write_model(b, pb);
+    float *la = run(pa, ctx_a), *lb = run(pb, ctx_b);
+    double e = tu_nmse(la, lb, (size_t)N_IDS * NV);
+    free(la);
+    free(lb);
+    free(pa);
+    free(pb);
+    return e;
+}
+
+/* ---- Phi-3 ------------------------------------------------------------------------------ */
+
+static const gen PHI3 = {.arch = "phi3", .fused_qkv = true, .fused_gate_up = true};
+
+/* The fused attn_qkv and ffn_up of a phi3 file are the llama family's q/k/v and gate/up: the
+ * same logits as those weights written separately (qwen2: the same NEOX RoPE; zero biases). A
+ * swapped view (k for v, up for gate) changes them. */
+static void test_phi3_fused_equals_split(void **state)
+{
+    (void)state;
+    gen split = {.arch = "qwen2", .qkv_bias = true, .zero_bias = true};
+    double e = nmse_of(&PHI3, 0, &split, 0);
+    print_message("phi3 fused vs split: nmse %.3g\n", e);
+    assert_true(e < 1e-12);
+    /* partial rotary (Phi-4-mini rotates 3/4 of each head) */
+    gen p4 = PHI3, s4 = split;
+    p4.n_rot = s4.n_rot = 12;
+    e = nmse_of(&p4, 0, &s4, 0);
+    print_message("phi3 partial rotary vs split: nmse %.3g\n", e);
+    assert_true(e < 1e-12);
+    /* separate q/k/v in a phi3 file work too */
+    gen sep = PHI3;
+    sep.fused_qkv = false;
+    e = nmse_of(&sep, 0, &split, 0);
+    assert_true(e < 1e-12);
+}
+
+/* LongRoPE: a context no longer than the original training context uses the short factors, a
+ * longer one the long factors (the same logits as those factors given as rope_freqs), both
+ * with cos/sin scaled by attn_factor; the two choices differ. */
+static void test_phi3_longrope_choice(void **state)
+{
+    (void)state;
+    gen lr = PHI3;
+    lr.longrope = true;
+    lr.attn_factor = 1.19f;
+    lr.n_ctx_orig = 64;
+    gen as_short = PHI3, as_long = PHI3;
+    as_short.freqs_short = true;
+    as_long.freqs_long = true;
+    as_short.attn_factor = as_long.attn_factor = 1.19f;
+    double e_short = nmse_of(&lr, 64, &as_short, 64);
+    double e_long = nmse_of(&lr, 65, &as_long, 65);
+    double e_diff = nmse_of(&lr, 64, &as_long, 64);
+    print_message("longrope: short %.3g long %.3g (short vs long %.3g)\n", e_short, e_long,
+                  e_diff);
+    assert_true(e_short < 1e-12);
+    assert_true(e_long < 1e-12);
+    assert_true(e_diff > 1e-4);
+    /* the attention factor acts */
+    gen no_af = as_short;
+    no_af.attn_factor = 0;
+    assert_true(nmse_of(&lr, 64, &no_af, 64) > 1e-4);
+}
+
+/* A sliding window of 4 changes the logits of positions 4.. only. */
+static void test_phi3_window(void **state)
+{
+    (void)state;
+    gen win = PHI3;
+    win.window = 4;
+    char *pa = tmp_path("w.gguf"), *pb = tmp_path("nw.gguf");
+    write_model(&win, pa);
+    write_model(&PHI3, pb);
+    float *la = run(pa, 0), *lb = run(pb, 0);
+    assert_true(tu_nmse(la, lb, 4 * NV) < 1e-12);
+    assert_true(tu_nmse(la + 4 * NV, lb + 4 * NV, (size_t)(N_IDS - 4) * NV) > 1e-4);
+    free(la);
+    free(lb);
+    free(pa);
+    free(pb);
+}
+
+/* ---- GLM -------------------------------------------------------------------------------- */
+
+static const gen CHATGLM = {
+    .arch = "chatglm", .fused_qkv = true, .qkv_bias = true, .fused_gate_up = true, .n_rot = 8};
+
+/* chatglm's fused attn_qkv (+ bias) and ffn_up are llama's q/k/v (+ biases) and gate/up, with
+ * NORM RoPE over the first half of each head. */
+static void test_chatglm_fused_equals_split(void **state)
+{
+    (void)state;
+    gen split = {.arch = "llama", .qkv_bias = true, .n_rot = 8};
+    double e = nmse_of(&CHATGLM, 0, &split, 0);
+    print_message("chatglm fused vs split: nmse %.3g\n", e);
+    assert_true(e < 1e-12);
+    gen sep = CHATGLM; /* GLM-4 files with separate q/k/v */
+    sep.fused_qkv = false;
+    assert_true(nmse_of(&sep, 0, &split, 0) < 1e-12);
+}
+
+/* A scalar reference of the newer llama.cpp glm4 graph (src/models/glm4.cpp), written from its
+ * steps: x += rmsnorm(Wo attn) * post_attention_norm; x += rmsnorm(Wdown swiglu) * post_ffw_norm.
+ * Without post norms it is chatglm, which is checked against llama.cpp in tests/data/arch. */
+static void rmsnorm(float *o, const float *x, const float *w, int n)
+{
+    double ss = 0;
+    for (int i = 0; i < n; i++)
+        ss += (double)x[i] * x[i];
+    float s = (float)(1.0 / sqrt(ss / n + 1e-5));
+    for (int i = 0; i < n; i++)
+        o[i] = x[i] * s * (w ? w[i] : 1.0f);
+}
+
+static void matvec(float *y, const float *w, const float *x, int in, int out)
+{
+    for (int r = 0; r < out; r++) {
+        double s = 0;
+        for (int i = 0; i < in; i++)
+            s += (double)w[(size_t)r * in + i] * x[i];
+        y[r] = (float)s;
+    }
+}
+
+static float *tensor_values(const gen *g, const char *name, kind k, int64_t n)
+{
+    float *v = malloc((size_t)n * sizeof *v);
+    values(name, k, v, n, g);
+    return v;
+}
+
+static float *reference_glm(const gen *g)
+{
+    const int R = g->n_rot;
+    float *logits = calloc((size_t)N_IDS * NV, sizeof(float));
+    float(*x)[E] = calloc(N_IDS, sizeof *x);
+    float(*kc)[NL][KD] = calloc(N_IDS, sizeof *kc), (*vc)[NL][KD] = calloc(N_IDS, sizeof *vc);
+    float *emb = tensor_values(g, "token_embd.weight", K_W, (int64_t)E * NV);
+    for (int t = 0; t < N_IDS; t++)
+        memcpy(x[t], emb + (size_t)g_ids[t] * E, sizeof x[t]);
+    char nm[64];
+#define T(l, s, k, n) (snprintf(nm, sizeof nm, "blk.%d.%s", l, s), tensor_values(g, nm, k, n))
+    for (int l = 0; l < NL; l++) {
+        float *an = T(l, "attn_norm.weight", K_NORM, E), *wq = T(l, "attn_q.weight", K_W, E * QD),
+              *wk = T(l, "attn_k.weight", K_W, E * KD), *wv = T(l, "attn_v.weight", K_W, E * KD),
+              *bq = T(l, "attn_q.bias", K_BIAS, QD), *bk = T(l, "attn_k.bias", K_BIAS, KD),
+              *bv = T(l, "attn_v.bias", K_BIAS, KD), *wo = T(l, "attn_output.weight", K_W, QD * E),
+              *pan = T(l, "post_attention_norm.weight", K_NORM, E),
+              *fn = T(l, "ffn_norm.weight", K_NORM, E), *wg = T(l, "ffn_gate.weight", K_W, E * FF),
+              *wu = T(l, "ffn_up.weight", K_W, E * FF), *wd = T(l, "ffn_down.weight", K_W, FF * E),
+              *pfn = T(l, "post_ffw_norm.weight", K_NORM, E);
+        for (int t = 0; t < N_IDS; t++) { /* one token at a time: causal by construction */
+            float h[E], q[QD], att[QD], o[E], gt[FF], up[FF];
+            rmsnorm(h, x[t], an, E);
+            matvec(q, wq, h, E, QD);
+            matvec(kc[t][l], wk, h, E, KD);
+            matvec(vc[t][l], wv, h, E, KD);
+            for (int i = 0; i < QD; i++)
+                q[i] += bq[i];
+            for (int i = 0; i < KD; i++)
+                kc[t][l][i] += bk[i], vc[t][l][i] += bv[i];
+            /* RoPE NORM: pairs (2i, 2i+1) of the first R dims of each head */
+            for (int hh = 0; hh < NH + NKV; hh++) {
+                float *v = hh < NH ? q + hh * HD : kc[t][l] + (hh - NH) * HD;
+                for (int i = 0; i < R; i += 2) {
+                    double th = t * pow(10000.0, -(double)i / R);
+                    float c = (float)cos(th), s = (float)sin(th), a = v[i], b = v[i + 1];
+                    v[i] = a * c - b * s;
+                    v[i + 1] = a * s + b * c;
+                }
+            }
+            for (int hh = 0; hh < NH; hh++) {
+                const int kvh = hh / (NH / NKV);
+                double sc[N_IDS], mx = -1e30, sum = 0;
+                for (int p = 0; p <= t; p++) {
+                    double s = 0;
+                    for (int i = 0; i < HD; i++)
+                        s += (double)q[hh * HD + i] * kc[p][l][kvh * HD + i];
+                    sc[p] = s / sqrt((double)HD);
+                    if (sc[p] > mx) mx = sc[p];
+                }
+                for (int p = 0; p <= t; p++)
+                    sum += (sc[p] = exp(sc[p] - mx));
+                for (int i = 0; i < HD; i++) {
+                    double a = 0;
+                    for (int p = 0; p <= t; p++)
+                        a += sc[p] / sum * vc[p][l][kvh * HD + i];
+                    att[hh * HD + i] = (float)a;
+                }
+            }
+            matvec(o, wo, att, QD, E);
+            if (g->post_norms) rmsnorm(o, o, pan, E);
+            for (int i = 0; i < E; i++)
+                x[t][i] += o[i];
+            rmsnorm(h, x[t], fn, E);
+            matvec(gt, wg, h, E, FF);
+            matvec(up, wu, h, E, FF);
+            for (int i = 0; i < FF; i++)
+                gt[i] = gt[i] / (1.0f + expf(-gt[i])) * up[i];
+            matvec(o, wd, gt, FF, E);
+            if (g->post_norms) rmsnorm(o, o, pfn, E);
+            for (int i = 0; i < E; i++)
+                x[t][i] += o[i];
+        }
+        free(an), free(wq), free(wk), free(wv), free(bq), free(bk), free(bv), free(wo);
+        free(pan), free(fn), free(wg), free(wu), free(wd), free(pfn);
+    }
+#undef T
+    float *on = tensor_values(g, "output_norm.weight", K_NORM, E);
+    float *ow = tensor_values(g, "output.weight", K_W, (int64_t)E * NV);
+    for (int t = 0; t < N_IDS; t++) {
+        float h[E];
+        rmsnorm(h, x[t], on, E);
+        matvec(logits + (size_t)t * NV, ow, h, E, NV);
+    }
+    free(on), free(ow), free(emb), free(x), free(kc), free(vc);
+    return logits;
+}
+
+/* glm4 = chatglm + the post norms: Forge's logits match the scalar reference of the newer
+ * llama.cpp graph, for chatglm (no post norms) and glm4; and the post norms move the logits. */
+static void test_glm4_post_norms(void **state)
+{
+    (void)state;
+    gen glm4 = CHATGLM;
+    glm4.arch = "glm4";
+    glm4.post_norms = true;
+    glm4.fused_qkv = false; /* GLM-4-0414 files: separate q/k/v with biases */
+    const gen *cases[] = {&CHATGLM, &glm4};
+    float *ref[2];
+    for (int c = 0; c < 2; c++) {
+        char *p = tmp_path("g.gguf");
+        write_model(cases[c], p);
+        float *got = run(p, 0);
+        ref[c] = reference_glm(cases[c]);
+        double e = tu_nmse(got, ref[c], (size_t)N_IDS * NV);
+        print_message("%s vs scalar reference: nmse %.3g\n", cases[c]->arch, e);
+        assert_true(e < 1e-9);
+        free(got);
+        free(p);
+    }
+    double d = tu_nmse(ref[1], ref[0], (size_t)N_IDS * NV);
+    print_message("glm4 vs chatglm (post norms' effect): nmse %.3g\n", d);
+    assert_true(d > 1e-3);
+    free(ref[0]);
+    free(ref[1]);
+}
+
+/* ---- bad files -------------------------------------------------------------------------- */
+
+typedef struct bad_case {
+    gen g;
+    const char *needle1, *needle2; /* the message names these */
+} bad_case;
+
+static void test_bad_files(void **state)
+{
+    (void)state;
+    gen phi_sep = PHI3, glm4 = CHATGLM;
+    phi_sep.fused_qkv = false;
+    glm4.arch = "glm4";
+    glm4.post_norms = true;
+    bad_case cases[] = {
+        /* no attn_qkv and no attn_q: both names */
+        {PHI3, "blk.1.attn_qkv.weight", "blk.1.attn_q.weight"},
+        /* a fused attn_qkv of the wrong height */
+        {PHI3, "blk.0.attn_qkv.weight", "[64, 100"},
+        /* ffn_up of F rows instead of 2F */
+        {PHI3, "blk.0.ffn_up.weight", "expected [64, 192]"},
+        {phi_sep, "blk.0.attn_v.weight", "not found"},
+        {PHI3, "rope_factors_short.weight", "rope_factors_long.weight"},
+        {CHATGLM, "blk.0.attn_qkv.bias", "expected [128]"},
+        {CHATGLM, "blk.1.ffn_down.weight", "not found"},
+        {glm4, "blk.1.post_ffw_norm.weight", "not found"},
+        {glm4, "blk.0.post_attention_norm.weight", "expected [64]"},
+        {glm4, "rope.dimension_sections", "multimodal"},
+    };
+    cases[0].g.skip = "blk.1.attn_qkv.weight";
+    cases[1].g.reshape = "blk.0.attn_qkv.weight", cases[1].g.re0 = 64, cases[1].g.re1 = 100;
+    cases[2].g.reshape = "blk.0.ffn_up.weight", cases[2].g.re0 = 64, cases[2].g.re1 = 96;
+    cases[3].g.skip = "blk.0.attn_v.weight";
+    cases[4].g.longrope = true, cases[4].g.skip = "rope_factors_short.weight";
+    cases[5].g.reshape = "blk.0.attn_qkv.bias", cases[5].g.re0 = 127, cases[5].g.re1 = 1;
+    cases[6].g.skip = "blk.1.ffn_down.weight";
+    cases[7].g.skip = "blk.1.post_ffw_norm.weight";
+    cases[8].g.reshape = "blk.0.post_attention_norm.weight", cases[8].g.re0 = 32,
+    cases[8].g.re1 = 1;
+    cases[9].g.mrope = true;
+    for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
+        char *p = tmp_path("bad.gguf"), msg[FORGE_ERR_MSG_MAX];
+        write_model(&cases[i].g, p);
+        int rc = load_error(p, msg, sizeof msg);
+        print_message("case %zu: %s\n", i, msg);
+        assert_int_not_equal(rc, FORGE_OK);
+        assert_non_null(strstr(msg, cases[i].needle1));
+        assert_non_null(strstr(msg, cases[i].needle2));
+        free(p);
+    }
+}
+
+static int setup(void **state)
+{
+    (void)state;
+    g_dir = tu_mkdtemp();
+    return g_dir ? 0 : -1;
+}
+
+static int teardown(void **state)
+{
+    (void)state;
+    tu_rmtree(g_dir);
+    free(g_dir);
+    return 0;
+}
+
+int main(int argc, char **argv)
+{
+    if (argc == 4 && !strcmp(argv[1], "--write")) {
+        gen g = !strcmp(argv[2], "chatglm") ? CHATGLM : PHI3;
+        if (!strcmp(argv[2], "glm4")) g.arch = "glm4", g.post_norms = true;
+        if (!strcmp(argv[2], "phi3-long"))
+            g.longrope = true, g.attn_factor = 1.19f, g.n_ctx_orig = 64;
+        if (!strcmp(argv[2], "phi3-win")) g.window = 5;
+        if (!strcmp(argv[2], "phi3-partial")) g.n_rot = 12;
+        write_model(&g, argv[3]);
+        return 0;
+    }
+    const struct CMUnitTest tests[] = {
+        cmocka_unit_test(test_phi3_fused_equals_split),
+        cmocka_unit_test(test_phi3_longrope_choice),
+        cmocka_unit_test(test_phi3_window),
+        cmocka_unit_test(test_chatglm_fused_equals_split),
+        cmocka_unit_test(test_glm4_post_norms),
+        cmocka_unit_test(test_bad_files),
+    };
+    return cmocka_run_group_tests(tests, setup, teardown);
+}
