@@ -13,6 +13,7 @@
 #include <string.h>
 
 #include "forge.h"
+#include "forge_engine.h"
 #include "testutil.h"
 
 /* ---- the models ------------------------------------------------------------------------- */
@@ -398,6 +399,73 @@ static void test_phi3_longrope_choice(void **state)
     assert_true(nmse_of(&lr, 64, &no_af, 64) > 1e-4);
 }
 
+/* Greedy continuation of g_ids by a context of n_ctx, or by an engine whose requests reach
+ * n_ctx positions but whose KV pool holds kv_size (the per-request context picks the factors). */
+enum { N_GEN = 6 };
+
+static void on_event(const forge_event *ev, void *user)
+{
+    int32_t *out = user;
+    if (ev->token >= 0 && ev->n_generated >= 1 && ev->n_generated <= N_GEN)
+        out[ev->n_generated - 1] = ev->token;
+}
+
+static void greedy_ids(const char *path, int n_ctx, int kv_size, int32_t *out)
+{
+    forge_err err = {0};
+    forge_model *m = NULL;
+    if (forge_model_load(path, &m, &err)) fail_msg("load %s: %s", path, err.msg);
+    if (kv_size == 0) {
+        forge_context *ctx = NULL;
+        forge_context_params cp = forge_context_default_params();
+        cp.n_ctx = n_ctx, cp.n_threads = 1, cp.f32_math = true;
+        if (forge_context_create(m, &cp, &ctx, &err)) fail_msg("context: %s", err.msg);
+        int32_t id;
+        assert_int_equal(forge_decode_greedy(ctx, g_ids, N_IDS, &id, &err), 0);
+        for (int i = 0; i < N_GEN; i++) {
+            out[i] = id;
+            assert_int_equal(forge_decode_greedy(ctx, &id, 1, &id, &err), 0);
+        }
+        forge_context_free(ctx);
+    } else {
+        forge_engine *e = NULL;
+        forge_engine_params ep = forge_engine_default_params();
+        ep.n_ctx = n_ctx, ep.kv_size = kv_size, ep.n_threads = 1, ep.f32_math = true;
+        ep.n_parallel = 2;
+        if (forge_engine_create(m, &ep, &e, &err)) fail_msg("engine: %s", err.msg);
+        forge_request_params rp = forge_request_default_params();
+        rp.prompt = g_ids, rp.n_prompt = N_IDS, rp.max_tokens = N_GEN, rp.ignore_eos = true;
+        rp.on_event = on_event, rp.user = out;
+        forge_req_id id;
+        assert_int_equal(forge_engine_submit(e, &rp, &id, &err), 0);
+        assert_int_equal(forge_engine_run(e, &err), 0);
+        forge_engine_free(e);
+    }
+    forge_model_free(m);
+}
+
+/* An engine picks LongRoPE's factors by its context per request (n_ctx), not by the size of
+ * its KV pool: the same ids as a context of that n_ctx. */
+static void test_phi3_longrope_engine(void **state)
+{
+    (void)state;
+    gen lr = PHI3;
+    lr.longrope = true;
+    lr.attn_factor = 1.19f;
+    lr.n_ctx_orig = 64;
+    char *p = tmp_path("lr.gguf");
+    write_model(&lr, p);
+    int32_t c_short[N_GEN], c_long[N_GEN], e_short[N_GEN] = {0}, e_long[N_GEN] = {0};
+    greedy_ids(p, 64, 0, c_short);
+    greedy_ids(p, 128, 0, c_long);
+    greedy_ids(p, 64, 512, e_short);
+    greedy_ids(p, 128, 512, e_long);
+    assert_memory_not_equal(c_short, c_long, sizeof c_short); /* the choice shows */
+    assert_memory_equal(e_short, c_short, sizeof c_short);
+    assert_memory_equal(e_long, c_long, sizeof c_long);
+    free(p);
+}
+
 /* A sliding window of 4 changes the logits of positions 4.. only. */
 static void test_phi3_window(void **state)
 {
@@ -664,6 +732,7 @@ int main(int argc, char **argv)
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_phi3_fused_equals_split),
         cmocka_unit_test(test_phi3_longrope_choice),
+        cmocka_unit_test(test_phi3_longrope_engine),
         cmocka_unit_test(test_phi3_window),
         cmocka_unit_test(test_chatglm_fused_equals_split),
         cmocka_unit_test(test_glm4_post_norms),
