@@ -32,6 +32,7 @@ typedef struct gen {
     bool freqs_short, freqs_long; /* rope_freqs.weight = the short / long factors */
     float attn_factor;   /* rope.scaling.attn_factor; 0: absent */
     uint32_t n_ctx_orig; /* rope.scaling.original_context_length; 0: absent */
+    const char *scaling; /* rope.scaling.type; NULL: absent */
     int window;          /* phi3: attention.sliding_window (written always for phi3) */
     uint32_t n_ctx;      /* context_length; 0: 256 */
     /* bad variants */
@@ -262,6 +263,8 @@ static void write_model(const gen *g, const char *path)
         assert_int_equal(
             gguf_writer_set_u32(w, K("rope.scaling.original_context_length"), g->n_ctx_orig, &err),
             0);
+    if (g->scaling)
+        assert_int_equal(gguf_writer_set_str(w, K("rope.scaling.type"), g->scaling, &err), 0);
     if (g->mrope) {
         int32_t sec[4] = {8, 4, 4, 0};
         assert_int_equal(
@@ -393,6 +396,11 @@ static void test_phi3_longrope_choice(void **state)
     assert_true(e_short < 1e-12);
     assert_true(e_long < 1e-12);
     assert_true(e_diff > 1e-4);
+    /* rope.scaling.type "longrope" (newer converters write it) loads and changes nothing */
+    gen typed = lr;
+    typed.scaling = "longrope";
+    assert_true(nmse_of(&typed, 64, &lr, 64) < 1e-12);
+    assert_true(nmse_of(&typed, 65, &lr, 65) < 1e-12);
     /* the attention factor acts */
     gen no_af = as_short;
     no_af.attn_factor = 0;

@@ -366,12 +366,16 @@ static int load_hparams(loader *L, forge_err *err)
         gguf_str s;
         if ((rc = gguf_get_str(m->gguf, key, &s, err))) return rc;
         yarn = s.len == 4 && !memcmp(s.data, "yarn", 4);
+        /* longrope (newer converters write it): phi3 only, whose load binds the factors */
+        const bool longrope =
+            m->arch == ARCH_PHI3 && s.len == 8 && !memcmp(s.data, "longrope", 8);
         if (!(s.len == 4 && !memcmp(s.data, "none", 4)) &&
-            !(s.len == 6 && !memcmp(s.data, "linear", 6)) && !yarn)
+            !(s.len == 6 && !memcmp(s.data, "linear", 6)) && !yarn && !longrope)
             return forge_err_set(
                 err, FORGE_E_UNSUPPORTED,
-                "%s: rope scaling type '%.*s' is not supported (none, linear, yarn)", L->path,
-                (int)(s.len > 32 ? 32 : s.len), s.data);
+                "%s: rope scaling type '%.*s' is not supported (none, linear, yarn; longrope "
+                "for phi3)",
+                L->path, (int)(s.len > 32 ? 32 : s.len), s.data);
     }
     float factor;
     if ((rc = ld_f32(L, "rope.scaling.factor", 0.0f, &factor, err))) return rc;
