@@ -14,6 +14,7 @@
 
 #include "forge.h"
 #include "forge_engine.h"
+#include "forge_synth.h"
 #include "testutil.h"
 
 /* ---- the models ------------------------------------------------------------------------- */
@@ -511,140 +512,200 @@ static void test_chatglm_fused_equals_split(void **state)
     assert_true(nmse_of(&sep, 0, &split, 0) < 1e-12);
 }
 
-/* A scalar reference of the newer llama.cpp glm4 graph (src/models/glm4.cpp), written from its
- * steps: x += rmsnorm(Wo attn) * post_attention_norm; x += rmsnorm(Wdown swiglu) * post_ffw_norm.
- * Without post norms it is chatglm, which is checked against llama.cpp in tests/data/arch. */
-static void rmsnorm(float *o, const float *x, const float *w, int n)
+/* A scalar reference of the GLM graphs, written from their steps in llama.cpp (chatglm in
+ * c392e50, glm4 in the newer src/models/glm4.cpp), reading any F32 GLM file: per layer
+ * h = rmsnorm(x) attn_norm; q|k|v = Wqkv h + b; NORM RoPE on the first n_rot dims of each head;
+ * a = Wo softmax(q k / sqrt(hd)) v; glm4: a = rmsnorm(a) post_attention_norm; x += a;
+ * g|u = Wup rmsnorm(x) ffn_norm; f = Wdown silu(g) u; glm4: f = rmsnorm(f) post_ffw_norm; x += f.
+ * Without post norms it is chatglm: checked against llama.cpp's tiny-chatglm logits below. */
+typedef struct ref_model {
+    const gguf_ctx *g;
+    const char *arch;
+    int E, NHq, NHk, H, F, L, V, R;
+    float eps;
+} ref_model;
+
+static const float *ref_tensor(const ref_model *r, int layer, const char *what, int64_t n)
+{
+    char nm[96];
+    if (layer >= 0) snprintf(nm, sizeof nm, "blk.%d.%s", layer, what);
+    else snprintf(nm, sizeof nm, "%s", what);
+    const gguf_tensor_info *t = gguf_find_tensor(r->g, nm);
+    if (!t) return NULL;
+    if (t->type != GGML_TYPE_F32 || t->n_elements != n) fail_msg("reference: %s is not F32 of %lld", nm, (long long)n);
+    return t->data;
+}
+
+static uint32_t ref_u32(const ref_model *r, const char *suffix)
+{
+    char key[96];
+    uint32_t v = 0;
+    forge_err err = {0};
+    snprintf(key, sizeof key, "%s.%s", r->arch, suffix);
+    if (gguf_get_u32(r->g, key, &v, &err)) fail_msg("reference: %s", err.msg);
+    return v;
+}
+
+static void rmsnorm(float *o, const float *x, const float *w, int n, float eps)
 {
     double ss = 0;
     for (int i = 0; i < n; i++)
         ss += (double)x[i] * x[i];
-    float s = (float)(1.0 / sqrt(ss / n + 1e-5));
+    float s = (float)(1.0 / sqrt(ss / n + eps));
     for (int i = 0; i < n; i++)
-        o[i] = x[i] * s * (w ? w[i] : 1.0f);
+        o[i] = x[i] * s * w[i];
 }
 
-static void matvec(float *y, const float *w, const float *x, int in, int out)
+/* y = rows r0.. r0+out-1 of w (rows of in) times x */
+static void matvec(float *y, const float *w, int64_t r0, const float *x, int in, int out)
 {
     for (int r = 0; r < out; r++) {
         double s = 0;
         for (int i = 0; i < in; i++)
-            s += (double)w[(size_t)r * in + i] * x[i];
+            s += (double)w[(size_t)(r0 + r) * in + i] * x[i];
         y[r] = (float)s;
     }
 }
 
-static float *tensor_values(const gen *g, const char *name, kind k, int64_t n)
+/* logits [n][V] of ids by the reference; malloc'd */
+static float *reference_glm(const char *path, const int32_t *ids, int n)
 {
-    float *v = malloc((size_t)n * sizeof *v);
-    values(name, k, v, n, g);
-    return v;
-}
-
-static float *reference_glm(const gen *g)
-{
-    const int R = g->n_rot;
-    float *logits = calloc((size_t)N_IDS * NV, sizeof(float));
-    float(*x)[E] = calloc(N_IDS, sizeof *x);
-    float(*kc)[NL][KD] = calloc(N_IDS, sizeof *kc), (*vc)[NL][KD] = calloc(N_IDS, sizeof *vc);
-    float *emb = tensor_values(g, "token_embd.weight", K_W, (int64_t)E * NV);
-    for (int t = 0; t < N_IDS; t++)
-        memcpy(x[t], emb + (size_t)g_ids[t] * E, sizeof x[t]);
-    char nm[64];
-#define T(l, s, k, n) (snprintf(nm, sizeof nm, "blk.%d.%s", l, s), tensor_values(g, nm, k, n))
-    for (int l = 0; l < NL; l++) {
-        float *an = T(l, "attn_norm.weight", K_NORM, E), *wq = T(l, "attn_q.weight", K_W, E * QD),
-              *wk = T(l, "attn_k.weight", K_W, E * KD), *wv = T(l, "attn_v.weight", K_W, E * KD),
-              *bq = T(l, "attn_q.bias", K_BIAS, QD), *bk = T(l, "attn_k.bias", K_BIAS, KD),
-              *bv = T(l, "attn_v.bias", K_BIAS, KD), *wo = T(l, "attn_output.weight", K_W, QD * E),
-              *pan = T(l, "post_attention_norm.weight", K_NORM, E),
-              *fn = T(l, "ffn_norm.weight", K_NORM, E), *wg = T(l, "ffn_gate.weight", K_W, E * FF),
-              *wu = T(l, "ffn_up.weight", K_W, E * FF), *wd = T(l, "ffn_down.weight", K_W, FF * E),
-              *pfn = T(l, "post_ffw_norm.weight", K_NORM, E);
-        for (int t = 0; t < N_IDS; t++) { /* one token at a time: causal by construction */
-            float h[E], q[QD], att[QD], o[E], gt[FF], up[FF];
-            rmsnorm(h, x[t], an, E);
-            matvec(q, wq, h, E, QD);
-            matvec(kc[t][l], wk, h, E, KD);
-            matvec(vc[t][l], wv, h, E, KD);
-            for (int i = 0; i < QD; i++)
-                q[i] += bq[i];
-            for (int i = 0; i < KD; i++)
-                kc[t][l][i] += bk[i], vc[t][l][i] += bv[i];
-            /* RoPE NORM: pairs (2i, 2i+1) of the first R dims of each head */
-            for (int hh = 0; hh < NH + NKV; hh++) {
-                float *v = hh < NH ? q + hh * HD : kc[t][l] + (hh - NH) * HD;
-                for (int i = 0; i < R; i += 2) {
-                    double th = t * pow(10000.0, -(double)i / R);
-                    float c = (float)cos(th), s = (float)sin(th), a = v[i], b = v[i + 1];
-                    v[i] = a * c - b * s;
-                    v[i + 1] = a * s + b * c;
+    forge_err err = {0};
+    gguf_ctx *g = NULL;
+    if (gguf_open(path, &g, &err)) fail_msg("reference: %s", err.msg);
+    gguf_str arch;
+    assert_int_equal(gguf_get_str(g, "general.architecture", &arch, &err), 0);
+    char arch_name[16];
+    snprintf(arch_name, sizeof arch_name, "%.*s", (int)arch.len, arch.data);
+    ref_model r = {.g = g, .arch = arch_name};
+    r.E = (int)ref_u32(&r, "embedding_length"), r.NHq = (int)ref_u32(&r, "attention.head_count");
+    r.NHk = (int)ref_u32(&r, "attention.head_count_kv"), r.F = (int)ref_u32(&r, "feed_forward_length");
+    r.L = (int)ref_u32(&r, "block_count"), r.R = (int)ref_u32(&r, "rope.dimension_count");
+    r.H = r.E / r.NHq;
+    char key[96];
+    snprintf(key, sizeof key, "%s.attention.layer_norm_rms_epsilon", arch_name);
+    assert_int_equal(gguf_get_f32(g, key, &r.eps, &err), 0);
+    const int Em = r.E, H = r.H, QDm = r.NHq * H, KDm = r.NHk * H, F = r.F;
+    const gguf_tensor_info *te = gguf_find_tensor(g, "token_embd.weight");
+    r.V = (int)te->ne[1];
+    const float *emb = ref_tensor(&r, -1, "token_embd.weight", (int64_t)Em * r.V);
+    float *x = malloc(sizeof(float) * (size_t)n * Em);
+    float *kc = malloc(sizeof(float) * (size_t)n * r.L * KDm),
+          *vc = malloc(sizeof(float) * (size_t)n * r.L * KDm);
+    float *h = malloc(sizeof(float) * (size_t)Em), *q = malloc(sizeof(float) * (size_t)QDm),
+          *att = malloc(sizeof(float) * (size_t)QDm), *o = malloc(sizeof(float) * (size_t)Em),
+          *gt = malloc(sizeof(float) * (size_t)F), *up = malloc(sizeof(float) * (size_t)F);
+    double *sc = malloc(sizeof(double) * (size_t)n);
+    float *logits = malloc(sizeof(float) * (size_t)n * r.V);
+    for (int t = 0; t < n; t++)
+        memcpy(x + (size_t)t * Em, emb + (size_t)ids[t] * Em, sizeof(float) * (size_t)Em);
+    for (int l = 0; l < r.L; l++) {
+        const float *an = ref_tensor(&r, l, "attn_norm.weight", Em);
+        const float *wqkv = ref_tensor(&r, l, "attn_qkv.weight", (int64_t)Em * (QDm + 2 * KDm));
+        const float *bqkv = ref_tensor(&r, l, "attn_qkv.bias", QDm + 2 * KDm);
+        const float *wq = wqkv, *wk = wqkv, *wv = wqkv, *bq = bqkv, *bk = bqkv, *bv = bqkv;
+        int64_t rq = 0, rk = QDm, rv = QDm + KDm; /* first rows of q, k, v in their matrix */
+        if (!wqkv) {
+            wq = ref_tensor(&r, l, "attn_q.weight", (int64_t)Em * QDm);
+            wk = ref_tensor(&r, l, "attn_k.weight", (int64_t)Em * KDm);
+            wv = ref_tensor(&r, l, "attn_v.weight", (int64_t)Em * KDm);
+            bq = ref_tensor(&r, l, "attn_q.bias", QDm);
+            bk = ref_tensor(&r, l, "attn_k.bias", KDm);
+            bv = ref_tensor(&r, l, "attn_v.bias", KDm);
+            rq = rk = rv = 0;
+        }
+        const float *wo = ref_tensor(&r, l, "attn_output.weight", (int64_t)QDm * Em);
+        const float *pan = ref_tensor(&r, l, "post_attention_norm.weight", Em);
+        const float *fn = ref_tensor(&r, l, "ffn_norm.weight", Em);
+        const float *wup = ref_tensor(&r, l, "ffn_up.weight", (int64_t)Em * 2 * F);
+        const float *wd = ref_tensor(&r, l, "ffn_down.weight", (int64_t)F * Em);
+        const float *pfn = ref_tensor(&r, l, "post_ffw_norm.weight", Em);
+        assert_non_null(an), assert_non_null(wq), assert_non_null(wo), assert_non_null(fn);
+        assert_non_null(wup), assert_non_null(wd);
+        for (int t = 0; t < n; t++) { /* one token at a time: causal by construction */
+            float *xt = x + (size_t)t * Em, *kt = kc + ((size_t)t * r.L + l) * KDm,
+                  *vt = vc + ((size_t)t * r.L + l) * KDm;
+            rmsnorm(h, xt, an, Em, r.eps);
+            matvec(q, wq, rq, h, Em, QDm);
+            matvec(kt, wk, rk, h, Em, KDm);
+            matvec(vt, wv, rv, h, Em, KDm);
+            for (int i = 0; bq && i < QDm; i++)
+                q[i] += bq[rq + i];
+            for (int i = 0; bk && i < KDm; i++)
+                kt[i] += bk[rk + i], vt[i] += bv[rv + i];
+            for (int hh = 0; hh < r.NHq + r.NHk; hh++) { /* NORM: pairs (2i, 2i+1), i < R/2 */
+                float *v = hh < r.NHq ? q + hh * H : kt + (hh - r.NHq) * H;
+                for (int i = 0; i < r.R; i += 2) {
+                    double th = t * pow(10000.0, -(double)i / r.R);
+                    float c = (float)cos(th), sn = (float)sin(th), a = v[i], b = v[i + 1];
+                    v[i] = a * c - b * sn;
+                    v[i + 1] = a * sn + b * c;
                 }
             }
-            for (int hh = 0; hh < NH; hh++) {
-                const int kvh = hh / (NH / NKV);
-                double sc[N_IDS], mx = -1e30, sum = 0;
+            for (int hh = 0; hh < r.NHq; hh++) {
+                const int kvh = hh / (r.NHq / r.NHk);
+                double mx = -1e300, sum = 0;
                 for (int p = 0; p <= t; p++) {
-                    double s = 0;
-                    for (int i = 0; i < HD; i++)
-                        s += (double)q[hh * HD + i] * kc[p][l][kvh * HD + i];
-                    sc[p] = s / sqrt((double)HD);
+                    const float *kp = kc + ((size_t)p * r.L + l) * KDm + kvh * H;
+                    double d = 0;
+                    for (int i = 0; i < H; i++)
+                        d += (double)q[hh * H + i] * kp[i];
+                    sc[p] = d / sqrt((double)H);
                     if (sc[p] > mx) mx = sc[p];
                 }
                 for (int p = 0; p <= t; p++)
                     sum += (sc[p] = exp(sc[p] - mx));
-                for (int i = 0; i < HD; i++) {
+                for (int i = 0; i < H; i++) {
                     double a = 0;
                     for (int p = 0; p <= t; p++)
-                        a += sc[p] / sum * vc[p][l][kvh * HD + i];
-                    att[hh * HD + i] = (float)a;
+                        a += sc[p] / sum * vc[((size_t)p * r.L + l) * KDm + kvh * H + i];
+                    att[hh * H + i] = (float)a;
                 }
             }
-            matvec(o, wo, att, QD, E);
-            if (g->post_norms) rmsnorm(o, o, pan, E);
-            for (int i = 0; i < E; i++)
-                x[t][i] += o[i];
-            rmsnorm(h, x[t], fn, E);
-            matvec(gt, wg, h, E, FF);
-            matvec(up, wu, h, E, FF);
-            for (int i = 0; i < FF; i++)
+            matvec(o, wo, 0, att, QDm, Em);
+            if (pan) rmsnorm(o, o, pan, Em, r.eps);
+            for (int i = 0; i < Em; i++)
+                xt[i] += o[i];
+            rmsnorm(h, xt, fn, Em, r.eps);
+            matvec(gt, wup, 0, h, Em, F); /* the gate rows first */
+            matvec(up, wup, F, h, Em, F);
+            for (int i = 0; i < F; i++)
                 gt[i] = gt[i] / (1.0f + expf(-gt[i])) * up[i];
-            matvec(o, wd, gt, FF, E);
-            if (g->post_norms) rmsnorm(o, o, pfn, E);
-            for (int i = 0; i < E; i++)
-                x[t][i] += o[i];
+            matvec(o, wd, 0, gt, F, Em);
+            if (pfn) rmsnorm(o, o, pfn, Em, r.eps);
+            for (int i = 0; i < Em; i++)
+                xt[i] += o[i];
         }
-        free(an), free(wq), free(wk), free(wv), free(bq), free(bk), free(bv), free(wo);
-        free(pan), free(fn), free(wg), free(wu), free(wd), free(pfn);
     }
-#undef T
-    float *on = tensor_values(g, "output_norm.weight", K_NORM, E);
-    float *ow = tensor_values(g, "output.weight", K_W, (int64_t)E * NV);
-    for (int t = 0; t < N_IDS; t++) {
-        float h[E];
-        rmsnorm(h, x[t], on, E);
-        matvec(logits + (size_t)t * NV, ow, h, E, NV);
+    const float *on = ref_tensor(&r, -1, "output_norm.weight", Em);
+    const float *ow = ref_tensor(&r, -1, "output.weight", (int64_t)Em * r.V);
+    for (int t = 0; t < n; t++) {
+        rmsnorm(h, x + (size_t)t * Em, on, Em, r.eps);
+        matvec(logits + (size_t)t * r.V, ow ? ow : emb, 0, h, Em, r.V);
     }
-    free(on), free(ow), free(emb), free(x), free(kc), free(vc);
+    free(x), free(kc), free(vc), free(h), free(q), free(att), free(o), free(gt), free(up);
+    free(sc);
+    gguf_close(g);
     return logits;
 }
 
-/* glm4 = chatglm + the post norms: Forge's logits match the scalar reference of the newer
- * llama.cpp graph, for chatglm (no post norms) and glm4; and the post norms move the logits. */
+/* glm4 = chatglm + the post norms: Forge's logits match the scalar reference, for chatglm (no
+ * post norms) and glm4 (separate q/k/v with biases, as GLM-4-0414 files have them); and the post
+ * norms move the logits. */
 static void test_glm4_post_norms(void **state)
 {
     (void)state;
     gen glm4 = CHATGLM;
     glm4.arch = "glm4";
     glm4.post_norms = true;
-    glm4.fused_qkv = false; /* GLM-4-0414 files: separate q/k/v with biases */
+    glm4.fused_qkv = false;
     const gen *cases[] = {&CHATGLM, &glm4};
     float *ref[2];
     for (int c = 0; c < 2; c++) {
         char *p = tmp_path("g.gguf");
         write_model(cases[c], p);
         float *got = run(p, 0);
-        ref[c] = reference_glm(cases[c]);
+        ref[c] = reference_glm(p, g_ids, N_IDS);
         double e = tu_nmse(got, ref[c], (size_t)N_IDS * NV);
         print_message("%s vs scalar reference: nmse %.3g\n", cases[c]->arch, e);
         assert_true(e < 1e-9);
@@ -656,6 +717,57 @@ static void test_glm4_post_norms(void **state)
     assert_true(d > 1e-3);
     free(ref[0]);
     free(ref[1]);
+}
+
+/* The synth shapes: the scalar reference reproduces llama.cpp's logits of tiny-chatglm
+ * (tests/data/arch), and Forge reproduces the reference on tiny-glm4, which llama.cpp c392e50
+ * cannot run. */
+static void test_glm_synth_shapes(void **state)
+{
+    (void)state;
+    static const int32_t ids[] = {1, 5, 9, 100, 200, 300, 17, 42, 77, 300, 301, 302,
+                                  4, 5, 6,   7,   8,   9,  10, 11, 12, 13,  14,  15};
+    const int n = (int)(sizeof ids / sizeof ids[0]);
+    const char *shapes[] = {"tiny-chatglm", "tiny-glm4"};
+    for (int c = 0; c < 2; c++) {
+        forge_err err = {0};
+        char *p = tmp_path("synth.gguf");
+        synth_opts so = {.shape = shapes[c], .type = GGML_TYPE_F32, .out_path = p, .seed = 0};
+        if (synth_write(&so, NULL, &err)) fail_msg("synth %s: %s", shapes[c], err.msg);
+        float *ref = reference_glm(p, ids, n);
+        forge_model *m = NULL;
+        forge_context *ctx = NULL;
+        assert_int_equal(forge_model_load(p, &m, &err), 0);
+        forge_context_params cp = forge_context_default_params();
+        cp.n_ctx = 64, cp.n_threads = 1, cp.f32_math = true;
+        assert_int_equal(forge_context_create(m, &cp, &ctx, &err), 0);
+        assert_int_equal(forge_decode(ctx, ids, n, true, &err), 0);
+        const int V = forge_model_info_get(m)->n_vocab;
+        double num = 0, den = 0;
+        for (int t = 0; t < n; t++) {
+            const float *lg = forge_get_logits(ctx, t);
+            for (int i = 0; i < V; i++) {
+                double dd = (double)lg[i] - ref[(size_t)t * V + i];
+                num += dd * dd, den += (double)ref[(size_t)t * V + i] * ref[(size_t)t * V + i];
+            }
+        }
+        print_message("%s: Forge vs scalar reference nmse %.3g\n", shapes[c], num / den);
+        assert_true(num / den < 1e-9);
+        if (c == 0) { /* the reference itself against llama.cpp */
+            size_t len = 0;
+            char *ll = tu_read_file("tests/data/arch/tiny-chatglm/ref_logits.f32", &len);
+            assert_non_null(ll);
+            assert_int_equal(len, sizeof(float) * (size_t)n * V);
+            double e = tu_nmse(ref, (const float *)ll, (size_t)n * V);
+            print_message("tiny-chatglm: scalar reference vs llama.cpp nmse %.3g\n", e);
+            assert_true(e < 1e-9);
+            free(ll);
+        }
+        forge_context_free(ctx);
+        forge_model_free(m);
+        free(ref);
+        free(p);
+    }
 }
 
 /* ---- bad files -------------------------------------------------------------------------- */
@@ -744,6 +856,7 @@ int main(int argc, char **argv)
         cmocka_unit_test(test_phi3_window),
         cmocka_unit_test(test_chatglm_fused_equals_split),
         cmocka_unit_test(test_glm4_post_norms),
+        cmocka_unit_test(test_glm_synth_shapes),
         cmocka_unit_test(test_bad_files),
     };
     return cmocka_run_group_tests(tests, setup, teardown);
