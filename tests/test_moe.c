@@ -329,6 +329,10 @@ static void test_op_bad_args(void **state)
     be_buf bh = {c->h, E}, bl = {c->logits, 2 * NE}, bo = {out, 2 * E};
     assert_int_equal(be->ops->moe_ffn(be, &bo, &bh, &bl, &m, 2, &err), FORGE_E_INTERNAL);
     print_message("%s\n", err.msg);
+    /* out over its own input */
+    be_buf bio = {c->h, 2 * E};
+    bl.n = 2 * NE;
+    assert_int_equal(be->ops->moe_ffn(be, &bio, &bio, &bl, &m, 2, &err), FORGE_E_INTERNAL);
     case_free(c);
     free(c);
     be->ops->destroy(be);

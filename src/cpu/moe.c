@@ -97,6 +97,8 @@ static int check_args(const be_buf *out, const be_buf *h, const be_buf *logits, 
     if (moe->act != BE_ACT_SILU && moe->act != BE_ACT_GELU_TANH)
         return forge_err_set(err, FORGE_E_INTERNAL, "moe_ffn: activation %d", (int)moe->act);
     const int64_t nt = n_tok;
+    if (out && h && out->data == h->data)
+        return forge_err_set(err, FORGE_E_INTERNAL, "moe_ffn: out must not be the input h");
     if (!out || !h || !logits || out->n < nt * E || h->n < nt * E || logits->n < nt * ne)
         return forge_err_set(err, FORGE_E_INTERNAL,
                              "moe_ffn: buffers of %lld, %lld, %lld floats for %d rows of %lld "
