@@ -89,6 +89,7 @@ FAMILIES = {
                     original_max_position_embeddings=512, sliding_window=None,
                     partial_rotary_factor=1.0, resid_pdrop=0.0, embd_pdrop=0.0,
                     rope_parameters={"rope_type": "longrope", "rope_theta": 10000.0,
+                                     "original_max_position_embeddings": 512,
                                      "short_factor": [1.0, 1.1, 1.25, 1.5, 1.8, 2.0, 2.5, 3.0],
                                      "long_factor": [1.0, 1.5, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0]}),
         notes="LongRoPE: 1024 positions over an original 512, so attention factor "
