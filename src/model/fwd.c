@@ -98,6 +98,10 @@ static int create_gpu(fwd_state *fs, const fwd_params *p, forge_err *err)
         return forge_err_set(err, FORGE_E_UNSUPPORTED,
                              "the GPU backend does not run %s models yet (use the CPU)",
                              hp->arch);
+    if (m->ap.n_expert > 0)
+        return forge_err_set(err, FORGE_E_UNSUPPORTED,
+                             "the GPU backend does not run mixture-of-experts models yet (use "
+                             "the CPU)");
     if (p->kv_type == FORGE_KV_Q8_0)
         return forge_err_set(err, FORGE_E_UNSUPPORTED,
                              "the GPU backend has no q8_0 KV cache yet (use f16 or f32)");
