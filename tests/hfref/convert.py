@@ -36,12 +36,13 @@ The vocabulary is synthetic (Forge's synth vocabulary): SentencePiece-style "lla
 Every state_dict entry must be consumed; anything left over is an error (ConvertError).
 """
 import math
+import os
 import re
 import struct
 import sys
 from array import array
 
-sys.path.insert(0, __import__("os").path.dirname(__file__))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import gguf_write as gw  # noqa: E402
 
 
@@ -344,6 +345,9 @@ def convert(hf_arch, config, state_dict, out_path, name=None, wtype="F16", exact
     if rope_type in ("longrope", "su") and arch != "phi3":
         raise ConvertError(f"{hf_arch}: LongRoPE is only converted for Phi3")
 
+    if (hf_arch == "MixtralForCausalLM" and c.get("sliding_window")) or \
+            (arch == "qwen3moe" and c.get("use_sliding_window")):
+        raise ConvertError(f"{hf_arch}: a sliding window is set; llama.cpp's {arch} has none")
     moe = hf_arch in ("MixtralForCausalLM", "Qwen3MoeForCausalLM")
     n_exp = n_used = n_ff_exp = 0
     if moe:
