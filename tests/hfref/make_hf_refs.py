@@ -12,7 +12,8 @@ network, no llama.cpp. For each family:
      EOS stop, full recompute each step), the float64 copy's largest logit difference;
   4. checks that the features act: each ablation in families.py (same weights, one config change)
      must move the logits; that the rope bases/dims in the GGUF are the ones HF's rotary
-     embeddings use; that the config kept every value asked for;
+     embeddings use; that the config kept every value asked for; and reports whether
+     selftest.py's torch-free float64 forward (pyref) reproduces transformers on these weights;
   5. convert.py writes model.gguf (2-D+ weights F16, 1-D F32, llama.cpp names and keys); then
      config.json, ref_tokens.json, ref_logits.f32 (float32 LE [24 x n_vocab]) beside it, and a
      README.md for the whole folder.
@@ -35,8 +36,10 @@ sys.path.insert(0, HERE)
 import convert as cv  # noqa: E402
 import families as fam  # noqa: E402
 import gguf_write as gw  # noqa: E402
+import selftest as st  # noqa: E402
 
 ABLATION_MIN_DIFF = 1e-3   # an ablation must move some logit by more than this
+PYREF_NMSE_MAX = 1e-9      # pyref (float64) vs transformers (float32) on the same weights
 # config values that transformers 5 may legitimately keep elsewhere (checked through the rotary
 # embedding instead) or normalise
 SOFT_KEYS = {"rope_parameters", "partial_rotary_factor", "original_max_position_embeddings",
@@ -201,6 +204,14 @@ def make_one(torch, transformers, family, out_dir):
         raise RefError("token_embd.weight in the GGUF differs from HF's embed_tokens")
     rope_bases = check_rope(torch, model, kv, info["arch"],
                             cv.rope_params(cfg_dict).get("rope_type") in ("longrope", "su"))
+    # selftest.py's pyref (the float64 forward that Forge and llama.cpp were checked against
+    # without torch) on HF's own weights: agreement means pyref reads transformers right
+    pyref_nmse, pyref_err = None, None
+    try:
+        ref64 = st.pyref(family, state, ids)
+        pyref_nmse = st.nmse([[float(v) for v in row] for row in l32], ref64)
+    except Exception as e:  # noqa: BLE001 - reported; HF stays the reference
+        pyref_err = f"{type(e).__name__}: {e}"
     # files
     with open(os.path.join(out_dir, "ref_logits.f32"), "wb") as f:
         f.write(l32.cpu().numpy().astype("<f4").tobytes())
@@ -228,6 +239,7 @@ def make_one(torch, transformers, family, out_dir):
         "f32_vs_f64_max_abs_diff_all_prompt_logits": f64_diff, "f64_last_position_argmax": f64_argmax,
         "f64_error": f64_err,
         "ablations_max_abs_logit_change": ablations, "rope_bases_checked": rope_bases,
+        "pyref_vs_hf_nmse": pyref_nmse, "pyref_error": pyref_err,
         "seed_torch_manual_seed": 0, "seed_param_generator": 0,
         "init": "matrices 0.2 N(0,1), biases 0.1 N(0,1), norms 1 + 0.1 N(0,1) (gemma: 0.1 N(0,1)), "
                 "named_parameters() order, one torch.Generator seeded 0; then float16 and back",
@@ -240,7 +252,8 @@ def make_one(torch, transformers, family, out_dir):
         f.write(json.dumps(ref, indent=1) + "\n")
     return {"family": family, "cls": spec["cls"], "arch": info["arch"], "tensors": len(info["tensors"]),
             "greedy": greedy, "f64": f64_diff, "f64_error": f64_err, "min_gap": min(pos_gaps + gaps),
-            "ablations": ablations, "seconds": time.time() - t0, "notes": spec["notes"]}
+            "ablations": ablations, "pyref": pyref_nmse, "pyref_error": pyref_err,
+            "seconds": time.time() - t0, "notes": spec["notes"]}
 
 
 def sha256(path):
@@ -311,6 +324,12 @@ def main():
                 + ", ".join(f"{k}: {v:.3g}" for k, v in r["ablations"].items()))
             if r["f64_error"]:
                 log(f"{f}: WARNING: the float64 run failed: {r['f64_error']}")
+            if r["pyref_error"] or r["pyref"] is None or r["pyref"] > PYREF_NMSE_MAX:
+                log(f"{f}: WARNING: selftest.py's pyref does not reproduce transformers here "
+                    f"(NMSE {r['pyref']}, {r['pyref_error']}): the torch-free checks of this family "
+                    "rest on a reading of transformers that this version does not follow")
+            else:
+                log(f"{f}: selftest.py's pyref reproduces transformers: NMSE {r['pyref']:.3e}")
         except Exception as e:  # noqa: BLE001 - one family's failure must not hide the others
             traceback.print_exc()
             r = {"family": f, "error": f"{type(e).__name__}: {e}"}
