@@ -8,14 +8,16 @@ re-implementation of what transformers' modeling code computes, reading the HF l
 then convert it with convert.py and check:
   * the GGUF reads back (gguf_write.read_gguf) with the converter's tensor list;
   * `forge inspect` lists exactly those tensors, types and shapes;
-  * `forge eval` logits == pyref (NMSE <= 1e-6) where Forge runs the architecture (required for
-    llama; for the others a clear "Forge cannot run it yet" line, or a comparison once it can);
-  * with --llama-logits (or $LLAMA_LOGITS): llama.cpp's logits on the same file == pyref, which
+  * `forge eval --f32-math` logits == pyref (NMSE <= 1e-9) where Forge runs the architecture
+    (required for FORGE_REQUIRED; for the others a clear "Forge cannot run it yet" line, or a
+    comparison once it can);
+  * with --llama-logits (or $LLAMA_LOGITS), for the families llama.cpp c392e50 runs: its logits
+    on an F32 copy of the file == pyref (NMSE <= 1e-9; gemma: 1e-6, see NMSE_MAX_GGML_GELU), which
     checks the converter's names, keys and layouts against llama.cpp's own loader.
 A layout mistake (q/k permutation, fused split, +1 norms, expert order) gives NMSE ~ 1.
 
 usage: selftest.py [--family F ...|--all] [--forge build/forge] [--llama-logits PATH]
-                   [--moe-layout fused|per-expert] [--keep DIR]
+                   [--moe-layout fused|per-expert] [--wtype F16|F32] [--keep DIR]
 Exit 0 when every check passed, 1 otherwise; prints one line per check.
 """
 import argparse
