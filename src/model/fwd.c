@@ -179,6 +179,7 @@ int fwd_state_init(fwd_state *fs, forge_model *m, const fwd_params *p, forge_err
                              hp->head_dim);
     fs->model = m;
     fs->kv_rows = p->kv_rows;
+    fs->n_ctx_seq = p->kv_rows;
     fs->n_batch = p->n_batch;
     fs->n_threads = p->n_threads;
     fs->kv_type = p->kv_type;
