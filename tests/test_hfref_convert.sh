@@ -4,9 +4,9 @@
 # (Python's random module, float16 values), converts it, checks that `forge inspect` lists the
 # converted tensors and that `forge eval` (F32 math) matches an independent float64 forward pass
 # of the HF layout (NMSE <= 1e-9: the q/k rope permutation, names, shapes and merged experts are
-# right) for llama, mixtral and qwen3moe; every other family converts and reads back (and is
-# compared once Forge runs it); the older one-Linear-per-expert layout converts to the same
-# model; bad input fails cleanly.
+# right) for every family Forge runs (llama, mixtral, qwen3moe, phi3 incl. LongRoPE, glm4,
+# chatglm); gemma2/gemma3 convert and read back (and are compared once Forge runs them); the
+# older one-Linear-per-expert layout converts to the same model; bad input fails cleanly.
 source "$(dirname "$0")/lib.sh"
 : "${FORGE:?FORGE must point at the forge binary}"
 here=$(dirname "$0")/hfref
@@ -22,7 +22,7 @@ python3 "$here/selftest.py" --forge "$FORGE" --all >"$tmp/all.txt" 2>&1
 rc=$?
 sed 's/^/    /' "$tmp/all.txt"
 tu_check "every family: selftest passes (convert, read back, inspect, eval where Forge runs it)" [ $rc -eq 0 ]
-for f in llama mixtral qwen3moe; do
+for f in llama mixtral qwen3moe phi3 phi3longrope glm4 chatglm; do
     tu_check "$f: forge eval compared with the reference" grep -q "OK \] $f: forge eval == pyref" "$tmp/all.txt"
 done
 tu_check "every family: forge inspect compared" [ "$(grep -c 'OK \] [a-z0-9]*: forge inspect lists the converted tensors' "$tmp/all.txt")" -eq 9 ]

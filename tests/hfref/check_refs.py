@@ -3,7 +3,8 @@
 Forge and, where it can run the family, llama.cpp. Standard library only.
 
 For each family folder: model.gguf reads back; ref_logits.f32 is [24 x n_vocab]; then
-  * `forge eval --f32-math` on model.gguf vs ref_logits (NMSE, argmax agreement, max |diff|) and
+  * `forge eval --f32-math` on model.gguf vs ref_logits (NMSE, argmax agreement, max |diff|; with
+    LongRoPE a context of the original length, see selftest.forge_ctx_args) and
     Forge's greedy continuation (`forge eval` on prompt + greedy ids: the argmax after each prefix)
     vs greedy_ids, when Forge runs the architecture (otherwise one INFO line);
   * with --llama-logits (or $LLAMA_LOGITS): llama.cpp c392e50 on an F32 copy of model.gguf (F16
@@ -84,7 +85,8 @@ def main():
 
         out = os.path.join(tmp.name, f + ".forge.f32")
         r = subprocess.run([args.forge, "eval", "-m", model, "--tokens", " ".join(map(str, ids + greedy)),
-                            "--logits", out, "--device", "cpu", "--f32-math"], capture_output=True, text=True)
+                            "--logits", out, "--device", "cpu", "--f32-math"] + st.forge_ctx_args(model),
+                           capture_output=True, text=True)
         if r.returncode == 0:
             rows = st.read_f32(out, V)
             with open(out + ".prompt", "wb") as fo, open(out, "rb") as fi:

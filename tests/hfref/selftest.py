@@ -38,7 +38,7 @@ import gguf_write as gw  # noqa: E402
 
 # what llama.cpp c392e50 can run (gemma2 only with 26 layers; phi3 with a patched general.name)
 LLAMA_CPP_RUNS = {"llama", "mixtral", "gemma2", "phi3", "phi3longrope", "chatglm"}
-FORGE_REQUIRED = {"llama", "mixtral", "qwen3moe"}  # Forge on main runs these; the rest: INFO until it can
+FORGE_REQUIRED = {"llama", "mixtral", "qwen3moe", "phi3", "phi3longrope", "glm4", "chatglm"}  # Forge on main runs these
 NMSE_MAX = 1e-9  # F32 arithmetic on the same F16-exact weights; a layout error gives ~1
 # llama.cpp vs the gemma families: ggml's GELU is a table of F16 values (emulated in _gelu_ggml up
 # to float32-vs-float64 rounding of the table entries); over gemma2's 26 layers that leaves
@@ -303,6 +303,18 @@ def _ffn(f, c, p, x, M, X3, gelu):
 
 # ---- checks -----------------------------------------------------------------------------------
 
+def forge_ctx_args(path):
+    """Extra `forge eval` arguments for a file with LongRoPE factors: HF picks the short or long
+    factors by the sequence's length (short up to original_max_position_embeddings), llama.cpp and
+    Forge by the context size, so a context of the original length reproduces HF on a short
+    prompt."""
+    kv, tensors = gw.read_gguf(path)
+    if not any(t["name"] == "rope_factors_short.weight" for t in tensors):
+        return []
+    arch = kv["general.architecture"][1]
+    return ["-c", str(kv[f"{arch}.rope.scaling.original_context_length"][1])]
+
+
 def nmse(a, b):
     num = sum((x - y) ** 2 for ra, rb in zip(a, b) for x, y in zip(ra, rb))
     den = sum(y * y for rb in b for y in rb)
@@ -372,7 +384,8 @@ def run_family(family, args, ck, tmp):
               f"rc {r.returncode}, {len(got)} tensors" + (f", differ: {diff[:6]}" if diff else ""))
         out = os.path.join(tmp, f"{family}.forge.f32")
         r = subprocess.run([args.forge, "eval", "-m", path, "--tokens", " ".join(map(str, ids)),
-                            "--logits", out, "--device", "cpu", "--f32-math"], capture_output=True, text=True)
+                            "--logits", out, "--device", "cpu", "--f32-math"] + forge_ctx_args(path),
+                           capture_output=True, text=True)
         if r.returncode == 0:
             e = nmse(read_f32(out, n_vocab), ref)
             ck.ok(e <= NMSE_MAX, f"{family}: forge eval == pyref", f"NMSE {e:.3e}")
