@@ -26,6 +26,17 @@ typedef struct synth_shape {
     bool tied;         /* no output.weight: the output projection is token_embd */
     bool qkv_bias;     /* qwen2: attn_q/k/v.bias */
     bool qk_norm;      /* qwen3: attn_q_norm/attn_k_norm */
+    /* the other families (issue 15); all zero for the llama family */
+    struct synth_family {
+        float std;               /* weight and bias std; 0: 0.02 (norms: 1 + std N(0,1)) */
+        int64_t n_rot;           /* rope.dimension_count; 0: head_dim */
+        int64_t n_expert, n_expert_used, ffn_exp; /* experts: ffn_gate_inp + ffn_*_exps */
+        uint32_t sliding_window; /* attention.sliding_window; 0: none */
+        float attn_softcap, final_softcap; /* gemma2's attn_logit_/final_logit_softcapping */
+        bool post_norms; /* post_attention_norm, post_ffw_norm (gemma2/3, glm4) */
+        bool fused_qkv;  /* attn_qkv (+ attn_qkv.bias with qkv_bias) instead of attn_q/k/v */
+        bool fused_up;   /* ffn_up holds gate and up ([dim, 2 ffn]), no ffn_gate */
+    } fam;
 } synth_shape;
 
 /* The table of shapes, for --help and lookups. */

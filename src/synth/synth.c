@@ -15,17 +15,33 @@
 #define SYNTH_STD 0.02f
 #define SYNTH_DEFAULT_VOCAB 512
 
+/* the llama family has none of the other families' features */
+#define LLAMA_FAMILY {0, 0, 0, 0, 0, 0, 0, 0, false, false, false}
+
 static const synth_shape shapes[] = {
     /* name            arch     dim   ffn    L   H   KV  hd   vocab   ctx     rope      eps  tied   bias   qknorm */
-    {"tiny",           "llama", 64,   192,   2,  4,  2,  0,   0,      256,    10000.0f, 1e-5f, false, false, false},
-    {"tiny-qwen2",     "qwen2", 64,   192,   2,  4,  2,  0,   0,      256,    1000000.0f, 1e-6f, true, true, false},
-    {"tiny-qwen3",     "qwen3", 64,   192,   2,  4,  2,  32,  0,      256,    1000000.0f, 1e-6f, true, false, true},
-    {"tinyllama-1.1b", "llama", 2048, 5632,  22, 32, 4,  0,   32000,  2048,   10000.0f, 1e-5f, false, false, false},
-    {"llama2-7b",      "llama", 4096, 11008, 32, 32, 32, 0,   32000,  4096,   10000.0f, 1e-5f, false, false, false},
-    {"llama3-8b",      "llama", 4096, 14336, 32, 32, 8,  0,   128256, 8192,   500000.0f, 1e-5f, false, false, false},
-    {"llama3.2-1b",    "llama", 2048, 8192,  16, 32, 8,  0,   128256, 131072, 500000.0f, 1e-5f, true, false, false},
-    {"qwen2.5-0.5b",   "qwen2", 896,  4864,  24, 14, 2,  0,   151936, 32768,  1000000.0f, 1e-6f, true, true, false},
-    {"qwen3-0.6b",     "qwen3", 1024, 3072,  28, 16, 8,  128, 151936, 40960,  1000000.0f, 1e-6f, true, false, true},
+    {"tiny",           "llama", 64,   192,   2,  4,  2,  0,   0,      256,    10000.0f, 1e-5f, false, false, false, LLAMA_FAMILY},
+    {"tiny-qwen2",     "qwen2", 64,   192,   2,  4,  2,  0,   0,      256,    1000000.0f, 1e-6f, true, true, false, LLAMA_FAMILY},
+    {"tiny-qwen3",     "qwen3", 64,   192,   2,  4,  2,  32,  0,      256,    1000000.0f, 1e-6f, true, false, true, LLAMA_FAMILY},
+    {"tinyllama-1.1b", "llama", 2048, 5632,  22, 32, 4,  0,   32000,  2048,   10000.0f, 1e-5f, false, false, false, LLAMA_FAMILY},
+    {"llama2-7b",      "llama", 4096, 11008, 32, 32, 32, 0,   32000,  4096,   10000.0f, 1e-5f, false, false, false, LLAMA_FAMILY},
+    {"llama3-8b",      "llama", 4096, 14336, 32, 32, 8,  0,   128256, 8192,   500000.0f, 1e-5f, false, false, false, LLAMA_FAMILY},
+    {"llama3.2-1b",    "llama", 2048, 8192,  16, 32, 8,  0,   128256, 131072, 500000.0f, 1e-5f, true, false, false, LLAMA_FAMILY},
+    {"qwen2.5-0.5b",   "qwen2", 896,  4864,  24, 14, 2,  0,   151936, 32768,  1000000.0f, 1e-6f, true, true, false, LLAMA_FAMILY},
+    {"qwen3-0.6b",     "qwen3", 1024, 3072,  28, 16, 8,  128, 151936, 40960,  1000000.0f, 1e-6f, true, false, true, LLAMA_FAMILY},
+    /* the other families: tiny shapes for the reference tests (weights std 0.2 and small caps, so
+     * that every feature moves the logits), then real shapes for benchmarks */
+    /*                                                                                                    std   n_rot exp used ffn_exp swa softcaps      post  fqkv  fup */
+    {"tiny-gemma2",    "gemma2", 64,  192,  26, 4,  2,  32,  0,  256, 10000.0f, 1e-6f, true, false, false, {0.2f, 0, 0, 0, 0, 8, 2.0f, 3.0f, true, false, false}},
+    {"tiny-gemma3",    "gemma3", 64,  192,  6,  4,  2,  32,  0,  256, 1000000.0f, 1e-6f, true, false, true, {0.2f, 0, 0, 0, 0, 8, 0, 0, true, false, false}},
+    {"tiny-phi3",      "phi3",   64,  192,  2,  4,  4,  0,   0,  256, 10000.0f, 1e-5f, false, false, false, {0.2f, 0, 0, 0, 0, 8, 0, 0, false, true, true}},
+    {"tiny-chatglm",   "chatglm", 64, 192,  2,  4,  2,  0,   0,  256, 10000.0f, 1e-5f, false, true, false, {0.2f, 8, 0, 0, 0, 0, 0, 0, false, true, true}},
+    {"tiny-glm4",      "glm4",   64,  192,  2,  4,  2,  0,   0,  256, 10000.0f, 1e-5f, false, true, false, {0.2f, 8, 0, 0, 0, 0, 0, 0, true, false, true}},
+    {"tiny-mixtral",   "llama",  64,  96,   2,  4,  2,  0,   0,  256, 10000.0f, 1e-5f, false, false, false, {0.2f, 0, 4, 2, 96, 0, 0, 0, false, false, false}},
+    {"tiny-qwen3moe",  "qwen3moe", 64, 192, 2,  4,  2,  32,  0,  256, 1000000.0f, 1e-6f, false, false, true, {0.2f, 0, 8, 2, 48, 0, 0, 0, false, false, false}},
+    {"gemma2-2b",      "gemma2", 2304, 9216, 26, 8, 4, 256, 256000, 8192, 10000.0f, 1e-6f, true, false, false, {0, 0, 0, 0, 0, 4096, 50.0f, 30.0f, true, false, false}},
+    {"phi3-mini",      "phi3",   3072, 8192, 32, 32, 32, 0, 32064, 4096, 10000.0f, 1e-5f, false, false, false, {0, 0, 0, 0, 0, 0, 0, 0, false, true, true}},
+    {"mixtral-8x7b",   "llama",  4096, 14336, 32, 32, 8, 0,   32000, 32768, 1000000.0f, 1e-5f, false, false, false, {0, 0, 8, 2, 14336, 0, 0, 0, false, false, false}},
 };
 
 int synth_shape_count(void)
@@ -74,26 +90,29 @@ enum fill_kind { FILL_WEIGHT, FILL_NORM, FILL_BIAS };
 struct synth_tensor {
     enum fill_kind kind;
     uint64_t rng;
+    float std;
 };
 
 struct synth_state {
+    float std; /* the shape's weight std (0: SYNTH_STD) */
     struct synth_tensor *t;
     int64_t n, cap;
     float *row; /* scratch: one row of floats */
     int64_t row_cap;
 };
 
-static int add_tensor(gguf_writer *w, struct synth_state *st, const char *name, int type,
-                      enum fill_kind kind, int64_t ne0, int64_t ne1, uint64_t seed,
-                      synth_result *res, forge_err *err)
+static int add_tensor3(gguf_writer *w, struct synth_state *st, const char *name, int type,
+                       enum fill_kind kind, int64_t ne0, int64_t ne1, int64_t ne2, float std,
+                       uint64_t seed, synth_result *res, forge_err *err)
 {
-    int64_t ne[2] = {ne0, ne1};
+    int64_t ne[3] = {ne0, ne1, ne2};
     if (type != GGML_TYPE_F32 && type != GGML_TYPE_F16 && type != GGML_TYPE_BF16 &&
         ne0 % ggml_type_block_size(type) != 0) {
         type = GGML_TYPE_F16; /* llama.cpp's fallback for rows that do not fill whole blocks */
         res->n_fallback++;
     }
-    int rc = gguf_writer_add_tensor(w, name, (ggml_type)type, ne1 > 1 ? 2 : 1, ne, err);
+    int rc = gguf_writer_add_tensor(w, name, (ggml_type)type, ne2 > 1 ? 3 : ne1 > 1 ? 2 : 1, ne,
+                                    err);
     if (rc) return rc;
     if (st->n == st->cap) {
         int64_t cap = st->cap ? st->cap * 2 : 64;
@@ -105,11 +124,19 @@ static int add_tensor(gguf_writer *w, struct synth_state *st, const char *name, 
     uint64_t s = seed ^ (0xa0761d6478bd642full * (uint64_t)(st->n + 1));
     st->t[st->n].kind = kind;
     st->t[st->n].rng = splitmix64(&s);
+    st->t[st->n].std = std > 0 ? std : SYNTH_STD;
     st->n++;
     if (ne0 > st->row_cap) st->row_cap = ne0;
     res->n_tensors++;
-    res->n_params += ne0 * ne1;
+    res->n_params += ne0 * ne1 * ne2;
     return FORGE_OK;
+}
+
+static int add_tensor(gguf_writer *w, struct synth_state *st, const char *name, int type,
+                      enum fill_kind kind, int64_t ne0, int64_t ne1, uint64_t seed,
+                      synth_result *res, forge_err *err)
+{
+    return add_tensor3(w, st, name, type, kind, ne0, ne1, 1, st->std, seed, res, err);
 }
 
 static int fill(void *user, int64_t index, const gguf_tensor_info *info, int64_t row0,
@@ -124,7 +151,7 @@ static int fill(void *user, int64_t index, const gguf_tensor_info *info, int64_t
     for (int64_t r = 0; r < n_rows; r++, out += row_bytes) {
         float *x = st->row;
         for (int64_t i = 0; i < ne0; i++) {
-            float v = rand_normal(&t->rng) * SYNTH_STD;
+            float v = rand_normal(&t->rng) * t->std;
             x[i] = t->kind == FILL_NORM ? 1.0f + v : v;
         }
         switch (info->type) {
@@ -276,7 +303,24 @@ int synth_write(const synth_opts *o, synth_result *result, forge_err *err)
     SET(gguf_writer_set_u32(w, ARCH_KEY("attention.head_count_kv"), (uint32_t)sh->n_kv_heads, err));
     SET(gguf_writer_set_f32(w, ARCH_KEY("rope.freq_base"), sh->rope_base, err));
     SET(gguf_writer_set_f32(w, ARCH_KEY("attention.layer_norm_rms_epsilon"), sh->rms_eps, err));
-    SET(gguf_writer_set_u32(w, ARCH_KEY("rope.dimension_count"), (uint32_t)hd, err));
+    const struct synth_family *fm = &sh->fam;
+    SET(gguf_writer_set_u32(w, ARCH_KEY("rope.dimension_count"),
+                            (uint32_t)(fm->n_rot ? fm->n_rot : hd), err));
+    if (fm->n_expert) {
+        SET(gguf_writer_set_u32(w, ARCH_KEY("expert_count"), (uint32_t)fm->n_expert, err));
+        SET(gguf_writer_set_u32(w, ARCH_KEY("expert_used_count"), (uint32_t)fm->n_expert_used,
+                                err));
+        if (strcmp(a, "llama"))
+            SET(gguf_writer_set_u32(w, ARCH_KEY("expert_feed_forward_length"),
+                                    (uint32_t)fm->ffn_exp, err));
+    }
+    if (fm->sliding_window)
+        SET(gguf_writer_set_u32(w, ARCH_KEY("attention.sliding_window"), fm->sliding_window,
+                                err));
+    if (fm->attn_softcap)
+        SET(gguf_writer_set_f32(w, ARCH_KEY("attn_logit_softcapping"), fm->attn_softcap, err));
+    if (fm->final_softcap)
+        SET(gguf_writer_set_f32(w, ARCH_KEY("final_logit_softcapping"), fm->final_softcap, err));
     if (sh->head_dim) {
         SET(gguf_writer_set_u32(w, ARCH_KEY("attention.key_length"), (uint32_t)hd, err));
         SET(gguf_writer_set_u32(w, ARCH_KEY("attention.value_length"), (uint32_t)hd, err));
@@ -287,31 +331,43 @@ int synth_write(const synth_opts *o, synth_result *result, forge_err *err)
     /* tensors, in llama.cpp's names and GGUF ne order (ne0 = input dimension) */
     int wt = o->type;
     uint64_t seed = o->seed;
+    st.std = sh->fam.std;
     SET(add_tensor(w, &st, "token_embd.weight", wt, FILL_WEIGHT, sh->dim, n_vocab, seed, &res, err));
     SET(add_tensor(w, &st, "output_norm.weight", GGML_TYPE_F32, FILL_NORM, sh->dim, 1, seed, &res, err));
     if (!sh->tied)
         SET(add_tensor(w, &st, "output.weight", wt, FILL_WEIGHT, sh->dim, n_vocab, seed, &res, err));
+    const bool fqkv = fm->fused_qkv, fup = fm->fused_up, moe = fm->n_expert > 0;
+    const int64_t fe = moe ? (fm->ffn_exp ? fm->ffn_exp : sh->ffn) : 0, ne = fm->n_expert;
     for (int64_t l = 0; l < sh->n_layers; l++) {
-        struct { const char *n; int type; enum fill_kind k; int64_t ne0, ne1; bool on; } ts[] = {
-            {"attn_norm.weight", GGML_TYPE_F32, FILL_NORM, sh->dim, 1, true},
-            {"attn_q.weight", wt, FILL_WEIGHT, sh->dim, q_dim, true},
-            {"attn_k.weight", wt, FILL_WEIGHT, sh->dim, kv_dim, true},
-            {"attn_v.weight", wt, FILL_WEIGHT, sh->dim, kv_dim, true},
-            {"attn_q.bias", GGML_TYPE_F32, FILL_BIAS, q_dim, 1, sh->qkv_bias},
-            {"attn_k.bias", GGML_TYPE_F32, FILL_BIAS, kv_dim, 1, sh->qkv_bias},
-            {"attn_v.bias", GGML_TYPE_F32, FILL_BIAS, kv_dim, 1, sh->qkv_bias},
-            {"attn_q_norm.weight", GGML_TYPE_F32, FILL_NORM, hd, 1, sh->qk_norm},
-            {"attn_k_norm.weight", GGML_TYPE_F32, FILL_NORM, hd, 1, sh->qk_norm},
-            {"attn_output.weight", wt, FILL_WEIGHT, q_dim, sh->dim, true},
-            {"ffn_norm.weight", GGML_TYPE_F32, FILL_NORM, sh->dim, 1, true},
-            {"ffn_gate.weight", wt, FILL_WEIGHT, sh->dim, sh->ffn, true},
-            {"ffn_up.weight", wt, FILL_WEIGHT, sh->dim, sh->ffn, true},
-            {"ffn_down.weight", wt, FILL_WEIGHT, sh->ffn, sh->dim, true},
+        struct { const char *n; int type; enum fill_kind k; int64_t ne0, ne1, ne2; bool on; } ts[] = {
+            {"attn_norm.weight", GGML_TYPE_F32, FILL_NORM, sh->dim, 1, 1, true},
+            {"attn_qkv.weight", wt, FILL_WEIGHT, sh->dim, q_dim + 2 * kv_dim, 1, fqkv},
+            {"attn_qkv.bias", GGML_TYPE_F32, FILL_BIAS, q_dim + 2 * kv_dim, 1, 1, fqkv && sh->qkv_bias},
+            {"attn_q.weight", wt, FILL_WEIGHT, sh->dim, q_dim, 1, !fqkv},
+            {"attn_k.weight", wt, FILL_WEIGHT, sh->dim, kv_dim, 1, !fqkv},
+            {"attn_v.weight", wt, FILL_WEIGHT, sh->dim, kv_dim, 1, !fqkv},
+            {"attn_q.bias", GGML_TYPE_F32, FILL_BIAS, q_dim, 1, 1, !fqkv && sh->qkv_bias},
+            {"attn_k.bias", GGML_TYPE_F32, FILL_BIAS, kv_dim, 1, 1, !fqkv && sh->qkv_bias},
+            {"attn_v.bias", GGML_TYPE_F32, FILL_BIAS, kv_dim, 1, 1, !fqkv && sh->qkv_bias},
+            {"attn_q_norm.weight", GGML_TYPE_F32, FILL_NORM, hd, 1, 1, sh->qk_norm},
+            {"attn_k_norm.weight", GGML_TYPE_F32, FILL_NORM, hd, 1, 1, sh->qk_norm},
+            {"attn_output.weight", wt, FILL_WEIGHT, q_dim, sh->dim, 1, true},
+            {"post_attention_norm.weight", GGML_TYPE_F32, FILL_NORM, sh->dim, 1, 1, fm->post_norms},
+            {"ffn_norm.weight", GGML_TYPE_F32, FILL_NORM, sh->dim, 1, 1, true},
+            {"ffn_gate.weight", wt, FILL_WEIGHT, sh->dim, sh->ffn, 1, !moe && !fup},
+            {"ffn_up.weight", wt, FILL_WEIGHT, sh->dim, fup ? 2 * sh->ffn : sh->ffn, 1, !moe},
+            {"ffn_down.weight", wt, FILL_WEIGHT, sh->ffn, sh->dim, 1, !moe},
+            {"ffn_gate_inp.weight", GGML_TYPE_F32, FILL_WEIGHT, sh->dim, ne, 1, moe},
+            {"ffn_gate_exps.weight", wt, FILL_WEIGHT, sh->dim, fe, ne, moe},
+            {"ffn_up_exps.weight", wt, FILL_WEIGHT, sh->dim, fe, ne, moe},
+            {"ffn_down_exps.weight", wt, FILL_WEIGHT, fe, sh->dim, ne, moe},
+            {"post_ffw_norm.weight", GGML_TYPE_F32, FILL_NORM, sh->dim, 1, 1, fm->post_norms},
         };
         for (size_t i = 0; i < FORGE_ARRAY_LEN(ts); i++) {
             if (!ts[i].on) continue;
             snprintf(name, sizeof name, "blk.%lld.%s", (long long)l, ts[i].n);
-            SET(add_tensor(w, &st, name, ts[i].type, ts[i].k, ts[i].ne0, ts[i].ne1, seed, &res, err));
+            SET(add_tensor3(w, &st, name, ts[i].type, ts[i].k, ts[i].ne0, ts[i].ne1, ts[i].ne2,
+                            fm->std, seed, &res, err));
         }
     }
 #undef SET
