@@ -91,14 +91,13 @@ int arch_gemma_forward(fwd_state *fs, const int32_t *ids, const be_batch *bt, fo
         if (l->q_norm.data)
             TRY(op->rms_norm(be, b->q, b->q, &l->q_norm, (int64_t)n * hp->n_head, HD, eps, err));
         if (l->k_norm.data)
-            TRY(op->rms_norm(be, b->k, b->k, &l->k_norm, (int64_t)n * hp->n_head_kv, HD, eps,
-                             err));
+            TRY(op->rms_norm(be, b->k, b->k, &l->k_norm, (int64_t)n * hp->n_head_kv, HD, eps, err));
         const be_rope *rope = local ? &rope_local : &rope_global;
         TRY(op->rope(be, b->q, hp->n_head, (int)HD, bt, rope, err));
         TRY(op->rope(be, b->k, hp->n_head_kv, (int)HD, bt, rope, err));
         TRY(op->scale(be, b->q, ap->attn_scale, (int64_t)n * hp->n_head * HD, err));
-        const be_attn attn = {il,  hp->n_head,       hp->n_head_kv, (int)HD, 1.0f, bt,
-                              ap->attn_softcap, local ? ap->swa_window : 0};
+        const be_attn attn = {il,   hp->n_head, hp->n_head_kv,    (int)HD,
+                              1.0f, bt,         ap->attn_softcap, local ? ap->swa_window : 0};
         TRY(op->attention(be, b->att, b->q, b->k, b->v, fs->kv, &attn, err));
         TRY(op->matmul(be, b->o, &l->wo, b->att, n, err));
         TRY(op->rms_norm(be, b->o, b->o, &l->attn_post_norm, n, E, eps, err));
@@ -134,8 +133,8 @@ done:
  * models 1/sqrt(n_embd / n_head) (integer division, as there). */
 static float gemma_attn_scale(model_arch arch, const forge_model_info *hp)
 {
-    const bool is_27b = (arch == ARCH_GEMMA2 && hp->n_layer == 46) ||
-                        (arch == ARCH_GEMMA3 && hp->n_layer == 62);
+    const bool is_27b =
+        (arch == ARCH_GEMMA2 && hp->n_layer == 46) || (arch == ARCH_GEMMA3 && hp->n_layer == 62);
     const int d = is_27b ? hp->n_embd / hp->n_head : hp->head_dim;
     return 1.0f / sqrtf((float)d);
 }
@@ -202,15 +201,15 @@ int arch_gemma_load(loader *L, forge_err *err)
     if ((rc = ld_u32(L, "attention.sliding_window", false, gemma3 ? 0 : 4096, &window, err)))
         return rc;
     if (window > (1u << 24))
-        return forge_err_set(err, FORGE_E_FORMAT, "%s: %s.attention.sliding_window %u is implausible",
-                             L->path, L->arch, window);
+        return forge_err_set(err, FORGE_E_FORMAT,
+                             "%s: %s.attention.sliding_window %u is implausible", L->path, L->arch,
+                             window);
     if (gemma3) {
         ap->attn_softcap = 0.0f; /* Gemma 3 has none (llama.cpp does not read the key) */
         if ((rc = gemma_softcap(L, "final_logit_softcapping", 0.0f, &ap->final_softcap, err)))
             return rc;
     } else if ((rc = gemma_softcap(L, "attn_logit_softcapping", 50.0f, &ap->attn_softcap, err)) ||
-               (rc = gemma_softcap(L, "final_logit_softcapping", 30.0f, &ap->final_softcap,
-                                   err))) {
+               (rc = gemma_softcap(L, "final_logit_softcapping", 30.0f, &ap->final_softcap, err))) {
         return rc;
     }
     ap->attn_scale = gemma_attn_scale(m->arch, hp);
