@@ -96,8 +96,14 @@ int arch_gemma_forward(fwd_state *fs, const int32_t *ids, const be_batch *bt, fo
         TRY(op->rope(be, b->q, hp->n_head, (int)HD, bt, rope, err));
         TRY(op->rope(be, b->k, hp->n_head_kv, (int)HD, bt, rope, err));
         TRY(op->scale(be, b->q, ap->attn_scale, (int64_t)n * hp->n_head * HD, err));
-        const be_attn attn = {il,   hp->n_head, hp->n_head_kv,    (int)HD,
-                              1.0f, bt,         ap->attn_softcap, local ? ap->swa_window : 0};
+        const be_attn attn = {.layer = il,
+                              .n_head = hp->n_head,
+                              .n_head_kv = hp->n_head_kv,
+                              .head_dim = (int)HD,
+                              .scale = 1.0f, /* q is scaled already */
+                              .batch = bt,
+                              .softcap = ap->attn_softcap,
+                              .window = local ? ap->swa_window : 0};
         TRY(op->attention(be, b->att, b->q, b->k, b->v, fs->kv, &attn, err));
         TRY(op->matmul(be, b->o, &l->wo, b->att, n, err));
         TRY(op->rms_norm(be, b->o, b->o, &l->attn_post_norm, n, E, eps, err));
