@@ -14,12 +14,8 @@
 #include "backend/backend.h"
 #include "core/fp16.h"
 #include "core/util.h"
+#include "cpu/backend_cpu.h"
 #include "cpu/kernels.h"
-
-struct be_buf {
-    float *data;
-    int64_t n;
-};
 
 struct be_kv {
     int n_layer, n_ctx, kv_dim, type; /* type: FORGE_KV_F32 / F16 / Q8_0 */
@@ -846,6 +842,7 @@ static const be_ops cpu_ops = {
     .kv_store = cpu_kv_store,
     .kv_copy_block = cpu_kv_copy_block,
     .kv_read = cpu_kv_read,
+    .moe_ffn = cpu_moe_ffn,
 };
 
 int backend_cpu_create(int n_threads, bool f32_math, backend **out, forge_err *err)

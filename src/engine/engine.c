@@ -547,6 +547,7 @@ int forge_engine_create(forge_model *model, const forge_engine_params *params, f
     fp.progress_user = p.progress_user;
     if ((rc = fwd_state_init(&e->fs, model, &fp, err))) goto fail;
     e->fs_ready = true;
+    e->fs.n_ctx_seq = n_ctx; /* a request's most positions (LongRoPE picks its factors by it) */
     if ((rc = fwd_reserve_logits(&e->fs, n_parallel, err))) goto fail;
 
     kvb_params kp = kvb_default_params();

@@ -98,6 +98,10 @@ static int create_gpu(fwd_state *fs, const fwd_params *p, forge_err *err)
         return forge_err_set(err, FORGE_E_UNSUPPORTED,
                              "the GPU backend does not run %s models yet (use the CPU)",
                              hp->arch);
+    if (m->ap.n_expert > 0)
+        return forge_err_set(err, FORGE_E_UNSUPPORTED,
+                             "the GPU backend does not run mixture-of-experts models yet (use "
+                             "the CPU)");
     if (p->kv_type == FORGE_KV_Q8_0)
         return forge_err_set(err, FORGE_E_UNSUPPORTED,
                              "the GPU backend has no q8_0 KV cache yet (use f16 or f32)");
@@ -175,6 +179,7 @@ int fwd_state_init(fwd_state *fs, forge_model *m, const fwd_params *p, forge_err
                              hp->head_dim);
     fs->model = m;
     fs->kv_rows = p->kv_rows;
+    fs->n_ctx_seq = p->kv_rows;
     fs->n_batch = p->n_batch;
     fs->n_threads = p->n_threads;
     fs->kv_type = p->kv_type;

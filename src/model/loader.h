@@ -45,6 +45,16 @@ int ld_bind_experts(loader *L, int il, be_weight *w, const char *what, int64_t n
 int ld_view_rows(loader *L, be_weight *out, const be_weight *w, int64_t r0, int64_t n,
                  forge_err *err);
 
+/* Layer il's attention input projections: the fused "attn_qkv.weight" [E -> QD + 2 KD] (and
+ * its optional "attn_qkv.bias") bound as row views into wq/wk/wv (bq/bk/bv), or, without it, the
+ * separate attn_q/k/v (required) with their optional biases. The error names both forms when a
+ * file has neither. */
+int ld_bind_qkv(loader *L, int il, layer_weights *l, int64_t E, int64_t QD, int64_t KD,
+                forge_err *err);
+/* Layer il's fused "ffn_up.weight" [E -> 2F]: the gate rows first, then the up rows (llama.cpp's
+ * LLM_FFN_SWIGLU split), bound as views into ffn_gate and ffn_up. */
+int ld_bind_gate_up(loader *L, int il, layer_weights *l, int64_t E, int64_t F, forge_err *err);
+
 /* The llama family's tensors (arch_llama.c): token_embd, output_norm, output (absent: tied),
  * rope_freqs, and per layer attn_norm, attn_q/k/v (+ biases when present), attn_output,
  * attn_q_norm/attn_k_norm, ffn_norm, ffn_gate/up/down (or the experts when n_expert > 0). Used

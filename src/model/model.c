@@ -198,6 +198,51 @@ int ld_view_rows(loader *L, be_weight *out, const be_weight *w, int64_t r0, int6
     return FORGE_OK;
 }
 
+int ld_bind_qkv(loader *L, int il, layer_weights *l, int64_t E, int64_t QD, int64_t KD,
+                forge_err *err)
+{
+    be_weight w, bias;
+    int rc;
+    if ((rc = ld_bind_layer(L, il, &w, "attn_qkv.weight", W_MATRIX, E, QD + 2 * KD, false, err)))
+        return rc;
+    if (w.data) {
+        if ((rc = ld_bind_layer(L, il, &bias, "attn_qkv.bias", W_VECTOR, QD + 2 * KD, 1, false,
+                                err)) ||
+            (rc = ld_view_rows(L, &l->wq, &w, 0, QD, err)) ||
+            (rc = ld_view_rows(L, &l->wk, &w, QD, KD, err)) ||
+            (rc = ld_view_rows(L, &l->wv, &w, QD + KD, KD, err)))
+            return rc;
+        if (!bias.data) return FORGE_OK;
+        if ((rc = ld_view_rows(L, &l->bq, &bias, 0, QD, err)) ||
+            (rc = ld_view_rows(L, &l->bk, &bias, QD, KD, err)))
+            return rc;
+        return ld_view_rows(L, &l->bv, &bias, QD + KD, KD, err);
+    }
+    char name[96];
+    snprintf(name, sizeof name, "blk.%d.attn_q.weight", il);
+    if (!gguf_find_tensor(L->m->gguf, name))
+        return forge_err_set(err, FORGE_E_NOTFOUND,
+                             "%s: layer %d has neither 'blk.%d.attn_qkv.weight' nor '%s'", L->path,
+                             il, il, name);
+    if ((rc = ld_bind_layer(L, il, &l->wq, "attn_q.weight", W_MATRIX, E, QD, true, err)) ||
+        (rc = ld_bind_layer(L, il, &l->wk, "attn_k.weight", W_MATRIX, E, KD, true, err)) ||
+        (rc = ld_bind_layer(L, il, &l->wv, "attn_v.weight", W_MATRIX, E, KD, true, err)) ||
+        (rc = ld_bind_layer(L, il, &l->bq, "attn_q.bias", W_VECTOR, QD, 1, false, err)) ||
+        (rc = ld_bind_layer(L, il, &l->bk, "attn_k.bias", W_VECTOR, KD, 1, false, err)))
+        return rc;
+    return ld_bind_layer(L, il, &l->bv, "attn_v.bias", W_VECTOR, KD, 1, false, err);
+}
+
+int ld_bind_gate_up(loader *L, int il, layer_weights *l, int64_t E, int64_t F, forge_err *err)
+{
+    be_weight w;
+    int rc;
+    if ((rc = ld_bind_layer(L, il, &w, "ffn_up.weight", W_MATRIX, E, 2 * F, true, err)) ||
+        (rc = ld_view_rows(L, &l->ffn_gate, &w, 0, F, err)))
+        return rc;
+    return ld_view_rows(L, &l->ffn_up, &w, F, F, err);
+}
+
 int ld_bool(loader *L, const char *suffix, bool def, bool *out, forge_err *err)
 {
     char key[160];
@@ -321,12 +366,16 @@ static int load_hparams(loader *L, forge_err *err)
         gguf_str s;
         if ((rc = gguf_get_str(m->gguf, key, &s, err))) return rc;
         yarn = s.len == 4 && !memcmp(s.data, "yarn", 4);
+        /* longrope (newer converters write it): phi3 only, whose load binds the factors */
+        const bool longrope =
+            m->arch == ARCH_PHI3 && s.len == 8 && !memcmp(s.data, "longrope", 8);
         if (!(s.len == 4 && !memcmp(s.data, "none", 4)) &&
-            !(s.len == 6 && !memcmp(s.data, "linear", 6)) && !yarn)
+            !(s.len == 6 && !memcmp(s.data, "linear", 6)) && !yarn && !longrope)
             return forge_err_set(
                 err, FORGE_E_UNSUPPORTED,
-                "%s: rope scaling type '%.*s' is not supported (none, linear, yarn)", L->path,
-                (int)(s.len > 32 ? 32 : s.len), s.data);
+                "%s: rope scaling type '%.*s' is not supported (none, linear, yarn; longrope "
+                "for phi3)",
+                L->path, (int)(s.len > 32 ? 32 : s.len), s.data);
     }
     float factor;
     if ((rc = ld_f32(L, "rope.scaling.factor", 0.0f, &factor, err))) return rc;

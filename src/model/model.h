@@ -56,6 +56,8 @@ typedef struct arch_params {
     int32_t n_expert, n_expert_used, n_ff_exp, n_ff_shexp;
     bool expert_norm;       /* renormalise the selected experts' weights to sum 1 */
     float rope_attn_factor; /* cos/sin scale (LongRoPE); 0: 1 */
+    int32_t rope_n_ctx_orig; /* LongRoPE: the original training context; a forward state whose
+                                sequences may run longer uses rope_long, else rope_short */
 } arch_params;
 
 struct forge_model {
@@ -105,6 +107,8 @@ typedef struct fwd_state {
     ctx_bufs b;
     int32_t kv_rows, n_batch, n_threads;
     forge_kv_type kv_type;
+    int32_t n_ctx_seq; /* most positions one sequence may reach (LongRoPE's choice): kv_rows,
+                          or an engine's context per request */
     const volatile sig_atomic_t *abort_flag;
     char warning[640]; /* what creation had to give up (forge_context_warning), or "" */
 } fwd_state;

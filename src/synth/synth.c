@@ -35,6 +35,7 @@ static const synth_shape shapes[] = {
     {"tiny-gemma2",    "gemma2", 64,  192,  26, 4,  2,  32,  0,  256, 10000.0f, 1e-6f, true, false, false, {0.2f, 0, 0, 0, 0, 8, 2.0f, 3.0f, true, false, false}},
     {"tiny-gemma3",    "gemma3", 64,  192,  6,  4,  2,  32,  0,  256, 1000000.0f, 1e-6f, true, false, true, {0.2f, 0, 0, 0, 0, 8, 0, 0, true, false, false}},
     {"tiny-phi3",      "phi3",   64,  192,  2,  4,  4,  0,   0,  256, 10000.0f, 1e-5f, false, false, false, {0.2f, 0, 0, 0, 0, 8, 0, 0, false, true, true}},
+    {"tiny-phi3-128k", "phi3",   64,  192,  2,  4,  4,  0,   0,  256, 10000.0f, 1e-5f, false, false, false, {0.2f, 0, 0, 0, 0, 8, 0, 0, false, true, true}},
     {"tiny-chatglm",   "chatglm", 64, 192,  2,  4,  2,  0,   0,  256, 10000.0f, 1e-5f, false, true, false, {0.2f, 8, 0, 0, 0, 0, 0, 0, false, true, true}},
     {"tiny-glm4",      "glm4",   64,  192,  2,  4,  2,  0,   0,  256, 10000.0f, 1e-5f, false, true, false, {0.2f, 8, 0, 0, 0, 0, 0, 0, true, false, true}},
     {"tiny-mixtral",   "llama",  64,  96,   2,  4,  2,  0,   0,  256, 10000.0f, 1e-5f, false, false, false, {0.2f, 0, 4, 2, 96, 0, 0, 0, false, false, false}},
@@ -44,6 +45,21 @@ static const synth_shape shapes[] = {
     {"phi3-mini",      "phi3",   3072, 8192, 32, 32, 32, 0, 32064, 4096, 10000.0f, 1e-5f, false, false, false, {0, 0, 0, 0, 0, 0, 0, 0, false, true, true}},
     {"mixtral-8x7b",   "llama",  4096, 14336, 32, 32, 8, 0,   32000, 32768, 1000000.0f, 1e-5f, false, false, false, {0, 0, 8, 2, 14336, 0, 0, 0, false, false, false}},
 };
+
+/* LongRoPE shapes (Phi-3's 128k models): rope_factors_long/short (random, near 1) and the keys
+ * the converter writes, rope.scaling.original_context_length and rope.scaling.attn_factor =
+ * sqrt(1 + ln(n_ctx / orig) / ln(orig)). */
+static const struct {
+    const char *shape;
+    uint32_t n_ctx_orig;
+} longrope_shapes[] = {{"tiny-phi3-128k", 64}};
+
+static uint32_t longrope_orig(const synth_shape *sh)
+{
+    for (size_t i = 0; i < FORGE_ARRAY_LEN(longrope_shapes); i++)
+        if (!strcmp(longrope_shapes[i].shape, sh->name)) return longrope_shapes[i].n_ctx_orig;
+    return 0;
+}
 
 int synth_shape_count(void)
 {
@@ -322,6 +338,14 @@ int synth_write(const synth_opts *o, synth_result *result, forge_err *err)
         SET(gguf_writer_set_f32(w, ARCH_KEY("attn_logit_softcapping"), fm->attn_softcap, err));
     if (fm->final_softcap)
         SET(gguf_writer_set_f32(w, ARCH_KEY("final_logit_softcapping"), fm->final_softcap, err));
+    const uint32_t lr_orig = longrope_orig(sh);
+    if (lr_orig) {
+        SET(gguf_writer_set_u32(w, ARCH_KEY("rope.scaling.original_context_length"), lr_orig,
+                                err));
+        SET(gguf_writer_set_f32(
+            w, ARCH_KEY("rope.scaling.attn_factor"),
+            sqrtf(1.0f + logf((float)sh->n_ctx / (float)lr_orig) / logf((float)lr_orig)), err));
+    }
     if (sh->head_dim) {
         SET(gguf_writer_set_u32(w, ARCH_KEY("attention.key_length"), (uint32_t)hd, err));
         SET(gguf_writer_set_u32(w, ARCH_KEY("attention.value_length"), (uint32_t)hd, err));
@@ -337,6 +361,13 @@ int synth_write(const synth_opts *o, synth_result *result, forge_err *err)
     SET(add_tensor(w, &st, "output_norm.weight", GGML_TYPE_F32, FILL_NORM, sh->dim, 1, seed, &res, err));
     if (!sh->tied)
         SET(add_tensor(w, &st, "output.weight", wt, FILL_WEIGHT, sh->dim, n_vocab, seed, &res, err));
+    if (lr_orig) {
+        const int64_t n_pairs = (fm->n_rot ? fm->n_rot : hd) / 2;
+        SET(add_tensor(w, &st, "rope_factors_long.weight", GGML_TYPE_F32, FILL_NORM, n_pairs, 1,
+                       seed, &res, err));
+        SET(add_tensor(w, &st, "rope_factors_short.weight", GGML_TYPE_F32, FILL_NORM, n_pairs, 1,
+                       seed, &res, err));
+    }
     const bool fqkv = fm->fused_qkv, fup = fm->fused_up, moe = fm->n_expert > 0;
     const int64_t fe = moe ? (fm->ffn_exp ? fm->ffn_exp : sh->ffn) : 0, ne = fm->n_expert;
     for (int64_t l = 0; l < sh->n_layers; l++) {
