@@ -3,7 +3,9 @@
  * soft-caps), behaviour that shows them (a local layer does not see past its window; a local
  * layer ignores the file's RoPE base and scaling, a global one does not; logits stay inside the
  * final cap; one batch == token by token), a 46-layer Gemma 2 against llama.cpp's logits (the
- * 27B attention scale), and bad files refused with a message naming the key or tensor.
+ * 27B attention scale), ggml's fp16 GELU, an independent scalar forward (double precision)
+ * that Forge's F32 math reproduces on both families and that is itself checked against
+ * llama.cpp on tiny-gemma2, and bad files refused with a message naming the key or tensor.
  * The models are forge synth's tiny-gemma2 / tiny-gemma3 and variants of them written here
  * (keys changed, layers dropped or repeated). */
 #include <math.h>
@@ -177,9 +179,10 @@ static void expect_load_error(const char *path, int code, const char *needle1, c
 
 /* logits of every position of ids (malloc'd, [n][n_vocab]); n_batch 0: the whole prompt at once,
  * else in pieces of n_batch tokens */
-static float *run(forge_model *m, const int32_t *ids, int n, int n_batch)
+static float *run_ex(forge_model *m, const int32_t *ids, int n, int n_batch, bool f32_math)
 {
     forge_context_params cp = forge_context_default_params();
+    cp.f32_math = f32_math;
     cp.device = FORGE_DEVICE_CPU;
     cp.n_threads = 2;
     cp.n_ctx = 64;
@@ -199,6 +202,16 @@ static float *run(forge_model *m, const int32_t *ids, int n, int n_batch)
     }
     forge_context_free(ctx);
     return out;
+}
+
+static float *run(forge_model *m, const int32_t *ids, int n, int n_batch)
+{
+    return run_ex(m, ids, n, n_batch, false);
+}
+
+static float *run_math(forge_model *m, const int32_t *ids, int n, bool f32_math)
+{
+    return run_ex(m, ids, n, 0, f32_math);
 }
 
 static bool rows_equal(const float *a, const float *b, int p, int V)
@@ -596,13 +609,246 @@ static void test_geglu_ggml(void **state)
     }
 }
 
+/* ---- an independent scalar forward (double precision, exact GELU) ------------------------- *
+ * Written from llama.cpp's graphs (c392e50 build_gemma2; the newer src/models/gemma3.cpp and
+ * its load_hparams), with plain loops over the file's F32 tensors and none of Forge's model or
+ * backend code: for gemma3 (no llama.cpp reference here) it checks Forge's implementation of
+ * the same reading, and on tiny-gemma2 it is itself checked against llama.cpp. */
+
+typedef struct refm {
+    gguf_ctx *g;
+    char arch[16];
+    int E, L, H, KV, HD, F, V, window;
+    float eps, base, acap, fcap;
+} refm;
+
+static const float *rt(const refm *r, int il, const char *what)
+{
+    char name[128];
+    if (il >= 0)
+        snprintf(name, sizeof name, "blk.%d.%s", il, what);
+    else
+        snprintf(name, sizeof name, "%s", what);
+    const gguf_tensor_info *t = gguf_find_tensor(r->g, name);
+    if (!t) fail_msg("reference: no tensor %s", name);
+    assert_int_equal(t->type, GGML_TYPE_F32);
+    return t->data;
+}
+
+static uint32_t rkey_u32(const refm *r, const char *suffix, uint32_t def)
+{
+    char key[128];
+    snprintf(key, sizeof key, "%s.%s", r->arch, suffix);
+    uint32_t v;
+    return gguf_find_key(r->g, key) >= 0 && gguf_get_u32(r->g, key, &v, NULL) == 0 ? v : def;
+}
+
+static float rkey_f32(const refm *r, const char *suffix, float def)
+{
+    char key[128];
+    snprintf(key, sizeof key, "%s.%s", r->arch, suffix);
+    float v;
+    return gguf_find_key(r->g, key) >= 0 && gguf_get_f32(r->g, key, &v, NULL) == 0 ? v : def;
+}
+
+/* y[n] = W x, W [n rows][k] */
+static void rmv(double *y, const float *w, const double *x, int n, int k)
+{
+    for (int r = 0; r < n; r++) {
+        double s = 0;
+        for (int i = 0; i < k; i++)
+            s += (double)w[(size_t)r * k + i] * x[i];
+        y[r] = s;
+    }
+}
+
+static void rnorm(double *y, const double *x, const float *w, int n, double eps)
+{
+    double ss = 0;
+    for (int i = 0; i < n; i++)
+        ss += x[i] * x[i];
+    const double sc = 1.0 / sqrt(ss / n + eps);
+    for (int i = 0; i < n; i++)
+        y[i] = x[i] * sc * w[i];
+}
+
+/* NEOX RoPE of one head at position p, theta as ggml builds it (float) */
+static void rrope(double *v, int hd, int p, float base, float freq_scale)
+{
+    const float theta_scale = powf(base, -2.0f / (float)hd);
+    float theta = (float)p;
+    for (int i = 0; i < hd / 2; i++) {
+        const double th = (double)(freq_scale * theta), c = cos(th), sn = sin(th);
+        const double x0 = v[i], x1 = v[i + hd / 2];
+        v[i] = x0 * c - x1 * sn;
+        v[i + hd / 2] = x0 * sn + x1 * c;
+        theta *= theta_scale;
+    }
+}
+
+/* logits of every position of ids[0..n) into out [n][V] */
+static void ref_forward(const char *path, const int32_t *ids, int n, float *out)
+{
+    refm r = {0};
+    forge_err err = {0};
+    assert_int_equal(gguf_open(path, &r.g, &err), 0);
+    gguf_str a;
+    assert_int_equal(gguf_get_str(r.g, "general.architecture", &a, &err), 0);
+    snprintf(r.arch, sizeof r.arch, "%.*s", (int)a.len, a.data);
+    const bool g3 = !strcmp(r.arch, "gemma3");
+    r.E = (int)rkey_u32(&r, "embedding_length", 0);
+    r.L = (int)rkey_u32(&r, "block_count", 0);
+    r.H = (int)rkey_u32(&r, "attention.head_count", 0);
+    r.KV = (int)rkey_u32(&r, "attention.head_count_kv", 0);
+    r.HD = (int)rkey_u32(&r, "attention.key_length", 0);
+    r.F = (int)rkey_u32(&r, "feed_forward_length", 0);
+    r.V = (int)rkey_u32(&r, "vocab_size", 0);
+    r.window = (int)rkey_u32(&r, "attention.sliding_window", g3 ? 0 : 4096);
+    r.eps = rkey_f32(&r, "attention.layer_norm_rms_epsilon", 0);
+    r.base = rkey_f32(&r, "rope.freq_base", 10000.0f);
+    r.acap = g3 ? 0.0f : rkey_f32(&r, "attn_logit_softcapping", 50.0f);
+    r.fcap = rkey_f32(&r, "final_logit_softcapping", g3 ? 0.0f : 30.0f);
+    const int E = r.E, HD = r.HD, F = r.F, V = r.V, QD = r.H * HD, KD = r.KV * HD;
+    const double scale = 1.0 / sqrt((double)HD); /* not a 27B shape */
+    double *x = calloc((size_t)n * E, sizeof *x), *h = malloc(sizeof(double) * (E > F ? E : F));
+    double *q = malloc(sizeof(double) * (size_t)n * QD), *k = malloc(sizeof(double) * n * KD),
+           *v = malloc(sizeof(double) * n * KD), *att = malloc(sizeof(double) * QD),
+           *o = malloc(sizeof(double) * E), *g = malloc(sizeof(double) * F),
+           *u = malloc(sizeof(double) * F), *sc = malloc(sizeof(double) * n);
+    const float *embd = rt(&r, -1, "token_embd.weight");
+    for (int t = 0; t < n; t++)
+        for (int i = 0; i < E; i++)
+            x[(size_t)t * E + i] = (double)embd[(size_t)ids[t] * E + i] * sqrt((double)E);
+    for (int il = 0; il < r.L; il++) {
+        const bool local = r.window > 0 && (g3 ? il % 6 < 5 : il % 2 == 0);
+        const float base = g3 && local ? 10000.0f : r.base;
+        for (int t = 0; t < n; t++) {
+            rnorm(h, x + (size_t)t * E, rt(&r, il, "attn_norm.weight"), E, r.eps);
+            rmv(q + (size_t)t * QD, rt(&r, il, "attn_q.weight"), h, QD, E);
+            rmv(k + (size_t)t * KD, rt(&r, il, "attn_k.weight"), h, KD, E);
+            rmv(v + (size_t)t * KD, rt(&r, il, "attn_v.weight"), h, KD, E);
+            for (int hh = 0; hh < r.H; hh++) {
+                double *qh = q + (size_t)t * QD + hh * HD;
+                if (g3) rnorm(qh, qh, rt(&r, il, "attn_q_norm.weight"), HD, r.eps);
+                rrope(qh, HD, t, base, 1.0f);
+            }
+            for (int hh = 0; hh < r.KV; hh++) {
+                double *kh = k + (size_t)t * KD + hh * HD;
+                if (g3) rnorm(kh, kh, rt(&r, il, "attn_k_norm.weight"), HD, r.eps);
+                rrope(kh, HD, t, base, 1.0f);
+            }
+        }
+        for (int t = 0; t < n; t++) {
+            for (int hh = 0; hh < r.H; hh++) {
+                const int kvh = hh / (r.H / r.KV),
+                          lo = local && t >= r.window ? t - r.window + 1 : 0;
+                const double *qh = q + (size_t)t * QD + hh * HD;
+                double mx = -INFINITY, sum = 0;
+                for (int p = lo; p <= t; p++) {
+                    double s = 0;
+                    for (int d = 0; d < HD; d++)
+                        s += qh[d] * scale * k[(size_t)p * KD + kvh * HD + d];
+                    if (r.acap > 0) s = r.acap * tanh(s / r.acap);
+                    sc[p] = s;
+                    mx = s > mx ? s : mx;
+                }
+                for (int p = lo; p <= t; p++)
+                    sum += (sc[p] = exp(sc[p] - mx));
+                for (int d = 0; d < HD; d++) {
+                    double acc = 0;
+                    for (int p = lo; p <= t; p++)
+                        acc += sc[p] / sum * v[(size_t)p * KD + kvh * HD + d];
+                    att[hh * HD + d] = acc;
+                }
+            }
+            double *xt = x + (size_t)t * E;
+            rmv(o, rt(&r, il, "attn_output.weight"), att, E, QD);
+            rnorm(o, o, rt(&r, il, "post_attention_norm.weight"), E, r.eps);
+            for (int i = 0; i < E; i++)
+                xt[i] += o[i];
+            rnorm(h, xt, rt(&r, il, "ffn_norm.weight"), E, r.eps);
+            rmv(g, rt(&r, il, "ffn_gate.weight"), h, F, E);
+            rmv(u, rt(&r, il, "ffn_up.weight"), h, F, E);
+            for (int i = 0; i < F; i++)
+                g[i] = 0.5 * g[i] *
+                       (1.0 + tanh(sqrt(2.0 / M_PI) * (g[i] + 0.044715 * g[i] * g[i] * g[i]))) *
+                       u[i];
+            rmv(o, rt(&r, il, "ffn_down.weight"), g, E, F);
+            rnorm(o, o, rt(&r, il, "post_ffw_norm.weight"), E, r.eps);
+            for (int i = 0; i < E; i++)
+                xt[i] += o[i];
+        }
+    }
+    const gguf_tensor_info *ow = gguf_find_tensor(r.g, "output.weight");
+    const float *wout = ow ? ow->data : embd;
+    double *lg = malloc(sizeof(double) * V);
+    for (int t = 0; t < n; t++) {
+        rnorm(h, x + (size_t)t * E, rt(&r, -1, "output_norm.weight"), E, r.eps);
+        rmv(lg, wout, h, V, E);
+        for (int i = 0; i < V; i++)
+            out[(size_t)t * V + i] = (float)(r.fcap > 0 ? r.fcap * tanh(lg[i] / r.fcap) : lg[i]);
+    }
+    free(lg);
+    free(x);
+    free(h);
+    free(q);
+    free(k);
+    free(v);
+    free(att);
+    free(o);
+    free(g);
+    free(u);
+    free(sc);
+    gguf_close(r.g);
+}
+
+/* Forge (F32 math, exact GELU) against the scalar forward on tiny-gemma2 and tiny-gemma3 (24
+ * positions: the windows of 8 act), and the scalar forward against llama.cpp's tiny-gemma2
+ * logits (it differs there by llama.cpp's fp16 GELU only). */
+static void test_scalar_reference(void **state)
+{
+    (void)state;
+    static const int32_t ids[24] = {1, 5, 9, 100, 200, 300, 17, 42, 77, 300, 301, 302,
+                                    4, 5, 6, 7,   8,   9,   10, 11, 12, 13,  14,  15};
+    const int V = 512, n = 24;
+    const char *paths[2] = {g_gemma2, g_gemma3};
+    float *ref = malloc((size_t)n * V * sizeof *ref);
+    assert_non_null(ref);
+    for (int i = 0; i < 2; i++) {
+        ref_forward(paths[i], ids, n, ref);
+        forge_model *m = load(paths[i]);
+        double nm[2];
+        for (int f32 = 0; f32 < 2; f32++) {
+            float *a = run_math(m, ids, n, f32 == 1);
+            nm[f32] = tu_nmse(a, ref, (size_t)n * V);
+            free(a);
+        }
+        print_message("%s: Forge vs the scalar forward: NMSE %.3g (F32 math), %.3g (default)\n",
+                      forge_model_info_get(m)->arch, nm[1], nm[0]);
+        assert_true(nm[1] <= 1e-9);
+        assert_true(nm[0] <= 1e-5);
+        forge_model_free(m);
+        if (i == 0) {
+            size_t len;
+            float *ll = (float *)tu_read_file("tests/data/arch/tiny-gemma2/ref_logits.f32", &len);
+            assert_non_null(ll);
+            assert_int_equal(len, (size_t)n * V * sizeof(float));
+            double d = tu_nmse(ref, ll, (size_t)n * V);
+            print_message("gemma2: the scalar forward vs llama.cpp: NMSE %.3g\n", d);
+            assert_true(d <= 1e-5);
+            free(ll);
+        }
+    }
+    free(ref);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_hparams),       cmocka_unit_test(test_window),
         cmocka_unit_test(test_local_rope),    cmocka_unit_test(test_caps_and_batches),
         cmocka_unit_test(test_27b_reference), cmocka_unit_test(test_bad_files),
-        cmocka_unit_test(test_geglu_ggml),
+        cmocka_unit_test(test_geglu_ggml),    cmocka_unit_test(test_scalar_reference),
     };
     return cmocka_run_group_tests(tests, setup, teardown);
 }
