@@ -14,6 +14,7 @@
 #include <string.h>
 
 #include "forge.h"
+#include "forge_engine.h"
 #include "forge_synth.h"
 #include "model/model.h"
 #include "testutil.h"
@@ -842,6 +843,94 @@ static void test_scalar_reference(void **state)
     free(ref);
 }
 
+/* ---- the engine (paged cache, batches of several sequences) on Gemma 3 -------------------- */
+
+typedef struct collect {
+    int32_t ids[32];
+    int n;
+    bool done;
+} collect;
+
+static void on_event(const forge_event *ev, void *user)
+{
+    collect *c = user;
+    if (ev->token >= 0 && c->n < 32) c->ids[c->n++] = ev->token;
+    if (ev->finish != FORGE_FINISH_NONE) c->done = true;
+}
+
+static void engine_greedy(forge_model *m, int32_t *const *prompts, const int *lens, int n_prompts,
+                          int n_gen, collect *out)
+{
+    forge_engine_params ep = forge_engine_default_params();
+    ep.device = FORGE_DEVICE_CPU;
+    ep.n_threads = 2;
+    ep.n_ctx = 128;
+    ep.kv_type = FORGE_KV_F32;
+    forge_engine *e = NULL;
+    forge_err err = {0};
+    if (forge_engine_create(m, &ep, &e, &err)) fail_msg("engine: %s", err.msg);
+    for (int i = 0; i < n_prompts; i++) {
+        forge_request_params rp = forge_request_default_params();
+        rp.prompt = prompts[i];
+        rp.n_prompt = lens[i];
+        rp.max_tokens = n_gen;
+        rp.ignore_eos = true;
+        rp.on_event = on_event;
+        rp.user = &out[i];
+        memset(&out[i], 0, sizeof out[i]);
+        forge_req_id id;
+        assert_int_equal(forge_engine_submit(e, &rp, &id, &err), 0);
+    }
+    assert_int_equal(forge_engine_run(e, &err), 0);
+    for (int i = 0; i < n_prompts; i++) {
+        assert_true(out[i].done);
+        assert_int_equal(out[i].n, n_gen);
+    }
+    forge_engine_free(e);
+}
+
+/* tiny-gemma3 through the engine: each prompt alone == all four together == the context's
+ * greedy ids (20 tokens past a 24-token prompt: far beyond the window of 8) */
+static void test_engine_gemma3(void **state)
+{
+    (void)state;
+    enum { N_GEN = 20, N_P = 4 };
+    int32_t p0[24], p1[9], p2[17], p3[30];
+    int32_t *prompts[N_P] = {p0, p1, p2, p3};
+    const int lens[N_P] = {24, 9, 17, 30};
+    uint64_t rs = 0x9e3779b9;
+    for (int k = 0; k < N_P; k++)
+        for (int i = 0; i < lens[k]; i++)
+            prompts[k][i] = i == 0 ? 1 : 3 + (int32_t)(tu_rand_u64(&rs) % 509);
+    forge_model *m = load(g_gemma3);
+    collect together[N_P], alone;
+    engine_greedy(m, prompts, lens, N_P, N_GEN, together);
+    for (int k = 0; k < N_P; k++) {
+        engine_greedy(m, &prompts[k], &lens[k], 1, N_GEN, &alone);
+        assert_memory_equal(alone.ids, together[k].ids, N_GEN * sizeof(int32_t));
+    }
+    /* the context, greedy */
+    forge_context_params cp = forge_context_default_params();
+    cp.device = FORGE_DEVICE_CPU;
+    cp.n_threads = 2;
+    cp.n_ctx = 64;
+    cp.kv_type = FORGE_KV_F32;
+    forge_context *ctx = NULL;
+    forge_err err = {0};
+    assert_int_equal(forge_context_create(m, &cp, &ctx, &err), 0);
+    assert_int_equal(forge_decode(ctx, p0, 24, false, &err), 0);
+    for (int i = 0; i < N_GEN; i++) {
+        const float *l = forge_get_logits(ctx, -1);
+        int32_t best = 0;
+        for (int v = 1; v < 512; v++)
+            if (l[v] > l[best]) best = v;
+        assert_int_equal(best, together[0].ids[i]);
+        if (i + 1 < N_GEN) assert_int_equal(forge_decode(ctx, &best, 1, false, &err), 0);
+    }
+    forge_context_free(ctx);
+    forge_model_free(m);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -849,6 +938,7 @@ int main(void)
         cmocka_unit_test(test_local_rope),    cmocka_unit_test(test_caps_and_batches),
         cmocka_unit_test(test_27b_reference), cmocka_unit_test(test_bad_files),
         cmocka_unit_test(test_geglu_ggml),    cmocka_unit_test(test_scalar_reference),
+        cmocka_unit_test(test_engine_gemma3),
     };
     return cmocka_run_group_tests(tests, setup, teardown);
 }
