@@ -240,8 +240,9 @@ static int cpu_swiglu(backend *be, be_buf *out, const be_buf *gate, const be_buf
 
 /* GELU with the tanh approximation (HF's gelu_pytorch_tanh). By default as ggml's CPU backend
  * computes it (GGML_GELU_FP16: the input rounded to fp16, its GELU evaluated in float and
- * rounded to fp16 -- ggml's lookup table --, 0 below -10 and the identity above 10), so Gemma's
- * FFN matches llama.cpp bit for bit; with f32_math in double, rounded once. */
+ * rounded to fp16 -- ggml's lookup table --, 0 below -10 and the identity above 10): bit for
+ * bit what llama.cpp gives for the same input (Gemma's FFN); with f32_math in double, rounded
+ * once (Hugging Face's float32 within an ulp or two). */
 static float gelu_tanh_ggml(float x)
 {
     if (x <= -10.0f) return 0.0f;
