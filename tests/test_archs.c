@@ -181,8 +181,13 @@ static void check_arch(const char *dir)
     }
     print_message("%s (%s): NMSE %.3g (default), %.3g (F32 math) over %d positions x %d\n",
                   dir, forge_model_info_get(m)->arch, nmse[0], nmse[1], n_ids, V);
-    assert_true(nmse[1] <= 1e-9);
-    assert_true(nmse[0] <= 1e-5);
+    /* a reference may state its own bounds (nmse_max, nmse_max_f32) and why (tolerance_note):
+     * llama.cpp's CPU GELU goes through an fp16 table (Gemma), which turns 1-ulp differences
+     * elsewhere into fp16 steps */
+    const cJSON *tol = cJSON_GetObjectItem(j, "nmse_max"),
+                *tol32 = cJSON_GetObjectItem(j, "nmse_max_f32");
+    assert_true(nmse[1] <= (cJSON_IsNumber(tol32) ? tol32->valuedouble : 1e-9));
+    assert_true(nmse[0] <= (cJSON_IsNumber(tol) ? tol->valuedouble : 1e-5));
 
     /* greedy ids: equal, or different only after a near-tie of the reference path */
     int32_t got[32];

@@ -238,15 +238,33 @@ static int cpu_swiglu(backend *be, be_buf *out, const be_buf *gate, const be_buf
     return FORGE_OK;
 }
 
-/* GELU with the tanh approximation (HF's gelu_pytorch_tanh), computed in double so that it
- * rounds once: the reference evaluates it in float32 within an ulp or two. */
+/* GELU with the tanh approximation (HF's gelu_pytorch_tanh). By default as ggml's CPU backend
+ * computes it (GGML_GELU_FP16: the input rounded to fp16, its GELU evaluated in float and
+ * rounded to fp16 -- ggml's lookup table --, 0 below -10 and the identity above 10): bit for
+ * bit what llama.cpp gives for the same input (Gemma's FFN); with f32_math in double, rounded
+ * once (Hugging Face's float32 within an ulp or two). */
+static float gelu_tanh_ggml(float x)
+{
+    if (x <= -10.0f) return 0.0f;
+    if (x >= 10.0f) return x;
+    const float xh = forge_fp16_to_f32(forge_f32_to_fp16(x));
+    const float g =
+        0.5f * xh * (1.0f + tanhf(0.79788456080286535587989211986876f * xh *
+                                   (1.0f + 0.044715f * xh * xh)));
+    return forge_fp16_to_f32(forge_f32_to_fp16(g));
+}
+
 static int cpu_geglu(backend *be, be_buf *out, const be_buf *gate, const be_buf *up, int64_t n,
                      forge_err *err)
 {
-    (void)be;
     if (check_buf(out, n, "geglu", err) || check_buf(gate, n, "geglu", err) ||
         check_buf(up, n, "geglu", err))
         return FORGE_E_INTERNAL;
+    if (!cpu(be)->f32_math) {
+        for (int64_t i = 0; i < n; i++)
+            out->data[i] = gelu_tanh_ggml(gate->data[i]) * up->data[i];
+        return FORGE_OK;
+    }
     const double c = 0.7978845608028654; /* sqrt(2 / pi) */
     for (int64_t i = 0; i < n; i++) {
         double g = gate->data[i];
@@ -270,8 +288,9 @@ static int cpu_softcap(backend *be, be_buf *x, float cap, int64_t n, forge_err *
     (void)be;
     if (check_buf(x, n, "softcap", err)) return FORGE_E_INTERNAL;
     if (!(cap > 0.0f)) return forge_err_set(err, FORGE_E_INTERNAL, "softcap: cap %g", (double)cap);
+    const float inv = 1.0f / cap; /* ggml: scale by 1/cap, tanh, scale by cap */
     for (int64_t i = 0; i < n; i++)
-        x->data[i] = cap * tanhf(x->data[i] / cap);
+        x->data[i] = tanhf(x->data[i] * inv) * cap;
     return FORGE_OK;
 }
 
@@ -469,6 +488,8 @@ static void attn_worker(void *arg, int ith, int nth)
         }
         /* a sliding window hides positions before p_lo (their weight is exactly 0) */
         const int p_lo = a->window > 0 && n_kv > a->window ? n_kv - a->window : 0;
+        /* soft-capping as ggml does it: scale by 1/cap, tanh, scale by cap */
+        const float inv_cap = a->softcap > 0.0f ? 1.0f / a->softcap : 0.0f;
         float max = -INFINITY;
         for (int p0 = 0, b = 0; p0 < n_kv; p0 += bs, b++) {
             const size_t r0 = (size_t)table[b] * (size_t)bs;
@@ -483,7 +504,7 @@ static void attn_worker(void *arg, int ith, int nth)
                 float s = (q8 ? dot_row_q8(krow, (const uint8_t *)qh16, hd)
                               : dot_row(krow, f16, qh, hd)) *
                           a->scale;
-                if (a->softcap > 0.0f) s = a->softcap * tanhf(s / a->softcap);
+                if (a->softcap > 0.0f) s = tanhf(s * inv_cap) * a->softcap;
                 scores[p0 + i] = s;
                 if (s > max) max = s;
             }

@@ -41,6 +41,7 @@ static const synth_shape shapes[] = {
     {"tiny-mixtral",   "llama",  64,  96,   2,  4,  2,  0,   0,  256, 10000.0f, 1e-5f, false, false, false, {0.2f, 0, 4, 2, 96, 0, 0, 0, false, false, false}},
     {"tiny-qwen3moe",  "qwen3moe", 64, 192, 2,  4,  2,  32,  0,  256, 1000000.0f, 1e-6f, false, false, true, {0.2f, 0, 8, 2, 48, 0, 0, 0, false, false, false}},
     {"gemma2-2b",      "gemma2", 2304, 9216, 26, 8, 4, 256, 256000, 8192, 10000.0f, 1e-6f, true, false, false, {0, 0, 0, 0, 0, 4096, 50.0f, 30.0f, true, false, false}},
+    {"gemma3-1b",      "gemma3", 1152, 6912, 26, 4, 1, 256, 262144, 32768, 1000000.0f, 1e-6f, true, false, true, {0, 0, 0, 0, 0, 512, 0, 0, true, false, false}},
     {"phi3-mini",      "phi3",   3072, 8192, 32, 32, 32, 0, 32064, 4096, 10000.0f, 1e-5f, false, false, false, {0, 0, 0, 0, 0, 0, 0, 0, false, true, true}},
     {"mixtral-8x7b",   "llama",  4096, 14336, 32, 32, 8, 0,   32000, 32768, 1000000.0f, 1e-5f, false, false, false, {0, 0, 8, 2, 14336, 0, 0, 0, false, false, false}},
 };
