@@ -87,6 +87,8 @@ struct be_wset {
     int refs;   /* backends holding it */
     int n;      /* slots */
     void **d_w; /* n device copies (gpu_weight_bytes each), by be_weight.slot */
+    int32_t *blocks; /* n: > 1 = stacked experts, each block a matrix of its own at
+                      * d_w + b * wblock_stride (backend_gpu_plan_add_experts), else 0 */
 };
 
 typedef struct gpu_backend {
@@ -169,6 +171,19 @@ typedef struct gpu_backend {
     /* argmax_rows: ids on the device and their pinned host copy */
     int32_t *d_amax, *h_amax;
     int amax_cap;
+    /* stacked expert weights to upload as blocks (by slot; backend_gpu_plan_add_experts) */
+    int32_t *wblocks;
+    int n_wblocks;
+    /* moe_ffn scratch for n_batch rows (one allocation, d_moe): routing (selected experts,
+     * weights, run flags [n_expert][n_batch]), the expert's gate / up / down outputs, and the
+     * inputs of its products prepared for the matvec (quantized or rounded: h, shared by the
+     * gate and up products of every expert, and g, the down product's input) */
+    int moe_ne, moe_k;
+    int64_t moe_E, moe_F;
+    void *d_moe;
+    int32_t *d_msel, *d_mrun;
+    float *d_mw, *d_mg, *d_mu, *d_my, *d_mxr_h, *d_mxr_g;
+    void *d_mxq_h, *d_mxq_g;
 } gpu_backend;
 
 #define GPU_SAMPLE_MAX_PEN 4096 /* penalty pairs the device chain takes (more: host sampling) */
@@ -239,7 +254,7 @@ static int load_api(const gpu_api **out, forge_err *err)
     if (!api || api->version != GPU_API_VERSION || !api->store || !api->attention_batch ||
         !api->store_at || !api->gemm_ex || !api->argmax_ex || !api->round_act ||
         !api->paged_attention || !api->matvec_multi || !api->argmax_rows ||
-        !api->attention_prompt_paged) {
+        !api->attention_prompt_paged || !api->geglu || !api->moe_route || !api->matvec_rows) {
         rc = forge_err_set(err, FORGE_E_UNSUPPORTED,
                            "the GPU library %s does not provide interface version %d (rebuild "
                            "it with `make gpu`)",
@@ -499,6 +514,42 @@ static int64_t rows_of(const be_weight *w)
     return w->ne1 > 0 ? w->ne1 : 1;
 }
 
+/* Bytes from one block of a stacked expert matrix to the next in its device copy: a whole
+ * device-layout matrix of rows rows, padded to 256 for the planed types (plain types: exactly
+ * the file's rows, so the blocked copy is the plain copy). */
+static size_t wblock_stride(const gpu_api *api, int type, int64_t rows, int64_t n_in)
+{
+    size_t b = api->weight_bytes(type, rows, n_in);
+    return is_quant(type) ? (b + 255) / 256 * 256 : b;
+}
+
+void backend_gpu_plan_add_experts(backend *be, be_gpu_plan *p, const be_weight *w, int n_blocks)
+{
+    gpu_backend *g = gb(be);
+    if (!w || !w->data) return;
+    if (n_blocks < 2 || w->ne1 % n_blocks || w->slot < 0) {
+        backend_gpu_plan_add_weight(be, p, w);
+        return;
+    }
+    if (w->slot >= g->n_wblocks) {
+        const int n = w->slot + 64;
+        int32_t *nb = realloc(g->wblocks, (size_t)n * sizeof *nb);
+        if (!nb) { /* uploaded as one matrix: moe_ffn then reports it */
+            backend_gpu_plan_add_weight(be, p, w);
+            return;
+        }
+        memset(nb + g->n_wblocks, 0, (size_t)(n - g->n_wblocks) * sizeof *nb);
+        g->wblocks = nb;
+        g->n_wblocks = n;
+    }
+    g->wblocks[w->slot] = n_blocks;
+    const int64_t rows = w->ne1 / n_blocks;
+    p->weight_bytes += (uint64_t)n_blocks * wblock_stride(g->api, w->type, rows, w->ne0) + 256;
+    if (w->ne0 > p->max_in) p->max_in = w->ne0;
+    if (is_quant(w->type) && rows * w->ne0 > p->max_quant_elems)
+        p->max_quant_elems = rows * w->ne0;
+}
+
 void backend_gpu_plan_add_weight(backend *be, be_gpu_plan *p, const be_weight *w)
 {
     gpu_backend *g = gb(be);
@@ -530,7 +581,8 @@ static int upload(gpu_backend *g, void *d_dst, const void *src, size_t n, forge_
 
 /* Upload one weight into a fresh device buffer in the device layout (*d_out, allocated in the
  * stream's order). On failure nothing is left allocated. */
-static int upload_weight(gpu_backend *g, const be_weight *w, void **d_out, forge_err *err)
+static int upload_weight(gpu_backend *g, const be_weight *w, int n_blocks, void **d_out,
+                         forge_err *err)
 {
     const gpu_api *api = g->api;
     void *d = NULL, *tmp = NULL;
@@ -538,6 +590,11 @@ static int upload_weight(gpu_backend *g, const be_weight *w, void **d_out, forge
     *d_out = NULL;
     const int64_t rows = rows_of(w);
     size_t bytes = api->weight_bytes(w->type, rows, w->ne0);
+    /* stacked experts of a planed type: block b a device matrix of its own at b * stride */
+    const bool blocked = n_blocks > 1 && rows % n_blocks == 0 && is_quant(w->type);
+    const int64_t brows = blocked ? rows / n_blocks : rows;
+    const size_t stride = blocked ? wblock_stride(api, w->type, brows, w->ne0) : 0;
+    if (blocked && bytes) bytes = stride * (size_t)n_blocks;
     if (bytes == 0)
         return forge_err_set(err, FORGE_E_UNSUPPORTED,
                              "tensor %s: type %s (%lld x %lld) is not supported by the GPU backend",
@@ -567,7 +624,11 @@ static int upload_weight(gpu_backend *g, const be_weight *w, void **d_out, forge
         /* the GGUF blocks go to a temporary device buffer, then are re-packed into d */
         if ((rc = api->malloc_async(&tmp, w->n_bytes, g->st, err))) goto fail;
         if ((rc = upload(g, tmp, w->data, w->n_bytes, err))) goto fail;
-        if ((rc = api->weight_convert(w->type, tmp, d, rows, w->ne0, g->st, err))) goto fail;
+        for (int64_t b = 0; b < (blocked ? n_blocks : 1); b++)
+            if ((rc = api->weight_convert(w->type, (const char *)tmp + (size_t)b * brows * row,
+                                          (char *)d + (size_t)b * stride, brows, w->ne0, g->st,
+                                          err)))
+                goto fail;
         rc = api->free_async(tmp, g->st, err);
         tmp = NULL;
         if (rc) goto fail;
@@ -590,6 +651,7 @@ static void wset_free(gpu_backend *g, be_wset *ws)
     for (int i = 0; ws->d_w && i < ws->n; i++)
         (void)g->api->free_async(ws->d_w[i], g->st, NULL);
     free(ws->d_w);
+    free(ws->blocks);
     free(ws);
 }
 
@@ -631,14 +693,16 @@ static int gb_weights_acquire(backend *be, be_wshare *share, be_weight *const *w
     }
     drop_graphs(g);
     set = calloc(1, sizeof *set);
-    if (!set || !(set->d_w = calloc((size_t)(n > 0 ? n : 1), sizeof *set->d_w))) {
+    if (!set || !(set->d_w = calloc((size_t)(n > 0 ? n : 1), sizeof *set->d_w)) ||
+        !(set->blocks = calloc((size_t)(n > 0 ? n : 1), sizeof *set->blocks))) {
         rc = forge_err_set(err, FORGE_E_NOMEM, "out of memory");
         goto fail;
     }
     set->dev = g->dev;
     set->n = n;
     for (int i = 0; i < n; i++) {
-        if ((rc = upload_weight(g, ws[i], &set->d_w[i], err))) goto fail;
+        set->blocks[i] = i < g->n_wblocks ? g->wblocks[i] : 0;
+        if ((rc = upload_weight(g, ws[i], set->blocks[i], &set->d_w[i], err))) goto fail;
         done += ws[i]->n_bytes;
         if (progress) progress(done, total, user);
     }
@@ -689,6 +753,44 @@ static void gb_weights_release(backend *be)
 /* cuBLAS workspace, the context's stream and the runtime's own allocations */
 #define GPU_RESERVE_BYTES ((uint64_t)512 << 20)
 
+/* The moe_ffn scratch for n_batch rows (gpu_backend.d_moe): its bytes, and with assign the
+ * pointers into g->d_moe. 0 without experts. */
+static size_t moe_layout(gpu_backend *g, const be_gpu_plan *p, bool assign)
+{
+    const int ne = p->moe_n_expert, k = p->moe_n_used;
+    if (ne < 1 || k < 1 || p->moe_n_embd < 1 || p->moe_n_ff < 1) return 0;
+    const size_t nb = (size_t)p->n_batch, E = (size_t)p->moe_n_embd, F = (size_t)p->moe_n_ff;
+    const size_t E32 = (E + 31) / 32 * 32, F32 = (F + 31) / 32 * 32;
+    const size_t sizes[] = {
+        nb * (size_t)k * 4,                           /* sel */
+        nb * (size_t)k * 4,                           /* w */
+        nb * (size_t)ne * 4,                          /* run */
+        nb * F * 4,                                   /* g */
+        nb * F * 4,                                   /* u */
+        nb * E * 4,                                   /* y */
+        nb * E * 4,                                   /* xr_h */
+        nb * F * 4,                                   /* xr_g */
+        g->api->act_q8_bytes((int64_t)(nb * E32)),    /* xq_h */
+        g->api->act_q8_bytes((int64_t)(nb * F32)),    /* xq_g */
+    };
+    void **dst[] = {(void **)&g->d_msel, (void **)&g->d_mw,    (void **)&g->d_mrun,
+                    (void **)&g->d_mg,   (void **)&g->d_mu,    (void **)&g->d_my,
+                    (void **)&g->d_mxr_h, (void **)&g->d_mxr_g, &g->d_mxq_h,
+                    &g->d_mxq_g};
+    size_t off = 0;
+    for (size_t i = 0; i < FORGE_ARRAY_LEN(sizes); i++) {
+        if (assign) *dst[i] = (char *)g->d_moe + off;
+        off += (sizes[i] + 255) / 256 * 256;
+    }
+    if (assign) {
+        g->moe_ne = ne;
+        g->moe_k = k;
+        g->moe_E = (int64_t)E;
+        g->moe_F = (int64_t)F;
+    }
+    return off;
+}
+
 int backend_gpu_plan(backend *be, const be_gpu_plan *p, forge_err *err)
 {
     gpu_backend *g = gb(be);
@@ -724,8 +826,9 @@ int backend_gpu_plan(backend *be, const be_gpu_plan *p, forge_err *err)
     g->mv_multi = !(mm && !strcmp(mm, "0")) && p->n_batch >= 2;
     const size_t xqm = g->mv_multi ? api->act_q8_bytes(in32 * GPU_MATVEC_MULTI_MAX) : 0;
     const size_t xrm = g->mv_multi ? (size_t)in32 * GPU_MATVEC_MULTI_MAX * 4 : 0;
+    const size_t moe = moe_layout(g, p, false);
     const uint64_t scratch = (uint64_t)p->act_floats * 4 + attn + xq + xc + wf16 + samp + xqm +
-                             xrm + (uint64_t)p->n_ctx * 4 + (uint64_t)p->n_batch * 4 +
+                             xrm + (uint64_t)p->n_ctx * 4 + (uint64_t)p->n_batch * 4 + moe +
                              GPU_RESERVE_BYTES;
     size_t free_b = 0, total_b = 0;
     if ((rc = api->mem_info(&free_b, &total_b, err))) return rc;
@@ -788,6 +891,10 @@ int backend_gpu_plan(backend *be, const be_gpu_plan *p, forge_err *err)
             if ((rc = dalloc(g, &g->d_xc, xc, err))) return rc;
             if (wf16 && (rc = dalloc(g, &g->d_wf16, wf16, err))) return rc;
         }
+    }
+    if (moe) {
+        if ((rc = dalloc(g, &g->d_moe, moe, err))) return rc;
+        (void)moe_layout(g, p, true);
     }
     g->max_in = p->max_in;
     g->max_quant_elems = p->max_quant_elems;
@@ -1173,6 +1280,8 @@ static int rope_params(gpu_backend *g, const be_rope *r, int pos0, int n_tok, gp
 struct gb_span {
     int layer, pos0, n_tok, n_head, n_head_kv, head_dim;
     float scale;
+    float softcap; /* be_attn's: 0 off */
+    int window;    /* be_attn's: 0 all positions */
 };
 
 /* A batch as a span: one sequence over the identity table (one block of the whole cache, slot =
@@ -1381,6 +1490,8 @@ static int paged_attend(gpu_backend *g, be_buf *out, const be_buf *q, const be_k
     pa.block_size = bt->block_size;
     pa.max_kv = g->bt_max_kv;
     pa.scale = a->scale;
+    pa.softcap = a->softcap;
+    pa.window = a->window;
     pa.d_scratch = g->d_paged;
     pa.scratch_bytes = g->paged_bytes;
     pa.d_out = out->d;
@@ -1413,6 +1524,8 @@ static int paged_attend(gpu_backend *g, be_buf *out, const be_buf *q, const be_k
         fa_args.n_kv_head = a->n_head_kv;
         fa_args.head_dim = a->head_dim;
         fa_args.scale = a->scale;
+        fa_args.softcap = a->softcap;
+        fa_args.window = a->window;
         fa_args.d_out = out->d + (int64_t)r0 * QD;
         if ((rc = api->attention_prompt_paged(&fa_args, nq, bt->pos[r0], QD, QD,
                                               pa.d_table + (size_t)s * bt->table_stride,
@@ -1486,6 +1599,8 @@ static int attend(gpu_backend *g, be_buf *out, const be_buf *q, const be_kv *kv,
     args.n_kv_head = a->n_head_kv;
     args.head_dim = a->head_dim;
     args.scale = a->scale;
+    args.softcap = a->softcap;
+    args.window = a->window;
     args.d_scratch = g->d_attn;
     if (step_op(g, a->n_tok)) {
         /* position from d_small[1]: the same launches for every position */
@@ -1537,6 +1652,8 @@ static int attn_span(const be_kv *kv, const be_attn *a, gb_span *sp, forge_err *
     sp->n_head_kv = a->n_head_kv;
     sp->head_dim = a->head_dim;
     sp->scale = a->scale;
+    sp->softcap = a->softcap;
+    sp->window = a->window;
     return rc;
 }
 
@@ -1563,13 +1680,13 @@ static int attention_span(backend *be, be_buf *out, const be_buf *q, const be_bu
     return FORGE_OK;
 }
 
-/* Score soft-capping and sliding windows (gemma) have no GPU kernels yet: those architectures
- * are refused before a GPU context is made (arch_desc.gpu); this guards the op itself. */
+/* Score soft-capping and sliding windows (Gemma 2/3, Phi-3) run in every attention kernel
+ * (gpu_attn_args / gpu_paged_args softcap and window); this checks the values. */
 static int attn_features_ok(const be_attn *a, forge_err *err)
 {
-    if (a && (a->softcap != 0.0f || a->window != 0))
-        return forge_err_set(err, FORGE_E_UNSUPPORTED,
-                             "the GPU attention has no score soft-capping or sliding window yet");
+    if (a && (!(a->softcap >= 0.0f) || a->window < 0))
+        return forge_err_set(err, FORGE_E_INTERNAL, "gpu attention: softcap %g, window %d",
+                             (double)a->softcap, a->window);
     return FORGE_OK;
 }
 
@@ -1578,7 +1695,7 @@ static int gb_attention(backend *be, be_buf *out, const be_buf *q, const be_buf 
 {
     gb_span sp = {0};
     forge_err span_err = {0};
-    if (attn_features_ok(ba, err)) return FORGE_E_UNSUPPORTED;
+    if (attn_features_ok(ba, err)) return FORGE_E_INTERNAL;
     if (attn_span(kv, ba, &sp, &span_err))
         return attention_paged(gb(be), out, q, k, v, kv, ba, err);
     return attention_span(be, out, q, k, v, kv, &sp, err);
@@ -1635,7 +1752,7 @@ static int gb_attention_rope(backend *be, be_buf *out, be_buf *q, const be_buf *
     const gb_span *a = &sp;
     forge_err span_err = {0};
     int rc;
-    if (attn_features_ok(ba, err)) return FORGE_E_UNSUPPORTED;
+    if (attn_features_ok(ba, err)) return FORGE_E_INTERNAL;
     if (attn_span(kv, ba, &sp, &span_err))
         return attention_rope_paged(g, out, q, k, v, kv, ba, r, q_norm, k_norm, eps, err);
     if (!g->fused) {
@@ -1687,6 +1804,169 @@ static int gb_add(backend *be, be_buf *x, const be_buf *y, int64_t n, forge_err 
     if ((rc = check_buf(x, n, "add x", err)) || (rc = check_buf(y, n, "add y", err))) return rc;
     if ((rc = g->api->add(x->d, y->d, x->d, n, g->st, err))) return rc;
     wrote(g, x);
+    return FORGE_OK;
+}
+
+/* ---- ops of the other architectures (Gemma, mixtures of experts) ---------------------------- */
+
+/* GELU-gated: the CPU's numerics, ggml's fp16 table by default, double with f32_math. */
+static int gb_geglu(backend *be, be_buf *out, const be_buf *gate, const be_buf *up, int64_t n,
+                    forge_err *err)
+{
+    gpu_backend *g = gb(be);
+    int rc;
+    if ((rc = check_buf(gate, n, "geglu gate", err)) || (rc = check_buf(up, n, "geglu up", err)) ||
+        (rc = check_buf(out, n, "geglu out", err)))
+        return rc;
+    if (n == 0) return FORGE_OK;
+    if ((rc = g->api->geglu(gate->d, up->d, out->d, n, !g->round_x, g->st, err))) return rc;
+    wrote(g, out);
+    return FORGE_OK;
+}
+
+static int gb_scale(backend *be, be_buf *x, float s, int64_t n, forge_err *err)
+{
+    gpu_backend *g = gb(be);
+    int rc;
+    if ((rc = check_buf(x, n, "scale x", err))) return rc;
+    if (n == 0) return FORGE_OK;
+    if ((rc = g->api->scale(x->d, s, n, g->st, err))) return rc;
+    wrote(g, x);
+    return FORGE_OK;
+}
+
+static int gb_softcap(backend *be, be_buf *x, float cap, int64_t n, forge_err *err)
+{
+    gpu_backend *g = gb(be);
+    int rc;
+    if ((rc = check_buf(x, n, "softcap x", err))) return rc;
+    if (!(cap > 0.0f)) return forge_err_set(err, FORGE_E_INTERNAL, "softcap: cap %g", (double)cap);
+    if (n == 0) return FORGE_OK;
+    if ((rc = g->api->softcap(x->d, cap, n, g->st, err))) return rc;
+    wrote(g, x);
+    return FORGE_OK;
+}
+
+/* The activations of n rows of a product by a weight of type wtype, as the matvec reads them:
+ * quantized to Q8_0 blocks into xq (block types), rounded to the weight type into xr (F16/BF16
+ * with the CPU's numerics), or nothing (F32, f32_math). */
+static int moe_prepare(gpu_backend *g, int wtype, const float *x, int64_t n, void *xq, float *xr,
+                       forge_err *err)
+{
+    if (is_quant(wtype)) return g->api->act_quantize(x, n, xq, g->st, err);
+    if (g->round_x && (wtype == GGML_TYPE_F16 || wtype == GGML_TYPE_BF16))
+        return g->api->round_act(x, xr, n, wtype, g->st, err);
+    return FORGE_OK;
+}
+
+/* y = W_e x over n_tok rows, W_e = block e of the stacked expert matrix w (a device matrix of
+ * its own: backend_gpu_plan_add_experts). gemm: the GEMM over every row (prompt chunks from
+ * gemm_min rows); else one matvec launch over the rows with run[r] != 0 (x prepared by
+ * moe_prepare into xq / xr), the others skipped on the device. */
+static int expert_product(gpu_backend *g, const be_weight *w, int n_blocks, int e, const float *x,
+                          const void *xq, const float *xr, int n_tok, const int32_t *d_run,
+                          bool gemm, float *d_y, forge_err *err)
+{
+    const gpu_api *api = g->api;
+    const int64_t rows = w->ne1 / n_blocks, n_in = w->ne0;
+    const void *wd = (const char *)wdev(g, w) + (size_t)e * wblock_stride(api, w->type, rows, n_in);
+    int wt = w->type, rc;
+    if (gemm) {
+        if (is_quant(wt)) {
+            if (!g->d_wf16 || rows * n_in > g->max_quant_elems)
+                return forge_err_set(err, FORGE_E_INTERNAL, "gpu moe_ffn: no F16 scratch for %s",
+                                     w->name);
+            if ((rc = api->weight_to_f16(wt, wd, rows, n_in, g->d_wf16, g->st, err))) return rc;
+            wd = g->d_wf16;
+            wt = GGML_TYPE_F16;
+        }
+        return api->gemm_ex(g->blas, wt, wd, rows, n_in, x, n_tok, g->d_xc, d_y, 0.0f, g->st,
+                            err);
+    }
+    if (g->round_x && (wt == GGML_TYPE_F16 || wt == GGML_TYPE_BF16)) x = xr;
+    return api->matvec_rows(wt, wd, rows, n_in, n_tok, x, xq, d_y, d_run, g->st, err);
+}
+
+/* Mixture of experts on the device, no host round trip: the routing kernel writes each row's
+ * experts, weights and a run flag per (expert, row); then for every expert (a host loop of
+ * launches, the same for every batch, so a decode step records into a graph) the gate / up
+ * products, the activation and the down product run over the batch's rows, the matvec skipping
+ * on the device the rows that did not select the expert (no weight read for an expert no row
+ * picked), and the rows' weighted results are added to out in ascending expert order (the
+ * CPU's order). Prompt chunks of gemm_min rows or more run each expert's GEMM over all rows
+ * instead (n_expert / n_used times the selected work: the row counts per expert stay on the
+ * device; docs/GPU.md). A row's result does not depend on the other rows on the matvec path. */
+static int gb_moe_ffn(backend *be, be_buf *out, const be_buf *h, const be_buf *logits,
+                      const be_moe *moe, int n_tok, forge_err *err)
+{
+    gpu_backend *g = gb(be);
+    const gpu_api *api = g->api;
+    int rc;
+    if ((rc = need_plan(g, err))) return rc;
+    if (!moe || !moe->gate_exps || !moe->up_exps || !moe->down_exps || n_tok < 1 ||
+        n_tok > g->n_batch)
+        return forge_err_set(err, FORGE_E_INTERNAL, "gpu moe_ffn: missing weights or %d rows",
+                             n_tok);
+    const int ne = moe->n_expert, k = moe->n_used;
+    const int64_t F = moe->n_ff, E = moe->gate_exps->ne0;
+    if (!g->d_moe || ne != g->moe_ne || k != g->moe_k || E != g->moe_E || F > g->moe_F ||
+        k > GPU_MOE_MAX_USED)
+        return forge_err_set(err, FORGE_E_INTERNAL,
+                             "gpu moe_ffn: %d of %d experts of [%lld -> %lld], planned %d of %d "
+                             "of [%lld -> %lld] (at most %d per row)",
+                             k, ne, (long long)E, (long long)F, g->moe_k, g->moe_ne,
+                             (long long)g->moe_E, (long long)g->moe_F, GPU_MOE_MAX_USED);
+    if ((rc = check_weight(g, moe->gate_exps, E, F * ne, "moe_ffn", err)) ||
+        (rc = check_weight(g, moe->up_exps, E, F * ne, "moe_ffn", err)) ||
+        (rc = check_weight(g, moe->down_exps, F, E * ne, "moe_ffn", err)) ||
+        (rc = check_buf(h, (int64_t)n_tok * E, "moe_ffn h", err)) ||
+        (rc = check_buf(out, (int64_t)n_tok * E, "moe_ffn out", err)) ||
+        (rc = check_buf(logits, (int64_t)n_tok * ne, "moe_ffn logits", err)))
+        return rc;
+    const be_weight *ws[] = {moe->gate_exps, moe->up_exps, moe->down_exps};
+    for (int i = 0; i < 3; i++)
+        if (g->wset->blocks[ws[i]->slot] != ne)
+            return forge_err_set(err, FORGE_E_INTERNAL,
+                                 "gpu moe_ffn: %s was not uploaded as %d experts "
+                                 "(backend_gpu_plan_add_experts)",
+                                 ws[i]->name, ne);
+    if (moe->gate_exps->type != moe->up_exps->type)
+        return forge_err_set(err, FORGE_E_UNSUPPORTED,
+                             "gpu moe_ffn: %s (%s) and %s (%s) differ in type", moe->gate_exps->name,
+                             ggml_type_name(moe->gate_exps->type), moe->up_exps->name,
+                             ggml_type_name(moe->up_exps->type));
+    if (moe->act != BE_ACT_SILU && moe->act != BE_ACT_GELU_TANH)
+        return forge_err_set(err, FORGE_E_INTERNAL, "gpu moe_ffn: activation %d", (int)moe->act);
+    if (out == h) return forge_err_set(err, FORGE_E_INTERNAL, "gpu moe_ffn: out is h");
+    const bool gemm = uses_gemm(g, moe->gate_exps, n_tok);
+    const int64_t nF = (int64_t)n_tok * F;
+    if ((rc = api->moe_route(logits->d, n_tok, ne, k, moe->norm_w, g->d_msel, g->d_mw, g->d_mrun,
+                             g->st, err)) ||
+        (rc = api->memset(out->d, 0, (size_t)n_tok * (size_t)E * sizeof(float), g->st, err)))
+        return rc;
+    if (!gemm && (rc = moe_prepare(g, moe->gate_exps->type, h->d, (int64_t)n_tok * E, g->d_mxq_h,
+                                   g->d_mxr_h, err)))
+        return rc;
+    for (int e = 0; e < ne; e++) {
+        const int32_t *run = gemm ? NULL : g->d_mrun + (int64_t)e * n_tok;
+        if ((rc = expert_product(g, moe->gate_exps, ne, e, h->d, g->d_mxq_h, g->d_mxr_h, n_tok,
+                                 run, gemm, g->d_mg, err)) ||
+            (rc = expert_product(g, moe->up_exps, ne, e, h->d, g->d_mxq_h, g->d_mxr_h, n_tok, run,
+                                 gemm, g->d_mu, err)))
+            return rc;
+        rc = moe->act == BE_ACT_GELU_TANH
+                 ? api->geglu(g->d_mg, g->d_mu, g->d_mg, nF, !g->round_x, g->st, err)
+                 : api->swiglu(g->d_mg, g->d_mu, g->d_mg, nF, g->st, err);
+        if (rc ||
+            (!gemm && (rc = moe_prepare(g, moe->down_exps->type, g->d_mg, nF, g->d_mxq_g,
+                                        g->d_mxr_g, err))) ||
+            (rc = expert_product(g, moe->down_exps, ne, e, g->d_mg, g->d_mxq_g, g->d_mxr_g,
+                                 n_tok, run, gemm, g->d_my, err)) ||
+            (rc = api->moe_accum(out->d, g->d_my, g->d_msel, g->d_mw, n_tok, k, E, e, g->st,
+                                 err)))
+            return rc;
+    }
+    wrote(g, out);
     return FORGE_OK;
 }
 
@@ -1912,6 +2192,7 @@ static void gb_destroy(backend *be)
         dfree(g, g->d_xqm);
         dfree(g, g->d_xrm);
         dfree(g, g->d_amax);
+        dfree(g, g->d_moe);
         (void)api->stream_sync(g->st, NULL);
     }
     for (int i = 0; i < 2; i++) {
@@ -1930,6 +2211,7 @@ static void gb_destroy(backend *be)
         api->host_free(g->h_stage[i]);
     }
     api->ctx_free(g->ctx);
+    free(g->wblocks);
     free(g);
 }
 
@@ -1973,6 +2255,10 @@ static const be_ops gpu_ops = {
     .matmul_add = gb_matmul_add,
     .attention_rope = gb_attention_rope,
     .sample = gb_sample,
+    .geglu = gb_geglu,
+    .scale = gb_scale,
+    .softcap = gb_softcap,
+    .moe_ffn = gb_moe_ffn,
 };
 
 int backend_gpu_create(int gpu_index, backend **out, forge_err *err)

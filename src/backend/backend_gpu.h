@@ -29,6 +29,10 @@ typedef struct be_gpu_plan {
      * device batch arrays are sized at plan time for n_batch rows and n_seq_max block tables of
      * max_blocks entries (0: n_ctx / 16 + 1); they grow on demand in batch_set otherwise. */
     int n_seq_max, max_blocks;
+    /* A mixture of experts (moe_ffn; 0 experts: none): scratch for the routing and the
+     * experts' activations of n_batch rows, sized here. */
+    int moe_n_expert, moe_n_used;
+    int64_t moe_n_embd, moe_n_ff;
 } be_gpu_plan;
 
 /* Load libforge_cuda.so (once per process), select GPU gpu_index and create a backend with its
@@ -38,6 +42,11 @@ typedef struct be_gpu_plan {
 int backend_gpu_create(int gpu_index, backend **out, forge_err *err);
 
 void backend_gpu_plan_add_weight(backend *be, be_gpu_plan *p, const be_weight *w);
+/* backend_gpu_plan_add_weight for a stacked expert matrix (ld_bind_experts: n_blocks matrices of
+ * w->ne1 / n_blocks rows): the backend uploads each block as a matrix of its own, so that
+ * moe_ffn can multiply by one expert. Call it instead of plan_add_weight for such a weight
+ * (w->slot must be set), before weights_acquire. */
+void backend_gpu_plan_add_experts(backend *be, be_gpu_plan *p, const be_weight *w, int n_blocks);
 
 /* FORGE_OK when the GPU backend has kernels for w's type (the traits table's gpu flag), else
  * FORGE_E_UNSUPPORTED naming the tensor and the type ("blk.0.attn_q.weight: type Q4_K is not

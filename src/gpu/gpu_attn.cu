@@ -49,6 +49,8 @@ struct att_args {
     const int32_t *pos;
     int max_kv, split_len, n_split_max;
     float scale;
+    float softcap, inv_cap; /* scores s -> softcap tanh(s * inv_cap) when softcap > 0 */
+    int window;             /* > 0: a query at position p sees p - window + 1 .. p only */
     float *part_o; /* [n_head][n_split_max][head_dim] */
     float *part_m; /* [n_head][n_split_max] */
     float *part_l; /* [n_head][n_split_max] */
@@ -78,6 +80,19 @@ GPU_DEV int att_n_kv(const att_args &a)
 {
     int n = a.pos[0] + 1;
     return n < 1 ? 1 : (n > a.max_kv ? a.max_kv : n);
+}
+
+/* The first position a query with n_kv positions attends (sliding window; 0 without one).
+ * Positions before it are never read: the splits start their walks there. */
+GPU_DEV int att_lo(const att_args &a, int n_kv)
+{
+    return a.window > 0 && n_kv > a.window ? n_kv - a.window : 0;
+}
+
+/* Score soft-capping as the CPU (ggml) does it: scale by 1/cap, tanh, scale by cap. */
+GPU_DEV float att_cap(const att_args &a, float s)
+{
+    return a.softcap > 0.0f ? tanhf(s * a.inv_cap) * a.softcap : s;
 }
 
 /* One lane's slice of a K or V row, as loaded (fp16 pairs or floats). */
@@ -175,8 +190,9 @@ __global__ void __launch_bounds__(ATT_THREADS, 2) k_attn_split(const att_args a0
     }
 
     const int64_t head_off = (int64_t)kvh * a.head_stride;
-    /* positions t and t + ATT_SEGS per step; the next step's rows load while this one computes */
-    int t = start + seg;
+    /* positions t and t + ATT_SEGS per step; the next step's rows load while this one computes.
+     * A split wholly before the window walks nothing (m = -inf, l = 0, o = 0). */
+    int t = max(start, att_lo(a, n_kv)) + seg;
     att_slice<KV_F16, DPL> ka, kb, va, vb, nka, nkb, nva, nvb;
     att_load<KV_F16, DPL, VEC>(ka, a.k, t * a.pos_stride + head_off, lane, hd, t < end);
     att_load<KV_F16, DPL, VEC>(kb, a.k, (t + ATT_SEGS) * a.pos_stride + head_off, lane, hd,
@@ -206,8 +222,8 @@ __global__ void __launch_bounds__(ATT_THREADS, 2) k_attn_split(const att_args a0
                     sa += qv * att_elem<KV_F16, DPL>(ka, j);
                     sb += qv * att_elem<KV_F16, DPL>(kb, j);
                 }
-                sa = gpu_seg_sum(sa);
-                sb = gpu_seg_sum(sb);
+                sa = att_cap(a, gpu_seg_sum(sa));
+                sb = att_cap(a, gpu_seg_sum(sb));
                 if (!b_valid) sb = -INFINITY;
                 float m_new = fmaxf(m[h], fmaxf(sa, sb));
                 float alpha = expf(m[h] - m_new);
@@ -363,7 +379,7 @@ __global__ void __launch_bounds__(ATT_THREADS, 2) k_attn_scores(const att_args a
         l[h] = 0.0f;
     }
     const int64_t head_off = (int64_t)kvh * a.head_stride;
-    int t = start + seg;
+    int t = max(start, att_lo(a, n_kv)) + seg; /* positions before the window: never scored */
     att_slice<1, DPL> ka, kb, nka, nkb;
     att_load<1, DPL, VEC>(ka, a.k, (int64_t)t * a.pos_stride + head_off, lane, hd, t < end);
     att_load<1, DPL, VEC>(kb, a.k, (int64_t)(t + ATT_SEGS) * a.pos_stride + head_off, lane, hd,
@@ -385,8 +401,8 @@ __global__ void __launch_bounds__(ATT_THREADS, 2) k_attn_scores(const att_args a
                     sa += qv * att_elem<1, DPL>(ka, j);
                     sb += qv * att_elem<1, DPL>(kb, j);
                 }
-                sa = gpu_seg_sum(sa) * a.scale;
-                sb = gpu_seg_sum(sb) * a.scale;
+                sa = att_cap(a, gpu_seg_sum(sa) * a.scale);
+                sb = att_cap(a, gpu_seg_sum(sb) * a.scale);
                 float *sc = a.scores + (int64_t)(kvh * g + h) * a.max_kv;
                 if (lane == 0) {
                     sc[t] = sa;
@@ -482,7 +498,7 @@ __global__ void __launch_bounds__(ATT_THREADS, 2) k_attn_pv(const att_args a0)
             o[h * DPL + j] = 0.0f;
     }
     const int64_t head_off = (int64_t)kvh * a.head_stride;
-    int t = start + seg;
+    int t = max(start, att_lo(a, n_kv)) + seg; /* the positions k_attn_scores scored */
     att_slice<1, DPL> va, vb, nva, nvb;
     att_load<1, DPL, VEC>(va, a.v, (int64_t)t * a.pos_stride + head_off, lane, hd, t < end);
     att_load<1, DPL, VEC>(vb, a.v, (int64_t)(t + ATT_SEGS) * a.pos_stride + head_off, lane, hd,
@@ -733,6 +749,9 @@ static int attention_impl(const gpu_attn_args *p, int64_t n_q, int64_t q_stride,
     a.group = (int)(p->n_head / p->n_kv_head);
     a.max_kv = (int)p->max_kv;
     a.scale = p->scale;
+    a.softcap = p->softcap > 0.0f ? p->softcap : 0.0f;
+    a.inv_cap = p->softcap > 0.0f ? 1.0f / p->softcap : 0.0f;
+    a.window = p->window > 0 ? p->window : 0;
     a.q_stride = q_stride;
     a.out_stride = out_stride;
     vec = a.head_dim == 32 * dpl && p->pos_stride % dpl == 0 && p->head_stride % dpl == 0 &&

@@ -51,6 +51,8 @@ struct fa_args {
     int64_t q_stride, out_stride, pos_stride, head_stride;
     int n_q, pos0, group;
     float scale_log2; /* scale * log2(e): the softmax runs in base 2 */
+    float scale, softcap, inv_cap; /* softcap > 0: s = softcap tanh(scale q.k * inv_cap) */
+    int window;                    /* > 0: a query at position p sees p - window + 1 .. p only */
     int q_vec, out_vec;
     const int32_t *table; /* paged: the sequence's block table (device), else NULL */
     int block_size;
@@ -264,6 +266,9 @@ __global__ void __launch_bounds__(FA_THREADS, 2) k_fattn(const fa_args a)
     const int r = lane >> 1, hh = lane & 1;
     const int qi = q0 + warp * 16 + r;
     const int lim = a.pos0 + min(qi, a.n_q - 1); /* last visible position */
+    /* first visible position (sliding window); the block starts at the tile of its first row's */
+    const int lo = a.window > 0 ? lim + 1 - a.window : 0;
+    const int t0 = a.window > 0 ? max(0, a.pos0 + q0 + 1 - a.window) / FA_BK : 0;
     float m = -INFINITY, l = 0.0f;
     float o[HD / 2]; /* column 8k + 4hh + e at o[4k + e] */
 #pragma unroll
@@ -272,12 +277,14 @@ __global__ void __launch_bounds__(FA_THREADS, 2) k_fattn(const fa_args a)
 
     fa_f32_regs<HD> pref; /* FA_PIPE_REGS: the tile in flight */
     if (PIPE == FA_PIPE_ASYNC)
-        fa_issue_tile<HD>(ks, a.k, 0, n_kv, a.pos_stride, kv_off, a.table, a.block_size);
+        fa_issue_tile<HD>(ks, a.k, t0 * FA_BK, n_kv, a.pos_stride, kv_off, a.table,
+                          a.block_size);
     if (PIPE == FA_PIPE_REGS) {
-        fa_fetch_f32<HD>(pref, a.k, 0, n_kv, a.pos_stride, kv_off, a.table, a.block_size);
+        fa_fetch_f32<HD>(pref, a.k, t0 * FA_BK, n_kv, a.pos_stride, kv_off, a.table,
+                         a.block_size);
         fa_put_f32<HD>(ks, pref);
     }
-    for (int t = 0; t < n_tiles; t++) {
+    for (int t = t0; t < n_tiles; t++) {
         const int kv0 = t * FA_BK;
         if (PIPE == FA_PIPE_ASYNC) {
             fa_cp_wait<0>(); /* this thread's copies of K(t) */
@@ -331,22 +338,28 @@ __global__ void __launch_bounds__(FA_THREADS, 2) k_fattn(const fa_args a)
                 const float xs[4] = {x.x, x.y, x.z, x.w};
 #pragma unroll
                 for (int e = 0; e < 4; e++) {
-                    float sc = xs[e] * a.scale_log2;
-                    if (kv0 + c + e > lim) sc = -INFINITY;
+                    float sc = a.softcap > 0.0f
+                                   ? tanhf(xs[e] * a.scale * a.inv_cap) * a.softcap *
+                                         1.4426950408889634f
+                                   : xs[e] * a.scale_log2;
+                    if (kv0 + c + e > lim || kv0 + c + e < lo) sc = -INFINITY;
                     sv[4 * k + e] = sc;
                     mx = fmaxf(mx, sc);
                 }
             }
             mx = fmaxf(mx, gpu_shfl_xor(mx, 1, 32));
-            const float m_new = fmaxf(m, mx); /* finite: position 0 is in tile 0 for every row */
-            alpha = exp2f(m - m_new);
+            /* finite once a row has seen a visible position (without a window: tile 0, which
+             * holds position 0); before that (a window) m stays -inf and P is 0 */
+            const float m_new = fmaxf(m, mx);
+            const float m_use = m_new == -INFINITY ? 0.0f : m_new;
+            alpha = exp2f(m - m_use);
             float rs = 0.0f;
 #pragma unroll
             for (int k = 0; k < FA_BK / 8; k++) {
                 const half2 p01 =
-                    __floats2half2_rn(exp2f(sv[4 * k] - m_new), exp2f(sv[4 * k + 1] - m_new));
+                    __floats2half2_rn(exp2f(sv[4 * k] - m_use), exp2f(sv[4 * k + 1] - m_use));
                 const half2 p23 =
-                    __floats2half2_rn(exp2f(sv[4 * k + 2] - m_new), exp2f(sv[4 * k + 3] - m_new));
+                    __floats2half2_rn(exp2f(sv[4 * k + 2] - m_use), exp2f(sv[4 * k + 3] - m_use));
                 rs +=
                     (__low2float(p01) + __high2float(p01)) + (__low2float(p23) + __high2float(p23));
                 uint2 w;
@@ -528,6 +541,10 @@ static int fa_prompt(const gpu_attn_args *p, int64_t n_q, int64_t pos0, int64_t 
     a.pos0 = (int)pos0;
     a.group = (int)(p->n_head / p->n_kv_head);
     a.scale_log2 = p->scale * 1.4426950408889634f;
+    a.scale = p->scale;
+    a.softcap = p->softcap > 0.0f ? p->softcap : 0.0f;
+    a.inv_cap = p->softcap > 0.0f ? 1.0f / p->softcap : 0.0f;
+    a.window = p->window > 0 ? p->window : 0;
     a.q_vec = gpu_is_aligned(p->d_q, 16) && q_stride % 4 == 0;
     a.out_vec = gpu_is_aligned(p->d_out, 16) && out_stride % 4 == 0;
     a.table = d_table;

@@ -68,14 +68,31 @@ struct gq_mv_args {
     const int *xs;
     float *y;
     int n_out, nb, nsb; /* rows, blocks per row, 32-element sub-blocks per row */
+    /* several activation rows (blockIdx.y; gpu_matvec_rows): row r's activations at xq + r *
+     * nsb * 32, xd / xs + r * nsb, its result at y + r * n_out; skipped when run[r] == 0 */
+    const int32_t *run;
 };
+
+/* Point a at activation row blockIdx.y; false: the row is not run (the whole block leaves). */
+GPU_DEV bool gq_row(gq_mv_args &a)
+{
+    const int r = blockIdx.y;
+    if (a.run && a.run[r] == 0) return false;
+    a.xq += (int64_t)r * a.nsb * 32;
+    a.xd += (int64_t)r * a.nsb;
+    a.xs += (int64_t)r * a.nsb;
+    a.y += (int64_t)r * a.n_out;
+    return true;
+}
 
 /* At most 64 registers (4 blocks of 256 per multiprocessor): without the bound the unrolled
  * decoded sub-blocks took 97 (Q4_K) to 116 (Q6_K) registers, 2 blocks per multiprocessor, and
  * 7B Q4_K_M decoded at 815 GB/s on H200; with it, no spills (ptxas -v). */
 template <int T, int SPR>
-__global__ void __launch_bounds__(GQ_THREADS, 4) k_gq_matvec(const gq_mv_args a)
+__global__ void __launch_bounds__(GQ_THREADS, 4) k_gq_matvec(const gq_mv_args a0)
 {
+    gq_mv_args a = a0;
+    if (!gq_row(a)) return; /* before any barrier, the whole block */
     constexpr int BODY = gq<T>::BODY, HEAD = gq_plane<T>::HEAD, SB = gq_plane<T>::SB;
     __shared__ float part[GQ_SEGS];
     const int lane = threadIdx.x % GPU_SEG, seg = threadIdx.x / GPU_SEG;
@@ -209,7 +226,7 @@ fail:
 }
 
 template <int T>
-static int matvec_t(const gq_mv_args &a, cudaStream_t st, forge_err *err)
+static int matvec_t(const gq_mv_args &a, int64_t n_rows, cudaStream_t st, forge_err *err)
 {
     int rc = FORGE_OK;
     /* few long rows: segments share a row while the grid stays about one wave */
@@ -218,7 +235,7 @@ static int matvec_t(const gq_mv_args &a, cudaStream_t st, forge_err *err)
     while (spr < 8 && (int64_t)a.n_out * spr * 2 <= max_warps && a.nsb >= 32 * GQ_UNROLL * spr)
         spr *= 2;
     const unsigned per_block = GQ_SEGS / spr;
-    const unsigned grid = (unsigned)((a.n_out + per_block - 1) / per_block);
+    const dim3 grid((unsigned)((a.n_out + per_block - 1) / per_block), (unsigned)n_rows);
     switch (spr) {
     case 1:
         k_gq_matvec<T, 1><<<grid, GQ_THREADS, 0, st>>>(a);
@@ -292,7 +309,8 @@ int gq_weight_convert(int t, const void *d_src, void *d_dst, int64_t n_rows, int
 }
 
 int gq_matvec(int t, const void *d_w, int64_t n_out, int64_t n_in, const int8_t *xq,
-              const float *xd, const int *xs, float *d_y, cudaStream_t st, forge_err *err)
+              const float *xd, const int *xs, float *d_y, int64_t n_rows, const int32_t *d_run,
+              cudaStream_t st, forge_err *err)
 {
     const gq_geom g = gq_geom_of(t);
     gq_mv_args a;
@@ -306,8 +324,9 @@ int gq_matvec(int t, const void *d_w, int64_t n_out, int64_t n_in, const int8_t 
     a.n_out = (int)n_out;
     a.nb = (int)(n_in / g.qk);
     a.nsb = (int)(n_in / 32);
+    a.run = d_run;
     switch (t) {
-#define C(T) GQ_CASE(T, matvec_t<T>(a, st, err))
+#define C(T) GQ_CASE(T, matvec_t<T>(a, n_rows, st, err))
         GQ_TYPES(C)
 #undef C
     default:

@@ -143,7 +143,29 @@ struct mv_args {
     float *y;
     int n_out, n_in;
     size_t row_bytes;
+    /* several activation rows (blockIdx.y; gpu_matvec_rows): row r reads x + r * n_in (or its
+     * Q8_0 blocks: xq + r * n_in, xd / xs + r * n_in / 32) and writes y + r * n_out; skipped
+     * when run[r] == 0 (run non-NULL) */
+    const int32_t *run;
+    int n_rows;
 };
+
+/* Point a at activation row blockIdx.y; false: the row is not run (the whole block leaves,
+ * before any barrier). Each row gets the arithmetic of a one-row gpu_matvec. */
+GPU_DEV bool mv_row(mv_args &a)
+{
+    const int r = blockIdx.y;
+    if (a.run && a.run[r] == 0) return false;
+    if (r == 0) return true;
+    if (a.x) a.x += (int64_t)r * a.n_in;
+    if (a.xq) {
+        a.xq += (int64_t)r * a.n_in;
+        a.xd += (int64_t)r * (a.n_in / QK);
+        a.xs += (int64_t)r * (a.n_in / QK);
+    }
+    a.y += (int64_t)r * a.n_out;
+    return true;
+}
 
 /* Per weight type: the activations matching 16-byte chunk c of a row (load), and the chunk's
  * dot product with them (dot; dw = the chunk's block scale for Q types). Split in two so that a
@@ -225,8 +247,11 @@ template <int WT> GPU_DEVT int mv_scale_index(int c)
 
 /* SPR segments share a row (for matrices with few, long rows: more warps, more loads in
  * flight); their partial sums meet in shared memory. */
-template <int WT, int SPR> __global__ void __launch_bounds__(MV_THREADS) k_matvec(const mv_args a)
+template <int WT, int SPR>
+__global__ void __launch_bounds__(MV_THREADS) k_matvec(const mv_args a0)
 {
+    mv_args a = a0;
+    if (!mv_row(a)) return;
     __shared__ float part[MV_THREADS / GPU_SEG];
     const int lane = threadIdx.x % GPU_SEG, seg = threadIdx.x / GPU_SEG;
     const int row = blockIdx.x * (MV_ROWS_PER_BLOCK / SPR) + seg / SPR;
@@ -277,8 +302,10 @@ template <int WT, int SPR> __global__ void __launch_bounds__(MV_THREADS) k_matve
 
 /* Two adjacent rows per segment (tall matrices): each activation chunk is loaded once for both
  * rows, halving the L1 traffic of x, which for F16/BF16/Q4_0 is twice the weight bytes. */
-template <int WT> __global__ void __launch_bounds__(MV_THREADS) k_matvec2(const mv_args a)
+template <int WT> __global__ void __launch_bounds__(MV_THREADS) k_matvec2(const mv_args a0)
 {
+    mv_args a = a0;
+    if (!mv_row(a)) return;
     const int lane = threadIdx.x % GPU_SEG, seg = threadIdx.x / GPU_SEG;
     const int row0 = (blockIdx.x * MV_ROWS_PER_BLOCK + seg) * 2;
     if (row0 >= a.n_out) return; /* the whole segment leaves together */
@@ -348,12 +375,12 @@ static int launch_matvec(const mv_args &a, cudaStream_t st, const char *name, fo
         /* Tall: two rows per segment still leave at least half a wave of warps. Measured on
          * H200: 4-17% faster for F16/BF16/Q8_0/Q4_0 (F16 11008x4096: 4% slower), 2-3% slower
          * for F32, whose activations are no larger than its weights, so F32 keeps one row. */
-        unsigned grid2 =
-            (unsigned)((a.n_out + 2 * MV_ROWS_PER_BLOCK - 1) / (2 * MV_ROWS_PER_BLOCK));
+        dim3 grid2((unsigned)((a.n_out + 2 * MV_ROWS_PER_BLOCK - 1) / (2 * MV_ROWS_PER_BLOCK)),
+                   (unsigned)a.n_rows);
         k_matvec2<WT><<<grid2, MV_THREADS, 0, st>>>(a);
     } else {
         unsigned rows_per_block = MV_ROWS_PER_BLOCK / spr;
-        unsigned grid = (unsigned)((a.n_out + rows_per_block - 1) / rows_per_block);
+        dim3 grid((unsigned)((a.n_out + rows_per_block - 1) / rows_per_block), (unsigned)a.n_rows);
         switch (spr) {
         case 1:
             k_matvec<WT, 1><<<grid, MV_THREADS, 0, st>>>(a);
@@ -376,8 +403,11 @@ fail:
 }
 
 /* Any alignment, any n_in: plain types only, one element per lane step. */
-template <int WT> __global__ void __launch_bounds__(MV_THREADS) k_matvec_scalar(const mv_args a)
+template <int WT>
+__global__ void __launch_bounds__(MV_THREADS) k_matvec_scalar(const mv_args a0)
 {
+    mv_args a = a0;
+    if (!mv_row(a)) return;
     const int lane = threadIdx.x % GPU_SEG;
     const int row = blockIdx.x * MV_ROWS_PER_BLOCK + threadIdx.x / GPU_SEG;
     if (row >= a.n_out) return;
@@ -499,13 +529,19 @@ fail:
     return rc;
 }
 
-GPU_API int gpu_matvec(int wtype, const void *d_w, int64_t n_out, int64_t n_in, const float *d_x,
-                       const void *d_xq, float *d_y, gpu_stream *s, forge_err *err)
+/* gpu_matvec over n_rows activation rows (blockIdx.y), rows with d_run[r] == 0 skipped. */
+static int matvec_impl(int wtype, const void *d_w, int64_t n_out, int64_t n_in, const float *d_x,
+                       const void *d_xq, float *d_y, int64_t n_rows, const int32_t *d_run,
+                       gpu_stream *s, forge_err *err)
 {
     int rc = FORGE_OK;
     cudaStream_t st = GPU_STREAM(s);
     mv_args a;
     size_t rb = plane_row_bytes(wtype, n_in);
+    const int64_t n_all = n_in * n_rows; /* the quantized activations' layout covers all rows */
+    if (n_rows < 1 || n_rows > 65535)
+        return gpu_err_set(err, FORGE_E_INVALID, "gpu_matvec: %lld activation rows",
+                           (long long)n_rows);
     if (is_gq(wtype)) {
         const int64_t qk = gq_geom_of(wtype).qk;
         if (n_out <= 0 || n_in <= 0 || n_out > INT32_MAX || n_in > INT32_MAX || n_in % qk)
@@ -520,8 +556,8 @@ GPU_API int gpu_matvec(int wtype, const void *d_w, int64_t n_out, int64_t n_in, 
                                gpu_type_name(wtype), d_w, d_xq);
         const uint8_t *xb = (const uint8_t *)d_xq;
         return gq_matvec(wtype, d_w, n_out, n_in, (const int8_t *)xb,
-                         (const float *)(xb + act_d_offset(n_in)),
-                         (const int *)(xb + act_s_offset(n_in)), d_y, st, err);
+                         (const float *)(xb + act_d_offset(n_all)),
+                         (const int *)(xb + act_s_offset(n_all)), d_y, n_rows, d_run, st, err);
     }
     if (rb == 0)
         return gpu_err_set(err, FORGE_E_UNSUPPORTED,
@@ -544,14 +580,16 @@ GPU_API int gpu_matvec(int wtype, const void *d_w, int64_t n_out, int64_t n_in, 
                    : NULL;
     a.x = d_x;
     a.xq = (const int8_t *)d_xq;
-    a.xd = d_xq ? (const float *)((const uint8_t *)d_xq + act_d_offset(n_in)) : NULL;
-    a.xs = d_xq ? (const int *)((const uint8_t *)d_xq + act_s_offset(n_in)) : NULL;
+    a.xd = d_xq ? (const float *)((const uint8_t *)d_xq + act_d_offset(n_all)) : NULL;
+    a.xs = d_xq ? (const int *)((const uint8_t *)d_xq + act_s_offset(n_all)) : NULL;
     a.y = d_y;
     a.n_out = (int)n_out;
     a.n_in = (int)n_in;
     a.row_bytes = rb;
+    a.run = d_run;
+    a.n_rows = (int)n_rows;
     {
-        unsigned grid = (unsigned)((n_out + MV_ROWS_PER_BLOCK - 1) / MV_ROWS_PER_BLOCK);
+        dim3 grid((unsigned)((n_out + MV_ROWS_PER_BLOCK - 1) / MV_ROWS_PER_BLOCK), (unsigned)n_rows);
         bool vec = rb % 16 == 0 && gpu_is_aligned(d_w, 16) && (!d_x || gpu_is_aligned(d_x, 16));
         switch (wtype) {
         case GGML_TYPE_Q8_0:
@@ -590,6 +628,21 @@ GPU_API int gpu_matvec(int wtype, const void *d_w, int64_t n_out, int64_t n_in, 
     return FORGE_OK;
 fail:
     return rc;
+}
+
+GPU_API int gpu_matvec(int wtype, const void *d_w, int64_t n_out, int64_t n_in, const float *d_x,
+                       const void *d_xq, float *d_y, gpu_stream *s, forge_err *err)
+{
+    return matvec_impl(wtype, d_w, n_out, n_in, d_x, d_xq, d_y, 1, NULL, s, err);
+}
+
+GPU_API int gpu_matvec_rows(int wtype, const void *d_w, int64_t n_out, int64_t n_in,
+                            int64_t n_rows, const float *d_x, const void *d_xq, float *d_y,
+                            const int32_t *d_run, gpu_stream *s, forge_err *err)
+{
+    if (n_rows > 1 && d_xq && (n_in % QK))
+        return gpu_err_set(err, FORGE_E_INVALID, "gpu_matvec_rows: n_in %lld", (long long)n_in);
+    return matvec_impl(wtype, d_w, n_out, n_in, d_x, d_xq, d_y, n_rows, d_run, s, err);
 }
 
 GPU_API int gpu_embed(int wtype, const void *d_table, int64_t n_vocab, int64_t n_embd,

@@ -185,6 +185,11 @@ int gpu_argmax_ex(const float *d_x, int64_t n, void *d_scratch, int32_t *d_idx, 
  *   and sizes the launch (a captured graph stays valid as the position grows).
  *   GQA: query head h reads kv head h / (n_head / n_kv_head).
  *   scores = scale * q.k; softmax over positions; out = sum softmax * v.
+ *   softcap > 0: scores become softcap * tanh(scores / softcap) (as the CPU: times 1/softcap,
+ *   tanh, times softcap) before the softmax (Gemma 2). window > 0: the query at position p
+ *   attends p - window + 1 .. p only (sliding window; earlier positions are never read). Both
+ *   0 (a zero-initialised struct): plain causal attention. They apply to gpu_attention,
+ *   gpu_attention_batch (each query its own window) and gpu_attention_prompt(_paged).
  *   d_scratch: gpu_attn_scratch_bytes(n_head, head_dim, max_kv) bytes. head_dim <= 256. */
 size_t gpu_attn_scratch_bytes(int64_t n_head, int64_t head_dim, int64_t max_kv);
 typedef struct gpu_attn_args {
@@ -198,6 +203,8 @@ typedef struct gpu_attn_args {
     float scale;
     void *d_scratch;
     float *d_out;
+    float softcap; /* 0: off */
+    int32_t window; /* 0: all positions */
 } gpu_attn_args;
 int gpu_attention(const gpu_attn_args *a, gpu_stream *s, forge_err *err);
 /* n_q queries in one launch (a causal prompt): query i reads d_q + i*q_stride, writes
@@ -391,6 +398,8 @@ typedef struct gpu_paged_args {
     void *d_scratch;
     size_t scratch_bytes;
     float *d_out;
+    float softcap;  /* as gpu_attn_args: 0 off */
+    int32_t window; /* as gpu_attn_args: row r sees d_pos[r] - window + 1 .. d_pos[r]; 0 all */
 } gpu_paged_args;
 size_t gpu_paged_scratch_bytes(int64_t n_rows, int64_t n_head, int64_t head_dim, int64_t max_kv);
 int gpu_paged_attention(const gpu_paged_args *a, gpu_stream *s, forge_err *err);
@@ -418,6 +427,44 @@ int gpu_matvec_multi(int wtype, const void *d_w, int64_t n_out, int64_t n_in, in
                      const float *d_x, const void *d_xq, float *d_y, gpu_stream *s,
                      forge_err *err);
 
+/* ---- the ops of the other architectures (issue 15: Gemma, mixtures of experts; gpu_archs.cu,
+ * gpu_matvec.cu) ------------------------------------------------------------------------------ */
+/* d_out[i] = gelu_tanh(gate[i]) * up[i], gelu_tanh(x) = 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715
+ * x^3))). exact 0: the CPU backend's default (ggml's table): 0 for x <= -10, x for x >= 10,
+ * else x rounded to fp16, the GELU in float, the result rounded to fp16 (no FMA contraction,
+ * so bit-identical to the CPU up to tanhf's last bit). exact 1 (f32_math): in double, rounded
+ * once. d_out may alias gate or up. */
+int gpu_geglu(const float *d_gate, const float *d_up, float *d_out, int64_t n, int exact,
+              gpu_stream *s, forge_err *err);
+/* d_x[i] *= s */
+int gpu_scale(float *d_x, float s_mul, int64_t n, gpu_stream *s, forge_err *err);
+/* d_x[i] = tanh(d_x[i] * (1 / cap)) * cap (the CPU's order of operations); cap > 0 */
+int gpu_softcap(float *d_x, float cap, int64_t n, gpu_stream *s, forge_err *err);
+/* Mixture-of-experts routing, one thread per row, as src/cpu/moe.c: p = softmax(logits[t])
+ * (float, max subtracted, sum in double), the n_used experts with the largest logits (ties: the
+ * smaller index) in rank order to d_sel[t][0..n_used), their p (renormalised over the selected
+ * when norm_w) to d_w[t][..], and d_run[e][t] = 1 when row t selects expert e, else 0 (the
+ * flags gpu_matvec_rows skips by). n_used <= GPU_MOE_MAX_USED. */
+#define GPU_MOE_MAX_USED 32
+int gpu_moe_route(const float *d_logits, int64_t n_tok, int64_t n_expert, int64_t n_used,
+                  int norm_w, int32_t *d_sel, float *d_w, int32_t *d_run, gpu_stream *s,
+                  forge_err *err);
+/* d_out[t][j] += w * d_y[t][j] for the rows t that select expert e (w: that expert's weight
+ * in d_w), other rows untouched; the product rounded before the add (no FMA: the CPU's
+ * arithmetic). Called for e = 0, 1, .. over a zeroed d_out, it adds each row's experts in
+ * ascending order, as the CPU does. */
+int gpu_moe_accum(float *d_out, const float *d_y, const int32_t *d_sel, const float *d_w,
+                  int64_t n_tok, int64_t n_used, int64_t n_embd, int64_t e, gpu_stream *s,
+                  forge_err *err);
+/* gpu_matvec for n_rows (1..65535) activation rows in one launch: d_y[r] = W d_x[r] (d_y:
+ * [n_rows][n_out]) for the rows with d_run[r] != 0 (d_run NULL: every row; read on the device,
+ * so a flag set by an earlier kernel skips the row without the host knowing); skipped rows of
+ * d_y are not written. Q8_0/Q4_0 and the block types read d_xq = gpu_act_quantize(d_x, n_rows
+ * * n_in). Each row's result is bit-identical to gpu_matvec of that row alone. */
+int gpu_matvec_rows(int wtype, const void *d_w, int64_t n_out, int64_t n_in, int64_t n_rows,
+                    const float *d_x, const void *d_xq, float *d_y, const int32_t *d_run,
+                    gpu_stream *s, forge_err *err);
+
 /* ---- a context: one stream and its scratch, for the backend --------------------------------- */
 typedef struct gpu_ctx gpu_ctx;
 /* Creates a stream on the current device. */
@@ -435,7 +482,10 @@ int gpu_ctx_scratch(gpu_ctx *c, size_t bytes, void **d_out, forge_err *err);
 /* 2: the fields for batches of many sequences (store_slots .. matvec_multi) are required by the
  * backend; a library of version 1 lacks them (its table is shorter), so it is refused by name
  * instead of being read past its end. */
-#define GPU_API_VERSION 2
+/* 3: gpu_attn_args / gpu_paged_args gained softcap and window (a larger struct: a version 2
+ * library would read past the caller's), and the ops of the other architectures (geglu ..
+ * matvec_rows) are appended. */
+#define GPU_API_VERSION 3
 typedef struct gpu_api {
     int version; /* GPU_API_VERSION */
     const char *(*backend_name)(void);
@@ -554,6 +604,20 @@ typedef struct gpu_api {
     int (*matvec_multi)(int wtype, const void *d_w, int64_t n_out, int64_t n_in, int64_t n_rows,
                         const float *d_x, const void *d_xq, float *d_y, gpu_stream *s,
                         forge_err *err);
+    /* appended for the other architectures (version 3) */
+    int (*geglu)(const float *d_gate, const float *d_up, float *d_out, int64_t n, int exact,
+                 gpu_stream *s, forge_err *err);
+    int (*scale)(float *d_x, float s_mul, int64_t n, gpu_stream *s, forge_err *err);
+    int (*softcap)(float *d_x, float cap, int64_t n, gpu_stream *s, forge_err *err);
+    int (*moe_route)(const float *d_logits, int64_t n_tok, int64_t n_expert, int64_t n_used,
+                     int norm_w, int32_t *d_sel, float *d_w, int32_t *d_run, gpu_stream *s,
+                     forge_err *err);
+    int (*moe_accum)(float *d_out, const float *d_y, const int32_t *d_sel, const float *d_w,
+                     int64_t n_tok, int64_t n_used, int64_t n_embd, int64_t e, gpu_stream *s,
+                     forge_err *err);
+    int (*matvec_rows)(int wtype, const void *d_w, int64_t n_out, int64_t n_in, int64_t n_rows,
+                       const float *d_x, const void *d_xq, float *d_y, const int32_t *d_run,
+                       gpu_stream *s, forge_err *err);
 } gpu_api;
 
 /* The one symbol the engine looks up after dlopen("libforge_cuda.so"). NULL if `version` is not

@@ -41,10 +41,26 @@ struct pa_args {
     int64_t table_stride;
     int block_size, n_split_max;
     float scale;
+    float softcap, inv_cap; /* scores s -> softcap tanh(s * inv_cap) when softcap > 0 */
+    int window;             /* > 0: a row at position p sees p - window + 1 .. p only */
     float *part_o;  /* [n_rows][n_head][n_split_max][hd] */
     float *part_ml; /* [n_rows][n_head][n_split_max][2] */
     float *out;     /* [n_rows][n_head][hd] */
 };
+
+/* The first position a row with n_kv positions attends (sliding window; 0 without one): the
+ * warps start their walks there, positions before it are never read. A split wholly before it
+ * leaves m = -inf, l = 0, o = 0, which the merge weighs 0. */
+GPU_DEV int pa_lo(const pa_args &a, int n_kv)
+{
+    return a.window > 0 && n_kv > a.window ? n_kv - a.window : 0;
+}
+
+/* Score soft-capping as the CPU (ggml) does it: scale by 1/cap, tanh, scale by cap. */
+GPU_DEV float pa_cap(const pa_args &a, float s)
+{
+    return a.softcap > 0.0f ? tanhf(s * a.inv_cap) * a.softcap : s;
+}
 
 template <int F16> GPU_DEVT float pa_load(const void *base, int64_t i)
 {
@@ -82,7 +98,7 @@ template <int F16> __global__ void __launch_bounds__(PA_THREADS) k_paged_split(c
     }
     float *ow = oacc + warp * g * hd;
     const int32_t *tab = a.table + (int64_t)a.row_seq[r] * a.table_stride;
-    for (int p = start + warp; p < end; p += PA_WARPS) {
+    for (int p = max(start, pa_lo(a, n_kv)) + warp; p < end; p += PA_WARPS) {
         const int64_t row = (int64_t)tab[p / a.block_size] * a.block_size + p % a.block_size;
         const int64_t off = row * a.row_stride + (int64_t)kvh * hd;
         float kr[PA_MAX_DPL], vr[PA_MAX_DPL];
@@ -101,7 +117,7 @@ template <int F16> __global__ void __launch_bounds__(PA_THREADS) k_paged_split(c
                     const int d = lane + j * GPU_SEG;
                     if (d < hd) s += qs[h * hd + d] * kr[j];
                 }
-                s = gpu_seg_sum(s) * a.scale; /* the same value in every lane */
+                s = pa_cap(a, gpu_seg_sum(s) * a.scale); /* the same value in every lane */
                 const float mn = fmaxf(m[h], s);
                 const float alpha = expf(m[h] - mn), pr = expf(s - mn);
                 l[h] = l[h] * alpha + pr;
@@ -223,7 +239,7 @@ __global__ void __launch_bounds__(PA_THREADS) k_paged_split_v(const pa_args a)
     }
     const int32_t *tab = a.table + (int64_t)a.row_seq[r] * a.table_stride;
     const int64_t head_off = (int64_t)kvh * hd + lane * DPL;
-    for (int p = start + warp; p < end; p += 2 * PA_WARPS) {
+    for (int p = max(start, pa_lo(a, n_kv)) + warp; p < end; p += 2 * PA_WARPS) {
         const int p2 = p + PA_WARPS;
         const bool has2 = p2 < end; /* the same for the whole warp */
         const int64_t row1 = (int64_t)tab[p / a.block_size] * a.block_size + p % a.block_size;
@@ -243,8 +259,8 @@ __global__ void __launch_bounds__(PA_THREADS) k_paged_split_v(const pa_args a)
                     s1 += q[h][j] * k1[j];
                     s2 += q[h][j] * k2[j];
                 }
-                s1 = gpu_seg_sum(s1) * a.scale;
-                s2 = has2 ? gpu_seg_sum(s2) * a.scale : -INFINITY;
+                s1 = pa_cap(a, gpu_seg_sum(s1) * a.scale);
+                s2 = has2 ? pa_cap(a, gpu_seg_sum(s2) * a.scale) : -INFINITY;
                 const float mn = fmaxf(m[h], fmaxf(s1, s2));
                 const float alpha = expf(m[h] - mn), e1 = expf(s1 - mn), e2 = expf(s2 - mn);
                 l[h] = l[h] * alpha + e1 + e2;
@@ -441,6 +457,9 @@ GPU_API int gpu_paged_attention(const gpu_paged_args *p, gpu_stream *s, forge_er
             a.block_size = (int)p->block_size;
             a.n_split_max = (int)ns;
             a.scale = p->scale;
+            a.softcap = p->softcap > 0.0f ? p->softcap : 0.0f;
+            a.inv_cap = p->softcap > 0.0f ? 1.0f / p->softcap : 0.0f;
+            a.window = p->window > 0 ? p->window : 0;
             a.part_o = part;
             a.part_ml = part + (size_t)nr * (size_t)p->n_head * (size_t)ns * (size_t)p->head_dim;
             a.out = p->d_out + r0 * p->n_head * p->head_dim;

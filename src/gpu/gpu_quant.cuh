@@ -489,9 +489,12 @@ size_t gq_weight_bytes(int t, int64_t n_rows, int64_t n_in);
 size_t gq_head_offset(int t, int64_t n_rows, int64_t n_in);
 int gq_weight_convert(int t, const void *d_src, void *d_dst, int64_t n_rows, int64_t n_in,
                       cudaStream_t st, forge_err *err);
-/* y = W x with x quantized to Q8_0 blocks (xq int8, xd scales, xs sums: gpu_act_quantize). */
+/* y = W x with x quantized to Q8_0 blocks (xq int8, xd scales, xs sums: gpu_act_quantize), for
+ * n_rows activation rows (quantized together: row r's blocks follow row r-1's); rows with
+ * d_run[r] == 0 (d_run non-NULL, read on the device) are skipped. */
 int gq_matvec(int t, const void *d_w, int64_t n_out, int64_t n_in, const int8_t *xq,
-              const float *xd, const int *xs, float *d_y, cudaStream_t st, forge_err *err);
+              const float *xd, const int *xs, float *d_y, int64_t n_rows, const int32_t *d_run,
+              cudaStream_t st, forge_err *err);
 int gq_embed(int t, const void *d_table, int64_t n_vocab, int64_t n_embd, const int32_t *d_ids,
              int64_t n_tokens, float *d_out, cudaStream_t st, forge_err *err);
 int gq_weight_to_f16(int t, const void *d_w, int64_t n_rows, int64_t n_in, void *d_out,

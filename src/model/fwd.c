@@ -85,23 +85,38 @@ static int alloc_bufs(fwd_state *fs, forge_err *err)
     return FORGE_OK;
 }
 
+/* True when row il's weight lw is one of the layer's stacked expert matrices. */
+static bool is_expert_weight(const layer_weights *l, const be_weight *lw)
+{
+    return lw == &l->ffn_gate_exps || lw == &l->ffn_up_exps || lw == &l->ffn_down_exps;
+}
+
 /* The GPU backend and its memory plan (weights + KV cache + scratch must fit before anything is
- * uploaded). The activation sizes follow alloc_bufs, plus n_batch logit rows (all_logits). */
+ * uploaded). The activation sizes follow alloc_bufs, plus n_batch logit rows (all_logits).
+ *
+ * The families whose GPU path is written but not yet verified on a device (arch_desc.gpu false:
+ * Gemma 2/3, Phi-3, ChatGLM/GLM-4, and every mixture of experts, Mixtral and Qwen3-MoE) run on
+ * the GPU only with FORGE_GPU_NEW_ARCHS=1 (docs/GPU.md); without it they are refused here, the
+ * one place that decides it, and --device auto falls back to the CPU. */
 static int create_gpu(fwd_state *fs, const fwd_params *p, forge_err *err)
 {
     forge_model *m = fs->model;
     const forge_model_info *hp = &m->info;
     int rc;
-    be_weight *globals[] = {&m->tok_embd, &m->output_norm, &m->output, &m->rope_freqs};
+    be_weight *globals[] = {&m->tok_embd,   &m->output_norm, &m->output,
+                            &m->rope_freqs, &m->rope_long,   &m->rope_short};
     const arch_desc *ad = arch_find(m->arch);
-    if (!ad || !ad->gpu)
+    const char *na = getenv("FORGE_GPU_NEW_ARCHS");
+    const bool new_archs = na && !strcmp(na, "1");
+    if (!ad || (!ad->gpu && !new_archs))
         return forge_err_set(err, FORGE_E_UNSUPPORTED,
-                             "the GPU backend does not run %s models yet (use the CPU)",
+                             "the GPU backend does not run %s models yet (use the CPU; "
+                             "FORGE_GPU_NEW_ARCHS=1 tries the unverified GPU path)",
                              hp->arch);
-    if (m->ap.n_expert > 0)
+    if (m->ap.n_expert > 0 && !new_archs)
         return forge_err_set(err, FORGE_E_UNSUPPORTED,
                              "the GPU backend does not run mixture-of-experts models yet (use "
-                             "the CPU)");
+                             "the CPU; FORGE_GPU_NEW_ARCHS=1 tries the unverified GPU path)");
     if (p->kv_type == FORGE_KV_Q8_0)
         return forge_err_set(err, FORGE_E_UNSUPPORTED,
                              "the GPU backend has no q8_0 KV cache yet (use f16 or f32)");
@@ -118,11 +133,20 @@ static int create_gpu(fwd_state *fs, const fwd_params *p, forge_err *err)
     for (size_t i = 0; i < FORGE_ARRAY_LEN(globals); i++)
         if (!(i == 2 && hp->tied_output)) backend_gpu_plan_add_weight(fs->be, &pl, globals[i]);
     for (int il = 0; il < hp->n_layer; il++) {
-        const be_weight *lw = (const be_weight *)&m->layers[il];
-        for (size_t i = 0; i < sizeof(layer_weights) / sizeof(be_weight); i++)
-            backend_gpu_plan_add_weight(fs->be, &pl, &lw[i]);
+        const layer_weights *l = &m->layers[il];
+        const be_weight *lw = (const be_weight *)l;
+        for (size_t i = 0; i < sizeof(layer_weights) / sizeof(be_weight); i++) {
+            if (m->ap.n_expert > 0 && is_expert_weight(l, &lw[i]))
+                backend_gpu_plan_add_experts(fs->be, &pl, &lw[i], m->ap.n_expert);
+            else
+                backend_gpu_plan_add_weight(fs->be, &pl, &lw[i]);
+        }
     }
-    const int64_t nb = fs->n_batch, E = hp->n_embd, F = hp->n_ff, V = hp->n_vocab;
+    /* the FFN buffers hold the widest FFN (alloc_bufs) */
+    int64_t F = hp->n_ff;
+    if (m->ap.n_ff_exp > F) F = m->ap.n_ff_exp;
+    if (m->ap.n_ff_shexp > F) F = m->ap.n_ff_shexp;
+    const int64_t nb = fs->n_batch, E = hp->n_embd, V = hp->n_vocab;
     const int64_t QD = (int64_t)hp->n_head * hp->head_dim,
                   KD = (int64_t)hp->n_head_kv * hp->head_dim;
     pl.n_layer = hp->n_layer;
@@ -132,12 +156,19 @@ static int create_gpu(fwd_state *fs, const fwd_params *p, forge_err *err)
     pl.n_head = hp->n_head;
     pl.head_dim = hp->head_dim;
     pl.n_batch = fs->n_batch;
-    pl.act_floats = nb * (2 * E + 2 * QD + 2 * KD + (E > QD ? E : QD) + 2 * F) + nb * E + V + nb * V;
+    pl.act_floats = nb * (2 * E + 2 * QD + 2 * KD + (E > QD ? E : QD) + 2 * F) + nb * E + V + nb * V +
+                    (m->ap.n_expert > 0 ? nb * m->ap.n_expert : 0);
     pl.yarn = m->rope_ext_factor != 0.0f;
     pl.n_vocab = hp->n_vocab;
     pl.f32_math = p->f32_math;
     pl.share = &m->wshare;
     pl.n_seq_max = p->n_seq_max;
+    if (m->ap.n_expert > 0) {
+        pl.moe_n_expert = m->ap.n_expert;
+        pl.moe_n_used = m->ap.n_expert_used;
+        pl.moe_n_embd = E;
+        pl.moe_n_ff = m->ap.n_ff_exp > 0 ? m->ap.n_ff_exp : hp->n_ff;
+    }
     if ((rc = backend_gpu_plan(fs->be, &pl, err))) return rc;
     const char *w = backend_gpu_warning(fs->be);
     if (w) snprintf(fs->warning, sizeof fs->warning, "%s", w);

@@ -1,0 +1,54 @@
+#!/usr/bin/env bash
+# gpu-archs-run.sh - the GPU path of issue 15's families (Gemma 2/3, Phi-3, ChatGLM/GLM-4,
+# Mixtral, Qwen3-MoE) on the GPU machine in one device call; logs to $OUT:
+#   1. test_gpu_archs: ops (geglu/scale/softcap), attention with softcap and window in every
+#      path, moe_ffn, the tiny models vs the CPU and the engine alone == batched
+#   2. the same with FORGE_GPU_SYNC=1 (each launch checked at once: an execution error names
+#      its kernel; no graphs) and with FORGE_GPU_GRAPH=0, FORGE_GPU_FUSED=0, FORGE_GPU_GEMM_MIN=2
+#   3. compute-sanitizer memcheck over the op parts
+#   4. the earlier GPU tests of the kernels this work changed (attention, matvec, fused, paged)
+# Usage: bash scripts/gpu-archs-run.sh [DIR [MODELS]]   DIR: from scripts/gpu-archs-prep.sh
+#   (default .dev/gpu-archs); MODELS: a directory with stories260K.gguf for test_gpu_paged
+#   (skipped without it). Prints one line per step and "gpu-archs: N failing step(s)".
+set -uo pipefail
+D=${1:-.dev/gpu-archs}
+MODELS=${2:-}
+OUT=${OUT:-/tmp/gpu-archs-out}
+mkdir -p "$OUT"
+export LD_LIBRARY_PATH="$PWD/$D/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+export FORGE_GPU_LIB="$PWD/$D/libforge_cuda.so"
+if ldd "$D/libforge_cuda.so" | grep -q "not found"; then
+    d=$(python3 -c 'import nvidia.cublas, os; print(os.path.join(list(nvidia.cublas.__path__)[0], "lib"))' 2>/dev/null)
+    [ -n "$d" ] && export LD_LIBRARY_PATH="$d:$LD_LIBRARY_PATH"
+fi
+CS=compute-sanitizer
+command -v $CS >/dev/null || CS=/usr/local/cuda/bin/compute-sanitizer
+T=$D/tests/gpu
+fails=0
+run_log() { # NAME TIMEOUT CMD...
+    local name=$1 to=$2
+    shift 2
+    local t0=$SECONDS
+    timeout "$to" "$@" >"$OUT/$name.log" 2>&1
+    local rc=$?
+    printf '%-28s rc=%-3d %4ds | %s\n' "$name" $rc $((SECONDS - t0)) \
+        "$(grep -E 'passed|ERROR SUMMARY' "$OUT/$name.log" | tail -1)"
+    grep -E "^FAIL|FAIL$|FATAL" "$OUT/$name.log" | head -12
+    [ $rc -ne 0 ] && fails=$((fails + 1))
+}
+nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
+run_log archs 300 "$T/test_gpu_archs"
+FORGE_GPU_SYNC=1 run_log archs-sync 300 "$T/test_gpu_archs"
+FORGE_GPU_GRAPH=0 FORGE_GPU_FUSED=0 run_log archs-unfused 240 "$T/test_gpu_archs" models
+FORGE_GPU_GEMM_MIN=2 run_log archs-gemm2 240 "$T/test_gpu_archs" models
+export FORGE_GPU_TEST_UNDER_SANITIZER=1
+for part in ops attn moe; do
+    run_log "cs-memcheck-$part" 300 $CS --tool memcheck --error-exitcode 9 "$T/test_gpu_archs" $part
+done
+unset FORGE_GPU_TEST_UNDER_SANITIZER
+for t in test_gpu_attn2 test_gpu_fattn test_gpu_fused test_gpu_ops; do
+    [ -x "$T/$t" ] && run_log "$t" 150 "$T/$t"
+done
+[ -n "$MODELS" ] && [ -x "$T/test_gpu_paged" ] && run_log test_gpu_paged 240 "$T/test_gpu_paged" "$MODELS"
+echo "gpu-archs: $fails failing step(s)"
+exit $((fails > 0))
