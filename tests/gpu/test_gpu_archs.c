@@ -189,6 +189,14 @@ typedef struct at_case {
 #define AT_CTX 256
 #define AT_DATA 200
 
+/* NMSE bound vs the CPU op: the tensor cores round q, k and p to fp16 (~1e-3 relative); the
+ * paged kernel does not round p to fp16 as the CPU does with an F16 cache (3e-8 measured in
+ * issue 12); F32 everywhere else (1e-14 measured). */
+static double at_thr(const at_case *c, bool fa)
+{
+    return fa ? 1e-5 : c->kv_f16 ? 1e-6 : 1e-10;
+}
+
 /* The attention op of batch bt (rows' q/k/v = data rows ids) on e, output to host. */
 static void at_run(env *e, const at_case *c, const be_batch *bt, const int32_t *ids, be_kv *kv,
                    be_buf *q, be_buf *k, be_buf *v, be_buf *out, float *host)
@@ -256,7 +264,7 @@ static void at_case_run(const at_case *c, bool paged, uint64_t *seed)
                      (double)c->softcap, c->window, p0, n);
             /* the tensor-core path rounds q, k, p to fp16: ~1e-3 relative */
             const bool fa = n >= 32 && (c->head_dim == 64 || c->head_dim == 128);
-            gt_report("attn", what, nmse_f(h[1], h[0], n * QD), fa ? 1e-5 : 1e-10, 1);
+            gt_report("attn", what, nmse_f(h[1], h[0], n * QD), at_thr(c, fa), 1);
         }
     } else {
         /* sequence A (blocks 3, 0, 7, ...) and B (blocks 5, 1, ...) of 16 rows */
@@ -289,7 +297,7 @@ static void at_case_run(const at_case *c, bool paged, uint64_t *seed)
                      c->n_head, c->n_kv_head, c->head_dim, c->kv_f16 ? "F16" : "F32",
                      (double)c->softcap, c->window, si);
             const bool fa = steps[si][1] >= 32 && (c->head_dim == 64 || c->head_dim == 128);
-            gt_report("attn", what, nmse_f(h[1], h[0], n * QD), fa ? 1e-5 : 1e-10, 1);
+            gt_report("attn", what, nmse_f(h[1], h[0], n * QD), at_thr(c, fa), 1);
         }
     }
     for (int d = 0; d < 2; d++) {
@@ -400,8 +408,14 @@ static void moe_case_run(const moe_case *c, uint64_t *seed)
         snprintf(what, sizeof what, "%s %d of %d, %lld->%lld, %s%s, %d rows",
                  ggml_type_name(c->wtype), c->n_used, ne, (long long)c->E, (long long)c->F,
                  c->act == BE_ACT_GELU_TANH ? "gelu" : "silu", c->norm_w ? ", norm_w" : "", n);
-        /* the GEMM path converts the activations to F16: ~1e-3 relative */
-        gt_report("moe_ffn", what, nmse_f(h[1], h[0], n * c->E), n >= 32 ? 2e-5 : 1e-8, 1);
+        /* the GEMM path (48 rows) multiplies F16 activations (quantized weights dequantized to
+         * F16) where the CPU quantizes them to Q8_0 (~1e-3 relative); Q4_K's matvec takes Q8_0
+         * activations where the CPU takes Q8_K; the rest follows the CPU's numerics */
+        const bool q = c->wtype != GGML_TYPE_F32 && c->wtype != GGML_TYPE_F16;
+        const double thr = c->wtype == GGML_TYPE_Q4_K || (n >= 32 && q) ? 5e-4
+                           : n >= 32                                    ? 2e-5
+                                                                        : 1e-7;
+        gt_report("moe_ffn", what, nmse_f(h[1], h[0], n * c->E), thr, 1);
         if (n == 5) {
             /* batch invariance of the matvec path: row 3 alone == row 3 among 5, bit for bit */
             moe_run(&e[1], c, &ids[3], 1, alone);
