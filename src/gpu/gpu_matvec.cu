@@ -640,8 +640,6 @@ GPU_API int gpu_matvec_rows(int wtype, const void *d_w, int64_t n_out, int64_t n
                             int64_t n_rows, const float *d_x, const void *d_xq, float *d_y,
                             const int32_t *d_run, gpu_stream *s, forge_err *err)
 {
-    if (n_rows > 1 && d_xq && (n_in % QK))
-        return gpu_err_set(err, FORGE_E_INVALID, "gpu_matvec_rows: n_in %lld", (long long)n_in);
     return matvec_impl(wtype, d_w, n_out, n_in, d_x, d_xq, d_y, n_rows, d_run, s, err);
 }
 

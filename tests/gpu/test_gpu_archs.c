@@ -13,7 +13,8 @@
  *      in a batch (matvec path);
  *   4. models: every tiny shape of those families (forge synth), logits of a 40-token prompt
  *      on the GPU vs the CPU (NMSE), 16 greedy ids (equal, or different only after a near-tie),
- *      F32 and F16 KV cache; the engine on the GPU: each prompt alone == among others.
+ *      F32 and F16 KV cache; the engine on the GPU (batch-invariant kernels: no GEMM): each
+ *      prompt alone == among others, bit for bit in its ids.
  * The GPU path of these families is off unless FORGE_GPU_NEW_ARCHS=1 (src/model/fwd.c): the
  * test first checks the refusal without it, then sets it. Needs a GPU:
  *   test_gpu_archs            (every part)
@@ -584,6 +585,12 @@ static void test_model(const char *shape, int wtype, const char *dir)
         for (int i = 0; i < lens[k]; i++)
             prompts[k][i] = 3 + (int32_t)(gt_rand_u64(&rs) % (uint64_t)(V - 3));
     }
+    /* the GEMM (and the tensor-core attention that follows its threshold) is not batch
+     * invariant (docs/GPU.md): the engine part runs the batch-invariant kernels only, where a
+     * row's bits do not depend on the rest of the batch, so alone == together exactly */
+    const char *gm = getenv("FORGE_GPU_GEMM_MIN");
+    char *gm_saved = gm ? strdup(gm) : NULL;
+    setenv("FORGE_GPU_GEMM_MIN", "1000000", 1);
     collect together[4], alone;
     engine_run(m, prompts, lens, 4, together);
     for (int k = 0; k < 4; k++) {
@@ -591,6 +598,12 @@ static void test_model(const char *shape, int wtype, const char *dir)
         gt_check(!memcmp(alone.ids, together[k].ids, N_GEN * 4),
                  "%s %s: engine on the GPU: prompt %d alone != among others", shape,
                  ggml_type_name(wtype), k);
+    }
+    if (gm_saved) {
+        setenv("FORGE_GPU_GEMM_MIN", gm_saved, 1);
+        free(gm_saved);
+    } else {
+        unsetenv("FORGE_GPU_GEMM_MIN");
     }
     snprintf(what, sizeof what, "%s %s: GPU engine vs GPU context (F32 KV ids above)", shape,
              ggml_type_name(wtype));
