@@ -203,7 +203,9 @@ static void bench_attention(int64_t n_head, int64_t n_kv_head, int64_t hd, int64
                            n_kv,
                            0.088f,
                            d_scr,
-                           d_out};
+                           d_out,
+                           0.0f,
+                           0};
         CHECK(gpu_attention(&a, S, err));
     }
     CHECK(gpu_graph_end(S, &g, err));

@@ -491,7 +491,7 @@ static void test_attn(const attn_case *c, int kv_type, int64_t pos0, int n_q, in
     gt_out_prepare(d_scratch, scratch, S);
     gt_out_prepare(d_out, (size_t)(n_q * qd) * 4, S);
     gpu_attn_args a = {d_q, d_k, d_v, kv_type, ps, hs, c->n_head, c->n_kv_head, hd, d_pos,
-                       c->max_kv, scale, d_scratch, d_out};
+                       c->max_kv, scale, d_scratch, d_out, 0.0f, 0};
     if (n_q == 1)
         GT_OK(gpu_attention(&a, S, err));
     else

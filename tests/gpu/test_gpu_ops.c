@@ -450,7 +450,7 @@ static void test_attention(int64_t n_head, int64_t n_kv_head, int64_t hd, int64_
     GT_OK(gpu_malloc(&d_scratch, gpu_attn_scratch_bytes(n_head, hd, max_kv), err));
     gt_out_prepare(d_out, (size_t)(n_head * hd) * 4, S);
     gpu_attn_args a = {d_q,       d_k, d_v,   kv_type, pos_stride, head_stride, n_head,
-                       n_kv_head, hd,  d_pos, max_kv,  scale,      d_scratch,   d_out};
+                       n_kv_head, hd,  d_pos, max_kv,  scale,      d_scratch,   d_out, 0.0f, 0};
     GT_OK(gpu_attention(&a, S, err));
     int guard = gt_out_fetch(d_out, (size_t)(n_head * hd) * 4, out, S);
     snprintf(what, sizeof what, "%s %s h %lld/%lld hd %lld kv %lld/%lld", ggml_type_name(kv_type),
