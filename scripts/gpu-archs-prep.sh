@@ -15,8 +15,9 @@ for p in $PROGS; do
     [ -x "$B/tests/gpu/$p" ] && cp "$B/tests/gpu/$p" "$D/tests/gpu/"
 done
 # the non-glibc libraries the programs load (cjson, utf8proc, pcre2 ...), in case the machine
-# lacks them
+# lacks them; not CUDA's (the machine has its own; gpu-archs-run.sh finds cuBLAS)
 for p in "$D"/tests/gpu/*; do
-    ldd "$p" | awk '/=> \// {print $3}' | grep -vE '/(libc|libm|libdl|librt|libpthread|libgcc_s|libstdc\+\+)\.so' || true
+    ldd "$p" | awk '/=> \// {print $3}' |
+        grep -vE '/(libc|libm|libdl|librt|libpthread|libgcc_s|libstdc\+\+|libforge_cuda|libcublas|libcublasLt|libcudart|libcuda)\.so' || true
 done | sort -u | while read -r lib; do cp -L "$lib" "$D/lib/"; done
 du -sh "$D"
