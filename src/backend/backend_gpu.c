@@ -47,7 +47,14 @@
  * batch of one row skips the fused decode kernels, so a decode row gets the same bits alone or
  * in any batch of fewer than gemm_min rows (17.. rows: the one-row matvec per row; the GEMM from
  * gemm_min rows is not batch invariant).
- * argmax_rows picks the greedy ids of many rows at once. */
+ * argmax_rows picks the greedy ids of many rows at once.
+ *
+ * The other architectures (issue 15; off unless FORGE_GPU_NEW_ARCHS=1, decided in fwd.c):
+ * geglu / scale / softcap ops, attention soft-capping and sliding windows passed to every
+ * attention kernel, and moe_ffn: routing on the device, the stacked expert matrices uploaded one
+ * device matrix per expert (backend_gpu_plan_add_experts), per expert a multi-row matvec that
+ * skips on the device the rows that did not pick it (GEMM over all rows from gemm_min rows),
+ * and the weighted sum in ascending expert order (gb_moe_ffn; docs/GPU.md). */
 #include <dlfcn.h>
 #include <pthread.h>
 #include <stdio.h>
