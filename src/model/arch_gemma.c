@@ -53,16 +53,8 @@ int arch_gemma_forward(fwd_state *fs, const int32_t *ids, const be_batch *bt, fo
     const be_ops *op = be->ops;
     ctx_bufs *b = &fs->b;
     const int n = bt->n_tok;
-    const int64_t E = hp->n_embd, HD = hp->head_dim, F = hp->n_ff;
-    const float eps = hp->rms_eps;
-    const be_rope rope_global = {m->rope_mode,
-                                 hp->n_rot,
-                                 hp->rope_freq_base,
-                                 hp->rope_freq_scale,
-                                 m->rope_freqs.data ? &m->rope_freqs : NULL,
-                                 m->rope_ext_factor,
-                                 1.0f,
-                                 {m->rope_corr_dims[0], m->rope_corr_dims[1]}};
+    const int64_t E = hp->n_embd, HD = hp->head_dim;
+    const be_rope rope_global = blk_rope(m, NULL, 0.0f);
     be_rope rope_local = rope_global;
     if (ap->rope_base_swa > 0.0f) rope_local.freq_base = ap->rope_base_swa;
     if (ap->rope_scale_swa > 0.0f) rope_local.freq_scale = ap->rope_scale_swa;
@@ -78,24 +70,9 @@ int arch_gemma_forward(fwd_state *fs, const int32_t *ids, const be_batch *bt, fo
     for (int il = 0; il < hp->n_layer; il++) {
         const layer_weights *l = &m->layers[il];
         const bool local = ap->layer_swa && ap->layer_swa[il];
-        if (fs->abort_flag && *fs->abort_flag) {
-            rc = forge_err_set(err, FORGE_E_INTERRUPTED, "interrupted");
-            goto done;
-        }
-        /* attention (plain ops: the scale of q sits between RoPE and the dot products, where
-         * the fused attention_rope has no place for it) */
-        be_buf *const qkv[] = {b->q, b->k, b->v};
-        const be_weight *const w_qkv[] = {&l->wq, &l->wk, &l->wv};
-        TRY(blk_norm_matmul(be, 3, qkv, w_qkv, NULL, b->x, &l->attn_norm, eps, false, b->xn, n,
-                            err));
-        if (l->q_norm.data)
-            TRY(op->rms_norm(be, b->q, b->q, &l->q_norm, (int64_t)n * hp->n_head, HD, eps, err));
-        if (l->k_norm.data)
-            TRY(op->rms_norm(be, b->k, b->k, &l->k_norm, (int64_t)n * hp->n_head_kv, HD, eps, err));
-        const be_rope *rope = local ? &rope_local : &rope_global;
-        TRY(op->rope(be, b->q, hp->n_head, (int)HD, bt, rope, err));
-        TRY(op->rope(be, b->k, hp->n_head_kv, (int)HD, bt, rope, err));
-        TRY(op->scale(be, b->q, ap->attn_scale, (int64_t)n * hp->n_head * HD, err));
+        TRY(blk_check_abort(fs, err));
+        /* attention: q scaled between RoPE and the dot products (as llama.cpp), soft-capped
+         * scores, the window on local layers; the output normed before the residual add */
         const be_attn attn = {.layer = il,
                               .n_head = hp->n_head,
                               .n_head_kv = hp->n_head_kv,
@@ -104,33 +81,14 @@ int arch_gemma_forward(fwd_state *fs, const int32_t *ids, const be_batch *bt, fo
                               .batch = bt,
                               .softcap = ap->attn_softcap,
                               .window = local ? ap->swa_window : 0};
-        TRY(op->attention(be, b->att, b->q, b->k, b->v, fs->kv, &attn, err));
-        TRY(op->matmul(be, b->o, &l->wo, b->att, n, err));
-        TRY(op->rms_norm(be, b->o, b->o, &l->attn_post_norm, n, E, eps, err));
-        TRY(op->add(be, b->x, b->o, (int64_t)n * E, err));
+        TRY(blk_attention(fs, l, &attn, local ? &rope_local : &rope_global, ap->attn_scale, err));
+        TRY(blk_residual(be, b->x, &l->wo, NULL, b->att, b->o, &l->attn_post_norm, hp->rms_eps, n,
+                         E, err));
         /* feed-forward (GELU-tanh gated), normed before and after */
-        be_buf *const gate_up[] = {b->gate, b->up};
-        const be_weight *const w_gate_up[] = {&l->ffn_gate, &l->ffn_up};
-        TRY(blk_norm_matmul(be, 2, gate_up, w_gate_up, NULL, b->x, &l->ffn_norm, eps, false, b->xn,
-                            n, err));
-        TRY(op->geglu(be, b->gate, b->gate, b->up, (int64_t)n * F, err));
-        TRY(op->matmul(be, b->o, &l->ffn_down, b->gate, n, err));
-        TRY(op->rms_norm(be, b->o, b->o, &l->ffn_post_norm, n, E, eps, err));
-        TRY(op->add(be, b->x, b->o, (int64_t)n * E, err));
+        TRY(blk_ffn(fs, l, BE_ACT_GELU_TANH, n, err));
     }
-    /* output head, for the rows that want logits only */
-    if (bt->n_out == 0) goto done;
-    const be_buf *src = b->x;
-    if (bt->n_out < n) {
-        TRY(blk_gather_out_rows(be, b->last, b->x, bt, E, err));
-        src = b->last;
-    }
-    const be_weight *out_w = hp->tied_output ? &m->tok_embd : &m->output;
-    be_buf *const logits[] = {b->logits};
-    TRY(blk_norm_matmul(be, 1, logits, &out_w, NULL, src, &m->output_norm, eps, false, b->xn,
-                        bt->n_out, err));
-    if (ap->final_softcap > 0.0f)
-        TRY(op->softcap(be, b->logits, ap->final_softcap, (int64_t)bt->n_out * hp->n_vocab, err));
+    /* output head, for the rows that want logits only; final soft-capping */
+    TRY(blk_output(fs, bt, ap->final_softcap, err));
 done:
     return rc;
 }

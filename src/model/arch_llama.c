@@ -40,14 +40,7 @@ int arch_llama_forward(fwd_state *fs, const int32_t *ids, const be_batch *bt, fo
     ctx_bufs *b = &fs->b;
     const int n = bt->n_tok;
     const int64_t E = hp->n_embd, HD = hp->head_dim;
-    const be_rope rope = {m->rope_mode,
-                          hp->n_rot,
-                          hp->rope_freq_base,
-                          hp->rope_freq_scale,
-                          m->rope_freqs.data ? &m->rope_freqs : NULL,
-                          m->rope_ext_factor,
-                          1.0f,
-                          {m->rope_corr_dims[0], m->rope_corr_dims[1]}};
+    const be_rope rope = blk_rope(m, NULL, 0.0f);
     int rc = FORGE_OK;
 
     if (m->ap.n_expert > 0 && !op->moe_ffn)
@@ -57,37 +50,17 @@ int arch_llama_forward(fwd_state *fs, const int32_t *ids, const be_batch *bt, fo
     TRY(op->get_rows(be, b->x, &m->tok_embd, ids, n, err));
     for (int il = 0; il < hp->n_layer; il++) {
         const layer_weights *l = &m->layers[il];
-        if (fs->abort_flag && *fs->abort_flag) {
-            rc = forge_err_set(err, FORGE_E_INTERRUPTED, "interrupted");
-            goto done;
-        }
+        TRY(blk_check_abort(fs, err));
         /* attention */
-        be_buf *const qkv[] = {b->q, b->k, b->v};
-        const be_weight *const w_qkv[] = {&l->wq, &l->wk, &l->wv};
-        const be_weight *const b_qkv[] = {l->bq.data ? &l->bq : NULL, l->bk.data ? &l->bk : NULL,
-                                          l->bv.data ? &l->bv : NULL};
-        TRY(blk_norm_matmul(be, 3, qkv, w_qkv, b_qkv, b->x, &l->attn_norm, hp->rms_eps, false, b->xn,
-                        n, err));
-        const be_attn attn = {
-            il, hp->n_head, hp->n_head_kv, (int)HD, 1.0f / sqrtf((float)HD), bt, 0.0f, 0};
-        const be_weight *qn = l->q_norm.data ? &l->q_norm : NULL;
-        const be_weight *kn = l->k_norm.data ? &l->k_norm : NULL;
-        if (op->attention_rope) {
-            TRY(op->attention_rope(be, b->att, b->q, b->k, b->v, fs->kv, &attn, &rope, qn, kn,
-                                   hp->rms_eps, err));
-        } else {
-            if (qn)
-                TRY(op->rms_norm(be, b->q, b->q, qn, (int64_t)n * hp->n_head, HD, hp->rms_eps,
-                                 err));
-            if (kn)
-                TRY(op->rms_norm(be, b->k, b->k, kn, (int64_t)n * hp->n_head_kv, HD, hp->rms_eps,
-                                 err));
-            TRY(op->rope(be, b->q, hp->n_head, (int)HD, bt, &rope, err));
-            TRY(op->rope(be, b->k, hp->n_head_kv, (int)HD, bt, &rope, err));
-            TRY(op->attention(be, b->att, b->q, b->k, b->v, fs->kv, &attn, err));
-        }
-        TRY(blk_matmul_residual(be, b->x, &l->wo, l->bo.data ? &l->bo : NULL, b->att, b->o, n, E,
-                            err));
+        const be_attn attn = {.layer = il,
+                              .n_head = hp->n_head,
+                              .n_head_kv = hp->n_head_kv,
+                              .head_dim = (int)HD,
+                              .scale = 1.0f / sqrtf((float)HD),
+                              .batch = bt};
+        TRY(blk_attention(fs, l, &attn, &rope, 0.0f, err));
+        TRY(blk_residual(be, b->x, &l->wo, l->bo.data ? &l->bo : NULL, b->att, b->o, NULL,
+                         hp->rms_eps, n, E, err));
         if (m->ap.n_expert > 0) { /* feed-forward: the mixture of experts */
             const be_moe moe = {&l->ffn_gate_exps,    &l->ffn_up_exps,      &l->ffn_down_exps,
                                 m->ap.n_expert,       m->ap.n_expert_used,  m->ap.n_ff_exp,
@@ -99,25 +72,11 @@ int arch_llama_forward(fwd_state *fs, const int32_t *ids, const be_batch *bt, fo
             continue;
         }
         /* feed-forward (SwiGLU) */
-        be_buf *const gate_up[] = {b->gate, b->up};
-        const be_weight *const w_gate_up[] = {&l->ffn_gate, &l->ffn_up};
-        TRY(blk_norm_matmul(be, 2, gate_up, w_gate_up, NULL, b->x, &l->ffn_norm, hp->rms_eps, true,
-                        b->xn, n, err));
-        TRY(blk_matmul_residual(be, b->x, &l->ffn_down, NULL, b->gate, b->o, n, E, err));
+        TRY(blk_ffn(fs, l, BE_ACT_SILU, n, err));
     }
     /* output head, for the rows that want logits only (none for a prompt chunk that is not the
      * last of its sequence) */
-    if (bt->n_out == 0) goto done;
-    const be_buf *src = b->x;
-    if (bt->n_out < n) {
-        TRY(blk_gather_out_rows(be, b->last, b->x, bt, E, err));
-        src = b->last;
-    }
-    /* tied: the embedding table itself (its device copy, if any, lives there) */
-    const be_weight *out_w = m->info.tied_output ? &m->tok_embd : &m->output;
-    be_buf *const logits[] = {b->logits};
-    TRY(blk_norm_matmul(be, 1, logits, &out_w, NULL, src, &m->output_norm, hp->rms_eps, false, b->xn,
-                    bt->n_out, err));
+    TRY(blk_output(fs, bt, 0.0f, err));
 done:
     return rc;
 }

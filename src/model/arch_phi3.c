@@ -43,64 +43,32 @@ int arch_phi3_forward(fwd_state *fs, const int32_t *ids, const be_batch *bt, for
     /* the frequency factors: rope_freqs where a file has them (llama.cpp prefers them), else
      * LongRoPE's long or short set by the longest sequence this state may hold */
     const be_weight *factors = NULL;
-    if (m->rope_freqs.data)
-        factors = &m->rope_freqs;
-    else if (m->rope_long.data)
+    if (!m->rope_freqs.data && m->rope_long.data)
         factors = fs->n_ctx_seq > m->ap.rope_n_ctx_orig ? &m->rope_long : &m->rope_short;
-    const be_rope rope = {m->rope_mode,
-                          hp->n_rot,
-                          hp->rope_freq_base,
-                          hp->rope_freq_scale,
-                          factors,
-                          m->rope_ext_factor,
-                          m->ap.rope_attn_factor > 0.0f ? m->ap.rope_attn_factor : 1.0f,
-                          {m->rope_corr_dims[0], m->rope_corr_dims[1]}};
+    const be_rope rope = blk_rope(m, factors, m->ap.rope_attn_factor);
     int rc = FORGE_OK;
 
     if (op->batch_set) TRY(op->batch_set(be, bt, err));
     TRY(op->get_rows(be, b->x, &m->tok_embd, ids, n, err));
     for (int il = 0; il < hp->n_layer; il++) {
         const layer_weights *l = &m->layers[il];
-        if (fs->abort_flag && *fs->abort_flag) {
-            rc = forge_err_set(err, FORGE_E_INTERRUPTED, "interrupted");
-            goto done;
-        }
-        /* attention */
-        be_buf *const qkv[] = {b->q, b->k, b->v};
-        const be_weight *const w_qkv[] = {&l->wq, &l->wk, &l->wv};
-        const be_weight *const b_qkv[] = {l->bq.data ? &l->bq : NULL, l->bk.data ? &l->bk : NULL,
-                                          l->bv.data ? &l->bv : NULL};
-        TRY(blk_norm_matmul(be, 3, qkv, w_qkv, b_qkv, b->x, &l->attn_norm, hp->rms_eps, false,
-                            b->xn, n, err));
+        TRY(blk_check_abort(fs, err));
+        /* attention (the fused attn_qkv bound as q/k/v views), the window on its layers */
         const bool swa = m->ap.layer_swa && m->ap.layer_swa[il];
-        const be_attn attn = {il,   hp->n_head, hp->n_head_kv, (int)HD, 1.0f / sqrtf((float)HD),
-                              bt,   0.0f,       swa ? m->ap.swa_window : 0};
-        if (op->attention_rope) {
-            TRY(op->attention_rope(be, b->att, b->q, b->k, b->v, fs->kv, &attn, &rope, NULL, NULL,
-                                   hp->rms_eps, err));
-        } else {
-            TRY(op->rope(be, b->q, hp->n_head, (int)HD, bt, &rope, err));
-            TRY(op->rope(be, b->k, hp->n_head_kv, (int)HD, bt, &rope, err));
-            TRY(op->attention(be, b->att, b->q, b->k, b->v, fs->kv, &attn, err));
-        }
-        TRY(blk_matmul_residual(be, b->x, &l->wo, NULL, b->att, b->o, n, E, err));
+        const be_attn attn = {.layer = il,
+                              .n_head = hp->n_head,
+                              .n_head_kv = hp->n_head_kv,
+                              .head_dim = (int)HD,
+                              .scale = 1.0f / sqrtf((float)HD),
+                              .batch = bt,
+                              .window = swa ? m->ap.swa_window : 0};
+        TRY(blk_attention(fs, l, &attn, &rope, 0.0f, err));
+        TRY(blk_residual(be, b->x, &l->wo, l->bo.data ? &l->bo : NULL, b->att, b->o, NULL,
+                         hp->rms_eps, n, E, err));
         /* feed-forward: the gate and up halves of the fused ffn_up, SwiGLU */
-        be_buf *const gate_up[] = {b->gate, b->up};
-        const be_weight *const w_gate_up[] = {&l->ffn_gate, &l->ffn_up};
-        TRY(blk_norm_matmul(be, 2, gate_up, w_gate_up, NULL, b->x, &l->ffn_norm, hp->rms_eps, true,
-                            b->xn, n, err));
-        TRY(blk_matmul_residual(be, b->x, &l->ffn_down, NULL, b->gate, b->o, n, E, err));
+        TRY(blk_ffn(fs, l, BE_ACT_SILU, n, err));
     }
-    if (bt->n_out == 0) goto done;
-    const be_buf *src = b->x;
-    if (bt->n_out < n) {
-        TRY(blk_gather_out_rows(be, b->last, b->x, bt, E, err));
-        src = b->last;
-    }
-    const be_weight *out_w = m->info.tied_output ? &m->tok_embd : &m->output;
-    be_buf *const logits[] = {b->logits};
-    TRY(blk_norm_matmul(be, 1, logits, &out_w, NULL, src, &m->output_norm, hp->rms_eps, false,
-                        b->xn, bt->n_out, err));
+    TRY(blk_output(fs, bt, 0.0f, err));
 done:
     return rc;
 }
