@@ -22,7 +22,7 @@ python3 "$here/selftest.py" --forge "$FORGE" --all >"$tmp/all.txt" 2>&1
 rc=$?
 sed 's/^/    /' "$tmp/all.txt"
 tu_check "every family: selftest passes (convert, read back, inspect, eval where Forge runs it)" [ $rc -eq 0 ]
-for f in llama mixtral qwen3moe phi3 phi3longrope glm4 chatglm; do
+for f in llama mixtral qwen3moe phi3 phi3longrope glm4 chatglm gemma2 gemma3; do
     tu_check "$f: forge eval compared with the reference" grep -q "OK \] $f: forge eval == pyref" "$tmp/all.txt"
 done
 tu_check "every family: forge inspect compared" [ "$(grep -c 'OK \] [a-z0-9]*: forge inspect lists the converted tensors' "$tmp/all.txt")" -eq 9 ]

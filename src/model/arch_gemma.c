@@ -185,7 +185,14 @@ int arch_gemma_load(loader *L, forge_err *err)
         if (!ap->layer_swa) return forge_err_set(err, FORGE_E_NOMEM, "out of memory");
         if ((rc = gemma_swa_layers(L, ap->layer_swa, err))) return rc;
         if (gemma3) {
-            ap->rope_base_swa = 10000.0f; /* llama.cpp: rope_freq_base_train_swa */
+            /* llama.cpp: rope_freq_base_train_swa, 10000 unless the file says (newer
+             * converters write rope.freq_base_swa from HF's rope_local_base_freq) */
+            if ((rc = ld_f32(L, "rope.freq_base_swa", 10000.0f, &ap->rope_base_swa, err)))
+                return rc;
+            if (!(ap->rope_base_swa > 0.0f))
+                return forge_err_set(err, FORGE_E_FORMAT,
+                                     "%s: %s.rope.freq_base_swa %g is not a RoPE base", L->path,
+                                     L->arch, (double)ap->rope_base_swa);
             ap->rope_scale_swa = 1.0f;    /* the scaling factor is for the global layers */
         }
     }

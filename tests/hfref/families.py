@@ -66,12 +66,12 @@ FAMILIES = {
         cls="Gemma3ForCausalLM", config_cls="Gemma3TextConfig",
         config=dict(_COMMON, num_hidden_layers=6, head_dim=32, query_pre_attn_scalar=32,
                     rms_norm_eps=1e-6, sliding_window=8,
-                    rope_parameters={"full_attention": _rope(1e6), "sliding_attention": _rope(1e4)},
+                    rope_parameters={"full_attention": _rope(1e6), "sliding_attention": _rope(2e4)},
                     layer_types=["full_attention" if i % 6 == 5 else "sliding_attention" for i in range(6)],
                     attn_logit_softcapping=None, final_logit_softcapping=None,
                     hidden_activation="gelu_pytorch_tanh", tie_word_embeddings=True,
                     attention_bias=False),
-        notes="6 layers: 5 sliding (window 8, rope base 1e4) + 1 global (rope base 1e6), q/k "
+        notes="6 layers: 5 sliding (window 8, rope base 2e4, not the default 1e4, so that the GGUF key rope.freq_base_swa is exercised) + 1 global (rope base 1e6), q/k "
               "norms, head_dim 32, query_pre_attn_scalar = head_dim, tied output",
         ablations={"no sliding window": {"sliding_window": 4096},
                    "global layer made sliding": {"layer_types": ["sliding_attention"] * 6}}),
