@@ -8,6 +8,7 @@
 
 #include "backend/backend.h"
 #include "core/fp16.h"
+#include "cpu/kernels.h"
 #include "testutil.h"
 
 static uint64_t g_rng = 12345;
@@ -145,35 +146,34 @@ static void test_rms_norm_swiglu_bias(void **state)
 }
 
 /* causal GQA attention in double over a cache filled in two steps (a prompt, then 8 more); big
- * enough that two threads split the work */
+ * enough that two threads split the work; the best ISA's result equals the scalar ISA's bit for
+ * bit */
+static void run_attention(int kv_type, int threads, const float *q, const float *k, const float *v,
+                          float *got);
+
 static void check_attention(int kv_type, int threads, double tol)
 {
-    backend *be = make_backend(threads, false);
-    forge_err err = {0};
-    enum { NH = 8, NKV = 2, HD = 64, T1 = 32, T = 40, CTX = 64, QD = NH * HD, KD = NKV * HD };
+    enum { NH = 8, NKV = 2, HD = 64, T = 40, QD = NH * HD, KD = NKV * HD };
     float q[T * QD], k[T * KD], v[T * KD];
     fill(q, T * QD, 2.0f);
     fill(k, T * KD, 2.0f);
     fill(v, T * KD, 1.0f);
-    be_kv *kv = NULL;
-    assert_int_equal(be->ops->kv_create(be, 2, CTX, KD, kv_type, &kv, &err), 0);
-    float *got = malloc(sizeof(float) * T * QD);
+    float *got = malloc(sizeof(float) * T * QD), *got_scalar = malloc(sizeof(float) * T * QD);
+    assert_true(got && got_scalar);
+    run_attention(kv_type, threads, q, k, v, got);
+    /* the SIMD dot and axpy forms give the scalar code's bits */
+    const kern_isa best = kern_isa_current();
+    assert_int_equal(kern_set_isa(KERN_ISA_SCALAR, NULL), FORGE_OK);
+    run_attention(kv_type, threads, q, k, v, got_scalar);
+    assert_int_equal(kern_set_isa(best, NULL), FORGE_OK);
+    int n_diff = 0;
+    for (int i = 0; i < T * QD; i++)
+        n_diff += memcmp(&got[i], &got_scalar[i], sizeof(float)) != 0;
+    if (n_diff)
+        fail_msg("attention kv %d, %d threads: %d of %d values differ from the scalar ISA's",
+                 kv_type, threads, n_diff, T * QD);
+    free(got_scalar);
     const float scale = 1.0f / sqrtf((float)HD);
-    for (int step = 0; step < 2; step++) {
-        int pos0 = step ? T1 : 0, n = step ? T - T1 : T1;
-        be_buf *bq = upload(be, q + pos0 * QD, n * QD), *bk = upload(be, k + pos0 * KD, n * KD);
-        be_buf *bv = upload(be, v + pos0 * KD, n * KD), *bo = NULL;
-        assert_int_equal(be->ops->buf_create(be, n * QD, &bo, &err), 0);
-        be_span_batch sb;
-        int32_t pos[T];
-        be_attn a = {1, NH, NKV, HD, scale, be_span_batch_init(&sb, pos, n, pos0, CTX, NULL, 0), 0.0f, 0};
-        assert_int_equal(be->ops->attention(be, bo, bq, bk, bv, kv, &a, &err), 0);
-        assert_int_equal(be->ops->buf_read(be, bo, 0, n * QD, got + pos0 * QD, &err), 0);
-        be->ops->buf_free(be, bq);
-        be->ops->buf_free(be, bk);
-        be->ops->buf_free(be, bv);
-        be->ops->buf_free(be, bo);
-    }
     float want[T * QD];
     for (int t = 0; t < T; t++)
         for (int h = 0; h < NH; h++) {
@@ -199,6 +199,33 @@ static void check_attention(int kv_type, int threads, double tol)
     print_message("attention kv %s, %d threads: NMSE %.3g\n", kv_type ? "f16" : "f32", threads, e);
     assert_true(e < tol);
     free(got);
+}
+
+/* got = the attention output of all T rows (a prompt of T1, then T - T1 more) */
+static void run_attention(int kv_type, int threads, const float *q, const float *k, const float *v,
+                          float *got)
+{
+    backend *be = make_backend(threads, false);
+    forge_err err = {0};
+    enum { NH = 8, NKV = 2, HD = 64, T1 = 32, T = 40, CTX = 64, QD = NH * HD, KD = NKV * HD };
+    be_kv *kv = NULL;
+    assert_int_equal(be->ops->kv_create(be, 2, CTX, KD, kv_type, &kv, &err), 0);
+    const float scale = 1.0f / sqrtf((float)HD);
+    for (int step = 0; step < 2; step++) {
+        int pos0 = step ? T1 : 0, n = step ? T - T1 : T1;
+        be_buf *bq = upload(be, q + pos0 * QD, n * QD), *bk = upload(be, k + pos0 * KD, n * KD);
+        be_buf *bv = upload(be, v + pos0 * KD, n * KD), *bo = NULL;
+        assert_int_equal(be->ops->buf_create(be, n * QD, &bo, &err), 0);
+        be_span_batch sb;
+        int32_t pos[T];
+        be_attn a = {1, NH, NKV, HD, scale, be_span_batch_init(&sb, pos, n, pos0, CTX, NULL, 0), 0.0f, 0};
+        assert_int_equal(be->ops->attention(be, bo, bq, bk, bv, kv, &a, &err), 0);
+        assert_int_equal(be->ops->buf_read(be, bo, 0, n * QD, got + pos0 * QD, &err), 0);
+        be->ops->buf_free(be, bq);
+        be->ops->buf_free(be, bk);
+        be->ops->buf_free(be, bv);
+        be->ops->buf_free(be, bo);
+    }
     be->ops->kv_free(be, kv);
     be->ops->destroy(be);
 }

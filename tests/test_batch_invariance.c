@@ -4,7 +4,8 @@
  * on every ISA this CPU has, with 1 and 2 threads, through kern_matmul_multi too. The engine core
  * relies on it (docs/ENGINE.md, "batch invariance"): a greedy request gives the same ids alone
  * and in a batch of others. Output row counts that are not a multiple of 8 or 16 exercise the
- * remainder paths. */
+ * remainder paths; 768 inputs are 3 super-blocks of the K-quants (their prompt tiles take 8, 4
+ * and 1 tokens at a time: 29 and 37 tokens run all three). */
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -14,7 +15,7 @@
 #include "quant/qtypes.h"
 #include "testutil.h"
 
-enum { N_IN = 512, N_OUT = 70, MAX_TOK = 19 };
+enum { N_IN = 768, N_OUT = 70, MAX_TOK = 40 };
 
 /* n_out rows of n_in random weights in type t (through its reference quantizer; random bytes
  * where the type has none, with finite fp16 values where the layout starts with a scale). */
@@ -54,7 +55,7 @@ static int n_diff(const float *a, const float *b, size_t n)
 static void test_rows_independent_of_batch(void **state)
 {
     (void)state;
-    static const int n_toks[] = {2, 3, 4, 5, 7, 8, 9, 13, 16, 19};
+    static const int n_toks[] = {2, 3, 4, 5, 7, 8, 9, 13, 16, 19, 29, 37};
     forge_err err = {0};
     kern_pool *pools[2] = {NULL, NULL};
     assert_int_equal(kern_pool_create(1, &pools[0], &err), 0);

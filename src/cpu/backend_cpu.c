@@ -17,6 +17,10 @@
 #include "cpu/backend_cpu.h"
 #include "cpu/kernels.h"
 
+#if defined(__x86_64__)
+#include <immintrin.h>
+#endif
+
 struct be_kv {
     int n_layer, n_ctx, kv_dim, type; /* type: FORGE_KV_F32 / F16 / Q8_0 */
     size_t row_bytes;                 /* one row of kv_dim values in that type */
@@ -404,6 +408,86 @@ static float dot_row(const void *row, bool f16, const float *x, int n)
     return (s0 + s1) + (s2 + s3);
 }
 
+#if defined(__x86_64__)
+/* x86 forms of dot_row and axpy_row (AVX2 + F16C, chosen when kern_isa_current() has them):
+ * bit-identical to the scalar code. dot_row's four partial sums are the four lanes of one SSE
+ * register (lane k sums elements k, k+4, ...; each step a rounded multiply then a rounded add,
+ * no fma) combined as (s0 + s1) + (s2 + s3); four cache rows at a time so that their add chains
+ * overlap. axpy_row is elementwise, so any width gives the scalar bits as long as each element
+ * takes the rows in the same order. n % 4 == 0 here. */
+#define TGT_ATTN __attribute__((target("avx2,fma,f16c")))
+
+TGT_ATTN static inline __m128 attn_load4(const uint8_t *row, bool f16, int i)
+{
+    if (f16) return _mm_cvtph_ps(_mm_loadl_epi64((const __m128i *)(const void *)(row + 2 * (size_t)i)));
+    return _mm_loadu_ps((const float *)(const void *)(row + 4 * (size_t)i));
+}
+
+TGT_ATTN static inline float attn_hsum4(__m128 v)
+{
+    float l[4];
+    _mm_storeu_ps(l, v);
+    return (l[0] + l[1]) + (l[2] + l[3]);
+}
+
+/* out[r] = dot_row(rows + r * stride, f16, x, n) for r < 4 */
+TGT_ATTN static void dot_rows4_x86(const uint8_t *rows, size_t stride, bool f16, const float *x,
+                                   int n, float out[4])
+{
+    __m128 a0 = _mm_setzero_ps(), a1 = _mm_setzero_ps(), a2 = _mm_setzero_ps(), a3 = _mm_setzero_ps();
+    for (int i = 0; i < n; i += 4) {
+        __m128 xv = _mm_loadu_ps(x + i);
+        a0 = _mm_add_ps(a0, _mm_mul_ps(attn_load4(rows, f16, i), xv));
+        a1 = _mm_add_ps(a1, _mm_mul_ps(attn_load4(rows + stride, f16, i), xv));
+        a2 = _mm_add_ps(a2, _mm_mul_ps(attn_load4(rows + 2 * stride, f16, i), xv));
+        a3 = _mm_add_ps(a3, _mm_mul_ps(attn_load4(rows + 3 * stride, f16, i), xv));
+    }
+    out[0] = attn_hsum4(a0);
+    out[1] = attn_hsum4(a1);
+    out[2] = attn_hsum4(a2);
+    out[3] = attn_hsum4(a3);
+}
+
+TGT_ATTN static float dot_row_x86(const uint8_t *row, bool f16, const float *x, int n)
+{
+    __m128 a = _mm_setzero_ps();
+    for (int i = 0; i < n; i += 4)
+        a = _mm_add_ps(a, _mm_mul_ps(attn_load4(row, f16, i), _mm_loadu_ps(x + i)));
+    return attn_hsum4(a);
+}
+
+/* y += w[i] * row i for i in [i0, m) (rows stride bytes apart), each element's adds in the order
+ * of i as axpy_row called for each row; y is kept in registers 64 floats at a time. */
+TGT_ATTN static void axpy_rows_x86(float *y, const float *w, const uint8_t *rows, size_t stride,
+                                   int i0, int m, bool f16, int n)
+{
+    int c = 0;
+    for (; c + 64 <= n; c += 64) {
+        __m256 acc[8];
+        for (int k = 0; k < 8; k++)
+            acc[k] = _mm256_loadu_ps(y + c + 8 * k);
+        for (int i = i0; i < m; i++) {
+            const __m256 wv = _mm256_set1_ps(w[i]);
+            const uint8_t *row = rows + (size_t)i * stride;
+            for (int k = 0; k < 8; k++) {
+                const int e = c + 8 * k;
+                __m256 r = f16 ? _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(const void *)(row + 2 * (size_t)e)))
+                               : _mm256_loadu_ps((const float *)(const void *)(row + 4 * (size_t)e));
+                acc[k] = _mm256_add_ps(acc[k], _mm256_mul_ps(wv, r));
+            }
+        }
+        for (int k = 0; k < 8; k++)
+            _mm256_storeu_ps(y + c + 8 * k, acc[k]);
+    }
+    for (; c < n; c += 4) {
+        __m128 acc = _mm_loadu_ps(y + c);
+        for (int i = i0; i < m; i++)
+            acc = _mm_add_ps(acc, _mm_mul_ps(_mm_set1_ps(w[i]), attn_load4(rows + (size_t)i * stride, f16, c)));
+        _mm_storeu_ps(y + c, acc);
+    }
+}
+#endif
+
 /* Dot product of a Q8_0 row slice (n / 32 blocks) with a query quantized to Q8_0 the same way
  * (ggml's vec_dot_q8_0_q8_0: an integer sum per block times both scales). */
 static float dot_row_q8(const uint8_t *row, const uint8_t *xq, int n)
@@ -461,6 +545,9 @@ static void attn_worker(void *arg, int ith, int nth)
     const int hd = a->head_dim, kv_dim = kv->kv_dim, gqa = a->n_head / a->n_head_kv;
     const int bs = bt->block_size;
     const bool f16 = kv->type == FORGE_KV_F16, q8 = kv->type == FORGE_KV_Q8_0;
+    /* the x86 dot/axpy forms (same bits as the scalar ones) */
+    const bool simd = !q8 && hd % 4 == 0 &&
+                      (kern_isa_current() == KERN_ISA_AVX2 || kern_isa_current() == KERN_ISA_AVX512);
     const int64_t items = (int64_t)bt->n_tok * a->n_head;
     const int64_t per = (items + nth - 1) / nth;
     const int64_t i_start = per * ith, i_end = i_start + per < items ? i_start + per : items;
@@ -501,12 +588,24 @@ static void attn_worker(void *arg, int ith, int nth)
                     continue;
                 }
                 const uint8_t *krow = kr + (size_t)i * row_bytes;
-                float s = (q8 ? dot_row_q8(krow, (const uint8_t *)qh16, hd)
-                              : dot_row(krow, f16, qh, hd)) *
-                          a->scale;
-                if (a->softcap > 0.0f) s = tanhf(s * inv_cap) * a->softcap;
-                scores[p0 + i] = s;
-                if (s > max) max = s;
+                float raw[4];
+                int nr = 1;
+#if defined(__x86_64__)
+                if (simd && i + 4 <= m) {
+                    dot_rows4_x86(krow, row_bytes, f16, qh, hd, raw);
+                    nr = 4;
+                } else if (simd) {
+                    raw[0] = dot_row_x86(krow, f16, qh, hd);
+                } else
+#endif
+                    raw[0] = q8 ? dot_row_q8(krow, (const uint8_t *)qh16, hd) : dot_row(krow, f16, qh, hd);
+                for (int r = 0; r < nr; r++) {
+                    float s = raw[r] * a->scale;
+                    if (a->softcap > 0.0f) s = tanhf(s * inv_cap) * a->softcap;
+                    scores[p0 + i + r] = s;
+                    if (s > max) max = s;
+                }
+                i += nr - 1;
             }
         }
         double sum = 0.0;
@@ -526,6 +625,13 @@ static void attn_worker(void *arg, int ith, int nth)
             const size_t r0 = (size_t)table[b] * (size_t)bs;
             const uint8_t *vr = vbase + r0 * row_bytes + head_off;
             const int m = n_kv - p0 < bs ? n_kv - p0 : bs;
+#if defined(__x86_64__)
+            if (simd) {
+                const int i0 = p_lo > p0 ? (p_lo - p0 < m ? p_lo - p0 : m) : 0;
+                axpy_rows_x86(o, scores + p0, vr, row_bytes, i0, m, f16, hd);
+                continue;
+            }
+#endif
             for (int i = 0; i < m; i++) {
                 if (p0 + i < p_lo) continue;
                 if (q8)

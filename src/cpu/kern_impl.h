@@ -50,6 +50,8 @@ kern_mm_kernel kern_mm_lookup_scalar(int wtype);
 kern_mm_kernel kern_mm_lookup_avx2(int wtype);
 kern_mm_kernel kern_mm_lookup_avx512(int wtype);
 kern_mm_kernel kern_mm_lookup_neon(int wtype);
+/* AVX-512 VNNI kernels of K-quant types (matmul_kq_avx512.c; kern_mm_lookup_avx512 uses it). */
+kern_mm_kernel kern_mm_lookup_kq_avx512(int wtype);
 
 /* Whether the build has kernels for an ISA at all (x86 files compile to stubs elsewhere). */
 int kern_build_has_isa(kern_isa isa);

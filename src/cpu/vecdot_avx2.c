@@ -90,7 +90,8 @@ TGT float forge_vec_dot_q4_k_q8_k_avx2(int64_t n, const void *w, const void *xq)
         }
         int isum = hsum_i32(acc);
         float dy = q8k_d(y);
-        sumf += half_at(b) * dy * (float)isum - half_at(b + 2) * dy * (float)summ;
+        const float pw = half_at(b) * dy * (float)isum, pm = half_at(b + 2) * dy * (float)summ;
+        sumf += pw - pm; /* separate statements: no fma contraction (matmul_kq_avx512.c) */
     }
     return sumf;
 }
@@ -133,7 +134,8 @@ TGT float forge_vec_dot_q6_k_q8_k_avx2(int64_t n, const void *w, const void *xq)
             }
         }
         int isum = hsum_i32(acc) - 32 * corr;
-        sumf += half_at(b + 208) * q8k_d(y) * (float)isum;
+        const float pw = half_at(b + 208) * q8k_d(y) * (float)isum;
+        sumf += pw; /* a separate statement: no fma contraction (matmul_kq_avx512.c) */
     }
     return sumf;
 }
@@ -171,7 +173,8 @@ TGT float forge_vec_dot_q5_k_q8_k_avx2(int64_t n, const void *w, const void *xq)
         }
         int isum = hsum_i32(acc);
         float dy = q8k_d(y);
-        sumf += half_at(b) * dy * (float)isum - half_at(b + 2) * dy * (float)summ;
+        const float pw = half_at(b) * dy * (float)isum, pm = half_at(b + 2) * dy * (float)summ;
+        sumf += pw - pm;
     }
     return sumf;
 }
@@ -379,7 +382,8 @@ TGT void forge_vec_dot_q4_k_q8_k_x4_avx2(int64_t n, const void *w, const void *x
             int summ = k4_summ(scmn, yk);
             int isum = hsum_i32(acc[k]);
             float dy = q8k_d(yk);
-            sumf[k] += d * dy * (float)isum - dmin * dy * (float)summ;
+            const float pw = d * dy * (float)isum, pm = dmin * dy * (float)summ;
+            sumf[k] += pw - pm;
         }
     }
     for (int k = 0; k < 4; k++) out[k] = sumf[k];
@@ -418,7 +422,8 @@ TGT void forge_vec_dot_q6_k_q8_k_x4_avx2(int64_t n, const void *w, const void *x
         for (int k = 0; k < 4; k++) {
             const uint8_t *yk = y + k * stride;
             int isum = hsum_i32(acc[k]) - 32 * scaled_bsums(sc, yk);
-            sumf[k] += d * q8k_d(yk) * (float)isum;
+            const float pw = d * q8k_d(yk) * (float)isum;
+            sumf[k] += pw;
         }
     }
     for (int k = 0; k < 4; k++) out[k] = sumf[k];
@@ -467,7 +472,8 @@ TGT512 float forge_vec_dot_q4_k_q8_k_avx512(int64_t n, const void *w, const void
         }
         int isum = hsum512_i32(acc);
         float dy = q8k_d(y);
-        sumf += half_at(b) * dy * (float)isum - half_at(b + 2) * dy * (float)summ;
+        const float pw = half_at(b) * dy * (float)isum, pm = half_at(b + 2) * dy * (float)summ;
+        sumf += pw - pm; /* separate statements: no fma contraction (matmul_kq_avx512.c) */
     }
     return sumf;
 }
@@ -506,7 +512,8 @@ TGT512 float forge_vec_dot_q6_k_q8_k_avx512(int64_t n, const void *w, const void
             acc = _mm512_add_epi32(acc, _mm512_madd_epi16(_mm512_maddubs_epi16(v[q], yv), s));
         }
         int isum = hsum512_i32(acc) - 32 * corr;
-        sumf += half_at(b + 208) * q8k_d(y) * (float)isum;
+        const float pw = half_at(b + 208) * q8k_d(y) * (float)isum;
+        sumf += pw; /* a separate statement: no fma contraction (matmul_kq_avx512.c) */
     }
     return sumf;
 }
