@@ -340,10 +340,14 @@ static void kq_rows_dot(const kern_mm_args *a, int64_t r0, int64_t r1)
     }
 }
 
+_Static_assert(KQ_TILE_MIN_TOK == KQ_DECODE_MAX_TOK + 1, "decode takes what the tiles leave");
+
 TGT static void mm_q4_k_avx512(const kern_mm_args *a, int64_t r0, int64_t r1, void *work)
 {
     if (a->n_tok >= KQ_TILE_MIN_TOK)
         kq_rows_ntok(a, r0, r1, work, 0);
+    else if (kern_kq_decode_supported())
+        kern_kq_decode(a, r0, r1, work, 0);
     else
         kq_rows_dot(a, r0, r1);
 }
@@ -352,6 +356,8 @@ TGT static void mm_q6_k_avx512(const kern_mm_args *a, int64_t r0, int64_t r1, vo
 {
     if (a->n_tok >= KQ_TILE_MIN_TOK)
         kq_rows_ntok(a, r0, r1, work, 1);
+    else if (kern_kq_decode_supported())
+        kern_kq_decode(a, r0, r1, work, 1);
     else
         kq_rows_dot(a, r0, r1);
 }
@@ -365,7 +371,7 @@ kern_mm_kernel kern_mm_lookup_kq_avx512(int wtype)
     switch (wtype) {
     case GGML_TYPE_Q4_K:
         k.mm = mm_q4_k_avx512;
-        k.work_bytes_per_32 = Q4K_SB / 8;
+        k.work_bytes_per_32 = Q4K_SB / 8 > KQ_DECODE_WORK_PER_32 ? Q4K_SB / 8 : KQ_DECODE_WORK_PER_32;
         break;
     case GGML_TYPE_Q6_K:
         k.mm = mm_q6_k_avx512;

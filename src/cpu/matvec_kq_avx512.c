@@ -1,0 +1,302 @@
+/* matvec_kq_avx512.c - AVX-512 decode kernels (fewer than KQ_TILE_MIN_TOK tokens) for K-quant
+ * weights (Q4_K, Q6_K) with Q8_K activations; x86-64 only, compiled with target attributes and
+ * used only when the CPU has VNNI, VBMI and GFNI (kern_kq_decode_supported).
+ *
+ * The weights are read as they lie in the file (decode is one pass over memory, a repack would
+ * cost more than it saves), four rows at a time, so that the work around the integer dot
+ * products is shared by four rows:
+ * - the 16-byte headers of four rows' super-blocks (d, dmin and the 12 packed scale bytes of
+ *   Q4_K) sit in one vector, their 6-bit scales and mins are unpacked for all four at once
+ *   (6 ops), and each sub-block scale vector is one vpermb;
+ * - the four rows' sums are reduced together (one transpose tree), and the float step runs on
+ *   the four rows as one vector.
+ * Each row's integers per super-block are exactly the one-row dot products' (src/cpu/
+ * vecdot_avx2.c; integer sums in any order are equal) and the float expression per super-block
+ * is theirs, in their order: sumf + ((d * dy) * isum - (dmin * dy) * summ) for Q4_K, sumf +
+ * (d * dy) * isum for Q6_K, vector lanes being independent IEEE operations (no fma: the build
+ * does not contract). So a row gives the same bits here, in the prompt tiles
+ * (matmul_kq_avx512.c) and in the one-row dot (tests/test_batch_invariance.c, test_kernels.c).
+ *
+ * Q4_K: the nibbles of groups j, j+1 (64 bytes) give, as low nibbles, sub-blocks 2j and 2j+2 and,
+ * as high nibbles, 2j+1 and 2j+3. The activations are rearranged once per call to that order
+ * (kd_prep_q4k, into the thread's scratch), so each vector of weights meets one aligned vector
+ * of activations. Q6_K: 64 low-bit bytes with the 32 high-bit bytes twice give 64 values in the
+ * activations' own order; the -32 offset goes into the same integer sum through the bsums
+ * (scale * -32 fits int16). */
+#include <string.h>
+
+#include "cpu/kern_impl.h"
+#include "quant/qtypes.h"
+
+#if defined(__x86_64__)
+#include <immintrin.h>
+
+#define TGT                                                                                        \
+    __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,avx512vbmi,gfni,avx2,"    \
+                          "fma,f16c")))
+#define INLINE static inline __attribute__((always_inline))
+
+#define KD_ROWS 4
+#define Q8K_QS 4
+#define Q8K_BSUM 260
+#define Q4K_BYTES 144
+#define Q6K_BYTES 210
+/* Prepared Q4_K activations per super-block: 256 values in nibble order, the 8 pair sums of
+ * bsums (int16) four times, dy. */
+#define KD_X_BYTES 384
+#define KD_X_BS8 256
+#define KD_X_DY 320
+
+int kern_kq_decode_supported(void)
+{
+    return kern_cpu_has_avx512vnni() && kern_cpu_has_avx512vbmi() && kern_cpu_has_gfni();
+}
+
+typedef struct kd_consts {
+    __m512i sc_idx[KD_ROWS][4]; /* Q4_K: vpermb indices of the scale vectors of row r */
+    __m512i mn_idx;             /* Q4_K: the 8 mins of each row as words, row r in lane r */
+    __m512i d_idx;              /* words d0..d3, dmin0..dmin3 of the four headers */
+    __m512i q6_idx[4];          /* Q6_K: vpermw indices of the group scale vectors */
+    __m512i red_idx;            /* final gather of the reduction (isum 0..3, summ 0..3) */
+} kd_consts;
+
+/* byte p (even; odd bytes are zeroed): byte 8 + (p / 2) % 8 of lane p / 16 */
+static const uint8_t KD_MN_IDX[64] __attribute__((aligned(64))) = {
+    8,  8,  9,  9,  10, 10, 11, 11, 12, 12, 13, 13, 14, 14, 15, 15, 24, 24, 25, 25, 26, 26,
+    27, 27, 28, 28, 29, 29, 30, 30, 31, 31, 40, 40, 41, 41, 42, 42, 43, 43, 44, 44, 45, 45,
+    46, 46, 47, 47, 56, 56, 57, 57, 58, 58, 59, 59, 60, 60, 61, 61, 62, 62, 63, 63};
+static const uint16_t KD_D_IDX[32] __attribute__((aligned(64))) = {0, 8, 16, 24, 1, 9, 17, 25};
+static const uint16_t KD_Q6_IDX[32] __attribute__((aligned(64))) = {
+    0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3, 3, 3, 3};
+static const int32_t KD_RED_IDX[16] __attribute__((aligned(64))) = {0,  1,  2,  3,  16, 20,
+                                                                    24, 28, 0,  0,  0,  0,
+                                                                    0,  0,  0,  0};
+
+TGT static void kd_make_consts(kd_consts *c)
+{
+    for (int k = 0; k < 4; k++) {
+        /* Q4_K scale vector k: sub-blocks first (low 256 bits) and first + 2 (high) */
+        const int first = 4 * (k / 2) + (k % 2);
+        const __m512i base = _mm512_mask_blend_epi8(0xFFFFFFFF00000000ULL, _mm512_set1_epi8((char)first),
+                                                    _mm512_set1_epi8((char)(first + 2)));
+        for (int r = 0; r < KD_ROWS; r++)
+            c->sc_idx[r][k] = _mm512_add_epi8(base, _mm512_set1_epi8((char)(16 * r)));
+        c->q6_idx[k] = _mm512_add_epi16(_mm512_load_si512((const void *)KD_Q6_IDX), _mm512_set1_epi16((short)(4 * k)));
+    }
+    c->mn_idx = _mm512_load_si512((const void *)KD_MN_IDX);
+    c->d_idx = _mm512_load_si512((const void *)KD_D_IDX);
+    c->red_idx = _mm512_load_si512((const void *)KD_RED_IDX);
+}
+
+/* Sums of the 16 lanes of a[0..3] (the four rows' integer sums) and of the 4 lanes of lane r
+ * of m (row r's min or offset terms): returns [isum 0..3, summ 0..3] in the low 256 bits. */
+TGT INLINE __m256i kd_reduce(const kd_consts *c, const __m512i a[KD_ROWS], __m512i m)
+{
+    __m512i p01 = _mm512_add_epi32(_mm512_unpacklo_epi32(a[0], a[1]), _mm512_unpackhi_epi32(a[0], a[1]));
+    __m512i p23 = _mm512_add_epi32(_mm512_unpacklo_epi32(a[2], a[3]), _mm512_unpackhi_epi32(a[2], a[3]));
+    __m512i q = _mm512_add_epi32(_mm512_unpacklo_epi64(p01, p23), _mm512_unpackhi_epi64(p01, p23));
+    q = _mm512_add_epi32(q, _mm512_shuffle_i64x2(q, q, _MM_SHUFFLE(1, 0, 3, 2)));
+    q = _mm512_add_epi32(q, _mm512_shuffle_i64x2(q, q, _MM_SHUFFLE(2, 3, 0, 1)));
+    m = _mm512_add_epi32(m, _mm512_shuffle_epi32(m, (_MM_PERM_ENUM)0x4E));
+    m = _mm512_add_epi32(m, _mm512_shuffle_epi32(m, (_MM_PERM_ENUM)0xB1));
+    return _mm512_castsi512_si256(_mm512_permutex2var_epi32(q, c->red_idx, m));
+}
+
+/* Decode streams the weights from memory. Four rows are one contiguous region; while one group
+ * is computed, a group about 16 KB ahead is prefetched into L2 as one linear stream, step b
+ * taking the step's share (as the Q4_0/Q8_0 decode in matmul_avx512.c; reading four rows
+ * side by side is four streams the hardware prefetcher follows less well). pf NULL: none. */
+TGT INLINE void kd_prefetch(const uint8_t *pf, int64_t b, size_t step_bytes)
+{
+    if (!pf) return;
+    for (size_t l = 0; l < (step_bytes + 63) / 64; l++)
+        _mm_prefetch((const char *)(pf + (size_t)b * step_bytes + 64 * l), _MM_HINT_T1);
+}
+
+/* ---- Q4_K ------------------------------------------------------------------------------ */
+
+/* Token x's Q8_K row rearranged into out (KD_X_BYTES per super-block). */
+TGT static void kd_prep_q4k(const uint8_t *x, int64_t nsb, uint8_t *out)
+{
+    for (int64_t b = 0; b < nsb; b++, x += FORGE_Q8_K_BYTES, out += KD_X_BYTES) {
+        const uint8_t *q = x + Q8K_QS;
+        /* vector v: sub-blocks (0,2), (1,3), (4,6), (5,7) */
+        for (int v = 0; v < 4; v++) {
+            int s0 = 4 * (v / 2) + (v % 2);
+            memcpy(out + 64 * v, q + 32 * s0, 32);
+            memcpy(out + 64 * v + 32, q + 32 * (s0 + 2), 32);
+        }
+        __m256i bs = _mm256_loadu_si256((const __m256i *)(const void *)(x + Q8K_BSUM));
+        /* pair sums bsum[2j] + bsum[2j+1] (|.| <= 4096: exact as int16) */
+        __m256i pr = _mm256_madd_epi16(bs, _mm256_set1_epi16(1));
+        __m128i s8 = _mm_packs_epi32(_mm256_castsi256_si128(pr), _mm256_extracti128_si256(pr, 1));
+        _mm512_store_si512((void *)(out + KD_X_BS8), _mm512_broadcast_i32x4(s8));
+        memcpy(out + KD_X_DY, x, 4);
+    }
+}
+
+/* Rows o..o+3 (all valid) against one prepared token: returns the four sums. */
+TGT INLINE __m128 kd_q4k_rows4(const kd_consts *c, const kern_mm_args *a, int64_t o, const uint8_t *xp,
+                               int64_t nsb, const uint8_t *pf)
+{
+    const __m512i m4 = _mm512_set1_epi8(0x0F), hi_gf = _mm512_set1_epi64(0x1020408000000000LL);
+    const __m512i m3f = _mm512_set1_epi8(0x3F);
+    const __m512i sel = _mm512_set4_epi32(0x0F0F0F0F, 0x3F3F3F3F, 0x0F0F0F0F, 0x3F3F3F3F);
+    const __m512i sh4 = _mm512_set4_epi32(4, 0, 0, 0);
+    const size_t rb = a->w_row_bytes;
+    const uint8_t *w = a->W + (size_t)o * rb;
+    __m128 sumf = _mm_setzero_ps();
+    for (int64_t b = 0; b < nsb; b++, w += Q4K_BYTES, xp += KD_X_BYTES) {
+        kd_prefetch(pf, b, KD_ROWS * Q4K_BYTES);
+        /* lane r: row r's header: d, dmin, 12 scale bytes */
+        __m512i h = _mm512_castsi128_si512(_mm_loadu_si128((const __m128i *)(const void *)w));
+        h = _mm512_inserti32x4(h, _mm_loadu_si128((const __m128i *)(const void *)(w + rb)), 1);
+        h = _mm512_inserti32x4(h, _mm_loadu_si128((const __m128i *)(const void *)(w + 2 * rb)), 2);
+        h = _mm512_inserti32x4(h, _mm_loadu_si128((const __m128i *)(const void *)(w + 3 * rb)), 3);
+        /* per lane dwords a = q[0..3], b = q[4..7], c = q[8..11] (dwords 1, 2, 3 of h):
+         * P = [a, c, b, c], Q = [a, a, b, b]; dword k of the result is
+         * (P >> (k == 3 ? 4 : 0)) & sel_k | (Q >> 2) & 0x30 (k odd) -> sc0-3, sc4-7, mn0-3, mn4-7 */
+        __m512i P = _mm512_srlv_epi32(_mm512_shuffle_epi32(h, (_MM_PERM_ENUM)0xED), sh4);
+        __m512i Q = _mm512_srli_epi32(_mm512_shuffle_epi32(h, (_MM_PERM_ENUM)0xA5), 2);
+        /* sel bit set: from P; else from Q (bits 4-5 of odd dwords; bits 6-7 cleared after) */
+        __m512i u = _mm512_and_si512(_mm512_ternarylogic_epi32(sel, P, Q, 0xCA), m3f);
+        __m512i acc[KD_ROWS];
+#pragma GCC unroll 4
+        for (int r = 0; r < KD_ROWS; r++) {
+            const uint8_t *wr = w + (size_t)r * rb + 16;
+            __m512i q0 = _mm512_loadu_si512((const void *)wr), q1 = _mm512_loadu_si512((const void *)(wr + 64));
+            __m512i v[4] = {_mm512_and_si512(q0, m4), _mm512_gf2p8affine_epi64_epi8(q0, hi_gf, 0),
+                            _mm512_and_si512(q1, m4), _mm512_gf2p8affine_epi64_epi8(q1, hi_gf, 0)};
+            /* v[k] pairs with activation vector: lo(q0) = (0,2) -> 0, hi(q0) = (1,3) -> 1, ... */
+            __m512i s = _mm512_setzero_si512();
+#pragma GCC unroll 4
+            for (int k = 0; k < 4; k++) {
+                __m512i p = _mm512_maddubs_epi16(v[k], _mm512_load_si512((const void *)(xp + 64 * k)));
+                __m512i sc = _mm512_maskz_permutexvar_epi8(0x5555555555555555ULL, c->sc_idx[r][k], u);
+                s = _mm512_dpwssd_epi32(s, p, sc);
+            }
+            acc[r] = s;
+        }
+        __m512i mn = _mm512_maskz_permutexvar_epi8(0x5555555555555555ULL, c->mn_idx, u);
+        __m512i ms = _mm512_madd_epi16(mn, _mm512_load_si512((const void *)(xp + KD_X_BS8)));
+        __m256i is = kd_reduce(c, acc, ms);
+        __m256 dd = _mm256_cvtph_ps(_mm512_castsi512_si128(_mm512_permutexvar_epi16(c->d_idx, h)));
+        float dyv;
+        memcpy(&dyv, xp + KD_X_DY, 4);
+        __m256 pr = _mm256_mul_ps(_mm256_mul_ps(dd, _mm256_set1_ps(dyv)), _mm256_cvtepi32_ps(is));
+        sumf = _mm_add_ps(sumf, _mm_sub_ps(_mm256_castps256_ps128(pr), _mm256_extractf128_ps(pr, 1)));
+    }
+    return sumf;
+}
+
+/* ---- Q6_K ------------------------------------------------------------------------------ */
+
+TGT INLINE __m128 kd_q6k_rows4(const kd_consts *c, const kern_mm_args *a, int64_t o, const uint8_t *x,
+                               int64_t nsb, const uint8_t *pf)
+{
+    const __m512i m4 = _mm512_set1_epi8(0x0F), m30 = _mm512_set1_epi8(0x30);
+    const __m512i hi_gf = _mm512_set1_epi64(0x1020408000000000LL);
+    /* high bits of values 0-31 | 32-63 (qh << 4 | qh << 2) and 64-95 | 96-127 (qh | qh >> 2) */
+    const __m512i sl = _mm512_inserti64x4(_mm512_set1_epi16(4), _mm256_set1_epi16(2), 1);
+    const __m512i sr = _mm512_inserti64x4(_mm512_setzero_si512(), _mm256_set1_epi16(2), 1);
+    const __m256i m32 = _mm256_set1_epi16(-32);
+    const size_t rb = a->w_row_bytes;
+    const uint8_t *w = a->W + (size_t)o * rb;
+    __m128 sumf = _mm_setzero_ps();
+    for (int64_t b = 0; b < nsb; b++, w += Q6K_BYTES, x += FORGE_Q8_K_BYTES) {
+        kd_prefetch(pf, b, KD_ROWS * Q6K_BYTES);
+        const int8_t *ys = (const int8_t *)(x + Q8K_QS);
+        const __m512i bs = _mm512_zextsi256_si512(_mm256_loadu_si256((const __m256i *)(const void *)(x + Q8K_BSUM)));
+        __m512i acc[KD_ROWS];
+        uint16_t dh[8] = {0};
+#pragma GCC unroll 4
+        for (int r = 0; r < KD_ROWS; r++) {
+            const uint8_t *wr = w + (size_t)r * rb;
+            __m256i sw = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(const void *)(wr + 192)));
+            __m512i swz = _mm512_castsi256_si512(sw);
+            /* the -32 offset: sum_g (-32 * scale_g) * bsum_g */
+            __m512i s = _mm512_dpwssd_epi32(_mm512_setzero_si512(),
+                                            _mm512_zextsi256_si512(_mm256_mullo_epi16(sw, m32)), bs);
+#pragma GCC unroll 2
+            for (int hf = 0; hf < 2; hf++) {
+                __m512i ql = _mm512_loadu_si512((const void *)(wr + 64 * hf));
+                __m512i qh = _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i *)(const void *)(wr + 128 + 32 * hf)));
+                __m512i va = _mm512_ternarylogic_epi32(_mm512_and_si512(ql, m4), _mm512_sllv_epi16(qh, sl), m30, 0xF8);
+                __m512i vb = _mm512_ternarylogic_epi32(_mm512_gf2p8affine_epi64_epi8(ql, hi_gf, 0),
+                                                       _mm512_srlv_epi16(qh, sr), m30, 0xF8);
+                __m512i pa = _mm512_maddubs_epi16(va, _mm512_loadu_si512((const void *)(ys + 128 * hf)));
+                __m512i pb = _mm512_maddubs_epi16(vb, _mm512_loadu_si512((const void *)(ys + 128 * hf + 64)));
+                s = _mm512_dpwssd_epi32(s, pa, _mm512_permutexvar_epi16(c->q6_idx[2 * hf], swz));
+                s = _mm512_dpwssd_epi32(s, pb, _mm512_permutexvar_epi16(c->q6_idx[2 * hf + 1], swz));
+            }
+            acc[r] = s;
+            memcpy(&dh[r], wr + 208, 2);
+        }
+        __m256i is = kd_reduce(c, acc, _mm512_setzero_si512());
+        __m128 d = _mm_cvtph_ps(_mm_loadu_si128((const __m128i *)(const void *)dh));
+        float dyv;
+        memcpy(&dyv, x, 4);
+        sumf = _mm_add_ps(sumf, _mm_mul_ps(_mm_mul_ps(d, _mm_set1_ps(dyv)),
+                                           _mm_cvtepi32_ps(_mm256_castsi256_si128(is))));
+    }
+    return sumf;
+}
+
+/* ---- driver ------------------------------------------------------------------------------ */
+
+TGT static void kd_rows(const kern_mm_args *a, int64_t r0, int64_t r1, void *work, int is_q6)
+{
+    const int64_t nsb = a->n_in / FORGE_QK_K;
+    kd_consts c;
+    kd_make_consts(&c);
+    const uint8_t *xp[KQ_DECODE_MAX_TOK];
+    for (int64_t t = 0; t < a->n_tok; t++) {
+        const uint8_t *x = a->Xc + (size_t)t * a->xc_row_bytes;
+        if (is_q6) {
+            xp[t] = x;
+        } else {
+            uint8_t *p = (uint8_t *)work + (size_t)t * (size_t)nsb * KD_X_BYTES;
+            kd_prep_q4k(x, nsb, p);
+            xp[t] = p;
+        }
+    }
+    const size_t group_bytes = KD_ROWS * a->w_row_bytes;
+    const size_t ahead = (16384 + group_bytes - 1) / group_bytes * group_bytes;
+    int64_t o = r0;
+    for (; o + KD_ROWS <= r1; o += KD_ROWS) {
+        for (int64_t t = 0; t < a->n_tok; t++) {
+            const uint8_t *pf = t == 0 ? a->W + (size_t)o * a->w_row_bytes + ahead : NULL;
+            __m128 s = is_q6 ? kd_q6k_rows4(&c, a, o, xp[t], nsb, pf) : kd_q4k_rows4(&c, a, o, xp[t], nsb, pf);
+            _mm_storeu_ps(a->Y + t * a->n_out + o, s);
+        }
+    }
+    /* the last rows of a matrix whose row count is not a multiple of 4: the one-row dot */
+    for (; o < r1; o++) {
+        const uint8_t *w = a->W + (size_t)o * a->w_row_bytes;
+        for (int64_t t = 0; t < a->n_tok; t++)
+            a->Y[t * a->n_out + o] = a->dot(a->n_in, w, a->Xc + (size_t)t * a->xc_row_bytes);
+    }
+}
+
+void kern_kq_decode(const kern_mm_args *a, int64_t r0, int64_t r1, void *work, int is_q6)
+{
+    kd_rows(a, r0, r1, work, is_q6);
+}
+
+#else /* not x86-64 */
+
+int kern_kq_decode_supported(void)
+{
+    return 0;
+}
+
+void kern_kq_decode(const kern_mm_args *a, int64_t r0, int64_t r1, void *work, int is_q6)
+{
+    (void)a;
+    (void)r0;
+    (void)r1;
+    (void)work;
+    (void)is_q6;
+}
+
+#endif
