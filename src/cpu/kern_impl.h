@@ -52,13 +52,15 @@ kern_mm_kernel kern_mm_lookup_avx512(int wtype);
 kern_mm_kernel kern_mm_lookup_neon(int wtype);
 /* AVX-512 VNNI kernels of K-quant types (matmul_kq_avx512.c; kern_mm_lookup_avx512 uses it). */
 kern_mm_kernel kern_mm_lookup_kq_avx512(int wtype);
-/* Their decode kernels (matvec_kq_avx512.c): rows [r0, r1) of Q4_K (is_q6 0) or Q6_K weights
- * for at most KQ_DECODE_MAX_TOK tokens; work: KQ_DECODE_WORK_PER_32 bytes per 32 inputs,
- * 64-byte aligned. Only where kern_kq_decode_supported() (VNNI, VBMI, GFNI). */
+typedef enum kq_kind { KQ_Q2_K, KQ_Q3_K, KQ_Q4_K, KQ_Q5_K, KQ_Q6_K } kq_kind;
+/* Their decode kernels (matvec_kq_avx512.c): rows [r0, r1) of weights of that kind for at
+ * most KQ_DECODE_MAX_TOK tokens; work: KQ_DECODE_WORK_PER_32 bytes per 32 inputs, 64-byte
+ * aligned. Only for the kinds for which kern_kq_decode_has() says so (Q4_K, Q5_K, Q6_K on a CPU
+ * with VNNI, VBMI and GFNI). */
 #define KQ_DECODE_MAX_TOK 3
 #define KQ_DECODE_WORK_PER_32 (384 * KQ_DECODE_MAX_TOK / 8)
-int kern_kq_decode_supported(void);
-void kern_kq_decode(const kern_mm_args *a, int64_t r0, int64_t r1, void *work, int is_q6);
+int kern_kq_decode_has(kq_kind kind);
+void kern_kq_decode(const kern_mm_args *a, int64_t r0, int64_t r1, void *work, kq_kind kind);
 
 /* Whether the build has kernels for an ISA at all (x86 files compile to stubs elsewhere). */
 int kern_build_has_isa(kern_isa isa);

@@ -1036,7 +1036,10 @@ kern_mm_kernel kern_mm_lookup_avx512(int wtype)
         k.xc_row_bytes_per_32 = KERN_XQ_BYTES_PER_32;
         k.work_bytes_per_32 = RP_BLOCK_BYTES;
         break;
+    case GGML_TYPE_Q2_K:
+    case GGML_TYPE_Q3_K:
     case GGML_TYPE_Q4_K:
+    case GGML_TYPE_Q5_K:
     case GGML_TYPE_Q6_K:
         return kern_mm_lookup_kq_avx512(wtype);
     default:

@@ -33,17 +33,47 @@
 #define Q8K_QS 4    /* offset of the int8 values in a Q8_K block */
 #define Q8K_BSUM 260 /* offset of the 16 int16 group sums */
 
-/* Repacked super-block of 16 rows: 64 vectors of values, then per type (offsets in bytes). */
+/* Repacked super-block of 16 rows: 64 vectors of values (4096 bytes), then the int32 scale of each
+ * sub-block (8 of 32 values: Q4_K, Q5_K) or group (16 of 16: Q6_K, Q3_K, Q2_K) per row, 8 vectors
+ * of int16 pairs against the bsum pairs (mins: Q4_K, Q5_K as (min j, min j), Q2_K as (min 2p,
+ * min 2p+1); scales: Q6_K, Q3_K as (scale 2p, scale 2p+1)), the fp16 block scale d and, for the
+ * types with mins, dmin, as floats. */
 #define KQ_W_BYTES 4096
-#define Q4K_SC 4096   /* 8 vectors: int32 scale of sub-block j (32 values) per row */
-#define Q4K_MN 4608   /* 8 vectors: int16 pair (min j, min j) per row */
-#define Q4K_D 5120    /* 16 float d */
-#define Q4K_DMIN 5184 /* 16 float dmin */
-#define Q4K_SB 5248
-#define Q6K_SC 4096 /* 16 vectors: int32 scale of group g (16 values) per row */
-#define Q6K_SCP 5120 /* 8 vectors: int16 pair (scale 2p, scale 2p+1) per row */
-#define Q6K_D 5632
-#define Q6K_SB 5696
+INLINE int kq_groups16(kq_kind k)
+{
+    return k == KQ_Q6_K || k == KQ_Q3_K || k == KQ_Q2_K;
+}
+INLINE int kq_has_min(kq_kind k)
+{
+    return k == KQ_Q4_K || k == KQ_Q5_K || k == KQ_Q2_K;
+}
+INLINE size_t kq_off_sc(kq_kind k)
+{
+    (void)k;
+    return KQ_W_BYTES;
+}
+INLINE size_t kq_off_pairs(kq_kind k)
+{
+    return KQ_W_BYTES + (kq_groups16(k) ? 1024 : 512);
+}
+INLINE size_t kq_off_d(kq_kind k)
+{
+    return kq_off_pairs(k) + 512;
+}
+INLINE size_t kq_off_dmin(kq_kind k)
+{
+    return kq_off_d(k) + 64;
+}
+INLINE size_t kq_sb_bytes(kq_kind k)
+{
+    return kq_off_d(k) + (kq_has_min(k) ? 128 : 64);
+}
+#define KQ_SB_MAX (KQ_W_BYTES + 1024 + 512 + 128)
+/* bytes of one super-block of the packed types */
+INLINE size_t kq_block_bytes(kq_kind k)
+{
+    return k == KQ_Q4_K ? 144 : k == KQ_Q5_K ? 176 : k == KQ_Q6_K ? 210 : k == KQ_Q3_K ? 110 : 84;
+}
 
 /* Index vectors of the 16x8 dword transpose (kq_tr16x8). */
 typedef struct kq_idx {
@@ -126,46 +156,78 @@ static inline void q4k_scales_mins(const uint8_t *q, uint8_t sc[8], uint8_t mn[8
     }
 }
 
-/* Repack super-block b of rows [o, o + rows) into rb. */
-TGT INLINE void q4k_repack_sb(const kern_mm_args *a, const kq_idx *ix, int64_t o, int rows,
-                              int64_t b, uint8_t *rb)
+/* The per-row tail of a repacked super-block: scales, pairs, d (and dmin) of rows < rows,
+ * zero for the others. */
+typedef struct kq_tail {
+    _Alignas(64) int32_t sc[16][16];
+    _Alignas(64) int32_t pr[8][16];
+    _Alignas(32) uint16_t d[16], dm[16];
+} kq_tail;
+
+TGT INLINE void kq_tail_store(const kq_tail *t, kq_kind kind, uint8_t *rb)
 {
-    const uint8_t *w0 = a->W + (size_t)o * a->w_row_bytes + (size_t)b * 144;
-    const __m512i m4 = _mm512_set1_epi8(0x0F);
+    memcpy(rb + kq_off_sc(kind), t->sc, (kq_groups16(kind) ? 16 : 8) * sizeof t->sc[0]);
+    memcpy(rb + kq_off_pairs(kind), t->pr, sizeof t->pr);
+    _mm512_store_ps((float *)(void *)(rb + kq_off_d(kind)),
+                    _mm512_cvtph_ps(_mm256_load_si256((const __m256i *)(const void *)t->d)));
+    if (kq_has_min(kind))
+        _mm512_store_ps((float *)(void *)(rb + kq_off_dmin(kind)),
+                        _mm512_cvtph_ps(_mm256_load_si256((const __m256i *)(const void *)t->dm)));
+}
+
+INLINE int32_t kq_pair16(int lo, int hi)
+{
+    return (int32_t)((uint32_t)(uint16_t)lo | ((uint32_t)(uint16_t)hi << 16));
+}
+
+/* Bit `bit` of each byte of v at bit `to`, the other bits garbage (the caller masks): a 16-bit
+ * shift moves bits across the byte boundary only below bit (to - bit) of the high byte (left)
+ * or above bit 7 - (bit - to) of the low byte (right), never into bit `to` itself. */
+TGT INLINE __m512i kq_bit_to(__m512i v, int bit, int to)
+{
+    return bit == to ? v : bit < to ? _mm512_slli_epi16(v, (unsigned)(to - bit)) : _mm512_srli_epi16(v, (unsigned)(bit - to));
+}
+
+/* Q4_K / Q5_K: repack super-block b of rows [o, o + rows) into rb. Values 0..15 (Q5_K: plus 16
+ * where the high bit is set, 0..31). */
+TGT INLINE void q45k_repack_sb(const kern_mm_args *a, const kq_idx *ix, int64_t o, int rows, int64_t b,
+                               uint8_t *rb, kq_kind kind)
+{
+    const int five = kind == KQ_Q5_K;
+    const uint8_t *w0 = a->W + (size_t)o * a->w_row_bytes + (size_t)b * kq_block_bytes(kind);
+    const __m512i m4 = _mm512_set1_epi8(0x0F), m10 = _mm512_set1_epi8(0x10);
     __m512i zl[8], zh[8];
     for (int c = 0; c < 4; c++) {
 #pragma GCC unroll 8
         for (int k = 0; k < 8; k++) {
-            __m512i q = kq_pair(w0, a->w_row_bytes, k, rows, 16 + 32 * (size_t)c);
+            __m512i q = kq_pair(w0, a->w_row_bytes, k, rows, (five ? 48 : 16) + 32 * (size_t)c);
             zl[k] = _mm512_and_si512(q, m4);
             zh[k] = _mm512_and_si512(_mm512_srli_epi16(q, 4), m4);
+            if (five) {
+                /* sub-block 2c takes bit 2c of qh, 2c+1 bit 2c+1, as bit 4 of the value */
+                __m512i qh = kq_pair(w0, a->w_row_bytes, k, rows, 16);
+                zl[k] = _mm512_ternarylogic_epi32(zl[k], kq_bit_to(qh, 2 * c, 4), m10, 0xF8);
+                zh[k] = _mm512_ternarylogic_epi32(zh[k], kq_bit_to(qh, 2 * c + 1, 4), m10, 0xF8);
+            }
         }
         kq_tr16x8(ix, zl, rb + 512 * (2 * c));
         kq_tr16x8(ix, zh, rb + 512 * (2 * c + 1));
     }
-    _Alignas(64) int32_t sc[8][16], mn[8][16];
-    _Alignas(32) uint16_t d[16], dm[16];
-    memset(sc, 0, sizeof sc);
-    memset(mn, 0, sizeof mn);
-    memset(d, 0, sizeof d);
-    memset(dm, 0, sizeof dm);
+    kq_tail t;
+    memset(&t, 0, sizeof t);
     for (int r = 0; r < rows; r++) {
         const uint8_t *wb = w0 + (size_t)r * a->w_row_bytes;
         uint8_t s8[8], m8[8];
         q4k_scales_mins(wb + 4, s8, m8);
 #pragma GCC unroll 8
         for (int j = 0; j < 8; j++) {
-            sc[j][r] = s8[j];
-            mn[j][r] = (int32_t)((uint32_t)m8[j] | ((uint32_t)m8[j] << 16));
+            t.sc[j][r] = s8[j];
+            t.pr[j][r] = kq_pair16(m8[j], m8[j]);
         }
-        d[r] = kq_u16(wb);
-        dm[r] = kq_u16(wb + 2);
+        t.d[r] = kq_u16(wb);
+        t.dm[r] = kq_u16(wb + 2);
     }
-    memcpy(rb + Q4K_SC, sc, sizeof sc);
-    memcpy(rb + Q4K_MN, mn, sizeof mn);
-    _mm512_store_ps((float *)(void *)(rb + Q4K_D), _mm512_cvtph_ps(_mm256_load_si256((const __m256i *)(const void *)d)));
-    _mm512_store_ps((float *)(void *)(rb + Q4K_DMIN),
-                    _mm512_cvtph_ps(_mm256_load_si256((const __m256i *)(const void *)dm)));
+    kq_tail_store(&t, kind, rb);
 }
 
 /* Q6_K: values q + 32 (0..63), as the AVX2 dot unpacks them. */
@@ -184,34 +246,83 @@ TGT INLINE void q6k_repack_sb(const kern_mm_args *a, const kq_idx *ix, int64_t o
                 __m512i qh = kq_pair(w0, a->w_row_bytes, k, rows, 128 + 32 * (size_t)h);
                 __m512i lo = q < 2 ? _mm512_and_si512(ql, m4) : _mm512_and_si512(_mm512_srli_epi16(ql, 4), m4);
                 /* bits 2q, 2q+1 of qh to bits 4, 5 */
-                __m512i hb = q == 0   ? _mm512_slli_epi16(qh, 4)
-                             : q == 1 ? _mm512_slli_epi16(qh, 2)
-                             : q == 2 ? qh
-                                      : _mm512_srli_epi16(qh, 2);
-                z[k] = _mm512_or_si512(lo, _mm512_and_si512(hb, m30));
+                z[k] = _mm512_or_si512(lo, _mm512_and_si512(kq_bit_to(qh, 2 * q, 4), m30));
             }
             kq_tr16x8(ix, z, rb + 512 * (4 * h + q));
         }
     }
-    _Alignas(64) int32_t sc[16][16], scp[8][16];
-    _Alignas(32) uint16_t d[16];
-    memset(sc, 0, sizeof sc);
-    memset(scp, 0, sizeof scp);
-    memset(d, 0, sizeof d);
+    kq_tail t;
+    memset(&t, 0, sizeof t);
     for (int r = 0; r < rows; r++) {
         const uint8_t *wb = w0 + (size_t)r * a->w_row_bytes;
-        const int8_t *s = (const int8_t *)(wb + 192);
+        const int8_t *sc = (const int8_t *)(wb + 192);
 #pragma GCC unroll 16
         for (int g = 0; g < 16; g++)
-            sc[g][r] = s[g];
+            t.sc[g][r] = sc[g];
 #pragma GCC unroll 8
         for (int p = 0; p < 8; p++)
-            scp[p][r] = (int32_t)((uint32_t)(uint16_t)s[2 * p] | ((uint32_t)(uint16_t)s[2 * p + 1] << 16));
-        d[r] = kq_u16(wb + 208);
+            t.pr[p][r] = kq_pair16(sc[2 * p], sc[2 * p + 1]);
+        t.d[r] = kq_u16(wb + 208);
     }
-    memcpy(rb + Q6K_SC, sc, sizeof sc);
-    memcpy(rb + Q6K_SCP, scp, sizeof scp);
-    _mm512_store_ps((float *)(void *)(rb + Q6K_D), _mm512_cvtph_ps(_mm256_load_si256((const __m256i *)(const void *)d)));
+    kq_tail_store(&t, KQ_Q6_K, rb);
+}
+
+/* Q3_K (hmask[32], qs[64], 12 scale bytes, d) and Q2_K (16 scale/min bytes, qs[64], d, dmin):
+ * 2-bit values, chunk c of 32 values from qs[32 (c / 4) ..] >> 2 (c % 4); Q3_K adds 4 where bit c
+ * of hmask is set (0..7: the value + 4, as the signed value is q - 4 where the bit is clear). */
+TGT INLINE void q23k_repack_sb(const kern_mm_args *a, const kq_idx *ix, int64_t o, int rows, int64_t b,
+                               uint8_t *rb, kq_kind kind)
+{
+    const int three = kind == KQ_Q3_K;
+    const uint8_t *w0 = a->W + (size_t)o * a->w_row_bytes + (size_t)b * kq_block_bytes(kind);
+    const size_t qs_off = three ? 32 : 16;
+    const __m512i m3 = _mm512_set1_epi8(0x03), m04 = _mm512_set1_epi8(0x04);
+    __m512i z[8];
+    for (int c = 0; c < 8; c++) {
+#pragma GCC unroll 8
+        for (int k = 0; k < 8; k++) {
+            __m512i q = kq_pair(w0, a->w_row_bytes, k, rows, qs_off + 32 * (size_t)(c / 4));
+            z[k] = _mm512_and_si512(_mm512_srli_epi16(q, (unsigned)(2 * (c % 4))), m3);
+            if (three) {
+                __m512i hm = kq_pair(w0, a->w_row_bytes, k, rows, 0);
+                z[k] = _mm512_ternarylogic_epi32(z[k], kq_bit_to(hm, c, 2), m04, 0xF8);
+            }
+        }
+        kq_tr16x8(ix, z, rb + 512 * c);
+    }
+    kq_tail t;
+    memset(&t, 0, sizeof t);
+    for (int r = 0; r < rows; r++) {
+        const uint8_t *wb = w0 + (size_t)r * a->w_row_bytes;
+        if (three) {
+            int8_t sc[16];
+            forge_k3_scales(wb + 96, sc);
+            for (int g = 0; g < 16; g++)
+                t.sc[g][r] = sc[g];
+            for (int p = 0; p < 8; p++)
+                t.pr[p][r] = kq_pair16(sc[2 * p], sc[2 * p + 1]);
+            t.d[r] = kq_u16(wb + 108);
+        } else {
+            for (int g = 0; g < 16; g++)
+                t.sc[g][r] = wb[g] & 0xF;
+            for (int p = 0; p < 8; p++)
+                t.pr[p][r] = kq_pair16(wb[2 * p] >> 4, wb[2 * p + 1] >> 4);
+            t.d[r] = kq_u16(wb + 80);
+            t.dm[r] = kq_u16(wb + 82);
+        }
+    }
+    kq_tail_store(&t, kind, rb);
+}
+
+TGT INLINE void kq_repack_sb(const kern_mm_args *a, const kq_idx *ix, int64_t o, int rows, int64_t b,
+                             uint8_t *rb, kq_kind kind)
+{
+    if (kind == KQ_Q6_K)
+        q6k_repack_sb(a, ix, o, rows, b, rb);
+    else if (kind == KQ_Q4_K || kind == KQ_Q5_K)
+        q45k_repack_sb(a, ix, o, rows, b, rb, kind);
+    else
+        q23k_repack_sb(a, ix, o, rows, b, rb, kind);
 }
 
 TGT INLINE __m512i kq_bcast(const uint8_t *p)
@@ -230,10 +341,11 @@ TGT INLINE float kq_f32(const uint8_t *p)
 
 /* 16 repacked rows x T tokens over all super-blocks; stores the valid rows of each token. */
 TGT INLINE void kq_tile(const kern_mm_args *a, const uint8_t *rep, int64_t o, __mmask16 rmask,
-                        int64_t t0, int T, int is_q6)
+                        int64_t t0, int T, kq_kind kind)
 {
     const int64_t nsb = a->n_in / 256;
-    const size_t sbb = is_q6 ? Q6K_SB : Q4K_SB;
+    const size_t sbb = kq_sb_bytes(kind);
+    const int g16 = kq_groups16(kind);
     const uint8_t *x[KQ_TOK];
     __m512 acc[KQ_TOK];
 #pragma GCC unroll 8
@@ -249,7 +361,7 @@ TGT INLINE void kq_tile(const kern_mm_args *a, const uint8_t *rep, int64_t o, __
         for (int t = 0; t < T; t++)
             isum[t] = _mm512_setzero_si512();
         /* sub-blocks of 32 (Q4_K) or groups of 16 (Q6_K) */
-        const int n_sub = is_q6 ? 16 : 8, per_sub = is_q6 ? 4 : 8;
+        const int n_sub = g16 ? 16 : 8, per_sub = g16 ? 4 : 8;
         for (int j = 0; j < n_sub; j++) {
 #pragma GCC unroll 8
         for (int t = 0; t < T; t++)
@@ -262,7 +374,7 @@ TGT INLINE void kq_tile(const kern_mm_args *a, const uint8_t *rep, int64_t o, __
         for (int t = 0; t < T; t++)
                     s[t] = _mm512_dpbusd_epi32(s[t], w, kq_bcast(x[t] + yo + Q8K_QS + 4 * gi));
             }
-            __m512i sc = _mm512_load_si512((const void *)(rb + (is_q6 ? Q6K_SC : Q4K_SC) + 64 * j));
+            __m512i sc = _mm512_load_si512((const void *)(rb + kq_off_sc(kind) + 64 * j));
 #pragma GCC unroll 8
         for (int t = 0; t < T; t++)
                 isum[t] = _mm512_add_epi32(isum[t], _mm512_mullo_epi32(s[t], sc));
@@ -273,22 +385,24 @@ TGT INLINE void kq_tile(const kern_mm_args *a, const uint8_t *rep, int64_t o, __
             s[t] = _mm512_setzero_si512();
 #pragma GCC unroll 8
         for (int p = 0; p < 8; p++) {
-            __m512i m = _mm512_load_si512((const void *)(rb + (is_q6 ? Q6K_SCP : Q4K_MN) + 64 * p));
+            __m512i m = _mm512_load_si512((const void *)(rb + kq_off_pairs(kind) + 64 * p));
 #pragma GCC unroll 8
         for (int t = 0; t < T; t++)
                 s[t] = _mm512_dpwssd_epi32(s[t], m, kq_bcast(x[t] + yo + Q8K_BSUM + 4 * p));
         }
-        if (is_q6) {
-            const __m512 d = _mm512_load_ps((const float *)(const void *)(rb + Q6K_D));
+        if (!kq_has_min(kind)) {
+            /* the offset: 32 (Q6_K) or 4 (Q3_K) times sum_g scale_g * bsum_g */
+            const unsigned shift = kind == KQ_Q6_K ? 5 : 2;
+            const __m512 d = _mm512_load_ps((const float *)(const void *)(rb + kq_off_d(kind)));
 #pragma GCC unroll 8
         for (int t = 0; t < T; t++) {
                 __m512 dy = _mm512_set1_ps(kq_f32(x[t] + yo));
-                __m512i is = _mm512_sub_epi32(isum[t], _mm512_slli_epi32(s[t], 5));
+                __m512i is = _mm512_sub_epi32(isum[t], _mm512_slli_epi32(s[t], shift));
                 acc[t] = _mm512_add_ps(acc[t], _mm512_mul_ps(_mm512_mul_ps(d, dy), _mm512_cvtepi32_ps(is)));
             }
         } else {
-            const __m512 d = _mm512_load_ps((const float *)(const void *)(rb + Q4K_D));
-            const __m512 dm = _mm512_load_ps((const float *)(const void *)(rb + Q4K_DMIN));
+            const __m512 d = _mm512_load_ps((const float *)(const void *)(rb + kq_off_d(kind)));
+            const __m512 dm = _mm512_load_ps((const float *)(const void *)(rb + kq_off_dmin(kind)));
 #pragma GCC unroll 8
         for (int t = 0; t < T; t++) {
                 __m512 dy = _mm512_set1_ps(kq_f32(x[t] + yo));
@@ -303,7 +417,7 @@ TGT INLINE void kq_tile(const kern_mm_args *a, const uint8_t *rep, int64_t o, __
         _mm512_mask_storeu_ps(a->Y + (t0 + t) * a->n_out + o, rmask, acc[t]);
 }
 
-TGT INLINE void kq_rows_ntok(const kern_mm_args *a, int64_t r0, int64_t r1, void *work, int is_q6)
+TGT INLINE void kq_rows_ntok(const kern_mm_args *a, int64_t r0, int64_t r1, void *work, kq_kind kind)
 {
     uint8_t *rep = work;
     const int64_t nsb = a->n_in / 256;
@@ -312,21 +426,17 @@ TGT INLINE void kq_rows_ntok(const kern_mm_args *a, int64_t r0, int64_t r1, void
     for (int64_t o = r0; o < r1; o += KQ_ROWS) {
         int rows = r1 - o < KQ_ROWS ? (int)(r1 - o) : KQ_ROWS;
         __mmask16 rmask = (__mmask16)((1u << rows) - 1);
-        for (int64_t b = 0; b < nsb; b++) {
-            if (is_q6)
-                q6k_repack_sb(a, &ix, o, rows, b, rep + (size_t)b * Q6K_SB);
-            else
-                q4k_repack_sb(a, &ix, o, rows, b, rep + (size_t)b * Q4K_SB);
-        }
+        for (int64_t b = 0; b < nsb; b++)
+            kq_repack_sb(a, &ix, o, rows, b, rep + (size_t)b * kq_sb_bytes(kind), kind);
         int64_t t = 0;
         for (; t + KQ_TOK <= a->n_tok; t += KQ_TOK)
-            kq_tile(a, rep, o, rmask, t, KQ_TOK, is_q6);
+            kq_tile(a, rep, o, rmask, t, KQ_TOK, kind);
         if (t + 4 <= a->n_tok) {
-            kq_tile(a, rep, o, rmask, t, 4, is_q6);
+            kq_tile(a, rep, o, rmask, t, 4, kind);
             t += 4;
         }
         for (; t < a->n_tok; t++)
-            kq_tile(a, rep, o, rmask, t, 1, is_q6);
+            kq_tile(a, rep, o, rmask, t, 1, kind);
     }
 }
 
@@ -342,48 +452,62 @@ static void kq_rows_dot(const kern_mm_args *a, int64_t r0, int64_t r1)
 
 _Static_assert(KQ_TILE_MIN_TOK == KQ_DECODE_MAX_TOK + 1, "decode takes what the tiles leave");
 
-TGT static void mm_q4_k_avx512(const kern_mm_args *a, int64_t r0, int64_t r1, void *work)
-{
-    if (a->n_tok >= KQ_TILE_MIN_TOK)
-        kq_rows_ntok(a, r0, r1, work, 0);
-    else if (kern_kq_decode_supported())
-        kern_kq_decode(a, r0, r1, work, 0);
-    else
-        kq_rows_dot(a, r0, r1);
-}
-
-TGT static void mm_q6_k_avx512(const kern_mm_args *a, int64_t r0, int64_t r1, void *work)
-{
-    if (a->n_tok >= KQ_TILE_MIN_TOK)
-        kq_rows_ntok(a, r0, r1, work, 1);
-    else if (kern_kq_decode_supported())
-        kern_kq_decode(a, r0, r1, work, 1);
-    else
-        kq_rows_dot(a, r0, r1);
-}
+/* One entry per type: prompts through the tiles; decode through the four-row kernels where
+ * matvec_kq_avx512.c has one (Q4_K, Q5_K, Q6_K) and the CPU runs it, else the one-row dot. */
+#define KQ_MM(name, kind)                                                                          \
+    TGT static void name(const kern_mm_args *a, int64_t r0, int64_t r1, void *work)               \
+    {                                                                                              \
+        if (a->n_tok >= KQ_TILE_MIN_TOK)                                                           \
+            kq_rows_ntok(a, r0, r1, work, kind);                                                   \
+        else if (kern_kq_decode_has(kind))                                                         \
+            kern_kq_decode(a, r0, r1, work, kind);                                                 \
+        else                                                                                       \
+            kq_rows_dot(a, r0, r1);                                                                \
+    }
+KQ_MM(mm_q2_k_avx512, KQ_Q2_K)
+KQ_MM(mm_q3_k_avx512, KQ_Q3_K)
+KQ_MM(mm_q4_k_avx512, KQ_Q4_K)
+KQ_MM(mm_q5_k_avx512, KQ_Q5_K)
+KQ_MM(mm_q6_k_avx512, KQ_Q6_K)
 
 kern_mm_kernel kern_mm_lookup_kq_avx512(int wtype)
 {
     kern_mm_kernel k = {0};
     const forge_type_traits *tr = forge_type_traits_get(wtype);
     const forge_type_traits *xt = forge_type_traits_get(GGML_TYPE_Q8_K);
-    if (!kern_cpu_has_avx512vnni() || !tr || !xt || !tr->vec_dot_avx512) return k;
+    if (!kern_cpu_has_avx512vnni() || !tr || !xt) return k;
+    kq_kind kind;
     switch (wtype) {
+    case GGML_TYPE_Q2_K:
+        k.mm = mm_q2_k_avx512;
+        kind = KQ_Q2_K;
+        break;
+    case GGML_TYPE_Q3_K:
+        k.mm = mm_q3_k_avx512;
+        kind = KQ_Q3_K;
+        break;
     case GGML_TYPE_Q4_K:
         k.mm = mm_q4_k_avx512;
-        k.work_bytes_per_32 = Q4K_SB / 8 > KQ_DECODE_WORK_PER_32 ? Q4K_SB / 8 : KQ_DECODE_WORK_PER_32;
+        kind = KQ_Q4_K;
+        break;
+    case GGML_TYPE_Q5_K:
+        k.mm = mm_q5_k_avx512;
+        kind = KQ_Q5_K;
         break;
     case GGML_TYPE_Q6_K:
         k.mm = mm_q6_k_avx512;
-        k.work_bytes_per_32 = Q6K_SB / 8;
+        kind = KQ_Q6_K;
         break;
     default:
         return k;
     }
-    k.dot = tr->vec_dot_avx512;
+    k.work_bytes_per_32 = kq_sb_bytes(kind) / 8 > KQ_DECODE_WORK_PER_32 ? kq_sb_bytes(kind) / 8 : KQ_DECODE_WORK_PER_32;
+    /* the one-row dot of decode: the best the traits table has (all give the same bits) */
+    k.dot = tr->vec_dot_avx512 ? tr->vec_dot_avx512 : tr->vec_dot_avx2 ? tr->vec_dot_avx2 : tr->vec_dot;
     k.cvt = tr->quantize_act;
     k.xc_block = xt->block_size;
     k.xc_block_bytes = xt->block_bytes;
+    if (!k.dot || !k.cvt) return (kern_mm_kernel){0};
     return k;
 }
 

@@ -1,6 +1,6 @@
 /* matvec_kq_avx512.c - AVX-512 decode kernels (fewer than KQ_TILE_MIN_TOK tokens) for K-quant
  * weights (Q4_K, Q6_K) with Q8_K activations; x86-64 only, compiled with target attributes and
- * used only when the CPU has VNNI, VBMI and GFNI (kern_kq_decode_supported).
+ * used only when the CPU has VNNI, VBMI and GFNI (kern_kq_decode_has).
  *
  * The weights are read as they lie in the file (decode is one pass over memory, a repack would
  * cost more than it saves), four rows at a time, so that the work around the integer dot
@@ -39,7 +39,6 @@
 #define KD_ROWS 4
 #define Q8K_QS 4
 #define Q8K_BSUM 260
-#define Q4K_BYTES 144
 #define Q6K_BYTES 210
 /* Prepared Q4_K activations per super-block: 256 values in nibble order, the 8 pair sums of
  * bsums (int16) four times, dy. */
@@ -47,9 +46,11 @@
 #define KD_X_BS8 256
 #define KD_X_DY 320
 
-int kern_kq_decode_supported(void)
+int kern_kq_decode_has(kq_kind kind)
 {
-    return kern_cpu_has_avx512vnni() && kern_cpu_has_avx512vbmi() && kern_cpu_has_gfni();
+    static int cpu = -1; /* racing first calls store the same value */
+    if (cpu < 0) cpu = kern_cpu_has_avx512vnni() && kern_cpu_has_avx512vbmi() && kern_cpu_has_gfni();
+    return cpu && (kind == KQ_Q4_K || kind == KQ_Q5_K || kind == KQ_Q6_K);
 }
 
 typedef struct kd_consts {
@@ -136,18 +137,26 @@ TGT static void kd_prep_q4k(const uint8_t *x, int64_t nsb, uint8_t *out)
 }
 
 /* Rows o..o+3 (all valid) against one prepared token: returns the four sums. */
-TGT INLINE __m128 kd_q4k_rows4(const kd_consts *c, const kern_mm_args *a, int64_t o, const uint8_t *xp,
-                               int64_t nsb, const uint8_t *pf)
+TGT INLINE __m128 kd_q45k_rows4(const kd_consts *c, const kern_mm_args *a, int64_t o, const uint8_t *xp,
+                                int64_t nsb, const uint8_t *pf, int five)
 {
+    const size_t bytes = five ? 176 : 144;
     const __m512i m4 = _mm512_set1_epi8(0x0F), hi_gf = _mm512_set1_epi64(0x1020408000000000LL);
+    const __m512i m10 = _mm512_set1_epi8(0x10);
+    /* Q5_K: bit k of qh is bit 4 of sub-block k's values; vector v holds sub-blocks
+     * (0,2), (1,3), (4,6), (5,7): shift counts per 256-bit half to bring bit k to bit 4 */
+    const __m512i h_sl[2] = {_mm512_inserti64x4(_mm512_set1_epi16(4), _mm256_set1_epi16(2), 1),
+                             _mm512_inserti64x4(_mm512_set1_epi16(3), _mm256_set1_epi16(1), 1)};
+    const __m512i h_sr[2] = {_mm512_inserti64x4(_mm512_setzero_si512(), _mm256_set1_epi16(2), 1),
+                             _mm512_inserti64x4(_mm512_set1_epi16(1), _mm256_set1_epi16(3), 1)};
     const __m512i m3f = _mm512_set1_epi8(0x3F);
     const __m512i sel = _mm512_set4_epi32(0x0F0F0F0F, 0x3F3F3F3F, 0x0F0F0F0F, 0x3F3F3F3F);
     const __m512i sh4 = _mm512_set4_epi32(4, 0, 0, 0);
     const size_t rb = a->w_row_bytes;
     const uint8_t *w = a->W + (size_t)o * rb;
     __m128 sumf = _mm_setzero_ps();
-    for (int64_t b = 0; b < nsb; b++, w += Q4K_BYTES, xp += KD_X_BYTES) {
-        kd_prefetch(pf, b, KD_ROWS * Q4K_BYTES);
+    for (int64_t b = 0; b < nsb; b++, w += bytes, xp += KD_X_BYTES) {
+        kd_prefetch(pf, b, KD_ROWS * bytes);
         /* lane r: row r's header: d, dmin, 12 scale bytes */
         __m512i h = _mm512_castsi128_si512(_mm_loadu_si128((const __m128i *)(const void *)w));
         h = _mm512_inserti32x4(h, _mm_loadu_si128((const __m128i *)(const void *)(w + rb)), 1);
@@ -163,10 +172,19 @@ TGT INLINE __m128 kd_q4k_rows4(const kd_consts *c, const kern_mm_args *a, int64_
         __m512i acc[KD_ROWS];
 #pragma GCC unroll 4
         for (int r = 0; r < KD_ROWS; r++) {
-            const uint8_t *wr = w + (size_t)r * rb + 16;
+            const uint8_t *wr = w + (size_t)r * rb + (five ? 48 : 16);
             __m512i q0 = _mm512_loadu_si512((const void *)wr), q1 = _mm512_loadu_si512((const void *)(wr + 64));
             __m512i v[4] = {_mm512_and_si512(q0, m4), _mm512_gf2p8affine_epi64_epi8(q0, hi_gf, 0),
                             _mm512_and_si512(q1, m4), _mm512_gf2p8affine_epi64_epi8(q1, hi_gf, 0)};
+            if (five) {
+                __m512i qh = _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i *)(const void *)(w + (size_t)r * rb + 16)));
+                /* v[0]: bits 0 | 2, v[1]: 1 | 3 (left shifts 4 | 2, 3 | 1); v[2]: 4 | 6, v[3]: 5 | 7
+                 * (right shifts 0 | 2, 1 | 3) */
+                v[0] = _mm512_ternarylogic_epi32(v[0], _mm512_sllv_epi16(qh, h_sl[0]), m10, 0xF8);
+                v[1] = _mm512_ternarylogic_epi32(v[1], _mm512_sllv_epi16(qh, h_sl[1]), m10, 0xF8);
+                v[2] = _mm512_ternarylogic_epi32(v[2], _mm512_srlv_epi16(qh, h_sr[0]), m10, 0xF8);
+                v[3] = _mm512_ternarylogic_epi32(v[3], _mm512_srlv_epi16(qh, h_sr[1]), m10, 0xF8);
+            }
             /* v[k] pairs with activation vector: lo(q0) = (0,2) -> 0, hi(q0) = (1,3) -> 1, ... */
             __m512i s = _mm512_setzero_si512();
 #pragma GCC unroll 4
@@ -244,7 +262,7 @@ TGT INLINE __m128 kd_q6k_rows4(const kd_consts *c, const kern_mm_args *a, int64_
 
 /* ---- driver ------------------------------------------------------------------------------ */
 
-TGT static void kd_rows(const kern_mm_args *a, int64_t r0, int64_t r1, void *work, int is_q6)
+TGT static void kd_rows(const kern_mm_args *a, int64_t r0, int64_t r1, void *work, kq_kind kind)
 {
     const int64_t nsb = a->n_in / FORGE_QK_K;
     kd_consts c;
@@ -252,7 +270,7 @@ TGT static void kd_rows(const kern_mm_args *a, int64_t r0, int64_t r1, void *wor
     const uint8_t *xp[KQ_DECODE_MAX_TOK];
     for (int64_t t = 0; t < a->n_tok; t++) {
         const uint8_t *x = a->Xc + (size_t)t * a->xc_row_bytes;
-        if (is_q6) {
+        if (kind == KQ_Q6_K) {
             xp[t] = x;
         } else {
             uint8_t *p = (uint8_t *)work + (size_t)t * (size_t)nsb * KD_X_BYTES;
@@ -266,7 +284,9 @@ TGT static void kd_rows(const kern_mm_args *a, int64_t r0, int64_t r1, void *wor
     for (; o + KD_ROWS <= r1; o += KD_ROWS) {
         for (int64_t t = 0; t < a->n_tok; t++) {
             const uint8_t *pf = t == 0 ? a->W + (size_t)o * a->w_row_bytes + ahead : NULL;
-            __m128 s = is_q6 ? kd_q6k_rows4(&c, a, o, xp[t], nsb, pf) : kd_q4k_rows4(&c, a, o, xp[t], nsb, pf);
+            __m128 s = kind == KQ_Q6_K   ? kd_q6k_rows4(&c, a, o, xp[t], nsb, pf)
+                       : kind == KQ_Q5_K ? kd_q45k_rows4(&c, a, o, xp[t], nsb, pf, 1)
+                                         : kd_q45k_rows4(&c, a, o, xp[t], nsb, pf, 0);
             _mm_storeu_ps(a->Y + t * a->n_out + o, s);
         }
     }
@@ -278,25 +298,26 @@ TGT static void kd_rows(const kern_mm_args *a, int64_t r0, int64_t r1, void *wor
     }
 }
 
-void kern_kq_decode(const kern_mm_args *a, int64_t r0, int64_t r1, void *work, int is_q6)
+void kern_kq_decode(const kern_mm_args *a, int64_t r0, int64_t r1, void *work, kq_kind kind)
 {
-    kd_rows(a, r0, r1, work, is_q6);
+    kd_rows(a, r0, r1, work, kind);
 }
 
 #else /* not x86-64 */
 
-int kern_kq_decode_supported(void)
+int kern_kq_decode_has(kq_kind kind)
 {
+    (void)kind;
     return 0;
 }
 
-void kern_kq_decode(const kern_mm_args *a, int64_t r0, int64_t r1, void *work, int is_q6)
+void kern_kq_decode(const kern_mm_args *a, int64_t r0, int64_t r1, void *work, kq_kind kind)
 {
     (void)a;
     (void)r0;
     (void)r1;
     (void)work;
-    (void)is_q6;
+    (void)kind;
 }
 
 #endif
