@@ -1041,6 +1041,7 @@ kern_mm_kernel kern_mm_lookup_avx512(int wtype)
     case GGML_TYPE_Q4_K:
     case GGML_TYPE_Q5_K:
     case GGML_TYPE_Q6_K:
+    case GGML_TYPE_IQ4_XS:
         return kern_mm_lookup_kq_avx512(wtype);
     default:
         break;

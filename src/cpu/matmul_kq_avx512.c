@@ -1,21 +1,23 @@
-/* matmul_kq_avx512.c - AVX-512 VNNI row kernels for kern_matmul with K-quant weights (Q4_K, Q6_K;
- * activations quantized to Q8_K as ggml does). x86-64 only, compiled with target attributes;
- * matmul_avx512.c's lookup hands these out only when the CPU has VNNI.
+/* matmul_kq_avx512.c - AVX-512 VNNI row kernels for kern_matmul with super-block weights of 256
+ * and Q8_K activations (as ggml): Q2_K, Q3_K, Q4_K, Q5_K, Q6_K and IQ4_XS. x86-64 only, compiled
+ * with target attributes; matmul_avx512.c's lookup hands these out only when the CPU has VNNI.
  *
  * Prompts (n_tok >= KQ_TILE_MIN_TOK): 16 weight rows are repacked per call into this thread's
  * scratch, per super-block of 256: the unpacked unsigned values with row r in 32-bit lane r
  * (64 vectors of 4 values per row; a 16x8 dword transpose by vpermt2d per 32 values), then the
- * sub-block scales as int32 lanes, the mins (Q4_K) or scales (Q6_K) as int16 pairs, and the
- * fp16 block scales as floats. A register tile of 16 rows x 8 tokens then reuses each repacked
+ * sub-block or group scales as int32 lanes, the mins or scales as int16 pairs, and the fp16
+ * block scales as floats. A register tile of 16 rows x 8 tokens then reuses each repacked
  * vector 8 times: one vpdpbusd with a broadcast of 4 activation bytes advances 16 rows of one
- * token; each sub-block's sum is multiplied by its scale (vpmulld) and the mins (Q4_K) or the
- * -32 offset (Q6_K) go through the activations' bsums (vpdpwssd).
+ * token; each sub-block's sum is multiplied by its scale (vpmulld) and the mins (Q4_K, Q5_K,
+ * Q2_K) or the offset of the unsigned values (Q6_K 32, Q3_K 4, IQ4_XS 128) go through the
+ * activations' bsums (vpdpwssd). One tile serves all six; the kind picks the layout.
  * Every integer per (row, super-block) is the exact value the one-row dot products of
- * src/cpu/vecdot_avx2.c compute, and the float step per super-block is their expression, in
- * their order (sumf + ((d * dy) * isum - (dmin * dy) * summ) for Q4_K, sumf + (d * dy) * isum
- * for Q6_K; the build does not contract to fma), so a row gets the same bits as when its token
- * runs alone through the dot product (tests/test_batch_invariance.c).
- * Fewer tokens (decode): the traits table's one-row dot product, row by row. */
+ * src/quant/vecdot.c and src/cpu/vecdot_avx2.c compute, and the float step per super-block is
+ * their expression, in their order (sumf + ((d * dy) * isum - (dmin * dy) * summ) with mins,
+ * sumf + (d * dy) * isum without; the build does not contract to fma), so a row gets the same
+ * bits as when its token runs alone through the dot product (tests/test_batch_invariance.c).
+ * Fewer tokens (decode): the four-row kernels of matvec_kq_avx512.c (Q4_K, Q5_K, Q6_K) or the
+ * traits table's one-row dot product, row by row. */
 #include <string.h>
 
 #include "cpu/kern_impl.h"
@@ -33,11 +35,11 @@
 #define Q8K_QS 4    /* offset of the int8 values in a Q8_K block */
 #define Q8K_BSUM 260 /* offset of the 16 int16 group sums */
 
-/* Repacked super-block of 16 rows: 64 vectors of values (4096 bytes), then the int32 scale of each
- * sub-block (8 of 32 values: Q4_K, Q5_K) or group (16 of 16: Q6_K, Q3_K, Q2_K) per row, 8 vectors
- * of int16 pairs against the bsum pairs (mins: Q4_K, Q5_K as (min j, min j), Q2_K as (min 2p,
- * min 2p+1); scales: Q6_K, Q3_K as (scale 2p, scale 2p+1)), the fp16 block scale d and, for the
- * types with mins, dmin, as floats. */
+/* Repacked super-block of 16 rows: 64 vectors of values (4096 bytes); the int32 scale of each
+ * sub-block (8 of 32 values: Q4_K, Q5_K, IQ4_XS) or group (16 of 16: Q6_K, Q3_K, Q2_K) per row;
+ * 8 vectors of int16 pairs against the bsum pairs (mins: Q4_K, Q5_K as (min j, min j), Q2_K as
+ * (min 2p, min 2p+1); scales: Q6_K, Q3_K as (scale 2p, scale 2p+1), IQ4_XS as (scale j, scale
+ * j)); the fp16 block scale d and, for the types with mins, dmin, as floats. */
 #define KQ_W_BYTES 4096
 INLINE int kq_groups16(kq_kind k)
 {
@@ -72,7 +74,12 @@ INLINE size_t kq_sb_bytes(kq_kind k)
 /* bytes of one super-block of the packed types */
 INLINE size_t kq_block_bytes(kq_kind k)
 {
-    return k == KQ_Q4_K ? 144 : k == KQ_Q5_K ? 176 : k == KQ_Q6_K ? 210 : k == KQ_Q3_K ? 110 : 84;
+    return k == KQ_Q4_K    ? 144
+           : k == KQ_Q5_K  ? 176
+           : k == KQ_Q6_K  ? 210
+           : k == KQ_Q3_K  ? 110
+           : k == KQ_IQ4_XS ? 136
+                           : 84;
 }
 
 /* Index vectors of the 16x8 dword transpose (kq_tr16x8). */
@@ -314,6 +321,48 @@ TGT INLINE void q23k_repack_sb(const kern_mm_args *a, const kq_idx *ix, int64_t 
     kq_tail_store(&t, kind, rb);
 }
 
+/* IQ4_XS (d, scales_h, scales_l[4], qs[128]): sub-block j's 16 bytes give values 0-15 (low
+ * nibbles) and 16-31 (high) through the IQ4_NL table, stored + 128 (1..241); the offset 128 goes
+ * through the bsums as Q6_K's 32. */
+TGT INLINE void iq4xs_repack_sb(const kern_mm_args *a, const kq_idx *ix, int64_t o, int rows, int64_t b,
+                                uint8_t *rb)
+{
+    const size_t rbytes = a->w_row_bytes;
+    const uint8_t *w0 = a->W + (size_t)o * rbytes + (size_t)b * 136;
+    const __m512i m4 = _mm512_set1_epi8(0x0F);
+    const __m512i shift = _mm512_set_epi64(4, 4, 0, 0, 4, 4, 0, 0); /* lanes 1, 3: high nibbles */
+    __m128i tv = _mm_loadu_si128((const __m128i *)(const void *)forge_iq4nl_values);
+    const __m512i tbl = _mm512_broadcast_i32x4(_mm_xor_si128(tv, _mm_set1_epi8((char)0x80)));
+    __m512i z[8];
+    for (int c = 0; c < 8; c++) {
+#pragma GCC unroll 8
+        for (int k = 0; k < 8; k++) {
+            __m128i lo = 2 * k < rows ? _mm_loadu_si128((const __m128i *)(const void *)(w0 + (size_t)(2 * k) * rbytes + 8 + 16 * (size_t)c))
+                                      : _mm_setzero_si128();
+            __m128i hi = 2 * k + 1 < rows
+                             ? _mm_loadu_si128((const __m128i *)(const void *)(w0 + (size_t)(2 * k + 1) * rbytes + 8 + 16 * (size_t)c))
+                             : _mm_setzero_si128();
+            __m512i q = _mm512_inserti32x4(_mm512_castsi128_si512(lo), lo, 1);
+            q = _mm512_inserti32x4(_mm512_inserti32x4(q, hi, 2), hi, 3);
+            z[k] = _mm512_shuffle_epi8(tbl, _mm512_and_si512(_mm512_srlv_epi64(q, shift), m4));
+        }
+        kq_tr16x8(ix, z, rb + 512 * c);
+    }
+    kq_tail t;
+    memset(&t, 0, sizeof t);
+    for (int r = 0; r < rows; r++) {
+        const uint8_t *wb = w0 + (size_t)r * rbytes;
+        const unsigned sh = kq_u16(wb + 2);
+        for (int j = 0; j < 8; j++) {
+            int sc = (((wb[4 + j / 2] >> (4 * (j % 2))) & 0xF) | (((sh >> (2 * j)) & 3) << 4)) - 32;
+            t.sc[j][r] = sc;
+            t.pr[j][r] = kq_pair16(sc, sc);
+        }
+        t.d[r] = kq_u16(wb);
+    }
+    kq_tail_store(&t, KQ_IQ4_XS, rb);
+}
+
 TGT INLINE void kq_repack_sb(const kern_mm_args *a, const kq_idx *ix, int64_t o, int rows, int64_t b,
                              uint8_t *rb, kq_kind kind)
 {
@@ -321,6 +370,8 @@ TGT INLINE void kq_repack_sb(const kern_mm_args *a, const kq_idx *ix, int64_t o,
         q6k_repack_sb(a, ix, o, rows, b, rb);
     else if (kind == KQ_Q4_K || kind == KQ_Q5_K)
         q45k_repack_sb(a, ix, o, rows, b, rb, kind);
+    else if (kind == KQ_IQ4_XS)
+        iq4xs_repack_sb(a, ix, o, rows, b, rb);
     else
         q23k_repack_sb(a, ix, o, rows, b, rb, kind);
 }
@@ -391,8 +442,8 @@ TGT INLINE void kq_tile(const kern_mm_args *a, const uint8_t *rep, int64_t o, __
                 s[t] = _mm512_dpwssd_epi32(s[t], m, kq_bcast(x[t] + yo + Q8K_BSUM + 4 * p));
         }
         if (!kq_has_min(kind)) {
-            /* the offset: 32 (Q6_K) or 4 (Q3_K) times sum_g scale_g * bsum_g */
-            const unsigned shift = kind == KQ_Q6_K ? 5 : 2;
+            /* the offset: 32 (Q6_K), 4 (Q3_K) or 128 (IQ4_XS) times sum_g scale_g * bsum_g */
+            const unsigned shift = kind == KQ_Q6_K ? 5 : kind == KQ_Q3_K ? 2 : 7;
             const __m512 d = _mm512_load_ps((const float *)(const void *)(rb + kq_off_d(kind)));
 #pragma GCC unroll 8
         for (int t = 0; t < T; t++) {
@@ -469,6 +520,7 @@ KQ_MM(mm_q3_k_avx512, KQ_Q3_K)
 KQ_MM(mm_q4_k_avx512, KQ_Q4_K)
 KQ_MM(mm_q5_k_avx512, KQ_Q5_K)
 KQ_MM(mm_q6_k_avx512, KQ_Q6_K)
+KQ_MM(mm_iq4_xs_avx512, KQ_IQ4_XS)
 
 kern_mm_kernel kern_mm_lookup_kq_avx512(int wtype)
 {
@@ -497,6 +549,10 @@ kern_mm_kernel kern_mm_lookup_kq_avx512(int wtype)
     case GGML_TYPE_Q6_K:
         k.mm = mm_q6_k_avx512;
         kind = KQ_Q6_K;
+        break;
+    case GGML_TYPE_IQ4_XS:
+        k.mm = mm_iq4_xs_avx512;
+        kind = KQ_IQ4_XS;
         break;
     default:
         return k;
