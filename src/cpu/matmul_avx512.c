@@ -1042,6 +1042,7 @@ kern_mm_kernel kern_mm_lookup_avx512(int wtype)
     case GGML_TYPE_Q5_K:
     case GGML_TYPE_Q6_K:
     case GGML_TYPE_IQ4_XS:
+    case GGML_TYPE_TQ2_0:
         return kern_mm_lookup_kq_avx512(wtype);
     default:
         break;

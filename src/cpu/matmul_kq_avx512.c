@@ -1,5 +1,5 @@
 /* matmul_kq_avx512.c - AVX-512 VNNI row kernels for kern_matmul with super-block weights of 256
- * and Q8_K activations (as ggml): Q2_K, Q3_K, Q4_K, Q5_K, Q6_K and IQ4_XS. x86-64 only, compiled
+ * and Q8_K activations (as ggml): Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, IQ4_XS and TQ2_0. x86-64 only, compiled
  * with target attributes; matmul_avx512.c's lookup hands these out only when the CPU has VNNI.
  *
  * Prompts (n_tok >= KQ_TILE_MIN_TOK): 16 weight rows are repacked per call into this thread's
@@ -9,8 +9,8 @@
  * block scales as floats. A register tile of 16 rows x 8 tokens then reuses each repacked
  * vector 8 times: one vpdpbusd with a broadcast of 4 activation bytes advances 16 rows of one
  * token; each sub-block's sum is multiplied by its scale (vpmulld) and the mins (Q4_K, Q5_K,
- * Q2_K) or the offset of the unsigned values (Q6_K 32, Q3_K 4, IQ4_XS 128) go through the
- * activations' bsums (vpdpwssd). One tile serves all six; the kind picks the layout.
+ * Q2_K) or the offset of the unsigned values (Q6_K 32, Q3_K 4, IQ4_XS 128, TQ2_0 1) go through
+ * the activations' bsums (vpdpwssd). One tile serves all seven; the kind picks the layout.
  * Every integer per (row, super-block) is the exact value the one-row dot products of
  * src/quant/vecdot.c and src/cpu/vecdot_avx2.c compute, and the float step per super-block is
  * their expression, in their order (sumf + ((d * dy) * isum - (dmin * dy) * summ) with mins,
@@ -79,6 +79,7 @@ INLINE size_t kq_block_bytes(kq_kind k)
            : k == KQ_Q6_K  ? 210
            : k == KQ_Q3_K  ? 110
            : k == KQ_IQ4_XS ? 136
+           : k == KQ_TQ2_0 ? 66
                            : 84;
 }
 
@@ -274,15 +275,16 @@ TGT INLINE void q6k_repack_sb(const kern_mm_args *a, const kq_idx *ix, int64_t o
     kq_tail_store(&t, KQ_Q6_K, rb);
 }
 
-/* Q3_K (hmask[32], qs[64], 12 scale bytes, d) and Q2_K (16 scale/min bytes, qs[64], d, dmin):
- * 2-bit values, chunk c of 32 values from qs[32 (c / 4) ..] >> 2 (c % 4); Q3_K adds 4 where bit c
- * of hmask is set (0..7: the value + 4, as the signed value is q - 4 where the bit is clear). */
+/* Q3_K (hmask[32], qs[64], 12 scale bytes, d), Q2_K (16 scale/min bytes, qs[64], d, dmin) and
+ * TQ2_0 (qs[64], d): 2-bit values, chunk c of 32 values from qs[32 (c / 4) ..] >> 2 (c % 4);
+ * Q3_K adds 4 where bit c of hmask is set (0..7: the value + 4, as the signed value is q - 4
+ * where the bit is clear); TQ2_0's value is q - 1 (scale 1 per sub-block of 32, offset 1). */
 TGT INLINE void q23k_repack_sb(const kern_mm_args *a, const kq_idx *ix, int64_t o, int rows, int64_t b,
                                uint8_t *rb, kq_kind kind)
 {
     const int three = kind == KQ_Q3_K;
     const uint8_t *w0 = a->W + (size_t)o * a->w_row_bytes + (size_t)b * kq_block_bytes(kind);
-    const size_t qs_off = three ? 32 : 16;
+    const size_t qs_off = three ? 32 : kind == KQ_TQ2_0 ? 0 : 16;
     const __m512i m3 = _mm512_set1_epi8(0x03), m04 = _mm512_set1_epi8(0x04);
     __m512i z[8];
     for (int c = 0; c < 8; c++) {
@@ -309,6 +311,12 @@ TGT INLINE void q23k_repack_sb(const kern_mm_args *a, const kq_idx *ix, int64_t 
             for (int p = 0; p < 8; p++)
                 t.pr[p][r] = kq_pair16(sc[2 * p], sc[2 * p + 1]);
             t.d[r] = kq_u16(wb + 108);
+        } else if (kind == KQ_TQ2_0) {
+            for (int j = 0; j < 8; j++) {
+                t.sc[j][r] = 1;
+                t.pr[j][r] = kq_pair16(1, 1);
+            }
+            t.d[r] = kq_u16(wb + 64);
         } else {
             for (int g = 0; g < 16; g++)
                 t.sc[g][r] = wb[g] & 0xF;
@@ -442,8 +450,10 @@ TGT INLINE void kq_tile(const kern_mm_args *a, const uint8_t *rep, int64_t o, __
                 s[t] = _mm512_dpwssd_epi32(s[t], m, kq_bcast(x[t] + yo + Q8K_BSUM + 4 * p));
         }
         if (!kq_has_min(kind)) {
-            /* the offset: 32 (Q6_K), 4 (Q3_K) or 128 (IQ4_XS) times sum_g scale_g * bsum_g */
-            const unsigned shift = kind == KQ_Q6_K ? 5 : kind == KQ_Q3_K ? 2 : 7;
+            /* the offset: 32 (Q6_K), 4 (Q3_K), 128 (IQ4_XS) or 1 (TQ2_0) times
+             * sum_g scale_g * bsum_g (TQ2_0's (dy * d) * isum has the same bits: IEEE products
+             * commute) */
+            const unsigned shift = kind == KQ_Q6_K ? 5 : kind == KQ_Q3_K ? 2 : kind == KQ_IQ4_XS ? 7 : 0;
             const __m512 d = _mm512_load_ps((const float *)(const void *)(rb + kq_off_d(kind)));
 #pragma GCC unroll 8
         for (int t = 0; t < T; t++) {
@@ -521,6 +531,7 @@ KQ_MM(mm_q4_k_avx512, KQ_Q4_K)
 KQ_MM(mm_q5_k_avx512, KQ_Q5_K)
 KQ_MM(mm_q6_k_avx512, KQ_Q6_K)
 KQ_MM(mm_iq4_xs_avx512, KQ_IQ4_XS)
+KQ_MM(mm_tq2_0_avx512, KQ_TQ2_0)
 
 kern_mm_kernel kern_mm_lookup_kq_avx512(int wtype)
 {
@@ -553,6 +564,10 @@ kern_mm_kernel kern_mm_lookup_kq_avx512(int wtype)
     case GGML_TYPE_IQ4_XS:
         k.mm = mm_iq4_xs_avx512;
         kind = KQ_IQ4_XS;
+        break;
+    case GGML_TYPE_TQ2_0:
+        k.mm = mm_tq2_0_avx512;
+        kind = KQ_TQ2_0;
         break;
     default:
         return k;
