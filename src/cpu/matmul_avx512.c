@@ -1044,6 +1044,11 @@ kern_mm_kernel kern_mm_lookup_avx512(int wtype)
     case GGML_TYPE_IQ4_XS:
     case GGML_TYPE_TQ2_0:
         return kern_mm_lookup_kq_avx512(wtype);
+    case GGML_TYPE_Q4_1:
+    case GGML_TYPE_Q5_0:
+    case GGML_TYPE_Q5_1:
+    case GGML_TYPE_IQ4_NL:
+        return kern_mm_lookup_q32_avx512(wtype);
     default:
         break;
     }
