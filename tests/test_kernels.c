@@ -338,6 +338,52 @@ static void test_converters_exact(void **state)
     free(b);
 }
 
+/* The Q8_K activation converters the SIMD lookups hand out for the super-block types equal the
+ * traits table's scalar one byte for byte: values, d, group sums; with a zero block, a block
+ * whose largest magnitude appears first negative then positive (the first sets the sign), exact
+ * halves after scaling, and a NaN (skipped by the maximum). */
+static void test_q8_k_converters_exact(void **state)
+{
+    (void)state;
+    enum { N = 256 * 6 };
+    kern_isa isas[4];
+    int n_isa = usable_isas(isas);
+    const int types[] = {GGML_TYPE_Q2_K, GGML_TYPE_Q3_K, GGML_TYPE_Q4_K, GGML_TYPE_Q5_K, GGML_TYPE_Q6_K,
+                         GGML_TYPE_IQ4_XS, GGML_TYPE_TQ2_0};
+    const size_t bytes = (size_t)(N / 256) * FORGE_Q8_K_BYTES;
+    float *x = malloc(N * sizeof *x);
+    uint8_t *a = malloc(bytes), *b = malloc(bytes);
+    uint64_t seed = 7;
+    assert_true(x && a && b);
+    for (int i = 0; i < N; i++)
+        x[i] = (tu_rand_uniform(&seed) - 0.5f) * (float)(1 << (i % 13)) * 1e-2f;
+    for (int j = 0; j < 256; j++)
+        x[256 + j] = 0.0f;
+    x[512 + 3] = -1e4f;
+    x[512 + 200] = 1e4f;
+    for (int j = 0; j < 256; j++)
+        x[768 + j] = (float)(j - 127) * 0.5f;
+    x[1024 + 17] = NAN;
+    forge_quantize_act_q8_k(x, a, N);
+    int checked = 0;
+    for (int k = 1; k < n_isa; k++) {
+        for (size_t t = 0; t < FORGE_ARRAY_LEN(types); t++) {
+            kern_mm_kernel kk = lookup_for(isas[k], types[t]);
+            if (!kk.mm || !kk.cvt) continue; /* falls back to a lesser ISA */
+            memset(b, 0xa5, bytes);
+            kk.cvt(x, b, N);
+            if (memcmp(a, b, bytes) != 0)
+                fail_msg("%s Q8_K converter for %s differs from scalar", kern_isa_name(isas[k]),
+                         ggml_type_name(types[t]));
+            checked++;
+        }
+    }
+    print_message("%d converters checked\n", checked);
+    free(x);
+    free(a);
+    free(b);
+}
+
 /* ---- matmul -------------------------------------------------------------------------- */
 
 static size_t row_bytes(int type, int64_t n)
@@ -724,6 +770,7 @@ int main(void)
         cmocka_unit_test(test_quantize_q4_0_hand_blocks),
         cmocka_unit_test(test_quantize_round_trip),
         cmocka_unit_test(test_converters_exact),
+        cmocka_unit_test(test_q8_k_converters_exact),
         cmocka_unit_test(test_matmul_f32),
         cmocka_unit_test(test_matmul_f16),
         cmocka_unit_test(test_matmul_bf16),

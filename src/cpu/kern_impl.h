@@ -52,6 +52,8 @@ kern_mm_kernel kern_mm_lookup_avx512(int wtype);
 kern_mm_kernel kern_mm_lookup_neon(int wtype);
 /* AVX-512 VNNI kernels of K-quant types (matmul_kq_avx512.c; kern_mm_lookup_avx512 uses it). */
 kern_mm_kernel kern_mm_lookup_kq_avx512(int wtype);
+/* Q8_K activations as forge_quantize_act_q8_k, byte for byte (AVX-512 F/BW; matmul_kq_avx512.c). */
+void kern_cvt_q8_k_avx512(const float *x, void *y, int64_t n);
 /* AVX-512 VNNI prompt tiles of Q4_1, Q5_0, Q5_1, IQ4_NL (matmul_q32_avx512.c). */
 kern_mm_kernel kern_mm_lookup_q32_avx512(int wtype);
 typedef enum kq_kind { KQ_Q2_K, KQ_Q3_K, KQ_Q4_K, KQ_Q5_K, KQ_Q6_K, KQ_IQ4_XS, KQ_TQ2_0 } kq_kind;

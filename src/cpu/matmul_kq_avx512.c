@@ -436,6 +436,56 @@ static void kq_rows_dot(const kern_mm_args *a, int64_t r0, int64_t r1)
 
 _Static_assert(KQ_TILE_MIN_TOK == KQ_DECODE_MAX_TOK + 1, "decode takes what the tiles leave");
 
+/* Q8_K activations, byte for byte forge_quantize_act_q8_k (src/quant/vecdot.c; ggml's
+ * quantize_row_q8_K): per 256, the first value of largest magnitude sets -127 / max, values
+ * rounded to nearest even (the default MXCSR, as nearbyintf), at most 127; d = 1 / iscale;
+ * the 16 group sums. NaN inputs are skipped by the maximum as by the scalar code's '>'. */
+TGT void kern_cvt_q8_k_avx512(const float *x, void *y, int64_t n)
+{
+    uint8_t *b = y;
+    const __m512 absm = _mm512_castsi512_ps(_mm512_set1_epi32(0x7fffffff));
+    for (int64_t i = 0; i < n / 256; i++, x += 256, b += 292) {
+        __m512 am = _mm512_setzero_ps();
+        for (int j = 0; j < 16; j++) /* max(|x|, am): am where |x| is NaN */
+            am = _mm512_max_ps(_mm512_and_ps(_mm512_loadu_ps(x + 16 * j), absm), am);
+        const float amax = _mm512_reduce_max_ps(am);
+        float max = 0.0f, d = 0.0f;
+        int8_t *qs = (int8_t *)(b + 4);
+        if (amax == 0.0f) {
+            memset(qs, 0, 256);
+        } else {
+            const __m512 va = _mm512_set1_ps(amax);
+            for (int j = 0; j < 16; j++) {
+                __m512 v = _mm512_loadu_ps(x + 16 * j);
+                __mmask16 m = _mm512_cmp_ps_mask(_mm512_and_ps(v, absm), va, _CMP_EQ_OQ);
+                if (m) {
+                    max = x[16 * j + __builtin_ctz(m)];
+                    break;
+                }
+            }
+            const float iscale = -127.0f / max;
+            const __m512 is = _mm512_set1_ps(iscale);
+            const __m512i top = _mm512_set1_epi32(127);
+            for (int j = 0; j < 16; j++) {
+                __m512i q = _mm512_cvtps_epi32(_mm512_mul_ps(is, _mm512_loadu_ps(x + 16 * j)));
+                _mm_storeu_si128((__m128i *)(void *)(qs + 16 * j), _mm512_cvtepi32_epi8(_mm512_min_epi32(q, top)));
+            }
+            d = 1.0f / iscale;
+        }
+        memcpy(b, &d, 4);
+        /* group sums: sad of the bytes + 128 against zero, less 16 * 128 */
+        for (int g = 0; g < 16; g += 4) {
+            __m512i v = _mm512_xor_si512(_mm512_loadu_si512((const void *)(qs + 16 * g)), _mm512_set1_epi8((char)0x80));
+            __m512i sd = _mm512_sad_epu8(v, _mm512_setzero_si512());
+            sd = _mm512_add_epi64(sd, _mm512_shuffle_epi32(sd, (_MM_PERM_ENUM)0x4E));
+            /* qwords 0, 2, 4, 6 hold the four groups' sums + 2048 */
+            __m512i s16 = _mm512_sub_epi64(sd, _mm512_set1_epi64(2048));
+            __m128i w = _mm512_cvtepi64_epi16(_mm512_maskz_compress_epi64(0x55, s16));
+            _mm_storel_epi64((__m128i *)(void *)(b + 260 + 2 * g), w);
+        }
+    }
+}
+
 /* One entry per type: prompts through the tiles; decode through the four-row kernels where
  * matvec_kq_avx512.c has one (Q4_K, Q5_K, Q6_K) and the CPU runs it, else the one-row dot. */
 #define KQ_MM(name, kind)                                                                          \
@@ -498,7 +548,7 @@ kern_mm_kernel kern_mm_lookup_kq_avx512(int wtype)
     k.work_bytes_per_32 = kq_sb_bytes(kind) / 8 > KQ_DECODE_WORK_PER_32 ? kq_sb_bytes(kind) / 8 : KQ_DECODE_WORK_PER_32;
     /* the one-row dot of decode: the best the traits table has (all give the same bits) */
     k.dot = tr->vec_dot_avx512 ? tr->vec_dot_avx512 : tr->vec_dot_avx2 ? tr->vec_dot_avx2 : tr->vec_dot;
-    k.cvt = tr->quantize_act;
+    k.cvt = tr->quantize_act == forge_quantize_act_q8_k ? kern_cvt_q8_k_avx512 : tr->quantize_act;
     k.xc_block = xt->block_size;
     k.xc_block_bytes = xt->block_bytes;
     if (!k.dot || !k.cvt) return (kern_mm_kernel){0};
