@@ -878,39 +878,116 @@ TGT_F INLINE void f_rows_1tok(const kern_mm_args *a, int64_t r0, int64_t r1, int
         f_tile(a, o, 1, t, 1, kind);
 }
 
-TGT_F INLINE void f_rows(const kern_mm_args *a, int64_t r0, int64_t r1, int kind)
+/* per-thread scratch per 32 inputs: spilled accumulators of a row block */
+#define F_WORK_PER_32 768
+#ifndef F_KC
+#define F_KC 1024
+#endif
+#ifndef F_RB
+#define F_RB 64
+#endif
+/* Bytes of spilled accumulators per row of a row block (4 rows x 6 tokens x 64 bytes per 4). */
+#define F_SPILL_PER_ROW (6 * 64)
+
+/* Rows o..o+3, tokens t0..t0+T-1, inputs k0..k1-1 of a 4 x T tile whose accumulators live in
+ * spill between calls (first: start from zero; last: reduce into Y). Each lane sums its
+ * products in the order of f_tile, so the result is bit for bit that of f_tile. */
+TGT_F INLINE void f_tile_k(const kern_mm_args *a, int64_t o, int64_t t0, int T, int64_t k0,
+                           int64_t k1, __m512 *spill, int first, int last, int kind)
+{
+    const float *x[6];
+    const uint8_t *w[4];
+    __m512 acc[4][6];
+    size_t xstride = kind == WK_F32 ? (size_t)a->n_in * 4 : a->xc_row_bytes;
+    const uint8_t *xbase = kind == WK_F32 ? (const uint8_t *)a->X : a->Xc;
+#pragma GCC unroll 6
+    for (int t = 0; t < T; t++)
+        x[t] = (const float *)(const void *)(xbase + (size_t)(t0 + t) * xstride);
+#pragma GCC unroll 4
+    for (int r = 0; r < 4; r++) {
+        w[r] = a->W + (size_t)(o + r) * a->w_row_bytes;
+#pragma GCC unroll 6
+        for (int t = 0; t < T; t++)
+            acc[r][t] = first ? _mm512_setzero_ps() : _mm512_load_ps((float *)&spill[r * 6 + t]);
+    }
+    for (int64_t i = k0; i < k1; i += 16) {
+        __m512 wv[4];
+#pragma GCC unroll 4
+        for (int r = 0; r < 4; r++)
+            wv[r] = load_w16(w[r], i, kind);
+#pragma GCC unroll 6
+        for (int t = 0; t < T; t++) {
+            __m512 xv = _mm512_loadu_ps(x[t] + i);
+#pragma GCC unroll 4
+            for (int r = 0; r < 4; r++)
+                acc[r][t] = _mm512_fmadd_ps(wv[r], xv, acc[r][t]);
+        }
+    }
+#pragma GCC unroll 4
+    for (int r = 0; r < 4; r++)
+#pragma GCC unroll 6
+        for (int t = 0; t < T; t++) {
+            if (last)
+                a->Y[(t0 + t) * a->n_out + o + r] = _mm512_reduce_add_ps(acc[r][t]);
+            else
+                _mm512_store_ps((float *)&spill[r * 6 + t], acc[r][t]);
+        }
+}
+
+/* Tokens t0..t0+T-1 of rows rb..re-1 (a multiple of 4): for each slice of F_KC inputs, every
+ * 4-row group of the block, so that the slice of the T activation rows stays in L1 while the
+ * weights stream from L2. */
+TGT_F INLINE void f_block_tok(const kern_mm_args *a, int64_t rb, int64_t re, int64_t t0, int T,
+                              __m512 *spill, int kind)
+{
+    for (int64_t k0 = 0; k0 < a->n_in; k0 += F_KC) {
+        int64_t k1 = k0 + F_KC < a->n_in ? k0 + F_KC : a->n_in;
+        int first = k0 == 0, last = k1 == a->n_in;
+        for (int64_t o = rb; o < re; o += 4)
+            f_tile_k(a, o, t0, T, k0, k1, spill + (o - rb) / 4 * 24, first, last, kind);
+    }
+}
+
+TGT_F INLINE void f_rows(const kern_mm_args *a, int64_t r0, int64_t r1, void *work, int kind)
 {
     if (a->n_tok < 3) {
         for (int64_t t = 0; t < a->n_tok; t++)
             f_rows_1tok(a, r0, r1, t, kind);
         return;
     }
-    int64_t o = r0;
-    for (; o + 4 <= r1; o += 4) {
+    /* row blocks as large as the scratch holds accumulators for (at least 16 rows when the
+     * inputs are sliced at all: n_in > F_KC), at most F_RB rows (their weights stay in L2) */
+    int64_t rbmax = (int64_t)((size_t)(a->n_in / 32) * F_WORK_PER_32 / F_SPILL_PER_ROW) & ~3;
+    if (rbmax > F_RB) rbmax = F_RB;
+    if (rbmax < 4) rbmax = 4;
+    __m512 *spill = work;
+    int64_t r4 = r0 + ((r1 - r0) & ~(int64_t)3);
+    for (int64_t rb = r0; rb < r4; rb += rbmax) {
+        int64_t re = rb + rbmax < r4 ? rb + rbmax : r4;
         int64_t t = 0;
         for (; t + 6 <= a->n_tok; t += 6)
-            f_tile(a, o, 4, t, 6, kind);
+            f_block_tok(a, rb, re, t, 6, spill, kind);
         switch (a->n_tok - t) {
         case 5:
-            f_tile(a, o, 4, t, 5, kind);
+            f_block_tok(a, rb, re, t, 5, spill, kind);
             break;
         case 4:
-            f_tile(a, o, 4, t, 4, kind);
+            f_block_tok(a, rb, re, t, 4, spill, kind);
             break;
         case 3:
-            f_tile(a, o, 4, t, 3, kind);
+            f_block_tok(a, rb, re, t, 3, spill, kind);
             break;
         case 2:
-            f_tile(a, o, 4, t, 2, kind);
+            f_block_tok(a, rb, re, t, 2, spill, kind);
             break;
         case 1:
-            f_tile(a, o, 4, t, 1, kind);
+            f_block_tok(a, rb, re, t, 1, spill, kind);
             break;
         default:
             break;
         }
     }
-    for (; o < r1; o++) {
+    for (int64_t o = r4; o < r1; o++) {
         int64_t t = 0;
         for (; t + 6 <= a->n_tok; t += 6)
             f_tile(a, o, 1, t, 6, kind);
@@ -921,12 +998,12 @@ TGT_F INLINE void f_rows(const kern_mm_args *a, int64_t r0, int64_t r1, int kind
 
 TGT_F static void mm_f32_avx512(const kern_mm_args *a, int64_t r0, int64_t r1, void *work)
 {
-    f_rows(a, r0, r1, WK_F32);
+    f_rows(a, r0, r1, work, WK_F32);
 }
 
 TGT_F static void mm_f16_avx512(const kern_mm_args *a, int64_t r0, int64_t r1, void *work)
 {
-    f_rows(a, r0, r1, WK_F16);
+    f_rows(a, r0, r1, work, WK_F16);
 }
 
 /* BF16 by vdpbf16ps: 32 products per instruction, pairs summed into 16 f32 lanes. */
@@ -1010,11 +1087,13 @@ kern_mm_kernel kern_mm_lookup_avx512(int wtype)
     switch (wtype) {
     case GGML_TYPE_F32:
         k.mm = mm_f32_avx512;
+        k.work_bytes_per_32 = F_WORK_PER_32;
         break;
     case GGML_TYPE_F16:
         k.mm = mm_f16_avx512;
         k.cvt = cvt_f16_avx512;
         k.xc_row_bytes_per_32 = 128;
+        k.work_bytes_per_32 = F_WORK_PER_32;
         break;
     case GGML_TYPE_BF16:
         if (!kern_cpu_has_avx512bf16()) break;
