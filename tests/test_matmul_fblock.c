@@ -1,5 +1,5 @@
-/* test_matmul_fblock.c - the F32/F16 prompt kernels on shapes large enough for their cache
- * blocking: more inputs than one slice of the AVX-512 kernel (1024, accumulators spilled to the
+/* test_matmul_fblock.c - the F32/F16/BF16 prompt kernels on shapes large enough for their cache
+ * blocking: more inputs than one slice of the AVX-512 kernel (1024, BF16 2048; accumulators in the
  * per-thread scratch between slices, last slice partial), row counts over one row block (64) with
  * remainders of 4-row groups and of single rows, token counts with every tile remainder. Each
  * token's outputs must equal, bit for bit, that token computed alone (the decode path, which
@@ -22,8 +22,9 @@ typedef struct fshape {
     int64_t n_out, n_in;
 } fshape;
 
-/* 1056 = one slice + 32; 2080 = two + 32; 3072 = three whole slices. 70 and 138 rows: a 64-row
- * block, a partial one, 2 rows outside any 4-row group; 200: chunks of 2 threads, 64-row blocks. */
+/* Slices of 1024 (BF16: 2048): 1056 = one + 32 (BF16: one slice); 2080 = two + 32 (BF16: one +
+ * 32); 3072 = three (BF16: one and a half); 5632 = 5.5 (2.75). 70 and 138 rows: a 64-row block,
+ * a partial one, 2 rows outside any 4-row group; 200: chunks of 2 threads, 64-row blocks. */
 static const fshape SHAPES[] = {{70, 1056}, {138, 2080}, {200, 3072}, {36, 5632}};
 
 static int n_diff(const float *a, const float *b, size_t n)
@@ -48,6 +49,9 @@ static double max_rel_err(int t, const void *W, const float *X, const float *Y, 
                 if (t == GGML_TYPE_F16) {
                     w = forge_fp16_to_f32(((const uint16_t *)W)[o * s->n_in + i]);
                     x = forge_fp16_to_f32(forge_f32_to_fp16(x)); /* F16 rounds activations */
+                } else if (t == GGML_TYPE_BF16) {
+                    w = forge_bf16_to_f32(((const uint16_t *)W)[o * s->n_in + i]);
+                    x = forge_bf16_to_f32(forge_f32_to_bf16(x)); /* and BF16 to bf16 */
                 } else {
                     w = ((const float *)W)[o * s->n_in + i];
                 }
@@ -64,7 +68,7 @@ static void test_blocked_rows_match_decode(void **state)
 {
     (void)state;
     static const int n_toks[] = {3, 5, 6, 7, 13, 40};
-    static const int types[] = {GGML_TYPE_F32, GGML_TYPE_F16};
+    static const int types[] = {GGML_TYPE_F32, GGML_TYPE_F16, GGML_TYPE_BF16};
     forge_err err = {0};
     kern_pool *pools[2] = {NULL, NULL};
     assert_int_equal(kern_pool_create(1, &pools[0], &err), 0);
@@ -80,18 +84,23 @@ static void test_blocked_rows_match_decode(void **state)
         float *Y1 = malloc(sizeof(float) * MAX_TOK * (size_t)s->n_out);
         float *Wf = malloc(sizeof(float) * (size_t)(s->n_out * s->n_in));
         uint16_t *Wh = malloc(sizeof(uint16_t) * (size_t)(s->n_out * s->n_in));
-        assert_true(X && Y && Y1 && Wf && Wh);
+        uint16_t *Wb = malloc(sizeof(uint16_t) * (size_t)(s->n_out * s->n_in));
+        assert_true(X && Y && Y1 && Wf && Wh && Wb);
         for (int64_t i = 0; i < MAX_TOK * s->n_in; i++)
             X[i] = tu_rand_uniform(&rng) * 2.0f;
         for (int64_t i = 0; i < s->n_out * s->n_in; i++) {
             Wf[i] = tu_rand_uniform(&rng) * 0.1f;
             Wh[i] = forge_f32_to_fp16(Wf[i]);
+            Wb[i] = forge_f32_to_bf16(Wf[i]);
         }
         for (int isa = 0; isa <= (int)best; isa++) {
             if (kern_set_isa((kern_isa)isa, &err)) continue;
             for (size_t ti = 0; ti < sizeof types / sizeof types[0]; ti++) {
                 const int t = types[ti];
-                const void *W = t == GGML_TYPE_F16 ? (const void *)Wh : (const void *)Wf;
+                const void *W = t == GGML_TYPE_F16    ? (const void *)Wh
+                                : t == GGML_TYPE_BF16 ? (const void *)Wb
+                                                      : (const void *)Wf;
+                if (!kern_matmul_supported(t)) continue;
                 for (int p = 0; p < 2; p++) {
                     for (int k = 0; k < MAX_TOK; k++)
                         assert_int_equal(kern_matmul(pools[p], t, W, s->n_out, s->n_in,
@@ -126,12 +135,13 @@ static void test_blocked_rows_match_decode(void **state)
         free(Y1);
         free(Wf);
         free(Wh);
+        free(Wb);
     }
     assert_int_equal(kern_set_isa(best, &err), 0);
     print_message("%d blocked shapes checked, %d differ from decode; worst error %.3g of the "
                   "terms' magnitude\n",
                   n_checked, n_bad, worst);
-    assert_true(n_checked >= 4 * 2 * 2 * 6);
+    assert_true(n_checked >= 4 * 3 * 2 * 6);
     assert_int_equal(n_bad, 0);
     /* f32 sums of <= 5632 terms: a few 1e-6 of their magnitude at most */
     assert_true(worst < 1e-5);
