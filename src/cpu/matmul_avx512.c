@@ -18,7 +18,15 @@
  * advances 16 rows of one token; a register tile of 16 rows x 8 tokens reuses each repacked
  * vector 8 times.
  * F32/F16/BF16: register tiles of 4 rows x 6 tokens, f32 accumulation (BF16 by vdpbf16ps, as
- * ggml does on such CPUs; it flushes bf16 subnormals to zero, which the scalar code does not). */
+ * ggml does on such CPUs; it flushes bf16 subnormals to zero, which the scalar code does not).
+ * F32/F16/BF16 with 3 or more tokens are cache-blocked: rows in blocks of 64 (their weights
+ * stay in L2), inputs in slices of 1024 (BF16: 2048; a 6-token slice of activations, 24 KB,
+ * stays in L1 while the block's 4-row groups stream past it), the tile's accumulators spilled to the per-thread
+ * scratch between slices and the 24 sums reduced 16 at a time at the end (reduce16). Every
+ * lane still sums its products in input order and every sum is reduced with the pairing of
+ * hsum16, so a row has the same bits as on the one-token (decode) path:
+ * F16 2048x2048 x 512 tokens went from ~112 to ~160-180 GFLOP/s per thread (peak ~214), BF16
+ * 1.2-1.45x. */
 #include <math.h>
 #include <string.h>
 
@@ -789,6 +797,17 @@ TGT_I static void mm_q8_0_avx512(const kern_mm_args *a, int64_t r0, int64_t r1, 
 
 enum { WK_F32, WK_F16 };
 
+/* The sum of the 16 lanes, lanes i and i+8 first, then i and i+4, i and i+2, i and i+1 (the
+ * pairing of GCC's _mm512_reduce_add_ps, spelled out so that no compiler picks another): the
+ * order reduce16 below reproduces for 16 vectors at once. */
+TGT_F INLINE float hsum16(__m512 v)
+{
+    __m256 h = _mm256_add_ps(_mm512_castps512_ps256(v), _mm512_extractf32x8_ps(v, 1));
+    __m128 q = _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
+    q = _mm_add_ps(q, _mm_movehl_ps(q, q));
+    return _mm_cvtss_f32(_mm_add_ss(q, _mm_movehdup_ps(q)));
+}
+
 /* 16 weights of row w at element i as floats. */
 TGT_F INLINE __m512 load_w16(const uint8_t *w, int64_t i, int kind)
 {
@@ -832,7 +851,7 @@ TGT_F INLINE void f_tile(const kern_mm_args *a, int64_t o, int R, int64_t t0, in
     for (int r = 0; r < R; r++)
 #pragma GCC unroll 6
         for (int t = 0; t < T; t++)
-            a->Y[(t0 + t) * a->n_out + o + r] = _mm512_reduce_add_ps(acc[r][t]);
+            a->Y[(t0 + t) * a->n_out + o + r] = hsum16(acc[r][t]);
 }
 
 #ifndef F_ROWS
@@ -872,45 +891,178 @@ TGT_F INLINE void f_rows_1tok(const kern_mm_args *a, int64_t r0, int64_t r1, int
         }
 #pragma GCC unroll 8
         for (int r = 0; r < F_ROWS; r++)
-            a->Y[t * a->n_out + o + r] = _mm512_reduce_add_ps(acc[r]);
+            a->Y[t * a->n_out + o + r] = hsum16(acc[r]);
     }
     for (; o < r1; o++)
         f_tile(a, o, 1, t, 1, kind);
 }
 
-TGT_F INLINE void f_rows(const kern_mm_args *a, int64_t r0, int64_t r1, int kind)
+/* per-thread scratch per 32 inputs: spilled accumulators of a row block */
+#define F_WORK_PER_32 768
+#ifndef F_KC
+#define F_KC 1024
+#endif
+#ifndef BF_KC
+#define BF_KC 2048
+#endif
+#ifndef F_RB
+#define F_RB 64
+#endif
+/* Bytes of spilled accumulators per row of a row block (4 rows x 6 tokens x 64 bytes per 4). */
+#define F_SPILL_PER_ROW (6 * 64)
+
+/* The horizontal sums of 16 vectors at once, lane 4j + k the sum of v[4k + j]: each sum adds
+ * the same pairs in the same order as hsum16 (lanes i and i+8, then i and i+4, i and i+2, i and
+ * i+1), so it has the same bits, in 45 instructions instead of 16 x 8. */
+TGT_F INLINE __m512 reduce16(const __m512 *v)
+{
+    __m512 c[8], e[4], g[2];
+    /* c[k]: lanes 0..7 the i, i+8 sums of v[2k], lanes 8..15 those of v[2k+1] */
+#pragma GCC unroll 8
+    for (int k = 0; k < 8; k++)
+        c[k] = _mm512_add_ps(_mm512_shuffle_f32x4(v[2 * k], v[2 * k + 1], 0x44),
+                             _mm512_shuffle_f32x4(v[2 * k], v[2 * k + 1], 0xee));
+    /* e[m]: 128-bit chunk j the i, i+4 sums of v[4m + j] */
+#pragma GCC unroll 4
+    for (int m = 0; m < 4; m++)
+        e[m] = _mm512_add_ps(_mm512_shuffle_f32x4(c[2 * m], c[2 * m + 1], 0x88),
+                             _mm512_shuffle_f32x4(c[2 * m], c[2 * m + 1], 0xdd));
+    /* g[n]: chunk j the i, i+2 sums of v[8n + j] (lanes 0, 1) and of v[8n + 4 + j] (2, 3) */
+#pragma GCC unroll 2
+    for (int n = 0; n < 2; n++)
+        g[n] = _mm512_add_ps(_mm512_shuffle_ps(e[2 * n], e[2 * n + 1], 0x44),
+                             _mm512_shuffle_ps(e[2 * n], e[2 * n + 1], 0xee));
+    /* chunk j: the sums of v[j], v[4 + j], v[8 + j], v[12 + j] */
+    return _mm512_add_ps(_mm512_shuffle_ps(g[0], g[1], 0x88), _mm512_shuffle_ps(g[0], g[1], 0xdd));
+}
+
+/* The end of a tile's slice: its accumulators back to spill, or after the last slice the sums
+ * into Y (rows o..o+3 of tokens t0..t0+T-1). */
+TGT_F INLINE void f_tile_finish(const kern_mm_args *a, int64_t o, int64_t t0, int T,
+                                __m512 acc[4][6], __m512 *spill, int last)
+{
+    if (!last) {
+#pragma GCC unroll 4
+        for (int r = 0; r < 4; r++)
+#pragma GCC unroll 6
+            for (int t = 0; t < T; t++)
+                _mm512_store_ps((float *)&spill[r * 6 + t], acc[r][t]);
+        return;
+    }
+#pragma GCC unroll 2
+    for (int tg = 0; tg < T; tg += 4) {
+        __m512 v[16];
+        float out[16] __attribute__((aligned(64)));
+#pragma GCC unroll 4
+        for (int r = 0; r < 4; r++)
+#pragma GCC unroll 4
+            for (int j = 0; j < 4; j++)
+                v[4 * r + j] = tg + j < T ? acc[r][tg + j] : _mm512_setzero_ps();
+        _mm512_store_ps(out, reduce16(v));
+#pragma GCC unroll 4
+        for (int j = 0; j < 4; j++)
+            if (tg + j < T)
+                _mm_storeu_ps(a->Y + (t0 + tg + j) * a->n_out + o, _mm_load_ps(out + 4 * j));
+    }
+}
+
+/* Rows o..o+3, tokens t0..t0+T-1, inputs k0..k1-1 of a 4 x T tile whose accumulators live in
+ * spill between calls (first: start from zero; last: reduce into Y). Each lane sums its
+ * products in the order of f_tile, so the result is bit for bit that of f_tile. */
+TGT_F INLINE void f_tile_k(const kern_mm_args *a, int64_t o, int64_t t0, int T, int64_t k0,
+                           int64_t k1, __m512 *spill, int first, int last, int kind)
+{
+    const float *x[6];
+    const uint8_t *w[4];
+    __m512 acc[4][6];
+    size_t xstride = kind == WK_F32 ? (size_t)a->n_in * 4 : a->xc_row_bytes;
+    const uint8_t *xbase = kind == WK_F32 ? (const uint8_t *)a->X : a->Xc;
+#pragma GCC unroll 6
+    for (int t = 0; t < T; t++)
+        x[t] = (const float *)(const void *)(xbase + (size_t)(t0 + t) * xstride);
+#pragma GCC unroll 4
+    for (int r = 0; r < 4; r++) {
+        w[r] = a->W + (size_t)(o + r) * a->w_row_bytes;
+#pragma GCC unroll 6
+        for (int t = 0; t < T; t++)
+            acc[r][t] = first ? _mm512_setzero_ps() : _mm512_load_ps((float *)&spill[r * 6 + t]);
+    }
+    for (int64_t i = k0; i < k1; i += 16) {
+        __m512 wv[4];
+#pragma GCC unroll 4
+        for (int r = 0; r < 4; r++)
+            wv[r] = load_w16(w[r], i, kind);
+#pragma GCC unroll 6
+        for (int t = 0; t < T; t++) {
+            __m512 xv = _mm512_loadu_ps(x[t] + i);
+#pragma GCC unroll 4
+            for (int r = 0; r < 4; r++)
+                acc[r][t] = _mm512_fmadd_ps(wv[r], xv, acc[r][t]);
+        }
+    }
+    f_tile_finish(a, o, t0, T, acc, spill, last);
+}
+
+/* Rows per block: as many as the scratch holds accumulators for (at least 16 when the inputs
+ * are sliced at all: n_in > F_KC; below that nothing is spilled), at most F_RB (their weights
+ * stay in L2). */
+static inline int64_t f_row_block(const kern_mm_args *a)
+{
+    int64_t rb = (int64_t)((size_t)(a->n_in / 32) * F_WORK_PER_32 / F_SPILL_PER_ROW) & ~3;
+    if (rb > F_RB) rb = F_RB;
+    return rb < 4 ? 4 : rb;
+}
+
+/* Tokens t0..t0+T-1 of rows rb..re-1 (a multiple of 4): for each slice of F_KC inputs, every
+ * 4-row group of the block, so that the slice of the T activation rows stays in L1 while the
+ * weights stream from L2. */
+TGT_F INLINE void f_block_tok(const kern_mm_args *a, int64_t rb, int64_t re, int64_t t0, int T,
+                              __m512 *spill, int kind)
+{
+    for (int64_t k0 = 0; k0 < a->n_in; k0 += F_KC) {
+        int64_t k1 = k0 + F_KC < a->n_in ? k0 + F_KC : a->n_in;
+        int first = k0 == 0, last = k1 == a->n_in;
+        for (int64_t o = rb; o < re; o += 4)
+            f_tile_k(a, o, t0, T, k0, k1, spill + (o - rb) / 4 * 24, first, last, kind);
+    }
+}
+
+TGT_F INLINE void f_rows(const kern_mm_args *a, int64_t r0, int64_t r1, void *work, int kind)
 {
     if (a->n_tok < 3) {
         for (int64_t t = 0; t < a->n_tok; t++)
             f_rows_1tok(a, r0, r1, t, kind);
         return;
     }
-    int64_t o = r0;
-    for (; o + 4 <= r1; o += 4) {
+    const int64_t rbmax = f_row_block(a);
+    __m512 *spill = work;
+    int64_t r4 = r0 + ((r1 - r0) & ~(int64_t)3);
+    for (int64_t rb = r0; rb < r4; rb += rbmax) {
+        int64_t re = rb + rbmax < r4 ? rb + rbmax : r4;
         int64_t t = 0;
         for (; t + 6 <= a->n_tok; t += 6)
-            f_tile(a, o, 4, t, 6, kind);
+            f_block_tok(a, rb, re, t, 6, spill, kind);
         switch (a->n_tok - t) {
         case 5:
-            f_tile(a, o, 4, t, 5, kind);
+            f_block_tok(a, rb, re, t, 5, spill, kind);
             break;
         case 4:
-            f_tile(a, o, 4, t, 4, kind);
+            f_block_tok(a, rb, re, t, 4, spill, kind);
             break;
         case 3:
-            f_tile(a, o, 4, t, 3, kind);
+            f_block_tok(a, rb, re, t, 3, spill, kind);
             break;
         case 2:
-            f_tile(a, o, 4, t, 2, kind);
+            f_block_tok(a, rb, re, t, 2, spill, kind);
             break;
         case 1:
-            f_tile(a, o, 4, t, 1, kind);
+            f_block_tok(a, rb, re, t, 1, spill, kind);
             break;
         default:
             break;
         }
     }
-    for (; o < r1; o++) {
+    for (int64_t o = r4; o < r1; o++) {
         int64_t t = 0;
         for (; t + 6 <= a->n_tok; t += 6)
             f_tile(a, o, 1, t, 6, kind);
@@ -921,12 +1073,12 @@ TGT_F INLINE void f_rows(const kern_mm_args *a, int64_t r0, int64_t r1, int kind
 
 TGT_F static void mm_f32_avx512(const kern_mm_args *a, int64_t r0, int64_t r1, void *work)
 {
-    f_rows(a, r0, r1, WK_F32);
+    f_rows(a, r0, r1, work, WK_F32);
 }
 
 TGT_F static void mm_f16_avx512(const kern_mm_args *a, int64_t r0, int64_t r1, void *work)
 {
-    f_rows(a, r0, r1, WK_F16);
+    f_rows(a, r0, r1, work, WK_F16);
 }
 
 /* BF16 by vdpbf16ps: 32 products per instruction, pairs summed into 16 f32 lanes. */
@@ -968,11 +1120,89 @@ TGT_BF INLINE void bf_tile(const kern_mm_args *a, int64_t o, int R, int64_t t0, 
     for (int r = 0; r < R; r++)
 #pragma GCC unroll 6
         for (int t = 0; t < T; t++)
-            a->Y[(t0 + t) * a->n_out + o + r] = _mm512_reduce_add_ps(acc[r][t]);
+            a->Y[(t0 + t) * a->n_out + o + r] = hsum16(acc[r][t]);
+}
+
+/* bf_tile over inputs k0..k1-1 with the accumulators in spill between calls, as f_tile_k. */
+TGT_BF INLINE void bf_tile_k(const kern_mm_args *a, int64_t o, int64_t t0, int T, int64_t k0,
+                             int64_t k1, __m512 *spill, int first, int last)
+{
+    const uint8_t *x[6], *w[4];
+    __m512 acc[4][6];
+#pragma GCC unroll 6
+    for (int t = 0; t < T; t++)
+        x[t] = a->Xc + (size_t)(t0 + t) * a->xc_row_bytes;
+#pragma GCC unroll 4
+    for (int r = 0; r < 4; r++) {
+        w[r] = a->W + (size_t)(o + r) * a->w_row_bytes;
+#pragma GCC unroll 6
+        for (int t = 0; t < T; t++)
+            acc[r][t] = first ? _mm512_setzero_ps() : _mm512_load_ps((float *)&spill[r * 6 + t]);
+    }
+    for (int64_t i = k0; i < k1; i += 32) {
+        __m512bh wv[4];
+#pragma GCC unroll 4
+        for (int r = 0; r < 4; r++)
+            wv[r] = (__m512bh)_mm512_loadu_si512((const void *)(w[r] + 2 * i));
+#pragma GCC unroll 6
+        for (int t = 0; t < T; t++) {
+            __m512bh xv = (__m512bh)_mm512_loadu_si512((const void *)(x[t] + 2 * i));
+#pragma GCC unroll 4
+            for (int r = 0; r < 4; r++)
+                acc[r][t] = _mm512_dpbf16_ps(acc[r][t], wv[r], xv);
+        }
+    }
+    f_tile_finish(a, o, t0, T, acc, spill, last);
+}
+
+/* f_block_tok for BF16 (slices of BF_KC: its activations take half the bytes of F16's). */
+TGT_BF INLINE void bf_block_tok(const kern_mm_args *a, int64_t rb, int64_t re, int64_t t0, int T,
+                                __m512 *spill)
+{
+    for (int64_t k0 = 0; k0 < a->n_in; k0 += BF_KC) {
+        int64_t k1 = k0 + BF_KC < a->n_in ? k0 + BF_KC : a->n_in;
+        int first = k0 == 0, last = k1 == a->n_in;
+        for (int64_t o = rb; o < re; o += 4)
+            bf_tile_k(a, o, t0, T, k0, k1, spill + (o - rb) / 4 * 24, first, last);
+    }
 }
 
 TGT_BF static void mm_bf16_avx512(const kern_mm_args *a, int64_t r0, int64_t r1, void *work)
 {
+    if (a->n_tok >= 3) {
+        const int64_t rbmax = f_row_block(a);
+        __m512 *spill = work;
+        int64_t r4 = r0 + ((r1 - r0) & ~(int64_t)3);
+        for (int64_t rb = r0; rb < r4; rb += rbmax) {
+            int64_t re = rb + rbmax < r4 ? rb + rbmax : r4;
+            int64_t t = 0;
+            for (; t + 6 <= a->n_tok; t += 6)
+                bf_block_tok(a, rb, re, t, 6, spill);
+            switch (a->n_tok - t) {
+            case 5:
+                bf_block_tok(a, rb, re, t, 5, spill);
+                break;
+            case 4:
+                bf_block_tok(a, rb, re, t, 4, spill);
+                break;
+            case 3:
+                bf_block_tok(a, rb, re, t, 3, spill);
+                break;
+            case 2:
+                bf_block_tok(a, rb, re, t, 2, spill);
+                break;
+            case 1:
+                bf_block_tok(a, rb, re, t, 1, spill);
+                break;
+            default:
+                break;
+            }
+        }
+        for (int64_t o = r0 + ((r1 - r0) & ~(int64_t)3); o < r1; o++)
+            for (int64_t t = 0; t < a->n_tok; t++)
+                bf_tile(a, o, 1, t, 1);
+        return;
+    }
     int64_t o = r0;
     for (; o + 4 <= r1; o += 4) {
         int64_t t = 0;
@@ -1010,17 +1240,20 @@ kern_mm_kernel kern_mm_lookup_avx512(int wtype)
     switch (wtype) {
     case GGML_TYPE_F32:
         k.mm = mm_f32_avx512;
+        k.work_bytes_per_32 = F_WORK_PER_32;
         break;
     case GGML_TYPE_F16:
         k.mm = mm_f16_avx512;
         k.cvt = cvt_f16_avx512;
         k.xc_row_bytes_per_32 = 128;
+        k.work_bytes_per_32 = F_WORK_PER_32;
         break;
     case GGML_TYPE_BF16:
         if (!kern_cpu_has_avx512bf16()) break;
         k.mm = mm_bf16_avx512;
         k.cvt = cvt_bf16_avx512;
         k.xc_row_bytes_per_32 = 64;
+        k.work_bytes_per_32 = F_WORK_PER_32;
         break;
     case GGML_TYPE_Q8_0:
         if (!ints) break;
