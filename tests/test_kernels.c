@@ -349,7 +349,7 @@ static void test_q8_k_converters_exact(void **state)
     kern_isa isas[4];
     int n_isa = usable_isas(isas);
     const int types[] = {GGML_TYPE_Q2_K, GGML_TYPE_Q3_K, GGML_TYPE_Q4_K, GGML_TYPE_Q5_K, GGML_TYPE_Q6_K,
-                         GGML_TYPE_IQ4_XS, GGML_TYPE_TQ2_0};
+                         GGML_TYPE_IQ4_XS, GGML_TYPE_TQ1_0, GGML_TYPE_TQ2_0};
     const size_t bytes = (size_t)(N / 256) * FORGE_Q8_K_BYTES;
     float *x = malloc(N * sizeof *x);
     uint8_t *a = malloc(bytes), *b = malloc(bytes);

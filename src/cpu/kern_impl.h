@@ -56,7 +56,7 @@ kern_mm_kernel kern_mm_lookup_kq_avx512(int wtype);
 void kern_cvt_q8_k_avx512(const float *x, void *y, int64_t n);
 /* AVX-512 VNNI prompt tiles of Q4_1, Q5_0, Q5_1, IQ4_NL (matmul_q32_avx512.c). */
 kern_mm_kernel kern_mm_lookup_q32_avx512(int wtype);
-typedef enum kq_kind { KQ_Q2_K, KQ_Q3_K, KQ_Q4_K, KQ_Q5_K, KQ_Q6_K, KQ_IQ4_XS, KQ_TQ2_0 } kq_kind;
+typedef enum kq_kind { KQ_Q2_K, KQ_Q3_K, KQ_Q4_K, KQ_Q5_K, KQ_Q6_K, KQ_IQ4_XS, KQ_TQ1_0, KQ_TQ2_0 } kq_kind;
 /* Their decode kernels (matvec_kq_avx512.c): rows [r0, r1) of weights of that kind for at
  * most KQ_DECODE_MAX_TOK tokens; work: KQ_DECODE_WORK_PER_32 bytes per 32 inputs, 64-byte
  * aligned. Only for the kinds for which kern_kq_decode_has() says so (Q4_K, Q5_K, Q6_K on a CPU

@@ -1275,6 +1275,7 @@ kern_mm_kernel kern_mm_lookup_avx512(int wtype)
     case GGML_TYPE_Q5_K:
     case GGML_TYPE_Q6_K:
     case GGML_TYPE_IQ4_XS:
+    case GGML_TYPE_TQ1_0:
     case GGML_TYPE_TQ2_0:
         return kern_mm_lookup_kq_avx512(wtype);
     case GGML_TYPE_Q4_1:

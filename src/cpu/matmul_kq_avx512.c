@@ -1,5 +1,5 @@
 /* matmul_kq_avx512.c - AVX-512 VNNI row kernels for kern_matmul with super-block weights of 256
- * and Q8_K activations (as ggml): Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, IQ4_XS and TQ2_0. x86-64 only, compiled
+ * and Q8_K activations (as ggml): Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, IQ4_XS, TQ1_0 and TQ2_0. x86-64 only, compiled
  * with target attributes; matmul_avx512.c's lookup hands these out only when the CPU has VNNI.
  *
  * Prompts (n_tok >= KQ_TILE_MIN_TOK): 16 weight rows are repacked per call into this thread's
@@ -9,8 +9,8 @@
  * block scales as floats. A register tile of 16 rows x 8 tokens then reuses each repacked
  * vector 8 times: one vpdpbusd with a broadcast of 4 activation bytes advances 16 rows of one
  * token; each sub-block's sum is multiplied by its scale (vpmulld) and the mins (Q4_K, Q5_K,
- * Q2_K) or the offset of the unsigned values (Q6_K 32, Q3_K 4, IQ4_XS 128, TQ2_0 1) go through
- * the activations' bsums (vpdpwssd). One tile serves all seven; the kind picks the layout.
+ * Q2_K) or the offset of the unsigned values (Q6_K 32, Q3_K 4, IQ4_XS 128, TQ1_0/TQ2_0 1) go
+ * through the activations' bsums (vpdpwssd). One tile serves all eight; the kind picks the layout.
  * Every integer per (row, super-block) is the exact value the one-row dot products of
  * src/quant/vecdot.c and src/cpu/vecdot_avx2.c compute, and the float step per super-block is
  * their expression, in their order (sumf + ((d * dy) * isum - (dmin * dy) * summ) with mins,
@@ -81,6 +81,7 @@ INLINE size_t kq_block_bytes(kq_kind k)
            : k == KQ_Q3_K  ? 110
            : k == KQ_IQ4_XS ? 136
            : k == KQ_TQ2_0 ? 66
+           : k == KQ_TQ1_0 ? 54
                            : 84;
 }
 
@@ -308,6 +309,49 @@ TGT INLINE void iq4xs_repack_sb(const kern_mm_args *a, const kq_idx *ix, int64_t
     kq_tail_store(&t, KQ_IQ4_XS, rb);
 }
 
+/* TQ1_0 (qs[48] of 5 trits, qh[4] of 4 trits, d): trit k of byte q is ((uint8_t)(q * 3^k) * 3)
+ * >> 8 (0..2, the value + 1); values 0-159 from bytes 0-31 (trit-major), 160-239 from bytes
+ * 32-47, 240-255 from qh. Unpacked here in scalar code (once per 16 rows and super-block, for all
+ * the tokens of the call), then transposed as the others. Scale 1 per sub-block, offset 1. */
+TGT INLINE void tq1_repack_sb(const kern_mm_args *a, const kq_idx *ix, int64_t o, int rows, int64_t b,
+                              uint8_t *rb)
+{
+    static const uint8_t pow3[5] = {1, 3, 9, 27, 81};
+    const uint8_t *w0 = a->W + (size_t)o * a->w_row_bytes + (size_t)b * 54;
+    _Alignas(64) uint8_t v[16][256];
+    memset(v, 0, sizeof v);
+    for (int r = 0; r < rows; r++) {
+        const uint8_t *wb = w0 + (size_t)r * a->w_row_bytes;
+        uint8_t *e = v[r];
+        for (int k = 0; k < 5; k++)
+            for (int m = 0; m < 32; m++)
+                *e++ = (uint8_t)(((uint16_t)(uint8_t)(wb[m] * pow3[k]) * 3) >> 8);
+        for (int k = 0; k < 5; k++)
+            for (int m = 0; m < 16; m++)
+                *e++ = (uint8_t)(((uint16_t)(uint8_t)(wb[32 + m] * pow3[k]) * 3) >> 8);
+        for (int k = 0; k < 4; k++)
+            for (int j = 0; j < 4; j++)
+                *e++ = (uint8_t)(((uint16_t)(uint8_t)(wb[48 + j] * pow3[k]) * 3) >> 8);
+    }
+    __m512i z[8];
+    for (int c = 0; c < 8; c++) {
+        for (int k = 0; k < 8; k++)
+            z[k] = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_load_si256((const __m256i *)(const void *)(v[2 * k] + 32 * c))),
+                                      _mm256_load_si256((const __m256i *)(const void *)(v[2 * k + 1] + 32 * c)), 1);
+        kq_tr16x8(ix, z, rb + 512 * c);
+    }
+    kq_tail t;
+    memset(&t, 0, sizeof t);
+    for (int r = 0; r < rows; r++) {
+        for (int j = 0; j < 8; j++) {
+            t.sc[j][r] = 1;
+            t.pr[j][r] = kq_pair16(1, 1);
+        }
+        t.d[r] = kq_u16(w0 + (size_t)r * a->w_row_bytes + 52);
+    }
+    kq_tail_store(&t, KQ_TQ1_0, rb);
+}
+
 TGT INLINE void kq_repack_sb(const kern_mm_args *a, const kq_idx *ix, int64_t o, int rows, int64_t b,
                              uint8_t *rb, kq_kind kind)
 {
@@ -317,6 +361,8 @@ TGT INLINE void kq_repack_sb(const kern_mm_args *a, const kq_idx *ix, int64_t o,
         q45k_repack_sb(a, ix, o, rows, b, rb, kind);
     else if (kind == KQ_IQ4_XS)
         iq4xs_repack_sb(a, ix, o, rows, b, rb);
+    else if (kind == KQ_TQ1_0)
+        tq1_repack_sb(a, ix, o, rows, b, rb);
     else
         q23k_repack_sb(a, ix, o, rows, b, rb, kind);
 }
@@ -373,9 +419,9 @@ TGT INLINE void kq_tile(const kern_mm_args *a, const uint8_t *rep, int64_t o, __
                 s[t] = _mm512_dpwssd_epi32(s[t], m, kq_bcast(x[t] + yo + Q8K_BSUM + 4 * p));
         }
         if (!kq_has_min(kind)) {
-            /* the offset: 32 (Q6_K), 4 (Q3_K), 128 (IQ4_XS) or 1 (TQ2_0) times
-             * sum_g scale_g * bsum_g (TQ2_0's (dy * d) * isum has the same bits: IEEE products
-             * commute) */
+            /* the offset: 32 (Q6_K), 4 (Q3_K), 128 (IQ4_XS) or 1 (TQ1_0, TQ2_0) times
+             * sum_g scale_g * bsum_g (TQ1_0/TQ2_0's isum * (d * dy) has the same bits: IEEE
+             * products commute) */
             const unsigned shift = kind == KQ_Q6_K ? 5 : kind == KQ_Q3_K ? 2 : kind == KQ_IQ4_XS ? 7 : 0;
             const __m512 d = _mm512_load_ps((const float *)(const void *)(rb + kq_off_d(kind)));
 #pragma GCC unroll 8
@@ -504,6 +550,7 @@ KQ_MM(mm_q4_k_avx512, KQ_Q4_K)
 KQ_MM(mm_q5_k_avx512, KQ_Q5_K)
 KQ_MM(mm_q6_k_avx512, KQ_Q6_K)
 KQ_MM(mm_iq4_xs_avx512, KQ_IQ4_XS)
+KQ_MM(mm_tq1_0_avx512, KQ_TQ1_0)
 KQ_MM(mm_tq2_0_avx512, KQ_TQ2_0)
 
 kern_mm_kernel kern_mm_lookup_kq_avx512(int wtype)
@@ -537,6 +584,10 @@ kern_mm_kernel kern_mm_lookup_kq_avx512(int wtype)
     case GGML_TYPE_IQ4_XS:
         k.mm = mm_iq4_xs_avx512;
         kind = KQ_IQ4_XS;
+        break;
+    case GGML_TYPE_TQ1_0:
+        k.mm = mm_tq1_0_avx512;
+        kind = KQ_TQ1_0;
         break;
     case GGML_TYPE_TQ2_0:
         k.mm = mm_tq2_0_avx512;
