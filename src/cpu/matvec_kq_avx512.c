@@ -50,7 +50,7 @@ int kern_kq_decode_has(kq_kind kind)
 {
     static int cpu = -1; /* racing first calls store the same value */
     if (cpu < 0) cpu = kern_cpu_has_avx512vnni() && kern_cpu_has_avx512vbmi() && kern_cpu_has_gfni();
-    return cpu && (kind == KQ_Q4_K || kind == KQ_Q5_K || kind == KQ_Q6_K);
+    return cpu && (kind == KQ_Q2_K || kind == KQ_Q3_K || kind == KQ_Q4_K || kind == KQ_Q5_K || kind == KQ_Q6_K);
 }
 
 typedef struct kd_consts {
@@ -260,6 +260,101 @@ TGT INLINE __m128 kd_q6k_rows4(const kd_consts *c, const kern_mm_args *a, int64_
     return sumf;
 }
 
+/* ---- Q2_K, Q3_K --------------------------------------------------------------------------- */
+
+/* 2-bit values (Q2_K: 16 scale/min bytes, qs[64], d, dmin; Q3_K: hmask[32], qs[64], 12 scale
+ * bytes, d): vector i holds chunks 2i | 2i+1 of 32 values, half i / 2 of qs broadcast to both
+ * 256-bit halves and shifted right by 2 (2i % 4) | 2 (2i % 4) + 2, in the activations' order.
+ * Q3_K adds bit c of hmask as 4 (the value + 4; the -4 offset goes through the bsums as Q6_K's
+ * -32); its 6-bit scales are unpacked by vpmultishiftqb. Q2_K's mins go to the reduction's
+ * second part (dmin). */
+TGT INLINE __m128 kd_q23k_rows4(const kd_consts *c, const kern_mm_args *a, int64_t o, const uint8_t *x,
+                                int64_t nsb, const uint8_t *pf, int three)
+{
+    const size_t bytes = three ? 110 : 84, qs_off = three ? 32 : 16;
+    const __m512i m3 = _mm512_set1_epi8(3), m04 = _mm512_set1_epi8(4);
+    const __m512i qsh[2] = {_mm512_inserti64x4(_mm512_setzero_si512(), _mm256_set1_epi16(2), 1),
+                            _mm512_inserti64x4(_mm512_set1_epi16(4), _mm256_set1_epi16(6), 1)};
+    /* bit c of hmask to bit 2: chunks (0,1) left 2 | 1, then right 0 | 1, 2 | 3, 4 | 5 */
+    const __m512i hl0 = _mm512_inserti64x4(_mm512_set1_epi16(2), _mm256_set1_epi16(1), 1);
+    const __m512i hr[4] = {_mm512_setzero_si512(), _mm512_inserti64x4(_mm512_setzero_si512(), _mm256_set1_epi16(1), 1),
+                           _mm512_inserti64x4(_mm512_set1_epi16(2), _mm256_set1_epi16(3), 1),
+                           _mm512_inserti64x4(_mm512_set1_epi16(4), _mm256_set1_epi16(5), 1)};
+    /* Q3_K scale j: low 4 bits at bit 8j (j < 8) or 8 (j - 8) + 4 of bytes 0-7, high 2 bits at
+     * 8 (j % 4) + 2 (j / 4) of bytes 8-11 */
+    const __m128i ctl_lo = _mm_setr_epi8(0, 8, 16, 24, 32, 40, 48, 56, 4, 12, 20, 28, 36, 44, 52, 60);
+    const __m128i ctl_hi = _mm_setr_epi8(0, 8, 16, 24, 2, 10, 18, 26, 4, 12, 20, 28, 6, 14, 22, 30);
+    const __m128i m0f = _mm_set1_epi8(0x0F), m03 = _mm_set1_epi8(3), m32 = _mm_set1_epi8(32);
+    const __m256i neg4 = _mm256_set1_epi16(-4);
+    const size_t rb = a->w_row_bytes;
+    const uint8_t *w = a->W + (size_t)o * rb;
+    __m128 sumf = _mm_setzero_ps();
+    for (int64_t b = 0; b < nsb; b++, w += bytes, x += FORGE_Q8_K_BYTES) {
+        kd_prefetch(pf, b, KD_ROWS * bytes);
+        const int8_t *ys = (const int8_t *)(x + Q8K_QS);
+        const __m256i bs = _mm256_loadu_si256((const __m256i *)(const void *)(x + Q8K_BSUM));
+        __m512i acc[KD_ROWS], mins = _mm512_setzero_si512();
+        uint32_t dd[KD_ROWS];
+#pragma GCC unroll 4
+        for (int r = 0; r < KD_ROWS; r++) {
+            const uint8_t *wr = w + (size_t)r * rb;
+            __m512i s, swz;
+            if (three) {
+                uint64_t lo8;
+                uint32_t hi4;
+                memcpy(&lo8, wr + 96, 8);
+                memcpy(&hi4, wr + 104, 4);
+                __m128i lo = _mm_and_si128(_mm_multishift_epi64_epi8(ctl_lo, _mm_set1_epi64x((long long)lo8)), m0f);
+                __m128i hi = _mm_and_si128(_mm_multishift_epi64_epi8(ctl_hi, _mm_set1_epi32((int)hi4)), m03);
+                __m256i sw = _mm256_cvtepi8_epi16(_mm_sub_epi8(_mm_or_si128(lo, _mm_slli_epi16(hi, 4)), m32));
+                swz = _mm512_castsi256_si512(sw);
+                /* the -4 offset: sum_g (-4 * scale_g) * bsum_g */
+                s = _mm512_dpwssd_epi32(_mm512_setzero_si512(), _mm512_zextsi256_si512(_mm256_mullo_epi16(sw, neg4)),
+                                        _mm512_zextsi256_si512(bs));
+                memcpy(&dd[r], wr + 108, 2);
+            } else {
+                __m128i sb = _mm_loadu_si128((const __m128i *)(const void *)wr);
+                swz = _mm512_castsi256_si512(_mm256_cvtepu8_epi16(_mm_and_si128(sb, m0f)));
+                __m256i mp = _mm256_madd_epi16(_mm256_cvtepu8_epi16(_mm_and_si128(_mm_srli_epi16(sb, 4), m0f)), bs);
+                __m128i m4l = _mm_add_epi32(_mm256_castsi256_si128(mp), _mm256_extracti128_si256(mp, 1));
+                mins = _mm512_inserti32x4(mins, m4l, r);
+                s = _mm512_setzero_si512();
+                memcpy(&dd[r], wr + 80, 4);
+            }
+            const __m512i q0 = _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i *)(const void *)(wr + qs_off)));
+            const __m512i q1 = _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i *)(const void *)(wr + qs_off + 32)));
+            __m512i hm = _mm512_setzero_si512();
+            if (three) hm = _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i *)(const void *)wr));
+#pragma GCC unroll 4
+            for (int i = 0; i < 4; i++) {
+                __m512i v = _mm512_and_si512(_mm512_srlv_epi16(i < 2 ? q0 : q1, qsh[i % 2]), m3);
+                if (three)
+                    v = _mm512_ternarylogic_epi32(v, i == 0 ? _mm512_sllv_epi16(hm, hl0) : _mm512_srlv_epi16(hm, hr[i]),
+                                                  m04, 0xF8);
+                __m512i p = _mm512_maddubs_epi16(v, _mm512_loadu_si512((const void *)(ys + 64 * i)));
+                s = _mm512_dpwssd_epi32(s, p, _mm512_permutexvar_epi16(c->q6_idx[i], swz));
+            }
+            acc[r] = s;
+        }
+        __m256i is = kd_reduce(c, acc, mins);
+        float dyv;
+        memcpy(&dyv, x, 4);
+        if (three) {
+            uint16_t dh[8] = {(uint16_t)dd[0], (uint16_t)dd[1], (uint16_t)dd[2], (uint16_t)dd[3], 0, 0, 0, 0};
+            __m128 d = _mm_cvtph_ps(_mm_loadu_si128((const __m128i *)(const void *)dh));
+            sumf = _mm_add_ps(sumf, _mm_mul_ps(_mm_mul_ps(d, _mm_set1_ps(dyv)),
+                                               _mm_cvtepi32_ps(_mm256_castsi256_si128(is))));
+        } else {
+            /* [d0 dmin0 d1 dmin1 ...] to [d0 d1 d2 d3 dmin0 .. dmin3] */
+            __m128i h = _mm_loadu_si128((const __m128i *)(const void *)dd);
+            h = _mm_shuffle_epi8(h, _mm_setr_epi8(0, 1, 4, 5, 8, 9, 12, 13, 2, 3, 6, 7, 10, 11, 14, 15));
+            __m256 pr = _mm256_mul_ps(_mm256_mul_ps(_mm256_cvtph_ps(h), _mm256_set1_ps(dyv)), _mm256_cvtepi32_ps(is));
+            sumf = _mm_add_ps(sumf, _mm_sub_ps(_mm256_castps256_ps128(pr), _mm256_extractf128_ps(pr, 1)));
+        }
+    }
+    return sumf;
+}
+
 /* ---- driver ------------------------------------------------------------------------------ */
 
 TGT static void kd_rows(const kern_mm_args *a, int64_t r0, int64_t r1, void *work, kq_kind kind)
@@ -270,7 +365,7 @@ TGT static void kd_rows(const kern_mm_args *a, int64_t r0, int64_t r1, void *wor
     const uint8_t *xp[KQ_DECODE_MAX_TOK];
     for (int64_t t = 0; t < a->n_tok; t++) {
         const uint8_t *x = a->Xc + (size_t)t * a->xc_row_bytes;
-        if (kind == KQ_Q6_K) {
+        if (kind != KQ_Q4_K && kind != KQ_Q5_K) {
             xp[t] = x;
         } else {
             uint8_t *p = (uint8_t *)work + (size_t)t * (size_t)nsb * KD_X_BYTES;
@@ -286,7 +381,9 @@ TGT static void kd_rows(const kern_mm_args *a, int64_t r0, int64_t r1, void *wor
             const uint8_t *pf = t == 0 ? a->W + (size_t)o * a->w_row_bytes + ahead : NULL;
             __m128 s = kind == KQ_Q6_K   ? kd_q6k_rows4(&c, a, o, xp[t], nsb, pf)
                        : kind == KQ_Q5_K ? kd_q45k_rows4(&c, a, o, xp[t], nsb, pf, 1)
-                                         : kd_q45k_rows4(&c, a, o, xp[t], nsb, pf, 0);
+                       : kind == KQ_Q4_K ? kd_q45k_rows4(&c, a, o, xp[t], nsb, pf, 0)
+                       : kind == KQ_Q3_K ? kd_q23k_rows4(&c, a, o, xp[t], nsb, pf, 1)
+                                         : kd_q23k_rows4(&c, a, o, xp[t], nsb, pf, 0);
             _mm_storeu_ps(a->Y + t * a->n_out + o, s);
         }
     }
