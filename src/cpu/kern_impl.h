@@ -45,6 +45,10 @@ typedef struct kern_mm_kernel {
     size_t xc_block_bytes;
 } kern_mm_kernel;
 
+/* A tuned kernel mm of a block type whose activations are the traits table's vec_dot_type
+ * (kernels of matmul_kq_avx512.c, matmul_q32_avx512.c): mm with the table's converter and its
+ * best one-row dot (kern_mm_args.dot) for what mm leaves to it; mm NULL if the table lacks them. */
+kern_mm_kernel kern_mm_block_kernel(int wtype, kern_mm_fn mm, size_t work_bytes_per_32);
 /* Per-ISA lookup; returns a kernel with mm == NULL if the type is not handled. */
 kern_mm_kernel kern_mm_lookup_scalar(int wtype);
 kern_mm_kernel kern_mm_lookup_avx2(int wtype);

@@ -161,6 +161,24 @@ static kern_mm_kernel lookup_generic(kern_isa isa, int wtype)
     return k;
 }
 
+kern_mm_kernel kern_mm_block_kernel(int wtype, kern_mm_fn mm, size_t work_bytes_per_32)
+{
+    kern_mm_kernel k = {0};
+    const forge_type_traits *tr = forge_type_traits_get(wtype);
+    const forge_type_traits *xt = tr ? forge_type_traits_get(tr->vec_dot_type) : NULL;
+    if (!tr || !xt || !tr->quantize_act) return k;
+    /* the one-row dot for what the kernel leaves to it: the best the traits table has (every
+     * dot of a type gives the same bits, tests/test_quant_kernels.c) */
+    k.dot = tr->vec_dot_avx512 ? tr->vec_dot_avx512 : tr->vec_dot_avx2 ? tr->vec_dot_avx2 : tr->vec_dot;
+    if (!k.dot) return k;
+    k.mm = mm;
+    k.work_bytes_per_32 = work_bytes_per_32;
+    k.cvt = tr->quantize_act;
+    k.xc_block = xt->block_size;
+    k.xc_block_bytes = xt->block_bytes;
+    return k;
+}
+
 kern_mm_kernel kern_mm_lookup_scalar(int wtype)
 {
     kern_mm_kernel k = {0};

@@ -555,54 +555,25 @@ KQ_MM(mm_tq2_0_avx512, KQ_TQ2_0)
 
 kern_mm_kernel kern_mm_lookup_kq_avx512(int wtype)
 {
+    static const struct {
+        int type;
+        kern_mm_fn mm;
+        kq_kind kind;
+    } kinds[] = {
+        {GGML_TYPE_Q2_K, mm_q2_k_avx512, KQ_Q2_K},       {GGML_TYPE_Q3_K, mm_q3_k_avx512, KQ_Q3_K},
+        {GGML_TYPE_Q4_K, mm_q4_k_avx512, KQ_Q4_K},       {GGML_TYPE_Q5_K, mm_q5_k_avx512, KQ_Q5_K},
+        {GGML_TYPE_Q6_K, mm_q6_k_avx512, KQ_Q6_K},       {GGML_TYPE_IQ4_XS, mm_iq4_xs_avx512, KQ_IQ4_XS},
+        {GGML_TYPE_TQ1_0, mm_tq1_0_avx512, KQ_TQ1_0},    {GGML_TYPE_TQ2_0, mm_tq2_0_avx512, KQ_TQ2_0},
+    };
     kern_mm_kernel k = {0};
-    const forge_type_traits *tr = forge_type_traits_get(wtype);
-    const forge_type_traits *xt = forge_type_traits_get(GGML_TYPE_Q8_K);
-    if (!kern_cpu_has_avx512vnni() || !tr || !xt) return k;
-    kq_kind kind;
-    switch (wtype) {
-    case GGML_TYPE_Q2_K:
-        k.mm = mm_q2_k_avx512;
-        kind = KQ_Q2_K;
+    if (!kern_cpu_has_avx512vnni()) return k;
+    for (size_t i = 0; i < sizeof kinds / sizeof kinds[0]; i++) {
+        if (kinds[i].type != wtype) continue;
+        const size_t tile = kq_sb_bytes(kinds[i].kind) / 8;
+        k = kern_mm_block_kernel(wtype, kinds[i].mm, tile > KQ_DECODE_WORK_PER_32 ? tile : KQ_DECODE_WORK_PER_32);
+        if (k.cvt == forge_quantize_act_q8_k) k.cvt = kern_cvt_q8_k_avx512;
         break;
-    case GGML_TYPE_Q3_K:
-        k.mm = mm_q3_k_avx512;
-        kind = KQ_Q3_K;
-        break;
-    case GGML_TYPE_Q4_K:
-        k.mm = mm_q4_k_avx512;
-        kind = KQ_Q4_K;
-        break;
-    case GGML_TYPE_Q5_K:
-        k.mm = mm_q5_k_avx512;
-        kind = KQ_Q5_K;
-        break;
-    case GGML_TYPE_Q6_K:
-        k.mm = mm_q6_k_avx512;
-        kind = KQ_Q6_K;
-        break;
-    case GGML_TYPE_IQ4_XS:
-        k.mm = mm_iq4_xs_avx512;
-        kind = KQ_IQ4_XS;
-        break;
-    case GGML_TYPE_TQ1_0:
-        k.mm = mm_tq1_0_avx512;
-        kind = KQ_TQ1_0;
-        break;
-    case GGML_TYPE_TQ2_0:
-        k.mm = mm_tq2_0_avx512;
-        kind = KQ_TQ2_0;
-        break;
-    default:
-        return k;
     }
-    k.work_bytes_per_32 = kq_sb_bytes(kind) / 8 > KQ_DECODE_WORK_PER_32 ? kq_sb_bytes(kind) / 8 : KQ_DECODE_WORK_PER_32;
-    /* the one-row dot of decode: the best the traits table has (all give the same bits) */
-    k.dot = tr->vec_dot_avx512 ? tr->vec_dot_avx512 : tr->vec_dot_avx2 ? tr->vec_dot_avx2 : tr->vec_dot;
-    k.cvt = tr->quantize_act == forge_quantize_act_q8_k ? kern_cvt_q8_k_avx512 : tr->quantize_act;
-    k.xc_block = xt->block_size;
-    k.xc_block_bytes = xt->block_bytes;
-    if (!k.dot || !k.cvt) return (kern_mm_kernel){0};
     return k;
 }
 

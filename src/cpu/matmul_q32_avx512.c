@@ -213,33 +213,19 @@ Q32_MM(mm_iq4_nl_avx512, Q32_IQ4_NL)
 kern_mm_kernel kern_mm_lookup_q32_avx512(int wtype)
 {
     kern_mm_kernel k = {0};
-    const forge_type_traits *tr = forge_type_traits_get(wtype);
-    const forge_type_traits *xt = tr ? forge_type_traits_get(tr->vec_dot_type) : NULL;
-    if (!kern_cpu_has_avx512vnni() || !tr || !xt) return k;
+    if (!kern_cpu_has_avx512vnni()) return k;
     switch (wtype) {
     case GGML_TYPE_Q4_1:
-        k.mm = mm_q4_1_avx512;
-        break;
+        return kern_mm_block_kernel(wtype, mm_q4_1_avx512, Q32_SB);
     case GGML_TYPE_Q5_0:
-        k.mm = mm_q5_0_avx512;
-        break;
+        return kern_mm_block_kernel(wtype, mm_q5_0_avx512, Q32_SB);
     case GGML_TYPE_Q5_1:
-        k.mm = mm_q5_1_avx512;
-        break;
+        return kern_mm_block_kernel(wtype, mm_q5_1_avx512, Q32_SB);
     case GGML_TYPE_IQ4_NL:
-        k.mm = mm_iq4_nl_avx512;
-        break;
+        return kern_mm_block_kernel(wtype, mm_iq4_nl_avx512, Q32_SB);
     default:
         return k;
     }
-    k.work_bytes_per_32 = Q32_SB;
-    /* the one-row dot of decode: the best the traits table has (all give the same bits) */
-    k.dot = tr->vec_dot_avx512 ? tr->vec_dot_avx512 : tr->vec_dot_avx2 ? tr->vec_dot_avx2 : tr->vec_dot;
-    k.cvt = tr->quantize_act;
-    k.xc_block = xt->block_size;
-    k.xc_block_bytes = xt->block_bytes;
-    if (!k.dot || !k.cvt) return (kern_mm_kernel){0};
-    return k;
 }
 
 #else /* not x86-64 */
