@@ -128,7 +128,7 @@ TGT INLINE void q32_tile(const kern_mm_args *a, const uint8_t *rep, int64_t o, _
 {
     const int64_t nb = a->n_in / 32;
     const size_t xb = q32_x_bytes(kind), xq = q32_has_min(kind) ? 4 : 2;
-    const unsigned off_shift = kind == Q32_Q5_0 ? 4 : 7; /* offset 16 or 128 */
+    const int32_t off = kind == Q32_Q5_0 ? 16 : 128; /* the unsigned values' offset */
     const uint8_t *x[Q32_TOK];
     __m512 acc[Q32_TOK];
 #pragma GCC unroll 8
@@ -155,7 +155,7 @@ TGT INLINE void q32_tile(const kern_mm_args *a, const uint8_t *rep, int64_t o, _
             const uint8_t *xt = x[t] + (size_t)b * xb;
             __m512i is = s[t];
             if (kind == Q32_Q5_0 || kind == Q32_IQ4_NL)
-                is = _mm512_sub_epi32(is, _mm512_set1_epi32(q32_xsum(xt + xq) << off_shift));
+                is = _mm512_sub_epi32(is, _mm512_set1_epi32(q32_xsum(xt + xq) * off));
             __m512 p = _mm512_mul_ps(_mm512_mul_ps(dw, _mm512_set1_ps(q32_half(xt))), _mm512_cvtepi32_ps(is));
             if (q32_has_min(kind)) {
                 const __m512 mw = _mm512_load_ps((const float *)(const void *)(rb + Q32_M));

@@ -317,7 +317,7 @@ TGT INLINE __m128 kd_q23k_rows4(const kd_consts *c, const kern_mm_args *a, int64
                 swz = _mm512_castsi256_si512(_mm256_cvtepu8_epi16(_mm_and_si128(sb, m0f)));
                 __m256i mp = _mm256_madd_epi16(_mm256_cvtepu8_epi16(_mm_and_si128(_mm_srli_epi16(sb, 4), m0f)), bs);
                 __m128i m4l = _mm_add_epi32(_mm256_castsi256_si128(mp), _mm256_extracti128_si256(mp, 1));
-                mins = _mm512_inserti32x4(mins, m4l, r);
+                mins = _mm512_mask_broadcast_i32x4(mins, (__mmask16)(0xF << (4 * r)), m4l);
                 s = _mm512_setzero_si512();
                 memcpy(&dd[r], wr + 80, 4);
             }
