@@ -3,13 +3,16 @@
  * prints GFLOP/s and weight bytes read per second. A benchmark, not a test.
  *
  *   bench_matmul [-t TYPE[,TYPE..]] [-n NTOK[,..]] [-j THREADS[,..]] [-i ISA[,..]] [-s SECONDS]
- *                [-m] [-r]
+ *                [-m | -M] [-r]
  *
  * Each shape rotates over enough copies of its weights (>= 160 MB) that decode reads them from
  * memory, as a real model does, not from the 32 MB L3. -m also runs one "model step": the 7
  * matmuls of a layer on distinct weights for every layer of TinyLlama (22) plus the output
- * matrix, and reports the matmul-only tokens per second (an upper bound for the engine).
- * -r uses a single copy of each matrix (cache-resident where it fits: measures compute). */
+ * matrix, and reports the matmul-only tokens per second (an upper bound for the engine); -M runs
+ * only that step.
+ * -r uses a single copy of each matrix (cache-resident where it fits: measures compute).
+ * Besides the mean, each line gives the median and the fastest call (model: step): on a machine
+ * shared with other work the mean moves with their load, the fastest call much less. */
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -46,6 +49,22 @@ static double cpu_s(void)
     clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &ts);
     return (double)ts.tv_sec + ts.tv_nsec * 1e-9;
 }
+
+/* Median and minimum of n per-call times (sorts t). */
+static int cmp_double(const void *a, const void *b)
+{
+    double x = *(const double *)a, y = *(const double *)b;
+    return (x > y) - (x < y);
+}
+
+static void time_stats(double *t, int n, double *median, double *best)
+{
+    qsort(t, (size_t)n, sizeof *t, cmp_double);
+    *median = n ? t[n / 2] : 0.0;
+    *best = n ? t[0] : 0.0;
+}
+
+#define MAX_SAMPLES 200000
 
 static uint64_t rng = 0x1234567887654321ull;
 static float frand(void)
@@ -179,11 +198,13 @@ int main(int argc, char **argv)
             i++;
         } else if (strcmp(argv[i], "-m") == 0) {
             model = 1;
+        } else if (strcmp(argv[i], "-M") == 0) {
+            model = 2; /* the model step only */
         } else if (strcmp(argv[i], "-r") == 0) {
             resident = 1; /* one copy of the weights: cache-resident where they fit */
         } else {
             fprintf(stderr,
-                    "usage: %s [-t TYPES] [-n NTOKS] [-j THREADS] [-i ISAS] [-s SECONDS] [-m]\n",
+                    "usage: %s [-t TYPES] [-n NTOKS] [-j THREADS] [-i ISAS] [-s SECONDS] [-m|-M] [-r]\n",
                     argv[0]);
             return 2;
         }
@@ -196,11 +217,12 @@ int main(int argc, char **argv)
         if (ntoks[k] > max_tok) max_tok = ntoks[k];
     float *X = malloc((size_t)(max_tok * 5632) * sizeof *X);
     float *Y = malloc((size_t)(max_tok * 32000) * sizeof *Y);
-    if (!X || !Y) return 1;
+    double *samples = malloc(MAX_SAMPLES * sizeof *samples);
+    if (!X || !Y || !samples) return 1;
     for (int64_t i = 0; i < max_tok * 5632; i++)
         X[i] = frand();
 
-    for (int ti = 0; ti < n_types; ti++) {
+    for (int ti = 0; ti < n_types && model != 2; ti++) {
         int type = types[ti];
         for (size_t si = 0; si < sizeof SHAPES / sizeof SHAPES[0]; si++) {
             const shape *sh = &SHAPES[si];
@@ -224,7 +246,7 @@ int main(int argc, char **argv)
                         for (int k = 0; k < copies; k++)
                             kern_matmul(pool, type, W + (size_t)k * mat_bytes, sh->n_out, sh->n_in,
                                         X, 1, Y, &err);
-                        double t0 = now_s(), t1, c0 = cpu_s();
+                        double t0 = now_s(), t1, c0 = cpu_s(), tc = t0, med, best;
                         do {
                             if (kern_matmul(pool, type, W + (size_t)c * mat_bytes, sh->n_out,
                                             sh->n_in, X, nt, Y, &err) != FORGE_OK) {
@@ -232,17 +254,22 @@ int main(int argc, char **argv)
                                 return 1;
                             }
                             c = (c + 1) % copies;
-                            iters++;
                             t1 = now_s();
+                            if (iters < MAX_SAMPLES) samples[iters] = t1 - tc;
+                            tc = t1;
+                            iters++;
                         } while (t1 - t0 < seconds);
+                        time_stats(samples, iters < MAX_SAMPLES ? iters : MAX_SAMPLES, &med,
+                                   &best);
                         double per = (t1 - t0) / iters;
                         double cpu_per = (cpu_s() - c0) / iters / threads[ji];
                         double flops = 2.0 * (double)sh->n_out * (double)sh->n_in * (double)nt;
                         printf("%-5s %-6s j%d n%-3lld %-24s %9.1f us %8.1f GFLOP/s %6.1f GB/s"
-                               "  (cpu/thread %7.1f us)\n",
+                               "  (cpu/thread %7.1f us; median %6.1f GB/s, best %6.1f GB/s)\n",
                                ggml_type_name(type), kern_isa_name(isas[ii]), threads[ji],
                                (long long)nt, sh->name, per * 1e6, flops / per * 1e-9,
-                               (double)mat_bytes / per * 1e-9, cpu_per * 1e6);
+                               (double)mat_bytes / per * 1e-9, cpu_per * 1e6,
+                               (double)mat_bytes / med * 1e-9, (double)mat_bytes / best * 1e-9);
                         fflush(stdout);
                     }
                     kern_pool_free(pool);
@@ -286,7 +313,7 @@ int main(int argc, char **argv)
                     for (int ni = 0; ni < n_ntok; ni++) {
                         int64_t nt = ntoks[ni];
                         int steps = 0;
-                        double t0 = now_s(), t1;
+                        double t0 = now_s(), t1, tc = t0, med, best;
                         do {
                             size_t p = 0;
                             for (int l = 0; l < n_layer; l++)
@@ -297,14 +324,19 @@ int main(int argc, char **argv)
                                 }
                             /* llama.cpp computes the output row only for the last token */
                             kern_matmul(pool, type, W + p, 32000, 2048, X, 1, Y, NULL);
-                            steps++;
                             t1 = now_s();
+                            if (steps < MAX_SAMPLES) samples[steps] = t1 - tc;
+                            tc = t1;
+                            steps++;
                         } while (t1 - t0 < seconds * 5 || steps < 2);
                         double per = (t1 - t0) / steps;
-                        printf(
-                            "model %-5s %-6s j%d n%-3lld  %8.2f ms/step  %7.1f tok/s  %6.1f GB/s\n",
-                            ggml_type_name(type), kern_isa_name(isas[ii]), threads[ji],
-                            (long long)nt, per * 1e3, (double)nt / per, (double)total / per * 1e-9);
+                        time_stats(samples, steps < MAX_SAMPLES ? steps : MAX_SAMPLES, &med,
+                                   &best);
+                        printf("model %-5s %-6s j%d n%-3lld  %8.2f ms/step  %7.1f tok/s  %6.1f GB/s"
+                               "  (median %7.1f tok/s, best %7.1f tok/s)\n",
+                               ggml_type_name(type), kern_isa_name(isas[ii]), threads[ji],
+                               (long long)nt, per * 1e3, (double)nt / per,
+                               (double)total / per * 1e-9, (double)nt / med, (double)nt / best);
                         fflush(stdout);
                     }
                     kern_pool_free(pool);
@@ -315,5 +347,6 @@ int main(int argc, char **argv)
     }
     free(X);
     free(Y);
+    free(samples);
     return 0;
 }

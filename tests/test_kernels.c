@@ -8,6 +8,7 @@
  * gives ~1e-13. Against the original unrounded floats, the thresholds are per type (F32 1e-10,
  * F16 1e-6, BF16 1e-4, Q8_0 2e-4, Q4_0 2e-2; summed over all shapes). */
 #include <math.h>
+#include <pthread.h>
 #include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -109,6 +110,43 @@ static void test_pool_sleep_and_wake(void **state)
         assert_int_equal(atomic_load(&p.wrong_nth), 0);
         kern_pool_free(pool);
     }
+}
+
+/* A share whose worker has not started it when the caller is done with its own is run by the
+ * caller (so that a worker without a core does not hold up the job): with sleeping workers
+ * (no spin) and an instant ith 0, the caller must take some of the other shares over 200 jobs,
+ * each ith still exactly once per job. The pool used to wait for every worker. */
+typedef struct steal_probe {
+    pthread_t caller;
+    atomic_int calls[3];
+    atomic_int by_caller; /* calls of ith > 0 made on the caller's thread */
+} steal_probe;
+
+static void steal_fn(void *arg, int ith, int nth)
+{
+    steal_probe *p = arg;
+    (void)nth;
+    if (ith > 0 && pthread_equal(pthread_self(), p->caller)) atomic_fetch_add(&p->by_caller, 1);
+    atomic_fetch_add(&p->calls[ith], 1);
+}
+
+static void test_pool_caller_runs_unstarted_shares(void **state)
+{
+    (void)state;
+    kern_pool *pool = NULL;
+    steal_probe p;
+    memset(&p, 0, sizeof p);
+    p.caller = pthread_self();
+    setenv("FORGE_SPIN_US", "0", 1);
+    assert_int_equal(kern_pool_create(3, &pool, NULL), FORGE_OK);
+    unsetenv("FORGE_SPIN_US");
+    for (int job = 0; job < 200; job++) {
+        kern_pool_run(pool, steal_fn, &p);
+        for (int i = 0; i < 3; i++)
+            assert_int_equal(atomic_load(&p.calls[i]), job + 1);
+    }
+    assert_true(atomic_load(&p.by_caller) > 0);
+    kern_pool_free(pool);
 }
 
 static void test_pool_rejects_bad_size(void **state)
@@ -763,6 +801,7 @@ int main(void)
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_pool_runs_each_ith_once),
         cmocka_unit_test(test_pool_sleep_and_wake),
+        cmocka_unit_test(test_pool_caller_runs_unstarted_shares),
         cmocka_unit_test(test_pool_rejects_bad_size),
         cmocka_unit_test(test_physical_cores),
         cmocka_unit_test(test_isa_selection),

@@ -18,8 +18,10 @@ typedef struct kern_pool kern_pool;
 int kern_pool_create(int n_threads, kern_pool **out, forge_err *err);
 void kern_pool_free(kern_pool *pool);
 int kern_pool_size(const kern_pool *pool);
-/* Run fn(arg, ith, nth) for ith = 0..nth-1, one call per pool thread (the caller runs ith 0),
- * and return when every call has returned. pool may be NULL: fn(arg, 0, 1). Not reentrant. */
+/* Run fn(arg, ith, nth) once for each ith = 0..nth-1 and return when every call has returned.
+ * The caller runs ith 0, and any other ith whose worker has not started it when the caller is
+ * done (so calls may run one after another on one thread: fn must never wait for another ith).
+ * pool may be NULL: fn(arg, 0, 1). Not reentrant. */
 void kern_pool_run(kern_pool *pool, void (*fn)(void *arg, int ith, int nth), void *arg);
 /* Number of physical cores (default for -t). */
 int kern_physical_cores(void);

@@ -197,9 +197,17 @@ TGT_I INLINE __m512 q8_0_step(const q_consts *c, const uint8_t *w, int nblk, con
 }
 
 /* Decode streams weights from memory. A tile of rows is one contiguous region, so while a tile
- * is computed the next one is prefetched into L2 as a single linear stream: on the 2-core EPYC
- * this doubled single-thread streaming (Q4_0 7.5 -> 12.8 GB/s) where prefetching along each
- * row, at any distance, did not help. */
+ * is computed the next one is prefetched as a single linear stream: on the 2-core EPYC this
+ * doubled single-thread streaming (Q4_0 7.5 -> 12.8 GB/s) where prefetching along each row, at
+ * any distance, did not help. Q4_0 prefetches into L1 (prefetcht0), Q8_0 into L2 (prefetcht1):
+ * on the Zen 5 EPYC, Q4_0 streamed ~16 GB/s single-thread with prefetcht1 whatever the distance
+ * and ~21-23 GB/s with prefetcht0 or prefetchnta (likely because its two overlapping 64-byte
+ * loads per row and step cross cache lines, each an L1 miss when the line waits in L2), while
+ * Q8_0 (32-byte loads) streams ~28 GB/s with either (bench_matmul -t q4_0,q8_0 -n 1 -j 1,
+ * medians of interleaved runs). */
+#define Q_PREFETCH(p, is_q4)                                                                       \
+    ((is_q4) ? _mm_prefetch((const char *)(p), _MM_HINT_T0)                                        \
+             : _mm_prefetch((const char *)(p), _MM_HINT_T1))
 
 /* Integer sums of one row for blocks b, b+1 (lanes 0-7 and 8-15, seeded with ncorr); *raw
  * receives the loaded bytes the block scales are taken from. */
@@ -274,7 +282,7 @@ TGT_I INLINE __m512 q_rows8_step(const q_consts *c, const uint8_t *const w[8], c
     /* the next tile's bytes, as one linear stream: 16 blocks' worth per step */
 #pragma GCC unroll 9
     for (size_t l = 0; l < (16 * bb + 63) / 64; l++)
-        _mm_prefetch((const char *)(pf + (size_t)b * 8 * bb + 64 * l), _MM_HINT_T1);
+        Q_PREFETCH(pf + (size_t)b * 8 * bb + 64 * l, is_q4);
     const __m512i dx_idx = _mm512_set_epi32(1, 1, 1, 1, 0, 0, 0, 0, 1, 1, 1, 1, 0, 0, 0, 0);
     q_xstep xs = load_xstep(xq, xd, nc, b, nblk);
     __m512 dx = _mm512_permutexvar_ps(dx_idx, _mm512_maskz_loadu_ps(nblk == 2 ? 3 : 1, xd + b));
@@ -459,7 +467,7 @@ TGT_I INLINE void q4_rows8x4_step(const q4x4_consts *c, const uint8_t *const w[8
     /* the next tile's bytes, as one linear stream: 32 blocks' worth per step */
 #pragma GCC unroll 9
     for (size_t l = 0; l < 32 * bb / 64; l++)
-        _mm_prefetch((const char *)(pf + (size_t)b * 8 * bb + 64 * l), _MM_HINT_T1);
+        Q_PREFETCH(pf + (size_t)b * 8 * bb + 64 * l, 1);
     const __m512i x0 = _mm512_loadu_si512((const void *)(xq + b * KERN_QK));
     const __m512i x1 = _mm512_loadu_si512((const void *)(xq + b * KERN_QK + 64));
     const __m512i xlo = _mm512_permutex2var_epi8(x0, c->xlo_idx, x1);

@@ -1,7 +1,13 @@
 /* pool.c - the kernel thread pool: persistent pthreads created once, woken per job, spinning
  * briefly before they sleep on a condition variable (so back-to-back matmuls of a decode step
  * do not pay a futex wake each), and kern_physical_cores. Owns nothing but its threads and its
- * scratch buffer; knows nothing about the work it runs. */
+ * scratch buffer; knows nothing about the work it runs.
+ *
+ * Each share of a job (an ith) is claimed once, by its worker or by the caller: when the caller
+ * has run its own share it takes every share whose worker has not started yet and runs it
+ * itself. On a machine shared with other work a worker that has lost its core (or is still
+ * waking from sleep) then no longer holds up the caller for a whole scheduler slice: a decode
+ * step is ~180 jobs, and each such wait used to cost the full time until the worker ran again. */
 #define _GNU_SOURCE /* sched_getaffinity, CPU_ISSET */
 #include <dirent.h>
 #include <pthread.h>
@@ -38,7 +44,9 @@ struct kern_pool {
     pthread_cond_t cv_work;
     pthread_cond_t cv_done;
     atomic_uint generation; /* bumped once per job */
-    atomic_int pending;     /* workers that have not finished the current job */
+    atomic_int pending;     /* shares of the current job not finished (ith 0 excluded) */
+    atomic_uint *claimed;   /* per thread (index ith, 0 unused): the last job whose share was
+                             * claimed, by the worker or by the caller */
     atomic_bool quit;
     void (*fn)(void *arg, int ith, int nth);
     void *arg;
@@ -95,6 +103,14 @@ static void *worker_main(void *p)
         }
         if (atomic_load(&pool->quit)) break;
         seen = atomic_load_explicit(&pool->generation, memory_order_acquire);
+        /* claim this share unless the caller already took it (claimed == seen) or has moved on
+         * to a later job (claimed ahead of seen: the wait loop above then sees the new job) */
+        unsigned c = atomic_load_explicit(&pool->claimed[ith], memory_order_acquire);
+        if ((int)(seen - c) <= 0 ||
+            !atomic_compare_exchange_strong_explicit(&pool->claimed[ith], &c, seen,
+                                                     memory_order_acq_rel, memory_order_acquire))
+            continue;
+        /* claimed: the caller waits for this share, so fn and arg stay those of job seen */
         pool->fn(pool->arg, ith, pool->n_threads);
         if (atomic_fetch_sub_explicit(&pool->pending, 1, memory_order_acq_rel) == 1) {
             /* the caller may be asleep: signal under the lock so the wake cannot be lost */
@@ -128,7 +144,8 @@ int kern_pool_create(int n_threads, kern_pool **out, forge_err *err)
     atomic_init(&pool->quit, false);
     if (n_threads > 1) {
         pool->threads = calloc((size_t)n_threads - 1, sizeof *pool->threads);
-        if (!pool->threads) {
+        pool->claimed = calloc((size_t)n_threads, sizeof *pool->claimed);
+        if (!pool->threads || !pool->claimed) {
             rc = forge_err_set(err, FORGE_E_NOMEM, "thread pool: out of memory");
             goto fail;
         }
@@ -170,6 +187,7 @@ void kern_pool_free(kern_pool *pool)
     pthread_cond_destroy(&pool->cv_done);
     pthread_mutex_destroy(&pool->mu);
     free(pool->threads);
+    free(pool->claimed);
     free(pool->scratch);
     free(pool);
 }
@@ -194,6 +212,18 @@ void kern_pool_run(kern_pool *pool, void (*fn)(void *arg, int ith, int nth), voi
     pthread_mutex_unlock(&pool->mu);
 
     fn(arg, 0, pool->n_threads);
+
+    /* the shares no worker has started: run them here rather than wait for their workers */
+    unsigned gen = atomic_load_explicit(&pool->generation, memory_order_relaxed);
+    for (int i = 1; i < pool->n_threads; i++) {
+        unsigned c = atomic_load_explicit(&pool->claimed[i], memory_order_acquire);
+        if (c != gen && atomic_compare_exchange_strong_explicit(&pool->claimed[i], &c, gen,
+                                                                memory_order_acq_rel,
+                                                                memory_order_acquire)) {
+            fn(arg, i, pool->n_threads);
+            atomic_fetch_sub_explicit(&pool->pending, 1, memory_order_acq_rel);
+        }
+    }
 
     if (atomic_load_explicit(&pool->pending, memory_order_acquire) == 0) return;
     int64_t start = now_ns();
