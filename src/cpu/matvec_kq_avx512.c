@@ -1,28 +1,32 @@
-/* matvec_kq_avx512.c - AVX-512 decode kernels (fewer than KQ_TILE_MIN_TOK tokens) for K-quant
- * weights (Q4_K, Q6_K) with Q8_K activations; x86-64 only, compiled with target attributes and
- * used only when the CPU has VNNI, VBMI and GFNI (kern_kq_decode_has).
+/* matvec_kq_avx512.c - AVX-512 decode kernels (fewer than KQ_TILE_MIN_TOK tokens) for the
+ * super-block weights with Q8_K activations: Q2_K, Q3_K, Q4_K, Q5_K, Q6_K and IQ4_XS; x86-64
+ * only, compiled with target attributes and used only when the CPU has VNNI, VBMI and GFNI
+ * (kern_kq_decode_has). TQ1_0/TQ2_0 decode stays with the one-row dot.
  *
  * The weights are read as they lie in the file (decode is one pass over memory, a repack would
  * cost more than it saves), four rows at a time, so that the work around the integer dot
  * products is shared by four rows:
- * - the 16-byte headers of four rows' super-blocks (d, dmin and the 12 packed scale bytes of
- *   Q4_K) sit in one vector, their 6-bit scales and mins are unpacked for all four at once
- *   (6 ops), and each sub-block scale vector is one vpermb;
+ * - Q4_K/Q5_K: the 16-byte headers of four rows' super-blocks (d, dmin and the 12 packed scale
+ *   bytes) sit in one vector, their 6-bit scales and mins are unpacked for all four at once
+ *   (6 ops), and each sub-block scale vector is one vpermb; Q3_K and IQ4_XS unpack their scales
+ *   per row with vpmultishiftqb, Q2_K and Q6_K widen theirs;
  * - the four rows' sums are reduced together (one transpose tree), and the float step runs on
  *   the four rows as one vector.
- * Each row's integers per super-block are exactly the one-row dot products' (src/cpu/
- * vecdot_avx2.c; integer sums in any order are equal) and the float expression per super-block
- * is theirs, in their order: sumf + ((d * dy) * isum - (dmin * dy) * summ) for Q4_K, sumf +
- * (d * dy) * isum for Q6_K, vector lanes being independent IEEE operations (no fma: the build
- * does not contract). So a row gives the same bits here, in the prompt tiles
- * (matmul_kq_avx512.c) and in the one-row dot (tests/test_batch_invariance.c, test_kernels.c).
+ * Each row's integers per super-block are exactly the one-row dot products' (integer sums in any
+ * order are equal) and the float expression per super-block is theirs, in their order:
+ * sumf + ((d * dy) * isum - (dmin * dy) * summ) with mins (Q2_K, Q4_K, Q5_K), sumf + (d * dy) *
+ * isum without, vector lanes being independent IEEE operations (no fma: the build does not
+ * contract). So a row gives the same bits here, in the prompt tiles (matmul_kq_avx512.c) and in
+ * the scalar dot (tests/test_quant_kernels.c, test_batch_invariance.c).
  *
- * Q4_K: the nibbles of groups j, j+1 (64 bytes) give, as low nibbles, sub-blocks 2j and 2j+2 and,
- * as high nibbles, 2j+1 and 2j+3. The activations are rearranged once per call to that order
- * (kd_prep_q4k, into the thread's scratch), so each vector of weights meets one aligned vector
- * of activations. Q6_K: 64 low-bit bytes with the 32 high-bit bytes twice give 64 values in the
- * activations' own order; the -32 offset goes into the same integer sum through the bsums
- * (scale * -32 fits int16). */
+ * Q4_K/Q5_K: the nibbles of groups j, j+1 (64 bytes) give, as low nibbles, sub-blocks 2j and
+ * 2j+2 and, as high nibbles, 2j+1 and 2j+3 (Q5_K's fifth bit from qh by a per-half shift). The
+ * activations are rearranged once per call to that order (kd_prep_q4k, into the thread's
+ * scratch), so each vector of weights meets one aligned vector of activations; IQ4_XS likewise
+ * in its own order. Q6_K: 64 low-bit bytes with the 32 high-bit bytes twice give 64 values in
+ * the activations' own order, as do Q2_K/Q3_K's 2-bit values; offsets of unsigned values (Q6_K
+ * 32, Q3_K 4, IQ4_XS 128) go into the same integer sum through the bsums (scale * -offset fits
+ * int16). */
 #include <string.h>
 
 #include "cpu/kern_impl.h"
@@ -50,7 +54,8 @@ int kern_kq_decode_has(kq_kind kind)
 {
     static int cpu = -1; /* racing first calls store the same value */
     if (cpu < 0) cpu = kern_cpu_has_avx512vnni() && kern_cpu_has_avx512vbmi() && kern_cpu_has_gfni();
-    return cpu && (kind == KQ_Q2_K || kind == KQ_Q3_K || kind == KQ_Q4_K || kind == KQ_Q5_K || kind == KQ_Q6_K);
+    return cpu && (kind == KQ_Q2_K || kind == KQ_Q3_K || kind == KQ_Q4_K || kind == KQ_Q5_K || kind == KQ_Q6_K ||
+                   kind == KQ_IQ4_XS);
 }
 
 typedef struct kd_consts {
@@ -117,15 +122,23 @@ TGT INLINE void kd_prefetch(const uint8_t *pf, int64_t b, size_t step_bytes)
 /* ---- Q4_K ------------------------------------------------------------------------------ */
 
 /* Token x's Q8_K row rearranged into out (KD_X_BYTES per super-block). */
-TGT static void kd_prep_q4k(const uint8_t *x, int64_t nsb, uint8_t *out)
+TGT static void kd_prep_q4k(const uint8_t *x, int64_t nsb, uint8_t *out, int iq4xs)
 {
     for (int64_t b = 0; b < nsb; b++, x += FORGE_Q8_K_BYTES, out += KD_X_BYTES) {
         const uint8_t *q = x + Q8K_QS;
-        /* vector v: sub-blocks (0,2), (1,3), (4,6), (5,7) */
-        for (int v = 0; v < 4; v++) {
-            int s0 = 4 * (v / 2) + (v % 2);
-            memcpy(out + 64 * v, q + 32 * s0, 32);
-            memcpy(out + 64 * v + 32, q + 32 * (s0 + 2), 32);
+        if (iq4xs) {
+            /* vector v: the low (v even) or high (v odd) 16 values of sub-blocks 4 (v / 2) ..
+             * 4 (v / 2) + 3, as the nibbles of 64 bytes of IQ4_XS qs give them */
+            for (int v = 0; v < 4; v++)
+                for (int k = 0; k < 4; k++)
+                    memcpy(out + 64 * v + 16 * k, q + 32 * (4 * (v / 2) + k) + 16 * (v % 2), 16);
+        } else {
+            /* vector v: sub-blocks (0,2), (1,3), (4,6), (5,7) */
+            for (int v = 0; v < 4; v++) {
+                int s0 = 4 * (v / 2) + (v % 2);
+                memcpy(out + 64 * v, q + 32 * s0, 32);
+                memcpy(out + 64 * v + 32, q + 32 * (s0 + 2), 32);
+            }
         }
         __m256i bs = _mm256_loadu_si256((const __m256i *)(const void *)(x + Q8K_BSUM));
         /* pair sums bsum[2j] + bsum[2j+1] (|.| <= 4096: exact as int16) */
@@ -260,6 +273,70 @@ TGT INLINE __m128 kd_q6k_rows4(const kd_consts *c, const kern_mm_args *a, int64_
     return sumf;
 }
 
+/* ---- IQ4_XS ----------------------------------------------------------------------------- */
+
+/* IQ4_XS (d, scales_h, scales_l[4], qs[128]): 64 bytes of qs are sub-blocks 4h..4h+3, their low
+ * nibbles values 0-15 and high nibbles 16-31, against activations prepared in that order
+ * (kd_prep_q4k). Values through the IQ4_NL table + 128 (1..241: too large for vpmaddubsw's
+ * int16 pairs, so vpdpbusd and an int32 scale multiply); the 128 offset goes through the bsum
+ * pairs (scale * -128 fits int16). Scales unpacked by vpmultishiftqb. */
+TGT INLINE __m128 kd_iq4xs_rows4(const kd_consts *c, const kern_mm_args *a, int64_t o, const uint8_t *xp,
+                                 int64_t nsb, const uint8_t *pf)
+{
+    const __m512i m4 = _mm512_set1_epi8(0x0F), hi_gf = _mm512_set1_epi64(0x1020408000000000LL);
+    const __m128i tv = _mm_loadu_si128((const __m128i *)(const void *)forge_iq4nl_values);
+    const __m512i tbl = _mm512_broadcast_i32x4(_mm_xor_si128(tv, _mm_set1_epi8((char)0x80)));
+    /* scale j: low 4 bits at bit 32 + 4 j, high 2 bits at bit 16 + 2 j of the block's first 8 bytes */
+    const __m128i ctl_lo = _mm_setr_epi8(32, 36, 40, 44, 48, 52, 56, 60, 0, 0, 0, 0, 0, 0, 0, 0);
+    const __m128i ctl_hi = _mm_setr_epi8(16, 18, 20, 22, 24, 26, 28, 30, 0, 0, 0, 0, 0, 0, 0, 0);
+    const __m128i m0f = _mm_set1_epi8(0x0F), m03 = _mm_set1_epi8(3), m32 = _mm_set1_epi8(32);
+    /* dword lanes of vector v: sub-block 4 (v / 2) + lane / 4 */
+    const __m512i sc_idx[2] = {_mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3),
+                               _mm512_setr_epi32(4, 4, 4, 4, 5, 5, 5, 5, 6, 6, 6, 6, 7, 7, 7, 7)};
+    const __m128i neg128 = _mm_set1_epi16(-128);
+    const size_t rb = a->w_row_bytes;
+    const uint8_t *w = a->W + (size_t)o * rb;
+    __m128 sumf = _mm_setzero_ps();
+    for (int64_t b = 0; b < nsb; b++, w += 136, xp += KD_X_BYTES) {
+        kd_prefetch(pf, b, KD_ROWS * 136);
+        const __m512i bs8 = _mm512_zextsi128_si512(_mm_load_si128((const __m128i *)(const void *)(xp + KD_X_BS8)));
+        __m512i acc[KD_ROWS];
+        uint16_t dh[8] = {0};
+#pragma GCC unroll 4
+        for (int r = 0; r < KD_ROWS; r++) {
+            const uint8_t *wr = w + (size_t)r * rb;
+            uint64_t hdr;
+            memcpy(&hdr, wr, 8);
+            const __m128i hq = _mm_set1_epi64x((long long)hdr);
+            __m128i lo = _mm_and_si128(_mm_multishift_epi64_epi8(ctl_lo, hq), m0f);
+            __m128i hi = _mm_and_si128(_mm_multishift_epi64_epi8(ctl_hi, hq), m03);
+            __m128i sc16 = _mm_cvtepi8_epi16(_mm_sub_epi8(_mm_or_si128(lo, _mm_slli_epi16(hi, 4)), m32));
+            const __m512i sc32 = _mm512_cvtepi16_epi32(_mm256_castsi128_si256(sc16));
+            /* the 128 offset: sum_j (-128 * scale_j) * (bsum 2j + bsum 2j+1) */
+            __m512i s = _mm512_dpwssd_epi32(_mm512_setzero_si512(),
+                                            _mm512_zextsi128_si512(_mm_mullo_epi16(sc16, neg128)), bs8);
+            const __m512i q0 = _mm512_loadu_si512((const void *)(wr + 8)), q1 = _mm512_loadu_si512((const void *)(wr + 72));
+            const __m512i v[4] = {_mm512_and_si512(q0, m4), _mm512_gf2p8affine_epi64_epi8(q0, hi_gf, 0),
+                                  _mm512_and_si512(q1, m4), _mm512_gf2p8affine_epi64_epi8(q1, hi_gf, 0)};
+#pragma GCC unroll 4
+            for (int k = 0; k < 4; k++) {
+                __m512i p = _mm512_dpbusd_epi32(_mm512_setzero_si512(), _mm512_shuffle_epi8(tbl, v[k]),
+                                                _mm512_load_si512((const void *)(xp + 64 * k)));
+                s = _mm512_add_epi32(s, _mm512_mullo_epi32(p, _mm512_permutexvar_epi32(sc_idx[k / 2], sc32)));
+            }
+            acc[r] = s;
+            memcpy(&dh[r], wr, 2);
+        }
+        __m256i is = kd_reduce(c, acc, _mm512_setzero_si512());
+        __m128 d = _mm_cvtph_ps(_mm_loadu_si128((const __m128i *)(const void *)dh));
+        float dyv;
+        memcpy(&dyv, xp + KD_X_DY, 4);
+        sumf = _mm_add_ps(sumf, _mm_mul_ps(_mm_mul_ps(d, _mm_set1_ps(dyv)),
+                                           _mm_cvtepi32_ps(_mm256_castsi256_si128(is))));
+    }
+    return sumf;
+}
+
 /* ---- Q2_K, Q3_K --------------------------------------------------------------------------- */
 
 /* 2-bit values (Q2_K: 16 scale/min bytes, qs[64], d, dmin; Q3_K: hmask[32], qs[64], 12 scale
@@ -365,11 +442,11 @@ TGT static void kd_rows(const kern_mm_args *a, int64_t r0, int64_t r1, void *wor
     const uint8_t *xp[KQ_DECODE_MAX_TOK];
     for (int64_t t = 0; t < a->n_tok; t++) {
         const uint8_t *x = a->Xc + (size_t)t * a->xc_row_bytes;
-        if (kind != KQ_Q4_K && kind != KQ_Q5_K) {
+        if (kind != KQ_Q4_K && kind != KQ_Q5_K && kind != KQ_IQ4_XS) {
             xp[t] = x;
         } else {
             uint8_t *p = (uint8_t *)work + (size_t)t * (size_t)nsb * KD_X_BYTES;
-            kd_prep_q4k(x, nsb, p);
+            kd_prep_q4k(x, nsb, p, kind == KQ_IQ4_XS);
             xp[t] = p;
         }
     }
@@ -383,6 +460,7 @@ TGT static void kd_rows(const kern_mm_args *a, int64_t r0, int64_t r1, void *wor
                        : kind == KQ_Q5_K ? kd_q45k_rows4(&c, a, o, xp[t], nsb, pf, 1)
                        : kind == KQ_Q4_K ? kd_q45k_rows4(&c, a, o, xp[t], nsb, pf, 0)
                        : kind == KQ_Q3_K ? kd_q23k_rows4(&c, a, o, xp[t], nsb, pf, 1)
+                       : kind == KQ_IQ4_XS ? kd_iq4xs_rows4(&c, a, o, xp[t], nsb, pf)
                                          : kd_q23k_rows4(&c, a, o, xp[t], nsb, pf, 0);
             _mm_storeu_ps(a->Y + t * a->n_out + o, s);
         }
