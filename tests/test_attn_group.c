@@ -1,7 +1,7 @@
 /* test_attn_group.c - the CPU attention's grouped AVX-512 path (src/cpu/backend_cpu.c: the query
  * heads of one KV head of one row in one work item, K/V rows loaded once for the group, Q.K 16
  * lanes wide) against the per-head path (the AVX2 forms, and the scalar code) bit for bit: random
- * Q/K/V, F32 and F16 caches, GQA 16:1, 8:1 and 4:1 (grouped) and 1:1 (per head either way), head
+ * Q/K/V, F32 and F16 caches, GQA 16:1, 12:1, 8:1 and 4:1 (grouped) and 1:1 (per head either way), head
  * dims with and without a tail past the last multiple of 16/32, sliding window, soft-cap, two
  * sequences in one batch through shuffled block tables, prompt chunks and one-token rows, one
  * and three threads (another grouping decision and another dealing of the work items). */
@@ -121,7 +121,7 @@ static void test_grouped_equals_per_head(void **state)
         skip();
     }
     static const int heads[][3] = {{16, 2, 64}, {32, 2, 32}, {8, 2, 64}, {8, 8, 64},
-                                   {16, 2, 68}, {8, 1, 80},  {8, 2, 20}};
+                                   {16, 2, 68}, {8, 1, 80},  {8, 2, 20}, {12, 1, 64}};
     static const int rows[][3] = {{0, 1, -1}, {0, 37, -1}, {45, 1, 30}, {50, 23, 7}, {3, 70, 100}};
     static const int windows[] = {0, 7};
     static const float caps[] = {0.0f, 1.5f};
@@ -163,7 +163,7 @@ static void test_grouped_equals_per_head(void **state)
                     }
     assert_int_equal(kern_set_isa(best, NULL), FORGE_OK);
     print_message("%d cases bit-exact at 1 and 3 threads\n", n_cases);
-    assert_int_equal(n_cases, 2 * 7 * 5 * 2 * 2);
+    assert_int_equal(n_cases, 2 * 8 * 5 * 2 * 2);
 }
 
 int main(void)

@@ -671,50 +671,75 @@ TGT_ATTN512 ATTN_INLINE __m512 attn_bcast4(const uint8_t *row, bool f16, int i)
     return _mm512_broadcast_f32x4(_mm_loadu_ps((const float *)(const void *)(row + 4 * (size_t)i)));
 }
 
-/* raw[r][h0 + 4 g + l] = dot of cache row r (r < nr) with head 4 g + l of the group (g < ng):
- * qi holds the rounded query interleaved, [g][hd / 4][4 heads][4]. nr, ng are constants where
- * this is inlined, so the accumulators stay in registers. */
+/* Scores of cache rows r < nr of the group's heads 4 g + l (g < ng, 4 g + l counted from the
+ * qi block given): sc[r * G + 4 g + l] = the dot as dot_rows4_x86 sums it, times scale, soft-
+ * capped as attn_head does; mx[4 g + l] = max(mx, score) as attn_head's `if (s > max)` (maxps
+ * returns its second operand unless the first is greater: the same). qi holds the rounded query
+ * interleaved, [g][hd / 4][4 heads][4]. nr, ng are constants where this is inlined, so the
+ * accumulators stay in registers. */
 TGT_ATTN512 ATTN_INLINE void attn_qk_group(const uint8_t *rows, size_t stride, bool f16,
-                                           const float *qi, int hd, int nr, int ng,
-                                           float raw[4][ATTN_GROUP_MAX], int h0)
+                                           const float *qi, int hd, int nr, int ng, float *sc,
+                                           int G, float *mx, float scale, float softcap)
 {
     __m512 acc[4][2];
+#pragma GCC unroll 8
     for (int r = 0; r < nr; r++)
+#pragma GCC unroll 8
         for (int g = 0; g < ng; g++)
             acc[r][g] = _mm512_setzero_ps();
     const int nc = hd / 4;
     for (int c = 0; c < nc; c++) {
         __m512 qv[2];
+#pragma GCC unroll 8
         for (int g = 0; g < ng; g++)
             qv[g] = _mm512_loadu_ps(qi + ((size_t)g * nc + c) * 16);
+#pragma GCC unroll 8
         for (int r = 0; r < nr; r++) {
             const __m512 kv4 = attn_bcast4(rows + (size_t)r * stride, f16, 4 * c);
+#pragma GCC unroll 8
             for (int g = 0; g < ng; g++)
                 acc[r][g] = _mm512_add_ps(acc[r][g], _mm512_mul_ps(kv4, qv[g]));
         }
     }
+    const __m512i lane0 = _mm512_set_epi32(0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 12, 8, 4, 0);
+    const float inv_cap = softcap > 0.0f ? 1.0f / softcap : 0.0f;
+#pragma GCC unroll 8
     for (int r = 0; r < nr; r++)
+#pragma GCC unroll 8
         for (int g = 0; g < ng; g++) {
-            /* lane 0 of each 128-bit lane: (l0 + l1) + (l2 + l3) */
+            /* lane 0 of each 128-bit lane: (l0 + l1) + (l2 + l3), then the four heads' sums
+             * side by side */
             const __m512 v = acc[r][g];
             const __m512 s1 = _mm512_add_ps(v, _mm512_permute_ps(v, _MM_SHUFFLE(2, 3, 0, 1)));
             const __m512 s2 = _mm512_add_ps(s1, _mm512_permute_ps(s1, _MM_SHUFFLE(1, 0, 3, 2)));
-            float l[16];
-            _mm512_storeu_ps(l, s2);
-            for (int k = 0; k < 4; k++)
-                raw[r][h0 + 4 * g + k] = l[4 * k];
+            const __m128 raw = _mm512_castps512_ps128(_mm512_permutexvar_ps(lane0, s2));
+            float *dst = sc + (size_t)r * G + 4 * g, *m = mx + 4 * g;
+            if (softcap > 0.0f) {
+                float l[4];
+                _mm_storeu_ps(l, raw);
+                for (int k = 0; k < 4; k++) {
+                    const float s = tanhf(l[k] * scale * inv_cap) * softcap;
+                    dst[k] = s;
+                    if (s > m[k]) m[k] = s;
+                }
+            } else {
+                const __m128 s = _mm_mul_ps(raw, _mm_set1_ps(scale));
+                _mm_storeu_ps(dst, s);
+                _mm_storeu_ps(m, _mm_max_ps(s, _mm_loadu_ps(m)));
+            }
         }
 }
 
-/* o[h * hd + e] += w[h * ws + i] * row i element e for i in [i0, m), heads h < nh (4 or 8):
- * each row loaded once for the heads; columns past the last multiple of 16 by axpy_rows_x86. */
-TGT_ATTN512 ATTN_INLINE void attn_av_group(float *o, const float *w, size_t ws,
-                                           const uint8_t *rows, size_t stride, int i0, int m,
-                                           bool f16, int hd, int nh)
+/* o[h * hd + e] += w[i * G + h] * row i element e for i in [i0, m), heads h < nh (4 or 8): each
+ * row loaded once for the heads, each element's sum in the order of i with a rounded multiply
+ * then a rounded add, as axpy_rows_x86. */
+TGT_ATTN512 ATTN_INLINE void attn_av_group(float *o, const float *w, int G, const uint8_t *rows,
+                                           size_t stride, int i0, int m, bool f16, int hd, int nh)
 {
     int c = 0;
     for (; c + 32 <= hd; c += 32) {
         __m512 acc[8][2];
+#pragma GCC unroll 8
         for (int h = 0; h < nh; h++) {
             acc[h][0] = _mm512_loadu_ps(o + (size_t)h * hd + c);
             acc[h][1] = _mm512_loadu_ps(o + (size_t)h * hd + c + 16);
@@ -729,12 +754,14 @@ TGT_ATTN512 ATTN_INLINE void attn_av_group(float *o, const float *w, size_t ws,
                 v0 = _mm512_loadu_ps((const float *)(const void *)(row + 4 * (size_t)c));
                 v1 = _mm512_loadu_ps((const float *)(const void *)(row + 4 * (size_t)c + 64));
             }
+#pragma GCC unroll 8
             for (int h = 0; h < nh; h++) {
-                const __m512 wv = _mm512_set1_ps(w[(size_t)h * ws + i]);
+                const __m512 wv = _mm512_set1_ps(w[(size_t)i * G + h]);
                 acc[h][0] = _mm512_add_ps(acc[h][0], _mm512_mul_ps(wv, v0));
                 acc[h][1] = _mm512_add_ps(acc[h][1], _mm512_mul_ps(wv, v1));
             }
         }
+#pragma GCC unroll 8
         for (int h = 0; h < nh; h++) {
             _mm512_storeu_ps(o + (size_t)h * hd + c, acc[h][0]);
             _mm512_storeu_ps(o + (size_t)h * hd + c + 16, acc[h][1]);
@@ -742,6 +769,7 @@ TGT_ATTN512 ATTN_INLINE void attn_av_group(float *o, const float *w, size_t ws,
     }
     for (; c + 16 <= hd; c += 16) {
         __m512 acc[8];
+#pragma GCC unroll 8
         for (int h = 0; h < nh; h++)
             acc[h] = _mm512_loadu_ps(o + (size_t)h * hd + c);
         for (int i = i0; i < m; i++) {
@@ -749,20 +777,77 @@ TGT_ATTN512 ATTN_INLINE void attn_av_group(float *o, const float *w, size_t ws,
             const __m512 v0 =
                 f16 ? _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(const void *)(row + 2 * (size_t)c)))
                     : _mm512_loadu_ps((const float *)(const void *)(row + 4 * (size_t)c));
+#pragma GCC unroll 8
             for (int h = 0; h < nh; h++)
-                acc[h] = _mm512_add_ps(acc[h], _mm512_mul_ps(_mm512_set1_ps(w[(size_t)h * ws + i]), v0));
+                acc[h] = _mm512_add_ps(acc[h], _mm512_mul_ps(_mm512_set1_ps(w[(size_t)i * G + h]), v0));
         }
+#pragma GCC unroll 8
         for (int h = 0; h < nh; h++)
             _mm512_storeu_ps(o + (size_t)h * hd + c, acc[h]);
     }
-    if (c < hd)
-        for (int h = 0; h < nh; h++)
-            axpy_rows_x86(o + (size_t)h * hd + c, w + (size_t)h * ws, rows + (f16 ? 2 : 4) * (size_t)c,
-                          stride, i0, m, f16, hd - c);
+    for (; c < hd; c += 4)
+        for (int h = 0; h < nh; h++) {
+            __m128 acc = _mm_loadu_ps(o + (size_t)h * hd + c);
+            for (int i = i0; i < m; i++)
+                acc = _mm_add_ps(acc, _mm_mul_ps(_mm_set1_ps(w[(size_t)i * G + h]),
+                                                 attn_load4(rows + (size_t)i * stride, f16, c)));
+            _mm_storeu_ps(o + (size_t)h * hd + c, acc);
+        }
+}
+
+/* attn_softmax for the G heads of sc [n_kv][G] at once: the same float exps, each head's double
+ * sum in its own lane (in the order of p), the same scaling and fp16 rounding (F16C rounds to
+ * nearest even like forge_f32_to_fp16; a NaN, whose payload the two treat differently, goes
+ * the scalar way). */
+TGT_ATTN512 static void attn_softmax_group(float *sc, int G, int n_kv, int p_lo, const float *mx,
+                                           bool f16)
+{
+    for (int p = 0; p < n_kv; p++)
+        for (int h = 0; h < G; h++) {
+            float *s = sc + (size_t)p * G + h;
+            *s = p < p_lo ? 0.0f : expf(*s - mx[h]);
+        }
+    float inv[ATTN_GROUP_MAX];
+    for (int h = 0; h < G; h += 4) {
+        __m256d sum = _mm256_setzero_pd();
+        for (int p = 0; p < n_kv; p++)
+            sum = _mm256_add_pd(sum, _mm256_cvtps_pd(_mm_loadu_ps(sc + (size_t)p * G + h)));
+        double d[4];
+        _mm256_storeu_pd(d, sum);
+        for (int k = 0; k < 4; k++)
+            inv[h + k] = (float)(1.0 / d[k]);
+    }
+    const size_t n = (size_t)n_kv * G;
+    size_t e = 0;
+    if (16 % G == 0) {
+        float pat[16];
+        for (int k = 0; k < 16; k++)
+            pat[k] = inv[k % G];
+        const __m512 iv = _mm512_loadu_ps(pat);
+        for (; e + 16 <= n; e += 16) {
+            __m512 v = _mm512_mul_ps(_mm512_loadu_ps(sc + e), iv);
+            if (f16) {
+                if (_mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q)) {
+                    float l[16];
+                    _mm512_storeu_ps(l, v);
+                    for (int k = 0; k < 16; k++)
+                        l[k] = forge_fp16_to_f32(forge_f32_to_fp16(l[k]));
+                    v = _mm512_loadu_ps(l);
+                } else {
+                    v = _mm512_cvtph_ps(_mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+                }
+            }
+            _mm512_storeu_ps(sc + e, v);
+        }
+    }
+    for (; e < n; e++) {
+        sc[e] *= inv[e % (size_t)G];
+        if (f16) sc[e] = forge_fp16_to_f32(forge_f32_to_fp16(sc[e]));
+    }
 }
 
 /* The query heads h0..h0 + group - 1 of row t (one KV head): attn_head for each, sharing the
- * K/V loads. scr: group * n_scores floats for the scores ([head][position]), then group *
+ * K/V loads. scr: group * n_scores floats for the scores ([position][head]), then group *
  * head_dim for the interleaved query. */
 TGT_ATTN512 static void attn_group_x86(const struct attn_job *j, int t, int h0, float *scr)
 {
@@ -789,46 +874,38 @@ TGT_ATTN512 static void attn_group_x86(const struct attn_job *j, int t, int h0, 
         }
     }
     const int p_lo = a->window > 0 && n_kv > a->window ? n_kv - a->window : 0;
-    const float inv_cap = a->softcap > 0.0f ? 1.0f / a->softcap : 0.0f;
-    float max[ATTN_GROUP_MAX];
+    float mx[ATTN_GROUP_MAX];
     for (int h = 0; h < G; h++)
-        max[h] = -INFINITY;
+        mx[h] = -INFINITY;
     for (int p0 = 0, b = 0; p0 < n_kv; p0 += bs, b++) {
         const size_t r0 = (size_t)table[b] * (size_t)bs;
         const uint8_t *kr = kbase + r0 * row_bytes + head_off;
         const int m = n_kv - p0 < bs ? n_kv - p0 : bs;
         for (int i = 0; i < m;) {
+            float *sc = scores + (size_t)(p0 + i) * G;
             if (p0 + i < p_lo) {
                 for (int h = 0; h < G; h++)
-                    scores[(size_t)h * ns + p0 + i] = -INFINITY;
+                    sc[h] = -INFINITY;
                 i++;
                 continue;
             }
             const uint8_t *krow = kr + (size_t)i * row_bytes;
-            float raw[4][ATTN_GROUP_MAX];
             const int nr = i + 4 <= m ? 4 : 1;
-            int g = 0;
-            if (nr == 4) {
-                for (; g + 2 <= ng4; g += 2)
-                    attn_qk_group(krow, row_bytes, f16, qi + (size_t)g * hd * 4, hd, 4, 2, raw, 4 * g);
-                if (g < ng4) attn_qk_group(krow, row_bytes, f16, qi + (size_t)g * hd * 4, hd, 4, 1, raw, 4 * g);
-            } else {
-                for (; g + 2 <= ng4; g += 2)
-                    attn_qk_group(krow, row_bytes, f16, qi + (size_t)g * hd * 4, hd, 1, 2, raw, 4 * g);
-                if (g < ng4) attn_qk_group(krow, row_bytes, f16, qi + (size_t)g * hd * 4, hd, 1, 1, raw, 4 * g);
+            for (int g = 0; g < ng4; g += 2) {
+                const float *qg = qi + (size_t)g * hd * 4;
+                if (nr == 4 && g + 2 <= ng4)
+                    attn_qk_group(krow, row_bytes, f16, qg, hd, 4, 2, sc + 4 * g, G, mx + 4 * g, a->scale, a->softcap);
+                else if (nr == 4)
+                    attn_qk_group(krow, row_bytes, f16, qg, hd, 4, 1, sc + 4 * g, G, mx + 4 * g, a->scale, a->softcap);
+                else if (g + 2 <= ng4)
+                    attn_qk_group(krow, row_bytes, f16, qg, hd, 1, 2, sc + 4 * g, G, mx + 4 * g, a->scale, a->softcap);
+                else
+                    attn_qk_group(krow, row_bytes, f16, qg, hd, 1, 1, sc + 4 * g, G, mx + 4 * g, a->scale, a->softcap);
             }
-            for (int r = 0; r < nr; r++)
-                for (int h = 0; h < G; h++) {
-                    float s = raw[r][h] * a->scale;
-                    if (a->softcap > 0.0f) s = tanhf(s * inv_cap) * a->softcap;
-                    scores[(size_t)h * ns + p0 + i + r] = s;
-                    if (s > max[h]) max[h] = s;
-                }
             i += nr;
         }
     }
-    for (int h = 0; h < G; h++)
-        attn_softmax(scores + (size_t)h * ns, n_kv, p_lo, max[h], f16);
+    attn_softmax_group(scores, G, n_kv, p_lo, mx, f16);
     float *o = j->out + ((int64_t)t * a->n_head + h0) * hd;
     memset(o, 0, (size_t)G * hd * sizeof *o);
     for (int p0 = 0, b = 0; p0 < n_kv; p0 += bs, b++) {
@@ -836,13 +913,12 @@ TGT_ATTN512 static void attn_group_x86(const struct attn_job *j, int t, int h0, 
         const uint8_t *vr = vbase + r0 * row_bytes + head_off;
         const int m = n_kv - p0 < bs ? n_kv - p0 : bs;
         const int i0 = p_lo > p0 ? (p_lo - p0 < m ? p_lo - p0 : m) : 0;
+        const float *w = scores + (size_t)p0 * G;
         for (int h = 0; h < G; h += 8) {
             if (G - h >= 8)
-                attn_av_group(o + (size_t)h * hd, scores + (size_t)h * ns + p0, ns, vr, row_bytes,
-                              i0, m, f16, hd, 8);
+                attn_av_group(o + (size_t)h * hd, w + h, G, vr, row_bytes, i0, m, f16, hd, 8);
             else
-                attn_av_group(o + (size_t)h * hd, scores + (size_t)h * ns + p0, ns, vr, row_bytes,
-                              i0, m, f16, hd, 4);
+                attn_av_group(o + (size_t)h * hd, w + h, G, vr, row_bytes, i0, m, f16, hd, 4);
         }
     }
 }
