@@ -2,7 +2,8 @@
  * Owns activation buffers (plain malloc'd floats), the KV cache (F32 or F16, contiguous or
  * paged: one attention worker reads both, the contiguous cache as the identity block table) and
  * a persistent thread pool. Matmuls by weights go to kern_matmul (src/cpu/kernels.h);
- * attention is threaded over (token, head) pairs. Numerics follow ggml's CPU backend so results
+ * attention is threaded over (token, head) pairs, or (token, KV head) with all its query heads
+ * on the AVX-512 path (same bits). Numerics follow ggml's CPU backend so results
  * track llama.cpp: RMSNorm sums squares in double, RoPE builds theta like ggml_rope_cache_init,
  * softmax is in float with max subtraction and a double sum, and with an F16 cache the query and
  * the softmax probabilities are rounded to fp16 before their dot products (ggml converts src1 to
@@ -375,8 +376,12 @@ struct attn_job {
     const be_attn *a;
     const be_batch *bt;
     const int32_t *row_seq; /* [n_tok]: the sequence of each row */
-    size_t n_scores;        /* floats of scratch for the scores, then head_dim for the query */
+    size_t n_scores;        /* scores per query head in the scratch (the longest row's n_kv) */
+    int group;              /* query heads per work item (attn_group_size) */
 };
+
+/* the most query heads one work item of the grouped path holds */
+#define ATTN_GROUP_MAX 16
 
 /* Dot product of a cached row (F32 or F16) with a float vector; four partial sums, as SIMD
  * code would keep them. */
@@ -533,113 +538,428 @@ static void axpy_row(float *y, float w, const void *row, bool f16, int n)
     }
 }
 
-/* The one attention implementation, contiguous and paged: positions are visited in order
- * 0..n_kv-1, block by block (the cache row of block b is table[b] * block_size, or b *
- * block_size with the identity), so the reductions run in the same order whatever the table. */
-static void attn_worker(void *arg, int ith, int nth)
+/* Softmax of one head's scores[0..n_kv) in place (scores before p_lo are hidden: weight 0),
+ * max the largest visible score: float exp with max subtraction, a double sum, then with an F16
+ * cache the probabilities rounded to fp16 (ggml's vec_dot type for the V sums). */
+static void attn_softmax(float *scores, int n_kv, int p_lo, float max, bool f16)
 {
-    struct attn_job *j = arg;
+    double sum = 0.0;
+    for (int p = 0; p < n_kv; p++) {
+        float e = p < p_lo ? 0.0f : expf(scores[p] - max);
+        sum += (double)e;
+        scores[p] = e;
+    }
+    const float inv = (float)(1.0 / sum);
+    for (int p = 0; p < n_kv; p++) {
+        scores[p] *= inv;
+        if (f16) scores[p] = forge_fp16_to_f32(forge_f32_to_fp16(scores[p]));
+    }
+}
+
+/* One (row t, query head h) pair: the reference path, and the one for caches, CPUs and GQA
+ * ratios the grouped path below does not take. scr: n_scores floats for the scores, then
+ * head_dim for the rounded query. */
+static void attn_head(const struct attn_job *j, int t, int h, float *scr)
+{
     const be_attn *a = j->a;
     const be_batch *bt = j->bt;
     const be_kv *kv = j->kv;
-    const int hd = a->head_dim, kv_dim = kv->kv_dim, gqa = a->n_head / a->n_head_kv;
+    const int hd = a->head_dim, gqa = a->n_head / a->n_head_kv;
     const int bs = bt->block_size;
     const bool f16 = kv->type == FORGE_KV_F16, q8 = kv->type == FORGE_KV_Q8_0;
     /* the x86 dot/axpy forms (same bits as the scalar ones) */
     const bool simd = !q8 && hd % 4 == 0 &&
                       (kern_isa_current() == KERN_ISA_AVX2 || kern_isa_current() == KERN_ISA_AVX512);
-    const int64_t items = (int64_t)bt->n_tok * a->n_head;
-    const int64_t per = (items + nth - 1) / nth;
-    const int64_t i_start = per * ith, i_end = i_start + per < items ? i_start + per : items;
-    float *scores = j->c->scratch + (size_t)ith * j->c->scratch_per_thread;
+    float *scores = scr;
     float *qh16 = scores + j->n_scores;
     const size_t row_bytes = kv->row_bytes;
     const uint8_t *kbase = (const uint8_t *)kv->k + (size_t)a->layer * kv->n_ctx * row_bytes;
     const uint8_t *vbase = (const uint8_t *)kv->v + (size_t)a->layer * kv->n_ctx * row_bytes;
-    (void)kv_dim;
 
-    for (int64_t it = i_start; it < i_end; it++) {
-        int t = (int)(it / a->n_head), h = (int)(it % a->n_head);
-        int kvh = h / gqa;
-        int n_kv = bt->pos[t] + 1;
-        const int32_t *table = bt->table + (size_t)j->row_seq[t] * bt->table_stride;
-        const float *qh = j->q + ((int64_t)t * a->n_head + h) * hd;
-        const size_t head_off = kv_row_bytes(kv->type, kvh * hd);
-        /* ggml rounds the query to the cache's vec_dot type: fp16, or Q8_0 blocks */
-        if (f16) {
-            for (int d = 0; d < hd; d++)
-                qh16[d] = forge_fp16_to_f32(forge_f32_to_fp16(qh[d]));
-            qh = qh16;
-        } else if (q8) {
-            kern_quantize_row_q8_0(qh, qh16, hd);
-        }
-        /* a sliding window hides positions before p_lo (their weight is exactly 0) */
-        const int p_lo = a->window > 0 && n_kv > a->window ? n_kv - a->window : 0;
-        /* soft-capping as ggml does it: scale by 1/cap, tanh, scale by cap */
-        const float inv_cap = a->softcap > 0.0f ? 1.0f / a->softcap : 0.0f;
-        float max = -INFINITY;
-        for (int p0 = 0, b = 0; p0 < n_kv; p0 += bs, b++) {
-            const size_t r0 = (size_t)table[b] * (size_t)bs;
-            const uint8_t *kr = kbase + r0 * row_bytes + head_off;
-            const int m = n_kv - p0 < bs ? n_kv - p0 : bs;
-            for (int i = 0; i < m; i++) {
-                if (p0 + i < p_lo) {
-                    scores[p0 + i] = -INFINITY;
-                    continue;
-                }
-                const uint8_t *krow = kr + (size_t)i * row_bytes;
-                float raw[4];
-                int nr = 1;
-#if defined(__x86_64__)
-                if (simd && i + 4 <= m) {
-                    dot_rows4_x86(krow, row_bytes, f16, qh, hd, raw);
-                    nr = 4;
-                } else if (simd) {
-                    raw[0] = dot_row_x86(krow, f16, qh, hd);
-                } else
-#endif
-                    raw[0] = q8 ? dot_row_q8(krow, (const uint8_t *)qh16, hd) : dot_row(krow, f16, qh, hd);
-                for (int r = 0; r < nr; r++) {
-                    float s = raw[r] * a->scale;
-                    if (a->softcap > 0.0f) s = tanhf(s * inv_cap) * a->softcap;
-                    scores[p0 + i + r] = s;
-                    if (s > max) max = s;
-                }
-                i += nr - 1;
-            }
-        }
-        double sum = 0.0;
-        for (int p = 0; p < n_kv; p++) {
-            float e = p < p_lo ? 0.0f : expf(scores[p] - max);
-            sum += (double)e;
-            scores[p] = e;
-        }
-        const float inv = (float)(1.0 / sum);
-        for (int p = 0; p < n_kv; p++) {
-            scores[p] *= inv;
-            if (f16) scores[p] = forge_fp16_to_f32(forge_f32_to_fp16(scores[p]));
-        }
-        float *o = j->out + ((int64_t)t * a->n_head + h) * hd;
-        memset(o, 0, (size_t)hd * sizeof *o);
-        for (int p0 = 0, b = 0; p0 < n_kv; p0 += bs, b++) {
-            const size_t r0 = (size_t)table[b] * (size_t)bs;
-            const uint8_t *vr = vbase + r0 * row_bytes + head_off;
-            const int m = n_kv - p0 < bs ? n_kv - p0 : bs;
-#if defined(__x86_64__)
-            if (simd) {
-                const int i0 = p_lo > p0 ? (p_lo - p0 < m ? p_lo - p0 : m) : 0;
-                axpy_rows_x86(o, scores + p0, vr, row_bytes, i0, m, f16, hd);
+    int kvh = h / gqa;
+    int n_kv = bt->pos[t] + 1;
+    const int32_t *table = bt->table + (size_t)j->row_seq[t] * bt->table_stride;
+    const float *qh = j->q + ((int64_t)t * a->n_head + h) * hd;
+    const size_t head_off = kv_row_bytes(kv->type, kvh * hd);
+    /* ggml rounds the query to the cache's vec_dot type: fp16, or Q8_0 blocks */
+    if (f16) {
+        for (int d = 0; d < hd; d++)
+            qh16[d] = forge_fp16_to_f32(forge_f32_to_fp16(qh[d]));
+        qh = qh16;
+    } else if (q8) {
+        kern_quantize_row_q8_0(qh, qh16, hd);
+    }
+    /* a sliding window hides positions before p_lo (their weight is exactly 0) */
+    const int p_lo = a->window > 0 && n_kv > a->window ? n_kv - a->window : 0;
+    /* soft-capping as ggml does it: scale by 1/cap, tanh, scale by cap */
+    const float inv_cap = a->softcap > 0.0f ? 1.0f / a->softcap : 0.0f;
+    float max = -INFINITY;
+    for (int p0 = 0, b = 0; p0 < n_kv; p0 += bs, b++) {
+        const size_t r0 = (size_t)table[b] * (size_t)bs;
+        const uint8_t *kr = kbase + r0 * row_bytes + head_off;
+        const int m = n_kv - p0 < bs ? n_kv - p0 : bs;
+        for (int i = 0; i < m; i++) {
+            if (p0 + i < p_lo) {
+                scores[p0 + i] = -INFINITY;
                 continue;
             }
+            const uint8_t *krow = kr + (size_t)i * row_bytes;
+            float raw[4];
+            int nr = 1;
+#if defined(__x86_64__)
+            if (simd && i + 4 <= m) {
+                dot_rows4_x86(krow, row_bytes, f16, qh, hd, raw);
+                nr = 4;
+            } else if (simd) {
+                raw[0] = dot_row_x86(krow, f16, qh, hd);
+            } else
 #endif
-            for (int i = 0; i < m; i++) {
-                if (p0 + i < p_lo) continue;
-                if (q8)
-                    axpy_row_q8(o, scores[p0 + i], vr + (size_t)i * row_bytes, hd);
-                else
-                    axpy_row(o, scores[p0 + i], vr + (size_t)i * row_bytes, f16, hd);
+                raw[0] = q8 ? dot_row_q8(krow, (const uint8_t *)qh16, hd) : dot_row(krow, f16, qh, hd);
+            for (int r = 0; r < nr; r++) {
+                float s = raw[r] * a->scale;
+                if (a->softcap > 0.0f) s = tanhf(s * inv_cap) * a->softcap;
+                scores[p0 + i + r] = s;
+                if (s > max) max = s;
+            }
+            i += nr - 1;
+        }
+    }
+    attn_softmax(scores, n_kv, p_lo, max, f16);
+    float *o = j->out + ((int64_t)t * a->n_head + h) * hd;
+    memset(o, 0, (size_t)hd * sizeof *o);
+    for (int p0 = 0, b = 0; p0 < n_kv; p0 += bs, b++) {
+        const size_t r0 = (size_t)table[b] * (size_t)bs;
+        const uint8_t *vr = vbase + r0 * row_bytes + head_off;
+        const int m = n_kv - p0 < bs ? n_kv - p0 : bs;
+#if defined(__x86_64__)
+        if (simd) {
+            const int i0 = p_lo > p0 ? (p_lo - p0 < m ? p_lo - p0 : m) : 0;
+            axpy_rows_x86(o, scores + p0, vr, row_bytes, i0, m, f16, hd);
+            continue;
+        }
+#endif
+        for (int i = 0; i < m; i++) {
+            if (p0 + i < p_lo) continue;
+            if (q8)
+                axpy_row_q8(o, scores[p0 + i], vr + (size_t)i * row_bytes, hd);
+            else
+                axpy_row(o, scores[p0 + i], vr + (size_t)i * row_bytes, f16, hd);
+        }
+    }
+}
+
+#if defined(__x86_64__)
+/* ---- grouped path (AVX-512): the gqa query heads of one KV head of one row together ----------
+ * Every K/V row of the KV head is loaded (and converted from fp16) once for the group instead of
+ * once per head, and the Q.K sums run 16 lanes wide: four heads' four-lane accumulators of
+ * dot_rows4_x86 sit in the four 128-bit lanes of a zmm, the K row's four values broadcast to each
+ * lane, and each lane is reduced as attn_hsum4 does, (l0 + l1) + (l2 + l3). The V sums are
+ * elementwise (w * v, then +, in the order of the rows) at any width. So every output element
+ * sees the IEEE operations of attn_head in the same order: the same bits
+ * (tests/test_attn_group.c). */
+#define TGT_ATTN512 __attribute__((target("avx512f,avx512vl,avx2,fma,f16c")))
+#define ATTN_INLINE static inline __attribute__((always_inline))
+
+/* the four values i..i+3 of a cache row, in each 128-bit lane */
+TGT_ATTN512 ATTN_INLINE __m512 attn_bcast4(const uint8_t *row, bool f16, int i)
+{
+    if (f16) {
+        long long h4;
+        memcpy(&h4, row + 2 * (size_t)i, sizeof h4);
+        return _mm512_cvtph_ps(_mm256_set1_epi64x(h4));
+    }
+    return _mm512_broadcast_f32x4(_mm_loadu_ps((const float *)(const void *)(row + 4 * (size_t)i)));
+}
+
+/* Scores of cache rows r < nr of the group's heads 4 g + l (g < ng, 4 g + l counted from the
+ * qi block given): sc[r * G + 4 g + l] = the dot as dot_rows4_x86 sums it, times scale, soft-
+ * capped as attn_head does; mx[4 g + l] = max(mx, score) as attn_head's `if (s > max)` (maxps
+ * returns its second operand unless the first is greater: the same). qi holds the rounded query
+ * interleaved, [g][hd / 4][4 heads][4]. nr, ng are constants where this is inlined, so the
+ * accumulators stay in registers. */
+TGT_ATTN512 ATTN_INLINE void attn_qk_group(const uint8_t *rows, size_t stride, bool f16,
+                                           const float *qi, int hd, int nr, int ng, float *sc,
+                                           int G, float *mx, float scale, float softcap)
+{
+    __m512 acc[4][2];
+#pragma GCC unroll 8
+    for (int r = 0; r < nr; r++)
+#pragma GCC unroll 8
+        for (int g = 0; g < ng; g++)
+            acc[r][g] = _mm512_setzero_ps();
+    const int nc = hd / 4;
+    for (int c = 0; c < nc; c++) {
+        __m512 qv[2];
+#pragma GCC unroll 8
+        for (int g = 0; g < ng; g++)
+            qv[g] = _mm512_loadu_ps(qi + ((size_t)g * nc + c) * 16);
+#pragma GCC unroll 8
+        for (int r = 0; r < nr; r++) {
+            const __m512 kv4 = attn_bcast4(rows + (size_t)r * stride, f16, 4 * c);
+#pragma GCC unroll 8
+            for (int g = 0; g < ng; g++)
+                acc[r][g] = _mm512_add_ps(acc[r][g], _mm512_mul_ps(kv4, qv[g]));
+        }
+    }
+    const __m512i lane0 = _mm512_set_epi32(0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 12, 8, 4, 0);
+    const float inv_cap = softcap > 0.0f ? 1.0f / softcap : 0.0f;
+#pragma GCC unroll 8
+    for (int r = 0; r < nr; r++)
+#pragma GCC unroll 8
+        for (int g = 0; g < ng; g++) {
+            /* lane 0 of each 128-bit lane: (l0 + l1) + (l2 + l3), then the four heads' sums
+             * side by side */
+            const __m512 v = acc[r][g];
+            const __m512 s1 = _mm512_add_ps(v, _mm512_permute_ps(v, _MM_SHUFFLE(2, 3, 0, 1)));
+            const __m512 s2 = _mm512_add_ps(s1, _mm512_permute_ps(s1, _MM_SHUFFLE(1, 0, 3, 2)));
+            const __m128 raw = _mm512_castps512_ps128(_mm512_permutexvar_ps(lane0, s2));
+            float *dst = sc + (size_t)r * G + 4 * g, *m = mx + 4 * g;
+            if (softcap > 0.0f) {
+                float l[4];
+                _mm_storeu_ps(l, raw);
+                for (int k = 0; k < 4; k++) {
+                    const float s = tanhf(l[k] * scale * inv_cap) * softcap;
+                    dst[k] = s;
+                    if (s > m[k]) m[k] = s;
+                }
+            } else {
+                const __m128 s = _mm_mul_ps(raw, _mm_set1_ps(scale));
+                _mm_storeu_ps(dst, s);
+                _mm_storeu_ps(m, _mm_max_ps(s, _mm_loadu_ps(m)));
             }
         }
+}
+
+/* o[h * hd + e] += w[i * G + h] * row i element e for i in [i0, m), heads h < nh (4 or 8): each
+ * row loaded once for the heads, each element's sum in the order of i with a rounded multiply
+ * then a rounded add, as axpy_rows_x86. */
+TGT_ATTN512 ATTN_INLINE void attn_av_group(float *o, const float *w, int G, const uint8_t *rows,
+                                           size_t stride, int i0, int m, bool f16, int hd, int nh)
+{
+    int c = 0;
+    for (; c + 32 <= hd; c += 32) {
+        __m512 acc[8][2];
+#pragma GCC unroll 8
+        for (int h = 0; h < nh; h++) {
+            acc[h][0] = _mm512_loadu_ps(o + (size_t)h * hd + c);
+            acc[h][1] = _mm512_loadu_ps(o + (size_t)h * hd + c + 16);
+        }
+        for (int i = i0; i < m; i++) {
+            const uint8_t *row = rows + (size_t)i * stride;
+            __m512 v0, v1;
+            if (f16) {
+                v0 = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(const void *)(row + 2 * (size_t)c)));
+                v1 = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(const void *)(row + 2 * (size_t)c + 32)));
+            } else {
+                v0 = _mm512_loadu_ps((const float *)(const void *)(row + 4 * (size_t)c));
+                v1 = _mm512_loadu_ps((const float *)(const void *)(row + 4 * (size_t)c + 64));
+            }
+#pragma GCC unroll 8
+            for (int h = 0; h < nh; h++) {
+                const __m512 wv = _mm512_set1_ps(w[(size_t)i * G + h]);
+                acc[h][0] = _mm512_add_ps(acc[h][0], _mm512_mul_ps(wv, v0));
+                acc[h][1] = _mm512_add_ps(acc[h][1], _mm512_mul_ps(wv, v1));
+            }
+        }
+#pragma GCC unroll 8
+        for (int h = 0; h < nh; h++) {
+            _mm512_storeu_ps(o + (size_t)h * hd + c, acc[h][0]);
+            _mm512_storeu_ps(o + (size_t)h * hd + c + 16, acc[h][1]);
+        }
+    }
+    for (; c + 16 <= hd; c += 16) {
+        __m512 acc[8];
+#pragma GCC unroll 8
+        for (int h = 0; h < nh; h++)
+            acc[h] = _mm512_loadu_ps(o + (size_t)h * hd + c);
+        for (int i = i0; i < m; i++) {
+            const uint8_t *row = rows + (size_t)i * stride;
+            const __m512 v0 =
+                f16 ? _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(const void *)(row + 2 * (size_t)c)))
+                    : _mm512_loadu_ps((const float *)(const void *)(row + 4 * (size_t)c));
+#pragma GCC unroll 8
+            for (int h = 0; h < nh; h++)
+                acc[h] = _mm512_add_ps(acc[h], _mm512_mul_ps(_mm512_set1_ps(w[(size_t)i * G + h]), v0));
+        }
+#pragma GCC unroll 8
+        for (int h = 0; h < nh; h++)
+            _mm512_storeu_ps(o + (size_t)h * hd + c, acc[h]);
+    }
+    for (; c < hd; c += 4)
+        for (int h = 0; h < nh; h++) {
+            __m128 acc = _mm_loadu_ps(o + (size_t)h * hd + c);
+            for (int i = i0; i < m; i++)
+                acc = _mm_add_ps(acc, _mm_mul_ps(_mm_set1_ps(w[(size_t)i * G + h]),
+                                                 attn_load4(rows + (size_t)i * stride, f16, c)));
+            _mm_storeu_ps(o + (size_t)h * hd + c, acc);
+        }
+}
+
+/* attn_softmax for the G heads of sc [n_kv][G] at once: the same float exps, each head's double
+ * sum in its own lane (in the order of p), the same scaling and fp16 rounding (F16C rounds to
+ * nearest even like forge_f32_to_fp16; a NaN, whose payload the two treat differently, goes
+ * the scalar way). */
+TGT_ATTN512 static void attn_softmax_group(float *sc, int G, int n_kv, int p_lo, const float *mx,
+                                           bool f16)
+{
+    for (int p = 0; p < n_kv; p++)
+        for (int h = 0; h < G; h++) {
+            float *s = sc + (size_t)p * G + h;
+            *s = p < p_lo ? 0.0f : expf(*s - mx[h]);
+        }
+    float inv[ATTN_GROUP_MAX];
+    for (int h = 0; h < G; h += 4) {
+        __m256d sum = _mm256_setzero_pd();
+        for (int p = 0; p < n_kv; p++)
+            sum = _mm256_add_pd(sum, _mm256_cvtps_pd(_mm_loadu_ps(sc + (size_t)p * G + h)));
+        double d[4];
+        _mm256_storeu_pd(d, sum);
+        for (int k = 0; k < 4; k++)
+            inv[h + k] = (float)(1.0 / d[k]);
+    }
+    const size_t n = (size_t)n_kv * G;
+    size_t e = 0;
+    if (16 % G == 0) {
+        float pat[16];
+        for (int k = 0; k < 16; k++)
+            pat[k] = inv[k % G];
+        const __m512 iv = _mm512_loadu_ps(pat);
+        for (; e + 16 <= n; e += 16) {
+            __m512 v = _mm512_mul_ps(_mm512_loadu_ps(sc + e), iv);
+            if (f16) {
+                if (_mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q)) {
+                    float l[16];
+                    _mm512_storeu_ps(l, v);
+                    for (int k = 0; k < 16; k++)
+                        l[k] = forge_fp16_to_f32(forge_f32_to_fp16(l[k]));
+                    v = _mm512_loadu_ps(l);
+                } else {
+                    v = _mm512_cvtph_ps(_mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+                }
+            }
+            _mm512_storeu_ps(sc + e, v);
+        }
+    }
+    for (; e < n; e++) {
+        sc[e] *= inv[e % (size_t)G];
+        if (f16) sc[e] = forge_fp16_to_f32(forge_f32_to_fp16(sc[e]));
+    }
+}
+
+/* The query heads h0..h0 + group - 1 of row t (one KV head): attn_head for each, sharing the
+ * K/V loads. scr: group * n_scores floats for the scores ([position][head]), then group *
+ * head_dim for the interleaved query. */
+TGT_ATTN512 static void attn_group_x86(const struct attn_job *j, int t, int h0, float *scr)
+{
+    const be_attn *a = j->a;
+    const be_batch *bt = j->bt;
+    const be_kv *kv = j->kv;
+    const int hd = a->head_dim, gqa = a->n_head / a->n_head_kv, G = j->group, ng4 = G / 4;
+    const int bs = bt->block_size, nc = hd / 4;
+    const bool f16 = kv->type == FORGE_KV_F16;
+    const size_t ns = j->n_scores, row_bytes = kv->row_bytes;
+    float *scores = scr, *qi = scr + (size_t)G * ns;
+    const uint8_t *kbase = (const uint8_t *)kv->k + (size_t)a->layer * kv->n_ctx * row_bytes;
+    const uint8_t *vbase = (const uint8_t *)kv->v + (size_t)a->layer * kv->n_ctx * row_bytes;
+    const int n_kv = bt->pos[t] + 1;
+    const int32_t *table = bt->table + (size_t)j->row_seq[t] * bt->table_stride;
+    const size_t head_off = kv_row_bytes(kv->type, h0 / gqa * hd);
+    /* the query of head 4 g + l, element 4 c + e, at qi[((g * nc + c) * 4 + l) * 4 + e], rounded
+     * to fp16 with an F16 cache as in attn_head */
+    for (int h = 0; h < G; h++) {
+        const float *qh = j->q + ((int64_t)t * a->n_head + h0 + h) * hd;
+        for (int d = 0; d < hd; d++) {
+            const float x = f16 ? forge_fp16_to_f32(forge_f32_to_fp16(qh[d])) : qh[d];
+            qi[(((size_t)(h / 4) * nc + d / 4) * 4 + h % 4) * 4 + d % 4] = x;
+        }
+    }
+    const int p_lo = a->window > 0 && n_kv > a->window ? n_kv - a->window : 0;
+    float mx[ATTN_GROUP_MAX];
+    for (int h = 0; h < G; h++)
+        mx[h] = -INFINITY;
+    for (int p0 = 0, b = 0; p0 < n_kv; p0 += bs, b++) {
+        const size_t r0 = (size_t)table[b] * (size_t)bs;
+        const uint8_t *kr = kbase + r0 * row_bytes + head_off;
+        const int m = n_kv - p0 < bs ? n_kv - p0 : bs;
+        for (int i = 0; i < m;) {
+            float *sc = scores + (size_t)(p0 + i) * G;
+            if (p0 + i < p_lo) {
+                for (int h = 0; h < G; h++)
+                    sc[h] = -INFINITY;
+                i++;
+                continue;
+            }
+            const uint8_t *krow = kr + (size_t)i * row_bytes;
+            const int nr = i + 4 <= m ? 4 : 1;
+            for (int g = 0; g < ng4; g += 2) {
+                const float *qg = qi + (size_t)g * hd * 4;
+                if (nr == 4 && g + 2 <= ng4)
+                    attn_qk_group(krow, row_bytes, f16, qg, hd, 4, 2, sc + 4 * g, G, mx + 4 * g, a->scale, a->softcap);
+                else if (nr == 4)
+                    attn_qk_group(krow, row_bytes, f16, qg, hd, 4, 1, sc + 4 * g, G, mx + 4 * g, a->scale, a->softcap);
+                else if (g + 2 <= ng4)
+                    attn_qk_group(krow, row_bytes, f16, qg, hd, 1, 2, sc + 4 * g, G, mx + 4 * g, a->scale, a->softcap);
+                else
+                    attn_qk_group(krow, row_bytes, f16, qg, hd, 1, 1, sc + 4 * g, G, mx + 4 * g, a->scale, a->softcap);
+            }
+            i += nr;
+        }
+    }
+    attn_softmax_group(scores, G, n_kv, p_lo, mx, f16);
+    float *o = j->out + ((int64_t)t * a->n_head + h0) * hd;
+    memset(o, 0, (size_t)G * hd * sizeof *o);
+    for (int p0 = 0, b = 0; p0 < n_kv; p0 += bs, b++) {
+        const size_t r0 = (size_t)table[b] * (size_t)bs;
+        const uint8_t *vr = vbase + r0 * row_bytes + head_off;
+        const int m = n_kv - p0 < bs ? n_kv - p0 : bs;
+        const int i0 = p_lo > p0 ? (p_lo - p0 < m ? p_lo - p0 : m) : 0;
+        const float *w = scores + (size_t)p0 * G;
+        for (int h = 0; h < G; h += 8) {
+            if (G - h >= 8)
+                attn_av_group(o + (size_t)h * hd, w + h, G, vr, row_bytes, i0, m, f16, hd, 8);
+            else
+                attn_av_group(o + (size_t)h * hd, w + h, G, vr, row_bytes, i0, m, f16, hd, 4);
+        }
+    }
+}
+#endif
+
+/* Query heads per work item: the whole GQA group on the AVX-512 path (F32/F16 cache, head_dim a
+ * multiple of 4, gqa a multiple of 4 up to ATTN_GROUP_MAX) when there are at least two items per
+ * thread, else 1 (attn_head). Either way the same bits; this only picks the faster. */
+static int attn_group_size(const cpu_backend *c, const be_kv *kv, const be_attn *a, int n_tok)
+{
+#if defined(__x86_64__)
+    const int gqa = a->n_head / a->n_head_kv;
+    if (kern_isa_current() == KERN_ISA_AVX512 && kv->type != FORGE_KV_Q8_0 && a->head_dim % 4 == 0 &&
+        gqa % 4 == 0 && gqa <= ATTN_GROUP_MAX && (int64_t)n_tok * a->n_head_kv >= 2 * (int64_t)c->n_threads)
+        return gqa;
+#else
+    (void)c, (void)kv, (void)a, (void)n_tok;
+#endif
+    return 1;
+}
+
+/* The one attention implementation, contiguous and paged: positions are visited in order
+ * 0..n_kv-1, block by block (the cache row of block b is table[b] * block_size, or b *
+ * block_size with the identity), so the reductions run in the same order whatever the table.
+ * Work items (a row and j->group query heads) are dealt round-robin: a causal prompt's later
+ * rows cost more, so contiguous ranges would leave the last thread most of the work. */
+static void attn_worker(void *arg, int ith, int nth)
+{
+    struct attn_job *j = arg;
+    const int G = j->group, per_tok = j->a->n_head / G;
+    const int64_t items = (int64_t)j->bt->n_tok * per_tok;
+    float *scr = j->c->scratch + (size_t)ith * j->c->scratch_per_thread;
+    for (int64_t it = ith; it < items; it += nth) {
+        const int t = (int)(it / per_tok), h = (int)(it % per_tok) * G;
+#if defined(__x86_64__)
+        if (G > 1) {
+            attn_group_x86(j, t, h, scr);
+            continue;
+        }
+#endif
+        attn_head(j, t, h, scr);
     }
 }
 
@@ -719,8 +1039,11 @@ static int cpu_attention(backend *be, be_buf *out, const be_buf *q, const be_buf
     for (int t = 0; t < n_tok; t++)
         kv_put_row(kv, a->layer, (size_t)bt->slot[t], k->data + (size_t)t * kv_dim,
                    v->data + (size_t)t * kv_dim);
-    if (scratch_reserve(c, (size_t)max_kv + (size_t)a->head_dim, err)) return FORGE_E_NOMEM;
-    struct attn_job job = {c, out->data, q->data, kv, a, bt, c->row_seq, (size_t)max_kv};
+    /* per thread: each head of a work item's scores, then its query (rounded / interleaved) */
+    const int group = attn_group_size(c, kv, a, n_tok);
+    if (scratch_reserve(c, (size_t)group * ((size_t)max_kv + (size_t)a->head_dim), err))
+        return FORGE_E_NOMEM;
+    struct attn_job job = {c, out->data, q->data, kv, a, bt, c->row_seq, (size_t)max_kv, group};
     int64_t work = (int64_t)n_tok * a->n_head * max_kv * a->head_dim * 2;
     kern_pool_run(work < CPU_MIN_PARALLEL_WORK ? NULL : c->pool, attn_worker, &job);
     return FORGE_OK;
