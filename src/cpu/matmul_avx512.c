@@ -32,6 +32,7 @@
 
 #include "core/fp16.h"
 #include "cpu/kern_impl.h"
+#include "cpu/tile_avx512.h"
 
 #if defined(__x86_64__)
 #include <immintrin.h>
@@ -560,41 +561,11 @@ TGT_I INLINE void q_rows_1tok(const kern_mm_args *a, int64_t r0, int64_t r1, int
 #define RP_BLOCK_BYTES (8 * 64 + 64) /* 8 vectors of 16 rows x 4 bytes, then 16 float d_w */
 #define TOK_TILE 8
 
-/* Index vectors of the 16x8 dword transpose in q_repack (see there). */
-typedef struct rp_idx {
-    __m512i l1[2], l2[2], l3[2];
-} rp_idx;
-
-TGT_I static void make_rp_idx(rp_idx *ix)
-{
-    int32_t v[16];
-    for (int h = 0; h < 2; h++) {
-        /* level 1: X = rows 0-1 (lane = row * 8 + g), Y = rows 2-3; out lane = gl * 4 + r,
-         * g = 4h + gl */
-        for (int m = 0; m < 16; m++) {
-            int gl = m / 4, r = m % 4, g = 4 * h + gl;
-            v[m] = r < 2 ? r * 8 + g : 16 + (r - 2) * 8 + g;
-        }
-        ix->l1[h] = _mm512_loadu_si512(v);
-        /* level 2: X = rows 0-3 (lane = gl * 4 + r), Y = rows 4-7; out lane = gl2 * 8 + r,
-         * gl = 2h + gl2 */
-        for (int m = 0; m < 16; m++) {
-            int gl = 2 * h + m / 8, r = m % 8;
-            v[m] = r < 4 ? gl * 4 + r : 16 + gl * 4 + (r - 4);
-        }
-        ix->l2[h] = _mm512_loadu_si512(v);
-        /* level 3: X = rows 0-7 (lane = gl * 8 + r), Y = rows 8-15; out lane = r, gl = h */
-        for (int m = 0; m < 16; m++)
-            v[m] = m < 8 ? h * 8 + m : 16 + h * 8 + (m - 8);
-        ix->l3[h] = _mm512_loadu_si512(v);
-    }
-}
-
 /* Repack rows [o, o + rows) (rows <= 16; missing rows are zero) of all blocks into rep: per
  * block, vector g holds in dword lane r the bytes 4g..4g+3 of row r's 32 unsigned values, then
- * 16 float scales. The 16 rows x 8 dwords are transposed by three levels of two-source dword
- * permutes (24 vpermt2d per block). */
-TGT_I INLINE void q_repack(const kern_mm_args *a, const rp_idx *ix, int64_t o, int rows,
+ * 16 float scales. The 16 rows x 8 dwords are transposed by kq_tr16x8 (tile_avx512.h: three
+ * levels of two-source dword permutes, 24 vpermt2d per block). */
+TGT_I INLINE void q_repack(const kern_mm_args *a, const kq_idx *ix, int64_t o, int rows,
                            uint8_t *rep, int is_q4)
 {
     const int64_t nb = a->n_in / KERN_QK;
@@ -605,7 +576,7 @@ TGT_I INLINE void q_repack(const kern_mm_args *a, const rp_idx *ix, int64_t o, i
     memset(dstage, 0, sizeof dstage);
     for (int64_t b = 0; b < nb; b++) {
         uint8_t *rb = rep + (size_t)b * RP_BLOCK_BYTES;
-        __m512i z[8], A[4][2], B[2][2][2];
+        __m512i z[8];
 #pragma GCC unroll 8
         for (int k = 0; k < 8; k++) {
             /* rows 2k and 2k+1, 32 unsigned bytes each */
@@ -634,28 +605,7 @@ TGT_I INLINE void q_repack(const kern_mm_args *a, const rp_idx *ix, int64_t o, i
             dstage[r0] = kern_load_u16(w0);
             if (r1 < rows) dstage[r1] = kern_load_u16(w1);
         }
-#pragma GCC unroll 4
-        for (int k = 0; k < 4; k++)
-#pragma GCC unroll 2
-            for (int h = 0; h < 2; h++)
-                A[k][h] = _mm512_permutex2var_epi32(z[2 * k], ix->l1[h], z[2 * k + 1]);
-#pragma GCC unroll 2
-        for (int j = 0; j < 2; j++)
-#pragma GCC unroll 2
-            for (int h = 0; h < 2; h++)
-#pragma GCC unroll 2
-                for (int h2 = 0; h2 < 2; h2++)
-                    B[j][h][h2] =
-                        _mm512_permutex2var_epi32(A[2 * j][h], ix->l2[h2], A[2 * j + 1][h]);
-#pragma GCC unroll 2
-        for (int h = 0; h < 2; h++)
-#pragma GCC unroll 2
-            for (int h2 = 0; h2 < 2; h2++)
-#pragma GCC unroll 2
-                for (int h3 = 0; h3 < 2; h3++)
-                    _mm512_store_si512(
-                        (void *)(rb + 64 * (4 * h + 2 * h2 + h3)),
-                        _mm512_permutex2var_epi32(B[0][h][h2], ix->l3[h3], B[1][h][h2]));
+        kq_tr16x8(ix, z, rb);
         _mm512_store_ps((float *)(void *)(rb + 512),
                         _mm512_cvtph_ps(_mm256_load_si256((const __m256i *)(const void *)dstage)));
     }
@@ -741,8 +691,8 @@ TGT_I INLINE void q_tile(const kern_mm_args *a, const uint8_t *rep, int64_t o, _
 TGT_I INLINE void q_rows_ntok(const kern_mm_args *a, int64_t r0, int64_t r1, void *work, int is_q4)
 {
     uint8_t *rep = work;
-    rp_idx ix;
-    make_rp_idx(&ix);
+    kq_idx ix;
+    kq_make_idx(&ix);
     for (int64_t o = r0; o < r1; o += RP_ROWS) {
         int rows = r1 - o < RP_ROWS ? (int)(r1 - o) : RP_ROWS;
         __mmask16 rmask = (__mmask16)((1u << rows) - 1);

@@ -40,8 +40,9 @@ TILE_TGT static inline void kq_make_idx(kq_idx *ix)
 }
 
 /* z[k]: 32 bytes of row 2k (low half) and of row 2k+1 (high half). Writes 8 vectors to out:
- * vector g holds in dword lane r the bytes 4g..4g+3 of row r (the transpose of q_repack in
- * matmul_avx512.c: three levels of two-source dword permutes). */
+ * vector g holds in dword lane r the bytes 4g..4g+3 of row r, by three levels of two-source
+ * dword permutes: level 1 pairs rows 0-1 with 2-3 (out lane gl * 4 + r, g = 4h + gl), level 2
+ * rows 0-3 with 4-7 (out lane gl2 * 8 + r), level 3 rows 0-7 with 8-15 (out lane r). */
 TILE_TGT TILE_INLINE void kq_tr16x8(const kq_idx *ix, const __m512i z[8], uint8_t *out)
 {
     __m512i A[4][2], B[2][2][2];
@@ -67,7 +68,7 @@ TILE_TGT TILE_INLINE void kq_tr16x8(const kq_idx *ix, const __m512i z[8], uint8_
                                    _mm512_permutex2var_epi32(B[0][h][h2], ix->l3[h3], B[1][h][h2]));
 }
 
-/* 32 bytes at offset off of rows 2k and 2k+1 of the super-block (zero for rows >= rows). */
+/* 32 bytes at offset off of rows 2k and 2k+1 of a block (zero for rows >= rows). */
 TILE_TGT TILE_INLINE __m512i kq_pair(const uint8_t *w0, size_t row_bytes, int k, int rows, size_t off)
 {
     __m256i a = 2 * k < rows ? _mm256_loadu_si256((const __m256i *)(const void *)(w0 + (size_t)(2 * k) * row_bytes + off))
