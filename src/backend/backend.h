@@ -148,6 +148,10 @@ typedef struct be_ops {
     /* Copy n floats starting at float offset off of src to host memory (waits for the device). */
     int (*buf_read)(backend *be, const be_buf *src, int64_t off, int64_t n, float *dst,
                     forge_err *err);
+    /* The buffer's memory: host memory on the CPU, device memory on a GPU. Only for a
+     * communicator (src/backend/comm.h) that moves it in the backend's order; nothing else
+     * touches activation memory. */
+    float *(*buf_data)(backend *be, be_buf *buf);
 
     /* ---- device copies of the weights (optional: NULL for a backend that reads the host
      * weights, the CPU) ----

@@ -115,6 +115,12 @@ static int cpu_buf_read(backend *be, const be_buf *src, int64_t off, int64_t n, 
     return FORGE_OK;
 }
 
+static float *cpu_buf_data(backend *be, be_buf *b)
+{
+    (void)be;
+    return b->data;
+}
+
 /* ---- KV cache --------------------------------------------------------------------------- */
 
 static int cpu_kv_create(backend *be, int n_layer, int n_ctx, int kv_dim, int kv_type, be_kv **out,
@@ -1254,6 +1260,7 @@ static const be_ops cpu_ops = {
     .buf_create = cpu_buf_create,
     .buf_free = cpu_buf_free,
     .buf_read = cpu_buf_read,
+    .buf_data = cpu_buf_data,
     .kv_create = cpu_kv_create,
     .kv_free = cpu_kv_free,
     .get_rows = cpu_get_rows,
