@@ -5,6 +5,7 @@
 #include <string.h>
 
 #include "backend/comm.h"
+#include "core/util.h"
 
 typedef struct host_comm {
     be_comm base;
