@@ -53,7 +53,7 @@ int arch_gemma_forward(fwd_state *fs, const int32_t *ids, const be_batch *bt, fo
     const be_ops *op = be->ops;
     ctx_bufs *b = &fs->b;
     const int n = bt->n_tok;
-    const int64_t E = hp->n_embd, HD = hp->head_dim;
+    const int64_t E = hp->n_embd;
     const be_rope rope_global = blk_rope(m, NULL, 0.0f);
     be_rope rope_local = rope_global;
     if (ap->rope_base_swa > 0.0f) rope_local.freq_base = ap->rope_base_swa;
@@ -73,14 +73,10 @@ int arch_gemma_forward(fwd_state *fs, const int32_t *ids, const be_batch *bt, fo
         TRY(blk_check_abort(fs, err));
         /* attention: q scaled between RoPE and the dot products (as llama.cpp), soft-capped
          * scores, the window on local layers; the output normed before the residual add */
-        const be_attn attn = {.layer = il,
-                              .n_head = hp->n_head,
-                              .n_head_kv = hp->n_head_kv,
-                              .head_dim = (int)HD,
-                              .scale = 1.0f, /* q is scaled already */
-                              .batch = bt,
-                              .softcap = ap->attn_softcap,
-                              .window = local ? ap->swa_window : 0};
+        be_attn attn = blk_attn(m, il, bt);
+        attn.scale = 1.0f; /* q is scaled already */
+        attn.softcap = ap->attn_softcap;
+        attn.window = local ? ap->swa_window : 0;
         TRY(blk_attention(fs, l, &attn, local ? &rope_local : &rope_global, ap->attn_scale, err));
         TRY(blk_residual(be, b->x, &l->wo, NULL, b->att, b->o, &l->attn_post_norm, hp->rms_eps, n,
                          E, err));

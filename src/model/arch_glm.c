@@ -33,7 +33,7 @@ int arch_glm_forward(fwd_state *fs, const int32_t *ids, const be_batch *bt, forg
     const be_ops *op = be->ops;
     ctx_bufs *b = &fs->b;
     const int n = bt->n_tok;
-    const int64_t E = hp->n_embd, HD = hp->head_dim;
+    const int64_t E = hp->n_embd;
     const be_rope rope = blk_rope(m, NULL, 0.0f);
     int rc = FORGE_OK;
 
@@ -43,12 +43,7 @@ int arch_glm_forward(fwd_state *fs, const int32_t *ids, const be_batch *bt, forg
         const layer_weights *l = &m->layers[il];
         TRY(blk_check_abort(fs, err));
         /* attention; glm4 norms its output before the residual add */
-        const be_attn attn = {.layer = il,
-                              .n_head = hp->n_head,
-                              .n_head_kv = hp->n_head_kv,
-                              .head_dim = (int)HD,
-                              .scale = 1.0f / sqrtf((float)HD),
-                              .batch = bt};
+        const be_attn attn = blk_attn(m, il, bt);
         TRY(blk_attention(fs, l, &attn, &rope, 0.0f, err));
         TRY(blk_residual(be, b->x, &l->wo, NULL, b->att, b->o,
                          l->attn_post_norm.data ? &l->attn_post_norm : NULL, hp->rms_eps, n, E,

@@ -39,7 +39,7 @@ int arch_llama_forward(fwd_state *fs, const int32_t *ids, const be_batch *bt, fo
     const be_ops *op = be->ops;
     ctx_bufs *b = &fs->b;
     const int n = bt->n_tok;
-    const int64_t E = hp->n_embd, HD = hp->head_dim;
+    const int64_t E = hp->n_embd;
     const be_rope rope = blk_rope(m, NULL, 0.0f);
     int rc = FORGE_OK;
 
@@ -52,12 +52,7 @@ int arch_llama_forward(fwd_state *fs, const int32_t *ids, const be_batch *bt, fo
         const layer_weights *l = &m->layers[il];
         TRY(blk_check_abort(fs, err));
         /* attention */
-        const be_attn attn = {.layer = il,
-                              .n_head = hp->n_head,
-                              .n_head_kv = hp->n_head_kv,
-                              .head_dim = (int)HD,
-                              .scale = 1.0f / sqrtf((float)HD),
-                              .batch = bt};
+        const be_attn attn = blk_attn(m, il, bt);
         TRY(blk_attention(fs, l, &attn, &rope, 0.0f, err));
         TRY(blk_residual(be, b->x, &l->wo, l->bo.data ? &l->bo : NULL, b->att, b->o, NULL,
                          hp->rms_eps, n, E, err));

@@ -39,7 +39,7 @@ int arch_phi3_forward(fwd_state *fs, const int32_t *ids, const be_batch *bt, for
     const be_ops *op = be->ops;
     ctx_bufs *b = &fs->b;
     const int n = bt->n_tok;
-    const int64_t E = hp->n_embd, HD = hp->head_dim;
+    const int64_t E = hp->n_embd;
     /* the frequency factors: rope_freqs where a file has them (llama.cpp prefers them), else
      * LongRoPE's long or short set by the longest sequence this state may hold */
     const be_weight *factors = NULL;
@@ -55,13 +55,8 @@ int arch_phi3_forward(fwd_state *fs, const int32_t *ids, const be_batch *bt, for
         TRY(blk_check_abort(fs, err));
         /* attention (the fused attn_qkv bound as q/k/v views), the window on its layers */
         const bool swa = m->ap.layer_swa && m->ap.layer_swa[il];
-        const be_attn attn = {.layer = il,
-                              .n_head = hp->n_head,
-                              .n_head_kv = hp->n_head_kv,
-                              .head_dim = (int)HD,
-                              .scale = 1.0f / sqrtf((float)HD),
-                              .batch = bt,
-                              .window = swa ? m->ap.swa_window : 0};
+        be_attn attn = blk_attn(m, il, bt);
+        attn.window = swa ? m->ap.swa_window : 0;
         TRY(blk_attention(fs, l, &attn, &rope, 0.0f, err));
         TRY(blk_residual(be, b->x, &l->wo, l->bo.data ? &l->bo : NULL, b->att, b->o, NULL,
                          hp->rms_eps, n, E, err));

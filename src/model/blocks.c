@@ -2,6 +2,8 @@
  * one backend op where the backend offers the fused form, else the plain ops. */
 #include "model/blocks.h"
 
+#include <math.h>
+
 /* ys[i] = ws[i] x for weights that share the input x: one backend op where the backend offers
  * matmul_multi (same results), else n matmuls. */
 int blk_matmul_shared(backend *be, int n, be_buf *const *ys, const be_weight *const *ws,
@@ -76,6 +78,18 @@ be_rope blk_rope(const forge_model *m, const be_weight *factors, float attn_fact
                        attn_factor > 0.0f ? attn_factor : 1.0f,
                        {m->rope_corr_dims[0], m->rope_corr_dims[1]}};
     return r;
+}
+
+be_attn blk_attn(const forge_model *m, int il, const be_batch *bt)
+{
+    const forge_model_info *hp = &m->info;
+    const be_attn a = {.layer = il,
+                       .n_head = hp->n_head,
+                       .n_head_kv = hp->n_head_kv,
+                       .head_dim = hp->head_dim,
+                       .scale = 1.0f / sqrtf((float)hp->head_dim),
+                       .batch = bt};
+    return a;
 }
 
 int blk_check_abort(const fwd_state *fs, forge_err *err)

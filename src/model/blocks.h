@@ -31,6 +31,9 @@ int blk_gather_out_rows(backend *be, be_buf *dst, const be_buf *x, const be_batc
 
 /* The model's RoPE: factors (NULL: rope_freqs when the file has it), attn_factor (0: 1). */
 be_rope blk_rope(const forge_model *m, const be_weight *factors, float attn_factor);
+/* Layer il's attention as most families run it: the model's heads, scale 1/sqrt(head_dim), no
+ * soft-cap, no window (a family changes the fields it needs). */
+be_attn blk_attn(const forge_model *m, int il, const be_batch *bt);
 /* FORGE_E_INTERRUPTED when the state's abort flag is set (checked between layers). */
 int blk_check_abort(const fwd_state *fs, forge_err *err);
 /* The attention block of layer l into fs->b.att: q, k, v = W (rms_norm(x) * attn_norm) (+ the
