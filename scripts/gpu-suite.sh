@@ -19,6 +19,13 @@ if ldd "$B/libforge_cuda.so" | grep -q "not found"; then
     d=$(python3 -c 'import nvidia.cublas, os; print(os.path.join(list(nvidia.cublas.__path__)[0], "lib"))' 2>/dev/null)
     [ -n "$d" ] && export LD_LIBRARY_PATH="$d:$LD_LIBRARY_PATH"
 fi
+# NCCL for test_gpu_comm (issue 16): the pip package's, unless FORGE_NCCL_LIB names one; NVLink
+# multicast stays off on the lent machines
+export NCCL_NVLS_ENABLE=0
+if [ -z "${FORGE_NCCL_LIB:-}" ]; then
+    d=$(python3 -c 'import nvidia.nccl, os; print(os.path.join(list(nvidia.nccl.__path__)[0], "lib"))' 2>/dev/null)
+    [ -n "$d" ] && export LD_LIBRARY_PATH="$d:$LD_LIBRARY_PATH"
+fi
 F=$B/forge
 T=$B/tests/gpu
 fails=0
@@ -54,6 +61,8 @@ if has tests; then
     done
     run_log test_gpu_ops 120 "$T/test_gpu_ops"
     run_log test_gpu_stress 120 "$T/test_gpu_stress"
+    # issue 16: the NCCL communicator on the GPUs present (scripts/gpu-comm-run.sh: + sanitizer)
+    run_log test_gpu_comm 150 "$T/test_gpu_comm"
     # issue 10: the provoked free race, and contexts' lifetimes through the public API
     run_log test_gpu_free_race 120 "$T/test_gpu_free_race"
     run_log test_gpu_lifetime 240 "$T/test_gpu_lifetime" "$FX/shared/testdata/models/stories260K.gguf" \

@@ -261,7 +261,8 @@ static int load_api(const gpu_api **out, forge_err *err)
     if (!api || api->version != GPU_API_VERSION || !api->store || !api->attention_batch ||
         !api->store_at || !api->gemm_ex || !api->argmax_ex || !api->round_act ||
         !api->paged_attention || !api->matvec_multi || !api->argmax_rows ||
-        !api->attention_prompt_paged || !api->geglu || !api->moe_route || !api->matvec_rows) {
+        !api->attention_prompt_paged || !api->geglu || !api->moe_route || !api->matvec_rows ||
+        !api->comm_create || !api->comm_all_reduce_sum || !api->comm_all_gather_cols) {
         rc = forge_err_set(err, FORGE_E_UNSUPPORTED,
                            "the GPU library %s does not provide interface version %d (rebuild "
                            "it with `make gpu`)",
@@ -314,6 +315,22 @@ int backend_gpu_probe(int gpu_index, char *desc, size_t desc_len, forge_err *err
 int forge_gpu_probe(int32_t gpu_index, char *desc, size_t desc_len, forge_err *err)
 {
     return backend_gpu_probe(gpu_index, desc, desc_len, err);
+}
+
+int backend_gpu_count(int *n, forge_err *err)
+{
+    const gpu_api *api = NULL;
+    int rc;
+    *n = 0;
+    if ((rc = load_api(&api, err))) return rc;
+    if ((rc = api->device_count(n, err))) {
+        char msg[sizeof err->msg];
+        snprintf(msg, sizeof msg, "%s", err ? err->msg : "");
+        *n = 0;
+        return forge_err_set(err, FORGE_E_DEVICE, "no usable %s GPU (driver or device missing): %s",
+                             api->backend_name(), msg);
+    }
+    return FORGE_OK;
 }
 
 /* ---- helpers ----------------------------------------------------------------------------- */
@@ -468,6 +485,13 @@ static int gb_buf_create(backend *be, int64_t n, be_buf **out, forge_err *err)
     b->n = n;
     *out = b;
     return FORGE_OK;
+}
+
+/* For a communicator only (comm.h), which moves the memory in this backend's stream order. */
+static float *gb_buf_data(backend *be, be_buf *b)
+{
+    (void)be;
+    return b ? b->d : NULL;
 }
 
 static void gb_buf_free(backend *be, be_buf *b)
@@ -2239,6 +2263,7 @@ static const be_ops gpu_ops = {
     .buf_create = gb_buf_create,
     .buf_free = gb_buf_free,
     .buf_read = gb_buf_read,
+    .buf_data = gb_buf_data,
     .weights_acquire = gb_weights_acquire,
     .weights_release = gb_weights_release,
     .activate = gb_activate,
@@ -2308,5 +2333,114 @@ int backend_gpu_create(int gpu_index, backend **out, forge_err *err)
     return FORGE_OK;
 fail:
     gb_destroy(&g->base);
+    return rc;
+}
+
+/* ---- the communicator of a tensor-parallel group (backend_gpu_comm_create) ------------------- */
+
+_Static_assert(COMM_MAX_RANK <= GPU_COMM_MAX_RANK, "comm.h allows more ranks than gpu_comm");
+
+typedef struct gpu_be_comm {
+    be_comm base;
+    const gpu_api *api;
+    gpu_comm *gc;
+    gpu_backend *rank[COMM_MAX_RANK]; /* borrowed */
+    gpu_stream *st[COMM_MAX_RANK];    /* rank r's stream */
+} gpu_be_comm;
+
+static gpu_be_comm *gbc(be_comm *c)
+{
+    return (gpu_be_comm *)c;
+}
+
+/* A collective writes rank buffers behind the backends' version counters (it gets device
+ * pointers, not be_bufs), so each rank forgets the activation it holds quantized or rounded:
+ * the next matmul prepares its input again instead of reusing one made before the collective. */
+static void comm_wrote(gpu_be_comm *c)
+{
+    for (int r = 0; r < c->base.n_rank; r++) {
+        c->rank[r]->xq_src = NULL;
+        c->rank[r]->xqm_src = NULL;
+    }
+}
+
+static void gbc_destroy(be_comm *bc)
+{
+    if (!bc) return;
+    gpu_be_comm *c = gbc(bc);
+    /* the collectives enqueued last must be done before NCCL's resources go */
+    for (int r = 0; r < c->base.n_rank; r++)
+        (void)c->api->stream_sync(c->st[r], NULL);
+    c->api->comm_free(c->gc);
+    free(c);
+}
+
+static int gbc_all_reduce_sum(be_comm *bc, float *const *bufs, int64_t n, forge_err *err)
+{
+    gpu_be_comm *c = gbc(bc);
+    comm_wrote(c);
+    return c->api->comm_all_reduce_sum(c->gc, bufs, n, c->st, err);
+}
+
+static int gbc_all_gather_cols(be_comm *bc, const float *const *send, float *const *recv,
+                               int64_t rows, const int64_t *cols, forge_err *err)
+{
+    gpu_be_comm *c = gbc(bc);
+    comm_wrote(c);
+    return c->api->comm_all_gather_cols(c->gc, send, recv, rows, cols, c->st, err);
+}
+
+static const be_comm_ops nccl_ops = {
+    .name = "NCCL",
+    .destroy = gbc_destroy,
+    .all_reduce_sum = gbc_all_reduce_sum,
+    .all_gather_cols = gbc_all_gather_cols,
+};
+
+static const be_comm_ops rccl_ops = {
+    .name = "RCCL",
+    .destroy = gbc_destroy,
+    .all_reduce_sum = gbc_all_reduce_sum,
+    .all_gather_cols = gbc_all_gather_cols,
+};
+
+int backend_gpu_comm_create(backend *const *ranks, int n, be_comm **out, forge_err *err)
+{
+    int devs[COMM_MAX_RANK];
+    gpu_be_comm *c = NULL;
+    int rc;
+    *out = NULL;
+    if (!ranks || n < 1 || n > COMM_MAX_RANK)
+        return forge_err_set(err, FORGE_E_INVALID,
+                             "GPU communicator: %d ranks (1..%d GPU backends)", ranks ? n : 0,
+                             COMM_MAX_RANK);
+    for (int r = 0; r < n; r++) {
+        if (!ranks[r] || ranks[r]->ops != &gpu_ops)
+            return forge_err_set(err, FORGE_E_INVALID,
+                                 "GPU communicator: rank %d is %s%s, not a GPU backend", r,
+                                 ranks[r] ? "a backend of type " : "missing",
+                                 ranks[r] ? ranks[r]->ops->name : "");
+        devs[r] = gb(ranks[r])->dev;
+        for (int q = 0; q < r; q++)
+            if (devs[q] == devs[r])
+                return forge_err_set(err, FORGE_E_INVALID,
+                                     "GPU communicator: ranks %d and %d are both on GPU %d (each "
+                                     "rank needs a GPU of its own)",
+                                     q, r, devs[r]);
+    }
+    c = calloc(1, sizeof *c);
+    if (!c) return forge_err_set(err, FORGE_E_NOMEM, "out of memory");
+    c->api = gb(ranks[0])->api;
+    c->base.ops = strcmp(c->api->backend_name(), "HIP") ? &nccl_ops : &rccl_ops;
+    c->base.n_rank = n;
+    for (int r = 0; r < n; r++) {
+        c->rank[r] = gb(ranks[r]);
+        c->st[r] = c->rank[r]->st;
+    }
+    if ((rc = c->api->comm_create(n, devs, &c->gc, err))) goto fail;
+    *out = &c->base;
+    return FORGE_OK;
+fail:
+    free(c);
     return rc;
 }

@@ -10,6 +10,7 @@
 #include <stdint.h>
 
 #include "backend/backend.h"
+#include "backend/comm.h"
 
 /* What the planner must know before anything is uploaded. Fill the model part with
  * backend_gpu_plan_add_weight for every weight the context will prepare. */
@@ -65,5 +66,18 @@ const char *backend_gpu_warning(const backend *be);
 
 /* See forge_gpu_probe (include/forge_model.h). */
 int backend_gpu_probe(int gpu_index, char *desc, size_t desc_len, forge_err *err);
+
+/* Number of GPUs (loads the library like backend_gpu_create). Errors: FORGE_E_UNSUPPORTED (no
+ * library), FORGE_E_DEVICE (no driver); *n = 0 then. */
+int backend_gpu_count(int *n, forge_err *err);
+
+/* An NCCL communicator over the GPUs of ranks[0..n) (GPU backends on distinct GPUs, rank r =
+ * ranks[r]), collectives on each rank's stream. Owned by the caller (ops->destroy), which
+ * destroys it before the backends (borrowed: their streams carry the collectives; destroy
+ * waits for them). Its name is "NCCL", or "RCCL" with a HIP library. Errors: FORGE_E_INVALID
+ * (n outside 1..COMM_MAX_RANK, a rank that is not a GPU backend, two ranks on one GPU), and
+ * gpu_comm_create's (src/gpu/gpu_ops.h: FORGE_E_UNSUPPORTED when NCCL cannot be loaded,
+ * FORGE_E_DEVICE for NCCL failures). */
+int backend_gpu_comm_create(backend *const *ranks, int n, be_comm **out, forge_err *err);
 
 #endif /* FORGE_BACKEND_GPU_H */

@@ -477,6 +477,38 @@ gpu_stream *gpu_ctx_stream(gpu_ctx *c);
  * size (growth is stream-ordered, so work already enqueued keeps its old buffer alive). */
 int gpu_ctx_scratch(gpu_ctx *c, size_t bytes, void **d_out, forge_err *err);
 
+/* ---- the communicator of a tensor-parallel group (gpu_comm.cu) ------------------------------ */
+/* NCCL (RCCL in a HIP build, same API) over the GPUs of one process, one rank per GPU. The
+ * library is dlopened at the first gpu_comm_create, so neither the build nor a program that never
+ * makes a communicator needs it: $FORGE_NCCL_LIB when set, else "libnccl.so.2" ("librccl.so.1"
+ * in a HIP build) from the default search path. The environment variable NCCL_NVLS_ENABLE is set
+ * to 0 before the first communicator unless it is set already (NVLink multicast stays off).
+ * Errors: FORGE_E_INVALID (rank count, a GPU given twice), FORGE_E_RANGE (no such GPU),
+ * FORGE_E_UNSUPPORTED (the library cannot be loaded, or is not NCCL), FORGE_E_DEVICE (an NCCL or
+ * runtime failure, with NCCL's message). */
+#define GPU_COMM_MAX_RANK 8
+typedef struct gpu_comm gpu_comm;
+/* A communicator over devs[0..n) (distinct GPUs; rank r = devs[r]), 1 <= n <= GPU_COMM_MAX_RANK.
+ * Owned by the caller (gpu_comm_free). The current device is unchanged on return. */
+int gpu_comm_create(int n, const int *devs, gpu_comm **out, forge_err *err);
+/* Destroys the NCCL communicators. The caller makes sure that the collectives it enqueued are
+ * done (synchronise the ranks' streams first). NULL allowed. */
+void gpu_comm_free(gpu_comm *c);
+/* The collectives. Index r of every array is rank r: d_* are device memory of GPU devs[r], s[r]
+ * a stream of that GPU; each collective is enqueued on every rank's stream (after the work
+ * already there, before the work enqueued later) and returns without waiting. Every rank ends
+ * with the same bits. The current device is unchanged on return.
+ * In place: every d_bufs[r][0..n) becomes the sum over the ranks (float32). */
+int gpu_comm_all_reduce_sum(gpu_comm *c, float *const *d_bufs, int64_t n, gpu_stream *const *s,
+                            forge_err *err);
+/* Rank r holds d_send[r] = [rows][cols[r]] (row-major); every rank's d_recv[r] becomes
+ * [rows][cols[0] + .. + cols[n-1]], row i being the ranks' rows i side by side in rank order.
+ * d_send and d_recv do not overlap. rows > 1 uses a stream-ordered scratch of rows x total
+ * floats per rank (allocated and freed on s[r]). */
+int gpu_comm_all_gather_cols(gpu_comm *c, const float *const *d_send, float *const *d_recv,
+                             int64_t rows, const int64_t *cols, gpu_stream *const *s,
+                             forge_err *err);
+
 /* ---- the table the engine dlopens --------------------------------------------------------------
  */
 /* 2: the fields for batches of many sequences (store_slots .. matvec_multi) are required by the
@@ -485,7 +517,9 @@ int gpu_ctx_scratch(gpu_ctx *c, size_t bytes, void **d_out, forge_err *err);
 /* 3: gpu_attn_args / gpu_paged_args gained softcap and window (a larger struct: a version 2
  * library would read past the caller's), and the ops of the other architectures (geglu ..
  * matvec_rows) are appended. */
-#define GPU_API_VERSION 3
+/* 4: the communicator (comm_create .. comm_all_gather_cols) is appended; the backend needs it
+ * for tensor parallelism (backend_gpu_comm_create), so a version 3 library is refused. */
+#define GPU_API_VERSION 4
 typedef struct gpu_api {
     int version; /* GPU_API_VERSION */
     const char *(*backend_name)(void);
@@ -618,6 +652,14 @@ typedef struct gpu_api {
     int (*matvec_rows)(int wtype, const void *d_w, int64_t n_out, int64_t n_in, int64_t n_rows,
                        const float *d_x, const void *d_xq, float *d_y, const int32_t *d_run,
                        gpu_stream *s, forge_err *err);
+    /* appended for tensor parallelism (version 4): the NCCL/RCCL communicator */
+    int (*comm_create)(int n, const int *devs, gpu_comm **out, forge_err *err);
+    void (*comm_free)(gpu_comm *c);
+    int (*comm_all_reduce_sum)(gpu_comm *c, float *const *d_bufs, int64_t n,
+                               gpu_stream *const *s, forge_err *err);
+    int (*comm_all_gather_cols)(gpu_comm *c, const float *const *d_send, float *const *d_recv,
+                                int64_t rows, const int64_t *cols, gpu_stream *const *s,
+                                forge_err *err);
 } gpu_api;
 
 /* The one symbol the engine looks up after dlopen("libforge_cuda.so"). NULL if `version` is not
