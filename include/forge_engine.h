@@ -52,6 +52,7 @@ typedef uint64_t forge_req_id;
 typedef struct forge_engine_params {
     forge_device device; /* CPU (default), GPU, AUTO: as forge_context_params */
     int32_t gpu_index;
+    int32_t n_tp;        /* tensor-parallel ranks, as forge_context_params.n_tp; 0: none */
     int32_t n_threads;   /* CPU threads; 0: the physical cores */
     bool f32_math;       /* as forge_context_params */
     forge_kv_type kv_type;

@@ -485,6 +485,8 @@ int forge_engine_create(forge_model *model, const forge_engine_params *params, f
         bad = "gpu_index", bad_val = p.gpu_index;
     else if (p.n_threads < 0)
         bad = "n_threads", bad_val = p.n_threads;
+    else if (p.n_tp < 0)
+        bad = "n_tp", bad_val = p.n_tp;
     else if (p.kv_type != FORGE_KV_F32 && p.kv_type != FORGE_KV_F16 &&
              p.kv_type != FORGE_KV_Q8_0)
         bad = "kv_type", bad_val = (int)p.kv_type;
@@ -543,6 +545,7 @@ int forge_engine_create(forge_model *model, const forge_engine_params *params, f
     fp.kv_rows = kv_rows;
     fp.n_batch = n_batch;
     fp.n_seq_max = n_parallel;
+    fp.n_tp = p.n_tp;
     fp.progress = p.progress;
     fp.progress_user = p.progress_user;
     if ((rc = fwd_state_init(&e->fs, model, &fp, err))) goto fail;

@@ -34,13 +34,14 @@ int forge_context_create(forge_model *model, const forge_context_params *params,
     *out = NULL;
     forge_context_params p = params ? *params : forge_context_default_params();
     const forge_model_info *hp = &model->info;
-    if (p.n_ctx < 0 || p.n_batch < 0 || p.n_threads < 0 || p.gpu_index < 0 ||
+    if (p.n_ctx < 0 || p.n_batch < 0 || p.n_threads < 0 || p.gpu_index < 0 || p.n_tp < 0 ||
         (p.device != FORGE_DEVICE_CPU && p.device != FORGE_DEVICE_GPU &&
          p.device != FORGE_DEVICE_AUTO) ||
         (p.kv_type != FORGE_KV_F32 && p.kv_type != FORGE_KV_F16 && p.kv_type != FORGE_KV_Q8_0))
         return forge_err_set(err, FORGE_E_INVALID,
-                             "bad context parameters: n_ctx %d, n_batch %d, threads %d, kv type %d",
-                             p.n_ctx, p.n_batch, p.n_threads, (int)p.kv_type);
+                             "bad context parameters: n_ctx %d, n_batch %d, threads %d, kv type "
+                             "%d, tp %d",
+                             p.n_ctx, p.n_batch, p.n_threads, (int)p.kv_type, p.n_tp);
     ctx = calloc(1, sizeof *ctx);
     if (!ctx) return forge_err_set(err, FORGE_E_NOMEM, "out of memory");
     ctx->model = model;
@@ -50,8 +51,18 @@ int forge_context_create(forge_model *model, const forge_context_params *params,
     int32_t n_threads = p.n_threads ? p.n_threads : kern_physical_cores();
     if (n_threads < 1) n_threads = 1;
     /* one sequence: the cache is one block of n_ctx rows, position p at row p */
-    const fwd_params fp = {p.device,  p.gpu_index, n_threads,  p.f32_math,     p.kv_type,
-                           ctx->n_ctx, n_batch,    1,          p.progress,     p.progress_user};
+    fwd_params fp = {0};
+    fp.device = p.device;
+    fp.gpu_index = p.gpu_index;
+    fp.n_threads = n_threads;
+    fp.f32_math = p.f32_math;
+    fp.kv_type = p.kv_type;
+    fp.kv_rows = ctx->n_ctx;
+    fp.n_batch = n_batch;
+    fp.n_seq_max = 1;
+    fp.n_tp = p.n_tp;
+    fp.progress = p.progress;
+    fp.progress_user = p.progress_user;
     if ((rc = fwd_state_init(&ctx->fs, model, &fp, err))) goto fail;
     *out = ctx;
     return FORGE_OK;

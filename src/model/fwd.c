@@ -85,29 +85,41 @@ static int alloc_bufs(fwd_state *fs, forge_err *err)
     return FORGE_OK;
 }
 
-/* True when row il's weight lw is one of the layer's stacked expert matrices. */
-static bool is_expert_weight(const layer_weights *l, const be_weight *lw)
+/* True when w is a stacked expert matrix (ld_bind_experts: ffn_{gate,up,down}_exps). */
+static bool is_expert_weight(const be_weight *w)
 {
-    return lw == &l->ffn_gate_exps || lw == &l->ffn_up_exps || lw == &l->ffn_down_exps;
+    return w->name && strstr(w->name, "_exps.weight");
 }
 
-/* The GPU backend and its memory plan (weights + KV cache + scratch must fit before anything is
+/* What a GPU backend is sized for: the whole model (share: the model's weight sets), or one
+ * tensor-parallel rank (its forms of the weights, its 1/n_rank of the heads; share NULL: a
+ * rank's weights are its own, backend_tp.h). Activation buffers are whole-sized either way
+ * (backend_tp.c keeps every buffer whole on every rank), plus a rank's gather scratch. */
+typedef struct gpu_target {
+    int gpu;
+    be_weight *const *ws;
+    int n_w;
+    int n_rank;
+    be_wshare *share;
+} gpu_target;
+
+/* A GPU backend and its memory plan (weights + KV cache + scratch must fit before anything is
  * uploaded). The activation sizes follow alloc_bufs, plus n_batch logit rows (all_logits).
  *
  * The families whose GPU path is written but not yet verified on a device (arch_desc.gpu false:
  * Gemma 2/3, Phi-3, ChatGLM/GLM-4, and every mixture of experts, Mixtral and Qwen3-MoE) run on
  * the GPU only with FORGE_GPU_NEW_ARCHS=1 (docs/GPU.md); without it they are refused here, the
  * one place that decides it, and --device auto falls back to the CPU. */
-static int create_gpu(fwd_state *fs, const fwd_params *p, forge_err *err)
+static int create_gpu(fwd_state *fs, const fwd_params *p, const gpu_target *tg, backend **out,
+                      forge_err *err)
 {
     forge_model *m = fs->model;
     const forge_model_info *hp = &m->info;
     int rc;
-    be_weight *globals[] = {&m->tok_embd,   &m->output_norm, &m->output,
-                            &m->rope_freqs, &m->rope_long,   &m->rope_short};
     const arch_desc *ad = arch_find(m->arch);
     const char *na = getenv("FORGE_GPU_NEW_ARCHS");
     const bool new_archs = na && !strcmp(na, "1");
+    *out = NULL;
     if (!ad || (!ad->gpu && !new_archs))
         return forge_err_set(err, FORGE_E_UNSUPPORTED,
                              "the GPU backend does not run %s models yet (use the CPU; "
@@ -121,26 +133,15 @@ static int create_gpu(fwd_state *fs, const fwd_params *p, forge_err *err)
         return forge_err_set(err, FORGE_E_UNSUPPORTED,
                              "the GPU backend has no q8_0 KV cache yet (use f16 or f32)");
     /* every weight's type must have GPU kernels (mixed files: each tensor's own type) */
-    for (size_t i = 0; i < FORGE_ARRAY_LEN(globals); i++)
-        if ((rc = backend_gpu_check_weight(globals[i], err))) return rc;
-    for (int il = 0; il < hp->n_layer; il++) {
-        const be_weight *lw = (const be_weight *)&m->layers[il];
-        for (size_t i = 0; i < sizeof(layer_weights) / sizeof(be_weight); i++)
-            if ((rc = backend_gpu_check_weight(&lw[i], err))) return rc;
-    }
-    if ((rc = backend_gpu_create(p->gpu_index, &fs->be, err))) return rc;
+    for (int i = 0; i < tg->n_w; i++)
+        if ((rc = backend_gpu_check_weight(tg->ws[i], err))) return rc;
+    if ((rc = backend_gpu_create(tg->gpu, out, err))) return rc;
     be_gpu_plan pl = {0};
-    for (size_t i = 0; i < FORGE_ARRAY_LEN(globals); i++)
-        if (!(i == 2 && hp->tied_output)) backend_gpu_plan_add_weight(fs->be, &pl, globals[i]);
-    for (int il = 0; il < hp->n_layer; il++) {
-        const layer_weights *l = &m->layers[il];
-        const be_weight *lw = (const be_weight *)l;
-        for (size_t i = 0; i < sizeof(layer_weights) / sizeof(be_weight); i++) {
-            if (m->ap.n_expert > 0 && is_expert_weight(l, &lw[i]))
-                backend_gpu_plan_add_experts(fs->be, &pl, &lw[i], m->ap.n_expert);
-            else
-                backend_gpu_plan_add_weight(fs->be, &pl, &lw[i]);
-        }
+    for (int i = 0; i < tg->n_w; i++) {
+        if (m->ap.n_expert > 0 && is_expert_weight(tg->ws[i]))
+            backend_gpu_plan_add_experts(*out, &pl, tg->ws[i], m->ap.n_expert);
+        else
+            backend_gpu_plan_add_weight(*out, &pl, tg->ws[i]);
     }
     /* the FFN buffers hold the widest FFN (alloc_bufs) */
     int64_t F = hp->n_ff;
@@ -151,17 +152,18 @@ static int create_gpu(fwd_state *fs, const fwd_params *p, forge_err *err)
                   KD = (int64_t)hp->n_head_kv * hp->head_dim;
     pl.n_layer = hp->n_layer;
     pl.n_ctx = fs->kv_rows;
-    pl.kv_dim = m->n_embd_k_gqa;
+    pl.kv_dim = m->n_embd_k_gqa / tg->n_rank;
     pl.kv_type = (int)p->kv_type;
-    pl.n_head = hp->n_head;
+    pl.n_head = hp->n_head / tg->n_rank;
     pl.head_dim = hp->head_dim;
     pl.n_batch = fs->n_batch;
     pl.act_floats = nb * (2 * E + 2 * QD + 2 * KD + (E > QD ? E : QD) + 2 * F) + nb * E + V + nb * V +
-                    (m->ap.n_expert > 0 ? nb * m->ap.n_expert : 0);
+                    (m->ap.n_expert > 0 ? nb * m->ap.n_expert : 0) +
+                    (tg->n_rank > 1 ? nb * V : 0);
     pl.yarn = m->rope_ext_factor != 0.0f;
     pl.n_vocab = hp->n_vocab;
     pl.f32_math = p->f32_math;
-    pl.share = &m->wshare;
+    pl.share = tg->share;
     pl.n_seq_max = p->n_seq_max;
     if (m->ap.n_expert > 0) {
         pl.moe_n_expert = m->ap.n_expert;
@@ -169,10 +171,86 @@ static int create_gpu(fwd_state *fs, const fwd_params *p, forge_err *err)
         pl.moe_n_embd = E;
         pl.moe_n_ff = m->ap.n_ff_exp > 0 ? m->ap.n_ff_exp : hp->n_ff;
     }
-    if ((rc = backend_gpu_plan(fs->be, &pl, err))) return rc;
-    const char *w = backend_gpu_warning(fs->be);
+    if ((rc = backend_gpu_plan(*out, &pl, err))) {
+        (*out)->ops->destroy(*out);
+        *out = NULL;
+        return rc;
+    }
+    const char *w = backend_gpu_warning(*out);
     if (w) snprintf(fs->warning, sizeof fs->warning, "%s", w);
     return FORGE_OK;
+}
+
+/* The model's weight list (model_weights), malloc'ed; *n its length. */
+static int weight_list(forge_model *m, be_weight ***out, int *n, forge_err *err)
+{
+    *n = model_weights(m, NULL, 0);
+    *out = malloc((size_t)(*n > 0 ? *n : 1) * sizeof **out);
+    if (!*out) return forge_err_set(err, FORGE_E_NOMEM, "out of memory");
+    model_weights(m, *out, *n);
+    return FORGE_OK;
+}
+
+/* Tensor parallelism over p->n_tp ranks (backend_tp.h): the plan, checked before anything is
+ * created (head counts, block boundaries, enough GPUs), each rank's weights, one backend per
+ * rank (GPUs gpu_index.. with NCCL; with device CPU, CPU backends over the in-process
+ * communicator), then the tensor-parallel backend that owns them all. */
+static int create_tp(fwd_state *fs, const fwd_params *p, forge_err *err)
+{
+    forge_model *m = fs->model;
+    const int n = p->n_tp;
+    tp_plan plan = {0};
+    tp_shares *sh = NULL;
+    be_weight **ws = NULL;
+    backend *ranks[COMM_MAX_RANK] = {0};
+    be_comm *comm = NULL;
+    int n_w, rc;
+    if ((rc = model_tp_plan(m, n, &plan, err))) return rc;
+    if (p->device != FORGE_DEVICE_CPU) {
+        int n_gpu = 0;
+        if ((rc = backend_gpu_count(&n_gpu, err))) goto done;
+        if (p->gpu_index + n > n_gpu) {
+            rc = forge_err_set(err, FORGE_E_RANGE,
+                               "--tp %d from GPU %d needs GPUs %d..%d; %d GPU%s present", n,
+                               p->gpu_index, p->gpu_index, p->gpu_index + n - 1, n_gpu,
+                               n_gpu == 1 ? " is" : "s are");
+            goto done;
+        }
+    }
+    if ((rc = weight_list(m, &ws, &n_w, err)) ||
+        (rc = tp_shares_create(&plan, ws, n_w, &sh, err)))
+        goto done;
+    for (int r = 0; r < n; r++) {
+        if (p->device == FORGE_DEVICE_CPU) {
+            rc = backend_cpu_create(fs->n_threads, p->f32_math, &ranks[r], err);
+        } else {
+            be_weight **list;
+            const int nl = tp_shares_rank(sh, r, &list);
+            if (nl < 0) {
+                rc = forge_err_set(err, FORGE_E_NOMEM, "out of memory");
+                goto done;
+            }
+            const gpu_target tg = {p->gpu_index + r, list, nl, n, NULL};
+            rc = create_gpu(fs, p, &tg, &ranks[r], err);
+            free(list);
+        }
+        if (rc) goto done;
+    }
+    rc = p->device == FORGE_DEVICE_CPU ? comm_host_create(n, &comm, err)
+                                       : backend_gpu_comm_create(ranks, n, &comm, err);
+    if (rc) goto done;
+    rc = backend_tp_create(ranks, n, comm, sh, &fs->be, err);
+    memset(ranks, 0, sizeof ranks); /* owned by fs->be, or freed on failure */
+    sh = NULL;
+    comm = NULL;
+done:
+    if (comm) comm->ops->destroy(comm); /* before the ranks whose streams it uses */
+    for (int r = 0; r < n; r++)
+        if (ranks[r]) ranks[r]->ops->destroy(ranks[r]);
+    tp_shares_free(sh);
+    free(ws);
+    tp_plan_free(&plan);
+    return rc;
 }
 
 /* The one place a backend is chosen: CPU, GPU, or AUTO (the GPU when it can be created and the
@@ -181,8 +259,14 @@ static int create_gpu(fwd_state *fs, const fwd_params *p, forge_err *err)
 static int select_backend(fwd_state *fs, const fwd_params *p, forge_err *err)
 {
     int rc;
+    if (p->n_tp > 1) return create_tp(fs, p, err);
     if (p->device == FORGE_DEVICE_GPU || p->device == FORGE_DEVICE_AUTO) {
-        rc = create_gpu(fs, p, err);
+        be_weight **ws;
+        int n_w;
+        if ((rc = weight_list(fs->model, &ws, &n_w, err))) return rc;
+        const gpu_target tg = {p->gpu_index, ws, n_w, 1, &fs->model->wshare};
+        rc = create_gpu(fs, p, &tg, &fs->be, err);
+        free(ws);
         if (rc == FORGE_OK || p->device == FORGE_DEVICE_GPU) return rc;
         if (fs->be) fs->be->ops->destroy(fs->be);
         fs->be = NULL;

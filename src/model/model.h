@@ -8,6 +8,7 @@
 
 #include "forge.h"
 #include "backend/backend.h"
+#include "backend/backend_tp.h"
 
 #define FORGE_MAX_LAYERS 512
 
@@ -89,6 +90,14 @@ struct forge_model {
  * into the model, borrowed. */
 int model_weights(forge_model *m, be_weight **out, int cap);
 
+/* How the model's weights split over n_rank tensor-parallel ranks (src/model/tp.c): Q/K/V and
+ * gate/up by output rows (whole heads, FFN columns in whole blocks of ffn_down's type), attention
+ * output and FFN down by input columns, the vocabulary projection by rows with a gather, the rest
+ * replicated. FORGE_E_INVALID when the head counts do not divide by n_rank, FORGE_E_UNSUPPORTED
+ * when a split would cut a block of a weight's type; the message names the option, the tensor
+ * and the numbers. Needs the slots (a loaded model). out is freed with tp_plan_free. */
+int model_tp_plan(forge_model *m, int n_rank, tp_plan *out, forge_err *err);
+
 /* Activation buffers of one forward state, sized for n_batch rows. */
 typedef struct ctx_bufs {
     be_buf *x, *xn, *q, *k, *v, *att, *o, *gate, *up, *last, *logits;
@@ -121,6 +130,7 @@ typedef struct fwd_params {
     int32_t kv_rows; /* cache rows (tokens) */
     int32_t n_batch; /* most rows of one forward pass */
     int32_t n_seq_max; /* most sequences of one pass (GPU plan: tables, logit rows) */
+    int32_t n_tp;      /* tensor-parallel ranks (backend_tp.h); 0 or 1: none */
     void (*progress)(uint64_t done, uint64_t total, void *user);
     void *progress_user;
 } fwd_params;

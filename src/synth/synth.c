@@ -23,6 +23,9 @@ static const synth_shape shapes[] = {
     {"tiny",           "llama", 64,   192,   2,  4,  2,  0,   0,      256,    10000.0f, 1e-5f, false, false, false, LLAMA_FAMILY},
     {"tiny-qwen2",     "qwen2", 64,   192,   2,  4,  2,  0,   0,      256,    1000000.0f, 1e-6f, true, true, false, LLAMA_FAMILY},
     {"tiny-qwen3",     "qwen3", 64,   192,   2,  4,  2,  32,  0,      256,    1000000.0f, 1e-6f, true, false, true, LLAMA_FAMILY},
+    /* 8 heads over 4 KV heads, head_dim 64: splits over 2 and 4 tensor-parallel ranks (over 2
+     * in whole 256-blocks of K-quants) */
+    {"tiny-gqa",       "llama", 512,  1024,   2,  8,  4,  0,   0,      256,    10000.0f, 1e-5f, false, false, false, LLAMA_FAMILY},
     {"tinyllama-1.1b", "llama", 2048, 5632,  22, 32, 4,  0,   32000,  2048,   10000.0f, 1e-5f, false, false, false, LLAMA_FAMILY},
     {"llama2-7b",      "llama", 4096, 11008, 32, 32, 32, 0,   32000,  4096,   10000.0f, 1e-5f, false, false, false, LLAMA_FAMILY},
     {"llama3-8b",      "llama", 4096, 14336, 32, 32, 8,  0,   128256, 8192,   500000.0f, 1e-5f, false, false, false, LLAMA_FAMILY},

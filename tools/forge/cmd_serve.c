@@ -176,6 +176,7 @@ int cmd_serve(int argc, char **argv)
     forge_engine_params ep = forge_engine_default_params();
     ep.device = o.cp.device;
     ep.gpu_index = o.cp.gpu_index;
+    ep.n_tp = o.cp.n_tp;
     ep.n_threads = o.cp.n_threads;
     ep.f32_math = o.cp.f32_math;
     ep.kv_type = o.cp.kv_type;

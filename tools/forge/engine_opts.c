@@ -26,6 +26,9 @@ const char *engine_opts_help =
     "  --kv-type f32|f16|q8_0  KV cache type (default f32; q8_0: CPU only)\n"
     "  --f32-math           no reduced-precision arithmetic (CPU: F32 copies of the weights;\n"
     "                       GPU: float activations, no F16 GEMM or tensor-core attention)\n"
+    "  --tp N               tensor parallelism over N GPUs (--gpu .. --gpu + N - 1, NCCL;\n"
+    "                       1..8; the head counts must divide by N); with --device cpu N CPU\n"
+    "                       ranks in turn, for checking only (docs/DISTRIBUTED.md)\n"
     "  --device auto|gpu|cpu  where to compute (default auto: the GPU when libforge_cuda.so\n"
     "                       loads, a GPU exists and the model fits, else the CPU; a note on\n"
     "                       stderr says why when the GPU library is there but unusable, or\n"
@@ -131,11 +134,12 @@ int engine_opts_parse(engine_opts *o, const char *cmd, int argc, char **argv, in
     bool is_kv = !strcmp(a, "--kv-type");
     bool is_dev = !strcmp(a, "--device");
     bool is_gpu = !strcmp(a, "--gpu");
+    bool is_tp = !strcmp(a, "--tp");
     bool is_kvs = o->pool_opts && !strcmp(a, "--kv-size");
     bool is_bs = o->pool_opts && !strcmp(a, "--block-size");
     bool is_par = o->parallel_opt && !strcmp(a, "--parallel");
     if (!is_m && !is_t && !is_c && !is_b && !is_kv && !is_dev && !is_gpu && !is_kvs && !is_bs &&
-        !is_par)
+        !is_par && !is_tp)
         return 0;
     if (!val) {
         fprintf(stderr, "forge %s: %s needs a value\n", cmd, a);
@@ -160,6 +164,9 @@ int engine_opts_parse(engine_opts *o, const char *cmd, int argc, char **argv, in
     } else if (is_gpu) {
         if (!cli_parse_int(cmd, a, val, 0, 1023, &v)) return -1;
         o->cp.gpu_index = (int32_t)v;
+    } else if (is_tp) {
+        if (!cli_parse_int(cmd, a, val, 1, 8, &v)) return -1;
+        o->cp.n_tp = (int32_t)v;
     } else if (is_kvs) {
         if (!cli_parse_int(cmd, a, val, 1, 1 << 28, &v)) return -1;
         o->kv_size = (int32_t)v;
@@ -302,8 +309,10 @@ static int probe_device(const engine_opts *o, const char *cmd, bool *gpu_ok, cha
         *gpu_ok = true;
         return 0;
     }
-    if (o->cp.device == FORGE_DEVICE_GPU) {
-        fprintf(stderr, "forge %s: --device gpu: %s\n", cmd, perr.msg);
+    /* --tp over GPUs with --device auto: the GPUs or an error, never a quiet CPU fallback */
+    if (o->cp.device == FORGE_DEVICE_GPU || o->cp.n_tp > 1) {
+        fprintf(stderr, "forge %s: %s: %s\n", cmd,
+                o->cp.device == FORGE_DEVICE_GPU ? "--device gpu" : "--tp", perr.msg);
         return 1;
     }
     /* no library at all is the normal CPU-only install: quiet unless asked */
@@ -357,6 +366,7 @@ forge_engine_params engine_params_of(const engine_opts *o)
     forge_engine_params ep = forge_engine_default_params();
     ep.device = o->cp.device;
     ep.gpu_index = o->cp.gpu_index;
+    ep.n_tp = o->cp.n_tp;
     ep.n_threads = o->cp.n_threads;
     ep.f32_math = o->cp.f32_math;
     ep.kv_type = o->cp.kv_type;
