@@ -129,10 +129,11 @@ typedef struct forge_context_params {
                           * activations). Slower; for checking against float32 references */
     forge_device device; /* default FORGE_DEVICE_CPU */
     int32_t gpu_index;   /* which GPU (0-based) for GPU/AUTO */
-    /* Tensor parallelism (docs/DISTRIBUTED.md): 0 or 1 none; n > 1 splits the model over n
-     * ranks: GPUs gpu_index .. gpu_index + n - 1 (device GPU or AUTO; NCCL), or, with device
-     * CPU, n CPU backends of n_threads each that run in turn (for checking the arithmetic: not
-     * faster). The head counts must divide by n. */
+    /* Tensor parallelism (docs/DISTRIBUTED.md): 0 none; n >= 1 splits the model over n ranks:
+     * GPUs gpu_index .. gpu_index + n - 1 (device GPU or AUTO; NCCL), or, with device CPU, n
+     * CPU backends of n_threads each that run in turn (for checking the arithmetic: not
+     * faster). The head counts must divide by n. 1 runs the same path with one rank (a check
+     * of it on one GPU: it needs NCCL too). */
     int32_t n_tp;
     /* Called by forge_context_create while it prepares the weights (on a GPU: the upload),
      * after each tensor, with the bytes done and the total; the last call has done == total.

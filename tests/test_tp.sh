@@ -13,7 +13,8 @@ trap 'rm -rf "$tmp"' EXIT
 tu_require "forge --tp" "$models/stories260K.gguf" "$tsv"
 m=$models/stories260K.gguf
 
-# the F32-KV references of stories260K (8 heads, 4 KV heads: 2 and 4 ranks divide them)
+# the F32-KV references of stories260K (8 heads, 4 KV heads: 2 and 4 ranks divide them; 1 is
+# the same path with one rank)
 col() { awk -F'\t' -v c="$1" 'NR == 1 { for (i = 1; i <= NF; i++) if ($i == c) k = i; next } { print $k }' "$tsv"; }
 n_rows=$(($(wc -l <"$tsv") - 1))
 n_checked=0
@@ -22,7 +23,7 @@ for ((r = 1; r <= n_rows; r++)); do
     [ "$(col kv_cache | sed -n "${r}p")" = f32 ] || continue
     prompt=$(col prompt_json | sed -n "${r}p" | sed 's/^"//; s/"$//')
     want=$(col generated_token_ids | sed -n "${r}p")
-    for tp in 2 4; do
+    for tp in 1 2 4; do
         got=$("$FORGE" run -m "$m" -p "$prompt" -n 64 --temp 0 --kv-type f32 -t 1 --device cpu \
               --tp $tp --ids 2>"$tmp/err" | sed -n 's/^ids: //p')
         if [ "$got" = "$want" ]; then tu_ok "greedy --tp $tp '$prompt'"

@@ -259,7 +259,7 @@ done:
 static int select_backend(fwd_state *fs, const fwd_params *p, forge_err *err)
 {
     int rc;
-    if (p->n_tp > 1) return create_tp(fs, p, err);
+    if (p->n_tp >= 1) return create_tp(fs, p, err);
     if (p->device == FORGE_DEVICE_GPU || p->device == FORGE_DEVICE_AUTO) {
         be_weight **ws;
         int n_w;

@@ -130,7 +130,7 @@ typedef struct fwd_params {
     int32_t kv_rows; /* cache rows (tokens) */
     int32_t n_batch; /* most rows of one forward pass */
     int32_t n_seq_max; /* most sequences of one pass (GPU plan: tables, logit rows) */
-    int32_t n_tp;      /* tensor-parallel ranks (backend_tp.h); 0 or 1: none */
+    int32_t n_tp;      /* tensor-parallel ranks (backend_tp.h); 0: none (1: one rank) */
     void (*progress)(uint64_t done, uint64_t total, void *user);
     void *progress_user;
 } fwd_params;

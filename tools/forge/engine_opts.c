@@ -27,8 +27,9 @@ const char *engine_opts_help =
     "  --f32-math           no reduced-precision arithmetic (CPU: F32 copies of the weights;\n"
     "                       GPU: float activations, no F16 GEMM or tensor-core attention)\n"
     "  --tp N               tensor parallelism over N GPUs (--gpu .. --gpu + N - 1, NCCL;\n"
-    "                       1..8; the head counts must divide by N); with --device cpu N CPU\n"
-    "                       ranks in turn, for checking only (docs/DISTRIBUTED.md)\n"
+    "                       1..8; the head counts must divide by N; 1: the same path on one\n"
+    "                       GPU); with --device cpu N CPU ranks in turn, for checking only\n"
+    "                       (docs/DISTRIBUTED.md)\n"
     "  --device auto|gpu|cpu  where to compute (default auto: the GPU when libforge_cuda.so\n"
     "                       loads, a GPU exists and the model fits, else the CPU; a note on\n"
     "                       stderr says why when the GPU library is there but unusable, or\n"
@@ -310,7 +311,7 @@ static int probe_device(const engine_opts *o, const char *cmd, bool *gpu_ok, cha
         return 0;
     }
     /* --tp over GPUs with --device auto: the GPUs or an error, never a quiet CPU fallback */
-    if (o->cp.device == FORGE_DEVICE_GPU || o->cp.n_tp > 1) {
+    if (o->cp.device == FORGE_DEVICE_GPU || o->cp.n_tp >= 1) {
         fprintf(stderr, "forge %s: %s: %s\n", cmd,
                 o->cp.device == FORGE_DEVICE_GPU ? "--device gpu" : "--tp", perr.msg);
         return 1;
