@@ -5,7 +5,8 @@
 #              --tp: stories260K (must be equal) and forge synth's tiny-gqa F16 / Q4_0 (random
 #              weights: equal, or the first difference is printed with the step)
 #   sanitize   compute-sanitizer memcheck (leak check) and racecheck over forge run --tp 1 on
-#              stories260K (one rank, NCCL with one rank), and memcheck over --tp 2 when possible
+#              stories260K (one rank, its collectives through NCCL: FORGE_GPU_COMM_NCCL1=1), and
+#              memcheck over --tp 2 when possible
 #   bench      forge bench tg128/pp512 of forge synth llama3-8b Q4_0 (and F16 with BENCH_F16=1)
 #              without --tp and with --tp 2
 # NCCL as scripts/gpu-comm-run.sh finds it (the pip package's lib/ first on LD_LIBRARY_PATH);
@@ -76,8 +77,8 @@ if has sanitize && [ "$DEV" = gpu ]; then
     for tool in memcheck racecheck; do
         extra=()
         [ $tool = memcheck ] && extra=(--leak-check full)
-        timeout 300 $CS --tool $tool "${extra[@]}" --error-exitcode 9 --report-api-errors no \
-            "$F" run -m "$M" -p "Once upon a time" -n 8 --temp 0 --device gpu --tp 1 \
+        FORGE_GPU_COMM_NCCL1=1 timeout 300 $CS --tool $tool "${extra[@]}" --error-exitcode 9 \
+            --report-api-errors no "$F" run -m "$M" -p "Once upon a time" -n 8 --temp 0 --device gpu --tp 1 \
             >"$OUT/cs-$tool-tp1.log" 2>&1
         rc=$?
         [ $rc -ne 0 ] && bad=$((bad + 1))
