@@ -12,6 +12,12 @@
  * the time when done per row). Q4_0 takes four blocks per step instead (q4_rows8x4_step: the
  * nibbles of 4 blocks in one vector, one 128-bit lane per block), which halves the reduction
  * per block and needs fewer unpack ops: 25 -> 36 GB/s single-thread from cache.
+ * Q4_0 with a load-time repacked copy (KERN_LAYOUT_Q4_0_X16, kern_mm_args.R; the CPU backend
+ * makes it once per model): 16 rows in the dword lanes of aligned 64-byte loads, no lane
+ * reduction, one linear stream per thread; decode 1-3 tokens and the prompt tiles read it (the
+ * tiles without the per-call repack), the file's bytes only for rows past the last whole group.
+ * From cache ~71 GB/s single-thread vs ~31 for the file layout; a whole TinyLlama step of
+ * matmuls 1.4-1.5x (bench_matmul -M). Same integer sums, same float chains: same bits.
  * Q8_0/Q4_0, 4 or more tokens (prompt, compute-bound): 16 rows are repacked per call into a
  * per-thread buffer with row r in 32-bit lane r (4 bytes of the block per lane per vector; a
  * 16x8 dword transpose by vpermt2d), so that one vpdpbusd with a broadcast of 4 activation bytes
@@ -548,8 +554,9 @@ TGT_I INLINE void q4_rows8_1tok(const kern_mm_args *a, const q_consts *c, const 
  * layout (seeded with ncorr); per block one conversion, d_w * d_x and one fma per row, in the
  * chains of q_row_1tok (blocks of whole 4-block groups by index mod 4, (c0 + c2) + (c1 + c3),
  * then the rest even/odd, added last), so every row keeps its bits. The stream is linear: a
- * thread's groups are one region, prefetched X16_PREFETCH bytes ahead. */
-#define X16_PREFETCH 16384
+ * thread's groups are one region, prefetched X16_PREFETCH bytes ahead (into L1: on the Zen 5
+ * EPYC, 2 threads, 8 KB ahead gave ~80 tok/s in bench_matmul -M where 16 KB gave ~75, T1 worse). */
+#define X16_PREFETCH 8192
 
 TGT_I INLINE const uint8_t *x16_nib(const uint8_t *g, int64_t b)
 {
