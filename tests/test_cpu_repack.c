@@ -12,7 +12,9 @@
  *    same copy, releasing the first keeps it (the second still multiplies correctly: ASan would
  *    see a use after free), releasing the second frees it (the registry is empty; ASan: no
  *    leak). Views of whole row groups (a stacked expert) read the copy at their offset, other
- *    views the mapping; other types get no copy. */
+ *    views the mapping; other types get no copy.
+ *  - A Q4_0 model (testdata/quant/synth-Q4_0.gguf) with two contexts: the same logits bit for bit
+ *    (2 and 1 threads), the second context goes on generating after the first is freed. */
 #include <math.h>
 #include <pthread.h>
 #include <stdlib.h>
@@ -23,6 +25,7 @@
 #include "core/util.h"
 #include "cpu/backend_cpu.h"
 #include "cpu/kernels.h"
+#include "forge_model.h"
 #include "quant/qtypes.h"
 #include "testutil.h"
 
@@ -298,11 +301,60 @@ static void test_backend_shares_one_copy(void **state)
     free(f);
 }
 
+static void greedy(forge_context *ctx, const int32_t *prompt, int n_prompt, int32_t *out, int n,
+                   float *logits0, int V)
+{
+    forge_err err = {0};
+    int32_t id = -1;
+    if (forge_decode(ctx, prompt, n_prompt, false, &err)) fail_msg("decode: %s", err.msg);
+    memcpy(logits0, forge_get_logits(ctx, -1), sizeof(float) * (size_t)V);
+    for (int s = 0; s < n; s++) {
+        const float *l = forge_get_logits(ctx, -1);
+        id = 0;
+        for (int v = 1; v < V; v++)
+            if (l[v] > l[id]) id = v;
+        out[s] = id;
+        if (forge_decode(ctx, &id, 1, false, &err)) fail_msg("decode: %s", err.msg);
+    }
+}
+
+static void test_model_two_contexts(void **state)
+{
+    (void)state;
+    char *path = tu_shared_path("testdata/quant/synth-Q4_0.gguf");
+    forge_err err = {0};
+    forge_model *m = NULL;
+    if (forge_model_load(path, &m, &err)) fail_msg("load %s: %s", path, err.msg);
+    const int V = forge_model_info_get(m)->n_vocab;
+    forge_context_params cp = forge_context_default_params();
+    cp.n_ctx = 64;
+    forge_context *c1 = NULL, *c2 = NULL;
+    cp.n_threads = 2;
+    assert_int_equal(forge_context_create(m, &cp, &c1, &err), FORGE_OK);
+    cp.n_threads = 1;
+    assert_int_equal(forge_context_create(m, &cp, &c2, &err), FORGE_OK);
+    const int32_t prompt[6] = {1, 17, 230, 41, 5, 99};
+    int32_t ids1[8], ids2[8];
+    float *l1 = malloc(sizeof(float) * (size_t)V), *l2 = malloc(sizeof(float) * (size_t)V);
+    assert_true(l1 && l2);
+    greedy(c1, prompt, 6, ids1, 4, l1, V);
+    forge_context_free(c1); /* c2 still reads the model's copies */
+    greedy(c2, prompt, 6, ids2, 8, l2, V);
+    assert_int_equal(count_diff(l1, l2, (size_t)V), 0);
+    assert_memory_equal(ids1, ids2, sizeof(int32_t) * 4);
+    forge_context_free(c2);
+    forge_model_free(m);
+    free(l1);
+    free(l2);
+    free(path);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_kernels_read_the_copy),
         cmocka_unit_test(test_backend_shares_one_copy),
+        cmocka_unit_test(test_model_two_contexts),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
