@@ -3,7 +3,7 @@
  * prints GFLOP/s and weight bytes read per second. A benchmark, not a test.
  *
  *   bench_matmul [-t TYPE[,TYPE..]] [-n NTOK[,..]] [-j THREADS[,..]] [-i ISA[,..]] [-s SECONDS]
- *                [-m | -M] [-r]
+ *                [-m | -M] [-r] [-f]
  *
  * Each shape rotates over enough copies of its weights (>= 160 MB) that decode reads them from
  * memory, as a real model does, not from the 32 MB L3. -m also runs one "model step": the 7
@@ -11,6 +11,9 @@
  * matrix, and reports the matmul-only tokens per second (an upper bound for the engine); -M runs
  * only that step.
  * -r uses a single copy of each matrix (cache-resident where it fits: measures compute).
+ * Where the ISA's kernel reads a repacked layout (kern_repack_layout: Q4_0 on AVX-512 VNNI),
+ * the weights are repacked once per ISA, as the CPU backend does at load, and the copies are
+ * read; -f reads the file's layout instead (the kernels before load-time repacking).
  * Besides the mean, each line gives the median and the fastest call (model: step): on a machine
  * shared with other work the mean moves with their load, the fastest call much less. */
 #include <stdio.h>
@@ -139,6 +142,30 @@ static int parse_list(const char *s, const char *items[], int max)
     return n;
 }
 
+/* One matmul, from the repacked copy R where there is one. */
+static int mm(kern_pool *pool, int type, const uint8_t *W, const uint8_t *R, int layout,
+              int64_t n_out, int64_t n_in, const float *X, int64_t nt, float *Y, forge_err *err)
+{
+    const kern_mm_desc d = {type, W, n_out, Y};
+    const kern_mm_packed p = {R, layout};
+    return kern_matmul_packed(pool, 1, &d, R ? &p : NULL, n_in, X, nt, err);
+}
+
+/* A repacked copy of `copies` consecutive matrices of n_out x n_in (each mat_bytes in W) in the
+ * current ISA's layout for type, or NULL (none, -f, or no memory); *layout receives it. */
+static uint8_t *repack_copies(int type, const uint8_t *W, size_t mat_bytes, int copies,
+                              int64_t n_out, int64_t n_in, int file_layout, int *layout)
+{
+    *layout = file_layout ? KERN_LAYOUT_FILE : kern_repack_layout(type);
+    size_t rb = kern_repack_bytes(*layout, n_out, n_in);
+    if (!rb) return NULL;
+    uint8_t *R = aligned_alloc(64, rb * (size_t)copies);
+    for (int c = 0; R && c < copies; c++)
+        kern_repack(NULL, *layout, type, W + (size_t)c * mat_bytes, n_out, n_in, R + (size_t)c * rb,
+                    NULL);
+    return R;
+}
+
 int main(int argc, char **argv)
 {
     int types[8] = {GGML_TYPE_Q4_0, GGML_TYPE_Q8_0, GGML_TYPE_F16, GGML_TYPE_BF16, GGML_TYPE_F32};
@@ -150,7 +177,7 @@ int main(int argc, char **argv)
     kern_isa isas[4];
     int n_isa = 0;
     double seconds = 0.3;
-    int model = 0, resident = 0;
+    int model = 0, resident = 0, file_layout = 0;
     const char *items[16];
 
     for (int i = KERN_ISA_SCALAR; i <= KERN_ISA_NEON; i++)
@@ -202,9 +229,12 @@ int main(int argc, char **argv)
             model = 2; /* the model step only */
         } else if (strcmp(argv[i], "-r") == 0) {
             resident = 1; /* one copy of the weights: cache-resident where they fit */
+        } else if (strcmp(argv[i], "-f") == 0) {
+            file_layout = 1; /* no load-time repacking */
         } else {
             fprintf(stderr,
-                    "usage: %s [-t TYPES] [-n NTOKS] [-j THREADS] [-i ISAS] [-s SECONDS] [-m|-M] [-r]\n",
+                    "usage: %s [-t TYPES] [-n NTOKS] [-j THREADS] [-i ISAS] [-s SECONDS] [-m|-M] [-r] "
+                    "[-f]\n",
                     argv[0]);
             return 2;
         }
@@ -235,6 +265,10 @@ int main(int argc, char **argv)
                 memcpy(W + (size_t)c * mat_bytes, W, mat_bytes);
             for (int ii = 0; ii < n_isa; ii++) {
                 kern_set_isa(isas[ii], NULL);
+                int layout;
+                uint8_t *R = repack_copies(type, W, mat_bytes, copies, sh->n_out, sh->n_in,
+                                           file_layout, &layout);
+                const size_t rb = kern_repack_bytes(layout, sh->n_out, sh->n_in);
                 for (int ji = 0; ji < n_threads; ji++) {
                     kern_pool *pool = NULL;
                     if (kern_pool_create(threads[ji], &pool, NULL) != FORGE_OK) return 1;
@@ -244,12 +278,13 @@ int main(int argc, char **argv)
                         int iters = 0, c = 0;
                         /* warm up: page in every copy once */
                         for (int k = 0; k < copies; k++)
-                            kern_matmul(pool, type, W + (size_t)k * mat_bytes, sh->n_out, sh->n_in,
-                                        X, 1, Y, &err);
+                            mm(pool, type, W + (size_t)k * mat_bytes, R ? R + (size_t)k * rb : NULL,
+                               layout, sh->n_out, sh->n_in, X, 1, Y, &err);
                         double t0 = now_s(), t1, c0 = cpu_s(), tc = t0, med, best;
                         do {
-                            if (kern_matmul(pool, type, W + (size_t)c * mat_bytes, sh->n_out,
-                                            sh->n_in, X, nt, Y, &err) != FORGE_OK) {
+                            if (mm(pool, type, W + (size_t)c * mat_bytes,
+                                   R ? R + (size_t)c * rb : NULL, layout, sh->n_out, sh->n_in, X,
+                                   nt, Y, &err) != FORGE_OK) {
                                 fprintf(stderr, "matmul: %s\n", err.msg);
                                 return 1;
                             }
@@ -274,6 +309,7 @@ int main(int argc, char **argv)
                     }
                     kern_pool_free(pool);
                 }
+                free(R);
             }
             free(W);
         }
@@ -307,6 +343,24 @@ int main(int argc, char **argv)
             fill_weights(type, W + (size_t)n_layer * layer_bytes, 32000, 2048);
             for (int ii = 0; ii < n_isa; ii++) {
                 kern_set_isa(isas[ii], NULL);
+                /* the repacked copies of all matrices, in the order of W */
+                int layout = file_layout ? KERN_LAYOUT_FILE : kern_repack_layout(type);
+                size_t r_total = kern_repack_bytes(layout, 32000, 2048);
+                for (int k = 0; k < 7; k++)
+                    r_total += kern_repack_bytes(layout, layer[k].n_out, layer[k].n_in) *
+                               (size_t)n_layer;
+                uint8_t *R = r_total ? aligned_alloc(64, r_total) : NULL;
+                if (R) {
+                    size_t p = 0, q = 0;
+                    for (int l = 0; l < n_layer; l++)
+                        for (int k = 0; k < 7; k++) {
+                            kern_repack(NULL, layout, type, W + p, layer[k].n_out, layer[k].n_in,
+                                        R + q, NULL);
+                            p += row_bytes(type, layer[k].n_in) * (size_t)layer[k].n_out;
+                            q += kern_repack_bytes(layout, layer[k].n_out, layer[k].n_in);
+                        }
+                    kern_repack(NULL, layout, type, W + p, 32000, 2048, R + q, NULL);
+                }
                 for (int ji = 0; ji < n_threads; ji++) {
                     kern_pool *pool = NULL;
                     if (kern_pool_create(threads[ji], &pool, NULL) != FORGE_OK) return 1;
@@ -315,15 +369,17 @@ int main(int argc, char **argv)
                         int steps = 0;
                         double t0 = now_s(), t1, tc = t0, med, best;
                         do {
-                            size_t p = 0;
+                            size_t p = 0, q = 0;
                             for (int l = 0; l < n_layer; l++)
                                 for (int k = 0; k < 7; k++) {
-                                    kern_matmul(pool, type, W + p, layer[k].n_out, layer[k].n_in, X,
-                                                nt, Y, NULL);
+                                    mm(pool, type, W + p, R ? R + q : NULL, layout, layer[k].n_out,
+                                       layer[k].n_in, X, nt, Y, NULL);
                                     p += row_bytes(type, layer[k].n_in) * (size_t)layer[k].n_out;
+                                    q += kern_repack_bytes(layout, layer[k].n_out, layer[k].n_in);
                                 }
                             /* llama.cpp computes the output row only for the last token */
-                            kern_matmul(pool, type, W + p, 32000, 2048, X, 1, Y, NULL);
+                            mm(pool, type, W + p, R ? R + q : NULL, layout, 32000, 2048, X, 1, Y,
+                               NULL);
                             t1 = now_s();
                             if (steps < MAX_SAMPLES) samples[steps] = t1 - tc;
                             tc = t1;
@@ -341,6 +397,7 @@ int main(int argc, char **argv)
                     }
                     kern_pool_free(pool);
                 }
+                free(R);
             }
             free(W);
         }

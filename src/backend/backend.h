@@ -41,7 +41,9 @@ typedef struct be_weight {
  * Ownership: the model owns this registry (its lock and the list head; model_load initialises
  * it, forge_model_free destroys it, and it must be empty then: contexts borrow their model). The
  * entries (be_wset, defined by the backend) hold one device's copies of every weight, keyed by
- * the device: a context on another GPU never sees them. An entry is owned jointly by the
+ * the device: a context on another GPU never sees them (every backend's be_wset starts with
+ * `be_wset *next; int dev;`: the list is shared, dev is the key, -1 for the CPU backend's load-time
+ * repacked copies, src/cpu/backend_cpu.c). An entry is owned jointly by the
  * backends on its device that acquired it (a reference count): the first one uploads it, the
  * last one to release it frees it, after every holder's work that read it is done. So freeing
  * one context never frees weights that another context on the same model still uses, also from
@@ -154,7 +156,7 @@ typedef struct be_ops {
     float *(*buf_data)(backend *be, be_buf *buf);
 
     /* ---- device copies of the weights (optional: NULL for a backend that reads the host
-     * weights, the CPU) ----
+     * weights as they are; the CPU's are its load-time repacked copies) ----
      * weights_acquire makes ws[0..n) (the model's weight list: ws[i]->slot == i) usable by
      * this backend: it takes a reference on the entry of share for the backend's device,
      * creating and uploading it when there is none (progress after each weight, may be NULL;

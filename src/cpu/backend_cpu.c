@@ -11,6 +11,9 @@
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
 
 #include "backend/backend.h"
 #include "core/fp16.h"
@@ -38,8 +41,37 @@ static size_t kv_row_bytes(int type, int kv_dim)
                                  : (size_t)kv_dim * (type == FORGE_KV_F16 ? 2 : 4);
 }
 
+/* The CPU's load-time copies of one model's weights (backend.h: be_wshare): for each weight
+ * whose kernel on the current ISA reads a repacked layout (kernels.h: kern_repack_layout; Q4_0
+ * on AVX-512 VNNI), a copy of its whole row groups in that layout; nothing for the others, whose
+ * mapping is read as it is. The registry's list is shared with the GPU backend, whose entries
+ * start with the same two members: the key dev is -1 here, never a GPU's index. Reference
+ * counted like the GPU's sets: owned jointly by the CPU backends of the model's contexts that
+ * acquired it, guarded by the registry's lock; the last release frees it (CPU ops are
+ * synchronous: no holder's work is pending then). */
+#define CPU_WSET_DEV (-1)
+
+typedef struct cpu_packed {
+    void *R;           /* the copy (in the set's region, 64-byte aligned), or NULL */
+    int layout;        /* its KERN_LAYOUT_* */
+    int type;          /* the weight's ggml_type, shape and host bytes it was made from */
+    int64_t ne0, ne1;
+    const uint8_t *src;
+} cpu_packed;
+
+struct be_wset {
+    be_wset *next;
+    int dev; /* CPU_WSET_DEV */
+    int refs;
+    int n;
+    cpu_packed *p; /* n, by be_weight.slot */
+    void *mem;     /* the region holding every copy (owned) */
+};
+
 typedef struct cpu_backend {
     backend base;
+    be_wshare *share; /* the model's registry, while wset is held */
+    be_wset *wset;    /* the weight set this backend holds a reference on, or NULL */
     kern_pool *pool;
     int n_threads;
     bool f32_math;
@@ -1135,6 +1167,180 @@ static int cpu_kv_read(backend *be, const be_kv *kv, int layer, const int32_t *r
     return FORGE_OK;
 }
 
+/* ---- repacked copies of the weights ------------------------------------------------------ */
+
+static void wset_free(be_wset *set)
+{
+    if (!set) return;
+    free(set->mem);
+    free(set->p);
+    free(set);
+}
+
+/* Memory for the copies of a set, one region: 64-byte aligned; in 2 MB huge pages where the
+ * system gives them on request (transparent huge pages in "madvise" mode): on the Zen 5 EPYC the
+ * load of TinyLlama Q4_0 went from ~1.3 s to ~0.6 s (fewer page faults while the copies are
+ * written). One region, so that rounding up to 2 MB costs at most 2 MB per model. */
+static void *copies_alloc(size_t bytes)
+{
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+    const size_t huge = (size_t)2 << 20;
+    if (bytes >= huge) {
+        const size_t rounded = (bytes + huge - 1) & ~(huge - 1);
+        void *p = aligned_alloc(huge, rounded);
+        if (p) (void)madvise(p, rounded, MADV_HUGEPAGE); /* a hint: failure is harmless */
+        return p;
+    }
+#endif
+    return aligned_alloc(64, (bytes + 63) & ~(size_t)63);
+}
+
+/* Make the copies of a new set: one per weight whose layout on this ISA is repacked. */
+static int wset_make(cpu_backend *c, be_weight *const *ws, int n, be_wset **out,
+                     void (*progress)(uint64_t done, uint64_t total, void *user), void *user,
+                     forge_err *err)
+{
+    uint64_t total = 0, done = 0, copy_bytes = 0;
+    int rc = FORGE_OK;
+    be_wset *set = calloc(1, sizeof *set);
+    *out = NULL;
+    if (!set || !(set->p = calloc((size_t)(n > 0 ? n : 1), sizeof *set->p))) {
+        rc = forge_err_set(err, FORGE_E_NOMEM, "cpu backend: out of memory");
+        goto fail;
+    }
+    set->dev = CPU_WSET_DEV;
+    set->n = n;
+    /* where each copy goes in the region (offsets, 64-byte aligned, kept in R until then) */
+    for (int i = 0; i < n; i++) {
+        const be_weight *w = ws[i];
+        const int layout = kern_repack_layout(w->type);
+        const size_t bytes = kern_repack_bytes(layout, w->ne1, w->ne0);
+        total += w->n_bytes;
+        if (!w->data || !bytes || w->ne0 % 32) continue;
+        cpu_packed *e = &set->p[i];
+        e->R = (void *)(uintptr_t)copy_bytes;
+        e->layout = layout;
+        e->type = w->type;
+        e->ne0 = w->ne0;
+        e->ne1 = w->ne1;
+        e->src = w->data;
+        copy_bytes += (bytes + 63) & ~(uint64_t)63;
+    }
+    if (copy_bytes > SIZE_MAX / 2 || (copy_bytes && !(set->mem = copies_alloc((size_t)copy_bytes)))) {
+        rc = forge_err_set(err, FORGE_E_NOMEM,
+                           "cpu backend: out of memory for %.1f MB of repacked weights",
+                           (double)copy_bytes / 1e6);
+        goto fail;
+    }
+    for (int i = 0; i < n; i++) {
+        const be_weight *w = ws[i];
+        cpu_packed *e = &set->p[i];
+        if (e->src) {
+            e->R = (uint8_t *)set->mem + (uintptr_t)e->R;
+            if ((rc = kern_repack(c->pool, e->layout, w->type, w->data, w->ne1, w->ne0, e->R, err)))
+                goto fail;
+        }
+        done += w->n_bytes;
+        if (progress) progress(done, total, user);
+    }
+    set->refs = 1;
+    *out = set;
+    return FORGE_OK;
+fail:
+    wset_free(set);
+    return rc;
+}
+
+static int cpu_weights_acquire(backend *be, be_wshare *share, be_weight *const *ws, int n,
+                               void (*progress)(uint64_t done, uint64_t total, void *user),
+                               void *user, forge_err *err)
+{
+    cpu_backend *c = cpu(be);
+    be_wset *set = NULL;
+    uint64_t total = 0, done = 0;
+    int rc = FORGE_OK;
+    if (c->wset) return forge_err_set(err, FORGE_E_INTERNAL, "cpu backend: weights acquired twice");
+    if (!share || n < 0) return forge_err_set(err, FORGE_E_INVALID, "cpu backend: %d weights", n);
+    for (int i = 0; i < n; i++) {
+        if (ws[i]->slot != i)
+            return forge_err_set(err, FORGE_E_INTERNAL, "cpu backend: weight %s in slot %d of %d",
+                                 ws[i]->name, (int)ws[i]->slot, i);
+        total += ws[i]->n_bytes;
+    }
+    pthread_mutex_lock(&share->lock);
+    for (set = share->head; set && set->dev != CPU_WSET_DEV; set = set->next)
+        ;
+    if (set) {
+        /* made by another context of the model */
+        if (set->n != n) {
+            rc = forge_err_set(err, FORGE_E_INTERNAL, "cpu backend: weight set of %d, model %d",
+                               set->n, n);
+            set = NULL;
+            goto done;
+        }
+        set->refs++;
+        for (int i = 0; progress && i < n; i++) {
+            done += ws[i]->n_bytes;
+            progress(done, total, user);
+        }
+        goto done;
+    }
+    if ((rc = wset_make(c, ws, n, &set, progress, user, err))) goto done;
+    set->next = share->head;
+    share->head = set;
+done:
+    if (set) {
+        c->wset = set;
+        c->share = share;
+    }
+    pthread_mutex_unlock(&share->lock);
+    return rc;
+}
+
+static void cpu_weights_release(backend *be)
+{
+    cpu_backend *c = cpu(be);
+    be_wset *set = c->wset;
+    if (!set) return;
+    c->wset = NULL;
+    pthread_mutex_lock(&c->share->lock);
+    if (--set->refs == 0) {
+        be_wset **pp = &c->share->head;
+        while (*pp && *pp != set)
+            pp = &(*pp)->next;
+        if (*pp) *pp = set->next;
+        wset_free(set);
+    }
+    pthread_mutex_unlock(&c->share->lock);
+    c->share = NULL;
+}
+
+/* The repacked copy for w: the weight itself, or a view of whole groups of its rows (an expert
+ * of a stacked matrix, moe.c); none for anything else (the mapping is read then). */
+static kern_mm_packed packed_of(const cpu_backend *c, const be_weight *w)
+{
+    kern_mm_packed p = {NULL, KERN_LAYOUT_FILE};
+    if (!c->wset || !w || !w->data || w->slot < 0 || w->slot >= c->wset->n) return p;
+    const cpu_packed *e = &c->wset->p[w->slot];
+    if (!e->R || e->type != w->type || e->ne0 != w->ne0) return p;
+    const uintptr_t d = (uintptr_t)w->data, s = (uintptr_t)e->src;
+    const size_t rb = ggml_row_size(e->type, e->ne0);
+    const int64_t g = kern_repack_group_rows(e->layout);
+    if (d < s || (d - s) % rb) return p;
+    const int64_t r0 = (int64_t)((d - s) / rb);
+    if (r0 % g || r0 + w->ne1 > e->ne1) return p;
+    p.R = (const uint8_t *)e->R + (size_t)(r0 / g) * kern_repack_group_bytes(e->layout, e->ne0);
+    p.layout = e->layout;
+    return p;
+}
+
+const void *backend_cpu_packed(backend *be, const be_weight *w, int *layout)
+{
+    kern_mm_packed p = packed_of(cpu(be), w);
+    if (layout) *layout = p.layout;
+    return p.R;
+}
+
 /* ---- matmul ----------------------------------------------------------------------------- */
 
 struct f32mm_job {
@@ -1182,9 +1388,12 @@ static int cpu_matmul(backend *be, be_buf *y, const be_weight *w, const be_buf *
     if (check_buf(x, (int64_t)n_tok * w->ne0, "matmul x", err) ||
         check_buf(y, (int64_t)n_tok * w->ne1, "matmul y", err))
         return FORGE_E_INTERNAL;
-    if (!c->f32_math && w->ne0 % 32 == 0)
-        return kern_matmul(w->ne0 * w->ne1 * n_tok < CPU_MIN_PARALLEL_WORK ? NULL : c->pool,
-                           w->type, w->data, w->ne1, w->ne0, x->data, n_tok, y->data, err);
+    if (!c->f32_math && w->ne0 % 32 == 0) {
+        const kern_mm_desc d = {w->type, w->data, w->ne1, y->data};
+        const kern_mm_packed p = packed_of(c, w);
+        return kern_matmul_packed(w->ne0 * w->ne1 * n_tok < CPU_MIN_PARALLEL_WORK ? NULL : c->pool,
+                                  1, &d, &p, w->ne0, x->data, n_tok, err);
+    }
     if (scratch_reserve(c, (size_t)w->ne0, err)) return FORGE_E_NOMEM;
     const float *xs = x->data;
     if (!c->f32_math && (w->type == GGML_TYPE_F16 || w->type == GGML_TYPE_BF16)) {
@@ -1219,6 +1428,7 @@ static int cpu_matmul_multi(backend *be, int n, be_buf *const *ys, const be_weig
 {
     cpu_backend *c = cpu(be);
     kern_mm_desc d[KERN_MM_MULTI_MAX];
+    kern_mm_packed pk[KERN_MM_MULTI_MAX];
     bool together = !c->f32_math && n >= 1 && n <= KERN_MM_MULTI_MAX;
     int64_t work = 0;
     for (int i = 0; i < n && together; i++)
@@ -1235,10 +1445,11 @@ static int cpu_matmul_multi(backend *be, int n, be_buf *const *ys, const be_weig
         if (check_buf(ys[i], (int64_t)n_tok * ws[i]->ne1, "matmul y", err))
             return FORGE_E_INTERNAL;
         d[i] = (kern_mm_desc){ws[i]->type, ws[i]->data, ws[i]->ne1, ys[i]->data};
+        pk[i] = packed_of(c, ws[i]);
         work += ws[i]->ne0 * ws[i]->ne1 * n_tok;
     }
-    return kern_matmul_multi(work < CPU_MIN_PARALLEL_WORK ? NULL : c->pool, n, d, ws[0]->ne0,
-                             x->data, n_tok, err);
+    return kern_matmul_packed(work < CPU_MIN_PARALLEL_WORK ? NULL : c->pool, n, d, pk, ws[0]->ne0,
+                              x->data, n_tok, err);
 }
 
 /* ---- lifetime --------------------------------------------------------------------------- */
@@ -1247,6 +1458,7 @@ static void cpu_destroy(backend *be)
 {
     cpu_backend *c = cpu(be);
     if (!c) return;
+    cpu_weights_release(be); /* normally released already (fwd.c) */
     kern_pool_free(c->pool);
     free(c->scratch);
     free(c->xround);
@@ -1261,6 +1473,8 @@ static const be_ops cpu_ops = {
     .buf_free = cpu_buf_free,
     .buf_read = cpu_buf_read,
     .buf_data = cpu_buf_data,
+    .weights_acquire = cpu_weights_acquire,
+    .weights_release = cpu_weights_release,
     .kv_create = cpu_kv_create,
     .kv_free = cpu_kv_free,
     .get_rows = cpu_get_rows,

@@ -20,4 +20,9 @@ struct be_buf {
 int cpu_moe_ffn(backend *be, be_buf *out, const be_buf *h, const be_buf *logits, const be_moe *moe,
                 int n_tok, forge_err *err);
 
+/* The repacked copy the CPU backend be reads for w (be_ops.weights_acquire makes them, one per
+ * model), NULL if it reads w's mapping; *layout (may be NULL) receives its KERN_LAYOUT_*.
+ * Borrowed: valid while be holds its weights. For tests. */
+const void *backend_cpu_packed(backend *be, const be_weight *w, int *layout);
+
 #endif /* FORGE_CPU_BACKEND_CPU_H */

@@ -23,6 +23,9 @@ typedef struct kern_mm_args {
     float *Y;
     forge_vec_dot_fn dot; /* generic kernels (types without tuned row kernels): the row dot */
     forge_vec_dot_x4_fn dot4; /* and 4 tokens at once, or NULL */
+    /* The rows [0, n_out - n_out % group) of W in the kernel's repacked layout
+     * (kern_mm_kernel.layout), or NULL: then the kernel reads W only. */
+    const uint8_t *R;
 } kern_mm_args;
 
 /* Compute Y[t][o] for every token t and rows o in [r0, r1). work: this thread's scratch of
@@ -43,6 +46,7 @@ typedef struct kern_mm_kernel {
     forge_vec_dot_x4_fn dot4;
     int64_t xc_block;
     size_t xc_block_bytes;
+    int layout; /* the repacked layout mm reads when kern_mm_args.R is set (KERN_LAYOUT_*) */
 } kern_mm_kernel;
 
 /* A tuned kernel mm of a block type whose activations are the traits table's vec_dot_type
@@ -114,6 +118,13 @@ void *kern_pool_scratch(kern_pool *pool, size_t bytes);
 #define KERN_QK 32
 #define KERN_Q8_0_BYTES 34 /* fp16 d, 32 x int8 */
 #define KERN_Q4_0_BYTES 18 /* fp16 d, 16 bytes of nibbles */
+
+/* KERN_LAYOUT_Q4_0_X16 (kernels.h): rows per group; per pair of blocks 2 x 256 bytes of
+ * nibbles, then 2 x 32 bytes of fp16 scales at offset 512. */
+#define KERN_X16_ROWS 16
+#define KERN_X16_PAIR_BYTES 576
+#define KERN_X16_NIB_BYTES 256
+#define KERN_X16_SCALE_OFF 512
 
 static inline uint16_t kern_load_u16(const uint8_t *p)
 {

@@ -77,6 +77,47 @@ typedef struct kern_mm_desc {
 int kern_matmul_multi(kern_pool *pool, int n_mats, const kern_mm_desc *mats, int64_t n_in,
                       const float *X, int64_t n_tok, forge_err *err);
 
+/* A copy of a matrix's whole row groups in a repacked layout (kern_repack below): R borrowed,
+ * NULL for none. */
+typedef struct kern_mm_packed {
+    const void *R;
+    int layout;
+} kern_mm_packed;
+
+/* kern_matmul_multi with packed[i] (packed may be NULL) beside mats[i]: a copy is read instead
+ * of W where it is the layout the current ISA's kernel reads (kern_repack_layout), W elsewhere
+ * (other ISAs, the rows past the last whole group). Same bits either way. */
+int kern_matmul_packed(kern_pool *pool, int n_mats, const kern_mm_desc *mats,
+                       const kern_mm_packed *packed, int64_t n_in, const float *X, int64_t n_tok,
+                       forge_err *err);
+
+/* ---- load-time repacking -----------------------------------------------------------------
+ * A weight layout other than the file's, read faster by one ISA's kernels (the mapping stays
+ * untouched; the CPU backend keeps one copy per model). KERN_LAYOUT_Q4_0_X16 (AVX-512 VNNI
+ * decode and prompt of Q4_0): rows in groups of 16, each group one 64-byte aligned region of
+ * ceil(nb / 2) * 576 bytes (nb = n_in / 32 blocks): per pair of blocks b, b+1 the nibbles of
+ * block b (4 vectors of 64 bytes: vector k holds in dword lane r the nibble bytes 4k..4k+3 of
+ * row r), those of block b+1, then the 16 fp16 scales of block b (row order) and the 16 of
+ * block b+1 (for an odd nb the last pair has block b only, and 32 bytes of zero padding). The
+ * same bytes as the file's blocks, so the copy is as large as the rows it holds. */
+enum { KERN_LAYOUT_FILE = 0, KERN_LAYOUT_Q4_0_X16 = 1 };
+
+/* The layout the current ISA's kernel for wtype reads; KERN_LAYOUT_FILE when it has none (the
+ * one place that decides it is the per-ISA kernel lookup). */
+int kern_repack_layout(int wtype);
+/* Rows per group of a layout (1 for KERN_LAYOUT_FILE). */
+int64_t kern_repack_group_rows(int layout);
+/* Bytes of one group of rows of n_in inputs, and of the copy of n_out rows (whole groups only:
+ * n_out rounded down to a multiple of the group); 0 for KERN_LAYOUT_FILE or a bad shape. */
+size_t kern_repack_group_bytes(int layout, int64_t n_in);
+size_t kern_repack_bytes(int layout, int64_t n_out, int64_t n_in);
+/* Write the copy of W (n_out rows of n_in inputs, the file's layout, type wtype) in layout to
+ * dst (kern_repack_bytes long, 64-byte aligned, owned by the caller). Work is split over the
+ * pool's threads (pool may be NULL). FORGE_E_INVALID if the layout is not one of wtype's or the
+ * shape does not fit it. */
+int kern_repack(kern_pool *pool, int layout, int wtype, const void *W, int64_t n_out, int64_t n_in,
+                void *dst, forge_err *err);
+
 /* Reference quantizers (ggml's reference rounding), used by `forge synth` and the tests:
  * n a multiple of 32. */
 void kern_quantize_row_q8_0(const float *x, void *dst, int64_t n);

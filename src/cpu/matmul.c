@@ -241,6 +241,11 @@ static kern_mm_kernel lookup_kernel(kern_isa isa, int wtype)
     return k;
 }
 
+int kern_repack_layout(int wtype)
+{
+    return lookup_kernel(kern_isa_current(), wtype).layout;
+}
+
 /* One matrix of a job. args.Xc points into the job's converted activations. */
 typedef struct mm_mat {
     kern_mm_args args;
@@ -323,6 +328,13 @@ int kern_matmul(kern_pool *pool, int wtype, const void *W, int64_t n_out, int64_
 int kern_matmul_multi(kern_pool *pool, int n_mats, const kern_mm_desc *mats, int64_t n_in,
                       const float *X, int64_t n_tok, forge_err *err)
 {
+    return kern_matmul_packed(pool, n_mats, mats, NULL, n_in, X, n_tok, err);
+}
+
+int kern_matmul_packed(kern_pool *pool, int n_mats, const kern_mm_desc *mats,
+                       const kern_mm_packed *packed, int64_t n_in, const float *X, int64_t n_tok,
+                       forge_err *err)
+{
     mm_job job;
     uint8_t *own_scratch = NULL;
     int64_t total_rows = 0;
@@ -373,6 +385,10 @@ int kern_matmul_multi(kern_pool *pool, int n_mats, const kern_mm_desc *mats, int
         m->args.Y = mats[i].Y;
         m->args.dot = m->kernel.dot;
         m->args.dot4 = m->kernel.dot4;
+        /* a repacked copy only where it is the layout this kernel reads */
+        if (packed && packed[i].R && m->kernel.layout != KERN_LAYOUT_FILE &&
+            packed[i].layout == m->kernel.layout)
+            m->args.R = packed[i].R;
         m->first_chunk = job.n_chunks;
         job.n_chunks += (mats[i].n_out + job.chunk_rows - 1) / job.chunk_rows;
         if (m->kernel.work_bytes_per_32 > work_per_32) work_per_32 = m->kernel.work_bytes_per_32;

@@ -12,6 +12,12 @@
  * the time when done per row). Q4_0 takes four blocks per step instead (q4_rows8x4_step: the
  * nibbles of 4 blocks in one vector, one 128-bit lane per block), which halves the reduction
  * per block and needs fewer unpack ops: 25 -> 36 GB/s single-thread from cache.
+ * Q4_0 with a load-time repacked copy (KERN_LAYOUT_Q4_0_X16, kern_mm_args.R; the CPU backend
+ * makes it once per model): 16 rows in the dword lanes of aligned 64-byte loads, no lane
+ * reduction, one linear stream per thread; decode 1-3 tokens and the prompt tiles read it (the
+ * tiles without the per-call repack), the file's bytes only for rows past the last whole group.
+ * From cache ~71 GB/s single-thread vs ~31 for the file layout; a whole TinyLlama step of
+ * matmuls 1.4-1.5x (bench_matmul -M). Same integer sums, same float chains: same bits.
  * Q8_0/Q4_0, 4 or more tokens (prompt, compute-bound): 16 rows are repacked per call into a
  * per-thread buffer with row r in 32-bit lane r (4 bytes of the block per lane per vector; a
  * 16x8 dword transpose by vpermt2d), so that one vpdpbusd with a broadcast of 4 activation bytes
@@ -540,6 +546,87 @@ TGT_I INLINE void q4_rows8_1tok(const kern_mm_args *a, const q_consts *c, const 
     _mm_storeu_ps(y + 4, y1);
 }
 
+/* ---- Q4_0 in the repacked X16 layout (kernels.h: KERN_LAYOUT_Q4_0_X16) -----------------
+ * Row r of a 16-row group sits in dword lane r: one aligned 64-byte load holds 4 nibble bytes of
+ * each of the 16 rows, its low nibbles (AND) and high nibbles (GF(2) affine) each go into one
+ * vpdpbusd with 4 activation bytes broadcast (elements 4k..4k+3 and 16+4k..16+4k+3), and a
+ * block's 16 row sums need no lane reduction. The integer block sums are those of the file's
+ * layout (seeded with ncorr); per block one conversion, d_w * d_x and one fma per row, in the
+ * chains of q_row_1tok (blocks of whole 4-block groups by index mod 4, (c0 + c2) + (c1 + c3),
+ * then the rest even/odd, added last), so every row keeps its bits. The stream is linear: a
+ * thread's groups are one region, prefetched X16_PREFETCH bytes ahead (into L1: on the Zen 5
+ * EPYC, 2 threads, 8 KB ahead gave ~80 tok/s in bench_matmul -M where 16 KB gave ~75, T1 worse). */
+#define X16_PREFETCH 8192
+
+TGT_I INLINE const uint8_t *x16_nib(const uint8_t *g, int64_t b)
+{
+    return g + (size_t)(b / 2) * KERN_X16_PAIR_BYTES + (size_t)(b % 2) * KERN_X16_NIB_BYTES;
+}
+
+TGT_I INLINE const uint8_t *x16_scales(const uint8_t *g, int64_t b)
+{
+    return g + (size_t)(b / 2) * KERN_X16_PAIR_BYTES + KERN_X16_SCALE_OFF + (size_t)(b % 2) * 32;
+}
+
+/* The exact integer sums of block b of 16 rows for one token (xb: its 32 activation bytes). */
+TGT_I INLINE __m512i x16_isum(const uint8_t *nib, const int8_t *xb, int32_t ncorr, __m512i lo4,
+                              __m512i hi_gf)
+{
+    __m512i s0 = _mm512_set1_epi32(ncorr), s1 = _mm512_setzero_si512();
+#pragma GCC unroll 4
+    for (int k = 0; k < 4; k++) {
+        const __m512i v = _mm512_load_si512((const void *)(nib + 64 * k));
+        int32_t xl, xh;
+        memcpy(&xl, xb + 4 * k, 4);
+        memcpy(&xh, xb + 16 + 4 * k, 4);
+        s0 = _mm512_dpbusd_epi32(s0, _mm512_and_si512(v, lo4), _mm512_set1_epi32(xl));
+        s1 = _mm512_dpbusd_epi32(s1, _mm512_gf2p8affine_epi64_epi8(v, hi_gf, 0),
+                                 _mm512_set1_epi32(xh));
+    }
+    return _mm512_add_epi32(s0, s1);
+}
+
+/* acc += isum * (d_w * d_x) for block b of the group at g, 16 rows, one token. */
+TGT_I INLINE __m512 x16_block(const uint8_t *g, int64_t b, const int8_t *xq, const float *xd,
+                              const int32_t *nc, __m512i lo4, __m512i hi_gf, __m512 acc)
+{
+    const __m512i is = x16_isum(x16_nib(g, b), xq + b * KERN_QK, nc[b], lo4, hi_gf);
+    const __m512 dw = _mm512_cvtph_ps(_mm256_load_si256((const __m256i *)(const void *)x16_scales(g, b)));
+    return _mm512_fmadd_ps(_mm512_cvtepi32_ps(is), _mm512_mul_ps(dw, _mm512_set1_ps(xd[b])), acc);
+}
+
+/* The 16 rows of the group at g (rows o..o+15 of the matrix), token t. */
+TGT_I INLINE void x16_rows16_1tok(const kern_mm_args *a, const uint8_t *g, int64_t o, int64_t t)
+{
+    const uint8_t *xrow = a->Xc + (size_t)t * a->xc_row_bytes;
+    const int8_t *xq = (const int8_t *)xrow;
+    const float *xd = kern_xq_d(xrow, a->n_in);
+    const int32_t *nc = kern_xq_ncorr(xrow, a->n_in);
+    const int64_t nb = a->n_in / KERN_QK, nb_main = nb - nb % 4;
+    const __m512i lo4 = _mm512_set1_epi8(0x0f), hi_gf = _mm512_set1_epi64(0x1020408000000000LL);
+    __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(),
+                     _mm512_setzero_ps()};
+    int64_t b = 0;
+    for (; b < nb_main; b += 4) {
+        /* the two pairs of this step, X16_PREFETCH ahead in the linear stream */
+        const uint8_t *pf = g + (size_t)(b / 2) * KERN_X16_PAIR_BYTES + X16_PREFETCH;
+#pragma GCC unroll 18
+        for (int l = 0; l < 2 * KERN_X16_PAIR_BYTES / 64; l++)
+            _mm_prefetch((const char *)(pf + 64 * l), _MM_HINT_T0);
+#pragma GCC unroll 4
+        for (int k = 0; k < 4; k++)
+            acc[k] = x16_block(g, b + k, xq, xd, nc, lo4, hi_gf, acc[k]);
+    }
+    __m512 y = _mm512_add_ps(_mm512_add_ps(acc[0], acc[2]), _mm512_add_ps(acc[1], acc[3]));
+    if (b < nb) {
+        __m512 tail[2] = {_mm512_setzero_ps(), _mm512_setzero_ps()};
+        for (int k = 0; b < nb; b++, k ^= 1)
+            tail[k] = x16_block(g, b, xq, xd, nc, lo4, hi_gf, tail[k]);
+        y = _mm512_add_ps(y, _mm512_add_ps(tail[0], tail[1]));
+    }
+    _mm512_storeu_ps(a->Y + t * a->n_out + o, y);
+}
+
 TGT_I INLINE void q_rows_1tok(const kern_mm_args *a, int64_t r0, int64_t r1, int64_t t, int is_q4)
 {
     const q_consts c = make_q_consts();
@@ -637,13 +724,46 @@ TGT_I INLINE void q_tile_block(const uint8_t *rep, const int8_t *const *xq, cons
                                  _mm512_mul_ps(dw, _mm512_set1_ps(xd[t][b])), acc[t]);
 }
 
+/* The same for the group at g of the X16 copy: the nibbles are unpacked here (once per block for
+ * all T tokens); the integer sums and the float step are those of q_tile_block. */
+TGT_I INLINE void q_tile_block_x16(const uint8_t *g, const int8_t *const *xq,
+                                   const float *const *xd, const int32_t *const *nc, int64_t b,
+                                   int T, __m512 *acc)
+{
+    const uint8_t *nib = x16_nib(g, b);
+    const __m512i lo4 = _mm512_set1_epi8(0x0f), hi_gf = _mm512_set1_epi64(0x1020408000000000LL);
+    __m512i is[TOK_TILE];
+#pragma GCC unroll 8
+    for (int t = 0; t < T; t++)
+        is[t] = _mm512_set1_epi32(nc[t][b]);
+#pragma GCC unroll 4
+    for (int k = 0; k < 4; k++) {
+        const __m512i v = _mm512_load_si512((const void *)(nib + 64 * k));
+        const __m512i wl = _mm512_and_si512(v, lo4), wh = _mm512_gf2p8affine_epi64_epi8(v, hi_gf, 0);
+#pragma GCC unroll 8
+        for (int t = 0; t < T; t++) {
+            int32_t xl, xh;
+            memcpy(&xl, xq[t] + b * KERN_QK + 4 * k, 4);
+            memcpy(&xh, xq[t] + b * KERN_QK + 16 + 4 * k, 4);
+            is[t] = _mm512_dpbusd_epi32(is[t], wl, _mm512_set1_epi32(xl));
+            is[t] = _mm512_dpbusd_epi32(is[t], wh, _mm512_set1_epi32(xh));
+        }
+    }
+    const __m512 dw =
+        _mm512_cvtph_ps(_mm256_load_si256((const __m256i *)(const void *)x16_scales(g, b)));
+#pragma GCC unroll 8
+    for (int t = 0; t < T; t++)
+        acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(is[t]),
+                                 _mm512_mul_ps(dw, _mm512_set1_ps(xd[t][b])), acc[t]);
+}
+
 /* 16 repacked rows x T tokens, all blocks; stores the valid rows of each token. The blocks go
  * into the chains of the one-token paths (q_row_1tok says how), so every row gets the same bits
  * as when its token runs alone. One chain at a time (blocks start, start + step, ... < end, one
  * fma each, in order), so one set of T accumulators stays in registers and the block code is
  * inlined once; the chain sums are combined at the end in the one-token paths' order. */
 TGT_I INLINE void q_tile(const kern_mm_args *a, const uint8_t *rep, int64_t o, __mmask16 rmask,
-                         int64_t t0, int T, int is_q4)
+                         int64_t t0, int T, int is_q4, int x16)
 {
     const int64_t nb = a->n_in / KERN_QK;
     const int64_t nb_main = is_q4 ? nb - nb % 4 : nb;
@@ -668,8 +788,12 @@ TGT_I INLINE void q_tile(const kern_mm_args *a, const uint8_t *rep, int64_t o, _
 #pragma GCC unroll 8
         for (int t = 0; t < T; t++)
             acc[t] = _mm512_setzero_ps();
-        for (int64_t b = start; b < end; b += step)
-            q_tile_block(rep, xq, xd, nc, b, T, acc);
+        for (int64_t b = start; b < end; b += step) {
+            if (x16)
+                q_tile_block_x16(rep, xq, xd, nc, b, T, acc);
+            else
+                q_tile_block(rep, xq, xd, nc, b, T, acc);
+        }
 #pragma GCC unroll 8
         for (int t = 0; t < T; t++)
             part[c][t] = acc[t];
@@ -693,26 +817,39 @@ TGT_I INLINE void q_rows_ntok(const kern_mm_args *a, int64_t r0, int64_t r1, voi
     uint8_t *rep = work;
     kq_idx ix;
     kq_make_idx(&ix);
+    /* Q4_0 with a repacked copy: whole groups are read from it, not repacked per call */
+    const int use_r = is_q4 && a->R && r0 % KERN_X16_ROWS == 0;
+    const size_t gb = use_r ? kern_repack_group_bytes(KERN_LAYOUT_Q4_0_X16, a->n_in) : 0;
     for (int64_t o = r0; o < r1; o += RP_ROWS) {
         int rows = r1 - o < RP_ROWS ? (int)(r1 - o) : RP_ROWS;
         __mmask16 rmask = (__mmask16)((1u << rows) - 1);
-        q_repack(a, &ix, o, rows, rep, is_q4);
+        const int x16 = use_r && rows == KERN_X16_ROWS;
+        const uint8_t *src = rep;
+        if (x16)
+            src = a->R + (size_t)(o / KERN_X16_ROWS) * gb;
+        else
+            q_repack(a, &ix, o, rows, rep, is_q4);
         int64_t t = 0;
-        if (is_q4) {
+        if (x16) {
             for (; t + TOK_TILE <= a->n_tok; t += TOK_TILE)
-                q_tile(a, rep, o, rmask, t, TOK_TILE, 1);
+                q_tile(a, src, o, rmask, t, TOK_TILE, 1, 1);
+        } else if (is_q4) {
+            for (; t + TOK_TILE <= a->n_tok; t += TOK_TILE)
+                q_tile(a, src, o, rmask, t, TOK_TILE, 1, 0);
         } else {
             for (; t + TOK_TILE <= a->n_tok; t += TOK_TILE)
-                q_tile(a, rep, o, rmask, t, TOK_TILE, 0);
+                q_tile(a, src, o, rmask, t, TOK_TILE, 0, 0);
         }
         /* the remainder as a constant, so each q_tile call is specialised for its width */
         switch (a->n_tok - t) {
 #define Q_TILE_REM(n)                                                                              \
     case n:                                                                                        \
-        if (is_q4)                                                                                 \
-            q_tile(a, rep, o, rmask, t, n, 1);                                                     \
+        if (x16)                                                                                   \
+            q_tile(a, src, o, rmask, t, n, 1, 1);                                                  \
+        else if (is_q4)                                                                            \
+            q_tile(a, src, o, rmask, t, n, 1, 0);                                                  \
         else                                                                                       \
-            q_tile(a, rep, o, rmask, t, n, 0);                                                     \
+            q_tile(a, src, o, rmask, t, n, 0, 0);                                                  \
         break;
             Q_TILE_REM(7)
             Q_TILE_REM(6)
@@ -737,7 +874,16 @@ TGT_I static void mm_q4_0_avx512(const kern_mm_args *a, int64_t r0, int64_t r1, 
         q_rows_ntok(a, r0, r1, work, 1);
         return;
     }
-    for (int64_t t = 0; t < a->n_tok; t++)
+    if (a->R && r0 % KERN_X16_ROWS == 0) {
+        /* whole groups from the repacked copy, every token of a group while it is in L2 */
+        const size_t gb = kern_repack_group_bytes(KERN_LAYOUT_Q4_0_X16, a->n_in);
+        for (; r0 + KERN_X16_ROWS <= r1; r0 += KERN_X16_ROWS) {
+            const uint8_t *g = a->R + (size_t)(r0 / KERN_X16_ROWS) * gb;
+            for (int64_t t = 0; t < a->n_tok; t++)
+                x16_rows16_1tok(a, g, r0, t);
+        }
+    }
+    for (int64_t t = 0; t < a->n_tok && r0 < r1; t++)
         q_rows_1tok(a, r0, r1, t, 1);
 }
 
@@ -1226,6 +1372,7 @@ kern_mm_kernel kern_mm_lookup_avx512(int wtype)
         k.cvt = cvt_q8_for_q4_0_avx512;
         k.xc_row_bytes_per_32 = KERN_XQ_BYTES_PER_32;
         k.work_bytes_per_32 = RP_BLOCK_BYTES;
+        k.layout = KERN_LAYOUT_Q4_0_X16;
         break;
     case GGML_TYPE_Q2_K:
     case GGML_TYPE_Q3_K:
