@@ -137,8 +137,9 @@ typedef struct forge_context_params {
     int32_t n_tp;
     /* Called by forge_context_create while it prepares the weights (on a GPU: the upload),
      * after each tensor, with the bytes done and the total; the last call has done == total.
-     * On the creating thread; on a GPU with the model's weight lock held, so the callback
-     * must not create or free contexts of the same model. NULL: no calls. */
+     * On the creating thread, with the model's weight lock held (a GPU's upload, the CPU's
+     * load-time repacking), so the callback must not create or free contexts of the same
+     * model. NULL: no calls. */
     void (*progress)(uint64_t done, uint64_t total, void *user);
     void *progress_user;
 } forge_context_params;

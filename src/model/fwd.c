@@ -10,9 +10,11 @@
 #include "core/util.h"
 #include "model/model.h"
 
-/* Make the model's weights usable by fs's backend: a GPU backend takes a reference on the
- * model's device copy for its GPU (uploading it when it is the first context there) and reports
- * progress itself; the CPU backend reads the mapping directly (progress after each tensor). */
+/* Make the model's weights usable by fs's backend through its weights_acquire: a GPU backend
+ * takes a reference on the model's device copy for its GPU (uploading it when it is the first
+ * context there), the CPU backend on the model's repacked copies (Q4_0 on AVX-512; the rest is
+ * read from the mapping), the tensor-parallel one on each rank's; they report progress
+ * themselves. A backend without it reads the mapping (progress after each tensor). */
 static int acquire_weights(fwd_state *fs, const fwd_params *p, forge_err *err)
 {
     const be_ops *op = fs->be->ops;
