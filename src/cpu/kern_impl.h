@@ -67,8 +67,8 @@ kern_mm_kernel kern_mm_lookup_q32_avx512(int wtype);
 typedef enum kq_kind { KQ_Q2_K, KQ_Q3_K, KQ_Q4_K, KQ_Q5_K, KQ_Q6_K, KQ_IQ4_XS, KQ_TQ1_0, KQ_TQ2_0 } kq_kind;
 /* Their decode kernels (matvec_kq_avx512.c): rows [r0, r1) of weights of that kind for at
  * most KQ_DECODE_MAX_TOK tokens; work: KQ_DECODE_WORK_PER_32 bytes per 32 inputs, 64-byte
- * aligned. Only for the kinds for which kern_kq_decode_has() says so (Q4_K, Q5_K, Q6_K on a CPU
- * with VNNI, VBMI and GFNI). */
+ * aligned. Only for the kinds for which kern_kq_decode_has() says so (all of them, on a CPU with
+ * VNNI, VBMI and GFNI). */
 #define KQ_DECODE_MAX_TOK 3
 #define KQ_DECODE_WORK_PER_32 (384 * KQ_DECODE_MAX_TOK / 8)
 int kern_kq_decode_has(kq_kind kind);

@@ -1,7 +1,7 @@
 /* matvec_kq_avx512.c - AVX-512 decode kernels (fewer than KQ_TILE_MIN_TOK tokens) for the
- * super-block weights with Q8_K activations: Q2_K, Q3_K, Q4_K, Q5_K, Q6_K and IQ4_XS; x86-64
- * only, compiled with target attributes and used only when the CPU has VNNI, VBMI and GFNI
- * (kern_kq_decode_has). TQ1_0/TQ2_0 decode stays with the one-row dot.
+ * super-block weights with Q8_K activations: Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, IQ4_XS, TQ1_0 and
+ * TQ2_0; x86-64 only, compiled with target attributes and used only when the CPU has VNNI, VBMI
+ * and GFNI (kern_kq_decode_has).
  *
  * The weights are read as they lie in the file (decode is one pass over memory, a repack would
  * cost more than it saves), four rows at a time, so that the work around the integer dot
@@ -55,7 +55,7 @@ int kern_kq_decode_has(kq_kind kind)
     static int cpu = -1; /* racing first calls store the same value */
     if (cpu < 0) cpu = kern_cpu_has_avx512vnni() && kern_cpu_has_avx512vbmi() && kern_cpu_has_gfni();
     return cpu && (kind == KQ_Q2_K || kind == KQ_Q3_K || kind == KQ_Q4_K || kind == KQ_Q5_K || kind == KQ_Q6_K ||
-                   kind == KQ_IQ4_XS);
+                   kind == KQ_IQ4_XS || kind == KQ_TQ1_0 || kind == KQ_TQ2_0);
 }
 
 typedef struct kd_consts {
@@ -432,6 +432,149 @@ TGT INLINE __m128 kd_q23k_rows4(const kd_consts *c, const kern_mm_args *a, int64
     return sumf;
 }
 
+/* ---- TQ2_0 and TQ1_0 ------------------------------------------------------------------------
+ * Values q - 1 with q in 0..2, one scale d per super-block, no sub-block scales: a row's isum is
+ * dot(q, y) - sum(y), sum(y) being the sum of the 16 bsums (the same for the four rows: the
+ * seed of each row's integer sum), and the float step sumf + (d * dy) * isum is the one-row
+ * dot's (float)isum * (dy * d) (IEEE products commute).
+ * TQ2_0 (qs[64], d): 2-bit values in Q2_K's order, extracted as kd_q23k_rows4 does.
+ * TQ1_0 (qs[48] of 5 trits, qh[4] of 4 trits, d): trit k of byte b is ((uint8_t)(b * 3^k) * 3)
+ * >> 8; values 0-159 are trits 0-4 of bytes 0-31 (trit-major), 160-239 trits 0-4 of bytes
+ * 32-47, 240-255 trits 0-3 of qh. Four vectors of 64 values, each gathered from the block's 54
+ * bytes by one vpermb (KD_TQ1_IDX) with its own per-byte power of 3 (KD_TQ1_MUL), in the
+ * activations' order. */
+
+/* -(sum of the 16 bsums of token x's super-block) in lane 0 */
+TGT INLINE __m512i kd_neg_bsum(const uint8_t *x)
+{
+    const __m256i bs = _mm256_loadu_si256((const __m256i *)(const void *)(x + Q8K_BSUM));
+    const __m256i pr = _mm256_madd_epi16(bs, _mm256_set1_epi16(-1));
+    __m128i h = _mm_add_epi32(_mm256_castsi256_si128(pr), _mm256_extracti128_si256(pr, 1));
+    h = _mm_add_epi32(h, _mm_shuffle_epi32(h, 0x4E));
+    h = _mm_add_epi32(h, _mm_shuffle_epi32(h, 0xB1));
+    return _mm512_zextsi128_si512(_mm_cvtsi32_si128(_mm_cvtsi128_si32(h)));
+}
+
+/* sumf + (d * dy) * isum for the four rows, d the fp16 at byte d_off of each row's block */
+TGT INLINE __m128 kd_tq_step(const kd_consts *c, const __m512i acc[KD_ROWS], const uint8_t *w, size_t rb,
+                             size_t d_off, const uint8_t *x, __m128 sumf)
+{
+    const __m256i is = kd_reduce(c, acc, _mm512_setzero_si512());
+    uint16_t dh[8] = {0};
+    for (int r = 0; r < KD_ROWS; r++)
+        memcpy(&dh[r], w + (size_t)r * rb + d_off, 2);
+    float dyv;
+    memcpy(&dyv, x, 4);
+    const __m128 d = _mm_cvtph_ps(_mm_loadu_si128((const __m128i *)(const void *)dh));
+    return _mm_add_ps(sumf, _mm_mul_ps(_mm_mul_ps(d, _mm_set1_ps(dyv)), _mm_cvtepi32_ps(_mm256_castsi256_si128(is))));
+}
+
+TGT INLINE __m128 kd_tq2_rows4(const kd_consts *c, const kern_mm_args *a, int64_t o, const uint8_t *x, int64_t nsb,
+                               const uint8_t *pf)
+{
+    const __m512i m3 = _mm512_set1_epi8(3);
+    const __m512i qsh[2] = {_mm512_inserti64x4(_mm512_setzero_si512(), _mm256_set1_epi16(2), 1),
+                            _mm512_inserti64x4(_mm512_set1_epi16(4), _mm256_set1_epi16(6), 1)};
+    const size_t rb = a->w_row_bytes;
+    const uint8_t *w = a->W + (size_t)o * rb;
+    __m128 sumf = _mm_setzero_ps();
+    for (int64_t b = 0; b < nsb; b++, w += 66, x += FORGE_Q8_K_BYTES) {
+        kd_prefetch(pf, b, KD_ROWS * 66);
+        const int8_t *ys = (const int8_t *)(x + Q8K_QS);
+        const __m512i seed = kd_neg_bsum(x);
+        __m512i acc[KD_ROWS];
+#pragma GCC unroll 4
+        for (int r = 0; r < KD_ROWS; r++) {
+            const uint8_t *wr = w + (size_t)r * rb;
+            const __m512i q0 = _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i *)(const void *)wr));
+            const __m512i q1 = _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i *)(const void *)(wr + 32)));
+            __m512i s = seed;
+#pragma GCC unroll 4
+            for (int i = 0; i < 4; i++) {
+                const __m512i v = _mm512_and_si512(_mm512_srlv_epi16(i < 2 ? q0 : q1, qsh[i % 2]), m3);
+                s = _mm512_dpbusd_epi32(s, v, _mm512_loadu_si512((const void *)(ys + 64 * i)));
+            }
+            acc[r] = s;
+        }
+        sumf = kd_tq_step(c, acc, w, rb, 64, x, sumf);
+    }
+    return sumf;
+}
+
+/* vector i of TQ1_0's values: the byte of the block each value comes from, and its 3^k */
+static const uint8_t KD_TQ1_IDX[4][64] __attribute__((aligned(64))) = {
+    {0,  1,  2,  3,  4,  5,  6,  7,  8,  9,  10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21,
+     22, 23, 24, 25, 26, 27, 28, 29, 30, 31, 0,  1,  2,  3,  4,  5,  6,  7,  8,  9,  10, 11,
+     12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23, 24, 25, 26, 27, 28, 29, 30, 31},
+    {0,  1,  2,  3,  4,  5,  6,  7,  8,  9,  10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21,
+     22, 23, 24, 25, 26, 27, 28, 29, 30, 31, 0,  1,  2,  3,  4,  5,  6,  7,  8,  9,  10, 11,
+     12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23, 24, 25, 26, 27, 28, 29, 30, 31},
+    {0,  1,  2,  3,  4,  5,  6,  7,  8,  9,  10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21,
+     22, 23, 24, 25, 26, 27, 28, 29, 30, 31, 32, 33, 34, 35, 36, 37, 38, 39, 40, 41, 42, 43,
+     44, 45, 46, 47, 32, 33, 34, 35, 36, 37, 38, 39, 40, 41, 42, 43, 44, 45, 46, 47},
+    {32, 33, 34, 35, 36, 37, 38, 39, 40, 41, 42, 43, 44, 45, 46, 47, 32, 33, 34, 35, 36, 37,
+     38, 39, 40, 41, 42, 43, 44, 45, 46, 47, 32, 33, 34, 35, 36, 37, 38, 39, 40, 41, 42, 43,
+     44, 45, 46, 47, 48, 49, 50, 51, 48, 49, 50, 51, 48, 49, 50, 51, 48, 49, 50, 51}};
+static const uint8_t KD_TQ1_MUL[4][64] __attribute__((aligned(64))) = {
+    {1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1,
+     3, 3, 3, 3, 3, 3, 3, 3, 3, 3, 3, 3, 3, 3, 3, 3, 3, 3, 3, 3, 3, 3, 3, 3, 3, 3, 3, 3, 3, 3, 3, 3},
+    {9,  9,  9,  9,  9,  9,  9,  9,  9,  9,  9,  9,  9,  9,  9,  9,  9,  9,  9,  9,  9,  9,
+     9,  9,  9,  9,  9,  9,  9,  9,  9,  9,  27, 27, 27, 27, 27, 27, 27, 27, 27, 27, 27, 27,
+     27, 27, 27, 27, 27, 27, 27, 27, 27, 27, 27, 27, 27, 27, 27, 27, 27, 27, 27, 27},
+    {81, 81, 81, 81, 81, 81, 81, 81, 81, 81, 81, 81, 81, 81, 81, 81, 81, 81, 81, 81, 81, 81,
+     81, 81, 81, 81, 81, 81, 81, 81, 81, 81, 1,  1,  1,  1,  1,  1,  1,  1,  1,  1,  1,  1,
+     1,  1,  1,  1,  3,  3,  3,  3,  3,  3,  3,  3,  3,  3,  3,  3,  3,  3,  3,  3},
+    {9,  9,  9,  9,  9,  9,  9,  9,  9,  9,  9,  9,  9,  9,  9,  9,  27, 27, 27, 27, 27, 27,
+     27, 27, 27, 27, 27, 27, 27, 27, 27, 27, 81, 81, 81, 81, 81, 81, 81, 81, 81, 81, 81, 81,
+     81, 81, 81, 81, 1,  1,  1,  1,  3,  3,  3,  3,  9,  9,  9,  9,  27, 27, 27, 27}};
+
+/* ((uint8_t)(q * m) * 3) >> 8 per byte, m_even / m_odd the multipliers of the even and odd bytes
+ * as 16-bit lanes */
+TGT INLINE __m512i kd_trits(__m512i q, __m512i m_even, __m512i m_odd)
+{
+    const __m512i lo = _mm512_set1_epi16(0x00FF), hi = _mm512_set1_epi16((short)0xFF00), three = _mm512_set1_epi16(3);
+    __m512i e = _mm512_and_si512(_mm512_mullo_epi16(_mm512_and_si512(q, lo), m_even), lo);
+    __m512i od = _mm512_and_si512(_mm512_mullo_epi16(_mm512_srli_epi16(q, 8), m_odd), lo);
+    e = _mm512_srli_epi16(_mm512_mullo_epi16(e, three), 8);
+    od = _mm512_and_si512(_mm512_mullo_epi16(od, three), hi); /* (od * 3 >> 8) << 8 */
+    return _mm512_or_si512(e, od);
+}
+
+TGT INLINE __m128 kd_tq1_rows4(const kd_consts *c, const kern_mm_args *a, int64_t o, const uint8_t *x, int64_t nsb,
+                               const uint8_t *pf)
+{
+    const __m512i lo = _mm512_set1_epi16(0x00FF);
+    __m512i idx[4], me[4], mo[4];
+    for (int i = 0; i < 4; i++) {
+        idx[i] = _mm512_load_si512((const void *)KD_TQ1_IDX[i]);
+        const __m512i m = _mm512_load_si512((const void *)KD_TQ1_MUL[i]);
+        me[i] = _mm512_and_si512(m, lo);
+        mo[i] = _mm512_srli_epi16(m, 8);
+    }
+    const size_t rb = a->w_row_bytes;
+    const uint8_t *w = a->W + (size_t)o * rb;
+    __m128 sumf = _mm_setzero_ps();
+    for (int64_t b = 0; b < nsb; b++, w += 54, x += FORGE_Q8_K_BYTES) {
+        kd_prefetch(pf, b, KD_ROWS * 54);
+        const int8_t *ys = (const int8_t *)(x + Q8K_QS);
+        const __m512i seed = kd_neg_bsum(x);
+        __m512i acc[KD_ROWS];
+#pragma GCC unroll 4
+        for (int r = 0; r < KD_ROWS; r++) {
+            const __m512i blk = _mm512_maskz_loadu_epi8((1ULL << 52) - 1, w + (size_t)r * rb);
+            __m512i s = seed;
+#pragma GCC unroll 4
+            for (int i = 0; i < 4; i++) {
+                const __m512i v = kd_trits(_mm512_permutexvar_epi8(idx[i], blk), me[i], mo[i]);
+                s = _mm512_dpbusd_epi32(s, v, _mm512_loadu_si512((const void *)(ys + 64 * i)));
+            }
+            acc[r] = s;
+        }
+        sumf = kd_tq_step(c, acc, w, rb, 52, x, sumf);
+    }
+    return sumf;
+}
+
 /* ---- driver ------------------------------------------------------------------------------ */
 
 TGT static void kd_rows(const kern_mm_args *a, int64_t r0, int64_t r1, void *work, kq_kind kind)
@@ -461,7 +604,9 @@ TGT static void kd_rows(const kern_mm_args *a, int64_t r0, int64_t r1, void *wor
                        : kind == KQ_Q4_K ? kd_q45k_rows4(&c, a, o, xp[t], nsb, pf, 0)
                        : kind == KQ_Q3_K ? kd_q23k_rows4(&c, a, o, xp[t], nsb, pf, 1)
                        : kind == KQ_IQ4_XS ? kd_iq4xs_rows4(&c, a, o, xp[t], nsb, pf)
-                                         : kd_q23k_rows4(&c, a, o, xp[t], nsb, pf, 0);
+                       : kind == KQ_TQ2_0  ? kd_tq2_rows4(&c, a, o, xp[t], nsb, pf)
+                       : kind == KQ_TQ1_0  ? kd_tq1_rows4(&c, a, o, xp[t], nsb, pf)
+                                           : kd_q23k_rows4(&c, a, o, xp[t], nsb, pf, 0);
             _mm_storeu_ps(a->Y + t * a->n_out + o, s);
         }
     }
