@@ -6,7 +6,7 @@
  * The weights are random bytes (every bit pattern of values, scales, mins and high bits occurs:
  * quantizer output is too regular, e.g. Q3_K's high scale bits are nearly constant), with small
  * finite fp16 numbers where the layout keeps d (and dmin). Rows: 70 (tails of the 4-row decode
- * groups and 16-row tiles), inputs 768 (3 super-blocks), tokens 1, 2, 3 (decode) and 4, 5, 9, 13
+ * groups and 16-row tiles), inputs 768 (3 super-blocks; 800 for the types of 32: an odd count), tokens 1, 2, 3 (decode) and 4, 5, 9, 13
  * (tiles 8, 4, 1), 1 and 2 threads, every ISA this CPU has. */
 #include <math.h>
 #include <stdio.h>
@@ -19,7 +19,8 @@
 #include "quant/qtypes.h"
 #include "testutil.h"
 
-enum { N_IN = 768, N_OUT = 70, MAX_TOK = 13 };
+/* inputs: 3 super-blocks; 25 blocks for the types of 32 (an odd count: the decode's last single block) */
+enum { N_IN = 768, N_IN_32 = 800, N_OUT = 70, MAX_TOK = 13 };
 
 /* Byte offsets of the fp16 scales inside one block of each type (-1: none). */
 typedef struct scale_pos {
@@ -48,22 +49,23 @@ static void test_kernels_equal_scalar_dot(void **state)
     assert_int_equal(kern_pool_create(1, &pools[0], &err), 0);
     assert_int_equal(kern_pool_create(2, &pools[1], &err), 0);
     uint64_t rng = 4321;
-    float *X = malloc(sizeof(float) * MAX_TOK * N_IN);
+    float *X = malloc(sizeof(float) * MAX_TOK * N_IN_32);
     float *Y = malloc(sizeof(float) * MAX_TOK * N_OUT),
           *R = malloc(sizeof(float) * MAX_TOK * N_OUT);
     assert_true(X && Y && R);
-    for (int i = 0; i < MAX_TOK * N_IN; i++)
+    for (int i = 0; i < MAX_TOK * N_IN_32; i++)
         X[i] = (tu_rand_uniform(&rng) - 0.5f) * 4.0f;
     int n_checked = 0, n_bad = 0;
     for (size_t s = 0; s < FORGE_ARRAY_LEN(SCALES); s++) {
         const scale_pos *sp = &SCALES[s];
         const forge_type_traits *tr = forge_type_traits_get(sp->type);
+        const int n_in = tr->block_size == 32 ? N_IN_32 : N_IN;
         const forge_type_traits *xt = forge_type_traits_get(tr->vec_dot_type);
         assert_non_null(tr->vec_dot);
         assert_true(kern_matmul_supported(sp->type));
-        const size_t rb = (size_t)(N_IN / tr->block_size) * tr->block_bytes;
+        const size_t rb = (size_t)(n_in / tr->block_size) * tr->block_bytes;
         uint8_t *W = malloc(rb * N_OUT);
-        const size_t xrb = (size_t)(N_IN / xt->block_size) * xt->block_bytes;
+        const size_t xrb = (size_t)(n_in / xt->block_size) * xt->block_bytes;
         uint8_t *xq = malloc(xrb);
         assert_true(W && xq);
         for (size_t i = 0; i < rb * N_OUT; i++)
@@ -75,16 +77,16 @@ static void test_kernels_equal_scalar_dot(void **state)
         }
         /* the reference: the scalar dot of every (token, row) */
         for (int t = 0; t < MAX_TOK; t++) {
-            tr->quantize_act(X + (size_t)t * N_IN, xq, N_IN);
+            tr->quantize_act(X + (size_t)t * n_in, xq, n_in);
             for (int o = 0; o < N_OUT; o++)
-                R[t * N_OUT + o] = tr->vec_dot(N_IN, W + (size_t)o * rb, xq);
+                R[t * N_OUT + o] = tr->vec_dot(n_in, W + (size_t)o * rb, xq);
         }
         for (int isa = 0; isa <= (int)kern_isa_best(); isa++) {
             if (kern_set_isa((kern_isa)isa, &err)) continue; /* an ISA between scalar and best */
             for (int p = 0; p < 2; p++) {
                 for (size_t ni = 0; ni < FORGE_ARRAY_LEN(n_toks); ni++) {
                     const int n = n_toks[ni];
-                    assert_int_equal(kern_matmul(pools[p], sp->type, W, N_OUT, N_IN, X, n, Y, &err),
+                    assert_int_equal(kern_matmul(pools[p], sp->type, W, N_OUT, n_in, X, n, Y, &err),
                                      FORGE_OK);
                     int d = 0;
                     for (int i = 0; i < n * N_OUT; i++)

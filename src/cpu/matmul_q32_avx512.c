@@ -1,5 +1,5 @@
-/* matmul_q32_avx512.c - AVX-512 VNNI prompt tiles (KQ_TILE_MIN_TOK tokens or more) for the
- * other blocks of 32: Q4_1 and Q5_1 (activations Q8_1), Q5_0 and IQ4_NL (activations Q8_0), as
+/* matmul_q32_avx512.c - AVX-512 VNNI prompt tiles (KQ_TILE_MIN_TOK tokens or more) and decode
+ * kernels (fewer; below) for the other blocks of 32: Q4_1 and Q5_1 (activations Q8_1), Q5_0 and IQ4_NL (activations Q8_0), as
  * ggml pairs them. x86-64 only, compiled with target attributes; matmul_avx512.c's lookup hands
  * these out only when the CPU has VNNI. (Q4_0 and Q8_0 have their own kernels there.)
  *
@@ -12,8 +12,8 @@
  * Each row's integer per block is the exact dot product of the one-row dots (src/quant/vecdot.c,
  * src/cpu/vecdot_avx2.c), and the float step per block is theirs, in their order: sumf + (d * dx)
  * * isum, or sumf + ((d * dx) * isum + m * s) with a min (no fma contraction in the build): a
- * row gets the same bits alone (decode: the one-row dot) and in a batch
- * (tests/test_batch_invariance.c). */
+ * row gets the same bits alone (decode) and in a batch (tests/test_batch_invariance.c), and
+ * those of the one-row dot (tests/test_quant_kernels.c). */
 #include <string.h>
 
 #include "core/fp16.h"
@@ -30,7 +30,7 @@
 
 #define Q32_ROWS 16
 #define Q32_TOK 8
-#define Q32_MIN_TOK 4  /* as the K-quant tiles: fewer tokens take the one-row dot */
+#define Q32_MIN_TOK 4  /* as the K-quant tiles: fewer tokens take the decode kernel */
 #define Q32_D 512      /* repacked block: 8 vectors of values, then d (16 floats) */
 #define Q32_M 576      /* then m (16 floats; Q4_1, Q5_1) */
 #define Q32_SB 640
@@ -169,14 +169,119 @@ TGT INLINE void q32_tile(const kern_mm_args *a, const uint8_t *rep, int64_t o, _
         _mm512_mask_storeu_ps(a->Y + (t0 + t) * a->n_out + o, rmask, acc[t]);
 }
 
+/* ---- decode (fewer than Q32_MIN_TOK tokens) ------------------------------------------------
+ * Four rows at a time from the file's blocks, two blocks per step: a row's 64 unsigned values
+ * of blocks b, b+1 in one vector in the activations' order (128-bit lanes: low nibbles of b,
+ * high of b, low of b+1, high of b+1; Q5's fifth bit from qh; IQ4_NL through the table + 128)
+ * meet the two activation blocks in one vpdpbusd, seeded with -offset * (activation sums) for
+ * Q5_0 (16) and IQ4_NL (128); the four rows' sums are reduced together, and the float step of
+ * each block runs on the four rows as one vector, in the one-row dot's order. */
+
+/* The 64 values of blocks b (at wb) and b+1 of one row; nblk 1: block b only, the rest zero or
+ * (IQ4_NL) a table value that meets zero activations. */
+TGT INLINE __m512i q32_vals2(const uint8_t *wb, int nblk, q32_kind kind, __m512i tbl)
+{
+    const size_t bb = q32_block_bytes(kind), qo = q32_qs_off(kind);
+    const __m512i m4 = _mm512_set1_epi8(0x0F), b4 = _mm512_set1_epi8(0x10);
+    const __m512i shift = _mm512_set_epi64(4, 4, 0, 0, 4, 4, 0, 0);
+    const __m128i lo = _mm_loadu_si128((const __m128i *)(const void *)(wb + qo));
+    const __m128i hi = nblk == 2 ? _mm_loadu_si128((const __m128i *)(const void *)(wb + bb + qo)) : _mm_setzero_si128();
+    __m512i q = _mm512_inserti32x4(_mm512_castsi128_si512(lo), lo, 1);
+    q = _mm512_inserti32x4(_mm512_inserti32x4(q, hi, 2), hi, 3);
+    __m512i v = _mm512_and_si512(_mm512_srlv_epi64(q, shift), m4);
+    if (kind == Q32_IQ4_NL) {
+        v = _mm512_shuffle_epi8(tbl, v);
+    } else if (kind == Q32_Q5_0 || kind == Q32_Q5_1) {
+        const size_t ho = kind == Q32_Q5_0 ? 2 : 4;
+        const uint64_t qh = q32_u32(wb + ho) | (uint64_t)(nblk == 2 ? q32_u32(wb + bb + ho) : 0) << 32;
+        v = _mm512_or_si512(v, _mm512_maskz_mov_epi8((__mmask64)qh, b4));
+    }
+    return v;
+}
+
+/* sumf + (d * dx) * isum (+ m * s) of block b (at w) for the four rows: d and m of a row are
+ * its block's first four bytes (for the types without m, the two after d are read and unused) */
+TGT INLINE __m128 q32_dec_step(const uint8_t *w, size_t rbytes, const uint8_t *xt, __m128i isum, __m128 sumf,
+                               q32_kind kind)
+{
+    const __m128i dm = _mm_setr_epi32((int)q32_u32(w), (int)q32_u32(w + rbytes), (int)q32_u32(w + 2 * rbytes),
+                                      (int)q32_u32(w + 3 * rbytes));
+    /* [d0 m0 d1 m1 d2 m2 d3 m3] -> [d0 d1 d2 d3 m0 m1 m2 m3] */
+    const __m256 f = _mm256_permutevar8x32_ps(_mm256_cvtph_ps(dm), _mm256_setr_epi32(0, 2, 4, 6, 1, 3, 5, 7));
+    uint16_t hx;
+    memcpy(&hx, xt, 2);
+    __m128 p = _mm_mul_ps(_mm_mul_ps(_mm256_castps256_ps128(f), _mm_set1_ps(_cvtsh_ss(hx))), _mm_cvtepi32_ps(isum));
+    if (q32_has_min(kind)) {
+        uint16_t hs;
+        memcpy(&hs, xt + 2, 2);
+        p = _mm_add_ps(p, _mm_mul_ps(_mm256_extractf128_ps(f, 1), _mm_set1_ps(_cvtsh_ss(hs))));
+    }
+    return _mm_add_ps(sumf, p);
+}
+
+/* Rows o..o+3 against token row x; pf: the bytes about 16 KB ahead to prefetch, or NULL. */
+TGT INLINE __m128 q32_dec_rows4(const kern_mm_args *a, int64_t o, const uint8_t *x, const uint8_t *pf, q32_kind kind)
+{
+    const int64_t nb = a->n_in / 32;
+    const size_t bb = q32_block_bytes(kind), xb = q32_x_bytes(kind), xq = q32_has_min(kind) ? 4 : 2;
+    const size_t rbytes = a->w_row_bytes, step = 4 * 2 * bb;
+    const int has_off = kind == Q32_Q5_0 || kind == Q32_IQ4_NL;
+    const __m512i offv = _mm512_set1_epi8((char)(kind == Q32_Q5_0 ? 16 : 128));
+    const __m128i tv = _mm_loadu_si128((const __m128i *)(const void *)forge_iq4nl_values);
+    const __m512i tbl = _mm512_broadcast_i32x4(_mm_xor_si128(tv, _mm_set1_epi8((char)0x80)));
+    const uint8_t *w = a->W + (size_t)o * rbytes;
+    __m128 sumf = _mm_setzero_ps();
+    for (int64_t b = 0; b < nb; b += 2) {
+        const int nblk = nb - b >= 2 ? 2 : 1;
+        if (pf)
+            for (size_t l = 0; l < (step + 63) / 64; l++)
+                _mm_prefetch((const char *)(pf + (size_t)(b / 2) * step + 64 * l), _MM_HINT_T1);
+        const uint8_t *xt = x + (size_t)b * xb;
+        const __m256i y0 = _mm256_loadu_si256((const __m256i *)(const void *)(xt + xq));
+        const __m512i y = nblk == 2 ? _mm512_inserti64x4(_mm512_castsi256_si512(y0),
+                                                         _mm256_loadu_si256((const __m256i *)(const void *)(xt + xb + xq)), 1)
+                                    : _mm512_zextsi256_si512(y0);
+        const __m512i seed =
+            has_off ? _mm512_sub_epi32(_mm512_setzero_si512(), _mm512_dpbusd_epi32(_mm512_setzero_si512(), offv, y))
+                    : _mm512_setzero_si512();
+        __m512i s[4];
+#pragma GCC unroll 4
+        for (int r = 0; r < 4; r++)
+            s[r] = _mm512_dpbusd_epi32(seed, q32_vals2(w + (size_t)r * rbytes + (size_t)b * bb, nblk, kind, tbl), y);
+        /* each 128-bit lane: the four rows' sums of its four int32 lanes */
+        const __m512i p01 = _mm512_add_epi32(_mm512_unpacklo_epi32(s[0], s[1]), _mm512_unpackhi_epi32(s[0], s[1]));
+        const __m512i p23 = _mm512_add_epi32(_mm512_unpacklo_epi32(s[2], s[3]), _mm512_unpackhi_epi32(s[2], s[3]));
+        const __m512i q = _mm512_add_epi32(_mm512_unpacklo_epi64(p01, p23), _mm512_unpackhi_epi64(p01, p23));
+        const __m128i i0 = _mm_add_epi32(_mm512_castsi512_si128(q), _mm512_extracti32x4_epi32(q, 1));
+        sumf = q32_dec_step(w + (size_t)b * bb, rbytes, xt, i0, sumf, kind);
+        if (nblk == 2) {
+            const __m128i i1 = _mm_add_epi32(_mm512_extracti32x4_epi32(q, 2), _mm512_extracti32x4_epi32(q, 3));
+            sumf = q32_dec_step(w + (size_t)(b + 1) * bb, rbytes, xt + xb, i1, sumf, kind);
+        }
+    }
+    return sumf;
+}
+
+TGT INLINE void q32_decode(const kern_mm_args *a, int64_t r0, int64_t r1, q32_kind kind)
+{
+    const size_t group = 4 * a->w_row_bytes, ahead = (16384 + group - 1) / group * group;
+    int64_t o = r0;
+    for (; o + 4 <= r1; o += 4)
+        for (int64_t t = 0; t < a->n_tok; t++) {
+            const uint8_t *pf = t == 0 ? a->W + (size_t)o * a->w_row_bytes + ahead : NULL;
+            _mm_storeu_ps(a->Y + t * a->n_out + o, q32_dec_rows4(a, o, a->Xc + (size_t)t * a->xc_row_bytes, pf, kind));
+        }
+    for (; o < r1; o++) { /* the last rows of a matrix whose row count is not a multiple of 4 */
+        const uint8_t *w = a->W + (size_t)o * a->w_row_bytes;
+        for (int64_t t = 0; t < a->n_tok; t++)
+            a->Y[t * a->n_out + o] = a->dot(a->n_in, w, a->Xc + (size_t)t * a->xc_row_bytes);
+    }
+}
+
 TGT INLINE void q32_rows(const kern_mm_args *a, int64_t r0, int64_t r1, void *work, q32_kind kind)
 {
     if (a->n_tok < Q32_MIN_TOK) {
-        for (int64_t o = r0; o < r1; o++) {
-            const uint8_t *w = a->W + (size_t)o * a->w_row_bytes;
-            for (int64_t t = 0; t < a->n_tok; t++)
-                a->Y[t * a->n_out + o] = a->dot(a->n_in, w, a->Xc + (size_t)t * a->xc_row_bytes);
-        }
+        q32_decode(a, r0, r1, kind);
         return;
     }
     uint8_t *rep = work;
