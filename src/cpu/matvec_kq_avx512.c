@@ -460,12 +460,17 @@ TGT INLINE __m128 kd_tq_step(const kd_consts *c, const __m512i acc[KD_ROWS], con
                              size_t d_off, const uint8_t *x, __m128 sumf)
 {
     const __m256i is = kd_reduce(c, acc, _mm512_setzero_si512());
-    uint16_t dh[8] = {0};
+    uint16_t dh[KD_ROWS];
     for (int r = 0; r < KD_ROWS; r++)
         memcpy(&dh[r], w + (size_t)r * rb + d_off, 2);
     float dyv;
     memcpy(&dyv, x, 4);
-    const __m128 d = _mm_cvtph_ps(_mm_loadu_si128((const __m128i *)(const void *)dh));
+    /* inserted as words (a vector load of a stack array just stored would stall) */
+    __m128i h = _mm_cvtsi32_si128(dh[0]);
+    h = _mm_insert_epi16(h, dh[1], 1);
+    h = _mm_insert_epi16(h, dh[2], 2);
+    h = _mm_insert_epi16(h, dh[3], 3);
+    const __m128 d = _mm_cvtph_ps(h);
     return _mm_add_ps(sumf, _mm_mul_ps(_mm_mul_ps(d, _mm_set1_ps(dyv)), _mm_cvtepi32_ps(_mm256_castsi256_si128(is))));
 }
 
