@@ -40,6 +40,11 @@ count_suite
 if [ -f scripts/gpu-build-check.sh ]; then
     echo "### GPU code: compile with nvcc (CUDA) and ROCm clang (HIP)"
     step "GPU compile checks" bash scripts/gpu-build-check.sh
+    # the cases that need the built GPU library (skipped, with the reason, in the runs above)
+    if [ -f build/libforge_cuda.so ]; then
+        step "GPU library loading without NCCL" env FORGE_SHARED="${FORGE_SHARED:-../shared}" \
+            build/tests/test_gpu_comm_load
+    fi
 fi
 
 fuzz_s=${FUZZ_SECONDS:-60}
