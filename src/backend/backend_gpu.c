@@ -49,11 +49,12 @@
  * gemm_min rows is not batch invariant).
  * argmax_rows picks the greedy ids of many rows at once.
  *
- * The other architectures (issue 15; off unless FORGE_GPU_NEW_ARCHS=1, decided in fwd.c):
+ * The other architectures (issue 15: Gemma 2/3, Phi-3, GLM, mixtures of experts):
  * geglu / scale / softcap ops, attention soft-capping and sliding windows passed to every
  * attention kernel, and moe_ffn: routing on the device, the stacked expert matrices uploaded one
  * device matrix per expert (backend_gpu_plan_add_experts), per expert a multi-row matvec that
- * skips on the device the rows that did not pick it (GEMM over all rows from gemm_min rows),
+ * skips on the device the rows that did not pick it (GEMM over all rows once each expert
+ * expects gemm_min rows),
  * and the weighted sum in ascending expert order (gb_moe_ffn; docs/GPU.md). */
 #include <dlfcn.h>
 #include <pthread.h>
@@ -1926,7 +1927,8 @@ static int expert_product(gpu_backend *g, const be_weight *w, int n_blocks, int 
  * picked), and the rows' weighted results are added to out in ascending expert order (the
  * CPU's order). Prompt chunks of gemm_min rows or more run each expert's GEMM over all rows
  * instead (n_expert / n_used times the selected work: the row counts per expert stay on the
- * device; docs/GPU.md). A row's result does not depend on the other rows on the matvec path. */
+ * device; docs/GPU.md) once each expert expects gemm_min rows (n_tok * n_used >= gemm_min *
+ * n_expert). A row's result does not depend on the other rows on the matvec path. */
 static int gb_moe_ffn(backend *be, be_buf *out, const be_buf *h, const be_buf *logits,
                       const be_moe *moe, int n_tok, forge_err *err)
 {
@@ -1969,7 +1971,13 @@ static int gb_moe_ffn(backend *be, be_buf *out, const be_buf *h, const be_buf *l
     if (moe->act != BE_ACT_SILU && moe->act != BE_ACT_GELU_TANH)
         return forge_err_set(err, FORGE_E_INTERNAL, "gpu moe_ffn: activation %d", (int)moe->act);
     if (out == h) return forge_err_set(err, FORGE_E_INTERNAL, "gpu moe_ffn: out is h");
-    const bool gemm = uses_gemm(g, moe->gate_exps, n_tok);
+    /* the GEMM runs every expert over all n_tok rows (n_expert / n_used times the selected
+     * work, with F16 activations): only once each expert expects gemm_min rows of its own;
+     * below that the matvec over the selected rows reads each weight once per row that picked
+     * it, with the CPU's numerics (Q8_0 activations), so that a near-tie in the routing does
+     * not flip between the devices (test_gpu_archs, tiny-mixtral Q8_0) */
+    const bool gemm = uses_gemm(g, moe->gate_exps, n_tok) &&
+                      (int64_t)n_tok * k >= (int64_t)g->gemm_min * ne;
     const int64_t nF = (int64_t)n_tok * F;
     if ((rc = api->moe_route(logits->d, n_tok, ne, k, moe->norm_w, g->d_msel, g->d_mw, g->d_mrun,
                              g->st, err)) ||

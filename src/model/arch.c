@@ -12,12 +12,12 @@ static const arch_desc g_arches[] = {
     {ARCH_LLAMA, "llama", BE_ROPE_NORM, arch_llama_load, arch_llama_forward, true},
     {ARCH_QWEN2, "qwen2", BE_ROPE_NEOX, arch_llama_load, arch_llama_forward, true},
     {ARCH_QWEN3, "qwen3", BE_ROPE_NEOX, arch_llama_load, arch_llama_forward, true},
-    {ARCH_QWEN3MOE, "qwen3moe", BE_ROPE_NEOX, arch_llama_load, arch_llama_forward, false},
-    {ARCH_GEMMA2, "gemma2", BE_ROPE_NEOX, arch_gemma_load, arch_gemma_forward, false},
-    {ARCH_GEMMA3, "gemma3", BE_ROPE_NEOX, arch_gemma_load, arch_gemma_forward, false},
-    {ARCH_PHI3, "phi3", BE_ROPE_NEOX, arch_phi3_load, arch_phi3_forward, false},
-    {ARCH_CHATGLM, "chatglm", BE_ROPE_NORM, arch_glm_load, arch_glm_forward, false},
-    {ARCH_GLM4, "glm4", BE_ROPE_NORM, arch_glm_load, arch_glm_forward, false},
+    {ARCH_QWEN3MOE, "qwen3moe", BE_ROPE_NEOX, arch_llama_load, arch_llama_forward, true},
+    {ARCH_GEMMA2, "gemma2", BE_ROPE_NEOX, arch_gemma_load, arch_gemma_forward, true},
+    {ARCH_GEMMA3, "gemma3", BE_ROPE_NEOX, arch_gemma_load, arch_gemma_forward, true},
+    {ARCH_PHI3, "phi3", BE_ROPE_NEOX, arch_phi3_load, arch_phi3_forward, true},
+    {ARCH_CHATGLM, "chatglm", BE_ROPE_NORM, arch_glm_load, arch_glm_forward, true},
+    {ARCH_GLM4, "glm4", BE_ROPE_NORM, arch_glm_load, arch_glm_forward, true},
 };
 
 const arch_desc *arch_find(model_arch arch)

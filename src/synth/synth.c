@@ -46,6 +46,9 @@ static const synth_shape shapes[] = {
     {"gemma2-2b",      "gemma2", 2304, 9216, 26, 8, 4, 256, 256000, 8192, 10000.0f, 1e-6f, true, false, false, {0, 0, 0, 0, 0, 4096, 50.0f, 30.0f, true, false, false}},
     {"gemma3-1b",      "gemma3", 1152, 6912, 26, 4, 1, 256, 262144, 32768, 1000000.0f, 1e-6f, true, false, true, {0, 0, 0, 0, 0, 512, 0, 0, true, false, false}},
     {"phi3-mini",      "phi3",   3072, 8192, 32, 32, 32, 0, 32064, 4096, 10000.0f, 1e-5f, false, false, false, {0, 0, 0, 0, 0, 0, 0, 0, false, true, true}},
+    /* a Mixtral-like MoE small enough to make on the GPU machine in seconds: TinyLlama's layers
+     * with 8 experts, 2 used per token (issue 15's benchmark) */
+    {"mixtral-8x1b",   "llama",  2048, 5632, 22, 32, 4, 0,   32000, 4096,  10000.0f, 1e-5f, false, false, false, {0, 0, 8, 2, 5632, 0, 0, 0, false, false, false}},
     {"mixtral-8x7b",   "llama",  4096, 14336, 32, 32, 8, 0,   32000, 32768, 1000000.0f, 1e-5f, false, false, false, {0, 0, 8, 2, 14336, 0, 0, 0, false, false, false}},
 };
 
