@@ -69,7 +69,7 @@ typedef enum kq_kind { KQ_Q2_K, KQ_Q3_K, KQ_Q4_K, KQ_Q5_K, KQ_Q6_K, KQ_IQ4_XS, K
  * most KQ_DECODE_MAX_TOK tokens; work: KQ_DECODE_WORK_PER_32 bytes per 32 inputs, 64-byte
  * aligned. Only for the kinds for which kern_kq_decode_has() says so (all of them, on a CPU with
  * VNNI, VBMI and GFNI). */
-#define KQ_DECODE_MAX_TOK 3
+#define KQ_DECODE_MAX_TOK 15
 #define KQ_DECODE_WORK_PER_32 (384 * KQ_DECODE_MAX_TOK / 8)
 int kern_kq_decode_has(kq_kind kind);
 void kern_kq_decode(const kern_mm_args *a, int64_t r0, int64_t r1, void *work, kq_kind kind);

@@ -612,7 +612,7 @@ TGT_I INLINE void x16_rows16_1tok(const kern_mm_args *a, const uint8_t *g, int64
         const uint8_t *pf = g + (size_t)(b / 2) * KERN_X16_PAIR_BYTES + X16_PREFETCH;
 #pragma GCC unroll 18
         for (int l = 0; l < 2 * KERN_X16_PAIR_BYTES / 64; l++)
-            _mm_prefetch((const char *)(pf + 64 * l), _MM_HINT_T0);
+            _mm_prefetch((const char *)(pf + 64 * l), _MM_HINT_T1);
 #pragma GCC unroll 4
         for (int k = 0; k < 4; k++)
             acc[k] = x16_block(g, b + k, xq, xd, nc, lo4, hi_gf, acc[k]);
@@ -774,6 +774,9 @@ TGT_I INLINE void q_tile(const kern_mm_args *a, const uint8_t *rep, int64_t o, _
     /* chains: Q4_0 blocks mod 4 of the whole 4-block groups, then the rest even/odd; Q8_0
      * even/odd blocks */
     const int n_chains = is_q4 ? (nb_main < nb ? 6 : 4) : 2;
+    /* X16: the next group of the linear stream comes into L2 while this one is computed, one
+     * block's bytes (4.5 lines) per block step (the one-token path prefetches the same way) */
+    const uint8_t *pf = x16 ? rep + kern_repack_group_bytes(KERN_LAYOUT_Q4_0_X16, a->n_in) : NULL;
 #pragma GCC unroll 8
     for (int t = 0; t < T; t++) {
         const uint8_t *xrow = a->Xc + (size_t)(t0 + t) * a->xc_row_bytes;
@@ -789,9 +792,13 @@ TGT_I INLINE void q_tile(const kern_mm_args *a, const uint8_t *rep, int64_t o, _
         for (int t = 0; t < T; t++)
             acc[t] = _mm512_setzero_ps();
         for (int64_t b = start; b < end; b += step) {
-            if (x16)
+            if (x16) {
+#pragma GCC unroll 5
+                for (int l = 0; l < 5; l++)
+                    _mm_prefetch((const char *)(pf + 64 * l), _MM_HINT_T1);
+                pf += KERN_X16_PAIR_BYTES / 2;
                 q_tile_block_x16(rep, xq, xd, nc, b, T, acc);
-            else
+            } else
                 q_tile_block(rep, xq, xd, nc, b, T, acc);
         }
 #pragma GCC unroll 8

@@ -32,7 +32,11 @@
 
 #define KQ_ROWS 16
 #define KQ_TOK 8
-#define KQ_TILE_MIN_TOK 4 /* below this the repack costs more than it saves */
+/* below this the per-call repack costs more than it saves: the decode kernels (each row group
+ * once per token while it is in L1) take 1..15 tokens, the batched decode of up to 15 streams.
+ * bench_matmul -M, TinyLlama Q4_K, 2 threads: 4 tokens 59 ms per step by the tile, 38 ms by the
+ * decode kernels; 8: 98 vs 65; 16: 119 vs 113 (docs/PERFORMANCE.md) */
+#define KQ_TILE_MIN_TOK 16
 #define Q8K_QS 4    /* offset of the int8 values in a Q8_K block */
 #define Q8K_BSUM 260 /* offset of the 16 int16 group sums */
 
