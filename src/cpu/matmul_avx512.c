@@ -757,6 +757,56 @@ TGT_I INLINE void q_tile_block_x16(const uint8_t *g, const int8_t *const *xq,
                                  _mm512_mul_ps(dw, _mm512_set1_ps(xd[t][b])), acc[t]);
 }
 
+/* q_tile for the X16 copy and T <= 4 tokens (batched decode of a few streams): one linear pass
+ * over the group's blocks with the accumulators of all chains in registers (4 chains x T), so
+ * the group streams once, in order, instead of once per chain. Chain c still adds its blocks in
+ * the same order (c, c + 4, ...; the tail's even/odd), so the bits are q_tile's. */
+TGT_I INLINE void q_tile_x16_lin(const kern_mm_args *a, const uint8_t *rep, int64_t o,
+                                 __mmask16 rmask, int64_t t0, int T)
+{
+    const int64_t nb = a->n_in / KERN_QK, nb_main = nb - nb % 4;
+    const int8_t *xq[4];
+    const float *xd[4];
+    const int32_t *nc[4];
+#pragma GCC unroll 4
+    for (int t = 0; t < T; t++) {
+        const uint8_t *xrow = a->Xc + (size_t)(t0 + t) * a->xc_row_bytes;
+        xq[t] = (const int8_t *)xrow;
+        xd[t] = kern_xq_d(xrow, a->n_in);
+        nc[t] = kern_xq_ncorr(xrow, a->n_in);
+    }
+    const uint8_t *pf = rep + kern_repack_group_bytes(KERN_LAYOUT_Q4_0_X16, a->n_in);
+    __m512 acc[4][4];
+#pragma GCC unroll 4
+    for (int c = 0; c < 4; c++)
+#pragma GCC unroll 4
+        for (int t = 0; t < T; t++)
+            acc[c][t] = _mm512_setzero_ps();
+    for (int64_t b = 0; b < nb_main; b += 4) {
+        /* the next group into L2: 4 blocks' bytes (18 lines) per step */
+#pragma GCC unroll 18
+        for (int l = 0; l < 18; l++)
+            _mm_prefetch((const char *)(pf + 64 * l), _MM_HINT_T1);
+        pf += 2 * KERN_X16_PAIR_BYTES;
+#pragma GCC unroll 4
+        for (int c = 0; c < 4; c++)
+            q_tile_block_x16(rep, xq, xd, nc, b + c, T, acc[c]);
+    }
+    __m512 tail[2][4];
+#pragma GCC unroll 4
+    for (int t = 0; t < T; t++)
+        tail[0][t] = tail[1][t] = _mm512_setzero_ps();
+    for (int64_t b = nb_main, k = 0; b < nb; b++, k ^= 1)
+        q_tile_block_x16(rep, xq, xd, nc, b, T, tail[k]);
+#pragma GCC unroll 4
+    for (int t = 0; t < T; t++) {
+        __m512 y = _mm512_add_ps(_mm512_add_ps(acc[0][t], acc[2][t]),
+                                 _mm512_add_ps(acc[1][t], acc[3][t]));
+        if (nb_main < nb) y = _mm512_add_ps(y, _mm512_add_ps(tail[0][t], tail[1][t]));
+        _mm512_mask_storeu_ps(a->Y + (t0 + t) * a->n_out + o, rmask, y);
+    }
+}
+
 /* 16 repacked rows x T tokens, all blocks; stores the valid rows of each token. The blocks go
  * into the chains of the one-token paths (q_row_1tok says how), so every row gets the same bits
  * as when its token runs alone. One chain at a time (blocks start, start + step, ... < end, one
@@ -765,6 +815,10 @@ TGT_I INLINE void q_tile_block_x16(const uint8_t *g, const int8_t *const *xq,
 TGT_I INLINE void q_tile(const kern_mm_args *a, const uint8_t *rep, int64_t o, __mmask16 rmask,
                          int64_t t0, int T, int is_q4, int x16)
 {
+    if (x16 && T <= 4) {
+        q_tile_x16_lin(a, rep, o, rmask, t0, T);
+        return;
+    }
     const int64_t nb = a->n_in / KERN_QK;
     const int64_t nb_main = is_q4 ? nb - nb % 4 : nb;
     const int8_t *xq[TOK_TILE];
