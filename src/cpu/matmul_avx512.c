@@ -757,6 +757,19 @@ TGT_I INLINE void q_tile_block_x16(const uint8_t *g, const int8_t *const *xq,
                                  _mm512_mul_ps(dw, _mm512_set1_ps(xd[t][b])), acc[t]);
 }
 
+/* The activation rows t0 .. t0 + T - 1 of a tile: their Q8 values, scales and corrections. */
+TGT_I INLINE void tile_xrows(const kern_mm_args *a, int64_t t0, int T, const int8_t **xq,
+                             const float **xd, const int32_t **nc)
+{
+#pragma GCC unroll 8
+    for (int t = 0; t < T; t++) {
+        const uint8_t *xrow = a->Xc + (size_t)(t0 + t) * a->xc_row_bytes;
+        xq[t] = (const int8_t *)xrow;
+        xd[t] = kern_xq_d(xrow, a->n_in);
+        nc[t] = kern_xq_ncorr(xrow, a->n_in);
+    }
+}
+
 /* q_tile for the X16 copy and T <= 4 tokens (batched decode of a few streams): one linear pass
  * over the group's blocks with the accumulators of all chains in registers (4 chains x T), so
  * the group streams once, in order, instead of once per chain. Chain c still adds its blocks in
@@ -768,13 +781,7 @@ TGT_I INLINE void q_tile_x16_lin(const kern_mm_args *a, const uint8_t *rep, int6
     const int8_t *xq[4];
     const float *xd[4];
     const int32_t *nc[4];
-#pragma GCC unroll 4
-    for (int t = 0; t < T; t++) {
-        const uint8_t *xrow = a->Xc + (size_t)(t0 + t) * a->xc_row_bytes;
-        xq[t] = (const int8_t *)xrow;
-        xd[t] = kern_xq_d(xrow, a->n_in);
-        nc[t] = kern_xq_ncorr(xrow, a->n_in);
-    }
+    tile_xrows(a, t0, T, xq, xd, nc);
     const uint8_t *pf = rep + kern_repack_group_bytes(KERN_LAYOUT_Q4_0_X16, a->n_in);
     __m512 acc[4][4];
 #pragma GCC unroll 4
@@ -831,13 +838,7 @@ TGT_I INLINE void q_tile(const kern_mm_args *a, const uint8_t *rep, int64_t o, _
     /* X16: the next group of the linear stream comes into L2 while this one is computed, one
      * block's bytes (4.5 lines) per block step (the one-token path prefetches the same way) */
     const uint8_t *pf = x16 ? rep + kern_repack_group_bytes(KERN_LAYOUT_Q4_0_X16, a->n_in) : NULL;
-#pragma GCC unroll 8
-    for (int t = 0; t < T; t++) {
-        const uint8_t *xrow = a->Xc + (size_t)(t0 + t) * a->xc_row_bytes;
-        xq[t] = (const int8_t *)xrow;
-        xd[t] = kern_xq_d(xrow, a->n_in);
-        nc[t] = kern_xq_ncorr(xrow, a->n_in);
-    }
+    tile_xrows(a, t0, T, xq, xd, nc);
     for (int c = 0; c < n_chains; c++) {
         const int64_t start = is_q4 ? (c < 4 ? c : nb_main + (c - 4)) : c;
         const int64_t step = is_q4 && c < 4 ? 4 : 2, end = is_q4 && c < 4 ? nb_main : nb;
