@@ -9,7 +9,11 @@ standard library only, for machines without Node (the GPU machine):
 Per concurrency C: C threads, each sending N streaming completions one after the other (greedy,
 stream_options.include_usage); prints requests/s, aggregate generated tokens/s (from usage),
 time to first token p50/p99 and the wall time. --prompt-tokens P sends P random token ids with
-ignore_eos, as `forge bench --parallel` does, so the two figures compare. One line per C:
+ignore_eos, as `forge bench --parallel` does, so the two figures compare. TTFT is the first
+chunk with text: tokens whose text is an unfinished UTF-8 sequence send no chunk, so with a
+byte vocabulary and random ids (forge synth) it can come at the end of the request; the
+server's /metrics histogram forge_time_to_first_token_seconds counts the first token. One line
+per C:
     serve C=16: 64 requests in 9.81 s: 6.52 req/s, 835.4 tok/s, TTFT p50 61.2 ms p99 120.3 ms
 and a JSON line per C after it. Exit 1 if any request failed (the first error is printed).
 """
