@@ -612,7 +612,7 @@ TGT_I INLINE void x16_rows16_1tok(const kern_mm_args *a, const uint8_t *g, int64
         const uint8_t *pf = g + (size_t)(b / 2) * KERN_X16_PAIR_BYTES + X16_PREFETCH;
 #pragma GCC unroll 18
         for (int l = 0; l < 2 * KERN_X16_PAIR_BYTES / 64; l++)
-            _mm_prefetch((const char *)(pf + 64 * l), _MM_HINT_T1);
+            _mm_prefetch((const char *)(pf + 64 * l), _MM_HINT_T0);
 #pragma GCC unroll 4
         for (int k = 0; k < 4; k++)
             acc[k] = x16_block(g, b + k, xq, xd, nc, lo4, hi_gf, acc[k]);
