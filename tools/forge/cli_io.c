@@ -277,8 +277,12 @@ bool cli_stdout_ok(const char *cmd)
 
 int cli_stdout_close(const char *cmd, int rc)
 {
-    int e = 0;
+    /* a write that failed earlier (output longer than the stdio buffer, e.g. a long --help)
+     * left its reason in errno, and stdio discards what follows without another write: keep
+     * that reason unless the flush or close gives one */
+    const int e0 = errno;
     bool bad = ferror(stdout) != 0;
+    int e = 0;
     errno = 0;
     if (fflush(stdout) != 0) {
         bad = true;
@@ -290,7 +294,7 @@ int cli_stdout_close(const char *cmd, int rc)
         if (!e) e = errno;
     }
     if (!bad) return rc;
-    report_stdout(cmd, e);
+    report_stdout(cmd, e ? e : e0);
     return rc ? rc : 1;
 }
 
