@@ -13,6 +13,15 @@ tu_done() {
     [ "$TU_FAIL" -gt 0 ] && echo "[  FAILED  ] $TU_FAIL test(s)."
     [ "$TU_FAIL" -eq 0 ]
 }
+# tu_require_cmd NAME CMD : when the program CMD is not installed, report the whole script as
+# skipped, with the reason, and exit; otherwise return.
+tu_require_cmd() {
+    if ! command -v "$2" >/dev/null; then
+        tu_skip "$1" "$2 not found"
+        tu_done
+        exit $?
+    fi
+}
 # tu_require NAME PATH... : when a path (shared test data) is missing, report the whole script as
 # skipped, with the path, and exit; otherwise return.
 tu_require() {

@@ -11,11 +11,7 @@ source "$(dirname "$0")/lib.sh"
 ref=$(dirname "$0")/data/hfref
 tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
-if ! command -v python3 >/dev/null; then
-    tu_skip "hfref check" "python3 not found"
-    tu_done
-    exit $?
-fi
+tu_require_cmd "hfref check" python3
 (cd "$ref" && sed -n '/^```$/,/^```$/p' README.md | grep -E '^[0-9a-f]{64}  ' >"$tmp/sums")
 tu_check "the README lists the sha256 of 36 reference files" [ "$(wc -l <"$tmp/sums")" -eq 36 ]
 tu_check "every reference file has the sha256 its README lists" \

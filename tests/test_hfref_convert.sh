@@ -12,11 +12,7 @@ source "$(dirname "$0")/lib.sh"
 here=$(dirname "$0")/hfref
 tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
-if ! command -v python3 >/dev/null; then
-    tu_skip "hfref selftest" "python3 not found"
-    tu_done
-    exit $?
-fi
+tu_require_cmd "hfref selftest" python3
 
 python3 "$here/selftest.py" --forge "$FORGE" --all >"$tmp/all.txt" 2>&1
 rc=$?

@@ -550,6 +550,23 @@ static void check_greedy(const char *what, const int32_t *a, const int32_t *b, c
     gt_check(1, "%s", what);
 }
 
+/* FORGE_GPU_GEMM_MIN set to v (NULL: unset); returns the value it had, to give back to
+ * gemm_min_restore (the backend reads it when a context or engine is made). */
+static char *gemm_min_set(const char *v)
+{
+    const char *old = getenv("FORGE_GPU_GEMM_MIN");
+    char *keep = old ? strdup(old) : NULL;
+    if (v) setenv("FORGE_GPU_GEMM_MIN", v, 1);
+    return keep;
+}
+
+static void gemm_min_restore(char *keep)
+{
+    if (keep) setenv("FORGE_GPU_GEMM_MIN", keep, 1);
+    else unsetenv("FORGE_GPU_GEMM_MIN");
+    free(keep);
+}
+
 static void test_model(const char *shape, int wtype, const char *dir)
 {
     char path[512];
@@ -576,8 +593,7 @@ static void test_model(const char *shape, int wtype, const char *dir)
      * not (the expert GEMM itself is checked in test_moe). */
     const bool moe = strstr(shape, "mixtral") || strstr(shape, "moe");
     const bool flips = moe && wtype != GGML_TYPE_F32 && wtype != GGML_TYPE_F16;
-    const char *gm_outer = getenv("FORGE_GPU_GEMM_MIN");
-    char *gm_keep = gm_outer ? strdup(gm_outer) : NULL;
+    char *gm_keep = gemm_min_set(NULL);
     if (flips) {
         forge_context *ctx = make_ctx(m, FORGE_DEVICE_CPU, FORGE_KV_F32);
         run_ctx(ctx, ids, V, all[0], gen[0], gaps[0]);
@@ -618,9 +634,7 @@ static void test_model(const char *shape, int wtype, const char *dir)
     /* the GEMM (and the tensor-core attention that follows its threshold) is not batch
      * invariant (docs/GPU.md): the engine part runs the batch-invariant kernels only, where a
      * row's bits do not depend on the rest of the batch, so alone == together exactly */
-    const char *gm = getenv("FORGE_GPU_GEMM_MIN");
-    char *gm_saved = gm ? strdup(gm) : NULL;
-    setenv("FORGE_GPU_GEMM_MIN", "1000000", 1);
+    char *gm_saved = gemm_min_set("1000000");
     collect together[4], alone;
     engine_run(m, prompts, lens, 4, together);
     for (int k = 0; k < 4; k++) {
@@ -629,12 +643,7 @@ static void test_model(const char *shape, int wtype, const char *dir)
                  "%s %s: engine on the GPU: prompt %d alone != among others", shape,
                  ggml_type_name(wtype), k);
     }
-    if (gm_saved) {
-        setenv("FORGE_GPU_GEMM_MIN", gm_saved, 1);
-        free(gm_saved);
-    } else {
-        unsetenv("FORGE_GPU_GEMM_MIN");
-    }
+    gemm_min_restore(gm_saved);
     snprintf(what, sizeof what, "%s %s: GPU engine vs GPU context (F32 KV ids above)", shape,
              ggml_type_name(wtype));
     /* gen[] holds the F16 KV run now: redo the F32 one for the comparison */
@@ -644,12 +653,7 @@ static void test_model(const char *shape, int wtype, const char *dir)
         forge_context_free(ctx);
     }
     check_greedy(what, together[0].ids, gen[1], gaps[1]);
-    if (gm_keep) {
-        setenv("FORGE_GPU_GEMM_MIN", gm_keep, 1);
-        free(gm_keep);
-    } else {
-        unsetenv("FORGE_GPU_GEMM_MIN");
-    }
+    gemm_min_restore(gm_keep);
     for (int k = 1; k < 4; k++)
         free(prompts[k]);
     free(all[0]);
