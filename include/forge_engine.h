@@ -192,6 +192,13 @@ int forge_engine_run(forge_engine *e, struct forge_err *err);
 int forge_engine_start(forge_engine *e, struct forge_err *err);
 void forge_engine_stop(forge_engine *e);
 
+/* fn(user) is called on the stepping thread at the end of every forge_engine_step, after the
+ * step's events (a server sends what those events buffered). The same rules as on_event apply.
+ * Thread-safe; NULL removes it. Once it returns, a step that has not started will not call
+ * the old hook, but one in progress may still be calling it: remove a hook whose user is about
+ * to be freed only while the engine does not step (forge_engine_stop). */
+void forge_engine_set_step_hook(forge_engine *e, void (*fn)(void *user), void *user);
+
 /* While *flag is non-zero, forge_engine_run cancels everything and returns
  * FORGE_E_INTERRUPTED (a SIGINT handler). Borrowed; NULL removes it. */
 void forge_engine_set_abort_flag(forge_engine *e, const volatile sig_atomic_t *flag);

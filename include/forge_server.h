@@ -43,6 +43,9 @@ typedef struct forge_server_params {
     int n_threads;             /* HTTP threads (default 4) */
     int max_queue;             /* choices waiting or running at once; more: 503 (default 256) */
     double shutdown_timeout_s; /* on stop: time for in-flight requests to finish (default 10) */
+    unsigned stream_interval_ms; /* a stream's bytes go out at most once per interval (its
+                                  * first and last event at once), batching the sends of fast
+                                  * models; 0: at every event (default 0) */
     bool log_prompts;          /* put the request body into the access log */
     FILE *log;                 /* access log (one line per request); NULL: stderr */
 } forge_server_params;

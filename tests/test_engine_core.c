@@ -12,6 +12,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
+#include <unistd.h>
 
 #include "cpu/kernels.h"
 #include "engine/engine_internal.h"
@@ -1031,6 +1032,91 @@ static void test_abort(void **state)
     forge_model_free(m);
 }
 
+/* ---- the step hook: once per step, after the step's events ---- */
+
+typedef struct hook_log {
+    const got *g;     /* the requests, whose events the hook sees */
+    int n_req;
+    int calls;
+    int32_t events_seen; /* events of all requests at the last call */
+} hook_log;
+
+static void count_hook(void *user)
+{
+    hook_log *h = user;
+    pthread_mutex_lock(&g_mu);
+    int32_t n = 0;
+    for (int i = 0; i < h->n_req; i++)
+        n += h->g[i].n_events;
+    h->events_seen = n;
+    h->calls++;
+    pthread_mutex_unlock(&g_mu);
+}
+
+static void test_step_hook(void **state)
+{
+    (void)state;
+    forge_model *m = load(MODEL);
+    forge_engine_params ep = eparams(4, 32, 1024);
+    forge_engine *e = make_engine(m, &ep);
+    int32_t prompt[40];
+    make_prompt(m, 5, 40, prompt);
+    got g[3] = {{0}};
+    hook_log h = {g, 3, 0, 0};
+    forge_engine_set_step_hook(e, count_hook, &h);
+    for (int i = 0; i < 3; i++) {
+        forge_request_params rp = rparams(prompt, 20 + 7 * i, 6 + 3 * i, &g[i]);
+        submit(e, &rp);
+    }
+    forge_err err = {0};
+    int n, steps = 0;
+    int32_t total = 0;
+    while ((n = forge_engine_step(e, &err)) > 0) {
+        steps++;
+        /* every event of this step was delivered before the hook ran */
+        int32_t now = 0;
+        for (int i = 0; i < 3; i++)
+            now += g[i].n_events;
+        assert_int_equal(h.calls, steps);
+        assert_int_equal(h.events_seen, now);
+        total = now;
+    }
+    assert_int_equal(n, 0);
+    steps++;
+    assert_int_equal(h.calls, steps);
+    for (int i = 0; i < 3; i++) {
+        assert_int_equal(g[i].n_final, 1);
+        assert_int_equal(g[i].n_ids, 6 + 3 * i);
+    }
+    assert_true(h.events_seen >= total);
+    /* removed: no more calls; and on the engine's own thread */
+    forge_engine_set_step_hook(e, NULL, NULL);
+    got more = {0};
+    forge_request_params rp = rparams(prompt, 40, 4, &more);
+    submit(e, &rp);
+    run(e);
+    assert_int_equal(h.calls, steps);
+    got t = {0};
+    hook_log th = {&t, 1, 0, 0};
+    forge_engine_set_step_hook(e, count_hook, &th);
+    assert_int_equal(forge_engine_start(e, &err), 0);
+    rp = rparams(prompt, 33, 5, &t);
+    submit(e, &rp);
+    for (int i = 0; i < 2000; i++) {
+        pthread_mutex_lock(&g_mu);
+        bool done = t.n_final > 0 && th.events_seen == t.n_events;
+        pthread_mutex_unlock(&g_mu);
+        if (done) break;
+        usleep(1000);
+    }
+    forge_engine_stop(e);
+    assert_int_equal(t.n_final, 1);
+    assert_true(th.calls >= 2);
+    assert_int_equal(th.events_seen, t.n_events);
+    forge_engine_free(e);
+    forge_model_free(m);
+}
+
 /* ---- the kernels under batch invariance: row t of W X is the same for every n_tok ---- */
 
 static void test_matmul_row_invariance(void **state)
@@ -1107,6 +1193,7 @@ int main(void)
         cmocka_unit_test(test_bad_input),
         cmocka_unit_test(test_thread),
         cmocka_unit_test(test_abort),
+        cmocka_unit_test(test_step_hook),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

@@ -93,6 +93,8 @@ struct forge_engine {
     /* the engine thread */
     pthread_t thread;
     bool thread_on;
+    void (*step_hook)(void *user); /* forge_engine_set_step_hook, under mu */
+    void *step_hook_user;
 
     /* owned by the stepping thread */
     request *run_head, *run_tail;
@@ -654,6 +656,15 @@ void forge_engine_set_abort_flag(forge_engine *e, const volatile sig_atomic_t *f
     e->fs.abort_flag = flag;
 }
 
+void forge_engine_set_step_hook(forge_engine *e, void (*fn)(void *user), void *user)
+{
+    if (!e) return;
+    pthread_mutex_lock(&e->mu);
+    e->step_hook = fn;
+    e->step_hook_user = user;
+    pthread_mutex_unlock(&e->mu);
+}
+
 void forge_engine_get_stats(forge_engine *e, forge_engine_stats *out)
 {
     if (!out) return;
@@ -992,12 +1003,8 @@ static int unfinished(forge_engine *e)
     return n;
 }
 
-int forge_engine_step(forge_engine *e, forge_err *err)
+static int engine_step(forge_engine *e, forge_err *err)
 {
-    if (!e) return forge_err_set(err, FORGE_E_INVALID, "forge_engine_step: NULL engine");
-    if (e->thread_on && !pthread_equal(pthread_self(), e->thread))
-        return forge_err_set(err, FORGE_E_INVALID,
-                             "forge_engine_step: the engine's own thread is running (started)");
     const be_ops *op = e->fs.be->ops;
     const int32_t V = e->n_vocab;
     forge_err ferr = {0};
@@ -1095,6 +1102,22 @@ failed:
     step_failed(e, rc, ferr.msg);
     unfinished(e);
     return rc;
+}
+
+int forge_engine_step(forge_engine *e, forge_err *err)
+{
+    if (!e) return forge_err_set(err, FORGE_E_INVALID, "forge_engine_step: NULL engine");
+    if (e->thread_on && !pthread_equal(pthread_self(), e->thread))
+        return forge_err_set(err, FORGE_E_INVALID,
+                             "forge_engine_step: the engine's own thread is running (started)");
+    int n = engine_step(e, err);
+    /* after the step's events, outside the lock (the hook may submit or cancel) */
+    pthread_mutex_lock(&e->mu);
+    void (*fn)(void *) = e->step_hook;
+    void *user = e->step_hook_user;
+    pthread_mutex_unlock(&e->mu);
+    if (fn) fn(user);
+    return n;
 }
 
 int forge_engine_run(forge_engine *e, forge_err *err)

@@ -110,6 +110,8 @@ typedef struct job {
     choice *ch;
     int n_ch, n_running;
     bool suspended; /* the connection waits for us to resume it */
+    bool held;      /* in the server's list of streams whose bytes wait for the interval */
+    double t_resume; /* when the engine thread last resumed the connection */
     bool all_done;
     textbuf out; /* streaming: SSE bytes not yet handed to libmicrohttpd */
     size_t out_sent;
@@ -152,6 +154,10 @@ struct forge_server {
     uint64_t by_status[600];
     uint64_t prompt_tokens, gen_tokens;
     histogram ttft, itl;
+    double stream_interval; /* seconds; 0: resume a stream's connection at every event */
+    job **held;             /* streams held back for the interval: the engine thread's, one
+                             * job reference each */
+    int n_held, cap_held;
 };
 
 static double now_s(void)
@@ -367,6 +373,35 @@ static void stream_error(job *j, const char *msg)
     free(s);
 }
 
+/* Under j->mu: hand what the job has to libmicrohttpd (a finished job, or SSE bytes). */
+static void job_resume(job *j, double t)
+{
+    if (j->suspended && j->conn && (j->all_done || j->out.len > j->out_sent)) {
+        j->suspended = false;
+        j->t_resume = t;
+        MHD_resume_connection(j->conn);
+    }
+}
+
+/* Under j->mu, engine thread: keep j (a reference) until on_step_end resumes it. If the list
+ * cannot grow, the stream is resumed now instead. */
+static void hold_stream(struct forge_server *s, job *j)
+{
+    if (s->n_held == s->cap_held) {
+        int cap = s->cap_held ? 2 * s->cap_held : 64;
+        job **p = realloc(s->held, (size_t)cap * sizeof *p);
+        if (!p) {
+            job_resume(j, now_s());
+            return;
+        }
+        s->held = p;
+        s->cap_held = cap;
+    }
+    j->held = true;
+    j->refs++;
+    s->held[s->n_held++] = j;
+}
+
 /* The engine's callback (engine thread): record the event in the job, resume the connection. */
 static void on_event(const forge_event *ev, void *user)
 {
@@ -447,12 +482,37 @@ static void on_event(const forge_event *ev, void *user)
             }
         }
     }
-    if (j->suspended && j->conn && (j->req.stream || j->all_done)) {
-        j->suspended = false;
-        MHD_resume_connection(j->conn);
-    }
+    /* a stream's connection is resumed at most once per interval: the bytes of later events
+     * wait for on_step_end (the first and the last event always go out at once) */
+    if (!j->req.stream || j->all_done || t - j->t_resume >= srv->stream_interval)
+        job_resume(j, t);
+    else if (!j->held && j->conn && j->out.len > j->out_sent)
+        hold_stream(srv, j);
     pthread_mutex_unlock(&j->mu);
     if (free_ref) job_unref(j);
+}
+
+/* After every engine step (engine thread): resume the held streams whose interval is over. */
+static void on_step_end(void *user)
+{
+    struct forge_server *s = user;
+    double t = now_s();
+    int keep = 0;
+    for (int i = 0; i < s->n_held; i++) {
+        job *j = s->held[i];
+        pthread_mutex_lock(&j->mu);
+        bool due = !j->conn || j->all_done || t - j->t_resume >= s->stream_interval;
+        if (due) {
+            job_resume(j, t);
+            j->held = false;
+        }
+        pthread_mutex_unlock(&j->mu);
+        if (due)
+            job_unref(j);
+        else
+            s->held[keep++] = j;
+    }
+    s->n_held = keep;
 }
 
 /* ---- responses -------------------------------------------------------------------------- */
@@ -1180,10 +1240,12 @@ int forge_server_create(forge_engine *engine, const forge_server_params *params,
     if (!engine || !p->alias || !*p->alias)
         return forge_err_set(err, FORGE_E_INVALID, "serve: an engine and a model alias are needed");
     if (p->port < 0 || p->port > 65535 || p->n_threads < 1 || p->n_threads > 256 ||
-        p->max_queue < 1 || p->max_body < 64)
+        p->max_queue < 1 || p->max_body < 64 || p->stream_interval_ms > 10000)
         return forge_err_set(err, FORGE_E_INVALID,
-                             "serve: bad parameters (port %d, threads %d, queue %d, body %zu)",
-                             p->port, p->n_threads, p->max_queue, p->max_body);
+                             "serve: bad parameters (port %d, threads %d, queue %d, body %zu, "
+                             "stream interval %u ms)",
+                             p->port, p->n_threads, p->max_queue, p->max_body,
+                             p->stream_interval_ms);
     if (!(s = calloc(1, sizeof *s))) return forge_err_set(err, FORGE_E_NOMEM, "out of memory");
     pthread_mutex_init(&s->mmu, NULL);
     s->engine = engine;
@@ -1235,6 +1297,8 @@ int forge_server_create(forge_engine *engine, const forge_server_params *params,
     }
     const union MHD_DaemonInfo *di = MHD_get_daemon_info(s->d, MHD_DAEMON_INFO_BIND_PORT);
     s->port = di ? di->port : p->port;
+    s->stream_interval = p->stream_interval_ms * 1e-3;
+    forge_engine_set_step_hook(engine, on_step_end, s);
     *out = s;
     return FORGE_OK;
 nomem:
@@ -1280,6 +1344,11 @@ void forge_server_free(forge_server *s)
 {
     if (!s) return;
     if (s->d) MHD_stop_daemon(s->d);
+    /* the engine no longer steps (forge_server_run stopped it): nothing else touches the list */
+    forge_engine_set_step_hook(s->engine, NULL, NULL);
+    for (int i = 0; i < s->n_held; i++)
+        job_unref(s->held[i]);
+    free(s->held);
     forge_template_free(s->tmpl);
     forge_template_model_clear(&s->tm);
     free(s->alias);

@@ -429,6 +429,56 @@ describe('forge serve with a KV pool smaller than the context', () => {
   });
 });
 
+describe('forge serve --stream-interval-ms', () => {
+  // A 10 s interval on a model that makes thousands of tokens a second: after the first event
+  // the server holds every event until the last one, which goes out at once.
+  let srv, client;
+  before(async () => {
+    srv = await startServer(['--stream-interval-ms', '10000']);
+    client = new OpenAI({ baseURL: `${srv.url}/v1`, apiKey: 'none', maxRetries: 0 });
+  });
+  after(async () => { assert.equal(await srv.stop(), 0, `exit status, log:\n${srv.log()}`); });
+
+  it('each token is still its own event, the text equals non-streaming, nothing waits 10 s', async () => {
+    const model = 'stories260K.gguf';
+    const args = { model, prompt: PROMPT, max_tokens: 120, temperature: 0 };
+    const full = await client.completions.create(args);
+    const t0 = performance.now();
+    const resp = await fetch(`${srv.url}/v1/completions`, { method: 'POST', headers: { 'Content-Type': 'application/json' },
+      body: JSON.stringify({ ...args, stream: true, stream_options: { include_usage: true } }) });
+    assert.equal(resp.status, 200);
+    // count the reads: the held events arrive together
+    let reads = 0;
+    const body = new ReadableStream({ async start(ctl) { for await (const c of resp.body) { reads++; ctl.enqueue(c); } ctl.close(); } });
+    const events = await readSSE({ body });
+    const ms = performance.now() - t0;
+    assert.ok(ms < 5000, `the stream took ${ms} ms: the last event was held`);
+    assert.equal(events.at(-1), '[DONE]');
+    const chunks = events.filter((e) => e !== '[DONE]' && e.choices.length);
+    assert.equal(chunks.map((e) => e.choices[0].text).join(''), full.choices[0].text);
+    assert.deepEqual(events.at(-2).usage, full.usage);
+    assert.ok(chunks.length >= full.usage.completion_tokens - 8, `${chunks.length} events for ${full.usage.completion_tokens} tokens`);
+    assert.ok(reads <= 8, `${reads} reads for ${chunks.length} events: the interval did not hold them`);
+  });
+
+  it('n > 1 streams and a chat stream complete with the interval', async () => {
+    const model = 'stories260K.gguf';
+    const rs = await Promise.all([0, 1, 2].map(async () => {
+      const stream = await client.completions.create({ model, prompt: PROMPT, max_tokens: 40, temperature: 0, n: 2, stream: true });
+      const text = ['', ''];
+      for await (const c of stream) for (const ch of c.choices) text[ch.index] += ch.text;
+      return text;
+    }));
+    const want = forgeRun(PROMPT, 40);
+    for (const t of rs) assert.deepEqual(t, [want, want]);
+    const full = await client.chat.completions.create({ model, messages: CHAT, max_tokens: 30, temperature: 0 });
+    const stream = await client.chat.completions.create({ model, messages: CHAT, max_tokens: 30, temperature: 0, stream: true });
+    let text = '';
+    for await (const c of stream) for (const ch of c.choices) text += ch.delta.content ?? '';
+    assert.equal(text, full.choices[0].message.content);
+  });
+});
+
 describe('forge serve shutdown', () => {
   it('SIGTERM lets an in-flight stream finish, then exits 0', async () => {
     const srv = await startServer(['--shutdown-timeout', '5']);

@@ -43,6 +43,9 @@ static void usage(FILE *f)
         "  --timeout S          idle connection timeout in seconds, 1..86400 (default 60)\n"
         "  --cors ORIGIN        send CORS headers allowing ORIGIN ('*': any)\n"
         "  --http-threads N     HTTP threads, 1..256 (default 4)\n"
+        "  --stream-interval-ms MS  a stream's tokens go out at most once per MS ms (the first and\n"
+        "                       the last at once; each token stays its own event), fewer sends\n"
+        "                       for fast models; 0: at every token (default 0)\n"
         "  --max-queue N        choices queued or running at once, more get 503 (default 256)\n"
         "  --shutdown-timeout S on SIGINT/SIGTERM, time for requests to finish (default 10)\n"
         "  --log-prompts        put request bodies into the access log (stderr)\n"
@@ -142,6 +145,9 @@ int cmd_serve(int argc, char **argv)
         } else if (!strcmp(a, "--http-threads")) {
             if (!cli_parse_int("serve", a, val, 1, 256, &v)) return 2;
             sp.n_threads = (int)v;
+        } else if (!strcmp(a, "--stream-interval-ms")) {
+            if (!cli_parse_int("serve", a, val, 0, 10000, &v)) return 2;
+            sp.stream_interval_ms = (unsigned)v;
         } else if (!strcmp(a, "--max-queue")) {
             if (!cli_parse_int("serve", a, val, 1, 1 << 20, &v)) return 2;
             sp.max_queue = (int)v;
