@@ -48,6 +48,7 @@ bad "perplexity -c -1" "-c" "$FORGE" perplexity -m "$none" -f "$none" -c -1
 bad "bench -p -1" "-p" "$FORGE" bench -m "$none" -p -1
 bad "bench -n x" "-n" "$FORGE" bench -m "$none" -n x
 bad "bench -r 0" "-r" "$FORGE" bench -m "$none" -r 0
+bad "bench -d 1,x" "-d" "$FORGE" bench -m "$none" -d 1,x
 for a in "--now abc" "--now 1e9" "--now -5" "--now ''" "--vars '{bad'" "--vars '\"s\"'"; do
     eval "set -- $a"
     bad "template $a" "$1" "$FORGE" template --chat-template chatml --messages "$none" "$@"

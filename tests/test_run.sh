@@ -101,4 +101,16 @@ tu_check "bench json" bash -c "grep -q '\"test\": \"pp16\"' '$tmp/out.json' && g
 if command -v python3 >/dev/null; then
     tu_check "bench json parses" python3 -c "import json,sys; d=json.load(open('$tmp/out.json')); assert len(d)==2 and all(x['avg_ts']>0 for x in d)"
 fi
+# bench -d: each test again after D tokens in the cache (a run truncates back to D, which fails
+# unless the cache was filled); the context must hold D + the longer test
+"$FORGE" bench -m "$m" -p 16 -n 8 -r 1 -t 1 -d 0,40 >"$tmp/out" 2>&1
+tu_check "bench -d table" bash -c "grep -q '| *pp16 |' '$tmp/out' && grep -q 'pp16 @ d40' '$tmp/out' && grep -q 'tg8 @ d40' '$tmp/out'"
+"$FORGE" bench -m "$m" -p 16 -n 8 -r 1 -t 1 -d 40,0 --json >"$tmp/out.json" 2>/dev/null
+if command -v python3 >/dev/null; then
+    tu_check "bench -d json" python3 -c "import json; d=json.load(open('$tmp/out.json')); assert [(x['test'], x['n_depth']) for x in d] == [('pp16', 40), ('tg8', 40), ('pp16', 0), ('tg8', 0)] and all(x['avg_ts'] > 0 for x in d), d"
+fi
+"$FORGE" bench -m "$m" -p 16 -n 8 -r 1 -t 1 -d 100 -c 64 >"$tmp/out" 2>&1
+tu_check "bench -d beyond the context" bash -c "[ $? -eq 1 ] && grep -q '116 positions, the context has 64' '$tmp/out'"
+"$FORGE" bench -m "$m" -p 16 -n 8 -d 8 --parallel 2 >"$tmp/out" 2>&1
+tu_check "bench -d with --parallel is a usage error" bash -c "[ $? -eq 2 ] && grep -q -- '-d does not apply to --parallel' '$tmp/out'"
 tu_done

@@ -17,7 +17,8 @@
 #include "bench_parallel.h"
 #include "cli_io.h"
 
-bool bench_parse_parallel(const char *opt, const char *val, int32_t *list, int *n_list)
+bool bench_parse_list(const char *opt, const char *val, long lo, long hi, int32_t *list,
+                      int *n_list)
 {
     const char *p = val;
     int n = 0;
@@ -29,7 +30,7 @@ bool bench_parse_parallel(const char *opt, const char *val, int32_t *list, int *
             v = v * 10 + (*p++ - '0');
             digits++;
         }
-        ok = digits > 0 && v >= 1 && v <= ENGINE_MAX_PARALLEL && n < BENCH_MAX_PARALLEL_LIST &&
+        ok = digits > 0 && v >= lo && v <= hi && n < BENCH_MAX_LIST &&
              (*p == 0 || (*p == ',' && p[1] != 0));
         if (ok) list[n++] = (int32_t)v;
         if (ok && *p == ',') p++;
@@ -37,8 +38,8 @@ bool bench_parse_parallel(const char *opt, const char *val, int32_t *list, int *
     if (!ok) {
         fprintf(stderr,
                 "forge bench: bad value for %s: '%s' (expected a comma-separated list of at most "
-                "%d integers in 1..%d, e.g. 1,4,16,64)\n",
-                opt, val ? val : "", BENCH_MAX_PARALLEL_LIST, ENGINE_MAX_PARALLEL);
+                "%d integers in %ld..%ld, e.g. %s)\n",
+                opt, val ? val : "", BENCH_MAX_LIST, lo, hi, lo > 0 ? "1,4,16,64" : "0,4096");
         return false;
     }
     *n_list = n;
@@ -249,7 +250,7 @@ int bench_parallel(engine_opts *o, const int32_t *list, int n_list, long n_promp
                    long reps, bool json)
 {
     forge_model *model = NULL;
-    par_result res[BENCH_MAX_PARALLEL_LIST];
+    par_result res[BENCH_MAX_LIST];
     int status = 1, n_res = 0;
     memset(res, 0, sizeof res);
     if ((status = engine_load_model(o, "bench", &model))) goto done;

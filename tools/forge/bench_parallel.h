@@ -8,11 +8,12 @@
 
 #include "engine_opts.h"
 
-#define BENCH_MAX_PARALLEL_LIST 32
+#define BENCH_MAX_LIST 32
 
-/* Parse "1,4,16,64": integers in 1..ENGINE_MAX_PARALLEL, comma-separated, nothing else. false
- * after printing "forge bench: bad value for OPT: ..." (the caller exits with 2). */
-bool bench_parse_parallel(const char *opt, const char *val, int32_t *list, int *n_list);
+/* Parse "1,4,16,64": at most BENCH_MAX_LIST integers in lo..hi, comma-separated, nothing else.
+ * false after printing "forge bench: bad value for OPT: ..." (the caller exits with 2). */
+bool bench_parse_list(const char *opt, const char *val, long lo, long hi, int32_t *list,
+                      int *n_list);
 
 /* For each N of list: an engine with n_parallel N and a KV pool for N x (n_prompt + n_gen)
  * tokens, one short warm-up request, then reps runs of N requests submitted at once, each with

@@ -1,6 +1,7 @@
 /* cmd_bench.c - `forge bench`: prompt processing (pp: one batch of p tokens) and generation
- * (tg: n single-token decodes) speed, each from an empty KV cache, as mean +/- sd over r runs
- * after one warm-up, in a table like llama-bench's or as JSON. Also the weight bytes one
+ * (tg: n single-token decodes) speed, each from an empty KV cache or after d tokens already in
+ * it (-d, as llama-bench's), as mean +/- sd over r runs after one warm-up, in a table like
+ * llama-bench's or as JSON. Also the weight bytes one
  * generated token reads and the bandwidth that implies. tg decodes with forge_decode_greedy (a
  * greedy pick per token, made on the device where there is one, as a generator would).
  * With --parallel N1,N2,...: many streams at once through forge_engine (bench_parallel.c). */
@@ -21,6 +22,9 @@ static void usage(FILE *f)
             "  -p, --n-prompt N     prompt tokens of the pp test (0: skip)\n"
             "  -n, --n-gen N        generated tokens of the tg test (0: skip)\n"
             "  -r, --repetitions N  runs of each test (after one warm-up)\n"
+            "  -d, --depth D1,D2,...  run each test after D tokens already in the KV cache\n"
+            "                       (random ids, filled once per depth, not timed), as\n"
+            "                       llama-bench -d (default 0)\n"
             "  --json               print JSON instead of the table\n"
             "  --parallel N1,N2,... for each N, N requests at once through the engine (like\n"
             "                       llama-batched-bench): N distinct random prompts of -p tokens,\n"
@@ -37,6 +41,7 @@ static void usage(FILE *f)
 typedef struct bench_result {
     const char *kind; /* "pp" or "tg" */
     long n;
+    long depth;
     double *ts; /* tok/s of each run */
     int runs;
     double mean, sd;
@@ -52,19 +57,38 @@ static int32_t rand_token(int32_t n_vocab)
     return (int32_t)(rng_state % (uint64_t)n_vocab);
 }
 
-/* One run; returns seconds, or < 0 on error (printed). */
-static double run_once(forge_context *ctx, const forge_model *m, const char *kind, long n,
-                       int32_t *buf)
+/* n random ids into buf; the vocabulary's BOS first when it adds one and at_start. */
+static void random_ids(const forge_model *m, int32_t *buf, long n, bool at_start)
 {
-    forge_err err = {0};
     const forge_tok *tok = forge_model_tok(m);
     const int32_t n_vocab = forge_model_info_get(m)->n_vocab;
-    const int32_t bos =
-        forge_tok_adds_bos(tok) && forge_tok_bos(tok) >= 0 ? forge_tok_bos(tok) : -1;
-    if (forge_kv_truncate(ctx, 0, &err)) goto fail;
     for (long i = 0; i < n; i++)
         buf[i] = rand_token(n_vocab);
-    if (bos >= 0) buf[0] = bos;
+    if (at_start && n > 0 && forge_tok_adds_bos(tok) && forge_tok_bos(tok) >= 0)
+        buf[0] = forge_tok_bos(tok);
+}
+
+/* The KV cache holding depth random tokens (not timed). 0, or 1 with the message printed. */
+static int fill_depth(forge_context *ctx, const forge_model *m, long depth, int32_t *buf)
+{
+    forge_err err = {0};
+    random_ids(m, buf, depth, true);
+    if (forge_kv_truncate(ctx, 0, &err) ||
+        (depth > 0 && forge_decode(ctx, buf, (int32_t)depth, false, &err))) {
+        fprintf(stderr, "forge bench: filling %ld tokens of depth: %s\n", depth, err.msg);
+        return 1;
+    }
+    return 0;
+}
+
+/* One run from position depth (the cache below it kept); returns seconds, or < 0 on error
+ * (printed). */
+static double run_once(forge_context *ctx, const forge_model *m, const char *kind, long n,
+                       long depth, int32_t *buf)
+{
+    forge_err err = {0};
+    if (forge_kv_truncate(ctx, (int32_t)depth, &err)) goto fail;
+    random_ids(m, buf, n, depth == 0);
     double t0 = cli_now();
     if (!strcmp(kind, "pp")) {
         if (forge_decode(ctx, buf, (int32_t)n, false, &err)) goto fail;
@@ -86,12 +110,13 @@ int cmd_bench(int argc, char **argv)
     engine_opts o;
     long n_prompt = 512, n_gen = 128, reps = 3;
     bool json = false, ctx_given = false, reps_given = false;
-    int32_t par[BENCH_MAX_PARALLEL_LIST];
-    int n_par = 0;
+    int32_t par[BENCH_MAX_LIST], depths[BENCH_MAX_LIST] = {0};
+    int n_par = 0, n_depth = 1;
+    bool depth_given = false;
     forge_model *model = NULL;
     forge_context *ctx = NULL;
     int32_t *buf = NULL;
-    bench_result res[2] = {{"pp", 0, NULL, 0, 0, 0}, {"tg", 0, NULL, 0, 0, 0}};
+    bench_result res[2 * BENCH_MAX_LIST];
     int status = 1;
 
     engine_opts_init(&o);
@@ -117,7 +142,11 @@ int cmd_bench(int argc, char **argv)
             reps_given = true;
             i++;
         } else if (!strcmp(a, "--parallel")) {
-            if (!bench_parse_parallel(a, val, par, &n_par)) return 2;
+            if (!bench_parse_list(a, val, 1, ENGINE_MAX_PARALLEL, par, &n_par)) return 2;
+            i++;
+        } else if (!strcmp(a, "-d") || !strcmp(a, "--depth")) {
+            if (!bench_parse_list(a, val, 0, 1 << 20, depths, &n_depth)) return 2;
+            depth_given = true;
             i++;
         } else if (!strcmp(a, "--json")) {
             json = true;
@@ -133,9 +162,9 @@ int cmd_bench(int argc, char **argv)
                     n_prompt, n_gen);
             return 2;
         }
-        if (ctx_given) {
-            fprintf(stderr, "forge bench: -c does not apply to --parallel (each request's context "
-                            "is -p + -n tokens)\n");
+        if (ctx_given || depth_given) {
+            fprintf(stderr, "forge bench: %s does not apply to --parallel (each request's context "
+                            "is -p + -n tokens)\n", ctx_given ? "-c" : "-d");
             return 2;
         }
         return bench_parallel(&o, par, n_par, n_prompt, n_gen, reps_given ? reps : 1, json);
@@ -144,9 +173,13 @@ int cmd_bench(int argc, char **argv)
         fprintf(stderr, "forge bench: --kv-size and --block-size apply to --parallel only\n");
         return 2;
     }
-    long need = n_prompt > n_gen ? n_prompt : n_gen;
+    memset(res, 0, sizeof res);
+    long max_depth = 0;
+    for (int d = 0; d < n_depth; d++)
+        if (depths[d] > max_depth) max_depth = depths[d];
+    long need = max_depth + (n_prompt > n_gen ? n_prompt : n_gen);
     if (need < 1) need = 1;
-    if (!ctx_given) o.cp.n_ctx = (int32_t)need;
+    if (!ctx_given) o.cp.n_ctx = (int32_t)(need < INT32_MAX ? need : INT32_MAX);
     if (o.cp.n_batch == 0 || o.cp.n_batch < n_prompt)
         o.cp.n_batch = (int32_t)(n_prompt > 0 ? n_prompt : 1);
     if ((status = engine_load(&o, "bench", &model, &ctx))) goto done;
@@ -156,37 +189,44 @@ int cmd_bench(int argc, char **argv)
                 forge_context_n_ctx(ctx));
         goto done;
     }
-    buf = malloc((size_t)need * sizeof *buf);
-    res[0].n = n_prompt;
-    res[1].n = n_gen;
-    for (int k = 0; k < 2; k++) {
-        res[k].ts = calloc((size_t)reps, sizeof(double));
-        if (!buf || !res[k].ts) goto done;
-        if (res[k].n == 0) continue;
-        if (run_once(ctx, model, res[k].kind, res[k].n, buf) < 0) goto done; /* warm-up */
-        for (long r = 0; r < reps; r++) {
-            double dt = run_once(ctx, model, res[k].kind, res[k].n, buf);
-            if (dt < 0) goto done;
-            res[k].ts[res[k].runs++] = (double)res[k].n / dt;
+    if (!(buf = malloc((size_t)need * sizeof *buf))) goto done;
+    for (int d = 0; d < n_depth; d++) {
+        if (fill_depth(ctx, model, depths[d], buf)) goto done;
+        for (int k = 0; k < 2; k++) {
+            bench_result *r = &res[2 * d + k];
+            r->kind = k ? "tg" : "pp";
+            r->n = k ? n_gen : n_prompt;
+            r->depth = depths[d];
+            if (r->n == 0) continue;
+            if (!(r->ts = calloc((size_t)reps, sizeof(double)))) goto done;
+            if (run_once(ctx, model, r->kind, r->n, r->depth, buf) < 0) goto done; /* warm-up */
+            for (long i = 0; i < reps; i++) {
+                double dt = run_once(ctx, model, r->kind, r->n, r->depth, buf);
+                if (dt < 0) goto done;
+                r->ts[r->runs++] = (double)r->n / dt;
+            }
+            double sum = 0, s2 = 0;
+            for (int i = 0; i < r->runs; i++)
+                sum += r->ts[i];
+            r->mean = sum / r->runs;
+            for (int i = 0; i < r->runs; i++)
+                s2 += (r->ts[i] - r->mean) * (r->ts[i] - r->mean);
+            r->sd = r->runs > 1 ? sqrt(s2 / (r->runs - 1)) : 0;
         }
-        double s = 0, s2 = 0;
-        for (int r = 0; r < res[k].runs; r++)
-            s += res[k].ts[r];
-        res[k].mean = s / res[k].runs;
-        for (int r = 0; r < res[k].runs; r++)
-            s2 += (res[k].ts[r] - res[k].mean) * (res[k].ts[r] - res[k].mean);
-        res[k].sd = res[k].runs > 1 ? sqrt(s2 / (res[k].runs - 1)) : 0;
     }
 
     const forge_model_info *mi = forge_model_info_get(model);
     char model_name[160];
     snprintf(model_name, sizeof model_name, "%s %s", mi->arch, mi->type_summary);
     const double bpt = (double)mi->bytes_per_token;
+    const int n_res = 2 * n_depth;
     if (json) {
         printf("[\n");
         bool first = true;
-        for (int k = 0; k < 2; k++) {
-            if (res[k].n == 0) continue;
+        for (int k = 0; k < n_res; k++) {
+            const bench_result *r = &res[k];
+            if (r->n == 0) continue;
+            const bool tg = k % 2 == 1;
             printf("%s  {\"model\": ", first ? "" : ",\n");
             cli_print_json_str(model_name);
             printf(", \"model_file\": ");
@@ -194,52 +234,60 @@ int cmd_bench(int argc, char **argv)
             printf(", \"model_size\": %llu, \"model_n_params\": %llu, \"backend\": \"%s\", "
                    "\"n_threads\": %d, "
                    "\"kv_type\": \"%s\", \"test\": \"%s%ld\", \"n_prompt\": %ld, \"n_gen\": %ld, "
-                   "\"avg_ts\": %.6f, \"stddev_ts\": %.6f, \"samples_ts\": [",
+                   "\"n_depth\": %ld, \"avg_ts\": %.6f, \"stddev_ts\": %.6f, \"samples_ts\": [",
                    (unsigned long long)mi->weight_bytes, (unsigned long long)mi->n_params,
                    forge_context_device(ctx), forge_context_n_threads(ctx),
-                   forge_kv_type_name(o.cp.kv_type), res[k].kind, res[k].n,
-                   k == 0 ? res[k].n : 0L, k == 1 ? res[k].n : 0L, res[k].mean, res[k].sd);
-            for (int r = 0; r < res[k].runs; r++)
-                printf("%s%.6f", r ? ", " : "", res[k].ts[r]);
+                   forge_kv_type_name(o.cp.kv_type), r->kind, r->n, tg ? 0L : r->n,
+                   tg ? r->n : 0L, r->depth, r->mean, r->sd);
+            for (int i = 0; i < r->runs; i++)
+                printf("%s%.6f", i ? ", " : "", r->ts[i]);
             printf("]");
-            if (k == 1)
+            if (tg)
                 printf(", \"weight_bytes_per_token\": %.0f, \"gb_per_s\": %.4f", bpt,
-                       bpt * res[k].mean / 1e9);
+                       bpt * r->mean / 1e9);
             printf("}");
             first = false;
         }
         printf("\n]\n");
     } else {
-        printf("| %-28s | %11s | %9s | %-7s | %7s | %8s | %20s |\n", "model", "size", "params",
+        printf("| %-28s | %11s | %9s | %-7s | %7s | %15s | %20s |\n", "model", "size", "params",
                "backend", "threads", "test", "t/s");
         printf("| ---------------------------- | ----------: | --------: | ------- | ------: | "
-               "-------: | -------------------: |\n");
-        for (int k = 0; k < 2; k++) {
-            if (res[k].n == 0) continue;
-            char test[32], ts[48], size[32], params[32];
-            snprintf(test, sizeof test, "%s%ld", res[k].kind, res[k].n);
-            snprintf(ts, sizeof ts, "%.2f ± %.2f", res[k].mean, res[k].sd);
-            double mib = (double)mi->weight_bytes / (1024.0 * 1024.0);
-            if (mib >= 1024)
-                snprintf(size, sizeof size, "%.2f GiB", mib / 1024.0);
+               "--------------: | -------------------: |\n");
+        char size[32], params[32];
+        double mib = (double)mi->weight_bytes / (1024.0 * 1024.0);
+        if (mib >= 1024)
+            snprintf(size, sizeof size, "%.2f GiB", mib / 1024.0);
+        else
+            snprintf(size, sizeof size, "%.2f MiB", mib);
+        if (mi->n_params >= 1000000000ull)
+            snprintf(params, sizeof params, "%.2f B", (double)mi->n_params / 1e9);
+        else
+            snprintf(params, sizeof params, "%.2f M", (double)mi->n_params / 1e6);
+        for (int k = 0; k < n_res; k++) {
+            const bench_result *r = &res[k];
+            if (r->n == 0) continue;
+            char test[48], ts[48];
+            if (r->depth > 0)
+                snprintf(test, sizeof test, "%s%ld @ d%ld", r->kind, r->n, r->depth);
             else
-                snprintf(size, sizeof size, "%.2f MiB", mib);
-            if (mi->n_params >= 1000000000ull)
-                snprintf(params, sizeof params, "%.2f B", (double)mi->n_params / 1e9);
-            else
-                snprintf(params, sizeof params, "%.2f M", (double)mi->n_params / 1e6);
-            printf("| %-28s | %11s | %9s | %-7s | %7d | %8s | %21s |\n", model_name, size, params,
+                snprintf(test, sizeof test, "%s%ld", r->kind, r->n);
+            snprintf(ts, sizeof ts, "%.2f ± %.2f", r->mean, r->sd);
+            printf("| %-28s | %11s | %9s | %-7s | %7d | %15s | %21s |\n", model_name, size, params,
                    forge_context_device(ctx), forge_context_n_threads(ctx), test, ts);
         }
-        if (res[1].n > 0)
-            printf("\ngeneration reads %.2f MiB of weights per token: %.2f GB/s at %.2f tok/s\n",
-                   bpt / (1024.0 * 1024.0), bpt * res[1].mean / 1e9, res[1].mean);
+        for (int k = 1; k < n_res; k += 2)
+            if (res[k].n > 0)
+                printf("%sgeneration reads %.2f MiB of weights per token: %.2f GB/s at %.2f "
+                       "tok/s%s\n",
+                       k == 1 ? "\n" : "", bpt / (1024.0 * 1024.0), bpt * res[k].mean / 1e9,
+                       res[k].mean, res[k].depth > 0 ? " (at depth; its KV reads not counted)" : "");
     }
     status = 0;
 done:
     free(buf);
-    free(res[0].ts);
-    free(res[1].ts);
+    for (int k = 0; k < 2 * BENCH_MAX_LIST; k++)
+        free(res[k].ts);
     forge_context_free(ctx);
     forge_model_free(model);
     return status;
