@@ -4,12 +4,16 @@
  * Q/K/V, F32 and F16 caches, GQA 16:1, 12:1, 8:1 and 4:1 (grouped) and 1:1 (per head either way), head
  * dims with and without a tail past the last multiple of 16/32, sliding window, soft-cap, two
  * sequences in one batch through shuffled block tables, prompt chunks and one-token rows, one
- * and three threads (another grouping decision and another dealing of the work items). */
+ * and three threads (another grouping decision and another dealing of the work items). A Q8_0
+ * cache (per head on every ISA) compares its AVX2 dot/axpy forms with the scalar code the same
+ * way. Also the softmax's exponential (cpu/attn_exp.h): its SIMD forms give the scalar one's bits
+ * and it stays within 1.5e-7 (relative) of exp. */
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
 
 #include "backend/backend.h"
+#include "cpu/attn_exp.h"
 #include "cpu/kernels.h"
 #include "testutil.h"
 
@@ -105,7 +109,7 @@ static void assert_bits(const float *got, const float *want, size_t n, const att
         if (memcmp(&got[i], &want[i], sizeof(float)))
             fail_msg("%s cache, %d/%d heads of %d, rows %d+%d (pos1 %d), window %d, softcap %g, "
                      "%d threads: element %zu is %.9g grouped, %.9g %s",
-                     c->type == FORGE_KV_F16 ? "F16" : "F32", c->n_head, c->n_head_kv, c->hd,
+                     c->type == FORGE_KV_Q8_0 ? "Q8_0" : c->type == FORGE_KV_F16 ? "F16" : "F32", c->n_head, c->n_head_kv, c->hd,
                      c->pos0, c->n_tok, c->pos1, c->window, (double)c->softcap, n_threads, i,
                      (double)got[i], (double)want[i], vs);
     }
@@ -127,11 +131,12 @@ static void test_grouped_equals_per_head(void **state)
     static const float caps[] = {0.0f, 1.5f};
     uint64_t rng = 1234;
     int n_cases = 0;
-    for (int type = FORGE_KV_F32; type <= FORGE_KV_F16; type++)
+    for (int type = FORGE_KV_F32; type <= FORGE_KV_Q8_0; type++)
         for (size_t hi = 0; hi < sizeof heads / sizeof heads[0]; hi++)
             for (size_t ri = 0; ri < sizeof rows / sizeof rows[0]; ri++)
                 for (int wi = 0; wi < 2; wi++)
                     for (int ci = 0; ci < 2; ci++) {
+                        if (type == FORGE_KV_Q8_0 && heads[hi][2] % 32) continue; /* whole blocks */
                         const attn_case c = {type,         heads[hi][0], heads[hi][1], heads[hi][2],
                                              rows[ri][0],  rows[ri][1],  rows[ri][2],  windows[wi],
                                              caps[ci]};
@@ -163,13 +168,78 @@ static void test_grouped_equals_per_head(void **state)
                     }
     assert_int_equal(kern_set_isa(best, NULL), FORGE_OK);
     print_message("%d cases bit-exact at 1 and 3 threads\n", n_cases);
-    assert_int_equal(n_cases, 2 * 8 * 5 * 2 * 2);
+    assert_int_equal(n_cases, (2 * 8 + 5) * 5 * 2 * 2);
+}
+
+#if defined(__x86_64__)
+__attribute__((target("avx2"))) static void exp8_of(const float *x, float *y)
+{
+    _mm256_storeu_ps(y, attn_exp8(_mm256_loadu_ps(x)));
+}
+__attribute__((target("avx512f"))) static void exp16_of(const float *x, float *y)
+{
+    _mm512_storeu_ps(y, attn_exp16(_mm512_loadu_ps(x)));
+}
+#endif
+
+static void test_attn_exp(void **state)
+{
+    (void)state;
+    enum { N = 1 << 16 };
+    float *x = malloc((N + 16) * sizeof *x), *y = malloc((N + 16) * sizeof *y);
+    assert_true(x && y);
+    /* a grid over the range the softmax uses, then the edges and the special values */
+    for (int i = 0; i < N; i++)
+        x[i] = -88.0f * (float)i / (float)(N - 1);
+    const float special[16] = {0.0f, -0.0f, -1e-30f, -87.33f, -87.34f, -87.4f, -100.0f, -INFINITY,
+                               NAN, 1.0f, 10.0f, 88.0f, 89.0f, INFINITY, -1e-7f, -0.5f};
+    memcpy(x + N, special, sizeof special);
+    double worst = 0;
+    for (int i = 0; i < N + 16; i++) {
+        y[i] = attn_expf(x[i]);
+        const double want = exp((double)x[i]);
+        if (x[i] != x[i]) {
+            if (y[i] == y[i]) fail_msg("attn_expf(NaN) = %g", (double)y[i]);
+        } else if (x[i] < ATTN_EXP_LO) {
+            if (y[i] != 0.0f) fail_msg("attn_expf(%g) = %g, want 0", (double)x[i], (double)y[i]);
+        } else if (x[i] <= ATTN_EXP_HI) {
+            const double rel = fabs((double)y[i] - want) / want;
+            if (rel > worst) worst = rel;
+        } else if (y[i] != attn_expf(ATTN_EXP_HI)) {
+            fail_msg("attn_expf(%g) = %g, not the value at %g", (double)x[i], (double)y[i],
+                     (double)ATTN_EXP_HI);
+        }
+    }
+    print_message("attn_expf: largest relative error %.3g\n", worst);
+    assert_true(worst < 1.5e-7);
+#if defined(__x86_64__)
+    const kern_isa best = kern_isa_best();
+    float got[16];
+    int checked = 0;
+    for (int i = 0; i + 16 <= N + 16; i += 16) {
+        if (best == KERN_ISA_AVX2 || best == KERN_ISA_AVX512) {
+            exp8_of(x + i, got);
+            exp8_of(x + i + 8, got + 8);
+            if (memcmp(got, y + i, sizeof got)) fail_msg("attn_exp8 differs from attn_expf near %g", (double)x[i]);
+            checked++;
+        }
+        if (best == KERN_ISA_AVX512) {
+            exp16_of(x + i, got);
+            if (memcmp(got, y + i, sizeof got)) fail_msg("attn_exp16 differs from attn_expf near %g", (double)x[i]);
+            checked++;
+        }
+    }
+    print_message("%d SIMD vectors bit-exact\n", checked);
+#endif
+    free(x);
+    free(y);
 }
 
 int main(void)
 {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_grouped_equals_per_head),
+        cmocka_unit_test(test_attn_exp),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
