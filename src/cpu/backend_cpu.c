@@ -20,6 +20,7 @@
 #include "core/util.h"
 #include "cpu/attn_exp.h"
 #include "cpu/backend_cpu.h"
+#include "cpu/kern_impl.h"
 #include "cpu/kernels.h"
 
 #if defined(__x86_64__)
@@ -1122,6 +1123,62 @@ TGT_ATTN512 static void attn_group_x86(const struct attn_job *j, int t, int h0, 
     }
 }
 
+#define TGT_ATTN_VNNI __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")))
+
+/* The dot_row_q8 sums of one K row (nb blocks) with the group's G (4, 8, 12 or 16) quantized
+ * queries, into out[G]: per block, the queries of two heads (+128, unsigned) in one zmm meet the
+ * block broadcast to both halves in one vpdpbusd; eight lanes per head are reduced (exact
+ * integers), 128 times the block's sum taken back off; then per head the float step of
+ * dot_row_q8, (float)sumi * (dk * dq), added in block order: the same bits. qb: [nb][G / 2][64]
+ * biased query bytes; dq: [nb][G] the queries' scales. */
+TGT_ATTN_VNNI static void attn_qk8_vnni(const uint8_t *krow, const uint8_t *qb, const float *dq,
+                                             int G, int nb, float *out)
+{
+    const __m256i perm = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+    for (int h8 = 0; h8 < G; h8 += 8) {
+        const int nh = G - h8 >= 8 ? 8 : 4;
+        __m256 sum = _mm256_setzero_ps();
+        for (int b = 0; b < nb; b++) {
+            const uint8_t *kb = krow + (size_t)b * KV_Q8_BYTES;
+            const __m256i k32 = _mm256_loadu_si256((const __m256i *)(const void *)(kb + 2));
+            const __m512i k = _mm512_broadcast_i64x4(k32);
+            const uint8_t *q = qb + ((size_t)b * (G / 2) + h8 / 2) * 64;
+            const __m512i z = _mm512_setzero_si512();
+            const __m512i a = _mm512_dpbusd_epi32(z, _mm512_loadu_si512((const void *)q), k);
+            const __m512i bb = _mm512_dpbusd_epi32(z, _mm512_loadu_si512((const void *)(q + 64)), k);
+            const __m512i c = nh == 8 ? _mm512_dpbusd_epi32(z, _mm512_loadu_si512((const void *)(q + 128)), k) : z;
+            const __m512i d = nh == 8 ? _mm512_dpbusd_epi32(z, _mm512_loadu_si512((const void *)(q + 192)), k) : z;
+            /* 128-bit lane L of r: the sums of lane L of a, b, c, d; lanes 0-1 hold the first
+             * head of each pair, 2-3 the second */
+            const __m512i p = _mm512_add_epi32(_mm512_unpacklo_epi32(a, bb), _mm512_unpackhi_epi32(a, bb));
+            const __m512i qq = _mm512_add_epi32(_mm512_unpacklo_epi32(c, d), _mm512_unpackhi_epi32(c, d));
+            const __m512i r = _mm512_add_epi32(_mm512_unpacklo_epi64(p, qq), _mm512_unpackhi_epi64(p, qq));
+            const __m512i u = _mm512_add_epi32(r, _mm512_shuffle_i64x2(r, r, _MM_SHUFFLE(2, 3, 0, 1)));
+            /* heads 0 2 4 6 in lane 0, 1 3 5 7 in lane 2: interleaved into 0..7 */
+            const __m256i lo = _mm512_castsi512_si256(u);
+            const __m256i hi = _mm512_extracti64x4_epi64(u, 1);
+            __m256i s8 = _mm256_permutevar8x32_epi32(
+                _mm256_permute2x128_si256(lo, hi, 0x20), perm);
+            /* minus 128 times the block's sum (the bias of the queries) */
+            const __m256i ks = _mm256_sad_epu8(_mm256_xor_si256(k32, _mm256_set1_epi8((char)0x80)),
+                                               _mm256_setzero_si256());
+            __m128i k2 = _mm_add_epi64(_mm256_castsi256_si128(ks), _mm256_extracti128_si256(ks, 1));
+            k2 = _mm_add_epi64(k2, _mm_unpackhi_epi64(k2, k2));
+            const int ksum = (int)_mm_cvtsi128_si32(k2) - 32 * 128;
+            s8 = _mm256_sub_epi32(s8, _mm256_set1_epi32(128 * ksum));
+            uint16_t dr;
+            memcpy(&dr, kb, 2);
+            const __m256 dd = _mm256_mul_ps(_mm256_set1_ps(forge_fp16_to_f32(dr)),
+                                            _mm256_loadu_ps(dq + (size_t)b * G + h8));
+            sum = _mm256_add_ps(sum, _mm256_mul_ps(_mm256_cvtepi32_ps(s8), dd));
+        }
+        if (nh == 8)
+            _mm256_storeu_ps(out + h8, sum);
+        else
+            _mm_storeu_ps(out + h8, _mm256_castps256_ps128(sum));
+    }
+}
+
 /* attn_group_x86 for a Q8_0 cache: each K/V row loaded once for the group's heads, each head's
  * score the AVX2 dot_row_q8_x86 of attn_head (its query quantized the same way), the V rows of
  * a block dequantized once (d times q, as axpy_row_q8 rounds it) and summed as F32 rows. The
@@ -1144,6 +1201,22 @@ TGT_ATTN512 static void attn_group_q8_x86(const struct attn_job *j, int t, int h
     const size_t head_off = kv_row_bytes(kv->type, h0 / gqa * hd);
     for (int h = 0; h < G; h++)
         kern_quantize_row_q8_0(j->q + ((int64_t)t * a->n_head + h0 + h) * hd, qq + (size_t)h * q8_bytes, hd);
+    /* for attn_qk8_vnni: the queries' bytes + 128 by block and pair of heads, and their scales */
+    const int nb = hd / KV_QK;
+    const bool vnni = kern_cpu_has_avx512vnni();
+    uint8_t *qb = qq + ((size_t)G * q8_bytes + 63) / 64 * 64;
+    float *dq = (float *)(void *)(qb + (size_t)nb * G * 32);
+    if (vnni)
+        for (int b = 0; b < nb; b++)
+            for (int h = 0; h < G; h++) {
+                const uint8_t *src = qq + (size_t)h * q8_bytes + (size_t)b * KV_Q8_BYTES;
+                uint8_t *dst = qb + ((size_t)b * (G / 2) + h / 2) * 64 + (size_t)(h % 2) * 32;
+                for (int k = 0; k < KV_QK; k++)
+                    dst[k] = (uint8_t)(src[2 + k] ^ 0x80);
+                uint16_t d16;
+                memcpy(&d16, src, 2);
+                dq[(size_t)b * G + h] = forge_fp16_to_f32(d16);
+            }
     const int p_lo = a->window > 0 && n_kv > a->window ? n_kv - a->window : 0;
     const float inv_cap = a->softcap > 0.0f ? 1.0f / a->softcap : 0.0f;
     float mx[ATTN_GROUP_MAX];
@@ -1162,8 +1235,14 @@ TGT_ATTN512 static void attn_group_q8_x86(const struct attn_job *j, int t, int h
             attn_prefetch_rows(kbase + head_off, table, bs, row_bytes, q8_bytes, p0 + i + ATTN_PF_AHEAD,
                                p0 + i + ATTN_PF_AHEAD + 1, n_kv);
             const uint8_t *krow = kr + (size_t)i * row_bytes;
+            float raw[ATTN_GROUP_MAX];
+            if (vnni)
+                attn_qk8_vnni(krow, qb, dq, G, nb, raw);
+            else
+                for (int h = 0; h < G; h++)
+                    raw[h] = dot_row_q8_x86(krow, qq + (size_t)h * q8_bytes, hd);
             for (int h = 0; h < G; h++) {
-                float sv = dot_row_q8_x86(krow, qq + (size_t)h * q8_bytes, hd) * a->scale;
+                float sv = raw[h] * a->scale;
                 if (a->softcap > 0.0f) sv = tanhf(sv * inv_cap) * a->softcap;
                 sc[h] = sv;
                 if (sv > mx[h]) mx[h] = sv;
