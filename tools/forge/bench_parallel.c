@@ -46,6 +46,17 @@ bool bench_parse_list(const char *opt, const char *val, long lo, long hi, int32_
     return true;
 }
 
+void bench_mean_sd(const double *x, int n, double *mean, double *sd)
+{
+    double s = 0, s2 = 0;
+    for (int i = 0; i < n; i++)
+        s += x[i];
+    *mean = n > 0 ? s / n : 0;
+    for (int i = 0; i < n; i++)
+        s2 += (x[i] - *mean) * (x[i] - *mean);
+    *sd = n > 1 ? sqrt(s2 / (n - 1)) : 0;
+}
+
 /* One request's token times. */
 typedef struct stream {
     double *t; /* [n_gen] */
@@ -222,13 +233,7 @@ static int bench_one(engine_opts *o, forge_model *m, int32_t n_par, long n_promp
     forge_engine_stats after_st;
     forge_engine_get_stats(e, &after_st);
     res->n_preempted = after_st.n_preempted - before.n_preempted;
-    double s = 0, s2 = 0;
-    for (int r = 0; r < res->runs; r++)
-        s += res->tg[r];
-    res->tg_mean = s / res->runs;
-    for (int r = 0; r < res->runs; r++)
-        s2 += (res->tg[r] - res->tg_mean) * (res->tg[r] - res->tg_mean);
-    res->tg_sd = res->runs > 1 ? sqrt(s2 / (res->runs - 1)) : 0;
+    bench_mean_sd(res->tg, res->runs, &res->tg_mean, &res->tg_sd);
     res->pp = pp_sum / res->runs;
     res->e2e = e2e_sum / res->runs;
     mean_p99(ttft, n_ttft, &res->ttft_mean, &res->ttft_p99);

@@ -15,6 +15,9 @@
 bool bench_parse_list(const char *opt, const char *val, long lo, long hi, int32_t *list,
                       int *n_list);
 
+/* Mean and sample standard deviation (0 for fewer than two values) of x[0..n). */
+void bench_mean_sd(const double *x, int n, double *mean, double *sd);
+
 /* For each N of list: an engine with n_parallel N and a KV pool for N x (n_prompt + n_gen)
  * tokens, one short warm-up request, then reps runs of N requests submitted at once, each with
  * its own random prompt of n_prompt tokens (BOS first when the vocabulary adds one), generating

@@ -5,7 +5,6 @@
  * generated token reads and the bandwidth that implies. tg decodes with forge_decode_greedy (a
  * greedy pick per token, made on the device where there is one, as a generator would).
  * With --parallel N1,N2,...: many streams at once through forge_engine (bench_parallel.c). */
-#include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -205,13 +204,7 @@ int cmd_bench(int argc, char **argv)
                 if (dt < 0) goto done;
                 r->ts[r->runs++] = (double)r->n / dt;
             }
-            double sum = 0, s2 = 0;
-            for (int i = 0; i < r->runs; i++)
-                sum += r->ts[i];
-            r->mean = sum / r->runs;
-            for (int i = 0; i < r->runs; i++)
-                s2 += (r->ts[i] - r->mean) * (r->ts[i] - r->mean);
-            r->sd = r->runs > 1 ? sqrt(s2 / (r->runs - 1)) : 0;
+            bench_mean_sd(r->ts, r->runs, &r->mean, &r->sd);
         }
     }
 
