@@ -201,10 +201,12 @@ static int bench_one(engine_opts *o, forge_model *m, int32_t n_par, long n_promp
             fprintf(stderr, "forge bench: out of memory\n");
             goto done;
         }
-    /* warm-up: one short request touches every weight (page cache, device, thread pool) */
+    /* warm-up, untimed: the N prompts and two tokens each touch every weight (page cache,
+     * device, thread pool) and every kernel the timed prompt and decode steps launch (a GPU
+     * loads a kernel at its first launch) */
     double t0;
-    const long wp = n_prompt < 8 ? n_prompt : 8, wn = n_gen < 2 ? n_gen : 2;
-    if (run_requests(e, m, st, 1, wp, wn, ids, &t0)) goto done;
+    const long wn = n_gen < 2 ? n_gen : 2;
+    if (run_requests(e, m, st, n_par, n_prompt, wn, ids, &t0)) goto done;
     forge_engine_stats before;
     forge_engine_get_stats(e, &before);
 
