@@ -18,7 +18,7 @@ reused_of() { grep '^\[turn:' "$1" | sed -n "${2}p" | sed 's/.*, \([0-9]*\) reus
 
 # ---- the outputs of the loops the engine replaced (recorded from the CLI before it) -----------
 # stdout (text + ids) of sampled and penalised runs, md5: byte-identical through the engine
-pin() { # pin NAME MD5 ARGS...
+pin() { # pin NAME MD5 ARGS...  (FORGE_ISA from the caller's environment)
     local n=$1 want=$2
     shift 2
     local got
@@ -30,8 +30,11 @@ pen=(--top-k 20 --top-p 0.9 --min-p 0.02 --repeat-penalty 1.3 --presence-penalty
 pin "run sampled --seed 7 as before" de94e7f59bfb56ee51b9339da819bd3e -m "$m" -p "The little dog" -n 60 --seed 7 --temp 1
 pin "run sampled with penalties as before" baf0153a9b4bf6cabc249c26ba79a031 -m "$m" -p Lily -n 80 --seed 3 --temp 0.9 "${pen[@]}"
 pin "run greedy with penalties as before" f153ff747380b497b623b48cfbefeb4b -m "$m" -p Lily -n 80 --temp 0 --repeat-penalty 1.5 --repeat-last-n 16
-pin "run Q4_0-mix sampled as before" 0191c2b5a21b79ff4eff074e8539d5fd -m "$q4" -p "The little dog" -n 60 --seed 7 --temp 1
-pin "run Q4_0-mix sampled with penalties as before" bd70e36c971bd3e9c62c37ea5cc62ecd -m "$q4" -p Lily -n 80 --seed 3 --temp 0.9 "${pen[@]}"
+# Q4_0 through the scalar kernels: the pinned outputs are theirs (the AVX-512 kernels give the
+# same bits; the AVX2 one-token kernel sums the blocks in another order, and a draw at
+# temperature 1 follows the last bits of the logits)
+FORGE_ISA=scalar pin "run Q4_0-mix sampled as before" 0191c2b5a21b79ff4eff074e8539d5fd -m "$q4" -p "The little dog" -n 60 --seed 7 --temp 1
+FORGE_ISA=scalar pin "run Q4_0-mix sampled with penalties as before" bd70e36c971bd3e9c62c37ea5cc62ecd -m "$q4" -p Lily -n 80 --seed 3 --temp 0.9 "${pen[@]}"
 # a sampled chat's first answer as before (later answers draw with seed + k, see below)
 got=$(printf 'Hello there\n' | "$FORGE" chat -m "$m" --seed 9 --temp 0.7 --repeat-penalty 1.2 -n 30 -c 512 -t 2 2>/dev/null | head -1 | md5sum | cut -d' ' -f1)
 tu_check "chat sampled first answer as before" test "$got" = 52c132a2ba1f96665bcff18129203f0f
