@@ -19,32 +19,10 @@ OUT=${OUT:-/tmp/gpu-archs-out}
 mkdir -p "$OUT"
 export LD_LIBRARY_PATH="$PWD/$D/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 export FORGE_GPU_LIB="$PWD/$D/libforge_cuda.so"
-if ldd "$D/libforge_cuda.so" | grep -q "not found"; then
-    d=$(python3 -c 'import nvidia.cublas, os; print(os.path.join(list(nvidia.cublas.__path__)[0], "lib"))' 2>/dev/null)
-    [ -n "$d" ] && export LD_LIBRARY_PATH="$d:$LD_LIBRARY_PATH"
-fi
-CS=compute-sanitizer
-command -v $CS >/dev/null || CS=/usr/local/cuda/bin/compute-sanitizer
-T=$D/tests/gpu
-fails=0
 BUDGET=${BUDGET:-570} # seconds this script may take in all (a device call allows 600)
-run_log() { # NAME TIMEOUT CMD...: skipped (said) when the budget is spent
-    local name=$1 to=$2
-    shift 2
-    local left=$((BUDGET - SECONDS))
-    if [ $left -lt 30 ]; then
-        echo "$name: SKIPPED (time budget spent)"
-        return
-    fi
-    [ "$to" -gt "$left" ] && to=$left
-    local t0=$SECONDS
-    timeout "$to" "$@" >"$OUT/$name.log" 2>&1
-    local rc=$?
-    printf '%-28s rc=%-3d %4ds | %s\n' "$name" $rc $((SECONDS - t0)) \
-        "$(grep -E 'passed|ERROR SUMMARY' "$OUT/$name.log" | tail -1)"
-    grep -E "^FAIL|FAIL$|FATAL" "$OUT/$name.log" | head -12
-    [ $rc -ne 0 ] && fails=$((fails + 1))
-}
+source "$(dirname "$0")/gpu-lib.sh"
+gpu_find_cublas "$D/libforge_cuda.so"
+T=$D/tests/gpu
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
 run_log archs 240 "$T/test_gpu_archs"
 for t in test_gpu_attn2 test_gpu_fattn test_gpu_fused test_gpu_ops; do

@@ -235,6 +235,14 @@ typedef struct be_ops {
      * backend stopped recording): run the forward pass once more. */
     int (*step_begin)(backend *be, int32_t id, int pos, bool *replayed, forge_err *err);
     int (*step_end)(backend *be, int status, bool *again, forge_err *err);
+    /* The same for a batch of decode rows (an engine step): batch_step_begin(b, ids) before the
+     * forward pass of ids over batch b (the forward then calls batch_set with this same b), and
+     * step_end after it, as above. The backend may replay a recording of an earlier step of
+     * the same shape with b's ids, positions, slots and tables; it records only batches it
+     * knows how to (the GPU: every row a sequence of its own that wants its logits), and for
+     * the others does nothing (*replayed stays false). NULL: no recording. */
+    int (*batch_step_begin)(backend *be, const be_batch *b, const int32_t *ids, bool *replayed,
+                            forge_err *err);
     /* ys[i][t] = ws[i] x[t] for n (<= 8) weights that share the input x, with the results of n
      * matmul calls; the backend may do them as one job (the CPU backend converts x once and
      * splits the rows of all the weights over its threads at once: Q/K/V, gate/up). NULL: the

@@ -42,11 +42,21 @@
  * into gpu_qk_rope_store_slots) and gpu_paged_attention (split-K over fixed splits through the
  * block tables: a row's result does not depend on the rest of the batch); a prompt chunk of at
  * least fattn_min rows runs the tensor-core kernel gathering K/V through its table
- * (gpu_attention_prompt_paged). Batches of 2..16 rows multiply by gpu_matvec_multi (each weight
- * read once for all rows; each row's result bit-identical to the one-row matvec), and a paged
- * batch of one row skips the fused decode kernels, so a decode row gets the same bits alone or
- * in any batch of fewer than gemm_min rows (17.. rows: the one-row matvec per row; the GEMM from
- * gemm_min rows is not batch invariant).
+ * (gpu_attention_prompt_paged). Batches of 2 .. gemm_min - 1 rows multiply by gpu_matvec_multi
+ * in launches of up to 16 rows (each weight read once per launch; each row's result
+ * bit-identical to the one-row matvec), and a paged batch of one row skips the fused decode
+ * kernels, so a decode row gets the same bits alone or in any batch of fewer than gemm_min rows
+ * (the GEMM from gemm_min rows is not batch invariant).
+ * Engine decode steps (batch_step_begin/step_end: every row a sequence of its own, up to
+ * GPU_BSTEP_ROWS rows, fewer than gemm_min when the GEMM is there) are recorded like a
+ * context's steps, one graph per (rows, attention bucket): batch_step_begin copies the batch
+ * arrays and the ids in (the recorded get_rows reads them there), sets the attention length to
+ * the bucket (the paged kernel's splits past a row's own length do nothing), and replays. A
+ * shape runs unrecorded the first time, so the scratch it needs has grown before it is
+ * recorded; growing a scratch or the batch arrays drops every recording. A failed recording
+ * turns engine recordings off (FORGE_GPU_GRAPH=1: an error). Both this and the 17.. row
+ * launches are off unless FORGE_GPU_ENGINE_STEPS=1 (not yet run on a GPU;
+ * GPU_ENGINE_STEPS_DEFAULT).
  * argmax_rows picks the greedy ids of many rows at once.
  *
  * The other architectures (issue 15: Gemma 2/3, Phi-3, GLM, mixtures of experts):
@@ -86,6 +96,11 @@ struct be_kv {
 #define GPU_GRAPH_SLOTS 24                 /* attention buckets 128 << i positions */
 #define GPU_STEP_MIN_KV 128 /* smallest attention bucket of a decode step: below 128 positions \
                              one attention split, no merge launch (FORGE_GPU_ATTN_MIN_SPLIT) */
+#define GPU_BSTEP_ROWS 64   /* engine decode steps of up to this many rows are recorded */
+/* Engine decode steps recorded as graphs, and decode batches of 17 .. gemm_min - 1 rows through
+ * the multi-row matvec in launches of up to 16 rows: FORGE_GPU_ENGINE_STEPS=1 / 0, else this.
+ * Off until they have run on a GPU (written in a session without one: docs/GPU.md). */
+#define GPU_ENGINE_STEPS_DEFAULT 0
 
 /* One GPU's copies of one model's weights (backend.h: be_wshare). Reference-counted: owned
  * jointly by the backends on that GPU that acquired it; guarded by the be_wshare's lock. */
@@ -140,6 +155,16 @@ typedef struct gpu_backend {
     gpu_event *ev_small;
     bool ev_small_used;
     gpu_graph *graphs[GPU_GRAPH_SLOTS]; /* one recorded step per attention bucket */
+    /* engine decode steps (batch_step_begin/step_end): one recording per (rows, attention
+     * bucket), all for one table stride; a shape runs unrecorded the first time (the scratch it
+     * needs grows then) and is recorded the second time */
+    bool bgraph_on;
+    bool in_bstep;
+    const int32_t *bstep_ids; /* the ids batch_step_begin staged, at d_bt + bstep_ids_off */
+    size_t bstep_ids_off;
+    int bstep_rows, bstep_slot, bstep_stride;
+    gpu_graph *bgraphs[GPU_BSTEP_ROWS][GPU_GRAPH_SLOTS];
+    unsigned char bseen[GPU_BSTEP_ROWS][GPU_GRAPH_SLOTS];
     /* fused decode ops (norm_matmul, matmul_add): FORGE_GPU_FUSED=0 runs the plain ops */
     bool fused;
     /* F16/BF16 weights multiply activations rounded to the weight type, as ggml's CPU kernels
@@ -171,11 +196,13 @@ typedef struct gpu_backend {
     /* multi-row decode matvec: activations of up to GPU_MATVEC_MULTI_MAX rows, quantized
      * (d_xqm, with the buffer/version it holds) or rounded (d_xrm) */
     bool mv_multi; /* FORGE_GPU_MATVEC_MULTI=0 turns it off */
+    bool mv_multi_big; /* more than GPU_MATVEC_MULTI_MAX rows in several launches */
     void *d_xqm;
     float *d_xrm;
     const be_buf *xqm_src;
     uint64_t xqm_version;
     int64_t xqm_n;
+    int xqm_r0;
     /* argmax_rows: ids on the device and their pinned host copy */
     int32_t *d_amax, *h_amax;
     int amax_cap;
@@ -397,6 +424,12 @@ static void drop_graphs(gpu_backend *g)
         g->api->graph_free(g->graphs[i]);
         g->graphs[i] = NULL;
     }
+    for (int r = 0; r < GPU_BSTEP_ROWS; r++)
+        for (int i = 0; i < GPU_GRAPH_SLOTS; i++) {
+            g->api->graph_free(g->bgraphs[r][i]);
+            g->bgraphs[r][i] = NULL;
+            g->bseen[r][i] = 0;
+        }
 }
 
 /* Attention length bound of a decode step at pos: the power of two >= pos + 1 (at least
@@ -435,6 +468,9 @@ static int bt_reserve(gpu_backend *g, size_t n, forge_err *err)
     const gpu_api *api = g->api;
     int rc;
     if (n <= g->bt_cap) return FORGE_OK;
+    if (g->capturing)
+        return forge_err_set(err, FORGE_E_INTERNAL, "gpu batch arrays grow while recording");
+    drop_graphs(g); /* recordings hold the old d_bt */
     n = n < 1024 ? 1024 : n + n / 2;
     for (int i = 0; i < 2; i++) {
         if (!g->ev_bt[i] && (rc = api->event_create(&g->ev_bt[i], 0, err))) return rc;
@@ -1015,6 +1051,13 @@ static int gb_get_rows(backend *be, be_buf *out, const be_weight *table, const i
         /* the id is in d_small[0] already (step_begin) */
         if (ids[0] != g->step_id) return step_mismatch(g, "get_rows id", ids[0], err);
         d_ids = g->d_small;
+    } else if (g->in_bstep) {
+        /* batch_step_begin staged the ids with the batch */
+        if (ids != g->bstep_ids || n != g->bstep_rows)
+            return forge_err_set(err, FORGE_E_INTERNAL,
+                                 "gpu get_rows: %d ids inside an engine step of %d rows", n,
+                                 g->bstep_rows);
+        d_ids = g->d_bt + g->bstep_ids_off;
     } else if ((rc = g->api->memcpy_h2d(g->d_ids, ids, (size_t)n * 4, g->st, err))) {
         /* from pageable memory: the runtime has copied ids when the call returns */
         return rc;
@@ -1075,36 +1118,55 @@ static int matmul_by_rows(gpu_backend *g, be_buf *y, const be_weight *w, const b
     return FORGE_OK;
 }
 
-/* True when the n_tok (2..16) rows of a decode batch go through one multi-row matvec. */
+/* True when the n_tok (>= 2) rows of a decode batch go through the multi-row matvec, in
+ * launches of up to GPU_MATVEC_MULTI_MAX rows. */
 static bool uses_multi(const gpu_backend *g, const be_weight *w, int n_tok)
 {
-    return g->mv_multi && g->d_xqm && n_tok >= 2 && n_tok <= GPU_MATVEC_MULTI_MAX &&
-           w->ne0 <= g->max_in && g->api->matvec_multi_supported(w->type, w->ne0);
+    return g->mv_multi && g->d_xqm && n_tok >= 2 &&
+           (n_tok <= GPU_MATVEC_MULTI_MAX || g->mv_multi_big) && w->ne0 <= g->max_in &&
+           g->api->matvec_multi_supported(w->type, w->ne0);
 }
 
-/* y[t] = W x[t] for 2..16 rows, each weight read once: the rows' activations quantized (one
- * quantization serves every matmul of the same unchanged buffer) or rounded first, like
- * matmul_by_rows does per row; bit-identical per row to it. */
-static int matmul_multi_rows(gpu_backend *g, be_buf *y, const be_weight *w, const be_buf *x,
-                             int n_tok, forge_err *err)
+/* y[t] = W x[t] for the rows r0 .. r0+n-1 (n <= GPU_MATVEC_MULTI_MAX), each weight read once:
+ * the rows' activations quantized (one quantization serves every matmul of the same unchanged
+ * buffer and rows) or rounded first, like matmul_by_rows does per row; bit-identical per row to
+ * it. */
+static int matmul_multi_chunk(gpu_backend *g, be_buf *y, const be_weight *w, const be_buf *x,
+                              int r0, int n, forge_err *err)
 {
     const gpu_api *api = g->api;
-    const int64_t n_in = w->ne0, n_all = (int64_t)n_tok * n_in;
-    const float *xs = x->d;
+    const int64_t n_in = w->ne0, n_all = (int64_t)n * n_in;
+    const float *xs = x->d + (int64_t)r0 * n_in;
     int rc;
-    if (is_quant(w->type) &&
-        !(g->xqm_src == x && g->xqm_version == x->version && g->xqm_n == n_all)) {
-        if ((rc = api->act_quantize(x->d, n_all, g->d_xqm, g->st, err))) return rc;
+    if (is_quant(w->type) && !(g->xqm_src == x && g->xqm_version == x->version &&
+                               g->xqm_n == n_all && g->xqm_r0 == r0)) {
+        if ((rc = api->act_quantize(xs, n_all, g->d_xqm, g->st, err))) return rc;
         g->xqm_src = x;
         g->xqm_version = x->version;
         g->xqm_n = n_all;
+        g->xqm_r0 = r0;
     }
     if (g->round_x && (w->type == GGML_TYPE_F16 || w->type == GGML_TYPE_BF16)) {
-        if ((rc = api->round_act(x->d, g->d_xrm, n_all, w->type, g->st, err))) return rc;
+        if ((rc = api->round_act(xs, g->d_xrm, n_all, w->type, g->st, err))) return rc;
         xs = g->d_xrm;
     }
-    return api->matvec_multi(w->type, wdev(g, w), w->ne1, n_in, n_tok, xs, g->d_xqm, y->d, g->st,
-                             err);
+    return api->matvec_multi(w->type, wdev(g, w), w->ne1, n_in, n, xs, g->d_xqm,
+                             y->d + (int64_t)r0 * w->ne1, g->st, err);
+}
+
+/* y[t] = W x[t] for n_tok >= 2 rows, in chunks of up to GPU_MATVEC_MULTI_MAX rows (17 rows:
+ * 9 + 8, so no chunk is a single row). */
+static int matmul_multi_rows(gpu_backend *g, be_buf *y, const be_weight *w, const be_buf *x,
+                             int n_tok, forge_err *err)
+{
+    const int n_chunks = (n_tok + GPU_MATVEC_MULTI_MAX - 1) / GPU_MATVEC_MULTI_MAX;
+    int rc;
+    for (int c = 0, r0 = 0; c < n_chunks; c++) {
+        const int n = (n_tok - r0) / (n_chunks - c);
+        if ((rc = matmul_multi_chunk(g, y, w, x, r0, n, err))) return rc;
+        r0 += n;
+    }
+    return FORGE_OK;
 }
 
 /* True when y = W x over n_tok rows goes through the BLAS GEMM (else matvec per token). */
@@ -1360,9 +1422,9 @@ static int gb_rope(backend *be, be_buf *x, int n_head, int head_dim, const be_ba
 
 /* ---- paged batches: RoPE at device positions, K/V at device slots, paged attention ---------- */
 
-static int gb_batch_set(backend *be, const be_batch *b, forge_err *err)
+/* batch_set of b, and with ids (not NULL) the token ids too, after the tables */
+static int batch_stage(gpu_backend *g, const be_batch *b, const int32_t *ids, forge_err *err)
 {
-    gpu_backend *g = gb(be);
     const gpu_api *api = g->api;
     gb_span sp;
     forge_err scratch_err = {0};
@@ -1406,7 +1468,7 @@ static int gb_batch_set(backend *be, const be_batch *b, forge_err *err)
                                      "blocks",
                                      r, b->pos[r], b->n_table[s]);
     }
-    const size_t need = 3 * (size_t)n + n_tab;
+    const size_t need = 3 * (size_t)n + n_tab + (ids ? (size_t)n : 0);
     if ((rc = bt_reserve(g, need, err))) return rc;
     const int half = g->bt_half;
     g->bt_half ^= 1;
@@ -1419,6 +1481,7 @@ static int gb_batch_set(backend *be, const be_batch *b, forge_err *err)
         for (int r = b->seq_start[s]; r < b->seq_start[s + 1]; r++)
             h[2 * n + r] = s;
     memcpy(h + 3 * n, b->table, n_tab * 4);
+    if (ids) memcpy(h + 3 * n + n_tab, ids, (size_t)n * 4);
     /* the device array is rewritten after the previous pass's kernels (stream order) */
     if ((rc = api->memcpy_h2d(g->d_bt, h, need * 4, g->st, err)) ||
         (rc = api->event_record(g->ev_bt[half], g->st, err)))
@@ -1427,6 +1490,13 @@ static int gb_batch_set(backend *be, const be_batch *b, forge_err *err)
     g->bt_max_kv = max_pos + 1;
     g->bt_paged = true;
     return FORGE_OK;
+}
+
+static int gb_batch_set(backend *be, const be_batch *b, forge_err *err)
+{
+    gpu_backend *g = gb(be);
+    if (g->in_bstep && b == g->bt && g->bt_paged) return FORGE_OK; /* staged by batch_step_begin */
+    return batch_stage(g, b, NULL, err);
 }
 
 /* The ops of a batch that is not a span must run on the batch batch_set copied. */
@@ -1496,6 +1566,10 @@ static int paged_attend(gpu_backend *g, be_buf *out, const be_buf *q, const be_k
     if (want > GPU_PAGED_SCRATCH_MAX)
         want = one > GPU_PAGED_SCRATCH_MAX ? one : GPU_PAGED_SCRATCH_MAX;
     if (g->paged_bytes < want) {
+        if (g->capturing)
+            return forge_err_set(err, FORGE_E_INTERNAL,
+                                 "gpu paged attention: scratch grows while recording");
+        drop_graphs(g);       /* recordings hold the old scratch */
         dfree(g, g->d_paged); /* in stream order: earlier launches keep theirs */
         g->d_paged = NULL;
         g->paged_bytes = 0;
@@ -2174,34 +2248,108 @@ static int gb_step_begin(backend *be, int32_t id, int pos, bool *replayed, forge
     return FORGE_OK;
 }
 
-static int gb_step_end(backend *be, int status, bool *again, forge_err *err)
+/* An engine step of decode rows only (every row its sequence's one row, logits of every row
+ * in row order) of at most GPU_BSTEP_ROWS rows, over block tables: its launches depend only on
+ * the row count, the table stride and the attention bucket (the paged kernel's splits cover
+ * the bucket; a row reads its own positions only), so it is recorded per (rows, bucket) and
+ * replayed with the batch arrays and ids copied in first. */
+static int gb_batch_step_begin(backend *be, const be_batch *b, const int32_t *ids, bool *replayed,
+                               forge_err *err)
 {
     gpu_backend *g = gb(be);
     const gpu_api *api = g->api;
+    int rc, slot = 0;
+    *replayed = false;
+    if ((rc = need_plan(g, err))) return rc;
+    if (g->capturing || g->in_step || g->in_bstep)
+        return forge_err_set(err, FORGE_E_INTERNAL, "gpu batch_step_begin: inside a step");
+    /* rows through the GEMM (cuBLAS, and the weights dequantized for it) are not recorded: a
+     * step of that many rows is long, and a failed recording would end all of them */
+    if (!g->bgraph_on || !b || !ids || b->n_tok < 1 || b->n_tok > GPU_BSTEP_ROWS ||
+        (g->blas && b->n_tok >= g->gemm_min) || b->n_seq != b->n_tok || b->n_out != b->n_tok ||
+        b->block_size == g->n_ctx)
+        return FORGE_OK; /* not a shape it records: the forward runs as usual */
+    for (int r = 0; r < b->n_tok; r++)
+        if (b->out_rows[r] != r || b->seq_start[r] != r) return FORGE_OK;
+    if ((rc = batch_stage(g, b, ids, err))) return rc;
+    const int n = b->n_tok;
+    int max_pos = g->bt_max_kv - 1;
+    g->bt_max_kv = (int)step_max_kv(g->n_ctx, max_pos, &slot);
+    if (b->table_stride != g->bstep_stride) {
+        drop_graphs(g);
+        g->bstep_stride = b->table_stride;
+    }
+    g->bstep_ids = ids;
+    g->bstep_ids_off = 3 * (size_t)n + (size_t)n * (size_t)b->table_stride;
+    g->bstep_rows = n;
+    g->bstep_slot = slot;
+    g->xq_src = NULL; /* a replay overwrites the activations behind the host's back */
+    g->xqm_src = NULL;
+    if (g->bgraphs[n - 1][slot]) {
+        if ((rc = api->graph_launch(g->bgraphs[n - 1][slot], g->st, err))) return rc;
+        *replayed = true;
+        return FORGE_OK;
+    }
+    g->in_bstep = true;
+    if (!g->bseen[n - 1][slot]) {
+        g->bseen[n - 1][slot] = 1; /* first time: unrecorded */
+        return FORGE_OK;
+    }
+    if ((rc = api->graph_begin(g->st, err))) {
+        if (g->graph_strict) {
+            g->in_bstep = false;
+            return rc;
+        }
+        g->bgraph_on = false; /* this and later steps unrecorded */
+        return FORGE_OK;
+    }
+    g->capturing = true;
+    return FORGE_OK;
+}
+
+/* End the recording of a step (a context's or an engine's) whose forward pass returned status:
+ * keep the graph in *slot and launch it; a failed pass keeps nothing; a failed recording sets
+ * *on false and *again (run the pass once more, unrecorded), or is the error with
+ * FORGE_GPU_GRAPH=1. */
+static int end_recording(gpu_backend *g, int status, gpu_graph **slot, bool *on, bool *again,
+                         forge_err *err)
+{
+    const gpu_api *api = g->api;
     gpu_graph *gr = NULL;
+    g->capturing = false;
+    int rc = api->graph_end(g->st, &gr, status ? NULL : err);
+    if (status) {
+        /* the forward pass failed (or was interrupted): nothing ran, nothing is kept */
+        api->graph_free(gr);
+        return FORGE_OK;
+    }
+    if (rc) {
+        /* recorded but not run: without these graphs from now on, and the caller runs it again */
+        api->graph_free(gr);
+        if (g->graph_strict) return rc;
+        *on = false;
+        *again = true;
+        return FORGE_OK;
+    }
+    *slot = gr;
+    return api->graph_launch(gr, g->st, err);
+}
+
+static int gb_step_end(backend *be, int status, bool *again, forge_err *err)
+{
+    gpu_backend *g = gb(be);
     int rc = FORGE_OK;
     *again = false;
-    if (g->capturing) {
-        g->capturing = false;
-        rc = api->graph_end(g->st, &gr, status ? NULL : err);
-        if (status) {
-            /* the forward pass failed (or was interrupted): nothing ran, nothing is kept */
-            api->graph_free(gr);
-            rc = FORGE_OK;
-        } else if (rc) {
-            /* recorded but not run: without graphs from now on, and the caller runs it again */
-            api->graph_free(gr);
-            if (g->graph_strict) goto done;
-            g->graph_on = false;
-            *again = true;
-            return FORGE_OK; /* stays in the step */
-        } else {
-            g->graphs[g->step_slot] = gr;
-            rc = api->graph_launch(gr, g->st, err);
-        }
+    if (g->in_bstep) {
+        if (g->capturing)
+            rc = end_recording(g, status, &g->bgraphs[g->bstep_rows - 1][g->bstep_slot],
+                               &g->bgraph_on, again, err);
+        if (!*again) g->in_bstep = false; /* *again: stays in the step */
+        return rc;
     }
-done:
-    g->in_step = false;
+    if (g->capturing)
+        rc = end_recording(g, status, &g->graphs[g->step_slot], &g->graph_on, again, err);
+    if (!*again) g->in_step = false;
     return rc;
 }
 
@@ -2291,6 +2439,7 @@ static const be_ops gpu_ops = {
     .batch_set = gb_batch_set,
     .step_begin = gb_step_begin,
     .step_end = gb_step_end,
+    .batch_step_begin = gb_batch_step_begin,
     .norm_matmul = gb_norm_matmul,
     .matmul_add = gb_matmul_add,
     .attention_rope = gb_attention_rope,
@@ -2337,6 +2486,11 @@ int backend_gpu_create(int gpu_index, backend **out, forge_err *err)
     /* FORGE_GPU_SYNC=1 synchronises after every launch, which a capture forbids */
     g->graph_on = !(ge && !strcmp(ge, "0")) && !(sy && sy[0] == '1');
     g->graph_strict = g->graph_on && ge && !strcmp(ge, "1");
+    const char *es = getenv("FORGE_GPU_ENGINE_STEPS");
+    const bool engine_steps = es && (es[0] == '0' || es[0] == '1') ? es[0] == '1'
+                                                                  : GPU_ENGINE_STEPS_DEFAULT;
+    g->bgraph_on = g->graph_on && engine_steps;
+    g->mv_multi_big = engine_steps;
     *out = &g->base;
     return FORGE_OK;
 fail:

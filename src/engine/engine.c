@@ -1003,6 +1003,28 @@ static int unfinished(forge_engine *e)
     return n;
 }
 
+/* The step's forward pass. A batch of decode rows only (each sequence one row, every row's
+ * logits) goes through the backend's batch_step_begin/step_end, which may replay a recording
+ * of an earlier step of the same shape instead (backend.h). */
+static int engine_forward(forge_engine *e, const be_batch *bt, forge_err *err)
+{
+    backend *be = e->fs.be;
+    const be_ops *op = be->ops;
+    if (!op->batch_step_begin || bt->n_tok != bt->n_seq || bt->n_out != bt->n_tok)
+        return model_forward(&e->fs, e->b_ids, bt, err);
+    bool replayed = false, again = false;
+    int rc = op->batch_step_begin(be, bt, e->b_ids, &replayed, err);
+    if (rc || replayed) return rc;
+    for (int attempt = 0; attempt < 2; attempt++) {
+        rc = model_forward(&e->fs, e->b_ids, bt, err);
+        int rc_end = op->step_end(be, rc, &again, rc ? NULL : err);
+        if (rc) return rc;
+        if (rc_end) return rc_end;
+        if (!again) break;
+    }
+    return again ? forge_err_set(err, FORGE_E_INTERNAL, "engine step was not run") : FORGE_OK;
+}
+
 static int engine_step(forge_engine *e, forge_err *err)
 {
     const be_ops *op = e->fs.be->ops;
@@ -1073,7 +1095,7 @@ static int engine_step(forge_engine *e, forge_err *err)
                                     c->n_rows, &ferr)))
             goto failed;
     }
-    if ((rc = model_forward(&e->fs, e->b_ids, &bt, &ferr))) goto failed;
+    if ((rc = engine_forward(e, &bt, &ferr))) goto failed;
     if (n_out > 0 &&
         (rc = op->buf_read(e->fs.be, e->fs.b.logits, 0, (int64_t)n_out * V, e->logits, &ferr)))
         goto failed;

@@ -5,7 +5,9 @@
  *   3. a pool too small for all requests completes them all, through preemption, with the ids
  *      each gives alone;
  *   4. two engines on one model, each run by its own thread (forge_engine_start), the first
- *      freed while the second still generates: the second's ids are unchanged.
+ *      freed while the second still generates: the second's ids are unchanged;
+ *   5. the batch of 32 with engine steps unrecorded (FORGE_GPU_GRAPH=0) and recorded, a failed
+ *      recording an error (FORGE_GPU_GRAPH=1): the ids each gives alone.
  * The comparisons are bit-exact ids. Batch invariance on the GPU holds while every matmul runs
  * the (multi-row) matvec and every attention the paged split-K kernel: run with
  * FORGE_GPU_GEMM_MIN and FORGE_GPU_FATTN_MIN above the largest step (the default settings use
@@ -198,6 +200,32 @@ static void one_model(const char *path)
     pthread_join(t2, NULL);
     for (int i = 0; i < N_REQ; i++)
         same("two engines", i, &got[i], &alone[i]);
+
+    /* 5. decode steps recorded and replayed (graphs per rows and attention bucket) against
+     * unrecorded ones: the batch of 32 with FORGE_GPU_GRAPH=0, then with FORGE_GPU_GRAPH=1
+     * (a recording that fails is an error, not a silent fallback) */
+    const char *ge = getenv("FORGE_GPU_GRAPH");
+    char saved[32] = "";
+    if (ge) snprintf(saved, sizeof saved, "%s", ge);
+    const char *modes[] = {"0", "1"};
+    const char *es = getenv("FORGE_GPU_ENGINE_STEPS");
+    if (!es || strcmp(es, "1"))
+        printf("note: FORGE_GPU_ENGINE_STEPS is not 1: part 5 compares unrecorded engine steps "
+               "only\n");
+    for (int k = 0; k < 2; k++) {
+        setenv("FORGE_GPU_GRAPH", modes[k], 1);
+        e = make_engine(m, 16, 0, true);
+        for (int i = 0; i < N_REQ; i++)
+            submit(e, g_prompts[i], g_n_prompt[i], &got[i]);
+        run(e);
+        for (int i = 0; i < N_REQ; i++)
+            same(k ? "recorded steps" : "unrecorded steps", i, &got[i], &alone[i]);
+        forge_engine_free(e);
+    }
+    if (ge)
+        setenv("FORGE_GPU_GRAPH", saved, 1);
+    else
+        unsetenv("FORGE_GPU_GRAPH");
     forge_model_free(m);
 }
 

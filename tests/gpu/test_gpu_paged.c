@@ -613,7 +613,9 @@ int main(int argc, char **argv)
         paged_case(&cases[i], &seed);
     const int types[] = {GGML_TYPE_F32, GGML_TYPE_F16, GGML_TYPE_BF16, GGML_TYPE_Q8_0,
                          GGML_TYPE_Q4_0};
-    const int64_t shapes[][2] = {{256, 512}, {11008 / 2, 1024}, {48, 4096}, {40, 2048}};
+    /* SPR 1 (tails of 1..3 rows past a block of 4-row segments: 4100, 4099), SPR 2..8 */
+    const int64_t shapes[][2] = {{256, 512},  {11008 / 2, 1024}, {48, 4096},
+                                 {40, 2048},  {4100, 1024},      {4099, 512}};
     for (size_t t = 0; t < GT_LEN(types); t++)
         for (size_t sh = 0; sh < GT_LEN(shapes); sh++)
             matvec_multi_case(types[t], shapes[sh][0], shapes[sh][1], &seed, st);
