@@ -2,7 +2,7 @@
 # gpu-steps-run.sh - engine decode steps on the GPU machine in one device call (issue 12):
 # recorded engine steps (graphs per rows and attention bucket) and the multi-row matvec with
 # several weight rows per warp. Logs under $OUT, one line per step on stdout.
-#   (FORGE_GPU_ENGINE_STEPS=1 unless set: both are off by default until they have run)
+#   (FORGE_GPU_ENGINE_STEPS=1 unless set: the default since their first run)
 #   1. test_gpu_paged: multi-row matvec == one-row matvec bit for bit, with the default weight
 #      rows per warp and with FORGE_GPU_MULTI_RW=1, 2, 4 (the kernel of branch gpu-multi-rw;
 #      main's kernel ignores the variable)
@@ -13,7 +13,7 @@
 #   3. bench_gpu_paged (decode matmul of 2..16 rows), OLD vs NEW, NEW per FORGE_GPU_MULTI_RW
 #   4. forge synth --shape llama2-7b --type Q4_0, then forge bench --parallel 1,4,16,64
 #      -p 128 -n 128 and forge bench -p 512 -n 128 (a context), OLD and NEW interleaved, NEW
-#      with FORGE_GPU_ENGINE_STEPS=0 too; NEW
+#      with FORGE_GPU_ENGINE_STEPS=0 and with FORGE_GPU_MULTI_RW=4 too; NEW
 #      also with every matmul through the matvec (FORGE_GPU_GEMM_MIN=1000000); a context at
 #      depth 4096 and 8192 (F16 and F32 KV)
 # Usage: bash scripts/gpu-steps-run.sh NEW OLD FIXTURES
@@ -21,7 +21,7 @@
 #   build to compare with; its tests are not run); FIXTURES: stories260K.gguf and
 #   stories260K-Q4_0-mix.gguf; LIBS (optional): shared libraries the machine lacks.
 set -uo pipefail
-export FORGE_GPU_ENGINE_STEPS=${FORGE_GPU_ENGINE_STEPS:-1} # off by default until this has run
+export FORGE_GPU_ENGINE_STEPS=${FORGE_GPU_ENGINE_STEPS:-1}
 NEW=$1
 OLD=$2
 FX=$3
@@ -81,10 +81,12 @@ depth() { # KV
     FORGE_GPU_LIB="$PWD/$NEW/libforge_cuda.so" timeout 120 "$NEW/forge" bench -m $M -p 512 \
         -n 128 -r 2 -d 4096,8192 -c 8448 --kv-type "$1" --device gpu 2>&1 |
         tee "$OUT/depth_$1.log" | grep -E "pp512|tg128"
+    [ "${PIPESTATUS[0]}" = 0 ] || tail -3 "$OUT/depth_$1.log"
 }
 par new "$NEW"
 par old "$OLD"
 par new-steps-off "$NEW" FORGE_GPU_ENGINE_STEPS=0
+par new-rw4 "$NEW" FORGE_GPU_MULTI_RW=4
 ctxb new "$NEW"
 ctxb old "$OLD"
 depth f16

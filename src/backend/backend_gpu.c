@@ -54,9 +54,8 @@
  * the bucket (the paged kernel's splits past a row's own length do nothing), and replays. A
  * shape runs unrecorded the first time, so the scratch it needs has grown before it is
  * recorded; growing a scratch or the batch arrays drops every recording. A failed recording
- * turns engine recordings off (FORGE_GPU_GRAPH=1: an error). Both this and the 17.. row
- * launches are off unless FORGE_GPU_ENGINE_STEPS=1 (not yet run on a GPU;
- * GPU_ENGINE_STEPS_DEFAULT).
+ * turns engine recordings off (FORGE_GPU_GRAPH=1: an error). FORGE_GPU_ENGINE_STEPS=0 turns
+ * this and the 17.. row launches off (GPU_ENGINE_STEPS_DEFAULT).
  * argmax_rows picks the greedy ids of many rows at once.
  *
  * The other architectures (issue 15: Gemma 2/3, Phi-3, GLM, mixtures of experts):
@@ -98,9 +97,9 @@ struct be_kv {
                              one attention split, no merge launch (FORGE_GPU_ATTN_MIN_SPLIT) */
 #define GPU_BSTEP_ROWS 64   /* engine decode steps of up to this many rows are recorded */
 /* Engine decode steps recorded as graphs, and decode batches of 17 .. gemm_min - 1 rows through
- * the multi-row matvec in launches of up to 16 rows: FORGE_GPU_ENGINE_STEPS=1 / 0, else this.
- * Off until they have run on a GPU (written in a session without one: docs/GPU.md). */
-#define GPU_ENGINE_STEPS_DEFAULT 0
+ * the multi-row matvec in launches of up to 16 rows: FORGE_GPU_ENGINE_STEPS=1 / 0, else this
+ * (on since their first GPU run, eleventh session: docs/GPU.md). */
+#define GPU_ENGINE_STEPS_DEFAULT 1
 
 /* One GPU's copies of one model's weights (backend.h: be_wshare). Reference-counted: owned
  * jointly by the backends on that GPU that acquired it; guarded by the be_wshare's lock. */

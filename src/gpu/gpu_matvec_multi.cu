@@ -7,11 +7,12 @@
  * products (gpu_dot.cuh, the same expressions), the same lane-to-chunk assignment and order
  * (chunk c = lane, lane + 32 * SPR, ... in ascending order), the same segment shuffle sum, and
  * the same choice of SPR (segments per output row) from the matrix shape, so each row's sum is
- * formed in the same order. (gpu_matvec's two-rows-per-segment kernel accumulates in the SPR = 1
- * order too.) If gpu_matvec.cu changes how it splits a row, this file must follow: the test
- * tests/gpu/test_gpu_paged.c compares the two bit for bit. Shapes the 1-row path runs through
- * its scalar kernel (unaligned rows) are FORGE_E_UNSUPPORTED here: the caller runs rows one by
- * one. This file must not touch gpu_matvec.cu or gpu_dot.cuh (read only). */
+ * formed in the same order. What differs is only who loads what: a segment takes RW weight rows
+ * at once and loads each activation chunk once for all of them (mm_rw). (gpu_matvec's
+ * two-rows-per-segment kernel accumulates in the SPR = 1 order too.) If gpu_matvec.cu changes how
+ * it splits a row, this file must follow: tests/gpu/test_gpu_paged.c compares the two bit for
+ * bit. Shapes the 1-row path runs through its scalar kernel (unaligned rows) are
+ * FORGE_E_UNSUPPORTED here: the caller runs rows one by one. */
 #include <stdlib.h>
 
 #include "gpu/gpu_common.cuh"
@@ -70,46 +71,87 @@ struct mm_args {
     size_t row_bytes;
 };
 
+/* Per weight type: the activations of one chunk of one row (loaded once, then multiplied by
+ * the chunk of every weight row of the warp) and the chunk dot product, the same expression as
+ * gpu_matvec.cu's (gpu_dot.cuh). */
 template <int WT> struct mm_ops;
 
 template <> struct mm_ops<GGML_TYPE_F32> {
-    static GPU_DEVT float dot(const mm_args &a, int r, int c, uint4 w, float dw)
+    struct act {
+        float4 x;
+    };
+    static GPU_DEVT act load(const mm_args &a, int r, int c)
     {
-        return gpu_dot_f32x4(w, ((const float4 *)(a.x + (int64_t)r * a.n_in))[c]);
+        act v;
+        v.x = ((const float4 *)(a.x + (int64_t)r * a.n_in))[c];
+        return v;
+    }
+    static GPU_DEVT float dot(const act &v, uint4 w, float dw)
+    {
+        return gpu_dot_f32x4(w, v.x);
     }
 };
 
 template <int WT> struct mm_ops_half {
-    static GPU_DEVT float dot(const mm_args &a, int r, int c, uint4 w, float dw)
+    struct act {
+        float4 xa, xb;
+    };
+    static GPU_DEVT act load(const mm_args &a, int r, int c)
     {
         const float4 *x = (const float4 *)(a.x + (int64_t)r * a.n_in);
-        const float4 xa = x[2 * c], xb = x[2 * c + 1];
-        return WT == GGML_TYPE_F16 ? gpu_dot_f16x8(w, xa, xb) : gpu_dot_bf16x8(w, xa, xb);
+        act v;
+        v.xa = x[2 * c];
+        v.xb = x[2 * c + 1];
+        return v;
+    }
+    static GPU_DEVT float dot(const act &v, uint4 w, float dw)
+    {
+        return WT == GGML_TYPE_F16 ? gpu_dot_f16x8(w, v.xa, v.xb) : gpu_dot_bf16x8(w, v.xa, v.xb);
     }
 };
 template <> struct mm_ops<GGML_TYPE_F16> : mm_ops_half<GGML_TYPE_F16> {};
 template <> struct mm_ops<GGML_TYPE_BF16> : mm_ops_half<GGML_TYPE_BF16> {};
 
 template <> struct mm_ops<GGML_TYPE_Q8_0> {
-    static GPU_DEVT float dot(const mm_args &a, int r, int c, uint4 w, float dw)
+    struct act {
+        int4 q;
+        float xd;
+    };
+    static GPU_DEVT act load(const mm_args &a, int r, int c)
     {
-        const int4 q = ((const int4 *)(a.xq + (int64_t)r * a.n_in))[c];
-        const float xd = a.xd[(int64_t)r * (a.n_in / QK) + (c >> 1)];
-        int s = gpu_dot_q8x16(w, q);
-        return (float)s * (dw * xd);
+        act v;
+        v.q = ((const int4 *)(a.xq + (int64_t)r * a.n_in))[c];
+        v.xd = a.xd[(int64_t)r * (a.n_in / QK) + (c >> 1)];
+        return v;
+    }
+    static GPU_DEVT float dot(const act &v, uint4 w, float dw)
+    {
+        int s = gpu_dot_q8x16(w, v.q);
+        return (float)s * (dw * v.xd);
     }
 };
 
 template <> struct mm_ops<GGML_TYPE_Q4_0> {
-    static GPU_DEVT float dot(const mm_args &a, int r, int c, uint4 w, float dw)
+    struct act {
+        int4 lo, hi;
+        float xd;
+        int xs;
+    };
+    static GPU_DEVT act load(const mm_args &a, int r, int c)
     {
         const int4 *xq = (const int4 *)(a.xq + (int64_t)r * a.n_in);
-        const int4 lo = xq[2 * c], hi = xq[2 * c + 1];
         const int64_t b = (int64_t)r * (a.n_in / QK) + c;
-        const float xd = a.xd[b];
-        const int xs = a.xs[b];
-        int s = gpu_dot_q4x32(w, lo, hi);
-        return (float)(s - 8 * xs) * (dw * xd);
+        act v;
+        v.lo = xq[2 * c];
+        v.hi = xq[2 * c + 1];
+        v.xd = a.xd[b];
+        v.xs = a.xs[b];
+        return v;
+    }
+    static GPU_DEVT float dot(const act &v, uint4 w, float dw)
+    {
+        int s = gpu_dot_q4x32(w, v.lo, v.hi);
+        return (float)(s - 8 * v.xs) * (dw * v.xd);
     }
 };
 
@@ -118,85 +160,150 @@ template <int WT> GPU_DEVT int mm_scale_index(int c)
     return WT == GGML_TYPE_Q8_0 ? c >> 1 : c;
 }
 
-/* k_matvec<WT, SPR> for NR activation rows (a.n_rows <= NR used). */
-template <int WT, int SPR, int NR>
+/* k_matvec<WT, SPR> for NR activation rows (a.n_rows <= NR used), RW weight rows per segment:
+ * a segment (32 lanes; SPR of them per weight row) takes RW consecutive weight rows, and each
+ * lane loads a chunk's activations of a row once for the RW weight rows (the L1 traffic of the
+ * activations, the limit of this kernel past a few rows, drops by RW). Each (weight row,
+ * activation row) sum is still formed in gpu_matvec's order: lane, lane + 32 * SPR, ...
+ * ascending, the segment shuffle sum, then the SPR partial sums in order. Rows past n_out read
+ * the last row (valid memory) and are not stored. */
+template <int WT, int SPR, int NR, int RW>
 __global__ void __launch_bounds__(MM_THREADS) k_matvec_multi(const mm_args a)
 {
-    __shared__ float part[NR][MM_THREADS / GPU_SEG];
+    constexpr int UNROLL = RW >= 4 ? 2 : MM_UNROLL;
+    __shared__ float part[SPR > 1 ? RW * NR : 1][MM_THREADS / GPU_SEG];
     const int lane = threadIdx.x % GPU_SEG, seg = threadIdx.x / GPU_SEG;
-    const int row = blockIdx.x * (MM_ROWS_PER_BLOCK / SPR) + seg / SPR;
+    const int row0 = (blockIdx.x * (MM_ROWS_PER_BLOCK / SPR) + seg / SPR) * RW;
     const int sub = seg % SPR;
-    const bool valid = row < a.n_out;
     const bool quant = WT == GGML_TYPE_Q8_0 || WT == GGML_TYPE_Q4_0;
-    float acc[NR];
+    float acc[RW][NR];
 #pragma unroll
-    for (int r = 0; r < NR; r++)
-        acc[r] = 0.0f;
-    if (valid) {
-        const uint4 *wrow = (const uint4 *)(a.w + (size_t)row * a.row_bytes);
-        const unsigned short *srow = quant ? a.scales + (size_t)row * (a.n_in / QK) : NULL;
+    for (int i = 0; i < RW; i++)
+#pragma unroll
+        for (int r = 0; r < NR; r++)
+            acc[i][r] = 0.0f;
+    if (row0 < a.n_out) {
+        const uint4 *wrow[RW];
+        const unsigned short *srow[RW];
+#pragma unroll
+        for (int i = 0; i < RW; i++) {
+            const int row = row0 + i < a.n_out ? row0 + i : a.n_out - 1;
+            wrow[i] = (const uint4 *)(a.w + (size_t)row * a.row_bytes);
+            srow[i] = quant ? a.scales + (size_t)row * (a.n_in / QK) : NULL;
+        }
         const int n_chunks = (int)(a.row_bytes / 16);
         const int step = GPU_SEG * SPR;
-        for (int c0 = sub * GPU_SEG + lane; c0 < n_chunks; c0 += step * MM_UNROLL) {
-            uint4 w[MM_UNROLL];
-            unsigned short d[MM_UNROLL];
+        for (int c0 = sub * GPU_SEG + lane; c0 < n_chunks; c0 += step * UNROLL) {
+            uint4 w[UNROLL][RW];
+            float dw[UNROLL][RW];
 #pragma unroll
-            for (int u = 0; u < MM_UNROLL; u++) {
+            for (int u = 0; u < UNROLL; u++) {
                 int c = c0 + u * step;
                 if (c < n_chunks) {
-                    w[u] = gpu_ld_stream16(wrow + c);
-                    d[u] = quant ? srow[mm_scale_index<WT>(c)] : 0;
+#pragma unroll
+                    for (int i = 0; i < RW; i++) {
+                        w[u][i] = gpu_ld_stream16(wrow[i] + c);
+                        dw[u][i] = quant ? gpu_fp16_to_f32(srow[i][mm_scale_index<WT>(c)]) : 0.0f;
+                    }
                 }
             }
 #pragma unroll
-            for (int u = 0; u < MM_UNROLL; u++) {
+            for (int u = 0; u < UNROLL; u++) {
                 int c = c0 + u * step;
                 if (c < n_chunks) {
-                    const float dw = quant ? gpu_fp16_to_f32(d[u]) : 0.0f;
 #pragma unroll
                     for (int r = 0; r < NR; r++)
-                        if (r < a.n_rows) acc[r] += mm_ops<WT>::dot(a, r, c, w[u], dw);
+                        if (r < a.n_rows) {
+                            const typename mm_ops<WT>::act x = mm_ops<WT>::load(a, r, c);
+#pragma unroll
+                            for (int i = 0; i < RW; i++)
+                                acc[i][r] += mm_ops<WT>::dot(x, w[u][i], dw[u][i]);
+                        }
                 }
             }
         }
     }
 #pragma unroll
-    for (int r = 0; r < NR; r++)
-        acc[r] = gpu_seg_sum(acc[r]);
+    for (int i = 0; i < RW; i++)
+#pragma unroll
+        for (int r = 0; r < NR; r++)
+            acc[i][r] = gpu_seg_sum(acc[i][r]);
     if (SPR == 1) {
-        if (valid && lane == 0)
-            for (int r = 0; r < a.n_rows; r++)
-                a.y[(int64_t)r * a.n_out + row] = acc[r];
+        if (lane == 0)
+            for (int i = 0; i < RW; i++)
+                if (row0 + i < a.n_out)
+                    for (int r = 0; r < a.n_rows; r++)
+                        a.y[(int64_t)r * a.n_out + row0 + i] = acc[i][r];
     } else {
         if (lane == 0) {
 #pragma unroll
-            for (int r = 0; r < NR; r++)
-                part[r][seg] = acc[r];
+            for (int i = 0; i < RW; i++)
+#pragma unroll
+                for (int r = 0; r < NR; r++)
+                    part[i * NR + r][seg] = acc[i][r];
         }
         __syncthreads();
-        if (valid && sub == 0 && lane == 0) {
-            for (int r = 0; r < a.n_rows; r++) {
-                float sum = 0.0f;
+        if (sub == 0 && lane == 0) {
+            for (int i = 0; i < RW; i++) {
+                if (row0 + i >= a.n_out) break;
+                for (int r = 0; r < a.n_rows; r++) {
+                    float sum = 0.0f;
 #pragma unroll
-                for (int i = 0; i < SPR; i++)
-                    sum += part[r][seg + i];
-                a.y[(int64_t)r * a.n_out + row] = sum;
+                    for (int k = 0; k < SPR; k++)
+                        sum += part[i * NR + r][seg + k];
+                    a.y[(int64_t)r * a.n_out + row0 + i] = sum;
+                }
             }
         }
     }
 }
 
-template <int WT, int SPR>
-static void mm_launch_nr(const mm_args &a, unsigned grid, cudaStream_t st)
+/* Weight rows per segment: one while the weights alone bound the time (1-2 activation rows),
+ * two past that, where the activations' L1 traffic grows (FORGE_GPU_MULTI_RW=1|2|4 overrides,
+ * for tuning); SPR > 1 (a short matrix: every warp counts) keeps one. On the H100 (eleventh
+ * session, bench_gpu_paged, 4096 x 4096 and 14336 x 4096 Q4_0 / Q8_0 / F16) two rows per segment
+ * were the fastest at 4, 8 and 16 activation rows in 17 of 18 cases, 5-25% under one (16 rows of
+ * Q4_0 4096 x 4096: 35.5 us against 44.4), and four were slower than two in every one of them
+ * (register pressure: 212-225 registers at 16 rows, one block per SM); at 2 rows one was. */
+static int mm_rw(int n_rows)
 {
+    static int env = -1;
+    if (env < 0) {
+        const char *e = getenv("FORGE_GPU_MULTI_RW");
+        int v = e ? atoi(e) : 0;
+        env = v == 1 || v == 2 || v == 4 ? v : 0;
+    }
+    if (env) return env;
+    return n_rows <= 2 ? 1 : 2;
+}
+
+template <int WT, int SPR, int NR>
+static void mm_launch_rw(const mm_args &a, int rw, cudaStream_t st)
+{
+    const int rows_per_block = MM_ROWS_PER_BLOCK / SPR;
+    if (SPR > 1 || rw == 1) {
+        const unsigned grid = (unsigned)((a.n_out + rows_per_block - 1) / rows_per_block);
+        k_matvec_multi<WT, SPR, NR, 1><<<grid, MM_THREADS, 0, st>>>(a);
+    } else if (rw == 2) {
+        const unsigned grid = (unsigned)((a.n_out + 2 * rows_per_block - 1) / (2 * rows_per_block));
+        k_matvec_multi<WT, 1, NR, 2><<<grid, MM_THREADS, 0, st>>>(a);
+    } else {
+        const unsigned grid = (unsigned)((a.n_out + 4 * rows_per_block - 1) / (4 * rows_per_block));
+        k_matvec_multi<WT, 1, NR, 4><<<grid, MM_THREADS, 0, st>>>(a);
+    }
+}
+
+template <int WT, int SPR> static void mm_launch_nr(const mm_args &a, cudaStream_t st)
+{
+    const int rw = mm_rw(a.n_rows);
     if (a.n_rows <= 2)
-        k_matvec_multi<WT, SPR, 2><<<grid, MM_THREADS, 0, st>>>(a);
+        mm_launch_rw<WT, SPR, 2>(a, rw, st);
     else if (a.n_rows <= 4)
-        k_matvec_multi<WT, SPR, 4><<<grid, MM_THREADS, 0, st>>>(a);
+        mm_launch_rw<WT, SPR, 4>(a, rw, st);
     else if (a.n_rows <= 8)
-        k_matvec_multi<WT, SPR, 8><<<grid, MM_THREADS, 0, st>>>(a);
+        mm_launch_rw<WT, SPR, 8>(a, rw, st);
     else
-        k_matvec_multi<WT, SPR, 16><<<grid, MM_THREADS, 0, st>>>(a);
+        mm_launch_rw<WT, SPR, 16>(a, rw, st);
 }
 
 /* gpu_matvec.cu's launch_matvec choice of SPR */
@@ -208,20 +315,18 @@ template <int WT> static int mm_launch(const mm_args &a, cudaStream_t st, forge_
     const int64_t max_warps = (int64_t)(gpu_sm_count() > 0 ? gpu_sm_count() : 64) * MM_WARPS_PER_SM;
     while (spr < 8 && (int64_t)a.n_out * spr * 2 <= max_warps && n_chunks >= 64 * spr)
         spr *= 2;
-    const unsigned rows_per_block = MM_ROWS_PER_BLOCK / spr;
-    const unsigned grid = (unsigned)((a.n_out + rows_per_block - 1) / rows_per_block);
     switch (spr) {
     case 1:
-        mm_launch_nr<WT, 1>(a, grid, st);
+        mm_launch_nr<WT, 1>(a, st);
         break;
     case 2:
-        mm_launch_nr<WT, 2>(a, grid, st);
+        mm_launch_nr<WT, 2>(a, st);
         break;
     case 4:
-        mm_launch_nr<WT, 4>(a, grid, st);
+        mm_launch_nr<WT, 4>(a, st);
         break;
     default:
-        mm_launch_nr<WT, 8>(a, grid, st);
+        mm_launch_nr<WT, 8>(a, st);
         break;
     }
     GPU_LAUNCH_CHECK("k_matvec_multi", st);
