@@ -5,7 +5,9 @@
  * relies on it (docs/ENGINE.md, "batch invariance"): a greedy request gives the same ids alone
  * and in a batch of others. Output row counts that are not a multiple of 8 or 16 exercise the
  * remainder paths; 768 inputs are 3 super-blocks of the K-quants (their prompt tiles take 8, 4
- * and 1 tokens at a time: 29 and 37 tokens run all three). */
+ * and 1 tokens at a time: 29 and 37 tokens run all three). 150 and 317 tokens cross the token
+ * chunks of the kernels that run prompts in L2-sized chunks (kern_tok_chunk: 136 tokens of Q8_0
+ * activations, 148 of Q8_K at 768 inputs). */
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -15,7 +17,7 @@
 #include "quant/qtypes.h"
 #include "testutil.h"
 
-enum { N_IN = 768, N_OUT = 70, MAX_TOK = 40 };
+enum { N_IN = 768, N_OUT = 70, MAX_TOK = 320 };
 
 /* n_out rows of n_in random weights in type t (through its reference quantizer; random bytes
  * where the type has none, with finite fp16 values where the layout starts with a scale). */
@@ -55,7 +57,7 @@ static int n_diff(const float *a, const float *b, size_t n)
 static void test_rows_independent_of_batch(void **state)
 {
     (void)state;
-    static const int n_toks[] = {2, 3, 4, 5, 7, 8, 9, 13, 16, 19, 29, 37};
+    static const int n_toks[] = {2, 3, 4, 5, 7, 8, 9, 13, 16, 19, 29, 37, 150, 317};
     forge_err err = {0};
     kern_pool *pools[2] = {NULL, NULL};
     assert_int_equal(kern_pool_create(1, &pools[0], &err), 0);

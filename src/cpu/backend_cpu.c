@@ -44,14 +44,14 @@ static size_t kv_row_bytes(int type, int kv_dim)
                                  : (size_t)kv_dim * (type == FORGE_KV_F16 ? 2 : 4);
 }
 
-/* The CPU's load-time copies of one model's weights (backend.h: be_wshare): for each weight
- * whose kernel on the current ISA reads a repacked layout (kernels.h: kern_repack_layout; Q4_0
- * on AVX-512 VNNI), a copy of its whole row groups in that layout; nothing for the others, whose
- * mapping is read as it is. The registry's list is shared with the GPU backend, whose entries
- * start with the same two members: the key dev is -1 here, never a GPU's index. Reference
+/* The CPU's load-time copies of one model's weights (backend.h: be_wshare): for each weight whose
+ * kernel on the current ISA reads a repacked layout (kernels.h: kern_repack_layout; Q4_0 on
+ * AVX-512 VNNI and AVX2), a copy of its whole row groups in that layout; nothing for the others,
+ * whose mapping is read as it is. The registry's list is shared with the GPU backend, whose
+ * entries start with the same two members: the key dev is -1 here, never a GPU's index. Reference
  * counted like the GPU's sets: owned jointly by the CPU backends of the model's contexts that
- * acquired it, guarded by the registry's lock; the last release frees it (CPU ops are
- * synchronous: no holder's work is pending then). */
+ * acquired it, guarded by the registry's lock; the last release frees it (CPU ops are synchronous:
+ * no holder's work is pending then). */
 #define CPU_WSET_DEV (-1)
 
 typedef struct cpu_packed {

@@ -114,6 +114,18 @@ int kern_cpu_has_gfni(void);
  * Valid until the next call or kern_pool_free. pool must not be NULL. */
 void *kern_pool_scratch(kern_pool *pool, size_t bytes);
 
+/* Prompt kernels that stream weights row tile by row tile run the tokens in chunks of about
+ * this many bytes of activations, so that a chunk stays in L2 while every row tile of a thread's
+ * share runs it (the weights of a tile stay in L1); kern_tok_chunk: tokens per chunk for
+ * row_bytes per token, a multiple of mult (the kernel's tokens per register tile). */
+#define KERN_TOK_CHUNK_BYTES (128 * 1024)
+static inline int64_t kern_tok_chunk(size_t row_bytes, int64_t mult)
+{
+    int64_t tc = (int64_t)(KERN_TOK_CHUNK_BYTES / (row_bytes ? row_bytes : 1));
+    if (tc < mult) tc = mult;
+    return tc - tc % mult;
+}
+
 /* Block layouts, as stored in GGUF files. */
 #define KERN_QK 32
 #define KERN_Q8_0_BYTES 34 /* fp16 d, 32 x int8 */

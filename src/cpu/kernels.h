@@ -93,13 +93,14 @@ int kern_matmul_packed(kern_pool *pool, int n_mats, const kern_mm_desc *mats,
 
 /* ---- load-time repacking -----------------------------------------------------------------
  * A weight layout other than the file's, read faster by one ISA's kernels (the mapping stays
- * untouched; the CPU backend keeps one copy per model). KERN_LAYOUT_Q4_0_X16 (AVX-512 VNNI
- * decode and prompt of Q4_0): rows in groups of 16, each group one 64-byte aligned region of
- * ceil(nb / 2) * 576 bytes (nb = n_in / 32 blocks): per pair of blocks b, b+1 the nibbles of
- * block b (4 vectors of 64 bytes: vector k holds in dword lane r the nibble bytes 4k..4k+3 of
- * row r), those of block b+1, then the 16 fp16 scales of block b (row order) and the 16 of
- * block b+1 (for an odd nb the last pair has block b only, and 32 bytes of zero padding). The
- * same bytes as the file's blocks, so the copy is as large as the rows it holds. */
+ * untouched; the CPU backend keeps one copy per model). KERN_LAYOUT_Q4_0_X16 (decode and prompt
+ * of Q4_0 on AVX-512 VNNI, and on AVX2, which reads a 32-byte half, 8 rows, at a time): rows in
+ * groups of 16, each group one 64-byte aligned region of ceil(nb / 2) * 576 bytes (nb = n_in /
+ * 32 blocks): per pair of blocks b, b+1 the nibbles of block b (4 vectors of 64 bytes: vector k
+ * holds in dword lane r the nibble bytes 4k..4k+3 of row r), those of block b+1, then the 16
+ * fp16 scales of block b (row order) and the 16 of block b+1 (for an odd nb the last pair has
+ * block b only, and 32 bytes of zero padding). The same bytes as the file's blocks, so the copy
+ * is as large as the rows it holds. */
 enum { KERN_LAYOUT_FILE = 0, KERN_LAYOUT_Q4_0_X16 = 1 };
 
 /* The layout the current ISA's kernel for wtype reads; KERN_LAYOUT_FILE when it has none (the

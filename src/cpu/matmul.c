@@ -121,21 +121,27 @@ static void mm_q4_0_scalar(const kern_mm_args *a, int64_t r0, int64_t r1, void *
 }
 
 /* Any type with a dot product in the traits table: one row dot per (token, row). Weight rows
- * outside, so that each row is read from memory once per call. */
+ * outside, so that each row is read from memory once per chunk of tokens, the chunk's
+ * activations staying in L2 (kern_tok_chunk). */
 static void mm_generic(const kern_mm_args *a, int64_t r0, int64_t r1, void *work)
 {
-    for (int64_t o = r0; o < r1; o++) {
-        const uint8_t *w = a->W + (size_t)o * a->w_row_bytes;
-        int64_t t = 0;
-        if (a->dot4) {
-            for (; t + 4 <= a->n_tok; t += 4) {
-                float out[4];
-                a->dot4(a->n_in, w, a->Xc + (size_t)t * a->xc_row_bytes, a->xc_row_bytes, out);
-                for (int k = 0; k < 4; k++) a->Y[(t + k) * a->n_out + o] = out[k];
+    const int64_t tc = kern_tok_chunk(a->xc_row_bytes, 4);
+    for (int64_t t0 = 0; t0 < a->n_tok; t0 += tc) {
+        const int64_t t1 = t0 + tc < a->n_tok ? t0 + tc : a->n_tok;
+        for (int64_t o = r0; o < r1; o++) {
+            const uint8_t *w = a->W + (size_t)o * a->w_row_bytes;
+            int64_t t = t0;
+            if (a->dot4) {
+                for (; t + 4 <= t1; t += 4) {
+                    float out[4];
+                    a->dot4(a->n_in, w, a->Xc + (size_t)t * a->xc_row_bytes, a->xc_row_bytes,
+                            out);
+                    for (int k = 0; k < 4; k++) a->Y[(t + k) * a->n_out + o] = out[k];
+                }
             }
+            for (; t < t1; t++)
+                a->Y[t * a->n_out + o] = a->dot(a->n_in, w, a->Xc + (size_t)t * a->xc_row_bytes);
         }
-        for (; t < a->n_tok; t++)
-            a->Y[t * a->n_out + o] = a->dot(a->n_in, w, a->Xc + (size_t)t * a->xc_row_bytes);
     }
 }
 

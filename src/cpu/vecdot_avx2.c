@@ -37,9 +37,33 @@ static inline int q8k_bsum(const uint8_t *y, int g)
     return (int16_t)forge_qt_u16(y + 4 + FORGE_QK_K + 2 * g);
 }
 
-static inline float half_at(const uint8_t *p)
+/* fp16 -> f32 by F16C: exact, as forge_fp16_to_f32 (which branches per value in C). */
+TGT static inline float half_at(const uint8_t *p)
 {
-    return forge_fp16_to_f32(forge_qt_u16(p));
+    return _cvtsh_ss(forge_qt_u16(p));
+}
+
+/* Sub-block scales as vpmaddwd operands without a trip through memory: v holds 8 16-bit scales,
+ * the same in both 128-bit lanes (sc8_u / sc8_s); pick1 broadcasts scale i to all 16 lanes,
+ * pick2 scale i to the low 8 lanes and scale j to the high 8 (one vpshufb each; i, j are
+ * constants once the loops are unrolled). */
+TGT static inline __m256i sc8_u(__m128i bytes)
+{
+    return _mm256_broadcastsi128_si256(_mm_cvtepu8_epi16(bytes));
+}
+TGT static inline __m256i sc8_s(const int8_t *p)
+{
+    return _mm256_broadcastsi128_si256(_mm_cvtepi8_epi16(_mm_loadl_epi64((const __m128i *)p)));
+}
+TGT static inline __m256i sc_pick2(__m256i v, int i, int j)
+{
+    const __m128i lo = _mm_set1_epi16((short)(((2 * i + 1) << 8) | (2 * i)));
+    const __m128i hi = _mm_set1_epi16((short)(((2 * j + 1) << 8) | (2 * j)));
+    return _mm256_shuffle_epi8(v, _mm256_set_m128i(hi, lo));
+}
+TGT static inline __m256i sc_pick1(__m256i v, int i)
+{
+    return sc_pick2(v, i, i);
 }
 
 /* The 8 scales and 8 mins of a Q4_K/Q5_K block's 12 scale bytes (forge_k4_scale_min for all j at
@@ -76,17 +100,17 @@ TGT float forge_vec_dot_q4_k_q8_k_avx2(int64_t n, const void *w, const void *xq)
     for (int64_t i = 0; i < n / FORGE_QK_K; i++, b += 144, y += FORGE_Q8_K_BYTES) {
         const int8_t *ys = (const int8_t *)(y + 4);
         const __m128i scmn = k4_scales_mins(b + 4);
-        uint8_t sc[16];
-        _mm_storeu_si128((__m128i *)sc, scmn);
+        const __m256i sc = sc8_u(scmn);
         int summ = k4_summ(scmn, y);
         __m256i acc = _mm256_setzero_si256();
+#pragma GCC unroll 4
         for (int j = 0; j < 4; j++) {
             __m256i q4 = _mm256_loadu_si256((const __m256i *)(b + 16 + 32 * j));
             __m256i lo = _mm256_and_si256(q4, m4), hi = _mm256_and_si256(_mm256_srli_epi16(q4, 4), m4);
             __m256i plo = _mm256_maddubs_epi16(lo, _mm256_loadu_si256((const __m256i *)(ys + 64 * j)));
             __m256i phi = _mm256_maddubs_epi16(hi, _mm256_loadu_si256((const __m256i *)(ys + 64 * j + 32)));
-            acc = _mm256_add_epi32(acc, _mm256_madd_epi16(plo, _mm256_set1_epi16(sc[2 * j])));
-            acc = _mm256_add_epi32(acc, _mm256_madd_epi16(phi, _mm256_set1_epi16(sc[2 * j + 1])));
+            acc = _mm256_add_epi32(acc, _mm256_madd_epi16(plo, sc_pick1(sc, 2 * j)));
+            acc = _mm256_add_epi32(acc, _mm256_madd_epi16(phi, sc_pick1(sc, 2 * j + 1)));
         }
         int isum = hsum_i32(acc);
         float dy = q8k_d(y);
@@ -116,7 +140,9 @@ TGT float forge_vec_dot_q6_k_q8_k_avx2(int64_t n, const void *w, const void *xq)
         const int8_t *sc = (const int8_t *)(b + 192);
         int corr = scaled_bsums(sc, y);
         __m256i acc = _mm256_setzero_si256();
+#pragma GCC unroll 2
         for (int h = 0; h < 2; h++) {
+            const __m256i sch = sc8_s(sc + 8 * h);
             __m256i ql0 = _mm256_loadu_si256((const __m256i *)(b + 64 * h));
             __m256i ql1 = _mm256_loadu_si256((const __m256i *)(b + 64 * h + 32));
             __m256i qh = _mm256_loadu_si256((const __m256i *)(b + 128 + 32 * h));
@@ -126,11 +152,10 @@ TGT float forge_vec_dot_q6_k_q8_k_avx2(int64_t n, const void *w, const void *xq)
             v[2] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(ql0, 4), m4), _mm256_and_si256(qh, m30));
             v[3] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(ql1, 4), m4),
                                    _mm256_and_si256(_mm256_srli_epi16(qh, 2), m30));
+#pragma GCC unroll 4
             for (int k = 0; k < 4; k++) {
-                int g = 8 * h + 2 * k;
                 __m256i p = _mm256_maddubs_epi16(v[k], _mm256_loadu_si256((const __m256i *)(ys + 128 * h + 32 * k)));
-                __m256i s = _mm256_set_m128i(_mm_set1_epi16(sc[g + 1]), _mm_set1_epi16(sc[g]));
-                acc = _mm256_add_epi32(acc, _mm256_madd_epi16(p, s));
+                acc = _mm256_add_epi32(acc, _mm256_madd_epi16(p, sc_pick2(sch, 2 * k, 2 * k + 1)));
             }
         }
         int isum = hsum_i32(acc) - 32 * corr;
@@ -155,11 +180,11 @@ TGT float forge_vec_dot_q5_k_q8_k_avx2(int64_t n, const void *w, const void *xq)
     for (int64_t i = 0; i < n / FORGE_QK_K; i++, b += 176, y += FORGE_Q8_K_BYTES) {
         const int8_t *ys = (const int8_t *)(y + 4);
         const __m128i scmn = k4_scales_mins(b + 4);
-        uint8_t sc[16];
-        _mm_storeu_si128((__m128i *)sc, scmn);
+        const __m256i sc = sc8_u(scmn);
         int summ = k4_summ(scmn, y);
         const __m256i qh = _mm256_loadu_si256((const __m256i *)(b + 16));
         __m256i acc = _mm256_setzero_si256();
+#pragma GCC unroll 4
         for (int j = 0; j < 4; j++) {
             __m256i q4 = _mm256_loadu_si256((const __m256i *)(b + 48 + 32 * j));
             __m256i h0 = _mm256_and_si256(_mm256_srl_epi16(qh, _mm_cvtsi32_si128(2 * j)), one);
@@ -168,8 +193,8 @@ TGT float forge_vec_dot_q5_k_q8_k_avx2(int64_t n, const void *w, const void *xq)
             __m256i hi = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(q4, 4), m4), _mm256_slli_epi16(h1, 4));
             __m256i plo = _mm256_maddubs_epi16(lo, _mm256_loadu_si256((const __m256i *)(ys + 64 * j)));
             __m256i phi = _mm256_maddubs_epi16(hi, _mm256_loadu_si256((const __m256i *)(ys + 64 * j + 32)));
-            acc = _mm256_add_epi32(acc, _mm256_madd_epi16(plo, _mm256_set1_epi16(sc[2 * j])));
-            acc = _mm256_add_epi32(acc, _mm256_madd_epi16(phi, _mm256_set1_epi16(sc[2 * j + 1])));
+            acc = _mm256_add_epi32(acc, _mm256_madd_epi16(plo, sc_pick1(sc, 2 * j)));
+            acc = _mm256_add_epi32(acc, _mm256_madd_epi16(phi, sc_pick1(sc, 2 * j + 1)));
         }
         int isum = hsum_i32(acc);
         float dy = q8k_d(y);
