@@ -14,17 +14,7 @@
 
 #include "forge.h"
 #include "gpu/gpu_ops.h"
-
-#define CHECK(call)                                                                                \
-    do {                                                                                           \
-        forge_err e_ = {0};                                                                        \
-        forge_err *err = &e_;                                                                      \
-        if ((call) != FORGE_OK) {                                                                  \
-            fprintf(stderr, "FATAL: %s: %s\n", #call, e_.msg);                                     \
-            exit(2);                                                                               \
-        }                                                                                          \
-        (void)err;                                                                                 \
-    } while (0)
+#include "bench_gpu_util.h"
 
 #define RUNS 7
 #define CALLS 50

@@ -2,8 +2,9 @@
  * For each weight type and shape: enough copies of the matrix to exceed the L2 several times
  * (so that the numbers are DRAM, not cache), a captured graph of launches rotating through them,
  * timed with events over several replays (median). Bytes counted: the weights (plus the tiny
- * activation and output vectors). Also: attention over an F16 KV cache, argmax over a vocabulary
- * and the activation quantizer.
+ * activation and output vectors). Also: the fused decode matvec (gpu_fused_matvec) on a 7B
+ * layer's shapes for Q4_0, Q8_0, F16, Q4_K, Q5_K, Q6_K (weights' bytes only), attention over an
+ * F16 KV cache, argmax over a vocabulary and the activation quantizer.
  *   bench_gpu_matvec [--tall]     --tall: only the matvec shapes with >= 8192 rows
  * Prints one table; needs a GPU (scripts/gpu-run.sh). Speed is measured here, never asserted. */
 #include <stdio.h>
@@ -12,17 +13,7 @@
 
 #include "forge.h"
 #include "gpu/gpu_ops.h"
-
-#define CHECK(call)                                                                                \
-    do {                                                                                           \
-        forge_err e_ = {0};                                                                        \
-        forge_err *err = &e_;                                                                      \
-        if ((call) != FORGE_OK) {                                                                  \
-            fprintf(stderr, "FATAL: %s: %s\n", #call, e_.msg);                                     \
-            exit(2);                                                                               \
-        }                                                                                          \
-        (void)err;                                                                                 \
-    } while (0)
+#include "bench_gpu_util.h"
 
 static gpu_stream *S;
 static gpu_event *E0, *E1;
@@ -40,12 +31,6 @@ static uint64_t rnd(uint64_t *s)
     return x * 0x2545F4914F6CDD1DULL;
 }
 
-static int cmp_float(const void *a, const void *b)
-{
-    float x = *(const float *)a, y = *(const float *)b;
-    return x < y ? -1 : x > y;
-}
-
 /* Median over `reps` replays of graph g, in ms per replay. */
 static float time_graph(gpu_graph *g, int reps)
 {
@@ -60,7 +45,7 @@ static float time_graph(gpu_graph *g, int reps)
         CHECK(gpu_event_sync(E1, err));
         CHECK(gpu_event_elapsed_ms(E0, E1, &t[r], err));
     }
-    qsort(t, (size_t)reps, sizeof t[0], cmp_float);
+    qsort(t, (size_t)reps, sizeof t[0], bench_cmp_float);
     return t[reps / 2];
 }
 
@@ -158,6 +143,72 @@ static void bench_matvec(int t, int64_t n_out, int64_t n_in, const char *label)
     gpu_free(d_x);
     gpu_free(d_y);
     gpu_free(d_xq);
+    free(x);
+}
+
+/* The fused decode matvec (gpu_fused_matvec) on one 7B layer's shapes: n_mat matrices of
+ * n_out x n_in sharing the input, as the backend launches them. */
+static void bench_fused(int t, const char *label, int n_mat, int64_t n_out, int64_t n_in,
+                        int in_mode, int out_mode)
+{
+    size_t wbytes = gpu_weight_bytes(t, n_out, n_in);
+    if (wbytes == 0 || !gpu_fused_matvec_supported(t, n_in)) return;
+    size_t set = wbytes * (size_t)n_mat;
+    size_t target = 8 * g_l2 > (512u << 20) ? 8 * g_l2 : (512u << 20);
+    int copies = (int)((target + set - 1) / set);
+    if (copies > 32) copies = 32;
+    if (copies < 2) copies = 2;
+    void **d_w = (void **)calloc((size_t)copies * (size_t)n_mat, sizeof *d_w);
+    float *d_x = NULL, *d_norm = NULL, *d_y = NULL;
+    gpu_graph *g = NULL;
+    float *x = (float *)malloc((size_t)n_in * 4);
+    uint64_t seed = 7;
+    for (int64_t i = 0; i < n_in; i++)
+        x[i] = (float)((rnd(&seed) >> 40) * (1.0 / 8388608.0) - 1.0);
+    for (int c = 0; c < copies * n_mat; c++) {
+        CHECK(gpu_malloc(&d_w[c], wbytes, err));
+        fill_device(d_w[c], wbytes);
+    }
+    CHECK(gpu_malloc((void **)&d_x, (size_t)n_in * 4, err));
+    CHECK(gpu_malloc((void **)&d_norm, (size_t)n_in * 4, err));
+    CHECK(gpu_malloc((void **)&d_y, (size_t)n_mat * (size_t)n_out * 4, err));
+    CHECK(gpu_memcpy_h2d(d_x, x, (size_t)n_in * 4, S, err));
+    CHECK(gpu_memcpy_h2d(d_norm, x, (size_t)n_in * 4, S, err));
+    CHECK(gpu_memset(d_y, 0, (size_t)n_mat * (size_t)n_out * 4, S, err));
+    int launches = copies;
+    while (launches < 64)
+        launches += copies;
+    CHECK(gpu_graph_begin(S, err));
+    for (int i = 0; i < launches; i++) {
+        gpu_fmv_args a;
+        memset(&a, 0, sizeof a);
+        a.wtype = t;
+        a.n_mat = n_mat;
+        a.n_in = n_in;
+        a.d_x = d_x;
+        a.in_mode = in_mode;
+        a.d_norm = d_norm;
+        a.eps = 1e-5f;
+        a.out_mode = out_mode;
+        for (int m = 0; m < n_mat; m++) {
+            a.mat[m].d_w = d_w[(i % copies) * n_mat + m];
+            a.mat[m].n_out = n_out;
+            a.mat[m].d_y = d_y + (size_t)m * (size_t)n_out;
+        }
+        CHECK(gpu_fused_matvec(&a, S, err));
+    }
+    CHECK(gpu_graph_end(S, &g, err));
+    float ms = time_graph(g, 9) / launches;
+    double bw = (double)set / (ms * 1e-3);
+    printf("fused  %-5s %-22s %6.1f MB %9.2f us %8.1f GB/s %5.1f%%\n", ggml_type_name(t), label,
+           set / 1e6, ms * 1e3, bw / 1e9, 100.0 * bw / g_copy_bw);
+    gpu_graph_free(g);
+    for (int c = 0; c < copies * n_mat; c++)
+        gpu_free(d_w[c]);
+    free(d_w);
+    gpu_free(d_x);
+    gpu_free(d_norm);
+    gpu_free(d_y);
     free(x);
 }
 
@@ -305,6 +356,18 @@ int main(int argc, char **argv)
             bench_matvec(types[t], shapes[s].n_out, shapes[s].n_in, shapes[s].label);
         }
     if (tall) goto done;
+    printf("\n");
+    static const int ftypes[] = {GGML_TYPE_Q4_0, GGML_TYPE_Q8_0, GGML_TYPE_F16,
+                                 GGML_TYPE_Q4_K, GGML_TYPE_Q5_K, GGML_TYPE_Q6_K};
+    for (size_t t = 0; t < sizeof ftypes / sizeof ftypes[0]; t++) {
+        bench_fused(ftypes[t], "7b qkv 3x4096x4096", 3, 4096, 4096, GPU_FMV_IN_RMSNORM,
+                    GPU_FMV_OUT_STORE);
+        bench_fused(ftypes[t], "7b o 4096x4096", 1, 4096, 4096, GPU_FMV_IN_PLAIN, GPU_FMV_OUT_ADD);
+        bench_fused(ftypes[t], "7b gate+up 2x11008x4096", 2, 11008, 4096, GPU_FMV_IN_RMSNORM,
+                    GPU_FMV_OUT_SWIGLU);
+        bench_fused(ftypes[t], "7b down 4096x11008", 1, 4096, 11008, GPU_FMV_IN_PLAIN,
+                    GPU_FMV_OUT_ADD);
+    }
     printf("\n");
     bench_attention(32, 8, 128, 4096);
     bench_attention(32, 8, 128, 32768);

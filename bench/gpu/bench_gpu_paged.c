@@ -14,17 +14,7 @@
 #include "forge.h"
 #include "forge_gguf.h"
 #include "gpu/gpu_ops.h"
-
-#define CHECK(call)                                                                                \
-    do {                                                                                           \
-        forge_err e_ = {0};                                                                        \
-        forge_err *err = &e_;                                                                      \
-        if ((call) != FORGE_OK) {                                                                  \
-            fprintf(stderr, "FATAL: %s: %s\n", #call, e_.msg);                                     \
-            exit(2);                                                                               \
-        }                                                                                          \
-        (void)err;                                                                                 \
-    } while (0)
+#include "bench_gpu_util.h"
 
 static gpu_stream *S;
 static gpu_event *E0, *E1;
@@ -108,8 +98,8 @@ static void run_prompt(void *c)
 {
     att_ctx *a = c;
     if (a->fa_paged)
-        CHECK(gpu_attention_prompt_paged(&a->ca, a->n_q, 0, NH * HD, NH * HD, a->table, BS, S,
-                                         err));
+        CHECK(
+            gpu_attention_prompt_paged(&a->ca, a->n_q, 0, NH * HD, NH * HD, a->table, BS, S, err));
     else
         CHECK(gpu_attention_prompt(&a->ca, a->n_q, 0, NH * HD, NH * HD, S, err));
 }

@@ -16,17 +16,7 @@
 #include "core/fp16.h"
 #include "forge.h"
 #include "gpu/gpu_ops.h"
-
-#define CHECK(call)                                                                                \
-    do {                                                                                           \
-        forge_err e_ = {0};                                                                        \
-        forge_err *err = &e_;                                                                      \
-        if ((call) != FORGE_OK) {                                                                  \
-            fprintf(stderr, "FATAL: %s: %s\n", #call, e_.msg);                                     \
-            exit(2);                                                                               \
-        }                                                                                          \
-        (void)err;                                                                                 \
-    } while (0)
+#include "bench_gpu_util.h"
 
 #define REPS 9
 
@@ -34,46 +24,9 @@ static gpu_stream *S;
 static gpu_event *E0, *E1;
 static uint64_t g_seed = 0x243F6A8885A308D3ULL;
 
-static float uniform(void) /* [-1, 1) */
-{
-    uint64_t x = g_seed;
-    x ^= x >> 12;
-    x ^= x << 25;
-    x ^= x >> 27;
-    g_seed = x;
-    return (float)(((x * 0x2545F4914F6CDD1DULL) >> 40) * (1.0 / 8388608.0) - 1.0);
-}
-
-static int cmp_float(const void *a, const void *b)
-{
-    float x = *(const float *)a, y = *(const float *)b;
-    return x < y ? -1 : x > y;
-}
-
-/* Device buffer of n floats (as_f16: n halfs) with values in [-amp, amp). */
 static void *upload_random(size_t n, int as_f16, float amp)
 {
-    size_t esz = as_f16 ? 2 : 4;
-    unsigned char *h = (unsigned char *)malloc(n * esz);
-    void *d = NULL;
-    if (!h) {
-        fprintf(stderr, "FATAL: out of host memory\n");
-        exit(2);
-    }
-    for (size_t i = 0; i < n; i++) {
-        float v = amp * uniform();
-        if (as_f16) {
-            uint16_t b = forge_f32_to_fp16(v);
-            memcpy(h + 2 * i, &b, 2);
-        } else {
-            memcpy(h + 4 * i, &v, 4);
-        }
-    }
-    CHECK(gpu_malloc(&d, n * esz, err));
-    CHECK(gpu_memcpy_h2d(d, h, n * esz, S, err));
-    CHECK(gpu_stream_sync(S, err));
-    free(h);
-    return d;
+    return bench_upload_random(n, as_f16, amp, &g_seed, S);
 }
 
 /* The ops under test, behind one signature: run call number i. */
@@ -95,7 +48,7 @@ static float time_op(op_fn fn, void *ctx, int inner)
         CHECK(gpu_event_elapsed_ms(E0, E1, &t[r], err));
         t[r] /= (float)inner;
     }
-    qsort(t, REPS, sizeof t[0], cmp_float);
+    qsort(t, REPS, sizeof t[0], bench_cmp_float);
     return t[REPS / 2];
 }
 

@@ -21,9 +21,12 @@
  * quantization serves every matmul that reads the same, unchanged buffer (Q/K/V, gate/up).
  * Prompt (n_tok > 1): below FORGE_GPU_GEMM_MIN tokens (default 32) the same matvec per token
  * (numerics identical to decode); from there cuBLAS GEMM, quantized weights dequantized to F16
- * into a scratch matrix first. Causal attention over several new tokens = the decode kernel with
- * one more grid dimension over the queries (gpu_attention_batch), each query reading its own
- * position from a device array 0..n_ctx-1; FORGE_GPU_ATTN_BATCH=0: one launch per query.
+ * into a scratch matrix first, except Q8_0/Q4_0 chunks of up to FORGE_GPU_MMQ_MAX rows (default
+ * 64; 0: never): those multiply the quantized blocks on the int8 tensor cores (gpu_mmq, the
+ * activations quantized to Q8_0 like the matvec's), which reads a quarter of the bytes. Causal
+ * attention over several new tokens = the decode kernel with one more grid dimension over the
+ * queries (gpu_attention_batch), each query reading its own position from a device array
+ * 0..n_ctx-1; FORGE_GPU_ATTN_BATCH=0: one launch per query.
  *
  * Decode steps (step_begin/step_end, one token): the token id and the position are copied to a
  * small device array (d_small) before the step, and every op of the step reads them from there
@@ -124,6 +127,12 @@ typedef struct gpu_backend {
     gpu_blas *blas; /* NULL: no GEMM (HIP build, or a small n_batch): prompt by matvec */
     bool planned;
     int gemm_min;      /* prompt chunks of at least this many tokens use GEMM */
+    int mmq_max;       /* ... Q8_0/Q4_0 ones of at most this many through gpu_mmq (0: none) */
+    void *d_xqq;       /* gpu_mmq's quantized rows (act_q8_bytes(mmq_max * max_in)) */
+    /* which buffer, version and row count d_xqq holds */
+    const be_buf *xqq_src;
+    uint64_t xqq_version;
+    int64_t xqq_n;
     bool attn_batch;   /* prompt attention: all queries per launch (else one launch each) */
     size_t attn_bytes; /* size of d_attn */
     void *d_xq;        /* quantized activation row (act_q8_bytes(max_in)) */
@@ -536,6 +545,7 @@ static void gb_buf_free(backend *be, be_buf *b)
     gpu_backend *g = gb(be);
     if (g->xq_src == b) g->xq_src = NULL;
     if (g->xqm_src == b) g->xqm_src = NULL;
+    if (g->xqq_src == b) g->xqq_src = NULL;
     drop_graphs(g); /* a graph launched before stays valid until it has run (runtime) */
     /* in stream order: work still queued that uses b->d (an interrupted prompt) runs first */
     (void)g->api->free_async(b->d, g->st, NULL);
@@ -879,6 +889,10 @@ int backend_gpu_plan(backend *be, const be_gpu_plan *p, forge_err *err)
     const char *fa = getenv("FORGE_GPU_FATTN_MIN");
     g->fattn_min = fa && atoi(fa) > 1 && !p->f32_math ? atoi(fa) : g->gemm_min;
     const bool want_gemm = p->n_batch >= g->gemm_min;
+    const char *mq = getenv("FORGE_GPU_MMQ_MAX");
+    g->mmq_max = mq ? atoi(mq) : 64;
+    if (g->mmq_max < 0 || !want_gemm) g->mmq_max = 0;
+    if (g->mmq_max > p->n_batch) g->mmq_max = p->n_batch;
     const uint64_t kv_elt = p->kv_type == FORGE_KV_F16 ? 2 : 4;
     const uint64_t kv_per_tok = 2ull * (uint64_t)p->n_layer * (uint64_t)p->kv_dim * kv_elt;
     const uint64_t kv_bytes = kv_per_tok * (uint64_t)p->n_ctx;
@@ -893,9 +907,10 @@ int backend_gpu_plan(backend *be, const be_gpu_plan *p, forge_err *err)
     g->mv_multi = !(mm && !strcmp(mm, "0")) && p->n_batch >= 2;
     const size_t xqm = g->mv_multi ? api->act_q8_bytes(in32 * GPU_MATVEC_MULTI_MAX) : 0;
     const size_t xrm = g->mv_multi ? (size_t)in32 * GPU_MATVEC_MULTI_MAX * 4 : 0;
+    const size_t xqq = g->mmq_max ? api->act_q8_bytes(in32 * g->mmq_max) : 0;
     const size_t moe = moe_layout(g, p, false);
     const uint64_t scratch = (uint64_t)p->act_floats * 4 + attn + xq + xc + wf16 + samp + xqm +
-                             xrm + (uint64_t)p->n_ctx * 4 + (uint64_t)p->n_batch * 4 + moe +
+                             xrm + xqq + (uint64_t)p->n_ctx * 4 + (uint64_t)p->n_batch * 4 + moe +
                              GPU_RESERVE_BYTES;
     size_t free_b = 0, total_b = 0;
     if ((rc = api->mem_info(&free_b, &total_b, err))) return rc;
@@ -934,6 +949,7 @@ int backend_gpu_plan(backend *be, const be_gpu_plan *p, forge_err *err)
     if (g->mv_multi && ((rc = dalloc(g, &g->d_xqm, xqm, err)) ||
                         (rc = dalloc(g, (void **)&g->d_xrm, xrm, err))))
         return rc;
+    if (g->mmq_max && (rc = dalloc(g, &g->d_xqq, xqq, err))) return rc;
     if (p->n_seq_max > 1) {
         /* an engine: the batch arrays for n_batch rows and n_seq_max tables, now (they still
          * grow on demand) */
@@ -1174,6 +1190,14 @@ static bool uses_gemm(const gpu_backend *g, const be_weight *w, int n_tok)
     return n_tok >= g->gemm_min && g->blas && n_tok <= g->n_batch && w->ne0 <= g->max_in;
 }
 
+/* y = W x over n_tok GEMM rows on the int8 tensor cores from the quantized blocks (gpu_mmq)? */
+static bool uses_mmq(const gpu_backend *g, const be_weight *w, int n_tok)
+{
+    return n_tok <= g->mmq_max && g->d_xqq && w->ne0 <= g->max_in &&
+           (w->type == GGML_TYPE_Q8_0 || w->type == GGML_TYPE_Q4_0) &&
+           g->api->mmq_supported(w->type, w->ne0);
+}
+
 /* y = W x (beta 0) or y += W x (beta 1, GEMM path only). */
 static int matmul_impl(gpu_backend *g, be_buf *y, const be_weight *w, const be_buf *x, int n_tok,
                        float beta, forge_err *err)
@@ -1190,6 +1214,17 @@ static int matmul_impl(gpu_backend *g, be_buf *y, const be_weight *w, const be_b
             return forge_err_set(err, FORGE_E_INTERNAL, "gpu matmul: accumulation needs GEMM");
         rc = uses_multi(g, w, n_tok) ? matmul_multi_rows(g, y, w, x, n_tok, err)
                                      : matmul_by_rows(g, y, w, x, n_tok, err);
+    } else if (uses_mmq(g, w, n_tok)) {
+        /* one quantization of x serves every matrix that reads it unchanged (Q/K/V, gate/up) */
+        const int64_t n_all = (int64_t)n_tok * w->ne0;
+        if (!(g->xqq_src == x && g->xqq_version == x->version && g->xqq_n == n_all)) {
+            if ((rc = api->act_quantize(x->d, n_all, g->d_xqq, g->st, err))) return rc;
+            g->xqq_src = x;
+            g->xqq_version = x->version;
+            g->xqq_n = n_all;
+        }
+        rc = api->mmq(w->type, wdev(g, w), w->ne1, w->ne0, n_tok, g->d_xqq, y->d, w->ne1, beta,
+                      g->st, err);
     } else {
         const void *wd = wdev(g, w);
         int wt = w->type;
@@ -1274,6 +1309,35 @@ static int gb_norm_matmul(backend *be, int n, be_buf *const *ys, const be_weight
         if ((rc = g->api->fused_matvec(&a, g->st, err))) return rc;
         for (int i = 0; i < n; i++)
             wrote(g, ys[i]);
+        return FORGE_OK;
+    }
+    /* matrices of different types that the fused kernel takes one by one (a Q4_K_M file's
+     * Q6_K attn_v beside Q4_K attn_q/attn_k): one fused launch per type, not the plain path's
+     * norm + quantize + matvec per matrix */
+    bool split = !fuse && !swiglu && norm->type == GGML_TYPE_F32, mixed = false;
+    for (int i = 1; i < n; i++)
+        mixed = mixed || ws[i]->type != ws[0]->type;
+    split = split && mixed; /* the same-type subsets below never split again */
+    for (int i = 0; split && i < n; i++)
+        split = fused_ok(g, 1, &ws[i], n_tok) && ws[i]->ne0 == dim;
+    if (split) {
+        bool done[GPU_FMV_MAX_MATS] = {false};
+        for (int i = 0; i < n; i++) {
+            if (done[i]) continue;
+            be_buf *ys2[GPU_FMV_MAX_MATS];
+            const be_weight *ws2[GPU_FMV_MAX_MATS], *bs2[GPU_FMV_MAX_MATS];
+            int m = 0;
+            for (int j = i; j < n; j++) {
+                if (done[j] || ws[j]->type != ws[i]->type) continue;
+                ys2[m] = ys[j];
+                ws2[m] = ws[j];
+                bs2[m++] = bs ? bs[j] : NULL;
+                done[j] = true;
+            }
+            if ((rc = gb_norm_matmul(be, m, ys2, ws2, bs ? bs2 : NULL, x, norm, eps, false, hn,
+                                     n_tok, err)))
+                return rc;
+        }
         return FORGE_OK;
     }
     if ((rc = gb_rms_norm(be, hn, x, norm, n_tok, dim, eps, err))) return rc;
@@ -2284,6 +2348,7 @@ static int gb_batch_step_begin(backend *be, const be_batch *b, const int32_t *id
     g->bstep_slot = slot;
     g->xq_src = NULL; /* a replay overwrites the activations behind the host's back */
     g->xqm_src = NULL;
+    g->xqq_src = NULL;
     if (g->bgraphs[n - 1][slot]) {
         if ((rc = api->graph_launch(g->bgraphs[n - 1][slot], g->st, err))) return rc;
         *replayed = true;
@@ -2377,6 +2442,7 @@ static void gb_destroy(backend *be)
         dfree(g, g->d_paged);
         dfree(g, g->d_xqm);
         dfree(g, g->d_xrm);
+        dfree(g, g->d_xqq);
         dfree(g, g->d_amax);
         dfree(g, g->d_moe);
         (void)api->stream_sync(g->st, NULL);
@@ -2522,6 +2588,7 @@ static void comm_wrote(gpu_be_comm *c)
     for (int r = 0; r < c->base.n_rank; r++) {
         c->rank[r]->xq_src = NULL;
         c->rank[r]->xqm_src = NULL;
+        c->rank[r]->xqq_src = NULL;
     }
 }
 

@@ -455,63 +455,103 @@ __global__ void __launch_bounds__(FM_THREADS) k_fused_matvec(const fm_args a)
 }
 
 /* The same for the types of gpu_quant.cuh: h in Q4_0's shared layout (Q8_0 blocks split in
- * elements 0..15 / 16..31, scales, sums: exactly what gq_dot takes), each lane one 32-element
- * sub-block at a time (gq<T>::load; 2 in flight with one row per segment, 1 with two: more
- * spills at 64 registers), the epilogue of k_fused_matvec. sc[m] points at matrix m's head
- * plane. At most 64 registers (4 blocks per multiprocessor), as k_gq_matvec. */
-template <int T, int OUT, int R, int SPR>
+ * elements 0..15 / 16..31, scales, sums: exactly what gq_dot takes). Each lane walks its row in
+ * groups of sub-blocks (gq_walk<T, G>: with G, the sub-blocks that share bytes are fetched once,
+ * e.g. a Q4_K pair from one 32-byte piece, a Q6_K four from 112 bytes; else one at a time), U
+ * groups in flight; the first unit's first groups are fetched before gpu_pdl_wait (weights never
+ * change), as k_fused_matvec does. The epilogue of k_fused_matvec. sc[m] points at matrix m's
+ * head plane. At most 64 registers (4 blocks per multiprocessor), as k_gq_matvec: U is chosen so
+ * that the fetched bytes of all rows stay within 96 bytes per lane. */
+/* Grouped fetches unless R rows of them would not fit the register budget (Q5_K, Q6_K with two
+ * rows). */
+template <int T, int R> struct fm_gq_group {
+    enum { OK = R * sizeof(typename gq_grp<T>::raw) <= 128 };
+};
+template <int T, bool G, int R> struct fm_gq_cfg {
+    typedef typename gq_walk<T, G>::type W;
+    enum { RAW = R * (int)sizeof(typename W::raw), U = 96 / RAW > 1 ? 96 / RAW : 1 };
+};
+
+template <int T, int OUT, int R, int SPR, bool G>
 __global__ void __launch_bounds__(FM_THREADS, 4) k_fused_gq(const fm_args a)
 {
     extern __shared__ uint4 fm_smem[];
     __shared__ float red[FM_SEGS];
     __shared__ float part[FM_SEGS][R];
-    constexpr int BODY = gq<T>::BODY, HEAD = gq<T>::BLOCK - gq<T>::BODY, SB = gq<T>::ELEMS / 32;
-    constexpr int U = R == 1 ? 2 : 1;
+    typedef typename fm_gq_cfg<T, G, R>::W W;
+    constexpr int BODY = gq<T>::BODY, HEAD = gq<T>::BLOCK - gq<T>::BODY;
+    constexpr int GS = W::GROUP, GPB = gq<T>::ELEMS / 32 / GS; /* groups per block */
+    constexpr int U = fm_gq_cfg<T, G, R>::U;
     const int lane = threadIdx.x % GPU_SEG, seg = threadIdx.x / GPU_SEG, sub = seg % SPR;
     const int step = GPU_SEG * SPR;
     const int per_block = FM_SEGS / SPR, stride = gridDim.x * per_block;
-    const int nsb = a.n_in / 32, nbk = a.n_in / gq<T>::ELEMS;
+    const int nsb = a.n_in / 32, ng = nsb / GS, nbk = a.n_in / gq<T>::ELEMS;
     gpu_pdl_trigger();
+
+    const uint8_t *brow[R], *hrow[R];
+    bool valid[R];
+    int mat[R], row[R];
+    typename W::raw w[R][U];
+    int base = blockIdx.x * per_block; /* the block's first unit this round (uniform) */
+    int g0 = sub * GPU_SEG + lane;
+#define FM_GQ_UNIT()                                                                               \
+    do {                                                                                           \
+        _Pragma("unroll") for (int j = 0; j < R; j++)                                              \
+        {                                                                                          \
+            valid[j] = fm_row<OUT, R>(a, base + seg / SPR, j, &mat[j], &row[j]);                   \
+            if (!valid[j]) {                                                                       \
+                mat[j] = 0;                                                                        \
+                row[j] = 0;                                                                        \
+            }                                                                                      \
+            brow[j] = a.w[mat[j]] + (size_t)row[j] * nbk * BODY;                                   \
+            hrow[j] = (const uint8_t *)a.sc[mat[j]] + (size_t)row[j] * nbk * HEAD;                 \
+        }                                                                                          \
+    } while (0)
+#define FM_GQ_FETCH()                                                                              \
+    do {                                                                                           \
+        _Pragma("unroll") for (int u = 0; u < U; u++)                                              \
+        {                                                                                          \
+            const int gi = g0 + u * step;                                                          \
+            _Pragma("unroll") for (int j = 0; j < R; j++) if (gi < ng && valid[j]) w[j][u] =       \
+                W::fetch(brow[j] + (size_t)(gi / GPB) * BODY, hrow[j] + (size_t)(gi / GPB) * HEAD, \
+                         gi % GPB);                                                                \
+        }                                                                                          \
+    } while (0)
+    /* 1. the first groups of the first unit, before waiting for the previous kernel */
+    if (base < a.n_units) {
+        FM_GQ_UNIT();
+        FM_GQ_FETCH();
+    }
+    /* 2. the input, once the kernels before have finished writing it */
     gpu_pdl_wait();
     fm_prologue<GGML_TYPE_Q4_0>(a, fm_smem, red);
     __syncthreads();
-    for (int base = blockIdx.x * per_block; base < a.n_units; base += stride) { /* uniform */
-        const uint8_t *brow[R], *hrow[R];
-        bool valid[R];
-        int mat[R], row[R];
+    /* 3. dot products, unit after unit */
+    for (; base < a.n_units; base += stride) { /* uniform over the block */
         float acc[R];
 #pragma unroll
-        for (int j = 0; j < R; j++) {
-            valid[j] = fm_row<OUT, R>(a, base + seg / SPR, j, &mat[j], &row[j]);
-            if (!valid[j]) {
-                mat[j] = 0;
-                row[j] = 0;
-            }
-            brow[j] = a.w[mat[j]] + (size_t)row[j] * nbk * BODY;
-            hrow[j] = (const uint8_t *)a.sc[mat[j]] + (size_t)row[j] * nbk * HEAD;
+        for (int j = 0; j < R; j++)
             acc[j] = 0.0f;
-        }
-        for (int i0 = sub * GPU_SEG + lane; i0 < nsb; i0 += step * U) {
-            gq_sub w[R][U];
+        for (;;) {
 #pragma unroll
             for (int u = 0; u < U; u++) {
-                const int i = i0 + u * step;
+                const int gi = g0 + u * step;
+                if (gi < ng) {
 #pragma unroll
-                for (int j = 0; j < R; j++)
-                    if (i < nsb && valid[j])
-                        w[j][u] = gq<T>::load(brow[j] + (size_t)(i / SB) * BODY,
-                                              hrow[j] + (size_t)(i / SB) * HEAD, i % SB);
-            }
+                    for (int k = 0; k < GS; k++) {
+                        const fm_x<GGML_TYPE_Q4_0>::v_t xv =
+                            fm_x<GGML_TYPE_Q4_0>::get(fm_smem, nsb, gi * GS + k);
 #pragma unroll
-            for (int u = 0; u < U; u++) {
-                const int i = i0 + u * step;
-                if (i < nsb) {
-                    const fm_x<GGML_TYPE_Q4_0>::v_t xv = fm_x<GGML_TYPE_Q4_0>::get(fm_smem, nsb, i);
-#pragma unroll
-                    for (int j = 0; j < R; j++)
-                        if (valid[j]) acc[j] += gq_dot<T>(w[j][u], xv.lo, xv.hi, xv.d, xv.s);
+                        for (int j = 0; j < R; j++)
+                            if (valid[j])
+                                acc[j] += gq_dot<T>(W::decode(w[j][u], gi % GPB, k), xv.lo, xv.hi,
+                                                    xv.d, xv.s);
+                    }
                 }
             }
+            g0 += step * U;
+            if (g0 - lane - sub * GPU_SEG >= ng) break; /* uniform over the segment */
+            FM_GQ_FETCH();
         }
 #pragma unroll
         for (int j = 0; j < R; j++)
@@ -553,7 +593,16 @@ __global__ void __launch_bounds__(FM_THREADS, 4) k_fused_gq(const fm_args a)
                 }
             }
         }
+        if (base + stride < a.n_units) { /* the next unit's first groups */
+            base += stride;
+            FM_GQ_UNIT();
+            g0 = sub * GPU_SEG + lane;
+            FM_GQ_FETCH();
+            base -= stride;
+        }
     }
+#undef FM_GQ_FETCH
+#undef FM_GQ_UNIT
 }
 
 /* ---- launcher ----------------------------------------------------------------------------- */
@@ -638,7 +687,7 @@ template <int WT, int OUT, int R, int SPR> static fm_kernel fm_kernel_for()
                   WT == GGML_TYPE_Q8_0 || WT == GGML_TYPE_Q4_0)
         return k_fused_matvec<WT, OUT, R, SPR>;
     else
-        return k_fused_gq<WT, OUT, R, SPR>;
+        return k_fused_gq<WT, OUT, R, SPR, (bool)fm_gq_group<WT, R>::OK>;
 }
 
 /* Layout choice: R rows per segment, SPR segments per unit. */

@@ -73,7 +73,9 @@ GPU_API size_t gpu_weight_bytes(int wtype, int64_t n_rows, int64_t n_in)
     size_t rb = plane_row_bytes(wtype, n_in);
     if (rb == 0 || n_rows <= 0 || n_in <= 0) return 0;
     if (!is_quant(wtype)) return (size_t)n_rows * rb;
-    return gpu_weight_scales_offset(wtype, n_rows, n_in) + (size_t)n_rows * (n_in / QK) * 2;
+    /* the scales plane padded to 16 bytes: gpu_mmq copies it in aligned 4-byte words */
+    return gpu_weight_scales_offset(wtype, n_rows, n_in) +
+           gpu_round_up((size_t)n_rows * (n_in / QK) * 2, 16);
 }
 
 /* Activation scratch: int8 quants [n_in] | float d [n_in/32] | int sum(q) [n_in/32]. */

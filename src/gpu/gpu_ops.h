@@ -24,7 +24,8 @@
  *     quants plane:  n_rows * n_in bytes (Q8_0, int8) or n_rows * n_in/2 bytes (Q4_0, the 16
  *                    nibble bytes of each block in GGUF order: low nibbles = elements 0..15,
  *                    high nibbles = 16..31, value = nibble - 8)
- *     scales plane:  at gpu_weight_scales_offset(), n_rows * n_in/32 fp16 block scales
+ *     scales plane:  at gpu_weight_scales_offset(), n_rows * n_in/32 fp16 block scales (the
+ *                    plane padded to a multiple of 16 bytes)
  * The other block types keep their GGUF blocks, split in the same way (gpu_quant.cuh): a body
  * plane (the part of each block that is a multiple of 16 bytes: quants, packed high bits,
  * sub-scales) and, at gpu_weight_scales_offset(), a head plane (the remaining bytes: fp16
@@ -509,6 +510,24 @@ int gpu_comm_all_gather_cols(gpu_comm *c, const float *const *d_send, float *con
                              int64_t rows, const int64_t *cols, gpu_stream *const *s,
                              forge_err *err);
 
+/* ---- quantized matrix products on the int8 tensor cores (gpu_mmq.cu) ---------------------- */
+/* d_y[t * y_stride + r] = sum_i W[r][i] X[t][i] (+ beta * the old d_y[...] when beta != 0;
+ * beta 0 does not read d_y) for r < n_out, t < n_tok: decode batches of many rows and prompt
+ * chunks, without dequantizing W. W: Q8_0 or Q4_0 in the device layout; X: d_xq =
+ * gpu_act_quantize(d_x, n_tok * n_in) (gpu_act_q8_bytes(n_tok * n_in) bytes). The numerics of
+ * gpu_matvec (the exact integer dot product of each 32-element block, scaled by d_w * d_x, in
+ * fp32); only the order of the float sums differs, and it is fixed: the same inputs give the same
+ * bits on every run. y_stride >= n_out; d_y must not overlap d_w or d_xq; d_w and d_xq 16-byte
+ * aligned. Elements of d_y outside the n_tok x n_out result are not touched.
+ * gpu_mmq_supported: Q8_0/Q4_0 with n_in a multiple of 32, on a CUDA device with int8 tensor
+ * cores (sm_80+; the library is built for those only); 0 in HIP builds, where gpu_mmq returns
+ * FORGE_E_UNSUPPORTED. The tile is chosen from the shape; FORGE_GPU_MMQ_TILE=BMxBN (128x64,
+ * 64x64, 64x32, 32x32, 64x16, 32x16; read at every call) forces one, for benchmarks. */
+int gpu_mmq_supported(int wtype, int64_t n_in);
+int gpu_mmq(int wtype, const void *d_w, int64_t n_out, int64_t n_in, int64_t n_tok,
+            const void *d_xq, float *d_y, int64_t y_stride, float beta, gpu_stream *s,
+            forge_err *err);
+
 /* ---- the table the engine dlopens --------------------------------------------------------------
  */
 /* 2: the fields for batches of many sequences (store_slots .. matvec_multi) are required by the
@@ -519,7 +538,9 @@ int gpu_comm_all_gather_cols(gpu_comm *c, const float *const *d_send, float *con
  * matvec_rows) are appended. */
 /* 4: the communicator (comm_create .. comm_all_gather_cols) is appended; the backend needs it
  * for tensor parallelism (backend_gpu_comm_create), so a version 3 library is refused. */
-#define GPU_API_VERSION 4
+/* 5: the tensor-core quantized product (mmq_supported, mmq) is appended; a version 4 library's
+ * table ends before them, so it is refused by version instead of being read past its end. */
+#define GPU_API_VERSION 5
 typedef struct gpu_api {
     int version; /* GPU_API_VERSION */
     const char *(*backend_name)(void);
@@ -660,6 +681,11 @@ typedef struct gpu_api {
     int (*comm_all_gather_cols)(gpu_comm *c, const float *const *d_send, float *const *d_recv,
                                 int64_t rows, const int64_t *cols, gpu_stream *const *s,
                                 forge_err *err);
+    /* appended for quantized batches on the tensor cores (version 5) */
+    int (*mmq_supported)(int wtype, int64_t n_in);
+    int (*mmq)(int wtype, const void *d_w, int64_t n_out, int64_t n_in, int64_t n_tok,
+               const void *d_xq, float *d_y, int64_t y_stride, float beta, gpu_stream *s,
+               forge_err *err);
 } gpu_api;
 
 /* The one symbol the engine looks up after dlopen("libforge_cuda.so"). NULL if `version` is not

@@ -254,80 +254,112 @@ GPU_DEV void gq_k4_scale_min(int j, const uint4 &hv, int *sc, int *m)
 }
 
 /* Q4_K (144): fp16 d, dmin, scales[12], qs[128]. Sub-block s: nibble (s & 1) of
- * qs[32 (s/2) ..]; x = d*sc * q - dmin*m. */
+ * qs[32 (s/2) ..]; x = d*sc * q - dmin*m. Sub-blocks 2g and 2g + 1 share their 32 bytes: a
+ * group of 2 (gq_grp below). */
+struct gq_q4k_raw {
+    uint4 q0, q1, hv; /* qs[32g .. 32g + 31], the 16-byte head */
+};
+GPU_DEV gq_q4k_raw gq_q4k_fetch(const uint8_t *body, const uint8_t *head, int g)
+{
+    return {gpu_ld_stream16((const uint4 *)(body + 32 * g)),
+            gpu_ld_stream16((const uint4 *)(body + 32 * g + 16)),
+            gq_ld16(head) /* head stride 16: aligned */};
+}
+/* Sub-block 2g + k from the group's bytes; qh0/qh1: Q5_K's high bits (0 for Q4_K). */
+GPU_DEV gq_sub gq_k4_decode(const uint4 &q0, const uint4 &q1, const uint4 &hv, int s,
+                            const uint4 *qh)
+{
+    gq_sub r;
+    const int sh = 4 * (s & 1);
+#pragma unroll
+    for (int i = 0; i < 4; i++) {
+        r.q[i] = (int)((gq_w(q0, i) >> sh) & 0x0f0f0f0fu);
+        r.q[4 + i] = (int)((gq_w(q1, i) >> sh) & 0x0f0f0f0fu);
+        if (qh) {
+            r.q[i] |= (int)(((gq_w(qh[0], i) >> s) & 0x01010101u) << 4);
+            r.q[4 + i] |= (int)(((gq_w(qh[1], i) >> s) & 0x01010101u) << 4);
+        }
+    }
+    int sc, m;
+    gq_k4_scale_min(s, hv, &sc, &m);
+    r.a[0] = r.a[1] = gpu_fp16_to_f32((unsigned short)(hv.x & 0xffffu)) * (float)sc;
+    r.b[0] = r.b[1] = -(gpu_fp16_to_f32((unsigned short)(hv.x >> 16)) * (float)m);
+    return r;
+}
 template <> struct gq<GGML_TYPE_Q4_K> {
     enum { ELEMS = 256, BLOCK = 144, BODY_OFF = 16, BODY = 128, HALVES = 0, MINS = 1 };
     static GPU_DEVT gq_sub load(const uint8_t *body, const uint8_t *head, int s)
     {
-        gq_sub r;
-        const int sh = 4 * (s & 1);
-        const uint4 q0 = gq_ld16(body + 32 * (s >> 1)), q1 = gq_ld16(body + 32 * (s >> 1) + 16);
-#pragma unroll
-        for (int i = 0; i < 4; i++) {
-            r.q[i] = (int)((gq_w(q0, i) >> sh) & 0x0f0f0f0fu);
-            r.q[4 + i] = (int)((gq_w(q1, i) >> sh) & 0x0f0f0f0fu);
-        }
-        int sc, m;
-        const uint4 hv = gq_ld16(head); /* head stride 16: aligned */
-        gq_k4_scale_min(s, hv, &sc, &m);
-        r.a[0] = r.a[1] = gpu_fp16_to_f32((unsigned short)(hv.x & 0xffffu)) * (float)sc;
-        r.b[0] = r.b[1] = -(gpu_fp16_to_f32((unsigned short)(hv.x >> 16)) * (float)m);
-        return r;
+        const uint8_t *q = body + 32 * (s >> 1);
+        return gq_k4_decode(gq_ld16(q), gq_ld16(q + 16), gq_ld16(head), s, NULL);
     }
 };
 
-/* Q5_K (176): as Q4_K plus qh[32] before qs[128]: bit s of qh[l] is element l's 5th bit. */
+/* Q5_K (176): as Q4_K plus qh[32] before qs[128]: bit s of qh[l] is element l's 5th bit.
+ * A group of 2 as Q4_K's (the 32 qh bytes are the same for every sub-block). */
+struct gq_q5k_raw {
+    uint4 q0, q1, hv, qh[2];
+};
+GPU_DEV gq_q5k_raw gq_q5k_fetch(const uint8_t *body, const uint8_t *head, int g)
+{
+    const uint4 *b = (const uint4 *)body;
+    return {gpu_ld_stream16(b + 2 + 2 * g),
+            gpu_ld_stream16(b + 3 + 2 * g),
+            gq_ld16(head), /* head stride 16: aligned */
+            {gpu_ld_stream16(b), gpu_ld_stream16(b + 1)}};
+}
 template <> struct gq<GGML_TYPE_Q5_K> {
     enum { ELEMS = 256, BLOCK = 176, BODY_OFF = 16, BODY = 160, HALVES = 0, MINS = 1 };
     static GPU_DEVT gq_sub load(const uint8_t *body, const uint8_t *head, int s)
     {
-        gq_sub r;
-        const int sh = 4 * (s & 1);
-        const uint8_t *qs = body + 32 + 32 * (s >> 1);
-        const uint4 q0 = gq_ld16(qs), q1 = gq_ld16(qs + 16);
-        const uint4 h0 = gq_ld16(body), h1 = gq_ld16(body + 16);
-#pragma unroll
-        for (int i = 0; i < 4; i++) {
-            r.q[i] = (int)(((gq_w(q0, i) >> sh) & 0x0f0f0f0fu) |
-                           (((gq_w(h0, i) >> s) & 0x01010101u) << 4));
-            r.q[4 + i] = (int)(((gq_w(q1, i) >> sh) & 0x0f0f0f0fu) |
-                               (((gq_w(h1, i) >> s) & 0x01010101u) << 4));
-        }
-        int sc, m;
-        const uint4 hv = gq_ld16(head); /* head stride 16: aligned */
-        gq_k4_scale_min(s, hv, &sc, &m);
-        r.a[0] = r.a[1] = gpu_fp16_to_f32((unsigned short)(hv.x & 0xffffu)) * (float)sc;
-        r.b[0] = r.b[1] = -(gpu_fp16_to_f32((unsigned short)(hv.x >> 16)) * (float)m);
-        return r;
+        const uint8_t *q = body + 32 + 32 * (s >> 1);
+        const uint4 qh[2] = {gq_ld16(body), gq_ld16(body + 16)};
+        return gq_k4_decode(gq_ld16(q), gq_ld16(q + 16), gq_ld16(head), s, qh);
     }
 };
 
 /* Q6_K (210): ql[128], qh[64], int8 scales[16], fp16 d. Sub-block s = 4n + k: nibble (k >> 1) of
- * ql[64n + 32 (k & 1) ..] and bits 2k of qh[32n ..], minus 32; x = d*sc * q. */
+ * ql[64n + 32 (k & 1) ..] and bits 2k of qh[32n ..], minus 32; x = d*sc * q. Sub-blocks
+ * 4n .. 4n + 3 share ql[64n ..], qh[32n ..]: a group of 4. */
+struct gq_q6k_raw {
+    uint4 l[4], h[2], sc; /* ql[64n ..], qh[32n ..], the 16 scales */
+    float d;
+};
+GPU_DEV gq_q6k_raw gq_q6k_fetch(const uint8_t *body, const uint8_t *head, int n)
+{
+    const uint4 *b = (const uint4 *)body;
+    return {{gpu_ld_stream16(b + 4 * n), gpu_ld_stream16(b + 4 * n + 1),
+             gpu_ld_stream16(b + 4 * n + 2), gpu_ld_stream16(b + 4 * n + 3)},
+            {gpu_ld_stream16(b + 8 + 2 * n), gpu_ld_stream16(b + 9 + 2 * n)},
+            gpu_ld_stream16(b + 12),
+            gq_half(head)};
+}
+/* Sub-block s = 4n + k from its 32 ql bytes l0/l1 (ql[64n + 32 (k & 1) ..]), the group's 32 qh
+ * bytes h0/h1, the 16 scales and d. */
+GPU_DEV gq_sub gq_q6k_decode(const uint4 &l0, const uint4 &l1, const uint4 &h0, const uint4 &h1,
+                             const uint4 &scv, float d, int s)
+{
+    gq_sub r;
+    const int k = s & 3, lsh = 4 * (k >> 1), hsh = 2 * k;
+#pragma unroll
+    for (int i = 0; i < 4; i++) {
+        r.q[i] = gq_bsub(
+            ((gq_w(l0, i) >> lsh) & 0x0f0f0f0fu) | (((gq_w(h0, i) >> hsh) & 0x03030303u) << 4), 32);
+        r.q[4 + i] = gq_bsub(
+            ((gq_w(l1, i) >> lsh) & 0x0f0f0f0fu) | (((gq_w(h1, i) >> hsh) & 0x03030303u) << 4), 32);
+    }
+    gq_set_a(r, d * (float)(signed char)gq_byte(scv, 2 * s),
+             d * (float)(signed char)gq_byte(scv, 2 * s + 1));
+    return r;
+}
 template <> struct gq<GGML_TYPE_Q6_K> {
     enum { ELEMS = 256, BLOCK = 210, BODY_OFF = 0, BODY = 208, HALVES = 1, MINS = 0 };
     static GPU_DEVT gq_sub load(const uint8_t *body, const uint8_t *head, int s)
     {
-        gq_sub r;
         const int n = s >> 2, k = s & 3;
         const uint8_t *ql = body + 64 * n + 32 * (k & 1), *qh = body + 128 + 32 * n;
-        const int lsh = 4 * (k >> 1), hsh = 2 * k;
-        const uint4 l0 = gq_ld16(ql), l1 = gq_ld16(ql + 16);
-        const uint4 h0 = gq_ld16(qh), h1 = gq_ld16(qh + 16);
-#pragma unroll
-        for (int i = 0; i < 4; i++) {
-            r.q[i] = gq_bsub(((gq_w(l0, i) >> lsh) & 0x0f0f0f0fu) |
-                                 (((gq_w(h0, i) >> hsh) & 0x03030303u) << 4),
-                             32);
-            r.q[4 + i] = gq_bsub(((gq_w(l1, i) >> lsh) & 0x0f0f0f0fu) |
-                                     (((gq_w(h1, i) >> hsh) & 0x03030303u) << 4),
-                                 32);
-        }
-        const float d = gq_half(head);
-        const uint4 scv = gq_ld16(body + 192);
-        gq_set_a(r, d * (float)(signed char)gq_byte(scv, 2 * s),
-                 d * (float)(signed char)gq_byte(scv, 2 * s + 1));
-        return r;
+        return gq_q6k_decode(gq_ld16(ql), gq_ld16(ql + 16), gq_ld16(qh), gq_ld16(qh + 16),
+                             gq_ld16(body + 192), gq_half(head), s);
     }
 };
 
@@ -423,6 +455,74 @@ template <> struct gq<GGML_TYPE_TQ1_0> {
         gq_set_a(r, d, d);
         return r;
     }
+};
+
+/* ---- groups of sub-blocks fetched together ---------------------------------------------------
+ * A decode kernel walks a row in groups of GROUP consecutive sub-blocks of one block whose bytes
+ * overlap: fetch(body, head, g) issues group g's loads only (so several groups can be in flight
+ * before any is used), decode(raw, g, k) makes sub-block GROUP * g + k of it from registers.
+ * gq_one<T>: groups of 1 (fetch = gq<T>::load), every type; gq_grp<T>: the grouping of T where
+ * its sub-blocks share bytes (Q4_K/Q5_K: pairs sharing 32 quant bytes; Q6_K: fours sharing 64
+ * ql + 32 qh bytes), gq_one<T> for the others. For those types gq<T>::load() and
+ * decode(fetch()) share the decoding, so both walks compute the same numbers (load
+ * issues only the loads one sub-block needs, with the default cache policy: the prompt's
+ * dequantization reads each block's bytes from several threads). */
+template <int T> struct gq_one {
+    enum { GROUP = 1 };
+    typedef gq_sub raw;
+    static GPU_DEVT raw fetch(const uint8_t *body, const uint8_t *head, int g)
+    {
+        return gq<T>::load(body, head, g);
+    }
+    static GPU_DEVT gq_sub decode(const raw &w, int, int)
+    {
+        return w;
+    }
+};
+template <int T> struct gq_grp : gq_one<T> {};
+template <> struct gq_grp<GGML_TYPE_Q4_K> {
+    enum { GROUP = 2 };
+    typedef gq_q4k_raw raw;
+    static GPU_DEVT raw fetch(const uint8_t *body, const uint8_t *head, int g)
+    {
+        return gq_q4k_fetch(body, head, g);
+    }
+    static GPU_DEVT gq_sub decode(const raw &w, int g, int k)
+    {
+        return gq_k4_decode(w.q0, w.q1, w.hv, 2 * g + k, NULL);
+    }
+};
+template <> struct gq_grp<GGML_TYPE_Q5_K> {
+    enum { GROUP = 2 };
+    typedef gq_q5k_raw raw;
+    static GPU_DEVT raw fetch(const uint8_t *body, const uint8_t *head, int g)
+    {
+        return gq_q5k_fetch(body, head, g);
+    }
+    static GPU_DEVT gq_sub decode(const raw &w, int g, int k)
+    {
+        return gq_k4_decode(w.q0, w.q1, w.hv, 2 * g + k, w.qh);
+    }
+};
+template <> struct gq_grp<GGML_TYPE_Q6_K> {
+    enum { GROUP = 4 };
+    typedef gq_q6k_raw raw;
+    static GPU_DEVT raw fetch(const uint8_t *body, const uint8_t *head, int g)
+    {
+        return gq_q6k_fetch(body, head, g);
+    }
+    static GPU_DEVT gq_sub decode(const raw &w, int g, int k)
+    {
+        return gq_q6k_decode(w.l[2 * (k & 1)], w.l[2 * (k & 1) + 1], w.h[0], w.h[1], w.sc, w.d,
+                             4 * g + k);
+    }
+};
+/* The walk a kernel takes: grouped (G) or one sub-block at a time. */
+template <int T, bool G> struct gq_walk {
+    typedef gq_grp<T> type;
+};
+template <int T> struct gq_walk<T, false> {
+    typedef gq_one<T> type;
 };
 
 /* ---- the operations every kernel shares ---------------------------------------------------- */

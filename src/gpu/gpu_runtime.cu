@@ -488,6 +488,7 @@ static const gpu_api g_api_v1 = {
     gpu_argmax_rows, gpu_attention_prompt_paged, gpu_matvec_multi_supported, gpu_matvec_multi,
     gpu_geglu, gpu_scale, gpu_softcap, gpu_moe_route, gpu_moe_accum, gpu_matvec_rows,
     gpu_comm_create, gpu_comm_free, gpu_comm_all_reduce_sum, gpu_comm_all_gather_cols,
+    gpu_mmq_supported, gpu_mmq,
 };
 
 GPU_API const gpu_api *forge_gpu_get_api(int version)
