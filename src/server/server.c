@@ -10,13 +10,16 @@
  * by each choice still running in the engine; the last reference frees it. */
 #include <arpa/inet.h>
 #include <math.h>
+#include <errno.h>
 #include <netdb.h>
+#include <poll.h>
 #include <pthread.h>
 #include <stdarg.h>
 #include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/socket.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -110,6 +113,10 @@ typedef struct job {
     choice *ch;
     int n_ch, n_running;
     bool suspended; /* the connection waits for us to resume it */
+    int fd;          /* non-streaming: the connection's socket while suspended (-1: none or
+                      * already found closed) */
+    double t_check;  /* when on_event last looked whether that socket's peer is gone */
+    bool client_gone; /* it was: the choices were cancelled, nothing is sent */
     bool held;      /* in the server's list of streams whose bytes wait for the interval */
     double t_resume; /* when the engine thread last resumed the connection */
     bool all_done;
@@ -402,7 +409,24 @@ static void hold_stream(struct forge_server *s, job *j)
     s->held[s->n_held++] = j;
 }
 
-/* The engine's callback (engine thread): record the event in the job, resume the connection. */
+/* How often (seconds, at most) on_event looks whether a non-streaming request's client left. */
+#define PEER_CHECK_S 0.002
+
+/* Whether the peer of a suspended connection has closed it or reset it: end of file or an error
+ * on a peek. The bytes of a pipelined next request are not a close; a client that shuts down only
+ * its sending side counts as gone (as with llama.cpp's server). */
+static bool peer_gone(int fd)
+{
+    struct pollfd p = {.fd = fd, .events = POLLIN};
+    if (poll(&p, 1, 0) <= 0) return false;
+    if (p.revents & (POLLHUP | POLLERR | POLLNVAL)) return true;
+    char c;
+    ssize_t n = recv(fd, &c, 1, MSG_PEEK | MSG_DONTWAIT);
+    return n == 0 || (n < 0 && errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR);
+}
+
+/* The engine's callback (engine thread): record the event in the job, resume the connection. A
+ * non-streaming request whose client has left is cancelled (a stream finds out when it writes). */
 static void on_event(const forge_event *ev, void *user)
 {
     choice *c = user;
@@ -488,7 +512,21 @@ static void on_event(const forge_event *ev, void *user)
         job_resume(j, t);
     else if (!j->held && j->conn && j->out.len > j->out_sent)
         hold_stream(srv, j);
+    forge_req_id gone[SRV_MAX_CHOICES];
+    int n_gone = 0;
+    if (!j->req.stream && j->suspended && j->conn && j->fd >= 0 && t - j->t_check >= PEER_CHECK_S) {
+        j->t_check = t;
+        if (peer_gone(j->fd)) {
+            j->fd = -1;
+            j->client_gone = true;
+            for (int i = 0; i < j->n_ch && n_gone < SRV_MAX_CHOICES; i++)
+                if (j->ch[i].running) gone[n_gone++] = j->ch[i].id;
+        }
+    }
     pthread_mutex_unlock(&j->mu);
+    /* outside the job's lock, as on_completed does; the last events come at the next step */
+    for (int i = 0; i < n_gone; i++)
+        forge_engine_cancel(srv->engine, gone[i], NULL);
     if (free_ref) job_unref(j);
 }
 
@@ -586,6 +624,10 @@ static enum MHD_Result fail(struct forge_server *s, struct MHD_Connection *conn,
 static enum MHD_Result send_job_result(struct forge_server *s, struct MHD_Connection *conn,
                                        conn_ctx *cc, job *j)
 {
+    if (j->client_gone) {
+        cc->status = 499; /* the access log's "client closed the request"; the connection closes */
+        return MHD_NO;
+    }
     for (int i = 0; i < j->n_ch; i++)
         if (j->ch[i].finish == FORGE_FINISH_ERROR)
             return fail(s, conn, cc, 500, "server_error", NULL, NULL, "generation failed: %s",
@@ -708,6 +750,7 @@ static enum MHD_Result start_job(struct forge_server *s, struct MHD_Connection *
     pthread_mutex_init(&j->mu, NULL);
     j->srv = s;
     j->refs = 1;
+    j->fd = -1;
     j->t0 = cc->t0;
     if (srv_request_parse(kind, cc->body.p ? cc->body.p : "", cc->body.len, &j->req, &e)) goto err;
     srv_request *rq = &j->req;
@@ -871,6 +914,10 @@ static enum MHD_Result start_job(struct forge_server *s, struct MHD_Connection *
         pthread_mutex_unlock(&j->mu);
         ret = send_job_result(s, conn, cc, j);
     } else {
+        /* libmicrohttpd does not watch a suspended connection: on_event looks at its socket */
+        const union MHD_ConnectionInfo *ci =
+            MHD_get_connection_info(conn, MHD_CONNECTION_INFO_CONNECTION_FD);
+        j->fd = ci ? (int)ci->connect_fd : -1;
         j->suspended = true;
         MHD_suspend_connection(conn);
         pthread_mutex_unlock(&j->mu);
