@@ -301,6 +301,21 @@ static void test_simd_dots(void **state)
             free(xq4);
             n_compared++;
         }
+        /* the 4-row form against 4 single dots, bit for bit (rows 0-3, then 4 rows from 5) */
+        if (tr->vec_dot_r4_avx2 && kern_isa_best() >= KERN_ISA_AVX2 && rows >= 9) {
+            const size_t wrow = ggml_row_size(t, n);
+            for (int64_t r = 0; r <= 5; r += 5) {
+                const uint8_t *w = (const uint8_t *)ti->data + (size_t)r * wrow;
+                float out[4];
+                tr->vec_dot_r4_avx2(n, w, wrow, xq, out);
+                for (int k4 = 0; k4 < 4; k4++) {
+                    float one = tr->vec_dot(n, w + k4 * wrow, xq);
+                    if (memcmp(&out[k4], &one, sizeof one))
+                        fail_msg("%s r4 dot row %lld: %.9g vs %.9g", types[k], (long long)(r + k4), out[k4], one);
+                }
+            }
+            n_compared++;
+        }
         /* kern_matmul, 7 tokens (a 4-token step and 3 single ones): the best ISA vs scalar */
         float X[7 * 768];
         for (int i = 0; i < 7 * 768; i++) X[i] = tu_rand_uniform(&seed);

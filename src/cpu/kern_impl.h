@@ -23,6 +23,7 @@ typedef struct kern_mm_args {
     float *Y;
     forge_vec_dot_fn dot; /* generic kernels (types without tuned row kernels): the row dot */
     forge_vec_dot_x4_fn dot4; /* and 4 tokens at once, or NULL */
+    forge_vec_dot_r4_fn dot_r4; /* and 4 rows at once, or NULL */
     /* The rows [0, n_out - n_out % group) of W in the kernel's repacked layout
      * (kern_mm_kernel.layout), or NULL: then the kernel reads W only. */
     const uint8_t *R;
@@ -44,6 +45,7 @@ typedef struct kern_mm_kernel {
      * xc_block inputs (xc_block 0: xc_row_bytes_per_32 applies). */
     forge_vec_dot_fn dot;
     forge_vec_dot_x4_fn dot4;
+    forge_vec_dot_r4_fn dot_r4;
     int64_t xc_block;
     size_t xc_block_bytes;
     int layout; /* the repacked layout mm reads when kern_mm_args.R is set (KERN_LAYOUT_*) */

@@ -120,27 +120,38 @@ static void mm_q4_0_scalar(const kern_mm_args *a, int64_t r0, int64_t r1, void *
     }
 }
 
-/* Any type with a dot product in the traits table: one row dot per (token, row). Weight rows
- * outside, so that each row is read from memory once per chunk of tokens, the chunk's
- * activations staying in L2 (kern_tok_chunk). */
+/* Any type with a dot product in the traits table: one row dot per (token, row), 4 tokens per
+ * call where the type has that form (prompts), 4 rows per call for the tokens left (decode).
+ * Weight rows outside, so that each row is read from memory once per chunk of tokens, the chunk's
+ * activations staying in L2 (kern_tok_chunk). Every form gives the same bits per (row, token). */
 static void mm_generic(const kern_mm_args *a, int64_t r0, int64_t r1, void *work)
 {
     const int64_t tc = kern_tok_chunk(a->xc_row_bytes, 4);
+    const size_t rb = a->w_row_bytes, xb = a->xc_row_bytes;
     for (int64_t t0 = 0; t0 < a->n_tok; t0 += tc) {
         const int64_t t1 = t0 + tc < a->n_tok ? t0 + tc : a->n_tok;
-        for (int64_t o = r0; o < r1; o++) {
-            const uint8_t *w = a->W + (size_t)o * a->w_row_bytes;
-            int64_t t = t0;
-            if (a->dot4) {
-                for (; t + 4 <= t1; t += 4) {
-                    float out[4];
-                    a->dot4(a->n_in, w, a->Xc + (size_t)t * a->xc_row_bytes, a->xc_row_bytes,
-                            out);
-                    for (int k = 0; k < 4; k++) a->Y[(t + k) * a->n_out + o] = out[k];
-                }
+        const int64_t t4 = a->dot4 ? t0 + (t1 - t0) / 4 * 4 : t0;
+        for (int64_t o = r0; o < r1 && t4 > t0; o++) {
+            for (int64_t t = t0; t < t4; t += 4) {
+                float out[4];
+                a->dot4(a->n_in, a->W + (size_t)o * rb, a->Xc + (size_t)t * xb, xb, out);
+                for (int k = 0; k < 4; k++) a->Y[(t + k) * a->n_out + o] = out[k];
             }
-            for (; t < t1; t++)
-                a->Y[t * a->n_out + o] = a->dot(a->n_in, w, a->Xc + (size_t)t * a->xc_row_bytes);
+        }
+        for (int64_t o = r0; o < r1 && t4 < t1;) {
+            const uint8_t *w = a->W + (size_t)o * rb;
+            if (a->dot_r4 && o + 4 <= r1) {
+                for (int64_t t = t4; t < t1; t++) {
+                    float out[4];
+                    a->dot_r4(a->n_in, w, rb, a->Xc + (size_t)t * xb, out);
+                    for (int k = 0; k < 4; k++) a->Y[t * a->n_out + o + k] = out[k];
+                }
+                o += 4;
+            } else {
+                for (int64_t t = t4; t < t1; t++)
+                    a->Y[t * a->n_out + o] = a->dot(a->n_in, w, a->Xc + (size_t)t * xb);
+                o++;
+            }
         }
     }
 }
@@ -159,7 +170,10 @@ static kern_mm_kernel lookup_generic(kern_isa isa, int wtype)
         k.dot = tr->vec_dot_avx2;
     /* the 4-token form: every SIMD dot of the table computes the same exact integer sums and the
      * same float expression per super-block, so it may be mixed with any of them */
-    if (isa == KERN_ISA_AVX512 || isa == KERN_ISA_AVX2) k.dot4 = tr->vec_dot_x4_avx2;
+    if (isa == KERN_ISA_AVX512 || isa == KERN_ISA_AVX2) {
+        k.dot4 = tr->vec_dot_x4_avx2;
+        k.dot_r4 = tr->vec_dot_r4_avx2;
+    }
     k.mm = mm_generic;
     k.cvt = tr->quantize_act;
     k.xc_block = xt->block_size;
@@ -391,6 +405,7 @@ int kern_matmul_packed(kern_pool *pool, int n_mats, const kern_mm_desc *mats,
         m->args.Y = mats[i].Y;
         m->args.dot = m->kernel.dot;
         m->args.dot4 = m->kernel.dot4;
+        m->args.dot_r4 = m->kernel.dot_r4;
         /* a repacked copy only where it is the layout this kernel reads */
         if (packed && packed[i].R && m->kernel.layout != KERN_LAYOUT_FILE &&
             packed[i].layout == m->kernel.layout)

@@ -378,21 +378,37 @@ TGT float forge_vec_dot_q5_1_q8_1_avx2(int64_t n, const void *w, const void *xq)
 
 /* ---- 4 activation rows per weight row (prompts): the same arithmetic per row ---------------- */
 
+/* Lane k: the sum of the 8 lanes of a[k] (integer sums: exact in any order). */
+TGT static inline __m128i hsum4_i32(const __m256i a[4])
+{
+    const __m256i t = _mm256_hadd_epi32(_mm256_hadd_epi32(a[0], a[1]), _mm256_hadd_epi32(a[2], a[3]));
+    return _mm_add_epi32(_mm256_castsi256_si128(t), _mm256_extracti128_si256(t, 1));
+}
+
+/* The 4 rows' Q8_K scales dy, one lane each. */
+static inline __m128 q8k_d4(const uint8_t *y, size_t stride)
+{
+    return _mm_setr_ps(q8k_d(y), q8k_d(y + stride), q8k_d(y + 2 * stride), q8k_d(y + 3 * stride));
+}
+
+/* The 4 activation rows' sums are reduced together and their float step runs as one vector, each
+ * lane the one-row expression ((d * dy) * isum - (dmin * dy) * summ, added in block order). */
 TGT void forge_vec_dot_q4_k_q8_k_x4_avx2(int64_t n, const void *w, const void *xq, size_t stride, float out[4])
 {
     const uint8_t *b = w, *y = xq;
     const __m256i m4 = _mm256_set1_epi8(0x0F);
-    float sumf[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+    const __m128i dup = _mm_set_epi8(15, 15, 14, 14, 13, 13, 12, 12, 11, 11, 10, 10, 9, 9, 8, 8);
+    __m128 sumf = _mm_setzero_ps();
     for (int64_t i = 0; i < n / FORGE_QK_K; i++, b += 144, y += FORGE_Q8_K_BYTES) {
         const __m128i scmn = k4_scales_mins(b + 4);
-        uint8_t sc[16];
-        _mm_storeu_si128((__m128i *)sc, scmn);
+        const __m256i sc = sc8_u(scmn);
         __m256i acc[4] = {_mm256_setzero_si256(), _mm256_setzero_si256(), _mm256_setzero_si256(),
                           _mm256_setzero_si256()};
+#pragma GCC unroll 4
         for (int j = 0; j < 4; j++) {
             __m256i q4 = _mm256_loadu_si256((const __m256i *)(b + 16 + 32 * j));
             __m256i lo = _mm256_and_si256(q4, m4), hi = _mm256_and_si256(_mm256_srli_epi16(q4, 4), m4);
-            __m256i slo = _mm256_set1_epi16(sc[2 * j]), shi = _mm256_set1_epi16(sc[2 * j + 1]);
+            __m256i slo = sc_pick1(sc, 2 * j), shi = sc_pick1(sc, 2 * j + 1);
             for (int k = 0; k < 4; k++) {
                 const int8_t *ys = (const int8_t *)(y + k * stride + 4) + 64 * j;
                 __m256i plo = _mm256_maddubs_epi16(lo, _mm256_loadu_si256((const __m256i *)ys));
@@ -401,26 +417,26 @@ TGT void forge_vec_dot_q4_k_q8_k_x4_avx2(int64_t n, const void *w, const void *x
                 acc[k] = _mm256_add_epi32(acc[k], _mm256_madd_epi16(phi, shi));
             }
         }
-        float d = half_at(b), dmin = half_at(b + 2);
-        for (int k = 0; k < 4; k++) {
-            const uint8_t *yk = y + k * stride;
-            int summ = k4_summ(scmn, yk);
-            int isum = hsum_i32(acc[k]);
-            float dy = q8k_d(yk);
-            const float pw = d * dy * (float)isum, pm = dmin * dy * (float)summ;
-            sumf[k] += pw - pm;
-        }
+        const __m256i mins = _mm256_cvtepu8_epi16(_mm_shuffle_epi8(scmn, dup));
+        __m256i ms[4];
+        for (int k = 0; k < 4; k++)
+            ms[k] = _mm256_madd_epi16(mins, _mm256_loadu_si256((const __m256i *)(y + k * stride + 4 + FORGE_QK_K)));
+        const __m128 dy = q8k_d4(y, stride);
+        const __m128 pw = _mm_mul_ps(_mm_mul_ps(_mm_set1_ps(half_at(b)), dy), _mm_cvtepi32_ps(hsum4_i32(acc)));
+        const __m128 pm = _mm_mul_ps(_mm_mul_ps(_mm_set1_ps(half_at(b + 2)), dy), _mm_cvtepi32_ps(hsum4_i32(ms)));
+        sumf = _mm_add_ps(sumf, _mm_sub_ps(pw, pm));
     }
-    for (int k = 0; k < 4; k++) out[k] = sumf[k];
+    _mm_storeu_ps(out, sumf);
 }
 
 TGT void forge_vec_dot_q6_k_q8_k_x4_avx2(int64_t n, const void *w, const void *xq, size_t stride, float out[4])
 {
     const uint8_t *b = w, *y = xq;
     const __m256i m4 = _mm256_set1_epi8(0x0F), m30 = _mm256_set1_epi8(0x30);
-    float sumf[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+    __m128 sumf = _mm_setzero_ps();
     for (int64_t i = 0; i < n / FORGE_QK_K; i++, b += 210, y += FORGE_Q8_K_BYTES) {
         const int8_t *sc = (const int8_t *)(b + 192);
+        const __m256i scw = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)sc));
         __m256i acc[4] = {_mm256_setzero_si256(), _mm256_setzero_si256(), _mm256_setzero_si256(),
                           _mm256_setzero_si256()};
         for (int h = 0; h < 2; h++) {
@@ -443,15 +459,118 @@ TGT void forge_vec_dot_q6_k_q8_k_x4_avx2(int64_t n, const void *w, const void *x
                 }
             }
         }
-        float d = half_at(b + 208);
-        for (int k = 0; k < 4; k++) {
-            const uint8_t *yk = y + k * stride;
-            int isum = hsum_i32(acc[k]) - 32 * scaled_bsums(sc, yk);
-            const float pw = d * q8k_d(yk) * (float)isum;
-            sumf[k] += pw;
-        }
+        /* the offset 32 of the unsigned values: 32 * sum_g scales[g] * bsums[g] */
+        __m256i sb[4];
+        for (int k = 0; k < 4; k++)
+            sb[k] = _mm256_madd_epi16(scw, _mm256_loadu_si256((const __m256i *)(y + k * stride + 4 + FORGE_QK_K)));
+        const __m128i isum = _mm_sub_epi32(hsum4_i32(acc), _mm_slli_epi32(hsum4_i32(sb), 5));
+        const __m128 pw = _mm_mul_ps(_mm_mul_ps(_mm_set1_ps(half_at(b + 208)), q8k_d4(y, stride)),
+                                     _mm_cvtepi32_ps(isum));
+        sumf = _mm_add_ps(sumf, pw);
     }
-    for (int k = 0; k < 4; k++) out[k] = sumf[k];
+    _mm_storeu_ps(out, sumf);
+}
+
+/* ---- 4 weight rows per activation row (decode): the same arithmetic per row ---------------- */
+
+/* The 4 rows are read as 4 streams; when they lie one after the other (decode's row groups) the
+ * hardware sees a jumble: each super-block step prefetches its share of the bytes R4_AHEAD beyond
+ * the group, as one linear stream (a prefetch never faults, past the matrix neither). */
+#define R4_AHEAD 16384
+TGT static inline void r4_prefetch(const uint8_t *w, size_t ws, int64_t i, size_t sb_bytes)
+{
+    const uint8_t *p = w + 4 * ws + R4_AHEAD + (size_t)i * 4 * sb_bytes;
+    for (size_t l = 0; l < 4 * sb_bytes; l += 64)
+        _mm_prefetch((const char *)(p + l), _MM_HINT_T1);
+}
+
+/* The 4 rows' fp16 values at p, p + stride, ... as floats (F16C: exact). */
+TGT static inline __m128 half4_at(const uint8_t *p, size_t stride)
+{
+    return _mm_cvtph_ps(_mm_setr_epi16((short)forge_qt_u16(p), (short)forge_qt_u16(p + stride),
+                                       (short)forge_qt_u16(p + 2 * stride),
+                                       (short)forge_qt_u16(p + 3 * stride), 0, 0, 0, 0));
+}
+
+TGT void forge_vec_dot_q4_k_q8_k_r4_avx2(int64_t n, const void *w, size_t ws, const void *xq, float out[4])
+{
+    const uint8_t *b = w, *y = xq;
+    const __m256i m4 = _mm256_set1_epi8(0x0F);
+    const __m128i dup = _mm_set_epi8(15, 15, 14, 14, 13, 13, 12, 12, 11, 11, 10, 10, 9, 9, 8, 8);
+    __m128 sumf = _mm_setzero_ps();
+    for (int64_t i = 0; i < n / FORGE_QK_K; i++, b += 144, y += FORGE_Q8_K_BYTES) {
+        r4_prefetch(w, ws, i, 144);
+        const int8_t *ys = (const int8_t *)(y + 4);
+        const __m256i bs = _mm256_loadu_si256((const __m256i *)(y + 4 + FORGE_QK_K));
+        __m256i acc[4], ms[4];
+#pragma GCC unroll 4
+        for (int r = 0; r < 4; r++) {
+            const uint8_t *br = b + (size_t)r * ws;
+            const __m128i scmn = k4_scales_mins(br + 4);
+            const __m256i sc = sc8_u(scmn);
+            ms[r] = _mm256_madd_epi16(_mm256_cvtepu8_epi16(_mm_shuffle_epi8(scmn, dup)), bs);
+            __m256i s = _mm256_setzero_si256();
+#pragma GCC unroll 4
+            for (int j = 0; j < 4; j++) {
+                __m256i q4 = _mm256_loadu_si256((const __m256i *)(br + 16 + 32 * j));
+                __m256i lo = _mm256_and_si256(q4, m4), hi = _mm256_and_si256(_mm256_srli_epi16(q4, 4), m4);
+                __m256i plo = _mm256_maddubs_epi16(lo, _mm256_loadu_si256((const __m256i *)(ys + 64 * j)));
+                __m256i phi = _mm256_maddubs_epi16(hi, _mm256_loadu_si256((const __m256i *)(ys + 64 * j + 32)));
+                s = _mm256_add_epi32(s, _mm256_madd_epi16(plo, sc_pick1(sc, 2 * j)));
+                s = _mm256_add_epi32(s, _mm256_madd_epi16(phi, sc_pick1(sc, 2 * j + 1)));
+            }
+            acc[r] = s;
+        }
+        const __m128 dy = _mm_set1_ps(q8k_d(y));
+        const __m128 pw = _mm_mul_ps(_mm_mul_ps(half4_at(b, ws), dy), _mm_cvtepi32_ps(hsum4_i32(acc)));
+        const __m128 pm = _mm_mul_ps(_mm_mul_ps(half4_at(b + 2, ws), dy), _mm_cvtepi32_ps(hsum4_i32(ms)));
+        sumf = _mm_add_ps(sumf, _mm_sub_ps(pw, pm));
+    }
+    _mm_storeu_ps(out, sumf);
+}
+
+TGT void forge_vec_dot_q6_k_q8_k_r4_avx2(int64_t n, const void *w, size_t ws, const void *xq, float out[4])
+{
+    const uint8_t *b = w, *y = xq;
+    const __m256i m4 = _mm256_set1_epi8(0x0F), m30 = _mm256_set1_epi8(0x30);
+    __m128 sumf = _mm_setzero_ps();
+    for (int64_t i = 0; i < n / FORGE_QK_K; i++, b += 210, y += FORGE_Q8_K_BYTES) {
+        r4_prefetch(w, ws, i, 210);
+        const int8_t *ys = (const int8_t *)(y + 4);
+        const __m256i bs = _mm256_loadu_si256((const __m256i *)(y + 4 + FORGE_QK_K));
+        __m256i acc[4], sb[4];
+#pragma GCC unroll 4
+        for (int r = 0; r < 4; r++) {
+            const uint8_t *br = b + (size_t)r * ws;
+            const int8_t *sc = (const int8_t *)(br + 192);
+            sb[r] = _mm256_madd_epi16(_mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)sc)), bs);
+            __m256i s = _mm256_setzero_si256();
+#pragma GCC unroll 2
+            for (int h = 0; h < 2; h++) {
+                const __m256i sch = sc8_s(sc + 8 * h);
+                __m256i ql0 = _mm256_loadu_si256((const __m256i *)(br + 64 * h));
+                __m256i ql1 = _mm256_loadu_si256((const __m256i *)(br + 64 * h + 32));
+                __m256i qh = _mm256_loadu_si256((const __m256i *)(br + 128 + 32 * h));
+                __m256i v[4];
+                v[0] = _mm256_or_si256(_mm256_and_si256(ql0, m4), _mm256_and_si256(_mm256_slli_epi16(qh, 4), m30));
+                v[1] = _mm256_or_si256(_mm256_and_si256(ql1, m4), _mm256_and_si256(_mm256_slli_epi16(qh, 2), m30));
+                v[2] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(ql0, 4), m4), _mm256_and_si256(qh, m30));
+                v[3] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(ql1, 4), m4),
+                                       _mm256_and_si256(_mm256_srli_epi16(qh, 2), m30));
+#pragma GCC unroll 4
+                for (int k = 0; k < 4; k++) {
+                    __m256i p = _mm256_maddubs_epi16(v[k], _mm256_loadu_si256((const __m256i *)(ys + 128 * h + 32 * k)));
+                    s = _mm256_add_epi32(s, _mm256_madd_epi16(p, sc_pick2(sch, 2 * k, 2 * k + 1)));
+                }
+            }
+            acc[r] = s;
+        }
+        const __m128i isum = _mm_sub_epi32(hsum4_i32(acc), _mm_slli_epi32(hsum4_i32(sb), 5));
+        const __m128 pw = _mm_mul_ps(_mm_mul_ps(half4_at(b + 208, ws), _mm_set1_ps(q8k_d(y))),
+                                     _mm_cvtepi32_ps(isum));
+        sumf = _mm_add_ps(sumf, pw);
+    }
+    _mm_storeu_ps(out, sumf);
 }
 
 #endif

@@ -25,6 +25,9 @@ typedef float (*forge_vec_dot_fn)(int64_t n, const void *w, const void *xq);
 /* The same for 4 activation rows at once (xq, xq + stride, ...): out[k] is bit-identical to
  * vec_dot(n, w, xq + k * stride); the weight row is unpacked once for the 4 (prompts). */
 typedef void (*forge_vec_dot_x4_fn)(int64_t n, const void *w, const void *xq, size_t stride, float out[4]);
+/* 4 weight rows (w, w + w_stride, ...) times one activation row: out[k] is bit-identical to
+ * vec_dot(n, w + k * w_stride, xq); the work around the integer sums is shared (decode). */
+typedef void (*forge_vec_dot_r4_fn)(int64_t n, const void *w, size_t w_stride, const void *xq, float out[4]);
 
 typedef struct forge_type_traits {
     const char *name;
@@ -41,6 +44,7 @@ typedef struct forge_type_traits {
     forge_vec_dot_fn vec_dot_avx2;   /* NULL where there is no AVX2 version (or no x86 build) */
     forge_vec_dot_fn vec_dot_avx512;
     forge_vec_dot_x4_fn vec_dot_x4_avx2; /* NULL: 4 calls of the single dot */
+    forge_vec_dot_r4_fn vec_dot_r4_avx2; /* NULL: 4 calls of the single dot */
     /* The CPU kernel module (src/cpu/matmul*.c) has tuned row kernels of its own for this type
      * (F32/F16/BF16/Q8_0/Q4_0); vec_dot above is then unused by kern_matmul. */
     bool cpu_tuned;
@@ -100,6 +104,8 @@ float forge_vec_dot_q4_k_q8_k_avx512(int64_t n, const void *w, const void *xq);
 float forge_vec_dot_q6_k_q8_k_avx512(int64_t n, const void *w, const void *xq);
 void forge_vec_dot_q4_k_q8_k_x4_avx2(int64_t n, const void *w, const void *xq, size_t stride, float out[4]);
 void forge_vec_dot_q6_k_q8_k_x4_avx2(int64_t n, const void *w, const void *xq, size_t stride, float out[4]);
+void forge_vec_dot_q4_k_q8_k_r4_avx2(int64_t n, const void *w, size_t w_stride, const void *xq, float out[4]);
+void forge_vec_dot_q6_k_q8_k_r4_avx2(int64_t n, const void *w, size_t w_stride, const void *xq, float out[4]);
 float forge_vec_dot_q5_k_q8_k_avx2(int64_t n, const void *w, const void *xq);
 float forge_vec_dot_q3_k_q8_k_avx2(int64_t n, const void *w, const void *xq);
 float forge_vec_dot_q2_k_q8_k_avx2(int64_t n, const void *w, const void *xq);
