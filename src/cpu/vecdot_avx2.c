@@ -91,28 +91,32 @@ TGT static inline int k4_summ(__m128i scmn, const uint8_t *y)
 }
 
 /* Q4_K: per 64 elements one 32-byte load of nibbles; low nibbles take sub-block 2j's scale,
- * high nibbles 2j+1's; the mins through the activations' bsums. */
+ * high nibbles 2j+1's. The lanes of one super-block's scaled sums (their total is the block's
+ * exact integer sum; the mins go through the activations' bsums). */
+TGT static inline __m256i q4k_lanes(const uint8_t *b, const int8_t *ys, __m256i sc)
+{
+    const __m256i m4 = _mm256_set1_epi8(0x0F);
+    __m256i acc = _mm256_setzero_si256();
+#pragma GCC unroll 4
+    for (int j = 0; j < 4; j++) {
+        __m256i q4 = _mm256_loadu_si256((const __m256i *)(b + 16 + 32 * j));
+        __m256i lo = _mm256_and_si256(q4, m4), hi = _mm256_and_si256(_mm256_srli_epi16(q4, 4), m4);
+        __m256i plo = _mm256_maddubs_epi16(lo, _mm256_loadu_si256((const __m256i *)(ys + 64 * j)));
+        __m256i phi = _mm256_maddubs_epi16(hi, _mm256_loadu_si256((const __m256i *)(ys + 64 * j + 32)));
+        acc = _mm256_add_epi32(acc, _mm256_madd_epi16(plo, sc_pick1(sc, 2 * j)));
+        acc = _mm256_add_epi32(acc, _mm256_madd_epi16(phi, sc_pick1(sc, 2 * j + 1)));
+    }
+    return acc;
+}
+
 TGT float forge_vec_dot_q4_k_q8_k_avx2(int64_t n, const void *w, const void *xq)
 {
     const uint8_t *b = w, *y = xq;
-    const __m256i m4 = _mm256_set1_epi8(0x0F);
     float sumf = 0.0f;
     for (int64_t i = 0; i < n / FORGE_QK_K; i++, b += 144, y += FORGE_Q8_K_BYTES) {
-        const int8_t *ys = (const int8_t *)(y + 4);
         const __m128i scmn = k4_scales_mins(b + 4);
-        const __m256i sc = sc8_u(scmn);
         int summ = k4_summ(scmn, y);
-        __m256i acc = _mm256_setzero_si256();
-#pragma GCC unroll 4
-        for (int j = 0; j < 4; j++) {
-            __m256i q4 = _mm256_loadu_si256((const __m256i *)(b + 16 + 32 * j));
-            __m256i lo = _mm256_and_si256(q4, m4), hi = _mm256_and_si256(_mm256_srli_epi16(q4, 4), m4);
-            __m256i plo = _mm256_maddubs_epi16(lo, _mm256_loadu_si256((const __m256i *)(ys + 64 * j)));
-            __m256i phi = _mm256_maddubs_epi16(hi, _mm256_loadu_si256((const __m256i *)(ys + 64 * j + 32)));
-            acc = _mm256_add_epi32(acc, _mm256_madd_epi16(plo, sc_pick1(sc, 2 * j)));
-            acc = _mm256_add_epi32(acc, _mm256_madd_epi16(phi, sc_pick1(sc, 2 * j + 1)));
-        }
-        int isum = hsum_i32(acc);
+        int isum = hsum_i32(q4k_lanes(b, (const int8_t *)(y + 4), sc8_u(scmn)));
         float dy = q8k_d(y);
         const float pw = half_at(b) * dy * (float)isum, pm = half_at(b + 2) * dy * (float)summ;
         sumf += pw - pm; /* separate statements: no fma contraction (matmul_kq_avx512.c) */
@@ -129,36 +133,46 @@ TGT static inline int scaled_bsums(const int8_t *sc, const uint8_t *y)
 }
 
 /* Q6_K: the 6-bit values unsigned (q + 32) against the activations, 32 * sum(y) of each group of
- * 16 (the bsums) subtracted after scaling. */
+ * 16 (the bsums) subtracted after scaling. v[k]: the values of elements 128 h + 32 k .. + 31. */
+TGT static inline void q6k_half(const uint8_t *b, int h, __m256i v[4])
+{
+    const __m256i m4 = _mm256_set1_epi8(0x0F), m30 = _mm256_set1_epi8(0x30);
+    __m256i ql0 = _mm256_loadu_si256((const __m256i *)(b + 64 * h));
+    __m256i ql1 = _mm256_loadu_si256((const __m256i *)(b + 64 * h + 32));
+    __m256i qh = _mm256_loadu_si256((const __m256i *)(b + 128 + 32 * h));
+    v[0] = _mm256_or_si256(_mm256_and_si256(ql0, m4), _mm256_and_si256(_mm256_slli_epi16(qh, 4), m30));
+    v[1] = _mm256_or_si256(_mm256_and_si256(ql1, m4), _mm256_and_si256(_mm256_slli_epi16(qh, 2), m30));
+    v[2] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(ql0, 4), m4), _mm256_and_si256(qh, m30));
+    v[3] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(ql1, 4), m4),
+                           _mm256_and_si256(_mm256_srli_epi16(qh, 2), m30));
+}
+
+/* The lanes of one super-block's scaled sums of the unsigned values (offset not removed). */
+TGT static inline __m256i q6k_lanes(const uint8_t *b, const int8_t *ys)
+{
+    const int8_t *sc = (const int8_t *)(b + 192);
+    __m256i acc = _mm256_setzero_si256();
+#pragma GCC unroll 2
+    for (int h = 0; h < 2; h++) {
+        const __m256i sch = sc8_s(sc + 8 * h);
+        __m256i v[4];
+        q6k_half(b, h, v);
+#pragma GCC unroll 4
+        for (int k = 0; k < 4; k++) {
+            __m256i p = _mm256_maddubs_epi16(v[k], _mm256_loadu_si256((const __m256i *)(ys + 128 * h + 32 * k)));
+            acc = _mm256_add_epi32(acc, _mm256_madd_epi16(p, sc_pick2(sch, 2 * k, 2 * k + 1)));
+        }
+    }
+    return acc;
+}
+
 TGT float forge_vec_dot_q6_k_q8_k_avx2(int64_t n, const void *w, const void *xq)
 {
     const uint8_t *b = w, *y = xq;
-    const __m256i m4 = _mm256_set1_epi8(0x0F), m30 = _mm256_set1_epi8(0x30);
     float sumf = 0.0f;
     for (int64_t i = 0; i < n / FORGE_QK_K; i++, b += 210, y += FORGE_Q8_K_BYTES) {
-        const int8_t *ys = (const int8_t *)(y + 4);
-        const int8_t *sc = (const int8_t *)(b + 192);
-        int corr = scaled_bsums(sc, y);
-        __m256i acc = _mm256_setzero_si256();
-#pragma GCC unroll 2
-        for (int h = 0; h < 2; h++) {
-            const __m256i sch = sc8_s(sc + 8 * h);
-            __m256i ql0 = _mm256_loadu_si256((const __m256i *)(b + 64 * h));
-            __m256i ql1 = _mm256_loadu_si256((const __m256i *)(b + 64 * h + 32));
-            __m256i qh = _mm256_loadu_si256((const __m256i *)(b + 128 + 32 * h));
-            __m256i v[4];
-            v[0] = _mm256_or_si256(_mm256_and_si256(ql0, m4), _mm256_and_si256(_mm256_slli_epi16(qh, 4), m30));
-            v[1] = _mm256_or_si256(_mm256_and_si256(ql1, m4), _mm256_and_si256(_mm256_slli_epi16(qh, 2), m30));
-            v[2] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(ql0, 4), m4), _mm256_and_si256(qh, m30));
-            v[3] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(ql1, 4), m4),
-                                   _mm256_and_si256(_mm256_srli_epi16(qh, 2), m30));
-#pragma GCC unroll 4
-            for (int k = 0; k < 4; k++) {
-                __m256i p = _mm256_maddubs_epi16(v[k], _mm256_loadu_si256((const __m256i *)(ys + 128 * h + 32 * k)));
-                acc = _mm256_add_epi32(acc, _mm256_madd_epi16(p, sc_pick2(sch, 2 * k, 2 * k + 1)));
-            }
-        }
-        int isum = hsum_i32(acc) - 32 * corr;
+        int corr = scaled_bsums((const int8_t *)(b + 192), y);
+        int isum = hsum_i32(q6k_lanes(b, (const int8_t *)(y + 4))) - 32 * corr;
         const float pw = half_at(b + 208) * q8k_d(y) * (float)isum;
         sumf += pw; /* a separate statement: no fma contraction (matmul_kq_avx512.c) */
     }
@@ -432,7 +446,6 @@ TGT void forge_vec_dot_q4_k_q8_k_x4_avx2(int64_t n, const void *w, const void *x
 TGT void forge_vec_dot_q6_k_q8_k_x4_avx2(int64_t n, const void *w, const void *xq, size_t stride, float out[4])
 {
     const uint8_t *b = w, *y = xq;
-    const __m256i m4 = _mm256_set1_epi8(0x0F), m30 = _mm256_set1_epi8(0x30);
     __m128 sumf = _mm_setzero_ps();
     for (int64_t i = 0; i < n / FORGE_QK_K; i++, b += 210, y += FORGE_Q8_K_BYTES) {
         const int8_t *sc = (const int8_t *)(b + 192);
@@ -440,15 +453,8 @@ TGT void forge_vec_dot_q6_k_q8_k_x4_avx2(int64_t n, const void *w, const void *x
         __m256i acc[4] = {_mm256_setzero_si256(), _mm256_setzero_si256(), _mm256_setzero_si256(),
                           _mm256_setzero_si256()};
         for (int h = 0; h < 2; h++) {
-            __m256i ql0 = _mm256_loadu_si256((const __m256i *)(b + 64 * h));
-            __m256i ql1 = _mm256_loadu_si256((const __m256i *)(b + 64 * h + 32));
-            __m256i qh = _mm256_loadu_si256((const __m256i *)(b + 128 + 32 * h));
             __m256i v[4];
-            v[0] = _mm256_or_si256(_mm256_and_si256(ql0, m4), _mm256_and_si256(_mm256_slli_epi16(qh, 4), m30));
-            v[1] = _mm256_or_si256(_mm256_and_si256(ql1, m4), _mm256_and_si256(_mm256_slli_epi16(qh, 2), m30));
-            v[2] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(ql0, 4), m4), _mm256_and_si256(qh, m30));
-            v[3] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(ql1, 4), m4),
-                                   _mm256_and_si256(_mm256_srli_epi16(qh, 2), m30));
+            q6k_half(b, h, v);
             for (int q = 0; q < 4; q++) {
                 int g = 8 * h + 2 * q;
                 __m256i s = _mm256_set_m128i(_mm_set1_epi16(sc[g + 1]), _mm_set1_epi16(sc[g]));
@@ -495,31 +501,18 @@ TGT static inline __m128 half4_at(const uint8_t *p, size_t stride)
 TGT void forge_vec_dot_q4_k_q8_k_r4_avx2(int64_t n, const void *w, size_t ws, const void *xq, float out[4])
 {
     const uint8_t *b = w, *y = xq;
-    const __m256i m4 = _mm256_set1_epi8(0x0F);
     const __m128i dup = _mm_set_epi8(15, 15, 14, 14, 13, 13, 12, 12, 11, 11, 10, 10, 9, 9, 8, 8);
     __m128 sumf = _mm_setzero_ps();
     for (int64_t i = 0; i < n / FORGE_QK_K; i++, b += 144, y += FORGE_Q8_K_BYTES) {
         r4_prefetch(w, ws, i, 144);
-        const int8_t *ys = (const int8_t *)(y + 4);
         const __m256i bs = _mm256_loadu_si256((const __m256i *)(y + 4 + FORGE_QK_K));
         __m256i acc[4], ms[4];
 #pragma GCC unroll 4
         for (int r = 0; r < 4; r++) {
             const uint8_t *br = b + (size_t)r * ws;
             const __m128i scmn = k4_scales_mins(br + 4);
-            const __m256i sc = sc8_u(scmn);
             ms[r] = _mm256_madd_epi16(_mm256_cvtepu8_epi16(_mm_shuffle_epi8(scmn, dup)), bs);
-            __m256i s = _mm256_setzero_si256();
-#pragma GCC unroll 4
-            for (int j = 0; j < 4; j++) {
-                __m256i q4 = _mm256_loadu_si256((const __m256i *)(br + 16 + 32 * j));
-                __m256i lo = _mm256_and_si256(q4, m4), hi = _mm256_and_si256(_mm256_srli_epi16(q4, 4), m4);
-                __m256i plo = _mm256_maddubs_epi16(lo, _mm256_loadu_si256((const __m256i *)(ys + 64 * j)));
-                __m256i phi = _mm256_maddubs_epi16(hi, _mm256_loadu_si256((const __m256i *)(ys + 64 * j + 32)));
-                s = _mm256_add_epi32(s, _mm256_madd_epi16(plo, sc_pick1(sc, 2 * j)));
-                s = _mm256_add_epi32(s, _mm256_madd_epi16(phi, sc_pick1(sc, 2 * j + 1)));
-            }
-            acc[r] = s;
+            acc[r] = q4k_lanes(br, (const int8_t *)(y + 4), sc8_u(scmn));
         }
         const __m128 dy = _mm_set1_ps(q8k_d(y));
         const __m128 pw = _mm_mul_ps(_mm_mul_ps(half4_at(b, ws), dy), _mm_cvtepi32_ps(hsum4_i32(acc)));
@@ -532,38 +525,16 @@ TGT void forge_vec_dot_q4_k_q8_k_r4_avx2(int64_t n, const void *w, size_t ws, co
 TGT void forge_vec_dot_q6_k_q8_k_r4_avx2(int64_t n, const void *w, size_t ws, const void *xq, float out[4])
 {
     const uint8_t *b = w, *y = xq;
-    const __m256i m4 = _mm256_set1_epi8(0x0F), m30 = _mm256_set1_epi8(0x30);
     __m128 sumf = _mm_setzero_ps();
     for (int64_t i = 0; i < n / FORGE_QK_K; i++, b += 210, y += FORGE_Q8_K_BYTES) {
         r4_prefetch(w, ws, i, 210);
-        const int8_t *ys = (const int8_t *)(y + 4);
         const __m256i bs = _mm256_loadu_si256((const __m256i *)(y + 4 + FORGE_QK_K));
         __m256i acc[4], sb[4];
 #pragma GCC unroll 4
         for (int r = 0; r < 4; r++) {
             const uint8_t *br = b + (size_t)r * ws;
-            const int8_t *sc = (const int8_t *)(br + 192);
-            sb[r] = _mm256_madd_epi16(_mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)sc)), bs);
-            __m256i s = _mm256_setzero_si256();
-#pragma GCC unroll 2
-            for (int h = 0; h < 2; h++) {
-                const __m256i sch = sc8_s(sc + 8 * h);
-                __m256i ql0 = _mm256_loadu_si256((const __m256i *)(br + 64 * h));
-                __m256i ql1 = _mm256_loadu_si256((const __m256i *)(br + 64 * h + 32));
-                __m256i qh = _mm256_loadu_si256((const __m256i *)(br + 128 + 32 * h));
-                __m256i v[4];
-                v[0] = _mm256_or_si256(_mm256_and_si256(ql0, m4), _mm256_and_si256(_mm256_slli_epi16(qh, 4), m30));
-                v[1] = _mm256_or_si256(_mm256_and_si256(ql1, m4), _mm256_and_si256(_mm256_slli_epi16(qh, 2), m30));
-                v[2] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(ql0, 4), m4), _mm256_and_si256(qh, m30));
-                v[3] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(ql1, 4), m4),
-                                       _mm256_and_si256(_mm256_srli_epi16(qh, 2), m30));
-#pragma GCC unroll 4
-                for (int k = 0; k < 4; k++) {
-                    __m256i p = _mm256_maddubs_epi16(v[k], _mm256_loadu_si256((const __m256i *)(ys + 128 * h + 32 * k)));
-                    s = _mm256_add_epi32(s, _mm256_madd_epi16(p, sc_pick2(sch, 2 * k, 2 * k + 1)));
-                }
-            }
-            acc[r] = s;
+            sb[r] = _mm256_madd_epi16(_mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(br + 192))), bs);
+            acc[r] = q6k_lanes(br, (const int8_t *)(y + 4));
         }
         const __m128i isum = _mm_sub_epi32(hsum4_i32(acc), _mm_slli_epi32(hsum4_i32(sb), 5));
         const __m128 pw = _mm_mul_ps(_mm_mul_ps(half4_at(b + 208, ws), _mm_set1_ps(q8k_d(y))),
