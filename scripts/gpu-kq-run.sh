@@ -18,12 +18,9 @@ set -uo pipefail
 NEW=$1
 OLD=$2
 OUT=${OUT:-/tmp/gpu-kq-out}
-mkdir -p "$OUT"
-[ -n "${LIBS:-}" ] && export LD_LIBRARY_PATH="$LIBS${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 BUDGET=${BUDGET:-570}
 source "$(dirname "$0")/gpu-lib.sh"
-gpu_find_cublas "$NEW/libforge_cuda.so"
-nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
+gpu_run_start "$NEW/libforge_cuda.so"
 Q4=/tmp/7b-Q4_0.gguf
 
 # the models, on the CPU, while the tests run

@@ -1,6 +1,7 @@
 # gpu-lib.sh - shared by the device-call scripts (gpu-archs-run.sh, gpu-steps-run.sh); source it
 # after setting OUT (log directory) and BUDGET (seconds the script may take in all).
 #   gpu_find_cublas LIB   add the pip package's cuBLAS to LD_LIBRARY_PATH when LIB lacks it
+#   gpu_run_start LIB   make $OUT, put $LIBS and LIB's cuBLAS on the library path, name the GPU
 #   run_log NAME TIMEOUT CMD...   run CMD with its output in $OUT/NAME.log, one summary line
 #       (rc, seconds, the last "passed"/"ERROR SUMMARY" line, failures); skipped (said) when
 #       the budget is spent; a non-zero rc counts in $fails
@@ -14,6 +15,15 @@ gpu_find_cublas() {
         d=$(python3 -c 'import nvidia.cublas, os; print(os.path.join(list(nvidia.cublas.__path__)[0], "lib"))' 2>/dev/null)
         [ -n "$d" ] && export LD_LIBRARY_PATH="$d${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
     fi
+}
+# The start every device run script shares: $OUT made, $LIBS (the shared libraries the machine
+# lacks, optional) and the cuBLAS of the build under test ($1: its libforge_cuda.so) on the
+# library path, the GPU named.
+gpu_run_start() {
+    mkdir -p "$OUT"
+    [ -n "${LIBS:-}" ] && export LD_LIBRARY_PATH="$LIBS${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+    gpu_find_cublas "$1"
+    nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
 }
 run_log() {
     local name=$1 to=$2

@@ -21,12 +21,9 @@ NEW=$1
 OLD=$2
 FX=$3
 OUT=${OUT:-/tmp/gpu-mmq-out}
-mkdir -p "$OUT"
-[ -n "${LIBS:-}" ] && export LD_LIBRARY_PATH="$LIBS${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 BUDGET=${BUDGET:-570}
 source "$(dirname "$0")/gpu-lib.sh"
-gpu_find_cublas "$NEW/libforge_cuda.so"
-nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
+gpu_run_start "$NEW/libforge_cuda.so"
 M=/tmp/7b-Q4_0.gguf
 ("$NEW/forge" synth --shape llama2-7b --type Q4_0 -o $M --force >"$OUT/synth.log" 2>&1 &&
     touch /tmp/7b-Q4_0.ok) &

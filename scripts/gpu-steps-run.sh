@@ -26,12 +26,9 @@ NEW=$1
 OLD=$2
 FX=$3
 OUT=${OUT:-/tmp/gpu-steps-out}
-mkdir -p "$OUT"
-[ -n "${LIBS:-}" ] && export LD_LIBRARY_PATH="$LIBS${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 BUDGET=${BUDGET:-580}
 source "$(dirname "$0")/gpu-lib.sh"
-gpu_find_cublas "$NEW/libforge_cuda.so"
-nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
+gpu_run_start "$NEW/libforge_cuda.so"
 INV="FORGE_GPU_GEMM_MIN=1000000 FORGE_GPU_FATTN_MIN=1000000"
 
 run_log paged 150 "$NEW/tests/gpu/test_gpu_paged" "$FX"
