@@ -47,9 +47,10 @@
  * least fattn_min rows runs the tensor-core kernel gathering K/V through its table
  * (gpu_attention_prompt_paged). Batches of 2 .. gemm_min - 1 rows multiply by gpu_matvec_multi
  * in launches of up to 16 rows (each weight read once per launch; each row's result
- * bit-identical to the one-row matvec), and a paged batch of one row skips the fused decode
- * kernels, so a decode row gets the same bits alone or in any batch of fewer than gemm_min rows
- * (the GEMM from gemm_min rows is not batch invariant).
+ * bit-identical to the one-row matvec), and a paged batch of one row runs the fused decode
+ * kernels in their batch-invariant mode (the separate ops' bits; types and shapes without that
+ * mode take the separate ops), so a decode row gets the same bits alone or in any batch of fewer
+ * than gemm_min rows (the GEMM from gemm_min rows is not batch invariant).
  * Engine decode steps (batch_step_begin/step_end: every row a sequence of its own, up to
  * GPU_BSTEP_ROWS rows, fewer than gemm_min when the GEMM is there) are recorded like a
  * context's steps, one graph per (rows, attention bucket): batch_step_begin copies the batch
@@ -1250,18 +1251,29 @@ static int gb_matmul(backend *be, be_buf *y, const be_weight *w, const be_buf *x
     return matmul_impl(gb(be), y, w, x, n_tok, 0.0f, err);
 }
 
-/* One-token products of the n weights through the fused kernel? (same type and row length,
- * a row length it takes, uploaded) */
-static bool fused_ok(const gpu_backend *g, int n, const be_weight *const *ws, int n_tok)
+/* One-token products of the n weights through the fused kernel with output mode out_mode?
+ * (same type and row length, a row length it takes, uploaded) A paged batch of one row (an
+ * engine decoding one sequence) must get the bits that row gets in a multi-row batch (batch
+ * invariance): there the fused kernel runs in its invariant mode, which gives the separate ops'
+ * bits, and only where that mode exists (else the plain path). */
+static bool fused_ok(const gpu_backend *g, int n, const be_weight *const *ws, int n_tok,
+                     int out_mode)
 {
-    /* a paged batch of one row (an engine decoding one sequence) takes the plain matvec, which
-     * gives the bits that row gets in a multi-row batch (batch invariance); the fused kernel
-     * rounds differently */
-    if (!g->fused || n_tok != 1 || n < 1 || n > GPU_FMV_MAX_MATS || g->bt_paged) return false;
+    if (!g->fused || n_tok != 1 || n < 1 || n > GPU_FMV_MAX_MATS) return false;
     for (int i = 0; i < n; i++)
         if (!ws[i] || !wdev(g, ws[i]) || ws[i]->type != ws[0]->type || ws[i]->ne0 != ws[0]->ne0)
             return false;
-    return g->api->fused_matvec_supported(ws[0]->type, ws[0]->ne0) != 0;
+    if (!g->api->fused_matvec_supported(ws[0]->type, ws[0]->ne0)) return false;
+    if (!g->bt_paged) return true;
+    gpu_fmv_args a;
+    memset(&a, 0, sizeof a);
+    a.wtype = ws[0]->type;
+    a.n_mat = n;
+    a.n_in = ws[0]->ne0;
+    a.out_mode = out_mode;
+    for (int i = 0; i < n; i++)
+        a.mat[i].n_out = ws[i]->ne1;
+    return g->api->fused_matvec_invariant(&a) != 0;
 }
 
 static int gb_add_bias(backend *be, be_buf *y, const be_weight *b, int n_tok, forge_err *err);
@@ -1282,7 +1294,8 @@ static int gb_norm_matmul(backend *be, int n, be_buf *const *ys, const be_weight
     if ((rc = check_weight(g, norm, dim, -1, "norm_matmul", err)) ||
         (rc = check_buf(x, (int64_t)n_tok * dim, "norm_matmul x", err)))
         return rc;
-    bool fuse = fused_ok(g, n, ws, n_tok) && norm->type == GGML_TYPE_F32;
+    bool fuse = fused_ok(g, n, ws, n_tok, swiglu ? GPU_FMV_OUT_SWIGLU : GPU_FMV_OUT_STORE) &&
+                norm->type == GGML_TYPE_F32;
     for (int i = 0; fuse && bs && i < n; i++)
         fuse =
             !bs[i] || (bs[i]->type == GGML_TYPE_F32 && wdev(g, bs[i]) && bs[i]->ne0 == ws[i]->ne1);
@@ -1298,6 +1311,7 @@ static int gb_norm_matmul(backend *be, int n, be_buf *const *ys, const be_weight
         a.eps = eps;
         a.out_mode = swiglu ? GPU_FMV_OUT_SWIGLU : GPU_FMV_OUT_STORE;
         a.round_x = g->round_x;
+        a.invariant = g->bt_paged;
         for (int i = 0; i < n; i++) {
             if ((rc = check_buf(ys[i], ws[i]->ne1, "norm_matmul y", err))) return rc;
             if (ys[i] == x) return forge_err_set(err, FORGE_E_INTERNAL, "gpu norm_matmul: y is x");
@@ -1319,7 +1333,7 @@ static int gb_norm_matmul(backend *be, int n, be_buf *const *ys, const be_weight
         mixed = mixed || ws[i]->type != ws[0]->type;
     split = split && mixed; /* the same-type subsets below never split again */
     for (int i = 0; split && i < n; i++)
-        split = fused_ok(g, 1, &ws[i], n_tok) && ws[i]->ne0 == dim;
+        split = fused_ok(g, 1, &ws[i], n_tok, GPU_FMV_OUT_STORE) && ws[i]->ne0 == dim;
     if (split) {
         bool done[GPU_FMV_MAX_MATS] = {false};
         for (int i = 0; i < n; i++) {
@@ -1359,7 +1373,7 @@ static int gb_matmul_add(backend *be, be_buf *x, const be_weight *w, const be_bu
         (rc = check_buf(x, (int64_t)n_tok * w->ne1, "matmul_add x", err)))
         return rc;
     if (x == h) return forge_err_set(err, FORGE_E_INTERNAL, "gpu matmul_add: x is h");
-    if (fused_ok(g, 1, &w, n_tok)) {
+    if (fused_ok(g, 1, &w, n_tok, GPU_FMV_OUT_ADD)) {
         gpu_fmv_args a;
         memset(&a, 0, sizeof a);
         a.wtype = w->type;
@@ -1369,6 +1383,7 @@ static int gb_matmul_add(backend *be, be_buf *x, const be_weight *w, const be_bu
         a.in_mode = GPU_FMV_IN_PLAIN;
         a.out_mode = GPU_FMV_OUT_ADD;
         a.round_x = g->round_x;
+        a.invariant = g->bt_paged;
         a.mat[0].d_w = wdev(g, w);
         a.mat[0].n_out = w->ne1;
         a.mat[0].d_y = x->d;

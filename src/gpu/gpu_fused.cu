@@ -24,13 +24,15 @@
 
 #include "gpu/gpu_common.cuh"
 #include "gpu/gpu_dot.cuh"
+#include "gpu/gpu_invariant.cuh"
 #include "gpu/gpu_quant.cuh"
 #include "gpu/gpu_vendor.h"
 
 #define FM_THREADS 256
 #define FM_SEGS (FM_THREADS / GPU_SEG)
 #define FM_UNROLL 4
-#define FM_WARPS_PER_SM 40 /* resident segments per multiprocessor the grid heuristics aim at */
+#define FM_WARPS_PER_SM GPU_MV_WARPS_PER_SM
+static_assert(FM_THREADS == GPU_RMS_THREADS, "the prologue's RMSNorm is gpu_rmsnorm's");
 #define QK 32
 
 enum { FM_STORE = GPU_FMV_OUT_STORE, FM_ADD = GPU_FMV_OUT_ADD, FM_SWIGLU = GPU_FMV_OUT_SWIGLU };
@@ -208,35 +210,13 @@ template <int WT> GPU_DEVT int fm_get_arg(int n_in)
     return WT == GGML_TYPE_Q8_0 || WT == GGML_TYPE_Q4_0 ? n_in / QK : n_in / 8;
 }
 
-GPU_DEV float fm_block_sum(float v, float *red)
-{
-    const int seg = threadIdx.x / GPU_SEG, lane = threadIdx.x % GPU_SEG;
-    v = gpu_seg_sum(v);
-    if (lane == 0) red[seg] = v;
-    __syncthreads();
-    float s = 0.0f;
-#pragma unroll
-    for (int i = 0; i < FM_SEGS; i++)
-        s += red[i];
-    return s;
-}
-
 /* h = x (* rms scale * norm) into shared memory, in WT's layout. */
 template <int WT> GPU_DEVT void fm_prologue(const fm_args &a, uint4 *sm, float *red)
 {
     const float4 *x4 = (const float4 *)a.x;
     const float4 *n4 = (const float4 *)a.norm;
     const int n4s = a.n_in / 4;
-    float scale = 1.0f;
-    if (a.rmsnorm) {
-        float ss = 0.0f;
-        for (int i = threadIdx.x; i < n4s; i += FM_THREADS) {
-            float4 v = x4[i];
-            ss += v.x * v.x + v.y * v.y + v.z * v.z + v.w * v.w;
-        }
-        ss = fm_block_sum(ss, red);
-        scale = 1.0f / sqrtf(ss / (float)a.n_in + a.eps);
-    }
+    const float scale = a.rmsnorm ? gpu_rms_scale(x4, a.n_in, a.eps, red) : 1.0f;
     if constexpr (WT == GGML_TYPE_Q8_0 || WT == GGML_TYPE_Q4_0) {
         /* 8 lanes per Q8_0 block, 4 elements each */
         const int nb = a.n_in / QK, k = threadIdx.x % 8;
@@ -246,13 +226,7 @@ template <int WT> GPU_DEVT void fm_prologue(const fm_args &a, uint4 *sm, float *
             const int b = base + (int)threadIdx.x / 8;
             const bool ok = b < nb;
             float4 v = ok ? x4[b * 8 + k] : make_float4(0.f, 0.f, 0.f, 0.f);
-            if (a.rmsnorm && ok) {
-                float4 w = n4[b * 8 + k];
-                v.x = v.x * scale * w.x;
-                v.y = v.y * scale * w.y;
-                v.z = v.z * scale * w.z;
-                v.w = v.w * scale * w.w;
-            }
+            if (a.rmsnorm && ok) v = gpu_rms_apply(v, scale, n4[b * 8 + k]);
             float amax = fmaxf(fmaxf(fabsf(v.x), fabsf(v.y)), fmaxf(fabsf(v.z), fabsf(v.w)));
 #pragma unroll
             for (int m = 1; m < 8; m <<= 1)
@@ -273,13 +247,7 @@ template <int WT> GPU_DEVT void fm_prologue(const fm_args &a, uint4 *sm, float *
     } else {
         for (int i = threadIdx.x; i < n4s; i += FM_THREADS) {
             float4 v = x4[i];
-            if (a.rmsnorm) {
-                float4 w = n4[i];
-                v.x = v.x * scale * w.x;
-                v.y = v.y * scale * w.y;
-                v.z = v.z * scale * w.z;
-                v.w = v.w * scale * w.w;
-            }
+            if (a.rmsnorm) v = gpu_rms_apply(v, scale, n4[i]);
             if (WT == GGML_TYPE_F16 && a.round_x) {
                 v.x = gpu_fp16_to_f32(gpu_f32_to_fp16(v.x));
                 v.y = gpu_fp16_to_f32(gpu_f32_to_fp16(v.y));
@@ -690,10 +658,12 @@ template <int WT, int OUT, int R, int SPR> static fm_kernel fm_kernel_for()
         return k_fused_gq<WT, OUT, R, SPR, (bool)fm_gq_group<WT, R>::OK>;
 }
 
-/* Layout choice: R rows per segment, SPR segments per unit. */
+/* Layout choice: R rows per segment, SPR segments per unit. inv_spr > 0 (batch-invariant
+ * mode): SPR = inv_spr, gpu_matvec's choice for these matrices (R does not change a row's order
+ * of sums). */
 template <int WT, int OUT>
-static int fm_dispatch(const fm_args &a0, int total_rows, size_t smem, cudaStream_t st,
-                       forge_err *err)
+static int fm_dispatch(const fm_args &a0, int total_rows, int inv_spr, size_t smem,
+                       cudaStream_t st, forge_err *err)
 {
     constexpr bool gq_type = WT != GGML_TYPE_F32 && WT != GGML_TYPE_F16 && WT != GGML_TYPE_BF16 &&
                              WT != GGML_TYPE_Q8_0 && WT != GGML_TYPE_Q4_0;
@@ -703,13 +673,18 @@ static int fm_dispatch(const fm_args &a0, int total_rows, size_t smem, cudaStrea
     if (OUT == FM_SWIGLU) {
         r = 2;
         a.n_units = total_rows;
-        if ((int64_t)a.n_units * 2 <= max_warps && a.n_chunks >= 64) spr = 2;
+        if (inv_spr > 0)
+            spr = inv_spr;
+        else if ((int64_t)a.n_units * 2 <= max_warps && a.n_chunks >= 64)
+            spr = 2;
     } else {
         /* tall: two rows per segment (not F32, whose activations are no larger than its
          * weights); few long rows: segments share a row while the grid stays one wave */
-        if (WT != GGML_TYPE_F32 && !gq_type && total_rows >= max_warps) r = 2;
+        if (WT != GGML_TYPE_F32 && !gq_type && total_rows >= max_warps && inv_spr <= 1) r = 2;
         a.n_units = (total_rows + r - 1) / r;
-        if (r == 1)
+        if (inv_spr > 0)
+            spr = inv_spr;
+        else if (r == 1)
             while (spr < 4 && (int64_t)a.n_units * spr * 2 <= max_warps && a.n_chunks >= 64 * spr)
                 spr *= 2;
     }
@@ -732,17 +707,38 @@ static int fm_dispatch(const fm_args &a0, int total_rows, size_t smem, cudaStrea
 }
 
 template <int WT>
-static int fm_dispatch_out(int out, const fm_args &a, int total_rows, size_t smem,
+static int fm_dispatch_out(int out, const fm_args &a, int total_rows, int inv_spr, size_t smem,
                            cudaStream_t st, forge_err *err)
 {
     switch (out) {
     case FM_ADD:
-        return fm_dispatch<WT, FM_ADD>(a, total_rows, smem, st, err);
+        return fm_dispatch<WT, FM_ADD>(a, total_rows, inv_spr, smem, st, err);
     case FM_SWIGLU:
-        return fm_dispatch<WT, FM_SWIGLU>(a, total_rows, smem, st, err);
+        return fm_dispatch<WT, FM_SWIGLU>(a, total_rows, inv_spr, smem, st, err);
     default:
-        return fm_dispatch<WT, FM_STORE>(a, total_rows, smem, st, err);
+        return fm_dispatch<WT, FM_STORE>(a, total_rows, inv_spr, smem, st, err);
     }
+}
+
+/* The SPR of the batch-invariant mode for these arguments (gpu_matvec's for every matrix), or
+ * 0 where that mode cannot give gpu_matvec's order: a type gpu_matvec_multi does not take (the
+ * block types of gpu_quant.cuh walk their rows in other orders), matrices whose gpu_matvec
+ * splits differ, or an SPR without a fused kernel (SwiGLU: 1, 2; else 1, 2, 4). */
+static int fm_invariant_spr(const gpu_fmv_args *p)
+{
+    if (!p || p->n_mat < 1 || p->n_mat > GPU_FMV_MAX_MATS || fm_is_gq(p->wtype) ||
+        !gpu_fused_matvec_supported(p->wtype, p->n_in))
+        return 0;
+    const int n_chunks = (int)(fm_row_bytes(p->wtype, p->n_in) / 16);
+    const int spr = gpu_matvec_spr(p->mat[0].n_out, n_chunks);
+    for (int m = 1; m < p->n_mat; m++)
+        if (gpu_matvec_spr(p->mat[m].n_out, n_chunks) != spr) return 0;
+    return spr <= (p->out_mode == FM_SWIGLU ? 2 : 4) ? spr : 0;
+}
+
+GPU_API int gpu_fused_matvec_invariant(const gpu_fmv_args *a)
+{
+    return fm_invariant_spr(a) > 0;
 }
 
 GPU_API int gpu_fused_matvec(const gpu_fmv_args *p, gpu_stream *s, forge_err *err)
@@ -807,20 +803,26 @@ GPU_API int gpu_fused_matvec(const gpu_fmv_args *p, gpu_stream *s, forge_err *er
     a.round_x = p->round_x;
     const int rows = p->out_mode == FM_SWIGLU ? (int)p->mat[0].n_out : (int)total;
     const size_t smem = fm_smem_bytes(p->wtype, p->n_in);
+    const int inv_spr = p->invariant ? fm_invariant_spr(p) : 0;
+    if (p->invariant && inv_spr == 0)
+        return gpu_err_set(err, FORGE_E_UNSUPPORTED,
+                           "gpu_fused_matvec: no batch-invariant form for type %s, n_in %lld, "
+                           "%d matrices (see gpu_fused_matvec_invariant)",
+                           gpu_type_name(p->wtype), (long long)p->n_in, p->n_mat);
     switch (p->wtype) {
     case GGML_TYPE_Q4_0:
-        return fm_dispatch_out<GGML_TYPE_Q4_0>(p->out_mode, a, rows, smem, st, err);
+        return fm_dispatch_out<GGML_TYPE_Q4_0>(p->out_mode, a, rows, inv_spr, smem, st, err);
     case GGML_TYPE_Q8_0:
-        return fm_dispatch_out<GGML_TYPE_Q8_0>(p->out_mode, a, rows, smem, st, err);
+        return fm_dispatch_out<GGML_TYPE_Q8_0>(p->out_mode, a, rows, inv_spr, smem, st, err);
     case GGML_TYPE_F16:
-        return fm_dispatch_out<GGML_TYPE_F16>(p->out_mode, a, rows, smem, st, err);
+        return fm_dispatch_out<GGML_TYPE_F16>(p->out_mode, a, rows, inv_spr, smem, st, err);
     case GGML_TYPE_BF16:
-        return fm_dispatch_out<GGML_TYPE_BF16>(p->out_mode, a, rows, smem, st, err);
+        return fm_dispatch_out<GGML_TYPE_BF16>(p->out_mode, a, rows, inv_spr, smem, st, err);
     case GGML_TYPE_F32:
-        return fm_dispatch_out<GGML_TYPE_F32>(p->out_mode, a, rows, smem, st, err);
+        return fm_dispatch_out<GGML_TYPE_F32>(p->out_mode, a, rows, inv_spr, smem, st, err);
 #define FM_GQ(T)                                                                                   \
     case T:                                                                                        \
-        return fm_dispatch_out<T>(p->out_mode, a, rows, smem, st, err);
+        return fm_dispatch_out<T>(p->out_mode, a, rows, 0, smem, st, err);
         GQ_TYPES(FM_GQ)
 #undef FM_GQ
     default:

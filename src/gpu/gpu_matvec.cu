@@ -17,13 +17,13 @@
 
 #include "gpu/gpu_common.cuh"
 #include "gpu/gpu_dot.cuh"
+#include "gpu/gpu_invariant.cuh"
 #include "gpu/gpu_quant.cuh"
 #include "gpu/gpu_vendor.h"
 
 #define MV_THREADS 256
 #define MV_ROWS_PER_BLOCK (MV_THREADS / GPU_SEG)
 #define MV_UNROLL 4
-#define MV_WARPS_PER_SM 40 /* resident at <= 48 registers, 256 threads per block */
 #define QK 32
 
 static int is_quant(int t)
@@ -366,13 +366,11 @@ template <int WT>
 static int launch_matvec(const mv_args &a, cudaStream_t st, const char *name, forge_err *err)
 {
     int rc = FORGE_OK;
-    int n_chunks = (int)(a.row_bytes / 16), spr = 1;
-    /* Few long rows: share rows between segments, as long as the grid stays one wave (about
-     * MV_WARPS_PER_SM resident warps per multiprocessor; a second partial wave costs more than
-     * it gains, measured on H200) and every lane keeps a chunk. */
-    int64_t max_warps = (int64_t)(gpu_sm_count() > 0 ? gpu_sm_count() : 64) * MV_WARPS_PER_SM;
-    while (spr < 8 && (int64_t)a.n_out * spr * 2 <= max_warps && n_chunks >= 64 * spr)
-        spr *= 2;
+    /* Few long rows: segments share a row (gpu_invariant.cuh: the choice the multi-row and the
+     * fused matvec's invariant mode share) */
+    const int spr = gpu_matvec_spr(a.n_out, (int)(a.row_bytes / 16));
+    const int64_t max_warps =
+        (int64_t)(gpu_sm_count() > 0 ? gpu_sm_count() : 64) * GPU_MV_WARPS_PER_SM;
     if (WT != GGML_TYPE_F32 && spr == 1 && a.n_out >= max_warps && matvec2_enabled()) {
         /* Tall: two rows per segment still leave at least half a wave of warps. Measured on
          * H200: 4-17% faster for F16/BF16/Q8_0/Q4_0 (F16 11008x4096: 4% slower), 2-3% slower

@@ -17,12 +17,12 @@
 
 #include "gpu/gpu_common.cuh"
 #include "gpu/gpu_dot.cuh"
+#include "gpu/gpu_invariant.cuh"
 #include "gpu/gpu_ops.h"
 #include "gpu/gpu_vendor.h"
 
 #define MM_THREADS 256 /* gpu_matvec.cu's MV_THREADS */
 #define MM_ROWS_PER_BLOCK (MM_THREADS / GPU_SEG)
-#define MM_WARPS_PER_SM 40 /* gpu_matvec.cu's MV_WARPS_PER_SM: the same SPR choice */
 #define MM_UNROLL 4
 #define QK 32
 
@@ -306,16 +306,11 @@ template <int WT, int SPR> static void mm_launch_nr(const mm_args &a, cudaStream
         mm_launch_rw<WT, SPR, 16>(a, rw, st);
 }
 
-/* gpu_matvec.cu's launch_matvec choice of SPR */
+/* gpu_matvec.cu's choice of SPR (gpu_invariant.cuh) */
 template <int WT> static int mm_launch(const mm_args &a, cudaStream_t st, forge_err *err)
 {
     int rc = FORGE_OK;
-    const int n_chunks = (int)(a.row_bytes / 16);
-    int spr = 1;
-    const int64_t max_warps = (int64_t)(gpu_sm_count() > 0 ? gpu_sm_count() : 64) * MM_WARPS_PER_SM;
-    while (spr < 8 && (int64_t)a.n_out * spr * 2 <= max_warps && n_chunks >= 64 * spr)
-        spr *= 2;
-    switch (spr) {
+    switch (gpu_matvec_spr(a.n_out, (int)(a.row_bytes / 16))) {
     case 1:
         mm_launch_nr<WT, 1>(a, st);
         break;

@@ -7,6 +7,7 @@
 #include <string.h>
 
 #include "gpu/gpu_common.cuh"
+#include "gpu/gpu_invariant.cuh"
 #include "gpu/gpu_ops.h"
 #include "gpu/gpu_vendor.h"
 
@@ -37,6 +38,20 @@ __global__ void k_rmsnorm(const float *x, const float *__restrict__ w, float *y,
     float scale = 1.0f / sqrtf(ss / (float)n + eps);
     for (int64_t i = threadIdx.x; i < n; i += blockDim.x)
         yr[i] = xr[i] * scale * w[i];
+}
+
+/* Rows of n % 4 == 0 floats, 16-byte aligned: in the order the fused matvec's prologue uses
+ * (gpu_invariant.cuh), so the unfused decode path gives its bits. GPU_RMS_THREADS threads. */
+__global__ void __launch_bounds__(GPU_RMS_THREADS)
+    k_rmsnorm4(const float *x, const float *__restrict__ w, float *y, int n, float eps)
+{
+    __shared__ float red[GPU_RMS_THREADS / GPU_SEG];
+    const float4 *xr = (const float4 *)(x + (int64_t)blockIdx.x * n);
+    const float4 *w4 = (const float4 *)w;
+    float4 *yr = (float4 *)(y + (int64_t)blockIdx.x * n);
+    const float scale = gpu_rms_scale(xr, n, eps, red);
+    for (int i = threadIdx.x; i < n / 4; i += GPU_RMS_THREADS)
+        yr[i] = gpu_rms_apply(xr[i], scale, w4[i]);
 }
 
 /* ---- RoPE (ggml's rope with YaRN), optionally fused with the Q/K norm and the KV store ---------
@@ -336,8 +351,14 @@ GPU_API int gpu_rmsnorm(const float *d_x, const float *d_w, float *d_y, int64_t 
         return gpu_err_set(err, FORGE_E_INVALID,
                            "gpu_rmsnorm: NULL buffer or bad shape %lld x %lld", (long long)n_rows,
                            (long long)n);
-    k_rmsnorm<<<(unsigned)n_rows, n >= 1024 ? 1024 : 256, 0, st>>>(d_x, d_w, d_y, n, eps);
-    GPU_LAUNCH_CHECK("k_rmsnorm", st);
+    if (n % 4 == 0 && n <= INT32_MAX && gpu_is_aligned(d_x, 16) && gpu_is_aligned(d_w, 16) &&
+        gpu_is_aligned(d_y, 16)) {
+        k_rmsnorm4<<<(unsigned)n_rows, GPU_RMS_THREADS, 0, st>>>(d_x, d_w, d_y, (int)n, eps);
+        GPU_LAUNCH_CHECK("k_rmsnorm4", st);
+    } else {
+        k_rmsnorm<<<(unsigned)n_rows, n >= 1024 ? 1024 : 256, 0, st>>>(d_x, d_w, d_y, n, eps);
+        GPU_LAUNCH_CHECK("k_rmsnorm", st);
+    }
     return FORGE_OK;
 fail:
     return rc;

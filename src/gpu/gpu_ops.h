@@ -278,9 +278,20 @@ typedef struct gpu_fmv_args {
     float eps;
     int out_mode; /* GPU_FMV_OUT_* */
     int round_x;  /* F16/BF16 weights: h rounded to the weight type first (ggml's CPU numerics) */
+    /* 1: every output gets exactly the bits of the separate ops (gpu_rmsnorm or the plain
+     * input, gpu_act_quantize or gpu_round_act, gpu_matvec per matrix, then the bias add,
+     * gpu_add or gpu_swiglu), which are the bits gpu_matvec_multi gives the row in any batch:
+     * the fused decode path of a batch of one stays batch invariant. Only where
+     * gpu_fused_matvec_invariant says so (else FORGE_E_UNSUPPORTED). 0: the layout fastest for
+     * the shape, equal to the separate ops up to the order of float sums. */
+    int invariant;
 } gpu_fmv_args;
 /* True when gpu_fused_matvec handles this type and row length. */
 int gpu_fused_matvec_supported(int wtype, int64_t n_in);
+/* True when gpu_fused_matvec can take these arguments (type, n_in, n_mat, the matrices' n_out,
+ * out_mode read) with invariant = 1: F32, F16, BF16, Q8_0, Q4_0 whose matrices gpu_matvec splits
+ * alike. */
+int gpu_fused_matvec_invariant(const gpu_fmv_args *a);
 int gpu_fused_matvec(const gpu_fmv_args *a, gpu_stream *s, forge_err *err);
 
 /* ---- Q/K norm, RoPE and the KV-cache store in one launch (gpu_ops.cu) -------------------- */
@@ -540,7 +551,8 @@ int gpu_mmq(int wtype, const void *d_w, int64_t n_out, int64_t n_in, int64_t n_t
  * for tensor parallelism (backend_gpu_comm_create), so a version 3 library is refused. */
 /* 5: the tensor-core quantized product (mmq_supported, mmq) is appended; a version 4 library's
  * table ends before them, so it is refused by version instead of being read past its end. */
-#define GPU_API_VERSION 5
+/* 6: fused_matvec_invariant, and gpu_fmv_args grew its invariant field. */
+#define GPU_API_VERSION 6
 typedef struct gpu_api {
     int version; /* GPU_API_VERSION */
     const char *(*backend_name)(void);
@@ -615,6 +627,7 @@ typedef struct gpu_api {
                     int64_t pos_stride, gpu_stream *s, forge_err *err);
     /* appended for fused decode layers, prompt flash attention, device sampling */
     int (*fused_matvec_supported)(int wtype, int64_t n_in);
+    int (*fused_matvec_invariant)(const gpu_fmv_args *a);
     int (*fused_matvec)(const gpu_fmv_args *a, gpu_stream *s, forge_err *err);
     int (*qk_rope_store)(float *d_q, const float *d_k, const float *d_v, int64_t n_tok,
                          int64_t n_head, int64_t n_kv_head, int64_t head_dim,

@@ -19,6 +19,7 @@
 #define THR_EXACT 5e-4
 
 static int g_quick;
+static int g_n_invariant; /* cases checked in the batch-invariant mode */
 static gpu_stream *S;
 static uint64_t g_seed = 0x243F6A8885A308D3ULL;
 
@@ -186,6 +187,35 @@ static void run_case(int t, const fcase *c)
             for (int64_t o = 0; o < c->n_out[m]; o++)
                 y2[m][o] += y0[m][o];
     }
+
+    /* the batch-invariant mode: exactly the separate ops' bits */
+    a.invariant = 1;
+    if (gpu_fused_matvec_invariant(&a)) {
+        for (int m = 0; m < nm; m++) {
+            if (c->out_mode == GPU_FMV_OUT_ADD) {
+                GT_OK(gpu_memcpy_h2d(d_y[m], y0[m], (size_t)c->n_out[m] * 4, S, err));
+                GT_OK(gpu_memset((char *)d_y[m] + c->n_out[m] * 4, GT_GUARD_BYTE,
+                                 GT_GUARD_BYTES, S, err));
+            } else {
+                gt_out_prepare(d_y[m], (size_t)c->n_out[m] * 4, S);
+            }
+        }
+        GT_OK(gpu_fused_matvec(&a, S, err));
+        int g2 = 1;
+        int64_t differ = 0;
+        for (int m = 0; m < n_chk; m++) {
+            float *yi = (float *)gt_xmalloc((size_t)c->n_out[m] * 4);
+            g2 &= gt_out_fetch(d_y[m], (size_t)c->n_out[m] * 4, yi, S);
+            for (int64_t o = 0; o < c->n_out[m]; o++)
+                differ += memcmp(&yi[o], &y2[m][o], 4) != 0;
+            free(yi);
+        }
+        gt_check(g2 && differ == 0, "fused %s %s invariant mode == separate ops bit for bit "
+                 "(%lld outputs differ%s)", ggml_type_name(t), c->name, (long long)differ,
+                 g2 ? "" : ", guard bytes overwritten");
+        g_n_invariant++;
+    }
+    a.invariant = 0;
 
     for (int m = 0; m < n_chk; m++) {
         const int64_t no = c->n_out[m];
@@ -476,6 +506,38 @@ static void test_errors(void)
                  gpu_fused_matvec_supported(GGML_TYPE_Q8_0, 4096),
              "fused: supported() by type and row length");
     printf("fused    errors: %s\n", e.msg);
+    /* the batch-invariant mode exists for the shapes an engine decodes most (7B Q4_0 and F16),
+     * not for the block types of gpu_quant.cuh */
+    const int64_t qkv[3] = {4096, 4096, 4096}, gu[2] = {11008, 11008}, one[1] = {32000};
+    const struct {
+        int t, n_mat, out;
+        const int64_t *n_out;
+        int64_t n_in;
+        int want;
+    } inv[] = {
+        {GGML_TYPE_Q4_0, 3, GPU_FMV_OUT_STORE, qkv, 4096, 1},
+        {GGML_TYPE_Q4_0, 2, GPU_FMV_OUT_SWIGLU, gu, 4096, 1},
+        {GGML_TYPE_Q4_0, 1, GPU_FMV_OUT_ADD, qkv, 11008, 1},
+        {GGML_TYPE_Q4_0, 1, GPU_FMV_OUT_STORE, one, 4096, 1},
+        {GGML_TYPE_F16, 3, GPU_FMV_OUT_STORE, qkv, 4096, 1},
+        {GGML_TYPE_Q8_0, 2, GPU_FMV_OUT_SWIGLU, gu, 4096, 1},
+        {GGML_TYPE_Q4_K, 3, GPU_FMV_OUT_STORE, qkv, 4096, 0},
+        {GGML_TYPE_Q6_K, 1, GPU_FMV_OUT_ADD, qkv, 11008, 0},
+        {GGML_TYPE_Q4_0, 1, GPU_FMV_OUT_STORE, one, 48, 0},
+    };
+    for (size_t i = 0; i < GT_LEN(inv); i++) {
+        memset(&a, 0, sizeof a);
+        a.wtype = inv[i].t;
+        a.n_mat = inv[i].n_mat;
+        a.out_mode = inv[i].out;
+        a.n_in = inv[i].n_in;
+        for (int m = 0; m < a.n_mat; m++)
+            a.mat[m].n_out = inv[i].n_out[m];
+        gt_check(gpu_fused_matvec_invariant(&a) == inv[i].want,
+                 "fused: invariant mode for %s, %d matrices of n_in %lld: %s",
+                 ggml_type_name(inv[i].t), a.n_mat, (long long)a.n_in,
+                 inv[i].want ? "exists" : "refused");
+    }
 }
 
 int main(int argc, char **argv)
@@ -553,6 +615,9 @@ int main(int argc, char **argv)
         printf("fused    argmax_ex: %d cases\n", (int)GT_LEN(ns) * 5);
     }
     test_errors();
+    printf("fused    invariant mode: %d cases bit for bit\n", g_n_invariant);
+    gt_check(g_n_invariant >= 10, "fused: at least 10 cases ran in the invariant mode (%d)",
+             g_n_invariant);
     gpu_stream_destroy(S);
     printf("%d passed, %d failed\n", gt_pass, gt_fail);
     return gt_fail ? 1 : 0;
