@@ -105,6 +105,7 @@ struct forge_engine {
     request **plan;  /* [n_parallel] requests of the step, in row order */
     int32_t n_plan;
     int32_t *b_ids, *b_pos, *b_slot, *b_out_rows;            /* [n_batch] */
+    int32_t *b_greedy; /* [n_parallel]: the ids the backend's argmax_rows picked this step */
     int32_t *b_seq_start, *b_n_table, *b_table;               /* per sequence */
     float *logits;                                            /* [n_parallel][n_vocab] */
     float *work;                                              /* [n_vocab] */
@@ -391,12 +392,19 @@ static float log_softmax_top(forge_engine *e, const float *x, int32_t chosen, in
     return (float)((double)lc - lse);
 }
 
+/* True when r's next token is the plain argmax of its logits row and nothing else reads the
+ * row (no sampling, penalties, bias or logprobs): the backend may pick it where the logits are. */
+static bool plain_greedy(const request *r)
+{
+    return r->sp.temperature <= 0 && !r->penalties && r->n_bias == 0 && !r->logprobs;
+}
+
 /* Pick the next token of r from its logits row; fills the logprob fields of ev. */
 static int32_t pick_token(forge_engine *e, request *r, const float *row, forge_event *ev)
 {
     const int32_t V = e->n_vocab;
     const bool greedy = r->sp.temperature <= 0;
-    if (greedy && !r->penalties && r->n_bias == 0 && !r->logprobs) return host_argmax(row, V);
+    if (plain_greedy(r)) return host_argmax(row, V);
     float *x = e->work;
     memcpy(x, row, (size_t)V * sizeof *x);
     for (int32_t i = 0; i < r->n_bias; i++)
@@ -410,12 +418,13 @@ static int32_t pick_token(forge_engine *e, request *r, const float *row, forge_e
     return id;
 }
 
-/* A sampled token: the window, end of generation, the text, stop strings, limits, the event. */
-static void accept_token(forge_engine *e, request *r, const float *row)
+/* A sampled token: the window, end of generation, the text, stop strings, limits, the event.
+ * row: r's logits, or NULL when the backend picked its plain greedy id (picked). */
+static void accept_token(forge_engine *e, request *r, const float *row, int32_t picked)
 {
     forge_event ev;
     event_init(&ev, r);
-    int32_t id = pick_token(e, r, row, &ev);
+    int32_t id = row ? pick_token(e, r, row, &ev) : picked;
     forge_sampler_accept(r->smp, id);
     if (forge_tok_is_eog(e->tok, id) && !r->ignore_eos) {
         /* not emitted: the last event releases what the text still holds */
@@ -575,10 +584,11 @@ int forge_engine_create(forge_model *model, const forge_engine_params *params, f
     e->b_n_table = malloc(np * sizeof(int32_t));
     e->b_table = malloc(np * (size_t)e->max_table * sizeof(int32_t));
     e->logits = malloc(np * V * sizeof(float));
+    e->b_greedy = malloc(np * sizeof(int32_t));
     e->work = malloc(V * sizeof(float));
     e->counts = calloc(V, sizeof(int32_t));
     if (!e->plan || !e->b_ids || !e->b_pos || !e->b_slot || !e->b_out_rows || !e->b_seq_start ||
-        !e->b_n_table || !e->b_table || !e->logits || !e->work || !e->counts) {
+        !e->b_n_table || !e->b_table || !e->logits || !e->b_greedy || !e->work || !e->counts) {
         rc = forge_err_set(err, FORGE_E_NOMEM, "engine: out of memory for the step buffers");
         goto fail;
     }
@@ -625,6 +635,7 @@ void forge_engine_free(forge_engine *e)
     free(e->b_n_table);
     free(e->b_table);
     free(e->logits);
+    free(e->b_greedy);
     free(e->work);
     free(e->counts);
     if (e->sync_ready) {
@@ -1096,9 +1107,17 @@ static int engine_step(forge_engine *e, forge_err *err)
             goto failed;
     }
     if ((rc = engine_forward(e, &bt, &ferr))) goto failed;
-    if (n_out > 0 &&
-        (rc = op->buf_read(e->fs.be, e->fs.b.logits, 0, (int64_t)n_out * V, e->logits, &ferr)))
-        goto failed;
+    /* when every row wants its plain argmax, the backend picks the ids where the logits are
+     * (the same rule as host_argmax: the first maximum, NaN never wins) and only they come
+     * back, not n_out x n_vocab floats */
+    bool picked = n_out > 0 && op->argmax_rows;
+    for (int32_t s = 0; picked && s < e->n_plan; s++)
+        picked = e->plan[s]->step_out < 0 || plain_greedy(e->plan[s]);
+    if (picked)
+        rc = op->argmax_rows(e->fs.be, e->fs.b.logits, n_out, V, e->b_greedy, &ferr);
+    else if (n_out > 0)
+        rc = op->buf_read(e->fs.be, e->fs.b.logits, 0, (int64_t)n_out * V, e->logits, &ferr);
+    if (rc) goto failed;
 
     /* commit: the K/V is written; full blocks enter the prefix cache */
     for (int32_t s = 0; s < e->n_plan; s++) {
@@ -1116,7 +1135,9 @@ static int engine_step(forge_engine *e, forge_err *err)
         request *r = e->plan[s];
         int32_t row = r->step_out;
         r->step_n = 0;
-        if (row >= 0) accept_token(e, r, e->logits + (size_t)row * V);
+        if (row >= 0)
+            accept_token(e, r, picked ? NULL : e->logits + (size_t)row * V,
+                         picked ? e->b_greedy[row] : -1);
     }
     return unfinished(e);
 failed:
