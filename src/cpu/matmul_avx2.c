@@ -346,7 +346,11 @@ TGT INLINE void x16_tile(const kern_mm_args *a, const uint8_t *g, int64_t o, int
 
 /* Whole groups of [r0, r1) from the repacked copy (r0 a multiple of 16); returns the first row
  * left to the file layout. Per chunk of tokens every group runs all of them (its 16 rows in L1):
- * 4 tokens per half, the rest with both halves. */
+ * 4 tokens per half, the rest with both halves. The first pass over a group (the chunk's first 4
+ * tokens, or a lone token) streams it from memory and prefetches ahead; the passes after read it
+ * from cache. (The 4-token pass did not prefetch until the fourteenth session: Q4_0 bench_matmul
+ * -M -n 4, 2 threads, 28.6-31.5 -> 37.8-39.5 tok/s median; 2-token passes instead of 4 were
+ * slower, 31.6-34.5.) */
 TGT INLINE int64_t x16_rows(const kern_mm_args *a, int64_t r0, int64_t r1)
 {
     const size_t gb = kern_repack_group_bytes(KERN_LAYOUT_Q4_0_X16, a->n_in);
@@ -359,7 +363,7 @@ TGT INLINE int64_t x16_rows(const kern_mm_args *a, int64_t r0, int64_t r1)
             const uint8_t *g = a->R + (size_t)(o / KERN_X16_ROWS) * gb;
             int64_t t = t0;
             for (; t + 4 <= t1; t += 4) {
-                x16_tile(a, g, o, 0, 1, t, 4, 0);
+                x16_tile(a, g, o, 0, 1, t, 4, t == t0);
                 x16_tile(a, g, o, 1, 1, t, 4, 0);
             }
             if (t + 2 <= t1) {
