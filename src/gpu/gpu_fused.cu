@@ -31,7 +31,6 @@
 #define FM_THREADS 256
 #define FM_SEGS (FM_THREADS / GPU_SEG)
 #define FM_UNROLL 4
-#define FM_WARPS_PER_SM GPU_MV_WARPS_PER_SM
 static_assert(FM_THREADS == GPU_RMS_THREADS, "the prologue's RMSNorm is gpu_rmsnorm's");
 #define QK 32
 
@@ -668,7 +667,7 @@ static int fm_dispatch(const fm_args &a0, int total_rows, int inv_spr, size_t sm
     constexpr bool gq_type = WT != GGML_TYPE_F32 && WT != GGML_TYPE_F16 && WT != GGML_TYPE_BF16 &&
                              WT != GGML_TYPE_Q8_0 && WT != GGML_TYPE_Q4_0;
     fm_args a = a0;
-    const int64_t max_warps = (int64_t)(gpu_sm_count() > 0 ? gpu_sm_count() : 64) * FM_WARPS_PER_SM;
+    const int64_t max_warps = gpu_mv_max_warps();
     int r = 1, spr = 1;
     if (OUT == FM_SWIGLU) {
         r = 2;

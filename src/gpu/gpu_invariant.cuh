@@ -17,14 +17,19 @@
 #define GPU_MV_WARPS_PER_SM 40
 #define GPU_MV_SPR_MAX 8
 
+/* One wave of matvec warps on this device. */
+static inline int64_t gpu_mv_max_warps(void)
+{
+    return (int64_t)(gpu_sm_count() > 0 ? gpu_sm_count() : 64) * GPU_MV_WARPS_PER_SM;
+}
+
 /* Segments per output row of a matvec over n_out rows of n_chunks 16-byte chunks: rows are
  * shared (partial sums met in shared memory, in segment order) while the grid stays within one
  * wave (a second partial wave costs more than it gains, measured on H200) and every lane keeps
  * a chunk. Lane l of segment s of a row sums chunks 32 s + l, 32 s + l + 32 SPR, ... ascending. */
 static inline int gpu_matvec_spr(int64_t n_out, int n_chunks)
 {
-    const int64_t max_warps =
-        (int64_t)(gpu_sm_count() > 0 ? gpu_sm_count() : 64) * GPU_MV_WARPS_PER_SM;
+    const int64_t max_warps = gpu_mv_max_warps();
     int spr = 1;
     while (spr < GPU_MV_SPR_MAX && n_out * spr * 2 <= max_warps && n_chunks >= 64 * spr)
         spr *= 2;

@@ -369,8 +369,7 @@ static int launch_matvec(const mv_args &a, cudaStream_t st, const char *name, fo
     /* Few long rows: segments share a row (gpu_invariant.cuh: the choice the multi-row and the
      * fused matvec's invariant mode share) */
     const int spr = gpu_matvec_spr(a.n_out, (int)(a.row_bytes / 16));
-    const int64_t max_warps =
-        (int64_t)(gpu_sm_count() > 0 ? gpu_sm_count() : 64) * GPU_MV_WARPS_PER_SM;
+    const int64_t max_warps = gpu_mv_max_warps();
     if (WT != GGML_TYPE_F32 && spr == 1 && a.n_out >= max_warps && matvec2_enabled()) {
         /* Tall: two rows per segment still leave at least half a wave of warps. Measured on
          * H200: 4-17% faster for F16/BF16/Q8_0/Q4_0 (F16 11008x4096: 4% slower), 2-3% slower
