@@ -114,8 +114,7 @@ typedef struct job {
     int n_ch, n_running;
     bool suspended; /* the connection waits for us to resume it */
     int fd;          /* non-streaming: the connection's socket while suspended (-1: none or
-                      * already found closed) */
-    double t_check;  /* when on_event last looked whether that socket's peer is gone */
+                      * already found closed); on the server's watch list meanwhile */
     bool client_gone; /* it was: the choices were cancelled, nothing is sent */
     bool held;      /* in the server's list of streams whose bytes wait for the interval */
     double t_resume; /* when the engine thread last resumed the connection */
@@ -165,6 +164,12 @@ struct forge_server {
     job **held;             /* streams held back for the interval: the engine thread's, one
                              * job reference each */
     int n_held, cap_held;
+    /* non-streamed requests waiting for their answer, queued or running, one job reference
+     * each: on_step_end looks at their sockets (watch_scan) */
+    pthread_mutex_t wmu;
+    job **watch;
+    int n_watch, cap_watch;
+    double t_scan; /* engine thread: when watch_scan last ran */
 };
 
 static double now_s(void)
@@ -409,7 +414,8 @@ static void hold_stream(struct forge_server *s, job *j)
     s->held[s->n_held++] = j;
 }
 
-/* How often (seconds, at most) on_event looks whether a non-streaming request's client left. */
+/* How often (seconds, at most) on_step_end looks whether the clients of non-streaming requests
+ * (queued or running) left. */
 #define PEER_CHECK_S 0.002
 
 /* Whether the peer of a suspended connection has closed it or reset it: end of file or an error
@@ -425,8 +431,9 @@ static bool peer_gone(int fd)
     return n == 0 || (n < 0 && errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR);
 }
 
-/* The engine's callback (engine thread): record the event in the job, resume the connection. A
- * non-streaming request whose client has left is cancelled (a stream finds out when it writes). */
+/* The engine's callback (engine thread): record the event in the job, resume the connection.
+ * (A non-streaming request whose client has left is cancelled by watch_scan; a stream finds out
+ * when it writes.) */
 static void on_event(const forge_event *ev, void *user)
 {
     choice *c = user;
@@ -512,22 +519,86 @@ static void on_event(const forge_event *ev, void *user)
         job_resume(j, t);
     else if (!j->held && j->conn && j->out.len > j->out_sent)
         hold_stream(srv, j);
-    forge_req_id gone[SRV_MAX_CHOICES];
-    int n_gone = 0;
-    if (!j->req.stream && j->suspended && j->conn && j->fd >= 0 && t - j->t_check >= PEER_CHECK_S) {
-        j->t_check = t;
-        if (peer_gone(j->fd)) {
+    pthread_mutex_unlock(&j->mu);
+    if (free_ref) job_unref(j);
+}
+
+/* HTTP thread, j suspended and not locked: put j (a new reference) on the watch list. Without
+ * memory for it the job is not watched: a client that leaves is then noticed only when its
+ * answer is sent. */
+static void watch_add(struct forge_server *s, job *j)
+{
+    pthread_mutex_lock(&s->wmu);
+    if (s->n_watch == s->cap_watch) {
+        int cap = s->cap_watch ? 2 * s->cap_watch : 64;
+        job **p = realloc(s->watch, (size_t)cap * sizeof *p);
+        if (!p) {
+            pthread_mutex_unlock(&s->wmu);
+            return;
+        }
+        s->watch = p;
+        s->cap_watch = cap;
+    }
+    pthread_mutex_lock(&j->mu);
+    j->refs++;
+    pthread_mutex_unlock(&j->mu);
+    s->watch[s->n_watch++] = j;
+    pthread_mutex_unlock(&s->wmu);
+}
+
+/* Engine thread, at most every PEER_CHECK_S: every watched request whose client has closed its
+ * socket is cancelled, queued ones (no event yet) included; finished ones leave the list. The
+ * list is taken out of the lock, so HTTP threads add to a fresh one meanwhile. */
+static void watch_scan(struct forge_server *s, double t)
+{
+    if (t - s->t_scan < PEER_CHECK_S) return;
+    s->t_scan = t;
+    pthread_mutex_lock(&s->wmu);
+    job **list = s->watch;
+    int n = s->n_watch, cap = s->cap_watch;
+    s->watch = NULL;
+    s->n_watch = s->cap_watch = 0;
+    pthread_mutex_unlock(&s->wmu);
+    int keep = 0;
+    for (int i = 0; i < n; i++) {
+        job *j = list[i];
+        forge_req_id gone[SRV_MAX_CHOICES];
+        int n_gone = 0;
+        pthread_mutex_lock(&j->mu);
+        bool watched = j->suspended && j->conn && j->fd >= 0 && !j->all_done;
+        if (watched && peer_gone(j->fd)) {
             j->fd = -1;
             j->client_gone = true;
-            for (int i = 0; i < j->n_ch && n_gone < SRV_MAX_CHOICES; i++)
-                if (j->ch[i].running) gone[n_gone++] = j->ch[i].id;
+            watched = false;
+            for (int c = 0; c < j->n_ch && n_gone < SRV_MAX_CHOICES; c++)
+                if (j->ch[c].running) gone[n_gone++] = j->ch[c].id;
         }
+        pthread_mutex_unlock(&j->mu);
+        /* outside the job's lock, as on_completed does; the last events come at the next step */
+        for (int c = 0; c < n_gone; c++)
+            forge_engine_cancel(s->engine, gone[c], NULL);
+        if (watched)
+            list[keep++] = j;
+        else
+            job_unref(j);
     }
-    pthread_mutex_unlock(&j->mu);
-    /* outside the job's lock, as on_completed does; the last events come at the next step */
-    for (int i = 0; i < n_gone; i++)
-        forge_engine_cancel(srv->engine, gone[i], NULL);
-    if (free_ref) job_unref(j);
+    /* put the kept ones back, before what HTTP threads added meanwhile (without memory for
+     * that, the kept ones are not watched any more) */
+    pthread_mutex_lock(&s->wmu);
+    const int total = keep + s->n_watch;
+    job **p = keep == 0 || total <= cap ? list : realloc(list, (size_t)total * sizeof *p);
+    if (keep > 0 && p) {
+        memcpy(p + keep, s->watch, (size_t)s->n_watch * sizeof *p);
+        free(s->watch);
+        s->watch = p;
+        s->n_watch = total;
+        s->cap_watch = total > cap ? total : cap;
+    } else {
+        for (int i = 0; i < keep; i++)
+            job_unref(list[i]);
+        free(list);
+    }
+    pthread_mutex_unlock(&s->wmu);
 }
 
 /* After every engine step (engine thread): resume the held streams whose interval is over. */
@@ -535,6 +606,7 @@ static void on_step_end(void *user)
 {
     struct forge_server *s = user;
     double t = now_s();
+    watch_scan(s, t);
     int keep = 0;
     for (int i = 0; i < s->n_held; i++) {
         job *j = s->held[i];
@@ -914,13 +986,14 @@ static enum MHD_Result start_job(struct forge_server *s, struct MHD_Connection *
         pthread_mutex_unlock(&j->mu);
         ret = send_job_result(s, conn, cc, j);
     } else {
-        /* libmicrohttpd does not watch a suspended connection: on_event looks at its socket */
+        /* libmicrohttpd does not watch a suspended connection: watch_scan looks at its socket */
         const union MHD_ConnectionInfo *ci =
             MHD_get_connection_info(conn, MHD_CONNECTION_INFO_CONNECTION_FD);
         j->fd = ci ? (int)ci->connect_fd : -1;
         j->suspended = true;
         MHD_suspend_connection(conn);
         pthread_mutex_unlock(&j->mu);
+        if (j->fd >= 0) watch_add(s, j);
         ret = MHD_YES;
     }
     cc->job = j;
@@ -1295,6 +1368,7 @@ int forge_server_create(forge_engine *engine, const forge_server_params *params,
                              p->stream_interval_ms);
     if (!(s = calloc(1, sizeof *s))) return forge_err_set(err, FORGE_E_NOMEM, "out of memory");
     pthread_mutex_init(&s->mmu, NULL);
+    pthread_mutex_init(&s->wmu, NULL);
     s->engine = engine;
     s->model = forge_engine_model(engine);
     s->tok = forge_model_tok(s->model);
@@ -1396,11 +1470,15 @@ void forge_server_free(forge_server *s)
     for (int i = 0; i < s->n_held; i++)
         job_unref(s->held[i]);
     free(s->held);
+    for (int i = 0; i < s->n_watch; i++)
+        job_unref(s->watch[i]);
+    free(s->watch);
     forge_template_free(s->tmpl);
     forge_template_model_clear(&s->tm);
     free(s->alias);
     free(s->api_key);
     free(s->cors);
     pthread_mutex_destroy(&s->mmu);
+    pthread_mutex_destroy(&s->wmu);
     free(s);
 }

@@ -574,4 +574,44 @@ describe('forge serve against raw clients', () => {
     assert.ok(gen < 16 * 120 / 2, `${gen} tokens generated for a client that left`);
     assert.match((await rawGet(srv.port, '/health')).got, /^HTTP\/1\.1 200/);
   });
+
+});
+
+describe('forge serve --parallel 1: a queued request whose client left', () => {
+  let srv;
+  before(async () => { srv = await startServer(['--parallel', '1']); });
+  after(async () => { await srv.stop(); });
+
+  it('is cancelled while queued, before it runs', async () => {
+    const metric = async (name) => Number((await rawGet(srv.port, '/metrics')).got.match(new RegExp(`^${name} (\\d+)`, 'm'))[1]);
+    const lines = () => srv.log().split('\n').filter((l) => / POST \/v1\/completions /.test(l));
+    const n0 = lines().length;
+    // A's 4 choices run one after another (one at a time), 120 steps each; B waits behind them
+    const p0 = await metric('forge_prompt_tokens_total');
+    const a = post(`${srv.url}/v1/completions`, '{"prompt":"Once upon a time","max_tokens":120,"n":4,"ignore_eos":true}');
+    let pa = p0;
+    for (let i = 0; i < 1000 && pa === p0; i++) pa = (await metric('forge_prompt_tokens_total')) || (await sleep(1), p0);
+    const b = '{"prompt":"Once upon a time","max_tokens":120,"ignore_eos":true}';
+    const sock = net.connect(srv.port, '127.0.0.1');
+    sock.on('error', () => {});
+    sock.on('connect', () => sock.write(`POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: ${b.length}\r\n\r\n${b}`));
+    let pb = pa;
+    for (let i = 0; i < 1000 && pb === pa; i++) pb = (await metric('forge_prompt_tokens_total')) || pa;
+    const running = await metric('forge_running_sequences');
+    sock.destroy();
+    assert.ok(pa > p0 && pb > pa, `A and B accepted (prompt tokens ${p0} -> ${pa} -> ${pb})`);
+    assert.equal(running, 1, 'one request at a time (--parallel 1)');
+    const ra = await a;
+    assert.equal(ra.status, 200);
+    assert.equal(ra.json.usage.completion_tokens, 480);
+    for (let i = 0; i < 500 && lines().length < n0 + 2; i++) await sleep(20);
+    const got = lines().slice(n0);
+    assert.equal(got.length, 2, got.join('\n'));
+    // B's line (499, client gone) comes first and B never ran: cancelled while queued, not
+    // found out after A finished and B was admitted
+    assert.match(got[0], / 499 prompt_tokens=\d+ completion_tokens=0 /, got.join('\n'));
+    assert.match(got[1], / 200 prompt_tokens=\d+ completion_tokens=480 /, got.join('\n'));
+    assert.equal(await metric('forge_active_requests'), 0);
+    assert.match((await rawGet(srv.port, '/health')).got, /^HTTP\/1\.1 200/);
+  });
 });
