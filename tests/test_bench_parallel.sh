@@ -94,6 +94,24 @@ for v in 8 0 64 abc; do
     bad "--block-size '$v' rejected" "bad value for --block-size: '$v' (expected 16 or 32)" --parallel 2 -p 4 -n 4 --block-size "$v"
 done
 
+# FORGE_ENGINE_PROFILE=1: the engine's step phases on stderr when it is freed (one engine per
+# stream count: the prompt step and the decode steps after it, warm-up steps included), else none
+FORGE_ENGINE_PROFILE=1 "$FORGE" bench -m "$m" --parallel 2 -p 8 -n 4 -t 2 >"$tmp/o" 2>"$tmp/e"
+rc=$?
+tu_check "FORGE_ENGINE_PROFILE=1: exit 0, one profile line of >= 4 steps with every phase" \
+    python3 - "$tmp/e" "$rc" <<'PY'
+import re, sys
+lines = [l for l in open(sys.argv[1]) if l.startswith("forge engine profile:")]
+assert sys.argv[2] == "0" and len(lines) == 1, lines
+m = re.match(r"forge engine profile: (\d+) steps, median us: schedule\+batch ([\d.]+) prepare "
+             r"([\d.]+) forward ([\d.]+) results ([\d.]+) deliver ([\d.]+) step ([\d.]+) "
+             r"interval ([\d.]+)$", lines[0].strip())
+assert m and int(m.group(1)) >= 4, lines[0]
+assert float(m.group(7)) > 0, "a step takes time"
+PY
+"$FORGE" bench -m "$m" --parallel 2 -p 8 -n 4 -t 2 >"$tmp/o" 2>"$tmp/e"
+tu_check "no FORGE_ENGINE_PROFILE: no profile line" bash -c "! grep -q 'engine profile' '$tmp/e'"
+
 # --block-size 32: reported in the JSON
 "$FORGE" bench -m "$m" --parallel 2 -p 8 -n 4 -t 2 --block-size 32 --json >"$tmp/b32.json" 2>/dev/null
 tu_check "--block-size 32 reaches the engine" grep -q '"block_size": 32' "$tmp/b32.json"

@@ -16,6 +16,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
 #include "core/util.h"
 #include "cpu/kernels.h"
@@ -70,6 +71,8 @@ struct request {
     void *user;
 };
 
+enum { ENGINE_PROF_N = 5, ENGINE_PROF_STEPS = 1 << 16 }; /* engine_step's phases prof_mark times */
+
 struct forge_engine {
     forge_model *model;
     const forge_tok *tok;
@@ -111,7 +114,54 @@ struct forge_engine {
     float *work;                                              /* [n_vocab] */
     int32_t *counts;                                          /* [n_vocab], zero between uses */
     forge_token_logprob top[ENGINE_MAX_TOP_LOGPROBS];
+
+    /* FORGE_ENGINE_PROFILE=1: host time of each step's phases (the backend waits on the device
+     * in the results phase), kept for the first ENGINE_PROF_STEPS steps; forge_engine_free
+     * prints their medians to stderr (a diagnostic: where a step's time goes) */
+    double (*prof)[ENGINE_PROF_N + 2]; /* [ENGINE_PROF_STEPS]: the phases, the step, start to start */
+    uint64_t prof_steps;
+    double prof_last; /* the start of the last step */
 };
+
+static double prof_now(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
+}
+
+/* Phase ph of this step ends now: its time since *t is kept, *t restarts. */
+static void prof_mark(forge_engine *e, int ph, double *t)
+{
+    if (!e->prof || e->prof_steps >= ENGINE_PROF_STEPS) return;
+    double now = prof_now();
+    e->prof[e->prof_steps][ph] = now - *t;
+    *t = now;
+}
+
+static int prof_cmp(const void *a, const void *b)
+{
+    double x = *(const double *)a, y = *(const double *)b;
+    return (x > y) - (x < y);
+}
+
+static void prof_print(const forge_engine *e)
+{
+    static const char *const names[ENGINE_PROF_N + 2] = {
+        "schedule+batch", "prepare", "forward", "results", "deliver", "step", "interval"};
+    const uint64_t n = e->prof_steps < ENGINE_PROF_STEPS ? e->prof_steps : ENGINE_PROF_STEPS;
+    double *col = e->prof && n ? malloc(n * sizeof *col) : NULL;
+    if (!col) return;
+    fprintf(stderr, "forge engine profile: %llu steps, median us:", (unsigned long long)n);
+    for (int ph = 0; ph < ENGINE_PROF_N + 2; ph++) {
+        for (uint64_t i = 0; i < n; i++)
+            col[i] = e->prof[i][ph];
+        qsort(col, n, sizeof *col, prof_cmp);
+        fprintf(stderr, " %s %.1f", names[ph], 1e6 * col[n / 2]);
+    }
+    fprintf(stderr, "\n");
+    free(col);
+}
 
 /* ---- small helpers ------------------------------------------------------------------------ */
 
@@ -535,6 +585,8 @@ int forge_engine_create(forge_model *model, const forge_engine_params *params, f
     e->tok = forge_model_tok(model);
     e->n_vocab = hp->n_vocab;
     e->next_id = 1;
+    const char *prof = getenv("FORGE_ENGINE_PROFILE");
+    if (prof && strcmp(prof, "1") == 0) e->prof = calloc(ENGINE_PROF_STEPS, sizeof *e->prof);
     if (pthread_mutex_init(&e->mu, NULL)) {
         free(e);
         return forge_err_set(err, FORGE_E_NOMEM, "engine: cannot create a mutex");
@@ -624,6 +676,8 @@ void forge_engine_free(forge_engine *e)
         e->thread_on = false;
     }
     if (e->sync_ready) drop_all(e, false);
+    prof_print(e);
+    free(e->prof);
     kvb_pool_free(e->pool);
     if (e->fs_ready) fwd_state_release(&e->fs);
     free(e->plan);
@@ -1043,6 +1097,7 @@ static int engine_step(forge_engine *e, forge_err *err)
     forge_err ferr = {0};
     int rc = FORGE_OK;
 
+    double t = e->prof ? prof_now() : 0, t_step = t;
     reap_cancelled(e);
     schedule(e);
     if (e->n_plan == 0) return unfinished(e);
@@ -1091,6 +1146,7 @@ static int engine_step(forge_engine *e, forge_err *err)
     bt.out_rows = e->b_out_rows;
     bt.n_out = n_out;
 
+    prof_mark(e, 0, &t);
     if (op->activate && (rc = op->activate(e->fs.be, &ferr))) goto failed;
     if ((rc = fwd_reserve_logits(&e->fs, n_out > 0 ? n_out : 1, &ferr))) goto failed;
     /* copy-on-write first, in the order the pool reported them */
@@ -1106,7 +1162,9 @@ static int engine_step(forge_engine *e, forge_err *err)
                                     c->n_rows, &ferr)))
             goto failed;
     }
+    prof_mark(e, 1, &t);
     if ((rc = engine_forward(e, &bt, &ferr))) goto failed;
+    prof_mark(e, 2, &t);
     /* when every row wants its plain argmax, the backend picks the ids where the logits are
      * (the same rule as host_argmax: the first maximum, NaN never wins) and only they come
      * back, not n_out x n_vocab floats */
@@ -1118,6 +1176,7 @@ static int engine_step(forge_engine *e, forge_err *err)
     else if (n_out > 0)
         rc = op->buf_read(e->fs.be, e->fs.b.logits, 0, (int64_t)n_out * V, e->logits, &ferr);
     if (rc) goto failed;
+    prof_mark(e, 3, &t);
 
     /* commit: the K/V is written; full blocks enter the prefix cache */
     for (int32_t s = 0; s < e->n_plan; s++) {
@@ -1138,6 +1197,13 @@ static int engine_step(forge_engine *e, forge_err *err)
         if (row >= 0)
             accept_token(e, r, picked ? NULL : e->logits + (size_t)row * V,
                          picked ? e->b_greedy[row] : -1);
+    }
+    prof_mark(e, 4, &t);
+    if (e->prof && e->prof_steps < ENGINE_PROF_STEPS) {
+        e->prof[e->prof_steps][ENGINE_PROF_N] = t - t_step;
+        e->prof[e->prof_steps][ENGINE_PROF_N + 1] = e->prof_last > 0 ? t_step - e->prof_last : 0;
+        e->prof_last = t_step;
+        e->prof_steps++;
     }
     return unfinished(e);
 failed:
