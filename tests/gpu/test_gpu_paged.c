@@ -377,6 +377,10 @@ static void argmax_rows_test(uint64_t *seed, gpu_stream *st)
     x[4 * n + 0] = NAN;     /* NaN never wins */
     x[4 * n + 7] = 70.0f;
     x[5 * n + 3] = INFINITY;
+    x[8 * n + 4002] = 80.0f; /* rows 0, 4, 8, ... start 16-byte aligned (the float4 path): */
+    x[8 * n + 4001] = 80.0f; /* ties there too, within one float4 and across threads */
+    x[8 * n + 901] = 80.0f;
+    x[12 * n + n - 2] = 90.0f; /* the last float4 */
     float *d_x = gt_upload(x, (size_t)(R * n) * 4, st);
     int32_t *d_out = gt_out_alloc((size_t)R * 4), out[37];
     gt_out_prepare(d_out, (size_t)R * 4, st);
