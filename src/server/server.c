@@ -588,7 +588,7 @@ static void watch_scan(struct forge_server *s, double t)
     const int total = keep + s->n_watch;
     job **p = keep == 0 || total <= cap ? list : realloc(list, (size_t)total * sizeof *p);
     if (keep > 0 && p) {
-        memcpy(p + keep, s->watch, (size_t)s->n_watch * sizeof *p);
+        if (s->n_watch) memcpy(p + keep, s->watch, (size_t)s->n_watch * sizeof *p);
         free(s->watch);
         s->watch = p;
         s->n_watch = total;
