@@ -5,7 +5,8 @@
  *   prompt attention: one chunk of 512 queries, tensor cores through a table
  *     (gpu_attention_prompt_paged) vs contiguous (gpu_attention_prompt) vs the paged kernel;
  *   decode matmul: n rows of a 4096 x 4096 and a 14336 x 4096 matrix (Q4_0, Q8_0, F16) by
- *     gpu_matvec_multi against n gpu_matvec launches.
+ *     gpu_matvec_multi (its dp4a kernel and, Q4_0/Q8_0, its tensor-core kernel) against n
+ *     gpu_matvec launches.
  * Median of 20 timed runs after 3 warm-ups (events). Speed is measured here, never asserted. */
 #include <stdio.h>
 #include <stdlib.h>
@@ -301,14 +302,17 @@ static void bench_matmul(int t, int64_t n_out, int64_t n_in)
         m.n = ns[i];
         m.multi = 0;
         float t1 = timeit(run_mm, &m);
-        float tm = t1;
+        float tm = t1, tt = t1;
         if (m.n > 1) {
             m.multi = 1;
+            gpu_matvec_multi_tc_min(0);
             tm = timeit(run_mm, &m);
+            gpu_matvec_multi_tc_min(2);
+            tt = timeit(run_mm, &m);
         }
-        printf("  %2d rows %6.1f/%6.1f us", m.n, t1 * 1e3, tm * 1e3);
+        printf("  %2d rows %6.1f/%6.1f/%6.1f us", m.n, t1 * 1e3, tm * 1e3, tt * 1e3);
     }
-    printf("   (n matvec / multi)\n");
+    printf("   (n matvec / multi dp4a / multi tensor cores where the type has them)\n");
     gpu_free(m.w);
     gpu_free(m.x);
     gpu_free(m.y);

@@ -12,12 +12,16 @@
  * two-rows-per-segment kernel accumulates in the SPR = 1 order too.) If gpu_matvec.cu changes how
  * it splits a row, this file must follow: tests/gpu/test_gpu_paged.c compares the two bit for
  * bit. Shapes the 1-row path runs through its scalar kernel (unaligned rows) are
- * FORGE_E_UNSUPPORTED here: the caller runs rows one by one. */
+ * FORGE_E_UNSUPPORTED here: the caller runs rows one by one.
+ * Q8_0/Q4_0 batches of TC_MIN_ROWS_DEFAULT rows or more run on the int8 tensor cores
+ * (k_matvec_tc, NVIDIA), which forms every sum in the same order from the same integer chunk
+ * sums, so the bits stay those of gpu_matvec. */
 #include <stdlib.h>
 
 #include "gpu/gpu_common.cuh"
 #include "gpu/gpu_dot.cuh"
 #include "gpu/gpu_invariant.cuh"
+#include "gpu/gpu_mma.cuh"
 #include "gpu/gpu_ops.h"
 #include "gpu/gpu_vendor.h"
 
@@ -258,6 +262,236 @@ __global__ void __launch_bounds__(MM_THREADS) k_matvec_multi(const mm_args a)
     }
 }
 
+/* ---- the same products on the int8 tensor cores (Q8_0, Q4_0; NVIDIA) ------------------------ */
+/* k_matvec_tc<WT, SPR, FM, FN>: a block of TC_WARPS warps computes 16 FM weight rows x 8 FN
+ * activation rows with mma.sync (gpu_mma.cuh; A = weight rows, B = activation rows, one chunk =
+ * one mma: Q4_0 m16n8k32 over a 32-element block, Q8_0 m16n8k16 over a half block). The integer
+ * chunk sums are the dp4a kernel's exactly (Q4_0: sum (nibble - 8) q = sum nibble q - 8 sum q);
+ * each is scaled and added as there (acc += (float)s * (dw * xd)), and the float sums follow
+ * gpu_matvec's order without its lanes: "virtual lane" v = 32 s + l (segment s, lane l) sums
+ * chunks v, v + 32 SPR, ... ascending; gpu_seg_sum's butterfly (xor 16, 8, .., 1) is the binary
+ * tree over the 32 lanes taken in bit-reversed order (leaf position p holds lane bitrev5(p):
+ * the first sums pair lanes l and l ^ 16, i.e. positions 2m and 2m + 1). Warp e takes the
+ * positions 4e .. 4e + 3 of every segment (so at each step the 8 warps read 8 consecutive
+ * chunks of every row: 128 bytes of Q4_0), sums its four leaves as the tree does, and the
+ * warps' subtree values meet in shared memory as the tree's top three levels; then the
+ * segments are added in order from 0.0f (SPR > 1), as k_matvec_multi's partial sums. */
+#if !FORGE_GPU_HIP
+#define TC_WARPS 8
+#define TC_THREADS (TC_WARPS * 32)
+#define TC_UNROLL 2
+
+GPU_DEVT int tc_bitrev5(int p)
+{
+    return (int)(__brev((unsigned)p) >> 27);
+}
+
+template <int WT, int SPR, int FM, int FN>
+__global__ void __launch_bounds__(TC_THREADS) k_matvec_tc(const mm_args a)
+{
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
+    __trap(); /* never launched: the library is built for sm_80+ only */
+#else
+    constexpr int BM = 16 * FM, BN = 8 * FN, NOUT = BM * BN;
+    constexpr bool Q4 = WT == GGML_TYPE_Q4_0;
+    __shared__ float red[TC_WARPS][NOUT];
+    const int lane = threadIdx.x % 32, e = threadIdx.x / 32;
+    const int g = lane / 4, tig = lane % 4;
+    const int row0 = blockIdx.y * BM, tok0 = blockIdx.x * BN;
+    const int n_chunks = (int)(a.row_bytes / 16), nb = a.n_in / QK;
+    constexpr int P = 32 * SPR;
+
+    /* the lane's weight rows (g, g + 8 of each fragment) and activation rows (2 tig, 2 tig + 1);
+     * rows past the end read the last one (valid memory) and are not stored */
+    const uint8_t *wr[FM][2];
+    const unsigned short *sr[FM][2];
+#pragma unroll
+    for (int fm = 0; fm < FM; fm++)
+#pragma unroll
+        for (int h = 0; h < 2; h++) {
+            const int row = min(row0 + fm * 16 + g + 8 * h, a.n_out - 1);
+            wr[fm][h] = a.w + (size_t)row * a.row_bytes + 4 * tig;
+            sr[fm][h] = a.scales + (size_t)row * nb;
+        }
+    const int8_t *xr[FN];
+    const float *dr[FN][2];
+#pragma unroll
+    for (int fn = 0; fn < FN; fn++) {
+        xr[fn] = a.xq + (size_t)min(tok0 + fn * 8 + g, a.n_rows - 1) * a.n_in + 4 * tig;
+#pragma unroll
+        for (int h = 0; h < 2; h++)
+            dr[fn][h] = a.xd + (size_t)min(tok0 + fn * 8 + 2 * tig + h, a.n_rows - 1) * nb;
+    }
+
+    float tot[(NOUT + TC_THREADS - 1) / TC_THREADS];
+#pragma unroll
+    for (int i = 0; i < (NOUT + TC_THREADS - 1) / TC_THREADS; i++)
+        tot[i] = 0.0f;
+
+    for (int s = 0; s < SPR; s++) {
+        float node[2][FM][FN][4]; /* the sums of leaves 0+1 and 2+3 of the warp's subtree */
+#pragma unroll
+        for (int i = 0; i < 4; i++) {
+            float leaf[FM][FN][4];
+#pragma unroll
+            for (int fm = 0; fm < FM; fm++)
+#pragma unroll
+                for (int fn = 0; fn < FN; fn++)
+#pragma unroll
+                    for (int k = 0; k < 4; k++)
+                        leaf[fm][fn][k] = 0.0f;
+            const int v = 32 * s + tc_bitrev5(4 * e + i);
+            for (int c0 = v; c0 < n_chunks; c0 += P * TC_UNROLL) {
+                unsigned wq[TC_UNROLL][FM][2], xq[TC_UNROLL][FN][2];
+                float dw[TC_UNROLL][FM][2], xd[TC_UNROLL][FN][2];
+#pragma unroll
+                for (int u = 0; u < TC_UNROLL; u++) {
+                    const int c = c0 + u * P;
+                    if (c < n_chunks) {
+                        const int b = Q4 ? c : c >> 1;
+#pragma unroll
+                        for (int fm = 0; fm < FM; fm++)
+#pragma unroll
+                            for (int h = 0; h < 2; h++) {
+                                wq[u][fm][h] = __ldcs((const unsigned *)(wr[fm][h] + 16 * c));
+                                dw[u][fm][h] = gpu_fp16_to_f32(sr[fm][h][b]);
+                            }
+#pragma unroll
+                        for (int fn = 0; fn < FN; fn++) {
+                            const int8_t *x = xr[fn] + (Q4 ? 32 : 16) * c;
+                            xq[u][fn][0] = *(const unsigned *)x;
+                            xq[u][fn][1] = Q4 ? *(const unsigned *)(x + 16) : 0u;
+#pragma unroll
+                            for (int h = 0; h < 2; h++)
+                                xd[u][fn][h] = dr[fn][h][b];
+                        }
+                    }
+                }
+#pragma unroll
+                for (int u = 0; u < TC_UNROLL; u++) {
+                    if (c0 + u * P >= n_chunks) break;
+#pragma unroll
+                    for (int fm = 0; fm < FM; fm++) {
+                        unsigned af[4];
+                        if (Q4) {
+                            af[0] = gpu_nib_s8(wq[u][fm][0] & 0x0f0f0f0fu);
+                            af[1] = gpu_nib_s8(wq[u][fm][1] & 0x0f0f0f0fu);
+                            af[2] = gpu_nib_s8((wq[u][fm][0] >> 4) & 0x0f0f0f0fu);
+                            af[3] = gpu_nib_s8((wq[u][fm][1] >> 4) & 0x0f0f0f0fu);
+                        }
+#pragma unroll
+                        for (int fn = 0; fn < FN; fn++) {
+                            int d[4];
+                            if (Q4)
+                                gpu_mma_k32(d, af, xq[u][fn][0], xq[u][fn][1]);
+                            else
+                                gpu_mma_k16(d, wq[u][fm][0], wq[u][fm][1], xq[u][fn][0]);
+#pragma unroll
+                            for (int k = 0; k < 4; k++)
+                                leaf[fm][fn][k] += gpu_mma_float(d[k]) *
+                                                   (dw[u][fm][k >> 1] * xd[u][fn][k & 1]);
+                        }
+                    }
+                }
+            }
+#pragma unroll
+            for (int fm = 0; fm < FM; fm++)
+#pragma unroll
+                for (int fn = 0; fn < FN; fn++)
+#pragma unroll
+                    for (int k = 0; k < 4; k++) {
+                        if (i % 2 == 0)
+                            node[i / 2][fm][fn][k] = leaf[fm][fn][k];
+                        else
+                            node[i / 2][fm][fn][k] += leaf[fm][fn][k];
+                    }
+        }
+        /* the warp's subtree, then the top three levels over the warps */
+#pragma unroll
+        for (int fm = 0; fm < FM; fm++)
+#pragma unroll
+            for (int fn = 0; fn < FN; fn++)
+#pragma unroll
+                for (int k = 0; k < 4; k++) {
+                    const int r = fm * 16 + g + (k >= 2 ? 8 : 0), t = fn * 8 + 2 * tig + (k & 1);
+                    red[e][r * BN + t] = node[0][fm][fn][k] + node[1][fm][fn][k];
+                }
+        __syncthreads();
+#pragma unroll
+        for (int i = 0; i < (NOUT + TC_THREADS - 1) / TC_THREADS; i++) {
+            const int o = threadIdx.x + i * TC_THREADS;
+            if (o < NOUT) {
+                const float seg = ((red[0][o] + red[1][o]) + (red[2][o] + red[3][o])) +
+                                  ((red[4][o] + red[5][o]) + (red[6][o] + red[7][o]));
+                tot[i] = SPR == 1 ? seg : tot[i] + seg;
+            }
+        }
+        __syncthreads();
+    }
+#pragma unroll
+    for (int i = 0; i < (NOUT + TC_THREADS - 1) / TC_THREADS; i++) {
+        const int o = threadIdx.x + i * TC_THREADS;
+        const int row = row0 + o / BN, tok = tok0 + o % BN;
+        if (o < NOUT && row < a.n_out && tok < a.n_rows) a.y[(int64_t)tok * a.n_out + row] = tot[i];
+    }
+#endif
+}
+
+/* Q8_0/Q4_0 batches of at least this many rows take k_matvec_tc (FORGE_GPU_MULTI_TC=N sets it,
+ * 0 turns it off; gpu_matvec_multi_tc_min for tests and benchmarks). h100, sixteenth session
+ * (bench_gpu_paged, Q4_0 14336 x 4096, dp4a / tensor cores): 4 rows 31.8 / 40.2 us, 8 rows
+ * 44.4 / 47.4 (32 weight rows a block: 40.0), 16 rows 96.0 / 64.2 (48.3); `forge bench
+ * --parallel` llama2-7b 4 streams 943 / 704 tok/s, 16 streams 1260 / 1870. Its limit is the
+ * L1 wavefronts of the per-lane 4-byte loads (a warp's load touches 8 rows or 8 activation rows);
+ * a variant staging each step's chunks in shared memory by cp.async and reading fragments by
+ * ldmatrix (bit-exact too) was slower: 16 streams 1442-1725. */
+#define TC_MIN_ROWS_DEFAULT 9
+static int tc_min_rows = -1;
+
+template <int WT, int SPR, int FM> static void tc_launch_fm(const mm_args &a, cudaStream_t st)
+{
+    const unsigned gy = (unsigned)((a.n_out + 16 * FM - 1) / (16 * FM));
+    if (a.n_rows <= 8)
+        k_matvec_tc<WT, SPR, FM, 1><<<dim3((unsigned)((a.n_rows + 7) / 8), gy), TC_THREADS, 0, st>>>(a);
+    else
+        k_matvec_tc<WT, SPR, FM, 2><<<dim3((unsigned)((a.n_rows + 15) / 16), gy), TC_THREADS, 0, st>>>(a);
+}
+
+/* 32 weight rows per block where that still gives two blocks per multiprocessor (the activation
+ * loads shared by twice the rows: h100, bench_gpu_paged, 16 rows of 14336 x 4096 Q4_0 48 us
+ * against 64), else 16 (4096 rows: 128 blocks of 32 would leave multiprocessors idle). */
+template <int WT, int SPR> static void tc_launch(const mm_args &a, cudaStream_t st)
+{
+    const int64_t tiles = (a.n_rows + 15) / 16 * ((a.n_out + 31) / 32);
+    if (tiles >= 2 * (int64_t)(gpu_sm_count() > 0 ? gpu_sm_count() : 64))
+        tc_launch_fm<WT, SPR, 2>(a, st);
+    else
+        tc_launch_fm<WT, SPR, 1>(a, st);
+}
+#endif /* !FORGE_GPU_HIP */
+
+GPU_API void gpu_matvec_multi_tc_min(int n)
+{
+#if !FORGE_GPU_HIP
+    tc_min_rows = n;
+#else
+    (void)n;
+#endif
+}
+
+#if !FORGE_GPU_HIP
+/* True when this batch takes k_matvec_tc. */
+static bool tc_use(const mm_args &a, int wtype)
+{
+    if (tc_min_rows < 0) {
+        const char *e = getenv("FORGE_GPU_MULTI_TC");
+        tc_min_rows = e ? atoi(e) : TC_MIN_ROWS_DEFAULT;
+        if (tc_min_rows < 0) tc_min_rows = 0;
+    }
+    return mm_is_quant(wtype) && tc_min_rows > 0 && a.n_rows >= tc_min_rows;
+}
+#endif
+
 /* Weight rows per segment: one while the weights alone bound the time (1-2 activation rows),
  * two past that, where the activations' L1 traffic grows (FORGE_GPU_MULTI_RW=1|2|4 overrides,
  * for tuning); SPR > 1 (a short matrix: every warp counts) keeps one. On the H100 (eleventh
@@ -305,6 +539,32 @@ template <int WT, int SPR> static void mm_launch_nr(const mm_args &a, cudaStream
     else
         mm_launch_rw<WT, SPR, 16>(a, rw, st);
 }
+
+#if !FORGE_GPU_HIP
+/* k_matvec_tc at gpu_matvec.cu's choice of SPR */
+template <int WT> static int tc_launch_spr(const mm_args &a, cudaStream_t st, forge_err *err)
+{
+    int rc = FORGE_OK;
+    switch (gpu_matvec_spr(a.n_out, (int)(a.row_bytes / 16))) {
+    case 1:
+        tc_launch<WT, 1>(a, st);
+        break;
+    case 2:
+        tc_launch<WT, 2>(a, st);
+        break;
+    case 4:
+        tc_launch<WT, 4>(a, st);
+        break;
+    default:
+        tc_launch<WT, 8>(a, st);
+        break;
+    }
+    GPU_LAUNCH_CHECK("k_matvec_tc", st);
+    return FORGE_OK;
+fail:
+    return rc;
+}
+#endif
 
 /* gpu_matvec.cu's choice of SPR (gpu_invariant.cuh) */
 template <int WT> static int mm_launch(const mm_args &a, cudaStream_t st, forge_err *err)
@@ -368,6 +628,11 @@ GPU_API int gpu_matvec_multi(int wtype, const void *d_w, int64_t n_out, int64_t 
     a.n_in = (int)n_in;
     a.n_rows = (int)n_rows;
     a.row_bytes = mm_row_bytes(wtype, n_in);
+#if !FORGE_GPU_HIP
+    if (tc_use(a, wtype))
+        return wtype == GGML_TYPE_Q8_0 ? tc_launch_spr<GGML_TYPE_Q8_0>(a, st, err)
+                                       : tc_launch_spr<GGML_TYPE_Q4_0>(a, st, err);
+#endif
     switch (wtype) {
     case GGML_TYPE_Q8_0:
         return mm_launch<GGML_TYPE_Q8_0>(a, st, err);

@@ -32,7 +32,7 @@
  *          Q4_0: ldmatrix.x2 of rows 0-7 | 8-15 of the 16-byte block gives w0 (row g) and w1
  *          (row g+8), word tig = bytes 4tig..4tig+3 = elements 4tig.. (low nibbles) and
  *          16+4tig.. (high nibbles): a0 = lo(w0), a1 = lo(w1), a2 = hi(w0), a3 = hi(w1), each
- *          byte minus 8 (mmq_nib_s8).
+ *          byte minus 8 (gpu_nib_s8, gpu_mma.cuh).
  *       B: b0 = token g, k 4tig..4tig+3; b1 = token g, k 16+4tig..: ldmatrix of 8 token rows
  *          x bytes 0-15 and 16-31 (x4: two n8 fragments at once).
  *       D: d0 = (row g, token 2tig), d1 = (row g, token 2tig+1), d2/d3 = the same for row g+8.
@@ -55,6 +55,7 @@
 #include <string.h>
 
 #include "gpu/gpu_common.cuh"
+#include "gpu/gpu_mma.cuh"
 #include "gpu/gpu_ops.h"
 #include "gpu/gpu_vendor.h"
 
@@ -74,8 +75,6 @@ static size_t mmq_act_d_offset(int64_t n)
     return gpu_round_up((size_t)n, 16);
 }
 
-#define MMQ_MAGIC_I 0x4B400000 /* bits of 12582912.0f = 1.5 * 2^23 */
-#define MMQ_MAGIC_F 12582912.0f
 
 #define MMQ_SMEM_TARGET (96 * 1024)
 
@@ -121,71 +120,6 @@ struct mmq_args {
     float beta;
 };
 
-/* ---- PTX wrappers (sm_80+) ------------------------------------------------------------------ */
-GPU_DEV unsigned mmq_smem(const void *p)
-{
-    return (unsigned)__cvta_generic_to_shared(p);
-}
-
-/* 16 bytes global -> shared; ok == false: 16 zero bytes, nothing read (src must still be a
- * valid address). */
-GPU_DEV void mmq_cp16(void *dst, const void *src, bool ok)
-{
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(mmq_smem(dst)), "l"(src),
-                 "r"(ok ? 16 : 0)
-                 : "memory");
-}
-
-/* 4 bytes global -> shared, of which the first `bytes` (0, 2 or 4) are read, the rest zero. */
-GPU_DEV void mmq_cp4(void *dst, const void *src, int bytes)
-{
-    asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(mmq_smem(dst)), "l"(src),
-                 "r"(bytes)
-                 : "memory");
-}
-
-GPU_DEV void mmq_cp_commit(void)
-{
-    asm volatile("cp.async.commit_group;\n" ::: "memory");
-}
-
-template <int N> GPU_DEVT void mmq_cp_wait(void)
-{
-    asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
-}
-
-GPU_DEV void mmq_ldsm_x4(unsigned (&r)[4], const void *p)
-{
-    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
-                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-                 : "r"(mmq_smem(p))
-                 : "memory");
-}
-
-GPU_DEV void mmq_ldsm_x2(unsigned &r0, unsigned &r1, const void *p)
-{
-    asm volatile("ldmatrix.sync.aligned.m8n8.x2.shared.b16 {%0,%1}, [%2];\n"
-                 : "=r"(r0), "=r"(r1)
-                 : "r"(mmq_smem(p))
-                 : "memory");
-}
-
-/* d = a * b + MMQ_MAGIC_I (see the header comment) */
-GPU_DEV void mmq_mma(int (&d)[4], const unsigned (&a)[4], unsigned b0, unsigned b1)
-{
-    asm("mma.sync.aligned.m16n8k32.row.col.s32.s8.s8.s32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-        "{%10,%10,%10,%10};\n"
-        : "=r"(d[0]), "=r"(d[1]), "=r"(d[2]), "=r"(d[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1), "r"(MMQ_MAGIC_I));
-}
-
-/* Four nibbles (one per byte, 0..15) -> four int8 (nibble - 8): +0x78 keeps every byte below
- * 0x88 (no carry into the next byte), the xor flips 0x78+n to n-8 in two's complement. */
-GPU_DEV unsigned mmq_nib_s8(unsigned nib)
-{
-    return (nib + 0x78787878u) ^ 0x80808080u;
-}
-
 /* ---- stage loader --------------------------------------------------------------------------- */
 /* Copies of k-stage kt (blocks kb0 .. kb0+nv-1) of the block's rows and tokens into `stage`. */
 template <int WT, int BM, int BN, int WM, int WN>
@@ -209,7 +143,7 @@ GPU_DEVT void mmq_load_stage(const mmq_args &a, uint8_t *stage, int kt, int row0
                 const bool ok = row < a.n_out;
                 const uint8_t *src =
                     a.wq + (ok ? (size_t)row * a.w_row_bytes + (size_t)kb0 * G::QB + c * 16 : 0);
-                mmq_cp16(stage + G::WQ_OFF + r * G::WQ_LD + c * 16, src, ok);
+                gpu_cp16(stage + G::WQ_OFF + r * G::WQ_LD + c * 16, src, ok ? 16 : 0);
             }
         }
     }
@@ -226,7 +160,7 @@ GPU_DEVT void mmq_load_stage(const mmq_args &a, uint8_t *stage, int kt, int row0
                 const bool ok = tok < a.n_tok;
                 const int8_t *src =
                     a.xq + (ok ? (size_t)tok * a.n_in + (size_t)kb0 * QK + c * 16 : 0);
-                mmq_cp16(stage + G::XQ_OFF + t * G::XQ_LD + c * 16, src, ok);
+                gpu_cp16(stage + G::XQ_OFF + t * G::XQ_LD + c * 16, src, ok ? 16 : 0);
             }
         }
     }
@@ -243,7 +177,7 @@ GPU_DEVT void mmq_load_stage(const mmq_args &a, uint8_t *stage, int kt, int row0
                 const int64_t h0 = (int64_t)row * a.nb + kb0;
                 const int64_t w = (h0 >> 1) + j;
                 if (2 * w <= h0 + nv - 1)
-                    mmq_cp4(stage + G::WD_OFF + (r * G::SW + j) * 4, a.wd + 2 * w,
+                    gpu_cp4(stage + G::WD_OFF + (r * G::SW + j) * 4, a.wd + 2 * w,
                             2 * w + 1 < a.wd_halves ? 4 : 2);
             }
         }
@@ -259,7 +193,7 @@ GPU_DEVT void mmq_load_stage(const mmq_args &a, uint8_t *stage, int kt, int row0
                 const int tok = tok0 + t;
                 const bool ok = tok < a.n_tok;
                 const float *src = a.xd + (ok ? (size_t)tok * a.nb + kb0 + kb : 0);
-                mmq_cp4(stage + G::XD_OFF + (kb * BN + t) * 4, src, ok ? 4 : 0);
+                gpu_cp4(stage + G::XD_OFF + (kb * BN + t) * 4, src, ok ? 4 : 0);
             }
         }
     }
@@ -305,21 +239,21 @@ __global__ void __launch_bounds__(WM *WN * 32) k_mmq(const mmq_args a)
     for (int s = 0; s < STAGES - 1; s++) {
         if (s < n_kt)
             mmq_load_stage<WT, BM, BN, WM, WN>(a, mmq_smem_buf + s * G::STAGE_BYTES, s, row0, tok0);
-        mmq_cp_commit();
+        gpu_cp_commit();
     }
 
     for (int kt = 0; kt < n_kt; kt++) {
         /* stage kt has landed (at most STAGES-2 younger groups pending), and after the barrier
          * every thread's copies are visible and every warp is done with stage kt-1, whose
          * buffer the next copies overwrite */
-        mmq_cp_wait<STAGES - 2>();
+        gpu_cp_wait<STAGES - 2>();
         __syncthreads();
         {
             const int next = kt + STAGES - 1;
             if (next < n_kt)
                 mmq_load_stage<WT, BM, BN, WM, WN>(
                     a, mmq_smem_buf + (next % STAGES) * G::STAGE_BYTES, next, row0, tok0);
-            mmq_cp_commit();
+            gpu_cp_commit();
         }
 
         const uint8_t *stage = mmq_smem_buf + (kt % STAGES) * G::STAGE_BYTES;
@@ -334,28 +268,28 @@ __global__ void __launch_bounds__(WM *WN * 32) k_mmq(const mmq_args a)
             for (int fm = 0; fm < FM; fm++) {
                 const uint8_t *p = stage + a_off + fm * 16 * G::WQ_LD + kb * G::QB;
                 if (WT == GGML_TYPE_Q8_0) {
-                    mmq_ldsm_x4(af[fm], p);
+                    gpu_ldsm_x4(af[fm], p);
                 } else {
                     unsigned w0, w1;
-                    mmq_ldsm_x2(w0, w1, p);
-                    af[fm][0] = mmq_nib_s8(w0 & 0x0f0f0f0fu);
-                    af[fm][1] = mmq_nib_s8(w1 & 0x0f0f0f0fu);
-                    af[fm][2] = mmq_nib_s8((w0 >> 4) & 0x0f0f0f0fu);
-                    af[fm][3] = mmq_nib_s8((w1 >> 4) & 0x0f0f0f0fu);
+                    gpu_ldsm_x2(w0, w1, p);
+                    af[fm][0] = gpu_nib_s8(w0 & 0x0f0f0f0fu);
+                    af[fm][1] = gpu_nib_s8(w1 & 0x0f0f0f0fu);
+                    af[fm][2] = gpu_nib_s8((w0 >> 4) & 0x0f0f0f0fu);
+                    af[fm][3] = gpu_nib_s8((w1 >> 4) & 0x0f0f0f0fu);
                 }
             }
             unsigned bf[FN][2];
 #pragma unroll
             for (int fn = 0; fn + 1 < FN; fn += 2) {
                 unsigned r[4];
-                mmq_ldsm_x4(r, stage + b_off + fn * 8 * G::XQ_LD + kb * 32);
+                gpu_ldsm_x4(r, stage + b_off + fn * 8 * G::XQ_LD + kb * 32);
                 bf[fn][0] = r[0];
                 bf[fn][1] = r[1];
                 bf[fn + 1][0] = r[2];
                 bf[fn + 1][1] = r[3];
             }
             if (FN % 2)
-                mmq_ldsm_x2(bf[FN - 1][0], bf[FN - 1][1],
+                gpu_ldsm_x2(bf[FN - 1][0], bf[FN - 1][1],
                             stage + b_off + (FN - 1) * 8 * G::XQ_LD + kb * 32);
 
             float dw[FM][2];
@@ -375,15 +309,15 @@ __global__ void __launch_bounds__(WM *WN * 32) k_mmq(const mmq_args a)
 #pragma unroll
                 for (int fn = 0; fn < FN; fn++) {
                     int d[4];
-                    mmq_mma(d, af[fm], bf[fn][0], bf[fn][1]);
-                    acc[fm][fn][0] += (dw[fm][0] * dx[fn].x) * (__int_as_float(d[0]) - MMQ_MAGIC_F);
-                    acc[fm][fn][1] += (dw[fm][0] * dx[fn].y) * (__int_as_float(d[1]) - MMQ_MAGIC_F);
-                    acc[fm][fn][2] += (dw[fm][1] * dx[fn].x) * (__int_as_float(d[2]) - MMQ_MAGIC_F);
-                    acc[fm][fn][3] += (dw[fm][1] * dx[fn].y) * (__int_as_float(d[3]) - MMQ_MAGIC_F);
+                    gpu_mma_k32(d, af[fm], bf[fn][0], bf[fn][1]);
+                    acc[fm][fn][0] += (dw[fm][0] * dx[fn].x) * gpu_mma_float(d[0]);
+                    acc[fm][fn][1] += (dw[fm][0] * dx[fn].y) * gpu_mma_float(d[1]);
+                    acc[fm][fn][2] += (dw[fm][1] * dx[fn].x) * gpu_mma_float(d[2]);
+                    acc[fm][fn][3] += (dw[fm][1] * dx[fn].y) * gpu_mma_float(d[3]);
                 }
         }
     }
-    mmq_cp_wait<0>(); /* no copy outlives the block (the tail groups are empty anyway) */
+    gpu_cp_wait<0>(); /* no copy outlives the block (the tail groups are empty anyway) */
 
     /* results: element i of fragment (fm, fn) is row g (+8 for i >= 2), token 2tig + (i & 1) */
 #pragma unroll

@@ -432,12 +432,16 @@ int gpu_argmax_rows(const float *d_x, int64_t n_rows, int64_t n, int64_t row_str
  * d_x (round it first for CPU numerics, as for gpu_matvec). Each row's result is bit-identical
  * to gpu_matvec of that row alone (same per-row reduction order). Supported when
  * gpu_matvec_multi_supported (rows of a multiple of 16 bytes; otherwise FORGE_E_UNSUPPORTED:
- * run rows one by one). */
+ * run rows one by one). Q8_0/Q4_0 batches of 9 or more rows run on the int8 tensor cores (NVIDIA;
+ * the same bits). */
 #define GPU_MATVEC_MULTI_MAX 16
 int gpu_matvec_multi_supported(int wtype, int64_t n_in);
 int gpu_matvec_multi(int wtype, const void *d_w, int64_t n_out, int64_t n_in, int64_t n_rows,
                      const float *d_x, const void *d_xq, float *d_y, gpu_stream *s,
                      forge_err *err);
+/* Q8_0/Q4_0 batches of at least n rows take the tensor-core kernel, 0: never (tests and
+ * benchmarks; else FORGE_GPU_MULTI_TC=n, default 9). Not thread-safe: call before any launch. */
+void gpu_matvec_multi_tc_min(int n);
 
 /* ---- the ops of the other architectures (issue 15: Gemma, mixtures of experts; gpu_archs.cu,
  * gpu_matvec.cu) ------------------------------------------------------------------------------ */

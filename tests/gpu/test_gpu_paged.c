@@ -5,7 +5,8 @@
  *      with every cache row no row may read poisoned with NaN (unowned blocks and the tails of
  *      owned ones); prompt chunks by the paged kernel and by the tensor cores through the
  *      tables; batch invariance: a sequence decoded alone gives the bits it gave in the batch;
- *   2. gpu_matvec_multi == gpu_matvec row by row, bit for bit (F32, F16, BF16, Q8_0, Q4_0);
+ *   2. gpu_matvec_multi == gpu_matvec row by row, bit for bit (F32, F16, BF16, Q8_0, Q4_0; the
+ *      Q8_0/Q4_0 ones through the dp4a and the tensor-core kernels);
  *   3. gpu_argmax_rows against the host (ties, NaN rows, all-NaN row);
  *   4. model_forward on the GPU with a batch of 4 sequences (prompt chunks, then decode steps,
  *      greedy ids by the backend's argmax_rows) gives the greedy ids of each sequence alone
@@ -295,7 +296,8 @@ static void paged_case(const pa_case *c, uint64_t *seed)
 
 /* ---- 2. multi-row matvec ------------------------------------------------------------------ */
 
-static void matvec_multi_case(int t, int64_t n_out, int64_t n_in, uint64_t *seed, gpu_stream *st)
+static void matvec_multi_case(int t, int64_t n_out, int64_t n_in, int tc, uint64_t *seed,
+                              gpu_stream *st)
 {
     float *wf = NULL;
     void *raw = gt_make_weights(t, n_out, n_in, seed, &wf);
@@ -329,12 +331,14 @@ static void matvec_multi_case(int t, int64_t n_out, int64_t n_in, uint64_t *seed
         for (int64_t i = 0; i < n * n_out; i++)
             finite &= isfinite(ym[i]);
         gt_check(same && finite && g1 && gm,
-                 "matvec_multi %s %lld x %lld, %d rows == matvec per row, bit for bit%s%s",
-                 gpu_type_name_test(t), (long long)n_out, (long long)n_in, n,
+                 "matvec_multi%s %s %lld x %lld, %d rows == matvec per row, bit for bit%s%s",
+                 tc ? " (tensor cores)" : "", gpu_type_name_test(t), (long long)n_out,
+                 (long long)n_in, n,
                  finite ? "" : " (unwritten output)", gm ? "" : " (guard overwritten)");
         if (same && finite && gm)
-            printf("matvec_multi %-4s %5lld x %5lld, %2d rows: bit-identical  ok\n",
-                   gpu_type_name_test(t), (long long)n_out, (long long)n_in, n);
+            printf("matvec_multi%s %-4s %5lld x %5lld, %2d rows: bit-identical  ok\n",
+                   tc ? " (tc)" : "", gpu_type_name_test(t), (long long)n_out, (long long)n_in,
+                   n);
     }
     gpu_free(d_w);
     gpu_free(d_x);
@@ -617,12 +621,19 @@ int main(int argc, char **argv)
         paged_case(&cases[i], &seed);
     const int types[] = {GGML_TYPE_F32, GGML_TYPE_F16, GGML_TYPE_BF16, GGML_TYPE_Q8_0,
                          GGML_TYPE_Q4_0};
-    /* SPR 1 (tails of 1..3 rows past a block of 4-row segments: 4100, 4099), SPR 2..8 */
-    const int64_t shapes[][2] = {{256, 512},  {11008 / 2, 1024}, {48, 4096},
-                                 {40, 2048},  {4100, 1024},      {4099, 512}};
-    for (size_t t = 0; t < GT_LEN(types); t++)
-        for (size_t sh = 0; sh < GT_LEN(shapes); sh++)
-            matvec_multi_case(types[t], shapes[sh][0], shapes[sh][1], &seed, st);
+    /* SPR 1 (tails of 1..3 rows past a block of 4-row segments: 4100, 4099), SPR 2..8; rows of
+     * chunks that do not fill every lane the same number of times (11008, 3104) */
+    const int64_t shapes[][2] = {{256, 512},  {11008 / 2, 1024}, {48, 4096}, {40, 2048},
+                                 {4100, 1024}, {4099, 512},      {64, 11008}, {1000, 3104}};
+    /* Q8_0/Q4_0 through the dp4a kernel, then through the tensor-core one (where built) */
+    for (int tc = 0; tc < 2; tc++) {
+        gpu_matvec_multi_tc_min(tc ? 2 : 0);
+        for (size_t t = 0; t < GT_LEN(types); t++)
+            for (size_t sh = 0; sh < GT_LEN(shapes); sh++)
+                if (!tc || types[t] == GGML_TYPE_Q8_0 || types[t] == GGML_TYPE_Q4_0)
+                    matvec_multi_case(types[t], shapes[sh][0], shapes[sh][1], tc, &seed, st);
+    }
+    gpu_matvec_multi_tc_min(-1);
     argmax_rows_test(&seed, st);
     forward_test(argv[1], &seed);
     gpu_stream_destroy(st);
