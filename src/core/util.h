@@ -6,6 +6,7 @@
 #include <stddef.h>
 #include <stdint.h>
 #include <stdbool.h>
+#include <time.h>
 
 #include "forge.h"
 
@@ -34,6 +35,18 @@ static inline bool forge_mul_u64(uint64_t a, uint64_t b, uint64_t *out)
 static inline bool forge_mul_i64(int64_t a, int64_t b, int64_t *out)
 {
     return !__builtin_mul_overflow(a, b, out);
+}
+
+/* The monotonic clock, in nanoseconds and in seconds. */
+static inline int64_t forge_now_ns(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec;
+}
+static inline double forge_now_s(void)
+{
+    return (double)forge_now_ns() * 1e-9;
 }
 
 /* Read a whole file into a malloc'd buffer (NUL-terminated for convenience; *len excludes it).

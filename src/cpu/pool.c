@@ -60,20 +60,13 @@ typedef struct kern_worker {
     int ith;
 } kern_worker;
 
-static int64_t now_ns(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec;
-}
-
 /* Spin until generation differs from seen or the spin budget runs out; true if it changed.
  * After the first few microseconds the spinning thread yields between checks, so that on an
  * oversubscribed machine it gives its core to whoever needs it. */
 static bool spin_for_job(kern_pool *pool, unsigned seen)
 {
     if (pool->spin_ns <= 0) return false;
-    int64_t start = now_ns(), t = start;
+    int64_t start = forge_now_ns(), t = start;
     for (;;) {
         for (int i = 0; i < 64; i++) {
             if (atomic_load_explicit(&pool->generation, memory_order_acquire) != seen ||
@@ -81,7 +74,7 @@ static bool spin_for_job(kern_pool *pool, unsigned seen)
                 return true;
             KERN_CPU_RELAX();
         }
-        t = now_ns();
+        t = forge_now_ns();
         if (t - start > pool->spin_ns) return false;
         if (t - start > KERN_SPIN_BEFORE_YIELD_NS) sched_yield();
     }
@@ -226,13 +219,13 @@ void kern_pool_run(kern_pool *pool, void (*fn)(void *arg, int ith, int nth), voi
     }
 
     if (atomic_load_explicit(&pool->pending, memory_order_acquire) == 0) return;
-    int64_t start = now_ns();
+    int64_t start = forge_now_ns();
     while (pool->spin_ns > 0) {
         for (int i = 0; i < 64; i++) {
             if (atomic_load_explicit(&pool->pending, memory_order_acquire) == 0) return;
             KERN_CPU_RELAX();
         }
-        int64_t t = now_ns();
+        int64_t t = forge_now_ns();
         if (t - start > pool->spin_ns) break;
         if (t - start > KERN_SPIN_BEFORE_YIELD_NS) sched_yield();
     }

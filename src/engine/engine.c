@@ -123,18 +123,11 @@ struct forge_engine {
     double prof_last; /* the start of the last step */
 };
 
-static double prof_now(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
-}
-
 /* Phase ph of this step ends now: its time since *t is kept, *t restarts. */
 static void prof_mark(forge_engine *e, int ph, double *t)
 {
     if (!e->prof || e->prof_steps >= ENGINE_PROF_STEPS) return;
-    double now = prof_now();
+    double now = forge_now_s();
     e->prof[e->prof_steps][ph] = now - *t;
     *t = now;
 }
@@ -1097,7 +1090,7 @@ static int engine_step(forge_engine *e, forge_err *err)
     forge_err ferr = {0};
     int rc = FORGE_OK;
 
-    double t = e->prof ? prof_now() : 0, t_step = t;
+    double t = e->prof ? forge_now_s() : 0, t_step = t;
     reap_cancelled(e);
     schedule(e);
     if (e->n_plan == 0) return unfinished(e);

@@ -300,6 +300,12 @@ __global__ void __launch_bounds__(TC_THREADS) k_matvec_tc(const mm_args a)
     const int row0 = blockIdx.y * BM, tok0 = blockIdx.x * BN;
     const int n_chunks = (int)(a.row_bytes / 16), nb = a.n_in / QK;
     constexpr int P = 32 * SPR;
+    /* Q4_0: the mma's k slots 4 tig + q and 16 + 4 tig + q hold elements 8 tig + q and
+     * 8 tig + 4 + q (any pairing of slots and elements gives the same integer sum), so that a
+     * lane loads 8 consecutive activation bytes at once; in the block's 16 quant bytes
+     * (byte j = element j low nibble, element j + 16 high nibble) those elements are the low
+     * (tig < 2) or high (tig >= 2) nibbles of bytes 8 (tig & 1) .. + 7 */
+    const int nsh = tig >= 2 ? 4 : 0;
 
     /* the lane's weight rows (g, g + 8 of each fragment) and activation rows (2 tig, 2 tig + 1);
      * rows past the end read the last one (valid memory) and are not stored */
@@ -310,14 +316,14 @@ __global__ void __launch_bounds__(TC_THREADS) k_matvec_tc(const mm_args a)
 #pragma unroll
         for (int h = 0; h < 2; h++) {
             const int row = min(row0 + fm * 16 + g + 8 * h, a.n_out - 1);
-            wr[fm][h] = a.w + (size_t)row * a.row_bytes + 4 * tig;
+            wr[fm][h] = a.w + (size_t)row * a.row_bytes + (Q4 ? 8 * (tig & 1) : 4 * tig);
             sr[fm][h] = a.scales + (size_t)row * nb;
         }
     const int8_t *xr[FN];
     const float *dr[FN][2];
 #pragma unroll
     for (int fn = 0; fn < FN; fn++) {
-        xr[fn] = a.xq + (size_t)min(tok0 + fn * 8 + g, a.n_rows - 1) * a.n_in + 4 * tig;
+        xr[fn] = a.xq + (size_t)min(tok0 + fn * 8 + g, a.n_rows - 1) * a.n_in + (Q4 ? 8 : 4) * tig;
 #pragma unroll
         for (int h = 0; h < 2; h++)
             dr[fn][h] = a.xd + (size_t)min(tok0 + fn * 8 + 2 * tig + h, a.n_rows - 1) * nb;
@@ -342,7 +348,7 @@ __global__ void __launch_bounds__(TC_THREADS) k_matvec_tc(const mm_args a)
                         leaf[fm][fn][k] = 0.0f;
             const int v = 32 * s + tc_bitrev5(4 * e + i);
             for (int c0 = v; c0 < n_chunks; c0 += P * TC_UNROLL) {
-                unsigned wq[TC_UNROLL][FM][2], xq[TC_UNROLL][FN][2];
+                uint2 wq[TC_UNROLL][FM][2], xq[TC_UNROLL][FN];
                 float dw[TC_UNROLL][FM][2], xd[TC_UNROLL][FN][2];
 #pragma unroll
                 for (int u = 0; u < TC_UNROLL; u++) {
@@ -353,14 +359,19 @@ __global__ void __launch_bounds__(TC_THREADS) k_matvec_tc(const mm_args a)
                         for (int fm = 0; fm < FM; fm++)
 #pragma unroll
                             for (int h = 0; h < 2; h++) {
-                                wq[u][fm][h] = __ldcs((const unsigned *)(wr[fm][h] + 16 * c));
+                                if (Q4)
+                                    wq[u][fm][h] = __ldcs((const uint2 *)(wr[fm][h] + 16 * c));
+                                else
+                                    wq[u][fm][h].x = __ldcs((const unsigned *)(wr[fm][h] + 16 * c));
                                 dw[u][fm][h] = gpu_fp16_to_f32(sr[fm][h][b]);
                             }
 #pragma unroll
                         for (int fn = 0; fn < FN; fn++) {
                             const int8_t *x = xr[fn] + (Q4 ? 32 : 16) * c;
-                            xq[u][fn][0] = *(const unsigned *)x;
-                            xq[u][fn][1] = Q4 ? *(const unsigned *)(x + 16) : 0u;
+                            if (Q4)
+                                xq[u][fn] = *(const uint2 *)x;
+                            else
+                                xq[u][fn].x = *(const unsigned *)x;
 #pragma unroll
                             for (int h = 0; h < 2; h++)
                                 xd[u][fn][h] = dr[fn][h][b];
@@ -374,18 +385,18 @@ __global__ void __launch_bounds__(TC_THREADS) k_matvec_tc(const mm_args a)
                     for (int fm = 0; fm < FM; fm++) {
                         unsigned af[4];
                         if (Q4) {
-                            af[0] = gpu_nib_s8(wq[u][fm][0] & 0x0f0f0f0fu);
-                            af[1] = gpu_nib_s8(wq[u][fm][1] & 0x0f0f0f0fu);
-                            af[2] = gpu_nib_s8((wq[u][fm][0] >> 4) & 0x0f0f0f0fu);
-                            af[3] = gpu_nib_s8((wq[u][fm][1] >> 4) & 0x0f0f0f0fu);
+                            af[0] = gpu_nib_s8((wq[u][fm][0].x >> nsh) & 0x0f0f0f0fu);
+                            af[1] = gpu_nib_s8((wq[u][fm][1].x >> nsh) & 0x0f0f0f0fu);
+                            af[2] = gpu_nib_s8((wq[u][fm][0].y >> nsh) & 0x0f0f0f0fu);
+                            af[3] = gpu_nib_s8((wq[u][fm][1].y >> nsh) & 0x0f0f0f0fu);
                         }
 #pragma unroll
                         for (int fn = 0; fn < FN; fn++) {
                             int d[4];
                             if (Q4)
-                                gpu_mma_k32(d, af, xq[u][fn][0], xq[u][fn][1]);
+                                gpu_mma_k32(d, af, xq[u][fn].x, xq[u][fn].y);
                             else
-                                gpu_mma_k16(d, wq[u][fm][0], wq[u][fm][1], xq[u][fn][0]);
+                                gpu_mma_k16(d, wq[u][fm][0].x, wq[u][fm][1].x, xq[u][fn].x);
 #pragma unroll
                             for (int k = 0; k < 4; k++)
                                 leaf[fm][fn][k] += gpu_mma_float(d[k]) *
@@ -540,51 +551,38 @@ template <int WT, int SPR> static void mm_launch_nr(const mm_args &a, cudaStream
         mm_launch_rw<WT, SPR, 16>(a, rw, st);
 }
 
-#if !FORGE_GPU_HIP
-/* k_matvec_tc at gpu_matvec.cu's choice of SPR */
-template <int WT> static int tc_launch_spr(const mm_args &a, cudaStream_t st, forge_err *err)
+/* One launch at SPR segments per row: k_matvec_tc when tc (Q8_0/Q4_0 only), else k_matvec_multi */
+template <int WT, int SPR> static void mm_launch_spr(const mm_args &a, bool tc, cudaStream_t st)
 {
-    int rc = FORGE_OK;
-    switch (gpu_matvec_spr(a.n_out, (int)(a.row_bytes / 16))) {
-    case 1:
-        tc_launch<WT, 1>(a, st);
-        break;
-    case 2:
-        tc_launch<WT, 2>(a, st);
-        break;
-    case 4:
-        tc_launch<WT, 4>(a, st);
-        break;
-    default:
-        tc_launch<WT, 8>(a, st);
-        break;
+#if !FORGE_GPU_HIP
+    constexpr int QT = WT == GGML_TYPE_Q8_0 ? GGML_TYPE_Q8_0 : GGML_TYPE_Q4_0;
+    if (tc && mm_is_quant(WT)) {
+        tc_launch<QT, SPR>(a, st);
+        return;
     }
-    GPU_LAUNCH_CHECK("k_matvec_tc", st);
-    return FORGE_OK;
-fail:
-    return rc;
-}
 #endif
+    mm_launch_nr<WT, SPR>(a, st);
+}
 
 /* gpu_matvec.cu's choice of SPR (gpu_invariant.cuh) */
-template <int WT> static int mm_launch(const mm_args &a, cudaStream_t st, forge_err *err)
+template <int WT> static int mm_launch(const mm_args &a, bool tc, cudaStream_t st, forge_err *err)
 {
     int rc = FORGE_OK;
     switch (gpu_matvec_spr(a.n_out, (int)(a.row_bytes / 16))) {
     case 1:
-        mm_launch_nr<WT, 1>(a, st);
+        mm_launch_spr<WT, 1>(a, tc, st);
         break;
     case 2:
-        mm_launch_nr<WT, 2>(a, st);
+        mm_launch_spr<WT, 2>(a, tc, st);
         break;
     case 4:
-        mm_launch_nr<WT, 4>(a, st);
+        mm_launch_spr<WT, 4>(a, tc, st);
         break;
     default:
-        mm_launch_nr<WT, 8>(a, st);
+        mm_launch_spr<WT, 8>(a, tc, st);
         break;
     }
-    GPU_LAUNCH_CHECK("k_matvec_multi", st);
+    GPU_LAUNCH_CHECK(tc ? "k_matvec_tc" : "k_matvec_multi", st);
     return FORGE_OK;
 fail:
     return rc;
@@ -629,20 +627,20 @@ GPU_API int gpu_matvec_multi(int wtype, const void *d_w, int64_t n_out, int64_t 
     a.n_rows = (int)n_rows;
     a.row_bytes = mm_row_bytes(wtype, n_in);
 #if !FORGE_GPU_HIP
-    if (tc_use(a, wtype))
-        return wtype == GGML_TYPE_Q8_0 ? tc_launch_spr<GGML_TYPE_Q8_0>(a, st, err)
-                                       : tc_launch_spr<GGML_TYPE_Q4_0>(a, st, err);
+    const bool tc = tc_use(a, wtype);
+#else
+    const bool tc = false;
 #endif
     switch (wtype) {
     case GGML_TYPE_Q8_0:
-        return mm_launch<GGML_TYPE_Q8_0>(a, st, err);
+        return mm_launch<GGML_TYPE_Q8_0>(a, tc, st, err);
     case GGML_TYPE_Q4_0:
-        return mm_launch<GGML_TYPE_Q4_0>(a, st, err);
+        return mm_launch<GGML_TYPE_Q4_0>(a, tc, st, err);
     case GGML_TYPE_F32:
-        return mm_launch<GGML_TYPE_F32>(a, st, err);
+        return mm_launch<GGML_TYPE_F32>(a, tc, st, err);
     case GGML_TYPE_F16:
-        return mm_launch<GGML_TYPE_F16>(a, st, err);
+        return mm_launch<GGML_TYPE_F16>(a, tc, st, err);
     default:
-        return mm_launch<GGML_TYPE_BF16>(a, st, err);
+        return mm_launch<GGML_TYPE_BF16>(a, tc, st, err);
     }
 }

@@ -172,13 +172,6 @@ struct forge_server {
     double t_scan; /* engine thread: when watch_scan last ran */
 };
 
-static double now_s(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (double)ts.tv_sec + ts.tv_nsec * 1e-9;
-}
-
 static void hist_add(histogram *h, double v)
 {
     int i = 0;
@@ -403,7 +396,7 @@ static void hold_stream(struct forge_server *s, job *j)
         int cap = s->cap_held ? 2 * s->cap_held : 64;
         job **p = realloc(s->held, (size_t)cap * sizeof *p);
         if (!p) {
-            job_resume(j, now_s());
+            job_resume(j, forge_now_s());
             return;
         }
         s->held = p;
@@ -440,7 +433,7 @@ static void on_event(const forge_event *ev, void *user)
     job *j = c->job;
     struct forge_server *srv = j->srv;
     const forge_tok *tok = srv->tok;
-    double t = now_s();
+    double t = forge_now_s();
     bool last = ev->finish != FORGE_FINISH_NONE;
 
     pthread_mutex_lock(&j->mu);
@@ -605,7 +598,7 @@ static void watch_scan(struct forge_server *s, double t)
 static void on_step_end(void *user)
 {
     struct forge_server *s = user;
-    double t = now_s();
+    double t = forge_now_s();
     watch_scan(s, t);
     int keep = 0;
     for (int i = 0; i < s->n_held; i++) {
@@ -1256,7 +1249,7 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *conn, const 
     conn_ctx *cc = *con_cls;
     if (!cc) {
         if (!(cc = calloc(1, sizeof *cc))) return MHD_NO;
-        cc->t0 = now_s();
+        cc->t0 = forge_now_s();
         snprintf(cc->method, sizeof cc->method, "%s", method);
         snprintf(cc->path, sizeof cc->path, "%s", url);
         *con_cls = cc;
@@ -1320,7 +1313,7 @@ static void on_completed(void *cls, struct MHD_Connection *conn, void **con_cls,
     }
     int status = cc->status ? cc->status : 499;
     if (gone || toe != MHD_REQUEST_TERMINATED_COMPLETED_OK) status = status == 200 ? 499 : status;
-    double ms = (now_s() - cc->t0) * 1e3;
+    double ms = (forge_now_s() - cc->t0) * 1e3;
     char ts[32];
     time_t t = time(NULL);
     struct tm tmv;
@@ -1444,16 +1437,16 @@ int forge_server_run(forge_server *s, const volatile sig_atomic_t *stop, forge_e
     fflush(s->log);
     MHD_socket ls = MHD_quiesce_daemon(s->d); /* stop accepting; open connections go on */
     if (ls != MHD_INVALID_SOCKET) close(ls);
-    double deadline = now_s() + s->p.shutdown_timeout_s;
-    while (atomic_load(&s->active) > 0 && now_s() < deadline)
+    double deadline = forge_now_s() + s->p.shutdown_timeout_s;
+    while (atomic_load(&s->active) > 0 && forge_now_s() < deadline)
         usleep(20 * 1000);
     /* cancel what is left: every request gets its last event, its client its last bytes */
     forge_engine_stop(s->engine);
-    deadline = now_s() + 2;
+    deadline = forge_now_s() + 2;
     for (;;) {
         const union MHD_DaemonInfo *di =
             MHD_get_daemon_info(s->d, MHD_DAEMON_INFO_CURRENT_CONNECTIONS);
-        if (!di || di->num_connections == 0 || now_s() > deadline) break;
+        if (!di || di->num_connections == 0 || forge_now_s() > deadline) break;
         usleep(20 * 1000);
     }
     MHD_stop_daemon(s->d);

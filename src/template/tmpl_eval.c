@@ -7,6 +7,7 @@
 #include <string.h>
 #include <time.h>
 
+#include "core/util.h"
 #include "template/tmpl.h"
 
 struct tscope {
@@ -30,19 +31,12 @@ void tmpl_rt_error(tmpl_render *r, const char *type, const char *fmt, ...)
 /* a step is at most ~100 ns of work: the clock is read about every 0.1-0.5 ms */
 #define CLOCK_EVERY_STEPS 4096
 
-static int64_t now_ns(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec;
-}
-
 static void budget_check(tmpl_render *r)
 {
     if (r->steps > r->max_steps)
         tmpl_raise(r->fail, FORGE_E_RANGE, r->line, "LimitError",
                    "template evaluation exceeded %llu steps", (unsigned long long)r->max_steps);
-    if (r->deadline_ns && now_ns() > r->deadline_ns)
+    if (r->deadline_ns && forge_now_ns() > r->deadline_ns)
         tmpl_raise(r->fail, FORGE_E_RANGE, r->line, "LimitError",
                    "template render exceeded its time budget of %u ms%s%s%s", r->budget_ms,
                    r->name ? " (" : "", r->name ? r->name : "", r->name ? ")" : "");
@@ -61,7 +55,7 @@ static _Thread_local tmpl_render *metered; /* the render running on this thread,
 
 void tmpl_meter_begin(tmpl_render *r)
 {
-    if (r->budget_ms) r->deadline_ns = now_ns() + (int64_t)r->budget_ms * 1000000;
+    if (r->budget_ms) r->deadline_ns = forge_now_ns() + (int64_t)r->budget_ms * 1000000;
     r->next_check = 0;
     metered = r;
     budget_check(r);

@@ -43,17 +43,10 @@ typedef struct bar_state {
 
 static bar_state g_bar;
 
-static double now_s(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
-}
-
 static void bar(const char *name, uint64_t done, uint64_t total, void *user)
 {
     bar_state *b = user;
-    double t = now_s();
+    double t = cli_now();
     int pct = total ? (int)(100.0 * (double)done / (double)total) : -1;
     bool end = total && done >= total;
     if (!end && t - b->last < 0.1 && pct == b->last_pct) return;
