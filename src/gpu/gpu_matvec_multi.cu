@@ -263,8 +263,8 @@ __global__ void __launch_bounds__(MM_THREADS) k_matvec_multi(const mm_args a)
 }
 
 /* ---- the same products on the int8 tensor cores (Q8_0, Q4_0; NVIDIA) ------------------------ */
-/* k_matvec_tc<WT, SPR, FM, FN>: a block of TC_WARPS warps computes 16 FM weight rows x 8 FN
- * activation rows with mma.sync (gpu_mma.cuh; A = weight rows, B = activation rows, one chunk =
+/* k_matvec_tc<WT, SPR, FM, FN, U>: a block of TC_WARPS warps computes 16 FM weight rows x 8 FN
+ * activation rows (a lane loads U chunks of a leaf before it multiplies them) with mma.sync (gpu_mma.cuh; A = weight rows, B = activation rows, one chunk =
  * one mma: Q4_0 m16n8k32 over a 32-element block, Q8_0 m16n8k16 over a half block). The integer
  * chunk sums are the dp4a kernel's exactly (Q4_0: sum (nibble - 8) q = sum nibble q - 8 sum q);
  * each is scaled and added as there (acc += (float)s * (dw * xd)), and the float sums follow
@@ -279,14 +279,13 @@ __global__ void __launch_bounds__(MM_THREADS) k_matvec_multi(const mm_args a)
 #if !FORGE_GPU_HIP
 #define TC_WARPS 8
 #define TC_THREADS (TC_WARPS * 32)
-#define TC_UNROLL 2
 
 GPU_DEVT int tc_bitrev5(int p)
 {
     return (int)(__brev((unsigned)p) >> 27);
 }
 
-template <int WT, int SPR, int FM, int FN>
+template <int WT, int SPR, int FM, int FN, int U>
 __global__ void __launch_bounds__(TC_THREADS) k_matvec_tc(const mm_args a)
 {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
@@ -347,11 +346,11 @@ __global__ void __launch_bounds__(TC_THREADS) k_matvec_tc(const mm_args a)
                     for (int k = 0; k < 4; k++)
                         leaf[fm][fn][k] = 0.0f;
             const int v = 32 * s + tc_bitrev5(4 * e + i);
-            for (int c0 = v; c0 < n_chunks; c0 += P * TC_UNROLL) {
-                uint2 wq[TC_UNROLL][FM][2], xq[TC_UNROLL][FN];
-                float dw[TC_UNROLL][FM][2], xd[TC_UNROLL][FN][2];
+            for (int c0 = v; c0 < n_chunks; c0 += P * U) {
+                uint2 wq[U][FM][2], xq[U][FN];
+                float dw[U][FM][2], xd[U][FN][2];
 #pragma unroll
-                for (int u = 0; u < TC_UNROLL; u++) {
+                for (int u = 0; u < U; u++) {
                     const int c = c0 + u * P;
                     if (c < n_chunks) {
                         const int b = Q4 ? c : c >> 1;
@@ -379,7 +378,7 @@ __global__ void __launch_bounds__(TC_THREADS) k_matvec_tc(const mm_args a)
                     }
                 }
 #pragma unroll
-                for (int u = 0; u < TC_UNROLL; u++) {
+                for (int u = 0; u < U; u++) {
                     if (c0 + u * P >= n_chunks) break;
 #pragma unroll
                     for (int fm = 0; fm < FM; fm++) {
@@ -459,13 +458,19 @@ __global__ void __launch_bounds__(TC_THREADS) k_matvec_tc(const mm_args a)
 #define TC_MIN_ROWS_DEFAULT 9
 static int tc_min_rows = -1;
 
+/* 9..16 rows: 4 chunks of a leaf loaded at once where every leaf has 4 and the block has 16
+ * rows (h100, sixteenth session: llama2-7b 16 streams 2083 -> 2152 tok/s; with 32 rows a block
+ * the registers cost more than the loads gain: 16 rows of 14336 x 4096 45 -> 55 us), else 2. */
 template <int WT, int SPR, int FM> static void tc_launch_fm(const mm_args &a, cudaStream_t st)
 {
     const unsigned gy = (unsigned)((a.n_out + 16 * FM - 1) / (16 * FM));
+    const dim3 grid8((unsigned)((a.n_rows + 7) / 8), gy), grid16((unsigned)((a.n_rows + 15) / 16), gy);
     if (a.n_rows <= 8)
-        k_matvec_tc<WT, SPR, FM, 1><<<dim3((unsigned)((a.n_rows + 7) / 8), gy), TC_THREADS, 0, st>>>(a);
+        k_matvec_tc<WT, SPR, FM, 1, 2><<<grid8, TC_THREADS, 0, st>>>(a);
+    else if (FM == 1 && a.row_bytes / 16 >= 4 * 32 * SPR)
+        k_matvec_tc<WT, SPR, FM, 2, FM == 1 ? 4 : 2><<<grid16, TC_THREADS, 0, st>>>(a);
     else
-        k_matvec_tc<WT, SPR, FM, 2><<<dim3((unsigned)((a.n_rows + 15) / 16), gy), TC_THREADS, 0, st>>>(a);
+        k_matvec_tc<WT, SPR, FM, 2, 2><<<grid16, TC_THREADS, 0, st>>>(a);
 }
 
 /* 32 weight rows per block where that still gives two blocks per multiprocessor (the activation
