@@ -390,21 +390,28 @@ static void job_resume(job *j, double t)
 
 /* Under j->mu, engine thread: keep j (a reference) until on_step_end resumes it. If the list
  * cannot grow, the stream is resumed now instead. */
+/* Append j to a growing list (capacity doubled from 64); false without memory (list unchanged). */
+static bool jobs_push(job ***list, int *n, int *cap, job *j)
+{
+    if (*n == *cap) {
+        int c = *cap ? 2 * *cap : 64;
+        job **p = realloc(*list, (size_t)c * sizeof *p);
+        if (!p) return false;
+        *list = p;
+        *cap = c;
+    }
+    (*list)[(*n)++] = j;
+    return true;
+}
+
 static void hold_stream(struct forge_server *s, job *j)
 {
-    if (s->n_held == s->cap_held) {
-        int cap = s->cap_held ? 2 * s->cap_held : 64;
-        job **p = realloc(s->held, (size_t)cap * sizeof *p);
-        if (!p) {
-            job_resume(j, forge_now_s());
-            return;
-        }
-        s->held = p;
-        s->cap_held = cap;
+    if (!jobs_push(&s->held, &s->n_held, &s->cap_held, j)) {
+        job_resume(j, forge_now_s());
+        return;
     }
     j->held = true;
     j->refs++;
-    s->held[s->n_held++] = j;
 }
 
 /* How often (seconds, at most) on_step_end looks whether the clients of non-streaming requests
@@ -522,20 +529,11 @@ static void on_event(const forge_event *ev, void *user)
 static void watch_add(struct forge_server *s, job *j)
 {
     pthread_mutex_lock(&s->wmu);
-    if (s->n_watch == s->cap_watch) {
-        int cap = s->cap_watch ? 2 * s->cap_watch : 64;
-        job **p = realloc(s->watch, (size_t)cap * sizeof *p);
-        if (!p) {
-            pthread_mutex_unlock(&s->wmu);
-            return;
-        }
-        s->watch = p;
-        s->cap_watch = cap;
+    if (jobs_push(&s->watch, &s->n_watch, &s->cap_watch, j)) {
+        pthread_mutex_lock(&j->mu);
+        j->refs++;
+        pthread_mutex_unlock(&j->mu);
     }
-    pthread_mutex_lock(&j->mu);
-    j->refs++;
-    pthread_mutex_unlock(&j->mu);
-    s->watch[s->n_watch++] = j;
     pthread_mutex_unlock(&s->wmu);
 }
 
