@@ -1,6 +1,7 @@
 /* gpu_attn.cu - attention for one query token over an F32/F16 KV cache (flash decoding).
  *
- * The positions are cut into splits (about 4 blocks per multiprocessor in all); one block handles
+ * The positions are cut into splits (about 4 blocks per multiprocessor in all, each split's length
+ * computed on the device from the query's position: att_splits); one block handles
  * one (split, kv head) pair and every query head of that kv head's GQA group, so each K/V element
  * is read from memory once. Inside a block every 32-lane segment walks its own positions (two at
  * a time, the next two already loading) straight from memory: lane l holds dims
@@ -17,7 +18,9 @@
  * An F16 cache follows the CPU backend's (ggml's) rounding instead: the query is rounded to fp16
  * before the K dot products, and the normalised probabilities p = exp(s - M) / S, with M and S
  * the maximum and sum over ALL positions of the head, are rounded to fp16 before the V sum. That
- * needs M and S before any V row is weighted, so this path is three kernels:
+ * needs M and S before any V row is weighted, so this path is three kernels (their segments walk
+ * several consecutive positions a step and share out the dot products by a reduce-scatter, so
+ * each lane scores one position: ATT_NV):
  *   k_attn_scores  per (split, kv head): scores s = (k . fp16(q)) * scale to scratch, and the
  *                  split's max m and sum l = sum e^(s - m);
  *   k_attn_pv      per (split, kv head): M and S of each head from every split's (m, l) (the same
@@ -40,6 +43,17 @@
 #define ATT_MAX_GROUP 16
 #define ATT_MAX_GD 64 /* group * dims-per-lane: registers for o */
 #define ATT_MAX_SPLITS 256
+/* F16 path: a segment takes ATT_NV(DPL, GMAX) / GMAX consecutive positions a step, so that its
+ * (position, head) dot products are ATT_NV values a lane, summed over the segment by one
+ * reduce-scatter (gpu_seg_sum_scatter: 16 shuffles for 16 sums instead of 5 each), after which
+ * each lane owns one (position, head) and computes its softmax terms once, not all 32 lanes.
+ * (h100, llama2-7b Q4_0 at depth 4096: with a gpu_seg_sum per position and every lane computing
+ * every exponential, the kernels issued 84 instructions a position.) 16 values, 8 where a
+ * lane's slice of a row is 16 bytes (head_dim 256: the registers) and the group allows. */
+#define ATT_NV(DPL, GMAX) ((DPL) >= 8 && (GMAX) <= 8 ? 8 : 16)
+/* blocks per multiprocessor the F16 kernels are built for: the grid's ~4 a multiprocessor fit
+ * in one wave, unless the GQA group's output accumulators need more registers */
+#define ATT_MINB(DPL, GMAX) ((DPL) * (GMAX) >= 32 ? 2 : 4)
 
 struct att_args {
     const float *q;
@@ -47,7 +61,8 @@ struct att_args {
     int64_t pos_stride, head_stride;
     int n_head, n_kv_head, head_dim, group;
     const int32_t *pos;
-    int max_kv, split_len, n_split_max;
+    int max_kv, n_split_max;
+    int min_tiles; /* the least ATT_T-position tiles a split takes (min_split_tiles) */
     float scale;
     float softcap, inv_cap; /* scores s -> softcap tanh(s * inv_cap) when softcap > 0 */
     int window;             /* > 0: a query at position p sees p - window + 1 .. p only */
@@ -87,6 +102,27 @@ GPU_DEV int att_n_kv(const att_args &a)
 GPU_DEV int att_lo(const att_args &a, int n_kv)
 {
     return a.window > 0 && n_kv > a.window ? n_kv - a.window : 0;
+}
+
+/* How query a's positions are cut: lo .. n_kv - 1 (the window's, or all) in n_split splits of
+ * split_len positions (a multiple of ATT_T, at least min_tiles tiles), the fewest splits of
+ * at most n_split_max that cover them. Computed on the device from the query's position, so
+ * every block of the grid (n_split_max splits, sized by max_kv) gets an equal share however deep
+ * the cache is, and a captured graph stays valid as it grows; blocks past n_split leave. */
+struct att_range {
+    int n_kv, lo, split_len, n_split;
+};
+GPU_DEV att_range att_splits(const att_args &a)
+{
+    att_range r;
+    r.n_kv = att_n_kv(a);
+    r.lo = att_lo(a, r.n_kv);
+    const int tiles = (r.n_kv - r.lo + ATT_T - 1) / ATT_T;
+    int tps = (tiles + a.n_split_max - 1) / a.n_split_max;
+    if (tps < a.min_tiles) tps = a.min_tiles;
+    r.split_len = tps * ATT_T;
+    r.n_split = (tiles + tps - 1) / tps;
+    return r;
 }
 
 /* Score soft-capping as the CPU (ggml) does it: scale by 1/cap, tanh, scale by cap. */
@@ -167,10 +203,10 @@ __global__ void __launch_bounds__(ATT_THREADS, 2) k_attn_split(const att_args a0
     float *blk_m = seg_l + ATT_SEGS * ATT_MAX_GROUP; /* [ATT_MAX_GROUP] */
     float *blk_l = blk_m + ATT_MAX_GROUP;            /* [ATT_MAX_GROUP] */
     const int split = blockIdx.x, kvh = blockIdx.y;
-    const int n_kv = att_n_kv(a);
-    const int start = split * a.split_len;
-    if (start >= n_kv) return; /* the whole block: no barrier passed yet */
-    const int end = min(start + a.split_len, n_kv);
+    const att_range rg = att_splits(a);
+    if (split >= rg.n_split) return; /* the whole block: no barrier passed yet */
+    const int start = rg.lo + split * rg.split_len;
+    const int end = min(start + rg.split_len, rg.n_kv);
     const int seg = threadIdx.x / GPU_SEG, lane = threadIdx.x % GPU_SEG;
 
     for (int i = threadIdx.x; i < g * hd; i += ATT_THREADS) {
@@ -190,9 +226,8 @@ __global__ void __launch_bounds__(ATT_THREADS, 2) k_attn_split(const att_args a0
     }
 
     const int64_t head_off = (int64_t)kvh * a.head_stride;
-    /* positions t and t + ATT_SEGS per step; the next step's rows load while this one computes.
-     * A split wholly before the window walks nothing (m = -inf, l = 0, o = 0). */
-    int t = max(start, att_lo(a, n_kv)) + seg;
+    /* positions t and t + ATT_SEGS per step; the next step's rows load while this one computes */
+    int t = start + seg;
     att_slice<KV_F16, DPL> ka, kb, va, vb, nka, nkb, nva, nvb;
     att_load<KV_F16, DPL, VEC>(ka, a.k, t * a.pos_stride + head_off, lane, hd, t < end);
     att_load<KV_F16, DPL, VEC>(kb, a.k, (t + ATT_SEGS) * a.pos_stride + head_off, lane, hd,
@@ -318,8 +353,7 @@ __global__ void __launch_bounds__(ATT_MAX_SPLITS) k_attn_merge(const att_args a0
     __shared__ float part[ATT_MAX_SPLITS];
     __shared__ float red[32];
     const int hq = blockIdx.x, hd = a.head_dim, tid = threadIdx.x;
-    const int n_kv = att_n_kv(a);
-    const int n_split = (n_kv + a.split_len - 1) / a.split_len;
+    const int n_split = att_splits(a).n_split;
     const float *pm = a.part_m + (int64_t)hq * a.n_split_max;
     const float *pl = a.part_l + (int64_t)hq * a.n_split_max;
     float m = tid < n_split ? pm[tid] : -INFINITY;
@@ -349,10 +383,10 @@ __global__ void __launch_bounds__(ATT_MAX_SPLITS) k_attn_merge(const att_args a0
 
 /* ---- the F16-cache path with the CPU's rounding ------------------------------------------ */
 /* Scores of one split for the GQA group of kv head blockIdx.y: s = (k . fp16(q)) * scale into
- * a.scores, and the split's (m, l) into part_m / part_l. The walk is k_attn_split's (two
- * positions per segment and step, the next two loading). */
+ * a.scores, and the split's (m, l) into part_m / part_l. Segment seg takes rows
+ * start + (k ATT_SEGS + seg) R .. + R - 1 at step k (R = ATT_NV / GMAX). */
 template <int DPL, int VEC, int GMAX>
-__global__ void __launch_bounds__(ATT_THREADS, 2) k_attn_scores(const att_args a0)
+__global__ void __launch_bounds__(ATT_THREADS, ATT_MINB(DPL, GMAX)) k_attn_scores(const att_args a0)
 {
     gpu_pdl_trigger();
     const att_args a = att_query(a0);
@@ -362,68 +396,71 @@ __global__ void __launch_bounds__(ATT_THREADS, 2) k_attn_scores(const att_args a
     float *seg_m = qs + g * hd; /* [ATT_SEGS][ATT_MAX_GROUP] */
     float *seg_l = seg_m + ATT_SEGS * ATT_MAX_GROUP;
     const int split = blockIdx.x, kvh = blockIdx.y;
-    const int n_kv = att_n_kv(a);
-    const int start = split * a.split_len;
-    if (start >= n_kv) return; /* the whole block: no barrier passed yet */
-    const int end = min(start + a.split_len, n_kv);
+    const att_range rg = att_splits(a);
+    if (split >= rg.n_split) return; /* the whole block: no barrier passed yet */
+    const int start = rg.lo + split * rg.split_len;
+    const int end = min(start + rg.split_len, rg.n_kv);
     const int seg = threadIdx.x / GPU_SEG, lane = threadIdx.x % GPU_SEG;
 
     for (int i = threadIdx.x; i < g * hd; i += ATT_THREADS)
         qs[i] = gpu_fp16_to_f32(gpu_f32_to_fp16(a.q[(int64_t)(kvh * g) * hd + i]));
     __syncthreads();
 
-    float m[GMAX], l[GMAX];
-#pragma unroll
-    for (int h = 0; h < GMAX; h++) {
-        m[h] = -INFINITY;
-        l[h] = 0.0f;
-    }
+    /* a step: rows t0 .. t0 + R - 1; value r GMAX + h of a lane = its part of row r's dot
+     * product with head h; after the reduce-scatter the lane owns (my_r, my_h) and keeps the online
+     * max m and sum l of head my_h over its rows */
+    constexpr int NV = ATT_NV(DPL, GMAX), R = NV / GMAX, LPV = GPU_SEG / NV;
+    const int my_r = lane / LPV / GMAX, my_h = lane / LPV % GMAX;
+    float m = -INFINITY, l = 0.0f;
+    float *sc = a.scores + (int64_t)(kvh * g + (my_h < g ? my_h : 0)) * a.max_kv;
     const int64_t head_off = (int64_t)kvh * a.head_stride;
-    int t = max(start, att_lo(a, n_kv)) + seg; /* positions before the window: never scored */
-    att_slice<1, DPL> ka, kb, nka, nkb;
-    att_load<1, DPL, VEC>(ka, a.k, (int64_t)t * a.pos_stride + head_off, lane, hd, t < end);
-    att_load<1, DPL, VEC>(kb, a.k, (int64_t)(t + ATT_SEGS) * a.pos_stride + head_off, lane, hd,
-                          t + ATT_SEGS < end);
-    for (; t < end; t += 2 * ATT_SEGS) {
-        const int tn = t + 2 * ATT_SEGS;
-        att_load<1, DPL, VEC>(nka, a.k, (int64_t)tn * a.pos_stride + head_off, lane, hd, tn < end);
-        att_load<1, DPL, VEC>(nkb, a.k, (int64_t)(tn + ATT_SEGS) * a.pos_stride + head_off, lane,
-                              hd, tn + ATT_SEGS < end);
-        const bool b_valid = t + ATT_SEGS < end; /* the same for the whole segment */
+    for (int t0 = start + seg * R; t0 < end; t0 += ATT_SEGS * R) {
+        att_slice<1, DPL> kr[R];
+#pragma unroll
+        for (int r = 0; r < R; r++)
+            att_load<1, DPL, VEC>(kr[r], a.k, (int64_t)(t0 + r) * a.pos_stride + head_off, lane,
+                                  hd, t0 + r < end);
+        float v[NV];
+#pragma unroll
+        for (int i = 0; i < NV; i++)
+            v[i] = 0.0f;
 #pragma unroll
         for (int h = 0; h < GMAX; h++) {
             if (h < g) {
-                float sa = 0.0f, sb = 0.0f;
 #pragma unroll
                 for (int j = 0; j < DPL; j++) {
-                    int d = lane * DPL + j;
-                    float qv = d < hd ? qs[h * hd + d] : 0.0f;
-                    sa += qv * att_elem<1, DPL>(ka, j);
-                    sb += qv * att_elem<1, DPL>(kb, j);
+                    const int d = lane * DPL + j;
+                    const float qv = d < hd ? qs[h * hd + d] : 0.0f;
+#pragma unroll
+                    for (int r = 0; r < R; r++)
+                        v[r * GMAX + h] += qv * att_elem<1, DPL>(kr[r], j);
                 }
-                sa = att_cap(a, gpu_seg_sum(sa) * a.scale);
-                sb = att_cap(a, gpu_seg_sum(sb) * a.scale);
-                float *sc = a.scores + (int64_t)(kvh * g + h) * a.max_kv;
-                if (lane == 0) {
-                    sc[t] = sa;
-                    if (b_valid) sc[t + ATT_SEGS] = sb;
-                }
-                if (!b_valid) sb = -INFINITY;
-                float m_new = fmaxf(m[h], fmaxf(sa, sb));
-                l[h] = l[h] * expf(m[h] - m_new) + expf(sa - m_new) + expf(sb - m_new);
-                m[h] = m_new;
             }
         }
-        ka = nka;
-        kb = nkb;
+        float sv = gpu_seg_sum_scatter<NV>(v, lane);
+        const int p = t0 + my_r;
+        if (my_h < g && p < end) {
+            sv = att_cap(a, sv * a.scale);
+            if (lane % LPV == 0) sc[p] = sv;
+            const float mn = fmaxf(m, sv);
+            l = l * expf(m - mn) + expf(sv - mn);
+            m = mn;
+        }
     }
-    if (lane == 0) {
+    /* the segment's (m, l) of each head: combine the lanes of that head's other rows (lane bits
+     * from LPV GMAX up; the LPV lanes of a value hold the same) */
 #pragma unroll
-        for (int h = 0; h < GMAX; h++)
-            if (h < g) {
-                seg_m[seg * ATT_MAX_GROUP + h] = m[h];
-                seg_l[seg * ATT_MAX_GROUP + h] = l[h];
-            }
+    for (int mask = LPV * GMAX; mask < GPU_SEG; mask *= 2) {
+        {
+            const float mo = gpu_shfl_xor(m, mask, GPU_SEG), lo = gpu_shfl_xor(l, mask, GPU_SEG);
+            const float mn = fmaxf(m, mo);
+            l = mn == -INFINITY ? 0.0f : l * expf(m - mn) + lo * expf(mo - mn);
+            m = mn;
+        }
+    }
+    if (lane % LPV == 0 && my_r == 0 && my_h < g) {
+        seg_m[seg * ATT_MAX_GROUP + my_h] = m;
+        seg_l[seg * ATT_MAX_GROUP + my_h] = l;
     }
     __syncthreads();
     if ((int)threadIdx.x < g) {
@@ -447,7 +484,7 @@ GPU_DEV float att_round_fp16(float x)
 
 /* sum p * v over one split with p = fp16(e^(s - M) * (1/S)); M, S from all splits' (m, l). */
 template <int DPL, int VEC, int GMAX>
-__global__ void __launch_bounds__(ATT_THREADS, 2) k_attn_pv(const att_args a0)
+__global__ void __launch_bounds__(ATT_THREADS, ATT_MINB(DPL, GMAX)) k_attn_pv(const att_args a0)
 {
     gpu_pdl_trigger();
     const att_args a = att_query(a0);
@@ -457,11 +494,11 @@ __global__ void __launch_bounds__(ATT_THREADS, 2) k_attn_pv(const att_args a0)
     float *head_m = oacc + g * hd;    /* [ATT_MAX_GROUP] */
     float *head_inv = head_m + ATT_MAX_GROUP;
     const int split = blockIdx.x, kvh = blockIdx.y;
-    const int n_kv = att_n_kv(a);
-    const int start = split * a.split_len;
-    if (start >= n_kv) return; /* the whole block: no barrier passed yet */
-    const int end = min(start + a.split_len, n_kv);
-    const int n_split = (n_kv + a.split_len - 1) / a.split_len;
+    const att_range rg = att_splits(a);
+    if (split >= rg.n_split) return; /* the whole block: no barrier passed yet */
+    const int start = rg.lo + split * rg.split_len;
+    const int end = min(start + rg.split_len, rg.n_kv);
+    const int n_split = rg.n_split;
     const int seg = threadIdx.x / GPU_SEG, lane = threadIdx.x % GPU_SEG;
 
     /* M and S per head: one segment per head, lanes over the splits (every block of the head
@@ -487,42 +524,38 @@ __global__ void __launch_bounds__(ATT_THREADS, 2) k_attn_pv(const att_args a0)
         oacc[i] = 0.0f;
     __syncthreads();
 
-    float o[GMAX * DPL], hm[GMAX], hinv[GMAX];
-    const float *sc = a.scores + (int64_t)(kvh * g) * a.max_kv; /* [g][max_kv] */
+    /* a step: rows t0 .. t0 + R - 1; the lane owning (row r, head h) as in k_attn_scores
+     * computes its p, and every lane takes it from there */
+    constexpr int NV = ATT_NV(DPL, GMAX), R = NV / GMAX, LPV = GPU_SEG / NV;
+    const int my_r = lane / LPV / GMAX, my_h = lane / LPV % GMAX;
+    const float my_m = my_h < g ? head_m[my_h] : 0.0f, my_inv = my_h < g ? head_inv[my_h] : 0.0f;
+    const float *sc = a.scores + (int64_t)(kvh * g + (my_h < g ? my_h : 0)) * a.max_kv;
+    float o[GMAX * DPL];
 #pragma unroll
-    for (int h = 0; h < GMAX; h++) {
-        hm[h] = h < g ? head_m[h] : 0.0f;
-        hinv[h] = h < g ? head_inv[h] : 0.0f;
-#pragma unroll
-        for (int j = 0; j < DPL; j++)
-            o[h * DPL + j] = 0.0f;
-    }
+    for (int i = 0; i < GMAX * DPL; i++)
+        o[i] = 0.0f;
     const int64_t head_off = (int64_t)kvh * a.head_stride;
-    int t = max(start, att_lo(a, n_kv)) + seg; /* the positions k_attn_scores scored */
-    att_slice<1, DPL> va, vb, nva, nvb;
-    att_load<1, DPL, VEC>(va, a.v, (int64_t)t * a.pos_stride + head_off, lane, hd, t < end);
-    att_load<1, DPL, VEC>(vb, a.v, (int64_t)(t + ATT_SEGS) * a.pos_stride + head_off, lane, hd,
-                          t + ATT_SEGS < end);
-    for (; t < end; t += 2 * ATT_SEGS) {
-        const int tn = t + 2 * ATT_SEGS;
-        att_load<1, DPL, VEC>(nva, a.v, (int64_t)tn * a.pos_stride + head_off, lane, hd, tn < end);
-        att_load<1, DPL, VEC>(nvb, a.v, (int64_t)(tn + ATT_SEGS) * a.pos_stride + head_off, lane,
-                              hd, tn + ATT_SEGS < end);
-        const bool b_valid = t + ATT_SEGS < end;
+    for (int t0 = start + seg * R; t0 < end; t0 += ATT_SEGS * R) { /* k_attn_scores' rows */
+        att_slice<1, DPL> vr[R];
 #pragma unroll
-        for (int h = 0; h < GMAX; h++) {
-            if (h < g) {
-                const float *sch = sc + (int64_t)h * a.max_kv;
-                float pa = att_round_fp16(expf(sch[t] - hm[h]) * hinv[h]);
-                float pb =
-                    b_valid ? att_round_fp16(expf(sch[t + ATT_SEGS] - hm[h]) * hinv[h]) : 0.0f;
+        for (int r = 0; r < R; r++)
+            att_load<1, DPL, VEC>(vr[r], a.v, (int64_t)(t0 + r) * a.pos_stride + head_off, lane,
+                                  hd, t0 + r < end);
+        const int p = t0 + my_r;
+        const float pm =
+            my_h < g && p < end ? att_round_fp16(expf(sc[p] - my_m) * my_inv) : 0.0f;
 #pragma unroll
-                for (int j = 0; j < DPL; j++)
-                    o[h * DPL + j] += pa * att_elem<1, DPL>(va, j) + pb * att_elem<1, DPL>(vb, j);
+        for (int r = 0; r < R; r++) {
+#pragma unroll
+            for (int h = 0; h < GMAX; h++) {
+                if (h < g) {
+                    const float pr = gpu_shfl(pm, (r * GMAX + h) * LPV, GPU_SEG);
+#pragma unroll
+                    for (int j = 0; j < DPL; j++)
+                        o[h * DPL + j] += pr * att_elem<1, DPL>(vr[r], j);
+                }
             }
         }
-        va = nva;
-        vb = nvb;
     }
     for (int s = 0; s < ATT_SEGS; s++) { /* the segments in a fixed order */
         if (seg == s) {
@@ -558,8 +591,7 @@ __global__ void __launch_bounds__(ATT_MAX_SPLITS) k_attn_sum(const att_args a0)
     const att_args a = att_query(a0);
     __shared__ float part[ATT_MAX_SPLITS];
     const int hq = blockIdx.x, hd = a.head_dim, tid = threadIdx.x;
-    const int n_kv = att_n_kv(a);
-    const int n_split = (n_kv + a.split_len - 1) / a.split_len;
+    const int n_split = att_splits(a).n_split;
     const int groups = ATT_MAX_SPLITS / hd; /* >= 1: hd <= 256 */
     const int grp = tid / hd, d = tid % hd;
     float num = 0.0f;
@@ -602,7 +634,8 @@ GPU_API size_t gpu_attn_scratch_bytes(int64_t n_head, int64_t head_dim, int64_t 
 
 /* The least tiles (ATT_T positions) per split: FORGE_GPU_ATTN_MIN_SPLIT positions, rounded up
  * to tiles (default 128 positions: llama2-7b Q4_0 tg128 on an H200 498 tok/s with one tile,
- * 510 with 128, 504 with 256 and 1024; llama3.2-1b 1514 / 1543 / 1563 / 1555), read once. A tuning knob for short caches: a larger value gives
+ * 510 with 128, 504 with 256 and 1024; llama3.2-1b 1514 / 1543 / 1563 / 1555; fixed-length
+ * splits then), read once. A tuning knob for short caches: a larger value gives
  * fewer, longer splits, and a single split (no merge launch at all) once it covers max_kv. */
 static int64_t min_split_tiles(void)
 {
@@ -773,7 +806,7 @@ static int attention_impl(const gpu_attn_args *p, int64_t n_q, int64_t q_stride,
         }
         int64_t tiles_per_split = (tiles + splits - 1) / splits;
         if (tiles_per_split < min_split_tiles()) tiles_per_split = min_split_tiles();
-        a.split_len = (int)(tiles_per_split * ATT_T);
+        a.min_tiles = (int)min_split_tiles();
         a.n_split_max = (int)((tiles + tiles_per_split - 1) / tiles_per_split);
         a.pos = p->d_pos + q0;
         a.q = p->d_q + q0 * q_stride;

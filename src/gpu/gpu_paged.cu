@@ -10,7 +10,8 @@
  * is latency bound: fixed 128-position splits made a one-row step's attention 31 us per layer
  * on llama3.2-1b at ~200 positions, h100, fifteenth session). One block handles one
  * (split, kv head, row): its PA_WARPS warps walk the split's positions round-robin (warp w takes
- * positions start + w, start + w + PA_WARPS, ...), each position's cache row found through the
+ * positions start + w, start + w + PA_WARPS, ...; the fast variant PA_R consecutive positions
+ * a step, k_paged_split_v), each position's cache row found through the
  * block table; every warp keeps its own online softmax (m, l) per query head of the GQA group in
  * registers and its unnormalised output in shared memory. The warps merge in warp order, the
  * block writes (o, m, l) of its split, and k_paged_merge combines the splits of each (row, head)
@@ -178,11 +179,19 @@ template <int F16> __global__ void __launch_bounds__(PA_THREADS) k_paged_split(c
 
 /* The fast variant for head_dim = 32 * DPL with aligned rows and group * DPL <= 64: lane l owns
  * the DPL consecutive dims [l * DPL, l * DPL + DPL) of every K/V row (one vector load each), its
- * slice of q and of the output of each query head of the group live in registers, and each warp
- * loads two positions (p, p + PA_WARPS) before it uses either. The same split, warp walk and
- * merge order as k_paged_split: only the kernel's shape (the model's) picks the variant, never
- * the batch. */
+ * slice of q and of the output of each query head of the group live in registers. Warp w takes
+ * PA_R consecutive positions a step (start + (k PA_WARPS + w) PA_R ..), loaded before any is
+ * used; their (position, head) dot products are summed by one reduce-scatter
+ * (gpu_seg_sum_scatter), so each lane scores one (position, head) and computes its exponential
+ * once, and the step's max and sum per head meet over the lanes of that head. (Before, a warp took
+ * 2 positions a step, each summed by its own 5-level butterfly with every lane computing every
+ * exponential.) The split and the merge are k_paged_split's; the order of every sum depends only
+ * on the row's own positions and the kernel's shape (the model's), never on the batch. */
 #define PA_MAX_GD 64 /* GMAX * DPL: registers for q and o */
+/* Rows (positions) a warp takes a step: 16 floats of K and of V a lane, and R GMAX <= 32 values
+ * for the reduce-scatter. */
+#define PA_MIN(x, y) ((x) < (y) ? (x) : (y))
+#define PA_R(DPL, GMAX) PA_MIN(8, PA_MIN(16 / (DPL), 32 / (GMAX)))
 
 template <int F16, int DPL> GPU_DEVT void pa_vload(float (&x)[DPL], const void *base, int64_t off)
 {
@@ -240,11 +249,10 @@ __global__ void __launch_bounds__(PA_THREADS) k_paged_split_v(const pa_args a)
     const int end = min(start + len, n_kv);
     const int warp = threadIdx.x / GPU_SEG, lane = threadIdx.x % GPU_SEG;
     const float *qr = a.q + ((int64_t)r * a.n_head + (int64_t)kvh * g) * hd + lane * DPL;
-    float q[GMAX][DPL], o[GMAX][DPL], m[GMAX], l[GMAX];
+    float q[GMAX][DPL], o[GMAX][DPL], m[GMAX];
 #pragma unroll
     for (int h = 0; h < GMAX; h++) {
         m[h] = -INFINITY;
-        l[h] = 0.0f;
 #pragma unroll
         for (int j = 0; j < DPL; j++) {
             const float v = h < g ? qr[h * hd + j] : 0.0f;
@@ -252,52 +260,92 @@ __global__ void __launch_bounds__(PA_THREADS) k_paged_split_v(const pa_args a)
             o[h][j] = 0.0f;
         }
     }
+    /* a step: rows t0 .. t0 + R - 1 (padding rows past the end re-read row t0 and weigh 0);
+     * value i GMAX + h of a lane = its part of row i's dot product with head h; after the
+     * reduce-scatter the lane owns (my_r, my_h) and keeps head my_h's running sum ll; m[h]
+     * (every lane) is head h's running max */
+    constexpr int R = PA_R(DPL, GMAX), NV = R * GMAX, LPV = GPU_SEG / NV;
+    const int my_r = lane / LPV / GMAX, my_h = lane / LPV % GMAX;
+    float ll = 0.0f;
     const int32_t *tab = a.table + (int64_t)a.row_seq[r] * a.table_stride;
     const int64_t head_off = (int64_t)kvh * hd + lane * DPL;
-    for (int p = max(start, pa_lo(a, n_kv)) + warp; p < end; p += 2 * PA_WARPS) {
-        const int p2 = p + PA_WARPS;
-        const bool has2 = p2 < end; /* the same for the whole warp */
-        const int64_t row1 = (int64_t)tab[p / a.block_size] * a.block_size + p % a.block_size;
-        const int64_t row2 =
-            has2 ? (int64_t)tab[p2 / a.block_size] * a.block_size + p2 % a.block_size : row1;
-        float k1[DPL], v1[DPL], k2[DPL], v2[DPL];
-        pa_vload<F16, DPL>(k1, a.k, row1 * a.row_stride + head_off);
-        pa_vload<F16, DPL>(k2, a.k, row2 * a.row_stride + head_off);
-        pa_vload<F16, DPL>(v1, a.v, row1 * a.row_stride + head_off);
-        pa_vload<F16, DPL>(v2, a.v, row2 * a.row_stride + head_off);
+    for (int t0 = max(start, pa_lo(a, n_kv)) + warp * R; t0 < end; t0 += PA_WARPS * R) {
+        float kr[R][DPL], vr[R][DPL];
+#pragma unroll
+        for (int i = 0; i < R; i++) {
+            const int p = t0 + i < end ? t0 + i : t0;
+            const int64_t row = (int64_t)tab[p / a.block_size] * a.block_size + p % a.block_size;
+            pa_vload<F16, DPL>(kr[i], a.k, row * a.row_stride + head_off);
+            pa_vload<F16, DPL>(vr[i], a.v, row * a.row_stride + head_off);
+        }
+        float v[NV];
+#pragma unroll
+        for (int i = 0; i < NV; i++)
+            v[i] = 0.0f;
+#pragma unroll
+        for (int h = 0; h < GMAX; h++)
+            if (h < g)
+#pragma unroll
+                for (int i = 0; i < R; i++)
+#pragma unroll
+                    for (int j = 0; j < DPL; j++)
+                        v[i * GMAX + h] += q[h][j] * kr[i][j];
+        float sv = gpu_seg_sum_scatter<NV>(v, lane);
+        sv = my_h < g && t0 + my_r < end ? pa_cap(a, sv * a.scale) : -INFINITY;
+        /* the step's max and sum of each head: over the lanes of its rows (row 0 is valid) */
+        float mx = sv;
+#pragma unroll
+        for (int mask = LPV * GMAX; mask < GPU_SEG; mask *= 2)
+            mx = fmaxf(mx, gpu_shfl_xor(mx, mask, GPU_SEG));
+        float mn[GMAX];
+#pragma unroll
+        for (int h = 0; h < GMAX; h++)
+            mn[h] = h < g ? fmaxf(m[h], gpu_shfl(mx, h * LPV, GPU_SEG)) : 0.0f;
+        float my_mn = -INFINITY, my_m = -INFINITY;
+#pragma unroll
+        for (int h = 0; h < GMAX; h++)
+            if (h == my_h) {
+                my_mn = mn[h];
+                my_m = m[h];
+            }
+        const float pr = expf(sv - my_mn); /* 0 for padding rows and heads past the group */
+        float ps = pr;
+#pragma unroll
+        for (int mask = LPV * GMAX; mask < GPU_SEG; mask *= 2)
+            ps += gpu_shfl_xor(ps, mask, GPU_SEG);
+        if (my_h < g) ll = ll * expf(my_m - my_mn) + ps;
 #pragma unroll
         for (int h = 0; h < GMAX; h++) {
             if (h < g) {
-                float s1 = 0.0f, s2 = 0.0f;
-#pragma unroll
-                for (int j = 0; j < DPL; j++) {
-                    s1 += q[h][j] * k1[j];
-                    s2 += q[h][j] * k2[j];
-                }
-                s1 = pa_cap(a, gpu_seg_sum(s1) * a.scale);
-                s2 = has2 ? pa_cap(a, gpu_seg_sum(s2) * a.scale) : -INFINITY;
-                const float mn = fmaxf(m[h], fmaxf(s1, s2));
-                const float alpha = expf(m[h] - mn), e1 = expf(s1 - mn), e2 = expf(s2 - mn);
-                l[h] = l[h] * alpha + e1 + e2;
-                m[h] = mn;
+                const float alpha = expf(m[h] - mn[h]);
+                m[h] = mn[h];
 #pragma unroll
                 for (int j = 0; j < DPL; j++)
-                    o[h][j] = o[h][j] * alpha + e1 * v1[j] + e2 * v2[j];
+                    o[h][j] *= alpha;
+#pragma unroll
+                for (int i = 0; i < R; i++) {
+                    const float pi = gpu_shfl(pr, (i * GMAX + h) * LPV, GPU_SEG);
+#pragma unroll
+                    for (int j = 0; j < DPL; j++)
+                        o[h][j] += pi * vr[i][j];
+                }
             }
         }
     }
+    if (lane % LPV == 0 && my_r == 0 && my_h < g) {
+        float mh = -INFINITY;
 #pragma unroll
-    for (int h = 0; h < GMAX; h++) {
-        if (h < g) {
-            if (lane == 0) {
-                wm[warp][h] = m[h];
-                wl[warp][h] = l[h];
-            }
+        for (int h = 0; h < GMAX; h++)
+            if (h == my_h) mh = m[h];
+        wm[warp][my_h] = mh;
+        wl[warp][my_h] = ll;
+    }
+#pragma unroll
+    for (int h = 0; h < GMAX; h++)
+        if (h < g)
 #pragma unroll
             for (int j = 0; j < DPL; j++)
                 wo[warp][h * hd + lane * DPL + j] = o[h][j];
-        }
-    }
     __syncthreads();
     for (int i = threadIdx.x; i < g * hd; i += PA_THREADS) {
         const int h = i / hd, d = i % hd, hq = kvh * g + h;

@@ -156,6 +156,16 @@ GPU_DEV int gpu_shfl_xor_int(int v, int lane_mask, int width)
 #endif
 }
 
+/* Lane src_lane's v (of the width-lane group); every lane of the segment must call. */
+GPU_DEV float gpu_shfl(float v, int src_lane, int width)
+{
+#if FORGE_GPU_HIP
+    return __shfl(v, src_lane, width);
+#else
+    return __shfl_sync(0xffffffffu, v, src_lane, width);
+#endif
+}
+
 /* Sum / max over the 32 lanes of a segment; every lane gets the result. */
 GPU_DEV float gpu_seg_sum(float v)
 {
@@ -163,6 +173,37 @@ GPU_DEV float gpu_seg_sum(float v)
     for (int m = GPU_SEG / 2; m > 0; m >>= 1)
         v += gpu_shfl_xor(v, m, GPU_SEG);
     return v;
+}
+
+/* The segment sums of a lane's NV values v[0..NV) (NV a power of two, 1..32) by reduce-scatter
+ * (NV - 1 + log2(32 / NV) shuffles instead of 5 NV): lane l returns the sum over the 32 lanes of
+ * value l / (32 / NV); the 32 / NV lanes that share a value return the same bits. v is
+ * clobbered. One level per template instance, so every index is a constant (a loop over the
+ * levels put v in local memory). */
+template <int NV, int C> struct gpu_seg_scatter_level {
+    static GPU_DEVT void run(float (&v)[NV], int lane)
+    {
+        constexpr int mask = GPU_SEG / 2 * C / NV; /* 16, 8, ... as C halves */
+        const bool up = lane & mask;               /* keep the upper half of the C values */
+#pragma unroll
+        for (int j = 0; j < C / 2; j++) {
+            const float send = up ? v[j] : v[j + C / 2], keep = up ? v[j + C / 2] : v[j];
+            v[j] = keep + gpu_shfl_xor(send, mask, GPU_SEG);
+        }
+        gpu_seg_scatter_level<NV, C / 2>::run(v, lane);
+    }
+};
+template <int NV> struct gpu_seg_scatter_level<NV, 1> {
+    static GPU_DEVT void run(float (&)[NV], int) {}
+};
+template <int NV> GPU_DEVT float gpu_seg_sum_scatter(float (&v)[NV], int lane)
+{
+    gpu_seg_scatter_level<NV, NV>::run(v, lane);
+    float sum = v[0];
+#pragma unroll
+    for (int mask = GPU_SEG / 2 / NV; mask > 0; mask /= 2) /* the lanes holding the same value */
+        sum += gpu_shfl_xor(sum, mask, GPU_SEG);
+    return sum;
 }
 
 GPU_DEV float gpu_seg_max(float v)

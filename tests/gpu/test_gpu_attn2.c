@@ -595,6 +595,8 @@ int main(int argc, char **argv)
     static const attn_case cases[] = {
         {8, 8, 128, 0, 5100}, {32, 8, 128, 1, 5037}, {32, 4, 64, 0, 5000}, {16, 4, 64, 1, 5100},
         {8, 1, 128, 0, 5001}, {4, 4, 80, 0, 5003},  {6, 2, 30, 1, 5000},
+        /* head_dim 256: 16-byte F16 slices a lane (fewer positions a step) */
+        {8, 2, 256, 0, 5000}, {4, 4, 256, 1, 5002},
     };
     static const int64_t nkv[] = {1, 7, 100, 1000, 5000};
     for (size_t ci = 0; ci < (quick ? 3 : GT_LEN(cases)); ci++)
