@@ -760,10 +760,12 @@ GPU_API int gpu_fused_matvec(const gpu_fmv_args *p, gpu_stream *s, forge_err *er
         return gpu_err_set(err, FORGE_E_INVALID,
                            "gpu_fused_matvec: RMSNorm needs 16-byte aligned norm weights");
     if (!gpu_is_aligned(p->d_x, 16))
-        return gpu_err_set(err, FORGE_E_INVALID, "gpu_fused_matvec: input %p is not 16-byte aligned",
+        return gpu_err_set(err, FORGE_E_INVALID,
+                           "gpu_fused_matvec: input %p is not 16-byte aligned",
                            (const void *)p->d_x);
     if (p->out_mode == FM_SWIGLU &&
-        (p->n_mat != 2 || p->mat[0].n_out != p->mat[1].n_out || p->mat[0].d_bias || p->mat[1].d_bias))
+        (p->n_mat != 2 || p->mat[0].n_out != p->mat[1].n_out || p->mat[0].d_bias ||
+         p->mat[1].d_bias))
         return gpu_err_set(err, FORGE_E_INVALID,
                            "gpu_fused_matvec: SwiGLU takes two matrices of the same height and no "
                            "biases");
@@ -772,7 +774,8 @@ GPU_API int gpu_fused_matvec(const gpu_fmv_args *p, gpu_stream *s, forge_err *er
         const gpu_fmv_mat *mm = &p->mat[m];
         if (!mm->d_w || !mm->d_y || mm->n_out <= 0 || !gpu_is_aligned(mm->d_w, 16))
             return gpu_err_set(err, FORGE_E_INVALID,
-                               "gpu_fused_matvec: matrix %d: NULL or misaligned buffer or %lld rows",
+                               "gpu_fused_matvec: matrix %d: NULL or misaligned buffer or %lld "
+                               "rows",
                                m, (long long)mm->n_out);
         if (mm->d_bias && p->out_mode != FM_STORE)
             return gpu_err_set(err, FORGE_E_INVALID,

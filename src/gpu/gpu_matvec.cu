@@ -588,7 +588,8 @@ static int matvec_impl(int wtype, const void *d_w, int64_t n_out, int64_t n_in, 
     a.run = d_run;
     a.n_rows = (int)n_rows;
     {
-        dim3 grid((unsigned)((n_out + MV_ROWS_PER_BLOCK - 1) / MV_ROWS_PER_BLOCK), (unsigned)n_rows);
+        dim3 grid((unsigned)((n_out + MV_ROWS_PER_BLOCK - 1) / MV_ROWS_PER_BLOCK),
+                  (unsigned)n_rows);
         bool vec = rb % 16 == 0 && gpu_is_aligned(d_w, 16) && (!d_x || gpu_is_aligned(d_x, 16));
         switch (wtype) {
         case GGML_TYPE_Q8_0:

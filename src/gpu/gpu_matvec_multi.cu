@@ -264,8 +264,9 @@ __global__ void __launch_bounds__(MM_THREADS) k_matvec_multi(const mm_args a)
 
 /* ---- the same products on the int8 tensor cores (Q8_0, Q4_0; NVIDIA) ------------------------ */
 /* k_matvec_tc<WT, SPR, FM, FN, U>: a block of TC_WARPS warps computes 16 FM weight rows x 8 FN
- * activation rows (a lane loads U chunks of a leaf before it multiplies them) with mma.sync (gpu_mma.cuh; A = weight rows, B = activation rows, one chunk =
- * one mma: Q4_0 m16n8k32 over a 32-element block, Q8_0 m16n8k16 over a half block). The integer
+ * activation rows (a lane loads U chunks of a leaf before it multiplies them) with mma.sync
+ * (gpu_mma.cuh; A = weight rows, B = activation rows, one chunk = one mma: Q4_0 m16n8k32 over a
+ * 32-element block, Q8_0 m16n8k16 over a half block). The integer
  * chunk sums are the dp4a kernel's exactly (Q4_0: sum (nibble - 8) q = sum nibble q - 8 sum q);
  * each is scaled and added as there (acc += (float)s * (dw * xd)), and the float sums follow
  * gpu_matvec's order without its lanes: "virtual lane" v = 32 s + l (segment s, lane l) sums
@@ -464,13 +465,19 @@ static int tc_min_rows = -1;
 template <int WT, int SPR, int FM> static void tc_launch_fm(const mm_args &a, cudaStream_t st)
 {
     const unsigned gy = (unsigned)((a.n_out + 16 * FM - 1) / (16 * FM));
-    const dim3 grid8((unsigned)((a.n_rows + 7) / 8), gy), grid16((unsigned)((a.n_rows + 15) / 16), gy);
-    if (a.n_rows <= 8)
+    const dim3 grid8((unsigned)((a.n_rows + 7) / 8), gy);
+    const dim3 grid16((unsigned)((a.n_rows + 15) / 16), gy);
+    if (a.n_rows <= 8) {
         k_matvec_tc<WT, SPR, FM, 1, 2><<<grid8, TC_THREADS, 0, st>>>(a);
-    else if (FM == 1 && a.row_bytes / 16 >= 4 * 32 * SPR)
-        k_matvec_tc<WT, SPR, FM, 2, FM == 1 ? 4 : 2><<<grid16, TC_THREADS, 0, st>>>(a);
-    else
-        k_matvec_tc<WT, SPR, FM, 2, 2><<<grid16, TC_THREADS, 0, st>>>(a);
+        return;
+    }
+    if constexpr (FM == 1) {
+        if (a.row_bytes / 16 >= 4 * 32 * SPR) {
+            k_matvec_tc<WT, SPR, 1, 2, 4><<<grid16, TC_THREADS, 0, st>>>(a);
+            return;
+        }
+    }
+    k_matvec_tc<WT, SPR, FM, 2, 2><<<grid16, TC_THREADS, 0, st>>>(a);
 }
 
 /* 32 weight rows per block where that still gives two blocks per multiprocessor (the activation

@@ -540,6 +540,15 @@ fail:
     return rc;
 }
 
+/* argmax_merge of the four elements i .. i + 3 held in v, NaN skipped. */
+GPU_DEV void argmax_merge4(float &best, int &bi, float4 v, int i)
+{
+    const float e[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+    for (int j = 0; j < 4; j++)
+        if (!isnan(e[j])) argmax_merge(best, bi, e[j], i + j);
+}
+
 /* One block per row: k_argmax's reduction over row blockIdx.x. A row that starts 16-byte
  * aligned is read as float4 with four loads in flight per thread (one block per row has one
  * SM's bandwidth only: scalar loads took 20 us for a 128256-entry row on the h100, fifteenth
@@ -563,21 +572,11 @@ __global__ void __launch_bounds__(ARGMAX_THREADS)
             for (int u = 0; u < 4; u++)
                 v[u] = x4[q + u * ARGMAX_THREADS];
 #pragma unroll
-            for (int u = 0; u < 4; u++) {
-                const int i = 4 * (q + u * ARGMAX_THREADS);
-                const float e[4] = {v[u].x, v[u].y, v[u].z, v[u].w};
-#pragma unroll
-                for (int j = 0; j < 4; j++)
-                    if (!isnan(e[j])) argmax_merge(best, bi, e[j], i + j);
-            }
+            for (int u = 0; u < 4; u++)
+                argmax_merge4(best, bi, v[u], 4 * (q + u * ARGMAX_THREADS));
         }
-        for (; q < n4; q += ARGMAX_THREADS) {
-            const float4 v = x4[q];
-            const float e[4] = {v.x, v.y, v.z, v.w};
-#pragma unroll
-            for (int j = 0; j < 4; j++)
-                if (!isnan(e[j])) argmax_merge(best, bi, e[j], 4 * q + j);
-        }
+        for (; q < n4; q += ARGMAX_THREADS)
+            argmax_merge4(best, bi, x4[q], 4 * q);
         tail = 4 * n4;
     }
     for (int i = tail + threadIdx.x; i < n; i += ARGMAX_THREADS)
