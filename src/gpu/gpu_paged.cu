@@ -262,11 +262,11 @@ __global__ void __launch_bounds__(PA_THREADS) k_paged_split_v(const pa_args a)
     }
     /* a step: rows t0 .. t0 + R - 1 (padding rows past the end re-read row t0 and weigh 0);
      * value i GMAX + h of a lane = its part of row i's dot product with head h; after the
-     * reduce-scatter the lane owns (my_r, my_h) and keeps head my_h's running sum ll; m[h]
-     * (every lane) is head h's running max */
+     * reduce-scatter the lane owns (my_r, my_h) and keeps head my_h's running max ml and sum
+     * ll; m[h] (every lane) is head h's running max */
     constexpr int R = PA_R(DPL, GMAX), NV = R * GMAX, LPV = GPU_SEG / NV;
     const int my_r = lane / LPV / GMAX, my_h = lane / LPV % GMAX;
-    float ll = 0.0f;
+    float ml = -INFINITY, ll = 0.0f;
     const int32_t *tab = a.table + (int64_t)a.row_seq[r] * a.table_stride;
     const int64_t head_off = (int64_t)kvh * hd + lane * DPL;
     for (int t0 = max(start, pa_lo(a, n_kv)) + warp * R; t0 < end; t0 += PA_WARPS * R) {
@@ -297,28 +297,21 @@ __global__ void __launch_bounds__(PA_THREADS) k_paged_split_v(const pa_args a)
 #pragma unroll
         for (int mask = LPV * GMAX; mask < GPU_SEG; mask *= 2)
             mx = fmaxf(mx, gpu_shfl_xor(mx, mask, GPU_SEG));
-        float mn[GMAX];
-#pragma unroll
-        for (int h = 0; h < GMAX; h++)
-            mn[h] = h < g ? fmaxf(m[h], gpu_shfl(mx, h * LPV, GPU_SEG)) : 0.0f;
-        float my_mn = -INFINITY, my_m = -INFINITY;
-#pragma unroll
-        for (int h = 0; h < GMAX; h++)
-            if (h == my_h) {
-                my_mn = mn[h];
-                my_m = m[h];
-            }
-        const float pr = expf(sv - my_mn); /* 0 for padding rows and heads past the group */
+        const float mn = fmaxf(ml, mx); /* head my_h's new running max */
+        /* 0 for padding rows; heads past the group (all -inf) weigh nothing */
+        const float pr = my_h < g ? expf(sv - mn) : 0.0f;
         float ps = pr;
 #pragma unroll
         for (int mask = LPV * GMAX; mask < GPU_SEG; mask *= 2)
             ps += gpu_shfl_xor(ps, mask, GPU_SEG);
-        if (my_h < g) ll = ll * expf(my_m - my_mn) + ps;
+        if (my_h < g) ll = ll * expf(ml - mn) + ps;
+        ml = mn;
 #pragma unroll
         for (int h = 0; h < GMAX; h++) {
             if (h < g) {
-                const float alpha = expf(m[h] - mn[h]);
-                m[h] = mn[h];
+                const float mh = gpu_shfl(mn, h * LPV, GPU_SEG);
+                const float alpha = expf(m[h] - mh);
+                m[h] = mh;
 #pragma unroll
                 for (int j = 0; j < DPL; j++)
                     o[h][j] *= alpha;
@@ -333,11 +326,7 @@ __global__ void __launch_bounds__(PA_THREADS) k_paged_split_v(const pa_args a)
         }
     }
     if (lane % LPV == 0 && my_r == 0 && my_h < g) {
-        float mh = -INFINITY;
-#pragma unroll
-        for (int h = 0; h < GMAX; h++)
-            if (h == my_h) mh = m[h];
-        wm[warp][my_h] = mh;
+        wm[warp][my_h] = ml;
         wl[warp][my_h] = ll;
     }
 #pragma unroll
