@@ -32,6 +32,7 @@ typedef struct result {
     int n;
     forge_finish finish;
     int32_t n_cached;
+    char error[200]; /* the final event's error text (FINISH_ERROR) */
 } result;
 
 static bool g_report_only;
@@ -44,6 +45,7 @@ static void on_event(const forge_event *ev, void *user)
     if (ev->finish != FORGE_FINISH_NONE) {
         r->finish = ev->finish;
         r->n_cached = ev->n_cached;
+        if (ev->error) snprintf(r->error, sizeof r->error, "%s", ev->error);
     }
 }
 
@@ -92,7 +94,8 @@ static void same(const char *what, int i, const result *got, const result *want)
         if (!ok) printf("differs: %s %d\n", what, i);
         return;
     }
-    gt_check(ok, "%s %d: ids differ from alone (%d vs %d ids)", what, i, got->n, want->n);
+    gt_check(ok, "%s %d: ids differ from alone (%d vs %d ids, finish %s%s%s)", what, i, got->n,
+             want->n, forge_finish_name(got->finish), got->error[0] ? ": " : "", got->error);
 }
 
 static int32_t g_prompts[N_REQ][MAX_PROMPT];
