@@ -300,7 +300,8 @@ static int load_api(const gpu_api **out, forge_err *err)
         !api->store_at || !api->gemm_ex || !api->argmax_ex || !api->round_act ||
         !api->paged_attention || !api->matvec_multi || !api->argmax_rows ||
         !api->attention_prompt_paged || !api->geglu || !api->moe_route || !api->matvec_rows ||
-        !api->comm_create || !api->comm_all_reduce_sum || !api->comm_all_gather_cols) {
+        !api->comm_create || !api->comm_all_reduce_sum || !api->comm_all_gather_cols ||
+        !api->matvec_multi_mats) {
         rc = forge_err_set(err, FORGE_E_UNSUPPORTED,
                            "the GPU library %s does not provide interface version %d (rebuild "
                            "it with `make gpu`)",
@@ -1186,6 +1187,75 @@ static int matmul_multi_rows(gpu_backend *g, be_buf *y, const be_weight *w, cons
     return FORGE_OK;
 }
 
+static bool uses_gemm(const gpu_backend *g, const be_weight *w, int n_tok);
+
+/* True when the n (>= 2) products ys[i] = ws[i] x of a batch of n_tok rows take one multi-row
+ * launch (gpu_matvec_multi_mats): each would go through the multi-row matvec on its own, the
+ * matrices share type and row length, and they split their rows alike, so every row keeps the
+ * bits it gets alone. FORGE_GPU_MULTI_MATS=0 launches them one by one (comparison). */
+static bool uses_multi_mats(const gpu_backend *g, int n, const be_weight *const *ws, int n_tok)
+{
+    static volatile int env = -1; /* benign race: every thread computes the same value */
+    if (env < 0) {
+        const char *v = getenv("FORGE_GPU_MULTI_MATS");
+        env = !(v && v[0] == '0');
+    }
+    if (!env || n < 2 || n > GPU_MATVEC_MULTI_MATS || n_tok > GPU_MATVEC_MULTI_MAX ||
+        !g->api->matvec_multi_mats_ok)
+        return false;
+    int64_t n_out[GPU_MATVEC_MULTI_MATS];
+    for (int i = 0; i < n; i++) {
+        if (!ws[i] || !wdev(g, ws[i]) || ws[i]->type != ws[0]->type || ws[i]->ne0 != ws[0]->ne0 ||
+            uses_gemm(g, ws[i], n_tok) || !uses_multi(g, ws[i], n_tok))
+            return false;
+        n_out[i] = ws[i]->ne1;
+    }
+    return g->api->matvec_multi_mats_ok(ws[0]->type, n, n_out, ws[0]->ne0) != 0;
+}
+
+/* ys[i] = ws[i] x over n_tok rows in one launch (uses_multi_mats): the rows quantized or
+ * rounded once, as matmul_multi_chunk does for each matrix. */
+static int matmul_multi_mats(gpu_backend *g, int n, be_buf *const *ys, const be_weight *const *ws,
+                             const be_buf *x, int n_tok, forge_err *err)
+{
+    const gpu_api *api = g->api;
+    const be_weight *w = ws[0];
+    const int64_t n_in = w->ne0, n_all = (int64_t)n_tok * n_in;
+    const float *xs = x->d;
+    int rc;
+    const void *d_w[GPU_MATVEC_MULTI_MATS];
+    int64_t n_out[GPU_MATVEC_MULTI_MATS];
+    float *d_y[GPU_MATVEC_MULTI_MATS];
+    if ((rc = check_buf(x, n_all, "matmul x", err))) return rc;
+    for (int i = 0; i < n; i++) {
+        if ((rc = check_weight(g, ws[i], -1, -1, "matmul", err)) ||
+            (rc = check_buf(ys[i], (int64_t)n_tok * ws[i]->ne1, "matmul y", err)))
+            return rc;
+        if (ys[i] == x) return forge_err_set(err, FORGE_E_INTERNAL, "gpu matmul: y aliases x");
+        d_w[i] = wdev(g, ws[i]);
+        n_out[i] = ws[i]->ne1;
+        d_y[i] = ys[i]->d;
+    }
+    if (is_quant(w->type) && !(g->xqm_src == x && g->xqm_version == x->version &&
+                               g->xqm_n == n_all && g->xqm_r0 == 0)) {
+        if ((rc = api->act_quantize(xs, n_all, g->d_xqm, g->st, err))) return rc;
+        g->xqm_src = x;
+        g->xqm_version = x->version;
+        g->xqm_n = n_all;
+        g->xqm_r0 = 0;
+    }
+    if (g->round_x && (w->type == GGML_TYPE_F16 || w->type == GGML_TYPE_BF16)) {
+        if ((rc = api->round_act(xs, g->d_xrm, n_all, w->type, g->st, err))) return rc;
+        xs = g->d_xrm;
+    }
+    if ((rc = api->matvec_multi_mats(w->type, n, d_w, n_out, n_in, n_tok, xs, g->d_xqm, d_y, g->st,
+                                     err)))
+        return rc;
+    for (int i = 0; i < n; i++)
+        wrote(g, ys[i]);
+    return FORGE_OK;
+}
+
 /* True when y = W x over n_tok rows goes through the BLAS GEMM (else matvec per token). */
 static bool uses_gemm(const gpu_backend *g, const be_weight *w, int n_tok)
 {
@@ -1356,8 +1426,17 @@ static int gb_norm_matmul(backend *be, int n, be_buf *const *ys, const be_weight
         return FORGE_OK;
     }
     if ((rc = gb_rms_norm(be, hn, x, norm, n_tok, dim, eps, err))) return rc;
-    for (int i = 0; i < n; i++)
+    /* one launch for all the matrices, or (Q with 4x the rows of K/V may split its rows
+     * differently) Q alone and one launch for K and V */
+    int solo = n; /* matrices 0 .. solo - 1 one by one, the rest in one launch */
+    if (uses_multi_mats(g, n, ws, n_tok))
+        solo = 0;
+    else if (n == 3 && uses_multi_mats(g, 2, ws + 1, n_tok))
+        solo = 1;
+    for (int i = 0; i < solo; i++)
         if ((rc = gb_matmul(be, ys[i], ws[i], hn, n_tok, err))) return rc;
+    if (solo < n && (rc = matmul_multi_mats(g, n - solo, ys + solo, ws + solo, hn, n_tok, err)))
+        return rc;
     for (int i = 0; bs && i < n; i++)
         if (bs[i] && (rc = gb_add_bias(be, ys[i], bs[i], n_tok, err))) return rc;
     if (swiglu) return gb_swiglu(be, ys[0], ys[0], ys[1], (int64_t)n_tok * ws[0]->ne1, err);

@@ -17,6 +17,7 @@
  * (k_matvec_tc, NVIDIA), which forms every sum in the same order from the same integer chunk
  * sums, so the bits stay those of gpu_matvec. */
 #include <stdlib.h>
+#include <string.h>
 
 #include "gpu/gpu_common.cuh"
 #include "gpu/gpu_dot.cuh"
@@ -63,17 +64,50 @@ static size_t mm_act_s_offset(int64_t n)
     return mm_act_d_offset(n) + gpu_round_up((size_t)(n / QK) * 4, 16);
 }
 
+/* One launch covers the rows of n_mat matrices that read the same activations (Q/K/V, gate/up):
+ * launch row `row` is row row - row0[m] of matrix m, with row0[m] <= row < row0[m + 1]. */
 struct mm_args {
-    const uint8_t *w;
-    const unsigned short *scales;
-    const float *x;  /* [n_rows][n_in] */
+    const uint8_t *w[GPU_MATVEC_MULTI_MATS];
+    const unsigned short *scales[GPU_MATVEC_MULTI_MATS];
+    float *y[GPU_MATVEC_MULTI_MATS]; /* [n_rows][rows of matrix m] */
+    int row0[GPU_MATVEC_MULTI_MATS + 1];
+    int n_mat;
+    const float *x;   /* [n_rows][n_in] */
     const int8_t *xq; /* [n_rows][n_in] */
     const float *xd;  /* [n_rows][n_in / 32] */
     const int *xs;    /* [n_rows][n_in / 32] */
-    float *y;         /* [n_rows][n_out] */
-    int n_out, n_in, n_rows;
+    int n_out;        /* the launch's rows: row0[n_mat] */
+    int n_in, n_rows;
     size_t row_bytes;
 };
+
+GPU_DEVT int mm_mat_of(const mm_args &a, int row)
+{
+    int m = 0;
+#pragma unroll
+    for (int k = 1; k < GPU_MATVEC_MULTI_MATS; k++)
+        m += k < a.n_mat && row >= a.row0[k];
+    return m;
+}
+
+/* weight row / block scales of launch row `row` (< n_out) */
+GPU_DEVT const uint8_t *mm_wrow(const mm_args &a, int row)
+{
+    const int m = mm_mat_of(a, row);
+    return a.w[m] + (size_t)(row - a.row0[m]) * a.row_bytes;
+}
+GPU_DEVT const unsigned short *mm_srow(const mm_args &a, int row)
+{
+    const int m = mm_mat_of(a, row);
+    return a.scales[m] + (size_t)(row - a.row0[m]) * (a.n_in / QK);
+}
+
+/* y of activation row r, launch row `row` (< n_out) */
+GPU_DEVT void mm_store(const mm_args &a, int r, int row, float v)
+{
+    const int m = mm_mat_of(a, row);
+    a.y[m][(int64_t)r * (a.row0[m + 1] - a.row0[m]) + row - a.row0[m]] = v;
+}
 
 /* Per weight type: the activations of one chunk of one row (loaded once, then multiplied by
  * the chunk of every weight row of the warp) and the chunk dot product, the same expression as
@@ -192,8 +226,8 @@ __global__ void __launch_bounds__(MM_THREADS) k_matvec_multi(const mm_args a)
 #pragma unroll
         for (int i = 0; i < RW; i++) {
             const int row = row0 + i < a.n_out ? row0 + i : a.n_out - 1;
-            wrow[i] = (const uint4 *)(a.w + (size_t)row * a.row_bytes);
-            srow[i] = quant ? a.scales + (size_t)row * (a.n_in / QK) : NULL;
+            wrow[i] = (const uint4 *)mm_wrow(a, row);
+            srow[i] = quant ? mm_srow(a, row) : NULL;
         }
         const int n_chunks = (int)(a.row_bytes / 16);
         const int step = GPU_SEG * SPR;
@@ -237,7 +271,7 @@ __global__ void __launch_bounds__(MM_THREADS) k_matvec_multi(const mm_args a)
             for (int i = 0; i < RW; i++)
                 if (row0 + i < a.n_out)
                     for (int r = 0; r < a.n_rows; r++)
-                        a.y[(int64_t)r * a.n_out + row0 + i] = acc[i][r];
+                        mm_store(a, r, row0 + i, acc[i][r]);
     } else {
         if (lane == 0) {
 #pragma unroll
@@ -255,7 +289,7 @@ __global__ void __launch_bounds__(MM_THREADS) k_matvec_multi(const mm_args a)
 #pragma unroll
                     for (int k = 0; k < SPR; k++)
                         sum += part[i * NR + r][seg + k];
-                    a.y[(int64_t)r * a.n_out + row0 + i] = sum;
+                    mm_store(a, r, row0 + i, sum);
                 }
             }
         }
@@ -316,8 +350,8 @@ __global__ void __launch_bounds__(TC_THREADS) k_matvec_tc(const mm_args a)
 #pragma unroll
         for (int h = 0; h < 2; h++) {
             const int row = min(row0 + fm * 16 + g + 8 * h, a.n_out - 1);
-            wr[fm][h] = a.w + (size_t)row * a.row_bytes + (Q4 ? 8 * (tig & 1) : 4 * tig);
-            sr[fm][h] = a.scales + (size_t)row * nb;
+            wr[fm][h] = mm_wrow(a, row) + (Q4 ? 8 * (tig & 1) : 4 * tig);
+            sr[fm][h] = mm_srow(a, row);
         }
     const int8_t *xr[FN];
     const float *dr[FN][2];
@@ -443,7 +477,7 @@ __global__ void __launch_bounds__(TC_THREADS) k_matvec_tc(const mm_args a)
     for (int i = 0; i < (NOUT + TC_THREADS - 1) / TC_THREADS; i++) {
         const int o = threadIdx.x + i * TC_THREADS;
         const int row = row0 + o / BN, tok = tok0 + o % BN;
-        if (o < NOUT && row < a.n_out && tok < a.n_rows) a.y[(int64_t)tok * a.n_out + row] = tot[i];
+        if (o < NOUT && row < a.n_out && tok < a.n_rows) mm_store(a, tok, row, tot[i]);
     }
 #endif
 }
@@ -576,11 +610,12 @@ template <int WT, int SPR> static void mm_launch_spr(const mm_args &a, bool tc, 
     mm_launch_nr<WT, SPR>(a, st);
 }
 
-/* gpu_matvec.cu's choice of SPR (gpu_invariant.cuh) */
-template <int WT> static int mm_launch(const mm_args &a, bool tc, cudaStream_t st, forge_err *err)
+/* spr: gpu_matvec.cu's choice for each matrix of the launch (gpu_invariant.cuh) */
+template <int WT>
+static int mm_launch(const mm_args &a, int spr, bool tc, cudaStream_t st, forge_err *err)
 {
     int rc = FORGE_OK;
-    switch (gpu_matvec_spr(a.n_out, (int)(a.row_bytes / 16))) {
+    switch (spr) {
     case 1:
         mm_launch_spr<WT, 1>(a, tc, st);
         break;
@@ -606,9 +641,33 @@ GPU_API int gpu_matvec_multi_supported(int wtype, int64_t n_in)
     return n_in > 0 && rb != 0 && rb % 16 == 0;
 }
 
-GPU_API int gpu_matvec_multi(int wtype, const void *d_w, int64_t n_out, int64_t n_in,
-                             int64_t n_rows, const float *d_x, const void *d_xq, float *d_y,
-                             gpu_stream *s, forge_err *err)
+/* The segments per row every matrix of a launch shares, or 0 when they differ. */
+static int mm_mats_spr(int wtype, int n_mat, const int64_t *n_out, int64_t n_in)
+{
+    const int n_chunks = (int)(mm_row_bytes(wtype, n_in) / 16);
+    const int spr = gpu_matvec_spr(n_out[0], n_chunks);
+    for (int m = 1; m < n_mat; m++)
+        if (gpu_matvec_spr(n_out[m], n_chunks) != spr) return 0;
+    return spr;
+}
+
+GPU_API int gpu_matvec_multi_mats_ok(int wtype, int n_mat, const int64_t *n_out, int64_t n_in)
+{
+    if (n_mat < 1 || n_mat > GPU_MATVEC_MULTI_MATS || !n_out ||
+        !gpu_matvec_multi_supported(wtype, n_in))
+        return 0;
+    int64_t total = 0;
+    for (int m = 0; m < n_mat; m++) {
+        if (n_out[m] <= 0) return 0;
+        total += n_out[m];
+    }
+    return total <= INT32_MAX && mm_mats_spr(wtype, n_mat, n_out, n_in) != 0;
+}
+
+GPU_API int gpu_matvec_multi_mats(int wtype, int n_mat, const void *const *d_w,
+                                  const int64_t *n_out, int64_t n_in, int64_t n_rows,
+                                  const float *d_x, const void *d_xq, float *const *d_y,
+                                  gpu_stream *s, forge_err *err)
 {
     cudaStream_t st = GPU_STREAM(s);
     const bool q = mm_is_quant(wtype);
@@ -617,27 +676,46 @@ GPU_API int gpu_matvec_multi(int wtype, const void *d_w, int64_t n_out, int64_t 
                            "gpu_matvec_multi: weight type %s with n_in %lld (rows of a multiple "
                            "of 16 bytes only)",
                            gpu_type_name(wtype), (long long)n_in);
-    if (n_rows < 1 || n_rows > GPU_MATVEC_MULTI_MAX || n_out <= 0 || n_out > INT32_MAX ||
-        n_in > INT32_MAX || n_rows * n_in > INT32_MAX)
+    if (n_mat < 1 || n_mat > GPU_MATVEC_MULTI_MATS || !n_out || !d_w || !d_y)
+        return gpu_err_set(err, FORGE_E_INVALID, "gpu_matvec_multi: %d matrices", n_mat);
+    if (!gpu_matvec_multi_mats_ok(wtype, n_mat, n_out, n_in))
+        return gpu_err_set(err, n_out[0] > 0 ? FORGE_E_UNSUPPORTED : FORGE_E_INVALID,
+                           "gpu_matvec_multi: %d matrices of %lld.. rows that do not split "
+                           "their rows alike (or an empty one)",
+                           n_mat, (long long)n_out[0]);
+    if (n_rows < 1 || n_rows > GPU_MATVEC_MULTI_MAX || n_in > INT32_MAX ||
+        n_rows * n_in > INT32_MAX)
         return gpu_err_set(err, FORGE_E_INVALID, "gpu_matvec_multi: %lld rows of %lld x %lld",
-                           (long long)n_rows, (long long)n_out, (long long)n_in);
-    if (!d_w || !d_y || (q ? !d_xq : !d_x) || !gpu_is_aligned(d_w, 16) ||
-        (q ? !gpu_is_aligned(d_xq, 16) : !gpu_is_aligned(d_x, 16)))
-        return gpu_err_set(err, FORGE_E_INVALID, "gpu_matvec_multi: NULL or misaligned buffer");
+                           (long long)n_rows, (long long)n_out[0], (long long)n_in);
+    if (q ? !d_xq || !gpu_is_aligned(d_xq, 16) : !d_x || !gpu_is_aligned(d_x, 16))
+        return gpu_err_set(err, FORGE_E_INVALID, "gpu_matvec_multi: NULL or misaligned input");
     mm_args a;
+    memset(&a, 0, sizeof a);
+    int rows = 0;
+    for (int m = 0; m < n_mat; m++) {
+        if (!d_w[m] || !d_y[m] || !gpu_is_aligned(d_w[m], 16))
+            return gpu_err_set(err, FORGE_E_INVALID,
+                               "gpu_matvec_multi: matrix %d: NULL or misaligned buffer", m);
+        a.w[m] = (const uint8_t *)d_w[m];
+        a.scales[m] = q ? (const unsigned short *)(a.w[m] + gpu_weight_scales_offset(
+                                                               wtype, n_out[m], n_in))
+                        : NULL;
+        a.y[m] = d_y[m];
+        a.row0[m] = rows;
+        rows += (int)n_out[m];
+    }
+    a.row0[n_mat] = rows;
+    a.n_mat = n_mat;
     const int64_t n_all = n_rows * n_in;
-    a.w = (const uint8_t *)d_w;
-    a.scales = q ? (const unsigned short *)(a.w + gpu_weight_scales_offset(wtype, n_out, n_in))
-                 : NULL;
     a.x = d_x;
     a.xq = (const int8_t *)d_xq;
     a.xd = q ? (const float *)((const uint8_t *)d_xq + mm_act_d_offset(n_all)) : NULL;
     a.xs = q ? (const int *)((const uint8_t *)d_xq + mm_act_s_offset(n_all)) : NULL;
-    a.y = d_y;
-    a.n_out = (int)n_out;
+    a.n_out = rows;
     a.n_in = (int)n_in;
     a.n_rows = (int)n_rows;
     a.row_bytes = mm_row_bytes(wtype, n_in);
+    const int spr = mm_mats_spr(wtype, n_mat, n_out, n_in);
 #if !FORGE_GPU_HIP
     const bool tc = tc_use(a, wtype);
 #else
@@ -645,14 +723,24 @@ GPU_API int gpu_matvec_multi(int wtype, const void *d_w, int64_t n_out, int64_t 
 #endif
     switch (wtype) {
     case GGML_TYPE_Q8_0:
-        return mm_launch<GGML_TYPE_Q8_0>(a, tc, st, err);
+        return mm_launch<GGML_TYPE_Q8_0>(a, spr, tc, st, err);
     case GGML_TYPE_Q4_0:
-        return mm_launch<GGML_TYPE_Q4_0>(a, tc, st, err);
+        return mm_launch<GGML_TYPE_Q4_0>(a, spr, tc, st, err);
     case GGML_TYPE_F32:
-        return mm_launch<GGML_TYPE_F32>(a, tc, st, err);
+        return mm_launch<GGML_TYPE_F32>(a, spr, tc, st, err);
     case GGML_TYPE_F16:
-        return mm_launch<GGML_TYPE_F16>(a, tc, st, err);
+        return mm_launch<GGML_TYPE_F16>(a, spr, tc, st, err);
     default:
-        return mm_launch<GGML_TYPE_BF16>(a, tc, st, err);
+        return mm_launch<GGML_TYPE_BF16>(a, spr, tc, st, err);
     }
+}
+
+GPU_API int gpu_matvec_multi(int wtype, const void *d_w, int64_t n_out, int64_t n_in,
+                             int64_t n_rows, const float *d_x, const void *d_xq, float *d_y,
+                             gpu_stream *s, forge_err *err)
+{
+    if (n_out <= 0 || n_out > INT32_MAX)
+        return gpu_err_set(err, FORGE_E_INVALID, "gpu_matvec_multi: %lld rows of %lld x %lld",
+                           (long long)n_rows, (long long)n_out, (long long)n_in);
+    return gpu_matvec_multi_mats(wtype, 1, &d_w, &n_out, n_in, n_rows, d_x, d_xq, &d_y, s, err);
 }

@@ -439,6 +439,17 @@ int gpu_matvec_multi_supported(int wtype, int64_t n_in);
 int gpu_matvec_multi(int wtype, const void *d_w, int64_t n_out, int64_t n_in, int64_t n_rows,
                      const float *d_x, const void *d_xq, float *d_y, gpu_stream *s,
                      forge_err *err);
+/* gpu_matvec_multi of n_mat (1..GPU_MATVEC_MULTI_MATS) matrices of one type and row length that
+ * read the same rows (Q/K/V, gate/up) in one launch: d_y[m] = [n_rows][n_out[m]] = W_m x, each
+ * row bit-identical to gpu_matvec_multi (and gpu_matvec) of that matrix alone. One launch
+ * pays one ramp and one tail instead of n_mat. The matrices must split their rows alike
+ * (gpu_matvec_multi_mats_ok: the same segments per row, gpu_invariant.cuh), else
+ * FORGE_E_UNSUPPORTED: run them one by one. */
+#define GPU_MATVEC_MULTI_MATS 3
+int gpu_matvec_multi_mats_ok(int wtype, int n_mat, const int64_t *n_out, int64_t n_in);
+int gpu_matvec_multi_mats(int wtype, int n_mat, const void *const *d_w, const int64_t *n_out,
+                          int64_t n_in, int64_t n_rows, const float *d_x, const void *d_xq,
+                          float *const *d_y, gpu_stream *s, forge_err *err);
 /* Q8_0/Q4_0 batches of at least n rows take the tensor-core kernel, 0: never (tests and
  * benchmarks; else FORGE_GPU_MULTI_TC=n, default 9). Not thread-safe: call before any launch. */
 void gpu_matvec_multi_tc_min(int n);
@@ -556,7 +567,9 @@ int gpu_mmq(int wtype, const void *d_w, int64_t n_out, int64_t n_in, int64_t n_t
 /* 5: the tensor-core quantized product (mmq_supported, mmq) is appended; a version 4 library's
  * table ends before them, so it is refused by version instead of being read past its end. */
 /* 6: fused_matvec_invariant, and gpu_fmv_args grew its invariant field. */
-#define GPU_API_VERSION 6
+/* 7: the multi-row matvec over several matrices (matvec_multi_mats_ok, matvec_multi_mats) is
+ * appended; the backend calls it, so a version 6 library is refused. */
+#define GPU_API_VERSION 7
 typedef struct gpu_api {
     int version; /* GPU_API_VERSION */
     const char *(*backend_name)(void);
@@ -703,6 +716,11 @@ typedef struct gpu_api {
     int (*mmq)(int wtype, const void *d_w, int64_t n_out, int64_t n_in, int64_t n_tok,
                const void *d_xq, float *d_y, int64_t y_stride, float beta, gpu_stream *s,
                forge_err *err);
+    /* appended for one launch over several matrices (version 7) */
+    int (*matvec_multi_mats_ok)(int wtype, int n_mat, const int64_t *n_out, int64_t n_in);
+    int (*matvec_multi_mats)(int wtype, int n_mat, const void *const *d_w, const int64_t *n_out,
+                             int64_t n_in, int64_t n_rows, const float *d_x, const void *d_xq,
+                             float *const *d_y, gpu_stream *s, forge_err *err);
 } gpu_api;
 
 /* The one symbol the engine looks up after dlopen("libforge_cuda.so"). NULL if `version` is not

@@ -6,7 +6,8 @@
  *      owned ones); prompt chunks by the paged kernel and by the tensor cores through the
  *      tables; batch invariance: a sequence decoded alone gives the bits it gave in the batch;
  *   2. gpu_matvec_multi == gpu_matvec row by row, bit for bit (F32, F16, BF16, Q8_0, Q4_0; the
- *      Q8_0/Q4_0 ones through the dp4a and the tensor-core kernels);
+ *      Q8_0/Q4_0 ones through the dp4a and the tensor-core kernels); several matrices in one
+ *      launch (gpu_matvec_multi_mats) likewise, and matrices that split rows unlike refused;
  *   3. gpu_argmax_rows against the host (ties, NaN rows, all-NaN row);
  *   4. model_forward on the GPU with a batch of 4 sequences (prompt chunks, then decode steps,
  *      greedy ids by the backend's argmax_rows) gives the greedy ids of each sequence alone
@@ -296,6 +297,32 @@ static void paged_case(const pa_case *c, uint64_t *seed)
 
 /* ---- 2. multi-row matvec ------------------------------------------------------------------ */
 
+/* The activation rows of a multi-row case: MV_R rows of n_in floats on the host and the device,
+ * with quantization scratch for one row and for all of them. */
+#define MV_R 16
+typedef struct mv_rows {
+    float *x, *d_x;
+    void *d_xq1, *d_xqm;
+} mv_rows;
+
+static void mv_rows_make(mv_rows *r, int64_t n_in, uint64_t *seed, gpu_stream *st)
+{
+    r->x = gt_xmalloc((size_t)(MV_R * n_in) * 4);
+    gt_fill(r->x, MV_R * n_in, 1.0f, seed);
+    r->d_x = gt_upload(r->x, (size_t)(MV_R * n_in) * 4, st);
+    r->d_xq1 = r->d_xqm = NULL;
+    GT_OK(gpu_malloc(&r->d_xq1, gpu_act_q8_bytes(n_in) + 16, err));
+    GT_OK(gpu_malloc(&r->d_xqm, gpu_act_q8_bytes(MV_R * n_in) + 16, err));
+}
+
+static void mv_rows_free(mv_rows *r)
+{
+    gpu_free(r->d_x);
+    gpu_free(r->d_xq1);
+    gpu_free(r->d_xqm);
+    free(r->x);
+}
+
 static void matvec_multi_case(int t, int64_t n_out, int64_t n_in, int tc, uint64_t *seed,
                               gpu_stream *st)
 {
@@ -303,14 +330,11 @@ static void matvec_multi_case(int t, int64_t n_out, int64_t n_in, int tc, uint64
     void *raw = gt_make_weights(t, n_out, n_in, seed, &wf);
     void *d_w = gt_upload_weights(t, raw, n_out, n_in, st);
     const int rows[] = {2, 3, 5, 8, 13, 16};
-    const int R = 16;
-    float *x = gt_xmalloc((size_t)(R * n_in) * 4);
-    gt_fill(x, R * n_in, 1.0f, seed);
-    float *d_x = gt_upload(x, (size_t)(R * n_in) * 4, st);
-    void *d_xq1 = NULL, *d_xqm = NULL;
-    GT_OK(gpu_malloc(&d_xq1, gpu_act_q8_bytes(n_in) + 16, err));
-    GT_OK(gpu_malloc(&d_xqm, gpu_act_q8_bytes(R * n_in) + 16, err));
-    const size_t yb = (size_t)(R * n_out) * 4;
+    mv_rows in;
+    mv_rows_make(&in, n_in, seed, st);
+    float *d_x = in.d_x;
+    void *d_xq1 = in.d_xq1, *d_xqm = in.d_xqm;
+    const size_t yb = (size_t)(MV_R * n_out) * 4;
     float *d_y1 = gt_out_alloc(yb), *d_ym = gt_out_alloc(yb);
     float *y1 = gt_xmalloc(yb), *ym = gt_xmalloc(yb);
     const int q = t == GGML_TYPE_Q8_0 || t == GGML_TYPE_Q4_0;
@@ -341,16 +365,84 @@ static void matvec_multi_case(int t, int64_t n_out, int64_t n_in, int tc, uint64
                    n);
     }
     gpu_free(d_w);
-    gpu_free(d_x);
-    gpu_free(d_xq1);
-    gpu_free(d_xqm);
+    mv_rows_free(&in);
     gpu_free(d_y1);
     gpu_free(d_ym);
-    free(x);
     free(y1);
     free(ym);
     free(wf);
     free(raw);
+}
+
+/* Several matrices in one launch (gpu_matvec_multi_mats): each matrix's rows equal gpu_matvec's
+ * bit for bit; matrices that split their rows differently are refused (FORGE_E_UNSUPPORTED). */
+static void matvec_mats_case(int t, int n_mat, const int64_t *n_out, int64_t n_in, int must,
+                             uint64_t *seed, gpu_stream *st)
+{
+    const int ok = gpu_matvec_multi_mats_ok(t, n_mat, n_out, n_in);
+    if (must) gt_check(ok, "matvec_multi_mats %s: %d matrices of %lld.. x %lld refused",
+                       gpu_type_name_test(t), n_mat, (long long)n_out[0], (long long)n_in);
+    mv_rows in;
+    mv_rows_make(&in, n_in, seed, st);
+    float *d_x = in.d_x;
+    void *d_xq1 = in.d_xq1, *d_xqm = in.d_xqm;
+    const int q = t == GGML_TYPE_Q8_0 || t == GGML_TYPE_Q4_0;
+    void *raw[GPU_MATVEC_MULTI_MATS], *d_w[GPU_MATVEC_MULTI_MATS];
+    float *wf[GPU_MATVEC_MULTI_MATS], *d_y1[GPU_MATVEC_MULTI_MATS], *d_ym[GPU_MATVEC_MULTI_MATS];
+    for (int m = 0; m < n_mat; m++) {
+        raw[m] = gt_make_weights(t, n_out[m], n_in, seed, &wf[m]);
+        d_w[m] = gt_upload_weights(t, raw[m], n_out[m], n_in, st);
+        d_y1[m] = gt_out_alloc((size_t)(MV_R * n_out[m]) * 4);
+        d_ym[m] = gt_out_alloc((size_t)(MV_R * n_out[m]) * 4);
+    }
+    const int rows[] = {2, 5, 9, 16};
+    for (size_t ri = 0; ri < GT_LEN(rows); ri++) {
+        const int n = rows[ri];
+        if (q) GT_OK(gpu_act_quantize(d_x, n * n_in, d_xqm, st, err));
+        forge_err e = {0};
+        const int rc = gpu_matvec_multi_mats(t, n_mat, (const void *const *)d_w, n_out, n_in, n,
+                                             d_x, d_xqm, d_ym, st, &e);
+        if (!ok) {
+            gt_check(rc == FORGE_E_UNSUPPORTED && e.msg[0],
+                     "matvec_multi_mats %s, rows split unlike: rc %d, want unsupported",
+                     gpu_type_name_test(t), rc);
+            printf("matvec_multi_mats %-4s %d matrices %lld.. x %lld: refused (rows split "
+                   "unlike)  ok\n",
+                   gpu_type_name_test(t), n_mat, (long long)n_out[0], (long long)n_in);
+            break;
+        }
+        gt_ok(rc, &e, "gpu_matvec_multi_mats");
+        int bad = 0;
+        for (int m = 0; m < n_mat; m++) {
+            const size_t yb = (size_t)(n * n_out[m]) * 4;
+            gt_out_prepare(d_y1[m], yb, st);
+            for (int r = 0; r < n; r++) {
+                if (q) GT_OK(gpu_act_quantize(d_x + r * n_in, n_in, d_xq1, st, err));
+                GT_OK(gpu_matvec(t, d_w[m], n_out[m], n_in, d_x + r * n_in, d_xq1,
+                                 d_y1[m] + r * n_out[m], st, err));
+            }
+            float *y1 = gt_xmalloc(yb), *ym = gt_xmalloc(yb);
+            const int g1 = gt_out_fetch(d_y1[m], yb, y1, st), gm = gt_out_fetch(d_ym[m], yb, ym, st);
+            bad += !g1 || !gm || memcmp(y1, ym, yb) != 0;
+            free(y1);
+            free(ym);
+        }
+        gt_check(!bad, "matvec_multi_mats %s %d matrices %lld.. x %lld, %d rows: %d matrices "
+                       "differ from matvec per row",
+                 gpu_type_name_test(t), n_mat, (long long)n_out[0], (long long)n_in, n, bad);
+        if (!bad)
+            printf("matvec_multi_mats %-4s %d matrices %5lld.. x %5lld, %2d rows: bit-identical  "
+                   "ok\n",
+                   gpu_type_name_test(t), n_mat, (long long)n_out[0], (long long)n_in, n);
+    }
+    for (int m = 0; m < n_mat; m++) {
+        gpu_free(d_w[m]);
+        gpu_free(d_y1[m]);
+        gpu_free(d_ym[m]);
+        free(raw[m]);
+        free(wf[m]);
+    }
+    mv_rows_free(&in);
 }
 
 /* ---- 3. argmax of many rows ---------------------------------------------------------------- */
@@ -634,6 +726,15 @@ int main(int argc, char **argv)
                     matvec_multi_case(types[t], shapes[sh][0], shapes[sh][1], tc, &seed, st);
     }
     gpu_matvec_multi_tc_min(-1);
+    /* Q/K/V-like (4096 + 1024 + 1024 rows of 16 chunks: one segment per row on every device),
+     * gate/up-like pairs whose rows end mid-segment, and a pair split unlike (48 long rows
+     * share their rows among segments, 4100 do not): refused */
+    const int64_t qkv[] = {4096, 1024, 1024}, pair[] = {1000, 3001}, unlike[] = {48, 4100};
+    for (size_t t = 0; t < GT_LEN(types); t++) {
+        matvec_mats_case(types[t], 3, qkv, 512, 1, &seed, st);
+        matvec_mats_case(types[t], 2, pair, 1024, 0, &seed, st);
+        matvec_mats_case(types[t], 2, unlike, 4096, 0, &seed, st);
+    }
     argmax_rows_test(&seed, st);
     forward_test(argv[1], &seed);
     gpu_stream_destroy(st);
