@@ -301,7 +301,7 @@ static int load_api(const gpu_api **out, forge_err *err)
         !api->paged_attention || !api->matvec_multi || !api->argmax_rows ||
         !api->attention_prompt_paged || !api->geglu || !api->moe_route || !api->matvec_rows ||
         !api->comm_create || !api->comm_all_reduce_sum || !api->comm_all_gather_cols ||
-        !api->matvec_multi_mats) {
+        !api->matvec_multi_mats || !api->rmsnorm_q8 || !api->swiglu_q8) {
         rc = forge_err_set(err, FORGE_E_UNSUPPORTED,
                            "the GPU library %s does not provide interface version %d (rebuild "
                            "it with `make gpu`)",
@@ -1145,6 +1145,28 @@ static bool uses_multi(const gpu_backend *g, const be_weight *w, int n_tok)
            g->api->matvec_multi_supported(w->type, w->ne0);
 }
 
+/* d_xqm holds the Q8_0 blocks of the n_all values of x from row r0 on, as x is now. */
+static void xqm_hold(gpu_backend *g, const be_buf *x, int r0, int64_t n_all)
+{
+    g->xqm_src = x;
+    g->xqm_version = x->version;
+    g->xqm_n = n_all;
+    g->xqm_r0 = r0;
+}
+
+/* Make d_xqm hold them (one quantization serves every product of the same unchanged rows); xs:
+ * row r0 of x. */
+static int xqm_quantize(gpu_backend *g, const be_buf *x, const float *xs, int r0, int64_t n_all,
+                        forge_err *err)
+{
+    int rc;
+    if (g->xqm_src == x && g->xqm_version == x->version && g->xqm_n == n_all && g->xqm_r0 == r0)
+        return FORGE_OK;
+    if ((rc = g->api->act_quantize(xs, n_all, g->d_xqm, g->st, err))) return rc;
+    xqm_hold(g, x, r0, n_all);
+    return FORGE_OK;
+}
+
 /* y[t] = W x[t] for the rows r0 .. r0+n-1 (n <= GPU_MATVEC_MULTI_MAX), each weight read once:
  * the rows' activations quantized (one quantization serves every matmul of the same unchanged
  * buffer and rows) or rounded first, like matmul_by_rows does per row; bit-identical per row to
@@ -1156,14 +1178,7 @@ static int matmul_multi_chunk(gpu_backend *g, be_buf *y, const be_weight *w, con
     const int64_t n_in = w->ne0, n_all = (int64_t)n * n_in;
     const float *xs = x->d + (int64_t)r0 * n_in;
     int rc;
-    if (is_quant(w->type) && !(g->xqm_src == x && g->xqm_version == x->version &&
-                               g->xqm_n == n_all && g->xqm_r0 == r0)) {
-        if ((rc = api->act_quantize(xs, n_all, g->d_xqm, g->st, err))) return rc;
-        g->xqm_src = x;
-        g->xqm_version = x->version;
-        g->xqm_n = n_all;
-        g->xqm_r0 = r0;
-    }
+    if (is_quant(w->type) && (rc = xqm_quantize(g, x, xs, r0, n_all, err))) return rc;
     if (g->round_x && (w->type == GGML_TYPE_F16 || w->type == GGML_TYPE_BF16)) {
         if ((rc = api->round_act(xs, g->d_xrm, n_all, w->type, g->st, err))) return rc;
         xs = g->d_xrm;
@@ -1189,18 +1204,35 @@ static int matmul_multi_rows(gpu_backend *g, be_buf *y, const be_weight *w, cons
 
 static bool uses_gemm(const gpu_backend *g, const be_weight *w, int n_tok);
 
-/* True when the n (>= 2) products ys[i] = ws[i] x of a batch of n_tok rows take one multi-row
- * launch (gpu_matvec_multi_mats): each would go through the multi-row matvec on its own, the
- * matrices share type and row length, and they split their rows alike, so every row keeps the
- * bits it gets alone. FORGE_GPU_MULTI_MATS=0 launches them one by one (comparison). */
-static bool uses_multi_mats(const gpu_backend *g, int n, const be_weight *const *ws, int n_tok)
+/* Whether a batch's layer merges its launches (several matrices in one multi-row launch, the
+ * quantization in the RMSNorm's or SwiGLU's launch, the residual add in the product's):
+ * FORGE_GPU_MULTI_MATS=0 runs each step on its own, for comparison. The bits are the same. */
+static bool batch_merged(void)
 {
     static volatile int env = -1; /* benign race: every thread computes the same value */
     if (env < 0) {
         const char *v = getenv("FORGE_GPU_MULTI_MATS");
         env = !(v && v[0] == '0');
     }
-    if (!env || n < 2 || n > GPU_MATVEC_MULTI_MATS || n_tok > GPU_MATVEC_MULTI_MAX ||
+    return env != 0;
+}
+
+/* True when the product of w over a batch of n_tok rows reads the rows' Q8_0 blocks from d_xqm
+ * in one piece (rows 0 .., as matmul_multi_chunk quantizes them), so that the RMSNorm or SwiGLU
+ * before it may write them in its own launch (gpu_rmsnorm_q8, gpu_swiglu_q8). */
+static bool reads_xqm_whole(const gpu_backend *g, const be_weight *w, int n_tok)
+{
+    return batch_merged() && n_tok <= GPU_MATVEC_MULTI_MAX && is_quant(w->type) &&
+           w->ne0 % 32 == 0 && wdev(g, w) && !uses_gemm(g, w, n_tok) && uses_multi(g, w, n_tok);
+}
+
+/* True when the n (>= 2) products ys[i] = ws[i] x of a batch of n_tok rows take one multi-row
+ * launch (gpu_matvec_multi_mats): each would go through the multi-row matvec on its own, the
+ * matrices share type and row length, and they split their rows alike, so every row keeps the
+ * bits it gets alone. FORGE_GPU_MULTI_MATS=0 launches them one by one (comparison). */
+static bool uses_multi_mats(const gpu_backend *g, int n, const be_weight *const *ws, int n_tok)
+{
+    if (!batch_merged() || n < 2 || n > GPU_MATVEC_MULTI_MATS || n_tok > GPU_MATVEC_MULTI_MAX ||
         !g->api->matvec_multi_mats_ok)
         return false;
     int64_t n_out[GPU_MATVEC_MULTI_MATS];
@@ -1213,10 +1245,10 @@ static bool uses_multi_mats(const gpu_backend *g, int n, const be_weight *const 
     return g->api->matvec_multi_mats_ok(ws[0]->type, n, n_out, ws[0]->ne0) != 0;
 }
 
-/* ys[i] = ws[i] x over n_tok rows in one launch (uses_multi_mats): the rows quantized or
- * rounded once, as matmul_multi_chunk does for each matrix. */
+/* ys[i] = ws[i] x (add: ys[i] += ws[i] x) over n_tok rows in one launch (uses_multi_mats): the
+ * rows quantized or rounded once, as matmul_multi_chunk does for each matrix. */
 static int matmul_multi_mats(gpu_backend *g, int n, be_buf *const *ys, const be_weight *const *ws,
-                             const be_buf *x, int n_tok, forge_err *err)
+                             const be_buf *x, int n_tok, bool add, forge_err *err)
 {
     const gpu_api *api = g->api;
     const be_weight *w = ws[0];
@@ -1236,20 +1268,13 @@ static int matmul_multi_mats(gpu_backend *g, int n, be_buf *const *ys, const be_
         n_out[i] = ws[i]->ne1;
         d_y[i] = ys[i]->d;
     }
-    if (is_quant(w->type) && !(g->xqm_src == x && g->xqm_version == x->version &&
-                               g->xqm_n == n_all && g->xqm_r0 == 0)) {
-        if ((rc = api->act_quantize(xs, n_all, g->d_xqm, g->st, err))) return rc;
-        g->xqm_src = x;
-        g->xqm_version = x->version;
-        g->xqm_n = n_all;
-        g->xqm_r0 = 0;
-    }
+    if (is_quant(w->type) && (rc = xqm_quantize(g, x, xs, 0, n_all, err))) return rc;
     if (g->round_x && (w->type == GGML_TYPE_F16 || w->type == GGML_TYPE_BF16)) {
         if ((rc = api->round_act(xs, g->d_xrm, n_all, w->type, g->st, err))) return rc;
         xs = g->d_xrm;
     }
-    if ((rc = api->matvec_multi_mats(w->type, n, d_w, n_out, n_in, n_tok, xs, g->d_xqm, d_y, g->st,
-                                     err)))
+    if ((rc = api->matvec_multi_mats(w->type, n, d_w, n_out, n_in, n_tok, xs, g->d_xqm, d_y, add,
+                                     g->st, err)))
         return rc;
     for (int i = 0; i < n; i++)
         wrote(g, ys[i]);
@@ -1425,7 +1450,20 @@ static int gb_norm_matmul(backend *be, int n, be_buf *const *ys, const be_weight
         }
         return FORGE_OK;
     }
-    if ((rc = gb_rms_norm(be, hn, x, norm, n_tok, dim, eps, err))) return rc;
+    /* the norm writes the quantized rows too when a product will read them */
+    bool norm_q8 = false;
+    for (int i = 0; i < n; i++)
+        norm_q8 = norm_q8 || reads_xqm_whole(g, ws[i], n_tok);
+    if (norm_q8 && hn != x && norm->type == GGML_TYPE_F32) {
+        if ((rc = check_buf(hn, (int64_t)n_tok * dim, "norm_matmul hn", err)) ||
+            (rc = g->api->rmsnorm_q8(x->d, wdev(g, norm), hn->d, dim, n_tok, eps, g->d_xqm, g->st,
+                                     err)))
+            return rc;
+        wrote(g, hn);
+        xqm_hold(g, hn, 0, (int64_t)n_tok * dim);
+    } else if ((rc = gb_rms_norm(be, hn, x, norm, n_tok, dim, eps, err))) {
+        return rc;
+    }
     /* one launch for all the matrices, or (Q with 4x the rows of K/V may split its rows
      * differently) Q alone and one launch for K and V */
     int solo = n; /* matrices 0 .. solo - 1 one by one, the rest in one launch */
@@ -1435,11 +1473,22 @@ static int gb_norm_matmul(backend *be, int n, be_buf *const *ys, const be_weight
         solo = 1;
     for (int i = 0; i < solo; i++)
         if ((rc = gb_matmul(be, ys[i], ws[i], hn, n_tok, err))) return rc;
-    if (solo < n && (rc = matmul_multi_mats(g, n - solo, ys + solo, ws + solo, hn, n_tok, err)))
+    if (solo < n &&
+        (rc = matmul_multi_mats(g, n - solo, ys + solo, ws + solo, hn, n_tok, false, err)))
         return rc;
     for (int i = 0; bs && i < n; i++)
         if (bs[i] && (rc = gb_add_bias(be, ys[i], bs[i], n_tok, err))) return rc;
-    if (swiglu) return gb_swiglu(be, ys[0], ys[0], ys[1], (int64_t)n_tok * ws[0]->ne1, err);
+    if (!swiglu) return FORGE_OK;
+    /* the down projection of the same type (the usual case) reads the quantized rows */
+    const int64_t n_ff = (int64_t)n_tok * ws[0]->ne1;
+    if (!reads_xqm_whole(g, ws[0], n_tok) || ws[0]->ne1 % 32)
+        return gb_swiglu(be, ys[0], ys[0], ys[1], n_ff, err);
+    if ((rc = check_buf(ys[0], n_ff, "swiglu gate", err)) ||
+        (rc = check_buf(ys[1], n_ff, "swiglu up", err)) ||
+        (rc = g->api->swiglu_q8(ys[0]->d, ys[1]->d, ys[0]->d, n_ff, g->d_xqm, g->st, err)))
+        return rc;
+    wrote(g, ys[0]);
+    xqm_hold(g, ys[0], 0, n_ff);
     return FORGE_OK;
 }
 
@@ -1472,6 +1521,9 @@ static int gb_matmul_add(backend *be, be_buf *x, const be_weight *w, const be_bu
         return FORGE_OK;
     }
     if (uses_gemm(g, w, n_tok)) return matmul_impl(g, x, w, h, n_tok, 1.0f, err);
+    /* a batch: the residual added by the product's launch */
+    if (batch_merged() && n_tok <= GPU_MATVEC_MULTI_MAX && uses_multi(g, w, n_tok) && wdev(g, w))
+        return matmul_multi_mats(g, 1, &x, &w, h, n_tok, true, err);
     if ((rc = gb_matmul(be, tmp, w, h, n_tok, err))) return rc;
     return gb_add(be, x, tmp, (int64_t)n_tok * w->ne1, err);
 }

@@ -18,6 +18,17 @@ static inline int gpu_is_aligned(const void *p, size_t a)
     return ((uintptr_t)p % a) == 0;
 }
 
+/* The Q8_0 activation scratch of n values (gpu_act_quantize, read by every quantized product):
+ * int8 quants [n] | float d [n / 32] | int sum of quants [n / 32], each part 16-byte aligned. */
+static inline size_t gpu_act_d_offset(int64_t n)
+{
+    return gpu_round_up((size_t)n, 16);
+}
+static inline size_t gpu_act_s_offset(int64_t n)
+{
+    return gpu_act_d_offset(n) + gpu_round_up((size_t)(n / 32) * 4, 16);
+}
+
 /* Names of the weight types the kernels know; "type <id>" style fallback for the rest. */
 static inline const char *gpu_type_name(int t)
 {

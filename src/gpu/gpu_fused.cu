@@ -226,22 +226,11 @@ template <int WT> GPU_DEVT void fm_prologue(const fm_args &a, uint4 *sm, float *
             const bool ok = b < nb;
             float4 v = ok ? x4[b * 8 + k] : make_float4(0.f, 0.f, 0.f, 0.f);
             if (a.rmsnorm && ok) v = gpu_rms_apply(v, scale, n4[b * 8 + k]);
-            float amax = fmaxf(fmaxf(fabsf(v.x), fabsf(v.y)), fmaxf(fabsf(v.z), fabsf(v.w)));
-#pragma unroll
-            for (int m = 1; m < 8; m <<= 1)
-                amax = fmaxf(amax, gpu_shfl_xor(amax, m, GPU_SEG));
-            const float d = amax / 127.0f;
-            const float id = amax != 0.0f ? 127.0f / amax : 0.0f;
-            const int q0 = (int)rintf(v.x * id), q1 = (int)rintf(v.y * id);
-            const int q2 = (int)rintf(v.z * id), q3 = (int)rintf(v.w * id);
-            int sum = q0 + q1 + q2 + q3;
-#pragma unroll
-            for (int m = 1; m < 8; m <<= 1)
-                sum += gpu_shfl_xor_int(sum, m, GPU_SEG);
-            const int packed = (int)((unsigned)(q0 & 0xff) | ((unsigned)(q1 & 0xff) << 8) |
-                                     ((unsigned)(q2 & 0xff) << 16) | ((unsigned)(q3 & 0xff) << 24));
+            float d;
+            int sum;
+            const int packed = gpu_q8_block8(v, &d, &sum);
             if (ok)
-                fm_x<WT>::put(sm, nb, b, k, packed, gpu_fp16_to_f32(gpu_f32_to_fp16(d)), sum);
+                fm_x<WT>::put(sm, nb, b, k, packed, d, sum);
         }
     } else {
         for (int i = threadIdx.x; i < n4s; i += FM_THREADS) {
@@ -397,8 +386,7 @@ __global__ void __launch_bounds__(FM_THREADS) k_fused_matvec(const fm_args a)
         if (sub == 0 && lane == 0) {
             if constexpr (OUT == FM_SWIGLU) {
                 if (valid[0]) {
-                    const float gv = acc[0];
-                    a.y[0][row[0]] = gv / (1.0f + expf(-gv)) * acc[R - 1];
+                    a.y[0][row[0]] = gpu_swiglu1(acc[0], acc[R - 1]);
                 }
             } else {
 #pragma unroll
@@ -545,8 +533,7 @@ __global__ void __launch_bounds__(FM_THREADS, 4) k_fused_gq(const fm_args a)
         if (sub == 0 && lane == 0) {
             if constexpr (OUT == FM_SWIGLU) {
                 if (valid[0]) {
-                    const float gv = acc[0];
-                    a.y[0][row[0]] = gv / (1.0f + expf(-gv)) * acc[R - 1];
+                    a.y[0][row[0]] = gpu_swiglu1(acc[0], acc[R - 1]);
                 }
             } else {
 #pragma unroll

@@ -5,7 +5,9 @@
  *     and the fused matvec in its batch-invariant mode (gpu_fused.cu) split a row among the
  *     same number of 32-lane segments (gpu_matvec_spr);
  *   - gpu_rmsnorm (gpu_ops.cu) and the fused matvec's prologue form the RMSNorm's sum of squares
- *     and its product the same way (gpu_rms_scale, gpu_rms_apply).
+ *     and its product the same way (gpu_rms_scale, gpu_rms_apply);
+ *   - gpu_act_quantize, the fused matvec's prologue and gpu_rmsnorm_q8 / gpu_swiglu_q8 round
+ *     activations to Q8_0 blocks the same way (gpu_q8_block8), and every SwiGLU is gpu_swiglu1.
  * Internal. */
 #ifndef FORGE_GPU_INVARIANT_CUH
 #define FORGE_GPU_INVARIANT_CUH
@@ -63,6 +65,37 @@ GPU_DEV float gpu_rms_scale(const float4 *x4, int n, float eps, float *red)
 GPU_DEV float4 gpu_rms_apply(float4 v, float scale, float4 w)
 {
     return make_float4(v.x * scale * w.x, v.y * scale * w.y, v.z * scale * w.z, v.w * scale * w.w);
+}
+
+/* SwiGLU of one element, silu(g) * u: gpu_swiglu, gpu_swiglu_q8 and the fused matvec's
+ * epilogue. */
+GPU_DEV float gpu_swiglu1(float g, float u)
+{
+    return g / (1.0f + expf(-g)) * u;
+}
+
+/* The Q8_0 rounding of activations (gpu_act_quantize's, bit for bit): a block of 32 values held
+ * by 8 consecutive lanes of a segment, lane k of the 8 holding values 4k .. 4k + 3 in v. Every
+ * lane of the segment must call it (shuffles within each group of 8). Returns the lane's 4
+ * quants packed in bytes; *d is the block's scale as stored (rounded to fp16), *sum the sum of
+ * its 32 quants. */
+GPU_DEV int gpu_q8_block8(float4 v, float *d, int *sum)
+{
+    float amax = fmaxf(fmaxf(fabsf(v.x), fabsf(v.y)), fmaxf(fabsf(v.z), fabsf(v.w)));
+#pragma unroll
+    for (int m = 1; m < 8; m <<= 1)
+        amax = fmaxf(amax, gpu_shfl_xor(amax, m, GPU_SEG));
+    const float id = amax != 0.0f ? 127.0f / amax : 0.0f;
+    const int q0 = (int)rintf(v.x * id), q1 = (int)rintf(v.y * id);
+    const int q2 = (int)rintf(v.z * id), q3 = (int)rintf(v.w * id);
+    int s = q0 + q1 + q2 + q3;
+#pragma unroll
+    for (int m = 1; m < 8; m <<= 1)
+        s += gpu_shfl_xor_int(s, m, GPU_SEG);
+    *d = gpu_fp16_to_f32(gpu_f32_to_fp16(amax / 127.0f));
+    *sum = s;
+    return (int)((unsigned)(q0 & 0xff) | ((unsigned)(q1 & 0xff) << 8) |
+                 ((unsigned)(q2 & 0xff) << 16) | ((unsigned)(q3 & 0xff) << 24));
 }
 
 #endif /* FORGE_GPU_INVARIANT_CUH */

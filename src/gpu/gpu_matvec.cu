@@ -78,20 +78,10 @@ GPU_API size_t gpu_weight_bytes(int wtype, int64_t n_rows, int64_t n_in)
            gpu_round_up((size_t)n_rows * (n_in / QK) * 2, 16);
 }
 
-/* Activation scratch: int8 quants [n_in] | float d [n_in/32] | int sum(q) [n_in/32]. */
-static size_t act_d_offset(int64_t n_in)
-{
-    return gpu_round_up((size_t)n_in, 16);
-}
-static size_t act_s_offset(int64_t n_in)
-{
-    return act_d_offset(n_in) + gpu_round_up((size_t)(n_in / QK) * 4, 16);
-}
-
 GPU_API size_t gpu_act_q8_bytes(int64_t n_in)
 {
     if (n_in <= 0 || n_in % QK) return 0;
-    return act_s_offset(n_in) + gpu_round_up((size_t)(n_in / QK) * 4, 16);
+    return gpu_act_s_offset(n_in) + gpu_round_up((size_t)(n_in / QK) * 4, 16);
 }
 
 /* ---- kernels ----------------------------------------------------------------------------------
@@ -519,8 +509,8 @@ GPU_API int gpu_act_quantize(const float *d_x, int64_t n_in, void *d_xq, gpu_str
         uint8_t *base = (uint8_t *)d_xq;
         int per_cta = 256 / GPU_SEG;
         k_act_quantize<<<(n_blocks + per_cta - 1) / per_cta, 256, 0, st>>>(
-            d_x, (int8_t *)base, (float *)(base + act_d_offset(n_in)),
-            (int *)(base + act_s_offset(n_in)), n_blocks);
+            d_x, (int8_t *)base, (float *)(base + gpu_act_d_offset(n_in)),
+            (int *)(base + gpu_act_s_offset(n_in)), n_blocks);
         GPU_LAUNCH_CHECK("k_act_quantize", st);
     }
     return FORGE_OK;
@@ -555,8 +545,8 @@ static int matvec_impl(int wtype, const void *d_w, int64_t n_out, int64_t n_in, 
                                gpu_type_name(wtype), d_w, d_xq);
         const uint8_t *xb = (const uint8_t *)d_xq;
         return gq_matvec(wtype, d_w, n_out, n_in, (const int8_t *)xb,
-                         (const float *)(xb + act_d_offset(n_all)),
-                         (const int *)(xb + act_s_offset(n_all)), d_y, n_rows, d_run, st, err);
+                         (const float *)(xb + gpu_act_d_offset(n_all)),
+                         (const int *)(xb + gpu_act_s_offset(n_all)), d_y, n_rows, d_run, st, err);
     }
     if (rb == 0)
         return gpu_err_set(err, FORGE_E_UNSUPPORTED,
@@ -579,8 +569,8 @@ static int matvec_impl(int wtype, const void *d_w, int64_t n_out, int64_t n_in, 
                    : NULL;
     a.x = d_x;
     a.xq = (const int8_t *)d_xq;
-    a.xd = d_xq ? (const float *)((const uint8_t *)d_xq + act_d_offset(n_all)) : NULL;
-    a.xs = d_xq ? (const int *)((const uint8_t *)d_xq + act_s_offset(n_all)) : NULL;
+    a.xd = d_xq ? (const float *)((const uint8_t *)d_xq + gpu_act_d_offset(n_all)) : NULL;
+    a.xs = d_xq ? (const int *)((const uint8_t *)d_xq + gpu_act_s_offset(n_all)) : NULL;
     a.y = d_y;
     a.n_out = (int)n_out;
     a.n_in = (int)n_in;

@@ -54,16 +54,6 @@ static size_t mm_row_bytes(int t, int64_t n_in)
     }
 }
 
-/* gpu_matvec.cu's activation scratch layout: int8 quants | float d | int sum(q) */
-static size_t mm_act_d_offset(int64_t n)
-{
-    return gpu_round_up((size_t)n, 16);
-}
-static size_t mm_act_s_offset(int64_t n)
-{
-    return mm_act_d_offset(n) + gpu_round_up((size_t)(n / QK) * 4, 16);
-}
-
 /* One launch covers the rows of n_mat matrices that read the same activations (Q/K/V, gate/up):
  * launch row `row` is row row - row0[m] of matrix m, with row0[m] <= row < row0[m + 1]. */
 struct mm_args {
@@ -72,6 +62,7 @@ struct mm_args {
     float *y[GPU_MATVEC_MULTI_MATS]; /* [n_rows][rows of matrix m] */
     int row0[GPU_MATVEC_MULTI_MATS + 1];
     int n_mat;
+    int add;          /* y += the product (else y = it) */
     const float *x;   /* [n_rows][n_in] */
     const int8_t *xq; /* [n_rows][n_in] */
     const float *xd;  /* [n_rows][n_in / 32] */
@@ -106,7 +97,8 @@ GPU_DEVT const unsigned short *mm_srow(const mm_args &a, int row)
 GPU_DEVT void mm_store(const mm_args &a, int r, int row, float v)
 {
     const int m = mm_mat_of(a, row);
-    a.y[m][(int64_t)r * (a.row0[m + 1] - a.row0[m]) + row - a.row0[m]] = v;
+    float *y = a.y[m] + (int64_t)r * (a.row0[m + 1] - a.row0[m]) + row - a.row0[m];
+    *y = a.add ? *y + v : v;
 }
 
 /* Per weight type: the activations of one chunk of one row (loaded once, then multiplied by
@@ -667,7 +659,7 @@ GPU_API int gpu_matvec_multi_mats_ok(int wtype, int n_mat, const int64_t *n_out,
 GPU_API int gpu_matvec_multi_mats(int wtype, int n_mat, const void *const *d_w,
                                   const int64_t *n_out, int64_t n_in, int64_t n_rows,
                                   const float *d_x, const void *d_xq, float *const *d_y,
-                                  gpu_stream *s, forge_err *err)
+                                  int add, gpu_stream *s, forge_err *err)
 {
     cudaStream_t st = GPU_STREAM(s);
     const bool q = mm_is_quant(wtype);
@@ -706,11 +698,12 @@ GPU_API int gpu_matvec_multi_mats(int wtype, int n_mat, const void *const *d_w,
     }
     a.row0[n_mat] = rows;
     a.n_mat = n_mat;
+    a.add = add != 0;
     const int64_t n_all = n_rows * n_in;
     a.x = d_x;
     a.xq = (const int8_t *)d_xq;
-    a.xd = q ? (const float *)((const uint8_t *)d_xq + mm_act_d_offset(n_all)) : NULL;
-    a.xs = q ? (const int *)((const uint8_t *)d_xq + mm_act_s_offset(n_all)) : NULL;
+    a.xd = q ? (const float *)((const uint8_t *)d_xq + gpu_act_d_offset(n_all)) : NULL;
+    a.xs = q ? (const int *)((const uint8_t *)d_xq + gpu_act_s_offset(n_all)) : NULL;
     a.n_out = rows;
     a.n_in = (int)n_in;
     a.n_rows = (int)n_rows;
@@ -742,5 +735,6 @@ GPU_API int gpu_matvec_multi(int wtype, const void *d_w, int64_t n_out, int64_t 
     if (n_out <= 0 || n_out > INT32_MAX)
         return gpu_err_set(err, FORGE_E_INVALID, "gpu_matvec_multi: %lld rows of %lld x %lld",
                            (long long)n_rows, (long long)n_out, (long long)n_in);
-    return gpu_matvec_multi_mats(wtype, 1, &d_w, &n_out, n_in, n_rows, d_x, d_xq, &d_y, s, err);
+    return gpu_matvec_multi_mats(wtype, 1, &d_w, &n_out, n_in, n_rows, d_x, d_xq, &d_y, 0, s,
+                                 err);
 }

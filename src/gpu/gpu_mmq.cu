@@ -68,13 +68,6 @@ static int mmq_is_type(int wtype)
     return wtype == GGML_TYPE_Q8_0 || wtype == GGML_TYPE_Q4_0;
 }
 
-/* gpu_matvec.cu's activation scratch layout for n values: int8 quants [n] | float d [n/32] |
- * int sum [n/32]; the sums are not needed here (Q4_0 subtracts 8 per weight byte instead). */
-static size_t mmq_act_d_offset(int64_t n)
-{
-    return gpu_round_up((size_t)n, 16);
-}
-
 
 #define MMQ_SMEM_TARGET (96 * 1024)
 
@@ -485,7 +478,7 @@ GPU_API int gpu_mmq(int wtype, const void *d_w, int64_t n_out, int64_t n_in, int
     a.wq = (const uint8_t *)d_w;
     a.wd = (const unsigned short *)(a.wq + gpu_weight_scales_offset(wtype, n_out, n_in));
     a.xq = (const int8_t *)d_xq;
-    a.xd = (const float *)((const uint8_t *)d_xq + mmq_act_d_offset(n_tok * n_in));
+    a.xd = (const float *)((const uint8_t *)d_xq + gpu_act_d_offset(n_tok * n_in));
     a.y = d_y;
     a.y_stride = y_stride;
     a.wd_halves = n_out * (n_in / QK);

@@ -54,6 +54,76 @@ __global__ void __launch_bounds__(GPU_RMS_THREADS)
         yr[i] = gpu_rms_apply(xr[i], scale, w4[i]);
 }
 
+/* ---- a batch's RMSNorm or SwiGLU with the Q8_0 blocks of its result ---------------------------
+ * For the multi-row decode products: y as gpu_rmsnorm / gpu_swiglu give it and, in the same
+ * launch, y's Q8_0 blocks as gpu_act_quantize gives them (gpu_q8_block8), in its scratch layout
+ * for all the rows at once (gpu_act_d_offset). One launch where there were two. Rows of n
+ * (n % 32 == 0) floats: 8 lanes per block of 32, a float4 each, every lane of a segment through
+ * the same trip count (blocks past the end compute zeros and store nothing). */
+struct q8_out {
+    int8_t *q;
+    float *d;
+    int *s;
+};
+
+static q8_out q8_out_of(void *d_xq, int64_t n_all)
+{
+    uint8_t *b = (uint8_t *)d_xq;
+    return {(int8_t *)b, (float *)(b + gpu_act_d_offset(n_all)),
+            (int *)(b + gpu_act_s_offset(n_all))};
+}
+
+/* Block b (global, of the whole scratch) from the float4 of lane k of its 8. */
+GPU_DEV void q8_put(const q8_out &o, int64_t b, int k, float4 v, bool ok)
+{
+    float d;
+    int sum;
+    const int packed = gpu_q8_block8(v, &d, &sum);
+    if (!ok) return;
+    ((int *)o.q)[b * 8 + k] = packed;
+    if (k == 0) {
+        o.d[b] = d;
+        o.s[b] = sum;
+    }
+}
+
+/* One block of GPU_RMS_THREADS per row: k_rmsnorm4's row, then its blocks. */
+__global__ void __launch_bounds__(GPU_RMS_THREADS)
+    k_rmsnorm_q8(const float *x, const float *__restrict__ w, float *y, int n, float eps,
+                 const q8_out o)
+{
+    __shared__ float red[GPU_RMS_THREADS / GPU_SEG];
+    const float4 *xr = (const float4 *)(x + (int64_t)blockIdx.x * n);
+    const float4 *w4 = (const float4 *)w;
+    float4 *yr = (float4 *)(y + (int64_t)blockIdx.x * n);
+    const float scale = gpu_rms_scale(xr, n, eps, red);
+    const int n4 = n / 4;
+    for (int base = 0; base < n4; base += GPU_RMS_THREADS) {
+        const int i = base + (int)threadIdx.x;
+        const bool ok = i < n4;
+        const float4 v = ok ? gpu_rms_apply(xr[i], scale, w4[i]) : make_float4(0.f, 0.f, 0.f, 0.f);
+        if (ok) yr[i] = v;
+        q8_put(o, ((int64_t)blockIdx.x * n4 + base + (int)threadIdx.x) / 8, (int)threadIdx.x % 8,
+               v, ok);
+    }
+}
+
+/* n_all % 32 == 0 values, 4 per thread. */
+__global__ void k_swiglu_q8(const float *g, const float *u, float *out, int64_t n4,
+                            const q8_out o)
+{
+    const int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
+    const bool ok = i < n4;
+    float4 v = make_float4(0.f, 0.f, 0.f, 0.f);
+    if (ok) {
+        const float4 gv = ((const float4 *)g)[i], uv = ((const float4 *)u)[i];
+        v = make_float4(gpu_swiglu1(gv.x, uv.x), gpu_swiglu1(gv.y, uv.y), gpu_swiglu1(gv.z, uv.z),
+                        gpu_swiglu1(gv.w, uv.w));
+        ((float4 *)out)[i] = v;
+    }
+    q8_put(o, i / 8, (int)(i % 8), v, ok);
+}
+
 /* ---- RoPE (ggml's rope with YaRN), optionally fused with the Q/K norm and the KV store ---------
  * One 32-lane segment per (token, head): the n_head q heads of a token, then its n_kv_head k
  * heads (whose segments also store the v head). Lane l owns the rotated pairs i = l, l + 32, ...
@@ -177,8 +247,7 @@ __global__ void k_swiglu(const float *g, const float *u, float *out, int64_t n)
 {
     for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < n;
          i += (int64_t)gridDim.x * blockDim.x) {
-        float gv = g[i];
-        out[i] = gv / (1.0f + expf(-gv)) * u[i];
+        out[i] = gpu_swiglu1(g[i], u[i]);
     }
 }
 
@@ -508,6 +577,47 @@ GPU_API int gpu_swiglu(const float *d_gate, const float *d_up, float *d_out, int
         return gpu_err_set(err, FORGE_E_INVALID, "gpu_swiglu: NULL buffer or n %lld", (long long)n);
     k_swiglu<<<elementwise_grid(n), 256, 0, st>>>(d_gate, d_up, d_out, n);
     GPU_LAUNCH_CHECK("k_swiglu", st);
+    return FORGE_OK;
+fail:
+    return rc;
+}
+
+GPU_API int gpu_rmsnorm_q8(const float *d_x, const float *d_w, float *d_y, int64_t n,
+                           int64_t n_rows, float eps, void *d_xq, gpu_stream *s, forge_err *err)
+{
+    int rc = FORGE_OK;
+    cudaStream_t st = GPU_STREAM(s);
+    if (!d_x || !d_w || !d_y || !d_xq || n <= 0 || n % 32 || n > INT32_MAX / 4 || n_rows <= 0 ||
+        n_rows > INT32_MAX || !gpu_is_aligned(d_x, 16) || !gpu_is_aligned(d_w, 16) ||
+        !gpu_is_aligned(d_y, 16) || !gpu_is_aligned(d_xq, 16))
+        return gpu_err_set(err, FORGE_E_INVALID,
+                           "gpu_rmsnorm_q8: NULL or misaligned buffer, or rows of %lld (not a "
+                           "multiple of 32) x %lld",
+                           (long long)n, (long long)n_rows);
+    k_rmsnorm_q8<<<(unsigned)n_rows, GPU_RMS_THREADS, 0, st>>>(d_x, d_w, d_y, (int)n, eps,
+                                                               q8_out_of(d_xq, n * n_rows));
+    GPU_LAUNCH_CHECK("k_rmsnorm_q8", st);
+    return FORGE_OK;
+fail:
+    return rc;
+}
+
+GPU_API int gpu_swiglu_q8(const float *d_gate, const float *d_up, float *d_out, int64_t n,
+                          void *d_xq, gpu_stream *s, forge_err *err)
+{
+    int rc = FORGE_OK;
+    cudaStream_t st = GPU_STREAM(s);
+    if (!d_gate || !d_up || !d_out || !d_xq || n <= 0 || n % 32 || !gpu_is_aligned(d_gate, 16) ||
+        !gpu_is_aligned(d_up, 16) || !gpu_is_aligned(d_out, 16) || !gpu_is_aligned(d_xq, 16))
+        return gpu_err_set(err, FORGE_E_INVALID,
+                           "gpu_swiglu_q8: NULL or misaligned buffer, or n %lld (not a multiple "
+                           "of 32)",
+                           (long long)n);
+    const int64_t n4 = n / 4, grid = (n4 + 255) / 256;
+    if (grid > INT32_MAX)
+        return gpu_err_set(err, FORGE_E_INVALID, "gpu_swiglu_q8: n %lld too large", (long long)n);
+    k_swiglu_q8<<<(unsigned)grid, 256, 0, st>>>(d_gate, d_up, d_out, n4, q8_out_of(d_xq, n));
+    GPU_LAUNCH_CHECK("k_swiglu_q8", st);
     return FORGE_OK;
 fail:
     return rc;

@@ -152,6 +152,14 @@ int gpu_rope(float *d_x, int64_t n_tok, int64_t n_heads, int64_t head_dim, int64
 /* d_out[i] = silu(gate[i]) * up[i]; silu(g) = g / (1 + exp(-g)). d_out may alias gate or up. */
 int gpu_swiglu(const float *d_gate, const float *d_up, float *d_out, int64_t n, gpu_stream *s,
                forge_err *err);
+/* gpu_rmsnorm / gpu_swiglu (n values in all) with, in the same launch, the result's Q8_0 blocks
+ * in d_xq exactly as gpu_act_quantize(d_y, n_rows * n) writes them: a batch's next products
+ * read them without a launch of their own. n % 32 == 0; buffers 16-byte aligned; gpu_rmsnorm_q8
+ * not in place. */
+int gpu_rmsnorm_q8(const float *d_x, const float *d_w, float *d_y, int64_t n, int64_t n_rows,
+                   float eps, void *d_xq, gpu_stream *s, forge_err *err);
+int gpu_swiglu_q8(const float *d_gate, const float *d_up, float *d_out, int64_t n, void *d_xq,
+                  gpu_stream *s, forge_err *err);
 /* d_y[i] = d_x[i] rounded to wtype (F16 or BF16, to nearest even) and back to float: the
  * activations ggml's CPU kernels multiply F16/BF16 weights with. d_y may be d_x. */
 int gpu_round_act(const float *d_x, float *d_y, int64_t n, int wtype, gpu_stream *s,
@@ -441,7 +449,8 @@ int gpu_matvec_multi(int wtype, const void *d_w, int64_t n_out, int64_t n_in, in
                      forge_err *err);
 /* gpu_matvec_multi of n_mat (1..GPU_MATVEC_MULTI_MATS) matrices of one type and row length that
  * read the same rows (Q/K/V, gate/up) in one launch: d_y[m] = [n_rows][n_out[m]] = W_m x, each
- * row bit-identical to gpu_matvec_multi (and gpu_matvec) of that matrix alone. One launch
+ * row bit-identical to gpu_matvec_multi (and gpu_matvec) of that matrix alone; with add,
+ * d_y[m] += W_m x instead (the bits of gpu_add(d_y, W_m x): a residual add without a launch). One launch
  * pays one ramp and one tail instead of n_mat. The matrices must split their rows alike
  * (gpu_matvec_multi_mats_ok: the same segments per row, gpu_invariant.cuh), else
  * FORGE_E_UNSUPPORTED: run them one by one. */
@@ -449,7 +458,7 @@ int gpu_matvec_multi(int wtype, const void *d_w, int64_t n_out, int64_t n_in, in
 int gpu_matvec_multi_mats_ok(int wtype, int n_mat, const int64_t *n_out, int64_t n_in);
 int gpu_matvec_multi_mats(int wtype, int n_mat, const void *const *d_w, const int64_t *n_out,
                           int64_t n_in, int64_t n_rows, const float *d_x, const void *d_xq,
-                          float *const *d_y, gpu_stream *s, forge_err *err);
+                          float *const *d_y, int add, gpu_stream *s, forge_err *err);
 /* Q8_0/Q4_0 batches of at least n rows take the tensor-core kernel, 0: never (tests and
  * benchmarks; else FORGE_GPU_MULTI_TC=n, default 9). Not thread-safe: call before any launch. */
 void gpu_matvec_multi_tc_min(int n);
@@ -567,8 +576,9 @@ int gpu_mmq(int wtype, const void *d_w, int64_t n_out, int64_t n_in, int64_t n_t
 /* 5: the tensor-core quantized product (mmq_supported, mmq) is appended; a version 4 library's
  * table ends before them, so it is refused by version instead of being read past its end. */
 /* 6: fused_matvec_invariant, and gpu_fmv_args grew its invariant field. */
-/* 7: the multi-row matvec over several matrices (matvec_multi_mats_ok, matvec_multi_mats) is
- * appended; the backend calls it, so a version 6 library is refused. */
+/* 7: the multi-row matvec over several matrices (matvec_multi_mats_ok, matvec_multi_mats) and
+ * the RMSNorm / SwiGLU with quantized results (rmsnorm_q8, swiglu_q8) are appended; the backend
+ * calls them, so a version 6 library is refused. */
 #define GPU_API_VERSION 7
 typedef struct gpu_api {
     int version; /* GPU_API_VERSION */
@@ -716,11 +726,15 @@ typedef struct gpu_api {
     int (*mmq)(int wtype, const void *d_w, int64_t n_out, int64_t n_in, int64_t n_tok,
                const void *d_xq, float *d_y, int64_t y_stride, float beta, gpu_stream *s,
                forge_err *err);
-    /* appended for one launch over several matrices (version 7) */
+    /* appended for fewer launches in a batch's layer (version 7) */
     int (*matvec_multi_mats_ok)(int wtype, int n_mat, const int64_t *n_out, int64_t n_in);
     int (*matvec_multi_mats)(int wtype, int n_mat, const void *const *d_w, const int64_t *n_out,
                              int64_t n_in, int64_t n_rows, const float *d_x, const void *d_xq,
-                             float *const *d_y, gpu_stream *s, forge_err *err);
+                             float *const *d_y, int add, gpu_stream *s, forge_err *err);
+    int (*rmsnorm_q8)(const float *d_x, const float *d_w, float *d_y, int64_t n, int64_t n_rows,
+                      float eps, void *d_xq, gpu_stream *s, forge_err *err);
+    int (*swiglu_q8)(const float *d_gate, const float *d_up, float *d_out, int64_t n, void *d_xq,
+                     gpu_stream *s, forge_err *err);
 } gpu_api;
 
 /* The one symbol the engine looks up after dlopen("libforge_cuda.so"). NULL if `version` is not

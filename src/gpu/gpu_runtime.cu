@@ -490,7 +490,7 @@ static const gpu_api g_api_v1 = {
     gpu_geglu, gpu_scale, gpu_softcap, gpu_moe_route, gpu_moe_accum, gpu_matvec_rows,
     gpu_comm_create, gpu_comm_free, gpu_comm_all_reduce_sum, gpu_comm_all_gather_cols,
     gpu_mmq_supported, gpu_mmq,
-    gpu_matvec_multi_mats_ok, gpu_matvec_multi_mats,
+    gpu_matvec_multi_mats_ok, gpu_matvec_multi_mats, gpu_rmsnorm_q8, gpu_swiglu_q8,
 };
 
 GPU_API const gpu_api *forge_gpu_get_api(int version)

@@ -401,7 +401,7 @@ static void matvec_mats_case(int t, int n_mat, const int64_t *n_out, int64_t n_i
         if (q) GT_OK(gpu_act_quantize(d_x, n * n_in, d_xqm, st, err));
         forge_err e = {0};
         const int rc = gpu_matvec_multi_mats(t, n_mat, (const void *const *)d_w, n_out, n_in, n,
-                                             d_x, d_xqm, d_ym, st, &e);
+                                             d_x, d_xqm, d_ym, 0, st, &e);
         if (!ok) {
             gt_check(rc == FORGE_E_UNSUPPORTED && e.msg[0],
                      "matvec_multi_mats %s, rows split unlike: rc %d, want unsupported",
@@ -412,7 +412,7 @@ static void matvec_mats_case(int t, int n_mat, const int64_t *n_out, int64_t n_i
             break;
         }
         gt_ok(rc, &e, "gpu_matvec_multi_mats");
-        int bad = 0;
+        int bad = 0, bad_add = 0;
         for (int m = 0; m < n_mat; m++) {
             const size_t yb = (size_t)(n * n_out[m]) * 4;
             gt_out_prepare(d_y1[m], yb, st);
@@ -427,12 +427,26 @@ static void matvec_mats_case(int t, int n_mat, const int64_t *n_out, int64_t n_i
             free(y1);
             free(ym);
         }
-        gt_check(!bad, "matvec_multi_mats %s %d matrices %lld.. x %lld, %d rows: %d matrices "
-                       "differ from matvec per row",
-                 gpu_type_name_test(t), n_mat, (long long)n_out[0], (long long)n_in, n, bad);
-        if (!bad)
-            printf("matvec_multi_mats %-4s %d matrices %5lld.. x %5lld, %2d rows: bit-identical  "
-                   "ok\n",
+        /* add: d_ym (= W x now) += W x, against gpu_add(y1, y1) */
+        GT_OK(gpu_matvec_multi_mats(t, n_mat, (const void *const *)d_w, n_out, n_in, n, d_x,
+                                    d_xqm, d_ym, 1, st, err));
+        for (int m = 0; m < n_mat; m++) {
+            const size_t yb = (size_t)(n * n_out[m]) * 4;
+            GT_OK(gpu_add(d_y1[m], d_y1[m], d_y1[m], n * n_out[m], st, err));
+            float *y1 = gt_xmalloc(yb), *ym = gt_xmalloc(yb);
+            const int g1 = gt_out_fetch(d_y1[m], yb, y1, st), gm = gt_out_fetch(d_ym[m], yb, ym, st);
+            bad_add += !g1 || !gm || memcmp(y1, ym, yb) != 0;
+            free(y1);
+            free(ym);
+        }
+        gt_check(!bad && !bad_add,
+                 "matvec_multi_mats %s %d matrices %lld.. x %lld, %d rows: %d matrices differ "
+                 "from matvec per row, %d with add from matvec + gpu_add",
+                 gpu_type_name_test(t), n_mat, (long long)n_out[0], (long long)n_in, n, bad,
+                 bad_add);
+        if (!bad && !bad_add)
+            printf("matvec_multi_mats %-4s %d matrices %5lld.. x %5lld, %2d rows: bit-identical "
+                   "(and with add)  ok\n",
                    gpu_type_name_test(t), n_mat, (long long)n_out[0], (long long)n_in, n);
     }
     for (int m = 0; m < n_mat; m++) {
@@ -443,6 +457,75 @@ static void matvec_mats_case(int t, int n_mat, const int64_t *n_out, int64_t n_i
         free(wf[m]);
     }
     mv_rows_free(&in);
+}
+
+/* gpu_rmsnorm_q8 / gpu_swiglu_q8 against gpu_rmsnorm / gpu_swiglu followed by
+ * gpu_act_quantize of all the rows: the floats and the whole Q8_0 scratch (quants, scales,
+ * sums), bit for bit. Values spread over several magnitudes, and an all-zero block. */
+static void norm_q8_case(int64_t n, int n_rows, uint64_t *seed, gpu_stream *st)
+{
+    const int64_t n_all = n * n_rows;
+    const size_t fb = (size_t)n_all * 4, qb = gpu_act_q8_bytes(n_all);
+    float *x = gt_xmalloc(fb), *u = gt_xmalloc(fb), *w = gt_xmalloc((size_t)n * 4);
+    gt_fill(x, n_all, 3.0f, seed);
+    gt_fill(u, n_all, 2.0f, seed);
+    gt_fill(w, n, 1.5f, seed);
+    for (int64_t i = 0; i < n_all; i++)
+        x[i] *= (float)(1 + (i / 32) % 7) * ((i / 32) % 3 == 0 ? 0.01f : 1.0f);
+    for (int64_t i = 32; i < 64 && i < n_all; i++)
+        x[i] = 0.0f;
+    float *d_x = gt_upload(x, fb, st), *d_u = gt_upload(u, fb, st), *d_w = gt_upload(w, n * 4, st);
+    float *d_y1 = gt_out_alloc(fb), *d_y2 = gt_out_alloc(fb);
+    void *d_q1 = gt_out_alloc(qb), *d_q2 = gt_out_alloc(qb);
+    float *y1 = gt_xmalloc(fb), *y2 = gt_xmalloc(fb);
+    unsigned char *q1 = gt_xmalloc(qb), *q2 = gt_xmalloc(qb);
+    for (int op = 0; op < 2; op++) {
+        gt_out_prepare(d_y1, fb, st);
+        gt_out_prepare(d_y2, fb, st);
+        gt_out_prepare(d_q1, qb, st);
+        gt_out_prepare(d_q2, qb, st);
+        if (op == 0) {
+            GT_OK(gpu_rmsnorm(d_x, d_w, d_y1, n, n_rows, 1e-5f, st, err));
+            GT_OK(gpu_rmsnorm_q8(d_x, d_w, d_y2, n, n_rows, 1e-5f, d_q2, st, err));
+        } else {
+            GT_OK(gpu_swiglu(d_x, d_u, d_y1, n_all, st, err));
+            GT_OK(gpu_swiglu_q8(d_x, d_u, d_y2, n_all, d_q2, st, err));
+        }
+        GT_OK(gpu_act_quantize(d_y1, n_all, d_q1, st, err));
+        const int g = gt_out_fetch(d_y1, fb, y1, st) & gt_out_fetch(d_y2, fb, y2, st) &
+                      gt_out_fetch(d_q1, qb, q1, st) & gt_out_fetch(d_q2, qb, q2, st);
+        /* the padding between the scratch's parts is never written: compare the parts */
+        const size_t nb = (size_t)(n_all / 32);
+        const size_t d_off = ((size_t)n_all + 15) / 16 * 16, s_off = d_off + (nb * 4 + 15) / 16 * 16;
+        const int same = !memcmp(y1, y2, fb) && !memcmp(q1, q2, (size_t)n_all) &&
+                         !memcmp(q1 + d_off, q2 + d_off, nb * 4) &&
+                         !memcmp(q1 + s_off, q2 + s_off, nb * 4);
+        gt_check(g && same,
+                 "%s %lld x %d: values and Q8_0 blocks == %s + gpu_act_quantize, bit for bit%s",
+                 op ? "gpu_swiglu_q8" : "gpu_rmsnorm_q8", (long long)n, n_rows,
+                 op ? "gpu_swiglu" : "gpu_rmsnorm", g ? "" : " (guard overwritten)");
+        if (g && same)
+            printf("%s %5lld x %2d: bit-identical to the two launches  ok\n",
+                   op ? "swiglu_q8 " : "rmsnorm_q8", (long long)n, n_rows);
+    }
+    forge_err e = {0};
+    gt_check(gpu_rmsnorm_q8(d_x, d_w, d_y2, n + 16, 1, 1e-5f, d_q2, st, &e) == FORGE_E_INVALID &&
+                 e.msg[0],
+             "gpu_rmsnorm_q8: rows of %lld (not a multiple of 32) refused", (long long)n + 16);
+    gpu_free(d_x);
+    gpu_free(d_u);
+    gpu_free(d_w);
+    gpu_free(d_y1);
+    gpu_free(d_y2);
+    gpu_free(d_q1);
+    gpu_free(d_q2);
+    free(x);
+    free(u);
+    free(w);
+    free(y1);
+    free(y2);
+    free(q1);
+    free(q2);
 }
 
 /* ---- 3. argmax of many rows ---------------------------------------------------------------- */
@@ -735,6 +818,9 @@ int main(int argc, char **argv)
         matvec_mats_case(types[t], 2, pair, 1024, 0, &seed, st);
         matvec_mats_case(types[t], 2, unlike, 4096, 0, &seed, st);
     }
+    const int64_t norm_shapes[][2] = {{4096, 1}, {4096, 4}, {11008, 3}, {96, 16}, {2048, 9}};
+    for (size_t i = 0; i < GT_LEN(norm_shapes); i++)
+        norm_q8_case(norm_shapes[i][0], (int)norm_shapes[i][1], &seed, st);
     argmax_rows_test(&seed, st);
     forward_test(argv[1], &seed);
     gpu_stream_destroy(st);
