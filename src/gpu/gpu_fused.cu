@@ -561,26 +561,6 @@ __global__ void __launch_bounds__(FM_THREADS, 4) k_fused_gq(const fm_args a)
 
 /* ---- launcher ----------------------------------------------------------------------------- */
 
-#if !FORGE_GPU_HIP
-/* FORGE_GPU_PDL=0 launches without programmatic dependent launch (comparison, debugging). HIP
- * has no such launch: its kernels are launched the ordinary way. */
-static int pdl_enabled(void)
-{
-    static volatile int cached = -1; /* benign race: every thread computes the same value */
-    if (cached < 0) {
-        const char *v = getenv("FORGE_GPU_PDL");
-        int on = !(v && v[0] == '0');
-        int dev = 0, major = 0;
-        if (cudaGetDevice(&dev) != cudaSuccess ||
-            cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) != cudaSuccess)
-            major = 0;
-        (void)cudaGetLastError();
-        if (major < 9) on = 0;
-        cached = on;
-    }
-    return cached;
-}
-#endif
 
 typedef void (*fm_kernel)(const fm_args);
 
@@ -610,24 +590,7 @@ static int fm_launch(fm_kernel k, const char *name, unsigned grid, size_t smem, 
                               (unsigned)(gpu_sm_count() > 0 ? gpu_sm_count() : 64);
         if (grid > wave) grid = wave;
     }
-#if !FORGE_GPU_HIP
-    if (pdl_enabled()) {
-        cudaLaunchConfig_t cfg = {};
-        cudaLaunchAttribute attr[1] = {};
-        cfg.gridDim = dim3(grid);
-        cfg.blockDim = dim3(FM_THREADS);
-        cfg.dynamicSmemBytes = smem;
-        cfg.stream = st;
-        attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-        attr[0].val.programmaticStreamSerializationAllowed = 1;
-        cfg.attrs = attr;
-        cfg.numAttrs = 1;
-        GPU_CHECK(cudaLaunchKernelEx(&cfg, k, a));
-        GPU_LAUNCH_CHECK(name, st);
-        return FORGE_OK;
-    }
-#endif
-    k<<<grid, FM_THREADS, smem, st>>>(a);
+    gpu_launch_pdl(k, dim3(grid), dim3(FM_THREADS), smem, st, a);
     GPU_LAUNCH_CHECK(name, st);
     return FORGE_OK;
 fail:

@@ -106,6 +106,7 @@ __global__ void k_weight_convert(const uint8_t *__restrict__ src, uint8_t *__res
 __global__ void k_act_quantize(const float *__restrict__ x, int8_t *__restrict__ xq,
                                float *__restrict__ xd, int *__restrict__ xs, int n_blocks)
 {
+    gpu_pdl_trigger(); /* the products after it may load their weights meanwhile */
     int b = blockIdx.x * (blockDim.x / GPU_SEG) + threadIdx.x / GPU_SEG;
     int lane = threadIdx.x % GPU_SEG;
     if (b >= n_blocks) return;

@@ -202,6 +202,8 @@ __global__ void __launch_bounds__(MM_THREADS) k_matvec_multi(const mm_args a)
 {
     constexpr int UNROLL = RW >= 4 ? 2 : MM_UNROLL;
     __shared__ float part[SPR > 1 ? RW * NR : 1][MM_THREADS / GPU_SEG];
+    gpu_pdl_trigger();
+    bool waited = false; /* launched with PDL: the first weights come before the wait */
     const int lane = threadIdx.x % GPU_SEG, seg = threadIdx.x / GPU_SEG;
     const int row0 = (blockIdx.x * (MM_ROWS_PER_BLOCK / SPR) + seg / SPR) * RW;
     const int sub = seg % SPR;
@@ -237,6 +239,10 @@ __global__ void __launch_bounds__(MM_THREADS) k_matvec_multi(const mm_args a)
                     }
                 }
             }
+            if (!waited) {
+                gpu_pdl_wait();
+                waited = true;
+            }
 #pragma unroll
             for (int u = 0; u < UNROLL; u++) {
                 int c = c0 + u * step;
@@ -253,6 +259,7 @@ __global__ void __launch_bounds__(MM_THREADS) k_matvec_multi(const mm_args a)
             }
         }
     }
+    if (!waited) gpu_pdl_wait(); /* before the stores (add: before reading y) */
 #pragma unroll
     for (int i = 0; i < RW; i++)
 #pragma unroll
@@ -564,15 +571,16 @@ template <int WT, int SPR, int NR>
 static void mm_launch_rw(const mm_args &a, int rw, cudaStream_t st)
 {
     const int rows_per_block = MM_ROWS_PER_BLOCK / SPR;
+    /* with PDL: each block's first weights load while the kernel before still runs */
     if (SPR > 1 || rw == 1) {
         const unsigned grid = (unsigned)((a.n_out + rows_per_block - 1) / rows_per_block);
-        k_matvec_multi<WT, SPR, NR, 1><<<grid, MM_THREADS, 0, st>>>(a);
+        gpu_launch_pdl(k_matvec_multi<WT, SPR, NR, 1>, dim3(grid), dim3(MM_THREADS), 0, st, a);
     } else if (rw == 2) {
         const unsigned grid = (unsigned)((a.n_out + 2 * rows_per_block - 1) / (2 * rows_per_block));
-        k_matvec_multi<WT, 1, NR, 2><<<grid, MM_THREADS, 0, st>>>(a);
+        gpu_launch_pdl(k_matvec_multi<WT, 1, NR, 2>, dim3(grid), dim3(MM_THREADS), 0, st, a);
     } else {
         const unsigned grid = (unsigned)((a.n_out + 4 * rows_per_block - 1) / (4 * rows_per_block));
-        k_matvec_multi<WT, 1, NR, 4><<<grid, MM_THREADS, 0, st>>>(a);
+        gpu_launch_pdl(k_matvec_multi<WT, 1, NR, 4>, dim3(grid), dim3(MM_THREADS), 0, st, a);
     }
 }
 

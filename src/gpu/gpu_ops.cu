@@ -93,6 +93,7 @@ __global__ void __launch_bounds__(GPU_RMS_THREADS)
                  const q8_out o)
 {
     __shared__ float red[GPU_RMS_THREADS / GPU_SEG];
+    gpu_pdl_trigger(); /* the products after it may load their weights meanwhile */
     const float4 *xr = (const float4 *)(x + (int64_t)blockIdx.x * n);
     const float4 *w4 = (const float4 *)w;
     float4 *yr = (float4 *)(y + (int64_t)blockIdx.x * n);
@@ -112,6 +113,7 @@ __global__ void __launch_bounds__(GPU_RMS_THREADS)
 __global__ void k_swiglu_q8(const float *g, const float *u, float *out, int64_t n4,
                             const q8_out o)
 {
+    gpu_pdl_trigger();
     const int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
     const bool ok = i < n4;
     float4 v = make_float4(0.f, 0.f, 0.f, 0.f);

@@ -37,6 +37,27 @@ int gpu_sync_debug(void)
     return cached;
 }
 
+int gpu_pdl_enabled(void)
+{
+#if FORGE_GPU_HIP
+    return 0;
+#else
+    static volatile int cached = -1; /* benign race: every thread computes the same value */
+    if (cached < 0) {
+        const char *v = getenv("FORGE_GPU_PDL");
+        int on = !(v && v[0] == '0');
+        int dev = 0, major = 0;
+        if (cudaGetDevice(&dev) != cudaSuccess ||
+            cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) != cudaSuccess)
+            major = 0;
+        (void)cudaGetLastError();
+        if (major < 9) on = 0;
+        cached = on;
+    }
+    return cached;
+#endif
+}
+
 int gpu_sm_count(void)
 {
     static volatile int cache[64]; /* benign race: every thread stores the same value */

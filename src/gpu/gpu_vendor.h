@@ -285,6 +285,36 @@ GPU_DEV void gpu_pdl_trigger(void)
 #endif
 }
 
+/* Whether kernels are launched with programmatic dependent launch (gpu_launch_pdl): a device of
+ * sm_90+ (CUDA), unless FORGE_GPU_PDL=0 (comparison, debugging). Cached; 0 on HIP. */
+int gpu_pdl_enabled(void);
+
+/* Launch kernel k with programmatic dependent launch where gpu_pdl_enabled(), else the ordinary
+ * way. k must call gpu_pdl_wait() before it touches anything earlier kernels wrote or read
+ * (every thread that does), and must not return in any thread that later reaches a barrier. */
+template <typename... P, typename... A>
+static inline void gpu_launch_pdl(void (*k)(P...), dim3 grid, dim3 block, size_t smem,
+                                  cudaStream_t st, A... args)
+{
+#if !FORGE_GPU_HIP
+    if (gpu_pdl_enabled()) {
+        cudaLaunchConfig_t cfg = {};
+        cudaLaunchAttribute attr[1] = {};
+        cfg.gridDim = grid;
+        cfg.blockDim = block;
+        cfg.dynamicSmemBytes = smem;
+        cfg.stream = st;
+        attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+        attr[0].val.programmaticStreamSerializationAllowed = 1;
+        cfg.attrs = attr;
+        cfg.numAttrs = 1;
+        (void)cudaLaunchKernelEx(&cfg, k, args...); /* its error: the caller's launch check */
+        return;
+    }
+#endif
+    k<<<grid, block, smem, st>>>(args...);
+}
+
 /* ---- error checks (host side) -------------------------------------------------------------- */
 /* Defined in gpu_runtime.cu; internal to libforge_cuda (hidden visibility). */
 int gpu_err_set(forge_err *err, int code, const char *fmt, ...)
