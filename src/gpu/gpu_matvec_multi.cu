@@ -72,32 +72,37 @@ struct mm_args {
     size_t row_bytes;
 };
 
-GPU_DEVT int mm_mat_of(const mm_args &a, int row)
+/* Every matrix but the last of a launch has a multiple of MM_MAT_ROWS rows, and a block's rows
+ * (8 / SPR x RW of k_matvec_multi, 16 or 32 of k_matvec_tc) divide it: a block never straddles
+ * two matrices, so it finds its matrix once, from its first row, by selects on uniform values
+ * (an array parameter indexed at run time per row was copied to the stack and cost the tensor-
+ * core kernel 44 registers). */
+#define MM_MAT_ROWS 32
+
+struct mm_mat {
+    const uint8_t *w;
+    const unsigned short *sc;
+    float *y;
+    int r0, n; /* its first launch row, its rows */
+};
+
+GPU_DEVT mm_mat mm_block_mat(const mm_args &a, int first_row)
 {
-    int m = 0;
-#pragma unroll
-    for (int k = 1; k < GPU_MATVEC_MULTI_MATS; k++)
-        m += k < a.n_mat && row >= a.row0[k];
-    return m;
+    static_assert(GPU_MATVEC_MULTI_MATS == 3, "mm_block_mat selects among 3");
+    const int m = (a.n_mat > 1 && first_row >= a.row0[1]) + (a.n_mat > 2 && first_row >= a.row0[2]);
+    mm_mat t;
+    t.w = m == 0 ? a.w[0] : m == 1 ? a.w[1] : a.w[2];
+    t.sc = m == 0 ? a.scales[0] : m == 1 ? a.scales[1] : a.scales[2];
+    t.y = m == 0 ? a.y[0] : m == 1 ? a.y[1] : a.y[2];
+    t.r0 = m == 0 ? 0 : m == 1 ? a.row0[1] : a.row0[2];
+    t.n = (m == 0 ? a.row0[1] : m == 1 ? a.row0[2] : a.row0[3]) - t.r0;
+    return t;
 }
 
-/* weight row / block scales of launch row `row` (< n_out) */
-GPU_DEVT const uint8_t *mm_wrow(const mm_args &a, int row)
+/* y of activation row r, launch row `row` of the block's matrix: stored or (add) added */
+GPU_DEVT void mm_put(const mm_args &a, const mm_mat &t, int r, int row, float v)
 {
-    const int m = mm_mat_of(a, row);
-    return a.w[m] + (size_t)(row - a.row0[m]) * a.row_bytes;
-}
-GPU_DEVT const unsigned short *mm_srow(const mm_args &a, int row)
-{
-    const int m = mm_mat_of(a, row);
-    return a.scales[m] + (size_t)(row - a.row0[m]) * (a.n_in / QK);
-}
-
-/* y of activation row r, launch row `row` (< n_out) */
-GPU_DEVT void mm_store(const mm_args &a, int r, int row, float v)
-{
-    const int m = mm_mat_of(a, row);
-    float *y = a.y[m] + (int64_t)r * (a.row0[m + 1] - a.row0[m]) + row - a.row0[m];
+    float *y = t.y + (int64_t)r * t.n + (row - t.r0);
     *y = a.add ? *y + v : v;
 }
 
@@ -214,14 +219,15 @@ __global__ void __launch_bounds__(MM_THREADS) k_matvec_multi(const mm_args a)
 #pragma unroll
         for (int r = 0; r < NR; r++)
             acc[i][r] = 0.0f;
+    const mm_mat mt = mm_block_mat(a, blockIdx.x * (MM_ROWS_PER_BLOCK / SPR) * RW);
     if (row0 < a.n_out) {
         const uint4 *wrow[RW];
         const unsigned short *srow[RW];
 #pragma unroll
         for (int i = 0; i < RW; i++) {
-            const int row = row0 + i < a.n_out ? row0 + i : a.n_out - 1;
-            wrow[i] = (const uint4 *)mm_wrow(a, row);
-            srow[i] = quant ? mm_srow(a, row) : NULL;
+            const int row = (row0 + i < a.n_out ? row0 + i : a.n_out - 1) - mt.r0;
+            wrow[i] = (const uint4 *)(mt.w + (size_t)row * a.row_bytes);
+            srow[i] = quant ? mt.sc + (size_t)row * (a.n_in / QK) : NULL;
         }
         const int n_chunks = (int)(a.row_bytes / 16);
         const int step = GPU_SEG * SPR;
@@ -267,10 +273,12 @@ __global__ void __launch_bounds__(MM_THREADS) k_matvec_multi(const mm_args a)
             acc[i][r] = gpu_seg_sum(acc[i][r]);
     if (SPR == 1) {
         if (lane == 0)
+#pragma unroll
             for (int i = 0; i < RW; i++)
                 if (row0 + i < a.n_out)
-                    for (int r = 0; r < a.n_rows; r++)
-                        mm_store(a, r, row0 + i, acc[i][r]);
+#pragma unroll
+                    for (int r = 0; r < NR; r++)
+                        if (r < a.n_rows) mm_put(a, mt, r, row0 + i, acc[i][r]);
     } else {
         if (lane == 0) {
 #pragma unroll
@@ -288,7 +296,7 @@ __global__ void __launch_bounds__(MM_THREADS) k_matvec_multi(const mm_args a)
 #pragma unroll
                     for (int k = 0; k < SPR; k++)
                         sum += part[i * NR + r][seg + k];
-                    mm_store(a, r, row0 + i, sum);
+                    mm_put(a, mt, r, row0 + i, sum);
                 }
             }
         }
@@ -342,15 +350,16 @@ __global__ void __launch_bounds__(TC_THREADS) k_matvec_tc(const mm_args a)
 
     /* the lane's weight rows (g, g + 8 of each fragment) and activation rows (2 tig, 2 tig + 1);
      * rows past the end read the last one (valid memory) and are not stored */
+    const mm_mat mt = mm_block_mat(a, row0);
     const uint8_t *wr[FM][2];
     const unsigned short *sr[FM][2];
 #pragma unroll
     for (int fm = 0; fm < FM; fm++)
 #pragma unroll
         for (int h = 0; h < 2; h++) {
-            const int row = min(row0 + fm * 16 + g + 8 * h, a.n_out - 1);
-            wr[fm][h] = mm_wrow(a, row) + (Q4 ? 8 * (tig & 1) : 4 * tig);
-            sr[fm][h] = mm_srow(a, row);
+            const int row = min(row0 + fm * 16 + g + 8 * h, a.n_out - 1) - mt.r0;
+            wr[fm][h] = mt.w + (size_t)row * a.row_bytes + (Q4 ? 8 * (tig & 1) : 4 * tig);
+            sr[fm][h] = mt.sc + (size_t)row * nb;
         }
     const int8_t *xr[FN];
     const float *dr[FN][2];
@@ -476,7 +485,7 @@ __global__ void __launch_bounds__(TC_THREADS) k_matvec_tc(const mm_args a)
     for (int i = 0; i < (NOUT + TC_THREADS - 1) / TC_THREADS; i++) {
         const int o = threadIdx.x + i * TC_THREADS;
         const int row = row0 + o / BN, tok = tok0 + o % BN;
-        if (o < NOUT && row < a.n_out && tok < a.n_rows) mm_store(a, tok, row, tot[i]);
+        if (o < NOUT && row < a.n_out && tok < a.n_rows) mm_put(a, mt, tok, row, tot[i]);
     }
 #endif
 }
@@ -489,7 +498,12 @@ __global__ void __launch_bounds__(TC_THREADS) k_matvec_tc(const mm_args a)
  * L1 wavefronts of the per-lane 4-byte loads (a warp's load touches 8 rows or 8 activation rows);
  * a variant staging each step's chunks in shared memory by cp.async and reading fragments by
  * ldmatrix (bit-exact too) was slower: 16 streams 1442-1725. */
-#define TC_MIN_ROWS_DEFAULT 9
+/* Nineteenth session, h100, `forge bench -m llama2-7b-Q4_0 --parallel 6,8 -p 128 -n 128`, two
+ * rounds (FORGE_GPU_MULTI_TC = 9 / 8 / 6): 6 streams 1049-1053 / 1048-1053 / 1123-1129 tok/s,
+ * 8 streams 1211-1218 / 1411-1415 / 1415-1420: in the engine (merged launches, weights streaming
+ * from the layers before) the tensor cores win from 6 rows, where the lone kernel above lost at
+ * 8. */
+#define TC_MIN_ROWS_DEFAULT 6
 static int tc_min_rows = -1;
 
 /* 9..16 rows: 4 chunks of a leaf loaded at once where every leaf has 4 and the block has 16
@@ -658,7 +672,7 @@ GPU_API int gpu_matvec_multi_mats_ok(int wtype, int n_mat, const int64_t *n_out,
         return 0;
     int64_t total = 0;
     for (int m = 0; m < n_mat; m++) {
-        if (n_out[m] <= 0) return 0;
+        if (n_out[m] <= 0 || (m < n_mat - 1 && n_out[m] % MM_MAT_ROWS)) return 0;
         total += n_out[m];
     }
     return total <= INT32_MAX && mm_mats_spr(wtype, n_mat, n_out, n_in) != 0;
@@ -681,8 +695,9 @@ GPU_API int gpu_matvec_multi_mats(int wtype, int n_mat, const void *const *d_w,
     if (!gpu_matvec_multi_mats_ok(wtype, n_mat, n_out, n_in))
         return gpu_err_set(err, n_out[0] > 0 ? FORGE_E_UNSUPPORTED : FORGE_E_INVALID,
                            "gpu_matvec_multi: %d matrices of %lld.. rows that do not split "
-                           "their rows alike (or an empty one)",
-                           n_mat, (long long)n_out[0]);
+                           "their rows alike, or with a count not a multiple of %d before the "
+                           "last (or an empty one)",
+                           n_mat, (long long)n_out[0], MM_MAT_ROWS);
     if (n_rows < 1 || n_rows > GPU_MATVEC_MULTI_MAX || n_in > INT32_MAX ||
         n_rows * n_in > INT32_MAX)
         return gpu_err_set(err, FORGE_E_INVALID, "gpu_matvec_multi: %lld rows of %lld x %lld",

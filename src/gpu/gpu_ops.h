@@ -451,16 +451,16 @@ int gpu_matvec_multi(int wtype, const void *d_w, int64_t n_out, int64_t n_in, in
  * read the same rows (Q/K/V, gate/up) in one launch: d_y[m] = [n_rows][n_out[m]] = W_m x, each
  * row bit-identical to gpu_matvec_multi (and gpu_matvec) of that matrix alone; with add,
  * d_y[m] += W_m x instead (the bits of gpu_add(d_y, W_m x): a residual add without a launch). One launch
- * pays one ramp and one tail instead of n_mat. The matrices must split their rows alike
- * (gpu_matvec_multi_mats_ok: the same segments per row, gpu_invariant.cuh), else
- * FORGE_E_UNSUPPORTED: run them one by one. */
+ * pays one ramp and one tail instead of n_mat. The matrices must split their rows alike (the
+ * same segments per row, gpu_invariant.cuh) and all but the last have a multiple of 32 rows
+ * (gpu_matvec_multi_mats_ok), else FORGE_E_UNSUPPORTED: run them one by one. */
 #define GPU_MATVEC_MULTI_MATS 3
 int gpu_matvec_multi_mats_ok(int wtype, int n_mat, const int64_t *n_out, int64_t n_in);
 int gpu_matvec_multi_mats(int wtype, int n_mat, const void *const *d_w, const int64_t *n_out,
                           int64_t n_in, int64_t n_rows, const float *d_x, const void *d_xq,
                           float *const *d_y, int add, gpu_stream *s, forge_err *err);
 /* Q8_0/Q4_0 batches of at least n rows take the tensor-core kernel, 0: never (tests and
- * benchmarks; else FORGE_GPU_MULTI_TC=n, default 9). Not thread-safe: call before any launch. */
+ * benchmarks; else FORGE_GPU_MULTI_TC=n, default 6). Not thread-safe: call before any launch. */
 void gpu_matvec_multi_tc_min(int n);
 
 /* ---- the ops of the other architectures (issue 15: Gemma, mixtures of experts; gpu_archs.cu,

@@ -399,6 +399,8 @@ static void matvec_mats_case(int t, int n_mat, const int64_t *n_out, int64_t n_i
     for (size_t ri = 0; ri < GT_LEN(rows); ri++) {
         const int n = rows[ri];
         if (q) GT_OK(gpu_act_quantize(d_x, n * n_in, d_xqm, st, err));
+        for (int m = 0; m < n_mat; m++)
+            gt_out_prepare(d_ym[m], (size_t)(n * n_out[m]) * 4, st);
         forge_err e = {0};
         const int rc = gpu_matvec_multi_mats(t, n_mat, (const void *const *)d_w, n_out, n_in, n,
                                              d_x, d_xqm, d_ym, 0, st, &e);
@@ -809,14 +811,23 @@ int main(int argc, char **argv)
                     matvec_multi_case(types[t], shapes[sh][0], shapes[sh][1], tc, &seed, st);
     }
     gpu_matvec_multi_tc_min(-1);
-    /* Q/K/V-like (4096 + 1024 + 1024 rows of 16 chunks: one segment per row on every device),
-     * gate/up-like pairs whose rows end mid-segment, and a pair split unlike (48 long rows
-     * share their rows among segments, 4100 do not): refused */
-    const int64_t qkv[] = {4096, 1024, 1024}, pair[] = {1000, 3001}, unlike[] = {48, 4100};
+    /* Q/K/V-like (4096 + 1024 + 1024 rows), gate/up-like pairs whose last matrix ends
+     * mid-segment; refused: a pair split unlike (48 long rows share their rows among segments,
+     * 4100 do not) and one whose first matrix is not a multiple of 32 rows */
+    const int64_t qkv[] = {4096, 1024, 1024}, pair[] = {1024, 3001}, unlike[] = {48, 4100},
+                  ragged[] = {1000, 3008};
     for (size_t t = 0; t < GT_LEN(types); t++) {
-        matvec_mats_case(types[t], 3, qkv, 512, 1, &seed, st);
+        /* rows of 16 or 32 chunks (Q4_0, Q8_0) take one segment on every device; float rows of
+         * 512 values have enough chunks that 1024-row matrices may take two where 4096 take one */
+        const int q = types[t] == GGML_TYPE_Q8_0 || types[t] == GGML_TYPE_Q4_0;
+        matvec_mats_case(types[t], 3, qkv, 512, q, &seed, st);
         matvec_mats_case(types[t], 2, pair, 1024, 0, &seed, st);
         matvec_mats_case(types[t], 2, unlike, 4096, 0, &seed, st);
+        gt_check(!gpu_matvec_multi_mats_ok(types[t], 2, ragged, 1024),
+                 "matvec_multi_mats %s: a first matrix of 1000 rows (not a multiple of 32) "
+                 "accepted",
+                 gpu_type_name_test(types[t]));
+        matvec_mats_case(types[t], 2, ragged, 1024, 0, &seed, st);
     }
     const int64_t norm_shapes[][2] = {{4096, 1}, {4096, 4}, {11008, 3}, {96, 16}, {2048, 9}};
     for (size_t i = 0; i < GT_LEN(norm_shapes); i++)
