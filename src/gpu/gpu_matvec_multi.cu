@@ -498,11 +498,10 @@ __global__ void __launch_bounds__(TC_THREADS) k_matvec_tc(const mm_args a)
  * L1 wavefronts of the per-lane 4-byte loads (a warp's load touches 8 rows or 8 activation rows);
  * a variant staging each step's chunks in shared memory by cp.async and reading fragments by
  * ldmatrix (bit-exact too) was slower: 16 streams 1442-1725. */
-/* Nineteenth session, h100, `forge bench -m llama2-7b-Q4_0 --parallel 6,8 -p 128 -n 128`, two
- * rounds (FORGE_GPU_MULTI_TC = 9 / 8 / 6): 6 streams 1049-1053 / 1048-1053 / 1123-1129 tok/s,
- * 8 streams 1211-1218 / 1411-1415 / 1415-1420: in the engine (merged launches, weights streaming
- * from the layers before) the tensor cores win from 6 rows, where the lone kernel above lost at
- * 8. */
+/* Nineteenth session, h100, `forge bench -m llama2-7b-Q4_0 --parallel N -p 128 -n 128` with the
+ * merged launches (tok/s, dp4a / tensor cores): 4 streams 1061 / 775, 5 streams 1078 / 945,
+ * 6 streams 1049-1053 / 1123-1129, 8 streams 1211-1218 / 1411-1420: in the engine the tensor
+ * cores win from 6 rows, where the lone kernel above lost at 8. */
 #define TC_MIN_ROWS_DEFAULT 6
 static int tc_min_rows = -1;
 
