@@ -47,7 +47,7 @@
  * least fattn_min rows runs the tensor-core kernel gathering K/V through its table
  * (gpu_attention_prompt_paged). Batches of 2 .. gemm_min - 1 rows multiply by gpu_matvec_multi
  * in launches of up to 16 rows (each weight read once per launch; each row's result
- * bit-identical to the one-row matvec; Q8_0/Q4_0 launches of 9 rows or more on the int8 tensor
+ * bit-identical to the one-row matvec; Q8_0/Q4_0 launches of 6 rows or more on the int8 tensor
  * cores, the same bits), and a paged batch of one row runs the fused decode
  * kernels in their batch-invariant mode (the separate ops' bits; types and shapes without that
  * mode take the separate ops), so a decode row gets the same bits alone or in any batch of fewer
