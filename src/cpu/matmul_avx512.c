@@ -1020,47 +1020,26 @@ TGT_F INLINE void f_tile(const kern_mm_args *a, int64_t o, int R, int64_t t0, in
             a->Y[(t0 + t) * a->n_out + o + r] = hsum16(acc[r][t]);
 }
 
-#ifndef F_ROWS
-#define F_ROWS 8
-#endif
-/* One token: F_ROWS rows, one accumulator each, elements in order 16 at a time: the reduction
- * order of f_tile, so a row gets the same bits alone as in a tile of several tokens (batch
- * invariance); the F_ROWS independent chains keep the FMAs in flight. */
+/* One token (decode): one row at a time, one accumulator, elements in order 16 at a time: the
+ * reduction order of f_tile, so a row gets the same bits alone as in a tile of several tokens
+ * (batch invariance). One weight stream per thread, left to the hardware prefetcher: on dev-cpu
+ * (Zen 5) eight interleaved rows with a software prefetch of the next eight decoded TinyLlama
+ * F16 at 0.88x llama.cpp, four at 0.93x, two at ~0.6x, one at 1.12x (docs/PERFORMANCE.md; n_in
+ * is a multiple of 32). */
 TGT_F INLINE void f_rows_1tok(const kern_mm_args *a, int64_t r0, int64_t r1, int64_t t, int kind)
 {
     size_t xstride = kind == WK_F32 ? (size_t)a->n_in * 4 : a->xc_row_bytes;
     const uint8_t *xbase = kind == WK_F32 ? (const uint8_t *)a->X : a->Xc;
     const float *x = (const float *)(const void *)(xbase + (size_t)t * xstride);
-    int64_t o = r0;
-    for (; o + F_ROWS <= r1; o += F_ROWS) {
-        const uint8_t *w[F_ROWS];
-        __m512 acc[F_ROWS];
-#pragma GCC unroll 8
-        for (int r = 0; r < F_ROWS; r++) {
-            w[r] = a->W + (size_t)(o + r) * a->w_row_bytes;
-            acc[r] = _mm512_setzero_ps();
-        }
+    for (int64_t o = r0; o < r1; o++) {
+        const uint8_t *w = a->W + (size_t)o * a->w_row_bytes;
+        __m512 acc = _mm512_setzero_ps();
         for (int64_t i = 0; i < a->n_in; i += 32) {
-            __m512 x0 = _mm512_loadu_ps(x + i), x1 = _mm512_loadu_ps(x + i + 16);
-            /* the next tile as one linear stream, a tile's worth per step */
-            const size_t es = kind == WK_F16 ? 2 : 4, step = F_ROWS * 32 * es;
-            const uint8_t *pf = w[0] + F_ROWS * a->w_row_bytes + (size_t)i / 32 * step;
-#pragma GCC unroll 16
-            for (size_t l = 0; l < step / 64; l++)
-                _mm_prefetch((const char *)(pf + 64 * l), _MM_HINT_T1);
-#pragma GCC unroll 8
-            for (int r = 0; r < F_ROWS; r++)
-                acc[r] = _mm512_fmadd_ps(load_w16(w[r], i, kind), x0, acc[r]);
-#pragma GCC unroll 8
-            for (int r = 0; r < F_ROWS; r++)
-                acc[r] = _mm512_fmadd_ps(load_w16(w[r], i + 16, kind), x1, acc[r]);
+            acc = _mm512_fmadd_ps(load_w16(w, i, kind), _mm512_loadu_ps(x + i), acc);
+            acc = _mm512_fmadd_ps(load_w16(w, i + 16, kind), _mm512_loadu_ps(x + i + 16), acc);
         }
-#pragma GCC unroll 8
-        for (int r = 0; r < F_ROWS; r++)
-            a->Y[t * a->n_out + o + r] = hsum16(acc[r]);
+        a->Y[t * a->n_out + o] = hsum16(acc);
     }
-    for (; o < r1; o++)
-        f_tile(a, o, 1, t, 1, kind);
 }
 
 /* per-thread scratch per 32 inputs: spilled accumulators of a row block */
