@@ -1020,25 +1020,36 @@ TGT_F INLINE void f_tile(const kern_mm_args *a, int64_t o, int R, int64_t t0, in
             a->Y[(t0 + t) * a->n_out + o + r] = hsum16(acc[r][t]);
 }
 
-/* One token (decode): one row at a time, one accumulator, elements in order 16 at a time: the
- * reduction order of f_tile, so a row gets the same bits alone as in a tile of several tokens
- * (batch invariance). One weight stream per thread, left to the hardware prefetcher: on dev-cpu
- * (Zen 5) eight interleaved rows with a software prefetch of the next eight decoded TinyLlama
- * F16 at 0.88x llama.cpp, four at 0.93x, two at ~0.6x, one at 1.12x (docs/PERFORMANCE.md; n_in
- * is a multiple of 32). */
-TGT_F INLINE void f_rows_1tok(const kern_mm_args *a, int64_t r0, int64_t r1, int64_t t, int kind)
+/* One or two tokens (decode, a step of two streams): one row at a time, one accumulator per
+ * token, elements in order 16 at a time: the reduction order of f_tile, so a row gets the same
+ * bits alone as in a tile of several tokens (batch invariance). One weight stream per thread,
+ * left to the hardware prefetcher, and read once for both tokens: on dev-cpu (Zen 5) eight
+ * interleaved rows with a software prefetch of the next eight decoded TinyLlama F16 at 0.88x
+ * llama.cpp, four at 0.93x, two at ~0.6x, one at 1.12x (docs/PERFORMANCE.md; n_in is a
+ * multiple of 32). */
+TGT_F INLINE void f_rows_ntok(const kern_mm_args *a, int64_t r0, int64_t r1, int64_t t0, int T,
+                              int kind)
 {
     size_t xstride = kind == WK_F32 ? (size_t)a->n_in * 4 : a->xc_row_bytes;
     const uint8_t *xbase = kind == WK_F32 ? (const uint8_t *)a->X : a->Xc;
-    const float *x = (const float *)(const void *)(xbase + (size_t)t * xstride);
+    const float *x[2];
+#pragma GCC unroll 2
+    for (int t = 0; t < T; t++)
+        x[t] = (const float *)(const void *)(xbase + (size_t)(t0 + t) * xstride);
     for (int64_t o = r0; o < r1; o++) {
         const uint8_t *w = a->W + (size_t)o * a->w_row_bytes;
-        __m512 acc = _mm512_setzero_ps();
+        __m512 acc[2] = {_mm512_setzero_ps(), _mm512_setzero_ps()};
         for (int64_t i = 0; i < a->n_in; i += 32) {
-            acc = _mm512_fmadd_ps(load_w16(w, i, kind), _mm512_loadu_ps(x + i), acc);
-            acc = _mm512_fmadd_ps(load_w16(w, i + 16, kind), _mm512_loadu_ps(x + i + 16), acc);
+            const __m512 w0 = load_w16(w, i, kind), w1 = load_w16(w, i + 16, kind);
+#pragma GCC unroll 2
+            for (int t = 0; t < T; t++) {
+                acc[t] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(x[t] + i), acc[t]);
+                acc[t] = _mm512_fmadd_ps(w1, _mm512_loadu_ps(x[t] + i + 16), acc[t]);
+            }
         }
-        a->Y[t * a->n_out + o] = hsum16(acc);
+#pragma GCC unroll 2
+        for (int t = 0; t < T; t++)
+            a->Y[(t0 + t) * a->n_out + o] = hsum16(acc[t]);
     }
 }
 
@@ -1174,9 +1185,11 @@ TGT_F INLINE void f_block_tok(const kern_mm_args *a, int64_t rb, int64_t re, int
 
 TGT_F INLINE void f_rows(const kern_mm_args *a, int64_t r0, int64_t r1, void *work, int kind)
 {
-    if (a->n_tok < 3) {
-        for (int64_t t = 0; t < a->n_tok; t++)
-            f_rows_1tok(a, r0, r1, t, kind);
+    if (a->n_tok == 1 || a->n_tok == 2) {
+        if (a->n_tok == 1)
+            f_rows_ntok(a, r0, r1, 0, 1, kind);
+        else
+            f_rows_ntok(a, r0, r1, 0, 2, kind);
         return;
     }
     const int64_t rbmax = f_row_block(a);
