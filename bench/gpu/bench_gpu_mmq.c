@@ -141,7 +141,9 @@ static int op_mv16(void *p, int i, forge_err *err)
  */
 static const int64_t g_toks[] = {16, 32, 64, 128, 256, 512};
 #define N_TOKS (sizeof g_toks / sizeof g_toks[0])
-static const char *g_tiles[] = {"128x64", "64x64", "64x32", "32x32", "64x16", "32x16"};
+static const char *g_tiles[] = {"128x64",  "64x64",   "64x32",   "32x32",   "64x16",
+                                "32x16",   "64x64x2", "64x32x2", "64x64x4", "64x32x4",
+                                "32x32x4", "64x16x4", "32x16x4"};
 #define N_TILES (sizeof g_tiles / sizeof g_tiles[0])
 
 static void bench_matrix(int t, int64_t n_out, int64_t n_in, gpu_blas *blas, int tiles)

@@ -6,9 +6,10 @@
  *
  * Numerics: those of the matvec kernels. Per 32-element block b the integer dot product
  * s_b = sum_j q_w[j] q_x[j] (Q4_0: q_w = nibble - 8) is exact; the result is
- * sum_b (d_w[b] * d_x[b]) * s_b in fp32, summed over b in ascending order by one thread, so the
- * result is deterministic (no atomics, no split-K) and differs from gpu_matvec only by the
- * float summation order.
+ * sum_b (d_w[b] * d_x[b]) * s_b in fp32, summed over b in ascending order by one thread, or,
+ * where the configuration splits k over WK groups of warps, over each group's blocks in ascending
+ * order and the WK partial sums added in group order; so the result is deterministic (no
+ * atomics) and differs from gpu_matvec only by the float summation order.
  *
  * Kernel design (k_mmq):
  *   - A block computes a BM (weight rows) x BN (tokens) tile of Y with WM x WN warps; a warp
@@ -44,11 +45,15 @@
  *     n_in/32 and the row are odd, so they are copied as the KB/2 + 1 aligned 32-bit words that
  *     cover them (the last one shortened to 2 bytes at the end of the plane) and read at offset
  *     (row * n_in/32) & 1.
+ *   - The k split (WK > 1): warp w of a block is warp w % (WM * WN) of the tile in k-group
+ *     w / (WM * WN), which multiplies blocks [k * KB/WK, (k + 1) * KB/WK) of every stage (k its group); after
+ *     the loop groups 1.. leave their accumulators in shared memory and group 0 adds them.
  *   - Tiles: chosen per call from a few configurations (mmq_pick): tokens per block 16, 32 or
  *     64 (the smallest that holds n_tok, or 64), then the largest row tile whose grid fills
- *     about all multiprocessors; shapes too small for that take the most blocks. The grid's x
- *     is the token tile, so the blocks that share weight rows run together and read the rows
- *     once from DRAM (the rest from L2).
+ *     about all multiprocessors; shapes too small for that take the most blocks; then the
+ *     largest k split that keeps the grid within MMQ_WARPS_PER_SM warps a multiprocessor. The
+ *     grid's x is the token tile, so the blocks that share weight rows run together and read the
+ *     rows once from DRAM (the rest from L2).
  * HIP: no mma/ldmatrix/cp.async in Debian's clang-15 toolchain for AMD: gpu_mmq_supported is 0 and
  * gpu_mmq returns FORGE_E_UNSUPPORTED (the caller keeps its other path). */
 #include <stdlib.h>
@@ -68,13 +73,12 @@ static int mmq_is_type(int wtype)
     return wtype == GGML_TYPE_Q8_0 || wtype == GGML_TYPE_Q4_0;
 }
 
-
 #define MMQ_SMEM_TARGET (96 * 1024)
 
 /* Shared-memory geometry of one configuration (see the header comment). */
-template <int WT, int BM, int BN, int WM, int WN> struct mmq_geom {
+template <int WT, int BM, int BN, int WM, int WN, int WK> struct mmq_geom {
     enum {
-        NT = WM * WN * 32,
+        NT = WM * WN * WK * 32,
         TM = BM / WM,
         TN = BN / WN,
         FM = TM / 16,
@@ -95,8 +99,12 @@ template <int WT, int BM, int BN, int WM, int WN> struct mmq_geom {
                  : MMQ_SMEM_TARGET / STAGE_BYTES > 8 ? 8
                                                      : MMQ_SMEM_TARGET / STAGE_BYTES,
         SMEM = STAGES * STAGE_BYTES,
+        KPG = KB / WK,                      /* blocks of a stage per k-group */
+        RED_BYTES = (WK - 1) * BM * BN * 4, /* the k-groups' partial tiles, after the loop */
     };
     static_assert(TM % 16 == 0 && TN % 8 == 0, "warp tile must be whole fragments");
+    static_assert(KB % WK == 0, "a stage's blocks split evenly over the k-groups");
+    static_assert(RED_BYTES <= SMEM, "the partial tiles fit the stages' shared memory");
     static_assert(WQ_LD % 32 == 16 && XQ_LD % 32 == 16, "row strides: odd 16-byte units");
 };
 
@@ -115,10 +123,10 @@ struct mmq_args {
 
 /* ---- stage loader --------------------------------------------------------------------------- */
 /* Copies of k-stage kt (blocks kb0 .. kb0+nv-1) of the block's rows and tokens into `stage`. */
-template <int WT, int BM, int BN, int WM, int WN>
+template <int WT, int BM, int BN, int WM, int WN, int WK>
 GPU_DEVT void mmq_load_stage(const mmq_args &a, uint8_t *stage, int kt, int row0, int tok0)
 {
-    typedef mmq_geom<WT, BM, BN, WM, WN> G;
+    typedef mmq_geom<WT, BM, BN, WM, WN, WK> G;
     const int tid = threadIdx.x;
     const int kb0 = kt * G::KB;
     const int nv = min((int)G::KB, a.nb - kb0);
@@ -194,17 +202,18 @@ GPU_DEVT void mmq_load_stage(const mmq_args &a, uint8_t *stage, int kt, int row0
 
 /* ---- the kernel ----------------------------------------------------------------------------- */
 /* grid (token tiles, row tiles); G::NT threads; G::SMEM bytes of dynamic shared memory. */
-template <int WT, int BM, int BN, int WM, int WN>
-__global__ void __launch_bounds__(WM *WN * 32) k_mmq(const mmq_args a)
+template <int WT, int BM, int BN, int WM, int WN, int WK>
+__global__ void __launch_bounds__(WM *WN *WK * 32) k_mmq(const mmq_args a)
 {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
     __trap(); /* never launched: the library is built for sm_80+ only */
 #else
-    typedef mmq_geom<WT, BM, BN, WM, WN> G;
+    typedef mmq_geom<WT, BM, BN, WM, WN, WK> G;
     constexpr int FM = G::FM, FN = G::FN, KB = G::KB, STAGES = G::STAGES;
     extern __shared__ __align__(16) uint8_t mmq_smem_buf[];
 
-    const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+    const int lane = threadIdx.x % 32, warp = threadIdx.x / 32 % (WM * WN);
+    const int wk = threadIdx.x / 32 / (WM * WN); /* the warp's k-group */
     const int g = lane / 4, tig = lane % 4;
     const int wr0 = (warp % WM) * G::TM; /* the warp's first row in the tile */
     const int wt0 = (warp / WM) * G::TN; /* its first token */
@@ -231,7 +240,8 @@ __global__ void __launch_bounds__(WM *WN * 32) k_mmq(const mmq_args a)
 #pragma unroll
     for (int s = 0; s < STAGES - 1; s++) {
         if (s < n_kt)
-            mmq_load_stage<WT, BM, BN, WM, WN>(a, mmq_smem_buf + s * G::STAGE_BYTES, s, row0, tok0);
+            mmq_load_stage<WT, BM, BN, WM, WN, WK>(a, mmq_smem_buf + s * G::STAGE_BYTES, s, row0,
+                                                   tok0);
         gpu_cp_commit();
     }
 
@@ -244,7 +254,7 @@ __global__ void __launch_bounds__(WM *WN * 32) k_mmq(const mmq_args a)
         {
             const int next = kt + STAGES - 1;
             if (next < n_kt)
-                mmq_load_stage<WT, BM, BN, WM, WN>(
+                mmq_load_stage<WT, BM, BN, WM, WN, WK>(
                     a, mmq_smem_buf + (next % STAGES) * G::STAGE_BYTES, next, row0, tok0);
             gpu_cp_commit();
         }
@@ -254,7 +264,7 @@ __global__ void __launch_bounds__(WM *WN * 32) k_mmq(const mmq_args a)
         const float *sxd = (const float *)(stage + G::XD_OFF);
         const int nv = min(KB, a.nb - kt * KB); /* the same for the whole block */
 #pragma unroll
-        for (int kb = 0; kb < KB; kb++) {
+        for (int kb = wk * G::KPG; kb < (wk + 1) * G::KPG; kb++) {
             if (kb >= nv) break;
             unsigned af[FM][4];
 #pragma unroll
@@ -312,6 +322,37 @@ __global__ void __launch_bounds__(WM *WN * 32) k_mmq(const mmq_args a)
     }
     gpu_cp_wait<0>(); /* no copy outlives the block (the tail groups are empty anyway) */
 
+    /* k-groups 1..WK-1 hand their partial tiles to group 0 through the stages' memory, which
+     * group 0 adds in group order: a fixed order, whatever the grid */
+    if (WK > 1) {
+        float *red = (float *)(void *)mmq_smem_buf;
+        constexpr int PER = FM * FN * 4; /* one lane's partial sums */
+        __syncthreads();                 /* every warp is done reading the last stage */
+        if (wk > 0) {
+#pragma unroll
+            for (int fm = 0; fm < FM; fm++)
+#pragma unroll
+                for (int fn = 0; fn < FN; fn++)
+#pragma unroll
+                    for (int i = 0; i < 4; i++)
+                        red[(((wk - 1) * WM * WN + warp) * PER + (fm * FN + fn) * 4 + i) * 32 +
+                            lane] = acc[fm][fn][i];
+        }
+        __syncthreads();
+        if (wk > 0) return;
+#pragma unroll
+        for (int k = 1; k < WK; k++)
+#pragma unroll
+            for (int fm = 0; fm < FM; fm++)
+#pragma unroll
+                for (int fn = 0; fn < FN; fn++)
+#pragma unroll
+                    for (int i = 0; i < 4; i++)
+                        acc[fm][fn][i] +=
+                            red[(((k - 1) * WM * WN + warp) * PER + (fm * FN + fn) * 4 + i) * 32 +
+                                lane];
+    }
+
     /* results: element i of fragment (fm, fn) is row g (+8 for i >= 2), token 2tig + (i & 1) */
 #pragma unroll
     for (int fm = 0; fm < FM; fm++)
@@ -331,29 +372,42 @@ __global__ void __launch_bounds__(WM *WN * 32) k_mmq(const mmq_args a)
 }
 
 /* ---- configurations and launch --------------------------------------------------------------- */
-/* idx, BM, BN, WM, WN: from the largest tile (compute-bound prompt chunks) to the smallest
- * (few tokens, few rows: more blocks for the memory-bound case). Warp tiles 32x32, 32x16,
- * 16x16 or 16x8. */
+/* idx, BM, BN, WM, WN, WK: from the largest tile (compute-bound prompt chunks) to the smallest
+ * (few tokens, few rows: more blocks for the memory-bound case); warp tiles 32x32, 32x16, 16x16
+ * or 16x8. Then the same tiles with the k range split over WK groups of warps (a stage's blocks
+ * shared out among them, the partial tiles added at the end): for grids too small to give each
+ * multiprocessor more than a few warps, where every warp's walk over all of k is a chain of
+ * dependent loads and products. The first WK = 1 configurations are the tiles; mmq_pick finds
+ * the split ones by (BM, BN). */
 #define MMQ_CONFIGS(X)                                                                             \
-    X(0, 128, 64, 4, 2)                                                                            \
-    X(1, 64, 64, 2, 2)                                                                             \
-    X(2, 64, 32, 2, 2)                                                                             \
-    X(3, 32, 32, 2, 2)                                                                             \
-    X(4, 64, 16, 4, 1)                                                                             \
-    X(5, 32, 16, 2, 2)
-#define MMQ_N_CONFIGS 6
+    X(0, 128, 64, 4, 2, 1)                                                                         \
+    X(1, 64, 64, 2, 2, 1)                                                                          \
+    X(2, 64, 32, 2, 2, 1)                                                                          \
+    X(3, 32, 32, 2, 2, 1)                                                                          \
+    X(4, 64, 16, 4, 1, 1)                                                                          \
+    X(5, 32, 16, 2, 2, 1)                                                                          \
+    X(6, 64, 64, 2, 2, 2)                                                                          \
+    X(7, 64, 32, 2, 2, 2)                                                                          \
+    X(8, 64, 64, 2, 2, 4)                                                                          \
+    X(9, 64, 32, 2, 2, 4)                                                                          \
+    X(10, 32, 32, 2, 2, 4)                                                                         \
+    X(11, 64, 16, 4, 1, 4)                                                                         \
+    X(12, 32, 16, 2, 2, 4)
+#define MMQ_N_CONFIGS 13
 
 struct mmq_cfg {
-    int bm, bn;
+    int bm, bn, wk, warps;
     size_t smem[2]; /* Q8_0, Q4_0 */
 };
 
 static const mmq_cfg mmq_cfgs[MMQ_N_CONFIGS] = {
-#define MMQ_CFG_ROW(idx, BM, BN, WM, WN)                                                           \
+#define MMQ_CFG_ROW(idx, BM, BN, WM, WN, WK)                                                       \
     {BM,                                                                                           \
      BN,                                                                                           \
-     {(size_t)mmq_geom<GGML_TYPE_Q8_0, BM, BN, WM, WN>::SMEM,                                      \
-      (size_t)mmq_geom<GGML_TYPE_Q4_0, BM, BN, WM, WN>::SMEM}},
+     WK,                                                                                           \
+     WM * WN * WK,                                                                                 \
+     {(size_t)mmq_geom<GGML_TYPE_Q8_0, BM, BN, WM, WN, WK>::SMEM,                                  \
+      (size_t)mmq_geom<GGML_TYPE_Q4_0, BM, BN, WM, WN, WK>::SMEM}},
     MMQ_CONFIGS(MMQ_CFG_ROW)
 #undef MMQ_CFG_ROW
 };
@@ -363,16 +417,16 @@ static size_t mmq_cfg_smem(int idx, int wtype)
     return mmq_cfgs[idx].smem[wtype == GGML_TYPE_Q4_0];
 }
 
-template <int WT, int BM, int BN, int WM, int WN>
+template <int WT, int BM, int BN, int WM, int WN, int WK>
 static int mmq_launch(const mmq_args &a, cudaStream_t st, forge_err *err)
 {
-    typedef mmq_geom<WT, BM, BN, WM, WN> G;
+    typedef mmq_geom<WT, BM, BN, WM, WN, WK> G;
     int rc = FORGE_OK;
     const dim3 grid((unsigned)((a.n_tok + BN - 1) / BN), (unsigned)((a.n_out + BM - 1) / BM));
     /* > 48 KB of dynamic shared memory must be allowed explicitly (cheap; not a stream op) */
-    GPU_CHECK(cudaFuncSetAttribute(k_mmq<WT, BM, BN, WM, WN>,
+    GPU_CHECK(cudaFuncSetAttribute(k_mmq<WT, BM, BN, WM, WN, WK>,
                                    cudaFuncAttributeMaxDynamicSharedMemorySize, (int)G::SMEM));
-    k_mmq<WT, BM, BN, WM, WN><<<grid, G::NT, (size_t)G::SMEM, st>>>(a);
+    k_mmq<WT, BM, BN, WM, WN, WK><<<grid, G::NT, (size_t)G::SMEM, st>>>(a);
     GPU_LAUNCH_CHECK(WT == GGML_TYPE_Q8_0 ? "k_mmq<Q8_0>" : "k_mmq<Q4_0>", st);
     return FORGE_OK;
 fail:
@@ -382,10 +436,11 @@ fail:
 static int mmq_dispatch(int wtype, int idx, const mmq_args &a, cudaStream_t st, forge_err *err)
 {
     switch (idx) {
-#define MMQ_CASE(i, BM, BN, WM, WN)                                                                \
+#define MMQ_CASE(i, BM, BN, WM, WN, WK)                                                            \
     case i:                                                                                        \
-        return wtype == GGML_TYPE_Q8_0 ? mmq_launch<GGML_TYPE_Q8_0, BM, BN, WM, WN>(a, st, err)    \
-                                       : mmq_launch<GGML_TYPE_Q4_0, BM, BN, WM, WN>(a, st, err);
+        return wtype == GGML_TYPE_Q8_0                                                             \
+                   ? mmq_launch<GGML_TYPE_Q8_0, BM, BN, WM, WN, WK>(a, st, err)                    \
+                   : mmq_launch<GGML_TYPE_Q4_0, BM, BN, WM, WN, WK>(a, st, err);
         MMQ_CONFIGS(MMQ_CASE)
 #undef MMQ_CASE
     default:
@@ -393,32 +448,39 @@ static int mmq_dispatch(int wtype, int idx, const mmq_args &a, cudaStream_t st, 
     }
 }
 
-/* FORGE_GPU_MMQ_TILE=BMxBN (e.g. 64x32; read at every call): force that tile where it fits the
- * device's shared memory, for benchmarks and tuning; -1 when unset or not a configuration. */
+/* FORGE_GPU_MMQ_TILE=BMxBN[xWK] (e.g. 64x32 or 64x32x4; read at every call): force that
+ * configuration (WK 1 when left out) where it fits the device's shared memory, for benchmarks and
+ * tuning; -1 when unset or not a configuration. */
 static int mmq_forced_cfg(int wtype, size_t smem_limit)
 {
     const char *e = getenv("FORGE_GPU_MMQ_TILE");
-    int bm = 0, bn = 0;
+    int bm = 0, bn = 0, wk = 1;
     char *end = NULL;
     if (!e || !*e) return -1;
     bm = (int)strtol(e, &end, 10);
     if (!end || *end != 'x') return -1;
-    bn = (int)strtol(end + 1, NULL, 10);
+    bn = (int)strtol(end + 1, &end, 10);
+    if (end && *end == 'x') wk = (int)strtol(end + 1, NULL, 10);
     for (int i = 0; i < MMQ_N_CONFIGS; i++)
-        if (mmq_cfgs[i].bm == bm && mmq_cfgs[i].bn == bn && mmq_cfg_smem(i, wtype) <= smem_limit)
+        if (mmq_cfgs[i].bm == bm && mmq_cfgs[i].bn == bn && mmq_cfgs[i].wk == wk &&
+            mmq_cfg_smem(i, wtype) <= smem_limit)
             return i;
     return -1;
 }
 
-/* The tile for this shape (see the header comment); -1 when none fits the shared memory. */
+/* The configuration for this shape (see the header comment); -1 when none fits the shared
+ * memory. The tile: a token tile at most the next power of two >= n_tok (16 at least: no tile
+ * more than half padding), then the largest row tile whose grid fills >= 90% of the
+ * multiprocessors (else the one with the most blocks). Then the k split: the largest WK whose
+ * grid stays within MMQ_WARPS_PER_SM warps a multiprocessor. */
+#define MMQ_WARPS_PER_SM 16
+
 static int mmq_pick(int wtype, int64_t n_out, int64_t n_tok)
 {
     const size_t limit = gpu_smem_limit();
     const int forced = mmq_forced_cfg(wtype, limit);
     if (forced >= 0) return forced;
     const int64_t sms = gpu_sm_count() > 0 ? gpu_sm_count() : 100;
-    /* a token tile at most the next power of two >= n_tok (16 at least): no tile that is more
-     * than half padding */
     int64_t bn_max = 16;
     while (bn_max < n_tok && bn_max < 64)
         bn_max *= 2;
@@ -426,15 +488,24 @@ static int mmq_pick(int wtype, int64_t n_out, int64_t n_tok)
     int64_t best_blocks = 0;
     for (int i = 0; i < MMQ_N_CONFIGS; i++) {
         const mmq_cfg &c = mmq_cfgs[i];
-        if (c.bn > bn_max || mmq_cfg_smem(i, wtype) > limit) continue;
+        if (c.wk != 1 || c.bn > bn_max || mmq_cfg_smem(i, wtype) > limit) continue;
         const int64_t blocks = ((n_out + c.bm - 1) / c.bm) * ((n_tok + c.bn - 1) / c.bn);
-        if (blocks * 10 >= sms * 9) return i; /* fills >= 90% of the multiprocessors */
         if (blocks > best_blocks) {
             best = i;
             best_blocks = blocks;
         }
+        if (blocks * 10 >= sms * 9) break; /* fills >= 90% of the multiprocessors */
     }
-    return best;
+    if (best < 0 || getenv("FORGE_GPU_MMQ_NOSPLIT")) return best;
+    int pick = best;
+    for (int i = 0; i < MMQ_N_CONFIGS; i++) {
+        const mmq_cfg &c = mmq_cfgs[i];
+        if (c.bm != mmq_cfgs[best].bm || c.bn != mmq_cfgs[best].bn || c.wk <= mmq_cfgs[pick].wk ||
+            mmq_cfg_smem(i, wtype) > limit)
+            continue;
+        if (best_blocks * c.warps <= sms * MMQ_WARPS_PER_SM) pick = i;
+    }
+    return pick;
 }
 
 GPU_API int gpu_mmq_supported(int wtype, int64_t n_in)

@@ -18,10 +18,10 @@
  * over n_in/32 <= 448 blocks, i.e. a relative error per output of about 2^-24 * sqrt(n_in/32)
  * ~ 1e-6, an NMSE ~ 1e-12 (measured values are printed). A wrong fragment layout, scale or
  * nibble gives NMSE ~ 1 and a dropped block ~ 1e-3 or more.
- * Also: every tile configuration forced by FORGE_GPU_MMQ_TILE on shapes with partial row,
- * token and k tiles (odd n_in/32); a captured graph gives the bits of the direct call; the API
- * table; bad arguments give errors, not crashes.
- *   test_gpu_mmq [--quick]   needs a GPU (CUDA, sm_80+); a HIP build reports the cases skipped
+ * Also: every tile configuration forced by FORGE_GPU_MMQ_TILE (with and without the k split) on
+ * shapes with partial row, token and k tiles (odd n_in/32); a captured graph gives the bits of the
+ * direct call; the API table; bad arguments give errors, not crashes. test_gpu_mmq [--quick] needs
+ * a GPU (CUDA, sm_80+); a HIP build reports the cases skipped
  *   --quick: fewer small shapes and no 7B shapes (every tile, the graph and the bad arguments
  *   still), for compute-sanitizer
  * One line per case, a final "N passed, M failed" line; exit status 0 only when all passed. */
@@ -347,7 +347,9 @@ int main(int argc, char **argv)
             }
 
     /* every tile configuration, forced */
-    const char *tiles[] = {"128x64", "64x64", "64x32", "32x32", "64x16", "32x16"};
+    const char *tiles[] = {"128x64",  "64x64",   "64x32",   "32x32",   "64x16",
+                           "32x16",   "64x64x2", "64x32x2", "64x64x4", "64x32x4",
+                           "32x32x4", "64x16x4", "32x16x4"};
     for (size_t ti = 0; ti < GT_LEN(types); ti++) {
         mq_weights wa = make_weights(types[ti], 130, 1056);
         mq_weights wb = make_weights(types[ti], 17, 96);
