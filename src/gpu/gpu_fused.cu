@@ -31,6 +31,12 @@
 #define FM_THREADS 256
 #define FM_SEGS (FM_THREADS / GPU_SEG)
 #define FM_UNROLL 4
+#ifndef FM_GQ_INFL1
+#define FM_GQ_INFL1 96
+#endif
+#ifndef FM_GQ_INFL2
+#define FM_GQ_INFL2 96
+#endif
 static_assert(FM_THREADS == GPU_RMS_THREADS, "the prologue's RMSNorm is gpu_rmsnorm's");
 #define QK 32
 
@@ -424,7 +430,11 @@ template <int T, int R> struct fm_gq_group {
 };
 template <int T, bool G, int R> struct fm_gq_cfg {
     typedef typename gq_walk<T, G>::type W;
-    enum { RAW = R * (int)sizeof(typename W::raw), U = 96 / RAW > 1 ? 96 / RAW : 1 };
+    enum {
+        RAW = R * (int)sizeof(typename W::raw),
+        INFL = R == 1 ? FM_GQ_INFL1 : FM_GQ_INFL2,
+        U = INFL / RAW > 1 ? INFL / RAW : 1
+    };
 };
 
 template <int T, int OUT, int R, int SPR, bool G>

@@ -1,7 +1,8 @@
 /* gpu_kquant.cu - the kernels of the weight types in gpu_quant.cuh (Q4_1, Q5_0, Q5_1, IQ4_NL,
  * Q2_K..Q6_K, IQ4_XS, TQ1_0, TQ2_0), each written once over gq<T>::load:
  *   - k_gq_convert: GGUF blocks -> body plane + head plane (gpu_weight_convert), one thread per
- *     byte, so reads and writes are coalesced;
+ *     byte, so reads and writes are coalesced; k_gq_repack for the types rearranged within their
+ *     blocks (gq_repack: Q4_K), one thread per sub-block;
  *   - k_gq_matvec: decode product with activations quantized to Q8_0 blocks (gpu_act_quantize,
  *     as ggml's CUDA backend quantizes them to Q8_1): one 32-lane segment per row (or SPR
  *     segments per row for few long rows), each lane takes one 32-element sub-block at a time,
@@ -58,6 +59,20 @@ __global__ void k_gq_convert(const uint8_t *__restrict__ src, uint8_t *__restric
             body[b * BODY + (k - OFF)] = v;
         else
             head[b * HEAD + (k < OFF ? k : k - BODY)] = v;
+    }
+}
+
+/* gq_repack types: one thread per sub-block of the matrix's blocks. */
+template <int T>
+__global__ void k_gq_repack(const uint8_t *__restrict__ src, uint8_t *__restrict__ body,
+                            uint8_t *__restrict__ head, int64_t n_sub)
+{
+    constexpr int BLOCK = gq<T>::BLOCK, BODY = gq<T>::BODY, HEAD = gq_plane<T>::HEAD;
+    constexpr int SB = gq_plane<T>::SB;
+    for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < n_sub;
+         i += (int64_t)gridDim.x * blockDim.x) {
+        const int64_t b = i / SB;
+        gq_repack<T>::repack(src + b * BLOCK, body + b * BODY, head + b * HEAD, (int)(i % SB));
     }
 }
 
@@ -217,9 +232,16 @@ static int convert_t(const void *d_src, void *d_dst, int64_t n_rows, int64_t n_i
     const int64_t n_bytes = n_rows * (n_in / gq<T>::ELEMS) * gq<T>::BLOCK;
     uint8_t *body = (uint8_t *)d_dst;
     uint8_t *head = body + gq_head_offset(T, n_rows, n_in);
-    k_gq_convert<T><<<grid_for(n_bytes, 256), 256, 0, st>>>((const uint8_t *)d_src, body, head,
-                                                             n_bytes);
-    GPU_LAUNCH_CHECK("k_gq_convert", st);
+    if constexpr (gq_repack<T>::ON) {
+        const int64_t n_sub = n_rows * (n_in / 32);
+        k_gq_repack<T><<<grid_for(n_sub, 256), 256, 0, st>>>((const uint8_t *)d_src, body, head,
+                                                              n_sub);
+        GPU_LAUNCH_CHECK("k_gq_repack", st);
+    } else {
+        k_gq_convert<T><<<grid_for(n_bytes, 256), 256, 0, st>>>((const uint8_t *)d_src, body,
+                                                                 head, n_bytes);
+        GPU_LAUNCH_CHECK("k_gq_convert", st);
+    }
     return FORGE_OK;
 fail:
     return rc;

@@ -7,7 +7,9 @@
  *     plane on the device (bytes [BODY_OFF, BODY_OFF + BODY), a multiple of 16 so every body
  *     load is aligned); the other BLOCK - BODY bytes (fp16 scales, mins, packed sub-scales, in
  *     their GGUF order) go to the "head" plane. The weights stay in their packed form: the
- *     device layout is the same bytes, split in two planes (gpu_weight_convert), like Q4_0's.
+ *     device layout is the same bytes, split in two planes (gpu_weight_convert), like Q4_0's;
+ *     Q4_K's bytes are also rearranged within their block (gq_repack: one 16-byte load per
+ *     sub-block).
  *   - gq<T>::load(body, head, s): sub-block s (32 elements) of one block as 32 int8 quants
  *     (packed 4 per int, element order) and, per half of 16, a float scale a and offset b with
  *     value = a * q + b (b = 0 for types without mins). Every kernel (matvec, embedding lookup,
@@ -254,19 +256,97 @@ GPU_DEV void gq_k4_scale_min(int j, const uint4 &hv, int *sc, int *m)
 }
 
 /* Q4_K (144): fp16 d, dmin, scales[12], qs[128]. Sub-block s: nibble (s & 1) of
- * qs[32 (s/2) ..]; x = d*sc * q - dmin*m. Sub-blocks 2g and 2g + 1 share their 32 bytes: a
- * group of 2 (gq_grp below). */
-struct gq_q4k_raw {
-    uint4 q0, q1, hv; /* qs[32g .. 32g + 31], the 16-byte head */
-};
-GPU_DEV gq_q4k_raw gq_q4k_fetch(const uint8_t *body, const uint8_t *head, int g)
+ * qs[32 (s/2) ..]; x = d*sc * q - dmin*m.
+ * On the device the block is rearranged (gq_repack<Q4_K>, at upload): the same 144 bytes, the
+ * same values, laid out for one 16-byte load per sub-block as Q4_0's (in the GGUF order a
+ * sub-block's quants are half of 32 bytes that it shares with its pair, and its 6-bit scale and
+ * min are spread over three of the 12 scale bytes):
+ *   body: chunk s (bytes 16s .. 16s + 15) = sub-block s, byte i = element i | element i+16 << 4;
+ *   head: bytes 0..3 fp16 d, dmin; bytes 4..7 nibble s = m_s >> 2; byte 8 + s = sc_s | (m_s & 3)
+ *   << 6. A sub-block needs the 8 bytes at head (d, dmin, the nibbles) and the 4 at
+ *   head + 8 + 4 (s/4). */
+GPU_DEV gq_sub gq_q4k_decode(const uint4 &q, const uint2 &h01, unsigned hs, int s)
 {
-    return {gpu_ld_stream16((const uint4 *)(body + 32 * g)),
-            gpu_ld_stream16((const uint4 *)(body + 32 * g + 16)),
-            gq_ld16(head) /* head stride 16: aligned */};
+    gq_sub r;
+#pragma unroll
+    for (int i = 0; i < 4; i++) {
+        r.q[i] = (int)(gq_w(q, i) & 0x0f0f0f0fu);
+        r.q[4 + i] = (int)((gq_w(q, i) >> 4) & 0x0f0f0f0fu);
+    }
+    const unsigned b = (hs >> (8 * (s & 3))) & 0xffu;
+    const unsigned m = (b >> 6) | (((h01.y >> (4 * s)) & 15u) << 2);
+    r.a[0] = r.a[1] = gpu_fp16_to_f32((unsigned short)(h01.x & 0xffffu)) * (float)(b & 63u);
+    r.b[0] = r.b[1] = -(gpu_fp16_to_f32((unsigned short)(h01.x >> 16)) * (float)m);
+    return r;
 }
-/* Sub-block 2g + k from the group's bytes; qh0/qh1: Q5_K's high bits (0 for Q4_K). */
-GPU_DEV gq_sub gq_k4_decode(const uint4 &q0, const uint4 &q1, const uint4 &hv, int s,
+struct gq_q4k_raw {
+    uint4 q;      /* body + 16 s */
+    uint2 h01;    /* head bytes 0..7 */
+    unsigned hs;  /* head bytes 8 + 4 (s/4) .. */
+};
+GPU_DEV gq_q4k_raw gq_q4k_fetch(const uint8_t *body, const uint8_t *head, int s)
+{
+    /* head stride 16: aligned */
+    return {gpu_ld_stream16((const uint4 *)(body + 16 * s)), *(const uint2 *)head,
+            *(const unsigned *)(head + 8 + 4 * (s >> 2))};
+}
+template <> struct gq<GGML_TYPE_Q4_K> {
+    enum { ELEMS = 256, BLOCK = 144, BODY_OFF = 16, BODY = 128, HALVES = 0, MINS = 1 };
+    static GPU_DEVT gq_sub load(const uint8_t *body, const uint8_t *head, int s)
+    {
+        return gq_q4k_decode(gq_ld16(body + 16 * s), *(const uint2 *)head,
+                             *(const unsigned *)(head + 8 + 4 * (s >> 2)), s);
+    }
+};
+
+/* The 6-bit scale and min of sub-block j of a Q4_K/Q5_K block in the GGUF order: q = the 12
+ * scale bytes (bytes 4..15 of the block). */
+template <typename B> GPU_DEVT void gq_k4_scale_min(int j, const B &q, int *sc, int *m)
+{
+    if (j < 4) {
+        *sc = q(j) & 63;
+        *m = q(j + 4) & 63;
+    } else {
+        *sc = (q(j + 4) & 15) | ((q(j - 4) >> 6) << 4);
+        *m = (q(j + 4) >> 4) | ((q(j) >> 6) << 4);
+    }
+}
+
+/* Types whose device blocks are not a split of the GGUF block's bytes: repack(src, body, head, s)
+ * writes sub-block s's part of one block (called for s = 0 .. ELEMS/32 - 1, one thread each). */
+template <int T> struct gq_repack {
+    enum { ON = 0 };
+};
+template <> struct gq_repack<GGML_TYPE_Q4_K> {
+    enum { ON = 1 };
+    static GPU_DEVT void repack(const uint8_t *src, uint8_t *body, uint8_t *head, int s)
+    {
+        const uint8_t *qs = src + 16 + 32 * (s >> 1);
+        const int sh = 4 * (s & 1);
+        uint8_t *o = body + 16 * s;
+        for (int i = 0; i < 16; i++)
+            o[i] = (uint8_t)(((qs[i] >> sh) & 15) | (((qs[i + 16] >> sh) & 15) << 4));
+        if (s == 0) {
+            const uint8_t *q12 = src + 4;
+            const auto byte = [q12](int k) { return (int)q12[k]; };
+            unsigned nib = 0;
+            for (int k = 0; k < 4; k++)
+                head[k] = src[k];
+            for (int j = 0; j < 8; j++) {
+                int sc, m;
+                gq_k4_scale_min(j, byte, &sc, &m);
+                head[8 + j] = (uint8_t)(sc | ((m & 3) << 6));
+                nib |= (unsigned)(m >> 2) << (4 * j);
+            }
+            for (int k = 0; k < 4; k++)
+                head[4 + k] = (uint8_t)(nib >> (8 * k));
+        }
+    }
+};
+
+/* Q5_K's sub-block 2g + k (nibble k of the 32 bytes q0/q1, the 5th bits from qh) with the head hv
+ * (fp16 d, dmin, the 12 scale bytes) in the GGUF order. */
+GPU_DEV gq_sub gq_k5_decode(const uint4 &q0, const uint4 &q1, const uint4 &hv, int s,
                             const uint4 *qh)
 {
     gq_sub r;
@@ -275,28 +355,20 @@ GPU_DEV gq_sub gq_k4_decode(const uint4 &q0, const uint4 &q1, const uint4 &hv, i
     for (int i = 0; i < 4; i++) {
         r.q[i] = (int)((gq_w(q0, i) >> sh) & 0x0f0f0f0fu);
         r.q[4 + i] = (int)((gq_w(q1, i) >> sh) & 0x0f0f0f0fu);
-        if (qh) {
-            r.q[i] |= (int)(((gq_w(qh[0], i) >> s) & 0x01010101u) << 4);
-            r.q[4 + i] |= (int)(((gq_w(qh[1], i) >> s) & 0x01010101u) << 4);
-        }
+        r.q[i] |= (int)(((gq_w(qh[0], i) >> s) & 0x01010101u) << 4);
+        r.q[4 + i] |= (int)(((gq_w(qh[1], i) >> s) & 0x01010101u) << 4);
     }
     int sc, m;
-    gq_k4_scale_min(s, hv, &sc, &m);
+    const auto byte = [&hv](int k) { return (int)gq_byte(hv, 4 + k); };
+    gq_k4_scale_min(s, byte, &sc, &m);
     r.a[0] = r.a[1] = gpu_fp16_to_f32((unsigned short)(hv.x & 0xffffu)) * (float)sc;
     r.b[0] = r.b[1] = -(gpu_fp16_to_f32((unsigned short)(hv.x >> 16)) * (float)m);
     return r;
 }
-template <> struct gq<GGML_TYPE_Q4_K> {
-    enum { ELEMS = 256, BLOCK = 144, BODY_OFF = 16, BODY = 128, HALVES = 0, MINS = 1 };
-    static GPU_DEVT gq_sub load(const uint8_t *body, const uint8_t *head, int s)
-    {
-        const uint8_t *q = body + 32 * (s >> 1);
-        return gq_k4_decode(gq_ld16(q), gq_ld16(q + 16), gq_ld16(head), s, NULL);
-    }
-};
 
-/* Q5_K (176): as Q4_K plus qh[32] before qs[128]: bit s of qh[l] is element l's 5th bit.
- * A group of 2 as Q4_K's (the 32 qh bytes are the same for every sub-block). */
+/* Q5_K (176): as Q4_K plus qh[32] before qs[128]: bit s of qh[l] is element l's 5th bit; on the
+ * device in the GGUF order. Sub-blocks 2g and 2g + 1 share their 32 quant bytes: a group of 2
+ * (gq_grp below; the 32 qh bytes are the same for every sub-block). */
 struct gq_q5k_raw {
     uint4 q0, q1, hv, qh[2];
 };
@@ -314,7 +386,7 @@ template <> struct gq<GGML_TYPE_Q5_K> {
     {
         const uint8_t *q = body + 32 + 32 * (s >> 1);
         const uint4 qh[2] = {gq_ld16(body), gq_ld16(body + 16)};
-        return gq_k4_decode(gq_ld16(q), gq_ld16(q + 16), gq_ld16(head), s, qh);
+        return gq_k5_decode(gq_ld16(q), gq_ld16(q + 16), gq_ld16(head), s, qh);
     }
 };
 
@@ -462,8 +534,9 @@ template <> struct gq<GGML_TYPE_TQ1_0> {
  * overlap: fetch(body, head, g) issues group g's loads only (so several groups can be in flight
  * before any is used), decode(raw, g, k) makes sub-block GROUP * g + k of it from registers.
  * gq_one<T>: groups of 1 (fetch = gq<T>::load), every type; gq_grp<T>: the grouping of T where
- * its sub-blocks share bytes (Q4_K/Q5_K: pairs sharing 32 quant bytes; Q6_K: fours sharing 64
- * ql + 32 qh bytes), gq_one<T> for the others. For those types gq<T>::load() and
+ * its sub-blocks share bytes (Q5_K: pairs sharing 32 quant bytes; Q6_K: fours sharing 64
+ * ql + 32 qh bytes; Q4_K: groups of 1 whose loads are issued before they are used, after the
+ * repack), gq_one<T> for the others. For those types gq<T>::load() and
  * decode(fetch()) share the decoding, so both walks compute the same numbers (load
  * issues only the loads one sub-block needs, with the default cache policy: the prompt's
  * dequantization reads each block's bytes from several threads). */
@@ -481,15 +554,15 @@ template <int T> struct gq_one {
 };
 template <int T> struct gq_grp : gq_one<T> {};
 template <> struct gq_grp<GGML_TYPE_Q4_K> {
-    enum { GROUP = 2 };
+    enum { GROUP = 1 };
     typedef gq_q4k_raw raw;
     static GPU_DEVT raw fetch(const uint8_t *body, const uint8_t *head, int g)
     {
         return gq_q4k_fetch(body, head, g);
     }
-    static GPU_DEVT gq_sub decode(const raw &w, int g, int k)
+    static GPU_DEVT gq_sub decode(const raw &w, int g, int)
     {
-        return gq_k4_decode(w.q0, w.q1, w.hv, 2 * g + k, NULL);
+        return gq_q4k_decode(w.q, w.h01, w.hs, g);
     }
 };
 template <> struct gq_grp<GGML_TYPE_Q5_K> {
@@ -501,7 +574,7 @@ template <> struct gq_grp<GGML_TYPE_Q5_K> {
     }
     static GPU_DEVT gq_sub decode(const raw &w, int g, int k)
     {
-        return gq_k4_decode(w.q0, w.q1, w.hv, 2 * g + k, w.qh);
+        return gq_k5_decode(w.q0, w.q1, w.hv, 2 * g + k, w.qh);
     }
 };
 template <> struct gq_grp<GGML_TYPE_Q6_K> {
