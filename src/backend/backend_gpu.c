@@ -1167,24 +1167,34 @@ static int xqm_quantize(gpu_backend *g, const be_buf *x, const float *xs, int r0
     return FORGE_OK;
 }
 
-/* y[t] = W x[t] for the rows r0 .. r0+n-1 (n <= GPU_MATVEC_MULTI_MAX), each weight read once:
- * the rows' activations quantized (one quantization serves every matmul of the same unchanged
- * buffer and rows) or rounded first, like matmul_by_rows does per row; bit-identical per row to
- * it. */
+/* The activations of a multi-row product of w-typed weights over the n_all values of x from row
+ * r0 on, prepared as matmul_by_rows prepares one row's: quantized into d_xqm (one quantization
+ * serves every product of the same unchanged rows) or, for F16/BF16 under round_x, rounded into
+ * d_xrm. *xs: the floats the product reads. */
+static int multi_act(gpu_backend *g, const be_weight *w, const be_buf *x, int r0, int64_t n_all,
+                     const float **xs, forge_err *err)
+{
+    int rc;
+    *xs = x->d + (int64_t)r0 * w->ne0;
+    if (is_quant(w->type) && (rc = xqm_quantize(g, x, *xs, r0, n_all, err))) return rc;
+    if (g->round_x && (w->type == GGML_TYPE_F16 || w->type == GGML_TYPE_BF16)) {
+        if ((rc = g->api->round_act(*xs, g->d_xrm, n_all, w->type, g->st, err))) return rc;
+        *xs = g->d_xrm;
+    }
+    return FORGE_OK;
+}
+
+/* y[t] = W x[t] for the rows r0 .. r0+n-1 (n <= GPU_MATVEC_MULTI_MAX), each weight read once;
+ * bit-identical per row to matmul_by_rows. */
 static int matmul_multi_chunk(gpu_backend *g, be_buf *y, const be_weight *w, const be_buf *x,
                               int r0, int n, forge_err *err)
 {
-    const gpu_api *api = g->api;
-    const int64_t n_in = w->ne0, n_all = (int64_t)n * n_in;
-    const float *xs = x->d + (int64_t)r0 * n_in;
+    const int64_t n_in = w->ne0;
+    const float *xs;
     int rc;
-    if (is_quant(w->type) && (rc = xqm_quantize(g, x, xs, r0, n_all, err))) return rc;
-    if (g->round_x && (w->type == GGML_TYPE_F16 || w->type == GGML_TYPE_BF16)) {
-        if ((rc = api->round_act(xs, g->d_xrm, n_all, w->type, g->st, err))) return rc;
-        xs = g->d_xrm;
-    }
-    return api->matvec_multi(w->type, wdev(g, w), w->ne1, n_in, n, xs, g->d_xqm,
-                             y->d + (int64_t)r0 * w->ne1, g->st, err);
+    if ((rc = multi_act(g, w, x, r0, (int64_t)n * n_in, &xs, err))) return rc;
+    return g->api->matvec_multi(w->type, wdev(g, w), w->ne1, n_in, n, xs, g->d_xqm,
+                                y->d + (int64_t)r0 * w->ne1, g->st, err);
 }
 
 /* y[t] = W x[t] for n_tok >= 2 rows, in chunks of up to GPU_MATVEC_MULTI_MAX rows (17 rows:
@@ -1222,8 +1232,8 @@ static bool batch_merged(void)
  * before it may write them in its own launch (gpu_rmsnorm_q8, gpu_swiglu_q8). */
 static bool reads_xqm_whole(const gpu_backend *g, const be_weight *w, int n_tok)
 {
-    return batch_merged() && n_tok <= GPU_MATVEC_MULTI_MAX && is_quant(w->type) &&
-           w->ne0 % 32 == 0 && wdev(g, w) && !uses_gemm(g, w, n_tok) && uses_multi(g, w, n_tok);
+    return batch_merged() && n_tok <= GPU_MATVEC_MULTI_MAX && is_quant(w->type) && wdev(g, w) &&
+           !uses_gemm(g, w, n_tok) && uses_multi(g, w, n_tok);
 }
 
 /* True when the n (>= 2) products ys[i] = ws[i] x of a batch of n_tok rows take one multi-row
@@ -1246,14 +1256,13 @@ static bool uses_multi_mats(const gpu_backend *g, int n, const be_weight *const 
 }
 
 /* ys[i] = ws[i] x (add: ys[i] += ws[i] x) over n_tok rows in one launch (uses_multi_mats): the
- * rows quantized or rounded once, as matmul_multi_chunk does for each matrix. */
+ * rows quantized or rounded once (multi_act). */
 static int matmul_multi_mats(gpu_backend *g, int n, be_buf *const *ys, const be_weight *const *ws,
                              const be_buf *x, int n_tok, bool add, forge_err *err)
 {
-    const gpu_api *api = g->api;
     const be_weight *w = ws[0];
     const int64_t n_in = w->ne0, n_all = (int64_t)n_tok * n_in;
-    const float *xs = x->d;
+    const float *xs;
     int rc;
     const void *d_w[GPU_MATVEC_MULTI_MATS];
     int64_t n_out[GPU_MATVEC_MULTI_MATS];
@@ -1268,13 +1277,9 @@ static int matmul_multi_mats(gpu_backend *g, int n, be_buf *const *ys, const be_
         n_out[i] = ws[i]->ne1;
         d_y[i] = ys[i]->d;
     }
-    if (is_quant(w->type) && (rc = xqm_quantize(g, x, xs, 0, n_all, err))) return rc;
-    if (g->round_x && (w->type == GGML_TYPE_F16 || w->type == GGML_TYPE_BF16)) {
-        if ((rc = api->round_act(xs, g->d_xrm, n_all, w->type, g->st, err))) return rc;
-        xs = g->d_xrm;
-    }
-    if ((rc = api->matvec_multi_mats(w->type, n, d_w, n_out, n_in, n_tok, xs, g->d_xqm, d_y, add,
-                                     g->st, err)))
+    if ((rc = multi_act(g, w, x, 0, n_all, &xs, err)) ||
+        (rc = g->api->matvec_multi_mats(w->type, n, d_w, n_out, n_in, n_tok, xs, g->d_xqm, d_y,
+                                        add, g->st, err)))
         return rc;
     for (int i = 0; i < n; i++)
         wrote(g, ys[i]);
@@ -1522,7 +1527,7 @@ static int gb_matmul_add(backend *be, be_buf *x, const be_weight *w, const be_bu
     }
     if (uses_gemm(g, w, n_tok)) return matmul_impl(g, x, w, h, n_tok, 1.0f, err);
     /* a batch: the residual added by the product's launch */
-    if (batch_merged() && n_tok <= GPU_MATVEC_MULTI_MAX && uses_multi(g, w, n_tok) && wdev(g, w))
+    if (batch_merged() && n_tok <= GPU_MATVEC_MULTI_MAX && uses_multi(g, w, n_tok))
         return matmul_multi_mats(g, 1, &x, &w, h, n_tok, true, err);
     if ((rc = gb_matmul(be, tmp, w, h, n_tok, err))) return rc;
     return gb_add(be, x, tmp, (int64_t)n_tok * w->ne1, err);
