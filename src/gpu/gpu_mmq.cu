@@ -46,8 +46,9 @@
  *     cover them (the last one shortened to 2 bytes at the end of the plane) and read at offset
  *     (row * n_in/32) & 1.
  *   - The k split (WK > 1): warp w of a block is warp w % (WM * WN) of the tile in k-group
- *     w / (WM * WN), which multiplies blocks [k * KB/WK, (k + 1) * KB/WK) of every stage (k its group); after
- *     the loop groups 1.. leave their accumulators in shared memory and group 0 adds them.
+ *     w / (WM * WN), which multiplies blocks [k * KB/WK, (k + 1) * KB/WK) of every stage
+ *     (k its group); after the loop groups 1.. leave their accumulators in shared memory and
+ *     group 0 adds them.
  *   - Tiles: chosen per call from a few configurations (mmq_pick): tokens per block 16, 32 or
  *     64 (the smallest that holds n_tok, or 64), then the largest row tile whose grid fills
  *     about all multiprocessors; shapes too small for that take the most blocks; then the
@@ -326,8 +327,12 @@ __global__ void __launch_bounds__(WM *WN *WK * 32) k_mmq(const mmq_args a)
      * group 0 adds in group order: a fixed order, whatever the grid */
     if (WK > 1) {
         float *red = (float *)(void *)mmq_smem_buf;
-        constexpr int PER = FM * FN * 4; /* one lane's partial sums */
-        __syncthreads();                 /* every warp is done reading the last stage */
+        /* where group k >= 1 leaves this lane's accumulator (fm, fn, i) */
+        const auto red_at = [&](int k, int fm, int fn, int i) -> float & {
+            return red[(((k - 1) * WM * WN + warp) * (FM * FN * 4) + (fm * FN + fn) * 4 + i) * 32 +
+                       lane];
+        };
+        __syncthreads(); /* every warp is done reading the last stage */
         if (wk > 0) {
 #pragma unroll
             for (int fm = 0; fm < FM; fm++)
@@ -335,8 +340,7 @@ __global__ void __launch_bounds__(WM *WN *WK * 32) k_mmq(const mmq_args a)
                 for (int fn = 0; fn < FN; fn++)
 #pragma unroll
                     for (int i = 0; i < 4; i++)
-                        red[(((wk - 1) * WM * WN + warp) * PER + (fm * FN + fn) * 4 + i) * 32 +
-                            lane] = acc[fm][fn][i];
+                        red_at(wk, fm, fn, i) = acc[fm][fn][i];
         }
         __syncthreads();
         if (wk > 0) return;
@@ -348,9 +352,7 @@ __global__ void __launch_bounds__(WM *WN *WK * 32) k_mmq(const mmq_args a)
                 for (int fn = 0; fn < FN; fn++)
 #pragma unroll
                     for (int i = 0; i < 4; i++)
-                        acc[fm][fn][i] +=
-                            red[(((k - 1) * WM * WN + warp) * PER + (fm * FN + fn) * 4 + i) * 32 +
-                                lane];
+                        acc[fm][fn][i] += red_at(k, fm, fn, i);
     }
 
     /* results: element i of fragment (fm, fn) is row g (+8 for i >= 2), token 2tig + (i & 1) */
