@@ -232,7 +232,8 @@ typedef struct be_ops {
      * enqueued the whole step itself (a recording of an earlier one, with this id and position):
      * skip the forward pass. Otherwise run the forward pass, then step_end(status of the
      * forward); when it sets *again the step was recorded but not run (recording failed; the
-     * backend stopped recording): run the forward pass once more. */
+     * backend stopped recording): run the forward pass once more, also when that forward pass
+     * failed (its error came from the broken recording). */
     int (*step_begin)(backend *be, int32_t id, int pos, bool *replayed, forge_err *err);
     int (*step_end)(backend *be, int status, bool *again, forge_err *err);
     /* The same for a batch of decode rows (an engine step): batch_step_begin(b, ids) before the

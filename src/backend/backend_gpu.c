@@ -241,6 +241,13 @@ static gpu_backend *gb(backend *be)
 /* ---- the library (process-wide, never unloaded: cudart registers exit handlers) -------------- */
 
 static pthread_mutex_t g_lib_lock = PTHREAD_MUTEX_INITIALIZER;
+
+/* While any stream of the process records a graph, CUDA forbids calls that synchronise the
+ * device, and the recording breaks when another thread makes one (cuBLAS's handle destroy does;
+ * so do frees of pinned memory): a backend's teardown waits until no backend records, and no
+ * recording starts during one. Recordings share the lock (several engines may record at once);
+ * a teardown takes it alone. */
+static pthread_rwlock_t g_capture_lock = PTHREAD_RWLOCK_INITIALIZER;
 static const gpu_api *g_api;
 
 static int try_open(const char *path, const char *how, void **handle, forge_err *err)
@@ -2420,6 +2427,15 @@ static int gb_sample(backend *be, const be_buf *x, int64_t off, int64_t n, const
     return FORGE_OK;
 }
 
+/* Start recording on the backend's stream, holding g_capture_lock (shared) until end_recording. */
+static int capture_begin(gpu_backend *g, forge_err *err)
+{
+    pthread_rwlock_rdlock(&g_capture_lock);
+    int rc = g->api->graph_begin(g->st, err);
+    if (rc) pthread_rwlock_unlock(&g_capture_lock);
+    return rc;
+}
+
 static int gb_step_begin(backend *be, int32_t id, int pos, bool *replayed, forge_err *err)
 {
     gpu_backend *g = gb(be);
@@ -2449,7 +2465,7 @@ static int gb_step_begin(backend *be, int32_t id, int pos, bool *replayed, forge
     }
     g->in_step = true;
     if (g->graph_on) {
-        if ((rc = api->graph_begin(g->st, err))) {
+        if ((rc = capture_begin(g, err))) {
             if (g->graph_strict) {
                 g->in_step = false;
                 return rc;
@@ -2511,7 +2527,7 @@ static int gb_batch_step_begin(backend *be, const be_batch *b, const int32_t *id
         g->bseen[n - 1][slot] = 1; /* first time: unrecorded */
         return FORGE_OK;
     }
-    if ((rc = api->graph_begin(g->st, err))) {
+    if ((rc = capture_begin(g, err))) {
         if (g->graph_strict) {
             g->in_bstep = false;
             return rc;
@@ -2526,7 +2542,9 @@ static int gb_batch_step_begin(backend *be, const be_batch *b, const int32_t *id
 /* End the recording of a step (a context's or an engine's) whose forward pass returned status:
  * keep the graph in *slot and launch it; a failed pass keeps nothing; a failed recording sets
  * *on false and *again (run the pass once more, unrecorded), or is the error with
- * FORGE_GPU_GRAPH=1. */
+ * FORGE_GPU_GRAPH=1. A pass that failed because its recording broke under it (a launch
+ * reports the capture invalidated; the recording then does not end either) is a failed
+ * recording too: nothing of it ran. */
 static int end_recording(gpu_backend *g, int status, gpu_graph **slot, bool *on, bool *again,
                          forge_err *err)
 {
@@ -2534,7 +2552,8 @@ static int end_recording(gpu_backend *g, int status, gpu_graph **slot, bool *on,
     gpu_graph *gr = NULL;
     g->capturing = false;
     int rc = api->graph_end(g->st, &gr, status ? NULL : err);
-    if (status) {
+    pthread_rwlock_unlock(&g_capture_lock); /* taken by capture_begin */
+    if (status && !rc) {
         /* the forward pass failed (or was interrupted): nothing ran, nothing is kept */
         api->graph_free(gr);
         return FORGE_OK;
@@ -2569,9 +2588,19 @@ static int gb_step_end(backend *be, int status, bool *again, forge_err *err)
     return rc;
 }
 
+static void gb_destroy_locked(backend *be);
+
+/* Teardown makes calls that no recording anywhere in the process may overlap (g_capture_lock). */
 static void gb_destroy(backend *be)
 {
     if (!be) return;
+    pthread_rwlock_wrlock(&g_capture_lock);
+    gb_destroy_locked(be);
+    pthread_rwlock_unlock(&g_capture_lock);
+}
+
+static void gb_destroy_locked(backend *be)
+{
     gpu_backend *g = gb(be);
     const gpu_api *api = g->api;
     /* weights_release was called by the context; a failed create may still hold nothing */

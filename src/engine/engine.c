@@ -1076,11 +1076,10 @@ static int engine_forward(forge_engine *e, const be_batch *bt, forge_err *err)
     for (int attempt = 0; attempt < 2; attempt++) {
         rc = model_forward(&e->fs, e->b_ids, bt, err);
         int rc_end = op->step_end(be, rc, &again, rc ? NULL : err);
-        if (rc) return rc;
         if (rc_end) return rc_end;
-        if (!again) break;
+        if (!again) return rc;
     }
-    return again ? forge_err_set(err, FORGE_E_INTERNAL, "engine step was not run") : FORGE_OK;
+    return forge_err_set(err, FORGE_E_INTERNAL, "engine step was not run");
 }
 
 static int engine_step(forge_engine *e, forge_err *err)

@@ -107,6 +107,7 @@ __global__ void k_act_quantize(const float *__restrict__ x, int8_t *__restrict__
                                float *__restrict__ xd, int *__restrict__ xs, int n_blocks)
 {
     gpu_pdl_trigger(); /* the products after it may load their weights meanwhile */
+    gpu_pdl_wait(); /* launched with PDL (gpu_launch_pdl): first of all */
     int b = blockIdx.x * (blockDim.x / GPU_SEG) + threadIdx.x / GPU_SEG;
     int lane = threadIdx.x % GPU_SEG;
     if (b >= n_blocks) return;
@@ -509,9 +510,9 @@ GPU_API int gpu_act_quantize(const float *d_x, int64_t n_in, void *d_xq, gpu_str
         int n_blocks = (int)(n_in / QK);
         uint8_t *base = (uint8_t *)d_xq;
         int per_cta = 256 / GPU_SEG;
-        k_act_quantize<<<(n_blocks + per_cta - 1) / per_cta, 256, 0, st>>>(
-            d_x, (int8_t *)base, (float *)(base + gpu_act_d_offset(n_in)),
-            (int *)(base + gpu_act_s_offset(n_in)), n_blocks);
+        gpu_launch_pdl(k_act_quantize, dim3((n_blocks + per_cta - 1) / per_cta), dim3(256), 0, st,
+                       d_x, (int8_t *)base, (float *)(base + gpu_act_d_offset(n_in)),
+                       (int *)(base + gpu_act_s_offset(n_in)), n_blocks);
         GPU_LAUNCH_CHECK("k_act_quantize", st);
     }
     return FORGE_OK;

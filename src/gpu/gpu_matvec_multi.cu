@@ -336,6 +336,8 @@ __global__ void __launch_bounds__(TC_THREADS) k_matvec_tc(const mm_args a)
     constexpr int BM = 16 * FM, BN = 8 * FN, NOUT = BM * BN;
     constexpr bool Q4 = WT == GGML_TYPE_Q4_0;
     __shared__ float red[TC_WARPS][NOUT];
+    gpu_pdl_trigger();
+    gpu_pdl_wait(); /* launched with PDL (gpu_launch_pdl): first of all */
     const int lane = threadIdx.x % 32, e = threadIdx.x / 32;
     const int g = lane / 4, tig = lane % 4;
     const int row0 = blockIdx.y * BM, tok0 = blockIdx.x * BN;
@@ -514,16 +516,16 @@ template <int WT, int SPR, int FM> static void tc_launch_fm(const mm_args &a, cu
     const dim3 grid8((unsigned)((a.n_rows + 7) / 8), gy);
     const dim3 grid16((unsigned)((a.n_rows + 15) / 16), gy);
     if (a.n_rows <= 8) {
-        k_matvec_tc<WT, SPR, FM, 1, 2><<<grid8, TC_THREADS, 0, st>>>(a);
+        gpu_launch_pdl(k_matvec_tc<WT, SPR, FM, 1, 2>, grid8, dim3(TC_THREADS), 0, st, a);
         return;
     }
     if constexpr (FM == 1) {
         if (a.row_bytes / 16 >= 4 * 32 * SPR) {
-            k_matvec_tc<WT, SPR, 1, 2, 4><<<grid16, TC_THREADS, 0, st>>>(a);
+            gpu_launch_pdl(k_matvec_tc<WT, SPR, 1, 2, 4>, grid16, dim3(TC_THREADS), 0, st, a);
             return;
         }
     }
-    k_matvec_tc<WT, SPR, FM, 2, 2><<<grid16, TC_THREADS, 0, st>>>(a);
+    gpu_launch_pdl(k_matvec_tc<WT, SPR, FM, 2, 2>, grid16, dim3(TC_THREADS), 0, st, a);
 }
 
 /* 32 weight rows per block where that still gives two blocks per multiprocessor (the activation

@@ -94,6 +94,7 @@ __global__ void __launch_bounds__(GPU_RMS_THREADS)
 {
     __shared__ float red[GPU_RMS_THREADS / GPU_SEG];
     gpu_pdl_trigger(); /* the products after it may load their weights meanwhile */
+    gpu_pdl_wait(); /* launched with PDL (gpu_launch_pdl): first of all */
     const float4 *xr = (const float4 *)(x + (int64_t)blockIdx.x * n);
     const float4 *w4 = (const float4 *)w;
     float4 *yr = (float4 *)(y + (int64_t)blockIdx.x * n);
@@ -114,6 +115,7 @@ __global__ void k_swiglu_q8(const float *g, const float *u, float *out, int64_t 
                             const q8_out o)
 {
     gpu_pdl_trigger();
+    gpu_pdl_wait(); /* launched with PDL (gpu_launch_pdl): first of all */
     const int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
     const bool ok = i < n4;
     float4 v = make_float4(0.f, 0.f, 0.f, 0.f);
@@ -177,6 +179,7 @@ GPU_DEV void rope_cs(const rope_k_args &a, int i, float theta, float &c, float &
 template <int KV_F16> __global__ void __launch_bounds__(ROPE_THREADS) k_qk_rope(const rope_k_args a)
 {
     gpu_pdl_trigger();
+    gpu_pdl_wait(); /* launched with PDL (gpu_launch_pdl): first of all */
     const int per_tok = a.n_head + a.n_kv_head;
     const int64_t sg = (int64_t)blockIdx.x * (ROPE_THREADS / GPU_SEG) + threadIdx.x / GPU_SEG;
     if (sg >= (int64_t)a.n_tok * per_tok) return; /* the whole segment: no barrier below */
@@ -443,10 +446,10 @@ static int qk_rope_launch(const rope_k_args &a, int kv_type, gpu_stream *s, forg
     int64_t segs = (int64_t)a.n_tok * (a.n_head + a.n_kv_head);
     unsigned grid = (unsigned)((segs + ROPE_THREADS / GPU_SEG - 1) / (ROPE_THREADS / GPU_SEG));
     if (kv_type == GGML_TYPE_F16) {
-        k_qk_rope<1><<<grid, ROPE_THREADS, 0, st>>>(a);
+        gpu_launch_pdl(k_qk_rope<1>, dim3(grid), dim3(ROPE_THREADS), 0, st, a);
         GPU_LAUNCH_CHECK("k_qk_rope<F16>", st);
     } else {
-        k_qk_rope<0><<<grid, ROPE_THREADS, 0, st>>>(a);
+        gpu_launch_pdl(k_qk_rope<0>, dim3(grid), dim3(ROPE_THREADS), 0, st, a);
         GPU_LAUNCH_CHECK("k_qk_rope<F32>", st);
     }
     return FORGE_OK;
@@ -596,8 +599,8 @@ GPU_API int gpu_rmsnorm_q8(const float *d_x, const float *d_w, float *d_y, int64
                            "gpu_rmsnorm_q8: NULL or misaligned buffer, or rows of %lld (not a "
                            "multiple of 32) x %lld",
                            (long long)n, (long long)n_rows);
-    k_rmsnorm_q8<<<(unsigned)n_rows, GPU_RMS_THREADS, 0, st>>>(d_x, d_w, d_y, (int)n, eps,
-                                                               q8_out_of(d_xq, n * n_rows));
+    gpu_launch_pdl(k_rmsnorm_q8, dim3((unsigned)n_rows), dim3(GPU_RMS_THREADS), 0, st, d_x, d_w,
+                   d_y, (int)n, eps, q8_out_of(d_xq, n * n_rows));
     GPU_LAUNCH_CHECK("k_rmsnorm_q8", st);
     return FORGE_OK;
 fail:
@@ -618,7 +621,8 @@ GPU_API int gpu_swiglu_q8(const float *d_gate, const float *d_up, float *d_out, 
     const int64_t n4 = n / 4, grid = (n4 + 255) / 256;
     if (grid > INT32_MAX)
         return gpu_err_set(err, FORGE_E_INVALID, "gpu_swiglu_q8: n %lld too large", (long long)n);
-    k_swiglu_q8<<<(unsigned)grid, 256, 0, st>>>(d_gate, d_up, d_out, n4, q8_out_of(d_xq, n));
+    gpu_launch_pdl(k_swiglu_q8, dim3((unsigned)grid), dim3(256), 0, st, d_gate, d_up, d_out, n4,
+                   q8_out_of(d_xq, n));
     GPU_LAUNCH_CHECK("k_swiglu_q8", st);
     return FORGE_OK;
 fail:

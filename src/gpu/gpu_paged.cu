@@ -88,6 +88,8 @@ template <int F16> __global__ void __launch_bounds__(PA_THREADS) k_paged_split(c
 {
     extern __shared__ float sh[];
     __shared__ float wm[PA_WARPS][PA_MAX_GROUP], wl[PA_WARPS][PA_MAX_GROUP];
+    gpu_pdl_trigger();
+    gpu_pdl_wait(); /* launched with PDL (gpu_launch_pdl): first of all */
     const int hd = a.hd, g = a.group;
     float *qs = sh;            /* [g][hd] */
     float *oacc = qs + g * hd; /* [PA_WARPS][g][hd] */
@@ -241,6 +243,8 @@ __global__ void __launch_bounds__(PA_THREADS) k_paged_split_v(const pa_args a)
 {
     __shared__ float wm[PA_WARPS][GMAX], wl[PA_WARPS][GMAX];
     __shared__ float wo[PA_WARPS][GMAX * DPL * 32];
+    gpu_pdl_trigger();
+    gpu_pdl_wait(); /* launched with PDL (gpu_launch_pdl): first of all */
     const int hd = DPL * 32, g = a.group;
     const int split = blockIdx.x, kvh = blockIdx.y, r = blockIdx.z;
     const int n_kv = a.pos[r] + 1;
@@ -362,15 +366,15 @@ static void pa_launch_v_g(const pa_args &a, dim3 grid, cudaStream_t st)
 {
     constexpr int GTOP = PA_MAX_GD / DPL < 16 ? PA_MAX_GD / DPL : 16; /* 8 or 16 */
     if (a.group <= 1)
-        k_paged_split_v<F16, DPL, 1><<<grid, PA_THREADS, 0, st>>>(a);
+        gpu_launch_pdl(k_paged_split_v<F16, DPL, 1>, grid, dim3(PA_THREADS), 0, st, a);
     else if (a.group <= 2)
-        k_paged_split_v<F16, DPL, 2><<<grid, PA_THREADS, 0, st>>>(a);
+        gpu_launch_pdl(k_paged_split_v<F16, DPL, 2>, grid, dim3(PA_THREADS), 0, st, a);
     else if (a.group <= 4)
-        k_paged_split_v<F16, DPL, 4><<<grid, PA_THREADS, 0, st>>>(a);
+        gpu_launch_pdl(k_paged_split_v<F16, DPL, 4>, grid, dim3(PA_THREADS), 0, st, a);
     else if (a.group <= 8)
-        k_paged_split_v<F16, DPL, 8><<<grid, PA_THREADS, 0, st>>>(a);
+        gpu_launch_pdl(k_paged_split_v<F16, DPL, 8>, grid, dim3(PA_THREADS), 0, st, a);
     else
-        k_paged_split_v<F16, DPL, GTOP><<<grid, PA_THREADS, 0, st>>>(a);
+        gpu_launch_pdl(k_paged_split_v<F16, DPL, GTOP>, grid, dim3(PA_THREADS), 0, st, a);
 }
 
 template <int F16> static void pa_launch_v(const pa_args &a, int dpl, dim3 grid, cudaStream_t st)
@@ -405,6 +409,8 @@ static int pa_fast_gd(int64_t head_dim, int64_t group)
 /* One block per (head, row), one thread per dim: the splits in split order. */
 __global__ void k_paged_merge(const pa_args a)
 {
+    gpu_pdl_trigger();
+    gpu_pdl_wait(); /* launched with PDL (gpu_launch_pdl): first of all */
     const int hq = blockIdx.x, r = blockIdx.y, d = threadIdx.x;
     if (d >= a.hd) return;
     const int n_kv = a.pos[r] + 1;
@@ -525,14 +531,15 @@ GPU_API int gpu_paged_attention(const gpu_paged_args *p, gpu_stream *s, forge_er
                     pa_launch_v<0>(a, dpl, grid, st);
                 GPU_LAUNCH_CHECK("k_paged_split_v", st);
             } else if (p->kv_type == GGML_TYPE_F16) {
-                k_paged_split<1><<<grid, PA_THREADS, smem, st>>>(a);
+                gpu_launch_pdl(k_paged_split<1>, grid, dim3(PA_THREADS), smem, st, a);
                 GPU_LAUNCH_CHECK("k_paged_split<F16>", st);
             } else {
-                k_paged_split<0><<<grid, PA_THREADS, smem, st>>>(a);
+                gpu_launch_pdl(k_paged_split<0>, grid, dim3(PA_THREADS), smem, st, a);
                 GPU_LAUNCH_CHECK("k_paged_split<F32>", st);
             }
             const unsigned thr = (unsigned)((p->head_dim + 31) / 32 * 32);
-            k_paged_merge<<<dim3((unsigned)p->n_head, (unsigned)nr), thr, 0, st>>>(a);
+            gpu_launch_pdl(k_paged_merge, dim3((unsigned)p->n_head, (unsigned)nr), dim3(thr), 0, st,
+                           a);
             GPU_LAUNCH_CHECK("k_paged_merge", st);
         }
     }

@@ -179,11 +179,10 @@ static int forward_chunk(forge_context *ctx, const int32_t *ids, int32_t n, int 
     for (int attempt = 0; attempt < 2; attempt++) {
         rc = forward_chunk_batch(ctx, ids, n, out_mode, rows_buf, err);
         int rc_end = op->step_end(be, rc, &again, rc ? NULL : err);
-        if (rc) return rc;
         if (rc_end) return rc_end;
-        if (!again) break;
+        if (!again) return rc;
     }
-    return again ? forge_err_set(err, FORGE_E_INTERNAL, "decode step was not run") : FORGE_OK;
+    return forge_err_set(err, FORGE_E_INTERNAL, "decode step was not run");
 }
 
 /* The pick from the last logit row in the logits buffer: greedy (s == NULL: the backend's
