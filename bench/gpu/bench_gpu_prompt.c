@@ -1,7 +1,8 @@
 /* bench_gpu_prompt.c - the kernels of the prompt pass (n_tok > 1): tensor-core prompt attention
  * (gpu_attention_prompt) against the split decode kernel over all queries
- * (gpu_attention_batch), the Q8_0/Q4_0 -> fp16 weight dequantization before the GEMM
- * (gpu_weight_to_f16) and the cuBLAS GEMM itself (gpu_gemm, F16 weights).
+ * (gpu_attention_batch), the quantized -> fp16 weight dequantization before the GEMM
+ * (gpu_weight_to_f16: Q4_0, Q8_0, Q4_K, Q5_K, Q6_K) and the cuBLAS GEMM itself (gpu_gemm, F16
+ * weights).
  * Each op: one warm-up, then the median over several event-timed runs (each run a few calls).
  * Attention in TFLOP/s of the causal work (4 * head_dim flops per visible (query, position)
  * pair and head), dequantization in GB/s (quants + scales read, fp16 written; several copies
@@ -234,9 +235,11 @@ int main(void)
     }
 
     static const int64_t shapes[][2] = {{4096, 4096}, {11008, 4096}};
-    for (int q = 0; q < 2; q++)
+    static const int w2h_types[] = {GGML_TYPE_Q4_0, GGML_TYPE_Q8_0, GGML_TYPE_Q4_K,
+                                    GGML_TYPE_Q5_K, GGML_TYPE_Q6_K};
+    for (size_t q = 0; q < sizeof w2h_types / sizeof w2h_types[0]; q++)
         for (size_t i = 0; i < 2; i++)
-            bench_w2h(q ? GGML_TYPE_Q8_0 : GGML_TYPE_Q4_0, shapes[i][0], shapes[i][1]);
+            bench_w2h(w2h_types[q], shapes[i][0], shapes[i][1]);
 
     if (gpu_blas_create(&blas, &be) == FORGE_OK) {
         bench_gemm(blas, 512, 4096, 4096);
