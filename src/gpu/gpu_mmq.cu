@@ -332,27 +332,24 @@ __global__ void __launch_bounds__(WM *WN *WK * 32) k_mmq(const mmq_args a)
             return red[(((k - 1) * WM * WN + warp) * (FM * FN * 4) + (fm * FN + fn) * 4 + i) * 32 +
                        lane];
         };
-        __syncthreads(); /* every warp is done reading the last stage */
-        if (wk > 0) {
+        /* f(fm, fn, i) for every accumulator of the lane */
+        const auto each_acc = [&](auto f) {
 #pragma unroll
             for (int fm = 0; fm < FM; fm++)
 #pragma unroll
                 for (int fn = 0; fn < FN; fn++)
 #pragma unroll
                     for (int i = 0; i < 4; i++)
-                        red_at(wk, fm, fn, i) = acc[fm][fn][i];
-        }
+                        f(fm, fn, i);
+        };
+        __syncthreads(); /* every warp is done reading the last stage */
+        if (wk > 0)
+            each_acc([&](int fm, int fn, int i) { red_at(wk, fm, fn, i) = acc[fm][fn][i]; });
         __syncthreads();
         if (wk > 0) return;
 #pragma unroll
         for (int k = 1; k < WK; k++)
-#pragma unroll
-            for (int fm = 0; fm < FM; fm++)
-#pragma unroll
-                for (int fn = 0; fn < FN; fn++)
-#pragma unroll
-                    for (int i = 0; i < 4; i++)
-                        acc[fm][fn][i] += red_at(k, fm, fn, i);
+            each_acc([&](int fm, int fn, int i) { acc[fm][fn][i] += red_at(k, fm, fn, i); });
     }
 
     /* results: element i of fragment (fm, fn) is row g (+8 for i >= 2), token 2tig + (i & 1) */
