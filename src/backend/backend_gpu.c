@@ -2594,6 +2594,17 @@ static void gb_destroy_locked(backend *be);
 static void gb_destroy(backend *be)
 {
     if (!be) return;
+    gpu_backend *g = gb(be);
+    if (g->capturing) {
+        /* destroyed mid-recording (a step that never reached step_end): the recording is
+         * dropped and this thread's shared hold released first, or the exclusive one below
+         * would wait for it forever */
+        gpu_graph *gr = NULL;
+        g->capturing = false;
+        (void)g->api->graph_end(g->st, &gr, NULL);
+        g->api->graph_free(gr);
+        pthread_rwlock_unlock(&g_capture_lock);
+    }
     pthread_rwlock_wrlock(&g_capture_lock);
     gb_destroy_locked(be);
     pthread_rwlock_unlock(&g_capture_lock);

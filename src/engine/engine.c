@@ -1070,16 +1070,10 @@ static int engine_forward(forge_engine *e, const be_batch *bt, forge_err *err)
     const be_ops *op = be->ops;
     if (!op->batch_step_begin || bt->n_tok != bt->n_seq || bt->n_out != bt->n_tok)
         return model_forward(&e->fs, e->b_ids, bt, err);
-    bool replayed = false, again = false;
+    bool replayed = false;
     int rc = op->batch_step_begin(be, bt, e->b_ids, &replayed, err);
     if (rc || replayed) return rc;
-    for (int attempt = 0; attempt < 2; attempt++) {
-        rc = model_forward(&e->fs, e->b_ids, bt, err);
-        int rc_end = op->step_end(be, rc, &again, rc ? NULL : err);
-        if (rc_end) return rc_end;
-        if (!again) return rc;
-    }
-    return forge_err_set(err, FORGE_E_INTERNAL, "engine step was not run");
+    return model_forward_step(&e->fs, e->b_ids, bt, err);
 }
 
 static int engine_step(forge_engine *e, forge_err *err)

@@ -147,17 +147,14 @@ static int32_t host_argmax(const float *x, int32_t n)
 
 /* The batch of a context's chunk: one sequence whose cache is one block of n_ctx rows,
  * position p at row p; logits of every row (out_mode 2), of the last one (1), or none (0). */
-static int forward_chunk_batch(forge_context *ctx, const int32_t *ids, int32_t n, int out_mode,
-                               int32_t *rows_buf, forge_err *err)
+static const be_batch *chunk_batch(const forge_context *ctx, int32_t n, int out_mode,
+                                   int32_t *rows_buf, be_span_batch *sb)
 {
-    be_span_batch sb;
     int32_t *pos = rows_buf, *out = rows_buf + n;
     for (int32_t i = 0; i < n; i++)
         out[i] = i;
-    const be_batch *bt = be_span_batch_init(&sb, pos, n, ctx->pos, ctx->n_ctx,
-                                            out_mode == 2 ? out : out + n - 1,
-                                            out_mode == 2 ? n : out_mode);
-    return model_forward(&ctx->fs, ids, bt, err);
+    return be_span_batch_init(sb, pos, n, ctx->pos, ctx->n_ctx, out_mode == 2 ? out : out + n - 1,
+                              out_mode == 2 ? n : out_mode);
 }
 
 /* One forward pass of a chunk (out_mode 0: no logits, 1: the last row's, 2: every row's). A
@@ -168,21 +165,16 @@ static int forward_chunk(forge_context *ctx, const int32_t *ids, int32_t n, int 
 {
     backend *be = ctx->fs.be;
     const be_ops *op = be->ops;
-    if (n != 1 || out_mode != 1 || !op->step_begin)
-        return forward_chunk_batch(ctx, ids, n, out_mode, rows_buf, err);
+    be_span_batch sb;
+    const be_batch *bt = chunk_batch(ctx, n, out_mode, rows_buf, &sb);
+    if (n != 1 || out_mode != 1 || !op->step_begin) return model_forward(&ctx->fs, ids, bt, err);
     /* a replayed step skips the forward pass and its abort check: check here */
     if (ctx->fs.abort_flag && *ctx->fs.abort_flag)
         return forge_err_set(err, FORGE_E_INTERRUPTED, "interrupted");
-    bool replayed = false, again = false;
+    bool replayed = false;
     int rc = op->step_begin(be, ids[0], ctx->pos, &replayed, err);
     if (rc || replayed) return rc;
-    for (int attempt = 0; attempt < 2; attempt++) {
-        rc = forward_chunk_batch(ctx, ids, n, out_mode, rows_buf, err);
-        int rc_end = op->step_end(be, rc, &again, rc ? NULL : err);
-        if (rc_end) return rc_end;
-        if (!again) return rc;
-    }
-    return forge_err_set(err, FORGE_E_INTERNAL, "decode step was not run");
+    return model_forward_step(&ctx->fs, ids, bt, err);
 }
 
 /* The pick from the last logit row in the logits buffer: greedy (s == NULL: the backend's

@@ -394,3 +394,16 @@ int model_forward(fwd_state *fs, const int32_t *ids, const be_batch *bt, forge_e
     if ((rc = check_batch(fs, ids, bt, err))) return rc;
     return a->forward(fs, ids, bt, err);
 }
+
+int model_forward_step(fwd_state *fs, const int32_t *ids, const be_batch *bt, forge_err *err)
+{
+    backend *be = fs->be;
+    bool again = false;
+    for (int attempt = 0; attempt < 2; attempt++) {
+        int rc = model_forward(fs, ids, bt, err);
+        int rc_end = be->ops->step_end(be, rc, &again, rc ? NULL : err);
+        if (rc_end) return rc_end;
+        if (!again) return rc;
+    }
+    return forge_err_set(err, FORGE_E_INTERNAL, "the recorded step was not run");
+}

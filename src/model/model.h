@@ -149,6 +149,10 @@ int fwd_reserve_logits(fwd_state *fs, int64_t rows, forge_err *err);
  * every row stored at its slot, logits of bt->out_rows written to fs->b.logits rows
  * 0..bt->n_out-1 (reserve them first). Through the model's architecture table. */
 int model_forward(fwd_state *fs, const int32_t *ids, const be_batch *bt, forge_err *err);
+/* The forward pass of a step the backend records, after its step_begin or batch_step_begin
+ * said it did not replay: model_forward, then the backend's step_end; a step whose recording
+ * broke (step_end asks for it again) runs once more, unrecorded. */
+int model_forward_step(fwd_state *fs, const int32_t *ids, const be_batch *bt, forge_err *err);
 
 struct loader;
 
