@@ -2596,14 +2596,12 @@ static void gb_destroy(backend *be)
     if (!be) return;
     gpu_backend *g = gb(be);
     if (g->capturing) {
-        /* destroyed mid-recording (a step that never reached step_end): the recording is
-         * dropped and this thread's shared hold released first, or the exclusive one below
-         * would wait for it forever */
-        gpu_graph *gr = NULL;
-        g->capturing = false;
-        (void)g->api->graph_end(g->st, &gr, NULL);
-        g->api->graph_free(gr);
-        pthread_rwlock_unlock(&g_capture_lock);
+        /* destroyed mid-recording (a step that never reached step_end): the recording ends as
+         * a failed pass's does (nothing kept) and this thread's shared hold is released first,
+         * or the exclusive one below would wait for it forever */
+        gpu_graph *unused = NULL;
+        bool on = false, again = false;
+        (void)end_recording(g, FORGE_E_INTERRUPTED, &unused, &on, &again, NULL);
     }
     pthread_rwlock_wrlock(&g_capture_lock);
     gb_destroy_locked(be);
